@@ -1,0 +1,45 @@
+# em_platform: `make demo` and `make test` do all set-up themselves (they create .venv).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
+export EM_DATA_ROOT ?= $(CURDIR)/var/data
+
+.PHONY: demo test dev bench lint validate clean services
+
+$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+## demo: ingest sample volumes of every format through Dagster on the embedded defaults, print the catalog
+demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/em-platform demo
+
+## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
+test: $(VENV)/.installed services
+	$(PY) -m pytest -q tests
+
+## dev: Dagster UI + daemon on http://127.0.0.1:3000
+dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+## bench: performance benchmarks; results in bench/results/*.json
+bench: $(VENV)/.installed
+	$(PY) -m bench.run
+
+validate: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster definitions validate -w workspace.yaml
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check em_platform tests bench
+
+## services: enable RabbitMQ's STOMP plugin when RabbitMQ is installed here (best effort, never fatal)
+services:
+	@-command -v rabbitmq-plugins >/dev/null 2>&1 && rabbitmq-plugins enable --quiet rabbitmq_stomp >/dev/null 2>&1 || true
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,1 @@
+"""Software-defined assets: thin wiring around the domain packages."""

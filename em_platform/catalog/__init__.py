@@ -1,0 +1,1 @@
+"""The metadata catalog: record schema, status machine, SQL store and consolidated exports (no Dagster)."""

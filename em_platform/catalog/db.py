@@ -1,0 +1,273 @@
+"""The catalog database (SQLAlchemy): dataset records with their status history.
+
+SQLite file by default, PostgreSQL in production. Every status change goes through
+:func:`check_transition` inside one transaction, so two runs cannot race a record into a state the
+machine forbids, and the record is validated against the schema before it is stored.
+"""
+
+from __future__ import annotations
+
+import traceback as tb
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Engine
+
+from em_platform.catalog.records import deep_merge, iso, new_record, utc_now
+from em_platform.catalog.schema import validate_record
+from em_platform.catalog.status import IN_FLIGHT, Status, check_transition
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+metadata_obj = sa.MetaData()
+
+datasets = sa.Table(
+    "datasets",
+    metadata_obj,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("source_id", sa.String(512), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("retry_count", sa.Integer, nullable=False, default=0),
+    sa.Column("error", sa.Text),
+    sa.Column("record", JSONType, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("source", "source_id", name="uq_dataset_source"),
+)
+
+status_history = sa.Table(
+    "dataset_status_history",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("dataset_id", sa.String(36), sa.ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("from_status", sa.String(16)),
+    sa.Column("to_status", sa.String(16), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("message", sa.Text),
+    sa.Column("run_id", sa.String(64)),
+)
+
+
+class CatalogUnavailable(RuntimeError):
+    """The catalog database cannot be reached or opened."""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    from_status: str | None
+    to_status: str
+    at: datetime
+    message: str | None
+    run_id: str | None
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the run that is writing
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class CatalogDB:
+    """Dataset records and their status history in one SQL database."""
+
+    def __init__(self, url: str, *, create: bool = True):
+        self.url = url
+        kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 60}
+        try:
+            self.engine: Engine = sa.create_engine(url, **kwargs)
+        except Exception as exc:
+            raise CatalogUnavailable(f"catalog URL {url!r} is not a valid SQLAlchemy URL ({exc}); set EM_CATALOG_URL") from exc
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        if create:
+            try:
+                metadata_obj.create_all(self.engine)
+            except sa.exc.OperationalError as exc:
+                shown = self.engine.url.render_as_string(hide_password=True)
+                raise CatalogUnavailable(
+                    f"cannot open the catalog database at {shown}: {exc.orig}; check that it is running "
+                    "and reachable, or point EM_CATALOG_URL at another one"
+                ) from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, dataset_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(datasets.c.record).where(datasets.c.id == dataset_id)).first()
+        return dict(row.record) if row else None
+
+    def find(self, source: str, source_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(datasets.c.record).where(datasets.c.source == source, datasets.c.source_id == source_id)
+            ).first()
+        return dict(row.record) if row else None
+
+    def records(self, source: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(datasets.c.record).order_by(datasets.c.source, datasets.c.source_id)
+        if source:
+            query = query.where(datasets.c.source == source)
+        with self.engine.connect() as conn:
+            return [dict(r.record) for r in conn.execute(query)]
+
+    def history(self, dataset_id: str) -> list[HistoryEntry]:
+        h = status_history
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(h.c.from_status, h.c.to_status, h.c.at, h.c.message, h.c.run_id)
+                .where(h.c.dataset_id == dataset_id)
+                .order_by(h.c.id)
+            )
+            return [HistoryEntry(*r) for r in rows]
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def begin(
+        self,
+        source: str,
+        source_id: str,
+        *,
+        description: str,
+        files: list[dict[str, Any]],
+        run_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Create the record in 'pending', or bring an existing one back to 'pending' for a new attempt.
+
+        A record left 'processing'/'saving-data' by a run that died is first marked failed
+        ("interrupted"), so the history shows what happened and the retry count goes up.
+        """
+        now = utc_now()
+        with self._tx() as conn:
+            row = self._lock(conn, source=source, source_id=source_id)
+            if row is None:
+                record = new_record(source, source_id, description, files, now)
+                validate_record(record)
+                conn.execute(
+                    datasets.insert().values(
+                        id=record["id"], source=source, source_id=source_id, status="pending", retry_count=0,
+                        record=record, created_at=now, updated_at=now,
+                    )
+                )
+                self._log(conn, record["id"], None, Status.PENDING, now, "record created", run_id)
+                return record
+            record = dict(row.record)
+            status = Status(record["status"])
+            if status in IN_FLIGHT:
+                record = self._apply(
+                    conn, record, Status.FAILED, now, run_id,
+                    error=f"interrupted: the run working on it stopped while the record was {status.value!r}",
+                )
+                status = Status.FAILED
+            update = {"metadata": {"core": {"description": description}}, "files": {"source": files}}
+            if status is not Status.PENDING:
+                record = self._apply(conn, record, Status.PENDING, now, run_id, update=update, message="new attempt")
+            else:
+                record = self._store(conn, deep_merge(record, update), now)
+            return record
+
+    def transition(
+        self,
+        dataset_id: str,
+        new_status: Status | str,
+        *,
+        update: dict[str, Any] | None = None,
+        error: BaseException | str | None = None,
+        message: str | None = None,
+        run_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Move a record to ``new_status`` (raising IllegalTransition if the machine forbids it)."""
+        now = utc_now()
+        with self._tx() as conn:
+            row = self._lock(conn, dataset_id=dataset_id)
+            if row is None:
+                raise KeyError(f"no catalog record with id {dataset_id}")
+            return self._apply(conn, dict(row.record), Status(new_status), now, run_id, update=update, error=error, message=message)
+
+    def update(self, dataset_id: str, update: dict[str, Any]) -> dict[str, Any]:
+        """Merge fields into a record without changing its status."""
+        now = utc_now()
+        with self._tx() as conn:
+            row = self._lock(conn, dataset_id=dataset_id)
+            if row is None:
+                raise KeyError(f"no catalog record with id {dataset_id}")
+            return self._store(conn, deep_merge(dict(row.record), update), now)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _lock(self, conn: Connection, *, dataset_id: str | None = None, source: str | None = None, source_id: str | None = None):
+        query = sa.select(datasets.c.id, datasets.c.record)
+        query = query.where(datasets.c.id == dataset_id) if dataset_id else query.where(
+            datasets.c.source == source, datasets.c.source_id == source_id
+        )
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        return conn.execute(query).first()
+
+    def _apply(
+        self,
+        conn: Connection,
+        record: dict[str, Any],
+        new: Status,
+        now: datetime,
+        run_id: str | None,
+        *,
+        update: dict[str, Any] | None = None,
+        error: BaseException | str | None = None,
+        message: str | None = None,
+    ) -> dict[str, Any]:
+        old = Status(record["status"])
+        check_transition(old, new)
+        record = deep_merge(record, update or {})
+        record["status"] = new.value
+        record.setdefault("progress", {})["current_step"] = new.value
+        if new is Status.FAILED:
+            retries = int(record.get("error", {}).get("retry_count", 0)) + 1
+            if isinstance(error, BaseException):
+                text = f"{type(error).__name__}: {error}"
+                trace = "".join(tb.format_exception(error))[-8000:]
+            else:
+                text, trace = str(error or message or "failed"), None
+            record["error"] = {"message": text, "retry_count": retries} | ({"traceback": trace} if trace else {})
+            message = text
+        self._store(conn, record, now)
+        self._log(conn, record["id"], old, new, now, message, run_id)
+        return record
+
+    def _store(self, conn: Connection, record: dict[str, Any], now: datetime) -> dict[str, Any]:
+        record["updated_at"] = iso(now)
+        validate_record(record)
+        err = record.get("error", {}).get("message") if record["status"] == "failed" else None
+        conn.execute(
+            datasets.update()
+            .where(datasets.c.id == record["id"])
+            .values(
+                status=record["status"], record=record, updated_at=now, error=err,
+                retry_count=int(record.get("error", {}).get("retry_count", 0)),
+            )
+        )
+        return record
+
+    @staticmethod
+    def _log(conn, dataset_id, old, new, now, message, run_id) -> None:
+        conn.execute(
+            status_history.insert().values(
+                dataset_id=dataset_id, from_status=old.value if old else None, to_status=Status(new).value,
+                at=now, message=message, run_id=run_id,
+            )
+        )

@@ -1,0 +1,32 @@
+"""The one Dagster code location: every asset, check, sensor, job and resource of em_platform."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from em_platform.assets.catalog import metadata_catalog
+from em_platform.assets.ingest_local import ingest_local
+from em_platform.jobs import ingest_local_job
+from em_platform.resources import build_resources
+from em_platform.sensors.inbox import inbox_sensor
+
+catalog_automation = dg.AutomationConditionSensorDefinition(
+    "catalog_automation",
+    target=dg.AssetSelection.groups("catalog"),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Refreshes the metadata catalog after ingests (declarative automation).",
+)
+
+
+def build_definitions(resources: dict) -> dg.Definitions:
+    """Everything, bound to one resource set (tests pass their own)."""
+    return dg.Definitions(
+        assets=[ingest_local, metadata_catalog],
+        jobs=[ingest_local_job],
+        sensors=[inbox_sensor, catalog_automation],
+        resources=resources,
+    )
+
+
+defs = build_definitions(build_resources())

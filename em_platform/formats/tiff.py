@@ -1,0 +1,250 @@
+"""TIFF, multi-page TIFF, OME-TIFF and folders of TIFF slices (tifffile).
+
+Physical sizes come from OME-XML when present, else ImageJ metadata, else the TIFF resolution tags
+when they are in centimetres (an inch resolution is a print DPI, not a pixel size, and is ignored).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import tifffile
+
+from em_platform.formats.volume import FormatError, Volume, normalise_unit
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+# tifffile series axes → NGFF axes. I (image sequence) and Q (unknown) of a plain stack are z.
+_AXIS_MAP = {"T": "t", "C": "c", "S": "c", "Z": "z", "I": "z", "Q": "z", "Y": "y", "X": "x"}
+
+
+def is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in TIFF_SUFFIXES
+
+
+@functools.lru_cache(maxsize=16)
+def _open(path: str, mtime_ns: int) -> tuple[tifffile.TiffFile, threading.Lock]:
+    """One open TiffFile per file and process, shared by the dask tasks that read its pages."""
+    return tifffile.TiffFile(path), threading.Lock()
+
+
+def _read_pages(path: str, mtime_ns: int, series: int, start: int, stop: int, page_shape: tuple[int, ...]):
+    tf, lock = _open(path, mtime_ns)
+    with lock:  # walking the IFD chain moves the shared file position
+        pages = [tf.series[series].pages[i] for i in range(start, stop)]
+    # Reads take the lock segment by segment; decoding runs outside it, in parallel.
+    return np.stack([p.asarray(lock=lock) for p in pages]).reshape((stop - start, *page_shape))
+
+
+def _lazy_series(path: Path, series: tifffile.TiffPageSeries, mtime_ns: int) -> da.Array:
+    """Dask array over one series, one chunk per group of pages, decoded on demand."""
+    shape = tuple(series.shape)
+    page_shape = tuple(series.keyframe.shape)
+    n_pages = int(np.prod(shape)) // int(np.prod(page_shape))
+    if n_pages <= 1:
+        block = da.from_delayed(
+            _delayed_pages(str(path), mtime_ns, 0, 0, 1, page_shape), (1, *page_shape), series.dtype
+        )
+        return block.reshape(shape)
+    page_bytes = int(np.prod(page_shape)) * series.dtype.itemsize
+    per_chunk = max(1, min(n_pages, (32 << 20) // max(page_bytes, 1)))
+    blocks = [
+        da.from_delayed(
+            _delayed_pages(str(path), mtime_ns, 0, s, min(s + per_chunk, n_pages), page_shape),
+            (min(s + per_chunk, n_pages) - s, *page_shape),
+            series.dtype,
+        )
+        for s in range(0, n_pages, per_chunk)
+    ]
+    return da.concatenate(blocks, axis=0).reshape(shape)
+
+
+def _delayed_pages(*args):
+    from dask import delayed
+
+    return delayed(_read_pages, pure=True)(*args)
+
+
+def _ome_physical(tf: tifffile.TiffFile) -> dict[str, tuple[float, str | None]]:
+    ome = tifffile.xml2dict(tf.ome_metadata)
+    image = ome.get("OME", {}).get("Image", {})
+    if isinstance(image, list):
+        image = image[0]
+    pixels = image.get("Pixels", {})
+    out = {}
+    for ax in ("X", "Y", "Z"):
+        size = pixels.get(f"PhysicalSize{ax}")
+        if size is not None:
+            unit = normalise_unit(str(pixels.get(f"PhysicalSize{ax}Unit", "µm")))  # OME default unit is µm
+            out[ax.lower()] = (float(size), unit)
+    return out
+
+
+def _tag_physical(tf: tifffile.TiffFile) -> dict[str, tuple[float, str | None]]:
+    page = tf.pages.first
+    out: dict[str, tuple[float, str | None]] = {}
+    ij = tf.imagej_metadata or {}
+    ij_unit = normalise_unit(str(ij.get("unit", "")).replace("\\u00B5", "µ")) if ij.get("unit") else None
+    res_unit = page.tags.get("ResolutionUnit")
+    res_unit = int(res_unit.value) if res_unit is not None else 2
+    for ax, tag in (("x", "XResolution"), ("y", "YResolution")):
+        t = page.tags.get(tag)
+        if t is None:
+            continue
+        num, den = t.value
+        if not num or not den:
+            continue
+        size = den / num  # resolution is pixels per unit
+        if ij_unit is not None:
+            out[ax] = (size, ij_unit)
+        elif res_unit == 3:  # centimetre
+            out[ax] = (size * 1e4, "micrometer")
+    if ij.get("spacing") and ij_unit is not None:
+        out["z"] = (float(ij["spacing"]), ij_unit)
+    return out
+
+
+def _physical(tf: tifffile.TiffFile) -> dict[str, tuple[float, str | None]]:
+    if tf.is_ome and tf.ome_metadata:
+        phys = _ome_physical(tf)
+        if phys:
+            return phys
+    return _tag_physical(tf)
+
+
+def _calibration(axes: tuple[str, ...], phys: dict[str, tuple[float, str | None]]):
+    scale, units = [], []
+    for a in axes:
+        s, u = phys.get(a, (None, None))
+        if u is None:
+            s = None
+        scale.append(s)
+        units.append(u)
+    return tuple(scale), tuple(units)
+
+
+class _TiffLogErrors(logging.Handler):
+    """tifffile logs, rather than raises, broken IFD chains (a truncated multi-page file); collect them."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _tifffile_errors():
+    handler = _TiffLogErrors()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def read_tiff(path: str | Path) -> Volume:
+    """Open a TIFF or OME-TIFF file lazily (first series)."""
+    path = Path(path)
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+        with _tifffile_errors() as logged, tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            axes = tuple(_AXIS_MAP.get(a, "?") for a in series.axes)
+            if "?" in axes or len(set(axes)) != len(axes):
+                raise ValueError(f"unsupported TIFF axes {series.axes!r}")
+            _check_complete(tf, series)
+            len(tf.pages)  # walks the whole IFD chain, so a cut-off chain is logged now
+            if logged:
+                raise ValueError(f"damaged page structure ({logged[0]}): the file is truncated or corrupt")
+            phys = _physical(tf)
+            meta: dict[str, Any] = {
+                "tiff_axes": series.axes,
+                "dtype": series.dtype.name,
+                "pages": len(series.pages),
+                "is_ome": bool(tf.is_ome),
+                "is_imagej": bool(tf.is_imagej),
+                "compression": str(series.keyframe.compression.name),
+            }
+            data = _lazy_series(path, series, mtime_ns)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: file not found") from None
+    except Exception as exc:
+        raise FormatError(
+            f"{path} is not a readable TIFF ({type(exc).__name__}: {exc}); check the transfer completed or re-export it"
+        ) from exc
+    scale, units = _calibration(axes, phys)
+    fmt = "ome-tiff" if meta["is_ome"] else "tiff"
+    return Volume(data=data, axes=axes, scale=scale, units=units, format=fmt, source_files=(path,), source_metadata=meta)
+
+
+def _check_complete(tf: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> None:
+    """Fail now, not at compute time, if any page's data lies beyond the end of the file."""
+    size = os.fstat(tf.filehandle.fileno()).st_size if hasattr(tf.filehandle, "fileno") else tf.filehandle.size
+    for page in series.pages:
+        if page is None:
+            raise ValueError("a page of the series is missing")
+        offsets = page.dataoffsets
+        counts = page.databytecounts
+        if offsets and counts and max(o + c for o, c in zip(offsets, counts, strict=False)) > size:
+            raise ValueError(f"page data ends beyond the end of the file ({size} bytes): the file is truncated")
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def tiff_stack_files(folder: Path) -> list[Path]:
+    """The slices of a folder stack, in natural (slice-number) order; hidden and partial files are skipped."""
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and is_tiff(p) and not p.name.startswith(".")),
+        key=lambda p: _natural_key(p.name),
+    )
+
+
+def read_tiff_stack(folder: str | Path) -> Volume:
+    """A folder of 2-D TIFF slices as one (z, y, x) volume; z spacing from the first slice if it records one."""
+    folder = Path(folder)
+    files = tiff_stack_files(folder)
+    if not files:
+        raise FormatError(f"{folder}: folder stack contains no .tif/.tiff slices")
+    slices = []
+    first: Volume | None = None
+    for f in files:
+        v = read_tiff(f)
+        if v.axes != ("y", "x"):
+            raise FormatError(f"{f}: a folder-stack slice must be a single 2-D image, found axes {v.axes}")
+        if first is None:
+            first = v
+        elif v.data.shape != first.data.shape or v.data.dtype != first.data.dtype:
+            raise FormatError(
+                f"{f}: slice is {v.data.shape} {v.data.dtype}, but {files[0].name} is "
+                f"{first.data.shape} {first.data.dtype}; all slices of a stack must match"
+            )
+        slices.append(v.data)
+    assert first is not None
+    data = da.stack(slices, axis=0)
+    # z spacing: ImageJ 'spacing' on the first slice, if any.
+    with tifffile.TiffFile(files[0]) as tf:
+        phys = _physical(tf)
+    scale, units = _calibration(("z", "y", "x"), phys)
+    return Volume(
+        data=data,
+        axes=("z", "y", "x"),
+        scale=scale,
+        units=units,
+        format="tiff-stack",
+        source_files=tuple(files),
+        source_metadata={**first.source_metadata, "slices": len(files), "pages": len(files)},
+    )

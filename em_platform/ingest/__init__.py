@@ -1,0 +1,1 @@
+"""Ingest workflows: source files → OME-Zarr + catalog record (no Dagster)."""

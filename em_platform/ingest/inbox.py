@@ -1,0 +1,80 @@
+"""What is waiting in the inbox folder, and whether it has finished arriving.
+
+Each top-level entry is one dataset: a supported file, or a folder of TIFF slices (a stack). An entry
+is settled once nothing in it has been modified for ``settle_seconds``: a file still being copied keeps
+getting newer, so it is left for a later tick. Hidden files and the usual partial-download names are
+never entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from em_platform.formats import SUPPORTED_SUFFIXES
+from em_platform.formats.raw import RAW_SUFFIXES, sidecar_for
+from em_platform.formats.tiff import tiff_stack_files
+
+PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart", "~")
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    key: str  # the partition key: the entry's name in the inbox
+    path: Path
+    fingerprint: str  # changes whenever any byte may have changed (sizes and mtimes of every file)
+    newest_mtime: float
+    files: tuple[Path, ...]
+
+    def settled(self, now: float, settle_seconds: float) -> bool:
+        return now - self.newest_mtime >= settle_seconds
+
+
+def _is_partial(name: str) -> bool:
+    return name.startswith(".") or name.endswith(PARTIAL_SUFFIXES)
+
+
+def entry_files(path: Path) -> tuple[Path, ...]:
+    """The source files that make up an inbox entry (a raw file's JSON sidecar included)."""
+    if path.is_dir():
+        return tuple(tiff_stack_files(path))
+    if path.suffix.lower() in RAW_SUFFIXES and sidecar_for(path).exists():
+        return (path, sidecar_for(path))
+    return (path,)
+
+
+def _entry(path: Path) -> InboxEntry | None:
+    if _is_partial(path.name):
+        return None
+    if path.is_dir():
+        if any(_is_partial(p.name) for p in path.iterdir() if not p.name.startswith(".")):
+            return None  # a slice is still arriving
+    elif path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        return None
+    files = entry_files(path)
+    if not files:
+        return None
+    stats = [(f.name, f.stat()) for f in files]
+    digest = hashlib.sha1()
+    for name, st in stats:
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    newest = max(st.st_mtime for _, st in stats)
+    if path.is_dir():
+        newest = max(newest, path.stat().st_mtime)
+    return InboxEntry(key=path.name, path=path, fingerprint=digest.hexdigest()[:16], newest_mtime=newest, files=files)
+
+
+def scan_inbox(inbox: Path) -> list[InboxEntry]:
+    """Every candidate entry in the inbox, sorted by name (an absent inbox is empty)."""
+    if not inbox.is_dir():
+        return []
+    entries = []
+    for child in sorted(inbox.iterdir()):
+        try:
+            entry = _entry(child)
+        except FileNotFoundError:  # removed while we looked
+            continue
+        if entry is not None:
+            entries.append(entry)
+    return entries

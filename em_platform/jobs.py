@@ -1,0 +1,10 @@
+"""Asset jobs (what sensors, schedules and `dagster job backfill` target)."""
+
+import dagster as dg
+
+ingest_local_job = dg.define_asset_job(
+    "ingest_local_job",
+    selection=dg.AssetSelection.assets(["ingest", "local"]),
+    description="Convert one inbox entry (a partition) to OME-Zarr and catalog it.",
+    tags={"em/workload": "ingest"},
+)

@@ -1,0 +1,24 @@
+"""Dagster resources, chosen per deployment (EM_DEPLOYMENT=local|docker), never by editing code."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from em_platform.resources.catalog import CatalogResource
+from em_platform.resources.dask import DaskResource
+from em_platform.resources.inbox import InboxResource
+from em_platform.resources.storage import StorageResource
+from em_platform.settings import Settings, load_settings
+
+__all__ = ["CatalogResource", "DaskResource", "InboxResource", "StorageResource", "build_resources"]
+
+
+def build_resources(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> dict:
+    """The resource set for the current deployment; the local one is the embedded default."""
+    s = settings or load_settings(env)
+    return {
+        "storage": StorageResource(root_url=s.data_root, s3_endpoint_url=s.s3_endpoint_url),
+        "catalog": CatalogResource(url=s.catalog_url),
+        "dask": DaskResource(scheduler_address=s.dask_scheduler_address),
+        "inbox": InboxResource(path=s.inbox, settle_seconds=s.inbox_settle_seconds),
+    }

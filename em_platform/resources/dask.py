@@ -1,0 +1,48 @@
+"""A Dask client for the heavy pixel work: an in-process LocalCluster by default, or an existing cluster."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+
+class DaskResource(dg.ConfigurableResource):
+    """Created lazily on first use, so runs that do no pixel work start no cluster."""
+
+    scheduler_address: str | None = None
+    n_workers: int = 1
+    threads_per_worker: int = 0  # 0: one thread per core
+    processes: bool = False  # threads: numpy, zarr codecs and blosc release the GIL; no pickling of blocks
+    _client: object | None = PrivateAttr(default=None)
+    _cluster: object | None = PrivateAttr(default=None)
+
+    def get_client(self):
+        from distributed import Client, LocalCluster
+
+        if self._client is None:
+            if self.scheduler_address:
+                try:
+                    self._client = Client(self.scheduler_address, timeout="30s")
+                except OSError as exc:
+                    raise RuntimeError(
+                        f"cannot reach the Dask scheduler at {self.scheduler_address} ({exc}); "
+                        "check DASK_SCHEDULER_ADDRESS or start the cluster"
+                    ) from exc
+            else:
+                self._cluster = LocalCluster(
+                    n_workers=self.n_workers,
+                    threads_per_worker=self.threads_per_worker or os.cpu_count() or 1,
+                    processes=self.processes,
+                    dashboard_address=None,
+                )
+                self._client = Client(self._cluster)
+        return self._client
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self._client = self._cluster = None

@@ -1,0 +1,1 @@
+"""Sensors: they watch the world and request runs."""

@@ -1,0 +1,64 @@
+"""``inbox_sensor``: new or changed inbox entries become partitions of ``ingest/local`` and runs.
+
+The cursor maps entry name → fingerprint of what was last requested, so an unchanged entry is never
+requested twice and a changed one is requested again (with a new run key). Entries still arriving
+(modified within the settle period, or named like a partial download) wait for a later tick.
+"""
+
+
+import json
+import time
+
+import dagster as dg
+
+from em_platform.ingest.inbox import scan_inbox
+from em_platform.jobs import ingest_local_job
+from em_platform.partitions import inbox_entries
+from em_platform.resources import InboxResource
+
+MAX_REQUESTS_PER_TICK = 500  # keeps a tick far below the sensor timeout; the rest come next tick
+
+
+@dg.sensor(
+    job=ingest_local_job,
+    minimum_interval_seconds=15,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches EM_INBOX; each settled new or changed file or folder stack is ingested once.",
+)
+def inbox_sensor(context: dg.SensorEvaluationContext, inbox: InboxResource) -> dg.SensorResult:
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    now = time.time()
+    entries = scan_inbox(inbox.folder)
+    present = {e.key for e in entries}
+    cursor = {k: v for k, v in seen.items() if k in present}  # a removed entry may come back later
+    known = set(context.instance.get_dynamic_partitions(inbox_entries.name))
+    requests, new_keys, waiting = [], [], []
+    for entry in entries:
+        if cursor.get(entry.key) == entry.fingerprint:
+            continue
+        if not entry.settled(now, inbox.settle_seconds):
+            waiting.append(entry.key)
+            continue
+        if len(requests) >= MAX_REQUESTS_PER_TICK:
+            break
+        if entry.key not in known:
+            new_keys.append(entry.key)
+        requests.append(
+            dg.RunRequest(
+                partition_key=entry.key,
+                run_key=f"{entry.key}@{entry.fingerprint}",
+                tags={"em/inbox_fingerprint": entry.fingerprint},
+            )
+        )
+        cursor[entry.key] = entry.fingerprint
+    if waiting:
+        context.log.info(f"still arriving (modified in the last {inbox.settle_seconds:g} s): {', '.join(waiting[:20])}")
+    new_cursor = json.dumps(cursor, sort_keys=True)
+    if not requests:
+        reason = f"{len(waiting)} entr{'y' if len(waiting) == 1 else 'ies'} still arriving" if waiting else "nothing new in the inbox"
+        return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[inbox_entries.build_add_request(new_keys)] if new_keys else [],
+        cursor=new_cursor,
+    )

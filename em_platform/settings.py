@@ -1,0 +1,86 @@
+"""Deployment settings from the environment, checked once, with errors that say which variable to fix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEPLOYMENTS = ("local", "docker")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    deployment: str
+    data_root: str
+    inbox: str
+    catalog_url: str
+    dask_scheduler_address: str | None
+    s3_endpoint_url: str | None
+    inbox_settle_seconds: float
+
+    @property
+    def storage_options(self) -> dict:
+        if self.data_root.startswith("s3://") and self.s3_endpoint_url:
+            return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
+        return {}
+
+
+def default_data_root() -> str:
+    return str(Path.home() / ".em_platform" / "data")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read EM_* settings; the local deployment fills in embedded defaults, docker requires them."""
+    env = os.environ if env is None else env
+    deployment = env.get("EM_DEPLOYMENT", "local").strip().lower() or "local"
+    if deployment not in DEPLOYMENTS:
+        raise ConfigError(f"EM_DEPLOYMENT={deployment!r} is not one of {', '.join(DEPLOYMENTS)}")
+    local = deployment == "local"
+
+    def need(name: str, default: str | None) -> str:
+        value = env.get(name, "").strip()
+        if value:
+            return value
+        if local and default is not None:
+            return default
+        raise ConfigError(f"{name} must be set for the {deployment!r} deployment")
+
+    data_root = need("EM_DATA_ROOT", default_data_root())
+    remote = "://" in data_root and not data_root.startswith("file://")
+    if data_root.startswith("file://"):
+        data_root = data_root[len("file://") :]
+    if not remote:
+        data_root = str(Path(data_root).expanduser().resolve())
+    inbox_default = None if remote else str(Path(data_root) / "inbox")
+    inbox = need("EM_INBOX", inbox_default)
+    catalog_default = None if remote else f"sqlite:///{Path(data_root) / 'catalog.sqlite'}"
+    catalog_url = env.get("EM_CATALOG_URL", "").strip() or catalog_default
+    if not catalog_url:
+        raise ConfigError("EM_CATALOG_URL must be set when EM_DATA_ROOT is object storage (a SQLite file cannot live there)")
+    if deployment == "docker" and catalog_url.startswith("sqlite"):
+        raise ConfigError("EM_CATALOG_URL must be a PostgreSQL URL for the 'docker' deployment, not SQLite")
+    settle = env.get("EM_INBOX_SETTLE_SECONDS", "5").strip() or "5"
+    try:
+        settle_s = float(settle)
+        if settle_s < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"EM_INBOX_SETTLE_SECONDS={settle!r} must be a number of seconds ≥ 0") from None
+    dask_addr = env.get("DASK_SCHEDULER_ADDRESS", "").strip() or None
+    if deployment == "docker" and not dask_addr:
+        raise ConfigError("DASK_SCHEDULER_ADDRESS must be set for the 'docker' deployment (e.g. tcp://dask-scheduler:8786)")
+    return Settings(
+        deployment=deployment,
+        data_root=data_root,
+        inbox=str(Path(inbox).expanduser().resolve()),
+        catalog_url=catalog_url,
+        dask_scheduler_address=dask_addr,
+        s3_endpoint_url=env.get("EM_S3_ENDPOINT_URL", "").strip() or None,
+        inbox_settle_seconds=settle_s,
+    )

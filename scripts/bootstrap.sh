@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv with the newest suitable Python and install em_platform with its test extras.
+# Python 3.12 is preferred: the newest zarr, ome-zarr, numpy and tifffile need it (on 3.11 pip silently
+# falls back to zarr 3.1.6 and ome-zarr 0.18, which em_platform also supports).
+set -euo pipefail
+venv=${1:-.venv}
+
+find_python() {
+  local c
+  for c in python3.12 python3.13; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys' >/dev/null 2>&1; then command -v "$c"; return; fi
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    local v
+    for v in 3.12 3.13; do
+      local p
+      p=$(pyenv prefix "$v" 2>/dev/null | head -n1 || true)
+      if [ -n "$p" ] && [ -x "$p/bin/python3" ]; then echo "$p/bin/python3"; return; fi
+    done
+  fi
+  if command -v python3 >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    command -v python3; return
+  fi
+  echo "em_platform needs Python >= 3.11 (3.12 preferred); none found on PATH or through pyenv." >&2
+  exit 1
+}
+
+if [ ! -x "$venv/bin/python" ]; then
+  py=$(find_python)
+  echo "creating $venv with $py ($("$py" --version 2>&1))"
+  "$py" -m venv "$venv"
+fi
+# The machine's pip.conf may list local indexes that do not exist; their warnings are noise.
+"$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -c "import em_platform, zarr, dagster; print('em_platform ready: zarr', zarr.__version__, 'dagster', dagster.__version__)"

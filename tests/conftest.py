@@ -1,0 +1,71 @@
+"""Shared fixtures: real PostgreSQL (skips with a reason when absent) and a real S3 endpoint on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+PG_HOST = os.environ.get("EM_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("EM_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("EM_TEST_PG_USER", "postgres")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database on the local server, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=3)
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} as {PG_USER} ({exc}); catalog-on-PostgreSQL test skipped")
+    admin.autocommit = True
+    name = f"em_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto in server mode) on a loopback port, for the whole session."""
+    server_mod = pytest.importorskip("moto.server")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = _free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A new bucket on the loopback S3 endpoint; returns (s3://bucket, storage_options)."""
+    import s3fs
+
+    opts = {"client_kwargs": {"endpoint_url": s3_endpoint}, "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(**opts)
+    bucket = f"em-test-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    return f"s3://{bucket}", opts
