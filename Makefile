@@ -39,7 +39,8 @@ lint: $(VENV)/.installed
 
 ## services: enable RabbitMQ's STOMP plugin when RabbitMQ is installed here (best effort, never fatal)
 services:
-	@-command -v rabbitmq-plugins >/dev/null 2>&1 && rabbitmq-plugins enable --quiet rabbitmq_stomp >/dev/null 2>&1 || true
+	@(echo > /dev/tcp/127.0.0.1/61613) 2>/dev/null || { command -v rabbitmq-plugins >/dev/null 2>&1 && \
+	  rabbitmq-plugins enable --quiet rabbitmq_stomp >/dev/null 2>&1; } || true
 
 clean:
 	rm -rf var .pytest_cache

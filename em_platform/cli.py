@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="em-platform", description="em_platform: EM facility data on Dagster")
+    parser = argparse.ArgumentParser(
+        prog="em-platform", description="em_platform: EM facility data on Dagster"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="write samples to the inbox, ingest them through Dagster, print the catalog")
     samples = sub.add_parser("samples", help="write the sample volumes into a folder (default: the inbox)")

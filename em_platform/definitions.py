@@ -6,7 +6,7 @@ import dagster as dg
 
 from em_platform.assets.catalog import metadata_catalog
 from em_platform.assets.ingest_local import ingest_local
-from em_platform.jobs import ingest_local_job
+from em_platform.jobs import catalog_job, ingest_local_job
 from em_platform.resources import build_resources
 from em_platform.sensors.inbox import inbox_sensor
 
@@ -23,7 +23,7 @@ def build_definitions(resources: dict) -> dg.Definitions:
     """Everything, bound to one resource set (tests pass their own)."""
     return dg.Definitions(
         assets=[ingest_local, metadata_catalog],
-        jobs=[ingest_local_job],
+        jobs=[ingest_local_job, catalog_job],
         sensors=[inbox_sensor, catalog_automation],
         resources=resources,
     )

@@ -8,3 +8,9 @@ ingest_local_job = dg.define_asset_job(
     description="Convert one inbox entry (a partition) to OME-Zarr and catalog it.",
     tags={"em/workload": "ingest"},
 )
+
+catalog_job = dg.define_asset_job(
+    "catalog_job",
+    selection=dg.AssetSelection.groups("catalog"),
+    description="Consolidate, export and check every catalog record.",
+)

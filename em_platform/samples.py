@@ -53,10 +53,24 @@ def write_samples(inbox: Path, *, include_dm: bool = True) -> list[Path]:
 
     if p := want("fibsem_crop.ome.tif"):
         vol = em_texture((24, 192, 192), seed=1)
-        _atomic(p, lambda t: tifffile.imwrite(
-            t, vol, ome=True, photometric="minisblack",
-            metadata={"axes": "ZYX", "PhysicalSizeX": 5.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 5.0,
-                      "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 8.0, "PhysicalSizeZUnit": "nm"}))
+        _atomic(
+            p,
+            lambda t: tifffile.imwrite(
+                t,
+                vol,
+                ome=True,
+                photometric="minisblack",
+                metadata={
+                    "axes": "ZYX",
+                    "PhysicalSizeX": 5.0,
+                    "PhysicalSizeXUnit": "nm",
+                    "PhysicalSizeY": 5.0,
+                    "PhysicalSizeYUnit": "nm",
+                    "PhysicalSizeZ": 8.0,
+                    "PhysicalSizeZUnit": "nm",
+                },
+            ),
+        )
     if p := want("overview.tif"):
         img = em_texture((384, 512), seed=2)
         _atomic(p, lambda t: tifffile.imwrite(t, img, photometric="minisblack"))
@@ -65,8 +79,13 @@ def write_samples(inbox: Path, *, include_dm: bool = True) -> list[Path]:
         tmp = p.with_name(".serial_sections.tmp")
         tmp.mkdir(exist_ok=True)
         for i, sl in enumerate(stack):
-            tifffile.imwrite(tmp / f"section_{i:03d}.tif", sl, imagej=True, resolution=(1 / 4.0, 1 / 4.0),
-                             metadata={"spacing": 40.0, "unit": "nm"})
+            tifffile.imwrite(
+                tmp / f"section_{i:03d}.tif",
+                sl,
+                imagej=True,
+                resolution=(1 / 4.0, 1 / 4.0),
+                metadata={"spacing": 40.0, "unit": "nm"},
+            )
         os.replace(tmp, p)
     if p := want("tomogram.mrc"):
         tomo = (em_texture((20, 128, 128), seed=4, dtype=np.uint16).astype(np.int32) - 30000).astype(np.int16)
@@ -75,12 +94,22 @@ def write_samples(inbox: Path, *, include_dm: bool = True) -> list[Path]:
             with mrcfile.new(t, overwrite=True) as m:
                 m.set_data(tomo)
                 m.voxel_size = (13.6, 13.6, 13.6)  # Å
+
         _atomic(p, _mrc)
     if p := want("block.raw"):
         block = em_texture((16, 96, 128), seed=5, dtype=np.uint16)
         side = inbox / "block.raw.json"
-        side.write_text(json.dumps({"shape": list(block.shape), "dtype": "uint16", "byte_order": "little",
-                                    "voxel_size": [30.0, 8.0, 8.0], "unit": "nm"}))
+        side.write_text(
+            json.dumps(
+                {
+                    "shape": list(block.shape),
+                    "dtype": "uint16",
+                    "byte_order": "little",
+                    "voxel_size": [30.0, 8.0, 8.0],
+                    "unit": "nm",
+                }
+            )
+        )
         _atomic(p, lambda t: block.astype("<u2").tofile(t))
     if include_dm:
         from em_platform.formats.dm_writer import write_dm

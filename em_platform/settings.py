@@ -57,12 +57,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         data_root = data_root[len("file://") :]
     if not remote:
         data_root = str(Path(data_root).expanduser().resolve())
-    inbox_default = None if remote else str(Path(data_root) / "inbox")
-    inbox = need("EM_INBOX", inbox_default)
+    inbox = env.get("EM_INBOX", "").strip() or (None if remote else str(Path(data_root) / "inbox"))
+    if not inbox:
+        raise ConfigError("EM_INBOX must be set to a local folder when EM_DATA_ROOT is object storage")
     catalog_default = None if remote else f"sqlite:///{Path(data_root) / 'catalog.sqlite'}"
     catalog_url = env.get("EM_CATALOG_URL", "").strip() or catalog_default
     if not catalog_url:
-        raise ConfigError("EM_CATALOG_URL must be set when EM_DATA_ROOT is object storage (a SQLite file cannot live there)")
+        raise ConfigError(
+            "EM_CATALOG_URL must be set when EM_DATA_ROOT is object storage (a SQLite file cannot live there)"
+        )
     if deployment == "docker" and catalog_url.startswith("sqlite"):
         raise ConfigError("EM_CATALOG_URL must be a PostgreSQL URL for the 'docker' deployment, not SQLite")
     settle = env.get("EM_INBOX_SETTLE_SECONDS", "5").strip() or "5"
@@ -74,7 +77,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"EM_INBOX_SETTLE_SECONDS={settle!r} must be a number of seconds ≥ 0") from None
     dask_addr = env.get("DASK_SCHEDULER_ADDRESS", "").strip() or None
     if deployment == "docker" and not dask_addr:
-        raise ConfigError("DASK_SCHEDULER_ADDRESS must be set for the 'docker' deployment (e.g. tcp://dask-scheduler:8786)")
+        raise ConfigError(
+            "DASK_SCHEDULER_ADDRESS must be set for the 'docker' deployment (e.g. tcp://dask-scheduler:8786)"
+        )
     return Settings(
         deployment=deployment,
         data_root=data_root,

@@ -24,9 +24,13 @@ def pg_url():
     """A fresh, empty PostgreSQL database on the local server, dropped afterwards."""
     psycopg2 = pytest.importorskip("psycopg2")
     try:
-        admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=3)
+        admin = psycopg2.connect(
+            host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=3
+        )
     except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} as {PG_USER} ({exc}); catalog-on-PostgreSQL test skipped")
+        pytest.skip(
+            f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} as {PG_USER} ({exc}); catalog-on-PostgreSQL test skipped"
+        )
     admin.autocommit = True
     name = f"em_test_{uuid.uuid4().hex[:10]}"
     with admin.cursor() as cur:

@@ -1,6 +1,5 @@
 """``catalog/metadata_catalog``: all records consolidated, exported, and checked."""
 
-
 import dagster as dg
 
 from em_platform.catalog.records import utc_now
@@ -56,8 +55,13 @@ def metadata_catalog(catalog: CatalogResource, storage: StorageResource):
         metadata={
             "invalid_records": len(invalid),
             "errors": dg.MetadataValue.json(
-                [{"source": r["source"], "source_id": r["source_id"], "errors": r["errors"]} for r in invalid[:50]]
+                [
+                    {"source": r["source"], "source_id": r["source_id"], "errors": r["errors"]}
+                    for r in invalid[:50]
+                ]
             ),
         },
-        description=f"{len(invalid)} of {validation['total_records']} records fail the schema" if invalid else None,
+        description=f"{len(invalid)} of {validation['total_records']} records fail the schema"
+        if invalid
+        else None,
     )

@@ -9,6 +9,7 @@ from em_platform.ingest.local import ingest_entry
 from em_platform.partitions import inbox_entries
 from em_platform.resources import CatalogResource, DaskResource, InboxResource, StorageResource
 
+
 @dg.asset(
     key=["ingest", "local"],
     group_name="ingest",
@@ -53,6 +54,7 @@ def ingest_local(
             "thumbnail": _thumbnail_markdown(storage, result.thumbnail_url, key),
         },
     )
+
 
 def _thumbnail_markdown(storage: StorageResource, url: str, key: str) -> dg.MetadataValue:
     store = storage.store()

@@ -44,7 +44,13 @@ status_history = sa.Table(
     "dataset_status_history",
     metadata_obj,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("dataset_id", sa.String(36), sa.ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column(
+        "dataset_id",
+        sa.String(36),
+        sa.ForeignKey("datasets.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
     sa.Column("from_status", sa.String(16)),
     sa.Column("to_status", sa.String(16), nullable=False),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
@@ -84,7 +90,9 @@ class CatalogDB:
         try:
             self.engine: Engine = sa.create_engine(url, **kwargs)
         except Exception as exc:
-            raise CatalogUnavailable(f"catalog URL {url!r} is not a valid SQLAlchemy URL ({exc}); set EM_CATALOG_URL") from exc
+            raise CatalogUnavailable(
+                f"catalog URL {url!r} is not a valid SQLAlchemy URL ({exc}); set EM_CATALOG_URL"
+            ) from exc
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         if create:
@@ -115,7 +123,9 @@ class CatalogDB:
     def find(self, source: str, source_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(datasets.c.record).where(datasets.c.source == source, datasets.c.source_id == source_id)
+                sa.select(datasets.c.record).where(
+                    datasets.c.source == source, datasets.c.source_id == source_id
+                )
             ).first()
         return dict(row.record) if row else None
 
@@ -160,8 +170,14 @@ class CatalogDB:
                 validate_record(record)
                 conn.execute(
                     datasets.insert().values(
-                        id=record["id"], source=source, source_id=source_id, status="pending", retry_count=0,
-                        record=record, created_at=now, updated_at=now,
+                        id=record["id"],
+                        source=source,
+                        source_id=source_id,
+                        status="pending",
+                        retry_count=0,
+                        record=record,
+                        created_at=now,
+                        updated_at=now,
                     )
                 )
                 self._log(conn, record["id"], None, Status.PENDING, now, "record created", run_id)
@@ -170,13 +186,19 @@ class CatalogDB:
             status = Status(record["status"])
             if status in IN_FLIGHT:
                 record = self._apply(
-                    conn, record, Status.FAILED, now, run_id,
+                    conn,
+                    record,
+                    Status.FAILED,
+                    now,
+                    run_id,
                     error=f"interrupted: the run working on it stopped while the record was {status.value!r}",
                 )
                 status = Status.FAILED
             update = {"metadata": {"core": {"description": description}}, "files": {"source": files}}
             if status is not Status.PENDING:
-                record = self._apply(conn, record, Status.PENDING, now, run_id, update=update, message="new attempt")
+                record = self._apply(
+                    conn, record, Status.PENDING, now, run_id, update=update, message="new attempt"
+                )
             else:
                 record = self._store(conn, deep_merge(record, update), now)
             return record
@@ -197,7 +219,16 @@ class CatalogDB:
             row = self._lock(conn, dataset_id=dataset_id)
             if row is None:
                 raise KeyError(f"no catalog record with id {dataset_id}")
-            return self._apply(conn, dict(row.record), Status(new_status), now, run_id, update=update, error=error, message=message)
+            return self._apply(
+                conn,
+                dict(row.record),
+                Status(new_status),
+                now,
+                run_id,
+                update=update,
+                error=error,
+                message=message,
+            )
 
     def update(self, dataset_id: str, update: dict[str, Any]) -> dict[str, Any]:
         """Merge fields into a record without changing its status."""
@@ -210,10 +241,19 @@ class CatalogDB:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _lock(self, conn: Connection, *, dataset_id: str | None = None, source: str | None = None, source_id: str | None = None):
+    def _lock(
+        self,
+        conn: Connection,
+        *,
+        dataset_id: str | None = None,
+        source: str | None = None,
+        source_id: str | None = None,
+    ):
         query = sa.select(datasets.c.id, datasets.c.record)
-        query = query.where(datasets.c.id == dataset_id) if dataset_id else query.where(
-            datasets.c.source == source, datasets.c.source_id == source_id
+        query = (
+            query.where(datasets.c.id == dataset_id)
+            if dataset_id
+            else query.where(datasets.c.source == source, datasets.c.source_id == source_id)
         )
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
@@ -243,7 +283,9 @@ class CatalogDB:
                 trace = "".join(tb.format_exception(error))[-8000:]
             else:
                 text, trace = str(error or message or "failed"), None
-            record["error"] = {"message": text, "retry_count": retries} | ({"traceback": trace} if trace else {})
+            record["error"] = {"message": text, "retry_count": retries} | (
+                {"traceback": trace} if trace else {}
+            )
             message = text
         self._store(conn, record, now)
         self._log(conn, record["id"], old, new, now, message, run_id)
@@ -257,7 +299,10 @@ class CatalogDB:
             datasets.update()
             .where(datasets.c.id == record["id"])
             .values(
-                status=record["status"], record=record, updated_at=now, error=err,
+                status=record["status"],
+                record=record,
+                updated_at=now,
+                error=err,
                 retry_count=int(record.get("error", {}).get("retry_count", 0)),
             )
         )
@@ -267,7 +312,11 @@ class CatalogDB:
     def _log(conn, dataset_id, old, new, now, message, run_id) -> None:
         conn.execute(
             status_history.insert().values(
-                dataset_id=dataset_id, from_status=old.value if old else None, to_status=Status(new).value,
-                at=now, message=message, run_id=run_id,
+                dataset_id=dataset_id,
+                from_status=old.value if old else None,
+                to_status=Status(new).value,
+                at=now,
+                message=message,
+                run_id=run_id,
             )
         )

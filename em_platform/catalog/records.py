@@ -18,7 +18,9 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def new_record(source: str, source_id: str, description: str, files: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+def new_record(
+    source: str, source_id: str, description: str, files: list[dict[str, Any]], now: datetime
+) -> dict[str, Any]:
     """A fresh record in status 'pending'."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -52,9 +54,13 @@ def ome_zarr_block(info: Any, uri: str) -> dict[str, Any]:
     return {
         "uri": uri,
         "ngff_version": str(info.ngff_version),
-        "levels": [{"path": lv.path, "shape": [int(n) for n in lv.shape], "scale": [float(s) for s in lv.scale]} for lv in info.levels],
+        "levels": [
+            {"path": lv.path, "shape": [int(n) for n in lv.shape], "scale": [float(s) for s in lv.scale]}
+            for lv in info.levels
+        ],
         "axes": [
-            {"name": a, "type": _AXIS_TYPES[a]} | ({"unit": u} if u else {}) for a, u in zip(info.axes, info.units, strict=True)
+            {"name": a, "type": _AXIS_TYPES[a]} | ({"unit": u} if u else {})
+            for a, u in zip(info.axes, info.units, strict=True)
         ],
         "chunks": [int(c) for c in info.chunks],
         "compressor": info.compressor,

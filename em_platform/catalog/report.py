@@ -10,17 +10,27 @@ from em_platform.catalog.records import SCHEMA_VERSION, iso
 from em_platform.catalog.schema import validation_errors
 
 
-def consolidate(records: list[dict[str, Any]], generated_at: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
+def consolidate(
+    records: list[dict[str, Any]], generated_at: datetime
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (metadata_catalog, validation_report) documents for ``records``."""
-    by_source: dict[str, dict[str, Any]] = defaultdict(lambda: {"valid": 0, "invalid": 0, "error_details": []})
+    by_source: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"valid": 0, "invalid": 0, "error_details": []}
+    )
     status_counts: Counter[str] = Counter()
     detailed = []
     valid_records = []
     for rec in records:
         source = str(rec.get("source", "unknown"))
         errors = validation_errors(rec)
-        entry = {"id": rec.get("id"), "source": source, "source_id": rec.get("source_id"), "status": rec.get("status"),
-                 "valid": not errors, "errors": errors}
+        entry = {
+            "id": rec.get("id"),
+            "source": source,
+            "source_id": rec.get("source_id"),
+            "status": rec.get("status"),
+            "valid": not errors,
+            "errors": errors,
+        }
         detailed.append(entry)
         status_counts[str(rec.get("status"))] += 1
         if errors:
@@ -42,13 +52,21 @@ def consolidate(records: list[dict[str, Any]], generated_at: datetime) -> tuple[
         "total_records": total,
         "status_counts": dict(sorted(status_counts.items())),
         "records_by_source": {s: v["valid"] + v["invalid"] for s, v in sorted(by_source.items())},
-        "complete_by_source": dict(sorted(Counter(r["source"] for r in valid_records if r.get("status") == "complete").items())),
-        "total_source_bytes": sum(int(r.get("metadata", {}).get("technical", {}).get("file_size_bytes", 0)) for r in valid_records),
+        "complete_by_source": dict(
+            sorted(Counter(r["source"] for r in valid_records if r.get("status") == "complete").items())
+        ),
+        "total_source_bytes": sum(
+            int(r.get("metadata", {}).get("technical", {}).get("file_size_bytes", 0)) for r in valid_records
+        ),
         "sources_found": sorted(by_source),
     }
     stamp = iso(generated_at)
     catalog = {
-        "metadata": {"generated_at": stamp, "schema_version": SCHEMA_VERSION, "generator": "em_platform catalog/metadata_catalog"},
+        "metadata": {
+            "generated_at": stamp,
+            "schema_version": SCHEMA_VERSION,
+            "generator": "em_platform catalog/metadata_catalog",
+        },
         "summary": summary,
         "validation": validation,
         "records": valid_records,

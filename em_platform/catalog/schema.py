@@ -32,7 +32,9 @@ def _field(error: jsonschema.ValidationError) -> str:
 
 def validation_errors(record: Any) -> list[str]:
     """Every way ``record`` breaks the schema, each as '<field path>: <what is wrong>'."""
-    errors = sorted(_validator().iter_errors(record), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    errors = sorted(
+        _validator().iter_errors(record), key=lambda e: (list(map(str, e.absolute_path)), e.message)
+    )
     out = []
     for e in errors:
         # if/then failures repeat a nested error; report the nested ones, which name the field.

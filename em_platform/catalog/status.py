@@ -37,5 +37,7 @@ def check_transition(current: Status | str, new: Status | str) -> Status:
     cur, nxt = Status(current), Status(new)
     if nxt not in ALLOWED[cur]:
         legal = ", ".join(sorted(s.value for s in ALLOWED[cur]))
-        raise IllegalTransition(f"a record cannot go from {cur.value!r} to {nxt.value!r}; from {cur.value!r} it may go to: {legal}")
+        raise IllegalTransition(
+            f"a record cannot go from {cur.value!r} to {nxt.value!r}; from {cur.value!r} it may go to: {legal}"
+        )
     return nxt

@@ -6,7 +6,20 @@ from pathlib import Path
 
 from em_platform.formats.volume import FormatError, Volume, normalise_unit
 
-SUPPORTED_SUFFIXES = (".tif", ".tiff", ".mrc", ".mrcs", ".map", ".rec", ".st", ".ali", ".dm3", ".dm4", ".raw", ".bin")
+SUPPORTED_SUFFIXES = (
+    ".tif",
+    ".tiff",
+    ".mrc",
+    ".mrcs",
+    ".map",
+    ".rec",
+    ".st",
+    ".ali",
+    ".dm3",
+    ".dm4",
+    ".raw",
+    ".bin",
+)
 
 __all__ = ["FormatError", "Volume", "normalise_unit", "open_volume", "SUPPORTED_SUFFIXES", "is_supported"]
 

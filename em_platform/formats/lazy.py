@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
-from dask.base import tokenize
 import numpy as np
+from dask.base import tokenize
 
 
 class MemmapSlicer:
@@ -43,7 +43,12 @@ class MemmapSlicer:
         with self._lock:
             if self._mm is None:
                 self._mm = np.memmap(
-                    self.path, mode="r", dtype=self.dtype, offset=self.offset, shape=self.shape, order=self.order
+                    self.path,
+                    mode="r",
+                    dtype=self.dtype,
+                    offset=self.offset,
+                    shape=self.shape,
+                    order=self.order,
                 )
             return self._mm
 
@@ -52,7 +57,12 @@ class MemmapSlicer:
 
 
 def memmap_dask(
-    path: str | Path, offset: int, shape: tuple[int, ...], dtype: Any, order: str = "C", slab_bytes: int = 64 << 20
+    path: str | Path,
+    offset: int,
+    shape: tuple[int, ...],
+    dtype: Any,
+    order: str = "C",
+    slab_bytes: int = 64 << 20,
 ) -> da.Array:
     """A dask array over a raw block of a file, chunked in whole slices along the first axis up to ``slab_bytes``."""
     dtype = np.dtype(dtype)
@@ -63,7 +73,14 @@ def memmap_dask(
         slice_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         depth = max(1, min(shape[0], slab_bytes // max(slice_bytes, 1)))
         chunks = (depth, *shape[1:])
-    return da.from_array(slicer, chunks=chunks, asarray=False, fancy=False, name="memmap-" + tokenize(str(path), offset, shape, dtype.str, order, os.stat(path).st_mtime_ns))
+    return da.from_array(
+        slicer,
+        chunks=chunks,
+        asarray=False,
+        fancy=False,
+        meta=np.empty((0,) * len(shape), dtype),
+        name="memmap-" + tokenize(str(path), offset, shape, dtype.str, order, os.stat(path).st_mtime_ns),
+    )
 
 
 def check_size(path: Path, offset: int, shape: tuple[int, ...], dtype: Any) -> None:

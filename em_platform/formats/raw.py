@@ -44,12 +44,16 @@ def read_raw(
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found") from None
     except ValueError as exc:
-        raise FormatError(f"{path}: {exc}; check the transfer completed and the shape/dtype are right") from exc
+        raise FormatError(
+            f"{path}: {exc}; check the transfer completed and the shape/dtype are right"
+        ) from exc
     data = memmap_dask(path, offset, shape, dt)
     if not dt.isnative:
         data = data.astype(dt.newbyteorder("="))
     scale = tuple(scale) if scale else (None,) * len(shape)
-    units = tuple(ngff_unit if s is not None and a in "zyx" else None for a, s in zip(axes, scale, strict=True))
+    units = tuple(
+        ngff_unit if s is not None and a in "zyx" else None for a, s in zip(axes, scale, strict=True)
+    )
     return Volume(
         data=data,
         axes=axes,

@@ -186,19 +186,25 @@ def read_tiff(path: str | Path) -> Volume:
         ) from exc
     scale, units = _calibration(axes, phys)
     fmt = "ome-tiff" if meta["is_ome"] else "tiff"
-    return Volume(data=data, axes=axes, scale=scale, units=units, format=fmt, source_files=(path,), source_metadata=meta)
+    return Volume(
+        data=data, axes=axes, scale=scale, units=units, format=fmt, source_files=(path,), source_metadata=meta
+    )
 
 
 def _check_complete(tf: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> None:
     """Fail now, not at compute time, if any page's data lies beyond the end of the file."""
-    size = os.fstat(tf.filehandle.fileno()).st_size if hasattr(tf.filehandle, "fileno") else tf.filehandle.size
+    size = (
+        os.fstat(tf.filehandle.fileno()).st_size if hasattr(tf.filehandle, "fileno") else tf.filehandle.size
+    )
     for page in series.pages:
         if page is None:
             raise ValueError("a page of the series is missing")
         offsets = page.dataoffsets
         counts = page.databytecounts
         if offsets and counts and max(o + c for o, c in zip(offsets, counts, strict=False)) > size:
-            raise ValueError(f"page data ends beyond the end of the file ({size} bytes): the file is truncated")
+            raise ValueError(
+                f"page data ends beyond the end of the file ({size} bytes): the file is truncated"
+            )
 
 
 def _natural_key(name: str):

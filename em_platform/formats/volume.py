@@ -18,11 +18,26 @@ UNIT_TO_NM: dict[str, float] = {
 }
 
 _UNIT_ALIASES = {
-    "a": "angstrom", "å": "angstrom", "Å".lower(): "angstrom", "angstrom": "angstrom", "angstroms": "angstrom",
-    "nm": "nanometer", "nanometer": "nanometer", "nanometers": "nanometer", "nanometre": "nanometer",
-    "um": "micrometer", "µm": "micrometer", "μm": "micrometer", "micron": "micrometer", "microns": "micrometer",
-    "micrometer": "micrometer", "micrometre": "micrometer",
-    "mm": "millimeter", "millimeter": "millimeter", "m": "meter", "meter": "meter",
+    "a": "angstrom",
+    "å": "angstrom",
+    "Å".lower(): "angstrom",
+    "angstrom": "angstrom",
+    "angstroms": "angstrom",
+    "nm": "nanometer",
+    "nanometer": "nanometer",
+    "nanometers": "nanometer",
+    "nanometre": "nanometer",
+    "um": "micrometer",
+    "µm": "micrometer",
+    "μm": "micrometer",
+    "micron": "micrometer",
+    "microns": "micrometer",
+    "micrometer": "micrometer",
+    "micrometre": "micrometer",
+    "mm": "millimeter",
+    "millimeter": "millimeter",
+    "m": "meter",
+    "meter": "meter",
 }
 
 
@@ -56,7 +71,9 @@ class Volume:
     def __post_init__(self) -> None:
         n = self.data.ndim
         if not (len(self.axes) == len(self.scale) == len(self.units) == n):
-            raise ValueError(f"axes {self.axes}, scale {self.scale} and units {self.units} must each have {n} entries")
+            raise ValueError(
+                f"axes {self.axes}, scale {self.scale} and units {self.units} must each have {n} entries"
+            )
 
     @property
     def spatial_axes(self) -> tuple[str, ...]:

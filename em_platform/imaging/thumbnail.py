@@ -8,7 +8,9 @@ import numpy as np
 
 def middle_plane(array, axes: tuple[str, ...]) -> np.ndarray:
     """The central z section (first time point and channel) of an array with NGFF axes, as numpy."""
-    index = tuple(array.shape[i] // 2 if a == "z" else 0 if a in ("t", "c") else slice(None) for i, a in enumerate(axes))
+    index = tuple(
+        array.shape[i] // 2 if a == "z" else 0 if a in ("t", "c") else slice(None) for i, a in enumerate(axes)
+    )
     return np.asarray(array[index])
 
 

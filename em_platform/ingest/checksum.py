@@ -15,7 +15,11 @@ def sha256_file(path: Path) -> str:
 def describe_files(files: list[Path] | tuple[Path, ...], root: Path) -> list[dict[str, Any]]:
     """[{path (relative to root), size_bytes, sha256}] for each file: the record's ``files.source``."""
     return [
-        {"path": str(f.relative_to(root)) if f.is_relative_to(root) else str(f), "size_bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        {
+            "path": str(f.relative_to(root)) if f.is_relative_to(root) else str(f),
+            "size_bytes": f.stat().st_size,
+            "sha256": sha256_file(f),
+        }
         for f in files
     ]
 

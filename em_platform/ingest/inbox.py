@@ -62,7 +62,9 @@ def _entry(path: Path) -> InboxEntry | None:
     newest = max(st.st_mtime for _, st in stats)
     if path.is_dir():
         newest = max(newest, path.stat().st_mtime)
-    return InboxEntry(key=path.name, path=path, fingerprint=digest.hexdigest()[:16], newest_mtime=newest, files=files)
+    return InboxEntry(
+        key=path.name, path=path, fingerprint=digest.hexdigest()[:16], newest_mtime=newest, files=files
+    )
 
 
 def scan_inbox(inbox: Path) -> list[InboxEntry]:

@@ -99,11 +99,15 @@ def ingest_entry(
         and previous["files"]["source"] == files
         and store.exists(volume_path)
     ):
-        logger.info("%s is unchanged since its last complete ingest; keeping %s", key, previous["files"]["volume"])
+        logger.info(
+            "%s is unchanged since its last complete ingest; keeping %s", key, previous["files"]["volume"]
+        )
         return IngestResult(previous, store.to_url(volume_path), store.to_url(thumb_path), converted=False)
 
     run_id = lineage.get("run_id")
-    record = catalog.begin(SOURCE, key, description=f"{key} from the local inbox", files=files, run_id=run_id)  # 2.
+    record = catalog.begin(
+        SOURCE, key, description=f"{key} from the local inbox", files=files, run_id=run_id
+    )  # 2.
     rid = record["id"]
     staging = store.staging_path(volume_path)
     try:
@@ -111,14 +115,33 @@ def ingest_entry(
         vol = open_volume(entry_path)
         voxel_nm, voxel_source, units = resolve_voxel_size(vol)
         if voxel_source == "assumed":
-            logger.warning("%s records no physical size for every axis; assuming %s nm (flagged 'assumed')", key, voxel_nm)
+            logger.warning(
+                "%s records no physical size for every axis; assuming %s nm (flagged 'assumed')",
+                key,
+                voxel_nm,
+            )
         scale, ngff_units = _ngff_scale(vol, voxel_nm)
-        logger.info("converting %s: %s %s, axes %s, voxel %s nm", key, vol.data.shape, vol.data.dtype, vol.axes, voxel_nm)
-        info = write_ome_zarr(  # 4.
-            vol.data, store.to_url(staging), axes=vol.axes, scale=scale, units=ngff_units,
-            storage_options=store.storage_options, name=key, client=client,
+        logger.info(
+            "converting %s: %s %s, axes %s, voxel %s nm",
+            key,
+            vol.data.shape,
+            vol.data.dtype,
+            vol.axes,
+            voxel_nm,
         )
-        coarsest = zarr.open_array(store.to_url(f"{staging}/{info.levels[-1].path}"), mode="r", storage_options=_opts(store))
+        info = write_ome_zarr(  # 4.
+            vol.data,
+            store.to_url(staging),
+            axes=vol.axes,
+            scale=scale,
+            units=ngff_units,
+            storage_options=store.storage_options,
+            name=key,
+            client=client,
+        )
+        coarsest = zarr.open_array(
+            store.to_url(f"{staging}/{info.levels[-1].path}"), mode="r", storage_options=_opts(store)
+        )
         coarse = np.asarray(coarsest[...])
         png = thumbnail_png(coarse, vol.axes)
         core = {
@@ -148,11 +171,16 @@ def ingest_entry(
                         "dtype": vol.data.dtype.name,
                         "global_mean": float(coarse.mean()) if coarse.size else 0.0,
                         "dimensions_nm": [
-                            float(n) * voxel_nm[a] for n, a in zip(vol.data.shape, vol.axes, strict=True) if a in voxel_nm
+                            float(n) * voxel_nm[a]
+                            for n, a in zip(vol.data.shape, vol.axes, strict=True)
+                            if a in voxel_nm
                         ],
                         "header": _jsonable(vol.source_metadata),
                     },
-                    "provenance": {"processing_pipeline": "em_platform ingest/local", "internal_zarr_path": "0"},
+                    "provenance": {
+                        "processing_pipeline": "em_platform ingest/local",
+                        "internal_zarr_path": "0",
+                    },
                     "ome_zarr": ome_zarr_block(info, store.to_url(volume_path)),
                 },
                 "files": {"volume": store.to_url(volume_path), "thumbnail": store.to_url(thumb_path)},

@@ -5,7 +5,6 @@ requested twice and a changed one is requested again (with a new run key). Entri
 (modified within the settle period, or named like a partial download) wait for a later tick.
 """
 
-
 import json
 import time
 
@@ -52,10 +51,16 @@ def inbox_sensor(context: dg.SensorEvaluationContext, inbox: InboxResource) -> d
         )
         cursor[entry.key] = entry.fingerprint
     if waiting:
-        context.log.info(f"still arriving (modified in the last {inbox.settle_seconds:g} s): {', '.join(waiting[:20])}")
+        context.log.info(
+            f"still arriving (modified in the last {inbox.settle_seconds:g} s): {', '.join(waiting[:20])}"
+        )
     new_cursor = json.dumps(cursor, sort_keys=True)
     if not requests:
-        reason = f"{len(waiting)} entr{'y' if len(waiting) == 1 else 'ies'} still arriving" if waiting else "nothing new in the inbox"
+        reason = (
+            f"{len(waiting)} entr{'y' if len(waiting) == 1 else 'ies'} still arriving"
+            if waiting
+            else "nothing new in the inbox"
+        )
         return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)
     return dg.SensorResult(
         run_requests=requests,

@@ -12,10 +12,18 @@ from em_platform.catalog.status import IllegalTransition, Status
 FILES = [{"path": "a.mrc", "size_bytes": 10, "sha256": "0" * 64}]
 COMPLETE_UPDATE = {
     "metadata": {
-        "core": {"volume_shape": [4, 5, 6], "axes": ["z", "y", "x"], "voxel_size_nm": {"x": 1.0, "y": 1.0, "z": 2.0},
-                 "voxel_size_source": "header", "data_type": "uint16"},
+        "core": {
+            "volume_shape": [4, 5, 6],
+            "axes": ["z", "y", "x"],
+            "voxel_size_nm": {"x": 1.0, "y": 1.0, "z": 2.0},
+            "voxel_size_source": "header",
+            "data_type": "uint16",
+        },
         "technical": {"sha256": "0" * 64, "file_size_bytes": 10},
-        "ome_zarr": {"uri": "/data/a.ome.zarr", "levels": [{"path": "0", "shape": [4, 5, 6], "scale": [2.0, 1.0, 1.0]}]},
+        "ome_zarr": {
+            "uri": "/data/a.ome.zarr",
+            "levels": [{"path": "0", "shape": [4, 5, 6], "scale": [2.0, 1.0, 1.0]}],
+        },
     },
     "files": {"volume": "/data/a.ome.zarr"},
     "lineage": {"run_id": "r1", "asset_key": "ingest/local", "partition_key": "a.mrc"},
@@ -24,7 +32,11 @@ COMPLETE_UPDATE = {
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    url = (
+        f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
     catalog = CatalogDB(url)
     yield catalog
     catalog.dispose()
@@ -44,7 +56,10 @@ def test_full_lifecycle_with_history(db):
     assert stored == rec
     assert stored["metadata"]["core"]["data_type"] == "uint16"
     assert [(h.from_status, h.to_status) for h in db.history(rec["id"])] == [
-        (None, "pending"), ("pending", "processing"), ("processing", "saving-data"), ("saving-data", "complete")
+        (None, "pending"),
+        ("pending", "processing"),
+        ("processing", "saving-data"),
+        ("saving-data", "complete"),
     ]
 
 
@@ -62,14 +77,18 @@ def test_failure_keeps_error_and_counts_retries(db):
     failed = db.transition(rec["id"], Status.FAILED, error=ValueError("c.mrc is truncated"))
     assert failed["error"]["message"] == "ValueError: c.mrc is truncated"
     assert failed["error"]["retry_count"] == 1
-    assert "Traceback" in failed["error"]["traceback"] or failed["error"]["traceback"].startswith("ValueError")
+    assert "Traceback" in failed["error"]["traceback"] or failed["error"]["traceback"].startswith(
+        "ValueError"
+    )
     again = db.begin("local", "c.mrc", description="c", files=FILES)  # retry: failed → pending
     assert again["status"] == "pending" and again["id"] == rec["id"]
     db.transition(rec["id"], Status.PROCESSING)
     twice = db.transition(rec["id"], Status.FAILED, error="still truncated")
     assert twice["error"] == {"message": "still truncated", "retry_count": 2}
     with db.engine.connect() as conn:
-        row = conn.execute(sa.select(datasets.c.retry_count, datasets.c.error).where(datasets.c.id == rec["id"])).one()
+        row = conn.execute(
+            sa.select(datasets.c.retry_count, datasets.c.error).where(datasets.c.id == rec["id"])
+        ).one()
     assert tuple(row) == (2, "still truncated")
 
 
@@ -93,7 +112,11 @@ def test_invalid_record_is_refused(db):
     db.transition(rec["id"], Status.PROCESSING)
     db.transition(rec["id"], Status.SAVING_DATA)
     with pytest.raises(InvalidRecord, match="data_type"):
-        db.transition(rec["id"], Status.COMPLETE, update={**COMPLETE_UPDATE, "metadata": {"core": {"data_type": "uint12"}}})
+        db.transition(
+            rec["id"],
+            Status.COMPLETE,
+            update={**COMPLETE_UPDATE, "metadata": {"core": {"data_type": "uint12"}}},
+        )
     assert db.get(rec["id"])["status"] == "saving-data"
 
 

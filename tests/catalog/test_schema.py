@@ -32,12 +32,40 @@ def test_schema_covers_every_macroscope_field():
     """Every field of macroscope's schema v2 (reference §5.1) has a place in ours."""
     s = load_schema()
     top = set(s["properties"])
-    assert {"id", "source", "source_id", "status", "created_at", "updated_at", "progress", "error", "metadata",
-            "files", "additional_metadata"} <= top
+    assert {
+        "id",
+        "source",
+        "source_id",
+        "status",
+        "created_at",
+        "updated_at",
+        "progress",
+        "error",
+        "metadata",
+        "files",
+        "additional_metadata",
+    } <= top
     defs = s["$defs"]
-    assert {"description", "volume_shape", "voxel_size_nm", "data_type", "modality", "imaging_start_date"} <= set(defs["core"]["properties"])
-    assert {"file_size_bytes", "sha256", "compression", "chunk_size", "dtype", "global_mean", "dimensions_nm"} <= set(defs["technical"]["properties"])
-    assert {"download_url", "processing_pipeline", "internal_zarr_path", "uuid"} <= set(defs["provenance"]["properties"])
+    assert {
+        "description",
+        "volume_shape",
+        "voxel_size_nm",
+        "data_type",
+        "modality",
+        "imaging_start_date",
+    } <= set(defs["core"]["properties"])
+    assert {
+        "file_size_bytes",
+        "sha256",
+        "compression",
+        "chunk_size",
+        "dtype",
+        "global_mean",
+        "dimensions_nm",
+    } <= set(defs["technical"]["properties"])
+    assert {"download_url", "processing_pipeline", "internal_zarr_path", "uuid"} <= set(
+        defs["provenance"]["properties"]
+    )
     assert {"completeness_score", "validation_errors", "metrics"} <= set(defs["quality"]["properties"])
     assert {"volume", "raw", "metadata", "additional"} <= set(s["properties"]["files"]["properties"])
 
@@ -49,18 +77,38 @@ BAD = [
     ("unknown status", lambda r: r.update(status="done"), "status:"),
     ("bad timestamp", lambda r: r.update(created_at="yesterday"), "created_at:"),
     ("fake dtype", lambda r: r["metadata"]["core"].update(data_type="uint12"), "metadata.core.data_type:"),
-    ("negative voxel", lambda r: r["metadata"]["core"]["voxel_size_nm"].update(x=-4.0), "metadata.core.voxel_size_nm.x:"),
+    (
+        "negative voxel",
+        lambda r: r["metadata"]["core"]["voxel_size_nm"].update(x=-4.0),
+        "metadata.core.voxel_size_nm.x:",
+    ),
     ("complete without voxel size", lambda r: r["metadata"]["core"].pop("voxel_size_nm"), "voxel_size_nm"),
-    ("non-hex sha256 (macroscope's example defect)", lambda r: r["files"]["source"][0].update(sha256="g" * 64), "files.source[0].sha256:"),
+    (
+        "non-hex sha256 (macroscope's example defect)",
+        lambda r: r["files"]["source"][0].update(sha256="g" * 64),
+        "files.source[0].sha256:",
+    ),
     ("short sha256", lambda r: r["metadata"]["technical"].update(sha256="abc"), "metadata.technical.sha256:"),
     ("no source files", lambda r: r["files"].update(source=[]), "files.source:"),
-    ("zero-size shape", lambda r: r["metadata"]["core"].update(volume_shape=[0, 10]), "metadata.core.volume_shape[0]:"),
-    ("empty description", lambda r: r["metadata"]["core"].update(description=""), "metadata.core.description:"),
+    (
+        "zero-size shape",
+        lambda r: r["metadata"]["core"].update(volume_shape=[0, 10]),
+        "metadata.core.volume_shape[0]:",
+    ),
+    (
+        "empty description",
+        lambda r: r["metadata"]["core"].update(description=""),
+        "metadata.core.description:",
+    ),
     ("typo'd top-level key", lambda r: r.update(stauts="complete"), "'stauts' was unexpected"),
     ("unknown unit", lambda r: r["metadata"]["core"]["units"].update(x="furlong"), "metadata.core.units.x:"),
     ("complete without lineage", lambda r: r.pop("lineage"), "'lineage' is a required property"),
     ("failed without error", lambda r: r.update(status="failed"), "'error' is a required property"),
-    ("negative retry count", lambda r: r.update(error={"message": "x", "retry_count": -1}), "error.retry_count:"),
+    (
+        "negative retry count",
+        lambda r: r.update(error={"message": "x", "retry_count": -1}),
+        "error.retry_count:",
+    ),
     ("progress over 100", lambda r: r.update(progress={"percentage": 120}), "progress.percentage:"),
 ]
 

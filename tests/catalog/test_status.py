@@ -9,11 +9,18 @@ import pytest
 from em_platform.catalog.status import ALLOWED, IllegalTransition, Status, check_transition
 
 LEGAL = {
-    ("pending", "processing"), ("pending", "failed"), ("pending", "cancelled"),
-    ("processing", "saving-data"), ("processing", "failed"), ("processing", "cancelled"),
-    ("saving-data", "complete"), ("saving-data", "failed"), ("saving-data", "cancelled"),
+    ("pending", "processing"),
+    ("pending", "failed"),
+    ("pending", "cancelled"),
+    ("processing", "saving-data"),
+    ("processing", "failed"),
+    ("processing", "cancelled"),
+    ("saving-data", "complete"),
+    ("saving-data", "failed"),
+    ("saving-data", "cancelled"),
     ("complete", "pending"),
-    ("failed", "pending"), ("failed", "cancelled"),
+    ("failed", "pending"),
+    ("failed", "cancelled"),
     ("cancelled", "pending"),
 }
 

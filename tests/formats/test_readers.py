@@ -18,9 +18,20 @@ from em_platform.samples import em_texture
 def test_ome_tiff_physical_sizes_and_dtype(tmp_path):
     vol = em_texture((6, 40, 50), seed=1, dtype=np.uint16)
     p = tmp_path / "a.ome.tif"
-    tifffile.imwrite(p, vol, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm",
-                                                  "PhysicalSizeY": 4.5, "PhysicalSizeYUnit": "nm",
-                                                  "PhysicalSizeZ": 0.03, "PhysicalSizeZUnit": "µm"})
+    tifffile.imwrite(
+        p,
+        vol,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 4.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 4.5,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 0.03,
+            "PhysicalSizeZUnit": "µm",
+        },
+    )
     v = open_volume(p)
     assert v.format == "ome-tiff" and v.axes == ("z", "y", "x")
     assert v.data.dtype == np.uint16 and v.data.shape == vol.shape
@@ -32,14 +43,25 @@ def test_ome_tiff_physical_sizes_and_dtype(tmp_path):
 
 def test_ome_tiff_default_unit_is_micrometre(tmp_path):
     p = tmp_path / "b.ome.tif"
-    tifffile.imwrite(p, np.zeros((8, 8), np.uint8), ome=True, metadata={"axes": "YX", "PhysicalSizeX": 0.002, "PhysicalSizeY": 0.002})
+    tifffile.imwrite(
+        p,
+        np.zeros((8, 8), np.uint8),
+        ome=True,
+        metadata={"axes": "YX", "PhysicalSizeX": 0.002, "PhysicalSizeY": 0.002},
+    )
     assert open_volume(p).voxel_size_nm() == pytest.approx({"y": 2.0, "x": 2.0})
 
 
 def test_imagej_tiff_with_spacing(tmp_path):
     vol = em_texture((5, 30, 20), seed=2)
     p = tmp_path / "ij.tif"
-    tifffile.imwrite(p, vol, imagej=True, resolution=(1 / 3.0, 1 / 3.0), metadata={"axes": "ZYX", "spacing": 25.0, "unit": "nm"})
+    tifffile.imwrite(
+        p,
+        vol,
+        imagej=True,
+        resolution=(1 / 3.0, 1 / 3.0),
+        metadata={"axes": "ZYX", "spacing": 25.0, "unit": "nm"},
+    )
     v = open_volume(p)
     assert v.axes == ("z", "y", "x")
     assert v.voxel_size_nm() == pytest.approx({"z": 25.0, "y": 3.0, "x": 3.0})
@@ -68,7 +90,13 @@ def test_folder_stack_in_natural_order(tmp_path):
     folder = tmp_path / "stack"
     folder.mkdir()
     for i, sl in enumerate(vol):  # slice_2 must come before slice_10
-        tifffile.imwrite(folder / f"slice_{i}.tif", sl, imagej=True, resolution=(0.5, 0.5), metadata={"spacing": 50.0, "unit": "nm"})
+        tifffile.imwrite(
+            folder / f"slice_{i}.tif",
+            sl,
+            imagej=True,
+            resolution=(0.5, 0.5),
+            metadata={"spacing": 50.0, "unit": "nm"},
+        )
     v = open_volume(folder)
     assert v.format == "tiff-stack" and len(v.source_files) == 11
     np.testing.assert_array_equal(v.data.compute(), vol)
@@ -157,8 +185,17 @@ def test_raw_with_sidecar_big_endian(tmp_path):
     vol = em_texture((3, 10, 12), seed=6, dtype=np.uint16)
     p = tmp_path / "v.raw"
     vol.astype(">u2").tofile(p)
-    (tmp_path / "v.raw.json").write_text(json.dumps({"shape": [3, 10, 12], "dtype": "uint16", "byte_order": "big",
-                                                     "voxel_size": [40, 4, 4], "unit": "nm"}))
+    (tmp_path / "v.raw.json").write_text(
+        json.dumps(
+            {
+                "shape": [3, 10, 12],
+                "dtype": "uint16",
+                "byte_order": "big",
+                "voxel_size": [40, 4, 4],
+                "unit": "nm",
+            }
+        )
+    )
     v = open_volume(p)
     assert v.data.dtype == np.dtype("uint16") and v.data.dtype.isnative
     np.testing.assert_array_equal(v.data.compute(), vol)

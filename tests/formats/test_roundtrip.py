@@ -25,9 +25,20 @@ from em_platform.samples import em_texture
 def _ome_tiff(tmp):
     vol = em_texture((9, 70, 90), seed=11, dtype=np.uint16)
     p = tmp / "v.ome.tif"
-    tifffile.imwrite(p, vol, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm",
-                                                  "PhysicalSizeY": 4.0, "PhysicalSizeYUnit": "nm",
-                                                  "PhysicalSizeZ": 30.0, "PhysicalSizeZUnit": "nm"})
+    tifffile.imwrite(
+        p,
+        vol,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 4.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 4.0,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 30.0,
+            "PhysicalSizeZUnit": "nm",
+        },
+    )
     return p, tifffile.imread(p), {"z": 30.0, "y": 4.0, "x": 4.0}
 
 
@@ -43,8 +54,18 @@ def _tiff_stack(tmp):
     folder = tmp / "stack"
     folder.mkdir()
     for i, sl in enumerate(vol):
-        tifffile.imwrite(folder / f"z{i:02d}.tif", sl, imagej=True, resolution=(0.25, 0.25), metadata={"spacing": 50.0, "unit": "nm"})
-    return folder, np.stack([tifffile.imread(folder / f"z{i:02d}.tif") for i in range(7)]), {"z": 50.0, "y": 4.0, "x": 4.0}
+        tifffile.imwrite(
+            folder / f"z{i:02d}.tif",
+            sl,
+            imagej=True,
+            resolution=(0.25, 0.25),
+            metadata={"spacing": 50.0, "unit": "nm"},
+        )
+    return (
+        folder,
+        np.stack([tifffile.imread(folder / f"z{i:02d}.tif") for i in range(7)]),
+        {"z": 50.0, "y": 4.0, "x": 4.0},
+    )
 
 
 def _mrc(tmp):
@@ -60,11 +81,39 @@ def _raw(tmp):
     vol = em_texture((5, 31, 29), seed=15, dtype=np.uint16)
     p = tmp / "b.raw"
     vol.tofile(p)
-    (tmp / "b.raw.json").write_text(json.dumps({"shape": list(vol.shape), "dtype": "uint16", "voxel_size": [8, 8, 8], "unit": "nm"}))
+    (tmp / "b.raw.json").write_text(
+        json.dumps({"shape": list(vol.shape), "dtype": "uint16", "voxel_size": [8, 8, 8], "unit": "nm"})
+    )
     return p, np.fromfile(p, dtype="<u2").reshape(vol.shape), {"z": 8.0, "y": 8.0, "x": 8.0}
 
 
-CASES = {"ome-tiff": _ome_tiff, "tiff-2d": _tiff_2d, "tiff-stack": _tiff_stack, "mrc": _mrc, "raw": _raw}
+def _dm(version):
+    def make(tmp):
+        import ncempy.io.dm
+
+        from em_platform.formats.dm_writer import write_dm
+
+        vol = em_texture((6, 50, 40), seed=16, dtype=np.uint16).astype(
+            np.float32 if version == 4 else np.uint16
+        )
+        p = tmp / f"s.dm{version}"
+        write_dm(p, vol, version=version, scale=(12.0, 0.5, 0.5), units=("nm", "nm", "nm"))
+        with ncempy.io.dm.fileDM(str(p)) as f:  # an independent reader gives the expected voxels
+            expected = np.asarray(f.getDataset(0)["data"])
+        return p, expected, {"z": 12.0, "y": 0.5, "x": 0.5}
+
+    return make
+
+
+CASES = {
+    "dm3": _dm(3),
+    "dm4": _dm(4),
+    "ome-tiff": _ome_tiff,
+    "tiff-2d": _tiff_2d,
+    "tiff-stack": _tiff_stack,
+    "mrc": _mrc,
+    "raw": _raw,
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -87,7 +136,9 @@ def test_reader_to_ome_zarr_is_bit_exact_with_physical_sizes(case, tmp_path):
     multiscale = image.metadata
     assert [a["name"] for a in multiscale["axes"]] == list(vol.axes)
     assert all(a.get("unit") == "nanometer" for a in multiscale["axes"])
-    level0_scale = next(t["scale"] for t in multiscale["coordinateTransformations"][0] if t["type"] == "scale")
+    level0_scale = next(
+        t["scale"] for t in multiscale["coordinateTransformations"][0] if t["type"] == "scale"
+    )
     assert level0_scale == pytest.approx(scale)
     assert list(info.levels[0].scale) == pytest.approx(scale)
     assert len(info.levels) >= 1

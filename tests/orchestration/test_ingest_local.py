@@ -17,14 +17,6 @@ from em_platform.formats import open_volume
 from em_platform.samples import write_samples
 from tests.support.platform import make_platform
 
-try:
-    import em_platform.formats.dm_writer  # noqa: F401
-
-    _HAVE_DM = True
-except ImportError:
-    _HAVE_DM = False
-
-CATALOG_KEY = dg.AssetKey(["catalog", "metadata_catalog"])
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +24,7 @@ def ingested(tmp_path_factory):
     """One platform, the sample set plus a truncated MRC, every entry run through the ingest job once."""
     tmp = tmp_path_factory.mktemp("ingest")
     platform = make_platform(tmp)
-    samples = write_samples(platform.inbox, include_dm=_HAVE_DM)
+    samples = write_samples(platform.inbox)
     broken = platform.inbox / "broken.mrc"
     with mrcfile.new(broken) as m:
         m.set_data(np.zeros((8, 64, 64), np.uint16))
@@ -41,7 +33,9 @@ def ingested(tmp_path_factory):
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("inbox_entries", keys)
         job = platform.defs.resolve_job_def("ingest_local_job")
-        results = {k: job.execute_in_process(instance=instance, partition_key=k, raise_on_error=False) for k in keys}
+        results = {
+            k: job.execute_in_process(instance=instance, partition_key=k, raise_on_error=False) for k in keys
+        }
         yield platform, instance, results
 
 
@@ -59,13 +53,18 @@ def test_every_good_entry_completes_while_the_corrupt_one_fails_alone(ingested):
         rec = db.find("local", key)
         assert rec["status"] == "complete", key
         assert validation_errors(rec) == []
-        assert [h.to_status for h in db.history(rec["id"])] == ["pending", "processing", "saving-data", "complete"]
+        assert [h.to_status for h in db.history(rec["id"])] == [
+            "pending",
+            "processing",
+            "saving-data",
+            "complete",
+        ]
 
 
 def test_output_equals_source_voxels_with_voxel_size(ingested):
     platform, _, results = ingested
     db = _db(platform)
-    for key, result in results.items():
+    for key in results:
         if key == "broken.mrc":
             continue
         rec = db.find("local", key)
@@ -118,7 +117,9 @@ def test_rerun_of_an_unchanged_entry_changes_nothing(ingested):
     before = _db(platform).find("local", "tomogram.mrc")
     zarr_json = platform.data_root / "ingest" / "local" / "tomogram.ome.zarr" / "zarr.json"
     mtime = zarr_json.stat().st_mtime_ns
-    result = platform.defs.resolve_job_def("ingest_local_job").execute_in_process(instance=instance, partition_key="tomogram.mrc")
+    result = platform.defs.resolve_job_def("ingest_local_job").execute_in_process(
+        instance=instance, partition_key="tomogram.mrc"
+    )
     assert result.success
     assert result.asset_materializations_for_node("ingest__local")[0].metadata["converted"].value is False
     assert _db(platform).find("local", "tomogram.mrc") == before
@@ -133,7 +134,9 @@ def test_fixed_file_is_retried_and_completes(ingested, tmp_path):
         m.set_data(good)
         m.voxel_size = 5.0
     (platform.inbox / "broken.mrc").write_bytes(fixed.read_bytes())
-    result = platform.defs.resolve_job_def("ingest_local_job").execute_in_process(instance=instance, partition_key="broken.mrc")
+    result = platform.defs.resolve_job_def("ingest_local_job").execute_in_process(
+        instance=instance, partition_key="broken.mrc"
+    )
     assert result.success
     rec = _db(platform).find("local", "broken.mrc")
     assert rec["status"] == "complete" and rec["error"]["retry_count"] == 1
@@ -142,8 +145,8 @@ def test_fixed_file_is_retried_and_completes(ingested, tmp_path):
 
 def test_catalog_asset_exports_and_its_check_fails_on_an_invalid_record(ingested):
     platform, instance, _ = ingested
-    catalog_asset = platform.defs.resolve_assets_def(CATALOG_KEY)
-    ok = dg.materialize([catalog_asset], instance=instance)
+    catalog_job = platform.defs.resolve_job_def("catalog_job")
+    ok = catalog_job.execute_in_process(instance=instance)
     assert ok.success
     [check] = ok.get_asset_check_evaluations()
     assert check.passed
@@ -159,10 +162,12 @@ def test_catalog_asset_exports_and_its_check_fails_on_an_invalid_record(ingested
     rec["metadata"]["core"]["data_type"] = "uint12"  # as an old writer or a hand edit might leave it
     with db.engine.begin() as conn:
         conn.execute(sa.update(datasets).where(datasets.c.id == rec["id"]).values(record=rec))
-    bad = dg.materialize([catalog_asset], instance=instance, raise_on_error=False)
+    bad = catalog_job.execute_in_process(instance=instance, raise_on_error=False)
     [check] = bad.get_asset_check_evaluations()
     assert not check.passed
     assert check.metadata["invalid_records"].value == 1
     assert "metadata.core.data_type" in json.dumps(check.metadata["errors"].value)
-    report = json.loads(sorted((platform.data_root / "catalog").glob("validation_report_*.json"))[-1].read_text())
+    report = json.loads(
+        sorted((platform.data_root / "catalog").glob("validation_report_*.json"))[-1].read_text()
+    )
     assert report["summary"]["invalid_records"] == 1

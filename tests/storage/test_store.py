@@ -10,13 +10,21 @@ from em_platform.storage import DataStore
 
 
 def _write_zarr(store: DataStore, path: str, value: int) -> None:
-    arr = zarr.create_array(store.to_url(path), shape=(8, 8), chunks=(4, 4), dtype="u2", overwrite=True,
-                            storage_options=None if store.is_local else store.storage_options)
+    arr = zarr.create_array(
+        store.to_url(path),
+        shape=(8, 8),
+        chunks=(4, 4),
+        dtype="u2",
+        overwrite=True,
+        storage_options=None if store.is_local else store.storage_options,
+    )
     arr[...] = value
 
 
 def _read(store: DataStore, path: str) -> np.ndarray:
-    return zarr.open_array(store.to_url(path), mode="r", storage_options=None if store.is_local else store.storage_options)[...]
+    return zarr.open_array(
+        store.to_url(path), mode="r", storage_options=None if store.is_local else store.storage_options
+    )[...]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -57,7 +65,9 @@ def test_staged_image_is_not_openable_at_its_final_name_until_published(store):
     staging = store.staging_path(final)
     _write_zarr(store, staging, 3)
     with pytest.raises(FileNotFoundError):
-        zarr.open_array(store.to_url(final), mode="r", storage_options=None if store.is_local else store.storage_options)
+        zarr.open_array(
+            store.to_url(final), mode="r", storage_options=None if store.is_local else store.storage_options
+        )
 
 
 def test_empty_root_is_a_config_error():

@@ -26,8 +26,14 @@ class TestPlatform:
         return Path(self.settings.data_root)
 
 
-def make_platform(tmp_path: Path, *, catalog_url: str | None = None, data_root: str | None = None, settle: float = 0.0,
-                  extra_env: dict | None = None) -> TestPlatform:
+def make_platform(
+    tmp_path: Path,
+    *,
+    catalog_url: str | None = None,
+    data_root: str | None = None,
+    settle: float = 0.0,
+    extra_env: dict | None = None,
+) -> TestPlatform:
     env = {
         "EM_DATA_ROOT": data_root or str(tmp_path / "data"),
         "EM_INBOX": str(tmp_path / "inbox"),

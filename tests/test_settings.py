@@ -1,0 +1,74 @@
+"""Deployment settings: embedded defaults for local, clear errors for missing or malformed ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from em_platform.settings import ConfigError, load_settings
+
+
+def test_local_defaults_put_everything_under_the_data_root(tmp_path):
+    s = load_settings({"EM_DATA_ROOT": str(tmp_path)})
+    assert s.deployment == "local"
+    assert s.inbox == str(tmp_path / "inbox")
+    assert s.catalog_url == f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    assert s.dask_scheduler_address is None and s.inbox_settle_seconds == 5.0
+
+
+def test_s3_root_needs_a_catalog_url_and_passes_the_endpoint():
+    with pytest.raises(ConfigError, match="EM_CATALOG_URL"):
+        load_settings({"EM_DATA_ROOT": "s3://bucket/em", "EM_INBOX": "/tmp/inbox"})
+    s = load_settings(
+        {
+            "EM_DATA_ROOT": "s3://bucket/em",
+            "EM_INBOX": "/tmp/inbox",
+            "EM_CATALOG_URL": "postgresql://db/em",
+            "EM_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+        }
+    )
+    assert s.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+
+
+@pytest.mark.parametrize(
+    "env,names",
+    [
+        ({"EM_DEPLOYMENT": "cloud"}, "EM_DEPLOYMENT"),
+        ({"EM_DEPLOYMENT": "docker"}, "EM_DATA_ROOT"),
+        (
+            {
+                "EM_DEPLOYMENT": "docker",
+                "EM_DATA_ROOT": "/data",
+                "EM_CATALOG_URL": "sqlite:///x.db",
+                "DASK_SCHEDULER_ADDRESS": "tcp://d:8786",
+            },
+            "PostgreSQL",
+        ),
+        (
+            {"EM_DEPLOYMENT": "docker", "EM_DATA_ROOT": "/data", "EM_CATALOG_URL": "postgresql://db/em"},
+            "DASK_SCHEDULER_ADDRESS",
+        ),
+        ({"EM_INBOX_SETTLE_SECONDS": "soon"}, "EM_INBOX_SETTLE_SECONDS"),
+        ({"EM_INBOX_SETTLE_SECONDS": "-1"}, "EM_INBOX_SETTLE_SECONDS"),
+    ],
+)
+def test_bad_config_names_the_variable(env, names, tmp_path):
+    env = (
+        {"EM_DATA_ROOT": str(tmp_path), **env}
+        if "EM_DATA_ROOT" not in env and env.get("EM_DEPLOYMENT") != "docker"
+        else env
+    )
+    with pytest.raises(ConfigError, match=names):
+        load_settings(env)
+
+
+def test_docker_deployment_with_everything_set():
+    s = load_settings(
+        {
+            "EM_DEPLOYMENT": "docker",
+            "EM_DATA_ROOT": "s3://em/data",
+            "EM_INBOX": "/inbox",
+            "EM_CATALOG_URL": "postgresql://db/em",
+            "DASK_SCHEDULER_ADDRESS": "tcp://dask:8786",
+        }
+    )
+    assert s.deployment == "docker" and s.dask_scheduler_address == "tcp://dask:8786"
