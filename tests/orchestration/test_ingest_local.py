@@ -18,7 +18,6 @@ from em_platform.samples import write_samples
 from tests.support.platform import make_platform
 
 
-
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
     """One platform, the sample set plus a truncated MRC, every entry run through the ingest job once."""
