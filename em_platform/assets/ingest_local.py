@@ -1,7 +1,6 @@
 """``ingest/local``: every inbox entry becomes a multiscale OME-Zarr image with a catalog record."""
 
 import base64
-from pathlib import Path
 
 import dagster as dg
 
@@ -32,7 +31,7 @@ def ingest_local(
         store=storage.store(),
         catalog=catalog.db(),
         lineage={"run_id": context.run.run_id, "asset_key": "ingest/local", "partition_key": key},
-        client=dask.get_client(),
+        dask_client=dask.get_client,
         logger=context.log,
     )
     rec = result.record
@@ -51,14 +50,8 @@ def ingest_local(
             "source_format": tech["source_format"],
             "catalog_id": rec["id"],
             "converted": result.converted,
-            "thumbnail": _thumbnail_markdown(storage, result.thumbnail_url, key),
+            "thumbnail": dg.MetadataValue.md(
+                f"![{key}](data:image/png;base64,{base64.b64encode(result.thumbnail_png).decode()})"
+            ),
         },
     )
-
-
-def _thumbnail_markdown(storage: StorageResource, url: str, key: str) -> dg.MetadataValue:
-    store = storage.store()
-    path = url if store.is_local else url.split("://", 1)[1]
-    with store.fs.open(path, "rb") as f:
-        png = base64.b64encode(f.read()).decode()
-    return dg.MetadataValue.md(f"![{Path(key).name}](data:image/png;base64,{png})")

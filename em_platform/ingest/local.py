@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class IngestResult:
     record: dict[str, Any]
     volume_url: str
     thumbnail_url: str
+    thumbnail_png: bytes
     converted: bool  # False when the entry was unchanged and its earlier output still stands
 
 
@@ -79,10 +81,13 @@ def ingest_entry(
     store: DataStore,
     catalog: CatalogDB,
     lineage: dict[str, Any],
-    client=None,
+    dask_client: Callable[[], Any] | None = None,
     logger: logging.Logger = log,
 ) -> IngestResult:
-    """Convert one inbox entry to a published OME-Zarr image with a complete catalog record."""
+    """Convert one inbox entry to a published OME-Zarr image with a complete catalog record.
+
+    ``dask_client`` is called only if there is pixel work to do (an unchanged entry starts no cluster).
+    """
     key = entry_path.name
     name = output_name(key)
     volume_path = store.path("ingest", SOURCE, f"{name}.ome.zarr")
@@ -102,7 +107,11 @@ def ingest_entry(
         logger.info(
             "%s is unchanged since its last complete ingest; keeping %s", key, previous["files"]["volume"]
         )
-        return IngestResult(previous, store.to_url(volume_path), store.to_url(thumb_path), converted=False)
+        with store.fs.open(thumb_path, "rb") as f:
+            png = f.read()
+        return IngestResult(
+            previous, store.to_url(volume_path), store.to_url(thumb_path), png, converted=False
+        )
 
     run_id = lineage.get("run_id")
     record = catalog.begin(
@@ -137,7 +146,7 @@ def ingest_entry(
             units=ngff_units,
             storage_options=store.storage_options,
             name=key,
-            client=client,
+            client=dask_client() if dask_client else None,
         )
         coarsest = zarr.open_array(
             store.to_url(f"{staging}/{info.levels[-1].path}"), mode="r", storage_options=_opts(store)
@@ -187,7 +196,7 @@ def ingest_entry(
                 "lineage": {k: v for k, v in lineage.items() if v is not None or k == "partition_key"},
             },
         )
-        return IngestResult(record, store.to_url(volume_path), store.to_url(thumb_path), converted=True)
+        return IngestResult(record, store.to_url(volume_path), store.to_url(thumb_path), png, converted=True)
     except BaseException as exc:
         store.remove(staging)
         catalog.transition(rid, Status.FAILED, error=exc, run_id=run_id)

@@ -170,3 +170,14 @@ def test_catalog_asset_exports_and_its_check_fails_on_an_invalid_record(ingested
         sorted((platform.data_root / "catalog").glob("validation_report_*.json"))[-1].read_text()
     )
     assert report["summary"]["invalid_records"] == 1
+
+
+def test_partition_whose_file_was_removed_fails_with_a_clear_error(ingested):
+    platform, instance, _ = ingested
+    instance.add_dynamic_partitions("inbox_entries", ["gone.mrc"])
+    result = platform.defs.resolve_job_def("ingest_local_job").execute_in_process(
+        instance=instance, partition_key="gone.mrc", raise_on_error=False
+    )
+    assert not result.success
+    message = result.get_run_failure_event().message + str(result.get_step_failure_events()[0].event_specific_data.error)
+    assert "gone.mrc" in message and "moved or deleted" in message
