@@ -15,14 +15,13 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 
 from em_platform.catalog.records import deep_merge, iso, new_record, utc_now
 from em_platform.catalog.schema import validate_record
 from em_platform.catalog.status import IN_FLIGHT, Status, check_transition
+from em_platform.sql import DatabaseUnavailable, JSONType, open_database
 
-JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
 metadata_obj = sa.MetaData()
 
 datasets = sa.Table(
@@ -59,8 +58,7 @@ status_history = sa.Table(
 )
 
 
-class CatalogUnavailable(RuntimeError):
-    """The catalog database cannot be reached or opened."""
+CatalogUnavailable = DatabaseUnavailable
 
 
 @dataclass(frozen=True)
@@ -72,38 +70,12 @@ class HistoryEntry:
     run_id: str | None
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the run that is writing
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
 class CatalogDB:
     """Dataset records and their status history in one SQL database."""
 
     def __init__(self, url: str, *, create: bool = True):
         self.url = url
-        kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 60}
-        try:
-            self.engine: Engine = sa.create_engine(url, **kwargs)
-        except Exception as exc:
-            raise CatalogUnavailable(
-                f"catalog URL {url!r} is not a valid SQLAlchemy URL ({exc}); set EM_CATALOG_URL"
-            ) from exc
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        if create:
-            try:
-                metadata_obj.create_all(self.engine)
-            except sa.exc.OperationalError as exc:
-                shown = self.engine.url.render_as_string(hide_password=True)
-                raise CatalogUnavailable(
-                    f"cannot open the catalog database at {shown}: {exc.orig}; check that it is running "
-                    "and reachable, or point EM_CATALOG_URL at another one"
-                ) from exc
+        self.engine: Engine = open_database(url, metadata_obj, create=create)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,390 @@
+"""The acquisition journal: every acquisition message, the montages and tiles it describes, and their results.
+
+A broker keeps no topic message for a consumer that is not connected, so the listener writes each
+message here (and acknowledges it only after the commit); the sensor and the runs read the journal,
+never the broker. The embedded scope simulator writes the same messages here directly. A message is
+identified by a digest of its topic and body, so a redelivered message changes nothing.
+
+``messages.seq`` is a monotonically increasing high-water mark: a montage's ``seq`` is the sequence
+number of the first message that mentioned it, which is what the montage sensor's cursor follows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from em_platform.sql import JSONType, open_database
+
+metadata_obj = sa.MetaData()
+
+messages = sa.Table(
+    "acq_messages",
+    metadata_obj,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("message_key", sa.String(64), nullable=False, unique=True),
+    sa.Column("topic", sa.String(64), nullable=False),
+    sa.Column("montage_id", sa.String(64), index=True),
+    sa.Column("tile_id", sa.String(64)),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+montages = sa.Table(
+    "acq_montages",
+    metadata_obj,
+    sa.Column("montage_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False),  # TEM_comms MontageState values
+    sa.Column("total_tiles", sa.Integer),
+    sa.Column("acquisition_id", sa.String(64)),
+    sa.Column("pixel_size_nm", sa.Float),
+    sa.Column("rotation_angle", sa.Float),
+    sa.Column("roi_id", sa.String(128)),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("complete_message", JSONType),
+)
+
+tiles = sa.Table(
+    "acq_tiles",
+    metadata_obj,
+    sa.Column("tile_id", sa.String(64), primary_key=True),
+    sa.Column("montage_id", sa.String(64), nullable=False, index=True),
+    sa.Column("seq", sa.Integer, nullable=False, index=True),
+    sa.Column("raster_index", sa.Integer),
+    sa.Column("row", sa.Integer, nullable=False),
+    sa.Column("column", sa.Integer, nullable=False),
+    sa.Column("overlap", sa.Integer),
+    sa.Column("stage_x_nm", sa.Integer),
+    sa.Column("stage_y_nm", sa.Integer),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("brightfield", sa.Boolean, nullable=False, default=False),
+    sa.Column("darkfield", sa.Boolean, nullable=False, default=False),
+    sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+    # per-tile results, filled in by processing
+    sa.Column("status", sa.String(16), nullable=False, default="acquired"),  # acquired | processed | failed
+    sa.Column("results", JSONType),
+    sa.Column("qc_passed", sa.Boolean),
+    sa.Column("qc_faults", JSONType),
+    sa.Column("error", sa.Text),
+    sa.Column("processed_at", sa.DateTime(timezone=True)),
+)
+
+qc_status = sa.Table(
+    "acq_qc_status",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("montage_id", sa.String(64), index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+)
+
+FINISHED_STATES = frozenset({"completed", "cancelled", "error"})
+
+
+def message_key(topic: str, payload: dict[str, Any]) -> str:
+    """Identity of a message: the same topic and body (a redelivery) give the same key."""
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{topic}\n{body}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MontageRow:
+    montage_id: str
+    seq: int
+    state: str
+    total_tiles: int | None
+    pixel_size_nm: float | None
+    updated_at: datetime
+    error_message: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+@dataclass(frozen=True)
+class TileRow:
+    tile_id: str
+    montage_id: str
+    seq: int
+    raster_index: int | None
+    row: int
+    column: int
+    overlap: int | None
+    stage_x_nm: int | None
+    stage_y_nm: int | None
+    path: str
+    brightfield: bool
+    darkfield: bool
+    acquired_at: datetime
+    status: str
+    results: dict | None
+    qc_passed: bool | None
+    qc_faults: list | None
+    error: str | None
+
+    @property
+    def is_reference(self) -> bool:
+        """A brightfield or darkfield frame for flatfield correction, not part of the montage image."""
+        return self.brightfield or self.darkfield
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts  # SQLite drops tz
+
+
+class Journal:
+    """Acquisition messages, montages, tiles and per-tile results in the platform database."""
+
+    def __init__(self, url: str, *, create: bool = True):
+        self.url = url
+        self.engine = open_database(url, metadata_obj, create=create)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- writing messages -------------------------------------------------------------------------
+
+    def record(self, topic: str, payload: dict[str, Any], *, received_at: datetime | None = None) -> bool:
+        """Store one message and apply it to montages/tiles, atomically. False if it was already recorded."""
+        key = message_key(topic, payload)
+        now = received_at or _now()
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(messages.c.seq).where(messages.c.message_key == key)).first():
+                return False
+            seq = conn.execute(
+                messages.insert().values(
+                    message_key=key,
+                    topic=topic,
+                    montage_id=payload.get("montage_id") or None,
+                    tile_id=payload.get("tile_id"),
+                    payload=json.loads(json.dumps(payload, default=str)),
+                    received_at=now,
+                )
+            ).inserted_primary_key[0]
+            apply = _APPLY.get(topic)
+            if apply is not None:
+                apply(conn, payload, seq, now)
+        return True
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def montages_after(self, seq: int, limit: int = 1000) -> list[MontageRow]:
+        """Montages first seen after high-water mark ``seq``, oldest first."""
+        q = sa.select(*_montage_cols()).where(montages.c.seq > seq).order_by(montages.c.seq).limit(limit)
+        with self.engine.connect() as conn:
+            return [_montage(r) for r in conn.execute(q)]
+
+    def montage(self, montage_id: str) -> MontageRow | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(*_montage_cols()).where(montages.c.montage_id == montage_id)).first()
+        return _montage(r) if r else None
+
+    def tiles(self, montage_id: str, *, after_seq: int = 0) -> list[TileRow]:
+        """The montage's tiles (reference frames included) in arrival order."""
+        q = (
+            sa.select(tiles)
+            .where(tiles.c.montage_id == montage_id, tiles.c.seq > after_seq)
+            .order_by(tiles.c.seq)
+        )
+        with self.engine.connect() as conn:
+            return [_tile(r) for r in conn.execute(q)]
+
+    def high_water_mark(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(messages.c.seq), 0))).scalar_one())
+
+    def messages(self, topic: str | None = None, montage_id: str | None = None) -> list[dict[str, Any]]:
+        q = sa.select(messages.c.topic, messages.c.payload).order_by(messages.c.seq)
+        if topic:
+            q = q.where(messages.c.topic == topic)
+        if montage_id:
+            q = q.where(messages.c.montage_id == montage_id)
+        with self.engine.connect() as conn:
+            return [{"topic": r.topic, **dict(r.payload)} for r in conn.execute(q)]
+
+    # -- results --------------------------------------------------------------------------------------
+
+    def save_tile_results(
+        self,
+        tile_id: str,
+        *,
+        status: str,
+        results: dict[str, Any] | None = None,
+        qc_passed: bool | None = None,
+        qc_faults: list[dict[str, Any]] | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                tiles.update()
+                .where(tiles.c.tile_id == tile_id)
+                .values(
+                    status=status,
+                    results=results,
+                    qc_passed=qc_passed,
+                    qc_faults=qc_faults,
+                    error=error,
+                    processed_at=_now(),
+                )
+            )
+
+    def save_many_tile_results(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Batch form of :meth:`save_tile_results`: each row has ``tile_id`` plus the same keywords."""
+        now = _now()
+        with self.engine.begin() as conn:
+            for row in rows:
+                values = {k: row.get(k) for k in ("status", "results", "qc_passed", "qc_faults", "error")}
+                conn.execute(
+                    tiles.update().where(tiles.c.tile_id == row["tile_id"]).values(**values, processed_at=now)
+                )
+
+    def record_qc_status(self, montage_id: str | None, status: str, reason: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                qc_status.insert().values(montage_id=montage_id, status=status, reason=reason, at=_now())
+            )
+
+    def qc_statuses(self, montage_id: str | None = None) -> list[tuple[str, str | None]]:
+        q = sa.select(qc_status.c.status, qc_status.c.reason).order_by(qc_status.c.id)
+        if montage_id:
+            q = q.where(qc_status.c.montage_id == montage_id)
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(q)]
+
+
+# -- applying messages ----------------------------------------------------------------------------------
+
+
+def _montage_cols():
+    c = montages.c
+    return (c.montage_id, c.seq, c.state, c.total_tiles, c.pixel_size_nm, c.updated_at, c.error_message)
+
+
+def _montage(r) -> MontageRow:
+    return MontageRow(
+        r.montage_id, r.seq, r.state, r.total_tiles, r.pixel_size_nm, _aware(r.updated_at), r.error_message
+    )
+
+
+def _tile(r) -> TileRow:
+    return TileRow(
+        tile_id=r.tile_id,
+        montage_id=r.montage_id,
+        seq=r.seq,
+        raster_index=r.raster_index,
+        row=r.row,
+        column=r.column,
+        overlap=r.overlap,
+        stage_x_nm=r.stage_x_nm,
+        stage_y_nm=r.stage_y_nm,
+        path=r.path,
+        brightfield=bool(r.brightfield),
+        darkfield=bool(r.darkfield),
+        acquired_at=_aware(r.acquired_at),
+        status=r.status,
+        results=r.results,
+        qc_passed=r.qc_passed,
+        qc_faults=r.qc_faults,
+        error=r.error,
+    )
+
+
+def _ensure_montage(conn: Connection, montage_id: str, seq: int, now: datetime, **values) -> None:
+    existing = conn.execute(sa.select(montages.c.state).where(montages.c.montage_id == montage_id)).first()
+    if existing is None:
+        conn.execute(
+            montages.insert().values(
+                montage_id=montage_id,
+                seq=seq,
+                state=values.pop("state", "in_progress"),
+                started_at=now,
+                updated_at=now,
+                **values,
+            )
+        )
+    else:
+        if existing.state in FINISHED_STATES:
+            values.pop("state", None)  # a late status message never reopens a finished montage
+        conn.execute(
+            montages.update().where(montages.c.montage_id == montage_id).values(updated_at=now, **values)
+        )
+
+
+def _apply_tile_raw(conn: Connection, p: dict, seq: int, now: datetime) -> None:
+    montage_id = p.get("montage_id") or ""
+    if not montage_id:
+        return  # UI / calibration tile: not part of any montage
+    _ensure_montage(conn, montage_id, seq, now, roi_id=p.get("roi_id"))
+    stage = p.get("stage_position") or (None, None)
+    conn.execute(
+        tiles.insert().values(
+            tile_id=p["tile_id"],
+            montage_id=montage_id,
+            seq=seq,
+            row=int(p["row"]),
+            column=int(p["column"]),
+            overlap=p.get("overlap"),
+            stage_x_nm=stage[0],
+            stage_y_nm=stage[1],
+            path=p["path"],
+            brightfield=bool(p.get("brightfield")),
+            darkfield=bool(p.get("darkfield")),
+            acquired_at=now,
+            status="acquired",
+        )
+    )
+
+
+def _apply_montage_status(conn: Connection, p: dict, seq: int, now: datetime) -> None:
+    state = str(p["state"])
+    values: dict[str, Any] = {"state": state}
+    if p.get("total_tiles"):
+        values["total_tiles"] = int(p["total_tiles"])
+    if p.get("error_message"):
+        values["error_message"] = p["error_message"]
+    if state in FINISHED_STATES:
+        values["completed_at"] = now
+    _ensure_montage(conn, p["montage_id"], seq, now, **values)
+
+
+def _apply_montage_complete(conn: Connection, p: dict, seq: int, now: datetime) -> None:
+    _ensure_montage(
+        conn,
+        p["montage_id"],
+        seq,
+        now,
+        state="completed",
+        completed_at=now,
+        acquisition_id=p.get("acquisition_id"),
+        pixel_size_nm=p.get("pixel_size"),
+        rotation_angle=p.get("rotation_angle"),
+        complete_message=json.loads(json.dumps(p, default=str)),
+    )
+    for tile_id, t in (p.get("tiles") or {}).items():
+        conn.execute(
+            tiles.update().where(tiles.c.tile_id == tile_id).values(raster_index=t.get("raster_index"))
+        )
+
+
+_APPLY = {
+    "tile.raw": _apply_tile_raw,
+    "montage.status": _apply_montage_status,
+    "montage.complete": _apply_montage_complete,
+}
