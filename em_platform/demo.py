@@ -21,12 +21,64 @@ from em_platform.settings import load_settings
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the full log is in the run's page
 
 
-def _already_ran(instance: dg.DagsterInstance, run_key: str) -> bool:
-    return bool(
-        instance.get_runs(
-            filters=dg.RunsFilter(tags={RUN_KEY_TAG: run_key, SENSOR_NAME_TAG: "inbox_sensor"}), limit=1
+DEMO_MONTAGE = "demo-montage-5x5"
+
+
+def _already_ran(instance: dg.DagsterInstance, sensor_name: str, run_key: str) -> bool:
+    tags = {RUN_KEY_TAG: run_key, SENSOR_NAME_TAG: sensor_name}
+    return bool(instance.get_runs(filters=dg.RunsFilter(tags=tags), limit=1))
+
+
+def tick_and_run(defs, instance, sensor_name: str, resources: dict, out) -> tuple[list[str], list[str]]:
+    """Evaluate a sensor once and run what it requests in this process, as the daemon would.
+
+    The runs carry the sensor's name and run key, so neither a later demo nor the daemon launches them again.
+    """
+    sensor = defs.resolve_sensor_def(sensor_name)
+    with dg.build_sensor_context(
+        instance_ref=instance.get_ref(), definitions=defs, resources={**defs.resources, **resources}
+    ) as ctx:
+        tick = sensor.evaluate_tick(ctx)
+    for req in tick.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    job = defs.resolve_job_def(sensor.job_name)
+    ran, failed = [], []
+    for req in tick.run_requests or []:
+        if _already_ran(instance, sensor_name, req.run_key):
+            continue
+        tags = {**req.tags, RUN_KEY_TAG: req.run_key, SENSOR_NAME_TAG: sensor_name}
+        print(f"{sensor.job_name}: {req.partition_key} ...", file=out, flush=True)
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=req.partition_key,
+            tags=tags,
+            run_config=QUIET,
+            raise_on_error=False,
         )
-    )
+        (ran if result.success else failed).append(req.partition_key)
+    return ran, failed
+
+
+def simulate_demo_montage(settings, out) -> bool:
+    """Acquire the demo montage with the embedded scope, once (5 x 5 tiles, one of them blank)."""
+    from em_platform.simulation.scope import simulate_montage
+    from em_platform.simulation.scope_config import ScopeConfig
+    from em_platform.tem.journal import Journal
+
+    journal = Journal(settings.catalog_url)
+    try:
+        if journal.montage(DEMO_MONTAGE) is not None:
+            return False
+        cfg = ScopeConfig(rows=5, columns=5, overlap=0.15, jitter_px=8.0, faults=("blank:12",), seed=7)
+        out_dir = Path(settings.data_root) / "scope" / DEMO_MONTAGE
+        simulate_montage(cfg, out_dir, journal.record, montage_id=DEMO_MONTAGE, sleep=lambda s: None)
+        print(
+            f"scope-sim: montage {DEMO_MONTAGE} acquired (5 x 5 tiles of 512² px, a blank tile injected)",
+            file=out,
+        )
+        return True
+    finally:
+        journal.dispose()
 
 
 def run_demo(out=sys.stdout) -> int:
@@ -40,40 +92,54 @@ def run_demo(out=sys.stdout) -> int:
         + (f" ({', '.join(p.name for p in new)})" if new else ""),
         file=out,
     )
-
     instance = dg.DagsterInstance.get()
-    sensor = defs.resolve_sensor_def("inbox_sensor")
     # The samples are written atomically, so the demo need not wait out the settle period.
-    ctx = dg.build_sensor_context(
-        instance_ref=instance.get_ref(),
-        definitions=defs,
-        resources={"inbox": InboxResource(path=str(inbox), settle_seconds=0)},
-    )
-    tick = sensor.evaluate_tick(ctx)
-    for req in tick.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-    job = defs.resolve_job_def("ingest_local_job")
-    ran, failed = [], []
-    for req in tick.run_requests or []:
-        if _already_ran(instance, req.run_key):
-            continue
-        tags = {**req.tags, RUN_KEY_TAG: req.run_key, SENSOR_NAME_TAG: "inbox_sensor"}
-        print(f"ingesting {req.partition_key} ...", file=out, flush=True)
-        result = job.execute_in_process(
-            instance=instance,
-            partition_key=req.partition_key,
-            tags=tags,
-            run_config=QUIET,
-            raise_on_error=False,
-        )
-        (ran if result.success else failed).append(req.partition_key)
+    inbox_res = {"inbox": InboxResource(path=str(inbox), settle_seconds=0)}
+    ran, failed = tick_and_run(defs, instance, "inbox_sensor", inbox_res, out)
     catalog_stale = bool(ran or failed) or not instance.get_latest_materialization_event(
         dg.AssetKey(["catalog", "metadata_catalog"])
     )
     if catalog_stale:
-        defs.resolve_job_def("catalog_job").execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False)
+        defs.resolve_job_def("catalog_job").execute_in_process(
+            instance=instance, run_config=QUIET, raise_on_error=False
+        )
     _print_summary(settings, ran, failed, out)
+
+    if "://" not in settings.data_root:  # the simulated scope writes tile files to the local data root
+        simulate_demo_montage(settings, out)
+        m_ran, m_failed = tick_and_run(defs, instance, "montage_sensor", {}, out)
+        _print_qc(settings, m_ran, m_failed, out)
+        failed += m_failed
+    print("browse runs and lineage: make dev, then http://127.0.0.1:3000", file=out)
     return 1 if failed else 0
+
+
+def _print_qc(settings, ran: list[str], failed: list[str], out) -> None:
+    from em_platform.tem.journal import Journal
+
+    journal = Journal(settings.catalog_url)
+    try:
+        print("", file=out)
+        print(
+            f"montages this time: {len(ran)} processed, {len(failed)} failed"
+            + ("" if ran or failed else " (nothing new)"),
+            file=out,
+        )
+        for m in journal.montages_after(0):
+            tiles = [t for t in journal.tiles(m.montage_id) if not t.is_reference]
+            judged = [t for t in tiles if t.qc_passed is not None]
+            statuses = journal.qc_statuses(m.montage_id)
+            status, reason = statuses[-1] if statuses else ("(not processed)", None)
+            print(
+                f"  montage {m.montage_id}: {len(tiles)} tiles, {sum(t.qc_passed for t in judged)}/{len(judged)} passed QC, "
+                f"qc.status {status}" + (f" ({reason})" if reason else ""),
+                file=out,
+            )
+            for t in judged:
+                for f in t.qc_faults or []:
+                    print(f"    tile r{t.row} c{t.column}: {f['fault_type']} ({f['scope']})", file=out)
+    finally:
+        journal.dispose()
 
 
 def _print_summary(settings, ran: list[str], failed: list[str], out) -> None:
@@ -110,4 +176,3 @@ def _print_summary(settings, ran: list[str], failed: list[str], out) -> None:
     )
     if exports:
         print(f"catalog export: {exports[-1]}", file=out)
-    print("browse runs and lineage: make dev, then http://127.0.0.1:3000", file=out)

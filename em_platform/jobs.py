@@ -14,3 +14,10 @@ catalog_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups("catalog"),
     description="Consolidate, export and check every catalog record.",
 )
+
+montage_job = dg.define_asset_job(
+    "montage_job",
+    selection=dg.AssetSelection.groups("acquisition"),
+    description="Process one montage (a partition): tiles, flatfield, statistics, matches and QC, live.",
+    tags={"em/workload": "acquisition"},
+)

@@ -23,6 +23,7 @@ class Settings:
     dask_scheduler_address: str | None
     s3_endpoint_url: str | None
     inbox_settle_seconds: float
+    broker: str | None = None  # HOST:PORT of the STOMP broker the microscope talks to; None = embedded simulator
 
     @property
     def storage_options(self) -> dict:
@@ -88,4 +89,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         dask_scheduler_address=dask_addr,
         s3_endpoint_url=env.get("EM_S3_ENDPOINT_URL", "").strip() or None,
         inbox_settle_seconds=settle_s,
+        broker=_broker(env.get("EM_BROKER", "").strip() or None),
     )
+
+
+def _broker(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    host, _, port = spec.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"EM_BROKER={spec!r} must be HOST:PORT of the STOMP broker, e.g. 127.0.0.1:61613")
+    return spec

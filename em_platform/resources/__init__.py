@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from em_platform.resources.acquisition import AcquisitionHardware, BrokerScope, SimulatedScope
 from em_platform.resources.catalog import CatalogResource
 from em_platform.resources.dask import DaskResource
 from em_platform.resources.inbox import InboxResource
 from em_platform.resources.storage import StorageResource
 from em_platform.settings import Settings, load_settings
 
-__all__ = ["CatalogResource", "DaskResource", "InboxResource", "StorageResource", "build_resources"]
+__all__ = ["AcquisitionHardware", "BrokerScope", "SimulatedScope", "CatalogResource", "DaskResource", "InboxResource", "StorageResource", "build_resources"]
 
 
 def build_resources(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> dict:
@@ -21,4 +22,7 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
         "catalog": CatalogResource(url=s.catalog_url),
         "dask": DaskResource(scheduler_address=s.dask_scheduler_address),
         "inbox": InboxResource(path=s.inbox, settle_seconds=s.inbox_settle_seconds),
+        "hardware": BrokerScope(journal_url=s.catalog_url, broker=s.broker)
+        if s.broker
+        else SimulatedScope(journal_url=s.catalog_url),
     }

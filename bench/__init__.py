@@ -1,0 +1,1 @@
+"""Benchmarks (``python -m bench.run``; results in bench/results/)."""

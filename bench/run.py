@@ -1,0 +1,51 @@
+"""Run every benchmark: each ``bench/bench_*.py`` module's ``main(argv)``, in name order.
+
+python -m bench.run                      # all benchmarks at their default sizes
+python -m bench.run ome_zarr -- --gib 0.1   # only the named ones, with arguments passed through
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+
+def discover() -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in Path(__file__).resolve().parent.glob("bench_*.py"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1 :]
+    available = discover()
+    names = argv or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in names:
+        print(f"=== bench_{name} ===", flush=True)
+        t = time.perf_counter()
+        module = importlib.import_module(f"bench.bench_{name}")
+        try:
+            rc = module.main(passthrough)
+        except Exception as exc:  # one failing benchmark must not hide the others
+            print(f"bench_{name} failed: {exc!r}", file=sys.stderr)
+            rc = 1
+        print(
+            f"=== bench_{name}: {'ok' if not rc else 'FAILED'} in {time.perf_counter() - t:.0f} s ===\n",
+            flush=True,
+        )
+        if rc:
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

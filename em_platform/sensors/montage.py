@@ -1,0 +1,35 @@
+"""``montage_sensor``: each new montage in the acquisition journal becomes a partition and one run.
+
+The cursor is the journal's high-water mark (the sequence number of the newest montage seen), so a
+tick reads only montages that appeared since — however many tiles arrived meanwhile. The run key is
+the montage id: after a daemon restart with an older cursor the same montages come back with the same
+run keys, and Dagster launches nothing twice.
+"""
+
+import dagster as dg
+
+from em_platform.jobs import montage_job
+from em_platform.partitions import montages
+from em_platform.resources.acquisition import AcquisitionHardware
+
+MAX_MONTAGES_PER_TICK = 200
+
+
+@dg.sensor(
+    job=montage_job,
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts processing each montage as soon as its first tile is in the acquisition journal.",
+)
+def montage_sensor(context: dg.SensorEvaluationContext, hardware: AcquisitionHardware) -> dg.SensorResult:
+    after = int(context.cursor or 0)
+    new = hardware.montages_after(after, limit=MAX_MONTAGES_PER_TICK)
+    if not new:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new montage after journal position {after}"), cursor=str(after))
+    keys = [m.montage_id for m in new]
+    unknown = [k for k in keys if not context.instance.has_dynamic_partition(montages.name, k)]
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=k, run_key=k) for k in keys],
+        dynamic_partitions_requests=[montages.build_add_request(unknown)] if unknown else [],
+        cursor=str(new[-1].seq),
+    )

@@ -1,0 +1,121 @@
+"""``em-platform listen --broker HOST:PORT``: journal the microscope's messages until SIGINT / SIGTERM.
+
+Wiring (in ``em_platform/cli.py``)::
+
+    listen = sub.add_parser("listen", help="journal the TEM's STOMP messages (tile.raw, montage.*)")
+    listen_cli.add_arguments(listen)
+    ...
+    if args.command == "listen":
+        return listen_cli.run(args, lambda: Journal(load_settings().catalog_url))
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from em_platform.tem.listener import DEFAULT_SUBSCRIPTION, JournalSink, check_subscription_name, run_listener
+from em_platform.tem.protocol import CONSUMED, DEFAULT_TOPIC_PREFIX, BrokerSpecError, parse_broker
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        required=True,
+        metavar="HOST:PORT",
+        help="STOMP broker, e.g. 127.0.0.1:61613 (RabbitMQ STOMP plugin) or broker:61616 (ActiveMQ Artemis)",
+    )
+    parser.add_argument(
+        "--subscription",
+        default=DEFAULT_SUBSCRIPTION,
+        metavar="NAME",
+        help="durable subscription (= broker queue) name; keep it stable so nothing is lost across restarts "
+        f"(default: {DEFAULT_SUBSCRIPTION})",
+    )
+    parser.add_argument(
+        "--topic-prefix",
+        default=DEFAULT_TOPIC_PREFIX,
+        help=f"destination prefix of the topics, as pigeon's topic_prefix (default: {DEFAULT_TOPIC_PREFIX})",
+    )
+    parser.add_argument(
+        "--username",
+        default=os.environ.get("EM_BROKER_USERNAME"),
+        help="broker login (default: $EM_BROKER_USERNAME; the password is read from $EM_BROKER_PASSWORD)",
+    )
+    parser.add_argument(
+        "--max-backoff",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest wait between reconnection attempts (default: 30; the first wait is 1 s, doubling)",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log every journaled message")
+
+
+def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) -> int:
+    """Run the listener in this (main) thread until SIGINT/SIGTERM; 0 on a clean stop, 2 on a usage error."""
+    try:
+        host, port = parse_broker(args.broker)
+        check_subscription_name(args.subscription)
+        if not args.max_backoff >= 1:
+            raise ValueError(f"--max-backoff must be at least 1 second, not {args.max_backoff}")
+    except (BrokerSpecError, ValueError) as exc:
+        print(f"em-platform listen: {exc}", file=sys.stderr)
+        return 2
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+    log = logging.getLogger("em_platform.listen")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("stomp").setLevel(logging.ERROR)  # its connection warnings duplicate ours
+
+    try:
+        journal = journal_factory()
+    except Exception as exc:  # DatabaseUnavailable and friends: the message says what to do
+        print(f"em-platform listen: cannot open the acquisition journal: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def _stop(signum, _frame) -> None:
+        log.info("received %s: finishing the current message and disconnecting", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _stop)
+    try:
+        stats = run_listener(
+            host,
+            port,
+            journal,
+            stop=stop,
+            subscription_name=args.subscription,
+            backoff=(1.0, float(args.max_backoff)),
+            log=log,
+            topic_prefix=args.topic_prefix,
+            username=args.username,
+            password=os.environ.get("EM_BROKER_PASSWORD"),
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        dispose = getattr(journal, "dispose", None)
+        if callable(dispose):
+            dispose()
+    print(
+        f"em-platform listen: stopped; {stats.journaled} new message(s) journaled, {stats.duplicates} "
+        f"redelivered, {stats.rejected} rejected ({', '.join(CONSUMED)} from {host}:{port})"
+    )
+    return 0

@@ -1,0 +1,88 @@
+"""A simulated montage through Dagster: sensor → run → per-tile results, QC checks, published zarr."""
+
+from __future__ import annotations
+
+import threading
+
+import dagster as dg
+import pytest
+import zarr
+
+from em_platform.resources import SimulatedScope
+from em_platform.sensors.montage import montage_sensor
+from em_platform.simulation.scope import simulate_montage
+from em_platform.simulation.scope_config import ScopeConfig
+from em_platform.tem.journal import Journal
+from tests.support.platform import make_platform
+
+CHECKS = {"focus", "blank_tiles", "saturated_tiles", "overlap"}
+
+
+@pytest.fixture
+def platform(tmp_path):
+    return make_platform(tmp_path)
+
+
+def _run(platform, instance, montage_id):
+    return platform.defs.resolve_job_def("montage_job").execute_in_process(
+        instance=instance, partition_key=montage_id, raise_on_error=False,
+        run_config={"ops": {"montage_tiles": {"config": {"poll_seconds": 0.05}}}},
+    )
+
+
+def test_clean_montage_end_to_end(platform, tmp_path):
+    journal = Journal(platform.settings.catalog_url)
+    cfg = ScopeConfig(rows=3, columns=4, overlap=0.15, jitter_px=8.0)
+    truth = simulate_montage(cfg, tmp_path / "tiles", journal.record, sleep=lambda s: None)
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=platform.defs,
+                                     resources={"hardware": SimulatedScope(journal_url=platform.settings.catalog_url)}) as ctx:
+            tick = montage_sensor.evaluate_tick(ctx)
+        assert [r.partition_key for r in tick.run_requests] == [truth.montage_id]
+        instance.add_dynamic_partitions("montages", [truth.montage_id])
+        result = _run(platform, instance, truth.montage_id)
+        assert result.success
+        evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert evaluations == {c: True for c in CHECKS}
+        keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert keys == {"raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"}
+        stats = instance.get_latest_materialization_event(dg.AssetKey("tile_stats")).asset_materialization.metadata
+        assert stats["qc_status"].value == "GOOD" and stats["tiles_passed"].value == 12
+    group = zarr.open_group(str(platform.data_root / "acquisition" / truth.montage_id / "processed_tiles.zarr"), mode="r")
+    assert len(list(group.array_keys())) == 12
+    assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
+
+
+def test_failed_montage_is_blocked_by_its_checks(platform, tmp_path):
+    journal = Journal(platform.settings.catalog_url)
+    cfg = ScopeConfig(rows=3, columns=4, overlap=0.15, jitter_px=8.0, faults=("defocus:4-7",))
+    truth = simulate_montage(cfg, tmp_path / "tiles", journal.record, sleep=lambda s: None)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("montages", [truth.montage_id])
+        result = _run(platform, instance, truth.montage_id)
+        evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert evaluations["focus"] is False and evaluations["blank_tiles"] is True
+        assert not result.success  # a failed blocking check fails the run: nothing downstream runs
+    assert journal.qc_statuses(truth.montage_id)[-1][0] == "STOP_AT_END"
+
+
+def test_tiles_are_judged_while_the_montage_is_still_being_acquired(platform, tmp_path):
+    journal = Journal(platform.settings.catalog_url)
+    cfg = ScopeConfig(rows=3, columns=4, overlap=0.15, jitter_px=8.0, rate=6.0)
+    started = threading.Event()
+
+    def emit(topic, payload):
+        journal.record(topic, payload)
+        started.set()
+
+    scope = threading.Thread(target=simulate_montage, args=(cfg, tmp_path / "tiles", emit), daemon=True)
+    scope.start()
+    assert started.wait(30)
+    montage_id = journal.montages_after(0)[0].montage_id
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("montages", [montage_id])
+        result = _run(platform, instance, montage_id)
+    scope.join(60)
+    assert result.success
+    topics = [m["topic"] for m in journal.messages(montage_id=montage_id)]
+    assert "qc.tile" in topics[: topics.index("montage.complete")], "no verdict was sent before the montage completed"

@@ -1,0 +1,57 @@
+"""QC verdicts reach the microscope over the real STOMP broker while the montage runs through Dagster."""
+
+from __future__ import annotations
+
+import queue
+
+import dagster as dg
+import TEM_comms
+
+from em_platform.resources import BrokerScope
+from em_platform.simulation.scope import simulate_montage
+from em_platform.simulation.scope_config import ScopeConfig
+from em_platform.tem.journal import Journal
+from tests.support.platform import make_platform
+
+
+def _subscribe(stomp_broker, topic: str) -> queue.Queue:
+    received: queue.Queue = queue.Queue()
+    client = stomp_broker.pigeon("pytem")
+    client.subscribe(topic, lambda msg, topic, headers: received.put(msg))
+    stomp_broker.sync(client)
+    return received
+
+
+def _drain(q: queue.Queue) -> list:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
+
+
+def test_critical_fault_publishes_stop_now_on_the_broker(tmp_path, stomp_broker):
+    statuses = _subscribe(stomp_broker, "qc.status")
+    verdicts = _subscribe(stomp_broker, "qc.tile")
+    platform = make_platform(tmp_path)
+    journal = Journal(platform.settings.catalog_url)
+    cfg = ScopeConfig(rows=2, columns=3, overlap=0.15, jitter_px=6.0, faults=("saturated:4",))
+    truth = simulate_montage(cfg, tmp_path / "tiles", journal.record, sleep=lambda s: None)
+    hardware = BrokerScope(journal_url=platform.settings.catalog_url, broker=f"{stomp_broker.host}:{stomp_broker.port}",
+                           topic_prefix=stomp_broker.topic_prefix)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("montages", [truth.montage_id])
+        result = platform.defs.resolve_job_def("montage_job").execute_in_process(
+            instance=instance, partition_key=truth.montage_id, resources={"hardware": hardware}, raise_on_error=False,
+        )
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["saturated_tiles"] is False and checks["focus"] is True
+    first = statuses.get(timeout=20)
+    received = [first, *_drain(statuses)]
+    assert all(isinstance(m, TEM_comms.qc.Status) for m in received)
+    assert received[-1].status == "STOP_NOW" and "saturated" in received[-1].reason
+    tiles = [verdicts.get(timeout=20)]
+    while len(tiles) < 6:
+        tiles.append(verdicts.get(timeout=20))
+    bad = [m for m in tiles if not m.passed]
+    assert [(m.row, m.column) for m in bad] == [(1, 1)]
+    assert [(f.fault_type, f.scope) for f in bad[0].faults] == [("saturated", "critical")]

@@ -1,0 +1,152 @@
+"""Live montage processing on simulated montages with known truth (domain level, no Dagster).
+
+Each injected fault must be found with the right scope and drive the right run-level status; a clean
+montage gives no fault; a corrupt tile fails alone; matches agree with the simulator's true positions;
+flatfield correction removes the simulated vignetting; the focus score orders defocus.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from em_platform.resources.acquisition import SimulatedScope
+from em_platform.simulation.camera import Camera
+from em_platform.simulation.scope import simulate_montage
+from em_platform.simulation.scope_config import ScopeConfig
+from em_platform.tem.journal import Journal
+from em_platform.tem.montage_run import AcquisitionStalled, MontageRunConfig, run_montage
+from em_platform.tem.tile_processing import Flatfield, focus_score
+
+GRID = dict(rows=3, columns=4, overlap=0.15, jitter_px=8.0)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+def _simulate_and_run(tmp_path, client, faults=(), **grid):
+    url = f"sqlite:///{tmp_path / 'journal.sqlite'}"
+    journal = Journal(url)
+    truth = simulate_montage(ScopeConfig(**{**GRID, **grid}, faults=tuple(faults)), tmp_path / "tiles", journal.record,
+                             sleep=lambda s: None)
+    hardware = SimulatedScope(journal_url=url)
+    result = run_montage(truth.montage_id, hardware, client, processed_url=str(tmp_path / "processed.zarr"),
+                         config=MontageRunConfig(poll_seconds=0.05))
+    return truth, result, journal
+
+
+def _faults(result):
+    return {(v.row, v.column): [(f.fault_type, f.scope) for f in v.faults] for v in result.qc.verdicts.values() if v.faults}
+
+
+def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, client):
+    truth, result, journal = _simulate_and_run(tmp_path, client)
+    assert _faults(result) == {}
+    assert result.qc.status == "GOOD" and result.missing == []
+    assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
+    errors = []
+    for rec in result.tiles.values():
+        t = truth.tile(rec.tile.row, rec.tile.column)
+        for position, m in rec.matches.items():
+            nbr = truth.tile(m["row"], m["column"])
+            step_x = (t.nominal_px[0] - nbr.nominal_px[0])
+            step_y = (t.nominal_px[1] - nbr.nominal_px[1])
+            true_dx = (t.position_px[0] - nbr.position_px[0]) - step_x
+            true_dy = (t.position_px[1] - nbr.position_px[1]) - step_y
+            errors.append(np.hypot(m["dX"] - true_dx, m["dY"] - true_dy))
+    assert len(errors) == 2 * 3 * 4 - 3 - 4  # every interior edge matched
+    assert max(errors) < 0.5, errors
+    rows = journal.tiles(truth.montage_id)
+    montage_tiles = [r for r in rows if not r.is_reference]
+    assert all(r.status == "processed" and r.qc_passed for r in montage_tiles)
+    assert {"min", "max", "mean", "std", "focus", "histogram", "matches"} <= set(montage_tiles[0].results)
+    sent = {m["topic"] for m in journal.messages(montage_id=truth.montage_id)}
+    assert {"tile.statistics.min_max_mean", "tile.statistics.histogram", "tile.statistics.focus", "tile.matches",
+            "qc.tile"} <= sent
+
+
+@pytest.mark.parametrize(
+    "fault,where,expected,status",
+    [
+        ("blank:5", (1, 1), [("blank", "transient")], "GOOD"),
+        ("saturated:5", (1, 1), [("saturated", "critical")], "STOP_NOW"),
+        ("missing:5", (1, 1), [("missing_tile", "transient")], "GOOD"),
+        ("corrupt:5", (1, 1), [("unreadable_tile", "transient")], "GOOD"),
+    ],
+)
+def test_each_single_fault_is_found_with_its_scope(tmp_path, client, fault, where, expected, status):
+    truth, result, journal = _simulate_and_run(tmp_path, client, [fault])
+    assert _faults(result) == {where: expected}
+    assert result.qc.status == status
+    assert journal.qc_statuses(truth.montage_id)[-1][0] == status
+    if fault.startswith("corrupt"):  # the corrupt tile fails alone: every other tile is processed
+        failed = [r for r in result.tiles.values() if r.error]
+        assert len(failed) == 1 and "corrupt or truncated" in failed[0].error
+        assert sum(r.outcome is not None for r in result.tiles.values()) == 11
+
+
+def test_run_of_unfocused_tiles_is_persistent_and_stops_at_end(tmp_path, client):
+    truth, result, journal = _simulate_and_run(tmp_path, client, ["defocus:4-7"])
+    found = _faults(result)
+    assert set(found) == {(1, 0), (1, 1), (1, 2), (1, 3)}
+    assert [found[(1, c)][0] for c in range(4)] == [
+        ("out_of_focus", "transient"), ("out_of_focus", "transient"),
+        ("out_of_focus", "persistent"), ("out_of_focus", "persistent"),
+    ]
+    assert result.qc.status == "STOP_AT_END"
+    assert [s for s, _ in journal.qc_statuses(truth.montage_id)] == ["GOOD", "STOP_AT_END"]
+
+
+def test_stalled_acquisition_fails_with_a_clear_error(tmp_path, client):
+    url = f"sqlite:///{tmp_path / 'journal.sqlite'}"
+    journal = Journal(url)
+    events = []
+    cfg = ScopeConfig(rows=2, columns=2, overlap=0.15, jitter_px=4.0)
+    simulate_montage(cfg, tmp_path / "tiles", lambda topic, p: events.append((topic, p)), sleep=lambda s: None)
+    for topic, payload in events:
+        if topic == "montage.complete":
+            break  # the scope goes silent before the montage completes
+        journal.record(topic, payload)
+    montage_id = events[0][1]["montage_id"]
+    ticks = iter(range(0, 10_000, 5))  # a fake clock: every look at it is 5 s later
+    with pytest.raises(AcquisitionStalled, match=f"montage {montage_id}: no tile for 30 s"):
+        run_montage(montage_id, SimulatedScope(journal_url=url), client, processed_url=str(tmp_path / "p.zarr"),
+                    config=MontageRunConfig(poll_seconds=0.01, stall_timeout_seconds=30),
+                    clock=lambda: float(next(ticks)), sleep=lambda s: None)
+
+
+def test_flatfield_removes_the_simulated_vignetting():
+    cfg = ScopeConfig(tile_size=512, dose=400.0)
+    camera = Camera(cfg)
+    rng = np.random.default_rng(3)
+    flat = Flatfield.from_frames([camera.brightfield(rng) for _ in range(16)], [camera.darkfield(rng) for _ in range(16)])
+    frame = camera.brightfield(rng).astype(np.float32)  # a fresh frame, not one of the references
+
+    def block_means(img):
+        return img.reshape(16, 32, 16, 32).mean(axis=(1, 3))
+
+    before = block_means(frame - cfg.dark_offset)
+    after = block_means(flat.apply(camera.brightfield(rng)).astype(np.float32))
+    assert before.std() / before.mean() > 0.05  # the vignetting is there …
+    assert after.std() / after.mean() < 0.01  # … and gone after correction
+
+
+def test_focus_score_orders_simulated_defocus():
+    """Strictly rising while the band still holds detail, then pinned at 1 (no detail left), never falling."""
+    camera = Camera(ScopeConfig(tile_size=512))
+    defocus = [0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 4.0, 8.0]
+    scores = []
+    for d in defocus:
+        per_seed = [focus_score(camera.tile(1000.0, 2000.0, d, np.random.default_rng(s))) for s in range(3)]
+        scores.append(float(np.mean(per_seed)))
+    shown = dict(zip(defocus, [round(s, 3) for s in scores], strict=True))
+    measurable = [s for s in scores if s < 1.0]
+    assert len(measurable) >= 4, shown
+    assert all(a < b for a, b in zip(measurable, measurable[1:], strict=False)), shown
+    assert all(a <= b for a, b in zip(scores, scores[1:], strict=False)), shown
+    assert scores[-1] == 1.0, shown
