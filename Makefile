@@ -21,6 +21,7 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services
+	$(VENV)/bin/ruff check em_platform tests bench
 	$(PY) -m pytest -q tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000

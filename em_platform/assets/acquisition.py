@@ -15,7 +15,9 @@ from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.qc import BLANK, NO_MATCH, OUT_OF_FOCUS, SATURATED, QCConfig
 
-RAW, FLAT, PROCESSED, STATS, MATCHES = (dg.AssetKey(k) for k in ("raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"))
+RAW, FLAT, PROCESSED, STATS, MATCHES = (
+    dg.AssetKey(k) for k in ("raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches")
+)
 
 
 class MontageProcessingConfig(dg.Config):
@@ -57,19 +59,43 @@ def _check(name: str, asset: dg.AssetKey, description: str) -> dg.AssetCheckSpec
 CHECKS = [
     _check("focus", STATS, "Fraction of out-of-focus tiles is within the limit."),
     _check("blank_tiles", STATS, "Fraction of blank (no-section) tiles is within the limit."),
-    _check("saturated_tiles", STATS, "Fraction of saturated tiles is within the limit; no critical over-exposure."),
-    _check("overlap", MATCHES, "Every tile overlaps its neighbours: fraction of unmatched edges within the limit."),
+    _check(
+        "saturated_tiles",
+        STATS,
+        "Fraction of saturated tiles is within the limit; no critical over-exposure.",
+    ),
+    _check(
+        "overlap",
+        MATCHES,
+        "Every tile overlaps its neighbours: fraction of unmatched edges within the limit.",
+    ),
 ]
 
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(RAW, description="The montage's tile manifest from the acquisition journal.", kinds={"tiff"}),
-        dg.AssetSpec(FLAT, deps=[RAW], description="Brightfield/darkfield references for flatfield correction."),
-        dg.AssetSpec(PROCESSED, deps=[RAW, FLAT], description="Flatfield-corrected, CLAHE-enhanced tiles (zarr per montage).",
-                     kinds={"zarr", "dask"}),
-        dg.AssetSpec(STATS, deps=[PROCESSED], description="Min/max/mean/std, 256-bin histogram, focus score and QC verdict per tile."),
-        dg.AssetSpec(MATCHES, deps=[PROCESSED], description="Each tile matched against its top and left neighbours (TEM_comms Match)."),
+        dg.AssetSpec(
+            RAW, description="The montage's tile manifest from the acquisition journal.", kinds={"tiff"}
+        ),
+        dg.AssetSpec(
+            FLAT, deps=[RAW], description="Brightfield/darkfield references for flatfield correction."
+        ),
+        dg.AssetSpec(
+            PROCESSED,
+            deps=[RAW, FLAT],
+            description="Flatfield-corrected, CLAHE-enhanced tiles (zarr per montage).",
+            kinds={"zarr", "dask"},
+        ),
+        dg.AssetSpec(
+            STATS,
+            deps=[PROCESSED],
+            description="Min/max/mean/std, 256-bin histogram, focus score and QC verdict per tile.",
+        ),
+        dg.AssetSpec(
+            MATCHES,
+            deps=[PROCESSED],
+            description="Each tile matched against its top and left neighbours (TEM_comms Match).",
+        ),
     ],
     check_specs=CHECKS,
     partitions_def=montages,
@@ -91,8 +117,14 @@ def montage_tiles(
     tiff_dir = store.path("acquisition", montage_id, "processed") if config.write_tiffs else None
     try:
         result = run_montage(
-            montage_id, hardware, dask.get_client(), processed_url=store.to_url(staging),
-            storage_options=store.storage_options or None, tiff_dir=tiff_dir, config=config.run_config(), logger=context.log,
+            montage_id,
+            hardware,
+            dask.get_client(),
+            processed_url=store.to_url(staging),
+            storage_options=store.storage_options or None,
+            tiff_dir=tiff_dir,
+            config=config.run_config(),
+            logger=context.log,
         )
         store.publish(staging, final)
     except BaseException:
@@ -110,22 +142,33 @@ def _results(result, processed_url: str, config: MontageProcessingConfig):
     yield dg.MaterializeResult(
         asset_key=RAW,
         metadata={
-            "tiles": len(recs), "grid": f"{rows} x {cols}", "missing": dg.MetadataValue.json([list(p) for p in result.missing]),
-            "seconds": round(result.seconds, 2), "tiles_per_second": round(len(recs) / result.seconds, 2) if result.seconds else 0.0,
+            "tiles": len(recs),
+            "grid": f"{rows} x {cols}",
+            "missing": dg.MetadataValue.json([list(p) for p in result.missing]),
+            "seconds": round(result.seconds, 2),
+            "tiles_per_second": round(len(recs) / result.seconds, 2) if result.seconds else 0.0,
         },
     )
-    yield dg.MaterializeResult(asset_key=FLAT, metadata={"flatfield": dg.MetadataValue.json(result.flatfield)})
+    yield dg.MaterializeResult(
+        asset_key=FLAT, metadata={"flatfield": dg.MetadataValue.json(result.flatfield)}
+    )
     yield dg.MaterializeResult(
         asset_key=PROCESSED,
-        metadata={"path": dg.MetadataValue.path(processed_url), "processed": len(ok), "failed": len(failed),
-                  "failures": dg.MetadataValue.json({r.tile.tile_id: r.error for r in failed})},
+        metadata={
+            "path": dg.MetadataValue.path(processed_url),
+            "processed": len(ok),
+            "failed": len(failed),
+            "failures": dg.MetadataValue.json({r.tile.tile_id: r.error for r in failed}),
+        },
     )
     focus = [r.outcome.focus for r in ok]
     yield dg.MaterializeResult(
         asset_key=STATS,
         metadata={
-            "qc_status": summary["status"], "qc_reason": summary["reason"] or "",
-            "tiles_passed": summary["passed"], "faults": dg.MetadataValue.json(summary["faults"]),
+            "qc_status": summary["status"],
+            "qc_reason": summary["reason"] or "",
+            "tiles_passed": summary["passed"],
+            "faults": dg.MetadataValue.json(summary["faults"]),
             "focus_median": round(statistics.median(focus), 4) if focus else -1.0,
             "mean_intensity": round(statistics.fmean(r.outcome.stats["mean"] for r in ok), 2) if ok else -1.0,
         },
@@ -134,8 +177,13 @@ def _results(result, processed_url: str, config: MontageProcessingConfig):
     matched = [m for m in edges if m]
     yield dg.MaterializeResult(
         asset_key=MATCHES,
-        metadata={"edges": len(edges), "matched": len(matched),
-                  "median_distance_px": round(statistics.median(m["distance"] for m in matched), 2) if matched else -1.0},
+        metadata={
+            "edges": len(edges),
+            "matched": len(matched),
+            "median_distance_px": round(statistics.median(m["distance"] for m in matched), 2)
+            if matched
+            else -1.0,
+        },
     )
     n = max(len(recs) + len(result.missing), 1)
 
@@ -145,14 +193,20 @@ def _results(result, processed_url: str, config: MontageProcessingConfig):
     yield _fraction_check("focus", STATS, frac(OUT_OF_FOCUS), config.max_out_of_focus_fraction)
     yield _fraction_check("blank_tiles", STATS, frac(BLANK), config.max_blank_fraction)
     critical = summary["faults"].get(SATURATED, {}).get("critical", 0)
-    yield _fraction_check("saturated_tiles", STATS, frac(SATURATED), config.max_saturated_fraction, extra_fail=critical > 0)
+    yield _fraction_check(
+        "saturated_tiles", STATS, frac(SATURATED), config.max_saturated_fraction, extra_fail=critical > 0
+    )
     unmatched = summary["faults"].get(NO_MATCH, {})
     edge_frac = sum(unmatched.values()) / max(len(edges), 1)
     yield _fraction_check("overlap", MATCHES, edge_frac, config.max_unmatched_edge_fraction)
 
 
-def _fraction_check(name: str, asset: dg.AssetKey, value: float, limit: float, extra_fail: bool = False) -> dg.AssetCheckResult:
+def _fraction_check(
+    name: str, asset: dg.AssetKey, value: float, limit: float, extra_fail: bool = False
+) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
-        check_name=name, asset_key=asset, passed=value <= limit and not extra_fail,
+        check_name=name,
+        asset_key=asset,
+        passed=value <= limit and not extra_fail,
         metadata={"fraction": round(value, 4), "limit": limit},
     )

@@ -11,7 +11,16 @@ from em_platform.resources.inbox import InboxResource
 from em_platform.resources.storage import StorageResource
 from em_platform.settings import Settings, load_settings
 
-__all__ = ["AcquisitionHardware", "BrokerScope", "SimulatedScope", "CatalogResource", "DaskResource", "InboxResource", "StorageResource", "build_resources"]
+__all__ = [
+    "AcquisitionHardware",
+    "BrokerScope",
+    "SimulatedScope",
+    "CatalogResource",
+    "DaskResource",
+    "InboxResource",
+    "StorageResource",
+    "build_resources",
+]
 
 
 def build_resources(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> dict:

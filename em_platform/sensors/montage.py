@@ -25,7 +25,9 @@ def montage_sensor(context: dg.SensorEvaluationContext, hardware: AcquisitionHar
     after = int(context.cursor or 0)
     new = hardware.montages_after(after, limit=MAX_MONTAGES_PER_TICK)
     if not new:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new montage after journal position {after}"), cursor=str(after))
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"no new montage after journal position {after}"), cursor=str(after)
+        )
     keys = [m.montage_id for m in new]
     unknown = [k for k in keys if not context.instance.has_dynamic_partition(montages.name, k)]
     return dg.SensorResult(

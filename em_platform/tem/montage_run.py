@@ -69,7 +69,13 @@ class Source:
 
 def _metadata(t: TileRow) -> dict[str, Any]:
     """The TileMetadata fields every tile.* message carries."""
-    meta = {"tile_id": t.tile_id, "montage_id": t.montage_id, "row": t.row, "column": t.column, "overlap": t.overlap or 0}
+    meta = {
+        "tile_id": t.tile_id,
+        "montage_id": t.montage_id,
+        "row": t.row,
+        "column": t.column,
+        "overlap": t.overlap or 0,
+    }
     if t.stage_x_nm is not None and t.stage_y_nm is not None:
         meta["stage_position"] = [t.stage_x_nm, t.stage_y_nm]
     return meta
@@ -94,7 +100,9 @@ def run_montage(
 
     start = clock()
     # The group the per-tile arrays (r<row>_c<column>) go into; its zarr.json is what makes it openable.
-    zarr.open_group(processed_url, mode="w", storage_options=storage_options, attributes={"montage_id": montage_id})
+    zarr.open_group(
+        processed_url, mode="w", storage_options=storage_options, attributes={"montage_id": montage_id}
+    )
     qc = MontageQC(config.qc)
     records: dict[str, TileRecord] = {}
     by_pos: dict[tuple[int, int], TileRecord] = {}
@@ -119,7 +127,9 @@ def run_montage(
 
         A faulty tile already has its verdict; matching it (or against it) would only blame its neighbours.
         """
-        return rec.outcome is not None and not tile_faults(rec.outcome.stats, rec.outcome.focus, [], config.qc)
+        return rec.outcome is not None and not tile_faults(
+            rec.outcome.stats, rec.outcome.focus, [], config.qc
+        )
 
     def try_match(rec: TileRecord) -> None:
         """Submit matches against top/left neighbours whose processing is done and usable."""
@@ -134,7 +144,16 @@ def run_montage(
                 rec.matches[position] = {"skipped": True}  # nothing to match against: not this tile's fault
                 continue
             rec.matches[position] = {}  # in flight
-            fut = client.submit(match_outcomes, rec.outcome, nbr.outcome, position, t.overlap or 0, t.row, t.column, pure=False)
+            fut = client.submit(
+                match_outcomes,
+                rec.outcome,
+                nbr.outcome,
+                position,
+                t.overlap or 0,
+                t.row,
+                t.column,
+                pure=False,
+            )
             match_futures[fut] = (t.tile_id, position)
 
     order: list[str] = []  # tile ids in acquisition order; verdicts are issued strictly in this order,
@@ -156,7 +175,11 @@ def run_montage(
             return
         t = rec.tile
         if rec.error is None:
-            needed = [p for p, (dr, dc) in (("top", (-1, 0)), ("left", (0, -1))) if (t.row + dr, t.column + dc) in by_pos]
+            needed = [
+                p
+                for p, (dr, dc) in (("top", (-1, 0)), ("left", (0, -1)))
+                if (t.row + dr, t.column + dc) in by_pos
+            ]
             in_flight = [p for p in needed if rec.matches.get(p) == {} or p not in rec.matches]
             if in_flight and not final:
                 return
@@ -172,7 +195,10 @@ def run_montage(
         meta = _metadata(t)
         if rec.outcome is not None:
             s = rec.outcome.stats
-            source.send("tile.statistics.min_max_mean", {**meta, "min": s["min"], "max": s["max"], "mean": s["mean"], "std": s["std"]})
+            source.send(
+                "tile.statistics.min_max_mean",
+                {**meta, "min": s["min"], "max": s["max"], "mean": s["mean"], "std": s["std"]},
+            )
             source.send("tile.statistics.histogram", {**meta, "hist": list(s["histogram"])})
             source.send("tile.statistics.focus", {**meta, "focus": float(rec.outcome.focus)})
             found = [m for m in matches if m is not None]
@@ -210,9 +236,16 @@ def run_montage(
             order.append(t.tile_id)
             by_pos[(t.row, t.column)] = rec
             fut = client.submit(
-                process_tile_file, t.path, flatfield_future, overlap=t.overlap or 0, out_url=processed_url,
-                storage_options=storage_options, array_name=f"r{t.row:03d}_c{t.column:03d}",
-                tiff_path=f"{tiff_dir}/{t.tile_id}.processed.tiff" if tiff_dir and config.write_tiffs else None,
+                process_tile_file,
+                t.path,
+                flatfield_future,
+                overlap=t.overlap or 0,
+                out_url=processed_url,
+                storage_options=storage_options,
+                array_name=f"r{t.row:03d}_c{t.column:03d}",
+                tiff_path=f"{tiff_dir}/{t.tile_id}.processed.tiff"
+                if tiff_dir and config.write_tiffs
+                else None,
                 pure=False,
             )
             futures[fut] = t.tile_id
@@ -228,7 +261,13 @@ def run_montage(
                     if fut.status == "error":
                         exc = fut.exception()
                         rec.error = f"{type(exc).__name__}: {exc}"
-                        logger.warning("tile %s (row %d, column %d) failed: %s", rec.tile.tile_id, rec.tile.row, rec.tile.column, rec.error)
+                        logger.warning(
+                            "tile %s (row %d, column %d) failed: %s",
+                            rec.tile.tile_id,
+                            rec.tile.row,
+                            rec.tile.column,
+                            rec.error,
+                        )
                     else:
                         rec.outcome = fut.result()
                     fut.release()
@@ -270,14 +309,27 @@ def _start_flatfield(client, references: list[TileRow], logger) -> tuple[Any, di
     bright = [r.path for r in references if r.brightfield]
     dark = [r.path for r in references if r.darkfield]
     if not bright or not dark:
-        logger.warning("no brightfield/darkfield reference frames before the first tile: tiles are not flatfield-corrected")
-        return client.scatter(None), {"kind": "none", "brightfield_frames": len(bright), "darkfield_frames": len(dark)}
+        logger.warning(
+            "no brightfield/darkfield reference frames before the first tile: tiles are not flatfield-corrected"
+        )
+        return client.scatter(None), {
+            "kind": "none",
+            "brightfield_frames": len(bright),
+            "darkfield_frames": len(dark),
+        }
     future = client.submit(build_flatfield, bright, dark, pure=False)
-    return future, {"kind": "brightfield/darkfield", "brightfield_frames": len(bright), "darkfield_frames": len(dark),
-                    "brightfield": bright, "darkfield": dark}
+    return future, {
+        "kind": "brightfield/darkfield",
+        "brightfield_frames": len(bright),
+        "darkfield_frames": len(dark),
+        "brightfield": bright,
+        "darkfield": dark,
+    }
 
 
-def _missing_positions(montage: MontageRow, by_pos: dict[tuple[int, int], TileRecord]) -> list[tuple[int, int]]:
+def _missing_positions(
+    montage: MontageRow, by_pos: dict[tuple[int, int], TileRecord]
+) -> list[tuple[int, int]]:
     """Grid positions never acquired: from the planned tile count and the grid the tiles span."""
     if not by_pos:
         return []
@@ -286,7 +338,9 @@ def _missing_positions(montage: MontageRow, by_pos: dict[tuple[int, int], TileRe
     total = montage.total_tiles or rows * cols
     if total > rows * cols and total % cols == 0:
         rows = total // cols
-    return [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in by_pos][: max(total - len(by_pos), 0)]
+    return [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in by_pos][
+        : max(total - len(by_pos), 0)
+    ]
 
 
 def _results(rec: TileRecord) -> dict[str, Any] | None:
@@ -294,14 +348,32 @@ def _results(rec: TileRecord) -> dict[str, Any] | None:
         return None
     s = rec.outcome.stats
     return {
-        "min": s["min"], "max": s["max"], "mean": s["mean"], "std": s["std"], "focus": float(rec.outcome.focus),
+        "min": s["min"],
+        "max": s["max"],
+        "mean": s["mean"],
+        "std": s["std"],
+        "focus": float(rec.outcome.focus),
         "histogram": list(s["histogram"]),
         "matches": {p: m for p, m in rec.matches.items() if m and not m.get("skipped")},
     }
 
 
 def _match_message(m: dict[str, Any], t: TileRow) -> dict[str, Any]:
-    keys = ("row", "column", "dX", "dY", "dXsd", "dYsd", "distance", "rotation", "position", "pX", "pY", "qX", "qY")
+    keys = (
+        "row",
+        "column",
+        "dX",
+        "dY",
+        "dXsd",
+        "dYsd",
+        "distance",
+        "rotation",
+        "position",
+        "pX",
+        "pY",
+        "qX",
+        "qY",
+    )
     dr, dc = {"top": (-1, 0), "left": (0, -1), "bottom": (1, 0), "right": (0, 1)}[m["position"]]
     out = {k: m[k] for k in keys if k in m}
     out.setdefault("row", t.row + dr)

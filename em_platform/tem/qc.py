@@ -102,10 +102,16 @@ def tile_faults(
     saturated = top is not None and top >= config.saturated_fraction
     if saturated:
         scope = "critical" if top >= config.critical_saturated_fraction else "transient"
-        faults.append(Fault(SATURATED, scope, top, 0.95 if scope == "critical" else 0.8, {"saturated_fraction": top}))
+        faults.append(
+            Fault(SATURATED, scope, top, 0.95 if scope == "critical" else 0.8, {"saturated_fraction": top})
+        )
     blank = std < config.min_std and not saturated  # a burned-out frame is flat too, but not blank
     if blank:
-        faults.append(Fault(BLANK, "transient", 1.0 - std / config.min_std, 0.9, {"std": std, "mean": stats.get("mean")}))
+        faults.append(
+            Fault(
+                BLANK, "transient", 1.0 - std / config.min_std, 0.9, {"std": std, "mean": stats.get("mean")}
+            )
+        )
     if focus is not None and not blank and not saturated and focus > config.max_focus:
         faults.append(
             Fault(

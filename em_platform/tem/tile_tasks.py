@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+
 @dataclass(frozen=True)
 class TileOutcome:
     stats: dict[str, Any]
@@ -57,16 +58,29 @@ def process_tile_file(
     focus = focus_score(raw)
     # Blank and saturated are camera facts: judge them on the raw counts, before CLAHE re-stretches them.
     top = np.iinfo(raw.dtype).max
-    stats = {**tile_statistics(image), "raw_std": float(raw.std(dtype=np.float64)),
-             "saturated_fraction": float(np.count_nonzero(raw == top)) / raw.size}
+    stats = {
+        **tile_statistics(image),
+        "raw_std": float(raw.std(dtype=np.float64)),
+        "saturated_fraction": float(np.count_nonzero(raw == top)) / raw.size,
+    }
     arr = zarr.create_array(
-        f"{out_url}/{array_name}", shape=image.shape, chunks=(min(1024, image.shape[0]), min(1024, image.shape[1])),
-        dtype=image.dtype, overwrite=True, storage_options=storage_options,
+        f"{out_url}/{array_name}",
+        shape=image.shape,
+        chunks=(min(1024, image.shape[0]), min(1024, image.shape[1])),
+        dtype=image.dtype,
+        overwrite=True,
+        storage_options=storage_options,
     )
     arr[...] = image
     if tiff_path:
         _write_tiff(tiff_path, image, storage_options)
-    return TileOutcome(stats=stats, focus=float(focus), shape=image.shape, strips=_strips(image, overlap), tiff_path=tiff_path)
+    return TileOutcome(
+        stats=stats,
+        focus=float(focus),
+        shape=image.shape,
+        strips=_strips(image, overlap),
+        tiff_path=tiff_path,
+    )
 
 
 def _write_tiff(path: str, image: np.ndarray, storage_options: dict | None) -> None:

@@ -179,5 +179,7 @@ def test_partition_whose_file_was_removed_fails_with_a_clear_error(ingested):
         instance=instance, partition_key="gone.mrc", raise_on_error=False
     )
     assert not result.success
-    message = result.get_run_failure_event().message + str(result.get_step_failure_events()[0].event_specific_data.error)
+    message = result.get_run_failure_event().message + str(
+        result.get_step_failure_events()[0].event_specific_data.error
+    )
     assert "gone.mrc" in message and "moved or deleted" in message

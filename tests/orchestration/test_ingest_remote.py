@@ -16,15 +16,25 @@ from tests.support.platform import make_platform
 def test_ingest_to_s3_with_postgres_catalog(tmp_path, s3_bucket, s3_endpoint, pg_url):
     bucket_url, opts = s3_bucket
     platform = make_platform(
-        tmp_path, data_root=f"{bucket_url}/em", catalog_url=pg_url, extra_env={"EM_S3_ENDPOINT_URL": s3_endpoint}
+        tmp_path,
+        data_root=f"{bucket_url}/em",
+        catalog_url=pg_url,
+        extra_env={"EM_S3_ENDPOINT_URL": s3_endpoint},
     )
     vol = em_texture((6, 300, 280), seed=21, dtype=np.uint16)
     tifffile.imwrite(
         platform.inbox / "cells.ome.tif",
         vol,
         ome=True,
-        metadata={"axes": "ZYX", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 4.0,
-                  "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 40.0, "PhysicalSizeZUnit": "nm"},
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 4.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 4.0,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 40.0,
+            "PhysicalSizeZUnit": "nm",
+        },
     )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("inbox_entries", ["cells.ome.tif"])

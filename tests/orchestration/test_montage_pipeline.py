@@ -25,7 +25,9 @@ def platform(tmp_path):
 
 def _run(platform, instance, montage_id):
     return platform.defs.resolve_job_def("montage_job").execute_in_process(
-        instance=instance, partition_key=montage_id, raise_on_error=False,
+        instance=instance,
+        partition_key=montage_id,
+        raise_on_error=False,
         run_config={"ops": {"montage_tiles": {"config": {"poll_seconds": 0.05}}}},
     )
 
@@ -35,8 +37,11 @@ def test_clean_montage_end_to_end(platform, tmp_path):
     cfg = ScopeConfig(rows=3, columns=4, overlap=0.15, jitter_px=8.0)
     truth = simulate_montage(cfg, tmp_path / "tiles", journal.record, sleep=lambda s: None)
     with dg.instance_for_test() as instance:
-        with dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=platform.defs,
-                                     resources={"hardware": SimulatedScope(journal_url=platform.settings.catalog_url)}) as ctx:
+        with dg.build_sensor_context(
+            instance_ref=instance.get_ref(),
+            definitions=platform.defs,
+            resources={"hardware": SimulatedScope(journal_url=platform.settings.catalog_url)},
+        ) as ctx:
             tick = montage_sensor.evaluate_tick(ctx)
         assert [r.partition_key for r in tick.run_requests] == [truth.montage_id]
         instance.add_dynamic_partitions("montages", [truth.montage_id])
@@ -46,9 +51,13 @@ def test_clean_montage_end_to_end(platform, tmp_path):
         assert evaluations == {c: True for c in CHECKS}
         keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
         assert keys == {"raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"}
-        stats = instance.get_latest_materialization_event(dg.AssetKey("tile_stats")).asset_materialization.metadata
+        stats = instance.get_latest_materialization_event(
+            dg.AssetKey("tile_stats")
+        ).asset_materialization.metadata
         assert stats["qc_status"].value == "GOOD" and stats["tiles_passed"].value == 12
-    group = zarr.open_group(str(platform.data_root / "acquisition" / truth.montage_id / "processed_tiles.zarr"), mode="r")
+    group = zarr.open_group(
+        str(platform.data_root / "acquisition" / truth.montage_id / "processed_tiles.zarr"), mode="r"
+    )
     assert len(list(group.array_keys())) == 12
     assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
 
@@ -85,4 +94,6 @@ def test_tiles_are_judged_while_the_montage_is_still_being_acquired(platform, tm
     scope.join(60)
     assert result.success
     topics = [m["topic"] for m in journal.messages(montage_id=montage_id)]
-    assert "qc.tile" in topics[: topics.index("montage.complete")], "no verdict was sent before the montage completed"
+    assert "qc.tile" in topics[: topics.index("montage.complete")], (
+        "no verdict was sent before the montage completed"
+    )

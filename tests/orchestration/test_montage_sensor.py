@@ -14,8 +14,15 @@ from tests.support.platform import make_platform
 
 
 def _tile(montage: str, i: int) -> dict:
-    return {"tile_id": f"{montage}-t{i}", "montage_id": montage, "row": i // 100, "column": i % 100, "overlap": 51,
-            "stage_position": [i * 1000, 0], "path": f"/tiles/{montage}/{i}.tiff"}
+    return {
+        "tile_id": f"{montage}-t{i}",
+        "montage_id": montage,
+        "row": i // 100,
+        "column": i % 100,
+        "overlap": 51,
+        "stage_position": [i * 1000, 0],
+        "path": f"/tiles/{montage}/{i}.tiff",
+    }
 
 
 @pytest.fixture
@@ -30,7 +37,9 @@ def setup(tmp_path):
 def _tick(setup, cursor=None):
     platform, _, instance = setup
     with dg.build_sensor_context(
-        instance_ref=instance.get_ref(), cursor=cursor, definitions=platform.defs,
+        instance_ref=instance.get_ref(),
+        cursor=cursor,
+        definitions=platform.defs,
         resources={"hardware": SimulatedScope(journal_url=platform.settings.catalog_url)},
     ) as ctx:
         return montage_sensor.evaluate_tick(ctx)
@@ -76,16 +85,31 @@ def test_restart_with_an_old_cursor_neither_loses_nor_duplicates(setup):
 
 def test_tick_stays_fast_with_ten_thousand_new_tiles(setup):
     _, journal, _ = setup
-    with journal.engine.begin() as conn:  # bulk-load 10,000 tiles of 4 montages through the journal's own rules
+    with (
+        journal.engine.begin() as conn
+    ):  # bulk-load 10,000 tiles of 4 montages through the journal's own rules
         from em_platform.tem import journal as j
 
         for k in range(4):
             j._apply_tile_raw(conn, _tile(f"big-{k}", 0), k + 1, j._now())
-        conn.execute(j.tiles.insert(), [
-            {"tile_id": f"x{i}", "montage_id": f"big-{i % 4}", "seq": 10 + i, "row": i // 100, "column": i % 100,
-             "path": "/t", "brightfield": False, "darkfield": False, "acquired_at": j._now(), "status": "acquired"}
-            for i in range(10_000)
-        ])
+        conn.execute(
+            j.tiles.insert(),
+            [
+                {
+                    "tile_id": f"x{i}",
+                    "montage_id": f"big-{i % 4}",
+                    "seq": 10 + i,
+                    "row": i // 100,
+                    "column": i % 100,
+                    "path": "/t",
+                    "brightfield": False,
+                    "darkfield": False,
+                    "acquired_at": j._now(),
+                    "status": "acquired",
+                }
+                for i in range(10_000)
+            ],
+        )
     t0 = time.perf_counter()
     result = _tick(setup)
     elapsed = time.perf_counter() - t0

@@ -36,12 +36,18 @@ def test_critical_fault_publishes_stop_now_on_the_broker(tmp_path, stomp_broker)
     journal = Journal(platform.settings.catalog_url)
     cfg = ScopeConfig(rows=2, columns=3, overlap=0.15, jitter_px=6.0, faults=("saturated:4",))
     truth = simulate_montage(cfg, tmp_path / "tiles", journal.record, sleep=lambda s: None)
-    hardware = BrokerScope(journal_url=platform.settings.catalog_url, broker=f"{stomp_broker.host}:{stomp_broker.port}",
-                           topic_prefix=stomp_broker.topic_prefix)
+    hardware = BrokerScope(
+        journal_url=platform.settings.catalog_url,
+        broker=f"{stomp_broker.host}:{stomp_broker.port}",
+        topic_prefix=stomp_broker.topic_prefix,
+    )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("montages", [truth.montage_id])
         result = platform.defs.resolve_job_def("montage_job").execute_in_process(
-            instance=instance, partition_key=truth.montage_id, resources={"hardware": hardware}, raise_on_error=False,
+            instance=instance,
+            partition_key=truth.montage_id,
+            resources={"hardware": hardware},
+            raise_on_error=False,
         )
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["saturated_tiles"] is False and checks["focus"] is True

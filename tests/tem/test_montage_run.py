@@ -32,16 +32,29 @@ def client():
 def _simulate_and_run(tmp_path, client, faults=(), **grid):
     url = f"sqlite:///{tmp_path / 'journal.sqlite'}"
     journal = Journal(url)
-    truth = simulate_montage(ScopeConfig(**{**GRID, **grid}, faults=tuple(faults)), tmp_path / "tiles", journal.record,
-                             sleep=lambda s: None)
+    truth = simulate_montage(
+        ScopeConfig(**{**GRID, **grid}, faults=tuple(faults)),
+        tmp_path / "tiles",
+        journal.record,
+        sleep=lambda s: None,
+    )
     hardware = SimulatedScope(journal_url=url)
-    result = run_montage(truth.montage_id, hardware, client, processed_url=str(tmp_path / "processed.zarr"),
-                         config=MontageRunConfig(poll_seconds=0.05))
+    result = run_montage(
+        truth.montage_id,
+        hardware,
+        client,
+        processed_url=str(tmp_path / "processed.zarr"),
+        config=MontageRunConfig(poll_seconds=0.05),
+    )
     return truth, result, journal
 
 
 def _faults(result):
-    return {(v.row, v.column): [(f.fault_type, f.scope) for f in v.faults] for v in result.qc.verdicts.values() if v.faults}
+    return {
+        (v.row, v.column): [(f.fault_type, f.scope) for f in v.faults]
+        for v in result.qc.verdicts.values()
+        if v.faults
+    }
 
 
 def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, client):
@@ -52,10 +65,10 @@ def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, cli
     errors = []
     for rec in result.tiles.values():
         t = truth.tile(rec.tile.row, rec.tile.column)
-        for position, m in rec.matches.items():
+        for m in rec.matches.values():
             nbr = truth.tile(m["row"], m["column"])
-            step_x = (t.nominal_px[0] - nbr.nominal_px[0])
-            step_y = (t.nominal_px[1] - nbr.nominal_px[1])
+            step_x = t.nominal_px[0] - nbr.nominal_px[0]
+            step_y = t.nominal_px[1] - nbr.nominal_px[1]
             true_dx = (t.position_px[0] - nbr.position_px[0]) - step_x
             true_dy = (t.position_px[1] - nbr.position_px[1]) - step_y
             errors.append(np.hypot(m["dX"] - true_dx, m["dY"] - true_dy))
@@ -66,8 +79,13 @@ def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, cli
     assert all(r.status == "processed" and r.qc_passed for r in montage_tiles)
     assert {"min", "max", "mean", "std", "focus", "histogram", "matches"} <= set(montage_tiles[0].results)
     sent = {m["topic"] for m in journal.messages(montage_id=truth.montage_id)}
-    assert {"tile.statistics.min_max_mean", "tile.statistics.histogram", "tile.statistics.focus", "tile.matches",
-            "qc.tile"} <= sent
+    assert {
+        "tile.statistics.min_max_mean",
+        "tile.statistics.histogram",
+        "tile.statistics.focus",
+        "tile.matches",
+        "qc.tile",
+    } <= sent
 
 
 @pytest.mark.parametrize(
@@ -95,8 +113,10 @@ def test_run_of_unfocused_tiles_is_persistent_and_stops_at_end(tmp_path, client)
     found = _faults(result)
     assert set(found) == {(1, 0), (1, 1), (1, 2), (1, 3)}
     assert [found[(1, c)][0] for c in range(4)] == [
-        ("out_of_focus", "transient"), ("out_of_focus", "transient"),
-        ("out_of_focus", "persistent"), ("out_of_focus", "persistent"),
+        ("out_of_focus", "transient"),
+        ("out_of_focus", "transient"),
+        ("out_of_focus", "persistent"),
+        ("out_of_focus", "persistent"),
     ]
     assert result.qc.status == "STOP_AT_END"
     assert [s for s, _ in journal.qc_statuses(truth.montage_id)] == ["GOOD", "STOP_AT_END"]
@@ -107,7 +127,9 @@ def test_stalled_acquisition_fails_with_a_clear_error(tmp_path, client):
     journal = Journal(url)
     events = []
     cfg = ScopeConfig(rows=2, columns=2, overlap=0.15, jitter_px=4.0)
-    simulate_montage(cfg, tmp_path / "tiles", lambda topic, p: events.append((topic, p)), sleep=lambda s: None)
+    simulate_montage(
+        cfg, tmp_path / "tiles", lambda topic, p: events.append((topic, p)), sleep=lambda s: None
+    )
     for topic, payload in events:
         if topic == "montage.complete":
             break  # the scope goes silent before the montage completes
@@ -115,16 +137,24 @@ def test_stalled_acquisition_fails_with_a_clear_error(tmp_path, client):
     montage_id = events[0][1]["montage_id"]
     ticks = iter(range(0, 10_000, 5))  # a fake clock: every look at it is 5 s later
     with pytest.raises(AcquisitionStalled, match=f"montage {montage_id}: no tile for 30 s"):
-        run_montage(montage_id, SimulatedScope(journal_url=url), client, processed_url=str(tmp_path / "p.zarr"),
-                    config=MontageRunConfig(poll_seconds=0.01, stall_timeout_seconds=30),
-                    clock=lambda: float(next(ticks)), sleep=lambda s: None)
+        run_montage(
+            montage_id,
+            SimulatedScope(journal_url=url),
+            client,
+            processed_url=str(tmp_path / "p.zarr"),
+            config=MontageRunConfig(poll_seconds=0.01, stall_timeout_seconds=30),
+            clock=lambda: float(next(ticks)),
+            sleep=lambda s: None,
+        )
 
 
 def test_flatfield_removes_the_simulated_vignetting():
     cfg = ScopeConfig(tile_size=512, dose=400.0)
     camera = Camera(cfg)
     rng = np.random.default_rng(3)
-    flat = Flatfield.from_frames([camera.brightfield(rng) for _ in range(16)], [camera.darkfield(rng) for _ in range(16)])
+    flat = Flatfield.from_frames(
+        [camera.brightfield(rng) for _ in range(16)], [camera.darkfield(rng) for _ in range(16)]
+    )
     frame = camera.brightfield(rng).astype(np.float32)  # a fresh frame, not one of the references
 
     def block_means(img):
