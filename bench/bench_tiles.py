@@ -12,10 +12,19 @@ vignetting (30 % to the corners), a dark offset and shot noise, saved as uncompr
 (the camera's format), plus brightfield/darkfield references. Tiles are read from disk (just written,
 so from the page cache, as in live acquisition where the camera has just saved them).
 
-Pixels run on a Dask ``LocalCluster`` of 2 worker processes × 1 thread (OpenCV limited to 1 thread
-each), as the platform runs pixel work on Dask. Per tile there are two tasks: *process* (read →
-histogram/focus, returning the statistics and the four edge strips) and *match* (this tile's top and
-left strips against the neighbours' bottom and right strips), so neighbours never ship whole tiles.
+Pixels run on Dask, as the platform runs pixel work, on 2 cores in two ways (``--executors``):
+``threads``, one worker with 2 threads (the platform's embedded default; OpenCV and numpy release the
+GIL), and ``processes``, 2 single-threaded worker processes (like ``dask-worker`` containers). OpenCV's
+own thread pool is limited to 1 thread. The faster one is the headline (``em_platform`` in the JSON).
+Per tile there are three kinds of task: *process* (read → histogram/focus, returning the statistics
+and the four edge strips), *strip* (picks the bottom/right strip a later neighbour needs) and *match*
+(this tile's top and left strips against the neighbours' bottom and right strips), so only 2.8 MB
+strips, never whole tiles, travel between workers.
+
+Dask worker processes run with ``MALLOC_TRIM_THRESHOLD_=65536`` (Dask's default), which makes glibc
+hand every large buffer back to the OS: each 25 MB array then costs ~6,000 page faults. That is why
+the process executor is slower per tile here; ``MALLOC_MMAP_THRESHOLD_=134217728`` in the workers'
+environment removes the difference (measured: 3.9 → 4.8 tiles/s on 20 tiles).
 
 * **throughput**: all tiles submitted at once; tiles/s and MPix/s over the wall time (after a warm-up);
 * **paced latency**: tiles arrive at the Allen scope's rate (3.1 tiles/s) and the latency from arrival

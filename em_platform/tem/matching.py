@@ -4,9 +4,10 @@ The Allen TEM_graph MatcherNode template-matches each new tile against its alrea
 left neighbours and sends one TEM_comms ``tile.Match`` per neighbour (reference/seed-systems.md §1.2).
 This module does the same on the CPU with OpenCV:
 
-* **Patches.** ``n_patches`` square templates (``patch_px``, default 384 px, narrower if the overlap
-  is) are cut from the tile's overlap strip, evenly spaced along the shared edge, like the piTEAM
-  matcher's 3 or 10 matches per edge.
+* **Patches.** ``n_patches`` (default 5) templates of up to ``patch_px`` × ``patch_px`` (384 px; less
+  across when the overlap is narrower, less along when the edge is too short for that many without
+  overlapping) are cut from the tile's overlap strip, evenly spaced along the shared edge, like the
+  piTEAM matcher's 3 or 10 matches per edge.
 * **Search.** Each template is searched for in the neighbour's overlap strip within ``±max_shift_px``
   of its nominal place with normalised cross-correlation (``cv2.matchTemplate``, ``TM_CCOEFF_NORMED``:
   insensitive to the brightness and contrast of either tile).
@@ -21,8 +22,8 @@ This module does the same on the CPU with OpenCV:
   the fraction of patches that agree.
 
 Sign convention (exact): with the neighbour at its place in the montage, the tile's nominal position
-is one tile width minus ``overlap_px`` to the right of its left neighbour (one tile height minus
-``overlap_px`` below its top neighbour). ``dX, dY`` = true position of the tile − nominal position, in
+is the neighbour's width minus ``overlap_px`` to the right of its left neighbour (the neighbour's
+height minus ``overlap_px`` below its top neighbour). ``dX, dY`` = true position of the tile − nominal position, in
 pixels (x to the right, y down): tile pixel ``(x, y)`` shows the same specimen point as neighbour pixel
 ``(x + W_n − overlap_px + dX, y + dY)`` for a left neighbour of width ``W_n`` and
 ``(x + dX, y + H_n − overlap_px + dY)`` for a top neighbour of height ``H_n``. ``rotation`` is the angle

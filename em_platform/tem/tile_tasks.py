@@ -48,6 +48,9 @@ def process_tile_file(
 
     from em_platform.tem.tile_processing import clahe, focus_score, read_tile, tile_statistics
 
+    import cv2
+
+    cv2.setNumThreads(1)  # Dask runs one tile per thread; OpenCV's own pool would oversubscribe the cores
     raw = read_tile(path)
     corrected = flatfield.apply(raw) if flatfield is not None else raw
     image = clahe(corrected)
