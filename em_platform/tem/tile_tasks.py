@@ -44,11 +44,10 @@ def process_tile_file(
     tiff_path: str | None = None,
 ) -> TileOutcome:
     """Read, correct, enhance and measure one tile; store the processed tile as ``<out_url>/<array_name>``."""
+    import cv2
     import zarr
 
     from em_platform.tem.tile_processing import clahe, focus_score, read_tile, tile_statistics
-
-    import cv2
 
     cv2.setNumThreads(1)  # Dask runs one tile per thread; OpenCV's own pool would oversubscribe the cores
     raw = read_tile(path)
