@@ -1,5 +1,7 @@
 """Run every benchmark: each ``bench/bench_*.py`` module's ``main(argv)``, in name order.
 
+``main`` returns an exit code (non-zero = failed) or None / its results; an exception fails it.
+
 python -m bench.run                      # all benchmarks at their default sizes
 python -m bench.run ome_zarr -- --gib 0.1   # only the named ones, with arguments passed through
 """
@@ -32,17 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"=== bench_{name} ===", flush=True)
         t = time.perf_counter()
-        module = importlib.import_module(f"bench.bench_{name}")
         try:
-            rc = module.main(passthrough)
+            module = importlib.import_module(f"bench.bench_{name}")
+            result = module.main(passthrough)
+            # a benchmark's main returns an exit code, or None / its results when it ran
+            ok = not (isinstance(result, int) and not isinstance(result, bool) and result != 0)
         except Exception as exc:  # one failing benchmark must not hide the others
             print(f"bench_{name} failed: {exc!r}", file=sys.stderr)
-            rc = 1
+            ok = False
+        except SystemExit as exc:  # argparse errors and sys.exit() inside a benchmark
+            ok = exc.code in (None, 0)
         print(
-            f"=== bench_{name}: {'ok' if not rc else 'FAILED'} in {time.perf_counter() - t:.0f} s ===\n",
+            f"=== bench_{name}: {'ok' if ok else 'FAILED'} in {time.perf_counter() - t:.0f} s ===\n",
             flush=True,
         )
-        if rc:
+        if not ok:
             failed.append(name)
     return 1 if failed else 0
 

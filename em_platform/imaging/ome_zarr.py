@@ -182,7 +182,11 @@ def _validate(
         kind = AXIS_TYPES[a]
         known = {"space": KNOWN_SPATIAL_UNITS, "time": KNOWN_TEMPORAL_UNITS}.get(kind, [])
         if u not in known:
-            hint = f"NGFF {kind} units such as {known[:6]}" if known else "None (a channel axis has no unit)"
+            hint = {
+                "space": "an NGFF unit name such as 'nanometer', 'angstrom' or 'micrometer' "
+                "(em_platform.formats.volume.normalise_unit maps 'nm', 'Å', 'µm' to these)",
+                "time": "an NGFF unit name such as 'second' or 'millisecond'",
+            }.get(kind, "None: a channel axis has no unit")
             raise ValueError(f"units: unknown unit {u!r} for axis {a!r}; use {hint}")
     return axes, tuple(scale_f), tuple(units)
 
@@ -313,7 +317,12 @@ def write_ome_zarr(
     client : a ``distributed.Client``; without one, dask's threaded scheduler runs the tasks.
 
     Returns the :class:`MultiscaleInfo` of what was written. Raises ValueError for a bad argument,
-    naming it.
+    naming it (before anything is written).
+
+    Memory: a task holds one block of (level-1 chunk x 2) voxels (16 MiB of uint16 for the default 3-D
+    chunks) and a few temporaries, about 35 MiB; the threaded scheduler runs 2 tasks per core, and the
+    chunks waiting to be combined into the next level add a few tens of MiB. None of it grows with the
+    image size. Chunks that are all zero (the fill value) are not stored, so padded montages stay small.
     """
     if not isinstance(data, da.Array):
         data = da.asarray(data)

@@ -6,16 +6,17 @@ The plan decides, level by level, which axes are halved:
   the level is <= ``min_size``;
 * z is halved only when that keeps the level closer to isotropic: with ``t`` the y/x voxel size the
   new level will have, z is halved when its current voxel size ``z < 2/3 * t``, i.e. when ``2 z`` is
-  nearer to ``t`` than ``z`` is. This is the rule of neuroglancer's precomputed downsampling
-  (``compute_near_isotropic_downsampling_scales``): an isotropic volume is halved in z at every level,
-  an 8x4x4 nm FIB-SEM stack keeps z at level 1 (8x8x8 nm) and halves it from level 2 on, and a 40x4x4 nm
-  serial-section stack keeps z until y/x reach 64 nm;
+  nearer to ``t`` than ``z`` is. This is the test neuroglancer's precomputed downsampling
+  (``compute_near_isotropic_downsampling_scales``) applies to the axes it may halve along with the
+  finest one (here y/x are always halved, as the pyramid is for y/x viewing first). An isotropic
+  volume is halved in z at every level, an 8x4x4 nm FIB-SEM stack keeps z at level 1 (8x8x8 nm) and
+  halves it from level 2 on, and a 40x4x4 nm serial-section stack keeps z until y/x reach 64 nm;
 * t and c are never downsampled.
 
 Downsampling is the mean over each 2 (or 2x2, 2x2x2) window. At an odd edge the window holds only the
 voxels that exist (the output size is the ceiling of half the input) and their mean is taken, so no
-dark border appears; this equals the mean over the edge-replicated window. Integer results are rounded
-half up back to the source dtype; float results are computed in float64 and cast back.
+dark border appears; this equals the mean over the edge-replicated window. Integer means are exact and
+rounded half up to the source dtype; float means are computed in float64 and cast back.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-SPATIAL_AXES = ("z", "y", "x")
 
 # z is halved when its voxel size is below this fraction of the y/x voxel size of the new level.
 Z_DOWNSAMPLE_FRACTION = 2.0 / 3.0
