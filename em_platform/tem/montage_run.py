@@ -34,6 +34,7 @@ class MontageRunConfig:
 class TileRecord:
     tile: TileRow
     outcome: TileOutcome | None = None
+    future: Any = None  # the processing future, kept so match tasks take their inputs from the workers
     error: str | None = None
     matches: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     verdict: TileVerdict | None = None
@@ -167,6 +168,16 @@ def run_montage(
             if rec.verdict is None:
                 return
             next_verdict += 1
+            release(by_pos.get((rec.tile.row - 1, rec.tile.column)))
+
+    def release(rec: TileRecord | None) -> None:
+        """Drop a tile's overlap strips once the tile below it is judged: memory stays about one row of tiles."""
+        if rec is not None and rec.future is not None:
+            rec.future.release()
+            rec.future = None
+            rec.outcome = TileOutcome(
+                rec.outcome.stats, rec.outcome.focus, rec.outcome.shape, {}, rec.outcome.tiff_path
+            )
 
     def try_verdict(rec: TileRecord, final: bool = False) -> None:
         if rec.verdict is not None:
@@ -247,6 +258,7 @@ def run_montage(
                 if tiff_dir and config.write_tiffs
                 else None,
                 pure=False,
+                priority=-len(order),  # first come, first processed (Dask would otherwise pick any order)
             )
             futures[fut] = t.tile_id
         busy = list(futures) + list(match_futures)
@@ -270,7 +282,9 @@ def run_montage(
                         )
                     else:
                         rec.outcome = fut.result()
-                    fut.release()
+                        rec.future = fut  # released once the tile and its later neighbours are matched
+                    if rec.error is not None:
+                        fut.release()
                 else:
                     tile_id, position = match_futures.pop(fut)
                     records[tile_id].matches[position] = None if fut.status == "error" else fut.result()
