@@ -32,6 +32,16 @@ def em_texture(shape: tuple[int, ...], seed: int, dtype=np.uint8) -> np.ndarray:
     return out.astype(dtype) if info else out.astype(dtype)
 
 
+def write_ome_tiff(path: Path, data: np.ndarray, voxel_nm: dict[str, float]) -> None:
+    """An OME-TIFF with axes ZYX (or YX) and physical sizes in nm, as acquisition software writes them."""
+    axes = "ZYX"[-data.ndim :]
+    meta: dict = {"axes": axes}
+    for a in axes:
+        meta[f"PhysicalSize{a}"] = float(voxel_nm[a.lower()])
+        meta[f"PhysicalSize{a}Unit"] = "nm"
+    tifffile.imwrite(path, data, ome=True, photometric="minisblack", metadata=meta)
+
+
 def _atomic(path: Path, write) -> None:
     """Write through a hidden temporary name, then rename, so a watcher never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -53,24 +63,7 @@ def write_samples(inbox: Path, *, include_dm: bool = True) -> list[Path]:
 
     if p := want("fibsem_crop.ome.tif"):
         vol = em_texture((24, 192, 192), seed=1)
-        _atomic(
-            p,
-            lambda t: tifffile.imwrite(
-                t,
-                vol,
-                ome=True,
-                photometric="minisblack",
-                metadata={
-                    "axes": "ZYX",
-                    "PhysicalSizeX": 5.0,
-                    "PhysicalSizeXUnit": "nm",
-                    "PhysicalSizeY": 5.0,
-                    "PhysicalSizeYUnit": "nm",
-                    "PhysicalSizeZ": 8.0,
-                    "PhysicalSizeZUnit": "nm",
-                },
-            ),
-        )
+        _atomic(p, lambda t: write_ome_tiff(t, vol, {"z": 8.0, "y": 5.0, "x": 5.0}))
     if p := want("overview.tif"):
         img = em_texture((384, 512), seed=2)
         _atomic(p, lambda t: tifffile.imwrite(t, img, photometric="minisblack"))

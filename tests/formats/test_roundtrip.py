@@ -19,26 +19,13 @@ from ome_zarr.reader import Reader
 from em_platform.formats import open_volume
 from em_platform.imaging.ome_zarr import write_ome_zarr
 from em_platform.ingest.local import resolve_voxel_size
-from em_platform.samples import em_texture
+from em_platform.samples import em_texture, write_ome_tiff
 
 
 def _ome_tiff(tmp):
     vol = em_texture((9, 70, 90), seed=11, dtype=np.uint16)
     p = tmp / "v.ome.tif"
-    tifffile.imwrite(
-        p,
-        vol,
-        ome=True,
-        metadata={
-            "axes": "ZYX",
-            "PhysicalSizeX": 4.0,
-            "PhysicalSizeXUnit": "nm",
-            "PhysicalSizeY": 4.0,
-            "PhysicalSizeYUnit": "nm",
-            "PhysicalSizeZ": 30.0,
-            "PhysicalSizeZUnit": "nm",
-        },
-    )
+    write_ome_tiff(p, vol, {"z": 30.0, "y": 4.0, "x": 4.0})
     return p, tifffile.imread(p), {"z": 30.0, "y": 4.0, "x": 4.0}
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dagster as dg
 import numpy as np
 import s3fs
-import tifffile
 import zarr
 
 from em_platform.catalog.db import CatalogDB
-from em_platform.samples import em_texture
+from em_platform.samples import em_texture, write_ome_tiff
 from tests.support.platform import make_platform
 
 
@@ -22,20 +21,7 @@ def test_ingest_to_s3_with_postgres_catalog(tmp_path, s3_bucket, s3_endpoint, pg
         extra_env={"EM_S3_ENDPOINT_URL": s3_endpoint},
     )
     vol = em_texture((6, 300, 280), seed=21, dtype=np.uint16)
-    tifffile.imwrite(
-        platform.inbox / "cells.ome.tif",
-        vol,
-        ome=True,
-        metadata={
-            "axes": "ZYX",
-            "PhysicalSizeX": 4.0,
-            "PhysicalSizeXUnit": "nm",
-            "PhysicalSizeY": 4.0,
-            "PhysicalSizeYUnit": "nm",
-            "PhysicalSizeZ": 40.0,
-            "PhysicalSizeZUnit": "nm",
-        },
-    )
+    write_ome_tiff(platform.inbox / "cells.ome.tif", vol, {"z": 40.0, "y": 4.0, "x": 4.0})
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("inbox_entries", ["cells.ome.tif"])
         result = platform.defs.resolve_job_def("ingest_local_job").execute_in_process(
