@@ -126,7 +126,3 @@ class DataStore:
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as f:
             return json.load(f)
-
-    def clean_staging(self) -> None:
-        """Remove every staging leftover (from runs that died before publishing)."""
-        self.remove(self.path(STAGING))

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from em_platform.tem.journal import MontageRow, TileRow
 from em_platform.tem.qc import MontageQC, QCConfig, TileVerdict, tile_faults
@@ -59,7 +59,7 @@ class MontageRunResult:
         return rows, cols
 
 
-class Source:
+class Source(Protocol):
     """What the runner needs from the acquisition hardware (the Dagster resource satisfies it)."""
 
     def montage(self, montage_id: str) -> MontageRow | None: ...
@@ -123,7 +123,7 @@ def run_montage(
             source.send("qc.status", {"status": qc.status, "reason": qc.reason}, montage_id=montage_id)
             logger.info("qc.status %s%s", qc.status, f" ({qc.reason})" if qc.reason else "")
 
-    def usable(rec: TileRecord) -> bool:  # noqa: D401
+    def usable(rec: TileRecord) -> bool:
         """Processed and free of single-tile faults (blank, saturated, out of focus): worth matching.
 
         A faulty tile already has its verdict; matching it (or against it) would only blame its neighbours.
