@@ -13,7 +13,7 @@ from em_platform.partitions import montages
 from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
-from em_platform.tem.qc import BLANK, NO_MATCH, OUT_OF_FOCUS, SATURATED, QCConfig
+from em_platform.tem.qc import BLANK, OUT_OF_FOCUS, SATURATED, QCConfig
 
 RAW, FLAT, PROCESSED, STATS, MATCHES = (
     dg.AssetKey(k) for k in ("raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches")
@@ -173,7 +173,7 @@ def _results(result, processed_url: str, config: MontageProcessingConfig):
             "mean_intensity": round(statistics.fmean(r.outcome.stats["mean"] for r in ok), 2) if ok else -1.0,
         },
     )
-    edges = [m for r in ok for p, m in r.matches.items() if not (m and m.get("skipped"))]
+    edges = result.edges()
     matched = [m for m in edges if m]
     yield dg.MaterializeResult(
         asset_key=MATCHES,
@@ -185,20 +185,17 @@ def _results(result, processed_url: str, config: MontageProcessingConfig):
             else -1.0,
         },
     )
-    n = max(len(recs) + len(result.missing), 1)
-
-    def frac(fault: str, scopes=("transient", "persistent", "critical")) -> float:
-        return sum(v for s, v in summary["faults"].get(fault, {}).items() if s in scopes) / n
-
-    yield _fraction_check("focus", STATS, frac(OUT_OF_FOCUS), config.max_out_of_focus_fraction)
-    yield _fraction_check("blank_tiles", STATS, frac(BLANK), config.max_blank_fraction)
-    critical = summary["faults"].get(SATURATED, {}).get("critical", 0)
+    frac = result.fault_fractions()
+    yield _fraction_check("focus", STATS, frac[OUT_OF_FOCUS], config.max_out_of_focus_fraction)
+    yield _fraction_check("blank_tiles", STATS, frac[BLANK], config.max_blank_fraction)
     yield _fraction_check(
-        "saturated_tiles", STATS, frac(SATURATED), config.max_saturated_fraction, extra_fail=critical > 0
+        "saturated_tiles",
+        STATS,
+        frac[SATURATED],
+        config.max_saturated_fraction,
+        extra_fail=frac["critical_saturated"] > 0,
     )
-    unmatched = summary["faults"].get(NO_MATCH, {})
-    edge_frac = sum(unmatched.values()) / max(len(edges), 1)
-    yield _fraction_check("overlap", MATCHES, edge_frac, config.max_unmatched_edge_fraction)
+    yield _fraction_check("overlap", MATCHES, frac["unmatched_edges"], config.max_unmatched_edge_fraction)
 
 
 def _fraction_check(

@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from em_platform.tem.journal import MontageRow, TileRow
-from em_platform.tem.qc import MontageQC, QCConfig, TileVerdict, tile_faults
+from em_platform.tem.qc import (
+    BLANK,
+    NO_MATCH,
+    OUT_OF_FOCUS,
+    SATURATED,
+    MontageQC,
+    QCConfig,
+    TileVerdict,
+    tile_faults,
+)
 from em_platform.tem.tile_tasks import TileOutcome, build_flatfield, match_outcomes, process_tile_file
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,32 @@ class MontageRunResult:
     qc: MontageQC
     processed_url: str
     seconds: float
+
+    def edges(self) -> list[dict[str, Any] | None]:
+        """Every neighbour match attempted (None: no overlap found); edges skipped for a faulty neighbour excluded."""
+        return [
+            m
+            for r in self.tiles.values()
+            if r.outcome is not None
+            for m in r.matches.values()
+            if not (m and m.get("skipped"))
+        ]
+
+    def fault_fractions(self) -> dict[str, float]:
+        """Montage-level QC figures: fraction of planned tiles with each fault, and of edges left unmatched."""
+        faults = self.qc.summary()["faults"]
+        n = max(len(self.tiles) + len(self.missing), 1)
+
+        def frac(fault: str) -> float:
+            return sum(faults.get(fault, {}).values()) / n
+
+        return {
+            OUT_OF_FOCUS: frac(OUT_OF_FOCUS),
+            BLANK: frac(BLANK),
+            SATURATED: frac(SATURATED),
+            "critical_saturated": float(faults.get(SATURATED, {}).get("critical", 0)),
+            "unmatched_edges": sum(faults.get(NO_MATCH, {}).values()) / max(len(self.edges()), 1),
+        }
 
     @property
     def grid(self) -> tuple[int, int]:
