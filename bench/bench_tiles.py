@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,21 +124,25 @@ def write_montage(
     tifffile.imwrite(workdir / "brightfield.tiff", bright.astype(np.float32))
     tifffile.imwrite(workdir / "darkfield.tiff", dark.astype(np.float32))
     step = size - overlap
-    tiles = []
-    for i in range(n_tiles):
+    jitter = rng.integers(-20, 21, (n_tiles, 2))
+
+    def write_tile(i: int) -> dict[str, Any]:
         r, c = divmod(i, columns)
-        jx, jy = (int(v) for v in rng.integers(-20, 21, 2))
-        x0, y0 = c * step + jx, r * step + jy
+        x0, y0 = c * step + int(jitter[i, 0]), r * step + int(jitter[i, 1])
+        noise = np.random.default_rng((seed, i))
         rows = (y0 + np.arange(size)) % period
         cols = (x0 + np.arange(size)) % period
         signal = specimen[np.ix_(rows, cols)] * beam * vig * 0.7 + dark
-        signal += np.sqrt(np.maximum(signal, 0)) * rng.standard_normal(
+        signal += np.sqrt(np.maximum(signal, 0)) * noise.standard_normal(
             signal.shape, dtype=np.float32
         )  # shot noise
         raw = np.clip(np.rint(signal), 0, 255).astype(np.uint8)
         path = workdir / f"tile_r{r:02d}_c{c:02d}.tiff"
         tifffile.imwrite(path, raw)
-        tiles.append({"index": i, "row": r, "column": c, "path": str(path), "x": x0, "y": y0})
+        return {"index": i, "row": r, "column": c, "path": str(path), "x": x0, "y": y0}
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # numpy releases the GIL: generation on all cores
+        tiles = list(pool.map(write_tile, range(n_tiles)))
     return {"tiles": tiles, "bright": bright, "dark": dark}
 
 

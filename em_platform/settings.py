@@ -23,7 +23,9 @@ class Settings:
     dask_scheduler_address: str | None
     s3_endpoint_url: str | None
     inbox_settle_seconds: float
-    broker: str | None = None  # HOST:PORT of the STOMP broker the microscope talks to; None = embedded simulator
+    broker: str | None = (
+        None  # HOST:PORT of the STOMP broker the microscope talks to; None = embedded simulator
+    )
 
     @property
     def storage_options(self) -> dict:

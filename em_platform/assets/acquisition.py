@@ -24,7 +24,7 @@ class MontageProcessingConfig(dg.Config):
     """Run configuration (the launchpad shows these); QC thresholds are documented in ``tem/qc.py``."""
 
     stall_timeout_seconds: float = 300.0
-    poll_seconds: float = 0.5
+    poll_seconds: float = MontageRunConfig.poll_seconds
     write_tiffs: bool = False
     min_std: float = QCConfig.min_std
     saturated_fraction: float = QCConfig.saturated_fraction

