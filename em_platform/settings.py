@@ -23,9 +23,10 @@ class Settings:
     dask_scheduler_address: str | None
     s3_endpoint_url: str | None
     inbox_settle_seconds: float
-    broker: str | None = (
-        None  # HOST:PORT of the STOMP broker the microscope talks to; None = embedded simulator
-    )
+    # HOST:PORT of the STOMP broker the microscope talks to; None = the embedded simulator
+    broker: str | None = None
+    # the scope's calibrated pixel size; with it, tiles are matched around their stage positions
+    scope_pixel_size_nm: float | None = None
 
     @property
     def storage_options(self) -> dict:
@@ -92,7 +93,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         s3_endpoint_url=env.get("EM_S3_ENDPOINT_URL", "").strip() or None,
         inbox_settle_seconds=settle_s,
         broker=_broker(env.get("EM_BROKER", "").strip() or None),
+        scope_pixel_size_nm=_pixel_size(env.get("EM_SCOPE_PIXEL_SIZE_NM", "").strip() or None),
     )
+
+
+def _pixel_size(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        size = float(value)
+        if not 0 < size < 1e6:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"EM_SCOPE_PIXEL_SIZE_NM={value!r} must be the scope's pixel size in nm, a number > 0 (e.g. 4.0)"
+        ) from None
+    return size
 
 
 def _broker(spec: str | None) -> str | None:

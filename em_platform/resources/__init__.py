@@ -10,6 +10,7 @@ from em_platform.resources.dask import DaskResource
 from em_platform.resources.inbox import InboxResource
 from em_platform.resources.storage import StorageResource
 from em_platform.settings import Settings, load_settings
+from em_platform.simulation.scope_config import ScopeConfig
 
 __all__ = [
     "AcquisitionHardware",
@@ -31,7 +32,12 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
         "catalog": CatalogResource(url=s.catalog_url),
         "dask": DaskResource(scheduler_address=s.dask_scheduler_address),
         "inbox": InboxResource(path=s.inbox, settle_seconds=s.inbox_settle_seconds),
-        "hardware": BrokerScope(journal_url=s.catalog_url, broker=s.broker)
+        "hardware": BrokerScope(
+            journal_url=s.catalog_url, broker=s.broker, pixel_size_nm=s.scope_pixel_size_nm
+        )
         if s.broker
-        else SimulatedScope(journal_url=s.catalog_url),
+        else SimulatedScope(
+            journal_url=s.catalog_url,
+            pixel_size_nm=s.scope_pixel_size_nm or ScopeConfig.model_fields["pixel_size_nm"].default,
+        ),
     }

@@ -17,6 +17,9 @@ class AcquisitionHardware(dg.ConfigurableResource, ABC):
     """Reads the acquisition journal; sends per-tile results and QC verdicts back to the microscope."""
 
     journal_url: str
+    # The scope's pixel size at its imaging magnification (nm). TEM_comms sends it only with
+    # montage.complete; with it known beforehand, live matching is centred on the stage positions.
+    pixel_size_nm: float | None = None
     _journal: Journal | None = PrivateAttr(default=None)
 
     def journal(self) -> Journal:

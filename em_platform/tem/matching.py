@@ -41,7 +41,15 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-__all__ = ["EdgeStrip", "Match", "default_max_shift", "edge_strip", "match_neighbour"]
+__all__ = [
+    "EdgeStrip",
+    "Match",
+    "default_max_shift",
+    "edge_strip",
+    "match_neighbour",
+    "stage_margin",
+    "stage_search",
+]
 
 Position = Literal["top", "left"]
 
@@ -58,6 +66,18 @@ _PEAK_EXCLUSION = 3  # half-width of the peak neighbourhood left out of the surf
 def default_max_shift(overlap_px: int) -> int:
     """The default search range: a third of the overlap, at most 64 px (±64 px beyond nominal)."""
     return max(1, min(64, int(overlap_px) // 3))
+
+
+def stage_search(overlap_px: int) -> int:
+    """Search range around a stage-reported place: half the default (at least 8 px). Stage readouts are
+    good to a few px, and the narrower range leaves wider templates where neighbours barely overlap."""
+    return max(8, default_max_shift(overlap_px) // 2)
+
+
+def stage_margin(overlap_px: int) -> int:
+    """How much further than nominal a stage-reported place may put a tile (either way, across the edge):
+    half the overlap. Strips are cut this much deeper, so the search can be centred there."""
+    return max(0, int(overlap_px) // 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,6 +279,7 @@ def match_neighbour(
     min_peak_z: float = MIN_PEAK_Z,
     row: int | None = None,
     column: int | None = None,
+    expected: tuple[float, float] = (0.0, 0.0),
 ) -> Match | None:
     """Match ``tile`` against its ``position`` ("top" or "left") neighbour over their nominal overlap of
     ``overlap_px`` pixels; ``None`` when no overlap is found. See the module docstring for the method
@@ -266,8 +287,12 @@ def match_neighbour(
     (the tile's ``position`` strip, the neighbour's opposite one); ``row`` and ``column`` (the
     neighbour's) are only carried into the result.
 
-    ``max_shift_px`` (default :func:`default_max_shift`) bounds ``|dX|`` and ``|dY|``; it must leave at
-    least 8 px of the overlap for the templates (``overlap_px − max_shift_px ≥ 8``).
+    ``expected`` is where the tile is believed to be, ``(dX, dY)`` from nominal (e.g. from the stage
+    positions): the search is centred there, templates are placed in the overlap it implies, and the
+    result is still relative to nominal. ``max_shift_px`` (default :func:`default_max_shift`) bounds
+    ``|dX − expected dX|`` and ``|dY − expected dY|``; it must leave at least 8 px of the overlap for
+    the templates (``overlap_px − max_shift_px ≥ 8``). An expected place that leaves too little overlap
+    gives ``None``; strips must reach ``overlap_px + max_shift_px`` plus any expected shift across.
     """
     if position not in ("top", "left"):
         raise ValueError(
@@ -285,23 +310,36 @@ def match_neighbour(
     if n_patches < 1 or min_agreeing < 1:
         raise ValueError("n_patches and min_agreeing must be at least 1")
 
+    # the expected offset in the oriented frame (across the shared edge, along it), whole pixels
+    e_across, e_along = (round(expected[0]), round(expected[1]))[:: 1 if position == "left" else -1]
+    overlap = overlap_px - e_across  # the overlap the expected place implies
+    if overlap - shift < _MIN_TEMPLATE_PX:
+        return None  # the tiles are expected (nearly) not to overlap: nothing to match
+
     t, q, q_x0, (t_length, t_width), (q_length, q_width) = _oriented(
-        tile, neighbour, position, overlap_px + shift
+        tile, neighbour, position, overlap + shift
     )
-    length = min(t_length, q_length)  # the shared edge, along the strip
-    if overlap_px + shift > min(t_width, q_width):
+    if overlap + shift > min(t_width, q_width):
         raise ValueError(
-            f"overlap_px + max_shift_px = {overlap_px + shift} is more than a tile ({t_width} and {q_width} px across)"
+            f"overlap_px + max_shift_px = {overlap + shift} is more than a tile ({t_width} and {q_width} px across)"
         )
-    tw = min(overlap_px - shift, patch_px)  # template extent across the strip …
-    a = (overlap_px - shift - tw) // 2  # … centred in the usable part of the overlap
+    tw = min(overlap - shift, patch_px)  # template extent across the strip …
+    a = (overlap - shift - tw) // 2  # … centred in the usable part of the overlap
+    # along the strip: templates start at or after `first` and end by `last`, so that their search
+    # windows (± shift around the expected place) stay inside the neighbour
+    first, last = max(0, shift - e_along), min(t_length, q_length - shift - e_along)
+    span = last - first
     # template extent along the strip: patch_px, or less so that the patches do not overlap
-    ph = min(patch_px, max(_MIN_PATCH_LENGTH, (length - 2 * shift) // n_patches), length - 2 * shift)
+    ph = min(patch_px, max(_MIN_PATCH_LENGTH, span // n_patches), span)
     if ph < _MIN_TEMPLATE_PX:
-        raise ValueError(f"tiles of {length} px along the edge are too short for max_shift_px={shift}")
-    starts = np.unique(np.linspace(shift, length - ph - shift, n_patches).round().astype(int))
+        if e_along:
+            return None  # expected to share too little edge
+        raise ValueError(
+            f"tiles of {min(t_length, q_length)} px along the edge are too short for max_shift_px={shift}"
+        )
+    starts = np.unique(np.linspace(first, last - ph, n_patches).round().astype(int))
     nominal = q_width - overlap_px  # the tile's nominal offset across the strip
-    sx0 = nominal + a - shift - q_x0  # the search window's first column in q
+    sx0 = nominal + e_across + a - shift - q_x0  # the search window's first column in q
 
     found = []  # (dx, dy, peak, px, py) in the oriented frame
     template = np.empty((ph, tw), np.float32)  # float32 buffers reused for every patch
@@ -311,7 +349,8 @@ def match_neighbour(
         _, t_std = cv2.meanStdDev(template)
         if not t_std[0, 0] > 1e-3:
             continue  # no contrast: nothing to match
-        np.copyto(search, q[y0 - shift : y0 + ph + shift, sx0 : sx0 + tw + 2 * shift], casting="unsafe")
+        y1 = y0 + e_along - shift
+        np.copyto(search, q[y1 : y1 + ph + 2 * shift, sx0 : sx0 + tw + 2 * shift], casting="unsafe")
         r = cv2.matchTemplate(search, template, cv2.TM_CCOEFF_NORMED)
         if not np.isfinite(r).all():
             r = np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
@@ -321,7 +360,9 @@ def match_neighbour(
         if _peak_z(r, ix, iy, peak) < min_peak_z:
             continue
         ox, oy = _subpixel_peak(r, ix, iy)
-        found.append((ix + ox - shift, iy + oy - shift, peak, a + (tw - 1) / 2, y0 + (ph - 1) / 2))
+        found.append(
+            (ix + ox - shift + e_across, iy + oy - shift + e_along, peak, a + (tw - 1) / 2, y0 + (ph - 1) / 2)
+        )
     n_total = len(starts)
     if len(found) < min_agreeing:
         return None

@@ -106,6 +106,8 @@ class MontageRunResult:
 class Source(Protocol):
     """What the runner needs from the acquisition hardware (the Dagster resource satisfies it)."""
 
+    pixel_size_nm: float | None
+
     def montage(self, montage_id: str) -> MontageRow | None: ...
     def tiles(self, montage_id: str, after_seq: int = 0) -> list[TileRow]: ...
     def send(self, topic: str, payload: dict[str, Any], *, montage_id: str | None = None) -> None: ...
@@ -196,8 +198,13 @@ def run_montage(
                 t.overlap or 0,
                 t.row,
                 t.column,
+                _expected_offset(t, nbr.tile, position, nbr.outcome.shape, pixel_size()),
             )
             match_futures[fut] = (t.tile_id, position)
+
+    def pixel_size() -> float | None:
+        """The montage's own (from montage.complete, when re-processing), else the scope's calibration."""
+        return (montage.pixel_size_nm if montage else None) or getattr(source, "pixel_size_nm", None)
 
     order: list[str] = []  # tile ids in acquisition order; verdicts are issued strictly in this order,
     next_verdict = 0  # so that "N faulty tiles in a row" means N consecutive tiles of the scope
@@ -351,6 +358,13 @@ def run_montage(
                     touched.update((r.tile.tile_id, r) for r in tile_done(fut))
                 elif fut in match_futures:
                     tile_id, position = match_futures.pop(fut)
+                    if (
+                        fut.status == "error"
+                    ):  # counted as no overlap found, but it is a bug or bad input: say so
+                        exc = fut.exception()
+                        logger.warning(
+                            "matching tile %s to its %s neighbour failed: %r", tile_id, position, exc
+                        )
                     records[tile_id].matches[position] = None if fut.status == "error" else fut.result()
                     fut.release()
                     touched[tile_id] = records[tile_id]
@@ -404,6 +418,31 @@ def _start_flatfield(client, references: list[TileRow], logger) -> tuple[Any, di
         "brightfield": bright,
         "darkfield": dark,
     }
+
+
+def _expected_offset(
+    tile: TileRow,
+    neighbour: TileRow,
+    position: str,
+    neighbour_shape: tuple[int, int],
+    pixel_size_nm: float | None,
+) -> tuple[float, float] | None:
+    """Where the stage says the tile sits relative to its neighbour, as (dX, dY) px from nominal.
+
+    Stage positions are field-of-view centres in nm; stage axes are taken as the image axes (x right,
+    y down, as the simulator and an unrotated scope report them). None without positions or pixel size.
+    """
+    if not pixel_size_nm or None in (
+        tile.stage_x_nm,
+        tile.stage_y_nm,
+        neighbour.stage_x_nm,
+        neighbour.stage_y_nm,
+    ):
+        return None
+    step = neighbour_shape[1 if position == "left" else 0] - (tile.overlap or 0)
+    dx = (tile.stage_x_nm - neighbour.stage_x_nm) / pixel_size_nm
+    dy = (tile.stage_y_nm - neighbour.stage_y_nm) / pixel_size_nm
+    return (dx - step, dy) if position == "left" else (dx, dy - step)
 
 
 def _missing_positions(

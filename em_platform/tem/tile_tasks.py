@@ -43,9 +43,12 @@ def build_flatfield(bright_paths: list[str], dark_paths: list[str]):
 
 
 def _strips(image: np.ndarray, overlap: int) -> dict[str, Any]:
-    from em_platform.tem.matching import edge_strip
+    from em_platform.tem.matching import default_max_shift, edge_strip, stage_margin
 
-    return {side: edge_strip(image, side, overlap) for side in ("top", "bottom", "left", "right")}
+    depth = default_max_shift(overlap) + stage_margin(
+        overlap
+    )  # beyond the overlap: room for the stage's place
+    return {side: edge_strip(image, side, overlap, depth) for side in ("top", "bottom", "left", "right")}
 
 
 def process_tile_file(
@@ -124,16 +127,40 @@ _NEIGHBOUR = {"top": (-1, 0), "left": (0, -1)}
 
 
 def match_outcomes(
-    tile: TileOutcome, neighbour: TileOutcome, position: str, overlap: int, row: int, column: int
+    tile: TileOutcome,
+    neighbour: TileOutcome,
+    position: str,
+    overlap: int,
+    row: int,
+    column: int,
+    expected: tuple[float, float] | None = None,
 ) -> dict[str, Any] | None:
     """Match ``tile`` (at ``row``, ``column``) against its ``position`` ("top"/"left") neighbour's strip.
 
-    Returns the TEM_comms ``Match`` fields plus ``quality``, or None when no overlap is found.
+    ``expected``: the offset from nominal the stage positions predict. The search is centred there
+    (clamped to :func:`~em_platform.tem.matching.stage_margin`, searching
+    :func:`~em_platform.tem.matching.stage_search` around it), and around nominal if that finds
+    nothing, so a wrong stage reading costs time, never a match. Returns the TEM_comms ``Match``
+    fields plus ``quality``, ``n_agreeing`` and ``search`` ("stage"/"nominal"), or None when no
+    overlap is found.
     """
-    from em_platform.tem.matching import match_neighbour
+    from em_platform.tem.matching import match_neighbour, stage_margin, stage_search
 
     dr, dc = _NEIGHBOUR[position]
-    m = match_neighbour(tile.strips[position], neighbour.strips[_OPPOSITE[position]], position, overlap)
+    strips = tile.strips[position], neighbour.strips[_OPPOSITE[position]]
+    m, search = None, "nominal"
+    if expected is not None and any(round(e) for e in expected):
+        limit = stage_margin(overlap)
+        centre = tuple(float(np.clip(e, -limit, limit)) for e in expected)
+        shift = stage_search(overlap)
+        m, search = match_neighbour(*strips, position, overlap, max_shift_px=shift, expected=centre), "stage"
+    if m is None:
+        m, search = match_neighbour(*strips, position, overlap), "nominal"
     if m is None:
         return None
-    return {**m.to_message(row + dr, column + dc), "quality": m.quality, "n_agreeing": m.n_agreeing}
+    return {
+        **m.to_message(row + dr, column + dc),
+        "quality": m.quality,
+        "n_agreeing": m.n_agreeing,
+        "search": search,
+    }

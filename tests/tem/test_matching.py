@@ -164,6 +164,40 @@ def test_offset_beyond_the_search_range_gives_none(specimen):
     assert match_neighbour(tile, neighbour, "left", OVERLAP, max_shift_px=20) is None
 
 
+@pytest.mark.parametrize("position", ["left", "top"])
+@pytest.mark.parametrize("offset", [(55, -47), (-45, 40), (52.3, 9.6)])
+def test_search_centred_on_the_expected_place_finds_offsets_beyond_the_nominal_range(
+    specimen, position, offset
+):
+    """The stage says where the tile is (within a few px): shifts far beyond ±max_shift are then found,
+    and the result is still measured from nominal."""
+    tile, neighbour = cut_pair(specimen, position, *offset, dose=100.0, seed=6)
+    assert match_neighbour(tile, neighbour, position, OVERLAP, max_shift_px=12) is None
+    stage = (offset[0] + 3, offset[1] - 2)  # a stage readout a few px off
+    m = match_neighbour(tile, neighbour, position, OVERLAP, max_shift_px=12, expected=stage)
+    assert m is not None
+    assert (m.dX, m.dY) == pytest.approx(offset, abs=0.1)
+    # the same offsets through edge strips deep enough for the expected place
+    depth = OVERLAP + 12 + 64
+    side = "left" if position == "left" else "top"
+    strips = (
+        edge_strip(tile, side, OVERLAP, 12 + 64),
+        edge_strip(neighbour, {"left": "right", "top": "bottom"}[side], OVERLAP, 12 + 64),
+    )
+    assert strips[0].pixels.shape[1 if side == "left" else 0] == depth
+    m2 = match_neighbour(*strips, position, OVERLAP, max_shift_px=12, expected=stage)
+    assert m2 is not None and (m2.dX, m2.dY) == pytest.approx((m.dX, m.dY), abs=1e-9)
+    assert m2.qX == pytest.approx(m.qX) and m2.qY == pytest.approx(m.qY)
+
+
+def test_expected_place_without_enough_overlap_gives_none(specimen):
+    tile, neighbour = cut_pair(specimen, "left", 0, 0)
+    assert (
+        match_neighbour(tile, neighbour, "left", OVERLAP, max_shift_px=12, expected=(OVERLAP - 15, 0)) is None
+    )
+    assert match_neighbour(tile, neighbour, "left", OVERLAP, max_shift_px=12, expected=(0, SIZE)) is None
+
+
 def test_half_blank_edge_still_matches_with_lower_quality(specimen):
     tile, neighbour = cut_pair(specimen, "left", 4.5, -2.5, dose=100.0)
     full = match_neighbour(tile, neighbour, "left", OVERLAP)

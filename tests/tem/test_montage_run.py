@@ -31,7 +31,7 @@ def client():
             yield c
 
 
-def _simulate_and_run(tmp_path, client, faults=(), **grid):
+def _simulate_and_run(tmp_path, client, faults=(), pixel_size_nm=4.0, **grid):
     url = f"sqlite:///{tmp_path / 'journal.sqlite'}"
     journal = Journal(url)
     truth = simulate_montage(
@@ -40,7 +40,7 @@ def _simulate_and_run(tmp_path, client, faults=(), **grid):
         journal.record,
         sleep=lambda s: None,
     )
-    hardware = SimulatedScope(journal_url=url)
+    hardware = SimulatedScope(journal_url=url, pixel_size_nm=pixel_size_nm)
     result = run_montage(
         truth.montage_id,
         hardware,
@@ -59,21 +59,29 @@ def _faults(result):
     }
 
 
-def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, client):
-    truth, result, journal = _simulate_and_run(tmp_path, client)
-    assert _faults(result) == {}
-    assert result.qc.status == "GOOD" and result.missing == []
-    assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
+def _match_errors(truth, result) -> list[float]:
+    """Per matched edge: distance (px) between the measured and the true offset from nominal."""
     errors = []
     for rec in result.tiles.values():
         t = truth.tile(rec.tile.row, rec.tile.column)
         for m in rec.matches.values():
+            if m is None or m.get("skipped"):
+                continue
             nbr = truth.tile(m["row"], m["column"])
             step_x = t.nominal_px[0] - nbr.nominal_px[0]
             step_y = t.nominal_px[1] - nbr.nominal_px[1]
             true_dx = (t.position_px[0] - nbr.position_px[0]) - step_x
             true_dy = (t.position_px[1] - nbr.position_px[1]) - step_y
-            errors.append(np.hypot(m["dX"] - true_dx, m["dY"] - true_dy))
+            errors.append(float(np.hypot(m["dX"] - true_dx, m["dY"] - true_dy)))
+    return errors
+
+
+def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, client):
+    truth, result, journal = _simulate_and_run(tmp_path, client)
+    assert _faults(result) == {}
+    assert result.qc.status == "GOOD" and result.missing == []
+    assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
+    errors = _match_errors(truth, result)
     assert len(errors) == 2 * 3 * 4 - 3 - 4  # every interior edge matched
     assert max(errors) < 0.5, errors
     rows = journal.tiles(truth.montage_id)
@@ -88,6 +96,48 @@ def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, cli
         "tile.matches",
         "qc.tile",
     } <= sent
+
+
+def test_stage_positions_centre_the_search_when_jitter_exceeds_the_nominal_range(tmp_path, client):
+    """With ±20 px of stage jitter, neighbours sit up to 40 px from nominal against each other, beyond
+    the ±25 px nominal search of a 77 px overlap. With stage positions (and the pixel size from
+    montage.complete) the search is centred where the stage says: every edge is found, correctly.
+    Without them, the far-off edges are reported as no overlap."""
+    grid = dict(rows=4, columns=5, overlap=0.15, jitter_px=20.0, seed=11)
+    found = {}
+    for with_stage in (True, False):
+        d = tmp_path / f"stage-{with_stage}"
+        journal = Journal(f"sqlite:///{d / 'journal.sqlite'}")
+
+        def record(topic, payload, with_stage=with_stage, journal=journal):
+            if not with_stage and topic == "tile.raw":
+                payload = {k: v for k, v in payload.items() if k != "stage_position"}
+            journal.record(topic, payload)
+
+        truth = simulate_montage(ScopeConfig(**grid), d / "tiles", record, sleep=lambda s: None)
+        result = run_montage(
+            truth.montage_id,
+            SimulatedScope(journal_url=journal.url, pixel_size_nm=None),
+            client,
+            processed_url=str(d / "processed.zarr"),
+            config=MontageRunConfig(poll_seconds=0.05),
+        )
+        errors = _match_errors(truth, result)
+        assert max(errors) < 0.5, errors  # whatever is found is right
+        found[with_stage] = len(errors)
+    offsets = []  # true offset from nominal across each interior edge, both axes
+    for t in truth.tiles:
+        for r, c in ((t.row - 1, t.column), (t.row, t.column - 1)):
+            if r >= 0 and c >= 0:
+                n = truth.tile(r, c)
+                offsets += [
+                    (t.position_px[a] - n.position_px[a]) - (t.nominal_px[a] - n.nominal_px[a])
+                    for a in (0, 1)
+                ]
+    assert max(abs(o) for o in offsets) > 25  # the case this test is about is there
+    edges = 2 * 4 * 5 - 4 - 5
+    assert found[True] == edges
+    assert found[False] < edges
 
 
 @pytest.mark.parametrize(
@@ -122,6 +172,40 @@ def test_run_of_unfocused_tiles_is_persistent_and_stops_at_end(tmp_path, client)
     ]
     assert result.qc.status == "STOP_AT_END"
     assert [s for s, _ in journal.qc_statuses(truth.montage_id)] == ["GOOD", "STOP_AT_END"]
+
+
+def test_processed_tiffs_when_asked(tmp_path, client):
+    """write_tiffs: one processed TIFF per tile beside the zarr, identical to it, announced by tile.processed."""
+    import tifffile
+    import zarr
+
+    url = f"sqlite:///{tmp_path / 'journal.sqlite'}"
+    journal = Journal(url)
+    truth = simulate_montage(
+        ScopeConfig(rows=2, columns=2, overlap=0.15, jitter_px=4.0),
+        tmp_path / "tiles",
+        journal.record,
+        sleep=lambda s: None,
+    )
+    result = run_montage(
+        truth.montage_id,
+        SimulatedScope(journal_url=url),
+        client,
+        processed_url=str(tmp_path / "processed.zarr"),
+        tiff_dir=str(tmp_path / "tiffs"),
+        config=MontageRunConfig(poll_seconds=0.05, write_tiffs=True),
+    )
+    announced = {m["tile_id"]: m["path"] for m in journal.messages("tile.processed", truth.montage_id)}
+    assert set(announced) == set(result.tiles)
+    group = zarr.open_group(str(tmp_path / "processed.zarr"), mode="r")
+    for rec in result.tiles.values():
+        path = announced[rec.tile.tile_id]
+        assert (
+            path.startswith(str(tmp_path / "tiffs")) and not (tmp_path / "tiffs" / (path + ".tmp")).exists()
+        )
+        image = tifffile.imread(path)
+        np.testing.assert_array_equal(image, group[f"r{rec.tile.row:03d}_c{rec.tile.column:03d}"][...])
+    assert not list((tmp_path / "tiffs").glob("*.tmp"))
 
 
 def test_stalled_acquisition_fails_with_a_clear_error(tmp_path, client):
