@@ -49,6 +49,8 @@ def test_s3_root_needs_a_catalog_url_and_passes_the_endpoint():
         ),
         ({"EM_INBOX_SETTLE_SECONDS": "soon"}, "EM_INBOX_SETTLE_SECONDS"),
         ({"EM_INBOX_SETTLE_SECONDS": "-1"}, "EM_INBOX_SETTLE_SECONDS"),
+        ({"EM_SCOPE_PIXEL_SIZE_NM": "4nm"}, "EM_SCOPE_PIXEL_SIZE_NM"),
+        ({"EM_SCOPE_PIXEL_SIZE_NM": "0"}, "EM_SCOPE_PIXEL_SIZE_NM"),
     ],
 )
 def test_bad_config_names_the_variable(env, names, tmp_path):
@@ -72,3 +74,14 @@ def test_docker_deployment_with_everything_set():
         }
     )
     assert s.deployment == "docker" and s.dask_scheduler_address == "tcp://dask:8786"
+
+
+def test_scope_pixel_size_reaches_the_hardware_resource(tmp_path):
+    from em_platform.resources import build_resources
+
+    simulated = build_resources(env={"EM_DATA_ROOT": str(tmp_path)})["hardware"]
+    assert simulated.pixel_size_nm == 4.0  # the embedded simulator's default
+    broker = build_resources(env={"EM_DATA_ROOT": str(tmp_path), "EM_BROKER": "127.0.0.1:61613"})["hardware"]
+    assert broker.pixel_size_nm is None  # a real scope's pixel size is not guessed
+    env = {"EM_DATA_ROOT": str(tmp_path), "EM_BROKER": "127.0.0.1:61613", "EM_SCOPE_PIXEL_SIZE_NM": "3.8"}
+    assert build_resources(env=env)["hardware"].pixel_size_nm == 3.8
