@@ -6,7 +6,7 @@ journal at the measured rate of one Allen scope (2,772 tiles in 902 s = 3.07 til
 verdict was journaled − time the ``tile.raw`` was journaled. A second, unpaced run (all tiles already
 there, as in a backfill) gives the sustained throughput of the same code.
 
-python -m bench.bench_tiles_live [--tiles 48] [--size 5000] [--rate 3.07]
+python -m bench.bench_tiles_live [--tiles 120] [--size 5000] [--rate 3.07]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
     p = argparse.ArgumentParser(prog="bench_tiles_live")
-    p.add_argument("--tiles", type=int, default=48)
+    p.add_argument("--tiles", type=int, default=120)
     p.add_argument("--columns", type=int, default=6)
     p.add_argument("--size", type=int, default=5000)
     p.add_argument("--rate", type=float, default=ALLEN_RATE)

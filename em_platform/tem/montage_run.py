@@ -308,7 +308,10 @@ def run_montage(
         below, right = by_pos.get((t.row + 1, t.column)), by_pos.get((t.row, t.column + 1))
         return [r for r in (rec, below, right) if r is not None]
 
-    client.run(warm_up)  # imports and OpenCV/zarr set-up on every worker before the first tile is due
+    # imports and OpenCV/zarr set-up on the workers before the first tile is due; not waited for
+    # (the futures are held until the end: a released future's task may be cancelled)
+    threads = max(1, sum(client.nthreads().values()))
+    warming = [client.submit(warm_up, pure=False, priority=1) for _ in range(threads)]
     montage: MontageRow | None = None
     next_poll = clock()
     while True:
@@ -389,6 +392,7 @@ def run_montage(
                 )
             sleep(max(0.0, next_poll - clock()))
 
+    del warming
     missing = _missing_positions(montage, by_pos)
     for r, c in missing:
         qc.add_missing(f"missing-r{r}-c{c}", r, c)
