@@ -204,7 +204,7 @@ def run_montage(
 
     def pixel_size() -> float | None:
         """The montage's own (from montage.complete, when re-processing), else the scope's calibration."""
-        return (montage.pixel_size_nm if montage else None) or getattr(source, "pixel_size_nm", None)
+        return (montage.pixel_size_nm if montage else None) or source.pixel_size_nm
 
     order: list[str] = []  # tile ids in acquisition order; verdicts are issued strictly in this order,
     next_verdict = 0  # so that "N faulty tiles in a row" means N consecutive tiles of the scope
@@ -361,9 +361,7 @@ def run_montage(
                     touched.update((r.tile.tile_id, r) for r in tile_done(fut))
                 elif fut in match_futures:
                     tile_id, position = match_futures.pop(fut)
-                    if (
-                        fut.status == "error"
-                    ):  # counted as no overlap found, but it is a bug or bad input: say so
+                    if fut.status == "error":  # counted as no overlap found, but a bug or bad input: say so
                         exc = fut.exception()
                         logger.warning(
                             "matching tile %s to its %s neighbour failed: %r", tile_id, position, exc
