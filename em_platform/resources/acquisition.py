@@ -46,9 +46,11 @@ class AcquisitionHardware(dg.ConfigurableResource, ABC):
             self.journal().record_qc_status(montage_id, payload["status"], payload.get("reason"))
         self._publish(topic, payload)
 
-    def record_tile_results(self, tile_id: str, **results: Any) -> None:
-        """Per-tile results and QC verdict into the journal (the TEM database's tile record, later)."""
-        self.journal().save_tile_results(tile_id, **results)
+    def report_tile(self, tile_id: str, outgoing: list[tuple[str, dict[str, Any]]], **results: Any) -> None:
+        """A judged tile: its outgoing messages and results into the journal in one commit, then out."""
+        self.journal().record_tile_report(tile_id, outgoing, **results)
+        for topic, payload in outgoing:
+            self._publish(topic, payload)
 
     @abstractmethod
     def _publish(self, topic: str, payload: dict[str, Any]) -> None: ...

@@ -111,7 +111,9 @@ class Source(Protocol):
     def montage(self, montage_id: str) -> MontageRow | None: ...
     def tiles(self, montage_id: str, after_seq: int = 0) -> list[TileRow]: ...
     def send(self, topic: str, payload: dict[str, Any], *, montage_id: str | None = None) -> None: ...
-    def record_tile_results(self, tile_id: str, **results: Any) -> None: ...
+    def report_tile(
+        self, tile_id: str, outgoing: list[tuple[str, dict[str, Any]]], **results: Any
+    ) -> None: ...
 
 
 def _metadata(t: TileRow) -> dict[str, Any]:
@@ -253,23 +255,27 @@ def run_montage(
         )
         rec.verdict = qc.add(t.tile_id, t.row, t.column, faults)
         meta = _metadata(t)
+        outgoing: list[tuple[str, dict[str, Any]]] = []
         if rec.outcome is not None:
             s = rec.outcome.stats
-            source.send(
-                "tile.statistics.min_max_mean",
-                {**meta, "min": s["min"], "max": s["max"], "mean": s["mean"], "std": s["std"]},
-            )
-            source.send("tile.statistics.histogram", {**meta, "hist": list(s["histogram"])})
-            source.send("tile.statistics.focus", {**meta, "focus": float(rec.outcome.focus)})
+            outgoing += [
+                (
+                    "tile.statistics.min_max_mean",
+                    {**meta, "min": s["min"], "max": s["max"], "mean": s["mean"], "std": s["std"]},
+                ),
+                ("tile.statistics.histogram", {**meta, "hist": list(s["histogram"])}),
+                ("tile.statistics.focus", {**meta, "focus": float(rec.outcome.focus)}),
+            ]
             found = [m for m in matches if m is not None]
             if found:
-                source.send("tile.matches", {**meta, "matches": [_match_message(m, t) for m in found]})
+                outgoing.append(("tile.matches", {**meta, "matches": [_match_message(m, t) for m in found]}))
             if rec.outcome.tiff_path:
-                source.send("tile.processed", {**meta, "path": rec.outcome.tiff_path})
+                outgoing.append(("tile.processed", {**meta, "path": rec.outcome.tiff_path}))
         faults_msg = [f.message() for f in rec.verdict.faults]
-        source.send("qc.tile", {**meta, "passed": rec.verdict.passed, "faults": faults_msg})
-        source.record_tile_results(
+        outgoing.append(("qc.tile", {**meta, "passed": rec.verdict.passed, "faults": faults_msg}))
+        source.report_tile(
             t.tile_id,
+            outgoing,
             status="failed" if rec.error else "processed",
             results=_results(rec),
             qc_passed=rec.verdict.passed,
