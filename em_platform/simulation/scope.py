@@ -12,6 +12,11 @@ sends (TEM_comms models, as JSON-ready dicts) through ``emit(topic, payload)``:
 4. ``montage.complete`` (the acquired tiles, a corrupt one included, references and missing ones not);
 5. ``montage.status`` ``completed``.
 
+Like a real scope it obeys QC: given ``qc_status`` (the latest ``qc.status`` the platform sent for this
+montage), it asks before each tile; ``STOP_NOW`` ends the acquisition there (no more tiles, no
+``montage.complete``, a last ``montage.status`` ``cancelled`` naming the reason); ``STOP_AT_END`` lets the
+montage finish and is recorded in the ground truth (a scope would not start the next one).
+
 Files (all in ``out_dir``, each written under a temporary name and renamed when complete):
 ``<tile_id>.tiff`` for tiles and reference frames (uncompressed, like the Allen camera service), and
 ``ground_truth.json`` (see :class:`GroundTruth`), written before ``montage.complete`` is sent.
@@ -47,6 +52,7 @@ from em_platform.simulation.camera import Camera, beam_center_px, blur_sigma_px
 from em_platform.simulation.scope_config import ScopeConfig
 
 Emit = Callable[[str, dict[str, Any]], None]
+QCStatus = Callable[[], "tuple[str, str | None] | None"]
 
 GROUND_TRUTH_FILE = "ground_truth.json"
 GROUND_TRUTH_FORMAT = "em_platform/scope-sim-ground-truth/1"
@@ -158,6 +164,7 @@ def simulate_montage(
     roi_id: str | None = None,
     now: Callable[[], datetime] = _utcnow,
     sleep: Callable[[float], None] = time.sleep,
+    qc_status: QCStatus | None = None,
 ) -> GroundTruth:
     """Acquire one simulated montage into ``out_dir`` (created; must not hold another montage).
 
@@ -166,7 +173,7 @@ def simulate_montage(
     only on ``config``, not on ``montage_id``; tile ids are derived from the montage id, which defaults to a
     fresh uuid4. ``now``/``sleep`` are the clock and the pacing (``config.rate`` tiles/s). If the run is
     interrupted or fails, a last ``montage.status`` says ``cancelled`` or ``error`` before the exception
-    propagates.
+    propagates. ``qc_status()`` returns the latest ``(status, reason)`` for the montage, or None.
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +183,8 @@ def simulate_montage(
         )
     montage_id = montage_id or str(uuid.uuid4())
     acquisition_id = acquisition_id or str(uuid.uuid5(_NAMESPACE, f"{montage_id}/acquisition"))
-    return _Acquisition(config, out, emit, montage_id, acquisition_id, roi_id, now, sleep).run()
+    acq = _Acquisition(config, out, emit, montage_id, acquisition_id, roi_id, now, sleep, qc_status)
+    return acq.run()
 
 
 class _Acquisition:
@@ -192,8 +200,11 @@ class _Acquisition:
         roi_id: str | None,
         now: Callable[[], datetime],
         sleep: Callable[[float], None],
+        qc_status: QCStatus | None = None,
     ):
         self.c = config
+        self.qc_status = qc_status
+        self.stopped_by: tuple[str, str | None] | None = None  # the qc.status that ended the acquisition
         self.out = out
         self.emit = emit
         self.montage_id = montage_id
@@ -213,6 +224,12 @@ class _Acquisition:
             self._acquire_tiles()
             truth = self._ground_truth(references)
             truth.save(self.out / GROUND_TRUTH_FILE)  # before montage.complete: whoever reacts finds it
+            if self.stopped_by is not None:
+                status, reason = self.stopped_by
+                self._final_status(
+                    "cancelled", f"stopped by QC: {status}" + (f" ({reason})" if reason else "")
+                )
+                return truth
             self.emit("montage.complete", self._complete())
             self._status("completed", self.c.total_tiles, current_position=self.tiles[-1].stage_position_nm)
         except KeyboardInterrupt:
@@ -303,6 +320,11 @@ class _Acquisition:
         for t in self.tiles:
             if not t.acquired:
                 continue  # a missing tile: never taken, no file, no message
+            latest = self.qc_status() if self.qc_status is not None else None
+            if latest is not None and latest[0] == "STOP_NOW":
+                self.stopped_by = latest
+                self._skip_rest(t.raster_index)
+                return
             waited = 0.0
             if c.rate > 0 and first_at is not None:  # the n-th tile no earlier than n / rate after the first
                 waited = (first_at + timedelta(seconds=acquired / c.rate) - self.now()).total_seconds()
@@ -336,8 +358,17 @@ class _Acquisition:
                 current_position=t.stage_position_nm,
             )
 
+    def _skip_rest(self, first: int) -> None:
+        """Tiles from raster index ``first`` on were never taken: QC stopped the scope before them."""
+        for t in self.tiles:
+            if t.raster_index >= first and t.acquired:
+                t.acquired = t.readable = False
+                t.path = None
+                t.faults = [*t.faults, "not_acquired_qc_stop"]
+
     def _ground_truth(self, references: list[ReferenceTruth]) -> GroundTruth:
         c = self.c
+        qc = self.qc_status() if self.qc_status is not None else None
         return GroundTruth(
             montage_id=self.montage_id,
             acquisition_id=self.acquisition_id,
@@ -371,6 +402,8 @@ class _Acquisition:
                 "stage_position_nm": "reported by the stage: field-of-view centre, (position_px + readout "
                 "error + tile_size / 2) * pixel_size_nm, rounded",
                 "counts": "dark_offset + bright_level * exposure * vignetting * gain * transmission + noise",
+                **({"qc_status": f"{qc[0]}" + (f" ({qc[1]})" if qc[1] else "")} if qc else {}),
+                **({"stopped_by_qc": self.stopped_by[0]} if self.stopped_by else {}),
             },
         )
 
