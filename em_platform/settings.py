@@ -27,6 +27,8 @@ class Settings:
     broker: str | None = None
     # the scope's calibrated pixel size; with it, tiles are matched around their stage positions
     scope_pixel_size_nm: float | None = None
+    # local folder where a montage's processed tiles and fused image wait until they are uploaded
+    buffer: str = ""
 
     @property
     def storage_options(self) -> dict:
@@ -72,6 +74,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if deployment == "docker" and catalog_url.startswith("sqlite"):
         raise ConfigError("EM_CATALOG_URL must be a PostgreSQL URL for the 'docker' deployment, not SQLite")
+    buffer = env.get("EM_BUFFER", "").strip() or (
+        str(Path(data_root) / "buffer") if not remote else str(Path(default_data_root()).parent / "buffer")
+    )
+    if "://" in buffer and not buffer.startswith("file://"):
+        raise ConfigError(f"EM_BUFFER={buffer!r} must be a local folder (the acquisition buffer), not a URL")
+    buffer = str(Path(buffer.removeprefix("file://")).expanduser().resolve())
     settle = env.get("EM_INBOX_SETTLE_SECONDS", "5").strip() or "5"
     try:
         settle_s = float(settle)
@@ -94,6 +102,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         inbox_settle_seconds=settle_s,
         broker=_broker(env.get("EM_BROKER", "").strip() or None),
         scope_pixel_size_nm=_pixel_size(env.get("EM_SCOPE_PIXEL_SIZE_NM", "").strip() or None),
+        buffer=buffer,
     )
 
 

@@ -111,10 +111,10 @@ def montage_tiles(
     dask: DaskResource,
 ):
     montage_id = context.partition_key
-    store = storage.store()
-    final = store.path("acquisition", montage_id, "processed_tiles.zarr")
+    store = storage.buffer()  # local until montage_upload moves it to the storage root
+    final = store.path(montage_id, "processed_tiles.zarr")
     staging = store.staging_path(final)
-    tiff_dir = store.path("acquisition", montage_id, "processed") if config.write_tiffs else None
+    tiff_dir = store.path(montage_id, "processed") if config.write_tiffs else None
     try:
         result = run_montage(
             montage_id,

@@ -28,7 +28,9 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
     """The resource set for the current deployment; the local one is the embedded default."""
     s = settings or load_settings(env)
     return {
-        "storage": StorageResource(root_url=s.data_root, s3_endpoint_url=s.s3_endpoint_url),
+        "storage": StorageResource(
+            root_url=s.data_root, s3_endpoint_url=s.s3_endpoint_url, buffer_root=s.buffer or None
+        ),
         "catalog": CatalogResource(url=s.catalog_url),
         "dask": DaskResource(scheduler_address=s.dask_scheduler_address),
         "inbox": InboxResource(path=s.inbox, settle_seconds=s.inbox_settle_seconds),

@@ -12,9 +12,24 @@ class StorageResource(dg.ConfigurableResource):
 
     root_url: str
     s3_endpoint_url: str | None = None
+    # Local folder for acquisition intermediates (processed tiles, the fused montage) until they are
+    # uploaded to the root; default ``<root>/buffer`` when the root is a local folder.
+    buffer_root: str | None = None
 
     def store(self) -> DataStore:
         options = {}
         if self.root_url.startswith("s3://") and self.s3_endpoint_url:
             options = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
         return DataStore(self.root_url, options)
+
+    def buffer(self) -> DataStore:
+        """The local acquisition buffer, with the same staged, atomic writes as the root."""
+        if self.buffer_root:
+            return DataStore(self.buffer_root)
+        store = self.store()
+        if not store.is_local:
+            raise ValueError(
+                f"the storage root {self.root_url} is object storage: set EM_BUFFER to a local folder "
+                "for the acquisition buffer"
+            )
+        return DataStore(store.path("buffer"))

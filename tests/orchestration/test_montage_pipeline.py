@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -56,7 +58,7 @@ def test_clean_montage_end_to_end(platform, tmp_path):
         ).asset_materialization.metadata
         assert stats["qc_status"].value == "GOOD" and stats["tiles_passed"].value == 12
     group = zarr.open_group(
-        str(platform.data_root / "acquisition" / truth.montage_id / "processed_tiles.zarr"), mode="r"
+        str(Path(platform.settings.buffer) / truth.montage_id / "processed_tiles.zarr"), mode="r"
     )
     assert len(list(group.array_keys())) == 12
     assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
@@ -81,6 +83,12 @@ def test_tiles_are_judged_while_the_montage_is_still_being_acquired(platform, tm
     started = threading.Event()
 
     def emit(topic, payload):
+        if topic == "montage.complete":
+            # the scope holds the montage open until a verdict arrives (or gives up after 60 s): a run that
+            # judged tiles only after montage.complete would leave no verdict before it
+            deadline = time.monotonic() + 60
+            while not journal.messages("qc.tile", payload["montage_id"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
         journal.record(topic, payload)
         started.set()
 
