@@ -85,3 +85,22 @@ def test_scope_pixel_size_reaches_the_hardware_resource(tmp_path):
     assert broker.pixel_size_nm is None  # a real scope's pixel size is not guessed
     env = {"EM_DATA_ROOT": str(tmp_path), "EM_BROKER": "127.0.0.1:61613", "EM_SCOPE_PIXEL_SIZE_NM": "3.8"}
     assert build_resources(env=env)["hardware"].pixel_size_nm == 3.8
+
+
+def test_acquisition_buffer_is_a_local_folder(tmp_path):
+    from em_platform.resources import build_resources
+
+    s = load_settings({"EM_DATA_ROOT": str(tmp_path / "d")})
+    assert s.buffer == str(tmp_path / "d" / "buffer")
+    remote = load_settings(
+        {
+            "EM_DATA_ROOT": "s3://bucket/em",
+            "EM_CATALOG_URL": "sqlite:///x.db",
+            "EM_INBOX": str(tmp_path / "in"),
+        }
+    )
+    assert "://" not in remote.buffer and remote.buffer.endswith("buffer")
+    chosen = load_settings({"EM_DATA_ROOT": str(tmp_path / "d"), "EM_BUFFER": str(tmp_path / "ssd")})
+    assert build_resources(chosen)["storage"].buffer().root == str(tmp_path / "ssd")
+    with pytest.raises(ConfigError, match="EM_BUFFER"):
+        load_settings({"EM_DATA_ROOT": str(tmp_path / "d"), "EM_BUFFER": "s3://bucket/buffer"})
