@@ -36,6 +36,7 @@ __all__ = [
     "BrokerUnavailable",
     "ProtocolError",
     "StompEvents",
+    "buffer_status",
     "decode",
     "destination",
     "message_version",
@@ -156,6 +157,18 @@ def message_version(topic: str) -> str:
     from pigeon.utils import get_version
 
     return get_version(model_for(topic))
+
+
+def buffer_status(queue_length: int, free_space: int, upload_rate: float) -> dict[str, Any]:
+    """A validated ``buffer.status`` message, as the Allen tile upload buffer reports itself.
+
+    ``queue_length``: tiles (objects) still waiting to upload; ``free_space``: bytes free on the buffer's
+    disk; ``upload_rate``: bits per second. TEM_comms wants integers, so the rate is rounded.
+    """
+    return validate(
+        "buffer.status",
+        {"queue_length": int(queue_length), "free_space": int(free_space), "upload_rate": round(upload_rate)},
+    )
 
 
 # -- broker addresses ------------------------------------------------------------------------------------
