@@ -17,7 +17,8 @@ catalog_job = dg.define_asset_job(
 
 montage_job = dg.define_asset_job(
     "montage_job",
-    selection=dg.AssetSelection.groups("acquisition"),
-    description="Process one montage (a partition): tiles, flatfield, statistics, matches and QC, live.",
+    selection=dg.AssetSelection.groups("acquisition", "montage"),
+    description="One montage (a partition): tiles processed, matched and QC'd live, then laid out, fused "
+    "and uploaded once its checks pass.",
     tags={"em/workload": "acquisition"},
 )

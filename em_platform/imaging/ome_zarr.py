@@ -99,6 +99,23 @@ class MultiscaleInfo:
             out[key] = list(out[key])
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MultiscaleInfo:
+        """Back from :meth:`to_dict` (keys it does not know, e.g. a caller's additions, are ignored)."""
+        return cls(
+            url=d["url"],
+            axes=tuple(d["axes"]),
+            units=tuple(d["units"]),
+            levels=tuple(
+                MultiscaleLevel(lv["path"], tuple(lv["shape"]), tuple(lv["scale"])) for lv in d["levels"]
+            ),
+            chunks=tuple(d["chunks"]),
+            dtype=d["dtype"],
+            compressor=d["compressor"],
+            ngff_version=d.get("ngff_version", NGFF_VERSION),
+            zarr_format=d.get("zarr_format", 3),
+        )
+
 
 # ----------------------------------------------------------------------------------------------------
 # Stores

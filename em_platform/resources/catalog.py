@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from em_platform.catalog.db import CatalogDB
+from em_platform.tem.tile_records import TileRecords
 
 
 class CatalogResource(dg.ConfigurableResource):
@@ -13,13 +14,21 @@ class CatalogResource(dg.ConfigurableResource):
 
     url: str
     _db: CatalogDB | None = PrivateAttr(default=None)
+    _tiles: TileRecords | None = PrivateAttr(default=None)
 
     def db(self) -> CatalogDB:
         if self._db is None:
             self._db = CatalogDB(self.url)
         return self._db
 
+    def tile_records(self) -> TileRecords:
+        """The TEM database's per-tile records (same database)."""
+        if self._tiles is None:
+            self._tiles = TileRecords(self.url)
+        return self._tiles
+
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._db is not None:
-            self._db.dispose()
-            self._db = None
+        for handle in (self._db, self._tiles):
+            if handle is not None:
+                handle.dispose()
+        self._db = self._tiles = None

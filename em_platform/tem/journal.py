@@ -108,6 +108,8 @@ class MontageRow:
     pixel_size_nm: float | None
     updated_at: datetime
     error_message: str | None
+    acquisition_id: str | None = None
+    completed_at: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -287,12 +289,30 @@ def _save_results(
 
 def _montage_cols():
     c = montages.c
-    return (c.montage_id, c.seq, c.state, c.total_tiles, c.pixel_size_nm, c.updated_at, c.error_message)
+    return (
+        c.montage_id,
+        c.seq,
+        c.state,
+        c.total_tiles,
+        c.pixel_size_nm,
+        c.updated_at,
+        c.error_message,
+        c.acquisition_id,
+        c.completed_at,
+    )
 
 
 def _montage(r) -> MontageRow:
     return MontageRow(
-        r.montage_id, r.seq, r.state, r.total_tiles, r.pixel_size_nm, _aware(r.updated_at), r.error_message
+        r.montage_id,
+        r.seq,
+        r.state,
+        r.total_tiles,
+        r.pixel_size_nm,
+        _aware(r.updated_at),
+        r.error_message,
+        r.acquisition_id,
+        _aware(r.completed_at),
     )
 
 

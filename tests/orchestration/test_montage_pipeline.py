@@ -10,14 +10,21 @@ import dagster as dg
 import pytest
 import zarr
 
+from em_platform.catalog.db import CatalogDB
+from em_platform.catalog.schema import validate_record
 from em_platform.resources import SimulatedScope
 from em_platform.sensors.montage import montage_sensor
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
+from em_platform.storage.upload import verify_upload
 from em_platform.tem.journal import Journal
+from em_platform.tem.tile_records import TileRecords
 from tests.support.platform import make_platform
 
 CHECKS = {"focus", "blank_tiles", "saturated_tiles", "overlap"}
+LAYOUT_CHECKS = {"disconnected_tiles", "seams", "scale_distortion"}
+ACQUISITION = {"raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"}
+MONTAGE = {"montage_layout", "montage", "montage_upload"}
 
 
 @pytest.fixture
@@ -50,18 +57,46 @@ def test_clean_montage_end_to_end(platform, tmp_path):
         result = _run(platform, instance, truth.montage_id)
         assert result.success
         evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-        assert evaluations == {c: True for c in CHECKS}
+        assert evaluations == {c: True for c in CHECKS | LAYOUT_CHECKS}
         keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-        assert keys == {"raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"}
+        assert keys == ACQUISITION | MONTAGE
         stats = instance.get_latest_materialization_event(
             dg.AssetKey("tile_stats")
         ).asset_materialization.metadata
         assert stats["qc_status"].value == "GOOD" and stats["tiles_passed"].value == 12
-    group = zarr.open_group(
-        str(Path(platform.settings.buffer) / truth.montage_id / "processed_tiles.zarr"), mode="r"
-    )
-    assert len(list(group.array_keys())) == 12
+        layout = instance.get_latest_materialization_event(
+            dg.AssetKey("montage_layout")
+        ).asset_materialization.metadata
+        assert layout["prior"].value == "stage" and layout["edges"].value == 17
+        fused_meta = instance.get_latest_materialization_event(
+            dg.AssetKey("montage")
+        ).asset_materialization.metadata
+        assert fused_meta["minimap"].value.startswith("![minimap](data:image/png;base64,")
     assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
+
+    # uploaded to the storage root, verified, recorded; the buffer freed
+    archived = platform.data_root / "acquisition" / truth.montage_id
+    assert (archived / "upload-manifest.json").is_file()
+    assert verify_upload(str(archived)).ok
+    assert len(list(zarr.open_group(str(archived / "processed_tiles.zarr"), mode="r").array_keys())) == 12
+    fused = zarr.open_group(str(archived / "montage.ome.zarr"), mode="r")
+    ms = fused.attrs["ome"]["multiscales"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [cfg.pixel_size_nm] * 2
+    step = cfg.tile_size - cfg.overlap_px
+    height, width = fused["0"].shape
+    assert abs(height - (2 * step + cfg.tile_size)) <= 2 * cfg.jitter_px + 2
+    assert abs(width - (3 * step + cfg.tile_size)) <= 2 * cfg.jitter_px + 2
+    buffer = Path(platform.settings.buffer) / truth.montage_id
+    assert not [p for p in buffer.rglob("*") if p.is_file()], "the buffer still holds uploaded files"
+
+    records = TileRecords(platform.settings.catalog_url).montage_tiles(truth.montage_id)
+    assert len(records) == 12 and all(r.image_uri.startswith(str(archived)) for r in records)
+    assert all(r.focus_score is not None and r.matcher is not None for r in records)
+    record = CatalogDB(platform.settings.catalog_url).find("acquisition", truth.montage_id)
+    assert record["status"] == "complete"
+    validate_record(record)
+    assert record["metadata"]["core"]["volume_shape"] == [height, width]
+    assert record["files"]["volume"] == str(archived / "montage.ome.zarr")
 
 
 def test_failed_montage_is_blocked_by_its_checks(platform, tmp_path):
@@ -74,6 +109,9 @@ def test_failed_montage_is_blocked_by_its_checks(platform, tmp_path):
         evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert evaluations["focus"] is False and evaluations["blank_tiles"] is True
         assert not result.success  # a failed blocking check fails the run: nothing downstream runs
+        keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert keys == ACQUISITION
+    assert CatalogDB(platform.settings.catalog_url).find("acquisition", truth.montage_id) is None
     assert journal.qc_statuses(truth.montage_id)[-1][0] == "STOP_AT_END"
 
 

@@ -1,0 +1,175 @@
+"""From the acquisition journal to the montage solve: neighbour matches as solver edges, stage readings as
+prior positions, and solved positions against a simulator's ground truth.
+
+Tiles are named by their grid position ``(row, column)``, which is how matches name their neighbours.
+Positions are top-left corners in pixels, x to the right and y down.
+
+A tile's journal row holds the matches live processing found against its top and left neighbours
+(``results["matches"]["top"|"left"]``: TEM_comms ``Match`` fields). ``dX, dY`` there are measured from
+the *nominal* place (:mod:`em_platform.tem.matching`): a left neighbour's width minus the overlap to the
+right of it, a top neighbour's height minus the overlap below it. The solver wants the whole offset
+``position(tile) − position(neighbour)``, so the nominal step is added back here, with the tile's own
+overlap (what its ``tile.raw`` said and what it was matched with) and the neighbour's shape.
+
+Dagster-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from em_platform.stitch.solve import Edge
+from em_platform.tem.journal import TileRow
+
+if TYPE_CHECKING:
+    from em_platform.simulation.scope import GroundTruth
+
+GridPosition = tuple[int, int]  # (row, column)
+Shape = tuple[int, int]  # (height, width) px
+
+__all__ = [
+    "GridPosition",
+    "TruthComparison",
+    "compare_with_truth",
+    "match_edges",
+    "nominal_positions",
+    "stage_positions",
+    "true_positions",
+]
+
+_NEIGHBOUR = {"top": (-1, 0), "left": (0, -1)}
+
+
+def _montage_tiles(tiles: Iterable[TileRow]) -> list[TileRow]:
+    """The montage's own tiles (no brightfield/darkfield reference frames), one per grid position: the
+    last to arrive, as live processing keeps a re-taken tile rather than the one it replaces."""
+    latest = {(t.row, t.column): t for t in sorted(tiles, key=lambda t: t.seq) if not t.is_reference}
+    return list(latest.values())
+
+
+def match_edges(tiles: Iterable[TileRow], shapes: Mapping[GridPosition, Shape]) -> list[Edge]:
+    """Every match recorded in the tiles' results as an :class:`Edge` (``position(tile) −
+    position(neighbour)``, px), weighted by its quality (the fraction of strip patches that agreed).
+
+    ``shapes`` are the processed tiles' (height, width) by grid position: a neighbour's width (height)
+    sets the nominal step to its right (below it). A tile without results (not processed, failed) has no
+    edges; a match that names a neighbour without a shape, or lacks its offsets, is an error.
+    """
+    edges = []
+    for t in _montage_tiles(tiles):
+        matches = (t.results or {}).get("matches") or {}
+        for position, m in sorted(matches.items()):
+            where = f"tile {t.tile_id} (row {t.row}, column {t.column}), {position} match"
+            if position not in _NEIGHBOUR:
+                raise ValueError(f"{where}: position must be 'top' or 'left'")
+            if not isinstance(m, Mapping) or not {"dX", "dY"} <= m.keys():
+                raise ValueError(f"{where}: no dX/dY in {m!r}; the journal's results are not matches")
+            dr, dc = _NEIGHBOUR[position]
+            neighbour = (int(m.get("row", t.row + dr)), int(m.get("column", t.column + dc)))
+            if neighbour != (t.row + dr, t.column + dc):
+                raise ValueError(f"{where}: names row {neighbour[0]}, column {neighbour[1]} as the neighbour")
+            if neighbour not in shapes:
+                raise KeyError(
+                    f"{where}: no shape for the neighbour at row {neighbour[0]}, column {neighbour[1]}"
+                )
+            height, width = shapes[neighbour]
+            overlap = t.overlap or 0
+            dx, dy = float(m["dX"]), float(m["dY"])
+            if position == "left":
+                dx += width - overlap
+            else:
+                dy += height - overlap
+            edges.append(Edge((t.row, t.column), neighbour, dx, dy, float(m.get("quality", 1.0))))
+    return edges
+
+
+def stage_positions(
+    tiles: Iterable[TileRow], shapes: Mapping[GridPosition, Shape], pixel_size_nm: float
+) -> dict[GridPosition, tuple[float, float]]:
+    """Where the stage says each tile is: top-left corners (px) of the tiles in ``shapes``.
+
+    A stage position is the field of view's centre in nm (TEM_comms), so half the tile is taken off.
+    Tiles without a shape (never processed: nothing to place) are left out; a tile with a shape but no
+    stage position is an error (use :func:`nominal_positions` for a scope that sends none).
+    """
+    if not pixel_size_nm or pixel_size_nm <= 0:
+        raise ValueError(
+            f"pixel_size_nm must be positive to turn stage positions into pixels, got {pixel_size_nm!r}"
+        )
+    out = {}
+    for t in _montage_tiles(tiles):
+        key = (t.row, t.column)
+        if key not in shapes:
+            continue
+        if t.stage_x_nm is None or t.stage_y_nm is None:
+            raise ValueError(
+                f"tile {t.tile_id} (row {t.row}, column {t.column}) has no stage position; place the montage "
+                "on the nominal grid (nominal_positions) instead"
+            )
+        height, width = shapes[key]
+        out[key] = (t.stage_x_nm / pixel_size_nm - width / 2.0, t.stage_y_nm / pixel_size_nm - height / 2.0)
+    return out
+
+
+def nominal_positions(
+    tiles: Iterable[TileRow], shapes: Mapping[GridPosition, Shape]
+) -> dict[GridPosition, tuple[float, float]]:
+    """The nominal grid as a prior (px): column × (width − overlap), row × (height − overlap) of each tile
+    in ``shapes``, for tiles of one size. A montage without stage positions is solved from it."""
+    out = {}
+    for t in _montage_tiles(tiles):
+        key = (t.row, t.column)
+        if key in shapes:
+            height, width = shapes[key]
+            overlap = t.overlap or 0
+            out[key] = (float(t.column * (width - overlap)), float(t.row * (height - overlap)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against the ground truth of a simulated montage
+
+
+def true_positions(truth: GroundTruth) -> dict[GridPosition, tuple[float, float]]:
+    """The acquired tiles' true top-left corners (px, specimen plane) from ``scope-sim``'s ground truth."""
+    return {(t.row, t.column): tuple(t.position_px) for t in truth.tiles if t.acquired}
+
+
+@dataclass(frozen=True)
+class TruthComparison:
+    """Solved positions against the truth, the common translation removed (no match can observe it)."""
+
+    errors: dict[GridPosition, tuple[float, float]]  # solved − true − mean(solved − true), px
+    rms_px: float
+    max_px: float
+
+    def worst(self, n: int = 5) -> list[tuple[GridPosition, float]]:
+        """The ``n`` tiles furthest from the truth, with their distance (px)."""
+        dist = {k: float(np.hypot(*e)) for k, e in self.errors.items()}
+        return sorted(dist.items(), key=lambda kv: -kv[1])[:n]
+
+
+def compare_with_truth(
+    positions: Mapping[GridPosition, tuple[float, float]],
+    truth: Mapping[GridPosition, tuple[float, float]],
+) -> TruthComparison:
+    """Compare solved (or stage) ``positions`` with the ``truth`` over the tiles both have.
+
+    The two frames may differ by a translation (the stage's origin is not the specimen plane's); it is
+    removed before the errors are measured. Nothing in common is an error.
+    """
+    common = [k for k in positions if k in truth]
+    if not common:
+        raise ValueError("no tile has both a solved and a true position: compare positions of one montage")
+    diff = np.array([np.subtract(positions[k], truth[k]) for k in common], np.float64)
+    diff -= diff.mean(axis=0)
+    dist = np.hypot(diff[:, 0], diff[:, 1])
+    return TruthComparison(
+        errors={k: (float(d[0]), float(d[1])) for k, d in zip(common, diff, strict=True)},
+        rms_px=float(np.sqrt(np.mean(dist**2))),
+        max_px=float(dist.max()),
+    )

@@ -1,0 +1,119 @@
+"""A montage's layout from its acquisition journal: the solve, its QC, and the file the fusion reads.
+
+Live processing leaves each tile's matches (against its top and left neighbours) in the journal and its
+processed pixels in ``processed_tiles.zarr`` (one array per tile, named by grid position). This module
+turns them into solved tile positions (:mod:`em_platform.stitch.solve`), judged by
+:mod:`em_platform.stitch.layout_qc`, and saves them as ``layout.json`` beside the tiles.
+
+Prior: the stage positions when every tile has one and the pixel size is known (the montage's own from
+``montage.complete``, else the scope's calibration), otherwise the nominal grid. Dagster-free.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from em_platform.stitch.edges import GridPosition, match_edges, nominal_positions, stage_positions
+from em_platform.stitch.layout_qc import SEAM_PX, LayoutQC, layout_qc
+from em_platform.stitch.solve import Layout, solve_translations
+from em_platform.tem.journal import TileRow
+
+LAYOUT_FORMAT = "em_platform/montage-layout/1"
+
+__all__ = ["LAYOUT_FORMAT", "MontageLayout", "array_name", "solve_montage"]
+
+
+def array_name(row: int, column: int) -> str:
+    """The processed tile's array in ``processed_tiles.zarr`` (what live processing names it)."""
+    return f"r{row:03d}_c{column:03d}"
+
+
+@dataclass(frozen=True)
+class MontageLayout:
+    montage_id: str
+    prior: str  # "stage" | "nominal"
+    pixel_size_nm: float | None
+    shapes: dict[GridPosition, tuple[int, int]]
+    prior_positions: dict[GridPosition, tuple[float, float]]
+    layout: Layout
+    qc: LayoutQC
+
+    def to_dict(self) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "format": LAYOUT_FORMAT,
+            "montage_id": self.montage_id,
+            "model": "translation",
+            "prior": self.prior,
+            "pixel_size_nm": self.pixel_size_nm,
+            "frame": "top-left corners in pixels, x right, y down, in the prior's frame",
+            "tiles": [
+                {
+                    "row": r,
+                    "column": c,
+                    "array": array_name(r, c),
+                    "height": self.shapes[(r, c)][0],
+                    "width": self.shapes[(r, c)][1],
+                    "x": round(x, 3),
+                    "y": round(y, 3),
+                    "prior_x": round(self.prior_positions[(r, c)][0], 3),
+                    "prior_y": round(self.prior_positions[(r, c)][1], 3),
+                    "residual_px": round(lay.tile_residuals[(r, c)], 3),
+                    "disconnected": (r, c) in set(lay.disconnected),
+                }
+                for (r, c), (x, y) in sorted(lay.positions.items())
+            ],
+            "edges": [
+                {"tile": list(a), "neighbour": list(b), "residual_px": round(res, 3), "accepted": ok}
+                for ok, items in ((True, lay.edge_residuals), (False, lay.rejected))
+                for (a, b), res in sorted(items.items())
+            ],
+            "qc": self.qc.summary(),
+        }
+
+
+def solve_montage(
+    montage_id: str,
+    tiles: Iterable[TileRow],
+    shapes: Mapping[GridPosition, tuple[int, int]],
+    pixel_size_nm: float | None,
+    *,
+    seam_px: float = SEAM_PX,
+) -> MontageLayout:
+    """Solve the positions of the tiles in ``shapes`` (the processed ones) from the journal's matches."""
+    tiles = [t for t in tiles if not t.is_reference and (t.row, t.column) in shapes]
+    if not tiles:
+        raise ValueError(f"montage {montage_id}: no processed tile to lay out")
+    with_stage = all(t.stage_x_nm is not None and t.stage_y_nm is not None for t in tiles)
+    if with_stage and pixel_size_nm:
+        prior, positions = "stage", stage_positions(tiles, shapes, pixel_size_nm)
+    else:
+        prior, positions = "nominal", nominal_positions(tiles, shapes)
+    layout = solve_translations(positions, match_edges(tiles, shapes))
+    return MontageLayout(
+        montage_id=montage_id,
+        prior=prior,
+        pixel_size_nm=pixel_size_nm,
+        shapes=dict(shapes),
+        prior_positions=positions,
+        layout=layout,
+        qc=layout_qc(layout, positions, seam_px=seam_px),
+    )
+
+
+def placed_tiles(layout_json: Mapping[str, Any]):
+    """The fusion's input from a saved ``layout.json``: one PlacedTile per tile, named by its array."""
+    from em_platform.stitch.fuse import PlacedTile
+
+    if layout_json.get("format") != LAYOUT_FORMAT:
+        raise ValueError(
+            f"not a montage layout (format {layout_json.get('format')!r}, expected {LAYOUT_FORMAT})"
+        )
+    return [PlacedTile(t["array"], t["y"], t["x"], t["height"], t["width"]) for t in layout_json["tiles"]]
+
+
+def dumps(layout: MontageLayout) -> bytes:
+    return json.dumps(layout.to_dict(), indent=1).encode()

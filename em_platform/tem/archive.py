@@ -1,0 +1,196 @@
+"""A finished montage, from the acquisition buffer to long-term storage, the TEM tile records and the catalog.
+
+The buffer + aloha + TEM DB roles of the Allen system in one transaction-like sequence, each step safe to
+repeat: the catalog record goes pending → processing → saving-data → complete (failed, with the error,
+if anything goes wrong); the buffer is uploaded object by object with checksums, resuming what an earlier
+attempt finished (:mod:`em_platform.storage.upload`); the tile records are replaced as a whole; and only
+when the storage root verifies against the upload manifest is the buffer freed (if asked).
+
+Dagster-free: the ``montage_upload`` asset calls :func:`archive_montage`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from em_platform.catalog.db import CatalogDB
+from em_platform.catalog.records import ome_zarr_block
+from em_platform.catalog.status import Status
+from em_platform.imaging.ome_zarr import MultiscaleInfo
+from em_platform.ingest.checksum import combined_sha256, describe_files
+from em_platform.stitch.montage_layout import array_name
+from em_platform.storage.upload import UploadProgress, UploadReport, free_buffer, upload_buffer
+from em_platform.tem.journal import MontageRow, TileRow
+from em_platform.tem.tile_records import TileRecords, tile_records_from_journal
+
+SOURCE = "acquisition"
+PROCESSED, FUSED, LAYOUT, FUSED_INFO, METADATA = (
+    "processed_tiles.zarr",
+    "montage.ome.zarr",
+    "layout.json",
+    "montage.json",
+    "metadata.json",
+)
+UPLOADED = (PROCESSED, FUSED, LAYOUT, FUSED_INFO, METADATA)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ArchiveResult", "archive_montage"]
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    record: dict[str, Any]
+    upload: UploadReport
+    tile_records: int
+    freed_bytes: int  # 0 when the buffer is kept
+
+
+def _raw_files(tiles: list[TileRow]) -> list[dict[str, Any]]:
+    """The camera's files (the record's ``files.source``), with their sha256, for those still on disk."""
+    paths = [Path(t.path) for t in tiles if t.path and Path(t.path).is_file()]
+    if not paths:
+        return []
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    return describe_files(paths, root)
+
+
+def _write_json_atomic(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def archive_montage(
+    montage: MontageRow,
+    tiles: list[TileRow],
+    buffer_dir: str | os.PathLike,
+    dest_url: str,
+    *,
+    catalog: CatalogDB,
+    tile_records: TileRecords,
+    qc: Mapping[str, Any],
+    pixel_size_nm: float,
+    pixel_size_source: str,
+    storage_options: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    free: bool = True,
+    on_progress: Callable[[UploadProgress], None] | None = None,
+) -> ArchiveResult:
+    """Upload a montage's buffer folder (processed tiles, fused montage, layout) to ``dest_url``, record it.
+
+    ``qc`` is the montage's QC summary (goes into the record's quality block); ``pixel_size_source`` is
+    "header" (the scope's ``montage.complete``) or "config" (the configured calibration).
+    """
+    buffer = Path(buffer_dir)
+    montage_id = montage.montage_id
+    missing = [name for name in (PROCESSED, FUSED, LAYOUT, FUSED_INFO) if not (buffer / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"montage {montage_id}: {', '.join(missing)} not in the buffer {buffer}; materialize "
+            "montage_layout and montage for this partition first"
+        )
+    run_id = (lineage or {}).get("run_id")
+    tiles = [t for t in tiles if not t.is_reference]
+    files = _raw_files(tiles)
+    if not files:  # the scope's buffer already gone: the processed tiles stand for the source
+        files = describe_files(sorted(p for p in (buffer / PROCESSED).rglob("*") if p.is_file()), buffer)
+    record = catalog.begin(
+        SOURCE,
+        montage_id,
+        description=f"TEM montage {montage_id} ({len(tiles)} tiles)",
+        files=files,
+        run_id=run_id,
+    )
+    rid = record["id"]
+    try:
+        catalog.transition(rid, Status.PROCESSING, run_id=run_id)
+        fused = json.loads((buffer / FUSED_INFO).read_text())
+        layout = json.loads((buffer / LAYOUT).read_text())
+        _write_json_atomic(
+            buffer / METADATA,
+            {
+                "montage_id": montage_id,
+                "acquisition_id": montage.acquisition_id,
+                "state": montage.state,
+                "pixel_size_nm": pixel_size_nm,
+                "qc": dict(qc),
+                "layout_qc": layout.get("qc"),
+                "fused": fused,
+                "completed_at": montage.completed_at,
+            },
+        )
+        catalog.transition(rid, Status.SAVING_DATA, run_id=run_id)
+        upload = upload_buffer(
+            buffer, dest_url, sources=UPLOADED, storage_options=storage_options, on_progress=on_progress
+        )
+        base = dest_url.rstrip("/")
+        uris = {
+            t.tile_id: f"{base}/{PROCESSED}/{array_name(t.row, t.column)}"
+            if t.status == "processed"
+            else t.path
+            for t in tiles
+        }
+        records = tile_records_from_journal(tiles, uris, acquisition_id=montage.acquisition_id)
+        tile_records.replace_montage(montage_id, records)
+        info = MultiscaleInfo.from_dict(fused)
+        shape = [int(n) for n in fused["shape"]]
+        record = catalog.transition(
+            rid,
+            Status.COMPLETE,
+            run_id=run_id,
+            update={
+                "metadata": {
+                    "core": {
+                        "volume_shape": shape,
+                        "axes": ["y", "x"],
+                        "voxel_size_nm": {"x": pixel_size_nm, "y": pixel_size_nm},
+                        "voxel_size_source": pixel_size_source,
+                        "data_type": info.dtype,
+                        "modality": "TEM",
+                    },
+                    "technical": {
+                        "file_size_bytes": sum(f["size_bytes"] for f in files),
+                        "sha256": combined_sha256(files),
+                        "source_format": "TIFF tiles (TEM_comms tile.raw)",
+                        "compression": "blosc-zstd",
+                        "chunk_size": list(info.chunks),
+                        "dtype": info.dtype,
+                        "dimensions_nm": [float(n) * pixel_size_nm for n in shape],
+                    },
+                    "provenance": {
+                        "processing_pipeline": "em_platform montage: flatfield + CLAHE, neighbour matching, "
+                        "global translation solve, feathered fusion",
+                        "internal_zarr_path": "0",
+                    },
+                    "quality": {
+                        "completeness_score": _completeness(tiles, montage),
+                        "metrics": {"qc": dict(qc), "layout": layout.get("qc", {})},
+                    },
+                    "ome_zarr": ome_zarr_block(info, f"{base}/{FUSED}"),
+                },
+                "files": {
+                    "volume": f"{base}/{FUSED}",
+                    "metadata": f"{base}/{METADATA}",
+                    "additional": {"processed_tiles": f"{base}/{PROCESSED}", "layout": f"{base}/{LAYOUT}"},
+                },
+                **({"lineage": dict(lineage)} if lineage else {}),
+            },
+        )
+    except BaseException as exc:
+        catalog.transition(rid, Status.FAILED, error=exc, run_id=run_id)
+        raise
+    freed = free_buffer(buffer, dest_url, storage_options=storage_options) if free else 0
+    return ArchiveResult(record, upload, len(records), freed)
+
+
+def _completeness(tiles: list[TileRow], montage: MontageRow) -> float:
+    planned = montage.total_tiles or len(tiles)
+    processed = sum(t.status == "processed" for t in tiles)
+    return round(min(1.0, processed / planned), 4) if planned else 0.0
