@@ -96,7 +96,12 @@ def run_demo(out=sys.stdout) -> int:
     # The samples are written atomically, so the demo need not wait out the settle period.
     inbox_res = {"inbox": InboxResource(path=str(inbox), settle_seconds=0)}
     ran, failed = tick_and_run(defs, instance, "inbox_sensor", inbox_res, out)
-    catalog_stale = bool(ran or failed) or not instance.get_latest_materialization_event(
+    m_ran: list[str] = []
+    m_failed: list[str] = []
+    if "://" not in settings.data_root:  # the simulated scope writes tile files to the local data root
+        simulate_demo_montage(settings, out)
+        m_ran, m_failed = tick_and_run(defs, instance, "montage_sensor", {}, out)
+    catalog_stale = bool(ran or failed or m_ran) or not instance.get_latest_materialization_event(
         dg.AssetKey(["catalog", "metadata_catalog"])
     )
     if catalog_stale:
@@ -104,20 +109,19 @@ def run_demo(out=sys.stdout) -> int:
             instance=instance, run_config=QUIET, raise_on_error=False
         )
     _print_summary(settings, ran, failed, out)
-
-    if "://" not in settings.data_root:  # the simulated scope writes tile files to the local data root
-        simulate_demo_montage(settings, out)
-        m_ran, m_failed = tick_and_run(defs, instance, "montage_sensor", {}, out)
+    if "://" not in settings.data_root:
         _print_qc(settings, m_ran, m_failed, out)
-        failed += m_failed
+    failed += m_failed
     print("browse runs and lineage: make dev, then http://127.0.0.1:3000", file=out)
     return 1 if failed else 0
 
 
 def _print_qc(settings, ran: list[str], failed: list[str], out) -> None:
+    from em_platform.catalog.db import CatalogDB
     from em_platform.tem.journal import Journal
 
     journal = Journal(settings.catalog_url)
+    catalog = CatalogDB(settings.catalog_url)
     try:
         print("", file=out)
         print(
@@ -138,8 +142,20 @@ def _print_qc(settings, ran: list[str], failed: list[str], out) -> None:
             for t in judged:
                 for f in t.qc_faults or []:
                     print(f"    tile r{t.row} c{t.column}: {f['fault_type']} ({f['scope']})", file=out)
+            record = catalog.find("acquisition", m.montage_id)
+            if record and record["status"] == "complete":
+                core, metrics = record["metadata"]["core"], record["metadata"]["quality"]["metrics"]
+                lay = metrics["layout"]
+                print(
+                    f"    stitched: {lay['edges']} matches, {lay['rejected_edges']} rejected, RMS residual "
+                    f"{lay['rms_residual_px']} px; fused {core['volume_shape'][0]} x {core['volume_shape'][1]} px "
+                    f"at {core['voxel_size_nm']['x']} nm",
+                    file=out,
+                )
+                print(f"    uploaded: {record['files']['volume']}", file=out)
     finally:
         journal.dispose()
+        catalog.dispose()
 
 
 def _print_summary(settings, ran: list[str], failed: list[str], out) -> None:

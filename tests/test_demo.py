@@ -31,7 +31,10 @@ def test_demo_twice(tmp_path):
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "runs this time: 7 ingested, 0 failed" in first.stdout
-    assert first.stdout.count(" complete ") == 7
+    assert first.stdout.count(" complete ") == 8  # 7 samples + the demo montage
+    assert "montages this time: 1 processed, 0 failed" in first.stdout
+    assert "stitched: 36 matches, 0 rejected" in first.stdout  # 5 x 5 grid, the blank tile matches nothing
+    assert (tmp_path / "data" / "acquisition" / "demo-montage-5x5" / "montage.ome.zarr" / "zarr.json").is_file()
     before = _tree(tmp_path / "data")
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr

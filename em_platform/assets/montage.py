@@ -116,11 +116,18 @@ def montage_layout(
             ),
         }
     )
+    # A tile QC already failed (blank, out of focus, ...) has nothing to match; it is placed by the stage and
+    # judged by its own checks. A good tile that nothing ties to the montage is what this check is about.
+    faulty = {(t.row, t.column) for t in tiles if t.qc_passed is False}
+    lost = [t for t in qc.disconnected if t not in faulty]
     yield dg.AssetCheckResult(
         check_name="disconnected_tiles",
-        passed=len(qc.disconnected) <= config.max_disconnected_tiles,
+        passed=len(lost) <= config.max_disconnected_tiles,
         metadata={
-            "disconnected": dg.MetadataValue.json([list(t) for t in qc.disconnected]),
+            "disconnected": dg.MetadataValue.json([list(t) for t in lost]),
+            "faulty_tiles_placed_by_stage": dg.MetadataValue.json(
+                [list(t) for t in qc.disconnected if t in faulty]
+            ),
             "limit": config.max_disconnected_tiles,
         },
     )
