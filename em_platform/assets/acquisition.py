@@ -12,6 +12,7 @@ import dagster as dg
 from em_platform.partitions import montages
 from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
+from em_platform.storage.upload import abort_cleanup
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.qc import BLANK, OUT_OF_FOCUS, SATURATED, QCConfig
 
@@ -57,6 +58,11 @@ def _check(name: str, asset: dg.AssetKey, description: str) -> dg.AssetCheckSpec
 
 
 CHECKS = [
+    _check(
+        "acquisition_complete",
+        RAW,
+        "The scope completed the montage (a cancelled or failed one is cleaned up, not stitched).",
+    ),
     _check("focus", STATS, "Fraction of out-of-focus tiles is within the limit."),
     _check("blank_tiles", STATS, "Fraction of blank (no-section) tiles is within the limit."),
     _check(
@@ -126,11 +132,29 @@ def montage_tiles(
             config=config.run_config(),
             logger=context.log,
         )
-        store.publish(staging, final)
+        state = hardware.montage(montage_id).state
+        if state == "completed":
+            store.publish(staging, final)
+        else:  # an aborted montage (cancelled, error): the buffer's job is to delete everything it holds
+            store.remove(staging)
+            gone = abort_cleanup(store.path(montage_id), storage.store().url("acquisition", montage_id))
+            context.log.warning(
+                "montage %s ended %r: its buffer is cleaned up (%d local files, %d stored objects removed)",
+                montage_id,
+                state,
+                gone.local_files,
+                gone.remote_objects,
+            )
     except BaseException:
         store.remove(staging)
         raise
     yield from _results(result, store.to_url(final), config)
+    yield dg.AssetCheckResult(
+        check_name="acquisition_complete",
+        asset_key=RAW,
+        passed=state == "completed",
+        metadata={"state": state},
+    )
 
 
 def _results(result, processed_url: str, config: MontageProcessingConfig):

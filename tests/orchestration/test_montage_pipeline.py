@@ -21,7 +21,7 @@ from em_platform.tem.journal import Journal
 from em_platform.tem.tile_records import TileRecords
 from tests.support.platform import make_platform
 
-CHECKS = {"focus", "blank_tiles", "saturated_tiles", "overlap"}
+CHECKS = {"acquisition_complete", "focus", "blank_tiles", "saturated_tiles", "overlap"}
 LAYOUT_CHECKS = {"disconnected_tiles", "seams", "scale_distortion"}
 ACQUISITION = {"raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"}
 MONTAGE = {"montage_layout", "montage", "montage_upload"}
@@ -143,3 +143,33 @@ def test_tiles_are_judged_while_the_montage_is_still_being_acquired(platform, tm
     assert "qc.tile" in topics[: topics.index("montage.complete")], (
         "no verdict was sent before the montage completed"
     )
+
+
+def test_a_montage_the_scope_cancelled_is_cleaned_up_not_stitched(platform, tmp_path):
+    journal = Journal(platform.settings.catalog_url)
+    cfg = ScopeConfig(rows=3, columns=4, overlap=0.15, jitter_px=8.0)
+    taken = []
+
+    def emit(topic, payload):
+        journal.record(topic, payload)
+        taken.append(topic)
+
+    # QC (played here) stops the scope after 5 tiles: the montage ends "cancelled"
+    truth = simulate_montage(
+        cfg,
+        tmp_path / "tiles",
+        emit,
+        sleep=lambda s: None,
+        qc_status=lambda: ("STOP_NOW", "test") if taken.count("tile.raw") >= 5 else None,
+    )
+    assert journal.montage(truth.montage_id).state == "cancelled"
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("montages", [truth.montage_id])
+        result = _run(platform, instance, truth.montage_id)
+        evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert evaluations["acquisition_complete"] is False
+        keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert keys == ACQUISITION  # nothing stitched, fused or uploaded
+    buffer = Path(platform.settings.buffer) / truth.montage_id
+    assert not buffer.exists() or not [p for p in buffer.rglob("*") if p.is_file()]
+    assert not (platform.data_root / "acquisition" / truth.montage_id).exists()
