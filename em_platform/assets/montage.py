@@ -33,6 +33,8 @@ LAYOUT_KEY, MONTAGE_KEY, UPLOAD_KEY = (
 class MontageLayoutConfig(dg.Config):
     """Limits of the layout's blocking checks (asap-modules' montage QC: seams are residuals ≥ 4 px)."""
 
+    # translation (default), or a rigid / affine transform per tile from the matched patch centres
+    model: str = "translation"
     seam_px: float = SEAM_PX
     max_seams: int = 0
     max_disconnected_tiles: int = 0
@@ -89,7 +91,9 @@ def montage_layout(
     shapes = {(t.row, t.column): tuple(group.tile_info(array_name(t.row, t.column)).shape) for t in tiles}
     pixel_size, _ = _pixel_size(hardware, montage_id)
     started = time.monotonic()
-    result = solve_montage(montage_id, tiles, shapes, pixel_size, seam_px=config.seam_px)
+    if config.model not in ("translation", "rigid", "affine"):
+        raise ValueError(f"model {config.model!r}: choose translation, rigid or affine")
+    result = solve_montage(montage_id, tiles, shapes, pixel_size, model=config.model, seam_px=config.seam_px)
     seconds = time.monotonic() - started
     buffer.write_bytes(buffer.path(montage_id, LAYOUT), dumps(result))
     qc = result.qc
@@ -106,6 +110,7 @@ def montage_layout(
         metadata={
             **qc.summary(),
             "prior": result.prior,
+            "model": result.model,
             "solve_seconds": round(seconds, 3),
             "path": dg.MetadataValue.path(buffer.path(montage_id, LAYOUT)),
             "rejected": dg.MetadataValue.json(

@@ -6,24 +6,33 @@ turns them into solved tile positions (:mod:`em_platform.stitch.solve`), judged 
 :mod:`em_platform.stitch.layout_qc`, and saves them as ``layout.json`` beside the tiles.
 
 Prior: the stage positions when every tile has one and the pixel size is known (the montage's own from
-``montage.complete``, else the scope's calibration), otherwise the nominal grid. Dagster-free.
+``montage.complete``, else the scope's calibration), otherwise the nominal grid.
+
+Models: ``translation`` (default: the neighbour offsets, as the live matcher measures them) or ``rigid`` /
+``affine`` per tile from the matched patch centres (:mod:`em_platform.stitch.solve_affine`); fusion
+places every tile by its translation, and the per-tile scale of the flexible models feeds the
+scale-distortion figure. Dagster-free.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from em_platform.stitch.edges import GridPosition, match_edges, nominal_positions, stage_positions
 from em_platform.stitch.layout_qc import SEAM_PX, LayoutQC, layout_qc
 from em_platform.stitch.solve import Layout, solve_translations
+from em_platform.stitch.solve_affine import Model, PointEdge, solve_transforms
 from em_platform.tem.journal import TileRow
 
 LAYOUT_FORMAT = "em_platform/montage-layout/1"
 
-__all__ = ["LAYOUT_FORMAT", "MontageLayout", "array_name", "solve_montage"]
+__all__ = ["LAYOUT_FORMAT", "MontageLayout", "array_name", "match_point_edges", "solve_montage"]
 
 
 def array_name(row: int, column: int) -> str:
@@ -34,6 +43,7 @@ def array_name(row: int, column: int) -> str:
 @dataclass(frozen=True)
 class MontageLayout:
     montage_id: str
+    model: Model
     prior: str  # "stage" | "nominal"
     pixel_size_nm: float | None
     shapes: dict[GridPosition, tuple[int, int]]
@@ -46,7 +56,7 @@ class MontageLayout:
         return {
             "format": LAYOUT_FORMAT,
             "montage_id": self.montage_id,
-            "model": "translation",
+            "model": self.model,
             "prior": self.prior,
             "pixel_size_nm": self.pixel_size_nm,
             "frame": "top-left corners in pixels, x right, y down, in the prior's frame",
@@ -81,6 +91,7 @@ def solve_montage(
     shapes: Mapping[GridPosition, tuple[int, int]],
     pixel_size_nm: float | None,
     *,
+    model: Model = "translation",
     seam_px: float = SEAM_PX,
 ) -> MontageLayout:
     """Solve the positions of the tiles in ``shapes`` (the processed ones) from the journal's matches."""
@@ -92,16 +103,51 @@ def solve_montage(
         prior, positions = "stage", stage_positions(tiles, shapes, pixel_size_nm)
     else:
         prior, positions = "nominal", nominal_positions(tiles, shapes)
-    layout = solve_translations(positions, match_edges(tiles, shapes))
+    tile_scale = 0.0
+    if model == "translation":
+        layout = solve_translations(positions, match_edges(tiles, shapes))
+    else:
+        sizes = {(w, h) for h, w in shapes.values()}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"montage {montage_id}: a {model} solve needs tiles of one size, found {sorted(sizes)}"
+            )
+        solved = solve_transforms(positions, match_point_edges(tiles), model, tile_size=sizes.pop())
+        layout = solved.as_layout()
+        tile_scale = max(solved.scale_distortion.values(), default=0.0)
+    qc = layout_qc(layout, positions, seam_px=seam_px)
+    if tile_scale > qc.scale_distortion:  # a tile's own scale counts as much as the montage's
+        qc = dataclasses.replace(qc, scale_distortion=tile_scale)
     return MontageLayout(
         montage_id=montage_id,
+        model=model,
         prior=prior,
         pixel_size_nm=pixel_size_nm,
         shapes=dict(shapes),
         prior_positions=positions,
         layout=layout,
-        qc=layout_qc(layout, positions, seam_px=seam_px),
+        qc=qc,
     )
+
+
+def match_point_edges(tiles: Iterable[TileRow]) -> list[PointEdge]:
+    """The matched patch centres of every journal match: tile point (pX, pY) = neighbour point (qX, qY)."""
+    out = []
+    for t in tiles:
+        for position, m in sorted(((t.results or {}).get("matches") or {}).items()):
+            if not m or not all(m.get(k) for k in ("pX", "pY", "qX", "qY")):
+                continue
+            neighbour = (t.row - 1, t.column) if position == "top" else (t.row, t.column - 1)
+            out.append(
+                PointEdge(
+                    (t.row, t.column),
+                    neighbour,
+                    np.column_stack([m["pX"], m["pY"]]),
+                    np.column_stack([m["qX"], m["qY"]]),
+                    float(m.get("quality", 1.0)),
+                )
+            )
+    return out
 
 
 def placed_tiles(layout_json: Mapping[str, Any]):
