@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 
 
@@ -115,13 +116,21 @@ def _scope_sim(args, settings) -> int:
     if broker:
         from em_platform.tem.protocol import BrokerPublisher, parse_broker
 
+        heard: list[tuple[str, str | None]] = []  # the qc.status verdicts, newest last
         with BrokerPublisher(*parse_broker(broker)) as publisher:
-            return scope_cli.run(args, publisher.publish)
+            publisher.subscribe("qc.status", lambda msg: heard.append((msg.status, msg.reason)))
+            return scope_cli.run(args, publisher.publish, lambda: heard[-1] if heard else None)
     from em_platform.tem.journal import Journal
 
     journal = Journal(settings.catalog_url)
+    montage_id = args.montage_id = args.montage_id or str(uuid.uuid4())
+
+    def latest_qc():
+        statuses = journal.qc_statuses(montage_id)
+        return statuses[-1] if statuses else None
+
     try:
-        return scope_cli.run(args, journal.record)
+        return scope_cli.run(args, journal.record, latest_qc)
     finally:
         journal.dispose()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from em_platform.simulation.scope import Emit, simulate_montage
+from em_platform.simulation.scope import Emit, QCStatus, simulate_montage
 from em_platform.simulation.scope_config import FAULT_KINDS, ScopeConfig
 
 
@@ -99,8 +99,8 @@ def config_from_args(args: argparse.Namespace) -> ScopeConfig:
     )
 
 
-def run(args: argparse.Namespace, emit: Emit) -> int:
-    """Simulate one montage; 0 on success, 2 on a configuration error."""
+def run(args: argparse.Namespace, emit: Emit, qc_status: QCStatus | None = None) -> int:
+    """Simulate one montage; 0 on success, 2 on a configuration error. ``qc_status``: see simulate_montage."""
     if args.out is None:
         print("scope-sim: choose where the tiles go with --out DIR", file=sys.stderr)
         return 2
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, emit: Emit) -> int:
     out_dir = Path(args.out) / montage_id
     began = time.monotonic()
     try:
-        truth = simulate_montage(config, out_dir, emit, montage_id=montage_id)
+        truth = simulate_montage(config, out_dir, emit, montage_id=montage_id, qc_status=qc_status)
     except FileExistsError as exc:
         print(f"scope-sim: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import stomp
@@ -457,6 +457,16 @@ class BrokerPublisher:
                 f"could not connect to the STOMP broker at {self.address} after {self._attempts} attempts "
                 f"({last}); check that the broker runs and that --broker / EM_BROKER points at it"
             ) from last
+
+    def subscribe(self, topic: str, callback: Callable[..., None]) -> None:
+        """Call ``callback(message)`` (the TEM_comms model) for each message on ``topic``, on this connection.
+
+        For a peer that listens as well as talks (the simulated scope hearing ``qc.status``). Not
+        re-subscribed after a reconnect: a long-lived consumer is :func:`em_platform.tem.listener.run_listener`.
+        """
+        with self._lock:
+            self.connect()
+            self._pigeon.subscribe(topic, callback)
 
     def publish(self, topic: str, payload: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
         """Validate and send one message; returns the payload as sent (JSON-ready dict)."""

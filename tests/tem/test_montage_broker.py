@@ -61,3 +61,45 @@ def test_critical_fault_publishes_stop_now_on_the_broker(tmp_path, stomp_broker)
     bad = [m for m in tiles if not m.passed]
     assert [(m.row, m.column) for m in bad] == [(1, 1)]
     assert [(f.fault_type, f.scope) for f in bad[0].faults] == [("saturated", "critical")]
+
+
+def test_the_simulated_scope_hears_stop_now_on_the_broker(tmp_path, stomp_broker):
+    """scope-sim behind a broker: a STOP_NOW published by QC reaches it and ends the montage there."""
+    from em_platform.tem.protocol import BrokerPublisher
+
+    qc = stomp_broker.pigeon("qc-service")
+    heard: queue.Queue = queue.Queue()
+    latest: list = []
+    raw = _subscribe(stomp_broker, "tile.raw")
+    with BrokerPublisher(
+        stomp_broker.host, stomp_broker.port, topic_prefix=stomp_broker.topic_prefix
+    ) as scope:
+        scope.subscribe("qc.status", lambda msg: (latest.append((msg.status, msg.reason)), heard.put(msg)))
+        # confirmed (RECEIPT) after the SUBSCRIBE on the same connection, so the subscription is in place
+        scope.publish("qc.status", {"status": "GOOD"})
+        heard.get(timeout=20)
+
+        def emit(topic, payload):
+            scope.publish(topic, payload)
+            if topic == "tile.raw" and payload["row"] == 0 and payload["column"] == 2:
+                qc.send("qc.status", status="STOP_NOW", reason="critical: saturated")
+                heard.get(timeout=20)  # the scope has heard it before it moves the stage again
+
+        truth = simulate_montage(
+            ScopeConfig(
+                rows=2,
+                columns=3,
+                tile_size=64,
+                overlap=0.25,
+                jitter_px=2.0,
+                brightfield_frames=0,
+                darkfield_frames=0,
+            ),
+            tmp_path / "tiles",
+            emit,
+            sleep=lambda s: None,
+            qc_status=lambda: latest[-1] if latest else None,
+        )
+    assert [t.acquired for t in truth.tiles] == [True, True, True, False, False, False]
+    assert truth.notes["stopped_by_qc"] == "STOP_NOW"
+    assert len(_drain(raw)) == 3  # the broker saw no tile after the stop
