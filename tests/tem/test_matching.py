@@ -198,6 +198,29 @@ def test_expected_place_without_enough_overlap_gives_none(specimen):
     assert match_neighbour(tile, neighbour, "left", OVERLAP, max_shift_px=12, expected=(0, SIZE)) is None
 
 
+def test_fine_detail_under_strong_smooth_tones_is_found_by_the_second_look():
+    """Weak fine grain (σ 1 px, 8 grey levels) under strong smooth tones (σ 10 px, 40 levels), 100 e⁻/px:
+    the unfiltered correlation is a wide hill whose peak does not stand out of it, so the strips are looked
+    at again without their local mean; the offset is still measured on the unfiltered correlation."""
+    rng = np.random.default_rng(5)
+
+    def smooth(sigma: float) -> np.ndarray:
+        a = cv2.GaussianBlur(rng.standard_normal((400, 800)).astype(np.float32), (0, 0), sigma)
+        return a / a.std()
+
+    world = 140 + 40 * smooth(10.0) + 8 * smooth(1.0)
+    size, overlap, (dx, dy) = 300, 48, (5, -3)
+    neighbour = world[20 : 20 + size, 20 : 20 + size]
+    tile = world[20 + dy : 20 + dy + size, 20 + size - overlap + dx : 20 + 2 * size - overlap + dx]
+    for seed in range(3):
+        t, n = shot_noise(tile, 100.0, seed), shot_noise(neighbour, 100.0, seed + 100)
+        # a high-pass wider than the strips removes nothing the correlation does not ignore: first look only
+        assert match_neighbour(t, n, "left", overlap, highpass_px=200.0) is None
+        m = match_neighbour(t, n, "left", overlap)
+        assert m is not None and m.n_agreeing >= 4
+        assert (m.dX, m.dY) == pytest.approx((dx, dy), abs=0.15)
+
+
 def test_half_blank_edge_still_matches_with_lower_quality(specimen):
     tile, neighbour = cut_pair(specimen, "left", 4.5, -2.5, dose=100.0)
     full = match_neighbour(tile, neighbour, "left", OVERLAP)
@@ -257,4 +280,6 @@ def test_bad_arguments_are_explained(specimen):
         match_neighbour(tile, neighbour, "left", SIZE)
     with pytest.raises(ValueError, match="2-D"):
         match_neighbour(tile[None], neighbour, "left", OVERLAP)
+    with pytest.raises(ValueError, match="highpass_px must be positive"):
+        match_neighbour(tile, neighbour, "left", OVERLAP, highpass_px=0.0)
     assert default_max_shift(OVERLAP) == 42 and default_max_shift(500) == 64 and default_max_shift(51) == 17
