@@ -13,8 +13,9 @@ Default thresholds, for 8-bit flatfield-corrected tiles:
   is a bright feature or a hole; half the frame clipped means the beam is spread wrong and the camera
   is being over-exposed — stop now to protect the detector;
 * ``max_focus = 0.8``: lower is better (``tile_processing.focus_score``, on the raw tile). Sharp simulated
-  sections at 4 nm/px score 0.27-0.7 on their central 256² crop (content-dependent: a crop inside one
-  compartment has less fine detail); 1 µm of defocus scores about 0.82 and a badly defocused tile 1.0;
+  sections at 4 nm/px score 0.26-0.54 on their central 256² crop (content-dependent), 1 µm of defocus
+  0.36-0.88 (median 0.52: at the edge of what the band can see), 2 µm and more 0.98-1.0
+  (18 simulated tiles per defocus, seeds 0-2; 0.8 sits between sharp and 2 µm);
 * ``min_match_quality = 0.3``: fewer than a third of the strip patches agreeing is not an overlap;
 * ``persistent_run = 3``: the same fault on 3 tiles in a row is a drift, not an accident;
 * ``critical_blank_run = 5``: 5 blank tiles in a row means the beam is gone;
