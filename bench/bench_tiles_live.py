@@ -38,6 +38,8 @@ def _announce(
         "montage.status", {"montage_id": montage_id, "state": "started", "total_tiles": len(montage["tiles"])}
     )
     for kind, path in zip(("brightfield", "darkfield"), refs, strict=True):
+        if rate > 0:
+            time.sleep(1 / rate)  # the camera takes a reference frame per cycle, like a tile
         journal.record(
             "tile.raw",
             {
@@ -50,7 +52,7 @@ def _announce(
                 kind: True,
             },
         )
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() + (1 / rate if rate > 0 else 0)
     for i, t in enumerate(montage["tiles"]):
         if rate > 0:
             delay = t0 + i / rate - time.perf_counter()
@@ -128,6 +130,7 @@ def _run(
         "tiles_over_1s": sum(v > 1.0 for v in lat),
         "qc_status": result.qc.status,
         "tiles_passed": result.qc.summary()["passed"],
+        "latency_s": [round(v, 3) for v in lat],  # per tile, in acquisition order
     }
 
 

@@ -156,6 +156,7 @@ def run_montage(
     by_pos: dict[tuple[int, int], TileRecord] = {}
     references: list[TileRow] = []
     flatfield_future = None
+    flatfield_refs = 0  # how many references the flatfield being built uses
     flatfield_info: dict[str, Any] = {"kind": "none"}
     futures: dict[Any, str] = {}  # future -> tile_id (processing)
     match_futures: dict[Any, tuple[str, str]] = {}  # future -> (tile_id, position)
@@ -325,14 +326,17 @@ def run_montage(
             montage = source.montage(montage_id)  # before the tiles: when it says finished, all tiles are in
             if montage is None:
                 raise KeyError(f"montage {montage_id} is not in the acquisition journal")
+            new_references = False
             for t in source.tiles(montage_id, after_seq=last_seq):
                 last_seq = max(last_seq, t.seq)
                 last_arrival = clock()
                 if t.is_reference:
                     references.append(t)
+                    new_references = True
                     continue
-                if flatfield_future is None:
+                if not order and (flatfield_future is None or flatfield_refs != len(references)):
                     flatfield_future, flatfield_info = _start_flatfield(client, references, logger)
+                    flatfield_refs = len(references)
                 rec = TileRecord(t)
                 records[t.tile_id] = rec
                 order.append(t.tile_id)
@@ -351,6 +355,12 @@ def run_montage(
                     priority=-len(order),  # first come, first processed (Dask would otherwise pick any order)
                 )
                 futures[fut] = t.tile_id
+            if new_references and not order and _both_references(references):
+                # Built as soon as the references are in, not when the first tile needs it: the scope takes
+                # them a few cycles before the first tile. A later reference (still before the first tile)
+                # starts a new build; references after the first tile are not used (one flatfield per montage).
+                flatfield_future, flatfield_info = _start_flatfield(client, references, logger)
+                flatfield_refs = len(references)
             next_poll = clock() + config.poll_seconds
         busy = bool(futures or match_futures)
         if busy:
@@ -404,6 +414,10 @@ def run_montage(
         send_status()
     logger.info("montage %s: %d tiles, %d missing, QC %s", montage_id, len(records), len(missing), qc.status)
     return MontageRunResult(montage_id, records, missing, flatfield_info, qc, processed_url, clock() - start)
+
+
+def _both_references(references: list[TileRow]) -> bool:
+    return any(r.brightfield for r in references) and any(r.darkfield for r in references)
 
 
 def _start_flatfield(client, references: list[TileRow], logger) -> tuple[Any, dict[str, Any]]:

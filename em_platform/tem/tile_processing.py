@@ -113,8 +113,9 @@ def read_tile(
 
 
 def _average_frames(frames: np.ndarray | Iterable[np.ndarray], what: str) -> tuple[np.ndarray, int]:
-    """Mean of the frames as float32. Camera counts (uint8/uint16) are summed in float32, exact while the
-    sum stays below 2**24 (256 uint16 frames); anything else, or more frames, is summed in float64."""
+    """Mean of the frames as float32; a single camera frame (uint8/uint16) comes back as it is. Camera counts
+    are summed in float32, exact while the sum stays below 2**24 (256 uint16 frames); anything else, or
+    more frames, is summed in float64."""
     if isinstance(frames, np.ndarray) and frames.ndim == 2:
         frames = [frames]
     total: np.ndarray | None = None
@@ -124,12 +125,14 @@ def _average_frames(frames: np.ndarray | Iterable[np.ndarray], what: str) -> tup
         if frame.ndim != 2:
             raise ValueError(f"{what} frame {n} is not a 2-D image (shape {frame.shape})")
         if total is None:
-            total = frame.astype(np.float32)  # one pass; a single frame is its own mean
+            total = frame  # a single frame is its own mean (camera counts are exact as they are)
         elif frame.shape != total.shape:
             raise ValueError(f"{what} frame {n} is {frame.shape}, the first one is {total.shape}")
         else:
             exact_in_f32 = frame.dtype in _SUPPORTED and (n + 1) * np.iinfo(frame.dtype).max < 2**24
-            if total.dtype == np.float32 and not exact_in_f32:
+            if n == 1:  # from the second frame on: our own accumulator (never the caller's first frame)
+                total = total.astype(np.float32 if exact_in_f32 and total.dtype in _SUPPORTED else np.float64)
+            elif total.dtype == np.float32 and not exact_in_f32:
                 total = total.astype(np.float64)
             np.add(total, frame, out=total)
         n += 1
@@ -137,7 +140,8 @@ def _average_frames(frames: np.ndarray | Iterable[np.ndarray], what: str) -> tup
         raise ValueError(f"no {what} frames given: a flatfield needs at least one")
     if n > 1:
         total /= n
-    return total.astype(np.float32, copy=False), n
+        return total.astype(np.float32, copy=False), n
+    return (total if total.dtype in _SUPPORTED else total.astype(np.float32)), n
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,8 +216,11 @@ class Flatfield:
     ) -> Flatfield:
         """Build the correction from already-averaged reference images (e.g. ``brightfield.tiff`` and
         ``darkfield.tiff`` as pyTEM stores them)."""
-        bright = np.asarray(bright, np.float32)
-        dark = np.asarray(dark, np.float32)
+        # Camera counts are used as they are (each row block is converted on the way): no full-frame float copies.
+        bright, dark = (
+            a if a.dtype in (*_SUPPORTED, np.float32) else a.astype(np.float32)
+            for a in map(np.asarray, (bright, dark))
+        )
         if bright.shape != dark.shape or bright.ndim != 2:
             raise ValueError(
                 f"brightfield {bright.shape} and darkfield {dark.shape} must be 2-D images of the same shape"
@@ -245,8 +252,8 @@ class Flatfield:
             )
         threshold = min_response * scale
         scale, n_valid = mean_above(threshold)
-        gain = np.empty_like(bright)
-        offset = np.empty_like(bright)
+        gain = np.empty(bright.shape, np.float32)
+        offset = np.empty(bright.shape, np.float32)
         for b in blocks:
             r = response(b)
             g = gain[b]
