@@ -248,3 +248,21 @@ def test_comparison_with_the_truth_ignores_the_common_translation():
     assert c.worst(1) == [((0, 1), pytest.approx(0.2))]
     with pytest.raises(ValueError, match="no tile has both"):
         compare_with_truth({(9, 9): (0.0, 0.0)}, truth)
+
+
+@pytest.mark.parametrize("model", ["translation", "rigid", "affine"])
+def test_solve_montage_with_each_model_from_the_journal(montage, model):
+    """montage_layout's solve (prior from the stage, layout QC) on the live matches, for each model."""
+    from em_platform.stitch.montage_layout import solve_montage
+
+    result = solve_montage(
+        montage.truth.montage_id, montage.rows, montage.shapes, montage.truth.pixel_size_nm, model=model
+    )
+    solved = compare_with_truth(result.layout.positions, montage.true)
+    print(f"\n{model}: RMS {solved.rms_px:.3f} px, max {solved.max_px:.3f}; qc {result.qc.summary()}")
+    assert result.prior == "stage" and result.model == model
+    assert solved.rms_px <= (0.3 if model == "translation" else 0.5)  # flexible models trade corners for seams
+    assert result.qc.disconnected == [] and result.qc.seams == []
+    assert result.qc.scale_distortion < 0.005  # the simulated tiles are neither scaled nor rotated
+    doc = result.to_dict()
+    assert doc["model"] == model and len(doc["tiles"]) == 100
