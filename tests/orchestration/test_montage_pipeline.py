@@ -173,3 +173,33 @@ def test_a_montage_the_scope_cancelled_is_cleaned_up_not_stitched(platform, tmp_
     buffer = Path(platform.settings.buffer) / truth.montage_id
     assert not buffer.exists() or not [p for p in buffer.rglob("*") if p.is_file()]
     assert not (platform.data_root / "acquisition" / truth.montage_id).exists()
+
+
+def test_montage_uploaded_to_s3(tmp_path, s3_endpoint, s3_bucket):
+    """Production shape: storage root on S3 (moto server on loopback, via s3fs), buffer and catalog local."""
+    import s3fs
+
+    root, opts = s3_bucket
+    platform = make_platform(
+        tmp_path,
+        data_root=f"{root}/em",
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
+        extra_env={"EM_S3_ENDPOINT_URL": s3_endpoint, "EM_BUFFER": str(tmp_path / "buffer")},
+    )
+    journal = Journal(platform.settings.catalog_url)
+    cfg = ScopeConfig(rows=2, columns=3, overlap=0.15, jitter_px=8.0)
+    truth = simulate_montage(cfg, tmp_path / "tiles", journal.record, sleep=lambda s: None)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("montages", [truth.montage_id])
+        result = _run(platform, instance, truth.montage_id)
+        assert result.success
+    dest = f"{root}/em/acquisition/{truth.montage_id}"
+    audit = verify_upload(dest, storage_options=opts)
+    assert audit.ok and audit.objects_checked > 6
+    fs = s3fs.S3FileSystem(**opts)
+    assert fs.exists(f"{dest}/montage.ome.zarr/zarr.json")
+    record = CatalogDB(platform.settings.catalog_url).find("acquisition", truth.montage_id)
+    assert record["status"] == "complete" and record["files"]["volume"] == f"{dest}/montage.ome.zarr"
+    tiles = TileRecords(platform.settings.catalog_url).montage_tiles(truth.montage_id)
+    assert len(tiles) == 6 and all(t.image_uri.startswith(f"{dest}/processed_tiles.zarr/") for t in tiles)
+    assert not [p for p in (tmp_path / "buffer" / truth.montage_id).rglob("*") if p.is_file()]
