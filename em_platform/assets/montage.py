@@ -8,6 +8,7 @@ catalog record, then frees the buffer. The algorithms live in ``em_platform.stit
 """
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -147,8 +148,13 @@ def montage_layout(
     )
     yield dg.AssetCheckResult(
         check_name="scale_distortion",
-        passed=qc.scale_distortion <= config.max_scale_distortion,
-        metadata={"scale_x": qc.scale[0], "scale_y": qc.scale[1], "limit": config.max_scale_distortion},
+        passed=qc.scale_ok(config.max_scale_distortion),  # beyond the limit by more than 3 standard errors
+        metadata={
+            "scale_x": qc.scale[0],
+            "scale_y": qc.scale[1],
+            "standard_error": qc.scale_uncertainty if math.isfinite(qc.scale_uncertainty) else -1.0,
+            "limit": config.max_scale_distortion,
+        },
     )
 
 

@@ -47,3 +47,14 @@ def test_seams_and_disconnected_tiles_are_named():
     assert qc.disconnected == [lonely]
     assert {(t, n) for t, n, _ in qc.seams} == {(a, b)}
     assert all(r >= 2.0 for *_, r in qc.seams)
+
+
+def test_a_small_montage_cannot_tell_its_scale_and_is_not_blamed_for_it():
+    truth, stage, edges = montage(rows=2, columns=2, stage_error=3.0, seed=8)
+    qc = layout_qc(solve_translations(stage, edges), stage)
+    assert qc.scale_uncertainty > 0.002  # 3 px of stage error over one 460 px step
+    assert qc.scale_ok(0.005)
+    truth, stage, edges = montage(rows=10, columns=10, stage_error=3.0, seed=8)
+    shrunk = {t: (x * 0.97, y * 0.97) for t, (x, y) in stage.items()}
+    big = layout_qc(solve_translations(shrunk, edges), shrunk)
+    assert big.scale_uncertainty < 0.001 and not big.scale_ok(0.005)

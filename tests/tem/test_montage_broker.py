@@ -103,3 +103,27 @@ def test_the_simulated_scope_hears_stop_now_on_the_broker(tmp_path, stomp_broker
     assert [t.acquired for t in truth.tiles] == [True, True, True, False, False, False]
     assert truth.notes["stopped_by_qc"] == "STOP_NOW"
     assert len(_drain(raw)) == 3  # the broker saw no tile after the stop
+
+
+def test_upload_reports_buffer_status_on_the_broker(tmp_path, stomp_broker):
+    buffer = _subscribe(stomp_broker, "buffer.status")
+    platform = make_platform(tmp_path)
+    journal = Journal(platform.settings.catalog_url)
+    cfg = ScopeConfig(rows=2, columns=2, overlap=0.15, jitter_px=6.0)
+    truth = simulate_montage(cfg, tmp_path / "tiles", journal.record, sleep=lambda s: None)
+    hardware = BrokerScope(
+        journal_url=platform.settings.catalog_url,
+        broker=f"{stomp_broker.host}:{stomp_broker.port}",
+        topic_prefix=stomp_broker.topic_prefix,
+    )
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("montages", [truth.montage_id])
+        result = platform.defs.resolve_job_def("montage_job").execute_in_process(
+            instance=instance, partition_key=truth.montage_id, resources={"hardware": hardware}
+        )
+    assert result.success
+    reports = [buffer.get(timeout=20)]
+    while reports[-1].queue_length:
+        reports.append(buffer.get(timeout=20))
+    assert all(isinstance(m, TEM_comms.buffer.Status) for m in reports)
+    assert reports[-1].queue_length == 0 and reports[-1].free_space > 0
