@@ -111,7 +111,8 @@ def archive_montage(
     rid = record["id"]
     try:
         catalog.transition(rid, Status.PROCESSING, run_id=run_id)
-        fused = json.loads((buffer / FUSED_INFO).read_text())
+        base = dest_url.rstrip("/")
+        fused = {**json.loads((buffer / FUSED_INFO).read_text()), "url": f"{base}/{FUSED}"}  # where it will live
         layout = json.loads((buffer / LAYOUT).read_text())
         _write_json_atomic(
             buffer / METADATA,
@@ -130,7 +131,6 @@ def archive_montage(
         upload = upload_buffer(
             buffer, dest_url, sources=UPLOADED, storage_options=storage_options, on_progress=on_progress
         )
-        base = dest_url.rstrip("/")
         uris = {
             t.tile_id: f"{base}/{PROCESSED}/{array_name(t.row, t.column)}"
             if t.status == "processed"
