@@ -78,15 +78,16 @@ def archive_montage(
     qc: Mapping[str, Any],
     pixel_size_nm: float,
     pixel_size_source: str,
+    lineage: Mapping[str, Any],
     storage_options: Mapping[str, Any] | None = None,
-    lineage: Mapping[str, Any] | None = None,
     free: bool = True,
     on_progress: Callable[[UploadProgress], None] | None = None,
 ) -> ArchiveResult:
     """Upload a montage's buffer folder (processed tiles, fused montage, layout) to ``dest_url``, record it.
 
     ``qc`` is the montage's QC summary (goes into the record's quality block); ``pixel_size_source`` is
-    "header" (the scope's ``montage.complete``) or "config" (the configured calibration).
+    "header" (the scope's ``montage.complete``) or "config" (the configured calibration); ``lineage`` is
+    the record's (``run_id``, ``asset_key``, ``partition_key``).
     """
     buffer = Path(buffer_dir)
     montage_id = montage.montage_id
@@ -96,7 +97,7 @@ def archive_montage(
             f"montage {montage_id}: {', '.join(missing)} not in the buffer {buffer}; materialize "
             "montage_layout and montage for this partition first"
         )
-    run_id = (lineage or {}).get("run_id")
+    run_id = lineage.get("run_id")
     tiles = [t for t in tiles if not t.is_reference]
     files = _raw_files(tiles)
     if not files:  # the scope's buffer already gone: the processed tiles stand for the source
@@ -180,7 +181,7 @@ def archive_montage(
                     "metadata": f"{base}/{METADATA}",
                     "additional": {"processed_tiles": f"{base}/{PROCESSED}", "layout": f"{base}/{LAYOUT}"},
                 },
-                **({"lineage": dict(lineage)} if lineage else {}),
+                "lineage": dict(lineage),
             },
         )
     except BaseException as exc:
