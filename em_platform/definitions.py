@@ -7,6 +7,11 @@ import dagster as dg
 from em_platform.assets.acquisition import montage_tiles
 from em_platform.assets.catalog import metadata_catalog
 from em_platform.assets.ingest_local import ingest_local
+from em_platform.assets.ingest_public import (
+    public_ingest_assets,
+    public_ingest_jobs,
+    public_ingest_schedules,
+)
 from em_platform.assets.montage import montage, montage_layout, montage_upload
 from em_platform.jobs import catalog_job, ingest_local_job, montage_job
 from em_platform.resources import build_resources
@@ -25,8 +30,17 @@ catalog_automation = dg.AutomationConditionSensorDefinition(
 def build_definitions(resources: dict) -> dg.Definitions:
     """Everything, bound to one resource set (tests pass their own)."""
     return dg.Definitions(
-        assets=[ingest_local, metadata_catalog, montage_tiles, montage_layout, montage, montage_upload],
-        jobs=[ingest_local_job, catalog_job, montage_job],
+        assets=[
+            ingest_local,
+            *public_ingest_assets,
+            metadata_catalog,
+            montage_tiles,
+            montage_layout,
+            montage,
+            montage_upload,
+        ],
+        jobs=[ingest_local_job, *public_ingest_jobs, catalog_job, montage_job],
+        schedules=public_ingest_schedules,
         sensors=[inbox_sensor, montage_sensor, catalog_automation],
         resources=resources,
     )

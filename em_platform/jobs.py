@@ -6,7 +6,7 @@ ingest_local_job = dg.define_asset_job(
     "ingest_local_job",
     selection=dg.AssetSelection.assets(["ingest", "local"]),
     description="Convert one inbox entry (a partition) to OME-Zarr and catalog it.",
-    tags={"em/workload": "ingest"},
+    tags={"em/workload": "ingest", "em/ingest-weight": "heavy"},
 )
 
 catalog_job = dg.define_asset_job(

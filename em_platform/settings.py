@@ -29,6 +29,8 @@ class Settings:
     scope_pixel_size_nm: float | None = None
     # local folder where a montage's processed tiles and fused image wait until they are uploaded
     buffer: str = ""
+    # local folder where public-dataset downloads wait (resumable) until their ingest completes
+    downloads: str = ""
 
     @property
     def storage_options(self) -> dict:
@@ -74,12 +76,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if deployment == "docker" and catalog_url.startswith("sqlite"):
         raise ConfigError("EM_CATALOG_URL must be a PostgreSQL URL for the 'docker' deployment, not SQLite")
-    buffer = env.get("EM_BUFFER", "").strip() or (
-        str(Path(data_root) / "buffer") if not remote else str(Path(default_data_root()).parent / "buffer")
-    )
-    if "://" in buffer and not buffer.startswith("file://"):
-        raise ConfigError(f"EM_BUFFER={buffer!r} must be a local folder (the acquisition buffer), not a URL")
-    buffer = str(Path(buffer.removeprefix("file://")).expanduser().resolve())
+    buffer = _local_folder(env, "EM_BUFFER", "buffer", data_root, remote, "the acquisition buffer")
+    downloads = _local_folder(env, "EM_DOWNLOADS", "downloads", data_root, remote, "the download cache")
     settle = env.get("EM_INBOX_SETTLE_SECONDS", "5").strip() or "5"
     try:
         settle_s = float(settle)
@@ -103,7 +101,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         broker=_broker(env.get("EM_BROKER", "").strip() or None),
         scope_pixel_size_nm=_pixel_size(env.get("EM_SCOPE_PIXEL_SIZE_NM", "").strip() or None),
         buffer=buffer,
+        downloads=downloads,
     )
+
+
+def _local_folder(
+    env: Mapping[str, str], name: str, subdir: str, data_root: str, remote: bool, what: str
+) -> str:
+    """A local working folder: ``$name``, else ``<data root>/<subdir>`` (``~/.em_platform/<subdir>`` when the
+    root is object storage)."""
+    value = env.get(name, "").strip() or (
+        str(Path(data_root) / subdir) if not remote else str(Path(default_data_root()).parent / subdir)
+    )
+    if "://" in value and not value.startswith("file://"):
+        raise ConfigError(f"{name}={value!r} must be a local folder ({what}), not a URL")
+    return str(Path(value.removeprefix("file://")).expanduser().resolve())
 
 
 def _pixel_size(value: str | None) -> float | None:

@@ -104,3 +104,14 @@ def test_acquisition_buffer_is_a_local_folder(tmp_path):
     assert build_resources(chosen)["storage"].buffer().root == str(tmp_path / "ssd")
     with pytest.raises(ConfigError, match="EM_BUFFER"):
         load_settings({"EM_DATA_ROOT": str(tmp_path / "d"), "EM_BUFFER": "s3://bucket/buffer"})
+
+
+def test_download_cache_is_a_local_folder(tmp_path):
+    from em_platform.resources import build_resources
+
+    s = load_settings({"EM_DATA_ROOT": str(tmp_path / "d")})
+    assert s.downloads == str(tmp_path / "d" / "downloads")
+    chosen = load_settings({"EM_DATA_ROOT": str(tmp_path / "d"), "EM_DOWNLOADS": str(tmp_path / "dl")})
+    assert build_resources(chosen)["storage"].downloads() == tmp_path / "dl"
+    with pytest.raises(ConfigError, match="EM_DOWNLOADS"):
+        load_settings({"EM_DATA_ROOT": str(tmp_path / "d"), "EM_DOWNLOADS": "s3://bucket/dl"})

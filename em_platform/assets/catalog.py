@@ -5,6 +5,7 @@ import dagster as dg
 from em_platform.catalog.records import utc_now
 from em_platform.catalog.report import consolidate
 from em_platform.resources import CatalogResource, StorageResource
+from em_platform.sources.registry import SOURCES
 
 VALID_CHECK = "all_records_valid"
 
@@ -12,7 +13,7 @@ VALID_CHECK = "all_records_valid"
 @dg.asset(
     key=["catalog", "metadata_catalog"],
     group_name="catalog",
-    deps=[dg.AssetKey(["ingest", "local"])],
+    deps=[dg.AssetKey(["ingest", name]) for name in ("local", *SOURCES)],
     kinds={"json", "sql"},
     description="Every dataset record consolidated: summary by source, validation rate, per-record errors; "
     "exported as metadata_catalog_<ts>.json and validation_report_<ts>.json in the data root.",

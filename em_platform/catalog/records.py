@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any
+
+import numpy as np
 
 SCHEMA_VERSION = "1.0"
 
@@ -65,3 +68,18 @@ def ome_zarr_block(info: Any, uri: str) -> dict[str, Any]:
         "chunks": [int(c) for c in info.chunks],
         "compressor": info.compressor,
     }
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars, tuples and non-finite floats made JSON-safe (header dumps)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)

@@ -8,28 +8,22 @@ bytes have not changed since its last complete ingest is not converted again.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import zarr
-
 from em_platform.catalog.db import CatalogDB
-from em_platform.catalog.records import ome_zarr_block
+from em_platform.catalog.records import jsonable, ome_zarr_block
 from em_platform.catalog.status import Status
-from em_platform.formats import Volume, open_volume
-from em_platform.imaging.ome_zarr import write_ome_zarr
-from em_platform.imaging.thumbnail import thumbnail_png
+from em_platform.formats import open_volume
 from em_platform.ingest.checksum import combined_sha256, describe_files
+from em_platform.ingest.convert import convert_volume, resolve_voxel_size
 from em_platform.ingest.inbox import entry_files
 from em_platform.storage import DataStore
 
 SOURCE = "local"
-ASSUMED_VOXEL_NM = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +45,6 @@ def output_name(key: str) -> str:
     """A file-system-safe name for an entry's outputs."""
     stem = re.sub(r"\.(ome\.)?(tiff?|mrcs?|map|rec|st|ali|dm[34]|raw|bin)$", "", key, flags=re.I)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "dataset"
-
-
-def resolve_voxel_size(vol: Volume) -> tuple[dict[str, float], str, dict[str, str]]:
-    """Voxel size in nm per spatial axis, where it came from, and the units the file used.
-
-    Missing sizes are never left out: an uncalibrated axis takes the in-plane size if there is one
-    (the usual isotropic assumption for stacks), otherwise 1 nm, and the source is then 'assumed'.
-    """
-    sizes = vol.voxel_size_nm()
-    units = {a: u for a, u in zip(vol.axes, vol.units, strict=True) if a in sizes and u}
-    known = [s for s in sizes.values() if s]
-    fallback = known[0] if known else ASSUMED_VOXEL_NM
-    resolved = {a: (s if s else fallback) for a, s in sizes.items()}
-    source = "header" if len(known) == len(sizes) else "assumed"
-    return resolved, source, units
-
-
-def _ngff_scale(vol: Volume, voxel_nm: dict[str, float]) -> tuple[list[float], list[str | None]]:
-    scale = [voxel_nm[a] if a in voxel_nm else 1.0 for a in vol.axes]
-    units = ["nanometer" if a in voxel_nm else None for a in vol.axes]
-    return scale, units
 
 
 def ingest_entry(
@@ -129,7 +102,6 @@ def ingest_entry(
                 key,
                 voxel_nm,
             )
-        scale, ngff_units = _ngff_scale(vol, voxel_nm)
         logger.info(
             "converting %s: %s %s, axes %s, voxel %s nm",
             key,
@@ -138,21 +110,15 @@ def ingest_entry(
             vol.axes,
             voxel_nm,
         )
-        info = write_ome_zarr(  # 4.
-            vol.data,
+        converted = convert_volume(  # 4.
+            vol,
+            voxel_nm,
             store.to_url(staging),
-            axes=vol.axes,
-            scale=scale,
-            units=ngff_units,
-            storage_options=store.storage_options,
+            storage_options=_opts(store),
             name=key,
-            client=dask_client() if dask_client else None,
+            dask_client=dask_client,
         )
-        coarsest = zarr.open_array(
-            store.to_url(f"{staging}/{info.levels[-1].path}"), mode="r", storage_options=_opts(store)
-        )
-        coarse = np.asarray(coarsest[...])
-        png = thumbnail_png(coarse, vol.axes)
+        info, png = converted.info, converted.thumbnail_png
         core = {
             "volume_shape": [int(s) for s in vol.data.shape],
             "axes": list(vol.axes),
@@ -178,13 +144,9 @@ def ingest_entry(
                         "compression": "blosc-zstd",
                         "chunk_size": list(info.chunks),
                         "dtype": vol.data.dtype.name,
-                        "global_mean": float(coarse.mean()) if coarse.size else 0.0,
-                        "dimensions_nm": [
-                            float(n) * voxel_nm[a]
-                            for n, a in zip(vol.data.shape, vol.axes, strict=True)
-                            if a in voxel_nm
-                        ],
-                        "header": _jsonable(vol.source_metadata),
+                        "global_mean": converted.global_mean,
+                        "dimensions_nm": converted.dimensions_nm(voxel_nm),
+                        "header": jsonable(vol.source_metadata),
                     },
                     "provenance": {
                         "processing_pipeline": "em_platform ingest/local",
@@ -207,17 +169,3 @@ def ingest_entry(
 
 def _opts(store: DataStore) -> dict | None:
     return store.storage_options or None if not store.is_local else None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)

@@ -29,7 +29,10 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
     s = settings or load_settings(env)
     return {
         "storage": StorageResource(
-            root_url=s.data_root, s3_endpoint_url=s.s3_endpoint_url, buffer_root=s.buffer or None
+            root_url=s.data_root,
+            s3_endpoint_url=s.s3_endpoint_url,
+            buffer_root=s.buffer or None,
+            downloads_root=s.downloads or None,
         ),
         "catalog": CatalogResource(url=s.catalog_url),
         "dask": DaskResource(scheduler_address=s.dask_scheduler_address),

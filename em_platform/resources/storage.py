@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
 from em_platform.storage import DataStore
@@ -15,6 +17,9 @@ class StorageResource(dg.ConfigurableResource):
     # Local folder for acquisition intermediates (processed tiles, the fused montage) until they are
     # uploaded to the root; default ``<root>/buffer`` when the root is a local folder.
     buffer_root: str | None = None
+    # Local folder for public-dataset downloads (kept across failed runs so a re-run resumes); default
+    # ``<root>/downloads`` when the root is a local folder.
+    downloads_root: str | None = None
 
     def store(self) -> DataStore:
         options = {}
@@ -33,3 +38,15 @@ class StorageResource(dg.ConfigurableResource):
                 "for the acquisition buffer"
             )
         return DataStore(store.path("buffer"))
+
+    def downloads(self) -> Path:
+        """The local download cache of the public-dataset ingests."""
+        if self.downloads_root:
+            return Path(self.downloads_root)
+        store = self.store()
+        if not store.is_local:
+            raise ValueError(
+                f"the storage root {self.root_url} is object storage: set EM_DOWNLOADS to a local folder "
+                "for the download cache"
+            )
+        return Path(store.path("downloads"))

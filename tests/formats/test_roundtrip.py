@@ -18,7 +18,7 @@ from ome_zarr.reader import Reader
 
 from em_platform.formats import open_volume
 from em_platform.imaging.ome_zarr import write_ome_zarr
-from em_platform.ingest.local import resolve_voxel_size
+from em_platform.ingest.convert import resolve_voxel_size
 from em_platform.samples import em_texture, write_ome_tiff
 
 
