@@ -1,0 +1,494 @@
+"""Resumable, verified downloads over HTTP(S) and FTP, with retries and a per-dataset manifest.
+
+A file streams into ``<dest>.part``; an interrupted transfer continues from the bytes already there
+(HTTP ``Range``, FTP ``REST``), a big HTTP file comes in ``parallel`` ranged parts whose progress is
+kept in ``<dest>.parts`` so finished parts survive a crash. The sha256 of the bytes as received is
+checked against a published digest when there is one; only then is the file renamed into place and
+entered in the manifest, so a re-run never fetches it again and never trusts a half-written one.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import hashlib
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import requests
+
+from em_platform.sources.manifest import DownloadManifest, ManifestEntry
+from em_platform.sources.progress import Progress
+from em_platform.sources.retry import (
+    ChecksumMismatch,
+    PermanentSourceError,
+    RetryPolicy,
+    TransientSourceError,
+    http_error,
+    retrying,
+)
+
+log = logging.getLogger(__name__)
+
+PART_SUFFIX = ".part"
+PART_MAP_SUFFIX = ".parts"
+USER_AGENT = "em_platform (https://github.com/em-platform; public EM dataset ingest)"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """What HEAD (HTTP) or SIZE + MDTM (FTP) says about a file."""
+
+    url: str
+    size_bytes: int | None
+    etag: str | None
+    last_modified: str | None
+    accepts_ranges: bool
+
+    def fingerprint(self) -> str:
+        return f"size={self.size_bytes};etag={self.etag};modified={self.last_modified}"
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    parallel: int = 4  # ranged parts in flight for one big HTTP file
+    part_bytes: int = 64 * 2**20  # size of one ranged part
+    chunk_bytes: int = 1 * 2**20  # read size while streaming
+    timeout_s: tuple[float, float] = (10.0, 60.0)  # connect, read
+
+
+def _scheme(url: str) -> str:
+    scheme = urlparse(url).scheme.lower()
+    if scheme not in ("http", "https", "ftp"):
+        raise PermanentSourceError(
+            f"{url}: unsupported URL scheme {scheme!r}; use http(s):// or ftp://", url=url
+        )
+    return scheme
+
+
+def _session(session: requests.Session | None) -> requests.Session:
+    if session is not None:
+        return session
+    s = requests.Session()
+    s.headers["User-Agent"] = USER_AGENT
+    return s
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, PermanentSourceError):
+        return False
+    return isinstance(
+        exc,
+        TransientSourceError
+        | requests.ConnectionError
+        | requests.Timeout
+        | requests.exceptions.ChunkedEncodingError
+        | ftplib.error_temp
+        | EOFError
+        | OSError,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metadata: stat, JSON, FTP listing
+
+
+def stat_remote(
+    url: str,
+    *,
+    options: DownloadOptions = DownloadOptions(),
+    session: requests.Session | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> RemoteFile:
+    """Size, ETag, modification time and Range support of a remote file (retried; 404 is permanent)."""
+    if _scheme(url) == "ftp":
+        return retrying(
+            lambda: _ftp_stat(url, options),
+            what=f"stat {url}",
+            policy=options.policy,
+            transient=_transient,
+            logger=logger,
+        )
+    s = _session(session)
+
+    def head() -> RemoteFile:
+        r = s.head(url, allow_redirects=True, timeout=options.timeout_s)
+        if r.status_code >= 400:
+            raise http_error(r.status_code, url, r.reason)
+        size = r.headers.get("Content-Length")
+        return RemoteFile(
+            url=url,
+            size_bytes=int(size) if size is not None else None,
+            etag=r.headers.get("ETag"),
+            last_modified=r.headers.get("Last-Modified"),
+            accepts_ranges=r.headers.get("Accept-Ranges", "").lower() == "bytes",
+        )
+
+    return retrying(head, what=f"HEAD {url}", policy=options.policy, transient=_transient, logger=logger)
+
+
+def get_json(
+    url: str,
+    *,
+    options: DownloadOptions = DownloadOptions(),
+    session: requests.Session | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> Any:
+    """GET a JSON document (retried on 5xx and network faults; 4xx and bad JSON are permanent, naming the URL)."""
+    s = _session(session)
+
+    def get() -> Any:
+        r = s.get(url, timeout=options.timeout_s, headers={"Accept": "application/json"})
+        if r.status_code >= 400:
+            raise http_error(r.status_code, url, r.reason)
+        try:
+            return r.json()
+        except ValueError as exc:
+            raise PermanentSourceError(
+                f"{url} did not answer JSON ({exc}; body starts {r.text[:80]!r}); is the endpoint URL right?",
+                url=url,
+            ) from None
+
+    return retrying(get, what=f"GET {url}", policy=options.policy, transient=_transient, logger=logger)
+
+
+def _ftp_connect(url: str, options: DownloadOptions) -> tuple[ftplib.FTP, str]:
+    u = urlparse(url)
+    ftp = ftplib.FTP(timeout=options.timeout_s[1])
+    ftp.connect(u.hostname or "", u.port or 21, timeout=options.timeout_s[0])
+    ftp.login(unquote(u.username or "anonymous"), unquote(u.password or "anonymous@"))
+    ftp.voidcmd("TYPE I")
+    return ftp, unquote(u.path or "/")
+
+
+def _ftp_permanent(exc: ftplib.error_perm, url: str) -> PermanentSourceError:
+    return PermanentSourceError(
+        f"FTP {url}: {exc}; check the dataset id and the archive URL in the run config", url=url
+    )
+
+
+def _ftp_stat(url: str, options: DownloadOptions) -> RemoteFile:
+    ftp, path = _ftp_connect(url, options)
+    try:
+        try:
+            size = ftp.size(path)
+        except ftplib.error_perm as exc:
+            raise _ftp_permanent(exc, url) from None
+        try:
+            modified = ftp.voidcmd(f"MDTM {path}").split()[-1]
+        except ftplib.error_perm:
+            modified = None
+        return RemoteFile(url, size, None, modified, accepts_ranges=True)
+    finally:
+        _ftp_close(ftp)
+
+
+def _ftp_close(ftp: ftplib.FTP) -> None:
+    try:
+        ftp.quit()
+    except Exception:
+        ftp.close()
+
+
+def list_ftp(
+    url: str,
+    *,
+    options: DownloadOptions = DownloadOptions(),
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> list[str]:
+    """File names (not paths) in an ftp:// folder, sorted (retried)."""
+
+    def nlst() -> list[str]:
+        ftp, path = _ftp_connect(url, options)
+        try:
+            try:
+                names = ftp.nlst(path)
+            except ftplib.error_perm as exc:
+                if str(exc).startswith("550 No files found"):
+                    return []
+                raise _ftp_permanent(exc, url) from None
+        finally:
+            _ftp_close(ftp)
+        return sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in names} - {".", ".."})
+
+    return retrying(nlst, what=f"NLST {url}", policy=options.policy, transient=_transient, logger=logger)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Download
+
+
+def sha256_of(path: Path, chunk: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    manifest: DownloadManifest,
+    key: str | None = None,
+    expected_sha256: str | None = None,
+    expected_size: int | None = None,
+    options: DownloadOptions = DownloadOptions(),
+    session: requests.Session | None = None,
+    progress: Progress | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> ManifestEntry:
+    """Fetch ``url`` to ``dest`` unless the manifest already holds it; resume, retry, verify, record."""
+    dest = Path(dest)
+    key = key or dest.name
+    done = manifest.get(key)
+    if done and dest.exists() and dest.stat().st_size == done.size_bytes and done.url == url:
+        if progress:
+            progress.add(done.size_bytes)
+        return done
+    scheme = _scheme(url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + PART_SUFFIX)
+    if scheme == "ftp":
+        size = _ftp_download(url, part, expected_size, options, progress, logger)
+        digest = sha256_of(part)
+    else:
+        s = _session(session)
+        remote = stat_remote(url, options=options, session=s, logger=logger)
+        size = remote.size_bytes if remote.size_bytes is not None else expected_size
+        if expected_size is not None and size is not None and size != expected_size:
+            raise PermanentSourceError(
+                f"{url} is {size} bytes but the source listed {expected_size}; the file changed at the source "
+                "or the listing is stale: re-run to re-check",
+                url=url,
+            )
+        if size is not None and remote.accepts_ranges and options.parallel > 1 and size > options.part_bytes:
+            _http_parallel(url, part, size, s, options, progress, logger)
+            digest = sha256_of(part)
+        else:
+            digest = _http_stream(url, part, size, s, options, progress, logger)
+        size = part.stat().st_size
+    if expected_size is not None and size != expected_size:
+        part.unlink(missing_ok=True)
+        raise TransientSourceError(f"{url}: received {size} bytes, expected {expected_size}", url=url)
+    if expected_sha256 and digest != expected_sha256.lower():
+        part.unlink(missing_ok=True)
+        dest.with_name(dest.name + PART_MAP_SUFFIX).unlink(missing_ok=True)
+        raise ChecksumMismatch(
+            f"{url}: sha256 of the bytes received is {digest}, but the source published {expected_sha256}; "
+            "the download was discarded (a corrupt transfer or a changed file: re-run, and if it persists "
+            "tell the source's maintainers)",
+            url=url,
+        )
+    os.replace(part, dest)
+    dest.with_name(dest.name + PART_MAP_SUFFIX).unlink(missing_ok=True)
+    entry = ManifestEntry(key=key, url=url, size_bytes=size, sha256=digest)
+    manifest.add(entry)
+    logger.info("downloaded %s (%d bytes, sha256 %s…)", url, size, digest[:16])
+    return entry
+
+
+def _http_stream(
+    url: str,
+    part: Path,
+    size: int | None,
+    s: requests.Session,
+    options: DownloadOptions,
+    progress: Progress | None,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> str:
+    """One stream into ``part``, continuing from its current length; returns the sha256 of the whole file."""
+    h = hashlib.sha256()
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:
+        part.unlink()
+        have = 0
+    if have:
+        with open(part, "rb") as f:
+            while block := f.read(8 * 2**20):
+                h.update(block)
+        logger.info("resuming %s at byte %d", url, have)
+        if progress:
+            progress.add(have)
+    state = {"have": have, "hash": h}
+
+    def attempt() -> None:
+        have = state["have"]
+        if size is not None and have == size:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with s.get(url, stream=True, timeout=options.timeout_s, headers=headers) as r:
+            if r.status_code >= 400:
+                raise http_error(r.status_code, url, r.reason)
+            if have and r.status_code != 206:  # the server ignored Range: start again from byte 0
+                logger.warning("%s ignored the Range request; downloading it again from the start", url)
+                if progress:
+                    progress.add(-have)
+                state["have"], state["hash"], have = 0, hashlib.sha256(), 0
+            mode = "ab" if have else "wb"
+            with open(part, mode) as f:
+                for block in r.iter_content(options.chunk_bytes):
+                    f.write(block)
+                    state["hash"].update(block)
+                    state["have"] += len(block)
+                    if progress:
+                        progress.add(len(block))
+        if size is not None and state["have"] < size:
+            raise TransientSourceError(
+                f"{url}: connection closed after {state['have']} of {size} bytes", url=url
+            )
+
+    retrying(attempt, what=f"GET {url}", policy=options.policy, transient=_transient, logger=logger)
+    return state["hash"].hexdigest()
+
+
+def _http_parallel(
+    url: str,
+    part: Path,
+    size: int,
+    s: requests.Session,
+    options: DownloadOptions,
+    progress: Progress | None,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> None:
+    """``parallel`` ranged GETs into a preallocated ``part``; finished parts are listed in ``<dest>.parts``."""
+    part_map = part.with_name(part.name.removesuffix(PART_SUFFIX) + PART_MAP_SUFFIX)
+    ranges = [(o, min(size, o + options.part_bytes)) for o in range(0, size, options.part_bytes)]
+    finished: set[int] = set()
+    if part.exists() and part.stat().st_size == size and part_map.exists():
+        try:
+            recorded = json.loads(part_map.read_text())
+            if recorded.get("size") == size and recorded.get("part_bytes") == options.part_bytes:
+                finished = {int(o) for o in recorded.get("done", [])}
+        except ValueError:
+            finished = set()
+    else:
+        with open(part, "wb") as f:
+            f.truncate(size)
+    if finished:
+        logger.info("resuming %s: %d of %d parts already here", url, len(finished), len(ranges))
+        if progress:
+            progress.add(sum(e - o for o, e in ranges if o in finished))
+    lock = threading.Lock()
+    local = threading.local()
+
+    def session() -> requests.Session:
+        if not hasattr(local, "s"):
+            local.s = requests.Session()
+            local.s.headers.update(s.headers)
+        return local.s
+
+    def fetch(offset: int, end: int) -> None:
+        got = {"n": 0}
+
+        def attempt() -> None:
+            start = offset + got["n"]
+            if start >= end:
+                return
+            headers = {"Range": f"bytes={start}-{end - 1}"}
+            with session().get(url, stream=True, timeout=options.timeout_s, headers=headers) as r:
+                if r.status_code >= 400:
+                    raise http_error(r.status_code, url, r.reason)
+                if r.status_code != 206:
+                    raise PermanentSourceError(
+                        f"{url} answered a Range request with HTTP {r.status_code}; cannot fetch it in parts",
+                        url=url,
+                    )
+                with open(part, "r+b") as f:
+                    f.seek(start)
+                    for block in r.iter_content(options.chunk_bytes):
+                        block = block[: end - (offset + got["n"])]
+                        f.write(block)
+                        got["n"] += len(block)
+                        if progress:
+                            progress.add(len(block))
+            if offset + got["n"] < end:
+                raise TransientSourceError(
+                    f"{url}: part {offset}-{end - 1} closed after {got['n']} bytes", url=url
+                )
+
+        retrying(
+            attempt,
+            what=f"GET {url} bytes {offset}-{end - 1}",
+            policy=options.policy,
+            transient=_transient,
+            logger=logger,
+        )
+        with lock:
+            finished.add(offset)
+            tmp = part_map.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps({"size": size, "part_bytes": options.part_bytes, "done": sorted(finished)})
+            )
+            os.replace(tmp, part_map)
+
+    todo = [(o, e) for o, e in ranges if o not in finished]
+    with ThreadPoolExecutor(max_workers=max(1, options.parallel), thread_name_prefix="ranged") as pool:
+        futures = [pool.submit(fetch, o, e) for o, e in todo]
+        errors = []
+        for fut in futures:
+            try:
+                fut.result()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def _ftp_download(
+    url: str,
+    part: Path,
+    expected_size: int | None,
+    options: DownloadOptions,
+    progress: Progress | None,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> int:
+    """RETR into ``part``, continuing with REST from its current length; returns the file's size."""
+    counted = {"n": 0}
+
+    def attempt() -> int:
+        ftp, path = _ftp_connect(url, options)
+        try:
+            try:
+                size = ftp.size(path)
+            except ftplib.error_perm as exc:
+                raise _ftp_permanent(exc, url) from None
+            have = part.stat().st_size if part.exists() else 0
+            if size is not None and have > size:
+                part.unlink()
+                have = 0
+            if progress and have > counted["n"]:
+                progress.add(have - counted["n"])
+                counted["n"] = have
+            if size is not None and have == size:
+                return size
+            if have:
+                logger.info("resuming %s at byte %d (FTP REST)", url, have)
+            with open(part, "ab" if have else "wb") as f:
+
+                def write(block: bytes) -> None:
+                    f.write(block)
+                    counted["n"] += len(block)
+                    if progress:
+                        progress.add(len(block))
+
+                try:
+                    ftp.retrbinary(f"RETR {path}", write, blocksize=options.chunk_bytes, rest=have or None)
+                except ftplib.error_perm as exc:
+                    raise _ftp_permanent(exc, url) from None
+            got = part.stat().st_size
+            if size is not None and got < size:
+                raise TransientSourceError(f"{url}: transfer ended after {got} of {size} bytes", url=url)
+            return got
+        finally:
+            _ftp_close(ftp)
+
+    return retrying(attempt, what=f"RETR {url}", policy=options.policy, transient=_transient, logger=logger)
