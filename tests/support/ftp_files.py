@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.handlers import DTPHandler, FTPHandler
+from pyftpdlib.ioloop import IOLoop
 from pyftpdlib.servers import ThreadedFTPServer
 
 
@@ -62,7 +63,9 @@ class FtpFileServer:
 
         Handler.authorizer = authorizer
         Handler.passive_ports = None
-        self._server = ThreadedFTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadedFTPServer(("127.0.0.1", 0), Handler, ioloop=IOLoop())  # not the shared default loop
+        # pyftpdlib keeps the stop event on the class: one server's close_all() would stop every later one.
+        self._server._exit = threading.Event()
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"timeout": 0.5}, daemon=True
         )
