@@ -258,8 +258,7 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PART_SUFFIX)
     if scheme == "ftp":
-        size = _ftp_download(url, part, expected_size, options, progress, logger)
-        digest = sha256_of(part)
+        size, digest = _ftp_download(url, part, expected_size, options, progress, logger)
     else:
         s = _session(session)
         remote = stat_remote(url, options=options, session=s, logger=logger)
@@ -450,11 +449,23 @@ def _ftp_download(
     options: DownloadOptions,
     progress: Progress | None,
     logger: logging.Logger | logging.LoggerAdapter,
-) -> int:
-    """RETR into ``part``, continuing with REST from its current length; returns the file's size."""
+) -> tuple[int, str]:
+    """RETR into ``part``, continuing with REST from its current length; returns its size and sha256."""
     counted = {"n": 0}
+    state = {"hashed": 0, "hash": hashlib.sha256()}
 
-    def attempt() -> int:
+    def catch_up() -> None:
+        """Hash what is on disk but not yet hashed (a partial file from an earlier try or run)."""
+        have = part.stat().st_size if part.exists() else 0
+        if have < state["hashed"]:
+            state["hashed"], state["hash"] = 0, hashlib.sha256()
+        with open(part, "rb") as f:
+            f.seek(state["hashed"])
+            while block := f.read(8 * 2**20):
+                state["hash"].update(block)
+                state["hashed"] += len(block)
+
+    def attempt() -> tuple[int, str]:
         ftp, path = _ftp_connect(url, options)
         try:
             try:
@@ -465,17 +476,23 @@ def _ftp_download(
             if size is not None and have > size:
                 part.unlink()
                 have = 0
+            if have:
+                catch_up()
             if progress and have > counted["n"]:
                 progress.add(have - counted["n"])
                 counted["n"] = have
             if size is not None and have == size:
-                return size
+                return size, state["hash"].hexdigest()
             if have:
                 logger.info("resuming %s at byte %d (FTP REST)", url, have)
+            else:
+                state["hashed"], state["hash"] = 0, hashlib.sha256()
             with open(part, "ab" if have else "wb") as f:
 
                 def write(block: bytes) -> None:
                     f.write(block)
+                    state["hash"].update(block)
+                    state["hashed"] += len(block)
                     counted["n"] += len(block)
                     if progress:
                         progress.add(len(block))
@@ -487,7 +504,7 @@ def _ftp_download(
             got = part.stat().st_size
             if size is not None and got < size:
                 raise TransientSourceError(f"{url}: transfer ended after {got} of {size} bytes", url=url)
-            return got
+            return got, state["hash"].hexdigest()
         finally:
             _ftp_close(ftp)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class FtpFileServer:
             self._drop.extend([after_bytes] * n)
 
     def __enter__(self) -> FtpFileServer:
+        logging.getLogger("pyftpdlib").setLevel(logging.WARNING)  # one line per command otherwise
         owner = self
         authorizer = DummyAuthorizer()
         authorizer.add_anonymous(str(self.root), perm="elr")
@@ -63,11 +65,13 @@ class FtpFileServer:
 
         Handler.authorizer = authorizer
         Handler.passive_ports = None
-        self._server = ThreadedFTPServer(("127.0.0.1", 0), Handler, ioloop=IOLoop())  # not the shared default loop
+        self._server = ThreadedFTPServer(
+            ("127.0.0.1", 0), Handler, ioloop=IOLoop()
+        )  # not the shared default loop
         # pyftpdlib keeps the stop event on the class: one server's close_all() would stop every later one.
         self._server._exit = threading.Event()
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"timeout": 0.5}, daemon=True
+            target=self._server.serve_forever, kwargs={"timeout": 0.5, "handle_exit": False}, daemon=True
         )
         self._thread.start()
         return self

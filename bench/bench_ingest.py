@@ -1,0 +1,456 @@
+"""Benchmark: each public-source loader against a plain download of the same bytes, and peak memory of a
+whole 4 GiB ingest.
+
+The loopback servers the tests use serve real-format data (an HTTP file server with Range support, a
+pyftpdlib FTP archive, a DVID-like API, an S3 endpoint by moto) from this process; every measurement
+runs in a subprocess, so client and servers do not share a GIL and each gets its own peak RSS.
+
+* ``plain``  -- the simplest download of the same bytes: one ``requests`` stream (HTTP), ``RETR`` of each
+  file (FTP), one ``raw`` request for the whole crop (DVID), a sequential ``cat`` of every chunk object
+  (S3); no checksum, no manifest, no retries.
+* ``loader`` -- the source's ``fetch``: what an ingest does before conversion (parallel transfers,
+  sha256 of every byte as received, the manifest, decoding into the local cache where the source has
+  blocks), into a fresh folder.
+
+``ratio`` = plain time / loader time (1.0 = as fast as a plain download; target ≥ 0.8). Then a whole
+ingest (check, fetch, verify, OME-Zarr pyramid, publish, record) of a ``--rss-gib`` EPFL-like TIFF
+served over HTTP, with its wall time and peak RSS (``VmHWM``; target < 1.5 GiB).
+
+    python -m bench.bench_ingest                 # 256 MiB per loader, 4 GiB whole ingest
+    python -m bench.bench_ingest --mib 32 --rss-gib 0.25   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "ingest.json"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data the servers hold (written slab by slab: never whole in memory)
+
+
+def write_tiff_stack(path: Path, nbytes: int) -> tuple[int, int, int]:
+    import tifffile
+
+    plane = (1024, 1024)
+    nz = max(1, nbytes // (plane[0] * plane[1]))
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 200, size=plane, dtype=np.uint8)
+
+    def pages():
+        for z in range(nz):
+            yield np.roll(base, z, axis=1) + np.uint8(z % 50)
+
+    tifffile.imwrite(path, pages(), shape=(nz, *plane), dtype=np.uint8)
+    return (nz, *plane)
+
+
+def write_dm3_sections(folder: Path, nbytes: int, n: int = 8) -> list[str]:
+    from em_platform.formats.dm_writer import write_dm
+
+    side = int((nbytes / n / 2) ** 0.5)
+    rng = np.random.default_rng(1)
+    names = []
+    for i in range(n):
+        name = f"section_{i + 1:02d}.dm3"
+        write_dm(
+            folder / name,
+            rng.integers(0, 4000, (side, side), dtype=np.uint16),
+            version=3,
+            scale=(8.0, 8.0),
+            units=("nm", "nm"),
+        )
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------
+# One measurement (in a subprocess)
+
+
+def _measure(spec: dict) -> dict:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    log = logging.getLogger("bench")
+    kind, mode, work = spec["kind"], spec["mode"], Path(spec["work"])
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    if mode == "plain":
+        nbytes = _plain(kind, spec, work)
+    elif mode == "loader":
+        from em_platform.sources.manifest import DownloadManifest
+
+        source = _source(kind, spec)
+        version = source.check(log)
+        t0 = time.perf_counter()  # the transfer, not the metadata round trips
+        manifest = DownloadManifest(work, version.fingerprint)
+        fetched = source.fetch(work, manifest, version, log)
+        nbytes = sum(f.size_bytes for f in fetched.files)
+        if kind in ("flyem", "openorganelle"):  # bytes delivered = voxels in the cache
+            nbytes = int(fetched.volume.data.nbytes)
+    else:  # a whole ingest
+        from em_platform.catalog.db import CatalogDB
+        from em_platform.sources.ingest import ingest_public_dataset
+        from em_platform.storage import DataStore
+
+        db = CatalogDB(f"sqlite:///{work / 'catalog.sqlite'}")
+        result = ingest_public_dataset(
+            _source(kind, spec),
+            store=DataStore(str(work / "data")),
+            catalog=db,
+            downloads=work / "downloads",
+            lineage={"run_id": "bench", "asset_key": f"ingest/{kind}", "partition_key": "bench"},
+            logger=log,
+        )
+        nbytes = result.record["metadata"]["technical"]["file_size_bytes"]
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "bytes": int(nbytes), "peak_rss_mib": _vm_hwm_mib()}
+
+
+def _plain(kind: str, spec: dict, work: Path) -> int:
+    import ftplib
+
+    import requests
+
+    if kind in ("epfl", "flyem"):
+        with requests.get(spec["plain_url"], stream=True, timeout=60) as r, open(work / "plain", "wb") as f:
+            r.raise_for_status()
+            for block in r.iter_content(1 << 20):
+                f.write(block)
+        return (work / "plain").stat().st_size
+    if kind in ("empiar", "idr"):
+        total = 0
+        ftp = ftplib.FTP()
+        ftp.connect("127.0.0.1", spec["ftp_port"])
+        ftp.login()
+        for path in spec["ftp_paths"]:
+            with open(work / Path(path).name, "wb") as f:
+                ftp.retrbinary(f"RETR {path}", f.write, blocksize=1 << 20)
+            total += (work / Path(path).name).stat().st_size
+        ftp.quit()
+        return total
+    if kind == "openorganelle":
+        import s3fs
+
+        fs = s3fs.S3FileSystem(anon=True, client_kwargs={"endpoint_url": spec["s3_endpoint"]})
+        total = 0
+        for key in spec["s3_keys"]:
+            total += len(fs.cat(key))
+        return total
+    raise ValueError(kind)
+
+
+def _source(kind: str, spec: dict):
+    if kind == "epfl":
+        from em_platform.sources.epfl import EpflEndpoints, make_source
+
+        return make_source("hippocampus-ca1", EpflEndpoints(file_url=spec["plain_url"]))
+    if kind == "empiar":
+        from em_platform.sources.empiar import EmpiarEndpoints, make_source
+
+        return make_source("11759", EmpiarEndpoints(**spec["endpoints"]))
+    if kind == "idr":
+        from em_platform.sources.idr import IdrEndpoints, make_source
+
+        return make_source("idr0086-9846137", IdrEndpoints(**spec["endpoints"]))
+    if kind == "flyem":
+        import dataclasses
+
+        from em_platform.sources import flyem
+
+        crop = dataclasses.replace(flyem.DATASETS[spec["key"]], size_zyx=tuple(spec["size_zyx"]))
+        return flyem.FlyemSource(spec["key"], crop, flyem.FlyemEndpoints(dvid_server=spec["dvid"]))
+    if kind == "openorganelle":
+        import dataclasses
+
+        from em_platform.sources import openorganelle as oo
+
+        spec_level = dataclasses.replace(oo.DATASETS["jrc_mus-nacc-2/fibsem-int16/s3"], level="s0")
+        return oo.OpenOrganelleSource(
+            "bench",
+            spec_level,
+            oo.OpenOrganelleEndpoints(bucket=spec["bucket"], endpoint_url=spec["s3_endpoint"]),
+        )
+    raise ValueError(kind)
+
+
+def _run(spec: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1,localhost"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_ingest", "--measure", json.dumps(spec)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{spec['kind']} {spec['mode']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The servers and the comparisons
+
+
+def compare(kind: str, base: dict, repeats: int) -> dict:
+    runs: dict[str, list[dict]] = {"plain": [], "loader": []}
+    for _ in range(repeats):  # interleaved, so a slow moment of the machine hits both
+        for mode in ("plain", "loader"):
+            runs[mode].append(_run({**base, "kind": kind, "mode": mode}))
+    best = {m: min(r, key=lambda x: x["seconds"]) for m, r in runs.items()}
+    mb = best["plain"]["bytes"] / 1e6
+    row = {
+        "bytes": best["plain"]["bytes"],
+        "plain_MBps": mb / best["plain"]["seconds"],
+        "loader_MBps": best["loader"]["bytes"] / 1e6 / best["loader"]["seconds"],
+        "ratio": best["plain"]["seconds"]
+        / best["loader"]["seconds"]
+        * best["loader"]["bytes"]
+        / best["plain"]["bytes"],
+        "loader_peak_rss_mib": best["loader"]["peak_rss_mib"],
+        "runs": runs,
+    }
+    print(
+        f"{kind:14s} {row['bytes'] / 2**20:8.0f} MiB  plain {row['plain_MBps']:7.1f} MB/s  loader "
+        f"{row['loader_MBps']:7.1f} MB/s  ratio {row['ratio']:.2f}  loader RSS {row['loader_peak_rss_mib']:.0f} MiB",
+        flush=True,
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mib", type=float, default=256, help="data per loader comparison")
+    p.add_argument("--rss-gib", type=float, default=4.0, help="size of the whole-ingest volume")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--only", nargs="*", default=None, help="loaders to compare (default: all)")
+    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--measure", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.measure:
+        print(json.dumps(_measure(json.loads(args.measure))))
+        return None
+
+    sys.path.insert(0, str(ROOT))
+    from tests.support.dvid_server import DvidServer
+    from tests.support.ftp_files import FtpFileServer
+    from tests.support.http_files import HttpFileServer
+
+    nbytes = int(args.mib * 2**20)
+    kinds = args.only or ["epfl", "empiar", "idr", "flyem", "openorganelle"]
+    results: dict = {"loaders": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
+        tmp = Path(tmp)
+        (tmp / "http").mkdir()
+        (tmp / "ftp").mkdir()
+        print(f"writing test data ({args.mib:.0f} MiB per loader) ...", flush=True)
+        with HttpFileServer(tmp / "http") as http, FtpFileServer(tmp / "ftp") as ftp:
+            work = str(tmp / "work")
+            if "epfl" in kinds:
+                write_tiff_stack(tmp / "http" / "volumedata.tif", nbytes)
+                results["loaders"]["epfl"] = compare(
+                    "epfl", {"plain_url": http.url_for("volumedata.tif"), "work": work}, args.repeats
+                )
+            if "empiar" in kinds:
+                folder = tmp / "ftp" / "empiar/world_availability/11759/data"
+                folder.mkdir(parents=True)
+                names = write_dm3_sections(folder, nbytes)
+                http.add_json("/empiar/api/entry/11759/", {"EMPIAR-11759": {"title": "bench entry"}})
+                endpoints = {
+                    "api_url": http.url + "/empiar/api/entry/{entry_id}/",
+                    "archive_ftp": ftp.url + "/empiar/world_availability/{entry_id}/data/",
+                }
+                results["loaders"]["empiar"] = compare(
+                    "empiar",
+                    {
+                        "endpoints": endpoints,
+                        "ftp_port": int(ftp.url.rsplit(":", 1)[1]),
+                        "ftp_paths": [f"/empiar/world_availability/11759/data/{n}" for n in names],
+                        "work": work,
+                    },
+                    args.repeats,
+                )
+            if "idr" in kinds:
+                from em_platform.sources.idr import DATASETS
+
+                folder = tmp / "ftp" / "IDR" / DATASETS["idr0086-9846137"].archive_folder
+                folder.mkdir(parents=True)
+                name = "Figure_S3B_FIB-SEM_U2OS.ome.tif"
+                shape = write_tiff_stack(folder / name, nbytes)
+                px = {"Unit": "MICROMETER", "Symbol": "µm", "Value": 0.005}
+                http.add_json(
+                    "/api/v0/m/images/9846137/",
+                    {
+                        "data": {
+                            "Name": name,
+                            "Pixels": {
+                                "SizeZ": shape[0],
+                                "SizeY": shape[1],
+                                "SizeX": shape[2],
+                                "PhysicalSizeX": px,
+                                "PhysicalSizeY": px,
+                                "PhysicalSizeZ": px,
+                                "Type": {"value": "uint8"},
+                            },
+                        }
+                    },
+                )
+                endpoints = {
+                    "api_url": http.url + "/api/v0/m/images/{image_id}/",
+                    "archive_ftp": ftp.url + "/IDR/",
+                    "archive_https": http.url + "/IDR/",
+                }
+                results["loaders"]["idr"] = compare(
+                    "idr",
+                    {
+                        "endpoints": endpoints,
+                        "ftp_port": int(ftp.url.rsplit(":", 1)[1]),
+                        "ftp_paths": [f"/IDR/{DATASETS['idr0086-9846137'].archive_folder}{name}"],
+                        "work": work,
+                    },
+                    args.repeats,
+                )
+            if "flyem" in kinds:
+                from em_platform.sources.flyem import DATASETS as CROPS
+
+                side = max(64, int(round(nbytes ** (1 / 3) / 64)) * 64)
+                crop = CROPS["hemibrain-center-256"]
+                key = "hemibrain-center-256"
+                with DvidServer(min_zyx=crop.offset_zyx, shape_zyx=(side, side, side)) as dvid:
+                    z, y, x = crop.offset_zyx
+                    plain = f"{dvid.url}/api/node/{dvid.uuid}/{dvid.instance}/raw/0_1_2/{side}_{side}_{side}/{x}_{y}_{z}"
+                    results["loaders"]["flyem"] = compare(
+                        "flyem",
+                        {
+                            "plain_url": plain,
+                            "dvid": dvid.url,
+                            "key": key,
+                            "size_zyx": [side] * 3,
+                            "work": work,
+                        },
+                        args.repeats,
+                    )
+            if "openorganelle" in kinds:
+                results["loaders"]["openorganelle"] = _compare_s3(nbytes, tmp, work, args.repeats)
+
+            # a whole ingest of a big volume: wall time and peak memory
+            print(f"whole ingest of a {args.rss_gib:g} GiB EPFL-like TIFF ...", flush=True)
+            big = tmp / "http" / "big.tif"
+            write_tiff_stack(big, int(args.rss_gib * 2**30))
+            whole = _run(
+                {"kind": "epfl", "mode": "ingest", "plain_url": http.url_for("big.tif"), "work": work}
+            )
+            whole["MBps"] = whole["bytes"] / 1e6 / whole["seconds"]
+            results["whole_ingest"] = {"gib": args.rss_gib, **whole}
+            print(
+                f"whole ingest  {whole['bytes'] / 2**30:.2f} GiB in {whole['seconds']:.0f} s "
+                f"({whole['MBps']:.0f} MB/s), peak RSS {whole['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+    results["meta"] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "mib_per_loader": args.mib,
+        "targets": {"ratio": ">= 0.8", "whole_ingest_peak_rss_mib": "< 1536"},
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results in {out}")
+    return results
+
+
+def _compare_s3(nbytes: int, tmp: Path, work: str, repeats: int) -> dict:
+    """An OpenOrganelle-shaped Zarr v2 level on a moto S3 server (its own process: moto is pure Python)."""
+    import numcodecs
+    import s3fs
+    import zarr
+
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fs.ls("")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # waiting for the server process to listen
+        side = max(64, int(round((nbytes / 2) ** (1 / 3) / 64)) * 64)
+        local = tmp / "cosem" / "jrc_mus-nacc-2.zarr"
+        group = zarr.open_group(str(local), mode="w", zarr_format=2).require_group("recon-2/em/fibsem-int16")
+        arr = group.create_array(
+            "s0",
+            shape=(side,) * 3,
+            dtype="int16",
+            chunks=(64, 64, 64),
+            compressors=numcodecs.GZip(level=1),
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+        )
+        rng = np.random.default_rng(2)
+        for z in range(0, side, 64):
+            arr[z : z + 64] = rng.integers(-2000, 2000, (min(64, side - z), side, side), dtype=np.int16)
+        group.attrs["multiscales"] = [
+            {
+                "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+                "datasets": [
+                    {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [2.96, 4, 4]}]}
+                ],
+            }
+        ]
+        fs.mkdir("cosem-bench")
+        fs.put(str(tmp / "cosem") + "/", "cosem-bench/jrc_mus-nacc-2/", recursive=True)
+        keys = fs.find("cosem-bench")
+        for key in ["cosem-bench", *keys]:
+            fs.chmod(key, acl="public-read")
+        chunk_keys = [k for k in keys if "/s0/" in k and not k.endswith((".zarray", ".zattrs"))]
+        return compare(
+            "openorganelle",
+            {"bucket": "cosem-bench", "s3_endpoint": endpoint, "s3_keys": chunk_keys, "work": work},
+            repeats,
+        )
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    main()
