@@ -1,9 +1,11 @@
-"""EBI EMPIAR entries: the entry's metadata from the EMPIAR REST API, its image files from the EMPIAR archive.
+"""EBI EMPIAR entries: metadata from the EMPIAR REST API, image files from the EMPIAR archive.
 
-The archive is read over FTP or its HTTPS mirror (``transport``), the folder listed (NLST, or the HTTPS
-index page), every image file downloaded resumably, and the slices (DM3/DM4, MRC, TIFF) stacked lazily
-in natural name order (``s2`` before ``s10``) into one volume. In-plane voxel size comes from the
-files' calibration when they have one; the section thickness is the entry's published value.
+The archive's ``data/`` folder is read over FTP (NLST + RETR, as macroscope did) or over its HTTPS mirror
+(the Apache index page), one folder deeper when the imageset's ``directory`` names a sub-folder. Every
+image file is downloaded resumably, and the sections (DM3/DM4, MRC, TIFF) are stacked lazily in natural
+name order (``slice_2`` before ``slice_10``) into one volume. In-plane voxel size comes from the files'
+calibration when they carry one; section thickness, which 2-D sections cannot record, is the dataset's
+published value.
 """
 
 from __future__ import annotations
@@ -12,37 +14,57 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import dask.array as da
 import requests
 
 from em_platform.formats import FormatError, Volume, open_volume
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
-from em_platform.sources.download import DownloadOptions, download, get_json, list_ftp, stat_remote
+from em_platform.sources.download import (
+    USER_AGENT,
+    DownloadOptions,
+    download,
+    get_json,
+    list_ftp,
+    stat_remote,
+)
 from em_platform.sources.manifest import DownloadManifest
 from em_platform.sources.progress import Progress
-from em_platform.sources.retry import RetryPolicy, SourceError, http_error, retrying
+from em_platform.sources.retry import PermanentSourceError, RetryPolicy, http_error, retrying
 
-IMAGE_SUFFIXES = (".dm3", ".dm4", ".mrc", ".mrcs", ".map", ".rec", ".st", ".tif", ".tiff")
+Logger = logging.Logger | logging.LoggerAdapter
+
+IMAGE_SUFFIXES = (".dm3", ".dm4", ".mrc", ".mrcs", ".map", ".rec", ".st", ".ali", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
-class EmpiarEntry:
+class EmpiarDataset:
+    """One EMPIAR entry as published, for what the entry JSON does not say (section thickness)."""
+
     entry_id: str
-    voxel_size_nm: dict[str, float]  # the entry's published voxel size, used where the files are silent
-    modality: str
+    title: str
+    technique: str  # the entry's experiment_type, e.g. "SBF-SEM"
+    slices: int
+    voxel_size_nm: dict[str, float]  # z, y, x: used for any axis neither the files nor the JSON give
 
 
-DATASETS = {
-    # "Developing retina in zebrafish 55 hpf larval eye": SBF-SEM, 16 DM3 sections, 8 nm/px, 50 nm sections.
-    "11759": EmpiarEntry("11759", {"z": 50.0, "y": 8.0, "x": 8.0}, "SEM"),
+DATASETS: dict[str, EmpiarDataset] = {
+    # Zebrafish retina, SBF-SEM: 16 DM3 sections of 5628 x 5632 px, 8 nm/px, 50 nm sections; 1.2 GB.
+    "11759": EmpiarDataset(
+        entry_id="11759",
+        title="Developing retina in zebrafish 55 hpf larval eye",
+        technique="SBF-SEM",
+        slices=16,
+        voxel_size_nm={"z": 50.0, "y": 8.0, "x": 8.0},
+    ),
 }
 
 
@@ -63,7 +85,8 @@ class EmpiarEndpoints:
             ("archive_https", ("http", "https")),
         ):
             value = getattr(self, name)
-            if urlparse(value).scheme not in schemes or not urlparse(value).netloc:
+            parsed = urlparse(value)
+            if parsed.scheme not in schemes or not parsed.netloc:
                 raise ValueError(f"{name} must be a {'/'.join(schemes)}:// URL, not {value!r}")
             if "{entry_id}" not in value:
                 raise ValueError(f"{name} must contain '{{entry_id}}', got {value!r}")
@@ -71,111 +94,154 @@ class EmpiarEndpoints:
             raise ValueError(f"transport must be 'ftp' or 'https', not {self.transport!r}")
         if not 1 <= self.parallel <= 16:
             raise ValueError(f"parallel must be between 1 and 16, not {self.parallel}")
-        if self.retry_attempts < 1 or self.retry_base_delay_s < 0:
-            raise ValueError("retry_attempts must be ≥ 1 and retry_base_delay_s ≥ 0")
+        if self.retry_attempts < 1:
+            raise ValueError(f"retry_attempts must be at least 1, not {self.retry_attempts}")
+        if self.retry_base_delay_s < 0:
+            raise ValueError(f"retry_base_delay_s must not be negative, not {self.retry_base_delay_s}")
 
     def options(self) -> DownloadOptions:
-        return DownloadOptions(
-            policy=RetryPolicy(attempts=self.retry_attempts, base_delay_s=self.retry_base_delay_s), parallel=1
-        )
+        # Sections are tens of MB: files go in parallel, each in one stream.
+        policy = RetryPolicy(attempts=self.retry_attempts, base_delay_s=self.retry_base_delay_s)
+        return DownloadOptions(policy=policy, parallel=1)
 
 
 def make_source(key: str, endpoints: EmpiarEndpoints | None = None) -> EmpiarSource:
     if key not in DATASETS:
         raise ValueError(f"unknown EMPIAR entry {key!r}; known: {', '.join(sorted(DATASETS))}")
-    return EmpiarSource(DATASETS[key], endpoints or EmpiarEndpoints())
+    endpoints = endpoints or EmpiarEndpoints()
+    endpoints.validate()
+    return EmpiarSource(DATASETS[key], endpoints)
 
 
-def natural_key(name: str) -> list:
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value: slice_2 before slice_10."""
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-class _Links(HTMLParser):
+def modality_of(technique: str | None) -> str:
+    """The catalog modality for an EMPIAR experiment type or imageset category."""
+    t = (technique or "").upper().replace(" ", "-")
+    if "FIB" in t:
+        return "FIB-SEM"
+    if "SBF" in t or "SBEM" in t or "BLOCK-FACE" in t or "ATUM" in t or t == "SEM":
+        return "SEM"
+    return "EM"
+
+
+class _IndexLinks(HTMLParser):
+    """The entries of an Apache-style index page: relative links, minus sorting and parent links."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.hrefs: list[str] = []
+        self.names: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "a":
-            href = dict(attrs).get("href")
-            if href and not href.startswith(("?", "/", "../", "#")) and "://" not in href:
-                self.hrefs.append(unquote(href))
+        href = dict(attrs).get("href") if tag == "a" else None
+        if href and not href.startswith(("?", "/", "#", "../")) and "://" not in href:
+            self.names.append(unquote(href).rstrip("/"))
 
 
 class EmpiarSource(Source):
     name = "empiar"
 
-    def __init__(self, entry: EmpiarEntry, endpoints: EmpiarEndpoints):
-        self.entry = entry
+    def __init__(self, dataset: EmpiarDataset, endpoints: EmpiarEndpoints):
+        self.dataset = dataset
         self.endpoints = endpoints
-        self.api_url = endpoints.api_url.format(entry_id=entry.entry_id)
+        self.api_url = endpoints.api_url.format(entry_id=dataset.entry_id)
         base = endpoints.archive_ftp if endpoints.transport == "ftp" else endpoints.archive_https
-        self.archive_url = base.format(entry_id=entry.entry_id)
+        self.archive_url = base.format(entry_id=dataset.entry_id).rstrip("/") + "/"
 
     @property
     def source_id(self) -> str:
-        return self.entry.entry_id
+        return self.dataset.entry_id
 
-    # -- listing -----------------------------------------------------------------------------------
+    @property
+    def accession(self) -> str:
+        return f"EMPIAR-{self.dataset.entry_id}"
 
-    def _list(self, folder_url: str, logger) -> list[str]:
+    # -- the entry and its files --------------------------------------------------------------------
+
+    def entry(self, logger: Logger) -> dict[str, Any]:
+        """The entry JSON (the object under ``"EMPIAR-<id>"``)."""
+        doc = get_json(self.api_url, options=self.endpoints.options(), logger=logger)
+        entry = doc.get(self.accession) if isinstance(doc, dict) else None
+        if not isinstance(entry, dict):
+            keys = ", ".join(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
+            raise PermanentSourceError(
+                f"{self.api_url} did not answer the {self.accession} entry (got {keys}); "
+                "check api_url and the entry id",
+                url=self.api_url,
+            )
+        return entry
+
+    def _list(self, folder_url: str, logger: Logger) -> list[str]:
+        opts = self.endpoints.options()
         if self.endpoints.transport == "ftp":
-            return list_ftp(folder_url, options=self.endpoints.options(), logger=logger)
+            return list_ftp(folder_url, options=opts, logger=logger)
 
         def index() -> list[str]:
-            r = requests.get(folder_url, timeout=self.endpoints.options().timeout_s)
+            r = requests.get(folder_url, timeout=opts.timeout_s, headers={"User-Agent": USER_AGENT})
             if r.status_code >= 400:
                 raise http_error(r.status_code, folder_url, r.reason)
-            parser = _Links()
+            parser = _IndexLinks()
             parser.feed(r.text)
-            return sorted(set(parser.hrefs))
+            return sorted(set(parser.names))
 
-        return retrying(
-            index, what=f"list {folder_url}", policy=self.endpoints.options().policy, logger=logger
+        return retrying(index, what=f"list {folder_url}", policy=opts.policy, logger=logger)
+
+    def image_files(self, entry: dict[str, Any], logger: Logger) -> list[tuple[str, str]]:
+        """(path under data/, URL) of every image file, in slice order.
+
+        Files directly in ``data/`` are taken when there are any; otherwise the folder named by the
+        imageset's ``directory`` (relative to the entry, e.g. ``data/Sections``) is listed.
+        """
+        folders = [""]
+        for imageset in entry.get("imagesets") or []:
+            sub = str(imageset.get("directory") or "").strip("/")
+            sub = sub[len("data") :].strip("/") if sub == "data" or sub.startswith("data/") else sub
+            if sub and sub not in folders:
+                folders.append(sub)
+        for sub in folders:
+            folder_url = self.archive_url + (quote(sub) + "/" if sub else "")
+            names = [n for n in self._list(folder_url, logger) if n.lower().endswith(IMAGE_SUFFIXES)]
+            if names:
+                names.sort(key=natural_key)
+                return [(f"{sub}/{n}" if sub else n, folder_url + quote(n)) for n in names]
+        raise PermanentSourceError(
+            f"{self.archive_url}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the entry's data folder "
+            f"or its imageset folders {folders[1:]}; check the entry id and the archive URL",
+            url=self.archive_url,
         )
 
-    def image_files(self, logger) -> list[tuple[str, str]]:
-        """(path relative to the data folder, URL) of every image file, in slice order; one sub-folder deep."""
-        found: list[tuple[str, str]] = []
-        for name in self._list(self.archive_url, logger):
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                found.append((name, urljoin(self.archive_url, name)))
-            elif name.endswith("/") or "." not in name:  # a sub-folder (an imageset's directory)
-                sub = urljoin(self.archive_url, name.rstrip("/") + "/")
-                for child in self._list(sub, logger):
-                    if child.lower().endswith(IMAGE_SUFFIXES):
-                        found.append((f"{name.rstrip('/')}/{child}", urljoin(sub, child)))
-        if not found:
-            raise SourceError(
-                f"{self.archive_url}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the entry's data folder; "
-                "check the entry id and the archive URL",
-                url=self.archive_url,
-            )
-        return sorted(found, key=lambda p: natural_key(p[0]))
+    # -- Source -------------------------------------------------------------------------------------
 
-    # -- Source ------------------------------------------------------------------------------------
-
-    def check(self, logger: logging.Logger | logging.LoggerAdapter) -> RemoteVersion:
-        doc = get_json(self.api_url, options=self.endpoints.options(), logger=logger)
-        entry = doc.get(f"EMPIAR-{self.entry.entry_id}") if isinstance(doc, dict) else None
-        if not isinstance(entry, dict):
-            raise SourceError(f"{self.api_url} did not answer EMPIAR-{self.entry.entry_id}", url=self.api_url)
-        files = self.image_files(logger)
+    def check(self, logger: Logger) -> RemoteVersion:
+        entry = self.entry(logger)
+        files = self.image_files(entry, logger)
         opts = self.endpoints.options()
-        with ThreadPoolExecutor(max_workers=self.endpoints.parallel) as pool:
+        with ThreadPoolExecutor(
+            max_workers=self.endpoints.parallel, thread_name_prefix="empiar-stat"
+        ) as pool:
             sizes = list(pool.map(lambda f: stat_remote(f[1], options=opts, logger=logger).size_bytes, files))
         listing = [{"path": p, "url": u, "size_bytes": s} for (p, u), s in zip(files, sizes, strict=True)]
+        dates = {k: entry.get(k) for k in ("deposition_date", "release_date", "update_date") if k in entry}
         fingerprint = hashlib.sha256(
-            json.dumps(
-                {"entry": entry, "files": [(f["path"], f["size_bytes"]) for f in listing]}, sort_keys=True
-            ).encode()
+            json.dumps({"dates": dates, "files": [[f["path"], f["size_bytes"]] for f in listing]}).encode()
         ).hexdigest()
+        logger.info(
+            "%s: %d image files, %s bytes, at %s",
+            self.accession,
+            len(listing),
+            sum(s or 0 for s in sizes),
+            self.archive_url,
+        )
         return RemoteVersion(
             fingerprint=fingerprint,
-            description=str(entry.get("title") or f"EMPIAR-{self.entry.entry_id}"),
+            description=str(entry.get("title") or self.dataset.title),
             source_urls=(self.archive_url, self.api_url),
-            additional_metadata={"empiar_entry": entry, "archive_files": listing},
-            total_bytes=sum(s or 0 for s in sizes),
+            # The entry JSON as EMPIAR publishes it, plus the archive listing this version stands for.
+            additional_metadata={self.accession: entry, "archive_files": listing},
+            total_bytes=sum(sizes) if all(s is not None for s in sizes) else None,
         )
 
     def fetch(
@@ -183,11 +249,12 @@ class EmpiarSource(Source):
         workdir: Path,
         manifest: DownloadManifest,
         version: RemoteVersion,
-        logger: logging.Logger | logging.LoggerAdapter,
+        logger: Logger,
     ) -> FetchedVolume:
+        entry = version.additional_metadata.get(self.accession) or {}
         listing = version.additional_metadata["archive_files"]
-        progress = Progress(f"EMPIAR-{self.entry.entry_id}", version.total_bytes, logger)
         opts = self.endpoints.options()
+        progress = Progress(self.accession, version.total_bytes, logger)
 
         def get(f: dict[str, Any]):
             return download(
@@ -204,8 +271,20 @@ class EmpiarSource(Source):
         with ThreadPoolExecutor(max_workers=self.endpoints.parallel, thread_name_prefix="empiar") as pool:
             entries = list(pool.map(get, listing))
         progress.finish()
-        vol = stack_slices([workdir / "data" / f["path"] for f in listing])
-        vol, voxel_source = self._calibrate(vol)
+
+        imageset = _imageset(entry)
+        expected = _int(imageset.get("num_images_or_tilt_series"))
+        if expected and expected != len(listing):
+            logger.warning(
+                "%s: the imageset lists %d images but the archive folder holds %d image files; "
+                "ingesting the files found",
+                self.accession,
+                expected,
+                len(listing),
+            )
+        vol = stack_sections([workdir / "data" / f["path"] for f in listing])
+        vol, voxel_source = self._calibrate(vol, imageset, logger)
+        technique = entry.get("experiment_type") or imageset.get("category") or self.dataset.technique
         return FetchedVolume(
             volume=vol,
             voxel_size_source=voxel_source,
@@ -213,37 +292,61 @@ class EmpiarSource(Source):
                 SourceFile(f["path"], f["url"], e.size_bytes, e.sha256)
                 for f, e in zip(listing, entries, strict=True)
             ),
-            modality=self.entry.modality,
-            header={"first_file": vol.source_metadata, "files": len(listing)},
+            modality=modality_of(str(technique)),
+            header={
+                "first_file": vol.source_metadata,
+                "files": len(listing),
+                "imageset": imageset.get("name"),
+                "technique": technique,
+            },
         )
 
-    def _calibrate(self, vol: Volume) -> tuple[Volume, str]:
-        """Fill axes the files leave uncalibrated from the entry's published voxel size."""
+    def _calibrate(self, vol: Volume, imageset: dict[str, Any], logger: Logger) -> tuple[Volume, str]:
+        """Fill the axes the files leave uncalibrated: in-plane from the imageset's pixel size (Å),
+        then anything still missing (section thickness) from the dataset's published voxel size."""
+        published = dict(self.dataset.voxel_size_nm)
+        for axis, key in (("x", "pixel_width"), ("y", "pixel_height")):
+            angstrom = _float(imageset.get(key))
+            if angstrom:
+                published[axis] = angstrom / 10.0
         scale, units = list(vol.scale), list(vol.units)
-        from_source = False
-        for i, a in enumerate(vol.axes):
-            if a in "zyx" and (scale[i] is None or units[i] is None):
-                scale[i], units[i] = self.entry.voxel_size_nm[a], "nanometer"
-                from_source = True
+        filled = []
+        for i, axis in enumerate(vol.axes):
+            if axis in published and (scale[i] is None or units[i] is None):
+                scale[i], units[i] = published[axis], "nanometer"
+                filled.append(axis)
+        if filled:
+            logger.info(
+                "%s: voxel size along %s from the published entry (%s nm); the files do not record it",
+                self.accession,
+                ", ".join(filled),
+                ", ".join(f"{a}={published[a]:g}" for a in filled),
+            )
         vol = dataclasses.replace(vol, scale=tuple(scale), units=tuple(units))
-        return vol, "source" if from_source else "header"
+        return vol, "source" if filled else "header"
 
 
-def stack_slices(paths: list[Path]) -> Volume:
-    """Open each file lazily and stack them in the given order: 2-D sections → z, 3-D blocks → along z."""
-    vols = [open_volume(p) for p in paths]
+def stack_sections(paths: list[Path]) -> Volume:
+    """Open each file lazily and join them in the given order: 2-D sections stack along z, 3-D
+    blocks (e.g. MRC) concatenate along z. Every file must match the first in shape and type."""
+    if not paths:
+        raise FormatError("no image files to stack")
+    vols = [open_volume(p) for p in paths]  # each raises FormatError naming its file
     first = vols[0]
     for p, v in zip(paths[1:], vols[1:], strict=True):
-        if v.data.shape != first.data.shape or v.data.dtype != first.data.dtype or v.axes != first.axes:
+        if (
+            v.axes != first.axes
+            or v.data.shape[-2:] != first.data.shape[-2:]
+            or v.data.dtype != first.data.dtype
+        ):
             raise FormatError(
-                f"{p}: {v.data.shape} {v.data.dtype} axes {''.join(v.axes)} does not match the first slice "
-                f"{paths[0].name} ({first.data.shape} {first.data.dtype} axes {''.join(first.axes)}); "
-                "an EMPIAR volume must be sections of one size and type"
+                f"{p}: {'x'.join(map(str, v.data.shape))} {v.data.dtype} (axes {''.join(v.axes)}) does not match "
+                f"the first slice {paths[0].name} ({'x'.join(map(str, first.data.shape))} {first.data.dtype}, "
+                f"axes {''.join(first.axes)}); sections of one volume must share size and pixel type — "
+                "report the file to the entry's depositors or exclude it"
             )
-    if len(vols) == 1:
-        return first
     if first.axes == ("y", "x"):
-        data = da.stack([v.data for v in vols])
+        data = da.stack([v.data for v in vols]) if len(vols) > 1 else first.data[None]
         return Volume(
             data=data,
             axes=("z", "y", "x"),
@@ -254,8 +357,27 @@ def stack_slices(paths: list[Path]) -> Volume:
             source_metadata=first.source_metadata,
         )
     if first.axes == ("z", "y", "x"):
-        z = first.axes.index("z")
-        return dataclasses.replace(
-            first, data=da.concatenate([v.data for v in vols], axis=z), source_files=tuple(paths)
-        )
-    raise FormatError(f"{paths[0]}: cannot stack files with axes {''.join(first.axes)} into one volume")
+        data = da.concatenate([v.data for v in vols], axis=0) if len(vols) > 1 else first.data
+        return dataclasses.replace(first, data=data, source_files=tuple(paths))
+    raise FormatError(
+        f"{paths[0]}: axes {''.join(first.axes)} cannot be stacked into one z, y, x volume "
+        "(multi-channel or time-series files are not EM sections)"
+    )
+
+
+def _imageset(entry: dict[str, Any]) -> dict[str, Any]:
+    sets = [s for s in entry.get("imagesets") or [] if isinstance(s, dict)]
+    return sets[0] if sets else {}
+
+
+def _float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _int(value: Any) -> int | None:
+    f = _float(value)
+    return int(f) if f else None
