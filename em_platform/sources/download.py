@@ -270,8 +270,7 @@ def download(
                 url=url,
             )
         if size is not None and remote.accepts_ranges and options.parallel > 1 and size > options.part_bytes:
-            _http_parallel(url, part, size, s, options, progress, logger)
-            digest = sha256_of(part)
+            digest = _http_parallel(url, part, size, s, options, progress, logger)
         else:
             digest = _http_stream(url, part, size, s, options, progress, logger)
         size = part.stat().st_size
@@ -357,8 +356,13 @@ def _http_parallel(
     options: DownloadOptions,
     progress: Progress | None,
     logger: logging.Logger | logging.LoggerAdapter,
-) -> None:
-    """``parallel`` ranged GETs into a preallocated ``part``; finished parts are listed in ``<dest>.parts``."""
+) -> str:
+    """``parallel`` ranged GETs into a preallocated ``part``; finished parts are listed in ``<dest>.parts``.
+
+    Returns the file's sha256, computed while the download goes on: whenever the parts from the start
+    of the file are complete, the thread that completed one hashes them (from the page cache), so the
+    hashing overlaps the transfer instead of following it.
+    """
     part_map = part.with_name(part.name.removesuffix(PART_SUFFIX) + PART_MAP_SUFFIX)
     ranges = [(o, min(size, o + options.part_bytes)) for o in range(0, size, options.part_bytes)]
     finished: set[int] = set()
@@ -378,6 +382,28 @@ def _http_parallel(
             progress.add(sum(e - o for o, e in ranges if o in finished))
     lock = threading.Lock()
     local = threading.local()
+    hashing = {"sha": hashlib.sha256(), "next": 0}  # parts [0, next) are hashed
+    hash_lock = threading.Lock()
+
+    def hash_prefix(wait: bool = False) -> None:
+        if not hash_lock.acquire(blocking=wait):
+            return  # another thread is hashing; it (or the final call) takes this part too
+        try:
+            while hashing["next"] < len(ranges):
+                start, end = ranges[hashing["next"]]
+                with lock:
+                    if start not in finished:
+                        return
+                with open(part, "rb") as f:
+                    f.seek(start)
+                    remaining = end - start
+                    while remaining > 0:
+                        block = f.read(min(8 * 2**20, remaining))
+                        hashing["sha"].update(block)
+                        remaining -= len(block)
+                hashing["next"] += 1
+        finally:
+            hash_lock.release()
 
     def session() -> requests.Session:
         if not hasattr(local, "s"):
@@ -428,6 +454,7 @@ def _http_parallel(
                 json.dumps({"size": size, "part_bytes": options.part_bytes, "done": sorted(finished)})
             )
             os.replace(tmp, part_map)
+        hash_prefix()
 
     todo = [(o, e) for o, e in ranges if o not in finished]
     with ThreadPoolExecutor(max_workers=max(1, options.parallel), thread_name_prefix="ranged") as pool:
@@ -440,6 +467,10 @@ def _http_parallel(
                 errors.append(exc)
         if errors:
             raise errors[0]
+    hash_prefix(wait=True)
+    if hashing["next"] != len(ranges):
+        raise TransientSourceError(f"{url}: not every part arrived", url=url)
+    return hashing["sha"].hexdigest()
 
 
 def _ftp_download(

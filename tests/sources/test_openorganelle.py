@@ -245,3 +245,31 @@ def test_bad_endpoints_name_the_field():
     with pytest.raises(ValueError, match="endpoint_url"):
         oo.OpenOrganelleEndpoints(endpoint_url="s3.example.org").validate()
     oo.OpenOrganelleEndpoints().validate()
+
+
+def test_a_level_ingests_end_to_end_into_ome_zarr_with_a_valid_record(bucket, tmp_path, s3_endpoint):
+    from em_platform.catalog.db import CatalogDB
+    from em_platform.catalog.schema import validation_errors
+    from em_platform.sources.ingest import ingest_public_dataset
+    from em_platform.storage import DataStore
+
+    name, levels, _ = bucket
+    source = _source(
+        "jrc_mus-nacc-2/fibsem-int16/s3", _endpoints(name, s3_endpoint, container_format="n5"), level="s0"
+    )
+    db = CatalogDB(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    result = ingest_public_dataset(
+        source,
+        store=DataStore(str(tmp_path / "data")),
+        catalog=db,
+        downloads=tmp_path / "downloads",
+        lineage={"run_id": "r", "asset_key": "ingest/openorganelle", "partition_key": source.key},
+        logger=LOG,
+    )
+    db.dispose()
+    np.testing.assert_array_equal(zarr.open_group(result.volume_url, mode="r")["0"][...], levels[0])
+    rec = result.record
+    assert validation_errors(rec) == [] and rec["status"] == "complete"
+    assert rec["metadata"]["core"]["data_type"] == "int16"
+    assert rec["metadata"]["core"]["voxel_size_nm"] == pytest.approx(VOXEL)
+    assert rec["files"]["source"][0]["url"].endswith("jrc_mus-nacc-2.n5/recon-2/em/fibsem-int16/s0")
