@@ -67,7 +67,7 @@ def write_tiff_stack(path: Path, nbytes: int) -> tuple[int, int, int]:
         for z in range(nz):
             yield np.roll(base, z, axis=1) + np.uint8(z % 50)
 
-    tifffile.imwrite(path, pages(), shape=(nz, *plane), dtype=np.uint8)
+    tifffile.imwrite(path, pages(), shape=(nz, *plane), dtype=np.uint8, bigtiff=nbytes > 3 * 2**30)
     return (nz, *plane)
 
 
