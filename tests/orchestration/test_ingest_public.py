@@ -23,6 +23,13 @@ from tests.support.platform import make_platform
 CROP = "hemibrain-center-256"
 
 
+@pytest.fixture(autouse=True)
+def _instance():
+    """Resolving a Definitions object looks up the current Dagster instance; give every test one."""
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
 def _flyem_config(dvid: DvidServer, **extra) -> dict:
     return {
         "ops": {
