@@ -81,7 +81,8 @@ def _session(session: requests.Session | None) -> requests.Session:
     return s
 
 
-def _transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
+    """Network faults, timeouts, 5xx and FTP 4xx are worth another try; a PermanentSourceError is not."""
     if isinstance(exc, PermanentSourceError):
         return False
     return isinstance(
@@ -113,7 +114,7 @@ def stat_remote(
             lambda: _ftp_stat(url, options),
             what=f"stat {url}",
             policy=options.policy,
-            transient=_transient,
+            transient=is_transient,
             logger=logger,
         )
     s = _session(session)
@@ -131,7 +132,7 @@ def stat_remote(
             accepts_ranges=r.headers.get("Accept-Ranges", "").lower() == "bytes",
         )
 
-    return retrying(head, what=f"HEAD {url}", policy=options.policy, transient=_transient, logger=logger)
+    return retrying(head, what=f"HEAD {url}", policy=options.policy, transient=is_transient, logger=logger)
 
 
 def get_json(
@@ -156,7 +157,7 @@ def get_json(
                 url=url,
             ) from None
 
-    return retrying(get, what=f"GET {url}", policy=options.policy, transient=_transient, logger=logger)
+    return retrying(get, what=f"GET {url}", policy=options.policy, transient=is_transient, logger=logger)
 
 
 def _ftp_connect(url: str, options: DownloadOptions) -> tuple[ftplib.FTP, str]:
@@ -218,7 +219,7 @@ def list_ftp(
             _ftp_close(ftp)
         return sorted({n.rstrip("/").rsplit("/", 1)[-1] for n in names} - {".", ".."})
 
-    return retrying(nlst, what=f"NLST {url}", policy=options.policy, transient=_transient, logger=logger)
+    return retrying(nlst, what=f"NLST {url}", policy=options.policy, transient=is_transient, logger=logger)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def _http_stream(
                 f"{url}: connection closed after {state['have']} of {size} bytes", url=url
             )
 
-    retrying(attempt, what=f"GET {url}", policy=options.policy, transient=_transient, logger=logger)
+    retrying(attempt, what=f"GET {url}", policy=options.policy, transient=is_transient, logger=logger)
     return state["hash"].hexdigest()
 
 
@@ -444,7 +445,7 @@ def _http_parallel(
             attempt,
             what=f"GET {url} bytes {offset}-{end - 1}",
             policy=options.policy,
-            transient=_transient,
+            transient=is_transient,
             logger=logger,
         )
         with lock:
@@ -539,4 +540,4 @@ def _ftp_download(
         finally:
             _ftp_close(ftp)
 
-    return retrying(attempt, what=f"RETR {url}", policy=options.policy, transient=_transient, logger=logger)
+    return retrying(attempt, what=f"RETR {url}", policy=options.policy, transient=is_transient, logger=logger)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from em_platform.sources.download import is_transient
 from em_platform.sources.retry import (
     PermanentSourceError,
     RetryPolicy,
@@ -34,21 +35,6 @@ class DvidOptions:
     policy: RetryPolicy = RetryPolicy()
     timeout_s: tuple[float, float] = (10.0, 120.0)  # connect, read (a 256³ block is 16 MiB)
     read_bytes: int = 1 * 2**20  # read size while streaming a body
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Network faults and 5xx are worth another try; a refused request or a bad setting is not."""
-    if isinstance(exc, PermanentSourceError):
-        return False
-    return isinstance(
-        exc,
-        TransientSourceError
-        | requests.ConnectionError
-        | requests.Timeout
-        | requests.exceptions.ChunkedEncodingError
-        | ConnectionError
-        | TimeoutError,
-    )
 
 
 def _zyx(xyz: Sequence[Any], what: str, url: str) -> ZYX:
@@ -190,7 +176,7 @@ class DvidClient:
             return data
 
         return retrying(
-            once, what=f"GET {url}", policy=self.options.policy, transient=_is_transient, logger=self.logger
+            once, what=f"GET {url}", policy=self.options.policy, transient=is_transient, logger=self.logger
         )
 
     def bounds(self, info: dict[str, Any] | None = None) -> tuple[ZYX, ZYX]:
@@ -229,5 +215,5 @@ class DvidClient:
             return buf.reshape(size)
 
         return retrying(
-            once, what=f"GET {url}", policy=self.options.policy, transient=_is_transient, logger=self.logger
+            once, what=f"GET {url}", policy=self.options.policy, transient=is_transient, logger=self.logger
         )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote, unquote
 
 import dask.array as da
 import requests
@@ -36,6 +36,7 @@ from em_platform.sources.download import (
     list_ftp,
     stat_remote,
 )
+from em_platform.sources.endpoints import check_url
 from em_platform.sources.manifest import DownloadManifest
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy, http_error, retrying
@@ -79,17 +80,9 @@ class EmpiarEndpoints:
     retry_base_delay_s: float = 1.0
 
     def validate(self) -> None:
-        for name, schemes in (
-            ("api_url", ("http", "https")),
-            ("archive_ftp", ("ftp",)),
-            ("archive_https", ("http", "https")),
-        ):
-            value = getattr(self, name)
-            parsed = urlparse(value)
-            if parsed.scheme not in schemes or not parsed.netloc:
-                raise ValueError(f"{name} must be a {'/'.join(schemes)}:// URL, not {value!r}")
-            if "{entry_id}" not in value:
-                raise ValueError(f"{name} must contain '{{entry_id}}', got {value!r}")
+        check_url("api_url", self.api_url, ("http", "https"), "entry_id")
+        check_url("archive_ftp", self.archive_ftp, ("ftp",), "entry_id")
+        check_url("archive_https", self.archive_https, ("http", "https"), "entry_id")
         if self.transport not in ("ftp", "https"):
             raise ValueError(f"transport must be 'ftp' or 'https', not {self.transport!r}")
         if not 1 <= self.parallel <= 16:

@@ -16,12 +16,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 from em_platform.formats import FormatError, Volume
 from em_platform.formats.tiff import read_tiff
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
 from em_platform.sources.download import DownloadOptions, RemoteFile, download, get_json, stat_remote
+from em_platform.sources.endpoints import check_url
 from em_platform.sources.manifest import DownloadManifest
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy, SourceError
@@ -64,17 +65,9 @@ class IdrEndpoints:
     retry_base_delay_s: float = 1.0
 
     def validate(self) -> None:
-        for name, schemes in (
-            ("api_url", ("http", "https")),
-            ("archive_ftp", ("ftp",)),
-            ("archive_https", ("http", "https")),
-        ):
-            value = getattr(self, name)
-            parsed = urlparse(value)
-            if parsed.scheme not in schemes or not parsed.netloc:
-                raise ValueError(f"{name} must be a {'/'.join(schemes)}:// URL, not {value!r}")
-        if "{image_id}" not in self.api_url:
-            raise ValueError(f"api_url must contain '{{image_id}}', got {self.api_url!r}")
+        check_url("api_url", self.api_url, ("http", "https"), "image_id")
+        check_url("archive_ftp", self.archive_ftp, ("ftp",))
+        check_url("archive_https", self.archive_https, ("http", "https"))
         if self.retry_attempts < 1:
             raise ValueError(f"retry_attempts must be at least 1, not {self.retry_attempts}")
         if self.retry_base_delay_s < 0:
