@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -226,6 +227,39 @@ def list_ftp(
 # Download
 
 
+class StreamHash:
+    """sha256 of a stream, computed on its own thread so it overlaps receiving (hashlib drops the GIL).
+
+    ``update`` hands the block over (at most ``depth`` blocks wait, so memory stays bounded);
+    ``hexdigest`` waits for the thread and returns the digest; ``close`` stops it without one.
+    """
+
+    def __init__(self, depth: int = 32):
+        self._sha = hashlib.sha256()
+        self._blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._sha.update(block)
+
+    def update(self, block: bytes) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            self._thread.start()
+        self._blocks.put(block)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._blocks.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._sha.hexdigest()
+
+
 def sha256_of(path: Path, chunk: int = 8 * 2**20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -305,7 +339,7 @@ def _http_stream(
     logger: logging.Logger | logging.LoggerAdapter,
 ) -> str:
     """One stream into ``part``, continuing from its current length; returns the sha256 of the whole file."""
-    h = hashlib.sha256()
+    h = StreamHash()
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have > size:
         part.unlink()
@@ -331,7 +365,8 @@ def _http_stream(
                 logger.warning("%s ignored the Range request; downloading it again from the start", url)
                 if progress:
                     progress.add(-have)
-                state["have"], state["hash"], have = 0, hashlib.sha256(), 0
+                state["hash"].close()
+                state["have"], state["hash"], have = 0, StreamHash(), 0
             mode = "ab" if have else "wb"
             with open(part, mode) as f:
                 for block in r.iter_content(options.chunk_bytes):
@@ -345,7 +380,11 @@ def _http_stream(
                 f"{url}: connection closed after {state['have']} of {size} bytes", url=url
             )
 
-    retrying(attempt, what=f"GET {url}", policy=options.policy, transient=is_transient, logger=logger)
+    try:
+        retrying(attempt, what=f"GET {url}", policy=options.policy, transient=is_transient, logger=logger)
+    except BaseException:
+        state["hash"].close()
+        raise
     return state["hash"].hexdigest()
 
 
@@ -484,13 +523,14 @@ def _ftp_download(
 ) -> tuple[int, str]:
     """RETR into ``part``, continuing with REST from its current length; returns its size and sha256."""
     counted = {"n": 0}
-    state = {"hashed": 0, "hash": hashlib.sha256()}
+    state = {"hashed": 0, "hash": StreamHash()}
 
     def catch_up() -> None:
         """Hash what is on disk but not yet hashed (a partial file from an earlier try or run)."""
         have = part.stat().st_size if part.exists() else 0
         if have < state["hashed"]:
-            state["hashed"], state["hash"] = 0, hashlib.sha256()
+            state["hash"].close()
+            state["hashed"], state["hash"] = 0, StreamHash()
         with open(part, "rb") as f:
             f.seek(state["hashed"])
             while block := f.read(8 * 2**20):
@@ -518,7 +558,8 @@ def _ftp_download(
             if have:
                 logger.info("resuming %s at byte %d (FTP REST)", url, have)
             else:
-                state["hashed"], state["hash"] = 0, hashlib.sha256()
+                state["hash"].close()
+                state["hashed"], state["hash"] = 0, StreamHash()
             with open(part, "ab" if have else "wb") as f:
 
                 def write(block: bytes) -> None:
@@ -540,4 +581,8 @@ def _ftp_download(
         finally:
             _ftp_close(ftp)
 
-    return retrying(attempt, what=f"RETR {url}", policy=options.policy, transient=is_transient, logger=logger)
+    try:
+        return retrying(attempt, what=f"RETR {url}", policy=options.policy, transient=is_transient, logger=logger)
+    except BaseException:
+        state["hash"].close()
+        raise
