@@ -186,7 +186,9 @@ def _source(kind: str, spec: dict):
     if kind == "epfl":
         from em_platform.sources.epfl import EpflEndpoints, make_source
 
-        return make_source("hippocampus-ca1", EpflEndpoints(file_url=spec["plain_url"]))
+        return make_source(
+            "hippocampus-ca1", EpflEndpoints(file_url=spec["plain_url"], parallel=spec.get("parallel", 4))
+        )
     if kind == "empiar":
         from em_platform.sources.empiar import EmpiarEndpoints, make_source
 
@@ -401,6 +403,9 @@ def _compare_file_sources(
         table["epfl"] = compare(
             "epfl", {"plain_url": http.url_for("volumedata.tif"), "work": work}, repeats, label
         )
+        # the same loader with one stream: how much of the gap is four connections to one Python server
+        one = {"plain_url": http.url_for("volumedata.tif"), "work": work, "parallel": 1}
+        table["epfl_one_stream"] = compare("epfl", one, repeats, f"{label}, 1 stream")
     if "empiar" in kinds:
         http.add_json("/empiar/api/entry/11759/", {"EMPIAR-11759": {"title": "bench entry"}})
         endpoints = {
