@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from em_platform.catalog.records import jsonable
 from em_platform.formats import Volume
 from em_platform.imaging.ome_zarr import MultiscaleInfo, write_ome_zarr
 from em_platform.imaging.thumbnail import thumbnail_png
+from em_platform.ingest.checksum import combined_sha256
 
 ASSUMED_VOXEL_NM = 1.0
 
@@ -39,6 +41,22 @@ class Converted:
     info: MultiscaleInfo
     thumbnail_png: bytes
     global_mean: float  # mean of the coarsest level: cheap, and close to the full mean
+
+    def technical(
+        self, vol: Volume, files: list[dict[str, Any]], voxel_nm: dict[str, float], header: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The record's ``metadata.technical``: source bytes and digest, and what was written."""
+        return {
+            "file_size_bytes": sum(f["size_bytes"] for f in files),
+            "sha256": combined_sha256(files),
+            "source_format": vol.format,
+            "compression": "blosc-zstd",
+            "chunk_size": list(self.info.chunks),
+            "dtype": vol.data.dtype.name,
+            "global_mean": self.global_mean,
+            "dimensions_nm": self.dimensions_nm(voxel_nm),
+            "header": jsonable(header),
+        }
 
     def dimensions_nm(self, voxel_nm: dict[str, float]) -> list[float]:
         return [

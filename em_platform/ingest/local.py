@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from em_platform.catalog.db import CatalogDB
-from em_platform.catalog.records import jsonable, ome_zarr_block
+from em_platform.catalog.records import ome_zarr_block
 from em_platform.catalog.status import Status
 from em_platform.formats import open_volume
 from em_platform.ingest.checksum import combined_sha256, describe_files
@@ -137,17 +137,7 @@ def ingest_entry(
             run_id=run_id,
             update={
                 "metadata": {
-                    "technical": {
-                        "file_size_bytes": sum(f["size_bytes"] for f in files),
-                        "sha256": combined_sha256(files),
-                        "source_format": vol.format,
-                        "compression": "blosc-zstd",
-                        "chunk_size": list(info.chunks),
-                        "dtype": vol.data.dtype.name,
-                        "global_mean": converted.global_mean,
-                        "dimensions_nm": converted.dimensions_nm(voxel_nm),
-                        "header": jsonable(vol.source_metadata),
-                    },
+                    "technical": converted.technical(vol, files, voxel_nm, vol.source_metadata),
                     "provenance": {
                         "processing_pipeline": "em_platform ingest/local",
                         "internal_zarr_path": "0",

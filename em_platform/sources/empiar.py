@@ -36,7 +36,7 @@ from em_platform.sources.download import (
     list_ftp,
     stat_remote,
 )
-from em_platform.sources.endpoints import check_url
+from em_platform.sources.endpoints import check_retries, check_url
 from em_platform.sources.manifest import DownloadManifest
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy, http_error, retrying
@@ -87,10 +87,7 @@ class EmpiarEndpoints:
             raise ValueError(f"transport must be 'ftp' or 'https', not {self.transport!r}")
         if not 1 <= self.parallel <= 16:
             raise ValueError(f"parallel must be between 1 and 16, not {self.parallel}")
-        if self.retry_attempts < 1:
-            raise ValueError(f"retry_attempts must be at least 1, not {self.retry_attempts}")
-        if self.retry_base_delay_s < 0:
-            raise ValueError(f"retry_base_delay_s must not be negative, not {self.retry_base_delay_s}")
+        check_retries(self.retry_attempts, self.retry_base_delay_s)
 
     def options(self) -> DownloadOptions:
         # Sections are tens of MB: files go in parallel, each in one stream.

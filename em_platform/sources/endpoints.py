@@ -12,3 +12,10 @@ def check_url(name: str, value: str, schemes: tuple[str, ...], placeholder: str 
         raise ValueError(f"{name} must be a {'/'.join(schemes)}:// URL, not {value!r}")
     if placeholder and f"{{{placeholder}}}" not in value:
         raise ValueError(f"{name} must contain '{{{placeholder}}}', got {value!r}")
+
+
+def check_retries(attempts: int, base_delay_s: float) -> None:
+    if attempts < 1:
+        raise ValueError(f"retry_attempts must be at least 1, not {attempts}")
+    if base_delay_s < 0:
+        raise ValueError(f"retry_base_delay_s must not be negative, not {base_delay_s}")

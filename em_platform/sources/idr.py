@@ -22,7 +22,7 @@ from em_platform.formats import FormatError, Volume
 from em_platform.formats.tiff import read_tiff
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
 from em_platform.sources.download import DownloadOptions, RemoteFile, download, get_json, stat_remote
-from em_platform.sources.endpoints import check_url
+from em_platform.sources.endpoints import check_retries, check_url
 from em_platform.sources.manifest import DownloadManifest
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy, SourceError
@@ -68,10 +68,7 @@ class IdrEndpoints:
         check_url("api_url", self.api_url, ("http", "https"), "image_id")
         check_url("archive_ftp", self.archive_ftp, ("ftp",))
         check_url("archive_https", self.archive_https, ("http", "https"))
-        if self.retry_attempts < 1:
-            raise ValueError(f"retry_attempts must be at least 1, not {self.retry_attempts}")
-        if self.retry_base_delay_s < 0:
-            raise ValueError(f"retry_base_delay_s must not be negative, not {self.retry_base_delay_s}")
+        check_retries(self.retry_attempts, self.retry_base_delay_s)
 
     def options(self) -> DownloadOptions:
         policy = RetryPolicy(attempts=self.retry_attempts, base_delay_s=self.retry_base_delay_s)

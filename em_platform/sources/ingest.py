@@ -20,7 +20,6 @@ from typing import Any
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.records import jsonable, ome_zarr_block
 from em_platform.catalog.status import Status
-from em_platform.ingest.checksum import combined_sha256
 from em_platform.ingest.convert import convert_volume
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source
 from em_platform.sources.manifest import MANIFEST_NAME, DownloadManifest
@@ -250,17 +249,7 @@ def _convert_and_publish(
         run_id=run_id,
         update={
             "metadata": {
-                "technical": {
-                    "file_size_bytes": sum(f["size_bytes"] for f in files),
-                    "sha256": combined_sha256(files),
-                    "source_format": vol.format,
-                    "compression": "blosc-zstd",
-                    "chunk_size": list(info.chunks),
-                    "dtype": vol.data.dtype.name,
-                    "global_mean": converted.global_mean,
-                    "dimensions_nm": converted.dimensions_nm(voxel_nm),
-                    "header": jsonable(fetched.header),
-                },
+                "technical": converted.technical(vol, files, voxel_nm, fetched.header),
                 "provenance": {"internal_zarr_path": info.levels[0].path},
                 "ome_zarr": ome_zarr_block(info, store.to_url(volume_path)),
             },
