@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ class DownloadOptions:
     parallel: int = 4  # ranged parts in flight for one big HTTP file
     part_bytes: int = 64 * 2**20  # size of one ranged part
     chunk_bytes: int = 1 * 2**20  # read size while streaming
+    # A first part arriving at least this fast means more connections cannot help (a LAN mirror): the
+    # remaining parts then come one at a time. None: always ``parallel``.
+    fast_link_bytes_per_s: float | None = 200e6
     timeout_s: tuple[float, float] = (10.0, 60.0)  # connect, read
 
 
@@ -400,8 +404,9 @@ def _http_parallel(
     """``parallel`` ranged GETs into a preallocated ``part``; finished parts are listed in ``<dest>.parts``.
 
     Returns the file's sha256, computed while the download goes on: whenever the parts from the start
-    of the file are complete, the thread that completed one hashes them (from the page cache), so the
-    hashing overlaps the transfer instead of following it.
+    of the file are complete, a short-lived thread hashes them (from the page cache), so the hashing
+    overlaps the transfer instead of following it. The first missing part is fetched alone; if it came
+    faster than ``fast_link_bytes_per_s``, the rest follow one at a time.
     """
     part_map = part.with_name(part.name.removesuffix(PART_SUFFIX) + PART_MAP_SUFFIX)
     ranges = [(o, min(size, o + options.part_bytes)) for o in range(0, size, options.part_bytes)]
@@ -494,9 +499,19 @@ def _http_parallel(
                 json.dumps({"size": size, "part_bytes": options.part_bytes, "done": sorted(finished)})
             )
             os.replace(tmp, part_map)
-        hash_prefix()
+        threading.Thread(target=hash_prefix, name="sha256-prefix", daemon=True).start()
 
     todo = [(o, e) for o, e in ranges if o not in finished]
+    if not finished and len(todo) > 1 and options.parallel > 1 and options.fast_link_bytes_per_s:
+        t0 = time.monotonic()
+        fetch(*todo[0])
+        rate = (todo[0][1] - todo[0][0]) / max(time.monotonic() - t0, 1e-9)
+        if rate >= options.fast_link_bytes_per_s:
+            logger.info(
+                "%s: one connection gives %.0f MB/s; fetching the rest in one stream", url, rate / 1e6
+            )
+            return _http_rest_in_one_stream(url, part, todo[0][1], size, session(), options, progress, logger)
+        todo = todo[1:]
     with ThreadPoolExecutor(max_workers=max(1, options.parallel), thread_name_prefix="ranged") as pool:
         futures = [pool.submit(fetch, o, e) for o, e in todo]
         errors = []
@@ -511,6 +526,58 @@ def _http_parallel(
     if hashing["next"] != len(ranges):
         raise TransientSourceError(f"{url}: not every part arrived", url=url)
     return hashing["sha"].hexdigest()
+
+
+def _http_rest_in_one_stream(
+    url: str,
+    part: Path,
+    start: int,
+    size: int,
+    s: requests.Session,
+    options: DownloadOptions,
+    progress: Progress | None,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> str:
+    """Bytes ``start``.. of a preallocated ``part`` in one ranged stream (the first ``start`` are there);
+    returns the whole file's sha256, hashed on a second thread as the bytes arrive."""
+    sha = StreamHash()
+    try:
+        with open(part, "rb") as f:
+            remaining = start
+            while remaining > 0:
+                block = f.read(min(8 * 2**20, remaining))
+                sha.update(block)
+                remaining -= len(block)
+        at = {"n": start}
+
+        def attempt() -> None:
+            if at["n"] >= size:
+                return
+            headers = {"Range": f"bytes={at['n']}-{size - 1}"}
+            with s.get(url, stream=True, timeout=options.timeout_s, headers=headers) as r:
+                if r.status_code >= 400:
+                    raise http_error(r.status_code, url, r.reason)
+                if r.status_code != 206:
+                    raise PermanentSourceError(f"{url} stopped honouring Range requests", url=url)
+                with open(part, "r+b") as f:
+                    f.seek(at["n"])
+                    for block in r.iter_content(options.chunk_bytes):
+                        f.write(block)
+                        sha.update(block)
+                        at["n"] += len(block)
+                        if progress:
+                            progress.add(len(block))
+            if at["n"] < size:
+                raise TransientSourceError(
+                    f"{url}: connection closed after {at['n']} of {size} bytes", url=url
+                )
+
+        what = f"GET {url} from byte {start}"
+        retrying(attempt, what=what, policy=options.policy, transient=is_transient, logger=logger)
+    except BaseException:
+        sha.close()
+        raise
+    return sha.hexdigest()
 
 
 def _ftp_download(
@@ -582,7 +649,9 @@ def _ftp_download(
             _ftp_close(ftp)
 
     try:
-        return retrying(attempt, what=f"RETR {url}", policy=options.policy, transient=is_transient, logger=logger)
+        return retrying(
+            attempt, what=f"RETR {url}", policy=options.policy, transient=is_transient, logger=logger
+        )
     except BaseException:
         state["hash"].close()
         raise

@@ -44,7 +44,7 @@ class EpflEndpoints:
     file_url: str = ""
     sha256: str = ""  # pin the file's sha256: a download with other bytes fails and publishes nothing
     parallel: int = 4  # ranged parts in flight
-    part_mib: int = 64
+    part_mib: int = 16  # small enough that probing the link with the first part costs little
     retry_attempts: int = 6
     retry_base_delay_s: float = 1.0
 

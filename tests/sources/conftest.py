@@ -13,6 +13,7 @@ from tests.support.http_files import HttpFileServer
 
 FAST = DownloadOptions(
     policy=RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05),
+    fast_link_bytes_per_s=None,  # always in parallel parts: the tests count the requests
     part_bytes=256 * 1024,
     chunk_bytes=64 * 1024,
 )

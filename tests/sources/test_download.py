@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
 
 import pytest
@@ -131,7 +133,7 @@ def test_parallel_ranged_parts_and_a_failed_part_resumes(tmp_path, http_files, q
     size = 5 * 256 * 1024 + 1234  # six parts
     src, digest = _file(http_files.root, "vol.tif", size)
     m = _manifest(tmp_path)
-    opts = DownloadOptions(policy=FAST.policy, parallel=2, part_bytes=256 * 1024, chunk_bytes=64 * 1024)
+    opts = dataclasses.replace(FAST, parallel=2, part_bytes=256 * 1024, chunk_bytes=64 * 1024)
     # two parts arrive, then the link breaks for good: this run stops, the two finished parts are kept
     http_files.drop_next("vol.tif", after_bytes=1000, n=1000, skip=2)
     with pytest.raises(TransientSourceError, match="still failing"):
@@ -210,3 +212,26 @@ def test_a_changed_source_starts_the_manifest_afresh(tmp_path):
     with open(tmp_path / "manifest.jsonl", "a") as f:
         f.write('{"key": "torn')  # a crash mid-line
     assert DownloadManifest(tmp_path, "v2").entries() == {}
+
+
+@pytest.mark.parametrize("threshold, one_stream", [(1.0, True), (1e15, False)])
+def test_a_fast_first_part_means_the_rest_come_in_one_stream(
+    tmp_path, http_files, caplog, threshold, one_stream
+):
+    size = 4 * 256 * 1024 + 17
+    src, digest = _file(http_files.root, "vol.tif", size)
+    m = _manifest(tmp_path)
+    opts = dataclasses.replace(FAST, parallel=4, part_bytes=256 * 1024, fast_link_bytes_per_s=threshold)
+    with caplog.at_level("INFO", logger="tests.sources.fast"):
+        entry = download(
+            http_files.url_for("vol.tif"),
+            m.folder / "vol.tif",
+            manifest=m,
+            options=opts,
+            logger=logging.getLogger("tests.sources.fast"),
+        )
+    assert entry.sha256 == digest and (m.folder / "vol.tif").read_bytes() == src.read_bytes()
+    assert ("fetching the rest in one stream" in caplog.text) is one_stream
+    gets = http_files.requests_for("vol.tif")
+    # a fast link: the first part, then the rest in one ranged stream; otherwise one GET per part
+    assert len(gets) == (2 if one_stream else 5)
