@@ -13,10 +13,15 @@ VALID_CHECK = "all_records_valid"
 @dg.asset(
     key=["catalog", "metadata_catalog"],
     group_name="catalog",
-    deps=[dg.AssetKey(["ingest", name]) for name in ("local", *SOURCES)],
+    # every asset that writes catalog records: the ingests, the montage upload, the simulated tilt series
+    deps=[
+        *(dg.AssetKey(["ingest", name]) for name in ("local", *SOURCES)),
+        dg.AssetKey("montage_upload"),
+        dg.AssetKey(["simulation", "tilt_series"]),
+    ],
     kinds={"json", "sql"},
     description="Every dataset record consolidated: summary by source, validation rate, per-record errors; "
-    "exported as metadata_catalog_<ts>.json and validation_report_<ts>.json in the data root.",
+    "exported as `metadata_catalog_<ts>.json` and `validation_report_<ts>.json` in the data root.",
     check_specs=[
         dg.AssetCheckSpec(
             VALID_CHECK,

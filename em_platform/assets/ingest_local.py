@@ -1,12 +1,14 @@
 """``ingest/local``: every inbox entry becomes a multiscale OME-Zarr image with a catalog record."""
 
-import base64
-
 import dagster as dg
 
+from em_platform.assets.ingest_metadata import ingest_materialization_metadata
+from em_platform.assets.presentation import failed_check, partitioned_check
 from em_platform.ingest.local import ingest_entry
 from em_platform.partitions import inbox_entries
 from em_platform.resources import CatalogResource, DaskResource, InboxResource, StorageResource
+
+CONVERTED_CHECK = "converted"
 
 
 @dg.asset(
@@ -16,6 +18,14 @@ from em_platform.resources import CatalogResource, DaskResource, InboxResource, 
     kinds={"zarr", "dask"},
     description="EM files dropped into the inbox (TIFF, OME-TIFF, MRC, DM3/DM4, raw), as OME-Zarr with a catalog record.",
     pool="pixels",
+    check_specs=[
+        partitioned_check(
+            CONVERTED_CHECK,
+            ["ingest", "local"],
+            inbox_entries,
+            "The entry was read and converted; if not, the reason (bad file, wrong type) and what to do.",
+        )
+    ],
 )
 def ingest_local(
     context: dg.AssetExecutionContext,
@@ -23,35 +33,24 @@ def ingest_local(
     storage: StorageResource,
     catalog: CatalogResource,
     dask: DaskResource,
-) -> dg.MaterializeResult:
+):
     key = context.partition_key
-    result = ingest_entry(
-        inbox.folder / key,
-        inbox.folder,
-        store=storage.store(),
-        catalog=catalog.db(),
-        lineage={"run_id": context.run.run_id, "asset_key": "ingest/local", "partition_key": key},
-        dask_client=dask.get_client,
-        logger=context.log,
-    )
-    rec = result.record
-    core, tech = rec["metadata"]["core"], rec["metadata"]["technical"]
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(result.volume_url),
-            "shape": str(tuple(core["volume_shape"])),
-            "axes": "".join(core["axes"]),
-            "dtype": core["data_type"],
-            "voxel_size_nm": dg.MetadataValue.json(core["voxel_size_nm"]),
-            "voxel_size_source": core["voxel_size_source"],
-            "pyramid_levels": len(rec["metadata"]["ome_zarr"]["levels"]),
-            "sha256": tech["sha256"],
-            "source_bytes": tech["file_size_bytes"],
-            "source_format": tech["source_format"],
-            "catalog_id": rec["id"],
-            "converted": result.converted,
-            "thumbnail": dg.MetadataValue.md(
-                f"![{key}](data:image/png;base64,{base64.b64encode(result.thumbnail_png).decode()})"
-            ),
-        },
+    try:
+        result = ingest_entry(
+            inbox.folder / key,
+            inbox.folder,
+            store=storage.store(),
+            catalog=catalog.db(),
+            lineage={"run_id": context.run.run_id, "asset_key": "ingest/local", "partition_key": key},
+            dask_client=dask.get_client,
+            logger=context.log,
+        )
+    except (
+        Exception
+    ) as exc:  # the reason goes where the UI shows it (the partition's check), then the run fails
+        yield failed_check(CONVERTED_CHECK, exc, entry=str(inbox.folder / key))
+        raise
+    yield dg.MaterializeResult(metadata=ingest_materialization_metadata(result))
+    yield dg.AssetCheckResult(
+        check_name=CONVERTED_CHECK, passed=True, metadata={"catalog_id": result.record["id"]}
     )

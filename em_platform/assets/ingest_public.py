@@ -6,26 +6,33 @@ start, naming the field. The schedule is off until a user turns it on; each tick
 and re-ingests only those whose source changed (the asset compares the source fingerprint).
 """
 
-import base64
 import dataclasses
+import os
 import typing
 
 import dagster as dg
 from pydantic import create_model
 
+from em_platform.assets.ingest_metadata import ingest_materialization_metadata
+from em_platform.assets.presentation import failed_check, partitioned_check
+from em_platform.ingest.public import PublicIngestError, ingest_public_dataset
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
-from em_platform.sources.ingest import PublicIngestError, ingest_public_dataset
-from em_platform.sources.registry import SOURCES, SourceKind
+from em_platform.settings import ConfigError
+from em_platform.sources.registry import SOURCES, SourceKind, endpoint_defaults
 
+INGESTED_CHECK = "ingested"
 WEEKLY = "0 3 * * 0"  # Sunday 03:00 UTC: public sources change rarely; a quiet hour for the network
 
 
 def _config_class(kind: SourceKind) -> type[dg.Config]:
-    """A run-config class with one field per endpoint setting (same names, same defaults) plus run options."""
+    """A run-config class with one field per endpoint setting (same names; defaults: the environment's
+    EM_<SOURCE>_<FIELD>, else the public endpoints) plus run options."""
     hints = typing.get_type_hints(kind.endpoints)
-    fields: dict[str, typing.Any] = {
-        f.name: (hints[f.name], f.default) for f in dataclasses.fields(kind.endpoints) if f.init
-    }
+    try:
+        defaults = endpoint_defaults(kind, os.environ)
+    except ValueError as exc:
+        raise ConfigError(f"ingest/{kind.name}: {exc}") from None
+    fields: dict[str, typing.Any] = {name: (hints[name], default) for name, default in defaults.items()}
     fields["keep_downloads"] = (bool, False)  # keep the downloaded source files after a complete ingest
     fields["force"] = (bool, False)  # re-ingest even if the source has not changed
     return create_model(f"{kind.name.capitalize()}IngestConfig", __base__=dg.Config, **fields)
@@ -48,8 +55,7 @@ def build_public_ingest(
     kind: SourceKind,
 ) -> tuple[dg.AssetsDefinition, typing.Any, dg.ScheduleDefinition]:
     """The asset, its job (for backfills) and its weekly re-check schedule."""
-    kind.endpoints().validate()  # the shipped defaults are checked when the code location loads
-    config_cls = _config_class(kind)
+    config_cls = _config_class(kind)  # the defaults (public or from the environment) are checked here
     partitions = dg.StaticPartitionsDefinition(sorted(kind.datasets))
     weight = "heavy" if kind.heavy else "light"
 
@@ -60,6 +66,14 @@ def build_public_ingest(
         kinds={"zarr", "dask"},
         description=f"{kind.title}, as multiscale OME-Zarr with a catalog record.",
         tags={"em/ingest-weight": weight},
+        check_specs=[
+            partitioned_check(
+                INGESTED_CHECK,
+                ["ingest", kind.name],
+                partitions,
+                "The dataset was fetched and converted (or is unchanged); if not, why and what to do.",
+            )
+        ],
     )
     def _ingest(
         context: dg.AssetExecutionContext,
@@ -67,7 +81,7 @@ def build_public_ingest(
         storage: StorageResource,
         catalog: CatalogResource,
         dask: DaskResource,
-    ) -> dg.MaterializeResult:
+    ):
         endpoints = _endpoints(kind, config)
         try:
             source = kind.make_source(context.partition_key, endpoints)
@@ -90,8 +104,14 @@ def build_public_ingest(
                 logger=context.log,
             )
         except PublicIngestError as exc:
+            yield failed_check(
+                INGESTED_CHECK, exc, dataset=context.partition_key
+            )  # shown on the partition's page
             raise dg.Failure(description=str(exc)) from exc
-        return dg.MaterializeResult(metadata=_metadata(result))
+        yield dg.MaterializeResult(metadata=ingest_materialization_metadata(result))
+        yield dg.AssetCheckResult(
+            check_name=INGESTED_CHECK, passed=True, metadata={"catalog_id": result.record["id"]}
+        )
 
     job = dg.define_asset_job(
         f"ingest_{kind.name}_job",
@@ -118,30 +138,6 @@ def build_public_ingest(
         ]
 
     return _ingest, job, _weekly
-
-
-def _metadata(result) -> dict[str, typing.Any]:
-    rec = result.record
-    core = rec["metadata"]["core"]
-    tech = rec["metadata"].get("technical", {})
-    meta: dict[str, typing.Any] = {
-        "path": dg.MetadataValue.path(result.volume_url),
-        "catalog_id": rec["id"],
-        "converted": result.converted,
-        "source_fingerprint": rec["metadata"]["provenance"]["source_fingerprint"],
-        "shape": str(tuple(core["volume_shape"])),
-        "axes": "".join(core["axes"]),
-        "dtype": core["data_type"],
-        "voxel_size_nm": dg.MetadataValue.json(core["voxel_size_nm"]),
-        "voxel_size_source": core["voxel_size_source"],
-        "sha256": tech.get("sha256", ""),
-        "source_bytes": tech.get("file_size_bytes", 0),
-        "source_urls": dg.MetadataValue.json(rec["metadata"]["provenance"].get("source_urls", [])),
-    }
-    if result.thumbnail_png:
-        png = base64.b64encode(result.thumbnail_png).decode()
-        meta["thumbnail"] = dg.MetadataValue.md(f"![{rec['source_id']}](data:image/png;base64,{png})")
-    return meta
 
 
 PUBLIC_INGESTS = [build_public_ingest(kind) for kind in SOURCES.values()]

@@ -176,6 +176,7 @@ def read_tiff(path: str | Path) -> Volume:
                 "is_ome": bool(tf.is_ome),
                 "is_imagej": bool(tf.is_imagej),
                 "compression": str(series.keyframe.compression.name),
+                "dataoffset": series.dataoffset,  # None unless the pixels are one contiguous run
             }
             data = _lazy_series(path, series, mtime_ns)
     except FileNotFoundError:
@@ -196,7 +197,18 @@ def _check_complete(tf: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> N
     size = (
         os.fstat(tf.filehandle.fileno()).st_size if hasattr(tf.filehandle, "fileno") else tf.filehandle.size
     )
-    for page in series.pages:
+    # Offsets and byte counts are all this needs: light TiffFrames instead of a full TiffPage per page
+    # (1024 pages: 0.02 s instead of 0.5-2 s, which came after the last byte of a download).
+    useframes = tf.pages.useframes
+    tf.pages.useframes = True
+    try:
+        _check_pages_within(series.pages, size)
+    finally:
+        tf.pages.useframes = useframes
+
+
+def _check_pages_within(pages, size: int) -> None:
+    for page in pages:
         if page is None:
             raise ValueError("a page of the series is missing")
         offsets = page.dataoffsets

@@ -10,6 +10,11 @@ themselves, so on a ``distributed`` cluster no pixels pass through the scheduler
 metadata (ome-zarr's own writer) is written last: until the pyramid is complete the group is not an
 OME-Zarr image, so a reader never mistakes a half-written pyramid for a finished one.
 
+Data that arrives in order along its first axis (a file still downloading: TIFF pages, sections) is
+written ``in_order`` instead: its blocks are read one after the other, and each group of whole level-0
+chunks along that axis is written and downsampled as soon as its planes are here, while the next planes
+are still arriving (see :class:`_InOrderPyramid`). Same levels, chunks and bytes as the tree.
+
 The pyramid rule and the downsampling arithmetic live in :mod:`em_platform.imaging.pyramid`.
 """
 
@@ -20,7 +25,8 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -300,6 +306,240 @@ def _compute(collections: list, client: Any) -> None:
         client.compute(collections, sync=True)
 
 
+def _pyramid_graph(data: da.Array, plan: list, paths: Sequence[str], level_chunks: list, common: dict):
+    """The dask graph that writes the whole pyramid (see :func:`write_ome_zarr`): its last stage."""
+    # One dask graph for the whole pyramid, a tree with no barrier between levels. A level-0 block is a
+    # level-1 chunk times the level-1 factors, so it is made of whole level-0 chunks and gives exactly
+    # one whole level-1 chunk: its task writes both and hands the level-1 chunk on. A level-n task
+    # (n >= 2) takes the level-(n-1) chunks under one level-n chunk (at most 2 per axis), downsamples
+    # and writes that chunk and hands it on. Nothing is read back from the store, and dask runs the
+    # tree depth-first, so the blocks waiting to be combined stay few whatever the image size.
+    dtype = data.dtype
+    ones = (1,) * data.ndim
+    if len(plan) == 1:  # already small: level 0 only
+        blocks = data.rechunk(level_chunks[0])
+        level = blocks.map_blocks(
+            _pyramid_task,
+            write_path=paths[0],
+            down_path=None,
+            factors=ones,
+            pass_on=False,
+            chunks=tuple((1,) * len(cs) for cs in blocks.chunks),
+            meta=np.empty((0,) * data.ndim, dtype=bool),
+            **common,
+        )
+    else:
+        level = data
+        for n in range(len(plan) - 1):  # stage n: blocks of level n in, level n + 1 written
+            factors = plan[n + 1].factors
+            blocks = level.rechunk(tuple(c * f for c, f in zip(level_chunks[n + 1], factors, strict=True)))
+            pass_on = n + 2 < len(plan)
+            level = blocks.map_blocks(
+                _pyramid_task,
+                write_path=paths[0] if n == 0 else None,
+                down_path=paths[n + 1],
+                factors=factors,
+                pass_on=pass_on,
+                chunks=tuple(
+                    tuple(-(-c // f) if pass_on else 1 for c in cs)
+                    for cs, f in zip(blocks.chunks, factors, strict=True)
+                ),
+                meta=np.empty((0,) * data.ndim, dtype=dtype if pass_on else bool),
+                **common,
+            )
+    return level
+
+
+# ----------------------------------------------------------------------------------------------------
+# In order along the first axis (data that is still arriving)
+
+# Level-0 groups being written or waiting for a worker at once: a group is a row of level-0 chunks along
+# the first axis (64 planes of a FIB-SEM stack: 64 MiB for 1024 x 1024 uint8), so this bounds memory;
+# at least one group per worker and one more are allowed, whatever the plane size.
+IN_ORDER_BUFFER_BYTES = 128 << 20
+
+
+class _InOrderPyramid:
+    """The pyramid of an array whose blocks come in order along axis 0, written as they come.
+
+    Level ``n`` collects planes (along axis 0) in order; as soon as it holds a *group* (a whole number of its
+    chunks along axis 0, even when the next level halves that axis) or the last planes of the level, a worker
+    writes the group to level ``n``, mean-downsamples it and hands the result to level ``n + 1``, which
+    collects the pieces in order (they may finish out of order) and does the same. Every write covers whole
+    chunks that no other write touches; nothing is read back. ``feed(0, ...)`` waits while level-0 groups
+    of more than ``max_bytes`` are in flight, so memory stays bounded whatever the image size. Pieces are
+    copied into group buffers that are used again once written (fresh 64 MiB arrays cost more in page
+    faults on this kind of machine than the copy), unless a piece already is a whole group.
+    """
+
+    def __init__(
+        self, levels: list[zarr.Array], plan: list, level_chunks: list, workers: int, max_bytes: int
+    ):
+        self.levels = levels
+        self.plan = plan
+        self.totals = [lv.shape[0] for lv in plan]
+        self.groups = []
+        for n, lc in enumerate(level_chunks):
+            f = plan[n + 1].factors[0] if n + 1 < len(plan) else 1
+            self.groups.append(math.lcm(lc[0], f))
+        self.next = [0] * len(plan)  # first plane of each level not yet collected
+        self.pending: list[dict[int, np.ndarray]] = [{} for _ in plan]  # pieces that came early
+        self.filling: list[np.ndarray | None] = [None] * len(plan)  # the group being collected
+        self.group_start = [0] * len(plan)  # its first plane
+        self.filled = [0] * len(plan)  # and how many planes it holds
+        self.free: list[list[np.ndarray]] = [[] for _ in plan]  # group buffers to use again
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+        self.outstanding = 0
+        self.in_flight_bytes = 0
+        self.max_bytes = max_bytes
+        self.error: BaseException | None = None
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ome-zarr-in-order")
+
+    def feed(self, level: int, start: int, piece: np.ndarray) -> None:
+        """Planes ``start`` .. of ``level`` (any order for level > 0; in order for level 0)."""
+        ready: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+        with self.lock:
+            if self.error is not None:
+                if level == 0:
+                    raise self.error
+                return
+            self.pending[level][start] = piece
+            while self.next[level] in self.pending[level]:
+                p = self.pending[level].pop(self.next[level])
+                self.next[level] += p.shape[0]
+                self._collect(level, p, ready)
+            if level == 0:
+                for _, group, _ in ready:  # counted now: the producer waits below until there is room
+                    self.in_flight_bytes += group.nbytes
+            self.outstanding += len(ready)
+        for z0, group, buffer in ready:
+            self.pool.submit(self._process, level, z0, group, buffer).add_done_callback(self._lost)
+        if level == 0:
+            with self.lock:
+                while self.in_flight_bytes > self.max_bytes and self.error is None:
+                    self.done.wait()
+                if self.error is not None:
+                    raise self.error
+
+    def _collect(self, level: int, piece: np.ndarray, ready: list) -> None:
+        """Add ``piece`` (the next planes of ``level``) to the group being collected; whole groups go to
+        ``ready`` as (first plane, planes, the buffer to use again or None)."""
+        at = 0
+        while at < piece.shape[0]:
+            size = min(self.groups[level], self.totals[level] - self.group_start[level])
+            filled = self.filled[level]
+            n = min(piece.shape[0] - at, size - filled)
+            if filled == 0 and n == size:  # a whole group as it came: no copy
+                ready.append((self.group_start[level], piece[at : at + n], None))
+            else:
+                if filled == 0:
+                    free = self.free[level]
+                    shape = (self.groups[level], *piece.shape[1:])
+                    self.filling[level] = free.pop() if free else np.empty(shape, piece.dtype)
+                buf = self.filling[level]
+                buf[filled : filled + n] = piece[at : at + n]
+                self.filled[level] = filled + n
+                if filled + n < size:
+                    return
+                ready.append((self.group_start[level], buf[:size], buf))
+                self.filling[level], self.filled[level] = None, 0
+            self.group_start[level] += size
+            at += n
+
+    def _process(self, level: int, z0: int, group: np.ndarray, buffer: np.ndarray | None) -> None:
+        try:
+            if self.error is None:
+                region = (slice(z0, z0 + group.shape[0]),)
+                self.levels[level][region] = group
+                if level + 1 < len(self.levels):
+                    factors = self.plan[level + 1].factors
+                    self.feed(level + 1, z0 // factors[0], _downsample_in_slabs(group, factors))
+        except BaseException as exc:
+            with self.lock:
+                self.error = self.error or exc
+        finally:
+            with self.lock:
+                self.outstanding -= 1
+                if level == 0:
+                    self.in_flight_bytes -= group.nbytes
+                if buffer is not None:
+                    self.free[level].append(buffer)
+                self.done.notify_all()
+
+    def _lost(self, future) -> None:
+        """A task that failed outside its own error handling (it could not even start) stops the writer."""
+        if not future.cancelled() and future.exception() is not None:
+            with self.lock:
+                self.error = self.error or future.exception()
+                self.done.notify_all()
+
+    def finish(self) -> None:
+        """Wait for every level to be written; raise the first error a worker met."""
+        try:
+            with self.lock:
+                while self.outstanding and self.error is None:
+                    self.done.wait()
+                if self.error is not None:
+                    raise self.error
+                missing = [n for n, (a, t) in enumerate(zip(self.next, self.totals, strict=True)) if a != t]
+                if missing:
+                    raise RuntimeError(f"in-order pyramid: levels {missing} did not receive all their planes")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self.error = self.error or RuntimeError("in-order pyramid closed")  # queued groups are skipped
+            self.done.notify_all()
+        self.pool.shutdown(wait=True)
+
+
+def _downsample_in_slabs(
+    group: np.ndarray, factors: tuple[int, ...], slab_bytes: int = 8 << 20
+) -> np.ndarray:
+    """``downsample_mean(group, factors)``, a few planes at a time: the same numbers (slabs start at even
+    planes), with temporaries of a few MiB instead of twice the group (and fewer page faults)."""
+    plane = max(1, math.prod(group.shape[1:]) * group.dtype.itemsize)
+    step = max(2, slab_bytes // plane // 2 * 2)
+    if step >= group.shape[0]:
+        return downsample_mean(group, factors)
+    f = factors[0]
+    out = np.empty(tuple(-(-n // k) for n, k in zip(group.shape, factors, strict=True)), dtype=group.dtype)
+    for z in range(0, group.shape[0], step):
+        out[z // f : (z + step) // f if z + step < group.shape[0] else None] = downsample_mean(
+            group[z : z + step], factors
+        )
+    return out
+
+
+def _blocks_along_first_axis(data: da.Array) -> Iterable[np.ndarray]:
+    """``data``'s blocks along axis 0, each whole along the other axes, computed one after the other (as
+    delayed objects: an array's ``compute`` would copy every block once more)."""
+    whole = data.rechunk({i: -1 for i in range(1, data.ndim)}) if data.ndim > 1 else data
+    for block in whole.to_delayed(optimize_graph=True).reshape(-1):
+        yield np.asarray(block.compute(scheduler="sync"))
+
+
+def _write_in_order(
+    data: da.Array, root: zarr.Group, paths: Sequence[str], plan: list, level_chunks: list
+) -> None:
+    levels = [root[p] for p in paths]
+    plane_bytes = math.prod(data.shape[1:]) * data.dtype.itemsize
+    workers = max(1, os.cpu_count() or 1)
+    max_bytes = max(IN_ORDER_BUFFER_BYTES, (workers + 1) * math.lcm(level_chunks[0][0], 2) * plane_bytes)
+    pyramid = _InOrderPyramid(levels, plan, level_chunks, workers, max_bytes)
+    try:
+        start = 0
+        for block in _blocks_along_first_axis(data):
+            pyramid.feed(0, start, block)
+            start += block.shape[0]
+    except BaseException:
+        pyramid.close()
+        raise
+    pyramid.finish()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The writer
 
@@ -316,6 +556,7 @@ def write_ome_zarr(
     name: str | None = None,
     min_size: int = 256,
     client: Any = None,
+    in_order: bool = False,
 ) -> MultiscaleInfo:
     """Write ``data`` as a multiscale OME-Zarr image (NGFF 0.5, zarr format 3) at ``url``.
 
@@ -332,6 +573,9 @@ def write_ome_zarr(
     name : the multiscale's name in the metadata; default the URL's last component.
     min_size : stop when the largest y/x side of a level is <= this.
     client : a ``distributed.Client``; without one, dask's threaded scheduler runs the tasks.
+    in_order : read ``data`` block after block along its first axis and write each level's planes as
+        soon as they are complete, in this process (``client`` is not used): for data that arrives in
+        that order, e.g. the pages of a file still downloading. The same image as the default.
 
     Returns the :class:`MultiscaleInfo` of what was written. Raises ValueError for a bad argument,
     naming it (before anything is written).
@@ -380,45 +624,10 @@ def write_ome_zarr(
     write_id = uuid.uuid4().hex
     common = {"url": url, "storage_options": storage_options, "write_id": write_id}
 
-    # One dask graph for the whole pyramid, a tree with no barrier between levels. A level-0 block is a
-    # level-1 chunk times the level-1 factors, so it is made of whole level-0 chunks and gives exactly
-    # one whole level-1 chunk: its task writes both and hands the level-1 chunk on. A level-n task
-    # (n >= 2) takes the level-(n-1) chunks under one level-n chunk (at most 2 per axis), downsamples
-    # and writes that chunk and hands it on. Nothing is read back from the store, and dask runs the
-    # tree depth-first, so the blocks waiting to be combined stay few whatever the image size.
-    ones = (1,) * data.ndim
-    if len(plan) == 1:  # already small: level 0 only
-        blocks = data.rechunk(level_chunks[0])
-        level = blocks.map_blocks(
-            _pyramid_task,
-            write_path=paths[0],
-            down_path=None,
-            factors=ones,
-            pass_on=False,
-            chunks=tuple((1,) * len(cs) for cs in blocks.chunks),
-            meta=np.empty((0,) * data.ndim, dtype=bool),
-            **common,
-        )
+    if in_order:
+        _write_in_order(data, root, paths, plan, level_chunks)
     else:
-        level = data
-        for n in range(len(plan) - 1):  # stage n: blocks of level n in, level n + 1 written
-            factors = plan[n + 1].factors
-            blocks = level.rechunk(tuple(c * f for c, f in zip(level_chunks[n + 1], factors, strict=True)))
-            pass_on = n + 2 < len(plan)
-            level = blocks.map_blocks(
-                _pyramid_task,
-                write_path=paths[0] if n == 0 else None,
-                down_path=paths[n + 1],
-                factors=factors,
-                pass_on=pass_on,
-                chunks=tuple(
-                    tuple(-(-c // f) if pass_on else 1 for c in cs)
-                    for cs, f in zip(blocks.chunks, factors, strict=True)
-                ),
-                meta=np.empty((0,) * data.ndim, dtype=dtype if pass_on else bool),
-                **common,
-            )
-    _compute([level], client)
+        _compute([_pyramid_graph(data, plan, paths, level_chunks, common)], client)
 
     scale0 = plan[0].scale
     datasets = []

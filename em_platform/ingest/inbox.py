@@ -1,6 +1,7 @@
 """What is waiting in the inbox folder, and whether it has finished arriving.
 
-Each top-level entry is one dataset: a supported file, or a folder of TIFF slices (a stack). An entry
+Each top-level entry is one dataset: a supported file, or a folder of image files (TIFF slices of one
+stack, or a collection of images: see :func:`em_platform.ingest.local.ingest_entry`). An entry
 is settled once nothing in it has been modified for ``settle_seconds``: a file still being copied keeps
 getting newer, so it is left for a later tick. Hidden files and the usual partial-download names are
 never entries.
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from em_platform.formats import SUPPORTED_SUFFIXES
+from em_platform.formats.image_set import natural_key
 from em_platform.formats.raw import RAW_SUFFIXES, sidecar_for
-from em_platform.formats.tiff import tiff_stack_files
 
 PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".filepart", "~")
 
@@ -35,10 +36,34 @@ def _is_partial(name: str) -> bool:
     return name.startswith(".") or name.endswith(PARTIAL_SUFFIXES)
 
 
+COLLECTION_SUFFIX = ".collection"
+
+
+def folder_images(folder: Path) -> tuple[Path, ...]:
+    """The image files of a folder entry, in natural name order (hidden and partial files left out)."""
+    return tuple(
+        sorted(
+            (
+                p
+                for p in folder.iterdir()
+                if p.is_file() and not _is_partial(p.name) and p.suffix.lower() in SUPPORTED_SUFFIXES
+            ),
+            key=lambda p: natural_key(p.name),
+        )
+    )
+
+
+def is_section_stack(folder: Path, files: tuple[Path, ...]) -> bool:
+    """A folder is a stack of sections when it holds only TIFF slices and is not named ``*.collection``."""
+    return not folder.name.endswith(COLLECTION_SUFFIX) and all(
+        f.suffix.lower() in (".tif", ".tiff") for f in files
+    )
+
+
 def entry_files(path: Path) -> tuple[Path, ...]:
     """The source files that make up an inbox entry (a raw file's JSON sidecar included)."""
     if path.is_dir():
-        return tuple(tiff_stack_files(path))
+        return folder_images(path)
     if path.suffix.lower() in RAW_SUFFIXES and sidecar_for(path).exists():
         return (path, sidecar_for(path))
     return (path,)

@@ -14,13 +14,14 @@ from em_platform.ingest.inbox import scan_inbox
 from em_platform.jobs import ingest_local_job
 from em_platform.partitions import inbox_entries
 from em_platform.resources import InboxResource
+from em_platform.settings import sensor_interval_seconds
 
 MAX_REQUESTS_PER_TICK = 500  # keeps a tick far below the sensor timeout; the rest come next tick
 
 
 @dg.sensor(
     job=ingest_local_job,
-    minimum_interval_seconds=15,
+    minimum_interval_seconds=sensor_interval_seconds(15),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches EM_INBOX; each settled new or changed file or folder stack is ingested once.",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,22 @@ class RemoteVersion:
 class FetchedVolume:
     """A fetched dataset, ready for conversion: every byte is on local disk and verified."""
 
-    volume: Volume  # lazy (dask), axes in NGFF order, scale/units filled for every spatial axis
-    voxel_size_source: str  # "header" (the file says), "source" (the source's published value), "config"
+    volume: Volume  # lazy (dask), axes in NGFF order; an axis nothing calibrates has scale None
+    voxel_size_source: str  # where the sizes came from: "header" (the file), "source" (published), "config"
     files: tuple[SourceFile, ...]
     modality: str | None = None  # one of the schema's modalities: EM, FIB-SEM, SEM, TEM, SBF-SEM → "SEM"...
     header: dict[str, Any] = field(default_factory=dict)  # selected header fields, JSON-able
+    voxel_size_sources: dict[str, str] = field(default_factory=dict)  # per axis, where it differs
+    # Set while the bytes are still arriving (``volume`` reads wait for them): ``finish()`` waits for the
+    # download, verifies it and returns the complete FetchedVolume (with ``files``; its ``volume`` is this one
+    # unless the complete file must be converted again); ``cancel()`` stops the download.
+    finish: Callable[[], FetchedVolume] | None = None
+    cancel: Callable[[], None] | None = None
+
+    def axis_sources(self) -> dict[str, str]:
+        """Where each calibrated spatial axis's size came from (uncalibrated axes are left out)."""
+        sizes = self.volume.voxel_size_nm()
+        return {a: self.voxel_size_sources.get(a, self.voxel_size_source) for a, s in sizes.items() if s}
 
 
 class Source(ABC):
@@ -75,10 +87,31 @@ class Source(ABC):
         manifest: DownloadManifest,
         version: RemoteVersion,
         logger: logging.Logger | logging.LoggerAdapter,
-    ) -> FetchedVolume:
+    ) -> FetchedVolume | FetchedCollection:
         """Download what the manifest does not already hold into ``workdir``, verify it, and open it.
 
         Resumable: items already in the manifest are not fetched again, partial files are continued.
         Memory stays bounded whatever the dataset size (stream to disk, never hold a volume whole).
         Raises SourceError (transient faults already retried) or FormatError for an unreadable file.
         """
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """One image of a fetched collection: usually one file."""
+
+    name: str
+    source_file: str  # its path within the dataset (the record's files.source path)
+    volume: Volume  # lazy; an axis nothing calibrates has scale None (never made up)
+    voxel_size_sources: dict[str, str]  # per calibrated spatial axis: header, source or config
+
+
+@dataclass(frozen=True)
+class FetchedCollection:
+    """A fetched dataset that is a collection of images (see :mod:`em_platform.formats.image_set`)."""
+
+    images: tuple[FetchedImage, ...]
+    files: tuple[SourceFile, ...]
+    rule: str  # why it is a collection, for the record
+    modality: str | None = None
+    header: dict[str, Any] = field(default_factory=dict)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from urllib.parse import unquote, urlparse
 
 import requests
 
+from em_platform.sources.arrival import Arrival
 from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import (
@@ -35,6 +35,7 @@ from em_platform.sources.retry import (
     http_error,
     retrying,
 )
+from em_platform.storage.checksums import StreamHash
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ class DownloadOptions:
     # remaining parts then come one at a time. None: always ``parallel``.
     fast_link_bytes_per_s: float | None = 200e6
     timeout_s: tuple[float, float] = (10.0, 60.0)  # connect, read
+
+
+class _RangeIgnored(PermanentSourceError):
+    """A ranged GET came back whole (HTTP 200) although HEAD advertised byte ranges."""
 
 
 def _scheme(url: str) -> str:
@@ -231,47 +236,6 @@ def list_ftp(
 # Download
 
 
-class StreamHash:
-    """sha256 of a stream, computed on its own thread so it overlaps receiving (hashlib drops the GIL).
-
-    ``update`` hands the block over (at most ``depth`` blocks wait, so memory stays bounded);
-    ``hexdigest`` waits for the thread and returns the digest; ``close`` stops it without one.
-    """
-
-    def __init__(self, depth: int = 32):
-        self._sha = hashlib.sha256()
-        self._blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while (block := self._blocks.get()) is not None:
-            self._sha.update(block)
-
-    def update(self, block: bytes) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-            self._thread.start()
-        self._blocks.put(block)
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._blocks.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._sha.hexdigest()
-
-
-def sha256_of(path: Path, chunk: int = 8 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(
     url: str,
     dest: Path,
@@ -284,20 +248,27 @@ def download(
     session: requests.Session | None = None,
     progress: Progress | None = None,
     logger: logging.Logger | logging.LoggerAdapter = log,
+    arrival: Arrival | None = None,
 ) -> ManifestEntry:
-    """Fetch ``url`` to ``dest`` unless the manifest already holds it; resume, retry, verify, record."""
+    """Fetch ``url`` to ``dest`` unless the manifest already holds it; resume, retry, verify, record.
+
+    With an ``arrival`` (:class:`~em_platform.sources.arrival.Arrival`), the complete prefix of the file is
+    reported as it grows, so a reader can work on the bytes already there while the rest downloads.
+    """
     dest = Path(dest)
     key = key or dest.name
     done = manifest.get(key)
     if done and dest.exists() and dest.stat().st_size == done.size_bytes and done.url == url:
         if progress:
             progress.add(done.size_bytes)
+        if arrival:
+            arrival.reached(done.size_bytes)
         return done
     scheme = _scheme(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PART_SUFFIX)
     if scheme == "ftp":
-        size, digest = _ftp_download(url, part, expected_size, options, progress, logger)
+        size, digest = _ftp_download(url, part, expected_size, options, progress, logger, arrival)
     else:
         s = _session(session)
         remote = stat_remote(url, options=options, session=s, logger=logger)
@@ -309,9 +280,25 @@ def download(
                 url=url,
             )
         if size is not None and remote.accepts_ranges and options.parallel > 1 and size > options.part_bytes:
-            digest = _http_parallel(url, part, size, s, options, progress, logger)
+            counted = progress.done if progress else 0
+            try:
+                digest = _http_parallel(url, part, size, s, options, progress, logger, arrival)
+            except _RangeIgnored:
+                # Parts written so far may hold the file's start at the wrong offsets: begin again.
+                logger.warning(
+                    "%s advertises byte ranges but answered a Range request with the whole file; "
+                    "downloading it again from the start in one stream",
+                    url,
+                )
+                part.unlink(missing_ok=True)
+                dest.with_name(dest.name + PART_MAP_SUFFIX).unlink(missing_ok=True)
+                if progress:
+                    progress.add(counted - progress.done)
+                if arrival:
+                    arrival.restart()
+                digest = _http_stream(url, part, size, s, options, progress, logger, arrival)
         else:
-            digest = _http_stream(url, part, size, s, options, progress, logger)
+            digest = _http_stream(url, part, size, s, options, progress, logger, arrival)
         size = part.stat().st_size
     if expected_size is not None and size != expected_size:
         part.unlink(missing_ok=True)
@@ -341,6 +328,7 @@ def _http_stream(
     options: DownloadOptions,
     progress: Progress | None,
     logger: logging.Logger | logging.LoggerAdapter,
+    arrival: Arrival | None = None,
 ) -> str:
     """One stream into ``part``, continuing from its current length; returns the sha256 of the whole file."""
     h = StreamHash()
@@ -372,6 +360,8 @@ def _http_stream(
                 state["hash"].close()
                 state["have"], state["hash"], have = 0, StreamHash(), 0
             mode = "ab" if have else "wb"
+            if arrival and not have:
+                arrival.restart()
             with open(part, mode) as f:
                 for block in r.iter_content(options.chunk_bytes):
                     f.write(block)
@@ -379,6 +369,9 @@ def _http_stream(
                     state["have"] += len(block)
                     if progress:
                         progress.add(len(block))
+                    if arrival:
+                        f.flush()
+                        arrival.reached(state["have"])
         if size is not None and state["have"] < size:
             raise TransientSourceError(
                 f"{url}: connection closed after {state['have']} of {size} bytes", url=url
@@ -400,13 +393,15 @@ def _http_parallel(
     options: DownloadOptions,
     progress: Progress | None,
     logger: logging.Logger | logging.LoggerAdapter,
+    arrival: Arrival | None = None,
 ) -> str:
     """``parallel`` ranged GETs into a preallocated ``part``; finished parts are listed in ``<dest>.parts``.
 
     Returns the file's sha256, computed while the download goes on: whenever the parts from the start
     of the file are complete, a short-lived thread hashes them (from the page cache), so the hashing
     overlaps the transfer instead of following it. The first missing part is fetched alone; if it came
-    faster than ``fast_link_bytes_per_s``, the rest follow one at a time.
+    faster than ``fast_link_bytes_per_s``, the rest follow one at a time. A ranged GET answered whole
+    (HTTP 200) raises ``_RangeIgnored``, and ``download`` starts again from byte 0 in one stream.
     """
     part_map = part.with_name(part.name.removesuffix(PART_SUFFIX) + PART_MAP_SUFFIX)
     ranges = [(o, min(size, o + options.part_bytes)) for o in range(0, size, options.part_bytes)]
@@ -421,20 +416,22 @@ def _http_parallel(
     else:
         with open(part, "wb") as f:
             f.truncate(size)
+    if finished and arrival:
+        arrival.reached(next((o for o, _ in ranges if o not in finished), size))
     if finished:
         logger.info("resuming %s: %d of %d parts already here", url, len(finished), len(ranges))
         if progress:
             progress.add(sum(e - o for o, e in ranges if o in finished))
     lock = threading.Lock()
     local = threading.local()
-    hashing = {"sha": hashlib.sha256(), "next": 0}  # parts [0, next) are hashed
+    hashing = {"sha": hashlib.sha256(), "next": 0, "stop": False}  # parts [0, next) are hashed
     hash_lock = threading.Lock()
 
     def hash_prefix(wait: bool = False) -> None:
         if not hash_lock.acquire(blocking=wait):
             return  # another thread is hashing; it (or the final call) takes this part too
         try:
-            while hashing["next"] < len(ranges):
+            while not hashing["stop"] and hashing["next"] < len(ranges):
                 start, end = ranges[hashing["next"]]
                 with lock:
                     if start not in finished:
@@ -468,7 +465,7 @@ def _http_parallel(
                 if r.status_code >= 400:
                     raise http_error(r.status_code, url, r.reason)
                 if r.status_code != 206:
-                    raise PermanentSourceError(
+                    raise _RangeIgnored(
                         f"{url} answered a Range request with HTTP {r.status_code}; cannot fetch it in parts",
                         url=url,
                     )
@@ -494,6 +491,8 @@ def _http_parallel(
         )
         with lock:
             finished.add(offset)
+            if arrival:
+                arrival.reached(next((o for o, _ in ranges if o not in finished), size))
             tmp = part_map.with_suffix(".tmp")
             tmp.write_text(
                 json.dumps({"size": size, "part_bytes": options.part_bytes, "done": sorted(finished)})
@@ -501,31 +500,41 @@ def _http_parallel(
             os.replace(tmp, part_map)
         threading.Thread(target=hash_prefix, name="sha256-prefix", daemon=True).start()
 
-    todo = [(o, e) for o, e in ranges if o not in finished]
-    if not finished and len(todo) > 1 and options.parallel > 1 and options.fast_link_bytes_per_s:
-        t0 = time.monotonic()
-        fetch(*todo[0])
-        rate = (todo[0][1] - todo[0][0]) / max(time.monotonic() - t0, 1e-9)
-        if rate >= options.fast_link_bytes_per_s:
-            logger.info(
-                "%s: one connection gives %.0f MB/s; fetching the rest in one stream", url, rate / 1e6
-            )
-            return _http_rest_in_one_stream(url, part, todo[0][1], size, session(), options, progress, logger)
-        todo = todo[1:]
-    with ThreadPoolExecutor(max_workers=max(1, options.parallel), thread_name_prefix="ranged") as pool:
-        futures = [pool.submit(fetch, o, e) for o, e in todo]
-        errors = []
-        for fut in futures:
-            try:
-                fut.result()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-    hash_prefix(wait=True)
-    if hashing["next"] != len(ranges):
-        raise TransientSourceError(f"{url}: not every part arrived", url=url)
-    return hashing["sha"].hexdigest()
+    def fetch_all() -> str:
+        todo = [(o, e) for o, e in ranges if o not in finished]
+        if not finished and len(todo) > 1 and options.parallel > 1 and options.fast_link_bytes_per_s:
+            t0 = time.monotonic()
+            fetch(*todo[0])
+            rate = (todo[0][1] - todo[0][0]) / max(time.monotonic() - t0, 1e-9)
+            if rate >= options.fast_link_bytes_per_s:
+                logger.info(
+                    "%s: one connection gives %.0f MB/s; fetching the rest in one stream", url, rate / 1e6
+                )
+                return _http_rest_in_one_stream(
+                    url, part, todo[0][1], size, session(), options, progress, logger, arrival
+                )
+            todo = todo[1:]
+        with ThreadPoolExecutor(max_workers=max(1, options.parallel), thread_name_prefix="ranged") as pool:
+            futures = [pool.submit(fetch, o, e) for o, e in todo]
+            errors = []
+            for fut in futures:
+                try:
+                    fut.result()
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:  # a server ignoring Range first: the caller then starts again in one stream
+                raise next((e for e in errors if isinstance(e, _RangeIgnored)), errors[0])
+        hash_prefix(wait=True)
+        if hashing["next"] != len(ranges):
+            raise TransientSourceError(f"{url}: not every part arrived", url=url)
+        return hashing["sha"].hexdigest()
+
+    try:
+        return fetch_all()
+    except BaseException:
+        with hash_lock:  # no prefix hash opens ``part`` after this: the caller may delete it
+            hashing["stop"] = True
+        raise
 
 
 def _http_rest_in_one_stream(
@@ -537,6 +546,7 @@ def _http_rest_in_one_stream(
     options: DownloadOptions,
     progress: Progress | None,
     logger: logging.Logger | logging.LoggerAdapter,
+    arrival: Arrival | None = None,
 ) -> str:
     """Bytes ``start``.. of a preallocated ``part`` in one ranged stream (the first ``start`` are there);
     returns the whole file's sha256, hashed on a second thread as the bytes arrive."""
@@ -558,7 +568,7 @@ def _http_rest_in_one_stream(
                 if r.status_code >= 400:
                     raise http_error(r.status_code, url, r.reason)
                 if r.status_code != 206:
-                    raise PermanentSourceError(f"{url} stopped honouring Range requests", url=url)
+                    raise _RangeIgnored(f"{url} stopped honouring Range requests", url=url)
                 with open(part, "r+b") as f:
                     f.seek(at["n"])
                     for block in r.iter_content(options.chunk_bytes):
@@ -567,6 +577,9 @@ def _http_rest_in_one_stream(
                         at["n"] += len(block)
                         if progress:
                             progress.add(len(block))
+                        if arrival:
+                            f.flush()
+                            arrival.reached(at["n"])
             if at["n"] < size:
                 raise TransientSourceError(
                     f"{url}: connection closed after {at['n']} of {size} bytes", url=url
@@ -587,6 +600,7 @@ def _ftp_download(
     options: DownloadOptions,
     progress: Progress | None,
     logger: logging.Logger | logging.LoggerAdapter,
+    arrival: Arrival | None = None,
 ) -> tuple[int, str]:
     """RETR into ``part``, continuing with REST from its current length; returns its size and sha256."""
     counted = {"n": 0}
@@ -636,6 +650,9 @@ def _ftp_download(
                     counted["n"] += len(block)
                     if progress:
                         progress.add(len(block))
+                    if arrival:
+                        f.flush()
+                        arrival.reached(state["hashed"])
 
                 try:
                     ftp.retrbinary(f"RETR {path}", write, blocksize=options.chunk_bytes, rest=have or None)

@@ -2,10 +2,12 @@
 
 The archive's ``data/`` folder is read over FTP (NLST + RETR, as macroscope did) or over its HTTPS mirror
 (the Apache index page), one folder deeper when the imageset's ``directory`` names a sub-folder. Every
-image file is downloaded resumably, and the sections (DM3/DM4, MRC, TIFF) are stacked lazily in natural
-name order (``slice_2`` before ``slice_10``) into one volume. In-plane voxel size comes from the files'
-calibration when they carry one; section thickness, which 2-D sections cannot record, is the dataset's
-published value.
+image file is downloaded resumably. The entry becomes one volume or a collection of images by the rule
+of :mod:`em_platform.formats.image_set`: sections of a volume-EM technique (SBF-SEM, FIB-SEM, serial
+sections) of one size are stacked lazily in natural name order (``slice_2`` before ``slice_10``);
+single-particle micrographs, movies (frames as time) and files of different sizes are one image each.
+In-plane voxel size comes from the files' calibration, else the imageset's pixel size; a section
+thickness only from the dataset's published value, else it is flagged 'assumed'.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -23,11 +24,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-import dask.array as da
 import requests
 
-from em_platform.formats import FormatError, Volume, open_volume
-from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
+from em_platform.formats import Volume, open_volume
+from em_platform.formats.image_set import (
+    arrange_images,
+    frames_as_time,
+    images_movies,
+    images_sections,
+    natural_key,
+)
+from em_platform.sources.dataset import (
+    FetchedCollection,
+    FetchedImage,
+    FetchedVolume,
+    RemoteVersion,
+    Source,
+    SourceFile,
+)
 from em_platform.sources.download import (
     USER_AGENT,
     DownloadOptions,
@@ -54,7 +68,8 @@ class EmpiarDataset:
     title: str
     technique: str  # the entry's experiment_type, e.g. "SBF-SEM"
     slices: int
-    voxel_size_nm: dict[str, float]  # z, y, x: used for any axis neither the files nor the JSON give
+    # the published section thickness of a volume entry; None: nobody says, and z is flagged 'assumed'
+    section_thickness_nm: float | None = None
 
 
 DATASETS: dict[str, EmpiarDataset] = {
@@ -64,7 +79,7 @@ DATASETS: dict[str, EmpiarDataset] = {
         title="Developing retina in zebrafish 55 hpf larval eye",
         technique="SBF-SEM",
         slices=16,
-        voxel_size_nm={"z": 50.0, "y": 8.0, "x": 8.0},
+        section_thickness_nm=50.0,
     ),
 }
 
@@ -101,11 +116,6 @@ def make_source(key: str, endpoints: EmpiarEndpoints | None = None) -> EmpiarSou
     endpoints = endpoints or EmpiarEndpoints()
     endpoints.validate()
     return EmpiarSource(DATASETS[key], endpoints)
-
-
-def natural_key(name: str) -> list[Any]:
-    """Sort key that orders embedded numbers by value: slice_2 before slice_10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
 def modality_of(technique: str | None) -> str:
@@ -240,7 +250,7 @@ class EmpiarSource(Source):
         manifest: DownloadManifest,
         version: RemoteVersion,
         logger: Logger,
-    ) -> FetchedVolume:
+    ) -> FetchedVolume | FetchedCollection:
         entry = version.additional_metadata.get(self.accession) or {}
         listing = version.additional_metadata["archive_files"]
         opts = self.endpoints.options()
@@ -272,38 +282,62 @@ class EmpiarSource(Source):
                 expected,
                 len(listing),
             )
-        vol = stack_sections([workdir / "data" / f["path"] for f in listing])
-        vol, voxel_source = self._calibrate(vol, imageset, logger)
-        technique = entry.get("experiment_type") or imageset.get("category") or self.dataset.technique
+        technique = str(entry.get("experiment_type") or imageset.get("category") or self.dataset.technique)
+        paths = [workdir / "data" / f["path"] for f in listing]
+        vols = [open_volume(p) for p in paths]  # each raises FormatError naming its file
+        if images_movies(imageset.get("category")):
+            vols = [frames_as_time(v) for v in vols]
+        sections = images_sections(technique) or images_sections(imageset.get("category"))
+        arrangement = arrange_images(paths, vols, sections=sections, what=f"{self.accession} ({technique})")
+        files = tuple(
+            SourceFile(f["path"], f["url"], e.size_bytes, e.sha256)
+            for f, e in zip(listing, entries, strict=True)
+        )
+        header = {"files": len(listing), "imageset": imageset.get("name"), "technique": technique}
+        if arrangement.kind == "collection":
+            logger.info("%s", arrangement.rule)
+            return FetchedCollection(
+                images=tuple(
+                    FetchedImage(f["path"], f["path"], *self._calibrate(v, imageset, logger, sections=False))
+                    for f, v in zip(listing, vols, strict=True)
+                ),
+                files=files,
+                rule=arrangement.rule,
+                modality=modality_of(technique),
+                header=header,
+            )
+        vol, axis_sources = self._calibrate(arrangement.volume, imageset, logger, sections=True)
         return FetchedVolume(
             volume=vol,
-            voxel_size_source=voxel_source,
-            files=tuple(
-                SourceFile(f["path"], f["url"], e.size_bytes, e.sha256)
-                for f, e in zip(listing, entries, strict=True)
-            ),
-            modality=modality_of(str(technique)),
-            header={
-                "first_file": vol.source_metadata,
-                "files": len(listing),
-                "imageset": imageset.get("name"),
-                "technique": technique,
-            },
+            voxel_size_source="header",
+            voxel_size_sources=axis_sources,
+            files=files,
+            modality=modality_of(technique),
+            header={"first_file": vol.source_metadata, **header},
         )
 
-    def _calibrate(self, vol: Volume, imageset: dict[str, Any], logger: Logger) -> tuple[Volume, str]:
-        """Fill the axes the files leave uncalibrated: in-plane from the imageset's pixel size (Å),
-        then anything still missing (section thickness) from the dataset's published voxel size."""
-        published = dict(self.dataset.voxel_size_nm)
+    def _calibrate(
+        self, vol: Volume, imageset: dict[str, Any], logger: Logger, *, sections: bool
+    ) -> tuple[Volume, dict[str, str]]:
+        """Fill the axes the files leave uncalibrated: in-plane from the imageset's pixel size (Å), and a
+        section thickness only from the dataset's published value; an axis nothing records stays
+        uncalibrated (the ingest flags it 'assumed'). Returns the volume and where each axis's size came from."""
+        published: dict[str, float] = {}
         for axis, key in (("x", "pixel_width"), ("y", "pixel_height")):
             angstrom = _float(imageset.get(key))
             if angstrom:
                 published[axis] = angstrom / 10.0
+        if sections and self.dataset.section_thickness_nm:
+            published["z"] = self.dataset.section_thickness_nm
         scale, units = list(vol.scale), list(vol.units)
+        sources = {
+            a: "header" for a, s, u in zip(vol.axes, scale, units, strict=True) if a in "zyx" and s and u
+        }
         filled = []
         for i, axis in enumerate(vol.axes):
             if axis in published and (scale[i] is None or units[i] is None):
                 scale[i], units[i] = published[axis], "nanometer"
+                sources[axis] = "source"
                 filled.append(axis)
         if filled:
             logger.info(
@@ -312,47 +346,7 @@ class EmpiarSource(Source):
                 ", ".join(filled),
                 ", ".join(f"{a}={published[a]:g}" for a in filled),
             )
-        vol = dataclasses.replace(vol, scale=tuple(scale), units=tuple(units))
-        return vol, "source" if filled else "header"
-
-
-def stack_sections(paths: list[Path]) -> Volume:
-    """Open each file lazily and join them in the given order: 2-D sections stack along z, 3-D
-    blocks (e.g. MRC) concatenate along z. Every file must match the first in shape and type."""
-    if not paths:
-        raise FormatError("no image files to stack")
-    vols = [open_volume(p) for p in paths]  # each raises FormatError naming its file
-    first = vols[0]
-    for p, v in zip(paths[1:], vols[1:], strict=True):
-        if (
-            v.axes != first.axes
-            or v.data.shape[-2:] != first.data.shape[-2:]
-            or v.data.dtype != first.data.dtype
-        ):
-            raise FormatError(
-                f"{p}: {'x'.join(map(str, v.data.shape))} {v.data.dtype} (axes {''.join(v.axes)}) does not match "
-                f"the first slice {paths[0].name} ({'x'.join(map(str, first.data.shape))} {first.data.dtype}, "
-                f"axes {''.join(first.axes)}); sections of one volume must share size and pixel type — "
-                "report the file to the entry's depositors or exclude it"
-            )
-    if first.axes == ("y", "x"):
-        data = da.stack([v.data for v in vols]) if len(vols) > 1 else first.data[None]
-        return Volume(
-            data=data,
-            axes=("z", "y", "x"),
-            scale=(None, *first.scale),
-            units=(None, *first.units),
-            format=first.format,
-            source_files=tuple(paths),
-            source_metadata=first.source_metadata,
-        )
-    if first.axes == ("z", "y", "x"):
-        data = da.concatenate([v.data for v in vols], axis=0) if len(vols) > 1 else first.data
-        return dataclasses.replace(first, data=data, source_files=tuple(paths))
-    raise FormatError(
-        f"{paths[0]}: axes {''.join(first.axes)} cannot be stacked into one z, y, x volume "
-        "(multi-channel or time-series files are not EM sections)"
-    )
+        return dataclasses.replace(vol, scale=tuple(scale), units=tuple(units)), sources
 
 
 def _imageset(entry: dict[str, Any]) -> dict[str, Any]:

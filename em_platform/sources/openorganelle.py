@@ -1,9 +1,11 @@
 """OpenOrganelle (Janelia COSEM): one level, or a crop of it, of a Zarr v2 or N5 multiscale on public S3.
 
-Read anonymously through s3fs, one stored chunk object at a time (several in flight), into a local Zarr
-cache laid out on the source's chunk grid; each chunk is entered in the manifest once written, so an
-interrupted run resumes with the missing chunks only, and memory stays at (parallel × chunk) whatever the
-level's size (s0 of jrc_mus-nacc-2 is 7 GB). The voxel size is the multiscale metadata's, in nm.
+Read anonymously through s3fs one stored chunk object at a time (several in flight): zarr-python's
+FsspecStore reads and decodes the Zarr v2 chunks, :mod:`em_platform.sources.n5` the N5 blocks. Each chunk
+goes into a local Zarr cache laid out on the source's chunk grid and is entered in the manifest (with the
+sha256 of the object as received) only once written, so an interrupted run resumes with the missing
+chunks only, and memory stays at about (parallel × chunk) whatever the level's size (s0 of
+jrc_mus-nacc-2 is 7 GB). The voxel size is the multiscale metadata's, in nm.
 """
 
 from __future__ import annotations
@@ -22,45 +24,63 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
+from zarr.storage import FsspecStore, WrapperStore
 
 from em_platform.formats import FormatError, Volume
-from em_platform.sources.chunked import ChunkedArray, open_chunked
+from em_platform.sources import n5
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
+from em_platform.sources.endpoints import check_retries, check_url
 from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy, SourceError, retrying
 
 CACHE = "level.zarr"
+FORMATS = {".zarr": "zarr", ".n5": "n5"}
 
 
 @dataclass(frozen=True)
 class CosemLevel:
-    dataset: str  # e.g. jrc_mus-nacc-2
-    group: str  # path inside the container, e.g. recon-2/em/fibsem-int16
+    """What one partition fetches: a level of a multiscale group, whole or cropped."""
+
+    container: str  # within the bucket; its suffix (.zarr or .n5) says the format
+    group: str  # the multiscale group inside the container, e.g. recon-2/em/fibsem-int16
     level: str  # s0 (full resolution) … s8
     description: str
     crop_offset_zyx: tuple[int, int, int] | None = None  # None: the whole level
     crop_size_zyx: tuple[int, int, int] | None = None
     modality: str = "FIB-SEM"
 
+    @property
+    def dataset(self) -> str:
+        return self.container.split("/", 1)[0]
+
 
 _NACC = "mouse nucleus accumbens (jrc_mus-nacc-2), FIB-SEM, OpenOrganelle"
+_NACC_ZARR = "jrc_mus-nacc-2/jrc_mus-nacc-2.zarr"
 DATASETS = {
     # s3 is 70 × 315 × 324 voxels (14 MB): what a scheduled re-check fetches by default.
     "jrc_mus-nacc-2/fibsem-int16/s3": CosemLevel(
-        "jrc_mus-nacc-2", "recon-2/em/fibsem-int16", "s3", f"{_NACC}, level s3"
+        _NACC_ZARR, "recon-2/em/fibsem-int16", "s3", f"{_NACC}, level s3"
     ),
     "jrc_mus-nacc-2/fibsem-int16/s2": CosemLevel(
-        "jrc_mus-nacc-2", "recon-2/em/fibsem-int16", "s2", f"{_NACC}, level s2"
+        _NACC_ZARR, "recon-2/em/fibsem-int16", "s2", f"{_NACC}, level s2"
     ),
     # a full-resolution 256 × 1024 × 1024 crop from the middle of s0 (512 MB of the level's 7 GB)
     "jrc_mus-nacc-2/fibsem-int16/s0-centre-crop": CosemLevel(
-        "jrc_mus-nacc-2",
+        _NACC_ZARR,
         "recon-2/em/fibsem-int16",
         "s0",
         f"{_NACC}, 256 × 1024 × 1024 crop of level s0",
         crop_offset_zyx=(154, 748, 786),
         crop_size_zyx=(256, 1024, 1024),
+    ),
+    # The older COSEM layout: an N5 container whose groups are named differently from the Zarr ones
+    # (em/fibsem-uint16, no recon-N level); s0 is 6368 × 1600 × 12000 uint16, s4 about 60 MB.
+    "jrc_hela-2/fibsem-uint16/s4": CosemLevel(
+        "jrc_hela-2/jrc_hela-2.n5",
+        "em/fibsem-uint16",
+        "s4",
+        "HeLa cell 2 (jrc_hela-2), FIB-SEM, OpenOrganelle N5 container, level s4",
     ),
 }
 
@@ -68,38 +88,49 @@ DATASETS = {
 @dataclass(frozen=True)
 class OpenOrganelleEndpoints:
     bucket: str = "janelia-cosem-datasets"
-    endpoint_url: str = ""  # empty: AWS S3; else an S3-compatible endpoint (a mirror, MinIO)
+    endpoint_url: str | None = None  # None: AWS S3; else an S3-compatible endpoint (a mirror, MinIO)
     region: str = "us-east-1"
-    anonymous: bool = True  # the bucket is public; set False to use the usual AWS credentials
-    container_format: str = "zarr"  # "zarr" (<dataset>.zarr) or "n5" (<dataset>.n5)
+    anonymous: bool = True  # the bucket is public; False uses the usual AWS credentials
+    # Where the run's dataset (partition) lives, when not where the registry says: the container's path
+    # in the bucket (its suffix, .zarr or .n5, picks the format) and the multiscale group inside it.
+    container: str = ""
+    group: str = ""
     parallel: int = 8  # chunk objects in flight
-    max_level_gib: float = (
-        16.0  # refuse a level or crop bigger than this (a typo in a crop must not pull 7 GB)
-    )
+    max_level_bytes: int = 16 * 2**30  # refuse a bigger level or crop (a typo in a crop must not pull 7 GB)
     retry_attempts: int = 6
     retry_base_delay_s: float = 1.0
 
     def validate(self) -> None:
         if not self.bucket or "/" in self.bucket:
             raise ValueError(f"bucket must be a bucket name (no '/'), not {self.bucket!r}")
-        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint_url must be an http(s):// URL or empty, not {self.endpoint_url!r}")
-        if self.container_format not in ("zarr", "n5"):
-            raise ValueError(f"container_format must be 'zarr' or 'n5', not {self.container_format!r}")
+        if self.endpoint_url:
+            check_url("endpoint_url", self.endpoint_url, ("http", "https"))
+        if not self.region:
+            raise ValueError("region must not be empty (the bucket is in us-east-1)")
+        if self.container and posixpath.splitext(self.container.rstrip("/"))[1] not in FORMATS:
+            raise ValueError(
+                f"container must be a path in the bucket ending in .zarr or .n5, not {self.container!r}"
+            )
+        if self.group.startswith("/") or ".." in self.group.split("/"):
+            raise ValueError(f"group must be a relative path inside the container, not {self.group!r}")
         if not 1 <= self.parallel <= 64:
             raise ValueError(f"parallel must be between 1 and 64, not {self.parallel}")
-        if self.max_level_gib <= 0:
-            raise ValueError(f"max_level_gib must be positive, not {self.max_level_gib}")
-        if self.retry_attempts < 1 or self.retry_base_delay_s < 0:
-            raise ValueError("retry_attempts must be ≥ 1 and retry_base_delay_s ≥ 0")
+        if self.max_level_bytes <= 0:
+            raise ValueError(f"max_level_bytes must be positive, not {self.max_level_bytes}")
+        check_retries(self.retry_attempts, self.retry_base_delay_s)
 
-    def filesystem(self):
-        import s3fs
-
+    def storage_options(self) -> dict[str, Any]:
+        """s3fs options: anonymous by default, the endpoint only when one is set."""
         client_kwargs: dict[str, Any] = {"region_name": self.region}
         if self.endpoint_url:
             client_kwargs["endpoint_url"] = self.endpoint_url
-        return s3fs.S3FileSystem(anon=self.anonymous, client_kwargs=client_kwargs, skip_instance_cache=True)
+        # max_concurrency 1: one GET per chunk object (s3fs would HEAD each object first to split it)
+        return {"anon": self.anonymous, "client_kwargs": client_kwargs, "max_concurrency": 1}
+
+    def filesystem(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options())
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(attempts=self.retry_attempts, base_delay_s=self.retry_base_delay_s)
@@ -112,7 +143,139 @@ def make_source(key: str, endpoints: OpenOrganelleEndpoints | None = None) -> Op
 
 
 def _transient(exc: BaseException) -> bool:
+    """Network faults are worth another try; a missing or refused object, or bad bytes, are not."""
     return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
+
+
+def _s3(path: str) -> str:
+    return f"s3://{path}"
+
+
+def s3_access_error(exc: BaseException, path: str, endpoints: OpenOrganelleEndpoints) -> PermanentSourceError:
+    """What to tell a user whose S3 read was refused (HTTP 403): bucket, key, endpoint and what to check."""
+    bucket, _, key = path.partition("/")
+    where = endpoints.endpoint_url or f"AWS S3 ({endpoints.region})"
+    if endpoints.anonymous:
+        how = (
+            "it was read anonymously (anonymous: true): check that the bucket allows public reads, or set "
+            "anonymous: false in the run config and give AWS credentials (AWS_PROFILE, or AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY)"
+        )
+    else:
+        how = (
+            "it was read with this environment's AWS credentials (anonymous: false): check that they may "
+            "s3:GetObject in this bucket (AWS_PROFILE, AWS_ACCESS_KEY_ID), or set anonymous: true for a public bucket"
+        )
+    return PermanentSourceError(
+        f"s3://{path}: access denied (HTTP 403) by {where}, bucket {bucket!r}, key {key!r}; {how}. A bucket "
+        "that does not let you list it also answers 403 for a key that does not exist: check the dataset's "
+        f"container, group and level too ({type(exc).__name__}: {exc})",
+        url=f"s3://{path}",
+    )
+
+
+class _Received(WrapperStore):
+    """Passes reads to the wrapped store, keeping the size and sha256 of each chunk object as received."""
+
+    def __init__(self, store: Any):
+        super().__init__(store)
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[int, str] | None] = {}
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        value = await self._store.get(key, prototype, byte_range)
+        if not key.rsplit("/", 1)[-1].startswith("."):  # chunk objects only, not .zarray/.zattrs
+            raw = None if value is None else value.to_bytes()
+            with self._lock:
+                self._seen[key] = None if raw is None else (len(raw), hashlib.sha256(raw).hexdigest())
+        return value
+
+    def take(self, key: str) -> tuple[int, str] | None | bool:
+        """(size, sha256) of the object read for ``key``, None if it was missing, False if never read."""
+        with self._lock:
+            return self._seen.pop(key, False)
+
+
+class _Level:
+    """One stored level, either format: geometry in (z, y, x) order and one chunk read at a time."""
+
+    format: str
+    path: str  # the array's folder in the bucket (no protocol)
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype  # native byte order, as returned by read()
+    metadata: dict[str, Any]  # .zarray or the N5 attributes.json, as stored
+    attributes: dict[str, Any]  # the array's own attributes (.zattrs, or the N5 attributes.json)
+
+    def chunk_key(self, idx: tuple[int, ...]) -> str:
+        raise NotImplementedError
+
+    def read(self, idx: tuple[int, ...]) -> tuple[tuple[int, str] | None, np.ndarray]:
+        """((size, sha256) of the object as received or None if never written, its voxels clipped at the edge)."""
+        raise NotImplementedError
+
+    def region(self, idx: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(
+            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.chunks, self.shape, strict=True)
+        )
+
+
+class _ZarrLevel(_Level):
+    format = "zarr2"
+
+    def __init__(self, path: str, endpoints: OpenOrganelleEndpoints):
+        self.path = path
+        store = FsspecStore.from_url(_s3(path), storage_options=endpoints.storage_options(), read_only=True)
+        self._store = _Received(store)
+        self._array = zarr.open_array(store=self._store, mode="r", zarr_format=2)
+        meta = self._array.metadata
+        self.metadata = meta.to_dict()
+        self.attributes = dict(self._array.attrs)
+        self.shape = tuple(self._array.shape)
+        self.chunks = tuple(self._array.chunks)
+        self.dtype = np.dtype(self._array.dtype).newbyteorder("=")
+
+    def chunk_key(self, idx: tuple[int, ...]) -> str:
+        return posixpath.join(self.path, self._array.metadata.encode_chunk_key(tuple(idx)))
+
+    def read(self, idx: tuple[int, ...]) -> tuple[tuple[int, str] | None, np.ndarray]:
+        key = self._array.metadata.encode_chunk_key(tuple(idx))
+        try:
+            block = self._array[self.region(idx)]
+        except Exception as exc:
+            if self._store.take(key) is False:
+                raise  # nothing arrived: a network or permission fault, for the retry policy to judge
+            raise FormatError(
+                f"{_s3(self.chunk_key(idx))}: chunk cannot be decoded ({type(exc).__name__}: {exc}); the "
+                "object is corrupt or truncated: re-run to fetch it again, and tell the OpenOrganelle "
+                "maintainers if it persists"
+            ) from exc
+        received = self._store.take(key)
+        return (None if received is False else received), np.ascontiguousarray(block, dtype=self.dtype)
+
+
+class _N5Level(_Level):
+    format = "n5"
+
+    def __init__(self, path: str, fs: Any):
+        self.path = path
+        self._array = n5.N5Array(fs, path)
+        self.metadata = self._array.attributes
+        self.attributes = self._array.attributes
+        self.shape = self._array.shape
+        self.chunks = self._array.chunks
+        self.dtype = self._array.dtype
+
+    def chunk_key(self, idx: tuple[int, ...]) -> str:
+        return self._array.block_key(idx)
+
+    def read(self, idx: tuple[int, ...]) -> tuple[tuple[int, str] | None, np.ndarray]:
+        raw = self._array.read_raw(idx)
+        try:
+            block = self._array.decode_block(raw, idx)
+        except FormatError as exc:
+            raise FormatError(f"{_s3(self.chunk_key(idx))}: {exc}") from exc
+        return (None if raw is None else (len(raw), hashlib.sha256(raw).hexdigest())), block
 
 
 class OpenOrganelleSource(Source):
@@ -122,8 +285,13 @@ class OpenOrganelleSource(Source):
         self.key = key
         self.spec = spec
         self.endpoints = endpoints
-        self.container = f"{spec.dataset}/{spec.dataset}.{endpoints.container_format}"
-        self.group_path = posixpath.join(endpoints.bucket, self.container, spec.group)
+        self.container = (endpoints.container or spec.container).strip("/")
+        self.group = (endpoints.group or spec.group).strip("/")
+        suffix = posixpath.splitext(self.container)[1]
+        if suffix not in FORMATS:
+            raise ValueError(f"OpenOrganelle container {self.container!r} must end in .zarr or .n5")
+        self.format = FORMATS[suffix]
+        self.group_path = posixpath.join(endpoints.bucket, self.container, self.group)
         self.array_path = posixpath.join(self.group_path, spec.level)
         self._fs = None
 
@@ -132,90 +300,120 @@ class OpenOrganelleSource(Source):
         return self.key
 
     @property
-    def fs(self):
+    def fs(self) -> Any:
         if self._fs is None:
             self._fs = self.endpoints.filesystem()
         return self._fs
 
-    def url(self, path: str) -> str:
-        return f"s3://{path}"
+    @property
+    def url(self) -> str:
+        return _s3(self.array_path)
 
-    def _open(self, logger) -> ChunkedArray:
-        def attempt() -> ChunkedArray:
+    def _open(self, logger: logging.Logger | logging.LoggerAdapter) -> _Level:
+        header = posixpath.join(self.array_path, ".zarray" if self.format == "zarr" else n5.ATTRIBUTES)
+
+        def attempt() -> _Level:
             try:
-                return open_chunked(self.fs, self.array_path)
+                self.fs.cat_file(header)  # one GET: says 404 (no array there) apart from 403 (refused)
             except FileNotFoundError:
                 raise PermanentSourceError(
-                    f"{self.url(self.array_path)}: no Zarr v2 or N5 array there; check the dataset, group, level "
-                    "and container_format (and endpoint_url for a mirror)",
-                    url=self.url(self.array_path),
+                    f"{self.url}: no {'Zarr v2' if self.format == 'zarr' else 'N5'} array there "
+                    f"(s3://{header} answered 404: bucket {self.endpoints.bucket!r}, key "
+                    f"{header.split('/', 1)[1]!r}); check the dataset's container, group and level (run config "
+                    "container/group) and endpoint_url for a mirror",
+                    url=self.url,
                 ) from None
+            except PermissionError as exc:
+                raise s3_access_error(exc, header, self.endpoints) from None
+            if self.format == "zarr":
+                return _ZarrLevel(self.array_path, self.endpoints)
+            return _N5Level(self.array_path, self.fs)
 
         return retrying(
             attempt,
-            what=f"open {self.url(self.array_path)}",
+            what=f"open {self.url}",
             policy=self.endpoints.policy(),
             transient=_transient,
             logger=logger,
         )
 
-    def _crop(self, arr: ChunkedArray) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        offset = self.spec.crop_offset_zyx or (0,) * len(arr.shape)
-        size = self.spec.crop_size_zyx or tuple(n - o for n, o in zip(arr.shape, offset, strict=True))
-        if len(offset) != len(arr.shape) or any(
-            o < 0 or s < 1 or o + s > n for o, s, n in zip(offset, size, arr.shape, strict=True)
+    def _crop(self, level: _Level) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        offset, size = self.spec.crop_offset_zyx, self.spec.crop_size_zyx
+        if (offset is None) != (size is None):
+            raise ValueError(f"{self.key}: give both crop_offset_zyx and crop_size_zyx, or neither")
+        if offset is None:
+            return (0,) * len(level.shape), level.shape
+        if len(offset) != len(level.shape) or any(
+            o < 0 or s < 1 or o + s > n for o, s, n in zip(offset, size, level.shape, strict=True)
         ):
             raise PermanentSourceError(
-                f"{self.url(self.array_path)}: crop at z,y,x {tuple(offset)} of size {tuple(size)} does not fit the "
-                f"level's shape {arr.shape}",
-                url=self.url(self.array_path),
+                f"{self.url}: crop at z,y,x {tuple(offset)} of size {tuple(size)} does not fit the level's "
+                f"shape {level.shape}; fix the crop of {self.key!r}",
+                url=self.url,
             )
         return tuple(offset), tuple(size)
 
-    def voxel_size_nm(self, arr: ChunkedArray) -> dict[str, float]:
-        return cosem_voxel_size(arr, self._group_attributes(), self.spec.level, self.url(self.array_path))
-
     def _group_attributes(self) -> dict[str, Any]:
-        for name in (".zattrs", "attributes.json"):
-            p = posixpath.join(self.group_path, name)
-            if self.fs.exists(p):
-                return json.loads(self.fs.cat(p))
-        return {}
+        name = n5.ATTRIBUTES if self.format == "n5" else ".zattrs"
+        try:
+            return json.loads(self.fs.cat_file(posixpath.join(self.group_path, name)))
+        except FileNotFoundError:
+            return {}
+        except PermissionError as exc:
+            raise s3_access_error(exc, posixpath.join(self.group_path, name), self.endpoints) from None
+
+    def voxel_size_nm(self, level: _Level, group_attrs: dict[str, Any]) -> dict[str, float]:
+        voxel = None
+        if self.format == "n5":
+            voxel = n5.level_voxel_size_nm(level.attributes, group_attrs, self.spec.level, self.url)
+        else:
+            voxel = ngff_level_voxel_size_nm(group_attrs, self.spec.level, self.url)
+        if voxel is None or set(voxel) != {"z", "y", "x"}:
+            raise PermanentSourceError(
+                f"{self.url}: no z, y, x voxel size in the multiscale metadata of "
+                f"{_s3(self.group_path)} (found {voxel}); tell the OpenOrganelle maintainers",
+                url=self.url,
+            )
+        return voxel
 
     def check(self, logger: logging.Logger | logging.LoggerAdapter) -> RemoteVersion:
-        arr = self._open(logger)
-        offset, size = self._crop(arr)
-        nbytes = int(np.prod(size)) * arr.dtype.itemsize
-        if nbytes > self.endpoints.max_level_gib * 2**30:
+        level = self._open(logger)
+        offset, size = self._crop(level)
+        nbytes = int(np.prod(size)) * level.dtype.itemsize
+        if nbytes > self.endpoints.max_level_bytes:
             raise PermanentSourceError(
-                f"{self.url(self.array_path)}: {nbytes / 2**30:.1f} GiB is more than max_level_gib "
-                f"({self.endpoints.max_level_gib}); raise it in the run config if this is intended",
-                url=self.url(self.array_path),
+                f"{self.url}: {nbytes / 2**30:.2f} GiB is more than max_level_bytes "
+                f"({self.endpoints.max_level_bytes / 2**30:.2f} GiB); raise it in the run config if intended",
+                url=self.url,
             )
-        voxel = self.voxel_size_nm(arr)
-        meta = {
-            "format": arr.format,
-            "shape": list(arr.shape),
-            "chunks": list(arr.chunks),
-            "dtype": arr.dtype.str,
-            "crop_offset_zyx": list(offset),
-            "crop_size_zyx": list(size),
-            "array_attributes": arr.attributes or {},
-        }
-        fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+        group_attrs = self._group_attributes()
+        voxel = self.voxel_size_nm(level, group_attrs)
+        crop = {"crop_offset_zyx": list(offset), "crop_size_zyx": list(size)}
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                {"metadata": level.metadata, "attributes": level.attributes, **crop}, sort_keys=True
+            ).encode()
+        ).hexdigest()
         return RemoteVersion(
             fingerprint=fingerprint,
             description=self.spec.description,
-            source_urls=(self.url(self.array_path),),
+            source_urls=(self.url,),
             additional_metadata={
                 "openorganelle": {
-                    "container": self.url(posixpath.join(self.endpoints.bucket, self.container)),
-                    "group": self.spec.group,
+                    "dataset": self.spec.dataset,
+                    "container": _s3(posixpath.join(self.endpoints.bucket, self.container)),
+                    "group": self.group,
                     "level": self.spec.level,
-                    **meta,
+                    "format": level.format,
+                    "shape": list(level.shape),
+                    "chunks": list(level.chunks),
+                    "dtype": level.dtype.name,
+                    **crop,
+                    "whole_level": tuple(size) == tuple(level.shape),
                     "voxel_size_nm": voxel,
                     "dimensions_nm": [n * voxel[a] for n, a in zip(size, "zyx", strict=True)],
-                    "multiscale_attributes": self._group_attributes(),
+                    "array_metadata": level.metadata,
+                    "multiscale_attributes": group_attrs,
                 }
             },
             total_bytes=nbytes,
@@ -228,91 +426,88 @@ class OpenOrganelleSource(Source):
         version: RemoteVersion,
         logger: logging.Logger | logging.LoggerAdapter,
     ) -> FetchedVolume:
-        arr = self._open(logger)
-        offset, size = self._crop(arr)
-        first = tuple(o // c for o, c in zip(offset, arr.chunks, strict=True))
-        last = tuple((o + s - 1) // c for o, s, c in zip(offset, size, arr.chunks, strict=True))
+        level = self._open(logger)
+        offset, size = self._crop(level)
+        voxel = self.voxel_size_nm(level, self._group_attributes())
+        first = tuple(o // c for o, c in zip(offset, level.chunks, strict=True))
+        last = tuple((o + s - 1) // c for o, s, c in zip(offset, size, level.chunks, strict=True))
         indices = list(product(*(range(a, b + 1) for a, b in zip(first, last, strict=True))))
-        origin = tuple(i * c for i, c in zip(first, arr.chunks, strict=True))
+        origin = tuple(i * c for i, c in zip(first, level.chunks, strict=True))
         box = tuple(
-            min(n, (b + 1) * c) - o for n, b, c, o in zip(arr.shape, last, arr.chunks, origin, strict=True)
+            min(n, (b + 1) * c) - o
+            for n, b, c, o in zip(level.shape, last, level.chunks, origin, strict=True)
         )
-        cache = self._cache(workdir / CACHE, box, arr, manifest, logger)
-        progress = Progress(
-            f"OpenOrganelle {self.key}", len(indices) * int(np.prod(arr.chunks)) * arr.dtype.itemsize, logger
-        )
-        digests: dict[tuple[int, ...], ManifestEntry] = {}
+        cache = self._cache(workdir / CACHE, box, level, manifest, logger)
+        chunk_bytes = int(np.prod(level.chunks)) * level.dtype.itemsize
+        progress = Progress(f"OpenOrganelle {self.key}", len(indices) * chunk_bytes, logger)
+        entries: dict[tuple[int, ...], ManifestEntry] = {}
         todo = []
         for idx in indices:
             done = manifest.get(_key(idx))
             if done:
-                digests[idx] = done
+                entries[idx] = done
                 progress.add(done.extra.get("voxel_bytes", 0))
             else:
                 todo.append(idx)
-        if digests:
-            logger.info("resuming %s: %d of %d chunks already here", self.key, len(digests), len(indices))
+        if entries:
+            logger.info("resuming %s: %d of %d chunks already here", self.key, len(entries), len(indices))
         lock = threading.Lock()
-        local = threading.local()
-
-        def fs():
-            if not hasattr(local, "fs"):
-                local.fs = self.endpoints.filesystem()
-            return local.fs
+        stop = threading.Event()
 
         def one(idx: tuple[int, ...]) -> None:
-            key = arr.key(idx)
-
-            def read() -> bytes | None:
-                try:
-                    return fs().cat(key)
-                except FileNotFoundError:
-                    return None  # a chunk never written: the fill value
-
-            raw = retrying(
-                read,
-                what=f"GET {self.url(key)}",
-                policy=self.endpoints.policy(),
-                transient=_transient,
-                logger=logger,
-            )
-            block = arr.decode(raw, idx)
+            if stop.is_set():
+                return  # another chunk failed: leave the rest for the re-run
+            url = _s3(level.chunk_key(idx))
+            try:
+                received, block = retrying(
+                    lambda: level.read(idx),
+                    what=f"GET {url}",
+                    policy=self.endpoints.policy(),
+                    transient=_transient,
+                    logger=logger,
+                )
+            except PermissionError as exc:
+                stop.set()  # at once, so no worker starts another chunk
+                raise s3_access_error(exc, level.chunk_key(idx), self.endpoints) from exc
+            except BaseException:
+                stop.set()
+                raise
             region = tuple(
-                slice(s.start - o, s.stop - o) for s, o in zip(arr.region(idx), origin, strict=True)
+                slice(s.start - o, s.stop - o) for s, o in zip(level.region(idx), origin, strict=True)
             )
             cache[region] = block
+            size_bytes, digest = received or (0, hashlib.sha256(b"").hexdigest())
             entry = ManifestEntry(
                 key=_key(idx),
-                url=self.url(key),
-                size_bytes=len(raw) if raw is not None else 0,
-                sha256=hashlib.sha256(raw or b"").hexdigest(),
-                extra={"voxel_bytes": block.nbytes, "missing": raw is None},
+                url=url,
+                size_bytes=size_bytes,
+                sha256=digest,
+                extra={"voxel_bytes": block.nbytes, "missing": received is None},
             )
-            manifest.add(entry)
+            manifest.add(entry)  # only now: the chunk is in the cache
             with lock:
-                digests[idx] = entry
+                entries[idx] = entry
             progress.add(block.nbytes)
 
         with ThreadPoolExecutor(max_workers=self.endpoints.parallel, thread_name_prefix="cosem") as pool:
             futures = [pool.submit(one, idx) for idx in todo]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and f.exception() is not None]
             if failed:
                 for f in futures:
                     f.cancel()
                 raise failed[0].exception()
         progress.finish()
+        ordered = [entries[i] for i in indices]
         crop = tuple(slice(o - g, o - g + s) for o, g, s in zip(offset, origin, size, strict=True))
         data = da.from_zarr(str(workdir / CACHE))[crop]
-        voxel = self.voxel_size_nm(arr)
-        ordered = [digests[i] for i in indices]
         combined = hashlib.sha256("".join(f"{e.sha256}  {e.key}\n" for e in ordered).encode()).hexdigest()
         vol = Volume(
             data=data,
             axes=("z", "y", "x"),
             scale=(voxel["z"], voxel["y"], voxel["x"]),
             units=("nanometer",) * 3,
-            format=f"openorganelle-{arr.format}",
+            format=f"openorganelle-{level.format}",
             source_files=(),
         )
         return FetchedVolume(
@@ -320,30 +515,52 @@ class OpenOrganelleSource(Source):
             voxel_size_source="header",
             files=(
                 SourceFile(
-                    path=posixpath.join(self.container, self.spec.group, self.spec.level),
-                    url=self.url(self.array_path),
+                    path=posixpath.join(self.container, self.group, self.spec.level),
+                    url=self.url,
                     size_bytes=sum(e.size_bytes for e in ordered),
                     sha256=combined,
                 ),
             ),
             modality=self.spec.modality,
-            header={"chunks": list(arr.chunks), "format": arr.format, "stored_dtype": arr.dtype.str},
+            header={
+                "format": level.format,
+                "chunks": list(level.chunks),
+                "level_shape": list(level.shape),
+                "crop_offset_zyx": list(offset),
+                "crop_size_zyx": list(size),
+                "missing_chunks": sum(1 for e in ordered if e.extra.get("missing")),
+            },
         )
 
-    def _cache(self, path: Path, box, arr: ChunkedArray, manifest: DownloadManifest, logger) -> zarr.Array:
+    def _cache(
+        self,
+        path: Path,
+        box: tuple[int, ...],
+        level: _Level,
+        manifest: DownloadManifest,
+        logger: logging.Logger | logging.LoggerAdapter,
+    ) -> zarr.Array:
         """The local copy on the source's chunk grid (one source chunk = one cache chunk: no shared writes)."""
-        dtype = arr.dtype.newbyteorder("=")
         if path.exists():
-            cache = zarr.open_array(str(path), mode="r+")
-            if cache.shape == tuple(box) and cache.chunks == tuple(arr.chunks) and cache.dtype == dtype:
+            try:
+                cache = zarr.open_array(str(path), mode="r+")
+            except Exception:  # a cache torn before its metadata was written
+                cache = None
+            if (
+                cache is not None
+                and cache.shape == tuple(box)
+                and cache.chunks == tuple(level.chunks)
+                and cache.dtype == level.dtype
+            ):
                 return cache
-            logger.warning("the download cache %s does not match the level; starting it again", path)
-            manifest.reset()
+            logger.warning("the download cache %s does not match %s; starting it again", path, self.url)
+        if manifest.entries():
+            manifest.reset()  # its chunks lived in the cache that is being replaced
         return zarr.create_array(
             str(path),
             shape=box,
-            chunks=arr.chunks,
-            dtype=dtype,
+            chunks=level.chunks,
+            dtype=level.dtype,
             fill_value=0,
             overwrite=True,
             compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1),
@@ -354,48 +571,34 @@ def _key(idx: tuple[int, ...]) -> str:
     return "c" + "_".join(str(i) for i in idx)
 
 
-def cosem_voxel_size(
-    arr: ChunkedArray, group_attrs: dict[str, Any], level: str, url: str
-) -> dict[str, float]:
-    """The level's voxel size in nm from COSEM metadata: the array's N5 ``transform`` / ``pixelResolution``,
-    else the group's NGFF ``multiscales`` (Zarr) or COSEM ``multiscales`` (N5)."""
-    attrs = arr.attributes or {}
-    transform = attrs.get("transform")
-    if transform and "scale" in transform:
-        return _to_nm(
-            dict(zip(transform["axes"], transform["scale"], strict=True)), transform.get("units"), url
-        )
-    res = attrs.get("pixelResolution")
-    if res and "dimensions" in res:
-        return _to_nm(dict(zip("xyz", res["dimensions"], strict=False)), [res.get("unit", "nm")] * 3, url)
-    for ms in group_attrs.get("multiscales", []):
-        axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", ["z", "y", "x"])]
-        units = [a.get("unit") if isinstance(a, dict) else None for a in ms.get("axes", [])] or None
+def ngff_level_voxel_size_nm(group_attrs: dict[str, Any], level: str, where: str) -> dict[str, float] | None:
+    """A level's voxel size in nm from OME-NGFF ``multiscales`` (as OpenOrganelle's Zarr containers carry).
+
+    The dataset's ``scale`` transformation, times the multiscale's own ``scale`` if it has one, in the
+    axes' units (nanometer on OpenOrganelle). None when the level is not listed.
+    """
+    for ms in group_attrs.get("multiscales", []) or []:
+        axes = ms.get("axes") or ["z", "y", "x"]
+        names = [a["name"] if isinstance(a, dict) else a for a in axes]
+        units = [a.get("unit", "nanometer") if isinstance(a, dict) else "nanometer" for a in axes]
+        overall = _scale_of(ms.get("coordinateTransformations", []), len(names))
         for ds in ms.get("datasets", []):
             if ds.get("path") != level:
                 continue
-            if "transform" in ds:
-                t = ds["transform"]
-                return _to_nm(dict(zip(t["axes"], t["scale"], strict=True)), t.get("units"), url)
-            for ct in ds.get("coordinateTransformations", []):
-                if ct.get("type") == "scale":
-                    return _to_nm(dict(zip(axes, ct["scale"], strict=True)), units, url)
-    raise SourceError(
-        f"{url}: no voxel size in its multiscale metadata (transform, pixelResolution or multiscales)",
-        url=url,
-    )
+            scale = _scale_of(ds.get("coordinateTransformations", []), len(names))
+            if scale is None:
+                raise SourceError(
+                    f"{where}: level {level} has no scale transformation in multiscales", url=where
+                )
+            if overall is not None:
+                scale = [a * b for a, b in zip(scale, overall, strict=True)]
+            spatial = [(n, s, u) for n, s, u in zip(names, scale, units, strict=True) if n in ("z", "y", "x")]
+            return n5.scale_to_nm({n: s for n, s, _ in spatial}, [u for _, _, u in spatial], where)
+    return None
 
 
-_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "micrometer": 1e3, "µm": 1e3, "angstrom": 0.1, None: 1.0}
-
-
-def _to_nm(scale: dict[str, float], units, url: str) -> dict[str, float]:
-    units = list(units) if units else [None] * len(scale)
-    out = {}
-    for (axis, value), unit in zip(scale.items(), units, strict=False):
-        if unit not in _NM:
-            raise SourceError(f"{url}: unknown unit {unit!r} in its multiscale metadata", url=url)
-        out[axis] = float(value) * _NM[unit]
-    if set(out) != {"z", "y", "x"}:
-        raise FormatError(f"{url}: multiscale axes {sorted(out)} are not z, y, x")
-    return out
+def _scale_of(transforms: list[dict[str, Any]], ndim: int) -> list[float] | None:
+    for t in transforms:
+        if t.get("type") == "scale" and len(t.get("scale", [])) == ndim:
+            return [float(s) for s in t["scale"]]
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,3 +68,53 @@ SOURCES: dict[str, SourceKind] = {
         ),
     )
 }
+
+
+def endpoint_env_name(source: str, field_name: str) -> str:
+    """The environment variable that sets a source's endpoint default: EM_<SOURCE>_<FIELD>."""
+    return f"EM_{source.upper()}_{field_name.upper()}"
+
+
+def endpoint_defaults(kind: SourceKind, env: Mapping[str, str]) -> dict[str, Any]:
+    """Every endpoint field's default: the environment's EM_<SOURCE>_<FIELD> if set, else the public one.
+
+    A facility sets its mirrors once for every run (and the README's commands run against loopback mirrors
+    unchanged); run config still overrides per run. Raises ValueError naming the variable for a bad value.
+    """
+    hints = typing.get_type_hints(kind.endpoints)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(kind.endpoints):
+        if not f.init:
+            continue
+        name = endpoint_env_name(kind.name, f.name)
+        raw = env.get(name, "").strip()
+        if not raw:
+            out[f.name] = f.default
+            continue
+        try:
+            out[f.name] = _parse(raw, hints[f.name])
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a valid {f.name} ({hints[f.name]})") from None
+    try:
+        kind.endpoints(**out).validate()
+    except ValueError as exc:
+        names = ", ".join(
+            endpoint_env_name(kind.name, k) for k in out if env.get(endpoint_env_name(kind.name, k))
+        )
+        raise ValueError(f"{names or kind.name + ' endpoints'}: {exc}") from None
+    return out
+
+
+def _parse(raw: str, hint: Any) -> Any:
+    types = set(typing.get_args(hint)) - {type(None)} or {hint}
+    if bool in types:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if int in types:
+        return int(raw)
+    if float in types:
+        return float(raw)
+    return raw

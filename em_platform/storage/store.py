@@ -20,6 +20,14 @@ STAGING = ".staging"
 ROOT_MARKER = "zarr.json"
 
 
+def storage_options_for(root_url: str, s3_endpoint_url: str | None) -> dict[str, Any]:
+    """fsspec options for a storage root: an S3-compatible endpoint when one is set (credentials come
+    from the usual AWS_* variables), nothing for a local folder."""
+    if root_url.startswith("s3://") and s3_endpoint_url:
+        return {"client_kwargs": {"endpoint_url": s3_endpoint_url}}
+    return {}
+
+
 class DataStore:
     """A storage root URL plus the fsspec file system that serves it."""
 

@@ -107,7 +107,8 @@ CASES = {
 def test_reader_to_ome_zarr_is_bit_exact_with_physical_sizes(case, tmp_path):
     path, expected, voxel_nm = CASES[case](tmp_path)
     vol = open_volume(path)
-    resolved, source, _ = resolve_voxel_size(vol)
+    calibration = resolve_voxel_size(vol)
+    resolved, source = calibration.voxel_nm, calibration.source
     assert source == "header" and resolved == pytest.approx(voxel_nm)
     scale = [resolved[a] for a in vol.axes]
     out = tmp_path / "out.ome.zarr"

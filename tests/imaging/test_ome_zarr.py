@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from collections import Counter
 
@@ -149,15 +151,25 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("in_order", [False, True], ids=["tree", "in_order"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 @pytest.mark.parametrize(("axes", "shape", "chunks", "scale", "min_size"), CASES)
-def test_levels_are_exact_and_mean_downsampled(tmp_path, dtype, axes, shape, chunks, scale, min_size):
+def test_levels_are_exact_and_mean_downsampled(
+    tmp_path, dtype, axes, shape, chunks, scale, min_size, in_order
+):
     image = random_image(shape, dtype)
     # input chunks that do not line up with the writer's blocks
     data = da.from_array(image, chunks=tuple(max(1, c * 3 // 4) for c in chunks))
     url = str(tmp_path / "img.zarr")
     info = write_ome_zarr(
-        data, url, axes=axes, scale=scale, units=("nanometer",) * len(axes), chunks=chunks, min_size=min_size
+        data,
+        url,
+        axes=axes,
+        scale=scale,
+        units=("nanometer",) * len(axes),
+        chunks=chunks,
+        min_size=min_size,
+        in_order=in_order,
     )
     group, levels, datasets = levels_of(url)
     assert len(levels) >= 3
@@ -313,7 +325,8 @@ class _CountingStore(zarr.storage.WrapperStore):
         return await super().get(key, prototype, byte_range)
 
 
-def test_every_chunk_is_written_once_whole_and_never_read_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_order", [False, True], ids=["tree", "in_order"])
+def test_every_chunk_is_written_once_whole_and_never_read_back(tmp_path, monkeypatch, in_order):
     real_open_store = omz.open_store
     monkeypatch.setattr(omz, "open_store", lambda *a, **k: _CountingStore(real_open_store(*a, **k)))
     _CountingStore.sets.clear()
@@ -328,6 +341,7 @@ def test_every_chunk_is_written_once_whole_and_never_read_back(tmp_path, monkeyp
         units=NM3,
         chunks=(8, 16, 16),
         min_size=16,
+        in_order=in_order,
     )
     assert [lv.shape for lv in info.levels][-1] == (2, 7, 9)
     for lv in info.levels:
@@ -338,6 +352,72 @@ def test_every_chunk_is_written_once_whole_and_never_read_back(tmp_path, monkeyp
     # partial chunk writes would read chunks back before writing them; nothing is read back at all
     assert not [k for k in _CountingStore.gets if "/c/" in k]
     np.testing.assert_array_equal(zarr.open_group(url, mode="r")["0"][...], image)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "scale", "chunks", "input_chunks"),
+    [
+        ((67, 300, 517), "zyx", (5, 5, 5), None, (16, 300, 517)),  # odd z, isotropic: z halved each level
+        ((130, 600, 520), "zyx", (40, 4, 4), None, (7, 600, 520)),  # serial sections: z kept, 16-deep chunks
+        ((5, 700, 300), "zyx", (5, 5, 5), (3, 64, 64), (2, 100, 300)),  # odd chunk depth, blocks not whole
+        ((3, 40, 600, 520), "czyx", (1, 8, 8, 8), None, (1, 40, 600, 520)),  # the first axis is not halved
+        ((1000, 1200), "yx", (1, 1), None, (100, 1200)),  # a 2-D image arriving row by row
+    ],
+)
+def test_in_order_writes_the_same_image_as_the_tree(tmp_path, shape, axes, scale, chunks, input_chunks):
+    image = random_image(shape, np.uint16)
+    data = da.from_array(image, chunks=input_chunks)
+    kw = {"axes": axes, "scale": scale, "units": (None,) * len(axes), "chunks": chunks, "name": "same"}
+    tree = write_ome_zarr(data, str(tmp_path / "tree.zarr"), **kw)
+    ordered = write_ome_zarr(data, str(tmp_path / "ordered.zarr"), in_order=True, **kw)
+    assert tree.levels == ordered.levels and len(tree.levels) >= 3
+    a, b = zarr.open_group(str(tmp_path / "tree.zarr")), zarr.open_group(str(tmp_path / "ordered.zarr"))
+    assert a.attrs.asdict() == b.attrs.asdict()
+    for lv in tree.levels:
+        assert a[lv.path].chunks == b[lv.path].chunks
+        np.testing.assert_array_equal(a[lv.path][...], b[lv.path][...])
+
+
+def test_in_order_writes_the_first_planes_while_the_last_are_still_arriving(tmp_path):
+    """A volume whose last slab is not there until its first planes are in the store (a file still
+    downloading): written in order, it completes; the first level-0 chunks were written before it was read."""
+    from dask import delayed
+
+    image = random_image((256, 256, 256), np.uint8)
+    url = tmp_path / "arriving.zarr"
+    first_written = threading.Event()
+
+    def slab(z0: int) -> np.ndarray:
+        if z0 == 240:  # the last 16 planes "arrive" only once the first 64 are converted
+            deadline = time.monotonic() + 30
+            while not (url / "0" / "c" / "0" / "0" / "0").exists():
+                assert time.monotonic() < deadline, "nothing was written before the last planes arrived"
+                time.sleep(0.01)  # polling the store for the first chunk
+            first_written.set()
+        return image[z0 : z0 + 16]
+
+    data = da.concatenate(
+        [da.from_delayed(delayed(slab)(z0), (16, 256, 256), np.uint8) for z0 in range(0, 256, 16)]
+    )
+    write_ome_zarr(data, str(url), axes="zyx", scale=(5, 5, 5), units=NM3, min_size=64, in_order=True)
+    assert first_written.is_set()
+    np.testing.assert_array_equal(zarr.open_group(str(url), mode="r")["0"][...], image)
+
+
+def test_in_order_failure_is_raised_and_stops_the_workers(tmp_path):
+    from dask import delayed
+
+    def slab(z0: int) -> np.ndarray:
+        if z0 == 64:
+            raise OSError("the download failed before byte 123")
+        return np.ones((32, 128, 128), np.uint8)
+
+    data = da.concatenate(
+        [da.from_delayed(delayed(slab)(z0), (32, 128, 128), np.uint8) for z0 in range(0, 256, 32)]
+    )
+    with pytest.raises(OSError, match="before byte 123"):
+        write_ome_zarr(data, str(tmp_path / "x.zarr"), axes="zyx", scale=(1, 1, 1), units=NM3, in_order=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ome-zarr-in-order")]
 
 
 def test_distributed_client_runs_the_tasks(tmp_path):

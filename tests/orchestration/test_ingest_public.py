@@ -216,3 +216,26 @@ def test_run_config_fields_mirror_the_endpoints(tmp_path, name):
     config_fields = fields[f"ingest__{name}"].config_type.fields["config"].config_type.fields
     endpoint_fields = {f.name for f in dataclasses.fields(SOURCES[name].endpoints) if f.init}
     assert endpoint_fields | {"keep_downloads", "force"} == set(config_fields)
+
+
+def test_endpoint_defaults_come_from_the_environment_and_a_bad_one_is_named(monkeypatch):
+    """EM_<SOURCE>_<FIELD> points every run at a mirror (the README's commands run unchanged offline)."""
+    from em_platform.assets.ingest_public import build_public_ingest
+    from em_platform.settings import ConfigError
+
+    monkeypatch.setenv("EM_EMPIAR_API_URL", "http://127.0.0.1:9/empiar/api/entry/{entry_id}/")
+    monkeypatch.setenv("EM_EMPIAR_TRANSPORT", "https")
+    monkeypatch.setenv("EM_EMPIAR_PARALLEL", "2")
+    asset, _, _ = build_public_ingest(SOURCES["empiar"])
+    fields = asset.op.config_schema.config_type.fields
+    assert fields["api_url"].default_value == "http://127.0.0.1:9/empiar/api/entry/{entry_id}/"
+    assert fields["transport"].default_value == "https" and fields["parallel"].default_value == 2
+    assert fields["archive_ftp"].default_value == "ftp://ftp.ebi.ac.uk/empiar/world_availability/{entry_id}/data/"
+
+    monkeypatch.setenv("EM_EMPIAR_PARALLEL", "many")
+    with pytest.raises(ConfigError, match="EM_EMPIAR_PARALLEL='many'"):
+        build_public_ingest(SOURCES["empiar"])
+    monkeypatch.setenv("EM_EMPIAR_PARALLEL", "2")
+    monkeypatch.setenv("EM_EMPIAR_API_URL", "www.ebi.ac.uk/empiar")
+    with pytest.raises(ConfigError, match="EM_EMPIAR_API_URL.*api_url must be a http/https:// URL"):
+        build_public_ingest(SOURCES["empiar"])

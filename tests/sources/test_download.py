@@ -173,6 +173,35 @@ def test_a_server_ignoring_range_cannot_corrupt_the_file(tmp_path, http_files, q
     assert entry.sha256 == digest and (m.folder / "a.bin").read_bytes() == src.read_bytes()
 
 
+@pytest.mark.parametrize("probe", [False, True])
+def test_parallel_parts_from_a_server_ignoring_range_start_again_in_one_stream(
+    tmp_path, http_files, caplog, probe
+):
+    # HEAD advertises byte ranges, but every ranged GET comes back whole (HTTP 200): the parts must not be
+    # stitched from wrong offsets; the download starts again from byte 0 in one stream.
+    size = 5 * 256 * 1024 + 99
+    src, digest = _file(http_files.root, "vol.tif", size)
+    http_files.ignore_range("vol.tif")
+    m = _manifest(tmp_path)
+    opts = dataclasses.replace(FAST, parallel=2, fast_link_bytes_per_s=1.0 if probe else None)
+    progress = Progress("vol", size, logging.getLogger("tests.sources.norange"))
+    with caplog.at_level("WARNING", logger="tests.sources.norange"):
+        entry = download(
+            http_files.url_for("vol.tif"),
+            m.folder / "vol.tif",
+            manifest=m,
+            options=opts,
+            progress=progress,
+            logger=logging.getLogger("tests.sources.norange"),
+        )
+    assert entry.sha256 == digest and (m.folder / "vol.tif").read_bytes() == src.read_bytes()
+    assert "from the start in one stream" in caplog.text
+    gets = http_files.requests_for("vol.tif")
+    assert gets[-1].range is None and all(g.status == 200 for g in gets)
+    assert progress.done == size  # bytes of the abandoned parts are not counted twice
+    assert not (m.folder / "vol.tif.parts").exists()
+
+
 def test_ftp_download_list_stat_and_resume(tmp_path, ftp_files, quiet_log):
     src, digest = _file(ftp_files.root, "data/s1.dm3", 400_000)
     _file(ftp_files.root, "data/s2.dm3", 1000)

@@ -13,6 +13,7 @@ import pytest
 from em_platform.formats import FormatError
 from em_platform.formats.dm_writer import write_dm
 from em_platform.samples import em_texture
+from em_platform.sources.dataset import FetchedCollection, FetchedVolume
 from em_platform.sources.empiar import EmpiarEndpoints, make_source, modality_of
 from em_platform.sources.manifest import DownloadManifest
 from em_platform.sources.retry import PermanentSourceError
@@ -93,10 +94,12 @@ def test_sections_become_one_volume_in_slice_order(sections, tmp_path, http_file
     source = make_source("11759", _endpoints(http_files, ftp_files, transport))
     version, _, fetched = _ingest(source, tmp_path)
 
+    assert isinstance(fetched, FetchedVolume)  # SBF-SEM sections of one size: a volume, not a collection
     np.testing.assert_array_equal(fetched.volume.data.compute(), sections)
     assert fetched.volume.axes == ("z", "y", "x") and fetched.volume.data.dtype == np.uint16
     assert fetched.volume.voxel_size_nm() == {"z": 50.0, "y": 8.0, "x": 8.0}
-    assert fetched.voxel_size_source == "source"  # z (section thickness) is the published value
+    # x, y from the DM3 calibration; z (section thickness) is the entry's published value
+    assert fetched.axis_sources() == {"z": "source", "y": "header", "x": "header"}
     assert fetched.modality == "SEM"
     assert [f.path for f in fetched.files] == NAMES
     assert all(f.url.startswith("ftp://" if transport == "ftp" else "http://") for f in fetched.files)
@@ -140,12 +143,17 @@ def test_a_damaged_section_is_named(sections, tmp_path, http_files, ftp_files, d
         _ingest(make_source("11759", _endpoints(http_files, ftp_files, "ftp")), tmp_path)
 
 
-def test_sections_of_different_sizes_are_refused(sections, tmp_path, http_files, ftp_files):
-    write_dm(ftp_files.root / DATA / NAMES[2], np.zeros((10, 10), np.uint16), version=3)
-    with pytest.raises(
-        FormatError, match=f"{NAMES[2]}: 10x10 uint16 .*does not match the first slice {NAMES[0]}"
-    ):
-        _ingest(make_source("11759", _endpoints(http_files, ftp_files, "ftp")), tmp_path)
+def test_sections_of_different_sizes_become_a_collection_naming_the_odd_one(
+    sections, tmp_path, http_files, ftp_files
+):
+    small = np.arange(100, dtype=np.uint16).reshape(10, 10)
+    write_dm(ftp_files.root / DATA / NAMES[2], small, version=3, scale=(8.0, 8.0), units=("nm", "nm"))
+    _, _, fetched = _ingest(make_source("11759", _endpoints(http_files, ftp_files, "ftp")), tmp_path)
+    assert isinstance(fetched, FetchedCollection)
+    assert f"{NAMES[2]} is 10x10 uint16 where {NAMES[0]} is 256x300 uint16" in fetched.rule
+    assert [im.name for im in fetched.images] == NAMES
+    np.testing.assert_array_equal(fetched.images[2].volume.data.compute(), small)
+    np.testing.assert_array_equal(fetched.images[0].volume.data.compute(), sections[0])
 
 
 def test_uncalibrated_sections_take_the_entry_pixel_size(tmp_path, http_files, ftp_files):
@@ -154,7 +162,7 @@ def test_uncalibrated_sections_take_the_entry_pixel_size(tmp_path, http_files, f
     _serve_entry(http_files, slices=2, shape_yx=(64, 80), pixel_nm=7.0)
     _, _, fetched = _ingest(make_source("11759", _endpoints(http_files, ftp_files, "https")), tmp_path)
     assert fetched.volume.voxel_size_nm() == {"z": 50.0, "y": 7.0, "x": 7.0}
-    assert fetched.voxel_size_source == "source"
+    assert fetched.axis_sources() == {"z": "source", "y": "source", "x": "source"}
 
 
 def test_an_mrc_block_in_the_imageset_folder(tmp_path, http_files, ftp_files):
@@ -178,7 +186,7 @@ def test_an_mrc_block_in_the_imageset_folder(tmp_path, http_files, ftp_files):
     version, _, fetched = _ingest(make_source("11759", _endpoints(http_files, ftp_files, "ftp")), tmp_path)
     np.testing.assert_array_equal(fetched.volume.data.compute(), block)
     assert fetched.volume.voxel_size_nm() == pytest.approx({"z": 5.0, "y": 4.0, "x": 3.0})
-    assert fetched.voxel_size_source == "header"
+    assert fetched.axis_sources() == {"z": "header", "y": "header", "x": "header"}
     assert fetched.modality == "FIB-SEM"
     assert [f.path for f in fetched.files] == ["FIB-SEM stack/cell_1.mrc"]
     assert version.description == "HeLa by FIB-SEM"

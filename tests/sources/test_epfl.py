@@ -5,6 +5,7 @@ TIFF, a 404, and a re-run that resumes a download a failed run left behind."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ import tifffile
 import zarr
 
 from em_platform.catalog.db import CatalogDB
+from em_platform.ingest.public import PublicIngestError, ingest_public_dataset
 from em_platform.samples import em_texture
 from em_platform.sources.epfl import EpflEndpoints, make_source
-from em_platform.sources.ingest import PublicIngestError, ingest_public_dataset
 from em_platform.storage import DataStore
 
 LOG = logging.getLogger("tests.sources.epfl")
@@ -37,9 +38,8 @@ def env(tmp_path):
 
 
 def _endpoints(http_files, **kw) -> EpflEndpoints:
-    return EpflEndpoints(
-        file_url=http_files.url_for("volumedata.tif"), parallel=2, part_mib=1, retry_base_delay_s=0.01, **kw
-    )
+    settings = {"parallel": 2, "part_mib": 1, "retry_base_delay_s": 0.01, **kw}
+    return EpflEndpoints(file_url=http_files.url_for("volumedata.tif"), **settings)
 
 
 def _ingest(source, env, **kw):
@@ -134,3 +134,53 @@ def test_bad_endpoints_name_the_field():
         EpflEndpoints(sha256="xyz").validate()
     with pytest.raises(ValueError, match="known: hippocampus-ca1"):
         make_source("ca3")
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_pages_are_converted_while_the_rest_of_the_file_is_still_downloading(http_files, env, parallel):
+    """The server holds the file's second half back until the first slab of the image is on disk: that can
+    only happen if the conversion reads pages as they arrive; then the whole ingest completes, bit-exact."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    vol = em_texture((160, 96, 128), seed=9, dtype=np.uint8)  # 64-page chunks along z: 3 of them
+    path = http_files.root / "volumedata.tif"
+    tifffile.imwrite(path, vol)
+    with tifffile.TiffFile(path) as tf:
+        first_page = tf.series[0].dataoffset
+    release = http_files.hold_from("/volumedata.tif", first_page + 100 * 96 * 128)  # pages 100.. held back
+    store, _, _ = env
+    source = make_source(KEY, _endpoints(http_files, parallel=parallel))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_ingest, source, env)
+        staging = store.path(".staging")
+        deadline = time.monotonic() + 60
+        first_chunk = None
+        while first_chunk is None and time.monotonic() < deadline and not running.done():
+            found = list(Path(staging).glob("*/*.ome.zarr/0/c/0/0/0")) if Path(staging).exists() else []
+            first_chunk = found[0] if found else None
+            if first_chunk is None:
+                threading.Event().wait(0.05)  # polling the file system for the condition, with a deadline
+        held = not release.is_set() and not running.done()
+        release.set()
+        result = running.result(timeout=120)
+    assert first_chunk is not None and held, "no level-0 chunk was written while the download was held"
+    np.testing.assert_array_equal(zarr.open_group(result.volume_url, mode="r")["0"][...], vol)
+    rec = result.record
+    assert rec["status"] == "complete" and rec["files"]["source"][0]["size_bytes"] == path.stat().st_size
+    assert rec["metadata"]["technical"]["header"]["read_while_arriving"] is True
+
+
+def test_a_download_that_fails_midway_fails_the_overlapped_conversion_and_resumes(stack, env, http_files):
+    vol, path = stack
+    http_files.drop_next("/volumedata.tif", after_bytes=300_000, n=20)  # more drops than retries
+    source = make_source(KEY, _endpoints(http_files, parallel=1, retry_attempts=2))
+    with pytest.raises(PublicIngestError, match="volumedata.tif"):
+        _ingest(source, env)
+    store, db, _ = env
+    assert db.find("epfl", KEY)["status"] == "failed"
+    assert not store.exists(store.path("ingest", "epfl", f"{KEY}.ome.zarr"))
+    http_files.clear_faults()
+    result = _ingest(source, env)
+    np.testing.assert_array_equal(zarr.open_group(result.volume_url, mode="r")["0"][...], vol)

@@ -13,9 +13,9 @@ import zarr
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.schema import validation_errors
 from em_platform.formats.dm_writer import write_dm
+from em_platform.ingest.public import PublicIngestError, ingest_public_dataset
 from em_platform.samples import em_texture, write_ome_tiff
 from em_platform.sources import empiar, idr
-from em_platform.sources.ingest import PublicIngestError, ingest_public_dataset
 from em_platform.storage import DataStore
 from tests.support.public_apis import empiar_entry, idr_image
 

@@ -71,7 +71,7 @@ class FtpFileServer:
         # pyftpdlib keeps the stop event on the class: one server's close_all() would stop every later one.
         self._server._exit = threading.Event()
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"timeout": 0.5, "handle_exit": False}, daemon=True
+            target=self._server.serve_forever, kwargs={"timeout": 0.05, "handle_exit": False}, daemon=True
         )
         self._thread.start()
         return self

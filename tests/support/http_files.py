@@ -41,9 +41,14 @@ class _Faults:
 class HttpFileServer:
     """``with HttpFileServer(root) as srv: srv.url_for("a.tif")``."""
 
-    def __init__(self, root: Path, *, bytes_per_s: float | None = None):
+    def __init__(
+        self, root: Path, *, bytes_per_s: float | None = None, total_bytes_per_s: float | None = None
+    ):
         self.root = Path(root)
-        self.bytes_per_s = bytes_per_s
+        self.bytes_per_s = bytes_per_s  # a link limited per connection, as archives limit each transfer
+        self.total_bytes_per_s = total_bytes_per_s  # a link limited in total: all connections share it
+        self._link_free_at = 0.0  # when the shared link can send the next byte (monotonic clock)
+        self._holds: dict[str, tuple[int, threading.Event]] = {}
         self.log: list[Logged] = []
         self._faults: dict[str, _Faults] = {}
         self._json: dict[str, Any] = {}
@@ -61,7 +66,8 @@ class HttpFileServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        # a short poll so shutdown() returns at once (the default 0.5 s adds up over the tests)
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -95,6 +101,20 @@ class HttpFileServer:
     def ignore_range(self, path: str, on: bool = True) -> None:
         with self._lock:
             self._f(path).ignore_range = on
+
+    def hold_from(self, path: str, offset: int) -> threading.Event:
+        """GETs of ``path`` stop before byte ``offset`` of the file until the returned event is set."""
+        event = threading.Event()
+        with self._lock:
+            self._holds[path] = (offset, event)
+        return event
+
+    def _shared_link(self, n: int) -> float:
+        """Seconds to wait before sending ``n`` more bytes over the link all connections share."""
+        with self._lock:
+            now = time.monotonic()
+            self._link_free_at = max(self._link_free_at, now) + n / self.total_bytes_per_s
+            return self._link_free_at - n / self.total_bytes_per_s - now
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -150,6 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = faults.statuses.pop(0) if faults and faults.statuses else None
             drop = faults.drop_after.pop(0) if (faults and faults.drop_after and body) else None
             ignore_range = bool(faults and faults.ignore_range)
+            hold = owner._holds.get(path) if body else None
         if status is not None:
             self._send_simple(status, f"injected {status}\n".encode())
             return
@@ -209,6 +230,16 @@ class _Handler(BaseHTTPRequestHandler):
                         self.wfile.flush()
                         self.connection.shutdown(2)
                         return
+                if hold is not None and start + sent + n > hold[0] and not hold[1].is_set():
+                    n = hold[0] - (start + sent)
+                    if n <= 0:
+                        self.wfile.flush()
+                        hold[1].wait(60)  # the test releases the rest of the file
+                        continue
+                if owner.total_bytes_per_s:
+                    wait = owner._shared_link(n)
+                    if wait > 0:
+                        time.sleep(wait)  # bandwidth of the simulated link, not synchronisation
                 chunk = f.read(n)
                 self.wfile.write(chunk)
                 sent += len(chunk)

@@ -1,0 +1,57 @@
+"""The materialization metadata of every ingest asset (``ingest/local`` and each ``ingest/<source>``), built once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from em_platform.assets.presentation import png_markdown, rounded, voxel_size_metadata
+from em_platform.ingest.lifecycle import IngestResult
+
+
+def ingest_materialization_metadata(result: IngestResult) -> dict[str, Any]:
+    """What the UI shows for an ingest: where the image is, what it holds, its checksum and thumbnail."""
+    rec = result.record
+    meta_block = rec["metadata"]
+    core, tech = meta_block["core"], meta_block.get("technical", {})
+    provenance = meta_block.get("provenance", {})
+    meta: dict[str, Any] = {
+        "path": dg.MetadataValue.path(result.volume_url),
+        "catalog_id": rec["id"],
+        "converted": result.converted,
+        "sha256": tech.get("sha256", ""),
+        "source_bytes": tech.get("file_size_bytes", 0),
+    }
+    if tech.get("source_format"):
+        meta["source_format"] = tech["source_format"]
+    if core.get("kind") == "collection":
+        images = meta_block["collection"]["images"]
+        meta["images"] = len(images)
+        meta["collection"] = dg.MetadataValue.md(
+            "| image | shape | axes | dtype | voxel size (nm) |\n|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {im['name']} | {tuple(im['shape'])} | {''.join(im['axes'])} | {im['data_type']} | "
+                f"{ {a: rounded(v) for a, v in im['voxel_size_nm'].items()} } ({im['voxel_size_source']}) |"
+                for im in images
+            )
+        )
+    else:
+        meta |= {
+            "shape": str(tuple(core["volume_shape"])),
+            "axes": "".join(core["axes"]),
+            "dtype": core["data_type"],
+            "voxel_size_nm": voxel_size_metadata(core["voxel_size_nm"]),
+            "voxel_size_source": core["voxel_size_source"],
+        }
+        if "ome_zarr" in meta_block:
+            meta["pyramid_levels"] = len(meta_block["ome_zarr"].get("levels", []))
+    if "source_fingerprint" in provenance:
+        meta["source_fingerprint"] = provenance["source_fingerprint"]
+    if "source_urls" in provenance:
+        meta["source_urls"] = dg.MetadataValue.json(provenance["source_urls"])
+    if result.thumbnail_png:
+        meta["thumbnail"] = png_markdown(result.thumbnail_png, rec["source_id"])
+    if rec.get("files", {}).get("thumbnail"):
+        meta["thumbnail_file"] = dg.MetadataValue.path(rec["files"]["thumbnail"])  # the stored PNG
+    return meta
