@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.rows = args.columns = 4
 
-    from em_platform.tem.matching import default_max_shift
+    from em_platform.stitch.matching import default_max_shift
 
     overlap = int(round(args.size * args.overlap))
     max_shift = default_max_shift(overlap)

@@ -1,7 +1,7 @@
 """Benchmark: the live TEM per-tile chain on 5000² uint8 camera tiles, 2 cores, against a naive baseline.
 
 The chain is what TEM_graph does to every tile (reference/seed-systems.md §1.2), as implemented in
-:mod:`em_platform.tem.tile_processing` and :mod:`em_platform.tem.matching`:
+:mod:`em_platform.tem.tile_processing` and :mod:`em_platform.stitch.matching`:
 
     read the raw TIFF → flatfield → CLAHE (clip 2, 16×16) → min/max/mean/std + 256-bin histogram
     → focus score → match against the top and left neighbours
@@ -162,9 +162,11 @@ def neighbours(tiles: list[dict[str, Any]], columns: int) -> dict[int, dict[str,
 
 def true_offset(
     tile: dict[str, Any], neighbour: dict[str, Any], position: str, size: int, overlap: int
-) -> tuple[int, int]:
-    nominal = (size - overlap, 0) if position == "left" else (0, size - overlap)
-    return tile["x"] - neighbour["x"] - nominal[0], tile["y"] - neighbour["y"] - nominal[1]
+) -> tuple[float, float]:
+    from em_platform.stitch.grid import to_nominal
+
+    dx, dy = tile["x"] - neighbour["x"], tile["y"] - neighbour["y"]
+    return to_nominal(dx, dy, (size, size), overlap, position)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def _limit_threads() -> None:
 
 def process_task(path: str, flatfield: Any, overlap: int, max_shift: int) -> dict[str, Any]:
     """read → flatfield → CLAHE → statistics → focus; returns the results and the four edge strips."""
-    from em_platform.tem.matching import edge_strip
+    from em_platform.stitch.matching import edge_strip
     from em_platform.tem.tile_processing import process_tile, read_tile
 
     t0 = time.perf_counter()
@@ -200,7 +202,7 @@ def match_task(
     own: dict[str, Any], top: Any | None, left: Any | None, overlap: int, max_shift: int
 ) -> dict[str, Any]:
     """Match a processed tile's top and left strips against its neighbours' bottom and right strips."""
-    from em_platform.tem.matching import match_neighbour
+    from em_platform.stitch.matching import match_neighbour
 
     t0 = time.perf_counter()
     matches = {}
@@ -250,7 +252,7 @@ def run_dask(
     import dask
     from dask.distributed import Client, LocalCluster, wait
 
-    from em_platform.tem.matching import default_max_shift
+    from em_platform.stitch.matching import default_max_shift
     from em_platform.tem.tile_processing import Flatfield
 
     tiles = montage["tiles"]

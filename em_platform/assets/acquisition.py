@@ -5,16 +5,19 @@ matched and QC'd, and verdicts go back to the microscope at once. The five asset
 produces; their blocking checks keep downstream montage assets (layout, fusion, upload) off a failed montage.
 """
 
-import statistics
+from datetime import UTC, datetime
 
 import dagster as dg
 
+from em_platform.assets.presentation import partitioned_check
 from em_platform.partitions import montages
 from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.storage.upload import abort_cleanup
-from em_platform.tem.montage_run import MontageRunConfig, run_montage
-from em_platform.tem.qc import BLANK, OUT_OF_FOCUS, SATURATED, QCConfig
+from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
+from em_platform.tem.montage_run import MontageRunConfig, quiet_dask, run_montage
+from em_platform.tem.qc import QCConfig
+from em_platform.tem.qc_summary import MontageLimits, MontageSummary
 
 RAW, FLAT, PROCESSED, STATS, MATCHES = (
     dg.AssetKey(k) for k in ("raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches")
@@ -24,27 +27,41 @@ RAW, FLAT, PROCESSED, STATS, MATCHES = (
 class MontageProcessingConfig(dg.Config):
     """Run configuration (the launchpad shows these); QC thresholds are documented in ``tem/qc.py``."""
 
-    stall_timeout_seconds: float = 300.0
+    stall_timeout_seconds: float = MontageRunConfig.stall_timeout_seconds
     poll_seconds: float = MontageRunConfig.poll_seconds
+    late_tile_seconds: float = MontageRunConfig.late_tile_seconds
+    status_every_seconds: float = MontageRunConfig.status_every_seconds
     write_tiffs: bool = False
     min_std: float = QCConfig.min_std
+    min_specimen_contrast: float = QCConfig.min_specimen_contrast
     saturated_fraction: float = QCConfig.saturated_fraction
     critical_saturated_fraction: float = QCConfig.critical_saturated_fraction
     max_focus: float = QCConfig.max_focus
     min_match_quality: float = QCConfig.min_match_quality
     # Montage-level checks: fraction of tiles (or edges) allowed to fail before the montage is rejected.
-    max_out_of_focus_fraction: float = 0.05
-    max_unmatched_edge_fraction: float = 0.05
-    max_blank_fraction: float = 0.05
-    max_saturated_fraction: float = 0.05
+    max_out_of_focus_fraction: float = MontageLimits.max_out_of_focus_fraction
+    max_unmatched_edge_fraction: float = MontageLimits.max_unmatched_edge_fraction
+    max_blank_fraction: float = MontageLimits.max_blank_fraction
+    max_saturated_fraction: float = MontageLimits.max_saturated_fraction
+
+    def limits(self) -> MontageLimits:
+        return MontageLimits(
+            self.max_out_of_focus_fraction,
+            self.max_unmatched_edge_fraction,
+            self.max_blank_fraction,
+            self.max_saturated_fraction,
+        )
 
     def run_config(self) -> MontageRunConfig:
         return MontageRunConfig(
             poll_seconds=self.poll_seconds,
             stall_timeout_seconds=self.stall_timeout_seconds,
+            late_tile_seconds=self.late_tile_seconds,
+            status_every_seconds=self.status_every_seconds,
             write_tiffs=self.write_tiffs,
             qc=QCConfig(
                 min_std=self.min_std,
+                min_specimen_contrast=self.min_specimen_contrast,
                 saturated_fraction=self.saturated_fraction,
                 critical_saturated_fraction=self.critical_saturated_fraction,
                 max_focus=self.max_focus,
@@ -54,7 +71,7 @@ class MontageProcessingConfig(dg.Config):
 
 
 def _check(name: str, asset: dg.AssetKey, description: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
+    return partitioned_check(name, asset, montages, description, blocking=True)
 
 
 CHECKS = [
@@ -64,7 +81,11 @@ CHECKS = [
         "The scope completed the montage (a cancelled or failed one is cleaned up, not stitched).",
     ),
     _check("focus", STATS, "Fraction of out-of-focus tiles is within the limit."),
-    _check("blank_tiles", STATS, "Fraction of blank (no-section) tiles is within the limit."),
+    _check(
+        "blank_tiles",
+        STATS,
+        "Fraction of blank and no-tissue (film or resin only) tiles is within the limit.",
+    ),
     _check(
         "saturated_tiles",
         STATS,
@@ -75,7 +96,19 @@ CHECKS = [
         MATCHES,
         "Every tile overlaps its neighbours: fraction of unmatched edges within the limit.",
     ),
+    _check(
+        "tiles_received",
+        RAW,
+        "Every tile montage.complete names reached the platform (else the montage would have a hole).",
+    ),
 ]
+CHECK_ASSET = {
+    "focus": STATS,
+    "blank_tiles": STATS,
+    "saturated_tiles": STATS,
+    "overlap": MATCHES,
+    "tiles_received": RAW,
+}
 
 
 @dg.multi_asset(
@@ -107,7 +140,7 @@ CHECKS = [
     partitions_def=montages,
     group_name="acquisition",
     can_subset=False,
-    pool="pixels",
+    # no op pool: the live step of every scope's montage runs at once (dagster.yaml limits them per run)
 )
 def montage_tiles(
     context: dg.AssetExecutionContext,
@@ -121,14 +154,18 @@ def montage_tiles(
     final = store.path(montage_id, "processed_tiles.zarr")
     staging = store.staging_path(final)
     tiff_dir = store.path(montage_id, "processed") if config.write_tiffs else None
+    with quiet_dask():  # applies when the client starts an in-process cluster
+        client = dask.get_client()
+    source = hardware.tile_source()
     try:
         result = run_montage(
             montage_id,
-            hardware,
-            dask.get_client(),
+            source,
+            client,
             processed_url=store.to_url(staging),
             storage_options=store.storage_options or None,
             tiff_dir=tiff_dir,
+            announce_url=store.to_url(final),
             config=config.run_config(),
             logger=context.log,
         )
@@ -148,7 +185,18 @@ def montage_tiles(
     except BaseException:
         store.remove(staging)
         raise
-    yield from _results(result, store.to_url(final), config)
+    finally:
+        source.close()  # what is still queued for the broker goes out first
+    summary = MontageSummary.of(result)
+    stored = storage.store().url("acquisition", montage_id, PROCESSED_DIR)  # where montage_upload puts it
+    yield from _results(summary, stored, store.to_url(final))
+    for check in summary.checks(config.limits()):
+        yield dg.AssetCheckResult(
+            check_name=check.name,
+            asset_key=CHECK_ASSET[check.name],
+            passed=check.passed,
+            metadata=check.metadata,
+        )
     yield dg.AssetCheckResult(
         check_name="acquisition_complete",
         asset_key=RAW,
@@ -157,77 +205,56 @@ def montage_tiles(
     )
 
 
-def _results(result, processed_url: str, config: MontageProcessingConfig):
-    recs = list(result.tiles.values())
-    ok = [r for r in recs if r.outcome is not None]
-    failed = [r for r in recs if r.error is not None]
-    summary = result.qc.summary()
-    rows, cols = result.grid
+def _rounded(value: float | None, digits: int) -> float:
+    return round(value, digits) if value is not None else -1.0
+
+
+def _results(s: MontageSummary, processed_url: str, buffer_url: str):
+    rows, cols = s.grid
     yield dg.MaterializeResult(
         asset_key=RAW,
         metadata={
-            "tiles": len(recs),
+            "tiles": s.tiles,
             "grid": f"{rows} x {cols}",
-            "missing": dg.MetadataValue.json([list(p) for p in result.missing]),
-            "seconds": round(result.seconds, 2),
-            "tiles_per_second": round(len(recs) / result.seconds, 2) if result.seconds else 0.0,
+            "missing": dg.MetadataValue.json([list(p) for p in s.missing]),
+            "not_received": dg.MetadataValue.json(sorted(s.not_received)),
+            "seconds": round(s.seconds, 2),
+            "tiles_per_second": round(s.tiles_per_second, 2),
+            "polling_since": datetime.fromtimestamp(s.polling_since or 0, UTC).isoformat(),
+            "cpu_ms_per_tile": dg.MetadataValue.json(
+                {stage: round(1000 * v / max(s.tiles, 1), 2) for stage, v in sorted(s.cpu.items())}
+            ),
+            # where each tile's latency (tile.raw journaled -> qc.tile journaled) went, per stage
+            "latency_ms_by_stage": dg.MetadataValue.json(s.latency_ms),
         },
     )
-    yield dg.MaterializeResult(
-        asset_key=FLAT, metadata={"flatfield": dg.MetadataValue.json(result.flatfield)}
-    )
+    yield dg.MaterializeResult(asset_key=FLAT, metadata={"flatfield": dg.MetadataValue.json(s.flatfield)})
     yield dg.MaterializeResult(
         asset_key=PROCESSED,
         metadata={
             "path": dg.MetadataValue.path(processed_url),
-            "processed": len(ok),
-            "failed": len(failed),
-            "failures": dg.MetadataValue.json({r.tile.tile_id: r.error for r in failed}),
+            "buffer_path": dg.MetadataValue.path(buffer_url),
+            "processed": s.processed,
+            "failed": len(s.failures),
+            "failures": dg.MetadataValue.json(s.failures),
         },
     )
-    focus = [r.outcome.focus for r in ok]
     yield dg.MaterializeResult(
         asset_key=STATS,
         metadata={
-            "qc_status": summary["status"],
-            "qc_reason": summary["reason"] or "",
-            "tiles_passed": summary["passed"],
-            "faults": dg.MetadataValue.json(summary["faults"]),
-            "focus_median": round(statistics.median(focus), 4) if focus else -1.0,
-            "mean_intensity": round(statistics.fmean(r.outcome.stats["mean"] for r in ok), 2) if ok else -1.0,
+            "qc_status": s.qc["status"],
+            "qc_reason": s.qc["reason"] or "",
+            "tiles_passed": s.qc["passed"],
+            "faults": dg.MetadataValue.json(s.qc["faults"]),
+            "focus_median": _rounded(s.focus_median, 4),
+            "mean_intensity": _rounded(s.mean_intensity, 2),
         },
     )
-    edges = result.edges()
-    matched = [m for m in edges if m]
     yield dg.MaterializeResult(
         asset_key=MATCHES,
         metadata={
-            "edges": len(edges),
-            "matched": len(matched),
-            "median_distance_px": round(statistics.median(m["distance"] for m in matched), 2)
-            if matched
-            else -1.0,
+            "edges": s.edges,
+            "matched": s.matched,
+            "median_distance_px": _rounded(s.median_distance_px, 2),
         },
-    )
-    frac = result.fault_fractions()
-    yield _fraction_check("focus", STATS, frac[OUT_OF_FOCUS], config.max_out_of_focus_fraction)
-    yield _fraction_check("blank_tiles", STATS, frac[BLANK], config.max_blank_fraction)
-    yield _fraction_check(
-        "saturated_tiles",
-        STATS,
-        frac[SATURATED],
-        config.max_saturated_fraction,
-        extra_fail=frac["critical_saturated"] > 0,
-    )
-    yield _fraction_check("overlap", MATCHES, frac["unmatched_edges"], config.max_unmatched_edge_fraction)
-
-
-def _fraction_check(
-    name: str, asset: dg.AssetKey, value: float, limit: float, extra_fail: bool = False
-) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(
-        check_name=name,
-        asset_key=asset,
-        passed=value <= limit and not extra_fail,
-        metadata={"fraction": round(value, 4), "limit": limit},
     )

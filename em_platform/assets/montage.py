@@ -15,13 +15,14 @@ from pathlib import Path
 import dagster as dg
 
 from em_platform.assets.acquisition import MATCHES, PROCESSED, STATS
+from em_platform.assets.presentation import FOCUS_LEGEND, partitioned_check, png_markdown, scaled_png_markdown
 from em_platform.partitions import montages
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.stitch.fuse import ZarrTileGroup, fuse_montage
 from em_platform.stitch.layout_qc import SEAM_PX
 from em_platform.stitch.montage_layout import array_name, dumps, placed_tiles, solve_montage
-from em_platform.stitch.previews import focus_map_png, minimap_png, png_markdown
+from em_platform.stitch.previews import focus_map_png, minimap_png
 from em_platform.tem.archive import FUSED, FUSED_INFO, LAYOUT, archive_montage
 from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
 from em_platform.tem.protocol import buffer_status
@@ -61,7 +62,7 @@ def _pixel_size(hardware: AcquisitionHardware, montage_id: str) -> tuple[float |
 
 
 def _check(name: str, description: str) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name, asset=LAYOUT_KEY, blocking=True, description=description)
+    return partitioned_check(name, LAYOUT_KEY, montages, description, blocking=True)
 
 
 @dg.asset(
@@ -94,7 +95,15 @@ def montage_layout(
     started = time.monotonic()
     if config.model not in ("translation", "rigid", "affine"):
         raise ValueError(f"model {config.model!r}: choose translation, rigid or affine")
-    result = solve_montage(montage_id, tiles, shapes, pixel_size, model=config.model, seam_px=config.seam_px)
+    result = solve_montage(
+        montage_id,
+        tiles,
+        shapes,
+        pixel_size,
+        model=config.model,
+        seam_px=config.seam_px,
+        stage_rotation_rad=hardware.stage_rotation(montage_id),
+    )
     seconds = time.monotonic() - started
     buffer.write_bytes(buffer.path(montage_id, LAYOUT), dumps(result))
     qc = result.qc
@@ -113,7 +122,9 @@ def montage_layout(
             "prior": result.prior,
             "model": result.model,
             "solve_seconds": round(seconds, 3),
-            "path": dg.MetadataValue.path(buffer.path(montage_id, LAYOUT)),
+            # where it lives once montage_upload has run (the buffer copy is freed then)
+            "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, LAYOUT)),
+            "buffer_path": dg.MetadataValue.path(buffer.path(montage_id, LAYOUT)),
             "rejected": dg.MetadataValue.json(
                 [
                     {"tile": list(a), "neighbour": list(b), "residual_px": round(r, 2)}
@@ -214,17 +225,28 @@ def montage(
     mpix = fused.shape[0] * fused.shape[1] / 1e6
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(final),
+            # where it lives once montage_upload has run (the buffer copy is freed then)
+            "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, FUSED)),
+            "buffer_path": dg.MetadataValue.path(final),
             "shape": str(fused.shape),
             "pixel_size_nm": pixel_size,
             "pyramid_levels": len(fused.info.levels),
             "tiles": fused.n_tiles,
             "seconds": round(seconds, 2),
             "mpix_per_second": round(mpix / seconds, 1) if seconds else 0.0,
-            "minimap": dg.MetadataValue.md(png_markdown(minimap_png(final), "minimap")),
-            "focus_map": dg.MetadataValue.md(png_markdown(focus_map_png(focus, rows, cols), "focus map")),
+            "focus_map": focus_map_markdown(focus, rows, cols),
+            "minimap": png_markdown(minimap_png(final), "minimap"),
         }
     )
+
+
+def focus_map_markdown(focus: dict, rows: int, cols: int) -> dg.MetadataValue:
+    """The focus map with its legend, small enough for the UI to draw inline (one PNG pixel per tile)."""
+    if rows < 1 or cols < 1:
+        return dg.MetadataValue.md("(no tiles)")
+    cell = max(4, min(24, 480 // max(rows, cols)))  # CSS pixels per tile: a 20 x 20 montage is 480 px wide
+    png = focus_map_png(focus, rows, cols, cell_px=1)
+    return scaled_png_markdown(png, cols * cell, rows * cell, "focus map", caption=FOCUS_LEGEND)
 
 
 @dg.asset(
@@ -284,9 +306,15 @@ def montage_upload(
         on_progress=progress,
     )
     up = result.upload
+    stored = store.url("acquisition", montage_id, FUSED)
     return dg.MaterializeResult(
         metadata={
             "url": dg.MetadataValue.path(store.url("acquisition", montage_id)),
+            "montage": dg.MetadataValue.path(stored),
+            "processed_tiles": dg.MetadataValue.path(store.url("acquisition", montage_id, PROCESSED_DIR)),
+            "minimap": png_markdown(
+                minimap_png(stored, storage_options=store.storage_options or None), "minimap"
+            ),
             "objects": up.objects,
             "sent": len(up.sent),
             "already_there": len(up.skipped),

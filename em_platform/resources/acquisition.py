@@ -1,25 +1,33 @@
-"""The acquisition hardware as the platform sees it: montages and tiles from the journal, QC verdicts back.
+"""The acquisition hardware as the platform sees it: the journal the scope's messages land in, and the way
+verdicts go back. A thin wrapper: the montage run's tile source, the journal and the broker publisher
+are :mod:`em_platform.tem`'s.
 
 Two implementations: the embedded simulated scope (verdicts go to the journal, where ``scope-sim``
-reads them) and a broker-fed scope (verdicts also go out on the STOMP broker, as the Allen QC service's do).
+reads them) and a broker-fed scope (verdicts also go out on the STOMP broker, as the Allen QC service's do,
+with the same topic prefix and credentials the listener uses).
 """
 
+import os
+import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
 import dagster as dg
 from pydantic import PrivateAttr
 
+from em_platform.tem.broker import DEFAULT_TOPIC_PREFIX, BrokerSettings, parse_broker
 from em_platform.tem.journal import Journal, MontageRow, TileRow
+from em_platform.tem.tile_source import JournalTileSource, Outbox
 
 
 class AcquisitionHardware(dg.ConfigurableResource, ABC):
     """Reads the acquisition journal; sends per-tile results and QC verdicts back to the microscope."""
 
     journal_url: str
-    # The scope's pixel size at its imaging magnification (nm). TEM_comms sends it only with
-    # montage.complete; with it known beforehand, live matching is centred on the stage positions.
+    # The scope's calibration at its imaging magnification. TEM_comms sends pixel size and rotation only
+    # with montage.complete; known beforehand, live matching is centred on the stage positions.
     pixel_size_nm: float | None = None
+    rotation_angle_rad: float | None = None  # image axes -> stage axes (TEM_comms rotation_angle)
     _journal: Journal | None = PrivateAttr(default=None)
 
     def journal(self) -> Journal:
@@ -36,24 +44,37 @@ class AcquisitionHardware(dg.ConfigurableResource, ABC):
     def tiles(self, montage_id: str, after_seq: int = 0) -> list[TileRow]:
         return self.journal().tiles(montage_id, after_seq=after_seq)
 
+    def stage_rotation(self, montage_id: str) -> float:
+        """Image axes -> stage axes (rad): the montage's own (montage.complete), else the configured one."""
+        m = self.montage(montage_id)
+        if m is not None and m.announced_complete and m.rotation_angle is not None:
+            return m.rotation_angle
+        return self.rotation_angle_rad or 0.0
+
+    def tile_source(self) -> JournalTileSource:
+        """What a montage run reads tiles from and reports verdicts to; close it when the run ends."""
+        return JournalTileSource(
+            self.journal(),
+            pixel_size_nm=self.pixel_size_nm,
+            rotation_rad=self.rotation_angle_rad,
+            outbox=self._outbox(),
+        )
+
     def send(self, topic: str, payload: dict[str, Any], *, montage_id: str | None = None) -> None:
-        """Send one outgoing message (tile statistics, matches, qc.tile, qc.status, ...).
+        """Send one outgoing message now (e.g. ``buffer.status`` during an upload), journal first.
 
         ``qc.status`` carries no montage id on the wire; ``montage_id`` files it in the journal.
         """
         self.journal().record(topic, payload)
         if topic == "qc.status":
             self.journal().record_qc_status(montage_id, payload["status"], payload.get("reason"))
-        self._publish(topic, payload)
-
-    def report_tile(self, tile_id: str, outgoing: list[tuple[str, dict[str, Any]]], **results: Any) -> None:
-        """A judged tile: its outgoing messages and results into the journal in one commit, then out."""
-        self.journal().record_tile_report(tile_id, outgoing, **results)
-        for topic, payload in outgoing:
-            self._publish(topic, payload)
+        self._publish([(topic, payload)])
 
     @abstractmethod
-    def _publish(self, topic: str, payload: dict[str, Any]) -> None: ...
+    def _publish(self, messages: list[tuple[str, dict[str, Any]]]) -> None: ...
+
+    @abstractmethod
+    def _outbox(self) -> Outbox | None: ...
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._journal is not None:
@@ -64,24 +85,43 @@ class AcquisitionHardware(dg.ConfigurableResource, ABC):
 class SimulatedScope(AcquisitionHardware):
     """The embedded microscope (``em-platform scope-sim``): everything stays in the journal."""
 
-    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+    def _publish(self, messages: list[tuple[str, dict[str, Any]]]) -> None:
+        return None
+
+    def _outbox(self) -> Outbox | None:
         return None
 
 
 class BrokerScope(AcquisitionHardware):
-    """A real (or simulated) scope behind a STOMP broker: outgoing messages are also published there."""
+    """A real (or simulated) scope behind a STOMP broker: outgoing messages are also published there.
+
+    ``topic_prefix``, ``username``, ``password`` and ``vhost`` are the listener's (``EM_BROKER_TOPIC_PREFIX``,
+    ``EM_BROKER_USERNAME``, ``EM_BROKER_PASSWORD``, ``EM_BROKER_VHOST``): empty prefix on ActiveMQ Artemis.
+    """
 
     broker: str  # HOST:PORT of the STOMP broker
-    topic_prefix: str = "/topic/"
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    username: str | None = None
+    password: str | None = None
+    vhost: str | None = None  # None: $EM_BROKER_VHOST, else "/"
     _publisher: Any = PrivateAttr(default=None)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)  # the run's outbox thread publishes too
 
-    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        from em_platform.tem.protocol import BrokerPublisher, parse_broker
+    def settings(self) -> BrokerSettings:
+        host, port = parse_broker(self.broker)
+        # the password from EM_BROKER_PASSWORD at connect time when not given: secrets stay out of run config
+        password = self.password or os.environ.get("EM_BROKER_PASSWORD") or None
+        vhost = self.vhost or os.environ.get("EM_BROKER_VHOST", "").strip() or "/"
+        return BrokerSettings(host, port, self.topic_prefix, self.username, password, vhost)
 
-        if self._publisher is None:
-            host, port = parse_broker(self.broker)
-            self._publisher = BrokerPublisher(host, port, topic_prefix=self.topic_prefix)
-        self._publisher.publish(topic, payload)
+    def _publish(self, messages: list[tuple[str, dict[str, Any]]]) -> None:
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = self.settings().publisher()
+        self._publisher.publish_many(messages)
+
+    def _outbox(self) -> Outbox | None:
+        return Outbox(self._publish)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._publisher is not None:

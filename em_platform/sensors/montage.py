@@ -11,13 +11,14 @@ import dagster as dg
 from em_platform.jobs import montage_job
 from em_platform.partitions import montages
 from em_platform.resources.acquisition import AcquisitionHardware
+from em_platform.settings import sensor_interval_seconds
 
 MAX_MONTAGES_PER_TICK = 200
 
 
 @dg.sensor(
     job=montage_job,
-    minimum_interval_seconds=5,
+    minimum_interval_seconds=sensor_interval_seconds(5),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Starts processing each montage as soon as its first tile is in the acquisition journal.",
 )

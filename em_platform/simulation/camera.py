@@ -126,6 +126,11 @@ class Camera:
         """A frame with the beam blanked: dark offset and read noise only (also a darkfield frame)."""
         return self._expose(None, rng, 0.0)
 
+    def film(self, rng: np.random.Generator, transmission: float = 0.9) -> np.ndarray:
+        """A frame of the support film (or resin) where no section lies: uniform transmission, so flat but
+        for vignetting and shot noise."""
+        return self._expose(np.float32(transmission), rng, 1.0)
+
     def darkfield(self, rng: np.random.Generator) -> np.ndarray:
         return self.blank(rng)
 

@@ -22,9 +22,11 @@ Files (all in ``out_dir``, each written under a temporary name and renamed when 
 ``ground_truth.json`` (see :class:`GroundTruth`), written before ``montage.complete`` is sent.
 
 Stage positions: ``stage_position`` is what the stage reports: the centre of the tile's field of view in
-nm, ``round((true top-left + readout error + tile_size/2) · pixel_size)``, where the true top-left is the
-nominal grid position plus the stage jitter and the readout error is ``N(0, stage_readout_error_px)``. So
-stage positions locate tiles to a few pixels; the true positions (ground truth) are for checking stitching.
+nm, ``round(R(θ) · (true top-left + readout error + tile_size/2) · pixel_size)``, where the true top-left
+is the nominal grid position plus the stage jitter, the readout error is ``N(0, stage_readout_error_px)``
+and ``R(θ)`` the stage rotation (``stage_rotation_rad``, sent as ``montage.complete``'s ``rotation_angle``;
+0 by default). So stage positions locate tiles to a few pixels; the true positions (ground truth) are for
+checking stitching.
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ class _Acquisition:
             acquisition_id=self.acquisition_id,
             start_time=self.start,
             pixel_size=self.c.pixel_size_nm,
-            rotation_angle=0.0,
+            rotation_angle=self.c.stage_rotation_rad,
             aperture_centroid=_aperture_centroid(self.c),
         )
         return msg.model_dump(mode="json")
@@ -399,8 +401,8 @@ class _Acquisition:
             notes={
                 "position_px": "true plane position (x, y) of the tile's top-left pixel; tile pixel (i, j) "
                 "shows plane point (x + j, y + i)",
-                "stage_position_nm": "reported by the stage: field-of-view centre, (position_px + readout "
-                "error + tile_size / 2) * pixel_size_nm, rounded",
+                "stage_position_nm": "reported by the stage: field-of-view centre, R(stage_rotation_rad) · "
+                "(position_px + readout error + tile_size / 2) * pixel_size_nm, rounded",
                 "counts": "dark_offset + bright_level * exposure * vignetting * gain * transmission + noise",
                 **({"qc_status": f"{qc[0]}" + (f" ({qc[1]})" if qc[1] else "")} if qc else {}),
                 **({"stopped_by_qc": self.stopped_by[0]} if self.stopped_by else {}),
@@ -418,6 +420,7 @@ def _plan_tiles(
     readout = stage.normal(0.0, 1.0, size=(n, 2)) * c.stage_readout_error_px
     defocus = c.defocus_um + np.random.default_rng([c.seed, 2]).normal(0.0, 1.0, size=n) * c.defocus_sd_um
     half = c.tile_size / 2.0
+    cos, sin = math.cos(c.stage_rotation_rad), math.sin(c.stage_rotation_rad)
     tiles = []
     for i in range(n):
         row, col = c.raster_position(i)
@@ -435,9 +438,12 @@ def _plan_tiles(
                 column=col,
                 nominal_px=(float(nx), float(ny)),
                 position_px=(x, y),
-                stage_position_nm=(
-                    round((x + float(readout[i, 0]) + half) * c.pixel_size_nm),
-                    round((y + float(readout[i, 1]) + half) * c.pixel_size_nm),
+                stage_position_nm=_on_stage(
+                    x + float(readout[i, 0]) + half,
+                    y + float(readout[i, 1]) + half,
+                    cos,
+                    sin,
+                    c.pixel_size_nm,
                 ),
                 defocus_um=df,
                 blur_sigma_px=blur_sigma_px(c, df),
@@ -450,10 +456,17 @@ def _plan_tiles(
     return tiles
 
 
+def _on_stage(x: float, y: float, cos: float, sin: float, pixel_size_nm: float) -> tuple[int, int]:
+    """A plane position (px) as the stage reads it (nm): rotated by the stage rotation, scaled, rounded."""
+    return round((cos * x - sin * y) * pixel_size_nm), round((sin * x + cos * y) * pixel_size_nm)
+
+
 def _take_tile(camera: Camera, c: ScopeConfig, t: TileTruth) -> np.ndarray:
     rng = np.random.default_rng([c.seed, 3, t.raster_index])
     if "blank" in t.faults:
         return camera.blank(rng)
+    if "no_section" in t.faults:
+        return camera.film(rng)
     exposure = c.saturation_factor if "saturated" in t.faults else 1.0
     x, y = t.position_px
     return camera.tile(x, y, t.defocus_um, rng, exposure=exposure)

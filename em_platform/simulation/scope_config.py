@@ -8,6 +8,7 @@ Faults are injected by raster index (0-based acquisition order) or by grid posit
 
 =================  ==========================================================================
 ``blank:5``        tile 5 is taken with the beam blanked (dark offset + read noise only)
+``no_section:6``   tile 6 images the support film only (no section): flat but for shot noise
 ``saturated:7``    tile 7 is over-exposed (``saturation_factor`` x dose): most pixels at full scale
 ``defocus:10-13``  tiles 10..13 (inclusive) are out of focus (``fault_defocus_um``)
 ``missing:3``      tile 3 is never acquired: no file, no ``tile.raw``; still counted in ``total_tiles``
@@ -23,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FAULT_KINDS = ("blank", "saturated", "defocus", "missing", "corrupt")
+FAULT_KINDS = ("blank", "no_section", "saturated", "defocus", "missing", "corrupt")
 _POSITION = re.compile(r"^(?:(\d+)|r(\d+)c(\d+))$")
 
 
@@ -44,6 +45,11 @@ class ScopeConfig(BaseModel):
     pixel_size_nm: float = Field(4.0, gt=0.0)
     # stage
     jitter_px: float = Field(20.0, ge=0.0, description="true position = nominal + uniform(-j, j) per axis")
+    stage_rotation_rad: float = Field(
+        0.0,
+        description="rotation lining the image axes up with the stage's (TEM_comms rotation_angle): a "
+        "displacement p px in the image is R(angle)·p·pixel_size nm on the stage",
+    )
     stage_readout_error_px: float = Field(
         2.0, ge=0.0, description="std of the error of the reported stage position against the true one"
     )
@@ -177,6 +183,8 @@ class ScopeConfig(BaseModel):
                     f"tile {i} is both missing and {', '.join(sorted(kinds - {'missing'}))}; a "
                     "missing tile is never acquired, so drop one of the faults"
                 )
-            if {"blank", "saturated"} <= kinds:
-                raise ValueError(f"tile {i} cannot be both blank (beam blanked) and saturated; drop one")
+            if len(kinds & {"blank", "no_section", "saturated"}) > 1:
+                raise ValueError(
+                    f"tile {i} can be only one of blank (beam blanked), no_section (film only) and saturated"
+                )
         return self

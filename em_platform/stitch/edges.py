@@ -6,7 +6,7 @@ Positions are top-left corners in pixels, x to the right and y down.
 
 A tile's journal row holds the matches live processing found against its top and left neighbours
 (``results["matches"]["top"|"left"]``: TEM_comms ``Match`` fields). ``dX, dY`` there are measured from
-the *nominal* place (:mod:`em_platform.tem.matching`): a left neighbour's width minus the overlap to the
+the *nominal* place (:mod:`em_platform.stitch.matching`): a left neighbour's width minus the overlap to the
 right of it, a top neighbour's height minus the overlap below it. The solver wants the whole offset
 ``position(tile) − position(neighbour)``, so the nominal step is added back here, with the tile's own
 overlap (what its ``tile.raw`` said and what it was matched with) and the neighbour's shape.
@@ -22,14 +22,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from em_platform.stitch.grid import (
+    NEIGHBOURS,
+    GridPosition,
+    GridTile,
+    Shape,
+    from_nominal,
+    neighbour_of,
+    nominal_grid_position,
+    stage_to_image,
+)
 from em_platform.stitch.solve import Edge
-from em_platform.tem.journal import TileRow
 
 if TYPE_CHECKING:
     from em_platform.simulation.scope import GroundTruth
-
-GridPosition = tuple[int, int]  # (row, column)
-Shape = tuple[int, int]  # (height, width) px
 
 __all__ = [
     "GridPosition",
@@ -41,17 +47,15 @@ __all__ = [
     "true_positions",
 ]
 
-_NEIGHBOUR = {"top": (-1, 0), "left": (0, -1)}
 
-
-def _montage_tiles(tiles: Iterable[TileRow]) -> list[TileRow]:
+def _montage_tiles(tiles: Iterable[GridTile]) -> list[GridTile]:
     """The montage's own tiles (no brightfield/darkfield reference frames), one per grid position: the
     last to arrive, as live processing keeps a re-taken tile rather than the one it replaces."""
     latest = {(t.row, t.column): t for t in sorted(tiles, key=lambda t: t.seq) if not t.is_reference}
     return list(latest.values())
 
 
-def match_edges(tiles: Iterable[TileRow], shapes: Mapping[GridPosition, Shape]) -> list[Edge]:
+def match_edges(tiles: Iterable[GridTile], shapes: Mapping[GridPosition, Shape]) -> list[Edge]:
     """Every match recorded in the tiles' results as an :class:`Edge` (``position(tile) −
     position(neighbour)``, px), weighted by its quality (the fraction of strip patches that agreed).
 
@@ -64,35 +68,34 @@ def match_edges(tiles: Iterable[TileRow], shapes: Mapping[GridPosition, Shape]) 
         matches = (t.results or {}).get("matches") or {}
         for position, m in sorted(matches.items()):
             where = f"tile {t.tile_id} (row {t.row}, column {t.column}), {position} match"
-            if position not in _NEIGHBOUR:
+            if position not in NEIGHBOURS:
                 raise ValueError(f"{where}: position must be 'top' or 'left'")
             if not isinstance(m, Mapping) or not {"dX", "dY"} <= m.keys():
                 raise ValueError(f"{where}: no dX/dY in {m!r}; the journal's results are not matches")
-            dr, dc = _NEIGHBOUR[position]
-            neighbour = (int(m.get("row", t.row + dr)), int(m.get("column", t.column + dc)))
-            if neighbour != (t.row + dr, t.column + dc):
+            expected = neighbour_of(t.row, t.column, position)
+            neighbour = (int(m.get("row", expected[0])), int(m.get("column", expected[1])))
+            if neighbour != expected:
                 raise ValueError(f"{where}: names row {neighbour[0]}, column {neighbour[1]} as the neighbour")
             if neighbour not in shapes:
                 raise KeyError(
                     f"{where}: no shape for the neighbour at row {neighbour[0]}, column {neighbour[1]}"
                 )
-            height, width = shapes[neighbour]
-            overlap = t.overlap or 0
-            dx, dy = float(m["dX"]), float(m["dY"])
-            if position == "left":
-                dx += width - overlap
-            else:
-                dy += height - overlap
+            dx, dy = from_nominal(float(m["dX"]), float(m["dY"]), shapes[neighbour], t.overlap or 0, position)
             edges.append(Edge((t.row, t.column), neighbour, dx, dy, float(m.get("quality", 1.0))))
     return edges
 
 
 def stage_positions(
-    tiles: Iterable[TileRow], shapes: Mapping[GridPosition, Shape], pixel_size_nm: float
+    tiles: Iterable[GridTile],
+    shapes: Mapping[GridPosition, Shape],
+    pixel_size_nm: float,
+    rotation_rad: float = 0.0,
 ) -> dict[GridPosition, tuple[float, float]]:
     """Where the stage says each tile is: top-left corners (px) of the tiles in ``shapes``.
 
-    A stage position is the field of view's centre in nm (TEM_comms), so half the tile is taken off.
+    A stage position is the field of view's centre in nm (TEM_comms), turned into image axes by
+    ``rotation_rad`` (``montage.complete``'s ``rotation_angle``, see :func:`~em_platform.stitch.grid.stage_to_image`),
+    so half the tile is taken off in the image frame.
     Tiles without a shape (never processed: nothing to place) are left out; a tile with a shape but no
     stage position is an error (use :func:`nominal_positions` for a scope that sends none).
     """
@@ -111,12 +114,13 @@ def stage_positions(
                 "on the nominal grid (nominal_positions) instead"
             )
         height, width = shapes[key]
-        out[key] = (t.stage_x_nm / pixel_size_nm - width / 2.0, t.stage_y_nm / pixel_size_nm - height / 2.0)
+        x, y = stage_to_image(t.stage_x_nm, t.stage_y_nm, pixel_size_nm, rotation_rad)
+        out[key] = (x - width / 2.0, y - height / 2.0)
     return out
 
 
 def nominal_positions(
-    tiles: Iterable[TileRow], shapes: Mapping[GridPosition, Shape]
+    tiles: Iterable[GridTile], shapes: Mapping[GridPosition, Shape]
 ) -> dict[GridPosition, tuple[float, float]]:
     """The nominal grid as a prior (px): column × (width − overlap), row × (height − overlap) of each tile
     in ``shapes``, for tiles of one size. A montage without stage positions is solved from it."""
@@ -124,9 +128,7 @@ def nominal_positions(
     for t in _montage_tiles(tiles):
         key = (t.row, t.column)
         if key in shapes:
-            height, width = shapes[key]
-            overlap = t.overlap or 0
-            out[key] = (float(t.column * (width - overlap)), float(t.row * (height - overlap)))
+            out[key] = nominal_grid_position(t.row, t.column, shapes[key], t.overlap or 0)
     return out
 
 

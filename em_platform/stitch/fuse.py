@@ -61,13 +61,19 @@ PYRAMID_MIN_SIZE = 256  # passed to the writer, and used here to predict its blo
 
 @dataclass(frozen=True)
 class PlacedTile:
-    """A tile and its solved top-left corner in pixels (any origin; ``y`` rows, ``x`` columns)."""
+    """A tile and its solved top-left corner in pixels (any origin; ``y`` rows, ``x`` columns).
+
+    ``transform`` (2×3 ``[A | t]``, tile (x, y) → montage (x, y)), when given and not a pure translation,
+    places the tile instead of ``y``/``x`` and the fusion resamples it; a ``lens`` correction given to
+    :func:`fuse_montage` applies before it (the transform then acts on undistorted tile pixels).
+    """
 
     tile_id: str
     y: float
     x: float
     height: int
     width: int
+    transform: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
 
 
 class TileInfo(NamedTuple):
@@ -240,13 +246,18 @@ class TiffTileFolder:
 
 @dataclass(frozen=True)
 class _Placed:
-    """A tile at whole-pixel output coordinates: rows ``y:y+height``, columns ``x:x+width``."""
+    """A tile at whole-pixel output coordinates: rows ``y:y+height``, columns ``x:x+width`` (for a
+    resampled tile: the box its pixels land in, ``inverse`` mapping output (x, y) to undistorted tile
+    pixels, ``shape`` the tile's own (height, width))."""
 
     tile_id: str
     y: int
     x: int
     height: int
     width: int
+    inverse: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    shape: tuple[int, int] | None = None
+    lens: Any = None
 
 
 @dataclass(frozen=True)
@@ -346,6 +357,57 @@ def _blend(out: np.ndarray, y0: int, y1: int, x0: int, x1: int, pieces: list[_Pi
     out[y0:y1, x0:x1] = total
 
 
+def _fuse_resampled(plan: _BlockPlan, source: TileSource) -> np.ndarray:
+    """A block where tiles are rotated, scaled or lens-corrected: every tile resampled (bicubic) at the
+    tile pixel each output pixel shows, then the feather-weighted mean as for pasted tiles."""
+    import cv2
+
+    acc = _accumulator(plan.dtype)
+    h, w = plan.y1 - plan.y0, plan.x1 - plan.x0
+    total = np.zeros((h, w), np.float64)
+    weight = np.zeros((h, w), np.float64)
+    gy, gx = np.mgrid[plan.y0 : plan.y1, plan.x0 : plan.x1].astype(np.float64)
+    for t in plan.tiles:
+        th, tw = t.shape or (t.height, t.width)
+        if t.inverse is None:
+            inv = np.array([[1.0, 0.0, -t.x], [0.0, 1.0, -t.y]])
+        else:
+            inv = np.asarray(t.inverse, np.float64)
+        ux = inv[0, 0] * gx + inv[0, 1] * gy + inv[0, 2]
+        uy = inv[1, 0] * gx + inv[1, 1] * gy + inv[1, 2]
+        if t.lens is not None:
+            xy = t.lens.distort(np.column_stack([ux.ravel(), uy.ravel()]))
+            ux, uy = xy[:, 0].reshape(h, w), xy[:, 1].reshape(h, w)
+        inside = (ux > -0.5) & (ux < tw - 0.5) & (uy > -0.5) & (uy < th - 0.5)
+        if not inside.any():
+            continue
+        x0 = max(0, int(np.floor(ux[inside].min())) - 2)
+        x1 = min(tw, int(np.ceil(ux[inside].max())) + 3)
+        y0 = max(0, int(np.floor(uy[inside].min())) - 2)
+        y1 = min(th, int(np.ceil(uy[inside].max())) + 3)
+        region = source.read(t.tile_id, y0, y1, x0, x1).astype(np.float32)
+        values = cv2.remap(
+            region, (ux - x0).astype(np.float32), (uy - y0).astype(np.float32), cv2.INTER_CUBIC,
+            borderMode=cv2.BORDER_REPLICATE,
+        )  # fmt: skip
+        if plan.blend_px:
+            ex = np.clip(np.minimum(ux + 0.5, tw - 0.5 - ux) / plan.blend_px, 0, 1)
+            ey = np.clip(np.minimum(uy + 0.5, th - 0.5 - uy) / plan.blend_px, 0, 1)
+            wt = np.where(inside, ex * ey, 0.0)
+        else:
+            wt = inside.astype(np.float64)
+        total += wt * values
+        weight += wt
+    out = np.zeros((h, w), plan.dtype)
+    covered = weight > 0
+    mean = np.where(covered, total / np.where(covered, weight, 1.0), 0.0).astype(acc)
+    if plan.dtype.kind in "iu":
+        info = np.iinfo(plan.dtype)
+        mean = np.clip(np.rint(mean), info.min, info.max)
+    out[:] = mean
+    return out
+
+
 def fuse_block(plan: _BlockPlan, source: TileSource) -> np.ndarray:
     """One output block: the feather-weighted mean of the tile regions that cover it, 0 elsewhere.
 
@@ -354,6 +416,8 @@ def fuse_block(plan: _BlockPlan, source: TileSource) -> np.ndarray:
     same mean is computed again) is replaced by the weighted mean of all tiles covering it. The float
     work is confined to the overlaps, a fifth of the area at 10 % overlap.
     """
+    if any(t.inverse is not None for t in plan.tiles):
+        return _fuse_resampled(plan, source)
     out = np.zeros((plan.y1 - plan.y0, plan.x1 - plan.x0), plan.dtype)
     pieces = [_read_piece(plan, t, source) for t in plan.tiles]
     for p in pieces:
@@ -437,6 +501,44 @@ def _check_sources(tiles: Sequence[PlacedTile], source: TileSource) -> np.dtype:
     return dtype
 
 
+def _resampled_boxes(tiles: Sequence[PlacedTile], lens: Any) -> tuple[list[_Placed], tuple[int, int]]:
+    """Output boxes (and output → tile maps) of tiles placed by full transforms; the origin is the top-left
+    of their union, so output pixel (0, 0) is frame point ``origin``."""
+    margin = (lens.max_displacement() if lens is not None else 0.0) + 2
+    boxes = []
+    for t in tiles:
+        m = (
+            np.asarray(t.transform, np.float64)
+            if t.transform is not None
+            else np.array([[1.0, 0.0, t.x], [0.0, 1.0, t.y]])
+        )
+        corners = np.array([[0, 0], [t.width, 0], [0, t.height], [t.width, t.height]], np.float64) - 0.5
+        frame = corners @ m[:, :2].T + m[:, 2]
+        lo, hi = np.floor(frame.min(axis=0) - margin), np.ceil(frame.max(axis=0) + margin)
+        boxes.append((m, lo, hi))
+    origin_xy = np.min([lo for _, lo, _ in boxes], axis=0)
+    placed = []
+    for t, (m, lo, hi) in zip(tiles, boxes, strict=True):
+        a_inv = np.linalg.inv(m[:, :2])
+        shifted_t = m[:, 2] - origin_xy  # output (x, y) = A u + t − origin
+        inverse = np.column_stack([a_inv, -a_inv @ shifted_t])
+        x0, y0 = (lo - origin_xy).astype(int)
+        x1, y1 = (hi - origin_xy).astype(int)
+        placed.append(
+            _Placed(
+                t.tile_id,
+                int(y0),
+                int(x0),
+                int(y1 - y0),
+                int(x1 - x0),
+                inverse=tuple(map(tuple, inverse.tolist())),
+                shape=(int(t.height), int(t.width)),
+                lens=lens,
+            )  # fmt: skip
+        )
+    return placed, (int(origin_xy[1]), int(origin_xy[0]))
+
+
 def _block_sides(shape: tuple[int, int], pixel_size_nm: float, chunk: int) -> tuple[int, int]:
     """The block shape ``write_ome_zarr`` cuts level 0 into: a level-1 chunk times 2, or one chunk if
     the image has a single level."""
@@ -461,10 +563,12 @@ def fuse_montage(
     client: Any = None,
     blend_px: int = DEFAULT_BLEND_PX,
     name: str | None = None,
+    lens: Any = None,
 ) -> FusedMontage:
     """Fuse ``tiles`` read from ``source`` into a multiscale OME-Zarr image at ``url``.
 
-    ``tiles`` hold solved top-left corners in pixels; a tile left out (failed, never acquired) leaves
+    ``tiles`` hold solved top-left corners in pixels, or full transforms (then, or with a ``lens``
+    correction, every tile is resampled, bicubic, instead of pasted); a tile left out (failed, never acquired) leaves
     a hole of zeros. ``pixel_size_nm`` is written as the y/x scale in nanometers; ``chunk`` is the
     stored chunk side; ``blend_px`` the feathering width (0: plain mean in overlaps). ``client`` is a
     ``distributed.Client``; without one, dask's threaded scheduler runs the tasks. ``url`` (with
@@ -489,13 +593,22 @@ def fuse_montage(
         raise ValueError(f"blend_px must be a non-negative integer (pixels), got {blend_px!r}")
     dtype = _check_sources(tiles, source)
 
-    ys = [_round_half_up(t.y) for t in tiles]
-    xs = [_round_half_up(t.x) for t in tiles]
-    origin = (min(ys), min(xs))
-    placed = [
-        _Placed(t.tile_id, y - origin[0], x - origin[1], int(t.height), int(t.width))
-        for t, y, x in zip(tiles, ys, xs, strict=True)
-    ]
+    if lens is not None and lens.is_identity():
+        lens = None
+    resample = lens is not None or any(
+        t.transform is not None and not np.allclose(np.asarray(t.transform)[:, :2], np.eye(2), atol=1e-9)
+        for t in tiles
+    )
+    if resample:
+        placed, origin = _resampled_boxes(tiles, lens)
+    else:
+        ys = [_round_half_up(t.y if t.transform is None else t.transform[1][2]) for t in tiles]
+        xs = [_round_half_up(t.x if t.transform is None else t.transform[0][2]) for t in tiles]
+        origin = (min(ys), min(xs))
+        placed = [
+            _Placed(t.tile_id, y - origin[0], x - origin[1], int(t.height), int(t.width))
+            for t, y, x in zip(tiles, ys, xs, strict=True)
+        ]
     shape = (max(p.y + p.height for p in placed), max(p.x + p.width for p in placed))
 
     # Grid index: each tile is listed in the blocks its rectangle touches (integer division).

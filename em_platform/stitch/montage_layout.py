@@ -24,20 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from em_platform.stitch.edges import GridPosition, match_edges, nominal_positions, stage_positions
+from em_platform.stitch.edges import match_edges, nominal_positions, stage_positions
+from em_platform.stitch.grid import GridPosition, GridTile, array_name, neighbour_of
 from em_platform.stitch.layout_qc import SEAM_PX, LayoutQC, layout_qc
 from em_platform.stitch.solve import Layout, solve_translations
 from em_platform.stitch.solve_affine import Model, PointEdge, solve_transforms
-from em_platform.tem.journal import TileRow
 
 LAYOUT_FORMAT = "em_platform/montage-layout/1"
 
 __all__ = ["LAYOUT_FORMAT", "MontageLayout", "array_name", "match_point_edges", "solve_montage"]
-
-
-def array_name(row: int, column: int) -> str:
-    """The processed tile's array in ``processed_tiles.zarr`` (what live processing names it)."""
-    return f"r{row:03d}_c{column:03d}"
 
 
 @dataclass(frozen=True)
@@ -87,10 +82,11 @@ class MontageLayout:
 
 def solve_montage(
     montage_id: str,
-    tiles: Iterable[TileRow],
+    tiles: Iterable[GridTile],
     shapes: Mapping[GridPosition, tuple[int, int]],
     pixel_size_nm: float | None,
     *,
+    stage_rotation_rad: float = 0.0,  # stage -> image axes: montage.complete's rotation_angle
     model: Model = "translation",
     seam_px: float = SEAM_PX,
 ) -> MontageLayout:
@@ -100,7 +96,7 @@ def solve_montage(
         raise ValueError(f"montage {montage_id}: no processed tile to lay out")
     with_stage = all(t.stage_x_nm is not None and t.stage_y_nm is not None for t in tiles)
     if with_stage and pixel_size_nm:
-        prior, positions = "stage", stage_positions(tiles, shapes, pixel_size_nm)
+        prior, positions = "stage", stage_positions(tiles, shapes, pixel_size_nm, stage_rotation_rad)
     else:
         prior, positions = "nominal", nominal_positions(tiles, shapes)
     tile_scale = 0.0
@@ -130,18 +126,17 @@ def solve_montage(
     )
 
 
-def match_point_edges(tiles: Iterable[TileRow]) -> list[PointEdge]:
+def match_point_edges(tiles: Iterable[GridTile]) -> list[PointEdge]:
     """The matched patch centres of every journal match: tile point (pX, pY) = neighbour point (qX, qY)."""
     out = []
     for t in tiles:
         for position, m in sorted(((t.results or {}).get("matches") or {}).items()):
             if not m or not all(m.get(k) for k in ("pX", "pY", "qX", "qY")):
                 continue
-            neighbour = (t.row - 1, t.column) if position == "top" else (t.row, t.column - 1)
             out.append(
                 PointEdge(
                     (t.row, t.column),
-                    neighbour,
+                    neighbour_of(t.row, t.column, position),
                     np.column_stack([m["pX"], m["pY"]]),
                     np.column_stack([m["qX"], m["qY"]]),
                     float(m.get("quality", 1.0)),

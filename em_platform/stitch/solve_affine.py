@@ -4,58 +4,89 @@ Each accepted point pair says: tile point ``p`` and neighbour point ``q`` land o
 ``T_tile(p) = T_neighbour(q)``. With ``T(x) = A·(x − c) + t`` about the tile centre ``c`` every such
 equation is linear in the six numbers of ``(A, t)``, so the montage is one sparse linear least-squares
 problem (6 unknowns per tile, solved directly from the normal equations, as BigFeta solves em_stitch's
-montages, seed-systems.md §1.4). Weak priors make it determined everywhere:
+montages, seed-systems.md §1.4). Priors make it determined everywhere, each weighted by what it knows
+against one point pair (of measured error ``σ_match``):
 
-* ``stage_weight``: each tile centre is tied to its stage position, as in :func:`solve_translations`:
-  it fixes the montage's free translation and places tiles no match reaches.
-* ``linear_weight``: the linear part is pulled toward the identity (BigFeta's regularisation toward the
-  starting transform), measured as the displacement it causes at the tile's corners, so the weight
-  compares directly with a point pair's: a deviation ``δ`` costs as much as ``δ·R`` px of misfit,
-  ``R`` = half the tile diagonal. It is needed, not cosmetic: the matcher's patches lie along the
-  middle of each overlap strip, so a strip sees how the tiles map the direction *along* it but hardly
-  the one across it, and an affine row or column of tiles may shear together at almost no cost in
-  residual. The regularisation settles that; on synthetic truth it leaves tile corners about 1 px from
-  their true places (residuals stay at the noise), where the translation model leaves about 2.5 px.
-* ``model="rigid"``: scale, anisotropy and shear are held to zero by ``rigid_weight`` while rotation
-  keeps the weak ``linear_weight``; the solved linear part is then projected to the nearest rotation
-  (polar decomposition). A linearised small-rotation model (``cos θ ≈ 1``) would be off by about
-  ``θ²/2·R`` (0.5 px for 1° at the corner of a 5000 px tile) and need Gauss–Newton iterations; here
-  the solve stays linear and exact, and the projection only removes what the strong weight left
-  (≤ 0.02 px at the corners even beside a tile mis-scaled by 3 %), so the translations need no re-solve.
-* ``model="translation"``: ``A ≡ I``, the :func:`solve_translations` model at the level of points, so its
-  residuals show what rotation or scale between tiles costs.
+* **stage**: each tile centre is tied to its stage position *in the image frame*: the stage's own scale
+  and rotation against the images, and its error per reading, are measured from the matches first
+  (:func:`~em_platform.stitch.robust.stage_frame`), and the weight is ``(σ_match/σ_stage)²``, weaker for
+  large montages (:func:`~em_platform.stitch.robust.prior_weight`). A stage a few percent off in scale
+  then no longer drags a large montage out of shape, and tiles no match reaches sit where it puts them.
+  Within the largest connected group the stage holds the position only, not the shape: its prior carries
+  a free linear map ``F`` (the frame's correction, within ``STAGE_CALIBRATION`` of the measured frame).
+  A common scale, shear or rotation of every tile, with the tile centres moved along, changes no point
+  pair: it is a null space of the matches, and without ``F`` the stage's noise would set it (the scatter
+  of 100 readings of σ 2 px over a 10 × 10 montage fits a shear of ~3·10⁻⁴ that rows of affine tiles
+  followed, 1.6 px at the far corner: the montage was measured in the stage's frame, not the images').
+  With ``F`` the group's frame is the images' own: its tiles' linear parts average to the identity.
+* **linear part**: pulled toward the identity, each part (scale, rotation, anisotropy, shear) with the
+  spread the montage's tiles show, measured before each flexible pass (``fit_spread``: EM for the
+  spreads, a type-II maximum likelihood: mean of solved deviation² plus its posterior variance, a few
+  solves) and never above the spreads real tiles may have: rotation ``σ_rotation`` (a stage's turn
+  between tiles), scale and shear ``σ_deformation`` (one camera: only a focus change scales a tile), nor
+  below ``MIN_TILE_SPREAD``. A deviation ``δ`` costs ``(δ/spread)²`` where a pair ``σ_match`` off costs 1.
+  It is needed, not cosmetic: the matcher's patches lie along the middle of each overlap strip, so a
+  strip sees how tiles map the direction along it but hardly the one across it, and the centre of a
+  tile is placed by its matches through a lever of half a tile: unregularised, rows of affine
+  tiles shear together at almost no cost (the 1.8 px drift of issue 14), and regularised with the largest
+  spread, the matcher's noise leaves tiles of a montage that has no deformation scaled by ~5·10⁻⁴ and
+  their centres 0.4 px off. Measured, the spread is what the montage shows: ±0.5 % where tiles are
+  scaled that much, the floor where they are not, and the translation model's accuracy then.
+* ``model="rigid"``: scale, anisotropy and shear held to zero (``rigid_weight``); the solved linear part is
+  projected to the nearest rotation (polar decomposition), exact where ``cos θ ≈ 1`` would be off by
+  ``θ²/2·R``. ``model="translation"``: ``A ≡ I``.
 
-Bad point pairs are rejected as :func:`solve_translations` rejects edges: the solve is repeated with
-Tukey-biweight weights, and a pair whose residual stays beyond ``max(outlier_px, mad_factor · MAD)`` is
-dropped. An edge keeping fewer than ``min_edge_fraction`` of its pairs is wrong as a whole (wrong
-neighbour, repeated texture) and is rejected with all of them; both are reported per edge. A flexible
-tile can absorb a wrong edge by bending, so the judging goes from stiff to flexible models
-(translation, then rigid; translation, similarity, then affine). A tile with only three edges (on the
-montage border) can still bend to one wrong edge when other wrong ones are near; the QC's seam and
-scale-distortion checks are the backstop.
+Robustness: a pair beyond ``max(outlier_px, mad_factor · MAD)`` is dropped (reported per edge); an edge
+whose median pair is beyond it is rejected whole, but only as
+:func:`~em_platform.stitch.robust.pick_rejections` allows (worst first around each tile, never a bridge),
+and comes back if the next solve fits it, so rejection does not cascade into tears. Flexible models are
+judged after the translation solve has settled the gross outliers.
 
-Fusion places tiles by integer translation only: :attr:`TransformLayout.translations` (and
-:meth:`TransformLayout.as_layout`) give the top-left corner that puts each tile's centre where its
-transform does, and :attr:`TransformLayout.translation_error` how far a corner then is from where the
-transform puts it; the rotation and scale of a tile are not applied to its pixels.
+Residuals are reported per point pair as em_stitch reports them (mean and spread of the distance, and
+per axis: :attr:`TransformLayout.residual_stats`); after rejection the montage's connected components are
+listed (:attr:`TransformLayout.components`): a tile outside the largest is placed by the stage alone.
 
-Dagster-free; the montage assets call :func:`solve_transforms`."""
+Fusion places tiles by their full transform (:mod:`em_platform.stitch.fuse` resamples);
+:attr:`TransformLayout.translations` give the top-left corner that puts each tile's centre where its
+transform does and :attr:`TransformLayout.translation_error` how far a corner then is from it.
+
+Dagster-free; the montage assets and ``em-platform stitch`` call :func:`solve_transforms`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from em_platform.stitch.solve import Layout, TileId, _outside_largest_group, _tukey
+from em_platform.stitch.robust import (
+    StageFrame,
+    components,
+    pick_rejections,
+    prior_weight,
+    stage_frame,
+)
+from em_platform.stitch.solve import Layout, TileId
 
-__all__ = ["Model", "PointEdge", "TransformLayout", "solve_transforms"]
+__all__ = ["Model", "PointEdge", "TransformLayout", "residual_stats", "solve_transforms"]
 
 Model = Literal["translation", "rigid", "affine"]
 EdgeKey = tuple[TileId, TileId]
-Solve = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # pair weights → (linear parts, centres)
+DEFAULT_MATCH_SIGMA_PX = 0.3  # when the edges carry one pair each and nothing measures the spread
+GAUGE_WEIGHT = 1e-6  # the stage prior of the first pass: fixes the free translation, pulls nothing
+STAGE_CALIBRATION = 0.02  # how far (relative) a stage's frame may be from the one the first pass measured
+MIN_TILE_SPREAD = 1e-4  # a spread of tile deformations no montage is told to be below (0.1 px over 2k px)
+SPREAD_ITERATIONS = 8
+TRACE_PROBES = 16  # Hutchinson probes for the posterior variances of a large montage's tile parameters
+EXACT_TRACE_TILES = 64  # up to this many tiles the posterior variances are summed exactly
+LINEAR_PARTS = ("scale", "rotation", "anisotropy", "shear")
+FREED = {
+    "translation": (),
+    "rigid": ("rotation",),
+    "similarity": ("scale", "rotation"),
+    "affine": LINEAR_PARTS,
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,8 +94,8 @@ class PointEdge:
     """Point pairs between two tiles: ``p[k]`` in the tile and ``q[k]`` in the neighbour are one specimen point.
 
     Coordinates are ``(x, y)`` px from each tile's top-left corner (a matcher ``Match``'s ``pX, pY`` and
-    ``qX, qY``). ``weight`` (e.g. the match quality) applies to every pair, so an edge with more
-    agreeing patches counts for more.
+    ``qX, qY``, or a render point match's ``p`` and ``q``). ``weight`` (e.g. the match quality) applies to
+    every pair, so an edge with more agreeing patches counts for more.
     """
 
     tile: TileId
@@ -72,6 +103,26 @@ class PointEdge:
     p: np.ndarray
     q: np.ndarray
     weight: float = 1.0
+
+
+def residual_stats(residuals: np.ndarray) -> dict[str, float]:
+    """em_stitch's residual summary of point pairs ``(n, 2)`` (x, y px): the mean and standard deviation of
+    the distance, and of each axis."""
+    r = np.asarray(residuals, np.float64).reshape(-1, 2)
+    if not len(r):
+        return {"pairs": 0}
+    d = np.hypot(r[:, 0], r[:, 1])
+    return {
+        "pairs": int(len(r)),
+        "mean_px": float(d.mean()),
+        "std_px": float(d.std()),
+        "median_px": float(np.median(d)),
+        "max_px": float(d.max()),
+        "x_mean_px": float(r[:, 0].mean()),
+        "x_std_px": float(r[:, 0].std()),
+        "y_mean_px": float(r[:, 1].mean()),
+        "y_std_px": float(r[:, 1].std()),
+    }
 
 
 @dataclass
@@ -86,10 +137,13 @@ class TransformLayout:
     rejected_points: dict[EdgeKey, int]  # accepted edges that lost point pairs: how many they lost
     disconnected: list[TileId]  # tiles no accepted edge ties to the largest connected group
     iterations: int
+    components: list[list[TileId]] = field(default_factory=list)  # the smaller groups, largest first
+    residual_stats: dict[str, float] = field(default_factory=dict)  # accepted pairs (em_stitch's figures)
+    stage: dict[str, Any] = field(default_factory=dict)  # the stage frame, priors' weights, tile spreads
     tile_residuals: dict[TileId, float] = field(init=False)  # worst accepted edge of the tile (px)
     scale_distortion: dict[TileId, float] = field(init=False)  # max |s − 1|, s = singular values of A
     anisotropy: dict[TileId, float] = field(init=False)  # s_max / s_min (1 = no stretch)
-    translations: dict[TileId, tuple[float, float]] = field(init=False)  # top-left corner for fusion
+    translations: dict[TileId, tuple[float, float]] = field(init=False)  # top-left corner, centre kept
     translation_error: dict[TileId, float] = field(init=False)  # px at the corners, translation vs transform
 
     def __post_init__(self) -> None:
@@ -117,14 +171,26 @@ class TransformLayout:
         r = np.array(list(self.edge_residuals.values()))
         return float(np.sqrt(np.mean(r**2))) if r.size else 0.0
 
+    @property
+    def positions(self) -> dict[TileId, tuple[float, float]]:
+        """Where each transform puts its tile's pixel (0, 0): the top-left corner, rotated or not."""
+        return {t: (float(m[0, 2]), float(m[1, 2])) for t, m in self.transforms.items()}
+
+    def is_translation(self, tolerance: float = 1e-9) -> bool:
+        """Every linear part the identity: fusion can paste tiles instead of resampling them."""
+        return all(np.abs(m[:, :2] - np.eye(2)).max() <= tolerance for m in self.transforms.values())
+
     def as_layout(self) -> Layout:
-        """The translation-only :class:`Layout` fusion uses; residuals stay the model's own."""
+        """The translation-only :class:`Layout` (positions = :attr:`translations`); residuals stay the model's."""
         return Layout(
             positions=dict(self.translations),
             edge_residuals=dict(self.edge_residuals),
             rejected=dict(self.rejected),
             disconnected=list(self.disconnected),
             iterations=self.iterations,
+            components=list(self.components),
+            residual_stats=dict(self.residual_stats),
+            stage=dict(self.stage),
         )
 
 
@@ -144,30 +210,48 @@ def _points(e: PointEdge) -> tuple[np.ndarray, np.ndarray]:
     return p, q
 
 
+def _edge_medians(values: np.ndarray, edge_of: np.ndarray, n_edges: int) -> np.ndarray:
+    """The median of ``values`` over each edge's pairs (edges without pairs: 0)."""
+    order = np.lexsort((values, edge_of))
+    counts = np.bincount(edge_of, minlength=n_edges)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    sorted_values = values[order]
+    lo = starts + (np.maximum(counts, 1) - 1) // 2
+    hi = starts + np.maximum(counts, 1) // 2
+    out = np.zeros(n_edges)
+    has = counts > 0
+    out[has] = (sorted_values[lo[has]] + sorted_values[hi[has]]) / 2
+    return out
+
+
 def solve_transforms(
     stage: Mapping[TileId, tuple[float, float]],
     point_edges: Iterable[PointEdge],
     model: Model = "affine",
     *,
     tile_size: tuple[float, float],
-    stage_weight: float = 1e-3,
-    linear_weight: float = 0.1,
+    stage_weight: float | None = None,
+    stage_sigma_px: float | None = None,
+    fit_stage_frame: bool = True,
+    match_sigma_px: float | None = None,
+    rotation_sigma: float = 0.01,
+    deformation_sigma: float = 0.002,
+    fit_spread: bool = True,
     rigid_weight: float = 1e5,
     outlier_px: float = 3.0,
     mad_factor: float = 6.0,
-    min_edge_fraction: float = 0.5,
-    max_iterations: int = 20,
+    max_iterations: int = 40,
 ) -> TransformLayout:
     """Solve each tile's transform from ``point_edges`` anchored softly at the ``stage`` top-left corners (px).
 
-    Weights are relative to one point pair of weight 1. ``tile_size`` is ``(width, height)`` px of every
-    tile: transforms act about the tile centre and the fusion translation keeps it in place.
-    ``max_iterations`` bounds the solves of each judging stage; the result counts them all. Edges
-    naming a tile not in ``stage`` raise ``KeyError``; malformed points or a repeated edge ``ValueError``.
+    ``tile_size`` is ``(width, height)`` px of every tile: transforms act about the tile centre.
+    ``stage_weight`` fixes the prior's weight against one pair (default: measured, module docstring);
+    ``stage_sigma_px`` states the stage's error per reading instead of measuring it; ``fit_stage_frame``
+    False trusts the stage's scale and rotation. ``rotation_sigma`` (rad) and ``deformation_sigma`` are the
+    largest spreads of a tile's rotation and of its scale/shear the flexible models allow; ``fit_spread``
+    measures the montage's own below them (module docstring), False uses them as they are. Edges naming a
+    tile not in ``stage`` raise ``KeyError``; malformed points or a repeated edge ``ValueError``.
     """
-    from scipy.sparse import coo_matrix, diags, vstack
-    from scipy.sparse.linalg import spsolve
-
     if model not in ("translation", "rigid", "affine"):
         raise ValueError(f"model must be 'translation', 'rigid' or 'affine', got {model!r}")
     width, height = (float(v) for v in tile_size)
@@ -191,148 +275,155 @@ def solve_transforms(
     counts = np.array([len(p) for p, _ in pairs], np.int64)
     m = int(counts.sum())
     edge_of = np.repeat(np.arange(n_edges), counts)
-    p = (np.concatenate([p for p, _ in pairs]) if m else np.zeros((0, 2))) - centre
-    q = (np.concatenate([q for _, q in pairs]) if m else np.zeros((0, 2))) - centre
-    a = np.array([index[e.tile] for e in edges], np.int64)[edge_of]
-    b = np.array([index[e.neighbour] for e in edges], np.int64)[edge_of]
+    p_raw = np.concatenate([p for p, _ in pairs]) if m else np.zeros((0, 2))
+    q_raw = np.concatenate([q for _, q in pairs]) if m else np.zeros((0, 2))
+    p, q = p_raw - centre, q_raw - centre
+    ends = np.array([[index[e.tile], index[e.neighbour]] for e in edges], np.int64).reshape(n_edges, 2)
+    a, b = ends[edge_of, 0], ends[edge_of, 1]
     w0 = np.array([e.weight for e in edges], np.float64)[edge_of]
     s = np.array([stage[t] for t in ids], np.float64).reshape(n, 2)
-    origin = s.mean(axis=0) if n else np.zeros(2)  # solve near zero: better conditioned
-    stage_centres = s + centre - origin
 
-    # Unknowns per tile i, columns 6i…6i+5: (B00, B01, tx, B10, B11, ty) with B = R·A, so every column is
-    # in px and the point coordinates enter as u / R ∈ [−1, 1]. Pair k: x row 2k, y row 2k+1, each
-    # B·u/R + t (tile) − B·v/R − t (neighbour) = 0.
-    u, v = p / radius, q / radius
-    x_cols = np.stack([6 * a, 6 * b, 6 * a + 1, 6 * b + 1, 6 * a + 2, 6 * b + 2], axis=1)
-    vals = np.stack([u[:, 0], -v[:, 0], u[:, 1], -v[:, 1], np.ones(m), -np.ones(m)], axis=1)
-    data = coo_matrix(
-        (
-            np.hstack([vals, vals]).ravel(),
-            (
-                np.repeat(np.arange(2 * m), 6),
-                np.hstack([x_cols, x_cols + 3]).ravel(),
-            ),
-        ),
-        shape=(2 * m, 6 * n),
-    ).tocsc()
+    # match error: the scatter of an edge's pairs about their mean offset
+    steps = np.stack(
+        [np.bincount(edge_of, (q_raw - p_raw)[:, k], minlength=n_edges) for k in (0, 1)], 1
+    ).astype(np.float64)
+    steps /= np.maximum(counts, 1)[:, None]  # mean offset per edge: t_tile − t_neighbour (translation)
+    spread = (q_raw - p_raw) - steps[edge_of]
+    multi = counts[edge_of] > 1
+    if match_sigma_px is None:
+        match_sigma_px = (
+            max(0.05, 1.4826 * float(np.median(np.abs(spread[multi]))) * np.sqrt(2))
+            if multi.sum() >= 10
+            else DEFAULT_MATCH_SIGMA_PX
+        )
+    # the stage in the image frame and how far to trust it: measured on the montage the matches alone place
+    # (a first translation solve held by a gauge-weak prior), so pairs the matcher missed bias nothing
+    measure = stage_weight is None and n >= 3 and n_edges >= 2
+    frame = stage_frame(np.zeros((0, 2)), np.zeros((0, 2)), fit=False, sigma_px=stage_sigma_px)
+    weight_stage = stage_weight if stage_weight is not None else GAUGE_WEIGHT
 
-    tile = np.arange(n)
-    half = np.full(n, 0.5)
+    def make_solver(frame_now, weight_now):
+        corners = frame_now.apply(s) if n else s
+        origin = corners.mean(axis=0) if n else np.zeros(2)
+        # the largest group's frame is left to the tiles (module docstring): the stage prior of its tiles
+        # carries a free linear map about the group's centroid
+        main = (components(n, ends[edge_ok]) == 0) if (fit_stage_frame and n) else np.zeros(n, bool)
+        return _Solver(
+            n, m, p / radius, q / radius, a, b, radius, corners + centre - origin, weight_now, origin, main
+        )
 
-    def solver(kind: str) -> Solve:
-        """Weighted least squares for one model: point weights → (linear parts, centre positions)."""
-        # Priors, one row per tile each: the stage (tx, ty of the centre) and the linear part in an
-        # orthogonal basis of deviations from the identity: scale, rotation, anisotropy, shear.
-        parts = [
-            ([6 * tile + 2], [np.ones(n)], stage_centres[:, 0], stage_weight),
-            ([6 * tile + 5], [np.ones(n)], stage_centres[:, 1], stage_weight),
-        ]
-        free = np.ones(6 * n, bool)
-        if kind == "translation":  # B held at R·I
-            free[:] = False
-            free[2::6] = free[5::6] = True
-        else:
-            scale, anisotropy, shear = {
-                "rigid": (rigid_weight, rigid_weight, rigid_weight),
-                "similarity": (linear_weight, rigid_weight, rigid_weight),
-                "affine": (linear_weight, linear_weight, linear_weight),
-            }[kind]
-            parts += [
-                ([6 * tile, 6 * tile + 4], [half, half], np.full(n, radius), scale),
-                ([6 * tile + 3, 6 * tile + 1], [half, -half], np.zeros(n), linear_weight),  # rotation
-                ([6 * tile, 6 * tile + 4], [half, -half], np.zeros(n), anisotropy),
-                ([6 * tile + 1, 6 * tile + 3], [half, half], np.zeros(n), shear),
-            ]
-        prior = vstack(
-            [
-                coo_matrix(
-                    (np.concatenate(vs), (np.tile(tile, len(cs)), np.concatenate(cs))), shape=(n, 6 * n)
-                )
-                for cs, vs, _, _ in parts
-            ]
-        ).tocsc()[:, free]
-        prior_weight = np.concatenate([np.full(n, w) for _, _, _, w in parts])
-        prior_normal = (prior.T @ diags(prior_weight) @ prior).tocsc()
-        prior_vector = prior.T @ (prior_weight * np.concatenate([g for _, _, g, _ in parts]))
-        fixed = np.zeros(6 * n)
-        fixed[0::6] = fixed[4::6] = radius
-        data_free, data_rhs = data[:, free], -(data[:, ~free] @ fixed[~free])
+    edge_ok = np.ones(n_edges, bool)
+    solver = make_solver(frame, weight_stage)
+    # the spread of the tiles' linear parts about the identity, per part: at most the given sigmas, and
+    # measured from the montage before each flexible pass (fit_spread)
+    largest = {
+        "scale": deformation_sigma,
+        "rotation": rotation_sigma,
+        "anisotropy": deformation_sigma,
+        "shear": deformation_sigma,
+    }
+    tile_spread = dict(largest)
+    link = {"rigid": rigid_weight}
 
-        def solve(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            w2 = np.repeat(weights, 2)
-            normal = (data_free.T @ diags(w2) @ data_free).tocsc() + prior_normal
-            x = fixed.copy()
-            x[free] = np.atleast_1d(
-                spsolve(normal, data_free.T @ (w2 * data_rhs) + prior_vector, permc_spec="MMD_AT_PLUS_A")
-            )
-            x = x.reshape(n, 6)
-            linear = x[:, [0, 1, 3, 4]].reshape(n, 2, 2) / radius
-            if kind == "rigid":  # nearest rotation (polar decomposition), no reflection
-                left, _, right = np.linalg.svd(linear)
-                left[:, :, 1] *= np.sign(np.linalg.det(left @ right))[:, None]
-                linear = left @ right
-            return linear, x[:, [2, 5]] + origin
+    def set_links() -> None:  # the priors' weights against one pair, from the spreads and σ_match
+        link.update({k: (match_sigma_px / (v * radius)) ** 2 for k, v in tile_spread.items()})
+        link["frame"] = (match_sigma_px / STAGE_CALIBRATION) ** 2
 
-        return solve
+    set_links()
 
-    def residuals(linear: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def residual_vectors(linear: np.ndarray, t: np.ndarray) -> np.ndarray:
         at_tile = np.einsum("kij,kj->ki", linear[a], p) + t[a]
         at_neighbour = np.einsum("kij,kj->ki", linear[b], q) + t[b]
-        return np.hypot(*(at_tile - at_neighbour).T)
+        return at_tile - at_neighbour
 
-    def robust(solve: Solve, weights: np.ndarray, accepted: np.ndarray, budget: int) -> tuple:
-        """Reweight and reject until the accepted pairs stop changing (at most ``budget`` solves)."""
-        linear, t = solve(weights)
-        edge_ok = np.ones(n_edges, bool)
-        solves = 1
-        while solves < budget and m:
-            solves += 1
-            r = residuals(linear, t)
-            mad = float(np.median(r[accepted])) * 1.4826 if accepted.any() else 0.0
-            limit = max(outlier_px, mad_factor * mad)
-            within = r <= limit
-            edge_ok = np.bincount(edge_of, within, minlength=n_edges) >= np.maximum(
-                1.0, min_edge_fraction * counts
-            )
-            new_accepted = within & edge_ok[edge_of]  # a rejected edge loses all its pairs
-            # Tukey weights within the limit keep a bad pair from pulling the solve while it is judged
-            new_weights = np.where(new_accepted, w0 * _tukey(r, limit), 0.0)
-            done = np.array_equal(new_accepted, accepted) and np.allclose(new_weights, weights, atol=1e-3)
-            accepted, weights = new_accepted, new_weights
-            linear, t = solve(np.where(accepted, w0, 0.0) if done else weights)
-            if done:
-                break
-        return linear, t, weights, accepted, edge_ok, solves
-
-    # Judge stiff to flexible (module docstring). Each stage starts from the previous stage's weights,
-    # except that a tile which lost most of its edges gets them back: when all its neighbours disagree
-    # with a tile alike, the tile itself is more likely distorted (which the next model may fit, e.g. a
-    # 3 % scale error) than every one of its matches wrong.
+    pair_ok = np.ones(m, bool)
+    iterations = 0
     stages = {
         "translation": ["translation"],
         "rigid": ["translation", "rigid"],
         "affine": ["translation", "similarity", "affine"],
     }
-    edge_tiles = np.array([[index[e.tile], index[e.neighbour]] for e in edges], np.int64).reshape(n_edges, 2)
-    degree = np.bincount(edge_tiles.ravel(), minlength=n)
-    weights, accepted, edge_ok = w0.copy(), np.ones(m, bool), np.ones(n_edges, bool)
-    iterations = 0
-    for kind in stages[model]:
-        if iterations:
-            lost = np.bincount(edge_tiles[~edge_ok].ravel(), minlength=n)
-            again = (lost * 2 > degree)[edge_tiles].any(axis=1)[edge_of]
-            weights, accepted = np.where(again, w0, weights), accepted | again
-        linear, t, weights, accepted, edge_ok, solves = robust(
-            solver(kind), weights, accepted, max_iterations
-        )
-        iterations += solves
+    degree = np.bincount(ends.ravel(), minlength=n)
+    for step, kind in enumerate((["frame"] if measure else []) + stages[model]):
+        if kind != "frame" and step == 1:  # after the frame pass: the measured stage frame and weight
+            placed = components(n, ends[edge_ok]) == 0
+            frame = stage_frame(
+                s[placed] - s[placed].mean(axis=0),
+                t[placed] - t[placed].mean(axis=0),
+                fit=fit_stage_frame,
+                sigma_px=stage_sigma_px,
+                per_reading=True,
+            )
+            weight_stage = prior_weight(match_sigma_px, frame.sigma_px, n)
+            solver = make_solver(frame, weight_stage)
+        kind = "translation" if kind == "frame" else kind
+        if (
+            iterations and kind != "translation"
+        ):  # a tile that lost most of its edges is more likely distorted than all of them wrong
+            lost = np.bincount(ends[~edge_ok].ravel(), minlength=n)
+            again = (lost * 2 > degree)[ends].any(axis=1)
+            edge_ok |= again
+            pair_ok |= again[edge_of]
+        if fit_spread and kind != "translation" and m:
+            weights = w0 * pair_ok * edge_ok[edge_of]
+            seen = np.bincount(np.concatenate([a, b])[np.tile(weights, 2) > 0], minlength=n) > 0
+            for _ in range(SPREAD_ITERATIONS):  # EM for the spreads (type-II maximum likelihood)
+                iterations += 1
+                moments = solver.spread_moments(kind, link, weights, seen, match_sigma_px)
+                if not moments:
+                    break
+                new = {k: float(np.clip(np.sqrt(v), MIN_TILE_SPREAD, largest[k])) for k, v in moments.items()}
+                settled = all(abs(v / tile_spread[k] - 1) < 0.05 for k, v in new.items())
+                tile_spread.update(new)
+                set_links()
+                if settled:
+                    break
+        solve = solver.for_model(kind, link)
+        soft = np.ones(m)  # Tukey weights: a pair far out stops pulling while it is judged
+        for _ in range(max_iterations):
+            iterations += 1
+            linear, t = solve(w0 * soft * pair_ok * edge_ok[edge_of])
+            if not m:
+                break
+            r = np.hypot(*residual_vectors(linear, t).T)
+            live = pair_ok & edge_ok[edge_of]
+            mad = 1.4826 * float(np.median(r[live])) if live.any() else 0.0
+            limit = max(outlier_px, mad_factor * mad)
+            per_edge = _edge_medians(r, edge_of, n_edges)
+            # a pair is judged within an edge the majority of whose pairs fit; an edge is judged whole
+            new_pair_ok = (r <= limit) | (per_edge[edge_of] > limit)
+            picks = pick_rejections(per_edge, edge_ok, ends, limit, n)
+            back = ~edge_ok & (per_edge <= limit / 2)
+            new_soft = (1 - np.clip(r / limit, 0, 1) ** 2) ** 2
+            settled = np.abs(new_soft - soft).max(initial=0) < 0.05
+            soft = new_soft
+            if not len(picks) and not back.any() and np.array_equal(new_pair_ok, pair_ok) and settled:
+                break
+            edge_ok[picks] = False
+            edge_ok[back] = True
+            pair_ok = new_pair_ok
+        linear, t = solve(w0 * pair_ok * edge_ok[edge_of])
+        if m and multi.sum() >= 10 and (pair_ok & edge_ok[edge_of]).sum() >= 10:
+            # the next, more flexible model is weighed against the misfit this one leaves
+            r = np.hypot(*residual_vectors(linear, t).T)[pair_ok & edge_ok[edge_of]]
+            match_sigma_px = min(match_sigma_px, max(0.05, 1.4826 * float(np.median(r)) / np.sqrt(2)))
+            set_links()
 
-    r = residuals(linear, t)
+    vectors = residual_vectors(linear, t) if m else np.zeros((0, 2))
+    r = np.hypot(*vectors.T) if m else np.zeros(0)
+    accepted = pair_ok & edge_ok[edge_of]
     squares = np.bincount(edge_of, np.where(accepted, r**2, 0.0), minlength=n_edges)
     kept = np.bincount(edge_of, accepted, minlength=n_edges)
     all_squares = np.bincount(edge_of, r**2, minlength=n_edges)
+    edge_ok &= kept > 0
+    labels = components(n, ends[edge_ok]) if n else np.zeros(0, np.int64)
+    groups: dict[int, list[TileId]] = {}
+    for i, tid in enumerate(ids):
+        groups.setdefault(int(labels[i]), []).append(tid)
     corner = t - np.einsum("kij,j->ki", linear, centre)
+    solved_frame = StageFrame(
+        (np.eye(2) + solver.correction) @ frame.matrix, frame.sigma_px, frame.edges_used
+    )
     return TransformLayout(
         transforms={tid: np.column_stack([linear[i], corner[i]]) for i, tid in enumerate(ids)},
         tile_size=(width, height),
@@ -344,6 +435,203 @@ def solve_transforms(
         rejected_points={
             k: int(counts[j] - kept[j]) for j, k in enumerate(keys) if edge_ok[j] and kept[j] < counts[j]
         },
-        disconnected=_outside_largest_group(ids, [k for k, ok in zip(keys, edge_ok, strict=True) if ok]),
+        disconnected=[tid for i, tid in enumerate(ids) if labels[i] != 0],
         iterations=iterations,
+        components=[groups[g] for g in sorted(groups) if g != 0],
+        residual_stats=residual_stats(vectors[accepted]) if m else residual_stats(np.zeros((0, 2))),
+        stage={
+            **solved_frame.summary(),
+            "prior_weight": weight_stage,
+            "match_sigma_px": round(float(match_sigma_px), 4),
+            **{f"{k}_spread": round(tile_spread[k], 6) for k in FREED[model]},
+        },
     )
+
+
+class _Solver:
+    """The normal equations of one montage: point rows (built once) plus per-model priors.
+
+    Unknowns per tile i, columns 6i…6i+5: (B00, B01, tx, B10, B11, ty) with B = R·A, so every column is in
+    px and the point coordinates enter as u / R ∈ [−1, 1]. Pair k: x row 2k, y row 2k+1, each
+    B·u/R + t (tile) − B·v/R − t (neighbour) = 0. Then, with tiles in ``main`` (the largest group), four
+    columns 6n…6n+3: the stage frame's correction ``F`` (2×2, times the group's RMS extent ``L`` so that
+    it too is in px); a main tile's stage prior reads ``t = g + F·z/L``, ``z`` its stage centre about the
+    group's centroid, so the stage holds the group's position but neither its scale, shear nor rotation.
+    """
+
+    def __init__(self, n, m, u, v, a, b, radius, stage_centres, stage_weight, origin, main):
+        from scipy.sparse import coo_matrix
+
+        self.n, self.radius, self.origin = n, radius, origin
+        self.stage_centres, self.stage_weight = stage_centres, stage_weight
+        self.main = np.asarray(main, bool)
+        self.n_frame = 4 if self.main.sum() >= 2 else 0
+        z = np.zeros((n, 2))
+        if self.n_frame:
+            z[self.main] = stage_centres[self.main] - stage_centres[self.main].mean(axis=0)
+        self.extent = (
+            max(1.0, float(np.sqrt((z[self.main] ** 2).sum(axis=1).mean()))) if self.n_frame else 1.0
+        )
+        self.z = z / self.extent  # RMS length 1 over the main group
+        self.correction = np.zeros((2, 2))  # F / L of the last solve: the stage frame is (I + F/L)·G
+        x_cols = np.stack([6 * a, 6 * b, 6 * a + 1, 6 * b + 1, 6 * a + 2, 6 * b + 2], axis=1)
+        vals = np.stack([u[:, 0], -v[:, 0], u[:, 1], -v[:, 1], np.ones(m), -np.ones(m)], axis=1)
+        self.data = coo_matrix(
+            (
+                np.hstack([vals, vals]).ravel(),
+                (np.repeat(np.arange(2 * m), 6), np.hstack([x_cols, x_cols + 3]).ravel()),
+            ),
+            shape=(2 * m, 6 * n + self.n_frame),
+        ).tocsc()
+
+    def _system(self, kind: str, link: Mapping[str, float]):
+        """The priors of one model (normal matrix and vector over the free unknowns) and the data part."""
+        from scipy.sparse import coo_matrix, diags, vstack
+
+        n, radius, size = self.n, self.radius, 6 * self.n + self.n_frame
+        tile = np.arange(n)
+        half = np.full(n, 0.5)
+        # priors, one row per tile each: the stage (centre, with the frame's correction for the main
+        # group) and the linear part in an orthogonal basis of deviations from the identity: scale,
+        # rotation, anisotropy, shear
+        if self.n_frame:
+            f = 6 * n + np.arange(4)
+            zx, zy = -self.z[:, 0], -self.z[:, 1]
+            parts = [
+                (
+                    [6 * tile + 2, np.full(n, f[0]), np.full(n, f[1])],
+                    [np.ones(n), zx, zy],
+                    self.stage_centres[:, 0],
+                    self.stage_weight,
+                ),
+                (
+                    [6 * tile + 5, np.full(n, f[2]), np.full(n, f[3])],
+                    [np.ones(n), zx, zy],
+                    self.stage_centres[:, 1],
+                    self.stage_weight,
+                ),
+            ]
+        else:
+            parts = [
+                ([6 * tile + 2], [np.ones(n)], self.stage_centres[:, 0], self.stage_weight),
+                ([6 * tile + 5], [np.ones(n)], self.stage_centres[:, 1], self.stage_weight),
+            ]
+        free = np.ones(size, bool)
+        if kind == "translation":  # B held at R·I
+            free[: 6 * n] = False
+            free[2 : 6 * n : 6] = free[5 : 6 * n : 6] = True
+        else:
+            weight = {k: link[k] if k in FREED[kind] else link["rigid"] for k in LINEAR_PARTS}
+            parts += [
+                ([6 * tile, 6 * tile + 4], [half, half], np.full(n, radius), weight["scale"]),
+                ([6 * tile + 3, 6 * tile + 1], [half, -half], np.zeros(n), weight["rotation"]),
+                ([6 * tile, 6 * tile + 4], [half, -half], np.zeros(n), weight["anisotropy"]),
+                ([6 * tile + 1, 6 * tile + 3], [half, half], np.zeros(n), weight["shear"]),
+            ]
+        blocks = [
+            coo_matrix((np.concatenate(vs), (np.tile(tile, len(cs)), np.concatenate(cs))), shape=(n, size))
+            for cs, vs, _, _ in parts
+        ]
+        weights = [np.full(n, w) for _, _, _, w in parts]
+        targets = [g for _, _, g, _ in parts]
+        if self.n_frame:  # the frame's correction: within a stage's calibration of the measured frame
+            blocks.append(coo_matrix((np.ones(4), (np.arange(4), 6 * n + np.arange(4))), shape=(4, size)))
+            weights.append(np.full(4, link["frame"] / self.extent**2))
+            targets.append(np.zeros(4))
+        prior = vstack(blocks).tocsr()[:, free]
+        prior_weight = np.concatenate(weights)
+        target = np.concatenate(targets)
+        fixed = np.zeros(size)
+        fixed[0 : 6 * n : 6] = fixed[4 : 6 * n : 6] = radius
+        return _System(
+            free=free,
+            fixed=fixed,
+            prior=prior,
+            target=target,
+            prior_normal=(prior.T @ diags(prior_weight) @ prior).tocsc(),
+            prior_vector=prior.T @ (prior_weight * target),
+            data=self.data[:, free],
+            data_rhs=-(self.data[:, ~free] @ fixed[~free]),
+        )
+
+    def _unknowns(self, kind: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, radius = self.n, self.radius
+        self.correction = x[6 * n :].reshape(2, 2) / self.extent if self.n_frame else np.zeros((2, 2))
+        x = x[: 6 * n].reshape(n, 6)
+        linear = x[:, [0, 1, 3, 4]].reshape(n, 2, 2) / radius
+        if kind == "rigid":  # nearest rotation (polar decomposition), no reflection
+            left, _, right = np.linalg.svd(linear)
+            left[:, :, 1] *= np.sign(np.linalg.det(left @ right))[:, None]
+            linear = left @ right
+        return linear, x[:, [2, 5]] + self.origin
+
+    def for_model(self, kind: str, link: Mapping[str, float]):
+        """Weighted least squares for one model: pair weights → (linear parts, centre positions)."""
+        from scipy.sparse.linalg import spsolve
+
+        system = self._system(kind, link)
+
+        def solve(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            normal, vector = system.normal(weights)
+            x = system.fixed.copy()
+            if self.n:
+                x[system.free] = np.atleast_1d(spsolve(normal, vector, permc_spec="MMD_AT_PLUS_A"))
+            return self._unknowns(kind, x)
+
+        return solve
+
+    def spread_moments(
+        self, kind: str, link: Mapping[str, float], weights: np.ndarray, tiles: np.ndarray, sigma: float
+    ) -> dict[str, float]:
+        """One EM step for the spreads of the linear parts the model frees: per part, the mean over
+        ``tiles`` of (solved deviation² + its posterior variance), relative (divided by R²). The posterior
+        variances are σ² · the diagonal of the inverse normal matrix: summed exactly for up to
+        ``EXACT_TRACE_TILES`` tiles, else by Hutchinson's estimator (one factorisation either way)."""
+        from scipy.sparse.linalg import spsolve
+
+        names = FREED[kind]
+        count = int(np.count_nonzero(tiles))
+        if not names or not count:
+            return {}
+        system = self._system(kind, link)
+        normal, vector = system.normal(weights)
+        if count <= EXACT_TRACE_TILES:
+            probes, scale = np.eye(count), 1.0
+        else:
+            probes = np.random.default_rng(0).choice([-1.0, 1.0], (count, TRACE_PROBES))
+            scale = 1.0 / TRACE_PROBES
+        blocks = []
+        for name in names:
+            k = 2 + LINEAR_PARTS.index(name)  # the part's block of prior rows (after the stage's two)
+            blocks.append(system.prior[k * self.n : (k + 1) * self.n][tiles])
+        v = np.column_stack([vector] + [np.asarray(rows.T @ probes) for rows in blocks])
+        x = np.asarray(spsolve(normal, v, permc_spec="MMD_AT_PLUS_A")).reshape(len(vector), -1)
+        out = {}
+        for j, (name, rows) in enumerate(zip(names, blocks, strict=True)):
+            k = 2 + LINEAR_PARTS.index(name)
+            deviation = rows @ x[:, 0] - system.target[k * self.n : (k + 1) * self.n][tiles]
+            columns = slice(1 + j * probes.shape[1], 1 + (j + 1) * probes.shape[1])
+            trace = float(np.sum(v[:, columns] * x[:, columns])) * scale
+            out[name] = (float(np.mean(deviation**2)) + sigma**2 * trace / count) / self.radius**2
+        return out
+
+
+@dataclass(frozen=True)
+class _System:
+    """One model's least-squares system over its free unknowns; ``normal`` adds the weighted pairs."""
+
+    free: np.ndarray
+    fixed: np.ndarray
+    prior: Any  # sparse rows (tiles × parts, free columns)
+    target: np.ndarray
+    prior_normal: Any
+    prior_vector: np.ndarray
+    data: Any
+    data_rhs: np.ndarray
+
+    def normal(self, weights: np.ndarray):
+        from scipy.sparse import diags
+
+        w2 = np.repeat(weights, 2)
+        normal = (self.data.T @ diags(w2) @ self.data).tocsc() + self.prior_normal
+        return normal, self.data.T @ (w2 * self.data_rhs) + self.prior_vector

@@ -23,8 +23,8 @@ from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.records import ome_zarr_block
 from em_platform.catalog.status import Status
 from em_platform.imaging.ome_zarr import MultiscaleInfo
-from em_platform.ingest.checksum import combined_sha256, describe_files
-from em_platform.stitch.montage_layout import array_name
+from em_platform.stitch.grid import array_name
+from em_platform.storage.checksums import combined_sha256, describe_files
 from em_platform.storage.upload import UploadProgress, UploadReport, free_buffer, upload_buffer
 from em_platform.tem.journal import MontageRow, TileRow
 from em_platform.tem.tile_records import TileRecords, tile_records_from_journal
@@ -113,7 +113,10 @@ def archive_montage(
     try:
         catalog.transition(rid, Status.PROCESSING, run_id=run_id)
         base = dest_url.rstrip("/")
-        fused = {**json.loads((buffer / FUSED_INFO).read_text()), "url": f"{base}/{FUSED}"}  # where it will live
+        fused = {
+            **json.loads((buffer / FUSED_INFO).read_text()),
+            "url": f"{base}/{FUSED}",
+        }  # where it will live
         layout = json.loads((buffer / LAYOUT).read_text())
         _write_json_atomic(
             buffer / METADATA,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -110,10 +110,25 @@ class MontageRow:
     error_message: str | None
     acquisition_id: str | None = None
     completed_at: datetime | None = None
+    rotation_angle: float | None = None  # montage.complete: image axes -> stage axes, radians
+    announced_complete: bool = False  # a montage.complete (which names the tiles) is journaled
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+
+@dataclass(frozen=True)
+class TileReport:
+    """One judged tile: its outgoing messages and its results (see :meth:`Journal.save_tile_results`)."""
+
+    tile_id: str
+    outgoing: list[tuple[str, dict[str, Any]]]
+    status: str
+    results: dict[str, Any] | None = None
+    qc_passed: bool | None = None
+    qc_faults: list[dict[str, Any]] | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,19 +183,55 @@ class Journal:
         with self.engine.begin() as conn:
             return _record(conn, topic, payload, received_at or _now())
 
-    def record_tile_report(
-        self, tile_id: str, outgoing: Iterable[tuple[str, dict[str, Any]]], **results: Any
-    ) -> None:
-        """A tile's outgoing messages and its results (keywords of :meth:`save_tile_results`) in one commit.
+    def record_tile_reports(self, reports: Sequence[TileReport]) -> None:
+        """Judged tiles' outgoing messages and results, all in one commit.
 
-        One transaction per judged tile instead of one per message: on SQLite each commit is an fsync,
-        and a live montage judges several tiles a second.
+        One transaction for every tile judged since the last one instead of one per message: on SQLite
+        each commit is an fsync, and two scopes' montages judge six tiles a second. The outgoing messages
+        are JSON-ready TEM_comms payloads of topics the journal does not apply; one already journaled
+        (a re-processed montage) is skipped.
         """
+        if not reports:
+            return
         now = _now()
+        rows = [
+            {
+                "message_key": message_key(topic, payload),
+                "topic": topic,
+                "montage_id": payload.get("montage_id") or None,
+                "tile_id": payload.get("tile_id"),
+                "payload": payload,
+                "received_at": now,
+            }
+            for r in reports
+            for topic, payload in r.outgoing
+        ]
+        results = [
+            {
+                "_tile_id": r.tile_id,
+                "_status": r.status,
+                "_results": r.results,
+                "_qc_passed": r.qc_passed,
+                "_qc_faults": r.qc_faults,
+                "_error": r.error,
+                "_processed_at": now,
+            }
+            for r in reports
+        ]
         with self.engine.begin() as conn:
-            for topic, payload in outgoing:
-                _record(conn, topic, payload, now)
-            _save_results(conn, tile_id, now, **results)
+            if rows:
+                conn.execute(_insert_new(conn, messages, "message_key"), rows)
+            conn.execute(_RESULTS_UPDATE, results)
+
+    def save_match_results(self, tile_id: str, matches: dict[str, Any]) -> None:
+        """Matches measured after the tile's verdict (a neighbour that arrived later) join its results."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(tiles.c.results).where(tiles.c.tile_id == tile_id)).first()
+            if row is None or row.results is None:
+                return
+            results = dict(row.results)
+            results["matches"] = {**(results.get("matches") or {}), **matches}
+            conn.execute(tiles.update().where(tiles.c.tile_id == tile_id).values(results=results))
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -204,6 +255,20 @@ class Journal:
         )
         with self.engine.connect() as conn:
             return [_tile(r) for r in conn.execute(q)]
+
+    def named_tiles(self, montage_id: str) -> dict[str, tuple[int, int]] | None:
+        """The tiles ``montage.complete`` names, tile id -> (row, column); None before it is journaled."""
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                sa.select(montages.c.complete_message).where(montages.c.montage_id == montage_id)
+            ).first()
+        if r is None or not r.complete_message:
+            return None
+        named = {}
+        for tile_id, t in (r.complete_message.get("tiles") or {}).items():
+            column, row = (t.get("raster_position") or (None, None))[:2]  # TEM_comms: (x, y) indices
+            named[tile_id] = (row, column)
+        return named
 
     def high_water_mark(self) -> int:
         with self.engine.connect() as conn:
@@ -299,6 +364,8 @@ def _montage_cols():
         c.error_message,
         c.acquisition_id,
         c.completed_at,
+        c.rotation_angle,
+        c.complete_message.isnot(None).label("announced_complete"),
     )
 
 
@@ -313,6 +380,8 @@ def _montage(r) -> MontageRow:
         r.error_message,
         r.acquisition_id,
         _aware(r.completed_at),
+        r.rotation_angle,
+        bool(r.announced_complete),
     )
 
 
@@ -371,6 +440,7 @@ def _apply_tile_raw(conn: Connection, p: dict, seq: int, now: datetime) -> None:
             tile_id=p["tile_id"],
             montage_id=montage_id,
             seq=seq,
+            raster_index=_named_raster_index(conn, montage_id, p["tile_id"]),  # a tile after montage.complete
             row=int(p["row"]),
             column=int(p["column"]),
             overlap=p.get("overlap"),
@@ -414,6 +484,37 @@ def _apply_montage_complete(conn: Connection, p: dict, seq: int, now: datetime) 
         conn.execute(
             tiles.update().where(tiles.c.tile_id == tile_id).values(raster_index=t.get("raster_index"))
         )
+
+
+def _named_raster_index(conn: Connection, montage_id: str, tile_id: str) -> int | None:
+    r = conn.execute(
+        sa.select(montages.c.complete_message).where(montages.c.montage_id == montage_id)
+    ).first()
+    named = ((r.complete_message or {}).get("tiles") or {}) if r is not None else {}
+    return (named.get(tile_id) or {}).get("raster_index")
+
+
+def _insert_new(conn: Connection, table: sa.Table, key: str):
+    """INSERT that skips rows whose ``key`` is already there (SQLite and PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing(index_elements=[key])
+
+
+_RESULTS_UPDATE = (
+    tiles.update()
+    .where(tiles.c.tile_id == sa.bindparam("_tile_id"))
+    .values(
+        status=sa.bindparam("_status"),
+        results=sa.bindparam("_results"),
+        qc_passed=sa.bindparam("_qc_passed"),
+        qc_faults=sa.bindparam("_qc_faults"),
+        error=sa.bindparam("_error"),
+        processed_at=sa.bindparam("_processed_at"),
+    )
+)
 
 
 _APPLY = {

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
+from em_platform.tem.broker import DEFAULT_TOPIC_PREFIX, BrokerSettings, BrokerSpecError
 from em_platform.tem.listener import DEFAULT_SUBSCRIPTION, JournalSink, check_subscription_name, run_listener
-from em_platform.tem.protocol import CONSUMED, DEFAULT_TOPIC_PREFIX, BrokerSpecError, parse_broker
+from em_platform.tem.protocol import CONSUMED
 
 __all__ = ["add_arguments", "run"]
 
@@ -28,9 +29,10 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
-        required=True,
+        default=None,
         metavar="HOST:PORT",
-        help="STOMP broker, e.g. 127.0.0.1:61613 (RabbitMQ STOMP plugin) or broker:61616 (ActiveMQ Artemis)",
+        help="STOMP broker, e.g. 127.0.0.1:61613 (RabbitMQ STOMP plugin) or broker:61616 (ActiveMQ Artemis); "
+        "default: $EM_BROKER",
     )
     parser.add_argument(
         "--subscription",
@@ -41,12 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--topic-prefix",
-        default=DEFAULT_TOPIC_PREFIX,
-        help=f"destination prefix of the topics, as pigeon's topic_prefix (default: {DEFAULT_TOPIC_PREFIX})",
+        default=None,
+        help="destination prefix of the topics, as pigeon's topic_prefix: '' on ActiveMQ Artemis "
+        f"(default: $EM_BROKER_TOPIC_PREFIX, else {DEFAULT_TOPIC_PREFIX}); the verdict publisher uses the same",
     )
     parser.add_argument(
         "--username",
-        default=os.environ.get("EM_BROKER_USERNAME"),
+        default=None,
         help="broker login (default: $EM_BROKER_USERNAME; the password is read from $EM_BROKER_PASSWORD)",
     )
     parser.add_argument(
@@ -62,7 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) -> int:
     """Run the listener in this (main) thread until SIGINT/SIGTERM; 0 on a clean stop, 2 on a usage error."""
     try:
-        host, port = parse_broker(args.broker)
+        broker = BrokerSettings.from_env(broker=args.broker)
+        if broker is None:
+            raise ValueError("give --broker HOST:PORT or set EM_BROKER")
+        if args.topic_prefix is not None:
+            broker = replace(broker, topic_prefix=args.topic_prefix)
+        if args.username is not None:
+            broker = replace(broker, username=args.username)
         check_subscription_name(args.subscription)
         if not args.max_backoff >= 1:
             raise ValueError(f"--max-backoff must be at least 1 second, not {args.max_backoff}")
@@ -97,16 +106,14 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
             previous[sig] = signal.signal(sig, _stop)
     try:
         stats = run_listener(
-            host,
-            port,
+            broker.host,
+            broker.port,
             journal,
             stop=stop,
             subscription_name=args.subscription,
             backoff=(1.0, float(args.max_backoff)),
             log=log,
-            topic_prefix=args.topic_prefix,
-            username=args.username,
-            password=os.environ.get("EM_BROKER_PASSWORD"),
+            **broker.connection(),
         )
     finally:
         for sig, handler in previous.items():
@@ -116,6 +123,6 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
             dispose()
     print(
         f"em-platform listen: stopped; {stats.journaled} new message(s) journaled, {stats.duplicates} "
-        f"redelivered, {stats.rejected} rejected ({', '.join(CONSUMED)} from {host}:{port})"
+        f"redelivered, {stats.rejected} rejected ({', '.join(CONSUMED)} from {broker.address})"
     )
     return 0

@@ -36,21 +36,18 @@ import stomp
 import stomp.exception
 
 from em_platform.sql import DatabaseUnavailable
-from em_platform.tem.protocol import (
-    CONSUMED,
+from em_platform.tem.broker import (
     DEFAULT_TOPIC_PREFIX,
     BrokerUnavailable,
-    ProtocolError,
     StompEvents,
     close_connection,
-    decode,
     destination,
     drop_connection,
-    message_version,
     normalize_prefix,
     open_stomp,
     topic_of,
 )
+from em_platform.tem.protocol import CONSUMED, ProtocolError, decode, message_version
 
 __all__ = [
     "DEFAULT_SUBSCRIPTION",

@@ -1,6 +1,20 @@
-"""One montage's live processing: tiles are taken from the journal as they land, processed on Dask,
-matched against their top and left neighbours, QC'd, and the verdicts sent back while the scope is
-still imaging. The same code re-processes a finished montage (all its tiles are simply there at once).
+"""One montage's live processing: tiles are taken from the journal as they land, processed and matched on
+Dask, QC'd, and the verdicts sent back while the scope is still imaging. The same code re-processes a
+finished montage (all its tiles are simply there at once).
+
+:class:`MontageRun` is a loop over four named steps:
+
+* :meth:`~MontageRun.poll` — the montage's state and its new tiles from the journal;
+* :meth:`~MontageRun.process` — per new tile, two Dask tasks at once: process it, and judge it (match
+  the overlaps it closes with the neighbours already there) as soon as those are processed;
+* :meth:`~MontageRun.collect` — judged tiles back from Dask, as they finish;
+* :meth:`~MontageRun.issue_verdicts` — verdicts strictly in acquisition order (so "N faulty tiles in a
+  row" means N consecutive tiles of the scope), the journal written once per batch.
+
+When the scope reports the montage finished, the run waits (at most ``late_tile_seconds``) for every tile
+``montage.complete`` names: a ``tile.raw`` can arrive after ``montage.complete`` when the two travel on
+different connections. A named tile that never comes is a fault (``tile_not_received``) that stops the
+scope at the end of the montage and fails the montage's ``tiles_received`` check.
 """
 
 from __future__ import annotations
@@ -8,30 +22,65 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from em_platform.tem.journal import MontageRow, TileRow
-from em_platform.tem.qc import (
-    BLANK,
-    NO_MATCH,
-    OUT_OF_FOCUS,
-    SATURATED,
-    MontageQC,
-    QCConfig,
-    TileVerdict,
-    tile_faults,
-)
+from em_platform.stitch.grid import NEIGHBOURS, array_name, matched_against, neighbour_of, stage_to_image
+from em_platform.tem.journal import MontageRow, TileReport, TileRow
+from em_platform.tem.protocol import tile_messages, tile_metadata
+from em_platform.tem.qc import MontageQC, QCConfig, TileVerdict, tile_faults, usable_for_matching
+from em_platform.tem.tile_source import TileSource
 from em_platform.tem.tile_tasks import (
+    EdgeJob,
+    Judgement,
+    StoredTile,
     TileOutcome,
     build_flatfield,
-    match_outcomes,
+    judge_tile,
     process_tile_file,
     warm_up,
 )
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT: dict[str, Any] = {"in_flight": True}  # a match submitted and not yet back
+
+# Where a tile's latency (tile.raw journaled -> verdict journaled) goes: (stage, from, to) over the
+# TileRecord's times. "landed": the journal received tile.raw; "seen": a poll handed it to the run; the
+# process/judge times are the Dask tasks' own; "collected": the run took the judgement; "verdict": its
+# qc.tile was committed (it waits for the verdicts of the tiles before it).
+LATENCY_STEPS = (
+    ("poll", "landed", "seen"),
+    ("wait_for_thread", "seen", "process_start"),
+    ("process", "process_start", "process_end"),
+    ("wait_to_match", "process_end", "judge_start"),
+    ("match", "judge_start", "judge_end"),
+    ("collect", "judge_end", "collected"),
+    ("verdict", "collected", "verdict"),
+)
+
+# Dask settings for a cluster that lives in the run's own process (the embedded default). Its event loop
+# shares the two cores with the tiles: the per-task profiler, the 20 ms blocked-loop tick and 0.1 s
+# system/memory monitors cost 39 ms of CPU a second idle (6 ms with these) and a share of every task.
+QUIET_DASK_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
+@contextmanager
+def quiet_dask() -> Iterator[None]:
+    """:data:`QUIET_DASK_CONFIG` for the clusters started inside (Dask reads these when a worker starts)."""
+    import dask
+    import distributed  # noqa: F401  its defaults first: leaving set() would otherwise drop them all
+
+    with dask.config.set(QUIET_DASK_CONFIG):
+        yield
 
 
 class AcquisitionStalled(RuntimeError):
@@ -41,9 +90,15 @@ class AcquisitionStalled(RuntimeError):
 @dataclass(frozen=True)
 class MontageRunConfig:
     # How often the journal is asked for new tiles. A new tile waits half of it on average before its
-    # task is submitted: 0.1 s keeps that a tenth of the 1 s latency budget for two indexed queries.
+    # tasks are submitted: 0.1 s keeps that a twentieth of the 1 s latency budget for two indexed queries.
     poll_seconds: float = 0.1
     stall_timeout_seconds: float = 300.0
+    # After the scope finished: how long tiles montage.complete names may still arrive (0.15 s late is
+    # typical when tile.raw and montage.complete travel on two connections).
+    late_tile_seconds: float = 30.0
+    # qc.status goes out when it changes, at the end of the montage, and this often in between (the Allen
+    # QC service "regularly sends" it), so a scope that reconnects learns the current status.
+    status_every_seconds: float = 10.0
     write_tiffs: bool = False
     qc: QCConfig = field(default_factory=QCConfig)
 
@@ -51,25 +106,47 @@ class MontageRunConfig:
 @dataclass
 class TileRecord:
     tile: TileRow
-    outcome: TileOutcome | None = None
-    future: Any = None  # the processing future, kept so match tasks take their inputs from the workers
+    outcome: TileOutcome | None = None  # statistics and focus (no pixels); None until judged, or failed
     error: str | None = None
-    matches: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    future: Any = None  # the processing future, held while later neighbours may need its strips
+    matches: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: no overlap found
     verdict: TileVerdict | None = None
+    times: dict[str, float] = field(default_factory=dict)  # Unix seconds of each step: see LATENCY_STEPS
+
+    @property
+    def judged(self) -> bool:
+        return self.outcome is not None or self.error is not None
 
 
 @dataclass
 class MontageRunResult:
     montage_id: str
     tiles: dict[str, TileRecord]
-    missing: list[tuple[int, int]]
+    missing: list[tuple[int, int]]  # never acquired (the planned grid has a hole)
+    not_received: dict[str, tuple[int | None, int | None]]  # named by montage.complete, never journaled
     flatfield: dict[str, Any]
     qc: MontageQC
     processed_url: str
     seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage, summed over the tiles
+    polling_since: float | None = None  # wall clock (Unix time) of the run's first look at the journal
+
+    def latency_by_stage(self) -> dict[str, list[float]]:
+        """Seconds per stage of :data:`LATENCY_STEPS` (and ``total``) for each judged tile, in acquisition order."""
+        out: dict[str, list[float]] = {name: [] for name, _, _ in LATENCY_STEPS}
+        out["total"] = []
+        for rec in self.tiles.values():
+            t = rec.times
+            if "landed" not in t or "verdict" not in t:
+                continue
+            for name, start, end in LATENCY_STEPS:
+                if start in t and end in t:
+                    out[name].append(t[end] - t[start])
+            out["total"].append(t["verdict"] - t["landed"])
+        return out
 
     def edges(self) -> list[dict[str, Any] | None]:
-        """Every neighbour match attempted (None: no overlap found); edges skipped for a faulty neighbour excluded."""
+        """Every neighbour match attempted (None: no overlap found); edges skipped for a faulty tile excluded."""
         return [
             m
             for r in self.tiles.values()
@@ -78,409 +155,449 @@ class MontageRunResult:
             if not (m and m.get("skipped"))
         ]
 
-    def fault_fractions(self) -> dict[str, float]:
-        """Montage-level QC figures: fraction of planned tiles with each fault, and of edges left unmatched."""
-        faults = self.qc.summary()["faults"]
-        n = max(len(self.tiles) + len(self.missing), 1)
-
-        def frac(fault: str) -> float:
-            return sum(faults.get(fault, {}).values()) / n
-
-        return {
-            OUT_OF_FOCUS: frac(OUT_OF_FOCUS),
-            BLANK: frac(BLANK),
-            SATURATED: frac(SATURATED),
-            "critical_saturated": float(faults.get(SATURATED, {}).get("critical", 0)),
-            "unmatched_edges": sum(faults.get(NO_MATCH, {}).values()) / max(len(self.edges()), 1),
-        }
-
     @property
     def grid(self) -> tuple[int, int]:
-        rows = max((r.tile.row for r in self.tiles.values()), default=-1) + 1
-        cols = max((r.tile.column for r in self.tiles.values()), default=-1) + 1
-        for r, c in self.missing:
-            rows, cols = max(rows, r + 1), max(cols, c + 1)
-        return rows, cols
+        places = [(r.tile.row, r.tile.column) for r in self.tiles.values()] + list(self.missing)
+        places += [p for p in self.not_received.values() if None not in p]  # type: ignore[misc]
+        return max((r for r, _ in places), default=-1) + 1, max((c for _, c in places), default=-1) + 1
 
 
-class Source(Protocol):
-    """What the runner needs from the acquisition hardware (the Dagster resource satisfies it)."""
+class MontageRun:
+    """One montage's live processing (see the module docstring); :meth:`run` returns its result."""
 
-    pixel_size_nm: float | None
+    def __init__(
+        self,
+        montage_id: str,
+        source: TileSource,
+        client,
+        *,
+        processed_url: str,
+        storage_options: dict | None = None,
+        tiff_dir: str | None = None,
+        announce_url: str | None = None,
+        config: MontageRunConfig = MontageRunConfig(),
+        logger: logging.Logger = log,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.montage_id, self.source, self.client = montage_id, source, client
+        self.processed_url, self.storage_options, self.tiff_dir = processed_url, storage_options, tiff_dir
+        self.announce_url = announce_url or processed_url  # where tile.processed says a tile will be
+        self.config, self.log, self.clock, self.sleep = config, logger, clock, sleep
+        self.qc = MontageQC(config.qc)
+        self.records: dict[str, TileRecord] = {}
+        self.by_pos: dict[tuple[int, int], TileRecord] = {}
+        self.order: list[str] = []  # tile ids in acquisition order
+        self.next_verdict = 0
+        self.references: list[TileRow] = []
+        self.flatfield_future: Any = None
+        self.flatfield_refs = 0  # how many references the flatfield being built uses
+        self.flatfield_info: dict[str, Any] = {"kind": "none"}
+        self.judges: dict[Any, tuple[str, list[tuple[str, str]]]] = {}  # judge future -> (tile, its edges)
+        self.completed: queue.Queue = queue.Queue()  # judge futures, as Dask finishes them
+        self.montage: MontageRow | None = None
+        self.named: dict[str, tuple[int, int]] | None = None
+        self.last_seq = 0
+        self.last_arrival = clock()
+        self.finished_at: float | None = None
+        self.sent_status: tuple[str, str | None] | None = None
+        self.next_status = clock()
+        self.cpu: Counter[str] = Counter()
+        self.polling_since: float | None = None
 
-    def montage(self, montage_id: str) -> MontageRow | None: ...
-    def tiles(self, montage_id: str, after_seq: int = 0) -> list[TileRow]: ...
-    def send(self, topic: str, payload: dict[str, Any], *, montage_id: str | None = None) -> None: ...
-    def report_tile(
-        self, tile_id: str, outgoing: list[tuple[str, dict[str, Any]]], **results: Any
-    ) -> None: ...
+    # -- the loop ----------------------------------------------------------------------------------------
 
+    def run(self) -> MontageRunResult:
+        """Process the montage's tiles as they land until the montage is finished and every tile is judged."""
+        import zarr
 
-def _metadata(t: TileRow) -> dict[str, Any]:
-    """The TileMetadata fields every tile.* message carries."""
-    meta = {
-        "tile_id": t.tile_id,
-        "montage_id": t.montage_id,
-        "row": t.row,
-        "column": t.column,
-        "overlap": t.overlap or 0,
-    }
-    if t.stage_x_nm is not None and t.stage_y_nm is not None:
-        meta["stage_position"] = [t.stage_x_nm, t.stage_y_nm]
-    return meta
-
-
-def run_montage(
-    montage_id: str,
-    source: Source,
-    client,
-    *,
-    processed_url: str,
-    storage_options: dict | None = None,
-    tiff_dir: str | None = None,
-    config: MontageRunConfig = MontageRunConfig(),
-    logger: logging.Logger = log,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> MontageRunResult:
-    """Process a montage's tiles as they land until the montage is finished and every tile is done."""
-    import zarr
-
-    start = clock()
-    # The group the per-tile arrays (r<row>_c<column>) go into; its zarr.json is what makes it openable.
-    zarr.open_group(
-        processed_url, mode="w", storage_options=storage_options, attributes={"montage_id": montage_id}
-    )
-    qc = MontageQC(config.qc)
-    records: dict[str, TileRecord] = {}
-    by_pos: dict[tuple[int, int], TileRecord] = {}
-    references: list[TileRow] = []
-    flatfield_future = None
-    flatfield_refs = 0  # how many references the flatfield being built uses
-    flatfield_info: dict[str, Any] = {"kind": "none"}
-    futures: dict[Any, str] = {}  # future -> tile_id (processing)
-    match_futures: dict[Any, tuple[str, str]] = {}  # future -> (tile_id, position)
-    last_seq = 0
-    last_arrival = clock()
-    sent_status = None
-
-    def send_status() -> None:
-        nonlocal sent_status
-        if qc.status != sent_status:
-            sent_status = qc.status
-            source.send("qc.status", {"status": qc.status, "reason": qc.reason}, montage_id=montage_id)
-            logger.info("qc.status %s%s", qc.status, f" ({qc.reason})" if qc.reason else "")
-
-    def usable(rec: TileRecord) -> bool:
-        """Processed and free of single-tile faults (blank, saturated, out of focus): worth matching.
-
-        A faulty tile already has its verdict; matching it (or against it) would only blame its neighbours.
-        """
-        return rec.outcome is not None and not tile_faults(
-            rec.outcome.stats, rec.outcome.focus, [], config.qc
+        start = self.clock()
+        # the group the per-tile arrays (r<row>_c<column>) go into; its zarr.json makes it openable
+        zarr.open_group(
+            self.processed_url,
+            mode="w",
+            storage_options=self.storage_options,
+            attributes={"montage_id": self.montage_id},
+        )
+        # imports and OpenCV/zarr set-up on the workers before the first tile is due; held to the end
+        # (a released future's task may be cancelled)
+        threads = max(1, sum(self.client.nthreads().values()))
+        warming = [self.client.submit(warm_up, pure=False, priority=10) for _ in range(threads)]
+        try:
+            self._loop()
+            not_received = self._finish()
+        finally:
+            for rec in self.records.values():
+                self._release(rec)
+            del warming
+        return MontageRunResult(
+            self.montage_id,
+            self.records,
+            self._missing_positions(not_received),
+            not_received,
+            self.flatfield_info,
+            self.qc,
+            self.processed_url,
+            self.clock() - start,
+            dict(self.cpu),
+            self.polling_since,
         )
 
-    def try_match(rec: TileRecord) -> None:
-        """Submit matches against top/left neighbours whose processing is done and usable."""
+    def _loop(self) -> None:
+        next_poll = self.clock()
+        while True:
+            if self.clock() >= next_poll:
+                self._timed("run_loop.poll", self.poll)
+                next_poll = self.clock() + self.config.poll_seconds
+            if self.judges:
+                self.collect(until=next_poll)
+            self._timed("run_loop.verdicts", self.issue_verdicts)
+            self._timed("run_loop.status", self.keep_status)
+            if self.judges:
+                continue
+            if self.montage.finished:
+                if not self._waiting_for_named_tiles():
+                    return
+            elif self.clock() - self.last_arrival > self.config.stall_timeout_seconds:
+                raise AcquisitionStalled(
+                    f"montage {self.montage_id}: no tile for {self.config.stall_timeout_seconds:g} s while the "
+                    f"scope reports it {self.montage.state!r} ({len(self.records)} tiles so far); check the "
+                    "microscope and the listener, then re-run this partition to resume"
+                )
+            self.sleep(max(0.0, next_poll - self.clock()))
+
+    def _timed(self, stage: str, step: Callable[[], None]) -> None:
+        started = time.thread_time()
+        step()
+        self.cpu[stage] += time.thread_time() - started
+
+    # -- poll and process --------------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """The montage's state, then its new tiles (each handed to :meth:`process`)."""
+        self.polling_since = self.polling_since or time.time()
+        self.montage = self.source.montage(self.montage_id)
+        if self.montage is None:
+            raise KeyError(f"montage {self.montage_id} is not in the acquisition journal")
+        if self.montage.finished and self.finished_at is None:
+            self.finished_at = self.clock()
+        for t in self.source.tiles(self.montage_id, after_seq=self.last_seq):
+            self.last_seq = max(self.last_seq, t.seq)
+            self.last_arrival = self.clock()
+            self.process(t)
+
+    def process(self, t: TileRow) -> None:
+        """A new tile: a reference frame feeds the flatfield; a montage tile gets its two tasks."""
+        if t.is_reference:
+            self.references.append(t)
+            if not self.order and _both_references(self.references):
+                # Built as soon as the references are in, not when the first tile needs it: the scope takes
+                # them a few cycles before the first tile. A later reference (still before the first tile)
+                # starts a new build; references after the first tile are not used (one flatfield per montage).
+                self._start_flatfield()
+            return
+        if not self.order and (self.flatfield_future is None or self.flatfield_refs != len(self.references)):
+            self._start_flatfield()
+        if t.tile_id in self.records:
+            return  # the journal hands each tile over once; a re-sent tile.raw with a new id is a new tile
+        rec = TileRecord(t, times={"landed": t.acquired_at.timestamp(), "seen": time.time()})
+        self.records[t.tile_id] = rec
+        self.order.append(t.tile_id)
+        self.by_pos[(t.row, t.column)] = rec
+        n = len(self.order)
+        rec.future = self.client.submit(
+            process_tile_file,
+            t.path,
+            self.flatfield_future,
+            overlap=t.overlap or 0,
+            out_url=self.processed_url,
+            storage_options=self.storage_options,
+            array_name=array_name(t.row, t.column),
+            tiff_path=self._tiff_path(t),
+            pure=False,
+            priority=-2 * n,  # first come, first processed (Dask would otherwise pick any order) ...
+        )
+        edges = self._edges_closed_by(rec)
+        judge = self.client.submit(
+            judge_tile,
+            t.tile_id,
+            rec.future,
+            [(job, a, b) for job, a, b in edges],
+            self.config.qc,
+            pure=False,
+            priority=-2 * n + 1,  # ... and judged before the next tile is processed: the verdict is due
+        )
+        self.judges[judge] = (t.tile_id, [(job.tile_id, job.position) for job, _, _ in edges])
+        judge.add_done_callback(self.completed.put)
+
+    def _edges_closed_by(self, rec: TileRecord) -> list[tuple[EdgeJob, Any, Any]]:
+        """The overlaps the new tile closes: with its top and left neighbours, and as the top or left
+        neighbour of tiles that arrived before it (another raster order, a late tile)."""
         t = rec.tile
-        for position, (dr, dc) in (("top", (-1, 0)), ("left", (0, -1))):
-            if position in rec.matches or not usable(rec):
+        pairs = [(rec, p, self.by_pos.get(neighbour_of(t.row, t.column, p))) for p in NEIGHBOURS]
+        pairs += [(self.by_pos.get(where), p, rec) for where, p in matched_against(t.row, t.column)]
+        edges = []
+        for tile, position, neighbour in pairs:
+            if tile is None or neighbour is None or position in tile.matches:
                 continue
-            nbr = by_pos.get((t.row + dr, t.column + dc))
-            if nbr is None or (nbr.outcome is None and nbr.error is None):
-                continue  # not acquired yet (or never: decided at the end)
-            if not usable(nbr):
-                rec.matches[position] = {"skipped": True}  # nothing to match against: not this tile's fault
+            ends = self._end(tile), self._end(neighbour)
+            if None in ends:
+                tile.matches[position] = {"skipped": True}  # a faulty tile: nothing to match, no one's fault
                 continue
-            rec.matches[position] = {}  # in flight
-            fut = submit(
-                match_outcomes,
-                rec.future,  # futures, not outcomes: the strips stay on the worker
-                nbr.future,
+            tile.matches[position] = IN_FLIGHT
+            job = EdgeJob(
+                tile.tile.tile_id,
+                tile.tile.row,
+                tile.tile.column,
                 position,
-                t.overlap or 0,
-                t.row,
-                t.column,
-                _expected_offset(t, nbr.tile, position, nbr.outcome.shape, pixel_size()),
+                tile.tile.overlap or 0,
+                self._stage_offset(tile.tile, neighbour.tile),
             )
-            match_futures[fut] = (t.tile_id, position)
+            edges.append((job, *ends))
+        return edges
 
-    def pixel_size() -> float | None:
-        """The montage's own (from montage.complete, when re-processing), else the scope's calibration."""
-        return (montage.pixel_size_nm if montage else None) or source.pixel_size_nm
+    def _end(self, rec: TileRecord) -> Any:
+        """A tile as one end of a match: its processing future, its stored pixels once that is released,
+        or None when it has nothing to match (failed, or a single-tile fault)."""
+        if rec.judged and (rec.error is not None or not self._usable(rec)):
+            return None
+        if rec.future is not None:
+            return rec.future
+        url = f"{self.processed_url}/{array_name(rec.tile.row, rec.tile.column)}"
+        return StoredTile(url, self.storage_options, rec.outcome.shape)
 
-    order: list[str] = []  # tile ids in acquisition order; verdicts are issued strictly in this order,
-    next_verdict = 0  # so that "N faulty tiles in a row" means N consecutive tiles of the scope
+    def _usable(self, rec: TileRecord) -> bool:
+        return rec.outcome is not None and usable_for_matching(
+            rec.outcome.stats, rec.outcome.focus, self.config.qc
+        )
 
-    def issue_in_order(final: bool = False) -> None:
-        nonlocal next_verdict
-        while next_verdict < len(order):
-            rec = records[order[next_verdict]]
-            try_verdict(rec, final)
-            if rec.verdict is None:
-                return
-            next_verdict += 1
-            release(by_pos.get((rec.tile.row - 1, rec.tile.column)))
+    def _stage_offset(self, tile: TileRow, neighbour: TileRow) -> tuple[float, float] | None:
+        """Where the stage puts the tile relative to the neighbour, image px; None without positions or a
+        pixel size. The montage's own pixel size and rotation (montage.complete, when re-processing),
+        else the scope's calibration."""
+        m = self.montage
+        pixel_size = (m.pixel_size_nm if m else None) or self.source.pixel_size_nm
+        rotation = (
+            (m.rotation_angle if m and m.announced_complete else None) or self.source.rotation_rad or 0.0
+        )
+        if not pixel_size or None in (
+            tile.stage_x_nm,
+            tile.stage_y_nm,
+            neighbour.stage_x_nm,
+            neighbour.stage_y_nm,
+        ):
+            return None
+        dx, dy = tile.stage_x_nm - neighbour.stage_x_nm, tile.stage_y_nm - neighbour.stage_y_nm
+        return stage_to_image(dx, dy, pixel_size, rotation)
 
-    def release(rec: TileRecord | None) -> None:
-        """Drop a tile's overlap strips once the tile below it is judged: memory stays about one row of tiles."""
-        if rec is not None and rec.future is not None:
+    def _tiff_path(self, t: TileRow) -> str | None:
+        if self.tiff_dir and self.config.write_tiffs:
+            return f"{self.tiff_dir}/{t.tile_id}.processed.tiff"
+        return None
+
+    def _start_flatfield(self) -> None:
+        bright = [r.path for r in self.references if r.brightfield]
+        dark = [r.path for r in self.references if r.darkfield]
+        self.flatfield_refs = len(self.references)
+        info = {"brightfield_frames": len(bright), "darkfield_frames": len(dark)}
+        if not bright or not dark:
+            self.log.warning(
+                "no brightfield/darkfield reference frames before the first tile: tiles are not flatfield-corrected"
+            )
+            self.flatfield_future = self.client.scatter(None)
+            self.flatfield_info = {"kind": "none", **info}
+            return
+        self.flatfield_future = self.client.submit(build_flatfield, bright, dark, pure=False, priority=10)
+        self.flatfield_info = {
+            "kind": "brightfield/darkfield",
+            **info,
+            "brightfield": bright,
+            "darkfield": dark,
+        }
+
+    # -- collect ----------------------------------------------------------------------------------------
+
+    def collect(self, until: float) -> None:
+        """Take the judged tiles Dask has finished (waiting for one until ``until`` at most)."""
+        started = time.thread_time()
+        try:
+            done = [self.completed.get(timeout=max(0.0, until - self.clock()))]
+        except queue.Empty:
+            return
+        finally:
+            self.cpu["run_loop.collect"] += time.thread_time() - started
+        started = time.thread_time()
+        while True:
+            try:
+                done.append(self.completed.get_nowait())
+            except queue.Empty:
+                break
+        for fut in done:
+            self._take(fut)
+        self.cpu["run_loop.collect"] += time.thread_time() - started
+
+    def _take(self, fut) -> None:
+        tile_id, edges = self.judges.pop(fut)
+        if fut.status == "error":  # the task itself failed (a worker lost, a bug): say so, lose nothing else
+            exc = fut.exception()
+            error = f"{type(exc).__name__}: {exc}"
+            failed = TileOutcome(None, None, None, error=error)
+            judgement = Judgement(tile_id, failed, [(t, p, {"error": error}) for t, p in edges], {})
+        else:
+            judgement = fut.result()
+        fut.release()
+        rec = self.records[judgement.tile_id]
+        o = judgement.outcome
+        self.cpu.update(o.cpu)
+        self.cpu.update(judgement.cpu)
+        rec.times.update(o.times, **judgement.times, collected=time.time())
+        if o.error is not None:
+            rec.error = o.error
+            self.log.warning(
+                "tile %s (row %d, column %d) failed: %s",
+                rec.tile.tile_id,
+                rec.tile.row,
+                rec.tile.column,
+                o.error,
+            )
+            self._release(rec)
+        else:
+            rec.outcome = o
+            if not self._usable(rec):
+                self._release(rec)  # its strips will never be matched
+        for tile_id, position, m in judgement.matches:
+            if m is not None and "error" in m:  # counted as no overlap found, but a bug or bad input: say so
+                self.log.warning(
+                    "matching tile %s to its %s neighbour failed: %s", tile_id, position, m["error"]
+                )
+                m = None
+            owner = self.records[tile_id]
+            owner.matches[position] = m
+            if owner.verdict is not None and m is not None and "dX" in m:
+                self.source.late_matches(tile_id, {position: m})
+        top = self.by_pos.get(neighbour_of(rec.tile.row, rec.tile.column, "top"))
+        if top is not None and top is not rec:
+            self._release(top)  # the tile below is matched: its strips are done with (memory: about a row)
+
+    def _release(self, rec: TileRecord) -> None:
+        if rec.future is not None:
             rec.future.release()
             rec.future = None
-            rec.outcome = TileOutcome(
-                rec.outcome.stats, rec.outcome.focus, rec.outcome.shape, {}, rec.outcome.tiff_path
-            )
 
-    def try_verdict(rec: TileRecord, final: bool = False) -> None:
-        if rec.verdict is not None:
-            return
-        if rec.error is None and rec.outcome is None:
-            return
-        t = rec.tile
-        if rec.error is None:
-            needed = [
-                p
-                for p, (dr, dc) in (("top", (-1, 0)), ("left", (0, -1)))
-                if (t.row + dr, t.column + dc) in by_pos
-            ]
-            in_flight = [p for p in needed if rec.matches.get(p) == {} or p not in rec.matches]
-            if in_flight and not final:
-                return
+    # -- verdicts ---------------------------------------------------------------------------------------
+
+    def issue_verdicts(self) -> None:
+        """Verdicts for the judged tiles, strictly in acquisition order; one journal commit for them all."""
+        reports, judged = [], []
+        while self.next_verdict < len(self.order):
+            rec = self.records[self.order[self.next_verdict]]
+            if not rec.judged or any(m is IN_FLIGHT for m in rec.matches.values()):
+                break
+            reports.append(self._verdict(rec))
+            judged.append(rec)
+            self.next_verdict += 1
+        if reports:
+            self.source.report(reports)
+            committed = time.time()
+            for rec in judged:
+                rec.times["verdict"] = committed
+
+    def _verdict(self, rec: TileRecord) -> TileReport:
+        t, o = rec.tile, rec.outcome
         matches = [m for m in rec.matches.values() if m is None or "dX" in m]  # None: no overlap found
-        faults = tile_faults(
-            rec.outcome.stats if rec.outcome else None,
-            rec.outcome.focus if rec.outcome else None,
-            matches,
-            config.qc,
-            error=rec.error,
-        )
-        rec.verdict = qc.add(t.tile_id, t.row, t.column, faults)
-        meta = _metadata(t)
-        outgoing: list[tuple[str, dict[str, Any]]] = []
-        if rec.outcome is not None:
-            s = rec.outcome.stats
-            outgoing += [
-                (
-                    "tile.statistics.min_max_mean",
-                    {**meta, "min": s["min"], "max": s["max"], "mean": s["mean"], "std": s["std"]},
-                ),
-                ("tile.statistics.histogram", {**meta, "hist": list(s["histogram"])}),
-                ("tile.statistics.focus", {**meta, "focus": float(rec.outcome.focus)}),
-            ]
-            found = [m for m in matches if m is not None]
-            if found:
-                outgoing.append(("tile.matches", {**meta, "matches": [_match_message(m, t) for m in found]}))
-            if rec.outcome.tiff_path:
-                outgoing.append(("tile.processed", {**meta, "path": rec.outcome.tiff_path}))
+        stats, focus = (o.stats, o.focus) if o is not None else (None, None)
+        faults = tile_faults(stats, focus, matches, self.config.qc, error=rec.error)
+        rec.verdict = self.qc.add(t.tile_id, t.row, t.column, faults)
         faults_msg = [f.message() for f in rec.verdict.faults]
-        outgoing.append(("qc.tile", {**meta, "passed": rec.verdict.passed, "faults": faults_msg}))
-        source.report_tile(
+        meta = tile_metadata(
+            t.tile_id, t.montage_id, t.row, t.column, t.overlap, (t.stage_x_nm, t.stage_y_nm)
+        )
+        processed = (o.tiff_path or f"{self.announce_url}/{array_name(t.row, t.column)}") if o else None
+        return TileReport(
             t.tile_id,
-            outgoing,
+            tile_messages(
+                meta, stats, focus, [m for m in matches if m], processed, rec.verdict.passed, faults_msg
+            ),
             status="failed" if rec.error else "processed",
             results=_results(rec),
             qc_passed=rec.verdict.passed,
             qc_faults=faults_msg,
             error=rec.error,
         )
-        send_status()
 
-    # Dask calls back (from its own thread) as each task finishes: the loop waits on this queue instead of
-    # re-scanning every future, and looks at the journal only every poll_seconds.
-    completed: queue.Queue = queue.Queue()
+    def keep_status(self, final: bool = False) -> None:
+        """``qc.status`` when it changed, every ``status_every_seconds``, and at the end (``final``)."""
+        current = (self.qc.status, self.qc.reason)
+        changed = current != self.sent_status
+        if changed or final or self.clock() >= self.next_status:
+            self.source.send_status(self.montage_id, *current, changed=changed)
+            if changed:
+                self.log.info("qc.status %s%s", current[0], f" ({current[1]})" if current[1] else "")
+            self.sent_status = current
+            self.next_status = self.clock() + self.config.status_every_seconds
 
-    def submit(fn, *args, **kwargs):
-        fut = client.submit(fn, *args, pure=False, **kwargs)
-        fut.add_done_callback(completed.put)
-        return fut
+    # -- the end ----------------------------------------------------------------------------------------
 
-    def tile_done(fut) -> list[TileRecord]:
-        """Take a finished tile task; returns the records that may now be matchable."""
-        rec = records[futures.pop(fut)]
-        if fut.status == "error":
-            exc = fut.exception()
-            rec.error = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "tile %s (row %d, column %d) failed: %s",
-                rec.tile.tile_id,
-                rec.tile.row,
-                rec.tile.column,
-                rec.error,
+    def _waiting_for_named_tiles(self) -> bool:
+        """True while tiles montage.complete names (or montage.complete itself) may still arrive."""
+        if self.montage.state != "completed":
+            return False  # cancelled or failed: nothing more is coming
+        if self.named is None:
+            self.named = self.source.named_tiles(self.montage_id)
+        outstanding = self.named is None or any(tid not in self.records for tid in self.named)
+        return outstanding and self.clock() - self.finished_at < self.config.late_tile_seconds
+
+    def _finish(self) -> dict[str, tuple[int | None, int | None]]:
+        waited = self.clock() - (self.finished_at or self.clock())
+        not_received = {tid: rc for tid, rc in (self.named or {}).items() if tid not in self.records}
+        for tid, (row, column) in sorted(not_received.items(), key=lambda kv: (kv[1][0] or 0, kv[1][1] or 0)):
+            self.qc.add_not_received(tid, row, column, waited)
+        if not_received:
+            self.log.error(
+                "montage %s: %d tile(s) montage.complete names never arrived within %g s: %s; re-run the "
+                "partition once they are in the journal",
+                self.montage_id,
+                len(not_received),
+                self.config.late_tile_seconds,
+                ", ".join(sorted(not_received)[:5]),
             )
-            fut.release()
-        else:
-            rec.outcome = fut.result()
-            rec.future = fut  # released once the tile and its later neighbours are matched
-        t = rec.tile
-        below, right = by_pos.get((t.row + 1, t.column)), by_pos.get((t.row, t.column + 1))
-        return [r for r in (rec, below, right) if r is not None]
+        for r, c in self._missing_positions(not_received):
+            self.qc.add_missing(f"missing-r{r}-c{c}", r, c)
+        self.keep_status(final=True)
+        self.log.info(
+            "montage %s: %d tiles, QC %s%s",
+            self.montage_id,
+            len(self.records),
+            self.qc.status,
+            f" ({self.qc.reason})" if self.qc.reason else "",
+        )
+        return not_received
 
-    # imports and OpenCV/zarr set-up on the workers before the first tile is due; not waited for
-    # (the futures are held until the end: a released future's task may be cancelled)
-    threads = max(1, sum(client.nthreads().values()))
-    warming = [client.submit(warm_up, pure=False, priority=1) for _ in range(threads)]
-    montage: MontageRow | None = None
-    next_poll = clock()
-    while True:
-        if clock() >= next_poll:
-            montage = source.montage(montage_id)  # before the tiles: when it says finished, all tiles are in
-            if montage is None:
-                raise KeyError(f"montage {montage_id} is not in the acquisition journal")
-            new_references = False
-            for t in source.tiles(montage_id, after_seq=last_seq):
-                last_seq = max(last_seq, t.seq)
-                last_arrival = clock()
-                if t.is_reference:
-                    references.append(t)
-                    new_references = True
-                    continue
-                if not order and (flatfield_future is None or flatfield_refs != len(references)):
-                    flatfield_future, flatfield_info = _start_flatfield(client, references, logger)
-                    flatfield_refs = len(references)
-                rec = TileRecord(t)
-                records[t.tile_id] = rec
-                order.append(t.tile_id)
-                by_pos[(t.row, t.column)] = rec
-                fut = submit(
-                    process_tile_file,
-                    t.path,
-                    flatfield_future,
-                    overlap=t.overlap or 0,
-                    out_url=processed_url,
-                    storage_options=storage_options,
-                    array_name=f"r{t.row:03d}_c{t.column:03d}",
-                    tiff_path=f"{tiff_dir}/{t.tile_id}.processed.tiff"
-                    if tiff_dir and config.write_tiffs
-                    else None,
-                    priority=-len(order),  # first come, first processed (Dask would otherwise pick any order)
-                )
-                futures[fut] = t.tile_id
-            if new_references and not order and _both_references(references):
-                # Built as soon as the references are in, not when the first tile needs it: the scope takes
-                # them a few cycles before the first tile. A later reference (still before the first tile)
-                # starts a new build; references after the first tile are not used (one flatfield per montage).
-                flatfield_future, flatfield_info = _start_flatfield(client, references, logger)
-                flatfield_refs = len(references)
-            next_poll = clock() + config.poll_seconds
-        busy = bool(futures or match_futures)
-        if busy:
-            done = []
-            try:
-                done.append(completed.get(timeout=max(0.0, next_poll - clock())))
-                while True:
-                    done.append(completed.get_nowait())
-            except queue.Empty:
-                pass
-            touched: dict[str, TileRecord] = {}
-            for fut in done:
-                if fut in futures:
-                    touched.update((r.tile.tile_id, r) for r in tile_done(fut))
-                elif fut in match_futures:
-                    tile_id, position = match_futures.pop(fut)
-                    if fut.status == "error":  # counted as no overlap found, but a bug or bad input: say so
-                        exc = fut.exception()
-                        logger.warning(
-                            "matching tile %s to its %s neighbour failed: %r", tile_id, position, exc
-                        )
-                    records[tile_id].matches[position] = None if fut.status == "error" else fut.result()
-                    fut.release()
-                    touched[tile_id] = records[tile_id]
-            for rec in touched.values():
-                if rec.verdict is None and (rec.outcome is not None or rec.error is not None):
-                    try_match(rec)
-            issue_in_order()
-        elif montage.finished:
-            if any(r.verdict is None for r in records.values()):
-                for rec in sorted(records.values(), key=lambda r: r.tile.seq):
-                    try_match(rec)
-                if match_futures:
-                    continue
-                issue_in_order(final=True)
-            break
-        else:
-            if clock() - last_arrival > config.stall_timeout_seconds:
-                raise AcquisitionStalled(
-                    f"montage {montage_id}: no tile for {config.stall_timeout_seconds:g} s while the scope reports it "
-                    f"{montage.state!r} ({len(records)} tiles so far); check the microscope and the listener, "
-                    "then re-run this partition to resume"
-                )
-            sleep(max(0.0, next_poll - clock()))
+    def _missing_positions(
+        self, not_received: dict[str, tuple[int | None, int | None]]
+    ) -> list[tuple[int, int]]:
+        """Grid positions never acquired: from the planned tile count and the grid the tiles span."""
+        taken = set(self.by_pos) | {rc for rc in not_received.values() if None not in rc}
+        if not taken or self.montage is None:
+            return []
+        rows = max(r for r, _ in taken) + 1
+        cols = max(c for _, c in taken) + 1
+        total = self.montage.total_tiles or rows * cols
+        if total > rows * cols and total % cols == 0:
+            rows = total // cols
+        return [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in taken][
+            : max(total - len(taken), 0)
+        ]
 
-    del warming
-    missing = _missing_positions(montage, by_pos)
-    for r, c in missing:
-        qc.add_missing(f"missing-r{r}-c{c}", r, c)
-    if missing:
-        send_status()
-    logger.info("montage %s: %d tiles, %d missing, QC %s", montage_id, len(records), len(missing), qc.status)
-    return MontageRunResult(montage_id, records, missing, flatfield_info, qc, processed_url, clock() - start)
+
+def run_montage(montage_id: str, source: TileSource, client, **options: Any) -> MontageRunResult:
+    """Process a montage's tiles as they land until the montage is finished and every tile is judged
+    (``options``: :class:`MontageRun`'s keywords)."""
+    return MontageRun(montage_id, source, client, **options).run()
 
 
 def _both_references(references: list[TileRow]) -> bool:
     return any(r.brightfield for r in references) and any(r.darkfield for r in references)
-
-
-def _start_flatfield(client, references: list[TileRow], logger) -> tuple[Any, dict[str, Any]]:
-    bright = [r.path for r in references if r.brightfield]
-    dark = [r.path for r in references if r.darkfield]
-    if not bright or not dark:
-        logger.warning(
-            "no brightfield/darkfield reference frames before the first tile: tiles are not flatfield-corrected"
-        )
-        return client.scatter(None), {
-            "kind": "none",
-            "brightfield_frames": len(bright),
-            "darkfield_frames": len(dark),
-        }
-    future = client.submit(build_flatfield, bright, dark, pure=False)
-    return future, {
-        "kind": "brightfield/darkfield",
-        "brightfield_frames": len(bright),
-        "darkfield_frames": len(dark),
-        "brightfield": bright,
-        "darkfield": dark,
-    }
-
-
-def _expected_offset(
-    tile: TileRow,
-    neighbour: TileRow,
-    position: str,
-    neighbour_shape: tuple[int, int],
-    pixel_size_nm: float | None,
-) -> tuple[float, float] | None:
-    """Where the stage says the tile sits relative to its neighbour, as (dX, dY) px from nominal.
-
-    Stage positions are field-of-view centres in nm; stage axes are taken as the image axes (x right,
-    y down, as the simulator and an unrotated scope report them). None without positions or pixel size.
-    """
-    if not pixel_size_nm or None in (
-        tile.stage_x_nm,
-        tile.stage_y_nm,
-        neighbour.stage_x_nm,
-        neighbour.stage_y_nm,
-    ):
-        return None
-    step = neighbour_shape[1 if position == "left" else 0] - (tile.overlap or 0)
-    dx = (tile.stage_x_nm - neighbour.stage_x_nm) / pixel_size_nm
-    dy = (tile.stage_y_nm - neighbour.stage_y_nm) / pixel_size_nm
-    return (dx - step, dy) if position == "left" else (dx, dy - step)
-
-
-def _missing_positions(
-    montage: MontageRow, by_pos: dict[tuple[int, int], TileRecord]
-) -> list[tuple[int, int]]:
-    """Grid positions never acquired: from the planned tile count and the grid the tiles span."""
-    if not by_pos:
-        return []
-    rows = max(r for r, _ in by_pos) + 1
-    cols = max(c for _, c in by_pos) + 1
-    total = montage.total_tiles or rows * cols
-    if total > rows * cols and total % cols == 0:
-        rows = total // cols
-    return [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in by_pos][
-        : max(total - len(by_pos), 0)
-    ]
 
 
 def _results(rec: TileRecord) -> dict[str, Any] | None:
@@ -494,30 +611,5 @@ def _results(rec: TileRecord) -> dict[str, Any] | None:
         "std": s["std"],
         "focus": float(rec.outcome.focus),
         "histogram": list(s["histogram"]),
-        "matches": {p: m for p, m in rec.matches.items() if m and not m.get("skipped")},
+        "matches": {p: m for p, m in rec.matches.items() if m and "dX" in m},
     }
-
-
-def _match_message(m: dict[str, Any], t: TileRow) -> dict[str, Any]:
-    keys = (
-        "row",
-        "column",
-        "dX",
-        "dY",
-        "dXsd",
-        "dYsd",
-        "distance",
-        "rotation",
-        "position",
-        "pX",
-        "pY",
-        "qX",
-        "qY",
-    )
-    dr, dc = {"top": (-1, 0), "left": (0, -1), "bottom": (1, 0), "right": (0, 1)}[m["position"]]
-    out = {k: m[k] for k in keys if k in m}
-    out.setdefault("row", t.row + dr)
-    out.setdefault("column", t.column + dc)
-    for k in ("pX", "pY", "qX", "qY"):
-        out[k] = [float(v) for v in out.get(k, [])]
-    return out

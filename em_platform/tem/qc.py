@@ -7,7 +7,11 @@ than the legacy piTEAM "too many accumulated errors" limit → STOP_AT_END; othe
 
 Default thresholds, for 8-bit flatfield-corrected tiles:
 * ``min_std = 5``: TileQC's ``min_mean_std_dev: 5`` — a tile whose raw pixel standard deviation is under 5
-  counts has no section in it (beam blanked, hole, burned film);
+  counts is *blank*: the beam is blanked or nothing reaches the camera;
+* ``min_specimen_contrast = 1.5``: a tile that is flat but for its shot noise (film or resin only, no
+  section under the beam) has *no tissue* (``tile_processing.specimen_contrast``: 1.0 for noise alone,
+  2.3 and more for simulated sections, even badly out of focus). It is its own fault, not out of focus:
+  refocusing cannot help, the region of interest has left the section;
 * ``saturated_fraction = 0.01`` / ``critical_saturated_fraction = 0.5`` (raw pixels at the camera's full
   scale): a few per cent of clipped pixels
   is a bright feature or a hole; half the frame clipped means the beam is spread wrong and the camera
@@ -17,14 +21,19 @@ Default thresholds, for 8-bit flatfield-corrected tiles:
   0.36-0.88 (median 0.52: at the edge of what the band can see), 2 µm and more 0.98-1.0
   (18 simulated tiles per defocus, seeds 0-2; 0.8 sits between sharp and 2 µm);
 * ``min_match_quality = 0.3``: fewer than a third of the strip patches agreeing is not an overlap;
-* ``persistent_run = 3``: the same fault on 3 tiles in a row is a drift, not an accident;
+* ``persistent_run = 3``: the same fault on 3 tiles in a row is a drift, not an accident (3 tiles without
+  tissue in a row: the montage runs off the section);
 * ``critical_blank_run = 5``: 5 blank tiles in a row means the beam is gone;
 * ``max_transient_faults = 3``: pytemca's default "too many accumulated errors".
+
+A tile that ``montage.complete`` names but whose ``tile.raw`` never reached the platform is *not received*:
+persistent (the data path lost it; the montage cannot be stitched without it), so the scope hears
+STOP_AT_END with the tiles named.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,16 +41,20 @@ Scope = Literal["transient", "persistent", "critical"]
 RunStatus = Literal["GOOD", "STOP_AT_END", "STOP_NOW"]
 
 BLANK = "blank"
+NO_TISSUE = "no_tissue"
 SATURATED = "saturated"
 OUT_OF_FOCUS = "out_of_focus"
 NO_MATCH = "no_neighbour_match"
 MISSING = "missing_tile"
+NOT_RECEIVED = "tile_not_received"
 UNREADABLE = "unreadable_tile"
+SINGLE_TILE_FAULTS = (BLANK, NO_TISSUE, SATURATED, OUT_OF_FOCUS)  # what makes a tile not worth matching
 
 
 @dataclass(frozen=True)
 class QCConfig:
     min_std: float = 5.0
+    min_specimen_contrast: float = 1.5
     saturated_fraction: float = 0.01
     critical_saturated_fraction: float = 0.5
     max_focus: float = 0.8
@@ -82,6 +95,13 @@ class TileVerdict:
         return not self.faults
 
 
+def usable_for_matching(stats: Mapping[str, Any] | None, focus: float | None, config: QCConfig) -> bool:
+    """Processed and free of single-tile faults (blank, no tissue, saturated, out of focus): worth
+    matching. A faulty tile already has its verdict; matching it (or against it) would only blame its
+    neighbours."""
+    return stats is not None and not tile_faults(dict(stats), focus, [], config)
+
+
 def tile_faults(
     stats: dict[str, Any] | None,
     focus: float | None,
@@ -113,6 +133,19 @@ def tile_faults(
                 BLANK, "transient", 1.0 - std / config.min_std, 0.9, {"std": std, "mean": stats.get("mean")}
             )
         )
+    contrast = stats.get("specimen_contrast")
+    no_tissue = not (blank or saturated) and contrast is not None and contrast < config.min_specimen_contrast
+    if no_tissue:
+        faults.append(
+            Fault(
+                NO_TISSUE,
+                "transient",
+                min(1.0, 1.0 - (contrast - 1.0) / max(config.min_specimen_contrast - 1.0, 1e-9)),
+                0.85,
+                {"specimen_contrast": round(contrast, 3), "std": std},
+            )
+        )
+    blank = blank or no_tissue  # nothing to focus on or to match against
     if focus is not None and not blank and not saturated and focus > config.max_focus:
         faults.append(
             Fault(
@@ -149,6 +182,11 @@ class MontageQC:
         self.verdicts: dict[str, TileVerdict] = {}
         self.status: RunStatus = "GOOD"
         self.reason: str | None = None
+        self._by_scope: dict[str, list[tuple[TileVerdict, Fault]]] = {
+            "critical": [],
+            "persistent": [],
+            "transient": [],
+        }
 
     def add(self, tile_id: str, row: int, column: int, faults: list[Fault]) -> TileVerdict:
         """Record a tile's faults (in acquisition order), escalating runs; returns its verdict."""
@@ -170,7 +208,7 @@ class MontageQC:
             )
         verdict = TileVerdict(tile_id, row, column, tuple(escalated))
         self.verdicts[tile_id] = verdict
-        self._update_status()
+        self._update_status(verdict)
         return verdict
 
     def add_missing(self, tile_id: str, row: int, column: int) -> TileVerdict:
@@ -178,19 +216,32 @@ class MontageQC:
             tile_id, row, column, [Fault(MISSING, "transient", 1.0, 1.0, {"row": row, "column": column})]
         )
 
-    def _update_status(self) -> None:
-        faults = [f for v in self.verdicts.values() for f in v.faults]
-        critical = [f for f in faults if f.scope == "critical"]
-        persistent = [f for f in faults if f.scope == "persistent"]
-        transient = [f for f in faults if f.scope == "transient"]
+    def add_not_received(
+        self, tile_id: str, row: int | None, column: int | None, waited_s: float
+    ) -> TileVerdict:
+        """A tile ``montage.complete`` names whose ``tile.raw`` never came: the montage has a hole."""
+        metrics = {"row": row, "column": column, "waited_s": round(waited_s, 1)}
+        return self.add(
+            tile_id,
+            -1 if row is None else row,
+            -1 if column is None else column,
+            [Fault(NOT_RECEIVED, "persistent", 1.0, 1.0, metrics)],
+        )
+
+    def _update_status(self, verdict: TileVerdict) -> None:
+        """Fold one verdict into the status (each verdict once: the status costs nothing per tile)."""
+        for f in verdict.faults:
+            self._by_scope[f.scope].append((verdict, f))
+        critical, persistent, transient = (self._by_scope[s] for s in ("critical", "persistent", "transient"))
         if critical:
-            status, reason = "STOP_NOW", f"critical fault: {critical[0].fault_type}"
+            status, reason = "STOP_NOW", f"critical fault: {_where(critical)}"
         elif persistent:
-            status, reason = "STOP_AT_END", f"persistent fault: {persistent[0].fault_type}"
+            status, reason = "STOP_AT_END", f"persistent fault: {_where(persistent)}"
         elif len(transient) > self.config.max_transient_faults:
             status, reason = (
                 "STOP_AT_END",
-                f"{len(transient)} transient faults (limit {self.config.max_transient_faults})",
+                f"{len(transient)} transient faults (limit {self.config.max_transient_faults}): "
+                + _where(transient),
             )
         else:
             status, reason = "GOOD", None
@@ -211,3 +262,14 @@ class MontageQC:
             "status": self.status,
             "reason": self.reason,
         }
+
+
+def _where(faults: list[tuple[TileVerdict, Fault]]) -> str:
+    """``saturated at r1 c2, r1 c3``: the fault types and the tiles that showed them (the first few)."""
+    places: dict[str, list[str]] = {}
+    for v, f in faults:
+        places.setdefault(f.fault_type, []).append(f"r{v.row} c{v.column}")
+    return "; ".join(
+        f"{kind} at {', '.join(p[:5])}{f' and {len(p) - 5} more' if len(p) > 5 else ''}"
+        for kind, p in places.items()
+    )

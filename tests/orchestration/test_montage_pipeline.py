@@ -21,7 +21,7 @@ from em_platform.tem.journal import Journal
 from em_platform.tem.tile_records import TileRecords
 from tests.support.platform import make_platform
 
-CHECKS = {"acquisition_complete", "focus", "blank_tiles", "saturated_tiles", "overlap"}
+CHECKS = {"acquisition_complete", "focus", "blank_tiles", "saturated_tiles", "overlap", "tiles_received"}
 LAYOUT_CHECKS = {"disconnected_tiles", "seams", "scale_distortion"}
 ACQUISITION = {"raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"}
 MONTAGE = {"montage_layout", "montage", "montage_upload"}

@@ -410,7 +410,7 @@ def test_a_directory_holds_one_montage(montage):
         ({"faults": ("blank:r3c0",)}, "outside the grid"),
         ({"faults": ("blank:x",)}, "cannot read"),
         ({"faults": ("missing:2", "corrupt:2")}, "missing tile is never acquired"),
-        ({"faults": ("blank:2", "saturated:1-3")}, "both blank"),
+        ({"faults": ("blank:2", "saturated:1-3")}, "only one of blank"),
         ({"jitter_px": 16.0}, "overlap"),
         ({"bright_level": 250.0}, "full scale"),
     ],

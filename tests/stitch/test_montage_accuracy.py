@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from em_platform.resources.acquisition import SimulatedScope
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.stitch.edges import (
@@ -31,6 +30,7 @@ from em_platform.stitch.edges import (
 from em_platform.stitch.solve import solve_translations
 from em_platform.tem.journal import Journal, TileRow
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
+from em_platform.tem.tile_source import JournalTileSource
 
 ACCEPTANCE = dict(rows=10, columns=10, tile_size=512, overlap=0.10, jitter_px=20.0, seed=1)
 
@@ -49,7 +49,7 @@ def _acquire_and_process(tmp_path, client, **config) -> SimpleNamespace:
     truth = simulate_montage(ScopeConfig(**config), tmp_path / "tiles", journal.record, sleep=lambda s: None)
     result = run_montage(
         truth.montage_id,
-        SimulatedScope(journal_url=url, pixel_size_nm=truth.pixel_size_nm),
+        JournalTileSource(journal, pixel_size_nm=truth.pixel_size_nm),
         client,
         processed_url=str(tmp_path / "processed.zarr"),
         config=MontageRunConfig(poll_seconds=0.05),
@@ -261,7 +261,9 @@ def test_solve_montage_with_each_model_from_the_journal(montage, model):
     solved = compare_with_truth(result.layout.positions, montage.true)
     print(f"\n{model}: RMS {solved.rms_px:.3f} px, max {solved.max_px:.3f}; qc {result.qc.summary()}")
     assert result.prior == "stage" and result.model == model
-    assert solved.rms_px <= (0.3 if model == "translation" else 0.5)  # flexible models trade corners for seams
+    assert solved.rms_px <= (
+        0.3 if model == "translation" else 0.5
+    )  # flexible models trade corners for seams
     assert result.qc.disconnected == [] and result.qc.seams == []
     assert result.qc.scale_distortion < 0.005  # the simulated tiles are neither scaled nor rotated
     doc = result.to_dict()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from em_platform.stitch.solve import Edge, Layout, solve_translations
-from em_platform.stitch.solve_affine import PointEdge, TransformLayout, solve_transforms
+from em_platform.stitch.solve_affine import MIN_TILE_SPREAD, PointEdge, TransformLayout, solve_transforms
 
 SIZE, STEP = 512, 460  # 512 px tiles, 10 % overlap
 CENTRE = np.array([SIZE / 2, SIZE / 2])
@@ -147,6 +147,70 @@ def test_rigid_recovers_rotations_and_stays_rigid():
     assert np.sqrt(np.mean(corner_errors(rigid, truth) ** 2)) < 0.3
 
 
+def position_rms(layout: TransformLayout, truth) -> float:
+    """RMS distance (px) of the solved top-left corners (centre kept) from the true ones, after removing
+    only the common translation (no pair sees it): a common rotation, scale or shear counts."""
+    d = np.array([np.subtract(layout.translations[t], centre - CENTRE) for t, (_, centre) in truth.items()])
+    d -= d.mean(axis=0)
+    return float(np.sqrt((d**2).sum(axis=1).mean()))
+
+
+@pytest.mark.parametrize("model", ["rigid", "affine"])
+def test_the_stage_holds_the_montage_in_place_not_in_shape(model):
+    """A common rotation, scale or shear of every tile, the centres moved along, changes no point pair. Stage
+    readings sheared by 4·10⁻⁴ (too little for the stage frame to tell from their scatter) must not set
+    it: the tiles keep the images' frame. Trusting the stage's frame, they took its shear over."""
+    truth, stage, edges = montage(degrees=0.0, scale=0.0, noise=0.1, seed=1)
+    sheared = {t: (x + 4e-4 * y, y) for t, (x, y) in stage.items()}
+    common = {}
+    for fit in (True, False):
+        layout = solve_transforms(
+            sheared, edges, model, tile_size=(SIZE, SIZE), fit_spread=False, fit_stage_frame=fit
+        )
+        common[fit] = np.abs(
+            np.mean([m[:, :2] for m in layout.transforms.values()], axis=0) - np.eye(2)
+        ).max()
+        if fit:
+            assert layout.rejected == {} and layout.disconnected == []
+            if model == "rigid":
+                assert position_rms(layout, truth) < 0.15
+    assert common[True] < 1e-4 < common[False]
+
+
+def test_the_spread_of_the_tiles_deformation_is_measured():
+    """Tiles with no deformation: the spreads fall to the floor and the flexible models place the tiles
+    as the translation model does, where the largest spreads leave the matcher's noise in their scale.
+    Tiles turned by ±0.5° (uniform: σ 0.005 rad): the rotation spread reads it back."""
+    truth, stage, edges = montage(degrees=0.0, scale=0.0, noise=0.1, seed=1)
+    fits = {model: solve(stage, edges, model) for model in ("translation", "rigid", "affine")}
+    for name in ("scale", "rotation", "anisotropy", "shear"):
+        assert fits["affine"].stage[f"{name}_spread"] == pytest.approx(MIN_TILE_SPREAD, rel=0.1)
+    assert fits["rigid"].stage["rotation_spread"] == pytest.approx(MIN_TILE_SPREAD, rel=0.1)
+    exact = position_rms(fits["translation"], truth)
+    assert exact < 0.1
+    assert (
+        position_rms(fits["rigid"], truth) < 1.2 * exact and position_rms(fits["affine"], truth) < 1.2 * exact
+    )
+    widest = solve_transforms(stage, edges, "affine", tile_size=(SIZE, SIZE), fit_spread=False)
+    assert position_rms(widest, truth) > 3 * exact
+
+    truth, stage, edges = montage(degrees=0.5, scale=0.0, noise=0.1, seed=2)
+    assert 0.004 < solve(stage, edges, "rigid").stage["rotation_spread"] < 0.0065
+
+
+def test_the_spreads_of_a_large_montage_are_estimated_as_a_small_one_sums_them(monkeypatch):
+    """Beyond EXACT_TRACE_TILES the posterior variances are summed by Hutchinson's estimator: the same
+    spreads within a few percent."""
+    import em_platform.stitch.solve_affine as solve_affine
+
+    _, stage, edges = montage(seed=3)
+    estimated = solve(stage, edges, "affine").stage
+    monkeypatch.setattr(solve_affine, "EXACT_TRACE_TILES", 1000)
+    exact = solve(stage, edges, "affine").stage
+    for name in ("scale", "rotation", "anisotropy", "shear"):
+        assert estimated[f"{name}_spread"] == pytest.approx(exact[f"{name}_spread"], rel=0.05)
+
+
 # apart from each other, so each is outvoted by its tiles' other edges; one on the border, where its
 # tiles have only three
 WRONG_EDGES = {
@@ -222,7 +286,7 @@ def test_missing_tile_leaves_a_hole_and_a_tile_without_matches_stays_at_its_stag
 def test_translation_model_matches_solve_translations():
     """At the level of points, ``A ≡ I`` is the edge-level translation solve with its mean offsets."""
     truth, stage, edges = montage(degrees=0.0, scale=0.0, noise=0.2, seed=6)
-    points = solve(stage, edges, "translation")
+    points = solve_transforms(stage, edges, "translation", tile_size=(SIZE, SIZE), stage_weight=1e-3)
     offsets = [Edge(e.tile, e.neighbour, *np.mean(e.q - e.p, axis=0)) for e in edges]
     # an edge of PATCHES pairs weighs PATCHES times one pair: the same stage prior relative to a match
     means = solve_translations(stage, offsets, stage_weight=1e-3 / PATCHES)

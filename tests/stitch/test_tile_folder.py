@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,7 @@ def test_search_range_is_the_callers_and_bounds_what_is_found(tmp_path):
     write_montage(tmp_path, rows=2, columns=2, jitter=12.0, seed=3)
     tiles = open_tile_folder(tmp_path, tmp_path / "layout.csv")
     wide = match_tile_folder(tiles, workers=1, max_shift_px=30)
-    narrow = match_tile_folder(tiles, workers=1, max_shift_px=2)
+    narrow = match_tile_folder(tiles, workers=1, max_shift_px=2, stage_error_px=1.0)
     assert len(wide.edges) == 4
     assert len(narrow.edges) < 4
     with pytest.raises(TileFolderError, match="at least 1 px"):
@@ -173,7 +174,6 @@ def _layout(folder: Path, text: str) -> Path:
     ("text", "expected"),
     [
         ("tile,row,column,x\na.tif,0,0,0\n", r"line 1: missing column\(s\) y"),
-        ("tile,row,column,x,y\na.tif,0,0,0,0\nc.tif,0,1,60,0\n", r"line 3: tile 'c.tif' is not a file in"),
         (
             "tile,row,column,x,y\na.tif,0,0,0,0\nb.tif,0,0,60,0\n",
             r"line 3: duplicate grid cell \(row 0, column 0\), already tile 'a.tif' on line 2",
@@ -189,7 +189,8 @@ def _layout(folder: Path, text: str) -> Path:
         ("tile,row,column,x,y\na.tif,0,0,0\n", r"line 2: 4 fields, the header has 5"),
         ("tile,row,column,x,y\n\n", r"lists no tiles"),
         ("", r"empty; the first line must be tile,row,column,x,y"),
-        ("tile,row,column,x,y\n../a.tif,0,0,0,0\n", r"line 2: tile '../a.tif' is not a file in"),
+        ("tile,row,column,x,y\n../a.tif,0,0,0,0\n", r"line 2: tile '../a.tif' is not a file name in"),
+        ("tile,row,column,x,y\nc.tif,0,0,0,0\n", r"none of its 1 tiles is a readable TIFF .*no file"),
     ],
 )
 def test_bad_layouts_are_explained(tmp_path, text, expected):
@@ -219,29 +220,33 @@ def test_missing_layout_and_folder_are_explained(tmp_path):
         open_tile_folder(tmp_path, tmp_path / "layout.csv")
 
 
-def test_bad_tiles_are_explained(tmp_path):
-    path = _layout(tmp_path, "tile,row,column,x,y\na.tif,0,0,0,0\nb.tif,0,1,60,0\n")
+def test_missing_and_unreadable_tiles_are_skipped_and_named(tmp_path):
+    """A layout row whose file is missing, not a TIFF or not 2-D is skipped with its reason; the rest
+    is stitched. Tiles of different dtypes cannot be fused together: that stays an error."""
+    path = _layout(tmp_path, "tile,row,column,x,y\na.tif,0,0,0,0\nb.tif,0,1,60,0\nc.tif,0,2,120,0\n")
     (tmp_path / "b.tif").write_bytes(b"not a tiff at all")
-    with pytest.raises(TileFolderError, match=r"line 3: .*b\.tif is not a readable TIFF"):
-        open_tile_folder(tmp_path, path)
+    tiles = open_tile_folder(tmp_path, path)
+    assert [t.tile for t in tiles.tiles] == ["a.tif"]
+    why = {s.tile: (s.line, s.reason) for s in tiles.skipped}
+    assert why["b.tif"][0] == 3 and re.search(r"line 3: .*b\.tif is not a readable TIFF", why["b.tif"][1])
+    assert why["c.tif"][0] == 4 and "no file" in why["c.tif"][1]
     tifffile.imwrite(tmp_path / "b.tif", np.zeros((3, 64, 64), np.uint8))
-    with pytest.raises(
-        TileFolderError, match=r"line 3: .*b\.tif holds an image of shape \(3, 64, 64\); tiles must be 2-D"
-    ):
-        open_tile_folder(tmp_path, path)
+    (reason,) = [s.reason for s in open_tile_folder(tmp_path, path).skipped if s.tile == "b.tif"]
+    assert "holds an image of shape (3, 64, 64); tiles must be 2-D" in reason
     tifffile.imwrite(tmp_path / "b.tif", np.zeros((64, 64), np.uint16))
     with pytest.raises(TileFolderError, match="share one dtype.*a.tif is uint8, b.tif is uint16"):
         open_tile_folder(tmp_path, path)
 
 
-def test_truncated_pixel_data_is_explained_when_matching(tmp_path):
+def test_truncated_pixel_data_is_reported_when_matching_and_the_rest_goes_on(tmp_path):
     write_montage(tmp_path, rows=1, columns=2, jitter=0.0)
     victim = tmp_path / "tile_r0_c1.tif"
     data = victim.read_bytes()
     tiles = open_tile_folder(tmp_path, tmp_path / "layout.csv")  # the header is intact …
     victim.write_bytes(data[: len(data) // 2])  # … the pixels are not
-    with pytest.raises(TileFolderError, match=r"tile_r0_c1\.tif: cannot read its pixels"):
-        match_tile_folder(tiles, workers=2)
+    report = match_tile_folder(tiles, workers=2)
+    [(pair, why)] = report.unmatched
+    assert pair.tile.tile == "tile_r0_c1.tif" and re.search(r"tile_r0_c1\.tif: cannot read its pixels", why)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_critical_fault_publishes_stop_now_on_the_broker(tmp_path, stomp_broker)
 
 def test_the_simulated_scope_hears_stop_now_on_the_broker(tmp_path, stomp_broker):
     """scope-sim behind a broker: a STOP_NOW published by QC reaches it and ends the montage there."""
-    from em_platform.tem.protocol import BrokerPublisher
+    from em_platform.tem.broker import BrokerPublisher
 
     qc = stomp_broker.pigeon("qc-service")
     heard: queue.Queue = queue.Queue()

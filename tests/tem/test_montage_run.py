@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from em_platform.resources.acquisition import SimulatedScope
 from em_platform.simulation.camera import Camera
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
 from em_platform.tem.montage_run import AcquisitionStalled, MontageRunConfig, run_montage
 from em_platform.tem.tile_processing import Flatfield, focus_score
+from em_platform.tem.tile_source import JournalTileSource
 
 GRID = dict(rows=3, columns=4, overlap=0.15, jitter_px=8.0)
 
@@ -40,10 +40,10 @@ def _simulate_and_run(tmp_path, client, faults=(), pixel_size_nm=4.0, **grid):
         journal.record,
         sleep=lambda s: None,
     )
-    hardware = SimulatedScope(journal_url=url, pixel_size_nm=pixel_size_nm)
+    source = JournalTileSource(journal, pixel_size_nm=pixel_size_nm)
     result = run_montage(
         truth.montage_id,
-        hardware,
+        source,
         client,
         processed_url=str(tmp_path / "processed.zarr"),
         config=MontageRunConfig(poll_seconds=0.05),
@@ -94,8 +94,13 @@ def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, cli
         "tile.statistics.histogram",
         "tile.statistics.focus",
         "tile.matches",
+        "tile.processed",  # by default: the downstream services expect it
         "qc.tile",
     } <= sent
+    processed = journal.messages("tile.processed", truth.montage_id)
+    assert len(processed) == 12 and all(
+        m["path"] == f"{tmp_path / 'processed.zarr'}/r{m['row']:03d}_c{m['column']:03d}" for m in processed
+    )
 
 
 def test_stage_positions_centre_the_search_when_jitter_exceeds_the_nominal_range(tmp_path, client):
@@ -117,7 +122,7 @@ def test_stage_positions_centre_the_search_when_jitter_exceeds_the_nominal_range
         truth = simulate_montage(ScopeConfig(**grid), d / "tiles", record, sleep=lambda s: None)
         result = run_montage(
             truth.montage_id,
-            SimulatedScope(journal_url=journal.url, pixel_size_nm=None),
+            JournalTileSource(journal),
             client,
             processed_url=str(d / "processed.zarr"),
             config=MontageRunConfig(poll_seconds=0.05),
@@ -144,6 +149,8 @@ def test_stage_positions_centre_the_search_when_jitter_exceeds_the_nominal_range
     "fault,where,expected,status",
     [
         ("blank:5", (1, 1), [("blank", "transient")], "GOOD"),
+        # film or resin only: its own fault, not "refocus" (shot noise alone scores focus 1)
+        ("no_section:5", (1, 1), [("no_tissue", "transient")], "GOOD"),
         ("saturated:5", (1, 1), [("saturated", "critical")], "STOP_NOW"),
         ("missing:5", (1, 1), [("missing_tile", "transient")], "GOOD"),
         ("corrupt:5", (1, 1), [("unreadable_tile", "transient")], "GOOD"),
@@ -171,7 +178,10 @@ def test_run_of_unfocused_tiles_is_persistent_and_stops_at_end(tmp_path, client)
         ("out_of_focus", "persistent"),
     ]
     assert result.qc.status == "STOP_AT_END"
-    assert [s for s, _ in journal.qc_statuses(truth.montage_id)] == ["GOOD", "STOP_AT_END"]
+    # a reason refined while the status stays (a second persistent tile judged in a later batch) is filed
+    # again; the statuses themselves only ever go GOOD -> STOP_AT_END
+    statuses = [s for s, _ in journal.qc_statuses(truth.montage_id)]
+    assert [s for s, _ in itertools.groupby(statuses)] == ["GOOD", "STOP_AT_END"]
 
 
 def test_processed_tiffs_when_asked(tmp_path, client):
@@ -189,7 +199,7 @@ def test_processed_tiffs_when_asked(tmp_path, client):
     )
     result = run_montage(
         truth.montage_id,
-        SimulatedScope(journal_url=url),
+        JournalTileSource(journal),
         client,
         processed_url=str(tmp_path / "processed.zarr"),
         tiff_dir=str(tmp_path / "tiffs"),
@@ -225,7 +235,7 @@ def test_stalled_acquisition_fails_with_a_clear_error(tmp_path, client):
     with pytest.raises(AcquisitionStalled, match=f"montage {montage_id}: no tile for 30 s"):
         run_montage(
             montage_id,
-            SimulatedScope(journal_url=url),
+            JournalTileSource(journal),
             client,
             processed_url=str(tmp_path / "p.zarr"),
             config=MontageRunConfig(poll_seconds=0.01, stall_timeout_seconds=30),

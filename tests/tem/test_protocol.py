@@ -10,20 +10,15 @@ import pytest
 import TEM_comms
 from pigeon import Pigeon
 
-from em_platform.tem.protocol import (
-    CONSUMED,
-    PUBLISHED,
+from em_platform.tem.broker import (
     BrokerPublisher,
     BrokerSpecError,
     BrokerUnavailable,
-    ProtocolError,
-    decode,
-    message_version,
     normalize_prefix,
     parse_broker,
     topic_of,
-    validate,
 )
+from em_platform.tem.protocol import CONSUMED, PUBLISHED, ProtocolError, decode, message_version, validate
 
 from .conftest import closed_port, wait_until
 

@@ -44,10 +44,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
+
+from em_platform.stitch.grid import OPPOSITE, Position, Side
 
 __all__ = [
     "EdgeStrip",
@@ -58,8 +60,6 @@ __all__ = [
     "stage_margin",
     "stage_search",
 ]
-
-Position = Literal["top", "left"]
 
 DEFAULT_PATCHES = 5
 DEFAULT_PATCH_PX = 384
@@ -93,10 +93,6 @@ def stage_margin(overlap_px: int) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # What a later neighbour needs of a tile
-
-
-Side = Literal["top", "bottom", "left", "right"]
-_OPPOSITE = {"top": "bottom", "left": "right"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,7 +131,7 @@ def edge_strip(image: np.ndarray, side: Side, overlap_px: int, max_shift_px: int
         pixels = image[:, max(0, w - depth) :]
     else:
         raise ValueError(f"side must be 'top', 'bottom', 'left' or 'right', got {side!r}")
-    return EdgeStrip(pixels=np.ascontiguousarray(pixels).copy(), side=side, tile_shape=(h, w))
+    return EdgeStrip(pixels=np.array(pixels, order="C"), side=side, tile_shape=(h, w))  # one copy
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,7 +289,7 @@ def _oriented(
     """The tile's and the neighbour's edge regions in the 'left neighbour' frame (transposed for 'top'),
     the neighbour region's first column in that frame, and both tiles' (length along, width across)."""
     t, _, th, tw = _edge(tile, position, depth, "the tile")
-    q, q0, nh, nw = _edge(neighbour, _OPPOSITE[position], depth, f"the {position} neighbour")
+    q, q0, nh, nw = _edge(neighbour, OPPOSITE[position], depth, f"the {position} neighbour")
     if position == "top":
         return t.T, q.T, q0, (tw, th), (nw, nh)
     return t, q, q0, (th, tw), (nh, nw)

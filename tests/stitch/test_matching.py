@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from em_platform.tem.matching import EdgeStrip, Match, default_max_shift, edge_strip, match_neighbour
+from em_platform.stitch.matching import EdgeStrip, Match, default_max_shift, edge_strip, match_neighbour
 from tests.tem.test_tile_processing import em_like_specimen, shot_noise
 
 SIZE = 768

@@ -1,0 +1,276 @@
+"""Lens distortion shared by every tile of a scope: a polynomial correction, estimated from one montage's overlaps.
+
+A camera behind a TEM's projector lenses records specimen point ``u`` (ideal, undistorted tile pixels) at
+pixel ``x``; the correction maps back: ``u = x + D(x)``, with ``D`` a polynomial of order 2…``order`` in the
+normalised coordinates ``ξ = (x − c) / s`` (``c`` the tile centre, ``s`` half the longer side), each
+coefficient in pixels. Constant and linear terms are left out: they are a tile's own translation and
+linear map, which the montage solve owns (em_stitch's mesh lens correction likewise fixes them by its
+regularisation; seed-systems.md §1.4).
+
+Estimation (:func:`estimate_lens`): every matched point pair ``(p, q)`` of two tiles says ``p + D(p) +
+t_tile = q + D(q) + t_neighbour`` (translation per tile, one ``D`` for all): linear in the coefficients and
+the translations, solved in one sparse least-squares problem with a small ridge on the coefficients.
+Overlap strips see only the odd part of ``D`` across each edge (a point at ``+a`` from the centre pairs
+with one at ``−a``), so the parts no overlap can tell stay at zero rather than at noise; radial
+(barrel/pincushion) and decentering distortion are seen in full. Pair weights are iterated (Tukey) so a
+wrong match cannot bend the model.
+
+Stored as JSON (:meth:`LensModel.to_dict`) and exported for render/BigFeta as
+``mpicbg.trakem2.transform.PolynomialTransform2D`` (:meth:`LensModel.render_transform`), the leaf
+transform em_stitch's polynomial montage solves write. Dagster-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LENS_FORMAT", "LensFit", "LensModel", "estimate_lens", "monomials"]
+
+LENS_FORMAT = "em_platform/lens-correction/1"
+
+
+def monomials(order: int, lowest: int = 2) -> list[tuple[int, int]]:
+    """Exponents ``(a, b)`` of ``ξ^a η^b`` for ``lowest ≤ a + b ≤ order``, in render's order (by degree, then
+    falling power of x)."""
+    return [(d - k, k) for d in range(lowest, order + 1) for k in range(d + 1)]
+
+
+@dataclass(frozen=True, eq=False)
+class LensModel:
+    """``u = x + D(x)``: the correction from recorded tile pixels ``x`` to undistorted ones ``u``."""
+
+    tile_size: tuple[int, int]  # (width, height) px
+    order: int
+    coefficients: np.ndarray  # (2, n_terms) px: rows D_x, D_y over monomials(order)
+
+    def __post_init__(self) -> None:
+        c = np.asarray(self.coefficients, np.float64)
+        n = len(monomials(self.order))
+        if c.shape != (2, n):
+            raise ValueError(f"a lens model of order {self.order} needs (2, {n}) coefficients, got {c.shape}")
+        object.__setattr__(self, "coefficients", c)
+
+    @classmethod
+    def identity(cls, tile_size: tuple[int, int], order: int = 3) -> LensModel:
+        return cls(tuple(int(v) for v in tile_size), order, np.zeros((2, len(monomials(order)))))
+
+    @classmethod
+    def radial(cls, tile_size: tuple[int, int], k1: float, p1: float = 0.0, p2: float = 0.0) -> LensModel:
+        """Brown–Conrady radial ``k1`` and decentering ``p1, p2`` terms (in units of ``s``) as a polynomial."""
+        s = max(tile_size) / 2
+        terms = monomials(3)
+        c = np.zeros((2, len(terms)))
+        add = {  # (axis, exponents) → coefficient / s
+            (0, (3, 0)): k1, (0, (1, 2)): k1, (1, (2, 1)): k1, (1, (0, 3)): k1,
+            (0, (1, 1)): 2 * p1, (0, (2, 0)): 3 * p2, (0, (0, 2)): p2,
+            (1, (2, 0)): p1, (1, (0, 2)): 3 * p1, (1, (1, 1)): 2 * p2,
+        }  # fmt: skip
+        for (axis, e), v in add.items():
+            c[axis, terms.index(e)] += v * s
+        return cls(tuple(int(v) for v in tile_size), 3, c)
+
+    @property
+    def centre(self) -> np.ndarray:
+        return (np.array(self.tile_size, np.float64) - 1) / 2
+
+    @property
+    def scale(self) -> float:
+        return max(self.tile_size) / 2
+
+    def basis(self, xy: np.ndarray) -> np.ndarray:
+        """The monomials at tile points ``xy`` (n, 2): (n, n_terms)."""
+        xi = (np.asarray(xy, np.float64) - self.centre) / self.scale
+        return np.stack([xi[:, 0] ** a * xi[:, 1] ** b for a, b in monomials(self.order)], axis=1)
+
+    def displacement(self, xy: np.ndarray) -> np.ndarray:
+        """``D(x)`` (n, 2) px at tile points ``xy`` (n, 2)."""
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        return self.basis(xy) @ self.coefficients.T
+
+    def correct(self, xy: np.ndarray) -> np.ndarray:
+        """Undistorted coordinates ``x + D(x)`` of recorded tile points."""
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        return xy + self.displacement(xy)
+
+    def distort(self, uv: np.ndarray, iterations: int = 6) -> np.ndarray:
+        """The recorded pixel ``x`` showing undistorted point ``u`` (the inverse, by fixed-point iteration;
+        converges for the few-pixel distortions of real lenses)."""
+        uv = np.asarray(uv, np.float64).reshape(-1, 2)
+        x = uv.copy()
+        for _ in range(iterations):
+            x = uv - self.displacement(x)
+        return x
+
+    def max_displacement(self, grid: int = 33) -> float:
+        """Largest ``|D|`` over the tile (px)."""
+        w, h = self.tile_size
+        gx, gy = np.meshgrid(np.linspace(0, w - 1, grid), np.linspace(0, h - 1, grid))
+        return float(np.hypot(*self.displacement(np.column_stack([gx.ravel(), gy.ravel()])).T).max())
+
+    def is_identity(self) -> bool:
+        return not np.any(self.coefficients)
+
+    # -- storage and interop ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": LENS_FORMAT,
+            "model": "polynomial",
+            "tile_size": list(self.tile_size),
+            "order": self.order,
+            "definition": "u = x + D(x); D = sum c * xi^a * eta^b, xi = (x - (w-1)/2) / (max(w,h)/2)",
+            "terms": [list(t) for t in monomials(self.order)],
+            "coefficients_x": self.coefficients[0].tolist(),
+            "coefficients_y": self.coefficients[1].tolist(),
+            "max_displacement_px": round(self.max_displacement(), 4),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> LensModel:
+        if doc.get("format") != LENS_FORMAT:
+            raise ValueError(f"not a lens correction (format {doc.get('format')!r}, expected {LENS_FORMAT})")
+        return cls(
+            tuple(int(v) for v in doc["tile_size"]),
+            int(doc["order"]),
+            np.array([doc["coefficients_x"], doc["coefficients_y"]], np.float64),
+        )
+
+    def raw_polynomial(self) -> np.ndarray:
+        """The correction ``x + D(x)`` as a full polynomial in raw tile pixels, in render's monomial order
+        (1, x, y, x², xy, y², …): (2, n) coefficients of ``mpicbg…PolynomialTransform2D``."""
+        order = self.order
+        raw = monomials(order, lowest=0)
+        out = np.zeros((2, len(raw)))
+        cx, cy = self.centre
+        s = self.scale
+        out[0, raw.index((1, 0))] = 1.0
+        out[1, raw.index((0, 1))] = 1.0
+        for (a, b), cxy in zip(monomials(order), self.coefficients.T, strict=True):
+            # ((x − cx)/s)^a ((y − cy)/s)^b expanded binomially
+            for i in range(a + 1):
+                for j in range(b + 1):
+                    k = math.comb(a, i) * math.comb(b, j) * (-cx) ** (a - i) * (-cy) ** (b - j) / s ** (a + b)
+                    out[:, raw.index((i, j))] += k * cxy
+        return out
+
+    def render_transform(self) -> dict[str, Any]:
+        """The correction as a render tilespec leaf transform (applied before a tile's affine)."""
+        data = " ".join(repr(float(v)) for v in self.raw_polynomial().ravel())
+        return {
+            "type": "leaf",
+            "className": "mpicbg.trakem2.transform.PolynomialTransform2D",
+            "dataString": data,
+        }
+
+
+@dataclass(frozen=True)
+class LensFit:
+    """An estimated lens model with the evidence: residual per point pair before and after (px)."""
+
+    model: LensModel
+    pairs: int
+    tiles: int
+    residual_before_px: float  # mean |residual| per point pair, translation solve without correction
+    residual_after_px: float  # … with it
+    rejected_pairs: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pairs": self.pairs,
+            "tiles": self.tiles,
+            "rejected_pairs": self.rejected_pairs,
+            "residual_mean_px_before": round(self.residual_before_px, 4),
+            "residual_mean_px_after": round(self.residual_after_px, 4),
+            "max_displacement_px": round(self.model.max_displacement(), 4),
+        }
+
+
+def estimate_lens(
+    point_edges: Iterable[Any],
+    tile_size: tuple[int, int],
+    *,
+    order: int = 3,
+    ridge: float = 1e-2,
+    outlier_px: float = 2.0,
+    iterations: int = 6,
+) -> LensFit:
+    """Estimate the scope's lens correction from a montage's matched point pairs (``PointEdge``-like:
+    ``tile``, ``neighbour``, ``p``, ``q`` in tile pixels), solving a translation per tile alongside.
+
+    ``ridge`` (px² per coefficient px²) keeps what the overlaps cannot see at zero. Needs point pairs on
+    both kinds of edges (left/right and top/bottom) of a few tiles; raises ValueError otherwise.
+    """
+    from scipy.sparse import coo_matrix, diags, vstack
+    from scipy.sparse.linalg import spsolve
+
+    edges = [e for e in point_edges if e.tile != e.neighbour and len(e.p)]
+    if len(edges) < 2:
+        raise ValueError(
+            "a lens correction needs point pairs of at least two tile pairs; match a montage first"
+        )
+    model0 = LensModel.identity(tile_size, order)
+    ids = sorted({t for e in edges for t in (e.tile, e.neighbour)}, key=repr)
+    index = {t: i for i, t in enumerate(ids)}
+    p = np.concatenate([np.asarray(e.p, np.float64) for e in edges])
+    q = np.concatenate([np.asarray(e.q, np.float64) for e in edges])
+    a = np.concatenate([np.full(len(e.p), index[e.tile]) for e in edges])
+    b = np.concatenate([np.full(len(e.p), index[e.neighbour]) for e in edges])
+    m, n, k = len(p), len(ids), len(monomials(order))
+    basis = model0.basis(p) - model0.basis(q)  # (m, k): D(p) − D(q)
+    rows = np.arange(m)
+    # unknowns: [c_x (k), c_y (k), t_x (n), t_y (n)]; x rows then y rows
+    blocks = []
+    for axis in (0, 1):
+        coeff = coo_matrix(basis, shape=(m, k))
+        tiles = coo_matrix((np.r_[np.ones(m), -np.ones(m)], (np.r_[rows, rows], np.r_[a, b])), shape=(m, n))
+        zeros_k, zeros_n = coo_matrix((m, k)), coo_matrix((m, n))
+        row = [coeff, zeros_k, tiles, zeros_n] if axis == 0 else [zeros_k, coeff, zeros_n, tiles]
+        from scipy.sparse import hstack
+
+        blocks.append(hstack(row))
+    design = vstack(blocks).tocsr()
+    rhs = np.r_[q[:, 0] - p[:, 0], q[:, 1] - p[:, 1]]
+    gauge = np.zeros(2 * k + 2 * n)
+    gauge[: 2 * k] = ridge
+    gauge[2 * k] = gauge[2 * k + n] = 1.0  # the first tile's translation pinned (one free translation)
+
+    def solve(weights: np.ndarray, with_lens: bool) -> np.ndarray:
+        w2 = np.r_[weights, weights]
+        reg = gauge.copy()
+        if not with_lens:
+            reg[: 2 * k] = 1e12
+        normal = (design.T @ diags(w2) @ design + diags(reg)).tocsc()
+        return np.asarray(spsolve(normal, design.T @ (w2 * rhs)))
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        r = design @ x - rhs
+        return np.hypot(r[:m], r[m:])
+
+    def robust(with_lens: bool) -> tuple[np.ndarray, np.ndarray]:
+        weights = np.ones(m)
+        x = solve(weights, with_lens)
+        for _ in range(iterations):
+            r = residuals(x)
+            limit = max(outlier_px, 4.0 * 1.4826 * float(np.median(r)))
+            weights = np.where(r < limit, (1 - np.clip(r / limit, 0, 1) ** 2) ** 2, 0.0)
+            x = solve(weights, with_lens)
+        return x, residuals(x)
+
+    _, before = robust(False)
+    x, after = robust(True)
+    limit = max(outlier_px, 4.0 * 1.4826 * float(np.median(after)))
+    kept = after < limit
+    model = LensModel(model0.tile_size, order, np.vstack([x[:k], x[k : 2 * k]]))
+    return LensFit(
+        model=model,
+        pairs=m,
+        tiles=n,
+        residual_before_px=float(before[before < max(outlier_px, 4.0 * 1.4826 * np.median(before))].mean()),
+        residual_after_px=float(after[kept].mean()),
+        rejected_pairs=int((~kept).sum()),
+    )

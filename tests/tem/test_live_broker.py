@@ -1,0 +1,252 @@
+"""Live QC against a real scope's message order: pigeon scopes publish to the real broker (RabbitMQ STOMP),
+the listener journals, the montage run judges, and the verdicts come back on the broker."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from em_platform.resources import build_resources
+from em_platform.simulation.scope import simulate_montage
+from em_platform.simulation.scope_config import ScopeConfig
+from em_platform.tem.broker import BrokerSettings, BrokerUnavailable
+from em_platform.tem.journal import Journal
+from em_platform.tem.montage_run import MontageRunConfig, run_montage
+from em_platform.tem.tile_source import JournalTileSource, Outbox
+
+from .conftest import ListenerThread, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A listener process that dies (SIGKILL) right after the journal commit of one message, before its ACK.
+KILLED_AFTER_COMMIT = """
+import os, signal, sys, threading
+from em_platform.tem.journal import Journal
+from em_platform.tem.listener import run_listener
+
+url, host, port, subscription, prefix, target = sys.argv[1:]
+
+class DiesAfterCommit(Journal):
+    def record(self, topic, payload, **kw):
+        new = super().record(topic, payload, **kw)
+        if payload.get("tile_id") == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return new
+
+ready = threading.Event()
+threading.Thread(target=lambda: (ready.wait(), print("ready", flush=True)), daemon=True).start()
+run_listener(host, int(port), DiesAfterCommit(url), stop=threading.Event(), ready=ready,
+             subscription_name=subscription, topic_prefix=prefix, backoff=(0.05, 0.5))
+"""
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+def _heard(stomp_broker, *topics: str) -> queue.Queue:
+    """What a downstream service subscribed to ``topics`` receives: (topic, message) pairs."""
+    heard: queue.Queue = queue.Queue()
+    service = stomp_broker.pigeon("downstream")
+    for topic in topics:
+        service.subscribe(topic, lambda msg, topic, headers: heard.put((topic, msg)))
+    stomp_broker.sync(service)
+    return heard
+
+
+def _drain(q: queue.Queue, until, timeout: float = 30.0) -> list:
+    got: list = []
+    wait_until(lambda: (got.extend(iter_nowait(q)), until(got))[1], timeout, "messages on the broker")
+    return got
+
+
+def iter_nowait(q: queue.Queue):
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
+
+
+def test_a_scopes_message_order_and_a_killed_listener_lose_nothing(tmp_path, stomp_broker, client):
+    """Two pigeon connections (tiles and montage messages, as a camera and pyTEM send them); the
+    listener is killed between a journal commit and its ACK and restarted; a tile.raw arrives after
+    montage.complete; one tile montage.complete names never arrives; one tile images film only; the stage
+    is turned 0.3 rad against the camera."""
+    events: list[tuple[str, dict]] = []
+    cfg = ScopeConfig(
+        rows=3,
+        columns=3,
+        overlap=0.15,
+        jitter_px=8.0,
+        stage_rotation_rad=0.3,
+        brightfield_frames=1,
+        darkfield_frames=1,
+        faults=("no_section:4",),
+    )
+    truth = simulate_montage(
+        cfg, tmp_path / "tiles", lambda t, p: events.append((t, p)), sleep=lambda s: None
+    )
+    late, lost, killer = (truth.tile(*rc).tile_id for rc in ((1, 2), (2, 2), (0, 2)))
+    url = f"sqlite:///{tmp_path / 'journal.sqlite'}"
+    journal = Journal(url)
+    heard = _heard(stomp_broker, "qc.tile", "qc.status", "tile.processed")
+    b = stomp_broker
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_AFTER_COMMIT,
+            url,
+            b.host,
+            str(b.port),
+            b.subscription,
+            b.topic_prefix,
+            killer,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    restarted = None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        camera, pytem = b.pigeon("camera"), b.pigeon("pytem")  # two connections: no order across them
+        pytem.send("montage.status", **events[0][1])
+        wait_until(lambda: journal.montage(truth.montage_id), what="the montage journaled")
+        publisher = BrokerSettings(b.host, b.port, topic_prefix=b.topic_prefix).publisher()
+        source = JournalTileSource(
+            journal, pixel_size_nm=4.0, rotation_rad=0.3, outbox=Outbox(publisher.publish_many)
+        )
+        done: dict = {}
+        config = MontageRunConfig(poll_seconds=0.02, late_tile_seconds=1.5, status_every_seconds=1.0)
+        run = threading.Thread(
+            target=lambda: done.update(
+                result=run_montage(
+                    truth.montage_id, source, client, processed_url=str(tmp_path / "p.zarr"), config=config
+                )
+            )
+        )
+        run.start()
+        held = {}
+        for topic, payload in events[1:]:
+            if topic == "tile.raw" and payload["tile_id"] in (late, lost):
+                held[payload["tile_id"]] = payload
+            elif topic == "tile.raw":
+                camera.send(topic, **payload)
+            else:  # montage.status, montage.complete
+                if topic == "montage.complete":
+                    assert proc.wait(timeout=30) == -signal.SIGKILL  # it died after committing the tile
+                    restarted = ListenerThread(
+                        b.host,
+                        b.port,
+                        journal,
+                        subscription_name=b.subscription,
+                        topic_prefix=b.topic_prefix,
+                        backoff=(0.05, 0.5),
+                    ).start()
+                pytem.send(topic, **payload)
+        wait_until(lambda: journal.montage(truth.montage_id).state == "completed", what="montage completed")
+        camera.send("tile.raw", **held[late])  # after montage.complete, on the other connection
+        run.join(60)
+        assert not run.is_alive()
+        source.close()
+        publisher.close()
+        stats = restarted.finish()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if restarted is not None and restarted.thread.is_alive():
+            restarted.stop.set()
+    result = done["result"]
+
+    # the journal holds every tile sent exactly once; the killed listener's last tile came back, once
+    rows = [t for t in journal.tiles(truth.montage_id) if not t.is_reference]
+    assert sorted(t.tile_id for t in rows) == sorted(t.tile_id for t in truth.tiles if t.tile_id != lost)
+    assert stats.duplicates >= 1
+    # every tile that arrived was judged, the late one too; the film-only tile is no tissue, not unfocused
+    assert set(result.tiles) == {t.tile_id for t in rows}
+    film = truth.tile(1, 1).tile_id
+    assert [f.fault_type for f in result.qc.verdicts[film].faults] == ["no_tissue"]
+    # the rotated stage centred every search (edges of the film-only tile are skipped, not failed)
+    found = [m for r in result.tiles.values() for m in r.matches.values() if not (m and m.get("skipped"))]
+    assert found and all(m and m["search"] == "stage" for m in found), found
+    # the scope heard it all: qc.tile for every tile, tile.processed for each processed one, and a last
+    # qc.status that stops it at the end, naming the lost tile
+    got = _drain(
+        heard,
+        lambda g: (
+            sum(t == "qc.tile" for t, _ in g) == len(rows)
+            and g[-1][0] == "qc.status"
+            and g[-1][1].status == "STOP_AT_END"
+        ),
+    )
+    verdicts = {m.tile_id: m for t, m in got if t == "qc.tile"}
+    assert set(verdicts) == set(result.tiles) and late in verdicts
+    assert [f.fault_type for f in verdicts[film].faults] == ["no_tissue"]
+    assert {m.tile_id for t, m in got if t == "tile.processed"} == set(result.tiles)
+    last = [m for t, m in got if t == "qc.status"][-1]
+    assert "tile_not_received at r2 c2" in last.reason
+    assert result.not_received == {lost: (2, 2)}
+
+
+def test_listener_and_verdicts_take_one_prefix_and_login(stomp_broker, tmp_path, monkeypatch, listener_log):
+    """EM_BROKER, EM_BROKER_TOPIC_PREFIX and the login configure the listener and the verdict publisher
+    alike (an ActiveMQ Artemis broker has another prefix); a wrong password is refused by both."""
+    b = stomp_broker
+    env = {
+        "EM_BROKER": f"{b.host}:{b.port}",
+        "EM_BROKER_TOPIC_PREFIX": b.topic_prefix,
+        "EM_BROKER_USERNAME": "guest",
+        "EM_BROKER_PASSWORD": "guest",
+        "EM_DATA_ROOT": str(tmp_path / "data"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = BrokerSettings.from_env(env)
+    journal = Journal(f"sqlite:///{tmp_path / 'j.sqlite'}")
+    heard = _heard(b, "qc.status")
+    listener = ListenerThread(
+        settings.host,
+        settings.port,
+        journal,
+        subscription_name=b.subscription,
+        backoff=(0.05, 0.5),
+        **settings.connection(),
+    ).start()
+    b.pigeon().send("montage.status", montage_id="m-env", state="started")
+    wait_until(lambda: journal.montage("m-env"), what="the montage journaled under the configured prefix")
+    listener.finish()
+    hardware = build_resources(env=env)["hardware"]
+    hardware.send("qc.status", {"status": "GOOD", "reason": None}, montage_id="m-env")
+    assert heard.get(timeout=20)[1].status == "GOOD"
+    hardware.teardown_after_execution(None)
+
+    wrong = BrokerSettings.from_env({**env, "EM_BROKER_PASSWORD": "wrong"})
+    with pytest.raises(BrokerUnavailable, match="refused"):
+        wrong.publisher(connect_attempts=1)
+    logger, logs = listener_log
+    refused = ListenerThread(
+        wrong.host,
+        wrong.port,
+        journal,
+        subscription_name=b.subscription,
+        backoff=(0.05, 0.5),
+        log=logger,
+        **wrong.connection(),
+    )
+    refused.start(wait_ready=False)
+    logs.wait_for("refused the connection")
+    assert refused.finish().connections == 0

@@ -1,0 +1,100 @@
+"""Where the live chain's speed comes from must not change what it computes or stores: processed tiles
+written straight into zarr chunk files read back as zarr wrote them, a released tile's strips read back
+from storage match as the held ones did, and the per-thread CLAHE operator gives OpenCV's result."""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import zarr
+
+from em_platform.tem.tile_processing import clahe
+from em_platform.tem.tile_tasks import (
+    EdgeJob,
+    StoredTile,
+    TileOutcome,
+    _strips,
+    match_edge,
+    read_region,
+    store_chunks,
+    store_tile,
+)
+from tests.stitch.test_matching import OVERLAP, SIZE, cut_pair
+from tests.tem.test_tile_processing import em_like_specimen
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((2000, 3000), np.uint8), ((1031, 777), np.uint8), ((300, 2100), np.uint16), ((7, 5), np.uint16)],
+)
+def test_stored_tile_reads_back_as_zarr_writes_it(tmp_path, shape, dtype):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    image[: shape[0] // 3] = 0  # whole chunks of the fill value: zarr itself would leave those out
+    zarr.open_group(tmp_path / "p.zarr", mode="w")
+    store_tile(image, str(tmp_path / "p.zarr" / "r0_c0"))
+    ours = zarr.open_array(tmp_path / "p.zarr" / "r0_c0", mode="r")
+    assert ours.shape == shape and ours.dtype == dtype and ours.chunks == store_chunks(shape)
+    np.testing.assert_array_equal(ours[...], image)
+    # the same array through zarr's own writer: same metadata, same bytes in every chunk both wrote
+    theirs = zarr.create_array(
+        tmp_path / "z.zarr", shape=shape, chunks=store_chunks(shape), dtype=dtype, compressors=None
+    )
+    theirs[...] = image
+    assert ours.metadata.to_dict() == theirs.metadata.to_dict()
+    written = [
+        p.relative_to(tmp_path / "z.zarr") for p in (tmp_path / "z.zarr").rglob("c/**/*") if p.is_file()
+    ]
+    assert written
+    for key in written:
+        assert (tmp_path / "p.zarr" / "r0_c0" / key).read_bytes() == (tmp_path / "z.zarr" / key).read_bytes()
+    np.testing.assert_array_equal(
+        read_region(str(tmp_path / "p.zarr" / "r0_c0"), None, (1, 6), (2, 5)), image[1:6, 2:5]
+    )
+
+
+def test_a_released_tile_is_matched_from_its_stored_pixels(tmp_path):
+    specimen = em_like_specimen((2 * SIZE + 128, 2 * SIZE + 128), seed=21)
+    zarr.open_group(tmp_path / "p.zarr", mode="w")
+    for position in ("left", "top"):
+        tile, neighbour = cut_pair(specimen, position, -6.4, 9.7, seed=5)
+        job = EdgeJob("t", 1, 1, position, OVERLAP, None)
+        held = [TileOutcome({}, 0.5, image.shape, _strips(image, OVERLAP)) for image in (tile, neighbour)]
+        stored = []
+        for name, image in (("tile", tile), ("neighbour", neighbour)):
+            url = str(tmp_path / "p.zarr" / f"{position}_{name}")
+            store_tile(image, url)
+            stored.append(StoredTile(url, None, image.shape))
+        expected = match_edge(job, *held)
+        assert expected is not None and expected["dX"] == pytest.approx(-6.4, abs=0.3)
+        assert match_edge(job, held[0], stored[1]) == expected
+        assert match_edge(job, *stored) == expected
+
+
+def test_the_kept_clahe_operator_gives_opencvs_result_in_every_thread():
+    rng = np.random.default_rng(2)
+    images = [
+        cv2.GaussianBlur(rng.integers(0, 256, shape, dtype=np.uint8), (0, 0), 2)
+        for shape in ((500, 777), (512, 512), (500, 777))
+    ] + [rng.integers(0, 4096, (300, 200), dtype=np.uint16)]
+    settings = [(2.0, 16), (3.0, (8, 4)), (2.0, 16)]
+    failures: list[str] = []
+
+    def work() -> None:
+        for _ in range(2):
+            for image in images:
+                for clip, grid in settings:
+                    size = (grid, grid) if isinstance(grid, int) else grid
+                    expected = cv2.createCLAHE(clip, size).apply(image)
+                    if not np.array_equal(clahe(image, clip, grid), expected):
+                        failures.append(f"{image.shape} {image.dtype} clip {clip} grid {grid}")
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
