@@ -1,0 +1,617 @@
+"""The production topology as processes on one machine (``make deploy-local``, the deploy tests, the bench).
+
+Every service of the table that ``runs_as="process"`` starts with the same command and environment as in
+``docker/compose.yaml``; only the addresses differ (loopback and free ports instead of service names and
+fixed ports). The machine provides the rest: its PostgreSQL server (two databases of this topology's own),
+its RabbitMQ STOMP plugin (a topic prefix and durable subscription of its own), and moto's S3 server in place
+of MinIO (started here, with a bucket of its own). The Dagster instance is ``docker/dagster.yaml`` with the
+default run launcher instead of the Docker one: runs are processes of the code server, not containers.
+
+Each process gets its own process group; stopping sends SIGTERM to the group (its runs and helpers too),
+then SIGKILL after a grace period, by PID (``pids.json`` in the state folder lets ``down`` do the same from
+another shell). A process also gets SIGTERM if the runner dies (Linux parent-death signal).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from em_platform.deploy.services import IMAGE_ENV, SERVICES, Service, start_order
+from em_platform.deploy.templates import Addresses, interpolate, place
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+PASS_THROUGH = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+)
+
+
+class TopologyError(RuntimeError):
+    """A service did not come up (the message names it and quotes the end of its log)."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine's own services that stand in for the postgresql and rabbitmq containers."""
+
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 5432
+    pg_user: str = "postgres"
+    stomp_host: str = "127.0.0.1"
+    stomp_port: int = 61613
+    stomp_user: str = "guest"
+    stomp_password: str = "guest"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One process of one service: what the runner executes."""
+
+    service: str
+    replica: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str
+
+    @property
+    def label(self) -> str:
+        return self.service if self.replica == 0 else f"{self.service}-{self.replica + 1}"
+
+
+@dataclass
+class _Running:
+    launch: Launch
+    proc: subprocess.Popen
+    log: Path
+    started: float = field(default_factory=time.time)
+
+
+STOP_GRACE_S = 20.0  # SIGTERM to SIGKILL: a run in flight (a child of the code server) is killed after it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ProcessTopology:
+    """Start, probe, restart and stop the topology's processes. ``name`` prefixes its databases, bucket,
+    topics and subscription, so several topologies share the machine's servers without meeting."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        name: str = "em_deploy",
+        workers: int = 2,
+        worker_threads: int = 1,
+        settings: Mapping[str, str] | None = None,
+        dagster_overrides: Mapping | None = None,
+        machine: Machine | None = None,
+        drop_on_stop: bool = False,
+    ):
+        if not re.fullmatch(r"[a-z][a-z0-9_]{2,40}", name):
+            raise ValueError(f"topology name {name!r}: lower-case letters, digits and _ (3-41 characters)")
+        self.state = Path(state_dir).resolve()
+        self.name = name
+        self.machine = machine or Machine()
+        self.drop_on_stop = drop_on_stop
+        self.dagster_overrides = dict(dagster_overrides or {})
+        m = self.machine
+        self.settings: dict[str, str] = {
+            "POSTGRES_USER": m.pg_user,
+            "POSTGRES_PASSWORD": "unused-with-trust-auth",
+            "DAGSTER_DB": f"{name}_dagster",
+            "EM_CATALOG_DB": f"{name}_catalog",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "EM_S3_BUCKET": name.replace("_", "-"),
+            "EM_BROKER_USERNAME": m.stomp_user,
+            "EM_BROKER_PASSWORD": m.stomp_password,
+            "EM_BROKER_TOPIC_PREFIX": f"/topic/{name}.",
+            "EM_BROKER_SUBSCRIPTION": f"{name}_journal",
+            "DASK_WORKERS": str(workers),
+            "DASK_WORKER_THREADS": str(worker_threads),
+            **(settings or {}),
+        }
+        ports = {s.name: free_port() for s in SERVICES if s.port is not None}
+        ports.update(postgresql=m.pg_port, rabbitmq=m.stomp_port)
+        hosts = {s.name: "127.0.0.1" for s in SERVICES}
+        hosts.update(postgresql=m.pg_host, rabbitmq=m.stomp_host)
+        self.addresses = Addresses(bind="127.0.0.1", hosts=hosts, ports=ports, data=str(self.state / "data"))
+        self.dagster_home = self.state / "dagster_home"
+        self._running: dict[str, list[_Running]] = {}
+        self._created: list[str] = []
+        atexit.register(self.stop)
+
+    # -- what runs ------------------------------------------------------------------------------------
+
+    def env_of(self, svc: Service) -> dict[str, str]:
+        """The service's compose environment, filled in for this topology (plus its image's ENV)."""
+        env = {k: v for k, v in IMAGE_ENV.get(svc.image, {}).items()}
+        if "DAGSTER_HOME" in env:
+            env["DAGSTER_HOME"] = str(self.dagster_home)
+        for key, template in svc.env.items():
+            env[key] = interpolate(place(template, self.addresses, svc.name), self.settings)
+        return env
+
+    @property
+    def platform_env(self) -> dict[str, str]:
+        """What em_platform's own commands (scope-sim, a CLI backfill) need to act in this topology."""
+        return self.env_of(_service("user-code"))
+
+    def plan(self) -> list[Launch]:
+        """Every process to run, in start order, with its argv, environment and working folder."""
+        out = []
+        for svc in start_order():
+            if svc.runs_as != "process":
+                continue
+            argv = tuple(interpolate(place(a, self.addresses, svc.name), self.settings) for a in svc.command)
+            argv = (_executable(argv[0]), *argv[1:])
+            env = self.env_of(svc)
+            cwd = str(self.dagster_home) if svc.working_dir else str(REPO)
+            replicas = int(interpolate(svc.replicas, self.settings)) if svc.replicas else 1
+            out += [Launch(svc.name, i, argv, env, cwd) for i in range(replicas)]
+        return out
+
+    def url(self, name: str) -> str:
+        scheme = {"dask-scheduler": "tcp", "user-code": "grpc"}.get(name, "http")
+        return f"{scheme}://{self.addresses.addr(name)}"
+
+    @property
+    def webserver(self) -> str:
+        return self.url("webserver")
+
+    @property
+    def scheduler(self) -> str:
+        return self.url("dask-scheduler")
+
+    @property
+    def catalog_url(self) -> str:
+        return self.platform_env["EM_CATALOG_URL"]
+
+    @property
+    def dagster_db(self) -> str:
+        return self.settings["DAGSTER_DB"]
+
+    def pids(self) -> dict[str, list[int]]:
+        return {k: [r.proc.pid for r in v] for k, v in self._running.items()}
+
+    def log_of(self, label: str) -> Path:
+        return self.state / "logs" / f"{label}.log"
+
+    # -- start ----------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 300.0) -> ProcessTopology:
+        """Bring every service up in dependency order; independent ones start together."""
+        for sub in (
+            "logs",
+            "data/inbox",
+            "data/buffer",
+            "data/downloads",
+            "data/simulations",
+            "data/scope",
+            "compute_logs",
+        ):
+            (self.state / sub).mkdir(parents=True, exist_ok=True)
+        self._write_instance()
+        ready: set[str] = set()
+        pending = [s for s in start_order()]
+        plan = {(p.service, p.replica): p for p in self.plan()}
+        deadline = time.monotonic() + timeout
+        try:
+            while pending or any(self._probing(ready)):
+                for svc in list(pending):
+                    if all(d in ready for d in svc.depends_on):
+                        pending.remove(svc)
+                        self._bring_up(svc, plan)
+                        if svc.runs_as != "process" and svc.name != "minio":
+                            ready.add(svc.name)
+                for name in self._probing(ready):
+                    if self._is_ready(_service(name)):
+                        ready.add(name)
+                if time.monotonic() > deadline:
+                    waiting = [s.name for s in pending] + list(self._probing(ready))
+                    raise TopologyError(f"not up within {timeout:.0f} s: {', '.join(waiting)}{self._tails()}")
+                time.sleep(0.2)
+            self.wait_for_workers()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _probing(self, ready: set[str]) -> list[str]:
+        return [n for n in self._running if n not in ready]
+
+    def _bring_up(self, svc: Service, plan: Mapping[tuple[str, int], Launch]) -> None:
+        if svc.name == "postgresql":
+            self._create_databases()
+        elif svc.name == "rabbitmq":
+            self._check_broker()
+        elif svc.name == "minio":  # moto's S3 server stands in for MinIO
+            port = self.addresses.ports["minio"]
+            argv = (sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port))
+            self._spawn(Launch("minio", 0, argv, _base_env(), str(self.state)))
+        elif svc.name == "minio-init":
+            self._create_bucket()
+        else:
+            for (name, _), launch in plan.items():
+                if name == svc.name:
+                    self._spawn(launch)
+
+    def _spawn(self, launch: Launch) -> _Running:
+        log = self.log_of(launch.label)
+        with open(log, "ab") as out:
+            out.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(launch.argv)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(
+                launch.argv,
+                env={**_base_env(), **launch.env},
+                cwd=launch.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        running = _Running(launch, proc, log)
+        replicas = self._running.setdefault(launch.service, [])
+        if launch.replica < len(replicas):
+            replicas[launch.replica] = running
+        else:
+            replicas.append(running)
+        self._write_pids()
+        return running
+
+    def _is_ready(self, svc: Service) -> bool:
+        for r in self._running.get(svc.name, []):
+            if r.proc.poll() is not None:
+                raise TopologyError(f"{r.launch.label} exited with {r.proc.returncode}{self._tails([r])}")
+        if svc.name == "minio":
+            return _http_ok(f"{self.url('minio')}/")
+        probe = svc.probe
+        if probe is None:
+            return True
+        addr = self.addresses
+        if probe.kind == "tcp":
+            return _tcp_ok(addr.hosts[svc.name], addr.ports[svc.name])
+        if probe.kind == "http":
+            return _http_ok(f"http://{addr.addr(svc.name)}{probe.path}")
+        if probe.kind == "grpc":
+            return _grpc_loaded(addr.hosts[svc.name], addr.ports[svc.name])
+        if probe.kind == "daemon":
+            return self._daemon_alive(since=min(r.started for r in self._running[svc.name]))
+        if probe.kind == "log":
+            return all(probe.pattern in _since_last_start(r.log) for r in self._running[svc.name])
+        raise TopologyError(f"{svc.name}: the runner cannot check a {probe.kind!r} probe")
+
+    def wait_for_workers(self, timeout: float = 120.0) -> None:
+        """The scheduler knows every worker (compose has nothing to wait on; the tests need both there)."""
+        from distributed import Client
+
+        n = len(self._running.get("dask-worker", []))
+        with Client(self.scheduler, timeout="30s") as client:
+            client.wait_for_workers(n, timeout=timeout)
+
+    # -- faults and restarts --------------------------------------------------------------------------
+
+    def kill(self, service: str, replica: int = 0, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to one service process's group (a crash when SIGKILL); returns its PID."""
+        r = self._running[service][replica]
+        _signal_group(r.proc.pid, sig)
+        r.proc.wait(timeout=60)
+        return r.proc.pid
+
+    def restart(self, service: str, replica: int = 0, *, wait: bool = True, timeout: float = 180.0) -> None:
+        """Stop one process cleanly (SIGTERM, then SIGKILL after a grace) and start it again."""
+        r = self._running[service][replica]
+        _stop_group(r.proc)
+        self._spawn(r.launch)
+        if wait:
+            self.wait_ready(service, timeout)
+
+    def start_again(self, service: str, replica: int = 0, timeout: float = 180.0) -> None:
+        """Start a process that was killed (as compose's restart policy would)."""
+        r = self._running[service][replica]
+        if r.proc.poll() is None:
+            raise TopologyError(f"{r.launch.label} is still running (pid {r.proc.pid})")
+        self._spawn(r.launch)
+        self.wait_ready(service, timeout)
+
+    def wait_ready(self, service: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._is_ready(_service(service)):
+            if time.monotonic() > deadline:
+                raise TopologyError(f"{service} not ready within {timeout:.0f} s{self._tails()}")
+            time.sleep(0.2)
+        if service == "dask-worker":
+            self.wait_for_workers(timeout)
+
+    # -- stop -----------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every process (reverse start order) by PID; then drop this topology's databases and queue
+        if it was made for one use (tests)."""
+        procs = [r.proc for name in reversed(list(self._running)) for r in self._running[name]]
+        for proc in procs:  # all at once: the code server alone takes ~10 s to wind down
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S  # one grace for all, not one each
+        for proc in procs:
+            _stop_group(proc, grace=max(0.0, deadline - time.monotonic()))
+        self._running.clear()
+        self._write_pids()
+        if self.drop_on_stop:
+            self._drop()
+        atexit.unregister(self.stop)
+
+    # -- the machine's services -----------------------------------------------------------------------
+
+    def _admin(self):
+        import psycopg2
+
+        m = self.machine
+        try:
+            conn = psycopg2.connect(
+                host=m.pg_host, port=m.pg_port, user=m.pg_user, dbname="postgres", connect_timeout=5
+            )
+        except psycopg2.OperationalError as exc:
+            raise TopologyError(
+                f"PostgreSQL at {m.pg_host}:{m.pg_port} (user {m.pg_user}) is not reachable ({exc}); "
+                "the process topology uses the machine's server in place of the postgresql container"
+            ) from exc
+        conn.autocommit = True
+        return conn
+
+    def _create_databases(self) -> None:
+        conn = self._admin()
+        try:
+            with conn.cursor() as cur:
+                for db in (self.settings["DAGSTER_DB"], self.settings["EM_CATALOG_DB"]):
+                    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+                    if cur.fetchone() is None:
+                        cur.execute(f'CREATE DATABASE "{db}"')
+                        self._created.append(db)
+        finally:
+            conn.close()
+
+    def _check_broker(self) -> None:
+        m = self.machine
+        if not _tcp_ok(m.stomp_host, m.stomp_port):
+            raise TopologyError(
+                f"no STOMP broker at {m.stomp_host}:{m.stomp_port}: start RabbitMQ and enable its STOMP plugin "
+                "(`make services`); the process topology uses it in place of the rabbitmq container"
+            )
+
+    def _create_bucket(self) -> None:
+        import s3fs
+
+        env = self.platform_env
+        fs = s3fs.S3FileSystem(
+            key=env["AWS_ACCESS_KEY_ID"],
+            secret=env["AWS_SECRET_ACCESS_KEY"],
+            client_kwargs={"endpoint_url": env["EM_S3_ENDPOINT_URL"]},
+        )
+        if not fs.exists(self.settings["EM_S3_BUCKET"]):
+            fs.mkdir(self.settings["EM_S3_BUCKET"])
+
+    def _drop(self) -> None:
+        from em_platform.tem.listener import delete_subscription
+
+        m = self.machine
+        with contextlib.suppress(Exception):
+            delete_subscription(
+                m.stomp_host,
+                m.stomp_port,
+                self.settings["EM_BROKER_SUBSCRIPTION"],
+                topic_prefix=self.settings["EM_BROKER_TOPIC_PREFIX"],
+                username=m.stomp_user,
+                password=m.stomp_password,
+            )
+        if not self._created:
+            return
+        conn = self._admin()
+        try:
+            with conn.cursor() as cur:
+                for db in self._created:
+                    cur.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,)
+                    )
+                    cur.execute(f'DROP DATABASE IF EXISTS "{db}"')
+        finally:
+            conn.close()
+        self._created.clear()
+
+    def _daemon_alive(self, since: float) -> bool:
+        """The daemon's sensor and run-queue heartbeats are newer than its start (what liveness-check reads)."""
+        import psycopg2
+
+        m = self.machine
+        try:
+            conn = psycopg2.connect(
+                host=m.pg_host, port=m.pg_port, user=m.pg_user, dbname=self.dagster_db, connect_timeout=5
+            )
+        except psycopg2.OperationalError:
+            return False
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT daemon_type, timestamp FROM daemon_heartbeats")
+                beats = {
+                    t: ts.timestamp() if hasattr(ts, "timestamp") else float(ts) for t, ts in cur.fetchall()
+                }
+        except psycopg2.Error:
+            return False
+        finally:
+            conn.close()
+        need = ("SENSOR", "QUEUED_RUN_COORDINATOR")
+        return all(beats.get(t, 0.0) >= since - 1.0 for t in need)
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def _write_instance(self) -> None:
+        """docker/dagster.yaml with the default run launcher and local compute logs, plus any overrides."""
+        self.dagster_home.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
+        config.pop("run_launcher")
+        config["compute_logs"]["config"]["base_dir"] = str(self.state / "compute_logs")
+        config = _merge(config, self.dagster_overrides)
+        (self.dagster_home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        shutil.copy(DOCKER / "workspace.yaml", self.dagster_home / "workspace.yaml")
+
+    def _write_pids(self) -> None:
+        if self.state.exists():
+            (self.state / "pids.json").write_text(json.dumps(self.pids(), indent=1))
+
+    def _tails(self, runs: list[_Running] | None = None, lines: int = 15) -> str:
+        runs = runs if runs is not None else [r for rs in self._running.values() for r in rs]
+        parts = []
+        for r in runs:
+            text = r.log.read_text(errors="replace").splitlines()[-lines:] if r.log.exists() else []
+            parts.append(f"\n--- {r.launch.label} (pid {r.proc.pid}, {r.log}):\n" + "\n".join(text))
+        return "".join(parts)
+
+
+def stop_from_pid_file(state_dir: Path) -> list[int]:
+    """Stop the processes a runner in another shell recorded (``down``); only PIDs still running our commands."""
+    path = Path(state_dir) / "pids.json"
+    if not path.exists():
+        return []
+    stopped = []
+    for pids in json.loads(path.read_text()).values():
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(REPO) in cmdline or sys.prefix in cmdline:
+                _signal_group(pid, signal.SIGTERM)
+                stopped.append(pid)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(_running(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.2)  # poll interval while they wind down
+    for pid in stopped:  # what ignored SIGTERM (a code server with a run in flight)
+        _signal_group(pid, signal.SIGKILL)
+    path.unlink()
+    return stopped
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+
+def _service(name: str) -> Service:
+    from em_platform.deploy.services import service
+
+    return service(name)
+
+
+def _executable(name: str) -> str:
+    """Commands come from this Python environment (as they come from the image's)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    return env
+
+
+def _since_last_start(log: Path) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return text[text.rfind("\n==== ") :]
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _tcp_ok(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return 200 <= resp.status < 300
+    except OSError:
+        return False
+
+
+def _grpc_loaded(host: str, port: int) -> bool:
+    """The code server answers and has loaded the code (its health check alone passes while loading)."""
+    if not _tcp_ok(host, port):
+        return False
+    from dagster._grpc.client import DagsterGrpcClient
+
+    try:
+        client = DagsterGrpcClient(host=host, port=port)
+        if client.health_check_query() != "SERVING":
+            return False
+        client.list_repositories()
+        return True
+    except Exception:
+        return False
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting for its parent to reap it is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    _signal_group(proc.pid, signal.SIGKILL)  # stragglers of the group (a run the server started)

@@ -1,0 +1,313 @@
+"""The production topology, defined once: ``docker/compose.yaml`` is generated from this table and the
+process runner (:mod:`em_platform.deploy.processes`) starts the same services from it.
+
+Commands and environment values are templates, filled in per topology:
+
+``{bind}`` / ``{port}``
+    the address and port this service listens on (``0.0.0.0`` and a fixed port in a container;
+    ``127.0.0.1`` and a free port as a process);
+``{addr:NAME}`` / ``{host:NAME}`` / ``{port:NAME}``
+    where service NAME answers (``NAME:PORT`` on the compose network; ``127.0.0.1:P`` as processes);
+``{data}``
+    the shared data folder (the ``/data`` volume; a folder as processes);
+``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}``
+    an operator's setting: compose interpolates it from ``docker/.env``; the runner from its settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+EM_IMAGE = "em-platform"  # the user-code image: code server, launched runs, Dask, listener
+DAGSTER_IMAGE = "dagster"  # webserver + daemon (no user code: they talk to the code server over gRPC)
+LOCATION_NAME = "em_platform"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How to tell that a service is up: compose renders it as a healthcheck, the runner checks it itself.
+
+    ``kind``: ``tcp`` (the port accepts), ``http`` (GET ``path`` answers 2xx), ``grpc`` (Dagster's code-server
+    health check; the runner also waits for the code to load), ``daemon`` (``dagster-daemon liveness-check``;
+    the runner reads the same heartbeats), ``command`` (``test``, compose only: the runner checks the machine's
+    equivalent its own way), ``log`` (the runner waits for ``pattern`` in the service's output; compose has no
+    equivalent and nothing depends on such a service).
+    """
+
+    kind: str
+    path: str = ""
+    pattern: str = ""
+    test: tuple[str, ...] = ()
+    interval: str = "10s"
+    timeout: str = "5s"
+    retries: int = 12
+    start_period: str = "20s"
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service of the topology (a compose service; one process, or ``replicas`` of them)."""
+
+    name: str
+    image: str  # EM_IMAGE, DAGSTER_IMAGE, or an infrastructure image (postgres:16, ...)
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    port: int | None = None  # container port; the process runner picks a free one instead
+    publish: bool = False  # published on the host (the web UI)
+    replicas: str = ""  # "${DASK_WORKERS:-2}": compose deploy.replicas; the runner starts that many
+    depends_on: Mapping[str, str] = field(default_factory=dict)  # name -> compose condition
+    probe: Probe | None = None
+    volumes: tuple[str, ...] = ()
+    working_dir: str = ""
+    restart: str = "unless-stopped"
+    # "process": the runner starts `command`; "equivalent": the runner provides the machine's counterpart
+    # (PostgreSQL server, RabbitMQ STOMP, moto's S3 server, a bucket) instead of this container
+    runs_as: str = "process"
+    compose_only_env: Mapping[str, str] = field(default_factory=dict)  # meaningful only with Docker
+    entrypoint: tuple[str, ...] = ()  # replaces the image's entrypoint (compose only)
+    note: str = ""
+
+
+def _pg_env() -> dict[str, str]:
+    """Dagster's instance storage (docker/dagster.yaml reads these)."""
+    return {
+        "DAGSTER_POSTGRES_HOST": "{host:postgresql}",
+        "DAGSTER_POSTGRES_PORT": "{port:postgresql}",
+        "DAGSTER_POSTGRES_USER": "${POSTGRES_USER:-dagster}",
+        "DAGSTER_POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
+        "DAGSTER_POSTGRES_DB": "${DAGSTER_DB:-dagster}",
+    }
+
+
+def platform_env() -> dict[str, str]:
+    """What em_platform reads (settings.py), for the code server, launched runs, Dask and the listener."""
+    return {
+        "EM_DEPLOYMENT": "docker",
+        "EM_DATA_ROOT": "s3://${EM_S3_BUCKET:-em-data}/em",
+        "EM_S3_ENDPOINT_URL": "${EM_S3_ENDPOINT_URL:-http://{addr:minio}}",
+        "AWS_ACCESS_KEY_ID": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
+        "AWS_SECRET_ACCESS_KEY": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
+        "AWS_DEFAULT_REGION": "${AWS_DEFAULT_REGION:-us-east-1}",
+        # the catalog and acquisition journal; libpq reads the password from PGPASSWORD (never in the URL)
+        "EM_CATALOG_URL": "postgresql+psycopg2://${POSTGRES_USER:-dagster}@{addr:postgresql}/${EM_CATALOG_DB:-em_catalog}",
+        "PGPASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
+        "EM_INBOX": "{data}/inbox",
+        "EM_BUFFER": "{data}/buffer",
+        "EM_DOWNLOADS": "{data}/downloads",
+        "EM_SIMULATIONS": "{data}/simulations",
+        "EM_INBOX_SETTLE_SECONDS": "${EM_INBOX_SETTLE_SECONDS:-5}",
+        "EM_SENSOR_INTERVAL_SECONDS": "${EM_SENSOR_INTERVAL_SECONDS:-}",
+        "EM_BROKER": "{addr:rabbitmq}",
+        "EM_BROKER_TOPIC_PREFIX": "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
+        "EM_BROKER_USERNAME": "${EM_BROKER_USERNAME:-em}",
+        "EM_BROKER_PASSWORD": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
+        "EM_SCOPE_PIXEL_SIZE_NM": "${EM_SCOPE_PIXEL_SIZE_NM:-}",
+        "NEUPRINT_TOKEN": "${NEUPRINT_TOKEN:-}",
+        "DASK_SCHEDULER_ADDRESS": "tcp://{addr:dask-scheduler}",
+        **_pg_env(),
+    }
+
+
+def _workspace_env() -> dict[str, str]:
+    """docker/workspace.yaml finds the code server through these."""
+    return {"DAGSTER_CODE_SERVER_HOST": "{host:user-code}", "DAGSTER_CODE_SERVER_PORT": "{port:user-code}"}
+
+
+DATA_VOLUME = "em-data:/data"
+DAGSTER_HOME = "/opt/dagster/dagster_home"
+# ENV lines of docker/Dockerfile and docker/Dockerfile.dagster (a test checks them); the runner sets the same
+IMAGE_ENV = {
+    EM_IMAGE: {"DAGSTER_HOME": DAGSTER_HOME, "PYTHONUNBUFFERED": "1"},
+    DAGSTER_IMAGE: {"DAGSTER_HOME": DAGSTER_HOME, "PYTHONUNBUFFERED": "1"},
+}
+HEALTHY, STARTED, COMPLETED = "service_healthy", "service_started", "service_completed_successfully"
+
+SERVICES: tuple[Service, ...] = (
+    Service(
+        "postgresql",
+        image="postgres:16",
+        command=(),
+        env={
+            "POSTGRES_USER": "${POSTGRES_USER:-dagster}",
+            "POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
+            "POSTGRES_DB": "${DAGSTER_DB:-dagster}",
+            "EM_CATALOG_DB": "${EM_CATALOG_DB:-em_catalog}",
+        },
+        port=5432,
+        probe=Probe("command", test=("CMD-SHELL", "pg_isready -U $${POSTGRES_USER} -d $${POSTGRES_DB}")),
+        volumes=("postgres-data:/var/lib/postgresql/data", "./postgres:/docker-entrypoint-initdb.d:ro"),
+        runs_as="equivalent",
+        note="Dagster's run/event/schedule storage and, in a database of its own, the catalog + journal",
+    ),
+    Service(
+        "rabbitmq",
+        image="rabbitmq:3.13",
+        command=(),
+        env={
+            "RABBITMQ_DEFAULT_USER": "${EM_BROKER_USERNAME:-em}",
+            "RABBITMQ_DEFAULT_PASS": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
+        },
+        port=61613,
+        probe=Probe("command", test=("CMD", "rabbitmq-diagnostics", "-q", "check_port_listener", "61613")),
+        volumes=(
+            "rabbitmq-data:/var/lib/rabbitmq",
+            "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro",
+        ),
+        runs_as="equivalent",
+        note="the microscope's STOMP broker (RabbitMQ with its STOMP plugin)",
+    ),
+    Service(
+        "minio",
+        image="minio/minio:latest",
+        command=("server", "/data", "--address", ":9000"),
+        env={
+            "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
+            "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
+        },
+        port=9000,
+        probe=Probe("command", test=("CMD", "mc", "ready", "local")),
+        volumes=("minio-data:/data",),
+        runs_as="equivalent",
+        note="S3 storage root (EM_DATA_ROOT); drop it and set EM_S3_ENDPOINT_URL for a real S3",
+    ),
+    Service(
+        "minio-init",
+        image="minio/mc:latest",
+        entrypoint=("sh", "-c"),
+        command=(
+            'mc alias set em "http://{addr:minio}" "$${MINIO_ROOT_USER}" "$${MINIO_ROOT_PASSWORD}" '
+            '&& mc mb --ignore-existing "em/$${EM_S3_BUCKET}"',
+        ),
+        env={
+            "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
+            "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
+            "EM_S3_BUCKET": "${EM_S3_BUCKET:-em-data}",
+        },
+        depends_on={"minio": HEALTHY},
+        restart="no",
+        runs_as="equivalent",
+        note="creates the bucket once",
+    ),
+    Service(
+        "dask-scheduler",
+        image=EM_IMAGE,
+        command=("dask", "scheduler", "--host", "{bind}", "--port", "{port}", "--no-dashboard"),
+        port=8786,
+        probe=Probe("tcp"),
+        note="the pixel work's scheduler (DASK_SCHEDULER_ADDRESS)",
+    ),
+    Service(
+        "dask-worker",
+        image=EM_IMAGE,
+        command=(
+            "dask",
+            "worker",
+            "tcp://{addr:dask-scheduler}",
+            "--nthreads",
+            "${DASK_WORKER_THREADS:-2}",
+            "--memory-limit",
+            "${DASK_WORKER_MEMORY:-4GiB}",
+            "--no-dashboard",
+        ),
+        env=platform_env(),
+        replicas="${DASK_WORKERS:-2}",
+        depends_on={"dask-scheduler": HEALTHY},
+        volumes=(DATA_VOLUME,),
+        note="scale with DASK_WORKERS; they read the inbox/tiles and write the buffer and S3",
+    ),
+    Service(
+        "user-code",
+        image=EM_IMAGE,
+        command=(
+            "dagster",
+            "code-server",
+            "start",
+            "-h",
+            "{bind}",
+            "-p",
+            "{port}",
+            "-m",
+            "em_platform.definitions",
+            "--location-name",
+            LOCATION_NAME,
+        ),
+        env=platform_env(),
+        compose_only_env={"DAGSTER_CURRENT_IMAGE": "${EM_IMAGE:-em-platform:latest}"},
+        port=4000,
+        depends_on={"postgresql": HEALTHY, "minio-init": COMPLETED, "dask-scheduler": HEALTHY},
+        probe=Probe("grpc", start_period="60s"),
+        volumes=(DATA_VOLUME,),
+        note="the code location over gRPC; its sensors scan the inbox; DockerRunLauncher runs its image",
+    ),
+    Service(
+        "webserver",
+        image=DAGSTER_IMAGE,
+        command=("dagster-webserver", "-h", "{bind}", "-p", "{port}", "-w", "workspace.yaml"),
+        env={**_pg_env(), **_workspace_env()},
+        port=3000,
+        publish=True,
+        depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
+        probe=Probe("http", path="/server_info"),
+        volumes=(
+            "/var/run/docker.sock:/var/run/docker.sock",
+            "dagster-compute-logs:/opt/dagster/compute_logs",
+        ),
+        working_dir=DAGSTER_HOME,
+        note="the web UI; the docker socket lets it terminate run containers",
+    ),
+    Service(
+        "daemon",
+        image=DAGSTER_IMAGE,
+        command=("dagster-daemon", "run", "-w", "workspace.yaml"),
+        # the run launcher copies these names from the daemon's environment into each run container
+        env={**platform_env(), **_workspace_env()},
+        depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
+        probe=Probe("daemon", start_period="60s"),
+        volumes=(
+            "/var/run/docker.sock:/var/run/docker.sock",
+            "dagster-compute-logs:/opt/dagster/compute_logs",
+        ),
+        working_dir=DAGSTER_HOME,
+        restart="on-failure",
+        note="sensors, schedules, the run queue, backfills, run monitoring; launches runs as containers",
+    ),
+    Service(
+        "listener",
+        image=EM_IMAGE,
+        command=(
+            "em-platform",
+            "listen",
+            "--broker",
+            "{addr:rabbitmq}",
+            "--subscription",
+            "${EM_BROKER_SUBSCRIPTION:-em_platform_journal}",
+            "--topic-prefix",
+            "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
+        ),
+        env=platform_env(),
+        depends_on={"postgresql": HEALTHY, "rabbitmq": HEALTHY},
+        probe=Probe("log", pattern="subscribed to "),
+        note="journals the microscope's tile.raw / montage.* messages (durable subscription)",
+    ),
+)
+
+
+def service(name: str) -> Service:
+    for s in SERVICES:
+        if s.name == name:
+            return s
+    raise KeyError(f"no service {name!r} in the topology (services: {', '.join(s.name for s in SERVICES)})")
+
+
+def start_order() -> list[Service]:
+    """Services in an order that respects ``depends_on`` (the table's order among independent ones)."""
+    done: list[Service] = []
+    pending = list(SERVICES)
+    while pending:
+        ready = [s for s in pending if all(d in {x.name for x in done} for d in s.depends_on)]
+        if not ready:
+            raise ValueError(f"depends_on has a cycle among {[s.name for s in pending]}")
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return done

@@ -1,0 +1,79 @@
+"""The few GraphQL calls the deployment tests make against the topology's webserver, with waits on conditions."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+REPO = {"repositoryLocationName": "em_platform", "repositoryName": "__repository__"}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll ``predicate`` until it returns something truthy; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+class DagsterApi:
+    def __init__(self, base_url: str):
+        self.base = base_url.rstrip("/")
+
+    def query(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
+        req = urllib.request.Request(
+            f"{self.base}/graphql",
+            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = json.load(resp)
+        if body.get("errors"):
+            raise AssertionError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+    def runs(self, tags: dict[str, str] | None = None, limit: int = 100) -> list[dict]:
+        """Runs (newest first) carrying every one of ``tags``."""
+        flt = {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]}
+        data = self.query(
+            """query Runs($filter: RunsFilter, $limit: Int) { runsOrError(filter: $filter, limit: $limit) {
+                 __typename ... on Runs { results { runId status jobName startTime endTime
+                   tags { key value } } } ... on PythonError { message } } }""",
+            {"filter": flt, "limit": limit},
+        )["runsOrError"]
+        if data["__typename"] != "Runs":
+            raise AssertionError(f"runs query failed: {data}")
+        for run in data["results"]:
+            run["tags"] = {t["key"]: t["value"] for t in run["tags"]}
+        return data["results"]
+
+    def partition_runs(self, partition: str) -> list[dict]:
+        return self.runs({"dagster/partition": partition})
+
+    def wait_runs_done(self, tags: dict[str, str], count: int, timeout: float) -> list[dict]:
+        """Wait until at least ``count`` runs with ``tags`` exist and all of them have ended."""
+
+        def done():
+            runs = self.runs(tags)
+            return runs if len(runs) >= count and all(r["status"] in TERMINAL for r in runs) else None
+
+        return wait_until(done, timeout, f"{count} finished run(s) tagged {tags}")
+
+    def run_events(self, run_id: str, limit: int = 2000) -> list[dict]:
+        data = self.query(
+            """query Logs($runId: ID!, $limit: Int) { logsForRun(runId: $runId, limit: $limit) {
+                 __typename ... on EventConnection { events { __typename ... on MessageEvent { message level } } } } }""",
+            {"runId": run_id, "limit": limit},
+        )["logsForRun"]
+        return data.get("events", [])
+
+    def failure_messages(self, run_id: str) -> str:
+        return "\n".join(e.get("message", "") for e in self.run_events(run_id) if e.get("level") == "ERROR")

@@ -1,0 +1,217 @@
+"""docker/: the compose file is the service table's, valid Compose, and agrees with the process runner service
+by service; the instance config keeps the embedded limits; the images run what the table says. No Docker
+engine is needed (none runs here): the Compose spec's JSON schema checks the file, and Docker's compose tool
+too where it is installed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from em_platform.deploy.compose import COMPOSE_FILE, compose_addresses, compose_yaml
+from em_platform.deploy.processes import ProcessTopology
+from em_platform.deploy.services import DAGSTER_IMAGE, EM_IMAGE, IMAGE_ENV, SERVICES, platform_env, service
+from em_platform.deploy.templates import MissingSetting, interpolate, place, variables
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_compose_file_is_generated_from_the_service_table():
+    assert COMPOSE_FILE.read_text() == compose_yaml(), (
+        "docker/compose.yaml differs from em_platform/deploy/services.py: run `make deploy-compose`"
+    )
+    assert list(compose()["services"]) == [s.name for s in SERVICES]
+
+
+def test_compose_file_is_valid_against_the_compose_specification_schema():
+    """The Compose Specification's own JSON schema (the copy check-jsonschema ships, kept up to date there)."""
+    schema_file = resources.files("check_jsonschema") / "builtin_schemas/vendor/compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    jsonschema.validate(compose(), schema, cls=jsonschema.Draft202012Validator)
+    broken = compose()
+    broken["services"]["webserver"]["depends_on"]["user-code"]["condition"] = (
+        "service_ready"  # no such condition
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_docker_compose_config_accepts_the_file_with_the_example_env():
+    """`docker compose config` (or Compose v1's `docker-compose config`) where Docker's compose tool exists."""
+    tools = []
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        tools.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        tools.append(["docker-compose"])
+    if not tools:
+        reason = (
+            "neither `docker compose` (the compose plugin) nor `docker-compose` is installed; the Compose "
+            "schema test above still checks docker/compose.yaml (Debian: apt-get install docker-compose)"
+        )
+        print(reason)
+        pytest.skip(reason)
+    for tool in tools:
+        args = [*tool, "--env-file", str(DOCKER / ".env.example"), "-f", str(COMPOSE_FILE)]
+        done = subprocess.run([*args, "config"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{' '.join(tool)} config: {done.stderr}"
+        resolved = yaml.safe_load(done.stdout)
+        assert set(resolved["services"]) == {s.name for s in SERVICES}
+        worker = resolved["services"]["dask-worker"]
+        assert worker["environment"]["DASK_SCHEDULER_ADDRESS"] == "tcp://dask-scheduler:8786"
+        assert worker["environment"]["EM_S3_ENDPOINT_URL"] == "http://minio:9000"  # empty in .env: MinIO
+        # without the secrets compose refuses to start, naming what to set
+        missing = subprocess.run(
+            [*tool, "-f", str(COMPOSE_FILE), "config"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={"PATH": "/usr/bin:/bin:/usr/local/bin"},
+            timeout=120,
+        )
+        assert missing.returncode != 0 and "in docker/.env" in missing.stderr
+
+
+def test_every_setting_compose_reads_is_documented_in_the_env_example():
+    used = variables(COMPOSE_FILE.read_text())
+    example = DOCKER / ".env.example"
+    documented = {
+        line.split("=", 1)[0] for line in example.read_text().splitlines() if re.match(r"^[A-Z0-9_]+=", line)
+    }
+    assert used - documented == set(), f"set in compose.yaml but not documented in {example}"
+    assert documented - used - {"COMPOSE_PROJECT_NAME"} == set(), f"documented in {example} but never used"
+
+
+def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_containers(monkeypatch, tmp_path):
+    embedded = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    production = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
+    for key in (
+        "run_coordinator",
+        "concurrency",
+        "run_retries",
+        "run_monitoring",
+        "sensors",
+        "telemetry",
+        "nux",
+    ):
+        assert production[key] == embedded[key], f"docker/dagster.yaml `{key}` differs from dagster.yaml"
+    launcher = production["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    # the run containers get exactly the platform's environment, which the daemon holds to pass on
+    assert set(launcher["config"]["env_vars"]) == set(platform_env())
+    assert set(platform_env()) <= set(compose()["services"]["daemon"]["environment"])
+    assert launcher["config"]["network"] in compose()["networks"][launcher["config"]["network"]]["name"]
+    named = {v["name"] for v in compose()["volumes"].values() if v and "name" in v}
+    assert {v.split(":")[0] for v in launcher["config"]["container_kwargs"]["volumes"]} <= named
+    # Dagster's own schema accepts the file (nothing connects: only the config is checked)
+    from dagster._core.instance.config import dagster_instance_config
+
+    for key in ("HOST", "PORT", "USER", "PASSWORD", "DB"):
+        monkeypatch.setenv(f"DAGSTER_POSTGRES_{key}", "5432" if key == "PORT" else "x")
+    shutil.copy(DOCKER / "dagster.yaml", tmp_path / "dagster.yaml")
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["run_launcher"]["class"] == "DockerRunLauncher"
+
+
+def _dockerfile(name: str) -> str:
+    return (DOCKER / name).read_text()
+
+
+def test_images_run_what_the_table_says():
+    user_code = _dockerfile("Dockerfile")
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", user_code, re.M).group(1))
+    assert cmd == compose()["services"]["user-code"]["command"]
+    for name, image in (("Dockerfile", EM_IMAGE), ("Dockerfile.dagster", DAGSTER_IMAGE)):
+        text = _dockerfile(name)
+        env = dict(re.findall(r"(\w+)=(\S+)", " ".join(re.findall(r"^ENV (.+)$", text, re.M))))
+        assert {k: env.get(k) for k in IMAGE_ENV[image]} == IMAGE_ENV[image], name
+        for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
+            for path in source.split():
+                assert (REPO / path).exists(), f"{name} copies {path}, which is not in the repository"
+        ignore = (DOCKER / f"{name}.dockerignore").read_text()
+        assert ignore.startswith("# ") and "\n*\n" in ignore  # context: only what the image copies
+    assert "docker/workspace.yaml" in _dockerfile("Dockerfile.dagster")
+
+
+def test_both_images_pin_one_dagster_release_within_the_project_ranges():
+    pins = dict(
+        line.split("==") for line in (DOCKER / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    core = {
+        pins[p]
+        for p in ("dagster", "dagster-webserver", "dagster-graphql", "dagster-pipes", "dagster-shared")
+    }
+    libs = {pins[p] for p in ("dagster-postgres", "dagster-docker")}
+    assert len(core) == 1 and len(libs) == 1, pins
+    [core_v], [lib_v] = core, libs
+    assert lib_v == "0." + core_v.split(".", 1)[1].replace("13.", "29.", 1)  # 1.13.x <-> 0.29.x
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    from packaging.requirements import Requirement
+
+    for dep in map(Requirement, deps):
+        if dep.name in pins:
+            assert dep.specifier.contains(pins[dep.name]), (dep, pins[dep.name])
+
+
+def test_process_plan_is_the_compose_services_with_loopback_addresses(tmp_path):
+    """Without starting anything: each planned process is its compose service's command and environment."""
+    topo = ProcessTopology(tmp_path, name="em_plan_check", workers=3)
+    specs = compose()["services"]
+    where = topo.addresses
+    plan = topo.plan()
+    assert sorted({p.service for p in plan}) == sorted(s.name for s in SERVICES if s.runs_as == "process")
+    assert sum(p.service == "dask-worker" for p in plan) == 3
+    for launch in plan:
+        svc, spec = service(launch.service), specs[launch.service]
+
+        def convert(value: str) -> str:
+            value = interpolate(str(value), topo.settings)
+            for other in SERVICES:
+                if other.port is not None:
+                    value = value.replace(f"{other.name}:{other.port}", where.addr(other.name))
+                    if value == str(other.port):
+                        return str(where.ports[other.name])
+                if value == other.name:
+                    return where.hosts[other.name]
+            value = "127.0.0.1" if value == "0.0.0.0" else value
+            return re.sub(r"^/data(?=/|$)", where.data, value)
+
+        assert Path(launch.argv[0]).name == spec["command"][0]
+        assert list(launch.argv[1:]) == [convert(a) for a in spec["command"][1:]], launch.label
+        for key, value in spec.get("environment", {}).items():
+            if key not in svc.compose_only_env:
+                assert launch.env[key] == convert(value), (launch.label, key)
+        assert launch.cwd == (str(topo.dagster_home) if spec.get("working_dir") else str(REPO))
+        assert launch.env.get("DAGSTER_HOME") == str(topo.dagster_home)  # the image's ENV, here
+
+
+def test_templates_follow_compose_interpolation():
+    settings = {"SET": "v", "EMPTY": ""}
+    assert (
+        interpolate("${SET:-d} ${EMPTY:-d} ${EMPTY-d} ${UNSET-d} $${SET} ${SET}", settings)
+        == "v d  d ${SET} v"
+    )
+    with pytest.raises(MissingSetting, match="EMPTY: set it"):
+        interpolate("${EMPTY:?set it}", settings)
+    assert interpolate("${EMPTY?unused}", settings) == ""
+    where = compose_addresses()
+    assert (
+        place("tcp://{addr:dask-scheduler} {bind}:{port}", where, "user-code")
+        == "tcp://dask-scheduler:8786 0.0.0.0:4000"
+    )
