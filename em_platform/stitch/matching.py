@@ -295,36 +295,35 @@ def _oriented(
     return t, q, q0, (th, tw), (nh, nw)
 
 
-def match_neighbour(
-    tile: np.ndarray | EdgeStrip,
-    neighbour: np.ndarray | EdgeStrip,
-    position: Position,
-    overlap_px: int,
-    *,
-    max_shift_px: int | None = None,
-    n_patches: int = DEFAULT_PATCHES,
-    patch_px: int = DEFAULT_PATCH_PX,
-    min_agreeing: int = MIN_AGREEING,
-    agree_px: float = AGREE_PX,
-    min_peak_z: float = MIN_PEAK_Z,
-    highpass_px: float = HIGHPASS_PX,
-    row: int | None = None,
-    column: int | None = None,
-    expected: tuple[float, float] = (0.0, 0.0),
-) -> Match | None:
-    """Match ``tile`` against its ``position`` ("top" or "left") neighbour over their nominal overlap of
-    ``overlap_px`` pixels; ``None`` when no overlap is found. See the module docstring for the method
-    and the sign convention. ``tile`` and ``neighbour`` are whole images or their :class:`EdgeStrip`
-    (the tile's ``position`` strip, the neighbour's opposite one); ``row`` and ``column`` (the
-    neighbour's) are only carried into the result.
+@dataclass(frozen=True)
+class _Patches:
+    """Where templates are cut and searched, in the oriented frame ('left' neighbour; transposed for 'top').
 
-    ``expected`` is where the tile is believed to be, ``(dX, dY)`` from nominal (e.g. from the stage
-    positions): the search is centred there, templates are placed in the overlap it implies, and the
-    result is still relative to nominal. ``max_shift_px`` (default :func:`default_max_shift`) bounds
-    ``|dX − expected dX|`` and ``|dY − expected dY|``; it must leave at least 8 px of the overlap for
-    the templates (``overlap_px − max_shift_px ≥ 8``). An expected place that leaves too little overlap
-    gives ``None``; strips must reach ``overlap_px + max_shift_px`` plus any expected shift across.
-    """
+    Templates are ``length`` × ``across`` px at rows ``starts`` and column ``column`` of the tile's strip;
+    each is searched ``± shift`` around the expected place, from column ``search_column`` of the
+    neighbour's strip. ``nominal`` is the tile's nominal offset across the strip; ``e_across``,
+    ``e_along`` the expected offset (whole px) from it."""
+
+    shift: int
+    e_across: int
+    e_along: int
+    across: int
+    column: int
+    length: int
+    starts: np.ndarray
+    nominal: int
+    search_column: int
+
+
+def _search_range(
+    position: str,
+    overlap_px: int,
+    max_shift_px: int | None,
+    n_patches: int,
+    min_agreeing: int,
+    highpass_px: float,
+) -> int:
+    """The settings checked before any pixel is read; the search range ``max_shift_px`` resolved."""
     if position not in ("top", "left"):
         raise ValueError(
             f"position must be 'top' or 'left' (the neighbour acquired before the tile), got {position!r}"
@@ -342,16 +341,24 @@ def match_neighbour(
         raise ValueError("n_patches and min_agreeing must be at least 1")
     if not highpass_px > 0:
         raise ValueError(f"highpass_px must be positive, got {highpass_px}")
+    return shift
 
-    # the expected offset in the oriented frame (across the shared edge, along it), whole pixels
-    e_across, e_along = (round(expected[0]), round(expected[1]))[:: 1 if position == "left" else -1]
-    overlap = overlap_px - e_across  # the overlap the expected place implies
-    if overlap - shift < _MIN_TEMPLATE_PX:
-        return None  # the tiles are expected (nearly) not to overlap: nothing to match
 
-    t, q, q_x0, (t_length, t_width), (q_length, q_width) = _oriented(
-        tile, neighbour, position, overlap + shift
-    )
+def _place_patches(
+    overlap: int,
+    overlap_px: int,
+    shift: int,
+    expected: tuple[int, int],
+    q_x0: int,
+    t_size: tuple[int, int],
+    q_size: tuple[int, int],
+    n_patches: int,
+    patch_px: int,
+) -> _Patches | None:
+    """Spread the templates along the usable part of an ``overlap`` px wide strip (``expected``: whole px
+    across and along; sizes: the tile's and the neighbour's length along and width across); ``None`` when
+    the expected place shares too little edge."""
+    (e_across, e_along), (t_length, t_width), (q_length, q_width) = expected, t_size, q_size
     if overlap + shift > min(t_width, q_width):
         raise ValueError(
             f"overlap_px + max_shift_px = {overlap + shift} is more than a tile ({t_width} and {q_width} px across)"
@@ -373,17 +380,25 @@ def match_neighbour(
     starts = np.unique(np.linspace(first, last - ph, n_patches).round().astype(int))
     nominal = q_width - overlap_px  # the tile's nominal offset across the strip
     sx0 = nominal + e_across + a - shift - q_x0  # the search window's first column in q
+    return _Patches(shift, e_across, e_along, tw, a, ph, starts, nominal, sx0)
 
-    found = []  # (dx, dy, peak, px, py) in the oriented frame
+
+def _find_offsets(
+    t: np.ndarray, q: np.ndarray, g: _Patches, min_peak_z: float, highpass_px: float
+) -> list[tuple[float, float, float, float, float]]:
+    """Search each template in the neighbour: (dx, dy, peak, px, py) in the oriented frame for each patch
+    whose peak counts (module docstring: validation)."""
+    shift, ph, tw, a, sx0 = g.shift, g.length, g.across, g.column, g.search_column
+    found = []
     template = np.empty((ph, tw), np.float32)  # float32 buffers reused for every patch
     search = np.empty((ph + 2 * shift, tw + 2 * shift), np.float32)
     detail: tuple[np.ndarray, int, np.ndarray, int] | None = None  # high-passed strips, made when needed
-    for y0 in starts:
+    for y0 in g.starts:
         np.copyto(template, t[y0 : y0 + ph, a : a + tw], casting="unsafe")
         _, t_std = cv2.meanStdDev(template)
         if not t_std[0, 0] > 1e-3:
             continue  # no contrast: nothing to match
-        y1 = y0 + e_along - shift
+        y1 = y0 + g.e_along - shift
         np.copyto(search, q[y1 : y1 + ph + 2 * shift, sx0 : sx0 + tw + 2 * shift], casting="unsafe")
         r = _ncc(search, template)
         _, peak, _, (ix, iy) = cv2.minMaxLoc(r)
@@ -395,28 +410,54 @@ def match_neighbour(
                     *_highpass(t, a - m, a + tw + m, highpass_px),
                     *_highpass(q, sx0 - m, sx0 + tw + 2 * shift + m, highpass_px),
                 )
-            t_hp, t_c0, q_hp, q_c0 = detail
-            r_hp = _ncc(
-                q_hp[y1 : y1 + ph + 2 * shift, sx0 - q_c0 : sx0 - q_c0 + tw + 2 * shift],
-                t_hp[y0 : y0 + ph, a - t_c0 : a - t_c0 + tw],
-            )
-            _, peak_hp, _, (hx, hy) = cv2.minMaxLoc(r_hp)
-            if not _stands_out(r_hp, hx, hy, peak_hp, min_peak_z):
+            second = _look_again(r, detail, g, y0, y1, min_peak_z)
+            if second is None:
                 continue
-            # the place is measured on the unfiltered correlation, which must peak within a pixel of it
-            lx, ly = max(0, hx - 2), max(0, hy - 2)
-            _, peak, _, (ix, iy) = cv2.minMaxLoc(r[ly : hy + 3, lx : hx + 3])
-            ix, iy = ix + lx, iy + ly
-            if max(abs(ix - hx), abs(iy - hy)) > 1 or not _inside(r, ix, iy):
-                continue
+            peak, ix, iy = second
         ox, oy = _subpixel_peak(r, ix, iy)
         found.append(
-            (ix + ox - shift + e_across, iy + oy - shift + e_along, peak, a + (tw - 1) / 2, y0 + (ph - 1) / 2)
+            (
+                ix + ox - shift + g.e_across,
+                iy + oy - shift + g.e_along,
+                peak,
+                a + (tw - 1) / 2,
+                y0 + (ph - 1) / 2,
+            )
         )
-    n_total = len(starts)
-    if len(found) < min_agreeing:
-        return None
+    return found
 
+
+def _look_again(
+    r: np.ndarray,
+    detail: tuple[np.ndarray, int, np.ndarray, int],
+    g: _Patches,
+    y0: int,
+    y1: int,
+    min_peak_z: float,
+) -> tuple[float, int, int] | None:
+    """The second look at a patch on the high-passed strips: (peak, x, y) on the unfiltered correlation
+    ``r``, or ``None`` when the filtered peak does not stand out or ``r`` does not peak within a pixel of it."""
+    shift, ph, tw, a, sx0 = g.shift, g.length, g.across, g.column, g.search_column
+    t_hp, t_c0, q_hp, q_c0 = detail
+    r_hp = _ncc(
+        q_hp[y1 : y1 + ph + 2 * shift, sx0 - q_c0 : sx0 - q_c0 + tw + 2 * shift],
+        t_hp[y0 : y0 + ph, a - t_c0 : a - t_c0 + tw],
+    )
+    _, peak_hp, _, (hx, hy) = cv2.minMaxLoc(r_hp)
+    if not _stands_out(r_hp, hx, hy, peak_hp, min_peak_z):
+        return None
+    # the place is measured on the unfiltered correlation, which must peak within a pixel of it
+    lx, ly = max(0, hx - 2), max(0, hy - 2)
+    _, peak, _, (ix, iy) = cv2.minMaxLoc(r[ly : hy + 3, lx : hx + 3])
+    ix, iy = ix + lx, iy + ly
+    if max(abs(ix - hx), abs(iy - hy)) > 1 or not _inside(r, ix, iy):
+        return None
+    return peak, ix, iy
+
+
+def _agreeing(found: list, agree_px: float, min_agreeing: int) -> np.ndarray | None:
+    """The patches within ``agree_px`` of the largest mutually consistent group's median offset, or
+    ``None`` when fewer than ``min_agreeing`` agree (no overlap found)."""
     f = np.array(found)
     offsets = f[:, :2]
     best: np.ndarray | None = None
@@ -429,8 +470,18 @@ def match_neighbour(
     members = np.flatnonzero(np.abs(offsets - centre).max(axis=1) <= agree_px)
     if len(members) < min_agreeing:
         return None
-    g = f[members]
+    return f[members]
 
+
+def _to_match(
+    g: np.ndarray,
+    position: Position,
+    nominal: int,
+    n_total: int,
+    row: int | None,
+    column: int | None,
+) -> Match:
+    """The agreeing patches ``g`` (oriented frame) as a :class:`Match` in image coordinates."""
     # back to image coordinates: (x, y) offsets and the patch centres in the tile (p) and neighbour (q)
     d_across, d_along, px_a, py_a = g[:, 0], g[:, 1], g[:, 3], g[:, 4]
     qx_a, qy_a = px_a + nominal + d_across, py_a + d_along
@@ -466,3 +517,57 @@ def match_neighbour(
         row=row,
         column=column,
     )
+
+
+def match_neighbour(
+    tile: np.ndarray | EdgeStrip,
+    neighbour: np.ndarray | EdgeStrip,
+    position: Position,
+    overlap_px: int,
+    *,
+    max_shift_px: int | None = None,
+    n_patches: int = DEFAULT_PATCHES,
+    patch_px: int = DEFAULT_PATCH_PX,
+    min_agreeing: int = MIN_AGREEING,
+    agree_px: float = AGREE_PX,
+    min_peak_z: float = MIN_PEAK_Z,
+    highpass_px: float = HIGHPASS_PX,
+    row: int | None = None,
+    column: int | None = None,
+    expected: tuple[float, float] = (0.0, 0.0),
+) -> Match | None:
+    """Match ``tile`` against its ``position`` ("top" or "left") neighbour over their nominal overlap of
+    ``overlap_px`` pixels; ``None`` when no overlap is found. See the module docstring for the method
+    and the sign convention. ``tile`` and ``neighbour`` are whole images or their :class:`EdgeStrip`
+    (the tile's ``position`` strip, the neighbour's opposite one); ``row`` and ``column`` (the
+    neighbour's) are only carried into the result.
+
+    ``expected`` is where the tile is believed to be, ``(dX, dY)`` from nominal (e.g. from the stage
+    positions): the search is centred there, templates are placed in the overlap it implies, and the
+    result is still relative to nominal. ``max_shift_px`` (default :func:`default_max_shift`) bounds
+    ``|dX − expected dX|`` and ``|dY − expected dY|``; it must leave at least 8 px of the overlap for
+    the templates (``overlap_px − max_shift_px ≥ 8``). An expected place that leaves too little overlap
+    gives ``None``; strips must reach ``overlap_px + max_shift_px`` plus any expected shift across.
+    """
+    shift = _search_range(position, overlap_px, max_shift_px, n_patches, min_agreeing, highpass_px)
+    overlap_px = int(overlap_px)
+
+    # the expected offset in the oriented frame (across the shared edge, along it), whole pixels
+    e_across, e_along = (round(expected[0]), round(expected[1]))[:: 1 if position == "left" else -1]
+    overlap = overlap_px - e_across  # the overlap the expected place implies
+    if overlap - shift < _MIN_TEMPLATE_PX:
+        return None  # the tiles are expected (nearly) not to overlap: nothing to match
+
+    t, q, q_x0, t_size, q_size = _oriented(tile, neighbour, position, overlap + shift)
+    patches = _place_patches(
+        overlap, overlap_px, shift, (e_across, e_along), q_x0, t_size, q_size, n_patches, patch_px
+    )
+    if patches is None:
+        return None
+    found = _find_offsets(t, q, patches, min_peak_z, highpass_px)
+    if len(found) < min_agreeing:
+        return None
+    agreeing = _agreeing(found, agree_px, min_agreeing)
+    if agreeing is None:
+        return None
+    return _to_match(agreeing, position, patches.nominal, len(patches.starts), row, column)

@@ -54,7 +54,7 @@ Dagster-free; the montage assets and ``em-platform stitch`` call :func:`solve_tr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +86,11 @@ FREED = {
     "rigid": ("rotation",),
     "similarity": ("scale", "rotation"),
     "affine": LINEAR_PARTS,
+}
+PASSES = {  # each model is solved after the stiffer ones have settled the gross outliers
+    "translation": ["translation"],
+    "rigid": ["translation", "rigid"],
+    "affine": ["translation", "similarity", "affine"],
 }
 
 
@@ -224,6 +229,251 @@ def _edge_medians(values: np.ndarray, edge_of: np.ndarray, n_edges: int) -> np.n
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class _Pairs:
+    """The montage's point pairs, flattened: pair k lies on edge ``edge_of[k]`` from tile ``a[k]`` to tile
+    ``b[k]``, with ``p[k]``, ``q[k]`` about the tile centre (``p_raw``, ``q_raw`` from the top-left corner)."""
+
+    ids: list[TileId]
+    keys: list[EdgeKey]
+    ends: np.ndarray  # (edges, 2) tile indices
+    counts: np.ndarray  # pairs per edge
+    edge_of: np.ndarray
+    p_raw: np.ndarray
+    q_raw: np.ndarray
+    p: np.ndarray
+    q: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    w0: np.ndarray  # the edge's weight, per pair
+    s: np.ndarray  # stage top-left corners, per tile
+    centre: np.ndarray
+    radius: float
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.keys)
+
+    @property
+    def m(self) -> int:
+        return len(self.edge_of)
+
+    @property
+    def multi(self) -> np.ndarray:
+        """Pairs on edges with more than one: only those show the matcher's scatter."""
+        return self.counts[self.edge_of] > 1
+
+    def residual_vectors(self, linear: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Per pair: where the tile's transform puts ``p`` minus where the neighbour's puts ``q``."""
+        a, b = self.a, self.b
+        at_tile = np.einsum("kij,kj->ki", linear[a], self.p) + t[a]
+        at_neighbour = np.einsum("kij,kj->ki", linear[b], self.q) + t[b]
+        return at_tile - at_neighbour
+
+
+def _flatten_pairs(
+    stage: Mapping[TileId, tuple[float, float]],
+    point_edges: Iterable[PointEdge],
+    centre: np.ndarray,
+    radius: float,
+) -> _Pairs:
+    """Check the edges against ``stage`` and lay their pairs out as flat arrays (self-edges dropped)."""
+    ids = list(stage)
+    index = {t: i for i, t in enumerate(ids)}
+    edges = [e for e in point_edges if e.tile != e.neighbour]
+    keys = [(e.tile, e.neighbour) for e in edges]
+    if len(set(keys)) != len(keys):
+        raise ValueError("point_edges repeat an edge (tile, neighbour): merge its points into one PointEdge")
+    for e in edges:
+        for t in (e.tile, e.neighbour):
+            if t not in index:
+                raise KeyError(f"edge {e.tile!r}–{e.neighbour!r}: tile {t!r} has no stage position")
+    pairs = [_points(e) for e in edges]
+    n, n_edges = len(ids), len(edges)
+    counts = np.array([len(p) for p, _ in pairs], np.int64)
+    m = int(counts.sum())
+    edge_of = np.repeat(np.arange(n_edges), counts)
+    p_raw = np.concatenate([p for p, _ in pairs]) if m else np.zeros((0, 2))
+    q_raw = np.concatenate([q for _, q in pairs]) if m else np.zeros((0, 2))
+    ends = np.array([[index[e.tile], index[e.neighbour]] for e in edges], np.int64).reshape(n_edges, 2)
+    return _Pairs(
+        ids=ids,
+        keys=keys,
+        ends=ends,
+        counts=counts,
+        edge_of=edge_of,
+        p_raw=p_raw,
+        q_raw=q_raw,
+        p=p_raw - centre,
+        q=q_raw - centre,
+        a=ends[edge_of, 0],
+        b=ends[edge_of, 1],
+        w0=np.array([e.weight for e in edges], np.float64)[edge_of],
+        s=np.array([stage[t] for t in ids], np.float64).reshape(n, 2),
+        centre=centre,
+        radius=radius,
+    )
+
+
+def _measured_match_sigma(pairs: _Pairs) -> float:
+    """The matcher's error: the scatter of an edge's pairs about their mean offset (a default where too
+    few edges carry more than one pair to show it)."""
+    edge_of, n_edges = pairs.edge_of, pairs.n_edges
+    steps = np.stack(
+        [np.bincount(edge_of, (pairs.q_raw - pairs.p_raw)[:, k], minlength=n_edges) for k in (0, 1)], 1
+    ).astype(np.float64)
+    steps /= np.maximum(pairs.counts, 1)[:, None]  # mean offset per edge: t_tile − t_neighbour (translation)
+    spread = (pairs.q_raw - pairs.p_raw) - steps[edge_of]
+    multi = pairs.multi
+    return (
+        max(0.05, 1.4826 * float(np.median(np.abs(spread[multi]))) * np.sqrt(2))
+        if multi.sum() >= 10
+        else DEFAULT_MATCH_SIGMA_PX
+    )
+
+
+def _make_solver(
+    pairs: _Pairs, frame: StageFrame, weight: float, edge_ok: np.ndarray, fit_stage_frame: bool
+) -> _Solver:
+    """The normal equations with the stage seen through ``frame`` and held with ``weight``."""
+    n = pairs.n
+    corners = frame.apply(pairs.s) if n else pairs.s
+    origin = corners.mean(axis=0) if n else np.zeros(2)
+    # the largest group's frame is left to the tiles (module docstring): the stage prior of its tiles
+    # carries a free linear map about the group's centroid
+    main = (components(n, pairs.ends[edge_ok]) == 0) if (fit_stage_frame and n) else np.zeros(n, bool)
+    radius = pairs.radius
+    return _Solver(
+        n,
+        pairs.m,
+        pairs.p / radius,
+        pairs.q / radius,
+        pairs.a,
+        pairs.b,
+        radius,
+        corners + pairs.centre - origin,
+        weight,
+        origin,
+        main,
+    )
+
+
+def _prior_links(
+    rigid_weight: float, tile_spread: Mapping[str, float], match_sigma_px: float, radius: float
+) -> dict[str, float]:
+    """The priors' weights against one pair, from the tiles' spreads and σ_match."""
+    link = {"rigid": rigid_weight}
+    link.update({k: (match_sigma_px / (v * radius)) ** 2 for k, v in tile_spread.items()})
+    link["frame"] = (match_sigma_px / STAGE_CALIBRATION) ** 2
+    return link
+
+
+def _measured_frame(
+    pairs: _Pairs,
+    t: np.ndarray,
+    edge_ok: np.ndarray,
+    match_sigma_px: float,
+    fit_stage_frame: bool,
+    stage_sigma_px: float | None,
+) -> tuple[StageFrame, float]:
+    """The stage frame and the stage prior's weight, measured against the tile centres ``t`` the matches
+    place in the largest connected group."""
+    s = pairs.s
+    placed = components(pairs.n, pairs.ends[edge_ok]) == 0
+    frame = stage_frame(
+        s[placed] - s[placed].mean(axis=0),
+        t[placed] - t[placed].mean(axis=0),
+        fit=fit_stage_frame,
+        sigma_px=stage_sigma_px,
+        per_reading=True,
+    )
+    return frame, prior_weight(match_sigma_px, frame.sigma_px, pairs.n)
+
+
+def _restore_distorted(
+    pairs: _Pairs, edge_ok: np.ndarray, pair_ok: np.ndarray, degree: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Accept again every edge of a tile that lost most of its edges: before a more flexible model, such a
+    tile is more likely distorted than all of them wrong."""
+    lost = np.bincount(pairs.ends[~edge_ok].ravel(), minlength=pairs.n)
+    again = (lost * 2 > degree)[pairs.ends].any(axis=1)
+    return edge_ok | again, pair_ok | again[pairs.edge_of]
+
+
+def _fit_spreads(
+    solver: _Solver,
+    kind: str,
+    pairs: _Pairs,
+    weights: np.ndarray,
+    tile_spread: dict[str, float],
+    largest: Mapping[str, float],
+    match_sigma_px: float,
+    rigid_weight: float,
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """EM for the spreads of the tiles' linear parts (type-II maximum likelihood), each kept between
+    ``MIN_TILE_SPREAD`` and ``largest``: (spreads, the priors' weights from them, solves spent)."""
+    tile_spread = dict(tile_spread)
+    link = _prior_links(rigid_weight, tile_spread, match_sigma_px, pairs.radius)
+    seen = np.bincount(np.concatenate([pairs.a, pairs.b])[np.tile(weights, 2) > 0], minlength=pairs.n) > 0
+    spent = 0
+    for _ in range(SPREAD_ITERATIONS):
+        spent += 1
+        moments = solver.spread_moments(kind, link, weights, seen, match_sigma_px)
+        if not moments:
+            break
+        new = {k: float(np.clip(np.sqrt(v), MIN_TILE_SPREAD, largest[k])) for k, v in moments.items()}
+        settled = all(abs(v / tile_spread[k] - 1) < 0.05 for k, v in new.items())
+        tile_spread.update(new)
+        link = _prior_links(rigid_weight, tile_spread, match_sigma_px, pairs.radius)
+        if settled:
+            break
+    return tile_spread, link, spent
+
+
+def _reject_outliers(
+    solve: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    pairs: _Pairs,
+    edge_ok: np.ndarray,
+    pair_ok: np.ndarray,
+    outlier_px: float,
+    mad_factor: float,
+    max_iterations: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Solve, judge the pairs and edges against ``max(outlier_px, mad_factor · MAD)``, and again until the
+    verdicts settle (module docstring: robustness): (accepted edges, accepted pairs, solves spent)."""
+    edge_of, n_edges = pairs.edge_of, pairs.n_edges
+    edge_ok = edge_ok.copy()
+    soft = np.ones(pairs.m)  # Tukey weights: a pair far out stops pulling while it is judged
+    spent = 0
+    for _ in range(max_iterations):
+        spent += 1
+        linear, t = solve(pairs.w0 * soft * pair_ok * edge_ok[edge_of])
+        if not pairs.m:
+            break
+        r = np.hypot(*pairs.residual_vectors(linear, t).T)
+        live = pair_ok & edge_ok[edge_of]
+        mad = 1.4826 * float(np.median(r[live])) if live.any() else 0.0
+        limit = max(outlier_px, mad_factor * mad)
+        per_edge = _edge_medians(r, edge_of, n_edges)
+        # a pair is judged within an edge the majority of whose pairs fit; an edge is judged whole
+        new_pair_ok = (r <= limit) | (per_edge[edge_of] > limit)
+        picks = pick_rejections(per_edge, edge_ok, pairs.ends, limit, pairs.n)
+        back = ~edge_ok & (per_edge <= limit / 2)
+        new_soft = (1 - np.clip(r / limit, 0, 1) ** 2) ** 2
+        settled = np.abs(new_soft - soft).max(initial=0) < 0.05
+        soft = new_soft
+        if not len(picks) and not back.any() and np.array_equal(new_pair_ok, pair_ok) and settled:
+            break
+        edge_ok[picks] = False
+        edge_ok[back] = True
+        pair_ok = new_pair_ok
+    return edge_ok, pair_ok, spent
+
+
 def solve_transforms(
     stage: Mapping[TileId, tuple[float, float]],
     point_edges: Iterable[PointEdge],
@@ -259,174 +509,107 @@ def solve_transforms(
         raise ValueError(f"tile_size must be a positive (width, height) in px, got {tile_size!r}")
     centre = np.array([width, height]) / 2
     radius = float(np.hypot(width, height) / 2)
-
-    ids = list(stage)
-    index = {t: i for i, t in enumerate(ids)}
-    edges = [e for e in point_edges if e.tile != e.neighbour]
-    keys = [(e.tile, e.neighbour) for e in edges]
-    if len(set(keys)) != len(keys):
-        raise ValueError("point_edges repeat an edge (tile, neighbour): merge its points into one PointEdge")
-    for e in edges:
-        for t in (e.tile, e.neighbour):
-            if t not in index:
-                raise KeyError(f"edge {e.tile!r}–{e.neighbour!r}: tile {t!r} has no stage position")
-    pairs = [_points(e) for e in edges]
-    n, n_edges = len(ids), len(edges)
-    counts = np.array([len(p) for p, _ in pairs], np.int64)
-    m = int(counts.sum())
-    edge_of = np.repeat(np.arange(n_edges), counts)
-    p_raw = np.concatenate([p for p, _ in pairs]) if m else np.zeros((0, 2))
-    q_raw = np.concatenate([q for _, q in pairs]) if m else np.zeros((0, 2))
-    p, q = p_raw - centre, q_raw - centre
-    ends = np.array([[index[e.tile], index[e.neighbour]] for e in edges], np.int64).reshape(n_edges, 2)
-    a, b = ends[edge_of, 0], ends[edge_of, 1]
-    w0 = np.array([e.weight for e in edges], np.float64)[edge_of]
-    s = np.array([stage[t] for t in ids], np.float64).reshape(n, 2)
-
-    # match error: the scatter of an edge's pairs about their mean offset
-    steps = np.stack(
-        [np.bincount(edge_of, (q_raw - p_raw)[:, k], minlength=n_edges) for k in (0, 1)], 1
-    ).astype(np.float64)
-    steps /= np.maximum(counts, 1)[:, None]  # mean offset per edge: t_tile − t_neighbour (translation)
-    spread = (q_raw - p_raw) - steps[edge_of]
-    multi = counts[edge_of] > 1
+    pairs = _flatten_pairs(stage, point_edges, centre, radius)
+    n, m, edge_of = pairs.n, pairs.m, pairs.edge_of
     if match_sigma_px is None:
-        match_sigma_px = (
-            max(0.05, 1.4826 * float(np.median(np.abs(spread[multi]))) * np.sqrt(2))
-            if multi.sum() >= 10
-            else DEFAULT_MATCH_SIGMA_PX
-        )
+        match_sigma_px = _measured_match_sigma(pairs)
     # the stage in the image frame and how far to trust it: measured on the montage the matches alone place
     # (a first translation solve held by a gauge-weak prior), so pairs the matcher missed bias nothing
-    measure = stage_weight is None and n >= 3 and n_edges >= 2
+    measure = stage_weight is None and n >= 3 and pairs.n_edges >= 2
     frame = stage_frame(np.zeros((0, 2)), np.zeros((0, 2)), fit=False, sigma_px=stage_sigma_px)
     weight_stage = stage_weight if stage_weight is not None else GAUGE_WEIGHT
-
-    def make_solver(frame_now, weight_now):
-        corners = frame_now.apply(s) if n else s
-        origin = corners.mean(axis=0) if n else np.zeros(2)
-        # the largest group's frame is left to the tiles (module docstring): the stage prior of its tiles
-        # carries a free linear map about the group's centroid
-        main = (components(n, ends[edge_ok]) == 0) if (fit_stage_frame and n) else np.zeros(n, bool)
-        return _Solver(
-            n, m, p / radius, q / radius, a, b, radius, corners + centre - origin, weight_now, origin, main
-        )
-
-    edge_ok = np.ones(n_edges, bool)
-    solver = make_solver(frame, weight_stage)
+    edge_ok = np.ones(pairs.n_edges, bool)
+    solver = _make_solver(pairs, frame, weight_stage, edge_ok, fit_stage_frame)
     # the spread of the tiles' linear parts about the identity, per part: at most the given sigmas, and
     # measured from the montage before each flexible pass (fit_spread)
-    largest = {
-        "scale": deformation_sigma,
-        "rotation": rotation_sigma,
-        "anisotropy": deformation_sigma,
-        "shear": deformation_sigma,
-    }
+    largest = {k: rotation_sigma if k == "rotation" else deformation_sigma for k in LINEAR_PARTS}
     tile_spread = dict(largest)
-    link = {"rigid": rigid_weight}
-
-    def set_links() -> None:  # the priors' weights against one pair, from the spreads and σ_match
-        link.update({k: (match_sigma_px / (v * radius)) ** 2 for k, v in tile_spread.items()})
-        link["frame"] = (match_sigma_px / STAGE_CALIBRATION) ** 2
-
-    set_links()
-
-    def residual_vectors(linear: np.ndarray, t: np.ndarray) -> np.ndarray:
-        at_tile = np.einsum("kij,kj->ki", linear[a], p) + t[a]
-        at_neighbour = np.einsum("kij,kj->ki", linear[b], q) + t[b]
-        return at_tile - at_neighbour
-
+    link = _prior_links(rigid_weight, tile_spread, match_sigma_px, radius)
     pair_ok = np.ones(m, bool)
     iterations = 0
-    stages = {
-        "translation": ["translation"],
-        "rigid": ["translation", "rigid"],
-        "affine": ["translation", "similarity", "affine"],
-    }
-    degree = np.bincount(ends.ravel(), minlength=n)
-    for step, kind in enumerate((["frame"] if measure else []) + stages[model]):
+    degree = np.bincount(pairs.ends.ravel(), minlength=n)
+    t = np.zeros((n, 2))  # the tile centres of the last pass (the frame is measured against them)
+    for step, kind in enumerate((["frame"] if measure else []) + PASSES[model]):
         if kind != "frame" and step == 1:  # after the frame pass: the measured stage frame and weight
-            placed = components(n, ends[edge_ok]) == 0
-            frame = stage_frame(
-                s[placed] - s[placed].mean(axis=0),
-                t[placed] - t[placed].mean(axis=0),
-                fit=fit_stage_frame,
-                sigma_px=stage_sigma_px,
-                per_reading=True,
+            frame, weight_stage = _measured_frame(
+                pairs, t, edge_ok, match_sigma_px, fit_stage_frame, stage_sigma_px
             )
-            weight_stage = prior_weight(match_sigma_px, frame.sigma_px, n)
-            solver = make_solver(frame, weight_stage)
+            solver = _make_solver(pairs, frame, weight_stage, edge_ok, fit_stage_frame)
         kind = "translation" if kind == "frame" else kind
-        if (
-            iterations and kind != "translation"
-        ):  # a tile that lost most of its edges is more likely distorted than all of them wrong
-            lost = np.bincount(ends[~edge_ok].ravel(), minlength=n)
-            again = (lost * 2 > degree)[ends].any(axis=1)
-            edge_ok |= again
-            pair_ok |= again[edge_of]
+        if iterations and kind != "translation":
+            edge_ok, pair_ok = _restore_distorted(pairs, edge_ok, pair_ok, degree)
         if fit_spread and kind != "translation" and m:
-            weights = w0 * pair_ok * edge_ok[edge_of]
-            seen = np.bincount(np.concatenate([a, b])[np.tile(weights, 2) > 0], minlength=n) > 0
-            for _ in range(SPREAD_ITERATIONS):  # EM for the spreads (type-II maximum likelihood)
-                iterations += 1
-                moments = solver.spread_moments(kind, link, weights, seen, match_sigma_px)
-                if not moments:
-                    break
-                new = {k: float(np.clip(np.sqrt(v), MIN_TILE_SPREAD, largest[k])) for k, v in moments.items()}
-                settled = all(abs(v / tile_spread[k] - 1) < 0.05 for k, v in new.items())
-                tile_spread.update(new)
-                set_links()
-                if settled:
-                    break
+            weights = pairs.w0 * pair_ok * edge_ok[edge_of]
+            tile_spread, link, spent = _fit_spreads(
+                solver, kind, pairs, weights, tile_spread, largest, match_sigma_px, rigid_weight
+            )
+            iterations += spent
         solve = solver.for_model(kind, link)
-        soft = np.ones(m)  # Tukey weights: a pair far out stops pulling while it is judged
-        for _ in range(max_iterations):
-            iterations += 1
-            linear, t = solve(w0 * soft * pair_ok * edge_ok[edge_of])
-            if not m:
-                break
-            r = np.hypot(*residual_vectors(linear, t).T)
-            live = pair_ok & edge_ok[edge_of]
-            mad = 1.4826 * float(np.median(r[live])) if live.any() else 0.0
-            limit = max(outlier_px, mad_factor * mad)
-            per_edge = _edge_medians(r, edge_of, n_edges)
-            # a pair is judged within an edge the majority of whose pairs fit; an edge is judged whole
-            new_pair_ok = (r <= limit) | (per_edge[edge_of] > limit)
-            picks = pick_rejections(per_edge, edge_ok, ends, limit, n)
-            back = ~edge_ok & (per_edge <= limit / 2)
-            new_soft = (1 - np.clip(r / limit, 0, 1) ** 2) ** 2
-            settled = np.abs(new_soft - soft).max(initial=0) < 0.05
-            soft = new_soft
-            if not len(picks) and not back.any() and np.array_equal(new_pair_ok, pair_ok) and settled:
-                break
-            edge_ok[picks] = False
-            edge_ok[back] = True
-            pair_ok = new_pair_ok
-        linear, t = solve(w0 * pair_ok * edge_ok[edge_of])
-        if m and multi.sum() >= 10 and (pair_ok & edge_ok[edge_of]).sum() >= 10:
+        edge_ok, pair_ok, spent = _reject_outliers(
+            solve, pairs, edge_ok, pair_ok, outlier_px, mad_factor, max_iterations
+        )
+        iterations += spent
+        linear, t = solve(pairs.w0 * pair_ok * edge_ok[edge_of])
+        if m and pairs.multi.sum() >= 10 and (pair_ok & edge_ok[edge_of]).sum() >= 10:
             # the next, more flexible model is weighed against the misfit this one leaves
-            r = np.hypot(*residual_vectors(linear, t).T)[pair_ok & edge_ok[edge_of]]
+            r = np.hypot(*pairs.residual_vectors(linear, t).T)[pair_ok & edge_ok[edge_of]]
             match_sigma_px = min(match_sigma_px, max(0.05, 1.4826 * float(np.median(r)) / np.sqrt(2)))
-            set_links()
+            link = _prior_links(rigid_weight, tile_spread, match_sigma_px, radius)
+    stage_summary = _stage_summary(frame, solver.correction, weight_stage, match_sigma_px, tile_spread, model)
+    return _transform_layout(
+        pairs, linear, t, edge_ok, pair_ok, (width, height), model, iterations, stage_summary
+    )
 
-    vectors = residual_vectors(linear, t) if m else np.zeros((0, 2))
+
+def _stage_summary(
+    frame: StageFrame,
+    correction: np.ndarray,
+    weight_stage: float,
+    match_sigma_px: float,
+    tile_spread: Mapping[str, float],
+    model: Model,
+) -> dict[str, Any]:
+    """What the solve made of the stage and the priors: the frame with the solved correction, the stage
+    prior's weight, σ_match and the spreads of the parts the model frees (:attr:`TransformLayout.stage`)."""
+    solved_frame = StageFrame((np.eye(2) + correction) @ frame.matrix, frame.sigma_px, frame.edges_used)
+    return {
+        **solved_frame.summary(),
+        "prior_weight": weight_stage,
+        "match_sigma_px": round(float(match_sigma_px), 4),
+        **{f"{k}_spread": round(tile_spread[k], 6) for k in FREED[model]},
+    }
+
+
+def _transform_layout(
+    pairs: _Pairs,
+    linear: np.ndarray,
+    t: np.ndarray,
+    edge_ok: np.ndarray,
+    pair_ok: np.ndarray,
+    tile_size: tuple[float, float],
+    model: Model,
+    iterations: int,
+    stage_summary: dict[str, Any],
+) -> TransformLayout:
+    """The solved centres ``t`` and linear parts as transforms of the top-left corner, with the residuals,
+    rejections and connected groups against the final verdicts."""
+    ids, keys, edge_of, n_edges, counts = pairs.ids, pairs.keys, pairs.edge_of, pairs.n_edges, pairs.counts
+    n, m = pairs.n, pairs.m
+    vectors = pairs.residual_vectors(linear, t) if m else np.zeros((0, 2))
     r = np.hypot(*vectors.T) if m else np.zeros(0)
     accepted = pair_ok & edge_ok[edge_of]
     squares = np.bincount(edge_of, np.where(accepted, r**2, 0.0), minlength=n_edges)
     kept = np.bincount(edge_of, accepted, minlength=n_edges)
     all_squares = np.bincount(edge_of, r**2, minlength=n_edges)
-    edge_ok &= kept > 0
-    labels = components(n, ends[edge_ok]) if n else np.zeros(0, np.int64)
+    edge_ok = edge_ok & (kept > 0)
+    labels = components(n, pairs.ends[edge_ok]) if n else np.zeros(0, np.int64)
     groups: dict[int, list[TileId]] = {}
     for i, tid in enumerate(ids):
         groups.setdefault(int(labels[i]), []).append(tid)
-    corner = t - np.einsum("kij,j->ki", linear, centre)
-    solved_frame = StageFrame(
-        (np.eye(2) + solver.correction) @ frame.matrix, frame.sigma_px, frame.edges_used
-    )
+    corner = t - np.einsum("kij,j->ki", linear, pairs.centre)
     return TransformLayout(
         transforms={tid: np.column_stack([linear[i], corner[i]]) for i, tid in enumerate(ids)},
-        tile_size=(width, height),
+        tile_size=tile_size,
         model=model,
         edge_residuals={k: float(np.sqrt(squares[j] / kept[j])) for j, k in enumerate(keys) if edge_ok[j]},
         rejected={
@@ -439,12 +622,7 @@ def solve_transforms(
         iterations=iterations,
         components=[groups[g] for g in sorted(groups) if g != 0],
         residual_stats=residual_stats(vectors[accepted]) if m else residual_stats(np.zeros((0, 2))),
-        stage={
-            **solved_frame.summary(),
-            "prior_weight": weight_stage,
-            "match_sigma_px": round(float(match_sigma_px), 4),
-            **{f"{k}_spread": round(tile_spread[k], 6) for k in FREED[model]},
-        },
+        stage=stage_summary,
     )
 
 

@@ -91,17 +91,10 @@ def archive_montage(
     """
     buffer = Path(buffer_dir)
     montage_id = montage.montage_id
-    missing = [name for name in (PROCESSED, FUSED, LAYOUT, FUSED_INFO) if not (buffer / name).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"montage {montage_id}: {', '.join(missing)} not in the buffer {buffer}; materialize "
-            "montage_layout and montage for this partition first"
-        )
+    _require_buffer(buffer, montage_id)
     run_id = lineage.get("run_id")
     tiles = [t for t in tiles if not t.is_reference]
-    files = _raw_files(tiles)
-    if not files:  # the scope's buffer already gone: the processed tiles stand for the source
-        files = describe_files(sorted(p for p in (buffer / PROCESSED).rglob("*") if p.is_file()), buffer)
+    files = _source_files(tiles, buffer)
     record = catalog.begin(
         SOURCE,
         montage_id,
@@ -118,80 +111,132 @@ def archive_montage(
             "url": f"{base}/{FUSED}",
         }  # where it will live
         layout = json.loads((buffer / LAYOUT).read_text())
-        _write_json_atomic(
-            buffer / METADATA,
-            {
-                "montage_id": montage_id,
-                "acquisition_id": montage.acquisition_id,
-                "state": montage.state,
-                "pixel_size_nm": pixel_size_nm,
-                "qc": dict(qc),
-                "layout_qc": layout.get("qc"),
-                "fused": fused,
-                "completed_at": montage.completed_at,
-            },
-        )
+        _write_metadata(buffer, montage, pixel_size_nm, qc, layout, fused)
         catalog.transition(rid, Status.SAVING_DATA, run_id=run_id)
         upload = upload_buffer(
             buffer, dest_url, sources=UPLOADED, storage_options=storage_options, on_progress=on_progress
         )
-        uris = {
-            t.tile_id: f"{base}/{PROCESSED}/{array_name(t.row, t.column)}"
-            if t.status == "processed"
-            else t.path
-            for t in tiles
-        }
-        records = tile_records_from_journal(tiles, uris, acquisition_id=montage.acquisition_id)
+        records = tile_records_from_journal(
+            tiles, _tile_uris(tiles, base), acquisition_id=montage.acquisition_id
+        )
         tile_records.replace_montage(montage_id, records)
-        info = MultiscaleInfo.from_dict(fused)
-        shape = [int(n) for n in fused["shape"]]
         record = catalog.transition(
             rid,
             Status.COMPLETE,
             run_id=run_id,
-            update={
-                "metadata": {
-                    "core": {
-                        "volume_shape": shape,
-                        "axes": ["y", "x"],
-                        "voxel_size_nm": {"x": pixel_size_nm, "y": pixel_size_nm},
-                        "voxel_size_source": pixel_size_source,
-                        "data_type": info.dtype,
-                        "modality": "TEM",
-                    },
-                    "technical": {
-                        "file_size_bytes": sum(f["size_bytes"] for f in files),
-                        "sha256": combined_sha256(files),
-                        "source_format": "TIFF tiles (TEM_comms tile.raw)",
-                        "compression": "blosc-zstd",
-                        "chunk_size": list(info.chunks),
-                        "dtype": info.dtype,
-                        "dimensions_nm": [float(n) * pixel_size_nm for n in shape],
-                    },
-                    "provenance": {
-                        "processing_pipeline": "em_platform montage: flatfield + CLAHE, neighbour matching, "
-                        "global translation solve, feathered fusion",
-                        "internal_zarr_path": "0",
-                    },
-                    "quality": {
-                        "completeness_score": _completeness(tiles, montage),
-                        "metrics": {"qc": dict(qc), "layout": layout.get("qc", {})},
-                    },
-                    "ome_zarr": ome_zarr_block(info, f"{base}/{FUSED}"),
-                },
-                "files": {
-                    "volume": f"{base}/{FUSED}",
-                    "metadata": f"{base}/{METADATA}",
-                    "additional": {"processed_tiles": f"{base}/{PROCESSED}", "layout": f"{base}/{LAYOUT}"},
-                },
-                "lineage": dict(lineage),
-            },
+            update=_complete_update(
+                montage, tiles, files, base, fused, layout, qc, pixel_size_nm, pixel_size_source, lineage
+            ),
         )
     except BaseException as exc:
         catalog.transition(rid, Status.FAILED, error=exc, run_id=run_id)
         raise
     freed = free_buffer(buffer, dest_url, storage_options=storage_options) if free else 0
     return ArchiveResult(record, upload, len(records), freed)
+
+
+def _require_buffer(buffer: Path, montage_id: str) -> None:
+    """Fail before any record is begun when the montage's own products are not in the buffer yet."""
+    missing = [name for name in (PROCESSED, FUSED, LAYOUT, FUSED_INFO) if not (buffer / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"montage {montage_id}: {', '.join(missing)} not in the buffer {buffer}; materialize "
+            "montage_layout and montage for this partition first"
+        )
+
+
+def _source_files(tiles: list[TileRow], buffer: Path) -> list[dict[str, Any]]:
+    """The record's source files: the camera's, or the processed tiles when the scope's buffer is gone."""
+    files = _raw_files(tiles)
+    if not files:  # the scope's buffer already gone: the processed tiles stand for the source
+        files = describe_files(sorted(p for p in (buffer / PROCESSED).rglob("*") if p.is_file()), buffer)
+    return files
+
+
+def _write_metadata(
+    buffer: Path,
+    montage: MontageRow,
+    pixel_size_nm: float,
+    qc: Mapping[str, Any],
+    layout: Mapping[str, Any],
+    fused: Mapping[str, Any],
+) -> None:
+    """``metadata.json`` beside the products, so the archived folder describes itself without the catalog."""
+    _write_json_atomic(
+        buffer / METADATA,
+        {
+            "montage_id": montage.montage_id,
+            "acquisition_id": montage.acquisition_id,
+            "state": montage.state,
+            "pixel_size_nm": pixel_size_nm,
+            "qc": dict(qc),
+            "layout_qc": layout.get("qc"),
+            "fused": fused,
+            "completed_at": montage.completed_at,
+        },
+    )
+
+
+def _tile_uris(tiles: list[TileRow], base: str) -> dict[str, str]:
+    """Where each tile's image lives after the upload: its processed array, else the camera's file."""
+    return {
+        t.tile_id: f"{base}/{PROCESSED}/{array_name(t.row, t.column)}" if t.status == "processed" else t.path
+        for t in tiles
+    }
+
+
+def _complete_update(
+    montage: MontageRow,
+    tiles: list[TileRow],
+    files: list[dict[str, Any]],
+    base: str,
+    fused: Mapping[str, Any],
+    layout: Mapping[str, Any],
+    qc: Mapping[str, Any],
+    pixel_size_nm: float,
+    pixel_size_source: str,
+    lineage: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The catalog record's metadata, files and lineage once the montage is archived at ``base``."""
+    info = MultiscaleInfo.from_dict(fused)
+    shape = [int(n) for n in fused["shape"]]
+    return {
+        "metadata": {
+            "core": {
+                "volume_shape": shape,
+                "axes": ["y", "x"],
+                "voxel_size_nm": {"x": pixel_size_nm, "y": pixel_size_nm},
+                "voxel_size_source": pixel_size_source,
+                "data_type": info.dtype,
+                "modality": "TEM",
+            },
+            "technical": {
+                "file_size_bytes": sum(f["size_bytes"] for f in files),
+                "sha256": combined_sha256(files),
+                "source_format": "TIFF tiles (TEM_comms tile.raw)",
+                "compression": "blosc-zstd",
+                "chunk_size": list(info.chunks),
+                "dtype": info.dtype,
+                "dimensions_nm": [float(n) * pixel_size_nm for n in shape],
+            },
+            "provenance": {
+                "processing_pipeline": "em_platform montage: flatfield + CLAHE, neighbour matching, "
+                "global translation solve, feathered fusion",
+                "internal_zarr_path": "0",
+            },
+            "quality": {
+                "completeness_score": _completeness(tiles, montage),
+                "metrics": {"qc": dict(qc), "layout": layout.get("qc", {})},
+            },
+            "ome_zarr": ome_zarr_block(info, f"{base}/{FUSED}"),
+        },
+        "files": {
+            "volume": f"{base}/{FUSED}",
+            "metadata": f"{base}/{METADATA}",
+            "additional": {"processed_tiles": f"{base}/{PROCESSED}", "layout": f"{base}/{LAYOUT}"},
+        },
+        "lineage": dict(lineage),
+    }
 
 
 def _completeness(tiles: list[TileRow], montage: MontageRow) -> float:
