@@ -6,11 +6,12 @@ when they are in centimetres (an inch resolution is a print DPI, not a pixel siz
 
 from __future__ import annotations
 
-import functools
+import atexit
 import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,60 @@ def is_tiff(path: Path) -> bool:
     return path.suffix.lower() in TIFF_SUFFIXES
 
 
-@functools.lru_cache(maxsize=16)
-def _open(path: str, mtime_ns: int) -> tuple[tifffile.TiffFile, threading.Lock]:
-    """One open TiffFile per file and process, shared by the dask tasks that read its pages."""
-    return tifffile.TiffFile(path), threading.Lock()
+class _OpenFiles:
+    """One open TiffFile per file and process, shared by the dask tasks that read its pages (walking a
+    big stack's IFD chain again for every chunk costs more than the read). At most ``size`` stay open; the
+    least recently used is closed once no task is reading it (a dropped handle would leak the file)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.lock = threading.Lock()
+        self.files: OrderedDict[tuple[str, int], list] = OrderedDict()  # key → [TiffFile, lock, readers]
+        self.retired: dict[int, list] = {}
+
+    @contextmanager
+    def use(self, path: str, mtime_ns: int):
+        key = (path, mtime_ns)
+        with self.lock:
+            entry = self.files.get(key)
+            if entry is None:
+                entry = self.files[key] = [tifffile.TiffFile(path), threading.Lock(), 0]
+                while len(self.files) > self.size:
+                    _, old = self.files.popitem(last=False)
+                    self.retired[id(old)] = old
+            self.files.move_to_end(key)
+            entry[2] += 1
+            self._close_retired()
+        try:
+            yield entry[0], entry[1]
+        finally:
+            with self.lock:
+                entry[2] -= 1
+                self._close_retired()
+
+    def close_all(self) -> None:
+        with self.lock:
+            self.retired.update((id(e), e) for e in self.files.values())
+            self.files.clear()
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        for k, entry in list(self.retired.items()):
+            if entry[2] == 0:
+                entry[0].close()
+                del self.retired[k]
+
+
+_OPEN = _OpenFiles()
+atexit.register(_OPEN.close_all)
 
 
 def _read_pages(path: str, mtime_ns: int, series: int, start: int, stop: int, page_shape: tuple[int, ...]):
-    tf, lock = _open(path, mtime_ns)
-    with lock:  # walking the IFD chain moves the shared file position
-        pages = [tf.series[series].pages[i] for i in range(start, stop)]
-    # Reads take the lock segment by segment; decoding runs outside it, in parallel.
-    return np.stack([p.asarray(lock=lock) for p in pages]).reshape((stop - start, *page_shape))
+    with _OPEN.use(path, mtime_ns) as (tf, lock):
+        with lock:  # walking the IFD chain moves the shared file position
+            pages = [tf.series[series].pages[i] for i in range(start, stop)]
+        # Reads take the lock segment by segment; decoding runs outside it, in parallel.
+        return np.stack([p.asarray(lock=lock) for p in pages]).reshape((stop - start, *page_shape))
 
 
 def _lazy_series(path: Path, series: tifffile.TiffPageSeries, mtime_ns: int) -> da.Array:

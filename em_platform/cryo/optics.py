@@ -1,0 +1,91 @@
+"""Electron optics shared by CTF estimation and correction: wavelength, aberration phase, the CTF itself.
+
+Conventions (CTFFIND's): defocus positive = underfocus, in Å; ``defocus_u`` ≥ ``defocus_v``; the
+astigmatism angle is the direction of ``defocus_u`` counter-clockwise from +x. Frequencies in 1/Å, with
+ky along the rows (axis 0) and kx along the columns (axis 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def electron_wavelength_A(voltage_kV: float) -> float:
+    """Relativistic electron wavelength in Å (0.019687 Å at 300 kV)."""
+    v = voltage_kV * 1e3
+    return 12.264259 / math.sqrt(v * (1.0 + 0.97846e-6 * v))
+
+
+@dataclass(frozen=True)
+class Microscope:
+    voltage_kV: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.07
+
+    @property
+    def wavelength_A(self) -> float:
+        return electron_wavelength_A(self.voltage_kV)
+
+
+@dataclass(frozen=True)
+class CTFParams:
+    defocus_u_A: float
+    defocus_v_A: float
+    astigmatism_angle_deg: float = 0.0
+
+    @property
+    def mean_defocus_A(self) -> float:
+        return 0.5 * (self.defocus_u_A + self.defocus_v_A)
+
+    @property
+    def astigmatism_A(self) -> float:
+        return self.defocus_u_A - self.defocus_v_A
+
+    def canonical(self) -> CTFParams:
+        """defocus_u ≥ defocus_v and the angle in (-90, 90]."""
+        du, dv, ang = self.defocus_u_A, self.defocus_v_A, self.astigmatism_angle_deg
+        if dv > du:
+            du, dv, ang = dv, du, ang + 90.0
+        ang = (ang + 90.0) % 180.0 - 90.0
+        if ang == -90.0:
+            ang = 90.0
+        return CTFParams(float(du), float(dv), float(ang))
+
+
+def frequency_grid(shape: tuple[int, int], pixel_A: float) -> tuple[np.ndarray, np.ndarray]:
+    """|k| (1/Å) and the azimuth φ = atan2(ky, kx) of an unshifted 2-D FFT grid."""
+    ky = np.fft.fftfreq(shape[0], d=pixel_A)[:, None]
+    kx = np.fft.fftfreq(shape[1], d=pixel_A)[None, :]
+    return np.hypot(kx, ky), np.arctan2(ky, kx)
+
+
+def defocus_at_azimuth(params: CTFParams, azimuth: np.ndarray) -> np.ndarray:
+    """Defocus (Å) seen along the frequency direction ``azimuth`` (radians)."""
+    ang = math.radians(params.astigmatism_angle_deg)
+    return 0.5 * (
+        params.defocus_u_A
+        + params.defocus_v_A
+        + (params.defocus_u_A - params.defocus_v_A) * np.cos(2.0 * (azimuth - ang))
+    )
+
+
+def aberration_phase(k: np.ndarray, defocus_A: np.ndarray | float, scope: Microscope) -> np.ndarray:
+    """χ(k) = πλΔf k² − (π/2) Cs λ³ k⁴ + arctan(w/√(1−w²)) (amplitude contrast w as a phase)."""
+    lam = scope.wavelength_A
+    cs_A = scope.cs_mm * 1e7
+    w = scope.amplitude_contrast
+    k2 = k * k
+    return (
+        math.pi * lam * defocus_A * k2
+        - 0.5 * math.pi * cs_A * lam**3 * k2 * k2
+        + math.atan2(w, math.sqrt(1 - w * w))
+    )
+
+
+def ctf_2d(shape: tuple[int, int], pixel_A: float, params: CTFParams, scope: Microscope) -> np.ndarray:
+    """The CTF −sin χ on an unshifted FFT grid of ``shape``."""
+    k, az = frequency_grid(shape, pixel_A)
+    return -np.sin(aberration_phase(k, defocus_at_azimuth(params, az), scope))

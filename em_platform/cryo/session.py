@@ -1,0 +1,425 @@
+"""A cryo session folder as a microscope writes it: tilt series (SerialEM/Tomo5 ``.mdoc`` + stack and/or movies),
+single-particle movie sets, gain references — discovered, described and read with checks that name the file.
+
+Layout (the simulator/processing contract): one ``*.mdoc`` per tilt series with the stack (``<name>.mrc`` /
+``.st``) beside it; movies referenced by ``SubFramePath`` (a Windows path: only the basename counts) found in
+the mdoc's folder, the session folder, or a ``frames``/``Frames`` sub-folder of either; a gain reference
+(``*.gain``, ``*gain*.mrc``, ``CountRef*.dm4``) when frames are raw counts; ground truth, when simulated, in
+``ground_truth.json`` (or ``<name>.ground_truth.json``) beside the mdoc. A folder of per-movie frame-set mdocs
+(``[FrameSet = 0]``, SerialEM's single-particle output) is one single-particle micrograph set.
+
+Partition keys are ``<root tag>/<path of the mdoc (or set folder) under the root, suffixes dropped>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+
+import numpy as np
+
+from em_platform.formats.volume import FormatError
+
+STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
+MOVIE_SUFFIXES = (".tif", ".tiff", ".mrc", ".mrcs")
+GAIN_PATTERNS = ("*.gain", "*gain*.mrc", "*Gain*.mrc", "CountRef*.dm4", "*gain*.dm4")
+SPA_SET = "micrographs"
+
+
+class SessionError(ValueError):
+    """A session file is missing, truncated or inconsistent; the message names the file and the fault."""
+
+
+@dataclass(frozen=True)
+class Tilt:
+    z_index: int  # section of the stack (acquisition order)
+    angle_deg: float  # nominal
+    dose_e_per_A2: float
+    accumulated_dose_e_per_A2: float
+    nominal_defocus_A: float | None  # positive = underfocus
+    movie: Path | None = None
+    movie_name: str | None = None  # SubFramePath basename (kept when the file is missing)
+    n_frames: int | None = None  # NumSubFrames
+    frame_dose_e_per_A2: float | None = None
+
+
+@dataclass(frozen=True)
+class TiltSeries:
+    key: str
+    name: str
+    kind: str  # "tilt_series" or "single_particle"
+    mdoc: Path | None
+    stack: Path | None
+    pixel_A: float
+    voltage_kV: float
+    tilt_axis_deg: float
+    tilts: tuple[Tilt, ...]
+    gain: Path | None = None
+    truth: Path | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def has_movies(self) -> bool:
+        return any(t.movie_name for t in self.tilts)
+
+    @property
+    def angles_deg(self) -> np.ndarray:
+        return np.array([t.angle_deg for t in self.tilts])
+
+
+# ---------------------------------------------------------------------------------------------------
+# mdoc
+
+
+def read_mdoc(path: Path):
+    """Parse with ``mdocfile`` (its chatter about renamed fields silenced); errors name the file."""
+    from mdocfile.data_models import Mdoc
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
+            return Mdoc.from_file(path)
+    except FileNotFoundError:
+        raise SessionError(f"{path}: mdoc file not found") from None
+    except Exception as exc:
+        raise SessionError(f"{path}: not a readable SerialEM mdoc ({exc})") from exc
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _axis_from_titles(titles) -> float | None:
+    for t in titles or []:
+        m = re.search(r"Tilt\s*axis\s*angle\s*=\s*([-+\d.eE]+)", str(t))
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def _defocus_A(section) -> float | None:
+    """Nominal defocus (Å, positive = underfocus) from SerialEM's µm with negative = underfocus."""
+    for name in ("TargetDefocus", "Defocus"):
+        v = getattr(section, name, None)
+        if v is not None:
+            return -float(v) * 1e4
+    return None
+
+
+def _search_dirs(mdoc_dir: Path, session_dir: Path) -> list[Path]:
+    dirs = []
+    for base in (mdoc_dir, session_dir):
+        for d in (base, base / "frames", base / "Frames"):
+            if d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _find(name: str, dirs: list[Path]) -> Path | None:
+    for d in dirs:
+        p = d / name
+        if p.is_file():
+            return p
+    return None
+
+
+def find_gain(dirs: list[Path], named: str | None = None) -> Path | None:
+    """The gain reference: the one an mdoc names, else the first matching a known pattern."""
+    if named:
+        hit = _find(PureWindowsPath(named).name, dirs)
+        if hit:
+            return hit
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        for pattern in GAIN_PATTERNS:
+            hits = sorted(d.glob(pattern))
+            if hits:
+                return hits[0]
+    return None
+
+
+def _stack_for(mdoc: Path, image_file: str | None) -> Path | None:
+    base = mdoc.with_suffix("")  # X.mrc.mdoc → X.mrc
+    candidates = [base] if base.suffix.lower() in STACK_SUFFIXES else []
+    candidates += [base.with_suffix(s) for s in STACK_SUFFIXES]
+    if image_file:
+        candidates.append(mdoc.parent / PureWindowsPath(str(image_file)).name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def _truth_for(mdoc: Path, name: str) -> Path | None:
+    for c in (mdoc.parent / "ground_truth.json", mdoc.parent / f"{name}.ground_truth.json"):
+        if c.is_file():
+            return c
+    return None
+
+
+def strip_suffixes(name: str) -> str:
+    for suffix in (".mdoc", *STACK_SUFFIXES):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
+    """A tilt series from its mdoc (no pixels read); raises SessionError naming the mdoc."""
+    doc = read_mdoc(mdoc)
+    sections = sorted(doc.section_data, key=lambda s: s.ZValue if s.ZValue is not None else 0)
+    if not sections:
+        raise SessionError(f"{mdoc}: the mdoc lists no tilts ([ZValue = ...] sections)")
+    g = doc.global_data
+    pixel = g.PixelSpacing or sections[0].PixelSpacing
+    if not pixel:
+        raise SessionError(f"{mdoc}: no PixelSpacing in the header or the first section")
+    rel = mdoc.relative_to(root)
+    session_dir = root / rel.parts[0] if len(rel.parts) > 1 else root
+    dirs = _search_dirs(mdoc.parent, session_dir)
+    name = strip_suffixes(mdoc.name)
+    tilts, accumulated = [], 0.0
+    for i, s in enumerate(sections):
+        z = int(s.ZValue) if s.ZValue is not None else i
+        movie_name = PureWindowsPath(str(s.SubFramePath)).name if s.SubFramePath else None
+        dose = float(s.ExposureDose or 0.0)
+        frame_dose = None
+        if s.FrameDosesAndNumbers:
+            frame_dose = float(s.FrameDosesAndNumbers[0][0])
+        elif s.NumSubFrames and dose:
+            frame_dose = dose / int(s.NumSubFrames)
+        tilts.append(
+            Tilt(
+                z_index=z,
+                angle_deg=float(s.TiltAngle or 0.0),
+                dose_e_per_A2=dose,
+                accumulated_dose_e_per_A2=accumulated,
+                nominal_defocus_A=_defocus_A(s),
+                movie=_find(movie_name, dirs) if movie_name else None,
+                movie_name=movie_name,
+                n_frames=int(s.NumSubFrames) if s.NumSubFrames else None,
+                frame_dose_e_per_A2=frame_dose,
+            )
+        )
+        accumulated += dose
+    axis = _axis_from_titles(doc.titles)
+    notes = [] if axis is not None else ["no 'Tilt axis angle' in the mdoc titles: 0° assumed"]
+    named_gain = getattr(sections[0], "GainReference", None)
+    key_path = "/".join((*rel.parent.parts, name))
+    return TiltSeries(
+        key=f"{tag}/{key_path}",
+        name=name,
+        kind="tilt_series",
+        mdoc=mdoc,
+        stack=_stack_for(mdoc, str(g.ImageFile) if g.ImageFile else None),
+        pixel_A=float(pixel),
+        voltage_kV=float(g.Voltage or 300.0),
+        tilt_axis_deg=float(axis or 0.0),
+        tilts=tuple(tilts),
+        gain=find_gain(dirs, named_gain) if any(t.movie_name for t in tilts) else None,
+        truth=_truth_for(mdoc, name),
+        notes=tuple(notes),
+    )
+
+
+def describe_movie_set(folder: Path, mdocs: list[Path], root: Path, tag: str) -> TiltSeries:
+    """A single-particle set: the movies of a folder's frame-set mdocs, in name order, as 0° 'tilts'."""
+    tilts, pixel, voltage, gain_name = [], None, 300.0, None
+    rel = folder.relative_to(root)
+    session_dir = root / rel.parts[0] if rel.parts else root
+    dirs = _search_dirs(folder, session_dir)
+    for i, path in enumerate(sorted(mdocs)):
+        doc = read_mdoc(path)
+        s = doc.section_data[0]
+        pixel = pixel or s.PixelSpacing or doc.global_data.PixelSpacing
+        voltage = float(doc.global_data.Voltage or voltage)
+        gain_name = gain_name or getattr(s, "GainReference", None)
+        movie_name = (
+            PureWindowsPath(str(s.SubFramePath)).name if s.SubFramePath else path.name[: -len(".mdoc")]
+        )
+        dose = float(s.ExposureDose or 0.0)
+        fd = float(s.FrameDosesAndNumbers[0][0]) if s.FrameDosesAndNumbers else None
+        tilts.append(
+            Tilt(
+                i,
+                0.0,
+                dose,
+                0.0,
+                _defocus_A(s),
+                _find(movie_name, dirs + [path.parent]),
+                movie_name,
+                int(s.NumSubFrames) if s.NumSubFrames else None,
+                fd,
+            )
+        )
+    if not pixel:
+        raise SessionError(f"{folder}: the frame-set mdocs give no PixelSpacing")
+    key_path = "/".join((*rel.parts, SPA_SET))
+    return TiltSeries(
+        key=f"{tag}/{key_path}",
+        name=folder.name or tag,
+        kind="single_particle",
+        mdoc=None,
+        stack=None,
+        pixel_A=float(pixel),
+        voltage_kV=voltage,
+        tilt_axis_deg=0.0,
+        tilts=tuple(tilts),
+        gain=find_gain(dirs, gain_name),
+    )
+
+
+def is_frame_set(path: Path) -> bool:
+    with open(path, errors="replace") as f:
+        head = f.read(4096)
+    return "[FrameSet" in head and "[ZValue" not in head
+
+
+def discover(root: Path, tag: str) -> tuple[list[TiltSeries], dict[str, str]]:
+    """Every tilt series and movie set under ``root``; unreadable mdocs come back as {key: error}."""
+    found, errors = [], {}
+    if not root.is_dir():
+        return found, errors
+    frame_sets: dict[Path, list[Path]] = {}
+    for mdoc in sorted(root.rglob("*.mdoc")):
+        if any(part.startswith(".") for part in mdoc.relative_to(root).parts):
+            continue
+        try:
+            if is_frame_set(mdoc):
+                frame_sets.setdefault(mdoc.parent, []).append(mdoc)
+            else:
+                found.append(describe_tilt_series(mdoc, root, tag))
+        except (SessionError, OSError) as exc:
+            rel = mdoc.relative_to(root)
+            errors[f"{tag}/{'/'.join((*rel.parent.parts, strip_suffixes(mdoc.name)))}"] = str(exc)
+    for folder, mdocs in sorted(frame_sets.items()):
+        try:
+            found.append(describe_movie_set(folder, mdocs, root, tag))
+        except (SessionError, OSError) as exc:
+            errors[f"{tag}/{folder.relative_to(root).as_posix()}/{SPA_SET}"] = str(exc)
+    return found, errors
+
+
+def fingerprint(ts: TiltSeries) -> str:
+    """Changes whenever the mdoc, the stack or any movie changes (size or modification time)."""
+    parts = []
+    for p in [ts.mdoc, ts.stack, ts.gain, *(t.movie for t in ts.tilts)]:
+        if p is not None and p.exists():
+            st = p.stat()
+            parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    parts.append(f"missing:{sum(1 for t in ts.tilts if t.movie_name and t.movie is None)}")
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def newest_change(ts: TiltSeries) -> float:
+    """Modification time (s) of the newest of the series' files: a session still being written is not settled."""
+    times = [p.stat().st_mtime for p in [ts.mdoc, ts.stack, *(t.movie for t in ts.tilts)] if p and p.exists()]
+    return max(times, default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pixels
+
+
+def _read_array(path: Path, what: str):
+    """A lazy (dask) array of an MRC or TIFF file; truncated/corrupt files raise SessionError."""
+    from em_platform.formats.mrc import read_mrc
+    from em_platform.formats.tiff import read_tiff
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            vol = read_tiff(path)
+        elif suffix == ".dm4" or suffix == ".dm3":
+            from em_platform.formats.dm import read_dm
+
+            vol = read_dm(path)
+        else:
+            vol = read_mrc(path)
+    except FormatError as exc:
+        raise SessionError(f"{what} {path}: {exc}") from exc
+    except Exception as exc:
+        raise SessionError(f"{what} {path}: unreadable ({exc})") from exc
+    return vol
+
+
+def load_stack(ts: TiltSeries):
+    """The tilt series' stack as a dask array (n, ny, nx), checked against the mdoc's tilt list."""
+    if ts.stack is None:
+        raise SessionError(
+            f"{ts.mdoc}: no stack beside the mdoc (expected {strip_suffixes(ts.mdoc.name)}.mrc or .st)"
+        )
+    vol = _read_array(ts.stack, "tilt-series stack")
+    data = vol.data
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise SessionError(f"tilt-series stack {ts.stack}: expected (n, ny, nx), got {data.shape}")
+    if data.shape[0] != len(ts.tilts):
+        raise SessionError(
+            f"tilt-series stack {ts.stack} has {data.shape[0]} sections but its mdoc {ts.mdoc} lists "
+            f"{len(ts.tilts)} tilts: the mdoc's tilt list disagrees with the stack (acquisition not finished, "
+            "or the wrong mdoc)"
+        )
+    bad = [t.z_index for t in ts.tilts if not 0 <= t.z_index < data.shape[0]]
+    if bad:
+        raise SessionError(f"{ts.mdoc}: ZValue {bad[0]} is outside the stack's {data.shape[0]} sections")
+    return data
+
+
+def load_movie(ts: TiltSeries, tilt: Tilt):
+    """One tilt's movie (n_frames, ny, nx) as a dask array, its frame count checked against the mdoc."""
+    where = ts.mdoc or "the frame-set mdoc"
+    if tilt.movie is None:
+        raise SessionError(
+            f"movie {tilt.movie_name} (SubFramePath of ZValue {tilt.z_index} in {where}) was not found in the "
+            "session folder, its frames/ sub-folder or beside the mdoc"
+        )
+    vol = _read_array(tilt.movie, "movie")
+    data = vol.data
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3 or data.shape[0] < 1:
+        raise SessionError(f"movie {tilt.movie}: expected frames (n, ny, nx), got shape {data.shape}")
+    if tilt.n_frames is None:
+        raise SessionError(
+            f"movie {tilt.movie}: the mdoc {where} gives no frame count (NumSubFrames) for ZValue "
+            f"{tilt.z_index}, so a missing frame could not be detected; add NumSubFrames"
+        )
+    if data.shape[0] != tilt.n_frames:
+        raise SessionError(
+            f"movie {tilt.movie} has {data.shape[0]} frames but the mdoc {where} says NumSubFrames = "
+            f"{tilt.n_frames} for ZValue {tilt.z_index}: frames are missing (incomplete transfer?)"
+        )
+    return data
+
+
+def load_gain(path: Path | None, frame_shape: tuple[int, int]) -> np.ndarray | None:
+    """The gain reference as float32 (ny, nx), or None; a wrong shape names the file and both shapes."""
+    if path is None:
+        return None
+    vol = _read_array(path, "gain reference")
+    gain = np.asarray(vol.data, np.float32)
+    if gain.ndim == 3 and gain.shape[0] == 1:
+        gain = gain[0]
+    if gain.shape != tuple(frame_shape):
+        raise SessionError(
+            f"gain reference {path} has shape {gain.shape} but the frames are {tuple(frame_shape)} (y, x): "
+            "wrong gain file for this camera mode, or it needs rotating/flipping to the frames' orientation"
+        )
+    if not np.isfinite(gain).all() or (gain <= 0).all():
+        raise SessionError(f"gain reference {path}: non-finite or all non-positive values")
+    return gain

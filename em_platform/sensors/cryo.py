@@ -1,0 +1,77 @@
+"""``cryo_sensor``: every settled tilt series (or single-particle movie set) in EM_CRYO_SESSIONS or in the
+simulator's published root becomes a partition of ``cryo_tilt_series`` and a run of ``cryo_job``.
+
+The cursor maps partition key → fingerprint (sizes and times of the mdoc, stack and movies), so an unchanged
+series is never requested twice and one that grew (more tilts written by the microscope) is requested again.
+A series whose files changed within the settle period is still being acquired and waits. Series without
+ground truth run without ``simulation/evaluation``.
+"""
+
+import json
+import time
+
+import dagster as dg
+
+from em_platform.assets.cryo import EVALUATION, K
+from em_platform.cryo.session import discover, fingerprint, newest_change
+from em_platform.jobs import cryo_job
+from em_platform.partitions import cryo_tilt_series
+from em_platform.resources import CryoSessionsResource
+from em_platform.settings import sensor_interval_seconds
+
+SETTLE_SECONDS = 10.0
+MAX_REQUESTS_PER_TICK = 200
+PROCESSING = list(K.values())
+
+
+@dg.sensor(
+    job=cryo_job,
+    minimum_interval_seconds=sensor_interval_seconds(15),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches EM_CRYO_SESSIONS and <data root>/simulation; each settled new or grown tilt series "
+    "is processed once (and evaluated against its ground truth when it has one).",
+)
+def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessionsResource) -> dg.SensorResult:
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    now = time.time()
+    found, errors = [], {}
+    for tag, root in cryo_sessions.roots().items():
+        f, e = discover(root, tag)
+        found += f
+        errors |= e
+    for key, error in errors.items():
+        context.log.error(f"cryo session entry {key} skipped: {error}")
+    known = set(context.instance.get_dynamic_partitions(cryo_tilt_series.name))
+    cursor = {k: v for k, v in seen.items() if k in {ts.key for ts in found}}
+    requests, new_keys, waiting = [], [], []
+    for ts in found:
+        fp = fingerprint(ts)
+        if cursor.get(ts.key) == fp:
+            continue
+        if now - newest_change(ts) < SETTLE_SECONDS:
+            waiting.append(ts.key)
+            continue
+        if len(requests) >= MAX_REQUESTS_PER_TICK:
+            break
+        if ts.key not in known:
+            new_keys.append(ts.key)
+        requests.append(
+            dg.RunRequest(
+                partition_key=ts.key,
+                run_key=f"{ts.key}@{fp}",
+                asset_selection=PROCESSING + ([EVALUATION] if ts.truth else []),
+                tags={"em/cryo_kind": ts.kind, "em/cryo_fingerprint": fp},
+            )
+        )
+        cursor[ts.key] = fp
+    new_cursor = json.dumps(cursor, sort_keys=True)
+    if not requests:
+        reason = (
+            f"{len(waiting)} tilt series still being written" if waiting else "no new or changed tilt series"
+        )
+        return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[cryo_tilt_series.build_add_request(new_keys)] if new_keys else [],
+        cursor=new_cursor,
+    )
