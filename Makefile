@@ -2,12 +2,15 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The same defaults `em-platform settings` prints (this checkout's var/): one Dagster home and data root for
+# make, the em-platform CLI and dagster commands.
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 export EM_DATA_ROOT ?= $(CURDIR)/var/data
+DEV_PORT ?= 3000
 
 .PHONY: demo test dev bench lint validate clean services
 
-$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
+$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh
 	bash scripts/bootstrap.sh $(VENV)
 	touch $@
 
@@ -24,9 +27,9 @@ test: $(VENV)/.installed services
 	$(VENV)/bin/ruff check em_platform tests bench
 	$(PY) -m pytest -q tests
 
-## dev: Dagster UI + daemon on http://127.0.0.1:3000
+## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(VENV)/bin/em-platform dev --workspace workspace.yaml --host 127.0.0.1 --port $(DEV_PORT)
 
 ## bench: performance benchmarks; results in bench/results/*.json
 bench: $(VENV)/.installed
@@ -45,3 +48,21 @@ services:
 
 clean:
 	rm -rf var .pytest_cache
+
+.PHONY: deploy-local deploy-down deploy-compose deploy-config
+
+## deploy-local: the production topology (docker/compose.yaml's services) as processes on loopback; Ctrl-C stops it
+deploy-local: $(VENV)/.installed services
+	$(PY) -m em_platform.deploy up --state var/deploy
+
+## deploy-down: stop a deploy-local started in another shell (by the PIDs it recorded)
+deploy-down:
+	$(PY) -m em_platform.deploy down --state var/deploy
+
+## deploy-compose: regenerate docker/compose.yaml from the service table (em_platform/deploy/services.py)
+deploy-compose: $(VENV)/.installed
+	$(PY) -m em_platform.deploy compose
+
+## deploy-config: `docker compose config` on docker/compose.yaml (needs docker/.env and Docker's compose tool)
+deploy-config:
+	docker compose -f docker/compose.yaml config

@@ -16,7 +16,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="write samples to the inbox, ingest them through Dagster, print the catalog")
     samples = sub.add_parser("samples", help="write the sample volumes into a folder (default: the inbox)")
     samples.add_argument("folder", nargs="?", type=Path)
-    sub.add_parser("settings", help="print the effective settings (from EM_* variables)")
+    settings = sub.add_parser(
+        "settings",
+        help="print the effective settings (EM_* variables, DAGSTER_HOME) and where each comes from",
+    )
+    settings.add_argument(
+        "--export",
+        action="store_true",
+        help="print `export DAGSTER_HOME=... EM_DATA_ROOT=...` for the shell (eval it before `dagster` "
+        "commands) and create the Dagster home with the project's dagster.yaml if needed",
+    )
+    dev = sub.add_parser(
+        "dev",
+        help="the Dagster UI and daemon (dagster dev) on this checkout's workspace; stops cleanly on SIGTERM",
+    )
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--workspace", type=Path, default=None, help="default: the checkout's workspace.yaml")
     from em_platform.tem import listen_cli
 
     listen_cli.add_arguments(
@@ -34,37 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="publish to this STOMP broker instead of writing the journal (default: $EM_BROKER if set)",
     )
-    stitch = sub.add_parser(
-        "stitch",
-        help="stitch a folder of TIFF tiles laid out by a CSV into a fused OME-Zarr montage",
-        description="Match every tile against its top and left grid neighbours, solve the positions, "
-        "write OUT.positions.csv (tile,x,y: solved top-left corners in px, the layout's frame) and fuse "
-        "the montage into a multiscale OME-Zarr at OUT.",
-    )
-    stitch.add_argument("tiles_dir", type=Path, metavar="TILES_DIR", help="folder of 2-D TIFF tiles")
-    stitch.add_argument(
-        "--layout",
-        type=Path,
-        required=True,
-        metavar="LAYOUT.csv",
-        help="CSV with the header tile,row,column,x,y: file name, grid indices, nominal top-left in px",
-    )
-    stitch.add_argument("--out", type=Path, required=True, metavar="OUT.zarr", help="the fused OME-Zarr")
-    stitch.add_argument(
-        "--pixel-size-nm",
-        type=float,
-        default=None,
-        help="pixel size recorded in the OME-Zarr (default: from the TIFFs' resolution tags, else 1 nm)",
-    )
-    stitch.add_argument(
-        "--workers", type=int, default=None, help="threads for matching and fusion (default: one per core)"
-    )
-    stitch.add_argument(
-        "--max-shift-px",
-        type=int,
-        default=None,
-        help="how far (px) a tile may be from where the layout puts it relative to a neighbour "
-        "(default: a third of the overlap, at most 64)",
+    from em_platform.stitch import stitch_cli
+
+    stitch_cli.add_arguments(
+        sub.add_parser(
+            "stitch",
+            help="stitch a folder of TIFF tiles laid out by a CSV into a fused OME-Zarr montage",
+            description="Match every tile against its top and left grid neighbours (or read point matches), "
+            "solve a transform per tile, write OUT.positions.csv, OUT.report.json, OUT.tilespecs.json and "
+            "OUT.matches.json, and fuse the montage into a multiscale OME-Zarr at OUT. Exit 3 when content "
+            "tiles could not be placed by the images or the montage is torn (see the report).",
+        )
     )
     args = parser.parse_args(argv)
 
@@ -75,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             from em_platform.demo import run_demo
 
             return run_demo()
+        if args.command == "dev":
+            return _dev(args, load_settings())
         if args.command == "samples":
             from em_platform.samples import write_samples
 
@@ -89,15 +87,53 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "scope-sim":
             return _scope_sim(args, load_settings())
         if args.command == "stitch":
-            return _stitch(args)
+            return stitch_cli.run(args)
         if args.command == "settings":
-            for k, v in vars(load_settings()).items():
-                print(f"{k} = {v}")
-            return 0
+            return _settings(load_settings(), export=args.export)
     except ConfigError as exc:
         print(f"em-platform: configuration error: {exc}", file=sys.stderr)
         return 2
     return 1
+
+
+def _dev(args, settings) -> int:
+    import os
+
+    from em_platform.dev import run_dev
+    from em_platform.settings import ensure_dagster_home, project_dir
+
+    workspace = args.workspace or (project_dir() or Path.cwd()) / "workspace.yaml"
+    if not workspace.is_file():
+        print(f"em-platform dev: no workspace file {workspace}; give --workspace", file=sys.stderr)
+        return 2
+    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(settings.dagster_home))  # the one home (settings)
+    return run_dev(str(workspace), args.host, args.port)
+
+
+def _settings(settings, export: bool) -> int:
+    """Every setting under its environment variable, marked (default) when the variable is unset."""
+    import os
+    import shlex
+
+    from em_platform.settings import ENV_NAMES, ensure_dagster_home, project_dir
+
+    if export:
+        ensure_dagster_home(settings.dagster_home)
+        pairs = {"DAGSTER_HOME": settings.dagster_home, "EM_DATA_ROOT": settings.data_root}
+        print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in pairs.items()))
+        return 0
+    values = {ENV_NAMES.get(k, k): v for k, v in vars(settings).items()}
+    width = max(map(len, values))
+    for name, value in values.items():
+        origin = "" if os.environ.get(name, "").strip() else "  (default)"
+        print(f"{name:<{width}} = " + ("(unset)" if value is None else f"{value}{origin}"))
+    root = project_dir()
+    where = f"this checkout ({root}/var)" if root else "~/.em_platform"
+    print(
+        f"\nUnset paths default to {where} for make, this CLI and `dagster` commands alike.\n"
+        'Before `dagster` commands: eval "$(.venv/bin/em-platform settings --export)"'
+    )
+    return 0
 
 
 def _scope_sim(args, settings) -> int:
@@ -114,10 +150,10 @@ def _scope_sim(args, settings) -> int:
         args.out = Path(settings.data_root) / "scope"
     broker = args.broker or settings.broker
     if broker:
-        from em_platform.tem.protocol import BrokerPublisher, parse_broker
+        from em_platform.tem.broker import BrokerSettings
 
         heard: list[tuple[str, str | None]] = []  # the qc.status verdicts, newest last
-        with BrokerPublisher(*parse_broker(broker)) as publisher:
+        with BrokerSettings.from_env(broker=broker).publisher() as publisher:
             publisher.subscribe("qc.status", lambda msg: heard.append((msg.status, msg.reason)))
             return scope_cli.run(args, publisher.publish, lambda: heard[-1] if heard else None)
     from em_platform.tem.journal import Journal
@@ -133,93 +169,6 @@ def _scope_sim(args, settings) -> int:
         return scope_cli.run(args, journal.record, latest_qc)
     finally:
         journal.dispose()
-
-
-def _stitch(args) -> int:
-    """Stitch a tile folder: match neighbours, solve, write the positions, fuse; 2 on bad input."""
-    import shutil
-    import uuid
-
-    import dask
-
-    from em_platform.stitch.fuse import PlacedTile, TiffTileFolder, fuse_montage
-    from em_platform.stitch.tile_folder import (
-        TileFolderError,
-        match_tile_folder,
-        open_tile_folder,
-        positions_path,
-        solve_tile_folder,
-        write_positions,
-    )
-    from em_platform.storage.store import DataStore
-
-    def bad_input(message: object) -> int:
-        print(f"em-platform stitch: {message}", file=sys.stderr)
-        return 2
-
-    if args.pixel_size_nm is not None and not args.pixel_size_nm > 0:
-        return bad_input(f"--pixel-size-nm must be positive, got {args.pixel_size_nm}")
-    if args.workers is not None and args.workers < 1:
-        return bad_input(f"--workers must be at least 1, got {args.workers}")
-    if args.max_shift_px is not None and args.max_shift_px < 1:
-        return bad_input(f"--max-shift-px must be at least 1, got {args.max_shift_px}")
-    try:
-        tiles = open_tile_folder(args.tiles_dir, args.layout)
-        report = match_tile_folder(tiles, workers=args.workers, max_shift_px=args.max_shift_px)
-    except TileFolderError as exc:
-        return bad_input(exc)
-    layout = solve_tile_folder(tiles, report)
-
-    if args.pixel_size_nm is not None:
-        pixel_size, source = args.pixel_size_nm, "--pixel-size-nm"
-    elif tiles.pixel_size_nm is not None:
-        pixel_size, source = tiles.pixel_size_nm, "the TIFF resolution tags"
-    else:
-        pixel_size, source = 1.0, "unknown (no resolution tags): 1 nm recorded, give --pixel-size-nm"
-    placed = [
-        PlacedTile(t.tile, layout.positions[t.tile][1], layout.positions[t.tile][0], t.height, t.width)
-        for t in tiles.tiles
-    ]
-    # fused beside OUT under a temporary name and renamed into place: a failed run leaves no OUT
-    out = args.out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with dask.config.set(num_workers=args.workers):
-            fused = fuse_montage(
-                placed,
-                TiffTileFolder(tiles.folder),
-                str(staging),
-                pixel_size_nm=pixel_size,
-                name=out.name.removesuffix(".zarr").removesuffix(".ome"),
-            )
-        DataStore(str(out.parent)).publish(str(staging), str(out))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    positions = write_positions(positions_path(out), layout.positions)
-
-    residuals = list(layout.edge_residuals.values())
-    print(f"tiles:         {len(tiles.tiles)} ({tiles.dtype}, layout {tiles.layout_csv})")
-    print(f"edges matched: {len(report.edges)} of {report.pairs} neighbour pairs")
-    for pair, reason in report.unmatched[:10]:
-        print(f"  unmatched:   {pair.tile.tile} – {pair.position} neighbour {pair.neighbour.tile}: {reason}")
-    if len(report.unmatched) > 10:
-        print(f"  … and {len(report.unmatched) - 10} more unmatched pairs")
-    rejected = [f"{a}–{b} ({r:.1f} px)" for (a, b), r in layout.rejected.items()]
-    print(f"rejected:      {len(rejected)}", *rejected[:10])
-    disconnected = [str(t) for t in layout.disconnected]
-    print(
-        f"disconnected:  {len(disconnected)}",
-        *(["(placed by the layout):", *disconnected[:10]] if disconnected else []),
-    )
-    print(f"RMS residual:  {layout.rms_residual():.3f} px (max {max(residuals, default=0.0):.3f} px)")
-    print(f"pixel size:    {pixel_size:g} nm ({source})")
-    print(
-        f"fused:         {out} ({fused.shape[0]} × {fused.shape[1]} px, {len(fused.info.levels)} levels; "
-        f"pixel (0, 0) is at x={fused.origin[1]}, y={fused.origin[0]} of the positions)"
-    )
-    print(f"positions:     {positions}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import dagster as dg
 
 from em_platform.assets.acquisition import montage_tiles
 from em_platform.assets.catalog import metadata_catalog
+from em_platform.assets.cryo import cryo_assets
 from em_platform.assets.ingest_local import ingest_local
 from em_platform.assets.ingest_public import (
     public_ingest_assets,
@@ -13,10 +14,13 @@ from em_platform.assets.ingest_public import (
     public_ingest_schedules,
 )
 from em_platform.assets.montage import montage, montage_layout, montage_upload
-from em_platform.jobs import catalog_job, ingest_local_job, montage_job
+from em_platform.assets.simulation import simulation_assets
+from em_platform.jobs import catalog_job, cryo_job, ingest_local_job, montage_job, simulation_job
 from em_platform.resources import build_resources
+from em_platform.sensors.cryo import cryo_sensor
 from em_platform.sensors.inbox import inbox_sensor
 from em_platform.sensors.montage import montage_sensor
+from em_platform.sensors.simulation import simulation_sensor
 
 catalog_automation = dg.AutomationConditionSensorDefinition(
     "catalog_automation",
@@ -38,11 +42,17 @@ def build_definitions(resources: dict) -> dg.Definitions:
             montage_layout,
             montage,
             montage_upload,
+            *simulation_assets,
+            *cryo_assets,
         ],
-        jobs=[ingest_local_job, *public_ingest_jobs, catalog_job, montage_job],
+        jobs=[ingest_local_job, *public_ingest_jobs, catalog_job, montage_job, simulation_job, cryo_job],
         schedules=public_ingest_schedules,
-        sensors=[inbox_sensor, montage_sensor, catalog_automation],
+        sensors=[inbox_sensor, montage_sensor, catalog_automation, simulation_sensor, cryo_sensor],
         resources=resources,
+        # Every job is one step or a chain, and the pixel parallelism is Dask's: a process per step (the
+        # multiprocess default) would only import the code location again for each step (~8 CPU s apiece,
+        # 4 times per montage run, in each run container of the Docker deployment).
+        executor=dg.in_process_executor,
     )
 
 

@@ -20,5 +20,22 @@ montage_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups("acquisition", "montage"),
     description="One montage (a partition): tiles processed, matched and QC'd live, then laid out, fused "
     "and uploaded once its checks pass.",
-    tags={"em/workload": "acquisition"},
+    # two scopes' montages run at once (dagster.yaml); queued ahead of other runs when a slot frees
+    tags={"em/workload": "acquisition", "dagster/priority": "10"},
+)
+
+simulation_job = dg.define_asset_job(
+    "simulation_job",
+    selection=dg.AssetSelection.groups("simulation"),
+    description="One simulated cryo-ET tilt series (a partition `<spec>_<NNN>`): particles, sample, tilt series "
+    "with its OME-Zarr and catalog record, ground truth.",
+    tags={"em/workload": "simulation"},
+)
+
+cryo_job = dg.define_asset_job(
+    "cryo_job",
+    selection=dg.AssetSelection.groups("cryo"),
+    description="One tilt series (a partition of cryo_tilt_series): motion correction, CTF, alignment, "
+    "tomograms, denoising, thumbnails, results tables and, for simulated ones, the evaluation against truth.",
+    tags={"em/workload": "cryo"},
 )

@@ -31,16 +31,49 @@ class Settings:
     buffer: str = ""
     # local folder where public-dataset downloads wait (resumable) until their ingest completes
     downloads: str = ""
+    # STOMP destination prefix of the microscope's topics (pigeon's topic_prefix) and the broker login;
+    # the password is read from EM_BROKER_PASSWORD where it is used, never kept here (settings are printed)
+    broker_topic_prefix: str = "/topic/"
+    broker_username: str | None = None
+    # the Dagster instance (run history, schedules, sensors) every entry point shares: $DAGSTER_HOME
+    dagster_home: str = ""
+    # local folder of cryo-ET simulation specs (YAML/JSON) that the simulation sensor watches
+    simulations: str = ""
+    # local folder of cryo sessions (SerialEM/Tomo5 mdocs, stacks, movies) that the cryo sensor watches
+    cryo_sessions: str = ""
 
     @property
     def storage_options(self) -> dict:
-        if self.data_root.startswith("s3://") and self.s3_endpoint_url:
-            return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
-        return {}
+        from em_platform.storage import storage_options_for
+
+        return storage_options_for(self.data_root, self.s3_endpoint_url)
+
+
+def project_dir() -> Path | None:
+    """The source checkout em_platform runs from (its pyproject.toml beside the package), else None.
+
+    In a checkout every entry point (make, the ``em-platform`` CLI, ``dagster`` commands) defaults to the
+    checkout's ``var/``, so they all see one data root and one Dagster home; an installed copy uses ``~/.em_platform``.
+    """
+    root = Path(__file__).resolve().parents[1]
+    try:
+        text = (root / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    return root if 'name = "em-platform"' in text else None
+
+
+def _default_home_folder(name: str) -> str:
+    root = project_dir()
+    return str(root / "var" / name) if root else str(Path.home() / ".em_platform" / name)
 
 
 def default_data_root() -> str:
-    return str(Path.home() / ".em_platform" / "data")
+    return _default_home_folder("data")
+
+
+def default_dagster_home() -> str:
+    return _default_home_folder("dagster_home")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -78,6 +111,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("EM_CATALOG_URL must be a PostgreSQL URL for the 'docker' deployment, not SQLite")
     buffer = _local_folder(env, "EM_BUFFER", "buffer", data_root, remote, "the acquisition buffer")
     downloads = _local_folder(env, "EM_DOWNLOADS", "downloads", data_root, remote, "the download cache")
+    simulations = _local_folder(
+        env, "EM_SIMULATIONS", "simulations", data_root, remote, "the simulation specs"
+    )
+    cryo_sessions = _local_folder(
+        env, "EM_CRYO_SESSIONS", "cryo_sessions", data_root, remote, "the cryo sessions"
+    )
     settle = env.get("EM_INBOX_SETTLE_SECONDS", "5").strip() or "5"
     try:
         settle_s = float(settle)
@@ -102,16 +141,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         scope_pixel_size_nm=_pixel_size(env.get("EM_SCOPE_PIXEL_SIZE_NM", "").strip() or None),
         buffer=buffer,
         downloads=downloads,
+        broker_topic_prefix=_topic_prefix(env.get("EM_BROKER_TOPIC_PREFIX")),
+        broker_username=env.get("EM_BROKER_USERNAME", "").strip() or None,
+        dagster_home=str(
+            Path(env.get("DAGSTER_HOME", "").strip() or default_dagster_home()).expanduser().resolve()
+        ),
+        simulations=simulations,
+        cryo_sessions=cryo_sessions,
     )
 
 
 def _local_folder(
     env: Mapping[str, str], name: str, subdir: str, data_root: str, remote: bool, what: str
 ) -> str:
-    """A local working folder: ``$name``, else ``<data root>/<subdir>`` (``~/.em_platform/<subdir>`` when the
-    root is object storage)."""
+    """A local working folder: ``$name``, else ``<data root>/<subdir>`` (when the root is object storage:
+    the checkout's ``var/<subdir>``, or ``~/.em_platform/<subdir>`` for an installed copy)."""
     value = env.get(name, "").strip() or (
-        str(Path(data_root) / subdir) if not remote else str(Path(default_data_root()).parent / subdir)
+        str(Path(data_root) / subdir) if not remote else _default_home_folder(subdir)
     )
     if "://" in value and not value.startswith("file://"):
         raise ConfigError(f"{name}={value!r} must be a local folder ({what}), not a URL")
@@ -139,3 +185,52 @@ def _broker(spec: str | None) -> str | None:
     if not host or not port.isdigit():
         raise ConfigError(f"EM_BROKER={spec!r} must be HOST:PORT of the STOMP broker, e.g. 127.0.0.1:61613")
     return spec
+
+
+def sensor_interval_seconds(default: int, env: Mapping[str, str] | None = None) -> int:
+    """A sensor's minimum interval: ``EM_SENSOR_INTERVAL_SECONDS`` when set (a deployment's choice, e.g. a
+    test topology that should react within seconds), else the sensor's own ``default``."""
+    env = os.environ if env is None else env
+    value = env.get("EM_SENSOR_INTERVAL_SECONDS", "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"EM_SENSOR_INTERVAL_SECONDS={value!r} must be a whole number of seconds ≥ 1")
+    return int(value)
+
+
+# The environment variable behind each setting, for display (`em-platform settings`).
+ENV_NAMES = {
+    "deployment": "EM_DEPLOYMENT",
+    "data_root": "EM_DATA_ROOT",
+    "inbox": "EM_INBOX",
+    "catalog_url": "EM_CATALOG_URL",
+    "dask_scheduler_address": "DASK_SCHEDULER_ADDRESS",
+    "s3_endpoint_url": "EM_S3_ENDPOINT_URL",
+    "inbox_settle_seconds": "EM_INBOX_SETTLE_SECONDS",
+    "broker": "EM_BROKER",
+    "scope_pixel_size_nm": "EM_SCOPE_PIXEL_SIZE_NM",
+    "buffer": "EM_BUFFER",
+    "downloads": "EM_DOWNLOADS",
+    "simulations": "EM_SIMULATIONS",
+    "cryo_sessions": "EM_CRYO_SESSIONS",
+    "dagster_home": "DAGSTER_HOME",
+    "broker_topic_prefix": "EM_BROKER_TOPIC_PREFIX",
+    "broker_username": "EM_BROKER_USERNAME",
+}
+
+
+def ensure_dagster_home(folder: str | Path) -> Path:
+    """Create the Dagster home if needed, with the checkout's dagster.yaml (the embedded default instance)."""
+    home = Path(folder)
+    home.mkdir(parents=True, exist_ok=True)
+    root = project_dir()
+    target = home / "dagster.yaml"
+    if root is not None and (root / "dagster.yaml").is_file() and not target.exists():
+        target.write_text((root / "dagster.yaml").read_text())
+    return home
+
+
+def _topic_prefix(value: str | None) -> str:
+    """EM_BROKER_TOPIC_PREFIX: unset means RabbitMQ's ``/topic/``; set but empty is an empty prefix (Artemis)."""
+    return "/topic/" if value is None else value.strip()

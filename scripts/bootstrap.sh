@@ -32,5 +32,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # The machine's pip.conf may list local indexes that do not exist; their warnings are noise.
 "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$venv/bin/python" -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# setuptools' "Editable installation" note is informational (how an editable install finds the package).
+PYTHONWARNINGS="ignore:Editable installation" \
+  "$venv/bin/python" -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -c "import em_platform, zarr, dagster; print('em_platform ready: zarr', zarr.__version__, 'dagster', dagster.__version__)"
+# The browser tests of the web UI drive Debian's Chromium (best effort: they skip with the reason without it).
+bash "$(dirname "$0")/install_chromium.sh"

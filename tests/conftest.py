@@ -19,6 +19,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_dead_dagster_instance_in_context():
+    """Forget a Dagster defs-state storage whose instance is gone.
+
+    Every DagsterInstance puts its defs-state storage in a process-wide context variable and takes it out
+    only when the instance is closed; an instance that is garbage-collected unclosed (inside Dagster or a
+    library) leaves it behind, and every later Definitions resolution then fails with "Attempted to resolve
+    undefined DagsterInstance weakref". Test order must not decide that.
+    """
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    storage = _current_storage.get()
+    ref = getattr(storage, "_instance_weakref", None)
+    if storage is not None and ref is not None and ref() is None:
+        _current_storage.set(None)
+    yield
+
+
 @pytest.fixture
 def pg_url():
     """A fresh, empty PostgreSQL database on the local server, dropped afterwards."""
@@ -73,3 +91,4 @@ def s3_bucket(s3_endpoint):
     bucket = f"em-test-{uuid.uuid4().hex[:8]}"
     fs.mkdir(bucket)
     return f"s3://{bucket}", opts
+

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from em_platform.resources.acquisition import AcquisitionHardware, BrokerScope, SimulatedScope
 from em_platform.resources.catalog import CatalogResource
+from em_platform.resources.cryo import CryoSessionsResource
 from em_platform.resources.dask import DaskResource
 from em_platform.resources.inbox import InboxResource
+from em_platform.resources.simulation import SimulationSpecsResource
 from em_platform.resources.storage import StorageResource
 from em_platform.settings import Settings, load_settings
 from em_platform.simulation.scope_config import ScopeConfig
@@ -19,6 +22,8 @@ __all__ = [
     "CatalogResource",
     "DaskResource",
     "InboxResource",
+    "SimulationSpecsResource",
+    "CryoSessionsResource",
     "StorageResource",
     "build_resources",
 ]
@@ -31,14 +36,23 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
         "storage": StorageResource(
             root_url=s.data_root,
             s3_endpoint_url=s.s3_endpoint_url,
-            buffer_root=s.buffer or None,
-            downloads_root=s.downloads or None,
+            buffer_root=s.buffer,
+            downloads_root=s.downloads,
         ),
         "catalog": CatalogResource(url=s.catalog_url),
         "dask": DaskResource(scheduler_address=s.dask_scheduler_address),
         "inbox": InboxResource(path=s.inbox, settle_seconds=s.inbox_settle_seconds),
+        "simulation_specs": SimulationSpecsResource(path=s.simulations),
+        "cryo_sessions": CryoSessionsResource(
+            sessions=s.cryo_sessions,
+            simulation="" if "://" in s.data_root else str(Path(s.data_root) / "simulation"),
+        ),
         "hardware": BrokerScope(
-            journal_url=s.catalog_url, broker=s.broker, pixel_size_nm=s.scope_pixel_size_nm
+            journal_url=s.catalog_url,
+            broker=s.broker,
+            pixel_size_nm=s.scope_pixel_size_nm,
+            topic_prefix=s.broker_topic_prefix,
+            username=s.broker_username,
         )
         if s.broker
         else SimulatedScope(

@@ -1,4 +1,8 @@
-"""The storage root as a resource: a local folder by default, s3:// in production."""
+"""The storage root as a resource: a local folder by default, s3:// in production.
+
+Every default (where the buffer and the download cache live, the S3 endpoint options) is decided once, by
+:mod:`em_platform.settings`; :func:`em_platform.resources.build_resources` passes them in.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from em_platform.storage import DataStore
+from em_platform.storage import DataStore, storage_options_for
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -15,38 +19,19 @@ class StorageResource(dg.ConfigurableResource):
     root_url: str
     s3_endpoint_url: str | None = None
     # Local folder for acquisition intermediates (processed tiles, the fused montage) until they are
-    # uploaded to the root; default ``<root>/buffer`` when the root is a local folder.
-    buffer_root: str | None = None
-    # Local folder for public-dataset downloads (kept across failed runs so a re-run resumes); default
-    # ``<root>/downloads`` when the root is a local folder.
-    downloads_root: str | None = None
+    # uploaded to the root (settings: EM_BUFFER).
+    buffer_root: str
+    # Local folder for public-dataset downloads, kept across failed runs so a re-run resumes
+    # (settings: EM_DOWNLOADS).
+    downloads_root: str
 
     def store(self) -> DataStore:
-        options = {}
-        if self.root_url.startswith("s3://") and self.s3_endpoint_url:
-            options = {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
-        return DataStore(self.root_url, options)
+        return DataStore(self.root_url, storage_options_for(self.root_url, self.s3_endpoint_url))
 
     def buffer(self) -> DataStore:
         """The local acquisition buffer, with the same staged, atomic writes as the root."""
-        if self.buffer_root:
-            return DataStore(self.buffer_root)
-        store = self.store()
-        if not store.is_local:
-            raise ValueError(
-                f"the storage root {self.root_url} is object storage: set EM_BUFFER to a local folder "
-                "for the acquisition buffer"
-            )
-        return DataStore(store.path("buffer"))
+        return DataStore(self.buffer_root)
 
     def downloads(self) -> Path:
         """The local download cache of the public-dataset ingests."""
-        if self.downloads_root:
-            return Path(self.downloads_root)
-        store = self.store()
-        if not store.is_local:
-            raise ValueError(
-                f"the storage root {self.root_url} is object storage: set EM_DOWNLOADS to a local folder "
-                "for the download cache"
-            )
-        return Path(store.path("downloads"))
+        return Path(self.downloads_root)

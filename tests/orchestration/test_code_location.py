@@ -106,9 +106,15 @@ def test_web_ui_serves_assets_lineage_and_sensor(tmp_path):
         by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes["data"]["assetNodes"]}
         assert by_key["ingest/local"]["isPartitioned"] and by_key["ingest/local"]["groupName"] == "ingest"
         ingests = [["ingest", s] for s in ("empiar", "epfl", "flyem", "idr", "local", "openorganelle")]
-        assert sorted(d["path"] for d in by_key["catalog/metadata_catalog"]["dependencyKeys"]) == ingests
+        writers = [*ingests, ["montage_upload"], ["simulation", "tilt_series"]]  # all that write records
+        assert sorted(d["path"] for d in by_key["catalog/metadata_catalog"]["dependencyKeys"]) == sorted(
+            writers
+        )
         for name in ("empiar", "epfl", "flyem", "idr", "openorganelle"):  # the public ingests, partitioned
-            assert by_key[f"ingest/{name}"]["isPartitioned"] and by_key[f"ingest/{name}"]["groupName"] == "ingest"
+            assert (
+                by_key[f"ingest/{name}"]["isPartitioned"]
+                and by_key[f"ingest/{name}"]["groupName"] == "ingest"
+            )
         repos = _graphql(
             port,
             "{ repositoriesOrError { ... on RepositoryConnection { nodes { location { name } sensors { name } } } } }",

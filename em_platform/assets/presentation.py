@@ -1,0 +1,95 @@
+"""How assets show things to a person in the Dagster UI: numbers without float noise, images the UI draws.
+
+Measured on the pinned Dagster (1.13) web UI: a Markdown metadata value is drawn inline on the asset and
+partition pages only while its text is under 1000 characters (``MetadataEntry`` with ``expandSmallValues``);
+longer ones sit behind "[Show Markdown]" (one click opens them in a dialog). Descriptions are drawn as
+Markdown, but they belong to the definition, not to a partition. So a small schematic image (the focus map:
+one pixel per tile, scaled up by an SVG wrapper) is drawn inline, and a real picture (a minimap, a
+thumbnail) is attached whole behind "[Show Markdown]", with a link to the stored PNG beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import typing
+import warnings
+from collections.abc import Mapping
+from urllib.parse import quote
+
+import dagster as dg
+
+INLINE_MARKDOWN_LIMIT = 1000  # characters: the UI draws shorter Markdown metadata inline
+
+# The focus-map colours (em_platform.stitch.previews: ColorBrewer RdYlGn) in words.
+FOCUS_LEGEND = (
+    "One cell per tile, row 0 at the top. Focus score (lower is sharper): green 0 (sharp) · "
+    "yellow 0.5 · red 1 (blurred) · grey: no tile or no score."
+)
+
+
+def rounded(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits: a float32 header's 1.3600000381469728 nm shows as 1.36."""
+    return float(f"{value:.{digits}g}")
+
+
+def voxel_size_metadata(voxel_size_nm: Mapping[str, float]) -> dg.MetadataValue:
+    return dg.MetadataValue.json({axis: rounded(v) for axis, v in voxel_size_nm.items()})
+
+
+def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
+    """The whole PNG as Markdown (a data URI): drawn after one click on "[Show Markdown]" if it is large."""
+    label = " ".join(alt.replace("[", "(").replace("]", ")").split())
+    return dg.MetadataValue.md(f"![{label}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})")
+
+
+def scaled_png_markdown(png: bytes, width: int, height: int, alt: str, caption: str = "") -> dg.MetadataValue:
+    """A tiny PNG drawn at ``width`` x ``height`` CSS pixels with sharp pixel edges, inline when short enough.
+
+    Markdown cannot size an image, so the PNG goes inside an SVG of that size (``image-rendering: pixelated``);
+    the SVG is URL-encoded rather than base64-encoded to stay under the UI's inline limit.
+    """
+    b64 = base64.b64encode(png).decode("ascii")
+    svg = (
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}'>"
+        f"<image width='{width}' height='{height}' preserveAspectRatio='none' "
+        f"style='image-rendering:pixelated' href='data:image/png;base64,{b64}'/></svg>"
+    )
+    label = " ".join(alt.replace("[", "(").replace("]", ")").split())
+    text = f"![{label}](data:image/svg+xml,{quote(svg, safe=chr(39) + '/+=:;,')})"
+    return dg.MetadataValue.md(text + (f"\n\n{caption}" if caption else ""))
+
+
+def is_inline(value: typing.Any) -> bool:
+    """Whether the UI draws this Markdown metadata value inline (not behind "[Show Markdown]")."""
+    return isinstance(value, dg.MarkdownMetadataValue) and len(value.md_str or "") < INLINE_MARKDOWN_LIMIT
+
+
+def failed_check(check_name: str, exc: BaseException, **facts: str) -> dg.AssetCheckResult:
+    """A failed check carrying why a partition failed, shown on its page (the run fails right after)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return dg.AssetCheckResult(
+        check_name=check_name,
+        passed=False,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=message if len(message) <= 300 else message[:299] + "…",
+        metadata={"error": dg.MetadataValue.text(message), "error_type": type(exc).__name__, **facts},
+    )
+
+
+def partitioned_check(
+    name: str,
+    asset: dg.AssetKey | typing.Sequence[str],
+    partitions_def: dg.PartitionsDefinition,
+    description: str,
+    blocking: bool = False,
+) -> dg.AssetCheckSpec:
+    """A check evaluated per partition, so the UI shows each result under its partition (not "Partition —").
+
+    ``partitions_def`` on a check is a preview feature of Dagster 1.13, chosen knowingly: its warning would
+    otherwise print on every command that loads the code location.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec")
+        return dg.AssetCheckSpec(
+            name, asset=asset, partitions_def=partitions_def, blocking=blocking, description=description
+        )

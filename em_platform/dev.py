@@ -1,0 +1,88 @@
+"""`em-platform dev` (what `make dev` runs): `dagster dev` that stops on SIGTERM and logs only what happened.
+
+Two things plain `dagster dev` gets wrong for an operator here: started in the background from a script
+(`make dev &`), it inherits an ignored SIGINT and then ignores SIGTERM too, hanging until killed; and the
+daemon logs every sensor tick, so a 5-second montage sensor fills the log with "nothing new". This wrapper
+starts `dagster dev` with SIGINT restored, turns its own SIGTERM/SIGINT into the SIGINT `dagster dev` shuts
+down on (waiting for it, then ending its process group if it hangs), and drops the daemon's lines for
+sensor ticks that found nothing. Everything else `dagster dev` prints passes through.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+
+# Daemon lines for sensor ticks that request nothing (dagster/_daemon/sensor.py).
+QUIET_TICK = re.compile(
+    r"Checking for new runs for sensor: |No run requests returned for \S+, skipping|Sensor \S+ skipped: "
+)
+SHUTDOWN_GRACE_SECONDS = 60.0
+
+
+def quiet_lines(lines: Iterable[str]) -> Iterable[str]:
+    """The lines worth showing: sensor ticks that found nothing are left out."""
+    return (line for line in lines if not QUIET_TICK.search(line))
+
+
+def _restore_sigint() -> None:  # runs in the child before exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
+    """Run `dagster dev` until it exits or this process gets SIGTERM/SIGINT; its exit status."""
+    cmd = [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", host, "-p", str(port)]
+    print(
+        f"em-platform dev: Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '?')}); "
+        "sensor ticks that find nothing are not logged; Ctrl-C or SIGTERM stops it",
+        file=out,
+        flush=True,
+    )
+    child = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        preexec_fn=_restore_sigint,
+        start_new_session=True,
+    )
+    stopping = threading.Event()
+
+    def stop(signum, _frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            print(f"em-platform dev: {signal.Signals(signum).name}: stopping Dagster", file=out, flush=True)
+            threading.Thread(target=_shut_down, args=(child,), daemon=True).start()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for line in quiet_lines(child.stdout):
+            out.write(line)
+            out.flush()
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _shut_down(child: subprocess.Popen) -> None:
+    """SIGINT to `dagster dev` (it stops its webserver, daemon and code servers); its group ends if it hangs."""
+    child.send_signal(signal.SIGINT)
+    try:
+        child.wait(SHUTDOWN_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(child.pid, sig)  # the group this wrapper started, by its id
+                child.wait(10)
+                return
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue

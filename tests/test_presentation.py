@@ -1,0 +1,44 @@
+"""What the UI is given: Markdown-safe descriptions, inline-sized focus maps with a legend, rounded numbers."""
+
+from __future__ import annotations
+
+import re
+
+import dagster as dg
+
+from em_platform.assets.montage import focus_map_markdown
+from em_platform.assets.presentation import INLINE_MARKDOWN_LIMIT, is_inline, rounded, voxel_size_metadata
+
+
+def _descriptions(defs: dg.Definitions):
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        yield str(key), graph.get(key).description or ""
+    for check_key in graph.asset_check_keys:
+        yield str(check_key), graph.get_check_spec(check_key).description or ""
+    for job in defs.resolve_all_job_defs():
+        yield job.name, job.description or ""
+
+
+def test_descriptions_keep_angle_brackets_in_code_spans():
+    """The UI renders descriptions as Markdown: a bare `<ts>` would be swallowed as an HTML tag."""
+    from em_platform.definitions import defs
+
+    seen = 0
+    for name, text in _descriptions(defs):
+        seen += 1
+        outside_code = re.sub(r"`[^`]*`", "", text)
+        assert not re.search(r"<[A-Za-z/][^>]*>", outside_code), f"{name}: {text!r}"
+    assert seen > 10
+
+
+def test_focus_map_is_drawn_inline_with_its_legend():
+    grid = {(r, c): (r * 20 + c) / 400 for r in range(20) for c in range(20)}
+    value = focus_map_markdown(grid, 20, 20)
+    assert is_inline(value) and len(value.md_str) < INLINE_MARKDOWN_LIMIT
+    assert value.md_str.startswith("![focus map](data:image/svg+xml,") and "green 0 (sharp)" in value.md_str
+
+
+def test_voxel_sizes_lose_their_float_noise():
+    assert rounded(1.3600000381469728) == 1.36
+    assert voxel_size_metadata({"z": 1.3600000381469728, "x": 0.25}).value == {"z": 1.36, "x": 0.25}
