@@ -383,7 +383,6 @@ def fit_series_astigmatism(
         return float((s * m).sum()) / (math.sqrt(float((m * m).sum())) + 1e-30)
 
     means = [e.mean_defocus_A for e in estimates]
-    ast_start = max(float(np.median([e.astigmatism_A for e in estimates])), 300.0)
     unit = 100.0  # Å: the search works on the astigmatism vector (a·cos 2φ, a·sin 2φ) / unit, no angle wrap
 
     def polar(v) -> tuple[float, float]:
@@ -395,12 +394,20 @@ def fit_series_astigmatism(
             return 1.0
         return -sum(tilt_cc(i, means[i], ast, ang) for i in range(len(tilts))) / len(tilts)
 
-    ast, ang = ast_start, 0.0
+    ast, ang = 0.0, 0.0
     for _ in range(rounds):
+        # a grid over amount × angle first: the summed CC is rugged at tilt-series dose, and a simplex started
+        # at a few fixed angles stays near them (the angle then drifted towards 0°/45° by 5–15°)
+        amounts = [a for a in (250.0, 500.0, 1000.0, 2000.0, 4000.0) if a <= search.max_astigmatism_A]
+        grid = [
+            a / unit * np.array([math.cos(math.radians(2 * t)), math.sin(math.radians(2 * t))])
+            for a in amounts
+            for t in range(0, 180, 10)
+        ]
+        starts = sorted(grid, key=cost)[:2]
         best = None
-        for start in (0.0, 45.0, 90.0, 135.0):
-            v0 = ast_start / unit * np.array([math.cos(math.radians(2 * start)), math.sin(math.radians(2 * start))])
-            simplex = np.array([v0, v0 + [4.0, 0.0], v0 + [0.0, 4.0]])
+        for v0 in starts:
+            simplex = np.array([v0, v0 + [2.0, 0.0], v0 + [0.0, 2.0]])
             res = optimize.minimize(
                 cost,
                 v0,
