@@ -236,8 +236,9 @@ def ctf(
 @_asset(
     "tilt_alignment",
     deps=["motion_corrected"],
-    description="Coarse cosine-stretched cross-correlation, "
-    "projection matching and tilt-axis refinement; shifts, axis angle, per-tilt residuals; IMOD .xf/.tlt.",
+    description="Coarse cosine-stretched cross-correlation, projection matching and tilt-axis refinement, "
+    "then gold-fiducial alignment when enough beads are tracked; shifts, axis angle, per-view rotation and "
+    "tilt angle, per-tilt residuals; IMOD .xf/.tlt.",
     kinds={"json"},
 )
 def tilt_alignment(
@@ -337,8 +338,8 @@ def tomogram(
 @_asset(
     "denoised",
     deps=["tomogram"],
-    description="The tomogram denoised (default: Noise2Noise-style per-shell "
-    "Wiener filter learnt from even/odd half tomograms; chosen by measurement in bench/bench_cryo.py).",
+    description="The tomogram denoised (default: 3-D total variation, the largest PSNR gain measured in "
+    "bench/bench_cryo.py among TV, non-local means, BM3D, wavelets and an even/odd Wiener filter).",
     kinds={"mrc"},
 )
 def denoised(

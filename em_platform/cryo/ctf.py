@@ -64,11 +64,11 @@ class CTFEstimate:
 
     @property
     def mean_defocus_A(self) -> float:
-        return 0.5 * (self.defocus_u_A + self.defocus_v_A)
+        return self.params.mean_defocus_A
 
     @property
     def astigmatism_A(self) -> float:
-        return self.defocus_u_A - self.defocus_v_A
+        return self.params.astigmatism_A
 
     def summary(self) -> dict:
         """The ISPyB-style numbers (no profiles)."""

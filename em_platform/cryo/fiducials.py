@@ -219,6 +219,15 @@ def _track(detections: list[np.ndarray], predicted: np.ndarray, radius: float) -
     return out
 
 
+def _refit(model: _Model, tracks: np.ndarray, used: np.ndarray, angles, centre) -> np.ndarray:
+    """Fit ``model`` in place on the ``used`` beads' tracks (the others keep their positions); residuals."""
+    sub = _Model(model.shifts, model.rotations, model.offsets, model.axis, model.beads[used])
+    sub, residual = _fit(tracks[:, used], angles, centre, sub)
+    model.shifts, model.rotations, model.offsets, model.axis = sub.shifts, sub.rotations, sub.offsets, sub.axis
+    model.beads[used] = sub.beads
+    return residual
+
+
 def fiducial_alignment(
     stack,
     angles_deg: np.ndarray,
@@ -263,15 +272,7 @@ def fiducial_alignment(
         used = (~np.isnan(tracks[..., 0])).sum(0) >= max(3, 0.7 * len(views))
         if used.sum() < settings.min_beads:
             return None
-        sub = _Model(model.shifts, model.rotations, model.offsets, model.axis, model.beads[used])
-        sub, _ = _fit(tracks[:, used], angles, centre, sub)
-        model.shifts, model.rotations, model.offsets, model.axis = (
-            sub.shifts,
-            sub.rotations,
-            sub.offsets,
-            sub.axis,
-        )
-        model.beads[used] = sub.beads
+        _refit(model, tracks, used, angles, centre)
         search = max(1.5 * radius, 4.0)
     residual = np.zeros((n, 0))
     used = np.zeros(len(seeds), bool)
@@ -281,15 +282,7 @@ def fiducial_alignment(
         used = (~np.isnan(tracks[..., 0])).mean(0) >= settings.min_fraction
         if used.sum() < settings.min_beads:
             return None
-        sub = _Model(model.shifts, model.rotations, model.offsets, model.axis, model.beads[used])
-        sub, residual = _fit(tracks[:, used], angles, centre, sub)
-        model.shifts, model.rotations, model.offsets, model.axis = (
-            sub.shifts,
-            sub.rotations,
-            sub.offsets,
-            sub.axis,
-        )
-        model.beads[used] = sub.beads
+        residual = _refit(model, tracks, used, angles, centre)
     per_view = np.sqrt(np.nanmean(np.where(residual > OUTLIER_PX, np.nan, residual) ** 2, axis=1))
     return FiducialSolution(
         shifts_px=model.shifts,
