@@ -9,7 +9,7 @@ Each case runs in its own subprocess (its own peak RSS), timed in wall and CPU s
   scikit-image's ``iradon`` slice by slice (a plain reference; timed on ``--iradon-slices`` slices and
   scaled to all of them);
 - accuracy and denoiser choice: the processing steps on a simulator stack (``--sim-folder``, a folder the
-  simulator published; by default one simulated here: the demo spec at 1024² × 41 tilts with 40
+  simulator published; by default one simulated here: the demo spec at 2048² × 41 tilts with 40
   apoferritins, gold beads, 1000 Å astigmatism and 8-frame movies), scored by ``em_platform.cryo.evaluation``; every
   denoiser's PSNR gain and CPU time on its tomogram.
 
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (development)")
     p.add_argument("--sim-folder", help="a simulator root (<data root>/simulation) to score")
     p.add_argument("--iradon-slices", type=int, default=16)
+    p.add_argument(
+        "--only-accuracy", action="store_true", help="only the accuracy case (the speed cases kept from the file)"
+    )
     a = p.parse_args(argv)
     if a.case:  # inside the subprocess
         fn = {
@@ -241,32 +244,37 @@ def main(argv: list[str] | None = None) -> int:
     n, frames, ctf_n, tilts, m, z = (
         (1024, 10, 1024, 21, 256, 64) if a.quick else (4096, 40, 4096, 41, 1024, 256)
     )
-    results = {
-        "machine": {
-            "cpus": __import__("os").cpu_count(),
-            "python": platform.python_version(),
-            "load_average_at_start": list(__import__("os").getloadavg()),
-        },
-        "quick": a.quick,
-        "live_budget_s_per_exposure": [5, 10],
-        "ucsfimage4_mc_plus_ctf_s": 60,
-        "motion_correction": _subprocess("motion", n, frames),
-        "ctf": _subprocess("ctf", ctf_n),
-        "wbp": _subprocess("tomogram", tilts, m, z, "wbp", a.iradon_slices),
-        "sirt": _subprocess("tomogram", tilts, m, z, "sirt", a.iradon_slices),
-        "iradon_reference": _subprocess("tomogram", tilts, m, z, "iradon", a.iradon_slices),
+    machine = {
+        "cpus": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": list(__import__("os").getloadavg()),
     }
-    w = results["wbp"].get("wall_s")
-    r = results["iradon_reference"].get("wall_s_all_slices")
-    if w and r:
-        results["wbp_speedup_vs_iradon"] = round(r / w, 2)
-    mc, ct = results["motion_correction"].get("wall_s"), results["ctf"].get("wall_s")
-    if mc and ct:
-        results["mc_plus_ctf_s_per_exposure"] = round(mc + ct, 1)
+    if a.only_accuracy and RESULTS.is_file():  # keep the speed cases of the last full run
+        results = json.loads(RESULTS.read_text())
+        results["accuracy_machine"] = machine
+    else:
+        results = {
+            "machine": machine,
+            "quick": a.quick,
+            "live_budget_s_per_exposure": [5, 10],
+            "ucsfimage4_mc_plus_ctf_s": 60,
+            "motion_correction": _subprocess("motion", n, frames),
+            "ctf": _subprocess("ctf", ctf_n),
+            "wbp": _subprocess("tomogram", tilts, m, z, "wbp", a.iradon_slices),
+            "sirt": _subprocess("tomogram", tilts, m, z, "sirt", a.iradon_slices),
+            "iradon_reference": _subprocess("tomogram", tilts, m, z, "iradon", a.iradon_slices),
+        }
+        w = results["wbp"].get("wall_s")
+        r = results["iradon_reference"].get("wall_s_all_slices")
+        if w and r:
+            results["wbp_speedup_vs_iradon"] = round(r / w, 2)
+        mc, ct = results["motion_correction"].get("wall_s"), results["ctf"].get("wall_s")
+        if mc and ct:
+            results["mc_plus_ctf_s_per_exposure"] = round(mc + ct, 1)
     with tempfile.TemporaryDirectory(prefix="bench-cryo-") as tmp:
         folder = a.sim_folder
         if folder is None:
-            sim_n, sim_tilts = (512, 21) if a.quick else (1024, 41)
+            sim_n, sim_tilts = (512, 21) if a.quick else (2048, 41)
             results["accuracy_stack"] = _subprocess("simulate", tmp, sim_n, sim_tilts)
             folder = str(Path(tmp) / "simulation")
         results["accuracy"] = _subprocess("accuracy", folder)

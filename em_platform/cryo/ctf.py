@@ -105,24 +105,46 @@ def _taper(n: int, fraction: float = 0.1) -> np.ndarray:
     return w
 
 
-def averaged_power_spectrum(image: np.ndarray, box: int) -> np.ndarray:
-    """Mean |FFT|² of tapered tiles of ``box``² with 50 % overlap (unshifted layout)."""
+@dataclass(frozen=True)
+class TiltedView:
+    """A tilted specimen's defocus changes across the image, Δf(x') = Δf − x'·tan θ (x' across the tilt
+    axis); averaging tiles far from the axis blurs the Thon rings away. Only tiles whose defocus is within
+    ``tolerance_A`` of the axis's are averaged (ctfplotter's strips), at least ``min_tiles`` of them."""
+
+    angle_deg: float
+    axis_deg: float  # tilt axis, counter-clockwise from image +y
+    tolerance_A: float = 1500.0
+    min_tiles: int = 4
+
+    def defocus_offsets_A(self, centres_xy: np.ndarray, image_centre: np.ndarray, pixel_A: float) -> np.ndarray:
+        phi = math.radians(self.axis_deg)
+        across = (centres_xy - image_centre) @ np.array([math.cos(phi), math.sin(phi)])
+        return np.abs(across * pixel_A * math.tan(math.radians(self.angle_deg)))
+
+
+def averaged_power_spectrum(
+    image: np.ndarray, box: int, tilt: TiltedView | None = None, pixel_A: float = 1.0
+) -> np.ndarray:
+    """Mean |FFT|² of tapered tiles of ``box``² with 50 % overlap (unshifted layout); with ``tilt``, only the
+    tiles near the tilt axis."""
     image = np.asarray(image, np.float32)
     ny, nx = image.shape
     box = min(box, ny, nx)
     step = box // 2
     window = np.outer(_taper(box), _taper(box))
-    ys = range(0, ny - box + 1, step)
-    xs = range(0, nx - box + 1, step)
+    corners = np.array([(y, x) for y in range(0, ny - box + 1, step) for x in range(0, nx - box + 1, step)])
+    if tilt is not None and len(corners) > tilt.min_tiles:
+        centres = corners[:, ::-1] + box / 2
+        offsets = tilt.defocus_offsets_A(centres, np.array([nx / 2, ny / 2]), pixel_A)
+        keep = offsets <= max(tilt.tolerance_A, np.sort(offsets)[tilt.min_tiles - 1])
+        corners = corners[keep]
     total = np.zeros((box, box), np.float64)
-    count = 0
-    for y in ys:
-        row = np.stack([image[y : y + box, x : x + box] for x in xs])
-        row = row - row.mean(axis=(1, 2), keepdims=True)
-        spec = np.fft.fft2(row * window)
+    for start in range(0, len(corners), 8):
+        tiles = np.stack([image[y : y + box, x : x + box] for y, x in corners[start : start + 8]])
+        tiles = tiles - tiles.mean(axis=(1, 2), keepdims=True)
+        spec = np.fft.fft2(tiles * window)
         total += (spec.real**2 + spec.imag**2).sum(axis=0)
-        count += len(row)
-    return total / count
+    return total / len(corners)
 
 
 def _ring_index(shape: tuple[int, int]) -> np.ndarray:
@@ -279,18 +301,20 @@ def estimate_ctf(
     scope: Microscope = DEFAULT_SCOPE,
     search: CTFSearch = CTFSearch(),
     defocus_range_A: tuple[float, float] | None = None,
+    tilt: TiltedView | None = None,
 ) -> CTFEstimate:
     """Estimate defocus, astigmatism and fit diagnostics of one micrograph.
 
     ``defocus_range_A`` narrows the search (default: the search's whole 0.2–9 µm), e.g. around the
-    microscope's target defocus or a tilt series' consensus (:func:`defocus_window`).
+    microscope's target defocus or a tilt series' consensus (:func:`defocus_window`). ``tilt``: the defocus
+    at the tilt axis of a tilted view, from the tiles near it.
     """
     image = np.asarray(image, np.float32)
     if image.ndim != 2 or min(image.shape) < 64:
         raise ValueError(f"a micrograph must be a 2-D image of at least 64² pixels, got shape {image.shape}")
     if not np.isfinite(image).all():
         raise ValueError("the micrograph has NaN or infinite pixels")
-    power = averaged_power_spectrum(image, search.box)
+    power = averaged_power_spectrum(image, search.box, tilt, pixel_A)
     box = power.shape[0]
     spec = background_subtracted(power, pixel_A, search.min_res_A)
     k, az = frequency_grid(spec.shape, pixel_A)

@@ -29,6 +29,7 @@ from em_platform.cryo import session as sess
 from em_platform.cryo.alignment import AlignmentSettings, align_tilt_series, transform_view, write_imod_files
 from em_platform.cryo.ctf import (
     CTFSearch,
+    TiltedView,
     defocus_window,
     diagnostic_image,
     estimate_ctf,
@@ -208,9 +209,13 @@ def estimate_ctf_series(ts: sess.TiltSeries, ws: Workspace, scope: Microscope, s
     box = min(search.box, max(128, min(ny, nx) // 2))
     search = CTFSearch(**{**search.__dict__, "box": box})
 
+    tilts = [TiltedView(t.angle_deg, ts.tilt_axis_deg) if ts.kind == "tilt_series" else None for t in ts.tilts]
+
     def run(windows: list[tuple[float, float] | None]):
         def one(i: int):
-            return estimate_ctf(np.asarray(data[i], np.float32), ts.pixel_A, scope, search, windows[i])
+            return estimate_ctf(
+                np.asarray(data[i], np.float32), ts.pixel_A, scope, search, windows[i], tilts[i]
+            )
 
         return dask.compute(*[dask.delayed(one)(i) for i in range(n)], scheduler="threads")
 
