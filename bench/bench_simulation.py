@@ -17,6 +17,7 @@ the process and its threads, which vary less than wall seconds on a shared machi
 
     python -m bench.bench_simulation            # all; writes bench/results/simulation.json
     python -m bench.bench_simulation --quick    # smaller template and scaling, reference on 3 tilts
+    python -m bench.bench_simulation --case formation   # one case alone: its JSON on stdout, nothing written
 """
 
 from __future__ import annotations

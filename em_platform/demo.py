@@ -117,11 +117,23 @@ def simulate_demo_tilt_series(defs, runs: DemoRuns, settings, out) -> list[str]:
     ran, failed = tick_and_run(defs, runs, "simulation_sensor", specs)
     folder = Path(settings.data_root, "simulation", DEMO_SPEC_NAME, f"{DEMO_SPEC_NAME}_000")
     if (folder / "ground_truth.json").exists():
+        seconds = _simulation_seconds(runs.instance, folder.name)
         print(
-            f"\ncryo-ET simulation{' (new)' if ran else ''}: {folder} (tilt series, mdoc, movies, ground_truth.json)",
+            f"\ncryo-ET simulation{' (new)' if ran else ''}: {folder} (tilt series, mdoc, movies, ground_truth.json)"
+            + (f", simulated in {seconds:.1f} s" if seconds is not None else ""),
             file=out,
         )
     return failed
+
+
+def _simulation_seconds(instance: dg.DagsterInstance, stack: str) -> float | None:
+    """The simulator's own wall time for a stack (``seconds`` of its latest simulation/tilt_series)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(["simulation", "tilt_series"]), asset_partitions=[stack]),
+        limit=1,
+    ).records
+    entry = records[0].asset_materialization.metadata.get("seconds") if records else None
+    return float(entry.value) if entry is not None else None
 
 
 def run_demo(out=sys.stdout) -> int:
