@@ -116,6 +116,15 @@ def _defocus_A(section) -> float | None:
     return None
 
 
+def _frame_count(section) -> int | None:
+    """Frames of a section's movie: ``NumSubFrames``, else the total of ``FrameDosesAndNumber``'s counts."""
+    if section.NumSubFrames:
+        return int(section.NumSubFrames)
+    if section.FrameDosesAndNumbers:
+        return int(sum(int(n) for _, n in section.FrameDosesAndNumbers)) or None
+    return None
+
+
 def _search_dirs(mdoc_dir: Path, session_dir: Path) -> list[Path]:
     dirs = []
     for base in (mdoc_dir, session_dir):
@@ -208,7 +217,7 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
                 nominal_defocus_A=_defocus_A(s),
                 movie=_find(movie_name, dirs) if movie_name else None,
                 movie_name=movie_name,
-                n_frames=int(s.NumSubFrames) if s.NumSubFrames else None,
+                n_frames=_frame_count(s),
                 frame_dose_e_per_A2=frame_dose,
             )
         )
@@ -259,7 +268,7 @@ def describe_movie_set(folder: Path, mdocs: list[Path], root: Path, tag: str) ->
                 _defocus_A(s),
                 _find(movie_name, dirs + [path.parent]),
                 movie_name,
-                int(s.NumSubFrames) if s.NumSubFrames else None,
+                _frame_count(s),
                 fd,
             )
         )
@@ -396,8 +405,9 @@ def load_movie(ts: TiltSeries, tilt: Tilt):
         raise SessionError(f"movie {tilt.movie}: expected frames (n, ny, nx), got shape {data.shape}")
     if tilt.n_frames is None:
         raise SessionError(
-            f"movie {tilt.movie}: the mdoc {where} gives no frame count (NumSubFrames) for ZValue "
-            f"{tilt.z_index}, so a missing frame could not be detected; add NumSubFrames"
+            f"movie {tilt.movie}: the mdoc {where} gives no frame count (NumSubFrames or "
+            f"FrameDosesAndNumber) for ZValue {tilt.z_index}, so a missing frame could not be detected; "
+            "add NumSubFrames"
         )
     if data.shape[0] != tilt.n_frames:
         raise SessionError(

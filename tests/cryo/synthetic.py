@@ -250,3 +250,74 @@ def make_tilt_series(
         (folder / "gain_ref.mrc").unlink()
         (folder / "frames").rmdir()
     return truth
+
+
+def make_movie_set(
+    folder: Path,
+    *,
+    n_movies: int = 2,
+    seed: int = 0,
+    size: int = 256,
+    pixel_A: float = 2.0,
+    defocus_A: float = 15000.0,
+    astigmatism_A: float = 600.0,
+    frames: int = 4,
+    dose_per_movie: float = 40.0,
+    drift_px: float = 3.0,
+) -> list[dict]:
+    """A single-particle session folder as SerialEM writes it: one movie (TIFF) and one frame-set mdoc
+    (``[FrameSet = 0]``) per exposure, a gain reference beside them; returns each movie's truth."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    scope = Microscope(300.0, 2.7, 0.07)
+    gain = rng.uniform(0.85, 1.15, (size, size)).astype(np.float32)
+    write_mrc(folder / "gain_ref.mrc", gain, pixel_A)
+    counts_per_px = dose_per_movie * pixel_A**2
+    truths = []
+    for i in range(n_movies):
+        b = blobs(rng, 120, (size * 0.45, size * 0.45, 10.0))
+        df = defocus_A + float(rng.normal(0, 1000))
+        params = CTFParams(df + astigmatism_A / 2, df - astigmatism_A / 2, float(rng.uniform(-80, 80)))
+        ice = rng.normal(0, ICE_SD, (size, size))
+        image = ctf_image(project_blobs(b, 0.0, (size, size)), ice, pixel_A, params, scope)
+        t = np.linspace(0, 1, frames)
+        drift = np.column_stack([drift_px * t, -0.5 * drift_px * t**1.5])
+        lam = np.clip(image, 0, None) * counts_per_px / frames
+        raw = np.stack([rng.poisson(np.clip(fourier_shift(lam, d), 0, None) / gain) for d in drift])
+        movie = f"FoilHole_{i:04d}_fractions.tif"
+        import tifffile
+
+        tifffile.imwrite(folder / movie, raw.astype(np.uint16))
+        lines = [
+            f"PixelSpacing = {pixel_A}",
+            "Voltage = 300",
+            f"ImageFile = {movie}",
+            f"ImageSize = {size} {size}",
+            "DataMode = 1",
+            "",
+            "[T = SerialEM: synthetic single-particle session]",
+            "",
+            "[FrameSet = 0]",
+            "TiltAngle = 0.01",
+            f"ExposureDose = {dose_per_movie}",
+            f"PixelSpacing = {pixel_A}",
+            f"Defocus = {-defocus_A / 1e4}",
+            f"TargetDefocus = {-defocus_A / 1e4}",
+            "ExposureTime = 2.0",
+            f"SubFramePath = X:\\spa\\{movie}",
+            f"NumSubFrames = {frames}",
+            f"FrameDosesAndNumber = {dose_per_movie / frames} {frames}",
+            "DateTime = 23-Nov-26  11:00:00",
+            "",
+        ]
+        (folder / f"{movie}.mdoc").write_text("\n".join(lines))
+        truths.append(
+            {
+                "movie": movie,
+                "defocus_u_A": params.defocus_u_A,
+                "defocus_v_A": params.defocus_v_A,
+                "astigmatism_angle_deg": params.astigmatism_angle_deg,
+                "drift_px": drift.tolist(),
+            }
+        )
+    return truths

@@ -1,8 +1,13 @@
 """End to end through Dagster: the cryo sensor finds two tilt series in a session folder, each is a partition;
 the good one is processed and scored against its truth, the bad one (gain of the wrong shape) fails alone with
-the file and the fault named, and both outcomes are in the results tables."""
+the file and the fault named, and both outcomes are in the results tables. Then every other kind of bad input
+the issue names (a movie without a frame count, a movie missing frames, an mdoc whose tilt list disagrees
+with the stack, a truncated MRC), each its own tilt series in one session beside a good tilt series and a
+single-particle movie set: each fails its own partition with the file and the fault named, the others
+materialize."""
 
 import os
+import re
 import time
 
 import dagster as dg
@@ -10,11 +15,12 @@ import mrcfile
 import numpy as np
 import pytest
 import sqlalchemy as sa
+import tifffile
 
-from em_platform.assets.cryo import cryo_assets
+from em_platform.assets.cryo import EVALUATION, K, cryo_assets
 from em_platform.resources import CatalogResource, CryoSessionsResource, StorageResource
 from em_platform.sensors.cryo import cryo_sensor
-from tests.cryo.synthetic import make_tilt_series
+from tests.cryo.synthetic import make_movie_set, make_tilt_series, write_mrc
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +30,20 @@ def _settle(root):
     for dirpath, _, files in os.walk(root):
         for f in files:
             os.utime(os.path.join(dirpath, f), (old, old))
+
+
+def _resources(tmp_path, sessions) -> dict:
+    return {
+        "cryo_sessions": CryoSessionsResource(
+            sessions=str(sessions), simulation=str(tmp_path / "data" / "simulation")
+        ),
+        "storage": StorageResource(
+            root_url=str(tmp_path / "data"),
+            buffer_root=str(tmp_path / "buffer"),
+            downloads_root=str(tmp_path / "dl"),
+        ),
+        "catalog": CatalogResource(url=f"sqlite:///{tmp_path / 'catalog.sqlite'}"),
+    }
 
 
 def test_session_to_tomogram_results_and_evaluation(tmp_path):
@@ -45,17 +65,7 @@ def test_session_to_tomogram_results_and_evaluation(tmp_path):
     with mrcfile.new(sessions / "grid1" / "bad" / "gain_ref.mrc", overwrite=True) as m:
         m.set_data(np.ones((80, 96), np.float32))
     _settle(sessions)
-    resources = {
-        "cryo_sessions": CryoSessionsResource(
-            sessions=str(sessions), simulation=str(tmp_path / "data" / "simulation")
-        ),
-        "storage": StorageResource(
-            root_url=str(tmp_path / "data"),
-            buffer_root=str(tmp_path / "buffer"),
-            downloads_root=str(tmp_path / "dl"),
-        ),
-        "catalog": CatalogResource(url=f"sqlite:///{tmp_path / 'catalog.sqlite'}"),
-    }
+    resources = _resources(tmp_path, sessions)
     with dg.instance_for_test() as instance:
         sensor_resources = {"cryo_sessions": resources["cryo_sessions"]}
         with dg.build_sensor_context(instance=instance, resources=sensor_resources) as ctx:
@@ -106,3 +116,166 @@ def test_session_to_tomogram_results_and_evaluation(tmp_path):
     assert status == {"TS_01": "complete", "TS_02": "failed"} and n_ctf == 11
     zarr_root = tmp_path / "data" / "cryo" / keys[1] / "tomogram.ome.zarr"
     assert (zarr_root / "zarr.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every kind of bad input, one session, one setup
+
+SMALL = {"size": 64, "angles": (-20, -10, 0, 10, 20), "thickness_px": 24, "shift_sigma_px": 1.0}
+PROCESSING = list(K.values())
+
+
+def _drop_from_section(mdoc, z: int, prefixes: tuple[str, ...]) -> None:
+    """Remove the lines starting with ``prefixes`` from the ``[ZValue = z]`` section of an mdoc."""
+    out, section = [], None
+    for line in mdoc.read_text().splitlines():
+        m = re.match(r"\[ZValue = (\d+)\]", line)
+        if m:
+            section = int(m.group(1))
+        if section == z and line.startswith(prefixes):
+            continue
+        out.append(line)
+    mdoc.write_text("\n".join(out) + "\n")
+
+
+def _no_frame_count(folder):
+    make_tilt_series(folder, "TS_20", frames=2, seed=20, **SMALL)
+    _drop_from_section(folder / "TS_20.mrc.mdoc", 1, ("NumSubFrames", "FrameDosesAndNumber"))
+
+
+def _missing_frame(folder):
+    truth = make_tilt_series(folder, "TS_21", frames=3, seed=21, **SMALL)
+    movie = folder / truth["tilts"][2]["frames"]["file"]
+    tifffile.imwrite(movie, tifffile.imread(movie)[:2])
+
+
+def _tilt_list(folder):
+    make_tilt_series(folder, "TS_22", seed=22, with_movies=False, **SMALL)
+    with mrcfile.open(folder / "TS_22.mrc") as m:
+        four = np.array(m.data[:4])
+    write_mrc(folder / "TS_22.mrc", four, 2.5)
+
+
+def _truncated(folder):
+    make_tilt_series(folder, "TS_23", seed=23, with_movies=False, **SMALL)
+    stack = folder / "TS_23.mrc"
+    with open(stack, "r+b") as f:
+        f.truncate(stack.stat().st_size - 3000)
+
+
+# case: (make the bad series, partition key, regex the failure must match: the file and the fault)
+BAD = {
+    "movie_without_frame_count": (
+        _no_frame_count,
+        "sessions/grid3/nocount/TS_20",
+        r"movie .*frames/TS_20_001_-10\.0\.tif: the mdoc .*TS_20\.mrc\.mdoc gives no frame count "
+        r"\(NumSubFrames or FrameDosesAndNumber\) for ZValue 1",
+    ),
+    "movie_missing_a_frame": (
+        _missing_frame,
+        "sessions/grid3/short/TS_21",
+        r"movie .*frames/TS_21_002_10\.0\.tif has 2 frames but the mdoc .*TS_21\.mrc\.mdoc says "
+        r"NumSubFrames = 3 for ZValue 2: frames are missing",
+    ),
+    "mdoc_tilt_list_disagrees_with_stack": (
+        _tilt_list,
+        "sessions/grid3/tiltlist/TS_22",
+        r"tilt-series stack .*TS_22\.mrc has 4 sections but its mdoc .*TS_22\.mrc\.mdoc lists 5 tilts: "
+        r"the mdoc's tilt list disagrees with the stack",
+    ),
+    "truncated_mrc": (
+        _truncated,
+        "sessions/grid3/truncated/TS_23",
+        r"tilt-series stack .*TS_23\.mrc: .*file is truncated: \d+ bytes on disk, header promises \d+",
+    ),
+}
+GOOD = ("sessions/grid3/good/TS_24", "sessions/grid3/spa/micrographs")
+
+
+@pytest.fixture(scope="module")
+def bad_session(tmp_path_factory):
+    """One session: four bad tilt series, a good one and a single-particle set; the sensor's partitions
+    are all materialized (bad ones first) in one instance; returns the results and the catalog rows."""
+    tmp = tmp_path_factory.mktemp("bad_session")
+    sessions = tmp / "sessions"
+    for make, key, _ in BAD.values():
+        make(sessions / "grid3" / key.split("/")[2])
+    make_tilt_series(sessions / "grid3" / "good", "TS_24", frames=2, seed=24, **SMALL)
+    make_movie_set(sessions / "grid3" / "spa", n_movies=2, size=128, frames=3, seed=25)
+    _settle(sessions)
+    resources = _resources(tmp, sessions)
+    runs = {}
+    with dg.instance_for_test() as instance:
+        sensor_resources = {"cryo_sessions": resources["cryo_sessions"]}
+        with dg.build_sensor_context(instance=instance, resources=sensor_resources) as ctx:
+            result = cryo_sensor(ctx)
+        requests = {r.partition_key: r for r in result.run_requests}
+        added = [k for req in result.dynamic_partitions_requests for k in req.partition_keys]
+        instance.add_dynamic_partitions("cryo_tilt_series", added)
+        for key in [k for _, k, _ in BAD.values()] + list(GOOD):
+            runs[key] = dg.materialize(
+                cryo_assets,
+                selection=PROCESSING,
+                instance=instance,
+                partition_key=key,
+                resources=resources,
+                raise_on_error=False,
+            )
+        # a backfill of cryo_job also asks for the evaluation of a series without ground truth
+        runs["evaluation"] = dg.materialize(
+            cryo_assets,
+            selection=[EVALUATION],
+            instance=instance,
+            partition_key=GOOD[1],
+            resources=resources,
+            raise_on_error=False,
+        )
+    engine = sa.create_engine(f"sqlite:///{tmp / 'catalog.sqlite'}")
+    with engine.connect() as conn:
+        rows = {
+            r.partition_key: r
+            for r in conn.execute(sa.text("SELECT partition_key, kind, status, error FROM cryo_tilt_series"))
+        }
+    engine.dispose()
+    return {"requests": requests, "added": added, "runs": runs, "rows": rows}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_only_its_own_partition(bad_session, case):
+    _, key, fault = BAD[case]
+    assert key in bad_session["requests"] and key in bad_session["added"]  # readable mdoc: a partition
+    run = bad_session["runs"][key]
+    assert not run.success
+    failures = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert [e.step_key for e in failures] == ["cryo__motion_corrected"]  # the first step; nothing after
+    message = str(failures[0].event_specific_data.error)
+    assert f"tilt series {key}:" in message and re.search(fault, message), message
+    assert run.get_asset_materialization_events() == []
+    row = bad_session["rows"][key]
+    assert row.status == "failed" and re.search(fault, row.error), row.error
+
+
+def test_good_partitions_of_the_same_session_materialize(bad_session):
+    assert set(bad_session["requests"]) == {k for _, k, _ in BAD.values()} | set(GOOD)
+    assert bad_session["requests"][GOOD[1]].tags["em/cryo_kind"] == "single_particle"
+    for key in GOOD:
+        run = bad_session["runs"][key]
+        assert run.success
+        done = {tuple(e.asset_key.path) for e in run.get_asset_materialization_events()}
+        assert done == {tuple(k.path) for k in PROCESSING}
+        assert bad_session["rows"][key].status == "complete"
+    spa = bad_session["runs"][GOOD[1]]
+    ctf_meta = spa.asset_materializations_for_node("cryo__ctf")[0].metadata
+    assert 0.8 * 15000 < ctf_meta["defocus_A_median"].value < 1.2 * 15000
+    skipped = spa.asset_materializations_for_node("cryo__tomogram")[0].metadata
+    assert "single-particle movie set" in skipped["skipped"].value
+
+
+def test_evaluation_without_ground_truth_is_not_applicable_and_keeps_the_status(bad_session):
+    run = bad_session["runs"]["evaluation"]
+    assert run.success
+    (mat,) = run.get_asset_materialization_events()
+    assert "no ground_truth.json" in mat.materialization.metadata["skipped"].value
+    checks = run.get_asset_check_evaluations()
+    assert len(checks) == 7 and all(c.passed and "not_applicable" in c.metadata for c in checks)
+    assert bad_session["rows"][GOOD[1]].status == "complete"  # the processing's outcome is not overwritten
