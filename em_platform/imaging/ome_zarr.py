@@ -40,6 +40,7 @@ from ome_zarr.writer import write_multiscales_metadata
 from zarr.codecs import BloscCodec
 from zarr.storage import FsspecStore, LocalStore
 
+from em_platform.imaging.chunk_io import write_region
 from em_platform.imaging.pyramid import (
     check_downsample_dtype,
     downsample_mean,
@@ -280,12 +281,12 @@ def _pyramid_task(
     """
     loc = block_info[0]["array-location"]
     if write_path is not None:
-        _open_level(url, storage_options, write_id, write_path)[tuple(slice(a, b) for a, b in loc)] = block
+        write_region(_open_level(url, storage_options, write_id, write_path), [a for a, _ in loc], block)
     if down_path is None:
         return np.ones((1,) * block.ndim, dtype=bool)
     small = downsample_mean(block, factors)
-    region = tuple(slice(a // f, a // f + n) for (a, _), f, n in zip(loc, factors, small.shape, strict=True))
-    _open_level(url, storage_options, write_id, down_path)[region] = small
+    start = [a // f for (a, _), f in zip(loc, factors, strict=True)]
+    write_region(_open_level(url, storage_options, write_id, down_path), start, small)
     return small if pass_on else np.ones((1,) * block.ndim, dtype=bool)
 
 
@@ -450,8 +451,7 @@ class _InOrderPyramid:
     def _process(self, level: int, z0: int, group: np.ndarray, buffer: np.ndarray | None) -> None:
         try:
             if self.error is None:
-                region = (slice(z0, z0 + group.shape[0]),)
-                self.levels[level][region] = group
+                write_region(self.levels[level], (z0,) + (0,) * (group.ndim - 1), group)
                 if level + 1 < len(self.levels):
                     factors = self.plan[level + 1].factors
                     self.feed(level + 1, z0 // factors[0], _downsample_in_slabs(group, factors))
