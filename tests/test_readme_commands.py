@@ -181,10 +181,13 @@ def _run_until_sigterm(terminal: Terminal, command: str) -> None:
         up = lambda: _answers(port)  # noqa: E731
         down = lambda text: not _answers(port) and "Dagster services shut down" in text  # noqa: E731
         quiet = "Checking for new runs for sensor"  # quiet sensors: nothing changed
+        # measured: `em-platform dev` is down ~2 s after SIGTERM (dagster dev stops webserver and daemon)
+        bound = 20
     else:  # make deploy-local: it says when every service answers, and "stopped" once all are gone
         up = lambda: "Ctrl-C stops every service." in log.read_text()  # noqa: E731
         down = lambda text: text.rstrip().endswith("stopped")  # noqa: E731
         quiet = "Traceback (most recent call last)"
+        bound = 90  # every service of the topology, each given its grace
 
     def ignore_sigint() -> None:  # what a non-interactive shell does to a background job
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -208,8 +211,8 @@ def _run_until_sigterm(terminal: Terminal, command: str) -> None:
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)  # `kill %1`: the job's process group
         while not down(log.read_text()):
-            assert time.monotonic() - started < 90, (
-                f"`{command}` still up 90 s after SIGTERM:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() - started < bound, (
+                f"`{command}` still up {bound} s after SIGTERM:\n{log.read_text()[-3000:]}"
             )
             time.sleep(0.5)  # poll interval while it shuts down
         seconds = time.monotonic() - started

@@ -211,21 +211,29 @@ def test_cli_backfill_queues_and_completes_the_runs(topology, dagster_api, clean
 # -- faults ---------------------------------------------------------------------------------------------
 
 
+TILE_TASKS = ("process_tile_file-", "judge_tile-")  # the run's per-tile Dask tasks (pure=False: unique keys)
+
+
 def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(topology, dagster_api, dask_client):
+    """SIGKILL the worker that has tile tasks in flight (assigned to it, not finished): the scheduler hands
+    them to the surviving worker, the run completes, and the task stream shows that work done there."""
     killed = {}
+    groups = worker_groups(dask_client)  # worker address -> PID, taken before the run: the kill is immediate
+
+    def tile_work_in_flight():
+        for worker, keys in dask_client.processing().items():
+            tiles = {str(k) for k in keys if str(k).startswith(TILE_TASKS)}
+            if tiles:
+                return worker, tiles
+        return None
 
     def kill_a_busy_worker(montage_id: str) -> None:
-        began = time.time()
-        busy = wait_until(
-            lambda: [t["worker"] for t in dask_client.get_task_stream(start=began)],
-            600,
-            "a tile task on a worker",
-        )
-        victim = worker_groups(dask_client)[busy[0]]
-        replica = topology.pids()["dask-worker"].index(victim)
+        worker, in_flight = wait_until(tile_work_in_flight, 600, "a tile task in flight on a worker", 0.05)
+        replica = topology.pids()["dask-worker"].index(groups[worker])
+        killed.update(worker=worker, in_flight=in_flight, replica=replica)
         killed["pid"] = topology.kill("dask-worker", replica)  # SIGKILL: the worker and its nanny are gone
-        killed["replica"] = replica
 
+    began = time.time()
     m = acquire(topology, dagster_api, "--rate", "3", rows=3, columns=4, during=kill_a_busy_worker)
     try:
         assert killed, "no worker was killed"
@@ -234,6 +242,21 @@ def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(topology, dagster_ap
         assert len(dask_client.scheduler_info()["workers"]) == 1  # it really was gone for the rest of the run
         rec = record(topology, "acquisition", m.montage_id)
         assert rec is not None and rec["status"] == "complete"
+        # who finished each task (the scheduler's task stream); a key names one submission, so a key the
+        # victim held that finished on another worker was moved there (or recomputed, if it finished twice)
+        ran_on: dict[str, set[str]] = {}
+        for t in dask_client.get_task_stream(start=began):
+            ran_on.setdefault(str(t["key"]), set()).add(t["worker"])
+        victim = killed["worker"]
+        moved = {k for k in killed["in_flight"] if ran_on.get(k, set()) - {victim}}
+        recomputed = {k for k, ws in ran_on.items() if victim in ws and ws - {victim}}
+        assert moved | recomputed, (
+            f"none of the killed worker's tasks ({sorted(killed['in_flight'])}) finished elsewhere: {ran_on}"
+        )
+        print(
+            f"killed {victim} with {len(killed['in_flight'])} tile task(s) in flight; moved to the "
+            f"survivor: {len(moved)}, recomputed there: {len(recomputed)}"
+        )
     finally:
         if killed:
             topology.start_again("dask-worker", killed["replica"])  # as compose's restart policy would

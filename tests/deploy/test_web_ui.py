@@ -47,15 +47,39 @@ def test_lineage_shows_every_asset_group(topology, dagster_api, page):
     screenshot(page, "deploy_lineage")
 
 
+def _partition_colour(page, key: str) -> str:
+    """The status dot the Partitions tab draws beside partition ``key`` (its inline background colour)."""
+    dot = page.locator(f"div:has(> div[data-tooltip='{key}']) > div[style*='border-radius: 100%']")
+    dot.first.wait_for(state="visible")
+    assert dot.count() == 1, f"{dot.count()} status dots for partition {key}"
+    style = dot.first.get_attribute("style") or ""
+    colour = re.search(r"background:\s*var\(--color-accent-(\w+)\)", style)
+    assert colour, f"partition {key}: no status colour in {style!r}"
+    return colour.group(1)
+
+
+PARTITION_STATUSES = """query($key: [String!]!) { assetNodeOrError(assetKey: {path: $key}) { ... on AssetNode {
+  assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions failedPartitions } } } } }"""
+
+
 def test_partitioned_asset_shows_its_partitions_and_their_status(
-    topology, page, ingested_entry, faulty_montage
+    topology, dagster_api, page, ingested_entry, clean_montage, faulty_montage
 ):
+    """Each partition's own status: the ingested entry green; of the montages, the one whose focus check
+    stopped its run red (its `montage` was never made) and the clean one green beside it."""
     goto(page, f"{topology.webserver}/assets/ingest/local?view=partitions")
-    page.get_by_text(ingested_entry.name).first.wait_for(state="visible")
-    page.get_by_text("Materialized", exact=False).first.wait_for(state="visible")
+    assert _partition_colour(page, ingested_entry.name) == "green"
+    page.get_by_text(re.compile(r"^Materialized \(\d+\)$")).first.wait_for(state="visible")
     screenshot(page, "deploy_ingest_partitions")
-    goto(page, f"{topology.webserver}/assets/tile_stats?view=partitions")
-    page.get_by_text(faulty_montage.montage_id).first.wait_for(state="visible")
+    statuses = dagster_api.query(PARTITION_STATUSES, {"key": ["montage"]})["assetNodeOrError"]
+    statuses = statuses["assetPartitionStatuses"]
+    assert faulty_montage.montage_id in statuses["failedPartitions"], statuses
+    assert clean_montage.montage_id in statuses["materializedPartitions"], statuses
+    goto(page, f"{topology.webserver}/assets/montage?view=partitions")
+    assert _partition_colour(page, faulty_montage.montage_id) == "red"
+    assert _partition_colour(page, clean_montage.montage_id) == "green"
+    failed = len(statuses["failedPartitions"])
+    page.get_by_text(f"Failed ({failed})", exact=True).first.wait_for(state="visible")
     screenshot(page, "deploy_montage_partitions")
 
 
@@ -98,18 +122,21 @@ def test_materialization_launched_from_the_ui_runs_to_success(topology, dagster_
     before = {r["runId"] for r in dagster_api.runs(limit=500)}
     goto(page, f"{topology.webserver}/assets/catalog/metadata_catalog")
     page.locator("button").filter(has_text=re.compile(r"^\s*Materialize\s*$")).first.click()
-    page.wait_for_timeout(3000)  # a dialog may open (launchpad / confirmation); show what the UI did
-    screenshot(page, "deploy_ui_after_materialize_click")
-    for label in ("Launch run", "Materialize", "Confirm"):  # confirm in a dialog, if one opened
-        dialog_button = page.locator("[role=dialog] button").filter(has_text=re.compile(rf"^\s*{label}\s*$"))
-        if dialog_button.count():
-            dialog_button.first.click()
-            break
-    new = wait_until(
-        lambda: [r for r in dagster_api.runs(limit=500) if r["runId"] not in before],
-        120,
-        "a run launched from the UI",
+
+    def launched() -> list[dict]:
+        return [r for r in dagster_api.runs(limit=500) if r["runId"] not in before]
+
+    # the click either launches at once or opens a dialog (launchpad / confirmation) asking to confirm
+    confirm = page.locator("[role=dialog] button").filter(
+        has_text=re.compile(r"^\s*(Launch run|Materialize|Confirm)\s*$")
     )
+    wait_until(
+        lambda: launched() or confirm.count(), 120, "a run launched from the UI, or a dialog to confirm"
+    )
+    screenshot(page, "deploy_ui_after_materialize_click")
+    if not launched() and confirm.count():
+        confirm.first.click()
+    new = wait_until(launched, 120, "a run launched from the UI")
     assert len(new) == 1, new
     run_id = new[0]["runId"]
     done = wait_until(

@@ -259,8 +259,11 @@ def test_unreachable_broker_is_retried_with_bounded_backoff_until_stopped(journa
     logger, logs = listener_log
     port = closed_port()
     lt = ListenerThread("127.0.0.1", port, journal, backoff=(0.01, 0.04), log=logger).start(wait_ready=False)
+    # each retry line names the socket's own error (a closed port: "[Errno 111] Connection refused")
     messages = logs.wait_for(
-        rf"cannot connect to the STOMP broker at 127\.0\.0\.1:{port}.*retrying in", count=5
+        rf"cannot connect to the STOMP broker at 127\.0\.0\.1:{port}: \S[^()]*refused[^()]* \(attempt \d+\); "
+        r"retrying in",
+        count=5,
     )
     delays = [float(re.search(r"retrying in ([\d.e-]+) s", m)[1]) for m in messages[:5]]
     assert delays == [0.01, 0.02, 0.04, 0.04, 0.04]  # doubling, capped
