@@ -13,7 +13,7 @@ from em_platform.assets.ingest_public import (
     public_ingest_jobs,
     public_ingest_schedules,
 )
-from em_platform.assets.montage import montage, montage_layout, montage_upload
+from em_platform.assets.montage import lens_correction, montage, montage_layout, montage_upload
 from em_platform.assets.simulation import simulation_assets
 from em_platform.jobs import catalog_job, cryo_job, ingest_local_job, montage_job, simulation_job
 from em_platform.resources import build_resources
@@ -42,6 +42,7 @@ def build_definitions(resources: dict) -> dg.Definitions:
             montage_layout,
             montage,
             montage_upload,
+            lens_correction,
             *simulation_assets,
             *cryo_assets,
         ],

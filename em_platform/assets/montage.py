@@ -5,10 +5,17 @@ seams, scale distortion); ``montage`` fuses the processed tiles into a multiscal
 ``montage_upload`` copies buffer → storage root with checksums, writes the TEM tile records and the
 catalog record, then frees the buffer. The algorithms live in ``em_platform.stitch`` and
 ``em_platform.tem.archive``; these assets only wire them to the partition, resources and metadata.
+
+``lens_correction`` (group ``calibration``, not part of ``montage_job``: materialized on demand for a
+calibration montage, as em_stitch's mesh lens correction is) estimates the scope's lens distortion from one
+montage's matches and stores it under ``lens_correction/<scope>/`` in the storage root; ``montage_layout``
+applies the scope's latest one (config ``lens``) to the montages that follow, and writes it into
+``layout.json`` so the fusion applies the same correction.
 """
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -21,15 +28,25 @@ from em_platform.resources import CatalogResource, DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.stitch.fuse import ZarrTileGroup, fuse_montage
 from em_platform.stitch.layout_qc import SEAM_PX
-from em_platform.stitch.montage_layout import array_name, dumps, placed_tiles, solve_montage
+from em_platform.stitch.lens import LensModel
+from em_platform.stitch.montage_layout import (
+    array_name,
+    dumps,
+    estimate_montage_lens,
+    layout_lens,
+    placed_tiles,
+    solve_montage,
+)
 from em_platform.stitch.previews import focus_map_png, minimap_png
 from em_platform.tem.archive import FUSED, FUSED_INFO, LAYOUT, archive_montage
 from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
 from em_platform.tem.protocol import buffer_status
 
-LAYOUT_KEY, MONTAGE_KEY, UPLOAD_KEY = (
-    dg.AssetKey(k) for k in ("montage_layout", "montage", "montage_upload")
+LAYOUT_KEY, MONTAGE_KEY, UPLOAD_KEY, LENS_KEY = (
+    dg.AssetKey(k) for k in ("montage_layout", "montage", "montage_upload", "lens_correction")
 )
+LENS_DIR = "lens_correction"  # in the storage root: <scope>/<montage>.json and <scope>/latest.json
+LATEST_LENS = "latest.json"
 
 
 class MontageLayoutConfig(dg.Config):
@@ -42,6 +59,19 @@ class MontageLayoutConfig(dg.Config):
     max_disconnected_tiles: int = 0
     # 0.5 %: 25 px across a 5000-px tile row of 10; a wrong pixel size or a bad solve is far beyond it
     max_scale_distortion: float = 0.005
+    # lens correction: "latest" (the scope's newest lens_correction; none while there is none, or when it is
+    # for another tile size), "none", or the path/URL of a lens JSON (lens_correction's or --estimate-lens's)
+    lens: str = "latest"
+    scope: str = "default"  # whose lens_correction "latest" means
+
+
+class LensCorrectionConfig(dg.Config):
+    """Where the estimate goes and what it is: one polynomial correction per scope (camera setting)."""
+
+    scope: str = "default"  # stored under lens_correction/<scope>/ in the storage root
+    order: int = 3  # highest polynomial degree (terms 2..order; 3 covers radial and decentering)
+    # make it the scope's latest (what montage_layout applies) when it lowers the residual per point pair
+    make_latest: bool = True
 
 
 class MontageFusionConfig(dg.Config):
@@ -65,12 +95,70 @@ def _check(name: str, description: str) -> dg.AssetCheckSpec:
     return partitioned_check(name, LAYOUT_KEY, montages, description, blocking=True)
 
 
+def _scope_dir(scope: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", scope):
+        raise ValueError(
+            f"scope {scope!r}: name the scope with letters, digits, '.', '_' or '-' (it is a folder name)"
+        )
+    return scope
+
+
+def _processed(hardware: AcquisitionHardware, storage: StorageResource, montage_id: str):
+    """The montage's processed tiles (journal rows) and their (height, width) in the buffer."""
+    buffer = storage.buffer()
+    group = ZarrTileGroup(buffer.to_url(buffer.path(montage_id, PROCESSED_DIR)))
+    tiles = [t for t in hardware.tiles(montage_id) if not t.is_reference and t.status == "processed"]
+    shapes = {(t.row, t.column): tuple(group.tile_info(array_name(t.row, t.column)).shape) for t in tiles}
+    return tiles, shapes
+
+
+def _lens_for(
+    config: MontageLayoutConfig, storage: StorageResource, shapes: dict, log
+) -> tuple[LensModel | None, str]:
+    """The lens correction the layout applies and where it came from (for the metadata)."""
+    choice = config.lens.strip()
+    if choice.lower() == "none":
+        return None, "none"
+    sizes = {(w, h) for h, w in shapes.values()}
+    if choice.lower() == "latest":
+        store = storage.store()
+        path = store.path(LENS_DIR, _scope_dir(config.scope), LATEST_LENS)
+        if not store.exists(path):
+            return None, f"none (no lens_correction for scope {config.scope!r} yet)"
+        doc = store.read_json(path)
+        lens = LensModel.from_dict(doc)
+        if sizes != {tuple(lens.tile_size)}:
+            log.warning(
+                "scope %s's latest lens correction is for %s px tiles, this montage has %s: not applied",
+                config.scope,
+                lens.tile_size,
+                sorted(sizes),
+            )
+            return None, f"none (latest of scope {config.scope!r} is for {lens.tile_size} px tiles)"
+        source = store.url(LENS_DIR, config.scope, LATEST_LENS)
+        return lens, f"{source} (from montage {doc.get('montage_id')})"
+    import fsspec
+
+    store = storage.store()  # a file on the storage root's S3 needs its endpoint and credentials
+    options = store.storage_options if choice.startswith("s3://") else {}
+    try:
+        with fsspec.open(choice, "rb", **options) as f:
+            lens = LensModel.from_dict(json.load(f))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"lens {choice!r}: not a lens correction file ({exc}); give 'latest', 'none' or the path of a "
+            "lens_correction / --estimate-lens JSON"
+        ) from exc
+    return lens, choice
+
+
 @dg.asset(
     key=LAYOUT_KEY,
     deps=[MATCHES, STATS],
     partitions_def=montages,
     group_name="montage",
-    description="Solved tile positions (global least squares over the neighbour matches, stage prior).",
+    description="Solved tile transforms (global least squares over the neighbour matches, stage prior; "
+    "the scope's lens correction applied).",
     check_specs=[
         _check("disconnected_tiles", "No tile is left without a match tying it to the montage."),
         _check(
@@ -88,13 +176,12 @@ def montage_layout(
 ):
     montage_id = context.partition_key
     buffer = storage.buffer()
-    group = ZarrTileGroup(buffer.to_url(buffer.path(montage_id, PROCESSED_DIR)))
-    tiles = [t for t in hardware.tiles(montage_id) if not t.is_reference and t.status == "processed"]
-    shapes = {(t.row, t.column): tuple(group.tile_info(array_name(t.row, t.column)).shape) for t in tiles}
+    tiles, shapes = _processed(hardware, storage, montage_id)
     pixel_size, _ = _pixel_size(hardware, montage_id)
-    started = time.monotonic()
     if config.model not in ("translation", "rigid", "affine"):
         raise ValueError(f"model {config.model!r}: choose translation, rigid or affine")
+    lens, lens_source = _lens_for(config, storage, shapes, context.log)
+    started = time.monotonic()
     result = solve_montage(
         montage_id,
         tiles,
@@ -103,6 +190,7 @@ def montage_layout(
         model=config.model,
         seam_px=config.seam_px,
         stage_rotation_rad=hardware.stage_rotation(montage_id),
+        lens=lens,
     )
     seconds = time.monotonic() - started
     buffer.write_bytes(buffer.path(montage_id, LAYOUT), dumps(result))
@@ -121,6 +209,12 @@ def montage_layout(
             **qc.summary(),
             "prior": result.prior,
             "model": result.model,
+            "lens": lens_source,
+            "lens_max_displacement_px": round(lens.max_displacement(), 3) if lens is not None else 0.0,
+            "resampled": not result.is_translation(),  # the fusion resamples (rotation, scale or lens)
+            "residual_per_point_pair": dg.MetadataValue.json(
+                {k: round(v, 4) for k, v in result.layout.residual_stats.items()}
+            ),
             "solve_seconds": round(seconds, 3),
             # where it lives once montage_upload has run (the buffer copy is freed then)
             "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, LAYOUT)),
@@ -170,6 +264,62 @@ def montage_layout(
 
 
 @dg.asset(
+    key=LENS_KEY,
+    deps=[MATCHES],
+    partitions_def=montages,
+    group_name="calibration",
+    description="The scope's lens distortion (polynomial), estimated from this calibration montage's matched "
+    "point pairs and stored for the montages that follow (montage_layout's lens='latest').",
+    kinds={"json"},
+)
+def lens_correction(
+    context: dg.AssetExecutionContext,
+    config: LensCorrectionConfig,
+    hardware: AcquisitionHardware,
+    storage: StorageResource,
+) -> dg.MaterializeResult:
+    montage_id = context.partition_key
+    scope = _scope_dir(config.scope)
+    tiles, shapes = _processed(hardware, storage, montage_id)
+    fit = estimate_montage_lens(tiles, shapes, order=config.order)
+    summary = fit.summary()
+    doc = {**fit.model.to_dict(), "fit": summary, "scope": scope, "montage_id": montage_id}
+    store = storage.store()
+    store.write_json(store.path(LENS_DIR, scope, f"{montage_id}.json"), doc)
+    improves = fit.residual_after_px < fit.residual_before_px
+    latest = config.make_latest and improves
+    if latest:
+        store.write_json(store.path(LENS_DIR, scope, LATEST_LENS), doc)
+    elif config.make_latest:
+        context.log.warning(
+            "montage %s: the lens correction does not lower the residual per point pair (%.3f -> %.3f px); "
+            "scope %s's latest is left as it was",
+            montage_id,
+            fit.residual_before_px,
+            fit.residual_after_px,
+            scope,
+        )
+    context.log.info(
+        "scope %s lens from montage %s: %d point pairs, residual %.3f -> %.3f px, max |D| %.2f px",
+        scope,
+        montage_id,
+        fit.pairs,
+        fit.residual_before_px,
+        fit.residual_after_px,
+        summary["max_displacement_px"],
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **summary,
+            "scope": scope,
+            "latest": latest,
+            "path": dg.MetadataValue.path(store.url(LENS_DIR, scope, f"{montage_id}.json")),
+            "model": dg.MetadataValue.json(doc),
+        }
+    )
+
+
+@dg.asset(
     key=MONTAGE_KEY,
     deps=[LAYOUT_KEY, PROCESSED],
     partitions_def=montages,
@@ -196,10 +346,11 @@ def montage(
         )
     final = buffer.path(montage_id, FUSED)
     staging = buffer.staging_path(final)
+    placed, lens = placed_tiles(layout), layout_lens(layout)
     started = time.monotonic()
     try:
         fused = fuse_montage(
-            placed_tiles(layout),
+            placed,
             ZarrTileGroup(buffer.to_url(buffer.path(montage_id, PROCESSED_DIR))),
             buffer.to_url(staging),
             pixel_size_nm=pixel_size,
@@ -207,6 +358,7 @@ def montage(
             blend_px=config.blend_px,
             chunk=config.chunk,
             name=montage_id,
+            lens=lens,
         )
         buffer.publish(staging, final)
     except BaseException:
@@ -232,6 +384,9 @@ def montage(
             "pixel_size_nm": pixel_size,
             "pyramid_levels": len(fused.info.levels),
             "tiles": fused.n_tiles,
+            # tiles resampled (bicubic) by their rigid/affine transforms and the lens, or pasted at whole pixels
+            "placement": "resampled" if fused.resampled else "whole pixels",
+            "lens_corrected": lens is not None,
             "seconds": round(seconds, 2),
             "mpix_per_second": round(mpix / seconds, 1) if seconds else 0.0,
             "focus_map": focus_map_markdown(focus, rows, cols),

@@ -4,7 +4,10 @@ Placement: each tile's solved top-left corner is rounded to the nearest whole pi
 positions that differ by a whole number of pixels keep that difference) and the tile is pasted there
 unresampled. Sub-pixel placement would interpolate every tile, which low-pass filters the fine
 texture EM is read for and changes every pixel value; rounding moves a tile by at most half a pixel
-and keeps each pixel covered by one tile bit-exactly equal to that tile's pixel.
+and keeps each pixel covered by one tile bit-exactly equal to that tile's pixel. Tiles placed by a
+transform that is not a pure translation (rigid, affine), or with a lens correction, are resampled
+instead (bicubic, at the tile pixel each output pixel shows): a rotated tile pasted square would be off
+by ``θ`` × half a tile at its corners.
 
 Blending: in overlaps the output is the weighted mean of the tiles, each weighted by a linear ramp
 (feathering) that grows from the tile's border over ``blend_px`` pixels (product of the row and
@@ -363,12 +366,17 @@ def _fuse_resampled(plan: _BlockPlan, source: TileSource) -> np.ndarray:
     import cv2
 
     acc = _accumulator(plan.dtype)
-    h, w = plan.y1 - plan.y0, plan.x1 - plan.x0
-    total = np.zeros((h, w), np.float64)
-    weight = np.zeros((h, w), np.float64)
-    gy, gx = np.mgrid[plan.y0 : plan.y1, plan.x0 : plan.x1].astype(np.float64)
+    total = np.zeros((plan.y1 - plan.y0, plan.x1 - plan.x0), np.float64)
+    weight = np.zeros_like(total)
     for t in plan.tiles:
         th, tw = t.shape or (t.height, t.width)
+        # only the part of the block inside the tile's box: the lens's inverse is costly per pixel
+        by0, by1 = max(plan.y0, t.y), min(plan.y1, t.y + t.height)
+        bx0, bx1 = max(plan.x0, t.x), min(plan.x1, t.x + t.width)
+        if by0 >= by1 or bx0 >= bx1:
+            continue
+        h, w = by1 - by0, bx1 - bx0
+        gy, gx = np.mgrid[by0:by1, bx0:bx1].astype(np.float64)
         if t.inverse is None:
             inv = np.array([[1.0, 0.0, -t.x], [0.0, 1.0, -t.y]])
         else:
@@ -396,9 +404,10 @@ def _fuse_resampled(plan: _BlockPlan, source: TileSource) -> np.ndarray:
             wt = np.where(inside, ex * ey, 0.0)
         else:
             wt = inside.astype(np.float64)
-        total += wt * values
-        weight += wt
-    out = np.zeros((h, w), plan.dtype)
+        region_out = (slice(by0 - plan.y0, by1 - plan.y0), slice(bx0 - plan.x0, bx1 - plan.x0))
+        total[region_out] += wt * values
+        weight[region_out] += wt
+    out = np.zeros(total.shape, plan.dtype)
     covered = weight > 0
     mean = np.where(covered, total / np.where(covered, weight, 1.0), 0.0).astype(acc)
     if plan.dtype.kind in "iu":
@@ -446,6 +455,7 @@ class FusedMontage:
     origin: tuple[int, int]
     n_tiles: int
     blend_px: int
+    resampled: bool = False  # tiles resampled by full transforms / a lens, not pasted at whole pixels
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -454,6 +464,7 @@ class FusedMontage:
             "origin": list(self.origin),
             "n_tiles": self.n_tiles,
             "blend_px": self.blend_px,
+            "resampled": self.resampled,
         }
 
 
@@ -648,4 +659,6 @@ def fuse_montage(
         min_size=PYRAMID_MIN_SIZE,
         client=client,
     )
-    return FusedMontage(info=info, shape=shape, origin=origin, n_tiles=len(placed), blend_px=blend_px)
+    return FusedMontage(
+        info=info, shape=shape, origin=origin, n_tiles=len(placed), blend_px=blend_px, resampled=resample
+    )

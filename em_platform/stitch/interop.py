@@ -61,8 +61,9 @@ def _records(path: Path) -> list[Any]:
 
 def read_point_matches(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> list[PointEdge]:
     """The point matches of ``path`` as solver edges; ``names`` maps render tile ids to the caller's tile
-    names (unmapped ids are kept as they are). Pairs of one tile pair are merged into one edge; the
-    weight is the mean of ``w``. Raises :class:`MatchFileError` naming the record and field."""
+    names (unmapped ids are kept as they are). Pairs of weight ``w`` = 0 (dropped by em_stitch's filter)
+    are left out; the other pairs of one tile pair are merged into one edge, its weight the mean of their
+    ``w``. Raises :class:`MatchFileError` naming the record and field."""
     path = Path(path)
     names = names or {}
     merged: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -81,12 +82,18 @@ def read_point_matches(path: str | os.PathLike, names: Mapping[str, str] | None 
             raise MatchFileError(f"{where} ({p_id}–{q_id}): p and q must both be [[x…], [y…]] of one length")
         if not (np.isfinite(p).all() and np.isfinite(q).all()):
             raise MatchFileError(f"{where} ({p_id}–{q_id}): coordinates must be finite")
-        if p.shape[1] == 0:
+        try:
+            w = np.asarray(m.get("w", np.ones(p.shape[1])), np.float64).ravel()
+        except (TypeError, ValueError):
+            w = np.zeros(0)
+        if w.shape != (p.shape[1],) or not np.isfinite(w).all():
+            raise MatchFileError(f"{where} ({p_id}–{q_id}): w must hold one finite weight per point pair")
+        keep = w > 0  # em_stitch's filter marks the pairs it dropped with w = 0
+        if not keep.any():
             continue
-        w = np.asarray(m.get("w", np.ones(p.shape[1])), np.float64).ravel()
         key = (names.get(p_id, p_id), names.get(q_id, q_id))
-        merged.setdefault(key, []).append(np.hstack([p.T, q.T]))
-        weights.setdefault(key, []).extend(w[w > 0].tolist() or [1.0])
+        merged.setdefault(key, []).append(np.hstack([p.T, q.T])[keep])
+        weights.setdefault(key, []).extend(w[keep].tolist())
     return [
         PointEdge(tile, neighbour, np.vstack(v)[:, :2], np.vstack(v)[:, 2:], float(np.mean(weights[k])))
         for k, v in merged.items()

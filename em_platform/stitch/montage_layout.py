@@ -9,9 +9,16 @@ Prior: the stage positions when every tile has one and the pixel size is known (
 ``montage.complete``, else the scope's calibration), otherwise the nominal grid.
 
 Models: ``translation`` (default: the neighbour offsets, as the live matcher measures them) or ``rigid`` /
-``affine`` per tile from the matched patch centres (:mod:`em_platform.stitch.solve_affine`); fusion
-places every tile by its translation, and the per-tile scale of the flexible models feeds the
-scale-distortion figure. Dagster-free.
+``affine`` per tile from the matched patch centres (:mod:`em_platform.stitch.solve_affine`). Every tile's
+full 2×3 transform is saved (``transform``, tile px → montage px) beside its ``x``/``y`` (the top-left
+corner that keeps the tile centre where the transform puts it, for readers that place by translation);
+:func:`placed_tiles` hands the transforms to the fusion, which resamples when one is not a pure
+translation. The per-tile scale of the flexible models feeds the scale-distortion figure.
+
+Lens: a scope's lens correction (:mod:`em_platform.stitch.lens`), estimated from one montage's matched
+point pairs by :func:`estimate_montage_lens`, is applied to later montages by ``solve_montage(lens=…)``:
+their point pairs are corrected before the solve (so the transforms act on undistorted tile pixels) and
+the model is saved in ``layout.json`` for the fusion (:func:`layout_lens`). Dagster-free.
 """
 
 from __future__ import annotations
@@ -27,12 +34,23 @@ import numpy as np
 from em_platform.stitch.edges import match_edges, nominal_positions, stage_positions
 from em_platform.stitch.grid import GridPosition, GridTile, array_name, neighbour_of
 from em_platform.stitch.layout_qc import SEAM_PX, LayoutQC, layout_qc
+from em_platform.stitch.lens import LensFit, LensModel, estimate_lens
 from em_platform.stitch.solve import Layout, solve_translations
 from em_platform.stitch.solve_affine import Model, PointEdge, solve_transforms
 
+# ``transform`` and ``lens`` were added to version 1: readers of x/y read it as before
 LAYOUT_FORMAT = "em_platform/montage-layout/1"
 
-__all__ = ["LAYOUT_FORMAT", "MontageLayout", "array_name", "match_point_edges", "solve_montage"]
+__all__ = [
+    "LAYOUT_FORMAT",
+    "MontageLayout",
+    "array_name",
+    "estimate_montage_lens",
+    "layout_lens",
+    "match_point_edges",
+    "placed_tiles",
+    "solve_montage",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,23 @@ class MontageLayout:
     prior_positions: dict[GridPosition, tuple[float, float]]
     layout: Layout
     qc: LayoutQC
+    # 2×3 [A | t] per tile: montage (x, y) = A @ tile (x, y) + t, tile pixels undistorted by ``lens`` if any
+    transforms: dict[GridPosition, np.ndarray] = dataclasses.field(default_factory=dict)
+    lens: LensModel | None = None
+
+    def transform(self, tile: GridPosition) -> np.ndarray:
+        """The tile's 2×3 transform (a pure translation to its ``x``/``y`` when none was solved)."""
+        m = self.transforms.get(tile)
+        if m is None:
+            x, y = self.layout.positions[tile]
+            return np.array([[1.0, 0.0, x], [0.0, 1.0, y]])
+        return np.asarray(m, np.float64)
+
+    def is_translation(self, tolerance: float = 1e-9) -> bool:
+        """No lens and every linear part the identity: the fusion pastes tiles instead of resampling."""
+        return self.lens is None and all(
+            np.abs(self.transform(t)[:, :2] - np.eye(2)).max() <= tolerance for t in self.layout.positions
+        )
 
     def to_dict(self) -> dict[str, Any]:
         lay = self.layout
@@ -55,6 +90,10 @@ class MontageLayout:
             "prior": self.prior,
             "pixel_size_nm": self.pixel_size_nm,
             "frame": "top-left corners in pixels, x right, y down, in the prior's frame",
+            "transform": "per tile [[a, b, tx], [c, d, ty]]: montage (x, y) = [[a, b], [c, d]] @ tile (x, y) "
+            "+ (tx, ty), tile pixels corrected by the lens first when one is given; x, y keep the tile "
+            "centre where the transform puts it",
+            "lens": None if self.lens is None else self.lens.to_dict(),
             "tiles": [
                 {
                     "row": r,
@@ -64,6 +103,7 @@ class MontageLayout:
                     "width": self.shapes[(r, c)][1],
                     "x": round(x, 3),
                     "y": round(y, 3),
+                    "transform": _rounded(self.transform((r, c))),
                     "prior_x": round(self.prior_positions[(r, c)][0], 3),
                     "prior_y": round(self.prior_positions[(r, c)][1], 3),
                     "residual_px": round(lay.tile_residuals[(r, c)], 3),
@@ -89,27 +129,45 @@ def solve_montage(
     stage_rotation_rad: float = 0.0,  # stage -> image axes: montage.complete's rotation_angle
     model: Model = "translation",
     seam_px: float = SEAM_PX,
+    lens: LensModel | None = None,
 ) -> MontageLayout:
-    """Solve the positions of the tiles in ``shapes`` (the processed ones) from the journal's matches."""
+    """Solve the positions of the tiles in ``shapes`` (the processed ones) from the journal's matches.
+
+    With a ``lens`` correction (not the identity) the matched patch centres are corrected first and solved
+    as point pairs for every model; the lens must be for tiles of the montage's size (ValueError)."""
     tiles = [t for t in tiles if not t.is_reference and (t.row, t.column) in shapes]
     if not tiles:
         raise ValueError(f"montage {montage_id}: no processed tile to lay out")
+    if lens is not None and lens.is_identity():
+        lens = None
+    sizes = {(w, h) for h, w in shapes.values()}
+    if lens is not None and sizes != {tuple(lens.tile_size)}:
+        raise ValueError(
+            f"montage {montage_id}: the lens correction is for {lens.tile_size[0]}×{lens.tile_size[1]} px "
+            f"tiles, these are {sorted(sizes)}; estimate one for this camera setting or lay out without it"
+        )
     with_stage = all(t.stage_x_nm is not None and t.stage_y_nm is not None for t in tiles)
     if with_stage and pixel_size_nm:
         prior, positions = "stage", stage_positions(tiles, shapes, pixel_size_nm, stage_rotation_rad)
     else:
         prior, positions = "nominal", nominal_positions(tiles, shapes)
     tile_scale = 0.0
-    if model == "translation":
+    transforms: dict[GridPosition, np.ndarray] = {}
+    if model == "translation" and lens is None:
         layout = solve_translations(positions, match_edges(tiles, shapes))
     else:
-        sizes = {(w, h) for h, w in shapes.values()}
         if len(sizes) != 1:
             raise ValueError(
                 f"montage {montage_id}: a {model} solve needs tiles of one size, found {sorted(sizes)}"
             )
-        solved = solve_transforms(positions, match_point_edges(tiles), model, tile_size=sizes.pop())
+        edges = match_point_edges(tiles)
+        if lens is not None:
+            edges = [
+                PointEdge(e.tile, e.neighbour, lens.correct(e.p), lens.correct(e.q), e.weight) for e in edges
+            ]
+        solved = solve_transforms(positions, edges, model, tile_size=next(iter(sizes)))
         layout = solved.as_layout()
+        transforms = {k: np.asarray(m, np.float64) for k, m in solved.transforms.items()}
         tile_scale = max(solved.scale_distortion.values(), default=0.0)
     qc = layout_qc(layout, positions, seam_px=seam_px)
     if tile_scale > qc.scale_distortion:  # a tile's own scale counts as much as the montage's
@@ -123,7 +181,29 @@ def solve_montage(
         prior_positions=positions,
         layout=layout,
         qc=qc,
+        transforms=transforms,
+        lens=lens,
     )
+
+
+def estimate_montage_lens(
+    tiles: Iterable[GridTile], shapes: Mapping[GridPosition, tuple[int, int]], *, order: int = 3
+) -> LensFit:
+    """The scope's lens correction from one montage's journal matches (the matched patch centres of the
+    processed tiles in ``shapes``, which must all have one size): :func:`~em_platform.stitch.lens.estimate_lens`.
+    Best from a calibration montage with plenty of texture in every overlap; raises ValueError when there
+    are too few point pairs."""
+    tiles = [t for t in tiles if not t.is_reference and (t.row, t.column) in shapes]
+    sizes = {(w, h) for h, w in shapes.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"a lens correction needs tiles of one size, found {sorted(sizes)}")
+    edges = [e for e in match_point_edges(tiles) if e.neighbour in shapes]
+    return estimate_lens(edges, next(iter(sizes)), order=order)
+
+
+def _rounded(m: np.ndarray) -> list[list[float]]:
+    """A 2×3 transform for JSON: the linear part to 1e-9 (a nanopixel over a 10k-px tile), t to 1e-4 px."""
+    return [[round(float(v), 9 if j < 2 else 4) for j, v in enumerate(row)] for row in np.asarray(m)]
 
 
 def match_point_edges(tiles: Iterable[GridTile]) -> list[PointEdge]:
@@ -145,15 +225,33 @@ def match_point_edges(tiles: Iterable[GridTile]) -> list[PointEdge]:
     return out
 
 
-def placed_tiles(layout_json: Mapping[str, Any]):
-    """The fusion's input from a saved ``layout.json``: one PlacedTile per tile, named by its array."""
-    from em_platform.stitch.fuse import PlacedTile
-
+def _check_format(layout_json: Mapping[str, Any]) -> None:
     if layout_json.get("format") != LAYOUT_FORMAT:
         raise ValueError(
             f"not a montage layout (format {layout_json.get('format')!r}, expected {LAYOUT_FORMAT})"
         )
-    return [PlacedTile(t["array"], t["y"], t["x"], t["height"], t["width"]) for t in layout_json["tiles"]]
+
+
+def placed_tiles(layout_json: Mapping[str, Any]):
+    """The fusion's input from a saved ``layout.json``: one PlacedTile per tile, named by its array, with
+    its full transform when the layout has one (a layout written before transforms were saved places
+    tiles by ``x``/``y``)."""
+    from em_platform.stitch.fuse import PlacedTile
+
+    _check_format(layout_json)
+    out = []
+    for t in layout_json["tiles"]:
+        m = t.get("transform")
+        transform = None if m is None else tuple(tuple(float(v) for v in row) for row in m)
+        out.append(PlacedTile(t["array"], t["y"], t["x"], t["height"], t["width"], transform))
+    return out
+
+
+def layout_lens(layout_json: Mapping[str, Any]) -> LensModel | None:
+    """The lens correction a saved ``layout.json`` was solved with (the fusion must apply it), or None."""
+    _check_format(layout_json)
+    doc = layout_json.get("lens")
+    return None if doc is None else LensModel.from_dict(doc)
 
 
 def dumps(layout: MontageLayout) -> bytes:

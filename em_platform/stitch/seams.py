@@ -4,8 +4,13 @@ overlap in the fused montage.
 For each neighbour pair, both tiles are resampled into their shared region of the montage exactly as
 :func:`~em_platform.stitch.fuse.fuse_montage` places them (full transform, lens correction), and the
 offset between the two renderings is measured by phase correlation (OpenCV ``phaseCorrelate``, Hann
-window, sub-pixel). A sound montage shows offsets of a few hundredths of a pixel; a tear, a wrong match
-or a tile the stage placed shows pixels, whatever the solver's residuals claim. Pairs whose shared
+window), which finds offsets of any size, then, when it is within a few pixels, refined by a
+Lucas–Kanade (Gauss–Newton) fit of the shift over every pixel of the shared region, both renderings
+high-passed first (tile gain and vignetting differ between the two): on the narrow overlaps a stage
+error leaves (a dozen pixels across), the Hann window keeps only a few columns and phase correlation
+alone reads a perfect seam as up to 0.8 px off. A sound montage then shows offsets of a few hundredths
+to a tenth of a pixel; a tear, a wrong match or a tile the stage placed shows pixels, whatever the
+solver's residuals claim. Pairs whose shared
 region is too small, or whose correlation peak is too weak to trust (blank resin), are reported as such
 rather than as good.
 
@@ -25,6 +30,7 @@ __all__ = ["SEAM_LIMIT_PX", "SeamMeasure", "measure_seams"]
 
 SEAM_LIMIT_PX = 1.0  # offset in the fused image beyond which a seam shows
 MIN_RESPONSE = 0.05  # phase-correlation peak below this: nothing to measure (flat or blank overlap)
+REFINE_WITHIN_PX = 3.0  # phase-correlation offsets up to this are refined (Lucas–Kanade's reach)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,48 @@ def _render(image: np.ndarray, matrix: np.ndarray, lens: Any, box: tuple[int, in
         image.astype(np.float32), ux.astype(np.float32), uy.astype(np.float32), cv2.INTER_CUBIC,
         borderMode=cv2.BORDER_REPLICATE,
     )  # fmt: skip
+
+
+def _high_pass(image: np.ndarray) -> np.ndarray:
+    """Fine structure only: a light smoothing (noise, and gradients Lucas–Kanade can use) minus the local
+    mean (tile gain and vignetting), scaled to unit spread."""
+    fine = cv2.GaussianBlur(image, (0, 0), 1.0)
+    fine = fine - cv2.GaussianBlur(image, (0, 0), 6.0)
+    spread = float(fine.std())
+    return fine / spread if spread > 0 else fine
+
+
+def _refine_shift(
+    ra: np.ndarray, rb: np.ndarray, start: np.ndarray, iterations: int = 20
+) -> np.ndarray | None:
+    """The shift ``d`` (x, y) with ``rb(x + d) ≈ ra(x)``, by Gauss–Newton from ``start`` (phase
+    correlation's sign: ``rb`` is ``ra`` moved by ``d``); None when it does not settle within reach."""
+    a, b = _high_pass(ra), _high_pass(rb)
+    h, w = a.shape
+    m = int(np.ceil(np.abs(start).max())) + 2  # compare away from the borders the shift moves in
+    if h < 2 * m + 5 or w < 2 * m + 5:
+        return None
+    inner = (slice(m, h - m), slice(m, w - m))
+    gx = cv2.Sobel(b, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(b, cv2.CV_32F, 0, 1, ksize=3) / 8
+    gy_, gx_ = np.mgrid[0:h, 0:w].astype(np.float32)
+    d = np.asarray(start, np.float64)
+    for _ in range(iterations):
+        mx, my = gx_ + np.float32(d[0]), gy_ + np.float32(d[1])
+        bs = cv2.remap(b, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[inner]
+        jx = cv2.remap(gx, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[inner].ravel()
+        jy = cv2.remap(gy, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[inner].ravel()
+        r = (a[inner] - bs).ravel()
+        jtj = np.array([[jx @ jx, jx @ jy], [jx @ jy, jy @ jy]], np.float64)
+        if np.linalg.cond(jtj) > 1e6:
+            return None
+        step = np.linalg.solve(jtj, np.array([jx @ r, jy @ r], np.float64))
+        d = d + step
+        if np.abs(d).max() > m - 1:  # left the region compared: not a small shift after all
+            return None
+        if np.hypot(*step) < 1e-3:
+            return d
+    return d
 
 
 def measure_seams(
@@ -87,6 +135,11 @@ def measure_seams(
         rb = _render(read(b), np.asarray(transforms[b], np.float64), lens, box)
         window = cv2.createHanningWindow((ra.shape[1], ra.shape[0]), cv2.CV_32F)
         (dx, dy), response = cv2.phaseCorrelate(ra - ra.mean(), rb - rb.mean(), window)
-        offset = float(np.hypot(dx, dy)) if response >= MIN_RESPONSE else None
+        offset = None
+        if response >= MIN_RESPONSE:
+            offset = float(np.hypot(dx, dy))
+            if offset <= REFINE_WITHIN_PX:
+                refined = _refine_shift(ra, rb, np.array([dx, dy]))
+                offset = float(np.hypot(*refined)) if refined is not None else offset
         out.append(SeamMeasure(a, b, offset, float(response), int(size[0] * size[1])))
     return out

@@ -20,6 +20,11 @@ stitcher must recover, under the conditions of issue 14 (each can be switched of
 The truth per tile is a 2×3 affine ``[A | t]`` from *undistorted* tile pixels to the specimen plane (px):
 ``X = A·u + t``. Positions compared with a stitcher's are those transforms' top-left corners ``t`` (the
 common translation removed by the comparison). Dagster-free; used by tests and ``bench/bench_montage.py``.
+
+:meth:`HardMontage.point_matches` gives the point matches a feature matcher (SIFT, template matching)
+would return for the montage, straight from the true transforms, without rendering a pixel: specimen
+points spread over each overlap, seen by both tiles, with noise per point and a fraction of wrong pairs.
+A montage of thousands of tiles of any size then costs seconds (the solve, not the matching, under test).
 """
 
 from __future__ import annotations
@@ -27,17 +32,19 @@ from __future__ import annotations
 import csv
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from em_platform.simulation.specimen import Specimen
 from em_platform.stitch.lens import LensModel
+from em_platform.stitch.solve_affine import PointEdge
 
-__all__ = ["HardMontage", "HardMontageConfig", "SyntheticTile", "make_montage", "tile_name"]
+__all__ = ["HardMontage", "HardMontageConfig", "PointMatches", "SyntheticTile", "make_montage", "tile_name"]
 
 GridPosition = tuple[int, int]
 RESIN = 0.82  # transmission of bare resin (no section)
@@ -95,6 +102,35 @@ class SyntheticTile:
         return float(self.truth[0, 2]), float(self.truth[1, 2])
 
 
+@dataclass(frozen=True)
+class PointMatches:
+    """Point matches of a montage made from its truth: ``edges`` as the solvers take them, and which pairs
+    of each edge are wrong on purpose (``wrong[(tile, neighbour)]``: a bool per pair)."""
+
+    edges: list[PointEdge]
+    wrong: dict[tuple[str, str], np.ndarray]
+    noise_px: float
+
+    @property
+    def pairs(self) -> int:
+        return int(sum(len(e.p) for e in self.edges))
+
+    @property
+    def wrong_pairs(self) -> int:
+        return int(sum(int(w.sum()) for w in self.wrong.values()))
+
+    def residuals(self, transforms: Mapping[str, np.ndarray], genuine_only: bool = True) -> np.ndarray:
+        """Per point pair, the distance (px) between where ``transforms`` (2×3, tile px → montage px) put
+        its two points; the pairs made wrong on purpose left out unless ``genuine_only`` is False."""
+        out = []
+        for e in self.edges:
+            a, b = np.asarray(transforms[e.tile]), np.asarray(transforms[e.neighbour])
+            d = (e.p @ a[:, :2].T + a[:, 2]) - (e.q @ b[:, :2].T + b[:, 2])
+            keep = ~self.wrong[(e.tile, e.neighbour)] if genuine_only else np.ones(len(d), bool)
+            out.append(np.hypot(d[keep, 0], d[keep, 1]))
+        return np.concatenate(out) if out else np.zeros(0)
+
+
 @dataclass
 class HardMontage:
     config: HardMontageConfig
@@ -110,6 +146,94 @@ class HardMontage:
 
     def transforms(self) -> dict[str, np.ndarray]:
         return {t.name: t.truth for t in self.tiles if not t.missing}
+
+    def block_displacement(self, transforms: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """How far solved ``transforms`` put the content tiles' centres from the truth, after removing the one
+        similarity (scale, rotation, translation) that best maps the solved montage onto the true one (a
+        stage frame is free: no overlap sees it): per tile, and between neighbours (a block displaced from
+        the rest shows as a jump between its edge tiles and their neighbours)."""
+        names = sorted(n for n in self.truth(content_only=True) if n in transforms)
+        centre = np.full(2, (self.config.tile_px - 1) / 2)
+
+        def centres(ms):
+            return np.array([np.asarray(ms[n])[:, :2] @ centre + np.asarray(ms[n])[:, 2] for n in names])
+
+        solved, true = centres(transforms), centres(self.transforms())
+        # the best similarity solved → true (Umeyama)
+        sm, tm = solved.mean(axis=0), true.mean(axis=0)
+        u, sv, vt = np.linalg.svd((true - tm).T @ (solved - sm))
+        d = np.sign(np.linalg.det(u @ vt))
+        rot = u @ np.diag([1.0, d]) @ vt
+        scale = float((sv[0] + d * sv[1]) / ((solved - sm) ** 2).sum())
+        error = scale * (solved - sm) @ rot.T + tm - true
+        dist = np.hypot(*error.T)
+        index = {n: i for i, n in enumerate(names)}
+        cells = {t.name: (t.row, t.column) for t in self.tiles}
+        jumps = [
+            (float(np.hypot(*(error[i] - error[index[m]]))), n, m)
+            for n, i in index.items()
+            for m in (tile_name(cells[n][0], cells[n][1] - 1), tile_name(cells[n][0] - 1, cells[n][1]))
+            if m in index
+        ]
+        worst_jump = max(jumps, default=(0.0, None, None))
+        return {
+            "tiles": len(names),
+            "similarity_removed": {
+                "scale": scale,
+                "rotation_deg": float(np.degrees(np.arctan2(rot[1, 0], rot[0, 0]))),
+            },
+            "rms_px": float(np.sqrt(np.mean(dist**2))),
+            "max_px": float(dist.max()),
+            "worst_tile": names[int(dist.argmax())],
+            "neighbour_max_px": worst_jump[0],
+            "neighbour_rms_px": float(np.sqrt(np.mean([j[0] ** 2 for j in jumps]))) if jumps else 0.0,
+            "worst_neighbours": list(worst_jump[1:]),
+        }
+
+    def point_matches(
+        self,
+        points_per_edge: int = 20,
+        noise_px: float = 1.0,
+        wrong_fraction: float = 0.0,
+        seed: int | None = None,
+        margin_px: float = 4.0,
+    ) -> PointMatches:
+        """Point pairs between every two neighbouring content tiles (left and top neighbours; blank and
+        missing tiles have none), made from the true transforms as a feature matcher would return them.
+
+        Per pair, a specimen point uniform over the two tiles' shared region (``margin_px`` inside both),
+        seen in each tile's recorded pixels (through the lens, if any), plus Gaussian noise of
+        ``noise_px`` per axis on each point (so a pair's residual at the truth is ~``1.77 · noise_px`` px
+        long on average). A ``wrong_fraction`` of the pairs is wrong as a mismatched feature is: the
+        neighbour's point put somewhere else in the shared region. A tear is not modelled (refused)."""
+        c = self.config
+        if c.tear:
+            raise ValueError("point_matches does not model a tear: render the tiles and match them instead")
+        rng = np.random.default_rng(c.seed if seed is None else seed)
+        size = c.tile_px
+        tiles = {(t.row, t.column): t for t in self.tiles if not (t.missing or t.blank)}
+        lens = None if self.lens.is_identity() else self.lens
+        edges, wrong = [], {}
+        for (r, col), t in tiles.items():
+            for other in ((r, col - 1), (r - 1, col)):  # left, top
+                n = tiles.get(other)
+                if n is None:
+                    continue
+                specimen = _shared_points(t.truth, n.truth, size, margin_px, points_per_edge, rng)
+                if specimen is None:
+                    continue
+                p, q = _seen_by(t.truth, specimen), _seen_by(n.truth, specimen)
+                if lens is not None:
+                    p, q = lens.distort(p), lens.distort(q)
+                bad = rng.random(len(q)) < wrong_fraction
+                if bad.any():  # matched to another feature of the overlap
+                    others = _shared_points(t.truth, n.truth, size, margin_px, int(bad.sum()), rng)
+                    q[bad] = _seen_by(n.truth, others)
+                p = p + rng.normal(0.0, noise_px, p.shape)
+                q = q + rng.normal(0.0, noise_px, q.shape)
+                edges.append(PointEdge(t.name, n.name, p, q))
+                wrong[(t.name, n.name)] = bad
+        return PointMatches(edges, wrong, noise_px)
 
     def image(self, tile: SyntheticTile) -> np.ndarray:
         """The recorded uint16 tile (rendering is deterministic per tile)."""
@@ -226,6 +350,35 @@ def _render(m: HardMontage, tile: SyntheticTile) -> np.ndarray:
     counts = expected + np.sqrt(expected) * noise
     counts *= 16
     return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+
+
+def _seen_by(truth: np.ndarray, specimen: np.ndarray) -> np.ndarray:
+    """Undistorted tile pixels showing ``specimen`` points (n, 2) under ``truth`` = [A | t]."""
+    return np.linalg.solve(truth[:, :2], (specimen - truth[:, 2]).T).T
+
+
+def _shared_points(
+    a: np.ndarray, b: np.ndarray, size: int, margin: float, n: int, rng: np.random.Generator
+) -> np.ndarray | None:
+    """``n`` specimen points uniform over where tiles ``a`` and ``b`` (true transforms) both see, ``margin``
+    px inside each; None when they share less than a few pixels."""
+    corners = np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], np.float64)
+    boxes = [corners @ m[:, :2].T + m[:, 2] for m in (a, b)]
+    lo = np.maximum(boxes[0].min(axis=0), boxes[1].min(axis=0))
+    hi = np.minimum(boxes[0].max(axis=0), boxes[1].max(axis=0))
+    if ((hi - lo) <= 2 * margin + 2).any():
+        return None
+    out = np.zeros((0, 2))
+    for _ in range(100):  # rejection sampling: the boxes are rotated by a fraction of a degree at most
+        x = rng.uniform(lo, hi, (2 * n + 8, 2))
+        inside = np.ones(len(x), bool)
+        for m in (a, b):
+            u = _seen_by(m, x)
+            inside &= ((u >= margin) & (u <= size - 1 - margin)).all(axis=1)
+        out = np.concatenate([out, x[inside]])
+        if len(out) >= n:
+            return out[:n]
+    return None
 
 
 _GRIDS: dict[LensModel, tuple[np.ndarray, np.ndarray]] = {}  # the last lens's grid (tiles share it)
