@@ -4,6 +4,12 @@ simulated stacks.
 Each case runs in its own subprocess (its own peak RSS), timed in wall and CPU seconds:
 - motion correction of an N² × F-frame movie (default 4096² × 40, Poisson counts, drifting) — vs the live
   budget of one exposure every 5–10 s per microscope (and UCSFImage4's ~60 s for MC + CTF);
+- the plain reference of each, in the same run: motion correction as whole-frame drift only (scikit-image
+  ``phase_cross_correlation`` of each frame against the running sum of the frames aligned so far,
+  ``scipy.ndimage.shift`` per frame, sum; no patches, no dose weighting), and CTF as a 1-D fit (radial
+  average of the whole micrograph's power spectrum, a smooth polynomial background subtracted, brute-force
+  grid search of defocus against a 1-D CTF² model); each scored against the known truth (the movie's drift,
+  the micrograph's defocus) next to ours;
 - CTF estimation of an N² micrograph (default 4096²);
 - WBP and SIRT of T × M² projections to an M² × Z tomogram (default 41 × 1024² → 1024² × 256), against
   scikit-image's ``iradon`` slice by slice (a plain reference; timed on ``--iradon-slices`` slices and
@@ -15,6 +21,7 @@ Each case runs in its own subprocess (its own peak RSS), timed in wall and CPU s
 
 python -m bench.run cryo                       # full sizes (minutes; run under flock /work/wt/bench.lock)
 python -m bench.run cryo -- --quick            # small sizes, for development
+python -m bench.run cryo -- --only references  # MC + CTF and their references only, merged into the json
 """
 
 from __future__ import annotations
@@ -44,48 +51,191 @@ def _measure(fn) -> dict:
     }
 
 
-def case_motion(n: int, frames: int) -> dict:
+def true_drift_px(frames: int):
+    """The synthetic movie's drift: frame i's content sits at (dx, dy) = (i // 3, i // 4) px."""
+    import numpy as np
+
+    return np.array([(i // 3, i // 4) for i in range(frames)], float)
+
+
+def drift_rms_error_px(estimated, frames: int) -> float:
+    """RMS over frames of estimated − true drift, each with its mean removed (a sum has no absolute origin)."""
+    import numpy as np
+
+    est, true = np.asarray(estimated, float), true_drift_px(frames)
+    err = (est - est.mean(0)) - (true - true.mean(0))
+    return float(np.sqrt((err**2).sum(axis=1).mean()))
+
+
+def _movie(folder: str | None, n: int, frames: int):
+    """The synthetic movie (uint16 Poisson counts, drifting by ``true_drift_px``) as a read-only memmap,
+    written frame by frame into ``folder`` unless already there: the movie never sits in memory whole."""
     import mrcfile
     import numpy as np
 
+    path = Path(folder or tempfile.mkdtemp()) / f"movie_{frames}x{n}.mrc"
+    if not path.is_file():
+        rng = np.random.default_rng(0)
+        base = rng.normal(1.0, 0.1, (n, n)).astype(np.float32)
+        part = path.with_suffix(".part")
+        m = mrcfile.new_mmap(part, shape=(frames, n, n), mrc_mode=6, overwrite=True)  # uint16 counts
+        for i, (dx, dy) in enumerate(true_drift_px(frames).astype(int)):
+            m.data[i] = rng.poisson(np.roll(base, (dy, dx), axis=(0, 1)) * 1.5)
+        m.close()
+        part.rename(path)
+    return mrcfile.mmap(path, mode="r").data
+
+
+def case_movie(folder: str, n: int, frames: int) -> dict:
+    t = time.perf_counter()
+    _movie(folder, n, frames)
+    return {"wall_s": round(time.perf_counter() - t, 1)}
+
+
+def case_motion(n: int, frames: int, folder: str | None = None) -> dict:
     from em_platform.cryo.motion import MotionSettings, correct_movie
 
-    rng = np.random.default_rng(0)
-    tmp = Path(tempfile.mkdtemp())
-    path = tmp / "movie.mrc"
-    base = rng.normal(1.0, 0.1, (n, n)).astype(np.float32)
-    m = mrcfile.new_mmap(path, shape=(frames, n, n), mrc_mode=6, overwrite=True)  # uint16 counts
-    for i in range(frames):  # written frame by frame: the movie never sits in memory whole
-        m.data[i] = rng.poisson(np.roll(base, (i // 4, i // 3), axis=(0, 1)) * 1.5)
-    m.close()
-    movie = mrcfile.mmap(path, mode="r").data
+    movie = _movie(folder, n, frames)
 
     def run():
         r = correct_movie(movie, 1.0, 1.0, settings=MotionSettings())
-        return {"local_applied": r.local_applied, "total_motion_px": round(r.metrics["total_motion_px"], 2)}
+        return {
+            "local_applied": r.local_applied,
+            "total_motion_px": round(r.metrics["total_motion_px"], 2),
+            "drift_rms_error_px": round(drift_rms_error_px(r.shifts_px, frames), 4),
+        }
 
     return _measure(run) | {"shape": [frames, n, n]}
 
 
-def case_ctf(n: int) -> dict:
+def case_motion_reference(n: int, frames: int, folder: str | None = None) -> dict:
+    """The plain approach: whole-frame drift only, each frame registered to the running sum of the frames
+    aligned so far (scikit-image phase correlation, 1/10 px), shifted (scipy, cubic spline) and summed."""
+    import numpy as np
+    from scipy import ndimage
+    from skimage.registration import phase_cross_correlation
+
+    movie = _movie(folder, n, frames)
+
+    def run():
+        total = np.asarray(movie[0], np.float32)
+        shifts = [(0.0, 0.0)]
+        for i in range(1, frames):
+            frame = np.asarray(movie[i], np.float32)
+            (sy, sx), _, _ = phase_cross_correlation(total, frame, upsample_factor=10)
+            total += ndimage.shift(frame, (sy, sx))
+            shifts.append((-sx, -sy))  # the shift registering the frame = minus where its content sits
+        return {
+            "total_motion_px": round(float(np.hypot(*np.subtract(shifts[-1], shifts[0]))), 2),
+            "drift_rms_error_px": round(drift_rms_error_px(shifts, frames), 4),
+        }
+
+    return _measure(run) | {
+        "shape": [frames, n, n],
+        "method": "skimage phase_cross_correlation (upsample 10) vs the running sum, scipy.ndimage.shift "
+        "(order 3), sum; whole-frame drift only, no patches, no dose weighting",
+    }
+
+
+CTF_TRUTH = {"defocus_u_A": 20500.0, "defocus_v_A": 19500.0, "angle_deg": 30.0}  # mean 20000 Å
+
+
+def _ctf_micrograph(n: int):
+    """White noise through an astigmatic CTF (mean defocus 20000 Å, 1 Å/px, 300 kV), plus as much noise."""
     import numpy as np
 
-    from em_platform.cryo.ctf import CTFSearch, estimate_ctf
     from em_platform.cryo.optics import CTFParams, Microscope, ctf_2d
 
     rng = np.random.default_rng(1)
-    scope = Microscope()
+    params = CTFParams(CTF_TRUTH["defocus_u_A"], CTF_TRUTH["defocus_v_A"], CTF_TRUTH["angle_deg"])
     img = np.fft.ifft2(
-        np.fft.fft2(rng.normal(size=(n, n)).astype(np.float32))
-        * ctf_2d((n, n), 1.0, CTFParams(20500, 19500, 30), scope)
+        np.fft.fft2(rng.normal(size=(n, n)).astype(np.float32)) * ctf_2d((n, n), 1.0, params, Microscope())
     ).real.astype(np.float32)
     img += rng.normal(0, img.std(), img.shape).astype(np.float32)
+    return img
+
+
+def _defocus_error_pct(defocus_A: float) -> float:
+    true = 0.5 * (CTF_TRUTH["defocus_u_A"] + CTF_TRUTH["defocus_v_A"])
+    return round(abs(defocus_A - true) / true * 100, 3)
+
+
+def case_ctf(n: int) -> dict:
+    from em_platform.cryo.ctf import CTFSearch, estimate_ctf
+    from em_platform.cryo.optics import Microscope
+
+    img = _ctf_micrograph(n)
 
     def run():
-        e = estimate_ctf(img, 1.0, scope, CTFSearch())
-        return {"defocus_error_pct": round(abs(e.mean_defocus_A - 20000) / 200, 3)}
+        e = estimate_ctf(img, 1.0, Microscope(), CTFSearch())
+        return {
+            "estimated_defocus_A": round(e.mean_defocus_A, 1),
+            "defocus_error_pct": _defocus_error_pct(e.mean_defocus_A),
+        }
 
     return _measure(run) | {"shape": [n, n]}
+
+
+def plain_ctf_defocus(
+    image,
+    pixel_A: float,
+    voltage_kV: float = 300.0,
+    cs_mm: float = 2.7,
+    amplitude_contrast: float = 0.07,
+    res_A: tuple[float, float] = (30.0, 5.0),
+    defocus_A: tuple[float, float, float] = (2000.0, 90000.0, 10.0),
+    background_degree: int = 6,
+) -> tuple[float, float]:
+    """The plain 1-D CTF fit: the whole micrograph's power spectrum averaged over rings, its amplitude minus a
+    smooth polynomial background over the resolution band, and the defocus of the best normalised
+    correlation with sin²χ(k) on a brute-force grid (isotropic: astigmatism is averaged away).
+    Returns (defocus Å, correlation)."""
+    import numpy as np
+
+    image = np.asarray(image, np.float32)
+    ny, nx = image.shape
+    power = np.abs(np.fft.rfft2(image - image.mean())) ** 2
+    k = np.hypot(np.fft.fftfreq(ny, pixel_A)[:, None], np.fft.rfftfreq(nx, pixel_A)[None, :])
+    step_k = 1.0 / (max(ny, nx) * pixel_A)
+    ring = np.rint(k / step_k).astype(np.int64).ravel()
+    profile = np.bincount(ring, power.ravel()) / np.maximum(np.bincount(ring), 1)
+    kr = np.arange(len(profile)) * step_k
+    band = (kr >= 1.0 / res_A[0]) & (kr <= 1.0 / res_A[1])
+    kb, amp = kr[band], np.sqrt(profile[band])
+    x = (kb - kb.mean()) / kb.std()
+    signal = amp - np.polyval(np.polyfit(x, amp, background_degree), x)
+    v = voltage_kV * 1e3
+    lam = 12.264259 / math.sqrt(v * (1.0 + 0.97846e-6 * v))
+    grid = np.arange(defocus_A[0], defocus_A[1] + defocus_A[2], defocus_A[2])
+    chi = (
+        math.pi * lam * grid[:, None] * kb**2
+        - 0.5 * math.pi * cs_mm * 1e7 * lam**3 * kb**4
+        + math.asin(amplitude_contrast)
+    )
+    model = np.sin(chi) ** 2
+    model -= model.mean(axis=1, keepdims=True)
+    s = signal - signal.mean()
+    scores = model @ s / (np.linalg.norm(model, axis=1) * np.linalg.norm(s) + 1e-30)
+    best = int(np.argmax(scores))
+    return float(grid[best]), float(scores[best])
+
+
+def case_ctf_reference(n: int) -> dict:
+    img = _ctf_micrograph(n)
+
+    def run():
+        defocus, cc = plain_ctf_defocus(img, 1.0)
+        return {
+            "estimated_defocus_A": round(defocus, 1),
+            "defocus_error_pct": _defocus_error_pct(defocus),
+            "cc": round(cc, 4),
+        }
+
+    return _measure(run) | {
+        "shape": [n, n],
+        "method": "radial average of the whole micrograph's power spectrum, degree-6 polynomial background, "
+        "grid search 2000-90000 A by 10 A against 1-D sin^2(chi), 30-5 A",
+    }
 
 
 def case_tomogram(tilts: int, m: int, z: int, method: str, iradon_slices: int) -> dict:
@@ -229,11 +379,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only-accuracy", action="store_true", help="only the accuracy case (the speed cases kept from the file)"
     )
+    p.add_argument(
+        "--only",
+        choices=["references", "accuracy"],
+        help="references: only motion correction and CTF with their plain references, merged into the file "
+        "(the other keys kept); accuracy: as --only-accuracy",
+    )
+    p.add_argument("--mc-size", type=int, help="movie frame size (default 4096, --quick 1024)")
+    p.add_argument("--mc-frames", type=int, help="movie frames (default 40, --quick 10)")
+    p.add_argument("--ctf-size", type=int, help="micrograph size for CTF (default 4096, --quick 1024)")
     a = p.parse_args(argv)
     if a.case:  # inside the subprocess
         fn = {
+            "movie": case_movie,
             "motion": case_motion,
+            "motion_reference": case_motion_reference,
             "ctf": case_ctf,
+            "ctf_reference": case_ctf_reference,
             "tomogram": case_tomogram,
             "simulate": case_simulate,
             "accuracy": case_accuracy,
@@ -244,22 +406,27 @@ def main(argv: list[str] | None = None) -> int:
     n, frames, ctf_n, tilts, m, z = (
         (1024, 10, 1024, 21, 256, 64) if a.quick else (4096, 40, 4096, 41, 1024, 256)
     )
+    n, frames, ctf_n = a.mc_size or n, a.mc_frames or frames, a.ctf_size or ctf_n
+    only = "accuracy" if a.only_accuracy else a.only
     machine = {
         "cpus": __import__("os").cpu_count(),
         "python": platform.python_version(),
         "load_average_at_start": list(__import__("os").getloadavg()),
     }
-    if a.only_accuracy and RESULTS.is_file():  # keep the speed cases of the last full run
+    if only and RESULTS.is_file():  # keep the other cases of the last full run
         results = json.loads(RESULTS.read_text())
-        results["accuracy_machine"] = machine
+        results[f"{only}_machine"] = machine
     else:
         results = {
             "machine": machine,
             "quick": a.quick,
             "live_budget_s_per_exposure": [5, 10],
             "ucsfimage4_mc_plus_ctf_s": 60,
-            "motion_correction": _subprocess("motion", n, frames),
-            "ctf": _subprocess("ctf", ctf_n),
+        }
+    if only != "accuracy":
+        results |= _mc_ctf_and_references(n, frames, ctf_n)
+    if only is None:
+        results |= {
             "wbp": _subprocess("tomogram", tilts, m, z, "wbp", a.iradon_slices),
             "sirt": _subprocess("tomogram", tilts, m, z, "sirt", a.iradon_slices),
             "iradon_reference": _subprocess("tomogram", tilts, m, z, "iradon", a.iradon_slices),
@@ -268,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         r = results["iradon_reference"].get("wall_s_all_slices")
         if w and r:
             results["wbp_speedup_vs_iradon"] = round(r / w, 2)
-        mc, ct = results["motion_correction"].get("wall_s"), results["ctf"].get("wall_s")
-        if mc and ct:
-            results["mc_plus_ctf_s_per_exposure"] = round(mc + ct, 1)
+    if only == "references":
+        _write(results)
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-cryo-") as tmp:
         folder = a.sim_folder
         if folder is None:
@@ -278,10 +445,49 @@ def main(argv: list[str] | None = None) -> int:
             results["accuracy_stack"] = _subprocess("simulate", tmp, sim_n, sim_tilts)
             folder = str(Path(tmp) / "simulation")
         results["accuracy"] = _subprocess("accuracy", folder)
+    _write(results)
+    return 0
+
+
+def _mc_ctf_and_references(n: int, frames: int, ctf_n: int) -> dict:
+    """Motion correction and CTF, ours and the plain reference of each, on the same inputs (the movie is
+    written once, each case runs in its own process for its own peak RSS)."""
+    import numpy as np
+
+    truth = true_drift_px(frames)
+    t = np.vander(np.linspace(-1, 1, frames), 4)
+    smooth = t @ np.linalg.lstsq(t, truth, rcond=None)[0]
+    out: dict = {
+        "mc_ctf_sizes": {"movie": [frames, n, n], "micrograph": [ctf_n, ctf_n]},
+        # ours fits the drift as a cubic in time (Unblur's prior); this staircase is as far from any cubic as:
+        "movie_drift_truth": {
+            "kind": "integer steps: frame i's content at (i // 3, i // 4) px",
+            "rms_off_its_cubic_fit_px": round(float(np.sqrt(((truth - smooth) ** 2).sum(1).mean())), 4),
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-cryo-movie-") as tmp:
+        out["synthetic_movie_written_s"] = _subprocess("movie", tmp, n, frames).get("wall_s")
+        out["motion_correction"] = _subprocess("motion", n, frames, tmp)
+        out["motion_correction_reference"] = _subprocess("motion_reference", n, frames, tmp)
+    out["ctf"] = _subprocess("ctf", ctf_n)
+    out["ctf_reference"] = _subprocess("ctf_reference", ctf_n)
+    for ours, ref, key in (
+        ("motion_correction", "motion_correction_reference", "mc_speedup_vs_reference"),
+        ("ctf", "ctf_reference", "ctf_speedup_vs_reference"),
+    ):
+        w, r = out[ours].get("wall_s"), out[ref].get("wall_s")
+        if w and r:
+            out[key] = round(r / w, 2)
+    mc, ct = out["motion_correction"].get("wall_s"), out["ctf"].get("wall_s")
+    if mc and ct:
+        out["mc_plus_ctf_s_per_exposure"] = round(mc + ct, 1)
+    return out
+
+
+def _write(results: dict) -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(json.dumps(results, indent=2, default=str))
-    return 0
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def micrographs(ts: sess.TiltSeries, ws: Workspace, which: str = "corrected"):
     """The corrected micrographs (or the session's stack when there were no movies), (n, ny, nx) lazily."""
     path = ws.step("motioncorr") / f"{which}.mrc"
     if path.is_file():
-        return open_mrc(path).data
+        data = open_mrc(path).data
+        return data[None] if data.ndim == 2 else data  # mrcfile reads a one-section stack as an image
     if which != "corrected":
         return None
     return sess.load_stack(ts)

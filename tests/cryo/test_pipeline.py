@@ -6,9 +6,12 @@ with the stack, a truncated MRC), each its own tilt series in one session beside
 single-particle movie set: each fails its own partition with the file and the fault named, the others
 materialize."""
 
+import json
 import os
 import re
+import shutil
 import time
+from pathlib import Path
 
 import dagster as dg
 import mrcfile
@@ -23,6 +26,7 @@ from em_platform.sensors.cryo import cryo_sensor
 from tests.cryo.synthetic import make_movie_set, make_tilt_series, write_mrc
 
 pytestmark = pytest.mark.slow
+REAL_MICROGRAPH = Path(__file__).parent / "data" / "epu2.9_example_crop960.mrc"
 
 
 def _settle(root):
@@ -279,3 +283,84 @@ def test_evaluation_without_ground_truth_is_not_applicable_and_keeps_the_status(
     checks = run.get_asset_check_evaluations()
     assert len(checks) == 7 and all(c.passed and "not_applicable" in c.metadata for c in checks)
     assert bad_session["rows"][GOOD[1]].status == "complete"  # the processing's outcome is not overwritten
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real micrograph through the session intake and the assets
+
+
+def test_real_epu_micrograph_session_through_motion_and_ctf_assets(tmp_path):
+    """The real Falcon micrograph of ``tests/cryo/data`` (EPU 2.9, 300 kV, 0.667 Å/px, applied defocus
+    −2.2 µm) laid out as a single-particle session folder: the exposure beside its SerialEM frame-set mdoc
+    (``[FrameSet = 0]``, values from the MRC header: pixel size, voltage, dose, one frame: EPU wrote the
+    frame sum). The sensor makes it a partition; motion correction and CTF run as assets, unchanged.
+
+    The mdoc carries no Defocus/TargetDefocus, so the CTF search spans the whole 0.2–9 µm: with a target
+    defocus it would search only its ± 50 % window, which alone would keep the estimate inside the bound."""
+    sessions = tmp_path / "sessions"
+    folder = sessions / "grid4" / "spa"
+    folder.mkdir(parents=True)
+    movie = "FoilHole_24015405_Data_24016401_24016403_20221124_182254.mrc"
+    shutil.copy(REAL_MICROGRAPH, folder / movie)
+    with mrcfile.open(REAL_MICROGRAPH, permissive=True) as m:
+        ext = m.indexed_extended_header
+        pixel_A = float(m.voxel_size.x)
+        voltage_kV = float(ext["HT"][0]) / 1e3
+        dose = float(ext["Dose"][0]) * 1e-20  # e/m² → e/Å²
+        nominal_A = -float(ext["Applied defocus"][0]) * 1e10
+        ny, nx = m.data.shape
+    (folder / f"{movie}.mdoc").write_text(
+        "\n".join(
+            [
+                f"PixelSpacing = {pixel_A}",
+                f"Voltage = {voltage_kV:g}",
+                f"ImageFile = {movie}",
+                f"ImageSize = {nx} {ny}",
+                "DataMode = 6",
+                "",
+                "[T = SerialEM: real EPU exposure laid out as a single-particle session]",
+                "",
+                "[FrameSet = 0]",
+                "TiltAngle = 0.0",
+                f"ExposureDose = {dose:.3f}",
+                f"PixelSpacing = {pixel_A}",
+                f"SubFramePath = X:\\grid4\\spa\\{movie}",
+                "NumSubFrames = 1",
+                f"FrameDosesAndNumber = {dose:.3f} 1",
+                "",
+            ]
+        )
+    )
+    _settle(sessions)
+    resources = _resources(tmp_path, sessions)
+    key = "sessions/grid4/spa/micrographs"
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(
+            instance=instance, resources={"cryo_sessions": resources["cryo_sessions"]}
+        ) as ctx:
+            result = cryo_sensor(ctx)
+        assert [r.partition_key for r in result.run_requests] == [key]
+        assert result.run_requests[0].tags["em/cryo_kind"] == "single_particle"
+        instance.add_dynamic_partitions(
+            "cryo_tilt_series", [k for req in result.dynamic_partitions_requests for k in req.partition_keys]
+        )
+        run = dg.materialize(
+            cryo_assets,
+            selection=[K["motion_corrected"], K["ctf"]],
+            instance=instance,
+            partition_key=key,
+            resources=resources,
+            raise_on_error=False,
+        )
+    assert run.success
+    motion = run.asset_materializations_for_node("cryo__motion_corrected")[0].metadata
+    assert motion["source"].value == "movies" and motion["shape"].value == f"(1, {ny}, {nx})"
+    ctf_doc = json.loads((tmp_path / "data" / "cryo" / key / "ctf" / "ctf.json").read_text())
+    (row,) = ctf_doc["tilts"]
+    assert row["search_window_A"] is None and ctf_doc["search"]["max_defocus_A"] == 90000.0  # full search
+    ctf_meta = run.asset_materializations_for_node("cryo__ctf")[0].metadata
+    defocus = ctf_meta["defocus_A_median"].value
+    assert defocus == pytest.approx(row["estimated_defocus_A"])
+    # the same bound as test_session's function-call test of this micrograph
+    assert 0.5 * nominal_A < defocus < 2.0 * nominal_A, (defocus, nominal_A)
+    assert row["fit_resolution_A"] < 15 and row["cc"] > 0.05
