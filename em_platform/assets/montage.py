@@ -1,7 +1,9 @@
 """Per-montage assets after QC: where every tile sits, the fused image, and the move to long-term storage.
 
 ``montage_layout`` solves tile positions from the journal's matches (blocking checks: disconnected tiles,
-seams, scale distortion); ``montage`` fuses the processed tiles into a multiscale OME-Zarr in the buffer;
+seams, scale distortion); ``montage`` fuses the processed tiles into a multiscale OME-Zarr in the buffer
+(blocking check ``fused_seams``: the matched overlaps measured on the pixels, which sees a torn block the
+solve's residuals cannot);
 ``montage_upload`` copies buffer → storage root with checksums, writes the TEM tile records and the
 catalog record, then frees the buffer. The algorithms live in ``em_platform.stitch`` and
 ``em_platform.tem.archive``; these assets only wire them to the partition, resources and metadata.
@@ -34,10 +36,12 @@ from em_platform.stitch.montage_layout import (
     dumps,
     estimate_montage_lens,
     layout_lens,
+    layout_seams,
     placed_tiles,
     solve_montage,
 )
 from em_platform.stitch.previews import focus_map_png, minimap_png
+from em_platform.stitch.seams import SEAM_LIMIT_PX, seams_beyond
 from em_platform.tem.archive import FUSED, FUSED_INFO, LAYOUT, archive_montage
 from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
 from em_platform.tem.protocol import buffer_status
@@ -77,6 +81,9 @@ class LensCorrectionConfig(dg.Config):
 class MontageFusionConfig(dg.Config):
     blend_px: int = 64  # feathering width; 0 = plain mean in overlaps
     chunk: int = 1024
+    # fused_seams: a matched overlap whose two tiles still disagree by more than this on the pixels (px)
+    seam_limit_px: float = SEAM_LIMIT_PX
+    max_seams: int = 0
 
 
 class MontageUploadConfig(dg.Config):
@@ -325,6 +332,17 @@ def lens_correction(
     partitions_def=montages,
     group_name="montage",
     description="The fused montage: multiscale OME-Zarr, feathered in the overlaps, written chunk by chunk.",
+    check_specs=[
+        partitioned_check(
+            "fused_seams",
+            MONTAGE_KEY,
+            montages,
+            "Every matched overlap agrees on the pixels: both tiles resampled as placed, their offset "
+            "measured (phase correlation, then Lucas-Kanade) is within the limit (1 px). A torn block "
+            "hanging on one wrong match passes the layout's checks; here its seams are pixels wide.",
+            blocking=True,
+        )
+    ],
     kinds={"zarr", "dask"},
     pool="pixels",
 )
@@ -338,6 +356,7 @@ def montage(
     montage_id = context.partition_key
     buffer = storage.buffer()
     layout = json.loads(Path(buffer.path(montage_id, LAYOUT)).read_text())
+    tiles = ZarrTileGroup(buffer.to_url(buffer.path(montage_id, PROCESSED_DIR)))
     pixel_size, _ = _pixel_size(hardware, montage_id)
     if not pixel_size:
         raise ValueError(
@@ -351,7 +370,7 @@ def montage(
     try:
         fused = fuse_montage(
             placed,
-            ZarrTileGroup(buffer.to_url(buffer.path(montage_id, PROCESSED_DIR))),
+            tiles,
             buffer.to_url(staging),
             pixel_size_nm=pixel_size,
             client=dask.get_client(),
@@ -367,11 +386,17 @@ def montage(
     seconds = time.monotonic() - started
     doc = {**fused.to_dict(), "url": buffer.to_url(final), "seconds": round(seconds, 3)}
     buffer.write_bytes(buffer.path(montage_id, FUSED_INFO), json.dumps(doc, indent=1).encode())
-    focus = {
-        (t.row, t.column): (t.results or {}).get("focus")
-        for t in hardware.tiles(montage_id)
-        if not t.is_reference
-    }
+    journal_tiles = [t for t in hardware.tiles(montage_id) if not t.is_reference]
+    # tiles QC failed are placed by the stage and judged by their own checks, as in disconnected_tiles
+    started = time.monotonic()
+    seams = layout_seams(
+        layout,
+        tiles,
+        exclude=[(t.row, t.column) for t in journal_tiles if t.qc_passed is False],
+        client=dask.get_client(),
+    )
+    seam_check = _fused_seams_check(montage_id, seams, time.monotonic() - started, config, context.log)
+    focus = {(t.row, t.column): (t.results or {}).get("focus") for t in journal_tiles}
     rows = max((r for r, _ in focus), default=-1) + 1
     cols = max((c for _, c in focus), default=-1) + 1
     mpix = fused.shape[0] * fused.shape[1] / 1e6
@@ -391,7 +416,42 @@ def montage(
             "mpix_per_second": round(mpix / seconds, 1) if seconds else 0.0,
             "focus_map": focus_map_markdown(focus, rows, cols),
             "minimap": png_markdown(minimap_png(final), "minimap"),
-        }
+        },
+        check_results=[seam_check],
+    )
+
+
+def _fused_seams_check(montage_id, seams, seconds, config: MontageFusionConfig, log) -> dg.AssetCheckResult:
+    beyond = seams_beyond(seams, config.seam_limit_px)
+    measured = sorted(s.offset_px for s in seams if s.offset_px is not None)
+    log.info(
+        "montage %s: %d overlaps measured on the pixels in %.2f s (%d not measurable), %d seam(s) beyond %g px",
+        montage_id,
+        len(measured),
+        seconds,
+        len(seams) - len(measured),
+        len(beyond),
+        config.seam_limit_px,
+    )
+    return dg.AssetCheckResult(
+        check_name="fused_seams",
+        passed=len(beyond) <= config.max_seams,
+        metadata={
+            "measured": len(measured),
+            "not_measurable": len(seams) - len(measured),
+            "max_px": round(measured[-1], 3) if measured else 0.0,
+            "median_px": round(measured[len(measured) // 2], 3) if measured else 0.0,
+            "beyond_limit": dg.MetadataValue.json(
+                [
+                    {"tile": s.tile, "neighbour": s.neighbour, "offset_px": round(s.offset_px, 2)}
+                    for s in beyond[:20]
+                ]
+            ),
+            "seams_beyond_limit": len(beyond),
+            "limit_px": config.seam_limit_px,
+            "max_seams": config.max_seams,
+            "seconds": round(seconds, 2),
+        },
     )
 
 

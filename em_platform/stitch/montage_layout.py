@@ -18,7 +18,10 @@ translation. The per-tile scale of the flexible models feeds the scale-distortio
 Lens: a scope's lens correction (:mod:`em_platform.stitch.lens`), estimated from one montage's matched
 point pairs by :func:`estimate_montage_lens`, is applied to later montages by ``solve_montage(lens=…)``:
 their point pairs are corrected before the solve (so the transforms act on undistorted tile pixels) and
-the model is saved in ``layout.json`` for the fusion (:func:`layout_lens`). Dagster-free.
+the model is saved in ``layout.json`` for the fusion (:func:`layout_lens`).
+
+Seams: :func:`layout_seams` measures a saved layout's seams on the tiles' pixels (the ``montage`` asset's
+blocking ``fused_seams`` check). Dagster-free.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from em_platform.stitch.edges import match_edges, nominal_positions, stage_posit
 from em_platform.stitch.grid import GridPosition, GridTile, array_name, neighbour_of
 from em_platform.stitch.layout_qc import SEAM_PX, LayoutQC, layout_qc
 from em_platform.stitch.lens import LensFit, LensModel, estimate_lens
+from em_platform.stitch.seams import SeamMeasure, measure_source_seams
 from em_platform.stitch.solve import Layout, solve_translations
 from em_platform.stitch.solve_affine import Model, PointEdge, solve_transforms
 
@@ -47,6 +51,7 @@ __all__ = [
     "array_name",
     "estimate_montage_lens",
     "layout_lens",
+    "layout_seams",
     "match_point_edges",
     "placed_tiles",
     "solve_montage",
@@ -252,6 +257,43 @@ def layout_lens(layout_json: Mapping[str, Any]) -> LensModel | None:
     _check_format(layout_json)
     doc = layout_json.get("lens")
     return None if doc is None else LensModel.from_dict(doc)
+
+
+def layout_seams(
+    layout_json: Mapping[str, Any],
+    source: Any,
+    *,
+    exclude: Iterable[GridPosition] = (),
+    client: Any = None,
+) -> list[SeamMeasure]:
+    """Seams of a saved ``layout.json`` on its tiles' pixels (:mod:`em_platform.stitch.seams`): every matched
+    neighbour pair (edges accepted and rejected) of tiles not in ``exclude`` (e.g. tiles QC failed, placed
+    by the stage), each tile resampled by its solved transform and the layout's lens. A tear the solve's
+    residuals cannot see (a block hanging on one wrong match, the rest of its edges rejected or unmatched)
+    shows here as seams pixels wide. ``source`` holds the tiles by array name (``processed_tiles.zarr``);
+    the measures name tiles by array name too. Translation layouts are measured at their solved (sub-pixel)
+    positions: the fusion's rounding to whole pixels (≤ ½ px per tile, by design) is not counted."""
+    _check_format(layout_json)
+    skip = {tuple(c) for c in exclude}
+    placed = {p.tile_id: p for p in placed_tiles(layout_json)}
+    transforms = {
+        name: np.array(p.transform, np.float64)
+        if p.transform is not None
+        else np.array([[1.0, 0.0, p.x], [0.0, 1.0, p.y]])
+        for name, p in placed.items()
+    }
+    shapes = {name: (p.height, p.width) for name, p in placed.items()}
+    pairs = sorted(
+        {
+            (array_name(*e["tile"]), array_name(*e["neighbour"]))
+            for e in layout_json.get("edges", [])
+            if tuple(e["tile"]) not in skip and tuple(e["neighbour"]) not in skip
+        }
+    )
+    pairs = [(a, b) for a, b in pairs if a in placed and b in placed]
+    return measure_source_seams(
+        pairs, transforms, source, shapes, lens=layout_lens(layout_json), client=client
+    )
 
 
 def dumps(layout: MontageLayout) -> bytes:

@@ -14,6 +14,10 @@ solver's residuals claim. Pairs whose shared
 region is too small, or whose correlation peak is too weak to trust (blank resin), are reported as such
 rather than as good.
 
+:func:`measure_source_seams` reads the tiles from a fusion tile source (e.g. the live pipeline's
+``processed_tiles.zarr``) in batches of neighbouring pairs, on a Dask client when given one;
+:func:`seams_beyond` is the ``montage`` asset's check (the rule of the stitch report's ``seams``).
+
 Dagster-free.
 """
 
@@ -26,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["SEAM_LIMIT_PX", "SeamMeasure", "measure_seams"]
+__all__ = ["SEAM_LIMIT_PX", "SeamMeasure", "measure_seams", "measure_source_seams", "seams_beyond"]
 
 SEAM_LIMIT_PX = 1.0  # offset in the fused image beyond which a seam shows
 MIN_RESPONSE = 0.05  # phase-correlation peak below this: nothing to measure (flat or blank overlap)
@@ -143,3 +147,54 @@ def measure_seams(
                 offset = float(np.hypot(*refined)) if refined is not None else offset
         out.append(SeamMeasure(a, b, offset, float(response), int(size[0] * size[1])))
     return out
+
+
+def seams_beyond(seams: Iterable[SeamMeasure], limit_px: float = SEAM_LIMIT_PX) -> list[SeamMeasure]:
+    """The measured seams wider than ``limit_px``, widest first (unmeasurable ones are not counted)."""
+    bad = [s for s in seams if s.offset_px is not None and s.offset_px > limit_px]
+    return sorted(bad, key=lambda s: -s.offset_px)
+
+
+def _measure_batch(pairs, transforms, source, shapes, lens) -> list[SeamMeasure]:
+    cache: dict[Any, np.ndarray] = {}
+
+    def read(tile):
+        if tile not in cache:
+            h, w = shapes[tile]
+            cache[tile] = np.asarray(source.read(tile, 0, h, 0, w))
+        return cache[tile]
+
+    return measure_seams(pairs, transforms, read, shapes, lens=lens)
+
+
+def measure_source_seams(
+    pairs: Iterable[tuple[str, str]],
+    transforms: Mapping[str, np.ndarray],
+    source: Any,
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    lens: Any = None,
+    client: Any = None,
+    batch: int = 64,
+) -> list[SeamMeasure]:
+    """:func:`measure_seams` of tiles read from ``source`` (a fusion ``TileSource``: ``read(tile, y0, y1,
+    x0, x1)``, picklable), in batches of ``batch`` pairs in the order given (pass neighbours together:
+    each batch reads a tile once), on ``client`` (Dask) when given; results in the order of ``pairs``."""
+    pairs = list(pairs)
+    batches = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        tiles = {t for pair in chunk for t in pair}
+        batches.append(
+            (
+                chunk,
+                {t: np.asarray(transforms[t], np.float64) for t in tiles},
+                source,
+                {t: tuple(shapes[t]) for t in tiles},
+                lens,
+            )
+        )
+    if client is None or len(batches) <= 1:
+        return [s for args in batches for s in _measure_batch(*args)]
+    futures = [client.submit(_measure_batch, *args, pure=False) for args in batches]
+    return [s for part in client.gather(futures) for s in part]

@@ -50,8 +50,14 @@ def config(**kw) -> HardMontageConfig:
     return HardMontageConfig(**{**base, **kw})
 
 
-def acquire(platform, montage_id: str, m: HardMontage) -> None:
-    """The montage in the journal and the buffer as live processing leaves it (tiles processed, matched)."""
+def acquire(
+    platform, montage_id: str, m: HardMontage, *, matcher=match_neighbour, unmatched_ok: bool = False
+) -> None:
+    """The montage in the journal and the buffer as live processing leaves it (tiles processed, matched).
+
+    ``matcher`` (``match_neighbour``'s signature) measures each tile against its top and left neighbours;
+    an edge it finds nothing on fails the set-up unless ``unmatched_ok`` (then the tile has no match there,
+    as live processing leaves it)."""
     journal = Journal(platform.settings.catalog_url)
     images = {(t.row, t.column): m.image(t) for t in m.tiles}
     overlap = m.config.overlap_px
@@ -78,9 +84,9 @@ def acquire(platform, montage_id: str, m: HardMontage) -> None:
         matches = {}
         for position, other in (("top", (r - 1, c)), ("left", (r, c - 1))):
             if other in images:
-                found = match_neighbour(
-                    image, images[other], position, overlap, row=other[0], column=other[1]
-                )
+                found = matcher(image, images[other], position, overlap, row=other[0], column=other[1])
+                if found is None and unmatched_ok:
+                    continue
                 assert found is not None, f"no match for tile {(r, c)} against its {position} neighbour"
                 matches[position] = {**found.to_message(), "quality": found.quality}
         journal.save_tile_results(

@@ -23,6 +23,7 @@ from tests.support.platform import make_platform
 
 CHECKS = {"acquisition_complete", "focus", "blank_tiles", "saturated_tiles", "overlap", "tiles_received"}
 LAYOUT_CHECKS = {"disconnected_tiles", "seams", "scale_distortion"}
+FUSION_CHECKS = {"fused_seams"}
 ACQUISITION = {"raw_tiles", "flatfield", "processed_tiles", "tile_stats", "tile_matches"}
 MONTAGE = {"montage_layout", "montage", "montage_upload"}
 
@@ -57,7 +58,7 @@ def test_clean_montage_end_to_end(platform, tmp_path):
         result = _run(platform, instance, truth.montage_id)
         assert result.success
         evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-        assert evaluations == {c: True for c in CHECKS | LAYOUT_CHECKS}
+        assert evaluations == {c: True for c in CHECKS | LAYOUT_CHECKS | FUSION_CHECKS}
         keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
         assert keys == ACQUISITION | MONTAGE
         stats = instance.get_latest_materialization_event(

@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import pytest
 
-from em_platform.stitch.seams import SEAM_LIMIT_PX, measure_seams
+from em_platform.stitch.seams import SEAM_LIMIT_PX, measure_seams, measure_source_seams, seams_beyond
 from em_platform.stitch.solve_affine import solve_transforms
 from em_platform.stitch.stitch_report import stitch_report
 from em_platform.stitch.synthetic import HardMontageConfig, make_montage, tile_name
@@ -81,3 +81,33 @@ def test_a_tile_moved_after_the_solve_shows_its_seams_and_fails_the_check(solved
     named = {(e["tile"], e["neighbour"]) for e in doc["seams"]["beyond_limit"]}
     assert named == touched
     assert doc["seams"]["max_px"] > SEAM_LIMIT_PX
+
+
+class _Tiles:
+    """A fusion tile source over images in memory (pickles: Dask sends it to the workers)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def read(self, tile, y0, y1, x0, x1):
+        return self.images[tile][y0:y1, x0:x1]
+
+
+def test_seams_read_from_a_tile_source_in_batches_on_dask_are_the_seams_measured_directly(solved):
+    from distributed import Client, LocalCluster
+
+    layout, pairs, read, shapes, _ = solved
+    direct = measure_seams(pairs, layout.transforms, read, shapes)
+    source = _Tiles({name: read(name) for name in shapes})
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            batched = measure_source_seams(pairs, layout.transforms, source, shapes, client=client, batch=5)
+    inline = measure_source_seams(pairs, layout.transforms, source, shapes, batch=5)
+    for seams in (batched, inline):
+        assert [(s.tile, s.neighbour) for s in seams] == pairs  # 4 batches, back in the order asked
+        assert [s.offset_px for s in seams] == [s.offset_px for s in direct]
+    moved = dict(layout.transforms)
+    moved[MOVED] = moved[MOVED] + np.column_stack([np.zeros((2, 2)), [4.0, -3.0]])
+    beyond = seams_beyond(measure_source_seams(pairs, moved, source, shapes, batch=5))
+    assert sorted(MOVED in (s.tile, s.neighbour) for s in beyond) == [True] * 4
+    assert [s.offset_px for s in beyond] == sorted((s.offset_px for s in beyond), reverse=True)
