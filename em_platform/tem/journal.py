@@ -305,19 +305,23 @@ class Journal:
 
 
 def _record(conn: Connection, topic: str, payload: dict[str, Any], now: datetime) -> bool:
-    key = message_key(topic, payload)
-    if conn.execute(sa.select(messages.c.seq).where(messages.c.message_key == key)).first():
-        return False
-    seq = conn.execute(
-        messages.insert().values(
-            message_key=key,
+    # One statement that skips a message already there: two writers (two montage runs, a listener and a
+    # run) can record the same body at once, and a look-then-insert lets both through to a UNIQUE error.
+    inserted = conn.execute(
+        _insert_new(conn, messages, "message_key")
+        .values(
+            message_key=message_key(topic, payload),
             topic=topic,
             montage_id=payload.get("montage_id") or None,
             tile_id=payload.get("tile_id"),
             payload=json.loads(json.dumps(payload, default=str)),
             received_at=now,
         )
-    ).inserted_primary_key[0]
+        .returning(messages.c.seq)
+    ).first()
+    if inserted is None:
+        return False
+    seq = inserted.seq
     apply = _APPLY.get(topic)
     if apply is not None:
         apply(conn, payload, seq, now)
