@@ -291,8 +291,9 @@ def evaluate(
     figures.update(tomogram_figures(ts, ws, truth, scope, tomo, settings))
     main = tomo["methods"][0]
     if f"fsc_{main}" in figures and "fsc_unaligned" in figures:
-        figures["fsc_0.143_aligned_A"] = figures[f"fsc_{main}"]["fsc_0.143_A"]
-        figures["fsc_0.143_unaligned_A"] = figures["fsc_unaligned"]["fsc_0.143_A"]
+        for threshold in ("0.143", "0.5"):
+            figures[f"fsc_{threshold}_aligned_A"] = figures[f"fsc_{main}"][f"fsc_{threshold}_A"]
+            figures[f"fsc_{threshold}_unaligned_A"] = figures["fsc_unaligned"][f"fsc_{threshold}_A"]
     with ws.staged("evaluation") as out:
         proc._dump(out / "evaluation.json", figures)
     return figures

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 from em_platform.deploy.compose import COMPOSE_FILE, compose_yaml, write_compose
@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in sorted(launch.env.items()):
                 print(f"  {k}={v}")
         return 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # The handler only appends to a list: setting a threading.Event from it deadlocks when the signal lands
+    # while the main thread is inside that Event's own wait (the handler then waits for a lock its own
+    # thread holds; seen as `make deploy-local` ignoring SIGTERM).
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
     try:
         topology.start()
     except TopologyError as exc:
@@ -75,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("Ctrl-C stops every service.", flush=True)
     try:
-        # Wait with a timeout: the kernel may hand SIGTERM to another thread (s3fs's IO loop), which
-        # leaves an untimed wait blocked forever; a timed one returns to the interpreter, which runs the handler.
-        while not stop.wait(timeout=0.5):
-            pass
+        # Short sleeps: the kernel may hand SIGTERM to another thread (s3fs's IO loop); Python runs the
+        # handler in the main thread the next time it returns to the interpreter.
+        while not stopping:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:

@@ -98,7 +98,9 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
 
     def _stop(signum, _frame) -> None:
         log.info("received %s: finishing the current message and disconnecting", signal.Signals(signum).name)
-        stop.set()
+        # From another thread: the handler runs in the main thread, which may be holding `stop`'s own lock
+        # (inside stop.wait), and Event.set from here would then wait for it forever.
+        threading.Thread(target=stop.set, name="sigterm", daemon=True).start()
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
