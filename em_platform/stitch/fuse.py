@@ -78,6 +78,12 @@ class PlacedTile:
     width: int
     transform: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
 
+    def matrix(self) -> np.ndarray:
+        """The 2×3 ``[A | t]`` that places the tile: its ``transform``, else the translation to ``x``/``y``."""
+        if self.transform is not None:
+            return np.asarray(self.transform, np.float64)
+        return np.array([[1.0, 0.0, self.x], [0.0, 1.0, self.y]])
+
 
 class TileInfo(NamedTuple):
     """A stored tile's (height, width) and sample type."""
@@ -518,11 +524,7 @@ def _resampled_boxes(tiles: Sequence[PlacedTile], lens: Any) -> tuple[list[_Plac
     margin = (lens.max_displacement() if lens is not None else 0.0) + 2
     boxes = []
     for t in tiles:
-        m = (
-            np.asarray(t.transform, np.float64)
-            if t.transform is not None
-            else np.array([[1.0, 0.0, t.x], [0.0, 1.0, t.y]])
-        )
+        m = t.matrix()
         corners = np.array([[0, 0], [t.width, 0], [0, t.height], [t.width, t.height]], np.float64) - 0.5
         frame = corners @ m[:, :2].T + m[:, 2]
         lo, hi = np.floor(frame.min(axis=0) - margin), np.ceil(frame.max(axis=0) + margin)

@@ -276,12 +276,7 @@ def layout_seams(
     _check_format(layout_json)
     skip = {tuple(c) for c in exclude}
     placed = {p.tile_id: p for p in placed_tiles(layout_json)}
-    transforms = {
-        name: np.array(p.transform, np.float64)
-        if p.transform is not None
-        else np.array([[1.0, 0.0, p.x], [0.0, 1.0, p.y]])
-        for name, p in placed.items()
-    }
+    transforms = {name: p.matrix() for name, p in placed.items()}
     shapes = {name: (p.height, p.width) for name, p in placed.items()}
     pairs = sorted(
         {

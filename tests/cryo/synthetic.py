@@ -105,6 +105,13 @@ def write_mrc(path: Path, data: np.ndarray, voxel: float) -> None:
         m.voxel_size = voxel
 
 
+def _movie_frames(rng, image, counts_per_px: float, drift: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """The dose-fractionated movie of ``image``: one Poisson frame per row of ``drift`` (x, y px), the
+    exposure's ``counts_per_px`` shared out evenly, divided by the gain reference (the camera's counts)."""
+    lam = np.clip(image, 0, None) * counts_per_px / len(drift)
+    return np.stack([rng.poisson(np.clip(fourier_shift(lam, d), 0, None) / gain) for d in drift])
+
+
 def make_tilt_series(
     folder: Path,
     name: str,
@@ -151,8 +158,7 @@ def make_tilt_series(
         clean.append(image.astype(np.float32))
         t = np.linspace(0, 1, frames)
         drift = np.column_stack([drift_px * t + 0.5 * rng.normal() * t**2, -0.7 * drift_px * t**1.5])
-        lam = np.clip(image, 0, None) * counts_per_px / frames
-        raw = np.stack([rng.poisson(np.clip(fourier_shift(lam, d), 0, None) / gain) for d in drift])
+        raw = _movie_frames(rng, image, counts_per_px, drift, gain)
         stack.append((rng.poisson(np.clip(image, 0, None) * counts_per_px)).astype(np.float32))
         movie = f"{name}_{z:03d}_{ang:.1f}.tif"
         if with_movies:
@@ -282,8 +288,7 @@ def make_movie_set(
         image = ctf_image(project_blobs(b, 0.0, (size, size)), ice, pixel_A, params, scope)
         t = np.linspace(0, 1, frames)
         drift = np.column_stack([drift_px * t, -0.5 * drift_px * t**1.5])
-        lam = np.clip(image, 0, None) * counts_per_px / frames
-        raw = np.stack([rng.poisson(np.clip(fourier_shift(lam, d), 0, None) / gain) for d in drift])
+        raw = _movie_frames(rng, image, counts_per_px, drift, gain)
         movie = f"FoilHole_{i:04d}_fractions.tif"
         import tifffile
 
