@@ -581,8 +581,17 @@ def evaluation(
     from em_platform.simulation.truth import read_ground_truth
 
     root = work_root(storage)
-    ts, _ = _run(context, cryo_sessions, catalog, lambda ts: None)
-    if ts.truth is None:
+
+    def step(ts: TiltSeries):
+        if ts.truth is None:
+            return None
+        scope = Microscope(ts.voltage_kV, config.cs_mm, config.amplitude_contrast)
+        return ev.evaluate(
+            ts, proc.Workspace(root, ts.key), read_ground_truth(ts.truth), scope, config.settings()
+        )
+
+    ts, fig = _run(context, cryo_sessions, catalog, step)
+    if fig is None:
         # a real session in a backfill of cryo_job (the sensor never asks): nothing to score, and the
         # processing's status in the results tables stays as it is
         reason = f"{ts.key} has no ground_truth.json beside its mdoc: nothing to score against"
@@ -590,14 +599,6 @@ def evaluation(
         for name in [*CHECKS, "fsc_better_than_unaligned", "denoise_gain"]:
             yield dg.AssetCheckResult(check_name=name, passed=True, metadata={"not_applicable": reason})
         return
-
-    def step(ts: TiltSeries):
-        scope = Microscope(ts.voltage_kV, config.cs_mm, config.amplitude_contrast)
-        return ev.evaluate(
-            ts, proc.Workspace(root, ts.key), read_ground_truth(ts.truth), scope, config.settings()
-        )
-
-    _, fig = _run(context, cryo_sessions, catalog, step)
     flat = {k: v for k, v in fig.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     yield dg.MaterializeResult(
         metadata={
