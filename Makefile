@@ -25,7 +25,7 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml

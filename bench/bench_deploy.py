@@ -226,7 +226,7 @@ def _montage_throughput(client, work: Path, label: str, rows: int, columns: int,
     cfg = ScopeConfig(rows=rows, columns=columns, tile_size=tile_size, overlap=0.1, seed=7)
     truth = simulate_montage(cfg, work / f"tiles_{label}", journal.record, sleep=lambda s: None)
     journal.dispose()
-    source = SimulatedScope(journal_url=url).tile_source()
+    source = SimulatedScope(journal_url=url, tile_shares=[str(work / f"tiles_{label}")]).tile_source()
     began, cpu0 = time.monotonic(), time.process_time()
     try:
         result = run_montage(

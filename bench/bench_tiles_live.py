@@ -563,6 +563,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory(prefix="bench_tiles_live_") as tmp:
         workdir = Path(tmp)
         montage, refs = _tiles(args.tiles_dir or workdir, args.tiles, args.columns, args.size, overlap)
+        # the tiles' folder is the scope share the runs may read (their processes inherit it)
+        os.environ["EM_SCOPE_SHARES"] = str(Path(args.tiles_dir or workdir).resolve())
         unpaced = _unpaced(workdir, montage["tiles"], refs, overlap, args.size)
         os.sync()  # the unpaced run's processed tiles: flushed before the paced runs start, as above
         paced, paced_machine = _paced(

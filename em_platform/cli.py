@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     listen_cli.add_arguments(
         sub.add_parser("listen", help="journal the microscope's STOMP messages (tile.raw, montage.*)")
     )
+    from em_platform import dead_letters_cli
+
+    dead_letters_cli.add_arguments(
+        sub.add_parser(
+            "dead-letters",
+            help="list, replay or clear what the platform refused (bad ids, tiles off the scope shares, ...)",
+        )
+    )
     from em_platform.simulation import scope_cli
 
     sim = sub.add_parser(
@@ -83,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "listen":
             from em_platform.tem.journal import Journal
 
-            return listen_cli.run(args, lambda: Journal(load_settings().catalog_url))
+            s = load_settings()
+            shares = tuple(str(Path(p).expanduser().resolve()) for p in args.share) or s.scope_shares
+            return listen_cli.run(args, lambda: Journal(s.catalog_url, tile_shares=shares))
+        if args.command == "dead-letters":
+            s = load_settings()
+            return dead_letters_cli.run(args, s.catalog_url, s.scope_shares)
         if args.command == "scope-sim":
             return _scope_sim(args, load_settings())
         if args.command == "stitch":
@@ -126,6 +139,7 @@ def _settings(settings, export: bool) -> int:
     width = max(map(len, values))
     for name, value in values.items():
         origin = "" if os.environ.get(name, "").strip() else "  (default)"
+        value = os.pathsep.join(value) if isinstance(value, tuple) else value
         print(f"{name:<{width}} = " + ("(unset)" if value is None else f"{value}{origin}"))
     root = project_dir()
     where = f"this checkout ({root}/var)" if root else "~/.em_platform"
@@ -148,18 +162,38 @@ def _scope_sim(args, settings) -> int:
             )
             return 2
         args.out = Path(settings.data_root) / "scope"
+    from em_platform.edge import MONTAGE_ID, Refused, under_shares
+
+    try:  # what the platform would refuse from this scope is refused here, before any tile is written
+        args.montage_id = MONTAGE_ID.check(args.montage_id or str(uuid.uuid4()), "--montage-id")
+        under_shares(str(Path(args.out).resolve() / args.montage_id), settings.scope_shares, "--out")
+    except Refused as exc:
+        print(f"em-platform scope-sim: {exc}", file=sys.stderr)
+        return 2
     broker = args.broker or settings.broker
     if broker:
-        from em_platform.tem.broker import BrokerSettings
+        from em_platform.simulation.verdicts import VerdictWatch
+        from em_platform.tem.broker import BrokerSettings, destination
+        from em_platform.tem.protocol import CONSUMED
 
+        if not args.verdict_timeout > 0:
+            print("em-platform scope-sim: --verdict-timeout must be > 0 seconds", file=sys.stderr)
+            return 2
         heard: list[tuple[str, str | None]] = []  # the qc.status verdicts, newest last
-        with BrokerSettings.from_env(broker=broker).publisher() as publisher:
+        stomp = BrokerSettings.from_env(broker=broker)
+        watch = VerdictWatch(args.verdict_timeout)
+        topics = ", ".join(destination(t, stomp.topic_prefix) for t in CONSUMED)
+        where = (
+            f"on {stomp.address} (topics {topics}; verdicts on {destination('qc.tile', stomp.topic_prefix)})"
+        )
+        with stomp.publisher() as publisher:
             publisher.subscribe("qc.status", lambda msg: heard.append((msg.status, msg.reason)))
-            return scope_cli.run(args, publisher.publish, lambda: heard[-1] if heard else None)
+            publisher.subscribe("qc.tile", lambda msg: watch.heard(msg.tile_id))
+            return scope_cli.run(args, publisher.publish, lambda: heard[-1] if heard else None, watch, where)
     from em_platform.tem.journal import Journal
 
-    journal = Journal(settings.catalog_url)
-    montage_id = args.montage_id = args.montage_id or str(uuid.uuid4())
+    journal = Journal(settings.catalog_url, tile_shares=settings.scope_shares)
+    montage_id = args.montage_id
 
     def latest_qc():
         statuses = journal.qc_statuses(montage_id)

@@ -15,11 +15,18 @@ from em_platform.assets.ingest_public import (
 )
 from em_platform.assets.montage import lens_correction, montage, montage_layout, montage_upload
 from em_platform.assets.simulation import simulation_assets
+from em_platform.assets.storage_consistency import (
+    storage_consistency,
+    storage_consistency_job,
+    storage_consistency_schedule,
+)
 from em_platform.jobs import catalog_job, cryo_job, ingest_local_job, montage_job, simulation_job
 from em_platform.resources import build_resources
 from em_platform.sensors.cryo import cryo_sensor
+from em_platform.sensors.dead_letters import dead_letter_sensor
 from em_platform.sensors.inbox import inbox_sensor
 from em_platform.sensors.montage import montage_sensor
+from em_platform.sensors.recovery import recovery_sensors
 from em_platform.sensors.simulation import simulation_sensor
 
 catalog_automation = dg.AutomationConditionSensorDefinition(
@@ -46,9 +53,26 @@ def build_definitions(resources: dict) -> dg.Definitions:
             *simulation_assets,
             *cryo_assets,
         ],
-        jobs=[ingest_local_job, *public_ingest_jobs, catalog_job, montage_job, simulation_job, cryo_job],
-        schedules=public_ingest_schedules,
-        sensors=[inbox_sensor, montage_sensor, catalog_automation, simulation_sensor, cryo_sensor],
+        asset_checks=[storage_consistency],
+        jobs=[
+            ingest_local_job,
+            *public_ingest_jobs,
+            catalog_job,
+            montage_job,
+            simulation_job,
+            cryo_job,
+            storage_consistency_job,
+        ],
+        schedules=[*public_ingest_schedules, storage_consistency_schedule],
+        sensors=[
+            inbox_sensor,
+            montage_sensor,
+            catalog_automation,
+            simulation_sensor,
+            cryo_sensor,
+            dead_letter_sensor,
+            *recovery_sensors,
+        ],
         resources=resources,
         # Every job is one step or a chain, and the pixel parallelism is Dask's: a process per step (the
         # multiprocess default) would only import the code location again for each step (~8 CPU s apiece,

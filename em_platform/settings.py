@@ -41,6 +41,8 @@ class Settings:
     simulations: str = ""
     # local folder of cryo sessions (SerialEM/Tomo5 mdocs, stacks, movies) that the cryo sensor watches
     cryo_sessions: str = ""
+    # the folders raw tiles may be read from (the scopes' shares): a tile.raw path elsewhere is refused
+    scope_shares: tuple[str, ...] = ()
 
     @property
     def storage_options(self) -> dict:
@@ -148,7 +150,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         simulations=simulations,
         cryo_sessions=cryo_sessions,
+        scope_shares=_scope_shares(env, data_root, remote),
     )
+
+
+def _scope_shares(env: Mapping[str, str], data_root: str, remote: bool) -> tuple[str, ...]:
+    """EM_SCOPE_SHARES: folders separated by ':' (os.pathsep); default the embedded simulator's tile folder."""
+    raw = env.get("EM_SCOPE_SHARES", "").strip()
+    if not raw:
+        return (_local_folder({}, "EM_SCOPE_SHARES", "scope", data_root, remote, "the scope share"),)
+    shares = []
+    for part in filter(None, (p.strip() for p in raw.split(os.pathsep))):
+        if "://" in part or not Path(part).expanduser().is_absolute():
+            raise ConfigError(
+                f"EM_SCOPE_SHARES entry {part!r} must be an absolute local folder (the scope's tile share as "
+                f"mounted here); separate several with {os.pathsep!r}"
+            )
+        shares.append(str(Path(part).expanduser().resolve()))
+    return tuple(shares)
 
 
 def _local_folder(
@@ -214,6 +233,7 @@ ENV_NAMES = {
     "downloads": "EM_DOWNLOADS",
     "simulations": "EM_SIMULATIONS",
     "cryo_sessions": "EM_CRYO_SESSIONS",
+    "scope_shares": "EM_SCOPE_SHARES",
     "dagster_home": "DAGSTER_HOME",
     "broker_topic_prefix": "EM_BROKER_TOPIC_PREFIX",
     "broker_username": "EM_BROKER_USERNAME",

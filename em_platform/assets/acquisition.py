@@ -59,6 +59,7 @@ class MontageProcessingConfig(dg.Config):
             late_tile_seconds=self.late_tile_seconds,
             status_every_seconds=self.status_every_seconds,
             write_tiffs=self.write_tiffs,
+            limits=self.limits(),
             qc=QCConfig(
                 min_std=self.min_std,
                 min_specimen_contrast=self.min_specimen_contrast,
@@ -196,6 +197,7 @@ def montage_tiles(
             asset_key=CHECK_ASSET[check.name],
             passed=check.passed,
             metadata=check.metadata,
+            description=check.description,
         )
     yield dg.AssetCheckResult(
         check_name="acquisition_complete",
@@ -221,6 +223,8 @@ def _results(s: MontageSummary, processed_url: str, buffer_url: str):
             "seconds": round(s.seconds, 2),
             "tiles_per_second": round(s.tiles_per_second, 2),
             "polling_since": datetime.fromtimestamp(s.polling_since or 0, UTC).isoformat(),
+            # pixel size and rotation that turned stage positions into search centres, fixed for the run
+            "stage_calibration": dg.MetadataValue.json(s.calibration),
             "cpu_ms_per_tile": dg.MetadataValue.json(
                 {stage: round(1000 * v / max(s.tiles, 1), 2) for stage, v in sorted(s.cpu.items())}
             ),

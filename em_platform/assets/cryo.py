@@ -24,10 +24,11 @@ from em_platform.cryo.optics import Microscope
 from em_platform.cryo.results_db import CryoResults
 from em_platform.cryo.session import SessionError, TiltSeries
 from em_platform.cryo.thumbnails import markdown_image, mrc_to_jpeg
+from em_platform.cryo.trajectory import TRAJECTORY_MODELS
 from em_platform.formats.volume import FormatError
 from em_platform.imaging.ome_zarr import write_ome_zarr
 from em_platform.partitions import cryo_tilt_series
-from em_platform.resources import CatalogResource, CryoSessionsResource, StorageResource
+from em_platform.resources import CatalogResource, CryoSessionsResource, DaskResource, StorageResource
 
 K = {
     name: dg.AssetKey(["cryo", name])
@@ -43,9 +44,32 @@ class OpticsConfig(dg.Config):
 
 
 class MotionConfig(dg.Config):
+    """Every setting of em_platform.cryo.motion.MotionSettings (README, "Cryo processing")."""
+
     patches_x: int = 5
     patches_y: int = 5
     bfactor_global_A2: float = 500.0
+    bfactor_patch_A2: float = 1000.0
+    estimation_size: int = 1024
+    trajectory: str = "physical"  # physical | smooth | none
+    local_motion: str = "auto"  # auto | on | off
+    local_significance: float = 1e-3
+    local_threshold_px: float = 0.1
+    min_patch_px: int = 512
+    hot_pixel_sigma: float = 12.0  # 0 = no hot-pixel search
+    gain_reference: str = (
+        ""  # overrides the session's rule (mdoc GainReference, then one file in the session)
+    )
+    gain_rotation: int = 0  # MotionCor2's -RotGain (× 90° counter-clockwise)
+    gain_flip: int = 0  # MotionCor2's -FlipGain (1 upside down, 2 left-right)
+
+    def settings(self) -> MotionSettings:
+        if self.trajectory not in TRAJECTORY_MODELS:
+            raise ValueError(f"trajectory {self.trajectory!r}: one of {', '.join(TRAJECTORY_MODELS)}")
+        if self.local_motion not in ("auto", "on", "off"):
+            raise ValueError(f"local_motion {self.local_motion!r}: auto, on or off")
+        fields = self.model_dump(exclude={"patches_x", "patches_y"})
+        return MotionSettings(patches=(self.patches_x, self.patches_y), **fields)
 
 
 class CTFConfig(OpticsConfig):
@@ -149,8 +173,9 @@ def _asset(name: str, deps=(), description: str = "", **kw):
 
 @_asset(
     "motion_corrected",
-    description="Movies → drift-corrected, dose-weighted micrographs (full frame, "
-    "then 5 × 5 patches); gain applied; total/early/late motion as cryoem-services records them.",
+    description="Movies → drift-corrected, dose-weighted micrographs: hot pixels masked, gain applied, "
+    "full-frame drift as physics has it (early jump + slow drift), local motion (5 × 5 patches) only where "
+    "significant; total/early/late motion as cryoem-services records them.",
     kinds={"mrc", "dask"},
     pool="pixels",
 )
@@ -160,6 +185,7 @@ def motion_corrected(
     cryo_sessions: CryoSessionsResource,
     storage: StorageResource,
     catalog: CatalogResource,
+    dask: DaskResource,
 ) -> dg.MaterializeResult:
     root = work_root(storage)
 
@@ -169,15 +195,15 @@ def motion_corrected(
             results.mark(ts.key, "processing", series=_series_fields(ts), run_id=context.run.run_id)
         finally:
             results.dispose()
-        settings = MotionSettings(
-            patches=(config.patches_x, config.patches_y), bfactor_global_A2=config.bfactor_global_A2
-        )
-        return proc.motion_correct(ts, proc.Workspace(root, ts.key), settings)
+        # on the deployment's cluster when it has one (each movie a task on a worker), else here
+        client = dask.get_client() if dask.scheduler_address else None
+        return proc.motion_correct(ts, proc.Workspace(root, ts.key), config.settings(), client)
 
     ts, doc = _run(context, cryo_sessions, catalog, step)
     tilts = doc["tilts"]
     meta = {
         "source": doc["source"],
+        "ran_on": doc.get("ran_on", "in process"),
         "n_tilts": len(ts.tilts),
         "shape": str(tuple(doc["shape"])),
         "path": dg.MetadataValue.path(str(proc.Workspace(root, ts.key).step("motioncorr"))),

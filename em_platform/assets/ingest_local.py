@@ -4,6 +4,8 @@ import dagster as dg
 
 from em_platform.assets.ingest_metadata import ingest_materialization_metadata
 from em_platform.assets.presentation import failed_check, partitioned_check
+from em_platform.assets.retries import retry_on_storage_outage
+from em_platform.edge import Refused, check_file_name
 from em_platform.ingest.local import ingest_entry
 from em_platform.partitions import inbox_entries
 from em_platform.resources import CatalogResource, DaskResource, InboxResource, StorageResource
@@ -36,6 +38,7 @@ def ingest_local(
 ):
     key = context.partition_key
     try:
+        check_file_name(key, "partition_key")  # a run request names one inbox entry, nothing else
         result = ingest_entry(
             inbox.folder / key,
             inbox.folder,
@@ -45,10 +48,18 @@ def ingest_local(
             dask_client=dask.get_client,
             logger=context.log,
         )
+    except Refused as exc:  # kept for the operator (em-platform dead-letters), shown on the partition
+        letter = catalog.dead_letters().add(
+            source="request", topic="ingest/local", field=exc.field, reason=str(exc), body=key
+        )
+        context.log.error(f"inbox entry {key!r} refused, dead-lettered as #{letter}: {exc}")
+        yield failed_check(CONVERTED_CHECK, exc, entry=key)
+        raise dg.Failure(description=f"inbox entry refused: {exc}") from exc
     except (
         Exception
     ) as exc:  # the reason goes where the UI shows it (the partition's check), then the run fails
         yield failed_check(CONVERTED_CHECK, exc, entry=str(inbox.folder / key))
+        retry_on_storage_outage(context, exc, storage)  # ... or, for an outage, is retried later
         raise
     yield dg.MaterializeResult(metadata=ingest_materialization_metadata(result))
     yield dg.AssetCheckResult(

@@ -15,6 +15,8 @@ from pydantic import create_model
 
 from em_platform.assets.ingest_metadata import ingest_materialization_metadata
 from em_platform.assets.presentation import failed_check, partitioned_check
+from em_platform.assets.retries import retry_on_storage_outage
+from em_platform.edge import DATASET_ID, Refused
 from em_platform.ingest.public import PublicIngestError, ingest_public_dataset
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
 from em_platform.settings import ConfigError
@@ -84,6 +86,17 @@ def build_public_ingest(
     ):
         endpoints = _endpoints(kind, config)
         try:
+            DATASET_ID.check(context.partition_key, "partition_key")  # it names the download folder
+        except Refused as exc:
+            letter = catalog.dead_letters().add(
+                source="request",
+                topic=f"ingest/{kind.name}",
+                field=exc.field,
+                reason=str(exc),
+                body=context.partition_key,
+            )
+            raise dg.Failure(description=f"ingest/{kind.name}: {exc} (dead letter #{letter})") from exc
+        try:
             source = kind.make_source(context.partition_key, endpoints)
         except ValueError as exc:
             raise dg.Failure(description=f"ingest/{kind.name}: {exc}") from exc
@@ -107,6 +120,7 @@ def build_public_ingest(
             yield failed_check(
                 INGESTED_CHECK, exc, dataset=context.partition_key
             )  # shown on the partition's page
+            retry_on_storage_outage(context, exc, storage)  # an outage is retried later
             raise dg.Failure(description=str(exc)) from exc
         yield dg.MaterializeResult(metadata=ingest_materialization_metadata(result))
         yield dg.AssetCheckResult(

@@ -25,6 +25,7 @@ import dagster as dg
 
 from em_platform.assets.acquisition import MATCHES, PROCESSED, STATS
 from em_platform.assets.presentation import FOCUS_LEGEND, partitioned_check, png_markdown, scaled_png_markdown
+from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.partitions import montages
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
@@ -505,21 +506,29 @@ def montage_upload(
                 "buffer.status", buffer_status(p.objects_left, p.free_space, p.upload_rate_bits_per_s)
             )
 
-    result = archive_montage(
-        row,
-        tiles,
-        buffer.path(montage_id),
-        store.url("acquisition", montage_id),
-        catalog=catalog.db(),
-        tile_records=catalog.tile_records(),
-        qc=qc,
-        pixel_size_nm=pixel_size,
-        pixel_size_source=source,
-        storage_options=store.storage_options or None,
-        lineage={"run_id": context.run.run_id, "asset_key": "montage_upload", "partition_key": montage_id},
-        free=config.free_buffer,
-        on_progress=progress,
-    )
+    try:
+        result = archive_montage(
+            row,
+            tiles,
+            buffer.path(montage_id),
+            store.url("acquisition", montage_id),
+            catalog=catalog.db(),
+            tile_records=catalog.tile_records(),
+            qc=qc,
+            pixel_size_nm=pixel_size,
+            pixel_size_source=source,
+            storage_options=store.storage_options or None,
+            lineage={
+                "run_id": context.run.run_id,
+                "asset_key": "montage_upload",
+                "partition_key": montage_id,
+            },
+            free=config.free_buffer,
+            on_progress=progress,
+        )
+    except Exception as exc:
+        retry_on_storage_outage(context, exc, storage)  # the upload resumes: verified objects are kept
+        raise
     up = result.upload
     stored = store.url("acquisition", montage_id, FUSED)
     return dg.MaterializeResult(

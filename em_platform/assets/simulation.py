@@ -9,6 +9,7 @@ import base64
 
 import dagster as dg
 
+from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.partitions import simulations
 from em_platform.resources import CatalogResource, DaskResource, SimulationSpecsResource, StorageResource
 from em_platform.simulation.cryoet import acquisition
@@ -98,15 +99,23 @@ def tilt_series(
 ) -> dg.MaterializeResult:
     spec, stack_no = _spec(context, simulation_specs)
     key = context.partition_key
-    out = simulate_and_catalog(
-        spec,
-        stack_no,
-        store=storage.store(),
-        catalog=catalog.db(),
-        lineage={"run_id": context.run.run_id, "asset_key": "simulation/tilt_series", "partition_key": key},
-        dask_client=dask.get_client,
-        logger=context.log,
-    )
+    try:
+        out = simulate_and_catalog(
+            spec,
+            stack_no,
+            store=storage.store(),
+            catalog=catalog.db(),
+            lineage={
+                "run_id": context.run.run_id,
+                "asset_key": "simulation/tilt_series",
+                "partition_key": key,
+            },
+            dask_client=dask.get_client,
+            logger=context.log,
+        )
+    except Exception as exc:
+        retry_on_storage_outage(context, exc, storage)  # an outage is retried later
+        raise
     rec = out.record
     return dg.MaterializeResult(
         metadata={

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from em_platform.catalog.records import deep_merge, iso, new_record, utc_now
 from em_platform.catalog.schema import validate_record
-from em_platform.catalog.status import IN_FLIGHT, Status, check_transition
+from em_platform.catalog.status import IN_FLIGHT, OWNED_BY_A_RUN, Status, check_transition
 from em_platform.sql import DatabaseUnavailable, JSONType, open_database
 
 metadata_obj = sa.MetaData()
@@ -201,6 +201,36 @@ class CatalogDB:
                 error=error,
                 message=message,
             )
+
+    def release_run(
+        self, run_id: str, reason: str, *, status: Status | str = Status.FAILED
+    ) -> list[dict[str, Any]]:
+        """Records a run left unfinished (pending, processing or saving-data, their last status change made
+        by ``run_id``) go to ``status`` (failed, or cancelled for a cancelled run) with ``reason``; returns
+        them. The status history says which run owns a record: a record a later run has taken over is
+        left alone, and a record the run itself finished or failed is not in flight. Safe to repeat."""
+        new = Status(status)
+        h = status_history
+        last = sa.select(h.c.dataset_id, sa.func.max(h.c.id).label("id")).group_by(h.c.dataset_id).subquery()
+        owned = (
+            sa.select(datasets.c.id)
+            .join(last, last.c.dataset_id == datasets.c.id)
+            .join(h, h.c.id == last.c.id)
+            .where(h.c.run_id == run_id, datasets.c.status.in_([s.value for s in OWNED_BY_A_RUN]))
+        )
+        released = []
+        with self._tx() as conn:
+            for (dataset_id,) in conn.execute(owned).all():
+                row = self._lock(conn, dataset_id=dataset_id)
+                if row is not None and Status(row.record["status"]) in OWNED_BY_A_RUN:
+                    error = reason if new is Status.FAILED else None
+                    message = None if new is Status.FAILED else reason
+                    released.append(
+                        self._apply(
+                            conn, dict(row.record), new, utc_now(), run_id, error=error, message=message
+                        )
+                    )
+        return released
 
     def update(self, dataset_id: str, update: dict[str, Any]) -> dict[str, Any]:
         """Merge fields into a record without changing its status."""

@@ -26,6 +26,9 @@ ALLOWED: dict[Status, frozenset[Status]] = {
 
 # A record in one of these states belongs to a run that is (or was) working on it.
 IN_FLIGHT = frozenset({Status.PROCESSING, Status.SAVING_DATA})
+# ... and pending ones too: begun by a run that has not started the work yet (a run that dies there
+# leaves a record that must say so).
+OWNED_BY_A_RUN = IN_FLIGHT | {Status.PENDING}
 
 
 class IllegalTransition(ValueError):

@@ -18,7 +18,7 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask
@@ -36,6 +36,7 @@ from em_platform.cryo.ctf import (
     fit_series_astigmatism,
 )
 from em_platform.cryo.ctf_correction import phase_flip
+from em_platform.cryo.gain_reference import GainReference, resolve_gain
 from em_platform.cryo.motion import MotionSettings, correct_movie, fourier_bin
 from em_platform.cryo.optics import CTFParams, Microscope
 from em_platform.cryo.reconstruction import reconstruct
@@ -106,8 +107,70 @@ def _dump(path: Path, doc) -> None:
 # 1. Motion correction
 
 
-def motion_correct(ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings) -> dict:
-    """Movies → corrected micrographs (acquisition order); without movies the stack is checked and used."""
+def _worker_memory_settings(settings: MotionSettings) -> MotionSettings:
+    """On a Dask worker, keep a movie in memory only while it fits a third of the worker's memory limit (a
+    larger one is read twice instead): the worker is not paused or killed for one movie."""
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        return settings
+    if not limit:
+        return settings
+    return replace(settings, cache_mib=min(settings.cache_mib, int(limit / 3 / 2**20)))
+
+
+def correct_tilt(
+    ts: sess.TiltSeries,
+    i: int,
+    shape: tuple[int, int],
+    gain_path: Path | None,
+    settings: MotionSettings,
+    out: str,
+    gain: np.ndarray | None = None,
+) -> dict:
+    """Motion-correct tilt ``i``'s movie and write its micrograph (and even/odd sums) into section ``i`` of
+    ``out``'s MRC stacks; returns its figures. A task of its own: run in the process, or on a Dask worker
+    that sees the same files (it reads the movie and the gain reference itself: nothing big travels)."""
+    tilt = ts.tilts[i]
+    frames = sess.load_movie(ts, tilt)
+    if tuple(frames.shape[1:]) != tuple(shape):
+        raise sess.SessionError(
+            f"movie {tilt.movie}: frame shape {frames.shape[1:]} differs from {tuple(shape)}"
+        )
+    if gain is None and gain_path is not None:
+        gain = sess.load_gain(gain_path, shape, settings.gain_rotation, settings.gain_flip)
+    dpf = tilt.frame_dose_e_per_A2 or (tilt.dose_e_per_A2 / frames.shape[0] if tilt.dose_e_per_A2 else 0.0)
+    res = correct_movie(
+        frames,
+        ts.pixel_A,
+        dpf,
+        gain=gain,
+        pre_exposure=tilt.accumulated_dose_e_per_A2,
+        voltage_kV=ts.voltage_kV,
+        settings=_worker_memory_settings(settings),
+    )
+    for k, img in (("corrected", res.micrograph), ("even", res.even), ("odd", res.odd)):
+        with mrcfile.mmap(Path(out) / f"{k}.mrc", mode="r+") as m:
+            m.data.reshape(-1, *img.shape)[i] = img  # a one-section stack's data is 2-D
+    return {
+        "z_index": tilt.z_index,
+        "angle_deg": tilt.angle_deg,
+        "movie": str(tilt.movie),
+        "dose_per_frame_e_per_A2": dpf,
+        "pre_exposure_e_per_A2": tilt.accumulated_dose_e_per_A2,
+        "shifts_px": res.shifts_px.tolist(),
+        "local_applied": res.local_applied,
+        **res.metrics,
+    }
+
+
+def motion_correct(ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings, client=None) -> dict:
+    """Movies → corrected micrographs (acquisition order); without movies the stack is checked and used.
+
+    With a Dask ``client`` every movie is a task on the cluster's workers (each reads its movie and writes
+    its section: memory per worker is one movie's); without one they run here, one after another."""
     with ws.staged("motioncorr") as out:
         if not ts.has_movies:
             stack = sess.load_stack(ts)
@@ -122,55 +185,35 @@ def motion_correct(ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings)
             return doc
         first = sess.load_movie(ts, ts.tilts[0])
         shape = tuple(first.shape[1:])
-        gain = sess.load_gain(ts.gain, shape)
+        found = ts.gain_found or GainReference(ts.gain, "session" if ts.gain else "none")
+        base = ts.mdoc.parent if ts.mdoc else (ts.tilts[0].movie.parent if ts.tilts[0].movie else None)
+        gain_path = resolve_gain(found, settings.gain_reference, base)
+        gain = sess.load_gain(
+            gain_path, shape, settings.gain_rotation, settings.gain_flip
+        )  # checked here, once
         n = len(ts.tilts)
-        stacks = {
-            k: new_mrc_mmap(out / f"{k}.mrc", (n, *shape), ts.pixel_A) for k in ("corrected", "even", "odd")
-        }
-        per_tilt = []
-        try:
-            for i, tilt in enumerate(ts.tilts):
-                frames = sess.load_movie(ts, tilt)
-                if tuple(frames.shape[1:]) != shape:
-                    raise sess.SessionError(
-                        f"movie {tilt.movie}: frame shape {frames.shape[1:]} differs from {shape}"
-                    )
-                dpf = tilt.frame_dose_e_per_A2 or (
-                    tilt.dose_e_per_A2 / frames.shape[0] if tilt.dose_e_per_A2 else 0.0
-                )
-                res = correct_movie(
-                    frames,
-                    ts.pixel_A,
-                    dpf,
-                    gain=gain,
-                    pre_exposure=tilt.accumulated_dose_e_per_A2,
-                    voltage_kV=ts.voltage_kV,
-                    settings=settings,
-                )
-                for k, img in (("corrected", res.micrograph), ("even", res.even), ("odd", res.odd)):
-                    stacks[k].data[i] = img
-                per_tilt.append(
-                    {
-                        "z_index": tilt.z_index,
-                        "angle_deg": tilt.angle_deg,
-                        "movie": str(tilt.movie),
-                        "dose_per_frame_e_per_A2": dpf,
-                        "pre_exposure_e_per_A2": tilt.accumulated_dose_e_per_A2,
-                        "shifts_px": res.shifts_px.tolist(),
-                        "local_applied": res.local_applied,
-                        **res.metrics,
-                    }
-                )
-        finally:
-            for m in stacks.values():
-                m.close()
+        for k in ("corrected", "even", "odd"):
+            new_mrc_mmap(out / f"{k}.mrc", (n, *shape), ts.pixel_A).close()
+        if client is None:
+            per_tilt = [correct_tilt(ts, i, shape, gain_path, settings, str(out), gain) for i in range(n)]
+        else:
+            futures = [
+                client.submit(correct_tilt, ts, i, shape, gain_path, settings, str(out), pure=False)
+                for i in range(n)
+            ]
+            try:
+                per_tilt = client.gather(futures)
+            finally:
+                client.cancel(futures)
         zero = min(range(n), key=lambda i: abs(ts.tilts[i].angle_deg))
         (out / "drift.png").write_bytes(drift_plot(np.array(per_tilt[zero]["shifts_px"])))
         doc = {
             "source": "movies",
-            "gain": str(ts.gain) if ts.gain else None,
+            "gain": str(gain_path) if gain_path else None,
+            "gain_rule": "setting" if settings.gain_reference else found.rule,
             "shape": [n, *shape],
             "tilts": per_tilt,
+            "ran_on": "dask cluster" if client is not None else "in process",
         }
         _dump(out / "motion.json", doc)
         return doc
@@ -210,7 +253,9 @@ def estimate_ctf_series(ts: sess.TiltSeries, ws: Workspace, scope: Microscope, s
     box = min(search.box, max(128, min(ny, nx) // 2))
     search = CTFSearch(**{**search.__dict__, "box": box})
 
-    tilts = [TiltedView(t.angle_deg, ts.tilt_axis_deg) if ts.kind == "tilt_series" else None for t in ts.tilts]
+    tilts = [
+        TiltedView(t.angle_deg, ts.tilt_axis_deg) if ts.kind == "tilt_series" else None for t in ts.tilts
+    ]
 
     def run(windows: list[tuple[float, float] | None]):
         def one(i: int):

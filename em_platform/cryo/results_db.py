@@ -147,6 +147,26 @@ class CryoResults:
         with self.engine.begin() as conn:
             self._series_id(conn, key, {**series, "status": status, "error": error, "run_id": run_id})
 
+    def release_run(self, run_id: str, reason: str, *, status: str = "failed") -> list[str]:
+        """Tilt series a run left 'processing' go to ``status`` with ``reason`` (its results rows stay as
+        they were); returns their partition keys."""
+        t = tilt_series
+        with self.engine.begin() as conn:
+            keys = (
+                conn.execute(
+                    sa.select(t.c.partition_key).where(t.c.run_id == run_id, t.c.status == "processing")
+                )
+                .scalars()
+                .all()
+            )
+            if keys:
+                conn.execute(
+                    t.update()
+                    .where(t.c.run_id == run_id, t.c.status == "processing")
+                    .values(status=status, error=reason, updated_at=datetime.now(UTC))
+                )
+        return list(keys)
+
     def replace(
         self,
         key: str,

@@ -4,7 +4,7 @@ single-particle movie sets, gain references — discovered, described and read w
 Layout (the simulator/processing contract): one ``*.mdoc`` per tilt series with the stack (``<name>.mrc`` /
 ``.st``) beside it; movies referenced by ``SubFramePath`` (a Windows path: only the basename counts) found in
 the mdoc's folder, the session folder, or a ``frames``/``Frames`` sub-folder of either; a gain reference
-(``*.gain``, ``*gain*.mrc``, ``CountRef*.dm4``) when frames are raw counts; ground truth, when simulated, in
+when frames are raw counts, chosen by the rule of :mod:`em_platform.cryo.gain_reference`; ground truth, when simulated, in
 ``ground_truth.json`` (or ``<name>.ground_truth.json``) beside the mdoc. A folder of per-movie frame-set mdocs
 (``[FrameSet = 0]``, SerialEM's single-particle output) is one single-particle micrograph set.
 
@@ -22,11 +22,11 @@ from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
+from em_platform.cryo.gain_reference import GainReference, discover_gain
 from em_platform.formats.volume import FormatError
 
 STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
 MOVIE_SUFFIXES = (".tif", ".tiff", ".mrc", ".mrcs")
-GAIN_PATTERNS = ("*.gain", "*gain*.mrc", "*Gain*.mrc", "CountRef*.dm4", "*gain*.dm4")
 SPA_SET = "micrographs"
 
 
@@ -58,9 +58,10 @@ class TiltSeries:
     voltage_kV: float
     tilt_axis_deg: float
     tilts: tuple[Tilt, ...]
-    gain: Path | None = None
+    gain: Path | None = None  # the gain reference the session's rule chose (gain_reference module)
     truth: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    gain_found: GainReference | None = None  # what the mdoc and the session layout said about it
 
     @property
     def has_movies(self) -> bool:
@@ -142,20 +143,12 @@ def _find(name: str, dirs: list[Path]) -> Path | None:
     return None
 
 
-def find_gain(dirs: list[Path], named: str | None = None) -> Path | None:
-    """The gain reference: the one an mdoc names, else the first matching a known pattern."""
-    if named:
-        hit = _find(PureWindowsPath(named).name, dirs)
-        if hit:
-            return hit
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        for pattern in GAIN_PATTERNS:
-            hits = sorted(d.glob(pattern))
-            if hits:
-                return hits[0]
-    return None
+def _gain_fields(dirs: list[Path], named: str | None, movies: bool) -> dict:
+    """``gain`` and ``gain_found`` of a series (the rule: em_platform.cryo.gain_reference)."""
+    if not movies:
+        return {}
+    found = discover_gain(dirs, named)
+    return {"gain": found.path, "gain_found": found}
 
 
 def _stack_for(mdoc: Path, image_file: str | None) -> Path | None:
@@ -236,9 +229,9 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
         voltage_kV=float(g.Voltage or 300.0),
         tilt_axis_deg=float(axis or 0.0),
         tilts=tuple(tilts),
-        gain=find_gain(dirs, named_gain) if any(t.movie_name for t in tilts) else None,
         truth=_truth_for(mdoc, name),
         notes=tuple(notes),
+        **_gain_fields(dirs, named_gain, any(t.movie_name for t in tilts)),
     )
 
 
@@ -285,7 +278,7 @@ def describe_movie_set(folder: Path, mdocs: list[Path], root: Path, tag: str) ->
         voltage_kV=voltage,
         tilt_axis_deg=0.0,
         tilts=tuple(tilts),
-        gain=find_gain(dirs, gain_name),
+        **_gain_fields(dirs, gain_name, True),
     )
 
 
@@ -417,18 +410,25 @@ def load_movie(ts: TiltSeries, tilt: Tilt):
     return data
 
 
-def load_gain(path: Path | None, frame_shape: tuple[int, int]) -> np.ndarray | None:
-    """The gain reference as float32 (ny, nx), or None; a wrong shape names the file and both shapes."""
+def load_gain(
+    path: Path | None, frame_shape: tuple[int, int], rotation: int = 0, flip: int = 0
+) -> np.ndarray | None:
+    """The gain reference as float32 (ny, nx), turned by ``rotation``/``flip`` (MotionCor2's -RotGain/-FlipGain,
+    em_platform.cryo.gain_reference), or None; a wrong shape names the file and both shapes."""
+    from em_platform.cryo.gain_reference import orient_gain
+
     if path is None:
         return None
     vol = _read_array(path, "gain reference")
     gain = np.asarray(vol.data, np.float32)
     if gain.ndim == 3 and gain.shape[0] == 1:
         gain = gain[0]
+    gain = orient_gain(gain, rotation, flip)
     if gain.shape != tuple(frame_shape):
         raise SessionError(
-            f"gain reference {path} has shape {gain.shape} but the frames are {tuple(frame_shape)} (y, x): "
-            "wrong gain file for this camera mode, or it needs rotating/flipping to the frames' orientation"
+            f"gain reference {path} has shape {gain.shape} after rotation {rotation} / flip {flip} but the "
+            f"frames are {tuple(frame_shape)} (y, x): wrong gain file for this camera mode, or set "
+            "gain_rotation / gain_flip (MotionCor2's -RotGain / -FlipGain) in the cryo/motion_corrected run config"
         )
     if not np.isfinite(gain).all() or (gain <= 0).all():
         raise SessionError(f"gain reference {path}: non-finite or all non-positive values")

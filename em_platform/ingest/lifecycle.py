@@ -25,12 +25,20 @@ from typing import Any, Protocol
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.status import Status
 from em_platform.storage import DataStore
+from em_platform.storage.outage import storage_outage
 
 log = logging.getLogger(__name__)
 
 
 class IngestError(RuntimeError):
-    """A dataset could not be ingested; its catalog record is 'failed' with this message."""
+    """A dataset could not be ingested; its catalog record is 'failed' with this message.
+
+    ``outage`` says why the failure was a storage outage (transient: the run retries it later), or None.
+    """
+
+    def __init__(self, message: str, *, outage: str | None = None):
+        super().__init__(message)
+        self.outage = outage
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class IngestAttempt:
         self.thumbnail_path = store.path("ingest", source, f"{name}.thumbnail.png")
         self.staging = store.staging_path(self.volume_path)
         self.record_id: str | None = None
+        self.outage: str | None = None  # set by fail(): why the failure was a storage outage
 
     @property
     def staging_url(self) -> str:
@@ -178,10 +187,21 @@ class IngestAttempt:
         )
 
     def fail(self, exc: BaseException) -> None:
-        """failed, with the error; nothing staged survives."""
-        self.store.remove(self.staging)
+        """failed, with the error; nothing staged survives (unless the store is down: then the record still
+        says failed, and the staging left behind is named in the log). A storage outage is named in the
+        record's error and in :attr:`outage`, so the caller can retry it."""
+        try:
+            self.store.remove(self.staging)
+        except Exception as cleanup:
+            self.logger.warning(
+                "could not remove the staging %s (%s); it is never published", self.staging, cleanup
+            )
+        self.outage = storage_outage(exc, self.store) if isinstance(exc, Exception) else None
         if self.record_id is not None:
-            self.catalog.transition(self.record_id, Status.FAILED, error=exc, run_id=self.run_id)
+            error: BaseException | str = exc
+            if self.outage:
+                error = f"storage outage, retried: {self.outage} ({type(exc).__name__}: {exc})"
+            self.catalog.transition(self.record_id, Status.FAILED, error=error, run_id=self.run_id)
 
     @contextmanager
     def failing_on_error(self) -> Iterator[None]:

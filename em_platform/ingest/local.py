@@ -25,7 +25,7 @@ from em_platform.ingest.convert import (
     convert_volume,
     resolve_voxel_size,
 )
-from em_platform.ingest.inbox import entry_files, folder_images, is_section_stack
+from em_platform.ingest.inbox import checked_entry_files, folder_images, is_section_stack
 from em_platform.ingest.lifecycle import IngestAttempt, IngestError, IngestResult
 from em_platform.storage import DataStore
 from em_platform.storage.checksums import combined_sha256, describe_files
@@ -56,6 +56,8 @@ def ingest_entry(
     """Convert one inbox entry to a published OME-Zarr image with a complete catalog record.
 
     ``dask_client`` is called only if there is pixel work to do (an unchanged entry starts no cluster).
+    An entry that fails the edge checks (a symlink out of the inbox) raises
+    :class:`~em_platform.edge.Refused` before anything is read or recorded.
     """
     key = entry_path.name
     attempt = IngestAttempt(
@@ -70,7 +72,8 @@ def ingest_entry(
     if not entry_path.exists():
         raise IngestError(f"{entry_path}: no such file or folder in the inbox (was it moved or deleted?)")
 
-    files = describe_files(entry_files(entry_path), inbox)  # 1. checksum
+    # 1. the edge checks again (the entry may have changed since the sensor saw it), then checksum
+    files = describe_files(checked_entry_files(entry_path, inbox), inbox)
     logger.info("checksummed %d file(s) of %s: %s", len(files), key, combined_sha256(files)[:16])
     previous = attempt.previous()
     if attempt.still_published(previous) and previous["files"]["source"] == files:
@@ -96,7 +99,7 @@ def ingest_entry(
                 header=header,
             )
     except Exception as exc:
-        raise IngestError(f"ingest of {key} failed: {exc}") from exc
+        raise IngestError(f"ingest of {key} failed: {exc}", outage=attempt.outage) from exc
     return attempt.result(record, written)
 
 

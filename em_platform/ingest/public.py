@@ -16,6 +16,7 @@ from typing import Any
 
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.records import jsonable
+from em_platform.edge import Refused, inside
 from em_platform.ingest.convert import (
     CollectionMember,
     convert_collection,
@@ -86,8 +87,11 @@ def ingest_public_dataset(
         return attempt.kept(previous, f"is unchanged at the source (fingerprint {version.fingerprint[:16]})")
 
     # 2. A new attempt: pending → processing → download + verify → convert → saving-data → complete.
+    try:
+        workdir = inside(downloads, source.name, name, field="download folder")  # no symlink leads out
+    except Refused as exc:
+        raise PublicIngestError(f"{what}: {exc}") from exc
     attempt.begin(description=version.description, files=[])
-    workdir = Path(downloads) / source.name / name
     try:
         with attempt.failing_on_error():
             attempt.processing(
@@ -109,7 +113,8 @@ def ingest_public_dataset(
     except Exception as exc:
         raise PublicIngestError(
             f"{what} failed ({type(exc).__name__}): {exc}; what was downloaded and verified stays in "
-            f"{workdir}, so a re-run resumes"
+            f"{workdir}, so a re-run resumes",
+            outage=attempt.outage,
         ) from exc
     if not keep_downloads:
         shutil.rmtree(workdir, ignore_errors=True)

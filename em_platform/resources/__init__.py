@@ -53,10 +53,12 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
             pixel_size_nm=s.scope_pixel_size_nm,
             topic_prefix=s.broker_topic_prefix,
             username=s.broker_username,
+            tile_shares=list(s.scope_shares),
         )
         if s.broker
         else SimulatedScope(
             journal_url=s.catalog_url,
             pixel_size_nm=s.scope_pixel_size_nm or ScopeConfig.model_fields["pixel_size_nm"].default,
+            tile_shares=list(s.scope_shares),
         ),
     }

@@ -28,11 +28,20 @@ class AcquisitionHardware(dg.ConfigurableResource, ABC):
     # with montage.complete; known beforehand, live matching is centred on the stage positions.
     pixel_size_nm: float | None = None
     rotation_angle_rad: float | None = None  # image axes -> stage axes (TEM_comms rotation_angle)
+    # Folders raw tiles may be read from (EM_SCOPE_SHARES); None: the settings' (the environment's).
+    tile_shares: list[str] | None = None
     _journal: Journal | None = PrivateAttr(default=None)
+
+    def shares(self) -> list[str]:
+        if self.tile_shares is not None:
+            return list(self.tile_shares)
+        from em_platform.settings import load_settings
+
+        return list(load_settings().scope_shares)
 
     def journal(self) -> Journal:
         if self._journal is None:
-            self._journal = Journal(self.journal_url)
+            self._journal = Journal(self.journal_url, tile_shares=self.shares())
         return self._journal
 
     def montages_after(self, seq: int, limit: int = 1000) -> list[MontageRow]:
@@ -58,6 +67,7 @@ class AcquisitionHardware(dg.ConfigurableResource, ABC):
             pixel_size_nm=self.pixel_size_nm,
             rotation_rad=self.rotation_angle_rad,
             outbox=self._outbox(),
+            tile_shares=self.journal().tile_shares,
         )
 
     def send(self, topic: str, payload: dict[str, Any], *, montage_id: str | None = None) -> None:

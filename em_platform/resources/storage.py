@@ -24,6 +24,10 @@ class StorageResource(dg.ConfigurableResource):
     # Local folder for public-dataset downloads, kept across failed runs so a re-run resumes
     # (settings: EM_DOWNLOADS).
     downloads_root: str
+    # A storage outage (the root does not answer) is retried within the run: this many times, the first
+    # after this many seconds, doubling each time (5 retries from 15 s ride out about 8 minutes).
+    outage_retries: int = 5
+    outage_retry_seconds: float = 15.0
 
     def store(self) -> DataStore:
         return DataStore(self.root_url, storage_options_for(self.root_url, self.s3_endpoint_url))

@@ -14,6 +14,7 @@ import dagster as dg
 
 from em_platform.assets.cryo import EVALUATION, K
 from em_platform.cryo.session import discover, fingerprint, newest_change
+from em_platform.edge import Refused, check_relative_key
 from em_platform.jobs import cryo_job
 from em_platform.partitions import cryo_tilt_series
 from em_platform.resources import CryoSessionsResource
@@ -39,6 +40,12 @@ def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessions
         f, e = discover(root, tag)
         found += f
         errors |= e
+    for ts in list(found):  # the key names output folders and storage keys: refuse an unsafe one (edge)
+        try:
+            check_relative_key(ts.key, "partition_key")
+        except Refused as exc:
+            found.remove(ts)
+            errors[ts.key] = str(exc)
     for key, error in errors.items():
         context.log.error(f"cryo session entry {key} skipped: {error}")
     known = set(context.instance.get_dynamic_partitions(cryo_tilt_series.name))

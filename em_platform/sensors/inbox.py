@@ -2,7 +2,9 @@
 
 The cursor maps entry name → fingerprint of what was last requested, so an unchanged entry is never
 requested twice and a changed one is requested again (with a new run key). Entries still arriving
-(modified within the settle period, or named like a partial download) wait for a later tick.
+(modified within the settle period, or named like a partial download) wait for a later tick. An entry the
+edge checks refuse (an unsafe name, a symlink out of the inbox) is never requested: it is logged in the
+tick and dead-lettered once (again only if it changes).
 """
 
 import json
@@ -13,7 +15,7 @@ import dagster as dg
 from em_platform.ingest.inbox import scan_inbox
 from em_platform.jobs import ingest_local_job
 from em_platform.partitions import inbox_entries
-from em_platform.resources import InboxResource
+from em_platform.resources import CatalogResource, InboxResource
 from em_platform.settings import sensor_interval_seconds
 
 MAX_REQUESTS_PER_TICK = 500  # keeps a tick far below the sensor timeout; the rest come next tick
@@ -25,7 +27,9 @@ MAX_REQUESTS_PER_TICK = 500  # keeps a tick far below the sensor timeout; the re
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches EM_INBOX; each settled new or changed file or folder stack is ingested once.",
 )
-def inbox_sensor(context: dg.SensorEvaluationContext, inbox: InboxResource) -> dg.SensorResult:
+def inbox_sensor(
+    context: dg.SensorEvaluationContext, inbox: InboxResource, catalog: CatalogResource
+) -> dg.SensorResult:
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
     entries = scan_inbox(inbox.folder)
@@ -35,6 +39,14 @@ def inbox_sensor(context: dg.SensorEvaluationContext, inbox: InboxResource) -> d
     requests, new_keys, waiting = [], [], []
     for entry in entries:
         if cursor.get(entry.key) == entry.fingerprint:
+            continue
+        if entry.refused is not None:
+            exc = entry.refused
+            letter = catalog.dead_letters().add(
+                source="inbox", topic="ingest/local", field=exc.field, reason=str(exc), body=str(entry.path)
+            )
+            context.log.error(f"inbox entry {entry.key!r} not ingested, dead-lettered as #{letter}: {exc}")
+            cursor[entry.key] = entry.fingerprint
             continue
         if not entry.settled(now, inbox.settle_seconds):
             waiting.append(entry.key)

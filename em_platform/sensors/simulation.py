@@ -3,7 +3,9 @@ and a run per stack.
 
 The cursor maps spec file → sha1 of its bytes when last requested: an unchanged spec is never requested
 again, an edited one is (new run keys), a bad one is reported by name and skipped until it changes, and
-a file still being written (modified in the last few seconds) waits for a later tick.
+a file still being written (modified in the last few seconds) waits for a later tick. A spec that is a
+symlink out of the folder, or whose stack names are not safe partition keys (:mod:`em_platform.edge`), is
+a bad spec: refused, reported by name, never simulated.
 """
 
 import json
@@ -11,6 +13,7 @@ import time
 
 import dagster as dg
 
+from em_platform.edge import Refused, check_file_name
 from em_platform.jobs import simulation_job
 from em_platform.partitions import simulations
 from em_platform.resources import SimulationSpecsResource
@@ -44,7 +47,13 @@ def simulation_sensor(
             context.log.error(f"simulation spec skipped until it is fixed: {e.error}")
             cursor[e.path.name] = e.fingerprint
             continue
-        keys = e.spec.stack_names()
+        try:
+            keys = [check_file_name(k, "partition_key") for k in e.spec.stack_names()]
+        except Refused as exc:
+            bad.append(f"{e.path}: {exc}")
+            context.log.error(f"simulation spec skipped until it is fixed: {e.path}: {exc}")
+            cursor[e.path.name] = e.fingerprint
+            continue
         if len(requests) + len(keys) > MAX_REQUESTS_PER_TICK and requests:
             break
         new_keys += [k for k in keys if k not in known]

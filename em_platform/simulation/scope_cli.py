@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from em_platform.simulation.scope import Emit, QCStatus, simulate_montage
 from em_platform.simulation.scope_config import FAULT_KINDS, ScopeConfig
+from em_platform.simulation.verdicts import VerdictWatch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. blank:5, saturated:7, defocus:10-13, missing:3, corrupt:8)",
     )
     g.add_argument("--out", type=Path, default=None, metavar="DIR", help="tiles go to DIR/<montage_id>/")
+    g.add_argument(
+        "--verdict-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="with --broker: how long to wait for the platform's qc.tile verdicts (after the first tile, and "
+        "after the last verdict at the end); silence stops the montage and exits 3 (default 120)",
+    )
     g.add_argument("--montage-id", default=None, help="montage id (default: a new uuid4)")
 
 
@@ -99,8 +108,16 @@ def config_from_args(args: argparse.Namespace) -> ScopeConfig:
     )
 
 
-def run(args: argparse.Namespace, emit: Emit, qc_status: QCStatus | None = None) -> int:
-    """Simulate one montage; 0 on success, 2 on a configuration error. ``qc_status``: see simulate_montage."""
+def run(
+    args: argparse.Namespace,
+    emit: Emit,
+    qc_status: QCStatus | None = None,
+    verdicts: VerdictWatch | None = None,
+    listeners: str = "",
+) -> int:
+    """Simulate one montage; 0 on success, 2 on a configuration error, 3 when ``verdicts`` (the broker's
+    ``qc.tile`` replies) says nobody judged some tiles. ``qc_status``: see simulate_montage; ``listeners``
+    says where the platform should have been listening (broker, topics), for that error."""
     if args.out is None:
         print("scope-sim: choose where the tiles go with --out DIR", file=sys.stderr)
         return 2
@@ -117,11 +134,14 @@ def run(args: argparse.Namespace, emit: Emit, qc_status: QCStatus | None = None)
     montage_id = args.montage_id or str(uuid.uuid4())
     out_dir = Path(args.out) / montage_id
     began = time.monotonic()
+    if verdicts is not None:
+        emit, qc_status = verdicts.emit(emit), verdicts.qc_status(qc_status)
     try:
         truth = simulate_montage(config, out_dir, emit, montage_id=montage_id, qc_status=qc_status)
     except FileExistsError as exc:
         print(f"scope-sim: {exc}", file=sys.stderr)
         return 2
+    unjudged = verdicts.wait() if verdicts is not None else []
     seconds = time.monotonic() - began
     acquired = sum(t.acquired for t in truth.tiles)
     faults = ", ".join(config.faults) or "none"
@@ -129,5 +149,23 @@ def run(args: argparse.Namespace, emit: Emit, qc_status: QCStatus | None = None)
         f"scope-sim: montage {montage_id}: {acquired}/{config.total_tiles} tiles of {config.tile_size}² px "
         f"+ {len(truth.references)} reference frames in {seconds:.1f} s ({acquired / max(seconds, 1e-9):.1f} tiles/s); "
         f"faults: {faults}; files and ground_truth.json in {out_dir.resolve()}"
+        + (
+            f"; {len(verdicts.judged)}/{len(verdicts.sent)} judged by the platform (qc.tile)"
+            if verdicts
+            else ""
+        )
     )
+    if unjudged:
+        nobody = len(unjudged) == len(verdicts.sent)
+        print(
+            f"scope-sim: {'no tile' if nobody else f'{len(unjudged)} of {len(verdicts.sent)} tiles'} of montage "
+            f"{montage_id} got a qc.tile verdict within {verdicts.timeout:g} s"
+            + ("" if nobody else f" (first: {', '.join(unjudged[:3])})")
+            + f": {'nothing received' if nobody else 'the platform lost'} what was published {listeners}. "
+            "Check that `em-platform listen` runs against this broker with the same topic prefix "
+            "(EM_BROKER_TOPIC_PREFIX) and that the platform's montage sensor is on; the tiles stay in "
+            f"{out_dir.resolve()}",
+            file=sys.stderr,
+        )
+        return 3
     return 0

@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote
 
 import requests
 
+from em_platform.edge import inside
 from em_platform.formats import Volume, open_volume
 from em_platform.formats.image_set import (
     arrange_images,
@@ -256,10 +257,14 @@ class EmpiarSource(Source):
         opts = self.endpoints.options()
         progress = Progress(self.accession, version.total_bytes, logger)
 
-        def get(f: dict[str, Any]):
+        # The names come from the archive's listing (and the entry JSON's imageset folder): each must stay
+        # in the download folder (em_platform.edge), whatever an index page or the API says.
+        paths = [inside(workdir / "data", f["path"], field="archive file") for f in listing]
+
+        def get(f: dict[str, Any], dest: Path):
             return download(
                 f["url"],
-                workdir / "data" / f["path"],
+                dest,
                 manifest=manifest,
                 key=f["path"],
                 expected_size=f["size_bytes"],
@@ -269,7 +274,7 @@ class EmpiarSource(Source):
             )
 
         with ThreadPoolExecutor(max_workers=self.endpoints.parallel, thread_name_prefix="empiar") as pool:
-            entries = list(pool.map(get, listing))
+            entries = list(pool.map(get, listing, paths))
         progress.finish()
 
         imageset = _imageset(entry)
@@ -283,7 +288,6 @@ class EmpiarSource(Source):
                 len(listing),
             )
         technique = str(entry.get("experiment_type") or imageset.get("category") or self.dataset.technique)
-        paths = [workdir / "data" / f["path"] for f in listing]
         vols = [open_volume(p) for p in paths]  # each raises FormatError naming its file
         if images_movies(imageset.get("category")):
             vols = [frames_as_time(v) for v in vols]

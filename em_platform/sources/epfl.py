@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from em_platform.edge import inside
 from em_platform.formats import Volume
 from em_platform.formats.tiff import read_tiff
 from em_platform.formats.tiff_arriving import arriving_volume, contiguous_layout, same_layout
@@ -118,7 +119,8 @@ class EpflSource(Source):
         """Download the stack; with ``convert_while_downloading`` (default) the volume is returned as soon as
         the first page says where the pages lie, and its slabs wait for their bytes, so the conversion runs
         alongside the transfer instead of after it."""
-        dest = workdir / (Path(unquote(urlparse(self.url).path)).name or "volume.tif")
+        name = Path(unquote(urlparse(self.url).path)).name or "volume.tif"
+        dest = inside(workdir, name, field="url")  # a name from the configured URL stays in the folder
         progress = Progress(f"EPFL {self.key}", version.total_bytes, logger)
 
         def get(arrival: Arrival | None = None):

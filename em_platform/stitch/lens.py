@@ -28,6 +28,7 @@ transform em_stitch's polynomial montage solves write. Dagster-free.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -196,6 +197,22 @@ class LensFit:
         }
 
 
+def _consensus_pairs(edges: list[Any]) -> list[Any]:
+    """The edges with only the pairs that agree with their edge's consensus (:mod:`em_platform.stitch.loops`):
+    a wrong pair tens of px off would bend the lens before the robust weights see it."""
+    from em_platform.stitch.loops import edge_consensus
+
+    p = np.concatenate([np.asarray(e.p, np.float64) for e in edges])
+    q = np.concatenate([np.asarray(e.q, np.float64) for e in edges])
+    edge_of = np.repeat(np.arange(len(edges)), [len(e.p) for e in edges])
+    _, agree = edge_consensus(p, q, edge_of, len(edges))
+    out = []
+    for e, keep in zip(edges, np.split(agree, np.cumsum([len(e.p) for e in edges])[:-1]), strict=True):
+        if keep.any():
+            out.append(dataclasses.replace(e, p=np.asarray(e.p)[keep], q=np.asarray(e.q)[keep]))
+    return out
+
+
 def estimate_lens(
     point_edges: Iterable[Any],
     tile_size: tuple[int, int],
@@ -224,6 +241,7 @@ def estimate_lens(
         raise ValueError(
             "a lens correction needs point pairs of at least two tile pairs; match a montage first"
         )
+    edges = _consensus_pairs(edges)
     model0 = LensModel.identity(tile_size, order)
     ids = sorted({t for e in edges for t in (e.tile, e.neighbour)}, key=repr)
     index = {t: i for i, t in enumerate(ids)}
@@ -252,7 +270,8 @@ def estimate_lens(
         blocks.append(hstack(row))
     design = vstack(blocks).tocsr()
     rhs = np.r_[q[:, 0] - p[:, 0], q[:, 1] - p[:, 1]]
-    gauge = np.zeros(design.shape[1])
+    # a tile whose every pair the robust weights drop stays where it is (not a singular system)
+    gauge = np.full(design.shape[1], 1e-9)
     gauge[: 2 * k] = ridge
     # the first tile's translation (and angle) pinned in each group the pairs tie together (blank tiles can
     # split a montage): a group's own translation and rotation are free

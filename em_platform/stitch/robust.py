@@ -189,12 +189,19 @@ def bridges(n: int, ends: np.ndarray) -> np.ndarray:
 
 
 def pick_rejections(
-    residuals: np.ndarray, accepted: np.ndarray, ends: np.ndarray, limit: float, n_tiles: int
+    residuals: np.ndarray,
+    accepted: np.ndarray,
+    ends: np.ndarray,
+    limit: float,
+    n_tiles: int,
+    protected: np.ndarray | None = None,
 ) -> np.ndarray:
     """The edges to reject this round: beyond ``limit``, the worst around both their tiles, not a bridge
-    of the accepted graph, and not splitting it together with the others picked."""
+    of the accepted graph, not ``protected`` (edges closing loops vouch for: :mod:`em_platform.stitch.loops`)
+    and not splitting it together with the others picked."""
     residuals = np.asarray(residuals, np.float64)
-    candidates = np.flatnonzero(accepted & (residuals > limit))
+    eligible = accepted if protected is None else accepted & ~np.asarray(protected, bool)
+    candidates = np.flatnonzero(eligible & (residuals > limit))
     if not len(candidates):
         return candidates
     live = np.flatnonzero(accepted)

@@ -46,6 +46,7 @@ class Layout:
     components: list[list[TileId]] = field(default_factory=list)  # the smaller groups, largest first
     residual_stats: dict[str, float] = field(default_factory=dict)
     stage: dict[str, Any] = field(default_factory=dict)
+    loops: dict[str, Any] = field(default_factory=dict)  # what the match loops said (stitch.loops)
     tile_residuals: dict[TileId, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,4 +114,5 @@ def solve_translations(
         components=solved.components,
         residual_stats=solved.residual_stats,
         stage=solved.stage,
+        loops=solved.loops,
     )

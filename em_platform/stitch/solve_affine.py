@@ -60,6 +60,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from em_platform.stitch.loops import CONSENSUS_PX, edge_consensus, loop_verdicts
 from em_platform.stitch.robust import (
     StageFrame,
     components,
@@ -78,7 +79,10 @@ GAUGE_WEIGHT = 1e-6  # the stage prior of the first pass: fixes the free transla
 STAGE_CALIBRATION = 0.02  # how far (relative) a stage's frame may be from the one the first pass measured
 MIN_TILE_SPREAD = 1e-4  # a spread of tile deformations no montage is told to be below (0.1 px over 2k px)
 SPREAD_ITERATIONS = 8
+PRELIMINARY_ITERATIONS = 8  # rejection rounds of a pass before the model's own
 TRACE_PROBES = 16  # Hutchinson probes for the posterior variances of a large montage's tile parameters
+TRACE_PROBE_TILES = 400  # ... up to this many tiles; fewer beyond (the 4,969-tile TEMCA montage: 4)
+MIN_TRACE_PROBES = 4
 EXACT_TRACE_TILES = 64  # up to this many tiles the posterior variances are summed exactly
 LINEAR_PARTS = ("scale", "rotation", "anisotropy", "shear")
 FREED = {
@@ -145,6 +149,7 @@ class TransformLayout:
     components: list[list[TileId]] = field(default_factory=list)  # the smaller groups, largest first
     residual_stats: dict[str, float] = field(default_factory=dict)  # accepted pairs (em_stitch's figures)
     stage: dict[str, Any] = field(default_factory=dict)  # the stage frame, priors' weights, tile spreads
+    loops: dict[str, Any] = field(default_factory=dict)  # what the loops said (loops.LoopVerdicts.summary)
     tile_residuals: dict[TileId, float] = field(init=False)  # worst accepted edge of the tile (px)
     scale_distortion: dict[TileId, float] = field(init=False)  # max |s − 1|, s = singular values of A
     anisotropy: dict[TileId, float] = field(init=False)  # s_max / s_min (1 = no stretch)
@@ -196,6 +201,7 @@ class TransformLayout:
             components=list(self.components),
             residual_stats=dict(self.residual_stats),
             stage=dict(self.stage),
+            loops=dict(self.loops),
         )
 
 
@@ -319,16 +325,19 @@ def _flatten_pairs(
     )
 
 
-def _measured_match_sigma(pairs: _Pairs) -> float:
-    """The matcher's error: the scatter of an edge's pairs about their mean offset (a default where too
-    few edges carry more than one pair to show it)."""
+def _measured_match_sigma(pairs: _Pairs, agree: np.ndarray) -> float:
+    """The matcher's error: the scatter of an edge's agreeing pairs about their mean offset (a default where
+    too few edges carry more than one such pair to show it). Pairs off their edge's consensus are outliers,
+    not the matcher's scatter: counted in, they inflate it and with it the stage prior's weight."""
     edge_of, n_edges = pairs.edge_of, pairs.n_edges
+    w = agree.astype(np.float64)
     steps = np.stack(
-        [np.bincount(edge_of, (pairs.q_raw - pairs.p_raw)[:, k], minlength=n_edges) for k in (0, 1)], 1
+        [np.bincount(edge_of, w * (pairs.q_raw - pairs.p_raw)[:, k], minlength=n_edges) for k in (0, 1)], 1
     ).astype(np.float64)
-    steps /= np.maximum(pairs.counts, 1)[:, None]  # mean offset per edge: t_tile − t_neighbour (translation)
+    kept = np.bincount(edge_of, w, minlength=n_edges)
+    steps /= np.maximum(kept, 1)[:, None]  # mean offset per edge: t_tile − t_neighbour (translation)
     spread = (pairs.q_raw - pairs.p_raw) - steps[edge_of]
-    multi = pairs.multi
+    multi = agree & (kept[edge_of] > 1)
     return (
         max(0.05, 1.4826 * float(np.median(np.abs(spread[multi]))) * np.sqrt(2))
         if multi.sum() >= 10
@@ -442,6 +451,8 @@ def _reject_outliers(
     outlier_px: float,
     mad_factor: float,
     max_iterations: int,
+    vouched: np.ndarray,
+    agree: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Solve, judge the pairs and edges against ``max(outlier_px, mad_factor · MAD)``, and again until the
     verdicts settle (module docstring: robustness): (accepted edges, accepted pairs, solves spent)."""
@@ -460,8 +471,8 @@ def _reject_outliers(
         limit = max(outlier_px, mad_factor * mad)
         per_edge = _edge_medians(r, edge_of, n_edges)
         # a pair is judged within an edge the majority of whose pairs fit; an edge is judged whole
-        new_pair_ok = (r <= limit) | (per_edge[edge_of] > limit)
-        picks = pick_rejections(per_edge, edge_ok, pairs.ends, limit, pairs.n)
+        new_pair_ok = ((r <= limit) | (per_edge[edge_of] > limit)) & agree
+        picks = pick_rejections(per_edge, edge_ok, pairs.ends, limit, pairs.n, protected=vouched)
         back = ~edge_ok & (per_edge <= limit / 2)
         new_soft = (1 - np.clip(r / limit, 0, 1) ** 2) ** 2
         settled = np.abs(new_soft - soft).max(initial=0) < 0.05
@@ -491,6 +502,7 @@ def solve_transforms(
     outlier_px: float = 3.0,
     mad_factor: float = 6.0,
     max_iterations: int = 40,
+    consensus_px: float = CONSENSUS_PX,
 ) -> TransformLayout:
     """Solve each tile's transform from ``point_edges`` anchored softly at the ``stage`` top-left corners (px).
 
@@ -511,25 +523,31 @@ def solve_transforms(
     radius = float(np.hypot(width, height) / 2)
     pairs = _flatten_pairs(stage, point_edges, centre, radius)
     n, m, edge_of = pairs.n, pairs.m, pairs.edge_of
-    if match_sigma_px is None:
-        match_sigma_px = _measured_match_sigma(pairs)
     # the stage in the image frame and how far to trust it: measured on the montage the matches alone place
     # (a first translation solve held by a gauge-weak prior), so pairs the matcher missed bias nothing
     measure = stage_weight is None and n >= 3 and pairs.n_edges >= 2
     frame = stage_frame(np.zeros((0, 2)), np.zeros((0, 2)), fit=False, sigma_px=stage_sigma_px)
     weight_stage = stage_weight if stage_weight is not None else GAUGE_WEIGHT
-    edge_ok = np.ones(pairs.n_edges, bool)
+    # pairs off their edge's consensus and edges their loops refuse start out; loops vouch for the rest
+    consensus, agree = edge_consensus(pairs.p_raw, pairs.q_raw, pairs.edge_of, pairs.n_edges, consensus_px)
+    pair_ok = agree.copy()
+    if match_sigma_px is None:
+        match_sigma_px = _measured_match_sigma(pairs, agree)
+    agreeing = np.bincount(pairs.edge_of, agree, minlength=pairs.n_edges) > 0
+    verdicts = loop_verdicts(n, pairs.ends, consensus, tuple(centre), usable=agreeing)
+    edge_ok = agreeing & ~verdicts.refused
     solver = _make_solver(pairs, frame, weight_stage, edge_ok, fit_stage_frame)
     # the spread of the tiles' linear parts about the identity, per part: at most the given sigmas, and
     # measured from the montage before each flexible pass (fit_spread)
     largest = {k: rotation_sigma if k == "rotation" else deformation_sigma for k in LINEAR_PARTS}
     tile_spread = dict(largest)
     link = _prior_links(rigid_weight, tile_spread, match_sigma_px, radius)
-    pair_ok = np.ones(m, bool)
     iterations = 0
     degree = np.bincount(pairs.ends.ravel(), minlength=n)
     t = np.zeros((n, 2))  # the tile centres of the last pass (the frame is measured against them)
-    for step, kind in enumerate((["frame"] if measure else []) + PASSES[model]):
+    passes = (["frame"] if measure else []) + PASSES[model]
+    for step, kind in enumerate(passes):
+        final = step == len(passes) - 1
         if kind != "frame" and step == 1:  # after the frame pass: the measured stage frame and weight
             frame, weight_stage = _measured_frame(
                 pairs, t, edge_ok, match_sigma_px, fit_stage_frame, stage_sigma_px
@@ -546,7 +564,17 @@ def solve_transforms(
             iterations += spent
         solve = solver.for_model(kind, link)
         edge_ok, pair_ok, spent = _reject_outliers(
-            solve, pairs, edge_ok, pair_ok, outlier_px, mad_factor, max_iterations
+            solve,
+            pairs,
+            edge_ok,
+            pair_ok,
+            outlier_px,
+            mad_factor,
+            # a stiffer pass before the model's own only settles gross outliers (the loops have judged the
+            # edges): iterating it to the end re-weighs the stiffer model's misfit, which the next drops
+            max_iterations if final else min(max_iterations, PRELIMINARY_ITERATIONS),
+            verdicts.vouched,
+            agree,
         )
         iterations += spent
         linear, t = solve(pairs.w0 * pair_ok * edge_ok[edge_of])
@@ -556,9 +584,11 @@ def solve_transforms(
             match_sigma_px = min(match_sigma_px, max(0.05, 1.4826 * float(np.median(r)) / np.sqrt(2)))
             link = _prior_links(rigid_weight, tile_spread, match_sigma_px, radius)
     stage_summary = _stage_summary(frame, solver.correction, weight_stage, match_sigma_px, tile_spread, model)
-    return _transform_layout(
+    layout = _transform_layout(
         pairs, linear, t, edge_ok, pair_ok, (width, height), model, iterations, stage_summary
     )
+    layout.loops = verdicts.summary()
+    return layout
 
 
 def _stage_summary(
@@ -775,9 +805,12 @@ class _Solver:
         normal, vector = system.normal(weights)
         if count <= EXACT_TRACE_TILES:
             probes, scale = np.eye(count), 1.0
-        else:
-            probes = np.random.default_rng(0).choice([-1.0, 1.0], (count, TRACE_PROBES))
-            scale = 1.0 / TRACE_PROBES
+        else:  # the estimate's relative error shrinks as 1/√(probes · tiles): a large montage needs few
+            k = int(
+                np.clip(np.ceil(TRACE_PROBES * TRACE_PROBE_TILES / count), MIN_TRACE_PROBES, TRACE_PROBES)
+            )
+            probes = np.random.default_rng(0).choice([-1.0, 1.0], (count, k))
+            scale = 1.0 / k
         blocks = []
         for name in names:
             k = 2 + LINEAR_PARTS.index(name)  # the part's block of prior rows (after the stage's two)

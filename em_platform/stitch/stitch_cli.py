@@ -26,12 +26,19 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(stitch: argparse.ArgumentParser) -> None:
     stitch.add_argument("tiles_dir", type=Path, metavar="TILES_DIR", help="folder of 2-D TIFF tiles")
-    stitch.add_argument(
+    where = stitch.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--layout",
         type=Path,
-        required=True,
         metavar="LAYOUT.csv",
         help="CSV with the header tile,row,column,x,y: file name, grid indices, top-left in px (the stage's)",
+    )
+    where.add_argument(
+        "--metafile",
+        type=Path,
+        metavar="_metadata_*.json",
+        help="a TEMCA montage metafile instead: tiles, stage positions and the scope's own matches (used "
+        "unless --matches is given); without the tiles' TIFFs in TILES_DIR it solves and reports only",
     )
     stitch.add_argument("--out", type=Path, required=True, metavar="OUT.zarr", help="the fused OME-Zarr")
     stitch.add_argument(
@@ -109,6 +116,7 @@ def run(args) -> int:
     """Stitch a tile folder: match (or read matches), solve, report, fuse; see the module docstring."""
     from em_platform.stitch.interop import MatchFileError, read_point_matches, tilespecs, write_point_matches
     from em_platform.stitch.lens import LensModel, estimate_lens
+    from em_platform.stitch.temca import TemcaFileError
     from em_platform.stitch.tile_folder import (
         TileFolderError,
         match_tile_folder,
@@ -122,7 +130,11 @@ def run(args) -> int:
     if problem:
         return _bad_input(problem)
     try:
-        tiles = open_tile_folder(args.tiles_dir, args.layout)
+        metafile = None
+        if args.metafile is not None:
+            tiles, metafile = _metafile_tiles(args.tiles_dir, args.metafile)
+        else:
+            tiles = open_tile_folder(args.tiles_dir, args.layout)
         lens = None
         if args.lens is not None:
             try:
@@ -130,7 +142,11 @@ def run(args) -> int:
             except (OSError, ValueError, KeyError) as exc:
                 return _bad_input(f"{args.lens}: not a lens correction this command wrote ({exc})")
         report = None
-        if args.matches is not None:
+        if args.matches is None and metafile is not None:
+            point_edges = list(metafile.edges)
+            if not point_edges:
+                return _bad_input(f"{args.metafile}: its matcher holds no point pairs; give --matches")
+        elif args.matches is not None:
             names = {Path(t.tile).stem: t.tile for t in tiles.tiles}
             known = {t.tile for t in tiles.tiles}
             point_edges = [
@@ -138,7 +154,7 @@ def run(args) -> int:
             ]
             if not point_edges:
                 return _bad_input(f"{args.matches}: no point match names two tiles of {args.layout}")
-        else:
+        elif metafile is None:
             report = match_tile_folder(
                 tiles,
                 workers=args.workers,
@@ -147,7 +163,7 @@ def run(args) -> int:
             )
             point_edges = report.point_edges
         layout = solve_tile_folder(tiles, report, args.model, lens=lens, point_edges=point_edges)
-    except (TileFolderError, MatchFileError) as exc:
+    except (TileFolderError, MatchFileError, TemcaFileError) as exc:
         return _bad_input(exc)
 
     out = args.out.absolute()
@@ -162,8 +178,15 @@ def run(args) -> int:
         )
 
     pixel_size, source = _pixel_size(args, tiles)
-    fused = None if args.no_fuse else _fuse(args, tiles, layout, lens, pixel_size, out)
-    seams = _seams(tiles, layout, report, point_edges, lens)
+    images = all((tiles.folder / t.tile).is_file() for t in tiles.tiles)
+    if not images:
+        print(
+            f"note: the tiles' TIFFs are not all in {tiles.folder}: solved from the matches only "
+            "(no fused image, no seams measured on pixels)",
+            file=sys.stderr,
+        )
+    fused = None if args.no_fuse or not images else _fuse(args, tiles, layout, lens, pixel_size, out)
+    seams = _seams(tiles, layout, report, point_edges, lens) if images else []
     doc = _report(args, tiles, report, layout, seams, lens, fitted)
     shapes = {t.tile: (t.height, t.width) for t in tiles.tiles}
     _write_json(out.with_name(f"{stem}.report.json"), doc)
@@ -185,11 +208,29 @@ def run(args) -> int:
     return 0 if args.allow_unplaced else 3
 
 
+def _metafile_tiles(folder: Path, metafile_path: Path):
+    """A TEMCA metafile as the tile folder the rest of the command works on (no TIFF is opened)."""
+    import numpy as np
+
+    from em_platform.stitch.temca import read_temca_metafile
+    from em_platform.stitch.tile_folder import FolderTile, TileFolder
+
+    montage = read_temca_metafile(metafile_path)
+    tiles = tuple(
+        FolderTile(t.name, t.row, t.column, t.x, t.y, montage.height, montage.width, i)
+        for i, t in enumerate(montage.tiles)
+    )
+    folder = Path(folder)
+    return TileFolder(
+        folder, Path(metafile_path), tiles, np.dtype(montage.dtype), montage.pixel_size_nm
+    ), montage
+
+
 def _pixel_size(args, tiles) -> tuple[float, str]:
     if args.pixel_size_nm is not None:
         return args.pixel_size_nm, "--pixel-size-nm"
     if tiles.pixel_size_nm is not None:
-        return tiles.pixel_size_nm, "the TIFF resolution tags"
+        return tiles.pixel_size_nm, "the metafile" if args.metafile else "the TIFF resolution tags"
     return 1.0, "unknown (no resolution tags): 1 nm recorded, give --pixel-size-nm"
 
 
@@ -257,11 +298,13 @@ def _report(args, tiles, report, layout, seams, lens, fitted):
         [(p.tile.tile, p.neighbour.tile, p.position, why) for p, why in report.unmatched] if report else []
     )
     extra = {
-        "layout": str(args.layout),
+        "layout": str(args.layout or args.metafile),
         "lens": None
         if lens is None
         else {"file": str(args.lens), "max_displacement_px": lens.max_displacement()},
     }
+    if layout.loops:
+        extra["loops"] = layout.loops
     if fitted is not None:
         extra["lens_estimate"] = {"file": str(args.estimate_lens), **fitted.summary()}
     return stitch_report(
@@ -272,7 +315,7 @@ def _report(args, tiles, report, layout, seams, lens, fitted):
         methods=report.methods() if report else {"external": len(layout.edge_residuals)},
         unmatched=unmatched,
         seams=seams,
-        source="images" if report else f"matches {args.matches}",
+        source="images" if report else f"matches {args.matches or args.metafile}",
         extra=extra,
     )
 
@@ -299,7 +342,16 @@ def _print_summary(tiles, report, layout, doc, pixel_size, source, fused, out, p
             print(f"  … and {len(report.unmatched) - 10} more unmatched pairs")
         print(f"blank:         {len(report.blank)}", *report.blank[:10])
     else:
-        print(f"edges:         {len(layout.edge_residuals) + len(layout.rejected)} from {args.matches}")
+        print(
+            f"edges:         {len(layout.edge_residuals) + len(layout.rejected)} from "
+            f"{args.matches or args.metafile}"
+        )
+    loops = layout.loops
+    if loops.get("loops"):
+        print(
+            f"loops:         {loops['loops_closing']} of {loops['loops']} close within "
+            f"{loops['loop_tolerance_px']} px; {loops['edges_refused_by_loops']} edge(s) refused by them"
+        )
     rejected = [f"{a}–{b} ({r:.1f} px)" for (a, b), r in layout.rejected.items()]
     print(f"rejected:      {len(rejected)}", *rejected[:10])
     unplaced = doc["tiles"]["unplaced"]
@@ -314,9 +366,13 @@ def _print_summary(tiles, report, layout, doc, pixel_size, source, fused, out, p
         f"pair {stats.get('mean_px', 0.0):.3f} ± {stats.get('std_px', 0.0):.3f} px ({layout.model})"
     )
     seams = doc["seams"] or {}
-    print(
-        f"seams:         max {seams.get('max_px')} px over {seams.get('measured')} overlaps in the fused pixels"
-    )
+    if seams.get("measured"):
+        print(
+            f"seams:         max {seams.get('max_px')} px over {seams.get('measured')} overlaps in the fused "
+            "pixels"
+        )
+    else:
+        print("seams:         not measured (no tile pixels)")
     print(f"pixel size:    {pixel_size:g} nm ({source})")
     if fused is not None:
         print(

@@ -16,6 +16,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from em_platform.edge import join_key
+
 STAGING = ".staging"
 ROOT_MARKER = "zarr.json"
 
@@ -48,8 +50,12 @@ class DataStore:
     # -- names ------------------------------------------------------------------------------------
 
     def path(self, *parts: str) -> str:
-        """File-system path (no protocol) of ``parts`` under the root."""
-        return posixpath.join(self.root, *parts) if parts else self.root
+        """File-system path (no protocol) of ``parts`` under the root.
+
+        Each part is checked (:func:`em_platform.edge.join_key`): an absolute part or a ``..`` segment is
+        refused, so a name from outside (a montage id, a partition key) can never leave the root.
+        """
+        return join_key(self.root, *parts, field="storage path") if parts else self.root
 
     def url(self, *parts: str) -> str:
         """Full URL of ``parts`` under the root (what zarr and readers open)."""
@@ -67,6 +73,18 @@ class DataStore:
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
+
+    def reachable(self) -> bool:
+        """Whether the root answers now (a listing of it, not from cache): False while the object store or
+        the file server is down. See :func:`em_platform.storage.outage.storage_outage`."""
+        try:
+            self.fs.invalidate_cache(self.root)
+            self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return not self.is_local  # an empty prefix on S3 is no folder; a missing local root is gone
+        except Exception:
+            return False
+        return True
 
     def remove(self, path: str) -> None:
         if self.fs.exists(path):

@@ -7,13 +7,19 @@ identified by a digest of its topic and body, so a redelivered message changes n
 
 ``messages.seq`` is a monotonically increasing high-water mark: a montage's ``seq`` is the sequence
 number of the first message that mentioned it, which is what the montage sensor's cursor follows.
+
+Every writer goes through :meth:`Journal.record`, so the edge checks (:func:`em_platform.edge.check_tem_message`:
+safe montage and tile ids, and with ``tile_shares`` a tile path on a scope share) guard the listener and the
+embedded simulator alike; a refusal raises :class:`~em_platform.edge.Refused` before anything is written, and
+:meth:`Journal.dead_letter` keeps the refused message in the same database.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +27,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from em_platform.catalog.dead_letters import add_letter, create_tables
+from em_platform.edge import check_tem_message
 from em_platform.sql import JSONType, open_database
 
 metadata_obj = sa.MetaData()
@@ -169,9 +177,20 @@ def _aware(ts: datetime | None) -> datetime | None:
 class Journal:
     """Acquisition messages, montages, tiles and per-tile results in the platform database."""
 
-    def __init__(self, url: str, *, create: bool = True):
+    def __init__(
+        self,
+        url: str,
+        *,
+        create: bool = True,
+        tile_shares: Iterable[str | os.PathLike[str]] | None = None,
+    ):
+        """``tile_shares``: the folders a ``tile.raw`` path must lie in (EM_SCOPE_SHARES); None leaves tile
+        paths unchecked here (a library caller that trusts its scope; every entry point passes them)."""
         self.url = url
+        self.tile_shares = None if tile_shares is None else tuple(tile_shares)
         self.engine = open_database(url, metadata_obj, create=create)
+        if create:
+            create_tables(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -179,9 +198,28 @@ class Journal:
     # -- writing messages -------------------------------------------------------------------------
 
     def record(self, topic: str, payload: dict[str, Any], *, received_at: datetime | None = None) -> bool:
-        """Store one message and apply it to montages/tiles, atomically. False if it was already recorded."""
+        """Store one message and apply it to montages/tiles, atomically. False if it was already recorded.
+
+        Raises :class:`~em_platform.edge.Refused` (nothing written) for an unsafe id or a tile off the shares.
+        """
+        check_tem_message(topic, payload, self.tile_shares)
         with self.engine.begin() as conn:
             return _record(conn, topic, payload, received_at or _now())
+
+    def dead_letter(
+        self,
+        source: str,
+        topic: str,
+        field: str,
+        reason: str,
+        body: str | bytes | Any,
+        headers: dict[str, Any] | None = None,
+    ) -> int:
+        """Keep a refused message (see :mod:`em_platform.catalog.dead_letters`); committed when this returns."""
+        with self.engine.begin() as conn:
+            return add_letter(
+                conn, source=source, topic=topic, field=field, reason=reason, body=body, headers=headers
+            )
 
     def record_tile_reports(self, reports: Sequence[TileReport]) -> None:
         """Judged tiles' outgoing messages and results, all in one commit.

@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="longest wait between reconnection attempts (default: 30; the first wait is 1 s, doubling)",
     )
+    parser.add_argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder this scope's tiles may lie in, repeatable: a tile.raw path elsewhere is dead-lettered "
+        "(default: $EM_SCOPE_SHARES; one listener per scope gives each scope its own shares)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log every journaled message")
 
 
@@ -94,6 +102,12 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
         print(f"em-platform listen: cannot open the acquisition journal: {exc}", file=sys.stderr)
         return 2
 
+    shares = getattr(journal, "tile_shares", None)
+    if shares is not None:
+        log.info(
+            "tile.raw paths must lie under %s; anything refused goes to `em-platform dead-letters`",
+            ", ".join(shares),
+        )
     stop = threading.Event()
 
     def _stop(signum, _frame) -> None:

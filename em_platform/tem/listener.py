@@ -10,11 +10,13 @@ microscope sent them (a ``montage.complete`` never overtakes the montage's last 
 Each MESSAGE is deserialised as pigeon does (the JSON body validated by the topic's TEM_comms model),
 written to the journal, and acknowledged (``ack:client-individual``) only after the journal commit. A
 redelivery after a crash between commit and ACK is recognised by the journal (same topic and body) and
-changes nothing. A message that fails validation is logged with the topic and the fields and NACKed
-without requeue (dropped, or dead-lettered when the queue has a dead-letter policy), never retried
-forever. A journal that is unavailable (database down) leaves the message unacknowledged and is retried
-with backoff. A lost broker connection is logged and reconnected with bounded exponential backoff;
-``stop`` ends the listener cleanly (unacknowledged messages return to the queue).
+changes nothing. A message that fails validation or the edge checks (:mod:`em_platform.edge`: safe ids,
+a tile path on a scope share) is logged with the topic, the field and the reason, written to the dead
+letters (the journal's database, raw body and headers kept) and acknowledged only once that row is
+committed: never lost, never retried forever, listed by ``em-platform dead-letters``. A journal that is
+unavailable (database down) leaves the message unacknowledged and is retried with backoff. A lost broker
+connection is logged and reconnected with bounded exponential backoff; ``stop`` ends the listener cleanly
+(unacknowledged messages return to the queue).
 
 Stopping the listener never deletes its queue (only :func:`delete_subscription` does); run one listener
 per subscription name. No Dagster here.
@@ -35,6 +37,7 @@ import sqlalchemy as sa
 import stomp
 import stomp.exception
 
+from em_platform.edge import Refused
 from em_platform.sql import DatabaseUnavailable
 from em_platform.tem.broker import (
     DEFAULT_TOPIC_PREFIX,
@@ -68,6 +71,10 @@ _LOST = object()  # _handle's verdict: the connection is gone (or we are stoppin
 class JournalSink(Protocol):
     def record(self, topic: str, payload: dict[str, Any]) -> bool: ...
 
+    def dead_letter(
+        self, source: str, topic: str, field: str, reason: str, body: Any, headers: dict[str, Any] | None
+    ) -> int: ...
+
 
 @dataclass
 class ListenerStats:
@@ -76,7 +83,7 @@ class ListenerStats:
     received: int = 0
     journaled: int = 0
     duplicates: int = 0  # redeliveries / repeated bodies: acknowledged, journal unchanged
-    rejected: int = 0  # invalid messages: logged and NACKed without requeue
+    rejected: int = 0  # invalid or refused messages: logged, dead-lettered, then acknowledged
     journal_errors: int = 0  # transient journal failures (retried, message not acknowledged meanwhile)
     connections: int = 0
     connect_failures: int = 0
@@ -311,14 +318,9 @@ class _JournalListener:
         topic = topic_of(dest, self.prefix)
         self.stats.received += 1
         if topic not in CONSUMED:
-            self.log.error(
-                "rejected message %s on %r: not one of the consumed topics %s under prefix %r",
-                msg_id,
-                dest,
-                ", ".join(CONSUMED),
-                self.prefix,
-            )
-            return self.reject(conn, ack_id)
+            reason = f"not one of the consumed topics {', '.join(CONSUMED)} under prefix {self.prefix!r}"
+            self.log.error("rejected message %s on %r: %s", msg_id, dest, reason)
+            return self.reject(conn, events, frame, dest, "destination", reason)
         try:
             payload = decode(topic, frame.body)
         except ProtocolError as exc:
@@ -332,13 +334,23 @@ class _JournalListener:
                 message_version(topic),
                 frame.body,
             )
-            return self.reject(conn, ack_id)
+            return self.reject(conn, events, frame, topic, ",".join(exc.fields) or "(body)", str(exc))
 
         delay, bad_tries = self.backoff[0], 0
         while True:
             try:
                 new = self.journal.record(topic, payload)
                 break
+            except Refused as exc:
+                self.log.error(
+                    "rejected %s message %s from %s: %s; body: %.500s",
+                    topic,
+                    msg_id,
+                    headers.get("source") or headers.get("service") or "unknown sender",
+                    exc,
+                    frame.body,
+                )
+                return self.reject(conn, events, frame, topic, exc.field, str(exc))
             except Exception as exc:
                 if _is_transient(exc):
                     self.stats.journal_errors += 1
@@ -365,7 +377,8 @@ class _JournalListener:
                     exc,
                     frame.body,
                 )
-                return self.reject(conn, ack_id)
+                reason = f"the journal cannot record it ({type(exc).__name__}: {str(exc)[:500]})"
+                return self.reject(conn, events, frame, topic, "(journal)", reason)
         if new:
             self.stats.journaled += 1
             self.log.debug("journaled %s message %s", topic, msg_id)
@@ -386,11 +399,65 @@ class _JournalListener:
             return _LOST
         return None
 
-    def reject(self, conn: stomp.Connection12, ack_id: str | None) -> object:
+    def reject(self, conn: stomp.Connection12, events: _Consumer, frame, topic: str, field: str, reason: str):
+        """Dead-letter the message (committed), then acknowledge it: kept, and not delivered again.
+
+        A database outage is waited out with the message unacknowledged (the broker keeps it); only if the
+        dead letter itself cannot be written is the message NACKed without requeue, its body in the log.
+        """
+        headers = dict(frame.headers)
+        msg_id = headers.get("message-id", "?")
+        ack_id = headers.get("ack") or msg_id
+        delay, tries = self.backoff[0], 0
+        while True:
+            try:
+                letter = self.journal.dead_letter("broker", topic, field, reason, frame.body, headers)
+                break
+            except Exception as exc:
+                if _is_transient(exc):
+                    self.stats.journal_errors += 1
+                    self.log.warning(
+                        "could not dead-letter %s message %s (%s); not acknowledged, retrying in %.3g s",
+                        topic,
+                        msg_id,
+                        str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                        delay,
+                    )
+                    if self.stop.wait(delay) or events.closed:
+                        return _LOST
+                    delay = min(delay * 2, self.backoff[1])
+                    continue
+                tries += 1
+                if tries < 2:
+                    continue  # a race with another writer of the same letter: the retry updates its row
+                self.log.critical(
+                    "could not dead-letter %s message %s (%s: %s); dropping it, body: %s",
+                    topic,
+                    msg_id,
+                    type(exc).__name__,
+                    exc,
+                    frame.body,
+                )
+                self.stats.rejected += 1
+                try:
+                    conn.nack(ack_id, requeue="false")
+                except (stomp.exception.StompException, OSError):
+                    return _LOST
+                return None
         self.stats.rejected += 1
+        self.log.error(
+            "%s message %s dead-lettered as #%d (field %s); see `em-platform dead-letters`",
+            topic,
+            msg_id,
+            letter,
+            field,
+        )
         try:
-            conn.nack(ack_id, requeue="false")
-        except (stomp.exception.StompException, OSError):
+            conn.ack(ack_id)
+        except (stomp.exception.StompException, OSError) as exc:
+            self.log.warning(
+                "could not acknowledge dead-lettered message %s (%s); it will come back", msg_id, exc
+            )
             return _LOST
         return None
 

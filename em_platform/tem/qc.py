@@ -228,6 +228,19 @@ class MontageQC:
             [Fault(NOT_RECEIVED, "persistent", 1.0, 1.0, metrics)],
         )
 
+    def fail_checks(self, failed: list[str]) -> None:
+        """Montage-level checks that failed at the end (``failed``: what each measured against its limit).
+
+        The platform will not stitch or upload such a montage, so the scope must not hear GOOD: the status
+        becomes STOP_AT_END (a STOP_NOW stays) and the reason names the checks, after any fault it had.
+        """
+        if not failed:
+            return
+        text = "montage checks failed: " + "; ".join(failed)
+        if self.status == "GOOD":
+            self.status = "STOP_AT_END"
+        self.reason = f"{self.reason}; {text}" if self.reason else text
+
     def _update_status(self, verdict: TileVerdict) -> None:
         """Fold one verdict into the status (each verdict once: the status costs nothing per tile)."""
         for f in verdict.faults:

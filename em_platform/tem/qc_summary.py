@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from em_platform.tem.montage_run import MontageRunResult
 from em_platform.tem.qc import BLANK, NO_MATCH, NO_TISSUE, OUT_OF_FOCUS, SATURATED
+
+if TYPE_CHECKING:  # the run folds these checks into its last qc.status: it imports this module
+    from em_platform.tem.montage_run import MontageRunResult
 
 __all__ = ["CheckOutcome", "MontageLimits", "MontageSummary"]
 
@@ -35,6 +37,7 @@ class CheckOutcome:
     name: str
     passed: bool
     metadata: dict[str, Any]
+    description: str = ""  # what was measured against the limit, e.g. for the scope's qc.status reason
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class MontageSummary:
     # per stage of a tile's latency (MontageRunResult.latency_by_stage): p50, p95 and max over the tiles, ms
     latency_ms: dict[str, dict[str, float]]
     polling_since: float | None  # Unix time the run first looked at the journal
+    calibration: dict[str, Any]  # the run's StageCalibration (pixel size, rotation, where from)
     qc: dict[str, Any]  # MontageQC.summary(): status, reason, passed, faults by type and scope
     focus_median: float | None
     mean_intensity: float | None
@@ -86,6 +90,7 @@ class MontageSummary:
                 stage: _spread(values) for stage, values in result.latency_by_stage().items() if values
             },
             polling_since=result.polling_since,
+            calibration=result.calibration.to_dict() if result.calibration else {},
             qc=qc,
             focus_median=statistics.median(r.outcome.focus for r in ok) if ok else None,
             mean_intensity=statistics.fmean(r.outcome.stats["mean"] for r in ok) if ok else None,
@@ -109,28 +114,47 @@ class MontageSummary:
         """The montage-level checks (each blocking downstream montage assets when it fails)."""
         f = self.fractions
 
-        def fraction(name: str, value: float, limit: float, extra_fail: bool = False) -> CheckOutcome:
+        def fraction(
+            name: str, what: str, value: float, limit: float, extra_fail: str | None = None
+        ) -> CheckOutcome:
+            text = f"{name}: {value:.1%} of {what} (limit {limit:.1%})" + (
+                f"; {extra_fail}" if extra_fail else ""
+            )
             return CheckOutcome(
-                name, value <= limit and not extra_fail, {"fraction": round(value, 4), "limit": limit}
+                name,
+                value <= limit and not extra_fail,
+                {"fraction": round(value, 4), "limit": limit},
+                text,
             )
 
+        critical = int(f["critical_saturated"])
+        unmatched = round(f["unmatched_edges"] * max(self.edges, 1))
+        lost = sorted(self.not_received.items())
         return [
-            fraction("focus", f[OUT_OF_FOCUS], limits.max_out_of_focus_fraction),
-            fraction("blank_tiles", f[BLANK], limits.max_blank_fraction),
+            fraction("focus", "tiles out of focus", f[OUT_OF_FOCUS], limits.max_out_of_focus_fraction),
+            fraction("blank_tiles", "tiles blank or without tissue", f[BLANK], limits.max_blank_fraction),
             fraction(
-                "saturated_tiles", f[SATURATED], limits.max_saturated_fraction, f["critical_saturated"] > 0
+                "saturated_tiles",
+                "tiles saturated",
+                f[SATURATED],
+                limits.max_saturated_fraction,
+                f"{critical} critically over-exposed" if critical else None,
             ),
-            fraction("overlap", f["unmatched_edges"], limits.max_unmatched_edge_fraction),
+            fraction(
+                "overlap",
+                f"edges unmatched ({unmatched} of {self.edges})",
+                f["unmatched_edges"],
+                limits.max_unmatched_edge_fraction,
+            ),
             CheckOutcome(
                 "tiles_received",
                 not self.not_received,
                 {
-                    "not_received": [
-                        {"tile_id": tid, "row": rc[0], "column": rc[1]}
-                        for tid, rc in sorted(self.not_received.items())
-                    ],
+                    "not_received": [{"tile_id": tid, "row": rc[0], "column": rc[1]} for tid, rc in lost],
                     "named_by": "montage.complete",
                 },
+                f"tiles_received: {len(lost)} tile(s) montage.complete names never arrived"
+                + (f" ({', '.join(f'r{r} c{c}' for _, (r, c) in lost[:5])})" if lost else ""),
             ),
         ]
 

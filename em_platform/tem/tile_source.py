@@ -6,17 +6,21 @@
 waits on the broker; the embedded simulated scope reads the journal itself. ``qc.status`` history
 (what the simulated scope obeys) is kept in the journal when the status changes; the message itself
 also goes out at the end of a montage and every few seconds, so a scope that reconnects hears it.
+With ``tile_shares``, a tile whose path is not on a scope share (:func:`em_platform.edge.under_shares`) is
+never handed to the run: it is marked failed with the reason and dead-lettered, before anything opens it.
 No Dagster here: the acquisition-hardware resource only builds one of these.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from em_platform.edge import Refused, under_shares
 from em_platform.tem.journal import Journal, MontageRow, TileReport, TileRow
 from em_platform.tem.protocol import qc_status
 
@@ -97,17 +101,37 @@ class JournalTileSource:
         pixel_size_nm: float | None = None,
         rotation_rad: float | None = None,
         outbox: Outbox | None = None,
+        tile_shares: Iterable[str | os.PathLike[str]] | None = None,
     ):
         self.journal = journal
         self.pixel_size_nm = pixel_size_nm
         self.rotation_rad = rotation_rad
         self.outbox = outbox
+        self.tile_shares = None if tile_shares is None else tuple(tile_shares)
+        self._refused: set[str] = set()
 
     def montage(self, montage_id: str) -> MontageRow | None:
         return self.journal.montage(montage_id)
 
     def tiles(self, montage_id: str, after_seq: int = 0) -> list[TileRow]:
-        return self.journal.tiles(montage_id, after_seq=after_seq)
+        """New tiles; with ``tile_shares``, only those whose file lies on a scope share."""
+        rows = self.journal.tiles(montage_id, after_seq=after_seq)
+        if self.tile_shares is None:
+            return rows
+        return [t for t in rows if self._on_share(t)]
+
+    def _on_share(self, t: TileRow) -> bool:
+        try:
+            under_shares(t.path, self.tile_shares or (), "path")
+            return True
+        except Refused as exc:
+            if t.tile_id not in self._refused:  # reported once per run, however often the run polls
+                self._refused.add(t.tile_id)
+                log.error("montage %s: tile %s not read: %s", t.montage_id, t.tile_id, exc)
+                self.journal.save_tile_results(t.tile_id, status="failed", error=str(exc))
+                body = {"tile_id": t.tile_id, "montage_id": t.montage_id, "path": t.path}
+                self.journal.dead_letter("journal", "tile.raw", exc.field, str(exc), body)
+            return False
 
     def named_tiles(self, montage_id: str) -> dict[str, tuple[int, int]] | None:
         return self.journal.named_tiles(montage_id)

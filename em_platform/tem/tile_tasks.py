@@ -26,6 +26,7 @@ from em_platform.stitch.grid import OPPOSITE, neighbour_of, to_nominal
 from em_platform.tem.qc import QCConfig, usable_for_matching
 
 STORE_CHUNK_PX = 1024  # largest chunk edge of a stored processed tile
+MIN_TEMPLATE_PX = 8  # stitch.matching's narrowest template: an overlap thinner than this is not searched
 
 
 @dataclass(frozen=True)
@@ -289,18 +290,36 @@ def _strip(end: TileOutcome | StoredTile, side: str, overlap: int):
     return type(strip)(strip.pixels, strip.side, end.shape), end.shape
 
 
+def _clamp_across(
+    expected: tuple[float, float], position: str, closer: int, apart: int
+) -> tuple[float, float]:
+    """The stage's place, its shift *across* the edge kept where the strips can follow it.
+
+    Closer together than nominal (negative across), the overlap is deeper than nominal: at most ``closer``
+    px, what the strips' extra depth leaves beyond the search range. Further apart (positive), the overlap is thinner: at most ``apart`` px,
+    which leaves the templates their minimum width. Along the edge nothing is clamped: the strips run the
+    tile's whole length and the patches are placed where the stage says the tiles overlap. (Clamping both
+    components to half the overlap lost every edge whose tiles sat further off than that: 3 of the 40
+    edges of a clean 5 x 5 scope-sim montage, seeds 0-2, at its default ±20 px stage jitter.)
+    """
+    dx, dy = expected
+    if position == "left":
+        return float(np.clip(dx, -closer, apart)), float(dy)
+    return float(dx), float(np.clip(dy, -closer, apart))
+
+
 def match_edge(
     job: EdgeJob, tile: TileOutcome | StoredTile, neighbour: TileOutcome | StoredTile
 ) -> dict[str, Any] | None:
     """Match the tile's ``job.position`` strip against the neighbour's opposite strip.
 
-    With a stage offset the search is centred where the stage puts the tile (clamped to
-    :func:`~em_platform.stitch.matching.stage_margin`, searching
-    :func:`~em_platform.stitch.matching.stage_search` around it), and around nominal if that finds
+    With a stage offset the search is centred where the stage puts the tile (across the edge as far as
+    the strips reach, :func:`_clamp_across`), searching :func:`~em_platform.stitch.matching.stage_search`
+    around it, and around nominal if that finds
     nothing, so a wrong stage reading costs time, never a match. Returns the TEM_comms ``Match`` fields
     plus ``quality``, ``n_agreeing`` and ``search`` ("stage"/"nominal"), or None when no overlap is found.
     """
-    from em_platform.stitch.matching import match_neighbour, stage_margin, stage_search
+    from em_platform.stitch.matching import match_neighbour, stage_search
 
     overlap, position = job.overlap, job.position
     own, _ = _strip(tile, position, overlap)
@@ -310,9 +329,9 @@ def match_edge(
         expected = to_nominal(*job.stage_offset, neighbour_shape, overlap, position)
     m, search = None, "nominal"
     if expected is not None and any(round(e) for e in expected):
-        limit = stage_margin(overlap)
-        centre = tuple(float(np.clip(e, -limit, limit)) for e in expected)
         shift = stage_search(overlap)
+        closer, apart = strip_depth(overlap) - shift, overlap - shift - MIN_TEMPLATE_PX
+        centre = _clamp_across(expected, position, max(closer, 0), max(apart, 0))
         m, search = (
             match_neighbour(own, other, position, overlap, max_shift_px=shift, expected=centre),
             "stage",

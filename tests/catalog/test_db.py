@@ -131,3 +131,30 @@ def test_unreachable_database_names_the_url_and_the_fix():
     with pytest.raises(CatalogUnavailable, match="EM_CATALOG_URL") as info:
         CatalogDB("postgresql+psycopg2://nobody@127.0.0.1:1/nothing")
     assert "127.0.0.1:1" in str(info.value)
+
+
+def test_a_dead_runs_records_are_released_and_only_those(db):
+    """release_run fails what the run still held (last changed by it, in flight), with the reason; a record
+    a later run took over, or one the run finished, stays as it is; a cancelled run's go to cancelled."""
+    held = db.begin("local", "held.mrc", description="held", files=FILES, run_id="dead")
+    db.transition(held["id"], Status.PROCESSING, run_id="dead")
+    begun = db.begin("local", "begun.mrc", description="only begun", files=FILES, run_id="dead")
+    taken = db.begin("local", "taken.mrc", description="taken over", files=FILES, run_id="dead")
+    db.transition(taken["id"], Status.PROCESSING, run_id="dead")
+    db.begin("local", "taken.mrc", description="taken over", files=FILES, run_id="retry")  # the retry's
+    db.transition(taken["id"], Status.PROCESSING, run_id="retry")
+    done = _complete(db, "done.mrc")  # by run r1, finished
+    released = db.release_run("dead", "run dead failed: killed by signal 9 (SIGKILL)")
+    assert sorted(r["source_id"] for r in released) == ["begun.mrc", "held.mrc"]
+    rec = db.get(held["id"])
+    assert rec["status"] == "failed" and rec["error"]["retry_count"] == 1
+    assert rec["error"]["message"] == "run dead failed: killed by signal 9 (SIGKILL)"
+    assert db.get(begun["id"])["status"] == "failed"
+    assert db.get(taken["id"])["status"] == "processing" and db.get(done["id"])["status"] == "complete"
+    assert db.release_run("dead", "again") == []  # nothing left in flight: safe to repeat
+    cancelled = db.begin("local", "stopped.mrc", description="cancelled", files=FILES, run_id="gone")
+    db.transition(cancelled["id"], Status.PROCESSING, run_id="gone")
+    assert [
+        r["status"] for r in db.release_run("gone", "run gone was cancelled", status=Status.CANCELLED)
+    ] == ["cancelled"]
+    assert db.history(cancelled["id"])[-1].message == "run gone was cancelled"

@@ -5,12 +5,11 @@ are written independently of the code under test (3×3 rotation matrices as the 
 import math
 
 import numpy as np
-import pytest
 
 from em_platform.cryo.ctf import CTFSearch, estimate_ctf, fit_series_astigmatism
 from em_platform.cryo.evaluation import alignment_figures
 from em_platform.cryo.fiducials import FiducialSettings, detect_beads, fiducial_alignment
-from em_platform.cryo.motion import MotionSettings, patch_grid, smooth_trajectory
+from em_platform.cryo.motion import MotionSettings, patch_grid
 from em_platform.cryo.optics import CTFParams, Microscope, ctf_2d
 from em_platform.simulation.truth import GroundTruth, TiltTruth
 
@@ -190,14 +189,3 @@ def test_patches_need_enough_pixels_each():
     assert patch_grid(settings, (4096, 4096)) == (5, 5)
     assert patch_grid(settings, (2048, 1536)) == (3, 4)  # (x, y) of a (ny, nx) frame
 
-
-@pytest.mark.parametrize("outlier", [0.0, 2.5])
-def test_smooth_trajectory_follows_a_smooth_drift_and_ignores_a_stray_frame(outlier):
-    rng = np.random.default_rng(2)
-    t = np.linspace(0, 1, 10)
-    true = np.column_stack([3 * (1 - np.exp(-3 * t)), -1.5 * t**2])
-    true -= true.mean(0)
-    measured = true + rng.normal(0, 0.3, true.shape)
-    measured[4] += outlier
-    smooth = smooth_trajectory(measured - measured.mean(0), 3)
-    assert np.sqrt(((smooth - true) ** 2).sum(1).mean()) < 0.25

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 import tifffile
 
 from em_platform.assets.cryo import EVALUATION, K, cryo_assets
-from em_platform.resources import CatalogResource, CryoSessionsResource, StorageResource
+from em_platform.resources import CatalogResource, CryoSessionsResource, DaskResource, StorageResource
 from em_platform.sensors.cryo import cryo_sensor
 from tests.cryo.synthetic import make_movie_set, make_tilt_series, write_mrc
 
@@ -47,6 +47,7 @@ def _resources(tmp_path, sessions) -> dict:
             downloads_root=str(tmp_path / "dl"),
         ),
         "catalog": CatalogResource(url=f"sqlite:///{tmp_path / 'catalog.sqlite'}"),
+        "dask": DaskResource(),
     }
 
 

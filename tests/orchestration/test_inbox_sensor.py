@@ -23,13 +23,13 @@ def _age(path, seconds: float) -> None:
 
 def _tick(instance, inbox, cursor=None, settle=5.0):
     platform = make_platform(inbox.parent / "platform", settle=settle)
-    ctx = dg.build_sensor_context(
+    with dg.build_sensor_context(
         instance_ref=instance.get_ref(),
         cursor=cursor,
         definitions=platform.defs,
-        resources={"inbox": InboxResource(path=str(inbox), settle_seconds=settle)},
-    )
-    return inbox_sensor.evaluate_tick(ctx)
+        resources={**platform.defs.resources, "inbox": InboxResource(path=str(inbox), settle_seconds=settle)},
+    ) as ctx:
+        return inbox_sensor.evaluate_tick(ctx)
 
 
 @pytest.fixture

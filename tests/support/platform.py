@@ -38,6 +38,7 @@ def make_platform(
         "EM_DATA_ROOT": data_root or str(tmp_path / "data"),
         "EM_INBOX": str(tmp_path / "inbox"),
         "EM_INBOX_SETTLE_SECONDS": str(settle),
+        "EM_SCOPE_SHARES": str(tmp_path / "tiles"),  # where the tests' simulated scopes write their tiles
         **({"EM_CATALOG_URL": catalog_url} if catalog_url else {}),
         **(extra_env or {}),
     }

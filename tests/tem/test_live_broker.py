@@ -250,3 +250,115 @@ def test_listener_and_verdicts_take_one_prefix_and_login(stomp_broker, tmp_path,
     refused.start(wait_ready=False)
     logs.wait_for("refused the connection")
     assert refused.finish().connections == 0
+
+
+def _verdicts(result) -> dict:
+    """Per tile: its fault types and, per neighbour, where the match put it (None: no overlap found)."""
+    return {
+        (r.tile.row, r.tile.column): (
+            sorted(f.fault_type for f in result.qc.verdicts[r.tile.tile_id].faults),
+            {p: m and (round(m["dX"]), round(m["dY"])) for p, m in sorted(r.matches.items())},
+        )
+        for r in result.tiles.values()
+    }
+
+
+class _BusyRun(JournalTileSource):
+    """The run's view of the journal, which the test can hold still (a run busy elsewhere for a moment):
+    while ``ready`` is clear, the run's next poll waits."""
+
+    def __init__(self, journal):
+        super().__init__(journal)  # no calibration configured: the pixel size comes with montage.complete
+        self.ready = threading.Event()
+        self.ready.set()
+
+    def montage(self, montage_id):
+        assert self.ready.wait(30), "the test never let the run poll again"
+        return super().montage(montage_id)
+
+
+def _live_montage(tmp_path, stomp_broker, client, events, restart_after: int | None):
+    """Publish a scope's messages through the real broker to a listener and judge them live, the scope
+    waiting for each tile's verdict before the next (a scope slower than the platform). With
+    ``restart_after`` = k the listener stops after the k-th tile and the rest of the montage (tiles,
+    montage.complete, montage.status) is sent while it is down; it is then started again, and the run
+    polls once all of that is journaled."""
+    b = stomp_broker
+    tmp_path.mkdir()
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+
+    def listener():
+        return ListenerThread(
+            b.host,
+            b.port,
+            journal,
+            subscription_name=b.subscription,
+            topic_prefix=b.topic_prefix,
+            backoff=(0.05, 0.5),
+        ).start()
+
+    listening = listener()
+    scope = b.pigeon("pytem")
+    montage_id = events[0][1]["montage_id"]
+    scope.send("montage.status", **events[0][1])
+    wait_until(lambda: journal.montage(montage_id), what="the montage journaled")
+    done: dict = {}
+    source = _BusyRun(journal)
+    run = threading.Thread(
+        target=lambda: done.update(
+            result=run_montage(
+                montage_id,
+                source,
+                client,
+                processed_url=str(tmp_path / "p.zarr"),
+                config=MontageRunConfig(poll_seconds=0.02, late_tile_seconds=5.0),
+            )
+        )
+    )
+    run.start()
+    tiles = 0
+    try:
+        for topic, payload in events[1:]:
+            scope.send(topic, **payload)
+            if topic != "tile.raw" or payload["row"] < 0:
+                continue
+            tiles += 1
+            if tiles == restart_after:
+                listening.finish()
+            if listening.thread.is_alive():
+                wait_until(
+                    lambda p=payload: any(
+                        t.tile_id == p["tile_id"] and t.status != "acquired"
+                        for t in journal.tiles(montage_id)
+                    ),
+                    30,
+                    f"tile {payload['tile_id']} judged",
+                )
+        if restart_after is not None:
+            assert journal.montage(montage_id).state == "in_progress"  # nothing of the rest journaled yet
+            source.ready.clear()
+            listening = listener()
+            wait_until(lambda: journal.montage(montage_id).announced_complete, what="montage.complete")
+            source.ready.set()
+        run.join(60)
+        assert not run.is_alive(), "the montage run did not finish"
+    finally:
+        listening.finish()
+    return done["result"]
+
+
+def test_a_listener_restart_mid_montage_changes_no_verdict(tmp_path, stomp_broker, client):
+    """The same montage judged live twice: once with the listener up throughout, once with the listener
+    stopped after the third tile and restarted after the scope finished (the rest of the montage, and
+    montage.complete with its pixel size, then arrive in one burst). No pixel size is configured, so live
+    matching cannot use the stage positions: every tile must be judged the same way in both runs, however
+    late montage.complete lands (the tiles judged after it used to be searched around the stage's place,
+    with different verdicts)."""
+    events: list[tuple[str, dict]] = []
+    cfg = ScopeConfig(rows=3, columns=3, brightfield_frames=1, darkfield_frames=1)  # ±20 px stage jitter
+    simulate_montage(cfg, tmp_path / "tiles", lambda t, p: events.append((t, p)), sleep=lambda s: None)
+    steady = _live_montage(tmp_path / "steady", stomp_broker, client, events, restart_after=None)
+    restarted = _live_montage(tmp_path / "restarted", stomp_broker, client, events, restart_after=3)
+    assert steady.calibration.source == restarted.calibration.source == "none"
+    assert _verdicts(restarted) == _verdicts(steady)
+    assert (restarted.qc.status, restarted.qc.reason) == (steady.qc.status, steady.qc.reason)

@@ -40,6 +40,7 @@ def test_critical_fault_publishes_stop_now_on_the_broker(tmp_path, stomp_broker)
         journal_url=platform.settings.catalog_url,
         broker=f"{stomp_broker.host}:{stomp_broker.port}",
         topic_prefix=stomp_broker.topic_prefix,
+        tile_shares=list(platform.settings.scope_shares),
     )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("montages", [truth.montage_id])
@@ -115,6 +116,7 @@ def test_upload_reports_buffer_status_on_the_broker(tmp_path, stomp_broker):
         journal_url=platform.settings.catalog_url,
         broker=f"{stomp_broker.host}:{stomp_broker.port}",
         topic_prefix=stomp_broker.topic_prefix,
+        tile_shares=list(platform.settings.scope_shares),
     )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("montages", [truth.montage_id])

@@ -18,6 +18,7 @@ from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
 from em_platform.tem.montage_run import AcquisitionStalled, MontageRunConfig, run_montage
+from em_platform.tem.qc_summary import MontageLimits, MontageSummary
 from em_platform.tem.tile_processing import Flatfield, focus_score
 from em_platform.tem.tile_source import JournalTileSource
 
@@ -103,6 +104,19 @@ def test_clean_montage_has_no_fault_and_matches_the_true_positions(tmp_path, cli
     )
 
 
+def test_clean_montage_at_the_default_stage_jitter_matches_every_edge(tmp_path, client):
+    """scope-sim's default stage (±20 px per tile on 512² tiles with 10 % overlap: neighbours up to 40 px
+    off nominal, across or along their edge): every edge of a clean 5 x 5 montage is found where it truly
+    is, so the overlap check passes. While the stage's place was clamped to half the overlap along the edge
+    too, 3 of these 40 edges were lost (7.5 %: the check failed a clean montage)."""
+    truth, result, _ = _simulate_and_run(tmp_path, client, rows=5, columns=5, overlap=0.10, jitter_px=20.0)
+    errors = _match_errors(truth, result)
+    assert len(errors) == 40 and max(errors) < 0.5, errors
+    assert _faults(result) == {}
+    checks = {c.name: c for c in MontageSummary.of(result).checks(MontageLimits())}
+    assert checks["overlap"].passed and checks["overlap"].metadata["fraction"] == 0.0
+
+
 def test_stage_positions_centre_the_search_when_jitter_exceeds_the_nominal_range(tmp_path, client):
     """With ±20 px of stage jitter, neighbours sit up to 40 px from nominal against each other, beyond
     the ±25 px nominal search of a 77 px overlap. With stage positions (and the pixel size from
@@ -145,22 +159,31 @@ def test_stage_positions_centre_the_search_when_jitter_exceeds_the_nominal_range
     assert found[False] < edges
 
 
+# One transient fault is within the tile verdicts' limit, but one blank tile of 12 (8.3 %) is beyond the
+# blank_tiles check's 5 %: the platform will not stitch that montage, so the scope hears STOP_AT_END naming
+# the check (it heard GOOD before, and the montage was then blocked).
 @pytest.mark.parametrize(
-    "fault,where,expected,status",
+    "fault,where,expected,status,check",
     [
-        ("blank:5", (1, 1), [("blank", "transient")], "GOOD"),
+        ("blank:5", (1, 1), [("blank", "transient")], "STOP_AT_END", "blank_tiles: 8.3% of tiles blank"),
         # film or resin only: its own fault, not "refocus" (shot noise alone scores focus 1)
-        ("no_section:5", (1, 1), [("no_tissue", "transient")], "GOOD"),
-        ("saturated:5", (1, 1), [("saturated", "critical")], "STOP_NOW"),
-        ("missing:5", (1, 1), [("missing_tile", "transient")], "GOOD"),
-        ("corrupt:5", (1, 1), [("unreadable_tile", "transient")], "GOOD"),
+        ("no_section:5", (1, 1), [("no_tissue", "transient")], "STOP_AT_END", "blank_tiles: 8.3%"),
+        ("saturated:5", (1, 1), [("saturated", "critical")], "STOP_NOW", "saturated_tiles: 8.3%"),
+        ("missing:5", (1, 1), [("missing_tile", "transient")], "GOOD", None),
+        ("corrupt:5", (1, 1), [("unreadable_tile", "transient")], "GOOD", None),
     ],
 )
-def test_each_single_fault_is_found_with_its_scope(tmp_path, client, fault, where, expected, status):
+def test_each_single_fault_is_found_with_its_scope(tmp_path, client, fault, where, expected, status, check):
     truth, result, journal = _simulate_and_run(tmp_path, client, [fault])
     assert _faults(result) == {where: expected}
     assert result.qc.status == status
-    assert journal.qc_statuses(truth.montage_id)[-1][0] == status
+    last_status, last_reason = journal.qc_statuses(truth.montage_id)[-1]
+    assert last_status == status
+    failed = [c.name for c in MontageSummary.of(result).checks(MontageLimits()) if not c.passed]
+    if check is None:
+        assert failed == [] and last_reason is None
+    else:
+        assert failed == [check.split(":")[0]] and check in last_reason, last_reason
     if fault.startswith("corrupt"):  # the corrupt tile fails alone: every other tile is processed
         failed = [r for r in result.tiles.values() if r.error]
         assert len(failed) == 1 and "corrupt or truncated" in failed[0].error

@@ -116,7 +116,10 @@ def simulate_and_catalog(
         )
         return PublishedStack(record, result.folder, store.to_url(volume_path), png, True, result.seconds)
     except BaseException as exc:
-        store.remove(staging)
+        try:
+            store.remove(staging)
+        except Exception as cleanup:  # the store may be what failed: the record must still say so
+            logger.warning("could not remove the staging %s (%s); it is never published", staging, cleanup)
         catalog.transition(rid, Status.FAILED, error=exc, run_id=run_id)
         raise
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from em_platform.edge import Refused, inside
 from em_platform.simulation.cryoet.spec import Spec, SpecError, load_spec
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
@@ -33,13 +34,29 @@ def _entry(path: Path) -> SpecEntry:
         return SpecEntry(path, fingerprint, path.stat().st_mtime, None, str(exc))
 
 
+def _refused(path: Path, exc: Refused) -> SpecEntry:
+    st = path.lstat()
+    fingerprint = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}:{exc}".encode()).hexdigest()[:16]
+    return SpecEntry(path, fingerprint, st.st_mtime, None, f"{path}: {exc}")
+
+
 def scan_specs(folder: Path) -> list[SpecEntry]:
-    """Every spec file in the folder (not hidden, not partial), loaded or with the reason it is bad."""
+    """Every spec file in the folder (not hidden, not partial), loaded or with the reason it is bad.
+
+    A spec that is a symlink resolving outside the folder is never read (:func:`em_platform.edge.inside`).
+    """
     if not folder.is_dir():
         return []
     entries = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in SPEC_SUFFIXES or not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in SPEC_SUFFIXES:
+            continue
+        try:
+            inside(folder, path.name, field="spec file")
+        except Refused as exc:
+            entries.append(_refused(path, exc))
+            continue
+        if not path.is_file():
             continue
         try:
             entries.append(_entry(path))
