@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 export EM_DATA_ROOT ?= $(CURDIR)/var/data
 DEV_PORT ?= 3000
+# make test runs the suite on this many processes (pytest-xdist; one module per work unit: tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test dev bench lint validate clean services
 
@@ -25,7 +27,7 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml

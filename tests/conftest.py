@@ -92,3 +92,41 @@ def s3_bucket(s3_endpoint):
     fs.mkdir(bucket)
     return f"s3://{bucket}", opts
 
+
+# Modules that share the one `make demo` checkout of tests/support/demo_state.py (and change its state in order).
+DEMO_MODULES = ("tests/browser/", "tests/test_demo.py", "tests/test_readme_commands.py")
+# Packages whose fixtures are package-scoped (one process topology for all of tests/deploy).
+PACKAGE_UNITS = ("tests/deploy/",)
+# The longest work units, started first so that neither core is left with one at the end.
+LONGEST_FIRST = ("demo", "tests/deploy/", "tests/stitch/test_hard_montages.py")
+
+
+def _work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    if path.startswith(DEMO_MODULES):
+        return "demo"
+    return next((p for p in PACKAGE_UNITS if path.startswith(p)), path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs on two cores (pytest-xdist). A work unit is a module, so its module-scoped fixtures
+    (a stitched montage) are built once, on one worker; tests/deploy (its one topology) and the modules of the
+    demo checkout are one unit each. Units go out in collection order (see below), not xdist's by size."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest units first; the order within each unit is kept (the demo's modules depend on it)."""
+
+    def rank(item) -> int:
+        unit = _work_unit(item.nodeid)
+        return next((i for i, u in enumerate(LONGEST_FIRST) if unit == u), len(LONGEST_FIRST))
+
+    items.sort(key=rank)

@@ -132,10 +132,17 @@ class Terminal:
         )
 
 
+_TERMINAL: Terminal | None = None
+
+
 @pytest.fixture(scope="module")
 def terminal():
-    state = demo_state()
-    return Terminal(state.checkout, dict(state.env))
+    """The one terminal of this process (a module fixture set up again must not start a new one)."""
+    global _TERMINAL
+    if _TERMINAL is None:
+        state = demo_state()
+        _TERMINAL = Terminal(state.checkout, dict(state.env))
+    return _TERMINAL
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +225,9 @@ def _run_until_sigterm(terminal: Terminal, command: str) -> None:
         seconds = time.monotonic() - started
     finally:
         stop_process(proc)
-        if "deploy-local" in command:  # whatever it left running, by the PIDs it recorded (`make deploy-down`)
+        if (
+            "deploy-local" in command
+        ):  # whatever it left running, by the PIDs it recorded (`make deploy-down`)
             from em_platform.deploy.processes import stop_from_pid_file
 
             stop_from_pid_file(Path(terminal.cwd.read_text().strip()) / "var" / "deploy")

@@ -31,11 +31,15 @@ class DaskResource(dg.ConfigurableResource):
                         "check DASK_SCHEDULER_ADDRESS or start the cluster"
                     ) from exc
             else:
+                # loopback only: Dask runs whatever reaches its ports (dashboard_address=None would still
+                # serve the scheduler's HTTP routes on *:8787, and each worker's on *:random)
                 self._cluster = LocalCluster(
                     n_workers=self.n_workers,
                     threads_per_worker=self.threads_per_worker or os.cpu_count() or 1,
                     processes=self.processes,
-                    dashboard_address=None,
+                    dashboard_address="127.0.0.1:0",
+                    worker_dashboard_address="127.0.0.1:0",
+                    **({"host": "127.0.0.1"} if self.processes else {}),
                 )
                 self._client = Client(self._cluster)
         return self._client

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import posixpath
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,10 +210,41 @@ def test_a_subset_of_the_buffer_can_be_uploaded(buffer, dest2):
 # -- resume ---------------------------------------------------------------------------------------------
 
 
-def test_a_killed_upload_resumes_without_resending_finished_objects(buffer, dest, sends):
+def _held_after(n: int, monkeypatch) -> threading.Event:
+    """Sends after the first ``n`` wait until the returned event is set: the kill lands while they are in
+    flight, however slowly the progress thread runs on a busy machine (else the pool may finish first)."""
+    import em_platform.storage.upload as upload
+
+    released, started, lock = threading.Event(), [0], threading.Lock()
+    send = upload._Destination.send
+
+    def held_send(self, obj, part_size):
+        with lock:
+            started[0] += 1
+            hold = started[0] > n
+        if hold:
+            released.wait(60)
+        return send(self, obj, part_size)
+
+    monkeypatch.setattr(upload._Destination, "send", held_send)
+    return released
+
+
+def test_a_killed_upload_resumes_without_resending_finished_objects(buffer, dest, sends, monkeypatch):
     keys = _local_keys(buffer)
+    released = _held_after(5, monkeypatch)
+    stop = _stop_after(5)
+
+    def kill(p):
+        try:
+            stop(p)
+        except Stop:
+            released.set()  # the sends in flight finish; the pool starts no other
+            raise
+
     with pytest.raises(Stop):
-        upload_buffer(buffer, dest.url, on_progress=_stop_after(5), **dest.kw())
+        upload_buffer(buffer, dest.url, on_progress=kill, workers=4, **dest.kw())
+    monkeypatch.undo()
     stored = dest.keys()
     assert 5 <= len(stored) < len(keys)  # the objects in flight finished; the rest were never started
     assert not dest.has_manifest()
