@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 
 .PHONY: demo test dev bench lint validate clean services
 
-$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh
+$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
 	touch $@
 
@@ -51,15 +51,19 @@ services:
 clean:
 	rm -rf var .pytest_cache
 
-.PHONY: deploy-local deploy-down deploy-compose deploy-config
+.PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config
 
 ## deploy-local: the production topology (docker/compose.yaml's services) as processes on loopback; Ctrl-C stops it
 deploy-local: $(VENV)/.installed services
 	$(PY) -m em_platform.deploy up --state var/deploy
 
-## deploy-down: stop a deploy-local started in another shell (by the PIDs it recorded)
+## deploy-down: stop a deploy-local started in another shell (by the PIDs it recorded), its runner included
 deploy-down:
 	$(PY) -m em_platform.deploy down --state var/deploy
+
+## deploy-status: what the deploy-local of var/deploy runs where (exit 3 if a service is down)
+deploy-status:
+	$(PY) -m em_platform.deploy status --state var/deploy
 
 ## deploy-compose: regenerate docker/compose.yaml from the service table (em_platform/deploy/services.py)
 deploy-compose: $(VENV)/.installed

@@ -38,3 +38,4 @@ PYTHONWARNINGS="ignore:Editable installation" \
 "$venv/bin/python" -c "import em_platform, zarr, dagster; print('em_platform ready: zarr', zarr.__version__, 'dagster', dagster.__version__)"
 # The browser tests of the web UI drive Debian's Chromium (best effort: they skip with the reason without it).
 bash "$(dirname "$0")/install_chromium.sh"
+bash "$(dirname "$0")/install_s3rver.sh" "$venv"

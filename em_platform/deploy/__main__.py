@@ -3,7 +3,12 @@
 compose [--check]      write docker/compose.yaml from the service table (--check: fail if it is stale)
 up [--state DIR]       start every service on loopback (PostgreSQL/RabbitMQ: the machine's), until Ctrl-C
 down [--state DIR]     stop what an `up` in another shell started (by the PIDs it recorded)
-plan [--state DIR]     print each process's command and environment (what `up` would run)
+plan [--state DIR]     print each process's command and environment (what `up` would run); changes nothing
+status [--state DIR]   what runs where: each service's address, PIDs and whether they are alive (exit 3 if not)
+
+Ports are stable (EM_WEB_PORT 3000, EM_CODE_SERVER_PORT 4000, EM_DASK_SCHEDULER_PORT 8786, EM_S3_PORT 9000);
+PostgreSQL and RabbitMQ are found through PGHOST/PGPORT/PGUSER/PGPASSWORD and EM_BROKER (host:port),
+EM_BROKER_USERNAME/EM_BROKER_PASSWORD. A service that dies is restarted by the runner (backoff 1 s, doubling).
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     compose.add_argument(
         "--check", action="store_true", help="exit 1 if docker/compose.yaml is not up to date"
     )
-    for name, text in (("up", "start the process topology"), ("down", "stop it"), ("plan", "print it")):
+    for name, text in (
+        ("up", "start the process topology"),
+        ("down", "stop it"),
+        ("plan", "print it"),
+        ("status", "what runs where"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument(
             "--state", type=Path, default=Path("var/deploy"), help="state folder (default var/deploy)"
@@ -43,13 +53,40 @@ def main(argv: list[str] | None = None) -> int:
         print(write_compose())
         return 0
 
-    from em_platform.deploy.processes import ProcessTopology, TopologyError, stop_from_pid_file
+    from em_platform.deploy.processes import (
+        Machine,
+        ProcessTopology,
+        TopologyError,
+        stable_ports,
+        status,
+        stop_from_pid_file,
+    )
 
     if args.command == "down":
         pids = stop_from_pid_file(args.state)
         print(f"stopped {len(pids)} process group(s): {', '.join(map(str, pids)) or 'none running'}")
         return 0
-    topology = ProcessTopology(args.state, name=args.name, workers=args.workers)
+    if args.command == "status":
+        rows = status(args.state)
+        if not rows:
+            print(f"no topology running from {args.state}")
+            return 1
+        for name, address, pids, alive in rows:
+            print(
+                f"{name:<16} {address or '-':<22} pids {','.join(map(str, pids)):<14} {'up' if alive else 'DOWN'}"
+            )
+        return 0 if all(alive for *_, alive in rows) else 3
+    try:
+        topology = ProcessTopology(
+            args.state,
+            name=args.name,
+            workers=args.workers,
+            machine=Machine.from_env(),
+            ports=stable_ports(check_free=args.command == "up"),
+        )
+    except TopologyError as exc:
+        print(f"deploy {args.command}: {exc}", file=sys.stderr)
+        return 1
     if args.command == "plan":
         for launch in topology.plan():
             print(f"# {launch.label} (cwd {launch.cwd})")
@@ -70,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"em_platform topology up (state and logs in {topology.state}):")
     print(f"  Dagster UI        {topology.webserver}")
     print(f"  Dask scheduler    {topology.scheduler} ({args.workers} workers)")
-    print(f"  S3 (moto)         {topology.url('minio')}  bucket {topology.settings['EM_S3_BUCKET']}")
+    print(
+        f"  S3 (s3rver)       {topology.url('minio')}  bucket {topology.settings['EM_S3_BUCKET']}, objects in {topology.object_store_dir}"
+    )
     print(f"  catalog           {topology.catalog_url}")
     print(f"  inbox             {topology.platform_env['EM_INBOX']}")
     print(

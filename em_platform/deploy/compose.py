@@ -35,7 +35,12 @@ IMAGES = {
     EM_IMAGE: ("${EM_IMAGE:-em-platform:latest}", "docker/Dockerfile"),
     DAGSTER_IMAGE: ("${EM_DAGSTER_IMAGE:-em-platform-dagster:latest}", "docker/Dockerfile.dagster"),
 }
-PUBLISHED = {"webserver": "${EM_WEB_PORT:-3000}", "rabbitmq": "${EM_BROKER_PORT:-61613}"}
+# Published on the host, each on loopback unless the operator names an interface: the UI (no login of its
+# own: put it behind an authenticating proxy before binding it wider) and the broker the microscope PC reaches.
+PUBLISHED = {
+    "webserver": "${EM_WEB_BIND:-127.0.0.1}:${EM_WEB_PORT:-3000}",
+    "rabbitmq": "${EM_BROKER_BIND:-127.0.0.1}:${EM_BROKER_PORT:-61613}",
+}
 
 HEADER = """\
 # GENERATED from em_platform/deploy/services.py by `python -m em_platform.deploy compose`; do not edit.

@@ -3,8 +3,8 @@
 Every service of the table that ``runs_as="process"`` starts with the same command and environment as in
 ``docker/compose.yaml``; only the addresses differ (loopback and free ports instead of service names and
 fixed ports). The machine provides the rest: its PostgreSQL server (two databases of this topology's own),
-its RabbitMQ STOMP plugin (a topic prefix and durable subscription of its own), and moto's S3 server in place
-of MinIO (started here, with a bucket of its own). The Dagster instance is ``docker/dagster.yaml`` with the
+its RabbitMQ STOMP plugin (a topic prefix and durable subscription of its own), and s3rver in place of MinIO
+(started here, with a bucket of its own; file-backed: its objects, under ``<state>/s3``, survive restarts). The Dagster instance is ``docker/dagster.yaml`` with the
 default run launcher instead of the Docker one: runs are processes of the code server, not containers.
 
 Each process gets its own process group; stopping sends SIGTERM to the group (its runs and helpers too),
@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -67,6 +68,30 @@ class Machine:
     stomp_port: int = 61613
     stomp_user: str = "guest"
     stomp_password: str = "guest"
+    pg_password: str = "unused-with-trust-auth"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Machine:
+        """The servers named by libpq's PGHOST/PGPORT/PGUSER/PGPASSWORD and EM_BROKER (host:port),
+        EM_BROKER_USERNAME/EM_BROKER_PASSWORD; this machine's defaults where unset."""
+        d = cls()
+        broker = env.get("EM_BROKER", f"{d.stomp_host}:{d.stomp_port}")
+        host, _, port = broker.rpartition(":")
+        if not host or not port.isdigit():
+            raise TopologyError(f"EM_BROKER={broker!r}: expected host:port of the STOMP broker")
+        pg_port = env.get("PGPORT", str(d.pg_port))
+        if not pg_port.isdigit():
+            raise TopologyError(f"PGPORT={pg_port!r}: expected the PostgreSQL server's port number")
+        return cls(
+            pg_host=env.get("PGHOST", d.pg_host),
+            pg_port=int(pg_port),
+            pg_user=env.get("PGUSER", d.pg_user),
+            stomp_host=host,
+            stomp_port=int(port),
+            stomp_user=env.get("EM_BROKER_USERNAME", d.stomp_user),
+            stomp_password=env.get("EM_BROKER_PASSWORD", d.stomp_password),
+            pg_password=env.get("PGPASSWORD", d.pg_password),
+        )
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,7 @@ class ProcessTopology:
         dagster_overrides: Mapping | None = None,
         machine: Machine | None = None,
         drop_on_stop: bool = False,
+        ports: Mapping[str, int] | None = None,
     ):
         if not re.fullmatch(r"[a-z][a-z0-9_]{2,40}", name):
             raise ValueError(f"topology name {name!r}: lower-case letters, digits and _ (3-41 characters)")
@@ -132,11 +158,11 @@ class ProcessTopology:
         m = self.machine
         self.settings: dict[str, str] = {
             "POSTGRES_USER": m.pg_user,
-            "POSTGRES_PASSWORD": "unused-with-trust-auth",
+            "POSTGRES_PASSWORD": m.pg_password,
             "DAGSTER_DB": f"{name}_dagster",
             "EM_CATALOG_DB": f"{name}_catalog",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ACCESS_KEY_ID": S3RVER_KEY,  # s3rver's one credential pair (it listens on loopback only)
+            "AWS_SECRET_ACCESS_KEY": S3RVER_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
             "EM_S3_BUCKET": name.replace("_", "-"),
             "EM_BROKER_USERNAME": m.stomp_user,
@@ -147,7 +173,8 @@ class ProcessTopology:
             "DASK_WORKER_THREADS": str(worker_threads),
             **(settings or {}),
         }
-        ports = {s.name: free_port() for s in SERVICES if s.port is not None}
+        fixed = dict(ports or {})  # stable ports (`up` takes them from settings); free ones otherwise
+        ports = {s.name: fixed.get(s.name) or free_port() for s in SERVICES if s.port is not None}
         ports.update(postgresql=m.pg_port, rabbitmq=m.stomp_port)
         hosts = {s.name: "127.0.0.1" for s in SERVICES}
         hosts.update(postgresql=m.pg_host, rabbitmq=m.stomp_host)
@@ -155,6 +182,13 @@ class ProcessTopology:
         self.dagster_home = self.state / "dagster_home"
         self._running: dict[str, list[_Running]] = {}
         self._created: list[str] = []
+        self._started = False  # only a started topology writes its state (`plan` must not touch it)
+        self._lock = threading.RLock()  # the supervisor and the fault/restart calls change _running
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._restarts: dict[tuple[str, int], list[float]] = {}
+        self._due: dict[tuple[str, int], float] = {}
+        self._killed: dict[tuple[str, int], int] = {}
         atexit.register(self.stop)
 
     # -- what runs ------------------------------------------------------------------------------------
@@ -181,6 +215,7 @@ class ProcessTopology:
                 continue
             argv = tuple(interpolate(place(a, self.addresses, svc.name), self.settings) for a in svc.command)
             argv = (_executable(argv[0]), *argv[1:])
+            argv += process_only_args(svc.name, self.addresses.bind)
             env = self.env_of(svc)
             cwd = str(self.dagster_home) if svc.working_dir else str(REPO)
             replicas = int(interpolate(svc.replicas, self.settings)) if svc.replicas else 1
@@ -207,6 +242,11 @@ class ProcessTopology:
     def dagster_db(self) -> str:
         return self.settings["DAGSTER_DB"]
 
+    @property
+    def object_store_dir(self) -> Path:
+        """Where the object store keeps its buckets (one folder each, objects as files)."""
+        return self.state / "s3"
+
     def pids(self) -> dict[str, list[int]]:
         return {k: [r.proc.pid for r in v] for k, v in self._running.items()}
 
@@ -215,8 +255,10 @@ class ProcessTopology:
 
     # -- start ----------------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 300.0) -> ProcessTopology:
-        """Bring every service up in dependency order; independent ones start together."""
+    def start(self, timeout: float = 300.0, *, supervise: bool = True) -> ProcessTopology:
+        """Bring every service up in dependency order; independent ones start together. Then, with
+        ``supervise``, a thread restarts any process that dies (compose's restart policy), with backoff."""
+        self._started = True
         for sub in (
             "logs",
             "data/inbox",
@@ -248,6 +290,9 @@ class ProcessTopology:
                     raise TopologyError(f"not up within {timeout:.0f} s: {', '.join(waiting)}{self._tails()}")
                 time.sleep(0.2)
             self.wait_for_workers()
+            if supervise:
+                self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+                self._supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -261,9 +306,19 @@ class ProcessTopology:
             self._create_databases()
         elif svc.name == "rabbitmq":
             self._check_broker()
-        elif svc.name == "minio":  # moto's S3 server stands in for MinIO
+        elif svc.name == "minio":  # s3rver stands in for MinIO: file-backed, like MinIO's volume
             port = self.addresses.ports["minio"]
-            argv = (sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port))
+            (self.object_store_dir).mkdir(parents=True, exist_ok=True)
+            argv = (
+                s3rver(),
+                "-d",
+                str(self.object_store_dir),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--silent",
+            )
             self._spawn(Launch("minio", 0, argv, _base_env(), str(self.state)))
         elif svc.name == "minio-init":
             self._create_bucket()
@@ -330,26 +385,72 @@ class ProcessTopology:
 
     def kill(self, service: str, replica: int = 0, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to one service process's group (a crash when SIGKILL); returns its PID."""
-        r = self._running[service][replica]
-        _signal_group(r.proc.pid, sig)
-        r.proc.wait(timeout=60)
-        return r.proc.pid
+        with self._lock:
+            r = self._running[service][replica]
+            _signal_group(r.proc.pid, sig)
+            r.proc.wait(timeout=60)
+            self._killed[(service, replica)] = r.proc.pid
+            return r.proc.pid
 
     def restart(self, service: str, replica: int = 0, *, wait: bool = True, timeout: float = 180.0) -> None:
         """Stop one process cleanly (SIGTERM, then SIGKILL after a grace) and start it again."""
-        r = self._running[service][replica]
-        _stop_group(r.proc)
-        self._spawn(r.launch)
+        with self._lock:
+            r = self._running[service][replica]
+            _stop_group(r.proc)
+            self._spawn(r.launch)
         if wait:
             self.wait_ready(service, timeout)
 
     def start_again(self, service: str, replica: int = 0, timeout: float = 180.0) -> None:
         """Start a process that was killed (as compose's restart policy would)."""
-        r = self._running[service][replica]
-        if r.proc.poll() is None:
-            raise TopologyError(f"{r.launch.label} is still running (pid {r.proc.pid})")
-        self._spawn(r.launch)
+        with self._lock:
+            r = self._running[service][replica]
+            if r.proc.poll() is None:
+                raise TopologyError(f"{r.launch.label} is still running (pid {r.proc.pid})")
+            self._spawn(r.launch)
         self.wait_ready(service, timeout)
+
+    def wait_back(self, service: str, replica: int = 0, timeout: float = 180.0) -> None:
+        """Until the supervisor has replaced the process ``kill`` ended and the service answers again."""
+        gone = self._killed.get((service, replica))
+        deadline = time.monotonic() + timeout
+        while self._running[service][replica].proc.pid == gone or (
+            self._running[service][replica].proc.poll() is not None
+        ):
+            if time.monotonic() > deadline:
+                raise TopologyError(
+                    f"{service}[{replica}] not restarted within {timeout:.0f} s{self._tails()}"
+                )
+            time.sleep(0.1)
+        self.wait_ready(service, max(1.0, deadline - time.monotonic()))
+
+    def restarts(self) -> dict[str, int]:
+        """How often the supervisor restarted each process (``deploy status`` shows it)."""
+        return {f"{n}[{i}]": len(t) for (n, i), t in self._restarts.items()}
+
+    def _backoff(self, key: tuple[str, int]) -> float:
+        """1 s after a first death, doubling with each restart in the last 10 minutes, at most 60 s."""
+        recent = [t for t in self._restarts.get(key, []) if t > time.monotonic() - 600]
+        return min(60.0, 2.0 ** len(recent))
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.25):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for name, replicas in list(self._running.items()):
+                    for i, r in enumerate(replicas):
+                        if r.proc.poll() is None:
+                            continue
+                        key = (name, i)
+                        due = self._due.setdefault(key, time.monotonic() + self._backoff(key))
+                        if time.monotonic() < due:
+                            continue
+                        del self._due[key]
+                        self._restarts.setdefault(key, []).append(time.monotonic())
+                        with open(r.log, "ab") as out:
+                            out.write(f"\n==== exited with {r.proc.returncode}: restarting\n".encode())
+                        self._spawn(r.launch)
 
     def wait_ready(self, service: str, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -365,6 +466,9 @@ class ProcessTopology:
     def stop(self) -> None:
         """Stop every process (reverse start order) by PID; then drop this topology's databases and queue
         if it was made for one use (tests)."""
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=10)
         procs = [r.proc for name in reversed(list(self._running)) for r in self._running[name]]
         for proc in procs:  # all at once: the code server alone takes ~10 s to wind down
             if proc.poll() is None:
@@ -492,8 +596,19 @@ class ProcessTopology:
         shutil.copy(DOCKER / "workspace.yaml", self.dagster_home / "workspace.yaml")
 
     def _write_pids(self) -> None:
-        if self.state.exists():
-            (self.state / "pids.json").write_text(json.dumps(self.pids(), indent=1))
+        """pids.json (the runner first: `down` stops it, then what is left) and services.json (`status`)."""
+        if not self._started or not self.state.exists():
+            return
+        pids = self.pids()
+        (self.state / "pids.json").write_text(json.dumps({"runner": [os.getpid()], **pids} if pids else {}))
+        where = {
+            name: {
+                "address": self.addresses.addr(name) if name in self.addresses.ports else None,
+                "pids": pids.get(name, []),
+            }
+            for name in pids
+        }
+        (self.state / "services.json").write_text(json.dumps(where, indent=1))
 
     def _tails(self, runs: list[_Running] | None = None, lines: int = 15) -> str:
         runs = runs if runs is not None else [r for rs in self._running.values() for r in rs]
@@ -504,13 +619,51 @@ class ProcessTopology:
         return "".join(parts)
 
 
+def process_only_args(service: str, bind: str) -> tuple[str, ...]:
+    """Arguments a process gets beyond its compose command: a Dask worker's comm port and nanny listen on
+    ``bind`` (in compose the internal network keeps them in; on one machine only loopback does)."""
+    return ("--host", bind) if service == "dask-worker" else ()
+
+
+STABLE_PORTS = {  # service: (setting, default) of the ports `up` listens on, the same on every start
+    "webserver": ("EM_WEB_PORT", 3000),
+    "user-code": ("EM_CODE_SERVER_PORT", 4000),
+    "dask-scheduler": ("EM_DASK_SCHEDULER_PORT", 8786),
+    "minio": ("EM_S3_PORT", 9000),
+}
+
+
+def stable_ports(env: Mapping[str, str] = os.environ, *, check_free: bool = True) -> dict[str, int]:
+    """The ports of STABLE_PORTS from settings; a port another process holds is an error naming its setting."""
+    out = {}
+    for service, (setting, default) in STABLE_PORTS.items():
+        value = env.get(setting, str(default))
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise TopologyError(f"{setting}={value!r}: expected a port number")
+        if check_free and _tcp_ok("127.0.0.1", int(value)):
+            raise TopologyError(
+                f"port {value} ({service}, {setting}) is taken on 127.0.0.1: stop what listens there "
+                f"(`make deploy-down` if it is an earlier topology) or set {setting} to another port"
+            )
+        out[service] = int(value)
+    return out
+
+
 def stop_from_pid_file(state_dir: Path) -> list[int]:
     """Stop the processes a runner in another shell recorded (``down``); only PIDs still running our commands."""
     path = Path(state_dir) / "pids.json"
     if not path.exists():
         return []
+    recorded = json.loads(path.read_text())
+    for pid in recorded.pop("runner", []):  # the runner first: it stops its services itself, and must not
+        with contextlib.suppress(OSError):  # restart them (its group may be the user's shell: the PID only)
+            if sys.prefix in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + STOP_GRACE_S + 10
+                while _running(pid) and time.monotonic() < deadline:
+                    time.sleep(0.2)
     stopped = []
-    for pids in json.loads(path.read_text()).values():
+    for pids in recorded.values():
         for pid in pids:
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -524,8 +677,20 @@ def stop_from_pid_file(state_dir: Path) -> list[int]:
         time.sleep(0.2)  # poll interval while they wind down
     for pid in stopped:  # what ignored SIGTERM (a code server with a run in flight)
         _signal_group(pid, signal.SIGKILL)
-    path.unlink()
+    path.unlink(missing_ok=True)
     return stopped
+
+
+def status(state_dir: Path) -> list[tuple[str, str | None, list[int], bool]]:
+    """(service, address, PIDs, all alive) of the topology a runner recorded in ``state_dir``."""
+    path = Path(state_dir) / "services.json"
+    pids = Path(state_dir) / "pids.json"
+    if not path.exists() or not pids.exists() or not json.loads(pids.read_text()):
+        return []
+    return [
+        (name, where["address"], where["pids"], bool(where["pids"]) and all(map(_running, where["pids"])))
+        for name, where in json.loads(path.read_text()).items()
+    ]
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -541,6 +706,20 @@ def _executable(name: str) -> str:
     """Commands come from this Python environment (as they come from the image's)."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+S3RVER_KEY = "S3RVER"
+
+
+def s3rver() -> str:
+    """The s3rver executable scripts/install_s3rver.sh put into this venv."""
+    exe = Path(sys.prefix) / "s3rver" / "node_modules" / ".bin" / "s3rver"
+    if not os.access(exe, os.X_OK):
+        raise TopologyError(
+            f"no s3rver at {exe}: the object store of the process topology. Install it with "
+            f"`bash scripts/install_s3rver.sh {Path(sys.prefix)}` (needs node and npm; Debian: apt-get install npm)"
+        )
+    return str(exe)
 
 
 def _base_env() -> dict[str, str]:

@@ -62,7 +62,7 @@ class Service:
     working_dir: str = ""
     restart: str = "unless-stopped"
     # "process": the runner starts `command`; "equivalent": the runner provides the machine's counterpart
-    # (PostgreSQL server, RabbitMQ STOMP, moto's S3 server, a bucket) instead of this container
+    # (PostgreSQL server, RabbitMQ STOMP, s3rver, file-backed, a bucket) instead of this container
     runs_as: str = "process"
     compose_only_env: Mapping[str, str] = field(default_factory=dict)  # meaningful only with Docker
     entrypoint: tuple[str, ...] = ()  # replaces the image's entrypoint (compose only)
@@ -193,7 +193,18 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "dask-scheduler",
         image=EM_IMAGE,
-        command=("dask", "scheduler", "--host", "{bind}", "--port", "{port}", "--no-dashboard"),
+        # --no-dashboard still serves the HTTP routes (health, metrics) on *:8787 unless told where
+        command=(
+            "dask",
+            "scheduler",
+            "--host",
+            "{bind}",
+            "--port",
+            "{port}",
+            "--no-dashboard",
+            "--dashboard-address",
+            "{bind}:0",
+        ),
         port=8786,
         probe=Probe("tcp"),
         note="the pixel work's scheduler (DASK_SCHEDULER_ADDRESS)",
@@ -210,6 +221,8 @@ SERVICES: tuple[Service, ...] = (
             "--memory-limit",
             "${DASK_WORKER_MEMORY:-4GiB}",
             "--no-dashboard",
+            "--dashboard-address",
+            "{bind}:0",
         ),
         env=platform_env(),
         replicas="${DASK_WORKERS:-2}",
@@ -255,7 +268,7 @@ SERVICES: tuple[Service, ...] = (
             "dagster-compute-logs:/opt/dagster/compute_logs",
         ),
         working_dir=DAGSTER_HOME,
-        note="the web UI; the docker socket lets it terminate run containers",
+        note="the web UI; the docker socket lets it terminate a run's container (the UI's Terminate)",
     ),
     Service(
         "daemon",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from em_platform.deploy.processes import Machine, ProcessTopology
+from em_platform.deploy.processes import Machine, ProcessTopology, TopologyError, s3rver
 from em_platform.samples import em_texture, write_ome_tiff
 from em_platform.tem.broker import BrokerPublisher
 from tests.deploy.dagster_api import DagsterApi, wait_until
@@ -60,6 +60,11 @@ def topology(tmp_path_factory):
             )
             print(reason)
             pytest.skip(reason)
+    try:
+        s3rver()
+    except TopologyError as exc:
+        print(exc)
+        pytest.skip(f"{exc}; the deployment topology tests skipped")
     topo = ProcessTopology(
         tmp_path_factory.mktemp("topology"),
         name=f"em_dep_{uuid.uuid4().hex[:8]}",

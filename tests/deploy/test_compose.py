@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from em_platform.deploy.compose import COMPOSE_FILE, compose_addresses, compose_yaml
-from em_platform.deploy.processes import ProcessTopology
+from em_platform.deploy.processes import ProcessTopology, process_only_args
 from em_platform.deploy.services import DAGSTER_IMAGE, EM_IMAGE, IMAGE_ENV, SERVICES, platform_env, service
 from em_platform.deploy.templates import MissingSetting, interpolate, place, variables
 
@@ -205,11 +205,12 @@ def test_process_plan_is_the_compose_services_with_loopback_addresses(tmp_path):
                         return str(where.ports[other.name])
                 if value == other.name:
                     return where.hosts[other.name]
-            value = "127.0.0.1" if value == "0.0.0.0" else value
+            value = re.sub(r"^0\.0\.0\.0(?=:|$)", "127.0.0.1", value)
             return re.sub(r"^/data(?=/|$)", where.data, value)
 
         assert Path(launch.argv[0]).name == spec["command"][0]
-        assert list(launch.argv[1:]) == [convert(a) for a in spec["command"][1:]], launch.label
+        extra = list(process_only_args(launch.service, "127.0.0.1"))
+        assert list(launch.argv[1:]) == [convert(a) for a in spec["command"][1:]] + extra, launch.label
         for key, value in spec.get("environment", {}).items():
             if key not in svc.compose_only_env:
                 assert launch.env[key] == convert(value), (launch.label, key)

@@ -1,5 +1,5 @@
 """End to end on the production topology run as processes: the daemon's sensors, runs on the code server,
-pixels on the two Dask workers, OME-Zarr in S3 (moto), records in PostgreSQL, the microscope on the broker;
+pixels on the two Dask workers, OME-Zarr in S3 (s3rver), records in PostgreSQL, the microscope on the broker;
 then faults: a Dask worker killed mid-run, the daemon restarted mid-run, the code server restarted."""
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +18,10 @@ import zarr
 
 from em_platform.catalog.db import CatalogDB
 from em_platform.deploy.compose import COMPOSE_FILE
+from em_platform.deploy.processes import process_only_args
 from em_platform.deploy.services import SERVICES, service
 from em_platform.deploy.templates import interpolate
 from em_platform.tem.journal import Journal
-from tests.deploy.conftest import acquire, drop_into_inbox
 from tests.deploy.dagster_api import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(1800)]
@@ -85,8 +83,7 @@ def _compose_to_process(topology) -> callable:
             return topology.addresses.hosts[value]
         if value in ports:
             return ports[value]
-        if value == "0.0.0.0":
-            return "127.0.0.1"
+        value = re.sub(r"^0\.0\.0\.0(?=:|$)", "127.0.0.1", value)
         return re.sub(r"^/data(?=/|$)", topology.addresses.data, value)
 
     return convert
@@ -110,7 +107,7 @@ def test_every_process_runs_its_compose_service_command_and_environment(topology
                 argv = argv[1:]  # a console script runs under the venv's interpreter
             expected = [convert(a) for a in spec["command"]]
             assert Path(argv[0]).name == expected[0], (svc.name, argv)
-            assert argv[1:] == expected[1:], svc.name
+            assert argv[1:] == expected[1:] + list(process_only_args(svc.name, "127.0.0.1")), svc.name
             environ = proc.environ()
             compose_only = set(svc.compose_only_env)
             for key, value in spec.get("environment", {}).items():
@@ -118,8 +115,27 @@ def test_every_process_runs_its_compose_service_command_and_environment(topology
                     assert environ.get(key) == convert(value), (svc.name, key)
             assert "DAGSTER_CURRENT_IMAGE" not in environ  # the Docker launcher's, not the default one's
     # the stand-ins for the infrastructure containers
-    assert psutil.Process(pids["minio"][0]).cmdline()[1:3] == ["-m", "moto.server"]
+    store = psutil.Process(pids["minio"][0]).cmdline()  # s3rver (node), file-backed in the state folder
+    assert any(a.endswith("s3rver") for a in store[:2]), store
+    assert store[store.index("-d") + 1] == str(topology.object_store_dir)
     assert record(topology, "local", "no-such-entry") is None  # the catalog database exists and answers
+
+
+def test_no_service_listens_beyond_loopback(topology):
+    """Issue 22: Dask runs the code that reaches its ports; no process of the topology (nor a child: a
+    worker's nanny, a run) listens on any address but loopback."""
+    listening = {}
+    for service_pids in topology.pids().values():
+        for pid in service_pids:
+            proc = psutil.Process(pid)
+            for p in (proc, *proc.children(recursive=True)):
+                for c in p.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listening[(c.laddr.ip, c.laddr.port)] = " ".join(p.cmdline()[:3])
+    assert len(listening) >= 6, listening  # web, code server, scheduler (+HTTP), workers, object store
+    loopback = ("127.", "::1", "::ffff:127.")  # IPv4, IPv6 and IPv4-mapped IPv6 loopback
+    outside = {a: cmd for a, cmd in listening.items() if not a[0].startswith(loopback)}
+    assert not outside, f"listening beyond loopback: {outside}"
 
 
 # -- the happy paths ----------------------------------------------------------------------------------
@@ -211,74 +227,7 @@ def test_cli_backfill_queues_and_completes_the_runs(topology, dagster_api, clean
 # -- faults ---------------------------------------------------------------------------------------------
 
 
-TILE_TASKS = ("process_tile_file-", "judge_tile-")  # the run's per-tile Dask tasks (pure=False: unique keys)
-
-
-def test_a_dask_worker_killed_mid_run_does_not_fail_the_run(topology, dagster_api, dask_client):
-    """SIGKILL the worker that has tile tasks in flight (assigned to it, not finished): the scheduler hands
-    them to the surviving worker, the run completes, and the task stream shows that work done there."""
-    killed = {}
-    groups = worker_groups(dask_client)  # worker address -> PID, taken before the run: the kill is immediate
-
-    def tile_work_in_flight():
-        for worker, keys in dask_client.processing().items():
-            tiles = {str(k) for k in keys if str(k).startswith(TILE_TASKS)}
-            if tiles:
-                return worker, tiles
-        return None
-
-    def kill_a_busy_worker(montage_id: str) -> None:
-        worker, in_flight = wait_until(tile_work_in_flight, 600, "a tile task in flight on a worker", 0.05)
-        replica = topology.pids()["dask-worker"].index(groups[worker])
-        killed.update(worker=worker, in_flight=in_flight, replica=replica)
-        killed["pid"] = topology.kill("dask-worker", replica)  # SIGKILL: the worker and its nanny are gone
-
-    began = time.time()
-    m = acquire(topology, dagster_api, "--rate", "3", rows=3, columns=4, during=kill_a_busy_worker)
-    try:
-        assert killed, "no worker was killed"
-        assert_success(dagster_api, m.runs)
-        assert m.qc_status[-1][0] == "GOOD"
-        assert len(dask_client.scheduler_info()["workers"]) == 1  # it really was gone for the rest of the run
-        rec = record(topology, "acquisition", m.montage_id)
-        assert rec is not None and rec["status"] == "complete"
-        # who finished each task (the scheduler's task stream); a key names one submission, so a key the
-        # victim held that finished on another worker was moved there (or recomputed, if it finished twice)
-        ran_on: dict[str, set[str]] = {}
-        for t in dask_client.get_task_stream(start=began):
-            ran_on.setdefault(str(t["key"]), set()).add(t["worker"])
-        victim = killed["worker"]
-        moved = {k for k in killed["in_flight"] if ran_on.get(k, set()) - {victim}}
-        recomputed = {k for k, ws in ran_on.items() if victim in ws and ws - {victim}}
-        assert moved | recomputed, (
-            f"none of the killed worker's tasks ({sorted(killed['in_flight'])}) finished elsewhere: {ran_on}"
-        )
-        print(
-            f"killed {victim} with {len(killed['in_flight'])} tile task(s) in flight; moved to the "
-            f"survivor: {len(moved)}, recomputed there: {len(recomputed)}"
-        )
-    finally:
-        if killed:
-            topology.start_again("dask-worker", killed["replica"])  # as compose's restart policy would
-
-
-def test_daemon_restarted_mid_run_loses_nothing_and_runs_nothing_twice(topology, dagster_api):
-    first, second = (f"restart_{i}_{uuid.uuid4().hex[:6]}.ome.tif" for i in (1, 2))
-    drop_into_inbox(topology, first, seed=21, shape=(16, 256, 256))
-    wait_until(
-        lambda: any(r["status"] == "STARTED" for r in dagster_api.partition_runs(first)),
-        600,
-        f"{first}'s run to start",
-    )
-    topology.kill("daemon")  # a crash, mid-run
-    drop_into_inbox(topology, second, seed=22)  # arrives while no daemon watches the inbox
-    topology.start_again("daemon")
-    for name in (first, second):
-        runs = dagster_api.wait_runs_done({"dagster/partition": name}, 1, timeout=600)
-        assert len(runs) == 1, f"{name} ran {len(runs)} times"
-        assert_success(dagster_api, runs)
-        rec = record(topology, "local", name)
-        assert rec is not None and rec["status"] == "complete"
+# The daemon, a Dask worker, a run, the listener and the object store killed mid-work: test_faults.py.
 
 
 LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus updatedTimestamp
