@@ -265,6 +265,7 @@ class ProcessTopology:
             "data/buffer",
             "data/downloads",
             "data/simulations",
+            "data/cryo_sessions",
             "data/scope",
             "compute_logs",
         ):

@@ -96,6 +96,7 @@ def platform_env() -> dict[str, str]:
         "EM_BUFFER": "{data}/buffer",
         "EM_DOWNLOADS": "{data}/downloads",
         "EM_SIMULATIONS": "{data}/simulations",
+        "EM_CRYO_SESSIONS": "{data}/cryo_sessions",  # where the microscope PC writes movies and mdocs
         "EM_SCOPE_SHARES": "{data}/scope",  # where the scopes' tiles land; tile.raw paths elsewhere are refused
         "EM_INBOX_SETTLE_SECONDS": "${EM_INBOX_SETTLE_SECONDS:-5}",
         "EM_SENSOR_INTERVAL_SECONDS": "${EM_SENSOR_INTERVAL_SECONDS:-}",

@@ -76,6 +76,9 @@ def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessions
         reason = (
             f"{len(waiting)} tilt series still being written" if waiting else "no new or changed tilt series"
         )
+        if errors:  # a malformed mdoc is not "nothing new": say what was skipped and why
+            key, error = next(iter(errors.items()))
+            reason = f"{len(errors)} tilt series skipped (first: {key}: {error}); {reason}"
         return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)
     return dg.SensorResult(
         run_requests=requests,

@@ -365,3 +365,18 @@ def test_real_epu_micrograph_session_through_motion_and_ctf_assets(tmp_path):
     # the same bound as test_session's function-call test of this micrograph
     assert 0.5 * nominal_A < defocus < 2.0 * nominal_A, (defocus, nominal_A)
     assert row["fit_resolution_A"] < 15 and row["cc"] > 0.05
+
+
+def test_a_malformed_mdoc_is_named_in_the_sensors_skip_reason(tmp_path):
+    """Issue 22: a broken .mdoc was reported as "no new or changed tilt series"; the skip reason names it."""
+    folder = tmp_path / "sessions" / "grid9" / "ts"
+    folder.mkdir(parents=True)
+    (folder / "TS_09.mrc.mdoc").write_text("[ZValue = 0]\nTiltAngle = not-a-number\n[ZValue\n")
+    _settle(tmp_path / "sessions")
+    resources = {"cryo_sessions": _resources(tmp_path, tmp_path / "sessions")["cryo_sessions"]}
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
+            result = cryo_sensor(ctx)
+    assert not result.run_requests
+    reason = result.skip_reason.skip_message
+    assert "1 tilt series skipped" in reason and "TS_09" in reason, reason

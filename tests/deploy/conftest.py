@@ -22,14 +22,18 @@ from em_platform.tem.broker import BrokerPublisher
 from tests.deploy.dagster_api import DagsterApi, wait_until
 
 # Test tuning, all of it configuration (environment and instance config), none of it code: sensors tick
-# every second (the daemon's loop still sets a 5 s floor), the run queue is read every second, and an inbox
-# entry counts as arrived half a second after its last change.
+# every second (the daemon's loop still sets a 5 s floor), the run queue is read every second, run monitoring
+# polls every 2 s, and an inbox entry counts as arrived half a second after its last change.
 TEST_SETTINGS = {
     "EM_SENSOR_INTERVAL_SECONDS": "1",
     "EM_INBOX_SETTLE_SECONDS": "0.5",
     "DASK_WORKER_MEMORY": "2GiB",
 }
-TEST_INSTANCE = {"run_coordinator": {"config": {"dequeue_interval_seconds": 1}}}
+TEST_INSTANCE = {
+    "run_coordinator": {"config": {"dequeue_interval_seconds": 1}},
+    # a dead run is noticed within 2 s, not 15 (docker/dagster.yaml's production poll)
+    "run_monitoring": {"poll_interval_seconds": 2, "free_slots_after_run_end_seconds": 2},
+}
 
 
 def _children_cpu() -> float:
