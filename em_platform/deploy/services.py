@@ -125,7 +125,26 @@ IMAGE_ENV = {
 }
 HEALTHY, STARTED, COMPLETED = "service_healthy", "service_started", "service_completed_successfully"
 
+# The secrets every store and the broker are created with; docker/.env.example holds placeholders for them.
+SECRETS = ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "EM_BROKER_PASSWORD")
+_PLACEHOLDER_CHECK = (
+    "for name in " + " ".join(SECRETS) + "; do eval v=\\\"\\$$$$name\\\"; "
+    'case "$$v" in ""|change-me*|changeme*|password|secret|admin) '
+    'echo "docker/.env: $$name is empty or a placeholder ($$v): set a real secret before starting" >&2; '
+    "exit 1;; esac; done; echo secrets set"
+)
+
 SERVICES: tuple[Service, ...] = (
+    Service(
+        "secrets-check",
+        image="busybox:1.36",
+        entrypoint=("sh", "-c"),
+        command=(_PLACEHOLDER_CHECK,),
+        env={name: f"${{{name}:-}}" for name in SECRETS},
+        restart="no",
+        runs_as="equivalent",
+        note="refuses to start the stores and the broker with docker/.env.example's placeholder secrets",
+    ),
     Service(
         "postgresql",
         image="postgres:16",
@@ -139,6 +158,7 @@ SERVICES: tuple[Service, ...] = (
         port=5432,
         probe=Probe("command", test=("CMD-SHELL", "pg_isready -U $${POSTGRES_USER} -d $${POSTGRES_DB}")),
         volumes=("postgres-data:/var/lib/postgresql/data", "./postgres:/docker-entrypoint-initdb.d:ro"),
+        depends_on={"secrets-check": COMPLETED},
         runs_as="equivalent",
         note="Dagster's run/event/schedule storage and, in a database of its own, the catalog + journal",
     ),
@@ -156,6 +176,7 @@ SERVICES: tuple[Service, ...] = (
             "rabbitmq-data:/var/lib/rabbitmq",
             "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro",
         ),
+        depends_on={"secrets-check": COMPLETED},
         runs_as="equivalent",
         note="the microscope's STOMP broker (RabbitMQ with its STOMP plugin)",
     ),
@@ -170,6 +191,7 @@ SERVICES: tuple[Service, ...] = (
         port=9000,
         probe=Probe("command", test=("CMD", "mc", "ready", "local")),
         volumes=("minio-data:/data",),
+        depends_on={"secrets-check": COMPLETED},
         runs_as="equivalent",
         note="S3 storage root (EM_DATA_ROOT); drop it and set EM_S3_ENDPOINT_URL for a real S3",
     ),

@@ -232,3 +232,30 @@ def test_templates_follow_compose_interpolation():
         place("tcp://{addr:dask-scheduler} {bind}:{port}", where, "user-code")
         == "tcp://dask-scheduler:8786 0.0.0.0:4000"
     )
+
+
+@pytest.mark.parametrize(
+    "secrets,refused",
+    [
+        ({"POSTGRES_PASSWORD": "change-me", "AWS_SECRET_ACCESS_KEY": "change-me-too", "EM_BROKER_PASSWORD": "x"}, True),
+        ({"POSTGRES_PASSWORD": "Pg-7fQ2", "AWS_SECRET_ACCESS_KEY": "", "EM_BROKER_PASSWORD": "Mq-9zL1"}, True),
+        ({"POSTGRES_PASSWORD": "Pg-7fQ2", "AWS_SECRET_ACCESS_KEY": "S3-4kP8", "EM_BROKER_PASSWORD": "Mq-9zL1"}, False),
+    ],
+)
+def test_placeholder_secrets_are_refused_before_the_stores_start(secrets, refused):
+    """Issue 22: compose started with docker/.env.example's `change-me` secrets. The secrets-check service
+    runs first (the stores and the broker wait for it to complete successfully) and fails on a placeholder."""
+    spec = compose()["services"]
+    for store in ("postgresql", "rabbitmq", "minio"):
+        assert spec[store]["depends_on"]["secrets-check"]["condition"] == "service_completed_successfully"
+    check = spec["secrets-check"]
+    script = check["command"][0].replace("$$", "$")  # compose's escape of a literal $
+    done = subprocess.run([*check["entrypoint"], script], env=secrets, capture_output=True, text=True)
+    assert (done.returncode != 0) == refused, done.stderr
+    if refused:
+        assert "placeholder" in done.stderr
+    example = dict(
+        line.split("=", 1) for line in (REPO / "docker" / ".env.example").read_text().splitlines() if "=" in line
+        and not line.startswith("#")
+    )  # fmt: skip
+    assert subprocess.run([*check["entrypoint"], script], env=example, capture_output=True).returncode != 0
