@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 import dagster as dg
 
+from em_platform.storage.disk_full import disk_full
+
 INLINE_MARKDOWN_LIMIT = 1000  # characters: the UI draws shorter Markdown metadata inline
 
 # The focus-map colours (em_platform.stitch.previews: ColorBrewer RdYlGn) in words.
@@ -66,7 +68,7 @@ def is_inline(value: typing.Any) -> bool:
 
 def failed_check(check_name: str, exc: BaseException, **facts: str) -> dg.AssetCheckResult:
     """A failed check carrying why a partition failed, shown on its page (the run fails right after)."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = disk_full(exc) or " ".join(str(exc).split()) or type(exc).__name__
     return dg.AssetCheckResult(
         check_name=check_name,
         passed=False,

@@ -21,6 +21,7 @@ from em_platform.catalog.records import deep_merge, iso, new_record, utc_now
 from em_platform.catalog.schema import validate_record
 from em_platform.catalog.status import IN_FLIGHT, OWNED_BY_A_RUN, Status, check_transition
 from em_platform.sql import DatabaseUnavailable, JSONType, open_database
+from em_platform.storage.disk_full import disk_full
 
 metadata_obj = sa.MetaData()
 
@@ -281,7 +282,7 @@ class CatalogDB:
         if new is Status.FAILED:
             retries = int(record.get("error", {}).get("retry_count", 0)) + 1
             if isinstance(error, BaseException):
-                text = f"{type(error).__name__}: {error}"
+                text = disk_full(error) or f"{type(error).__name__}: {error}"
                 trace = "".join(tb.format_exception(error))[-8000:]
             else:
                 text, trace = str(error or message or "failed"), None

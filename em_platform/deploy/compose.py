@@ -2,8 +2,8 @@
 
 Compared with Dagster's ``deploy_docker`` example (postgres + user code + webserver + daemon on one network,
 ``DAGSTER_CURRENT_IMAGE`` naming the image runs are launched from, the docker socket mounted into webserver
-and daemon), this adds the Dask cluster, MinIO, RabbitMQ and the listener; secrets come only from
-``docker/.env`` (the example writes them into the file); every service has a healthcheck so ``depends_on``
+and daemon), the webserver gets no Docker socket (runs cancel themselves), and this adds the Dask cluster,
+MinIO, RabbitMQ and the listener; secrets come only from ``docker/.env`` (the example writes them into the file); every service has a healthcheck so ``depends_on``
 waits for readiness, not just a started container; the code server is ``dagster code-server start``
 (the example's ``dagster api grpc`` cannot reload code); one user-code image serves code, runs, Dask and the
 listener, so the Dask workers unpickle exactly the code the runs send them.

@@ -128,7 +128,7 @@ HEALTHY, STARTED, COMPLETED = "service_healthy", "service_started", "service_com
 # The secrets every store and the broker are created with; docker/.env.example holds placeholders for them.
 SECRETS = ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "EM_BROKER_PASSWORD")
 _PLACEHOLDER_CHECK = (
-    "for name in " + " ".join(SECRETS) + "; do eval v=\\\"\\$$$$name\\\"; "
+    "for name in " + " ".join(SECRETS) + '; do eval v=\\"\\$$$$name\\"; '
     'case "$$v" in ""|change-me*|changeme*|password|secret|admin) '
     'echo "docker/.env: $$name is empty or a placeholder ($$v): set a real secret before starting" >&2; '
     "exit 1;; esac; done; echo secrets set"
@@ -286,12 +286,9 @@ SERVICES: tuple[Service, ...] = (
         publish=True,
         depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
         probe=Probe("http", path="/server_info"),
-        volumes=(
-            "/var/run/docker.sock:/var/run/docker.sock",
-            "dagster-compute-logs:/opt/dagster/compute_logs",
-        ),
+        volumes=("dagster-compute-logs:/opt/dagster/compute_logs",),
         working_dir=DAGSTER_HOME,
-        note="the web UI; the docker socket lets it terminate a run's container (the UI's Terminate)",
+        note="the web UI; no Docker socket: its Terminate marks a run CANCELING and the run stops itself",
     ),
     Service(
         "daemon",

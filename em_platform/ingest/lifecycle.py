@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.status import Status
 from em_platform.storage import DataStore
+from em_platform.storage.disk_full import disk_full
 from em_platform.storage.outage import storage_outage
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,8 @@ class IngestAttempt:
             error: BaseException | str = exc
             if self.outage:
                 error = f"storage outage, retried: {self.outage} ({type(exc).__name__}: {exc})"
+            elif full := disk_full(exc, {"EM_DATA_ROOT": self.store.url()}):
+                error = full
             self.catalog.transition(self.record_id, Status.FAILED, error=error, run_id=self.run_id)
 
     @contextmanager

@@ -128,7 +128,11 @@ def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_cont
     ):
         assert production[key] == embedded[key], f"docker/dagster.yaml `{key}` differs from dagster.yaml"
     launcher = production["run_launcher"]
-    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    # the Docker launcher, whose Terminate needs no socket (tests/orchestration/test_self_cancelling_runs.py)
+    assert (launcher["module"], launcher["class"]) == (
+        "em_platform.deploy.dagster_instance",
+        "SelfCancellingDockerRunLauncher",
+    )
     # the run containers get exactly the platform's environment, which the daemon holds to pass on
     assert set(launcher["config"]["env_vars"]) == set(platform_env())
     assert set(platform_env()) <= set(compose()["services"]["daemon"]["environment"])
@@ -141,8 +145,9 @@ def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_cont
     for key in ("HOST", "PORT", "USER", "PASSWORD", "DB"):
         monkeypatch.setenv(f"DAGSTER_POSTGRES_{key}", "5432" if key == "PORT" else "x")
     shutil.copy(DOCKER / "dagster.yaml", tmp_path / "dagster.yaml")
-    config, _ = dagster_instance_config(str(tmp_path))
-    assert config["run_launcher"]["class"] == "DockerRunLauncher"
+    config, instance_class = dagster_instance_config(str(tmp_path))
+    assert config["run_launcher"]["class"] == "SelfCancellingDockerRunLauncher"
+    assert instance_class.__name__ == "FacilityInstance"
 
 
 def _dockerfile(name: str) -> str:
@@ -237,9 +242,26 @@ def test_templates_follow_compose_interpolation():
 @pytest.mark.parametrize(
     "secrets,refused",
     [
-        ({"POSTGRES_PASSWORD": "change-me", "AWS_SECRET_ACCESS_KEY": "change-me-too", "EM_BROKER_PASSWORD": "x"}, True),
-        ({"POSTGRES_PASSWORD": "Pg-7fQ2", "AWS_SECRET_ACCESS_KEY": "", "EM_BROKER_PASSWORD": "Mq-9zL1"}, True),
-        ({"POSTGRES_PASSWORD": "Pg-7fQ2", "AWS_SECRET_ACCESS_KEY": "S3-4kP8", "EM_BROKER_PASSWORD": "Mq-9zL1"}, False),
+        (
+            {
+                "POSTGRES_PASSWORD": "change-me",
+                "AWS_SECRET_ACCESS_KEY": "change-me-too",
+                "EM_BROKER_PASSWORD": "x",
+            },
+            True,
+        ),
+        (
+            {"POSTGRES_PASSWORD": "Pg-7fQ2", "AWS_SECRET_ACCESS_KEY": "", "EM_BROKER_PASSWORD": "Mq-9zL1"},
+            True,
+        ),
+        (
+            {
+                "POSTGRES_PASSWORD": "Pg-7fQ2",
+                "AWS_SECRET_ACCESS_KEY": "S3-4kP8",
+                "EM_BROKER_PASSWORD": "Mq-9zL1",
+            },
+            False,
+        ),
     ],
 )
 def test_placeholder_secrets_are_refused_before_the_stores_start(secrets, refused):

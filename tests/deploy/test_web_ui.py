@@ -88,11 +88,10 @@ def test_a_failed_asset_check_shows_red(topology, page, faulty_montage):
     assert [r["status"] for r in faulty_montage.runs] == ["FAILURE"]
     goto(page, f"{topology.webserver}/assets/tile_stats?view=checks&checkDetail=focus")
     page.get_by_text("Execution history").first.click()
-    failed = page.get_by_text("Failed", exact=True).last
+    # the history's status tag (the page has other "Failed" labels, e.g. filters, drawn before the history loads)
+    failed = page.locator("[style*=tag-fill-color]").filter(has_text=re.compile(r"^\s*Failed\s*$")).last
     failed.wait_for(state="visible")
-    tag_style, color = failed.evaluate(
-        "e => [(e.closest('[style*=tag-fill-color]') || e).getAttribute('style') || '', getComputedStyle(e).color]"
-    )
+    tag_style, color = failed.evaluate("e => [e.getAttribute('style') || '', getComputedStyle(e).color]")
     red, green, blue = (int(c) for c in color[color.index("(") + 1 : color.index(")")].split(",")[:3])
     assert "red" in tag_style and red > green + 40 and red > blue + 40, f"drawn as {tag_style!r} in {color}"
     screenshot(page, "deploy_failed_check")

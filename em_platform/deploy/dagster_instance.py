@@ -1,0 +1,70 @@
+"""The production Dagster instance: runs that stop themselves (so the web UI needs no Docker socket) and a
+daemon reported dead within a minute and a half.
+
+The open-source Docker run launcher terminates a run by stopping its container, from the webserver's
+process: the webserver would need the host's Docker socket, which is root on the host for anyone who
+reaches the UI. Here the UI only marks the run CANCELING; every run process watches its own status (the
+cancellation thread Dagster ships and gates behind ``should_start_background_run_thread``) and interrupts
+itself within ``run_monitoring.cancellation_thread_poll_interval_seconds``. The daemon, which has the socket
+to launch containers, keeps the container stop for a run that does not react, after
+``cancel_timeout_seconds`` through run monitoring.
+
+Dagster reports a daemon healthy until 30 minutes after its last heartbeat; an operator looking at the UI
+after a crash is told all is well. Here the tolerance is one minute beyond the 30 s heartbeat interval.
+
+Imports Dagster only: the Dagster image installs this package without its dependencies.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import DagsterInstance
+from dagster_docker import DockerRunLauncher
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+HEARTBEAT_TOLERANCE_SECONDS = 60
+
+
+class FacilityInstance(DagsterInstance):
+    """A Dagster instance whose run processes watch for their own cancellation, and whose daemon health
+    follows the heartbeats."""
+
+    @classmethod
+    def config_schema(cls) -> dict:  # what a custom instance class must declare: no settings of its own
+        return {}
+
+    @staticmethod
+    def config_defaults(base_dir: str):
+        from dagster._core.instance.ref import InstanceRef
+
+        return InstanceRef.config_defaults(base_dir)
+
+    @property
+    def should_start_background_run_thread(self) -> bool:
+        return True
+
+    def get_daemon_statuses(self, daemon_types=None):
+        from dagster._daemon.controller import get_daemon_statuses
+
+        return get_daemon_statuses(
+            self,
+            daemon_types=daemon_types or self.get_required_daemon_types(),
+            ignore_errors=True,
+            heartbeat_tolerance_seconds=HEARTBEAT_TOLERANCE_SECONDS,
+        )
+
+
+class SelfCancellingDockerRunLauncher(DockerRunLauncher):
+    """Launches runs as containers; terminates them by status where there is no Docker socket."""
+
+    def terminate(self, run_id: str) -> bool:
+        if os.path.exists(DOCKER_SOCKET):
+            return super().terminate(run_id)
+        run = self._instance.get_run_by_id(run_id)
+        if not run or run.is_finished:
+            return False
+        self._instance.report_run_canceling(
+            run, message="Cancelling: the run's own process stops it (this service has no Docker socket)"
+        )
+        return True
