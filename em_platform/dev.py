@@ -4,7 +4,9 @@ Two things plain `dagster dev` gets wrong for an operator here: started in the b
 (`make dev &`), it inherits an ignored SIGINT and then ignores SIGTERM too, hanging until killed; and the
 daemon logs every sensor tick, so a 5-second montage sensor fills the log with "nothing new". This wrapper
 starts `dagster dev` with SIGINT restored, turns its own SIGTERM/SIGINT into the SIGINT `dagster dev` shuts
-down on (waiting for it, then ending its process group if it hangs), and drops the daemon's lines for
+down on (waiting SHUTDOWN_GRACE_SECONDS for it, then killing its process group: a daemon busy launching
+a run or finishing a tick can take 20 s on a loaded machine, and a killed run is failed and retried by run
+monitoring on the next start), and drops the daemon's lines for
 sensor ticks that found nothing. Everything else `dagster dev` prints passes through.
 """
 
@@ -22,7 +24,7 @@ from collections.abc import Iterable
 QUIET_TICK = re.compile(
     r"Checking for new runs for sensor: |No run requests returned for \S+, skipping|Sensor \S+ skipped: "
 )
-SHUTDOWN_GRACE_SECONDS = 60.0
+SHUTDOWN_GRACE_SECONDS = 12.0
 
 
 def quiet_lines(lines: Iterable[str]) -> Iterable[str]:
@@ -60,29 +62,38 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         if not stopping.is_set():
             stopping.set()
             print(f"em-platform dev: {signal.Signals(signum).name}: stopping Dagster", file=out, flush=True)
-            threading.Thread(target=_shut_down, args=(child,), daemon=True).start()
+            threading.Thread(target=_shut_down, args=(child, out), daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for line in quiet_lines(child.stdout):
             out.write(line)
             out.flush()
-        return child.wait()
+        status = child.wait()
+        if status == -signal.SIGKILL:
+            print("em-platform dev: Dagster services killed", file=out, flush=True)
+        return status
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _shut_down(child: subprocess.Popen) -> None:
-    """SIGINT to `dagster dev` (it stops its webserver, daemon and code servers); its group ends if it hangs."""
+def _shut_down(child: subprocess.Popen, out) -> None:
+    """SIGINT to `dagster dev` (it stops its webserver, daemon and code servers); its group is killed if it
+    is not down within SHUTDOWN_GRACE_SECONDS."""
     child.send_signal(signal.SIGINT)
     try:
         child.wait(SHUTDOWN_GRACE_SECONDS)
+        return
     except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(child.pid, sig)  # the group this wrapper started, by its id
-                child.wait(10)
-                return
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        pass
+    print(
+        f"em-platform dev: Dagster not down {SHUTDOWN_GRACE_SECONDS:.0f} s after SIGINT: killing its processes "
+        "(runs it was executing are failed and retried by run monitoring at the next start)",
+        file=out,
+        flush=True,
+    )
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # the group this wrapper started, by its id
+    except ProcessLookupError:
+        pass

@@ -12,3 +12,31 @@ def test_quiet_lines_drop_empty_sensor_ticks_only():
         "2026-01-01 - dagster-webserver - INFO - Serving dagster-webserver on http://127.0.0.1:3000\n",
     ]
     assert list(quiet_lines(lines)) == lines[3:]
+
+
+def test_a_dagster_that_ignores_sigint_is_killed_after_the_grace(monkeypatch):
+    """A daemon busy launching a run can hold `dagster dev` past SIGINT; the wrapper must still stop it."""
+    import io
+    import signal
+    import subprocess
+    import sys
+
+    from em_platform import dev
+
+    monkeypatch.setattr(dev, "SHUTDOWN_GRACE_SECONDS", 0.5)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert child.stdout.readline().strip() == "ready"  # SIGINT is ignored from here on
+    out = io.StringIO()
+    dev._shut_down(child, out)
+    assert child.wait(10) == -signal.SIGKILL
+    assert "killing its processes" in out.getvalue()
