@@ -43,7 +43,7 @@ class OpticsConfig(dg.Config):
     amplitude_contrast: float = 0.07
 
 
-class MotionConfig(dg.Config):
+class MotionConfig(OpticsConfig):
     """Every setting of em_platform.cryo.motion.MotionSettings (README, "Cryo processing")."""
 
     patches_x: int = 5
@@ -68,7 +68,7 @@ class MotionConfig(dg.Config):
             raise ValueError(f"trajectory {self.trajectory!r}: one of {', '.join(TRAJECTORY_MODELS)}")
         if self.local_motion not in ("auto", "on", "off"):
             raise ValueError(f"local_motion {self.local_motion!r}: auto, on or off")
-        fields = self.model_dump(exclude={"patches_x", "patches_y"})
+        fields = self.model_dump(exclude={"patches_x", "patches_y", "cs_mm", "amplitude_contrast"})
         return MotionSettings(patches=(self.patches_x, self.patches_y), **fields)
 
 
@@ -90,7 +90,8 @@ class AlignmentConfig(dg.Config):
 
 class TomogramConfig(OpticsConfig):
     binning: int = 0  # 0 = auto (the phantom's grid when simulated, else ≤ 512 px wide)
-    thickness: int = 0
+    thickness: int = 0  # binned voxels; 0 = thickness_nm
+    thickness_nm: float = 0.0  # 0 = the session's em_session.yaml, the phantom's (simulated), else estimated
     sirt: bool = True
     sirt_iterations: int = 20
     phase_flip: bool = True
@@ -99,6 +100,7 @@ class TomogramConfig(OpticsConfig):
         return proc.TomogramSettings(
             binning=self.binning,
             thickness=self.thickness,
+            thickness_nm=self.thickness_nm,
             methods=("wbp", "sirt") if self.sirt else ("wbp",),
             sirt_iterations=self.sirt_iterations,
             phase_flip=self.phase_flip,
@@ -197,7 +199,8 @@ def motion_corrected(
             results.dispose()
         # on the deployment's cluster when it has one (each movie a task on a worker), else here
         client = dask.get_client() if dask.scheduler_address else None
-        return proc.motion_correct(ts, proc.Workspace(root, ts.key), config.settings(), client)
+        scope = Microscope(ts.voltage_kV, config.cs_mm, config.amplitude_contrast)  # for the STAR optics
+        return proc.motion_correct(ts, proc.Workspace(root, ts.key), config.settings(), client, scope)
 
     ts, doc = _run(context, cryo_sessions, catalog, step)
     tilts = doc["tilts"]
@@ -286,6 +289,7 @@ def tilt_alignment(
     )
     return dg.MaterializeResult(
         metadata={
+            "method": doc["method"],
             "tilt_axis_angle_deg": doc["tilt_axis_angle_deg"],
             "nominal_tilt_axis_deg": doc["nominal_tilt_axis_deg"],
             "rms_residual_px": doc["rms_residual_px"],
@@ -352,6 +356,8 @@ def tomogram(
             "shape_zyx": str(tuple(doc["shape_zyx"])),
             "voxel_size_A": doc["voxel_size_A"],
             "binning": doc["binning"],
+            "thickness_nm": doc["thickness_nm"],
+            "thickness_source": doc["thickness_source"],
             "methods": ", ".join(doc["methods"]),
             "ome_zarr": dg.MetadataValue.path(doc["ome_zarr"]["url"]),
             "central_slice": _img(out / "central_slice.png", "central slice"),
@@ -632,23 +638,57 @@ def evaluation(
             "figures": dg.MetadataValue.json(_jsonable(fig)),
         }
     )
+    checks = _check_results(fig)
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        # the run fails on these blocking checks: the results tables say so too, with the figures
+        results = CryoResults(catalog.url)
+        try:
+            results.mark(
+                ts.key,
+                "failed",
+                series=_series_fields(ts),
+                error="blocking checks failed against ground_truth.json: "
+                + "; ".join(_check_text(c) for c in failed),
+                run_id=context.run.run_id,
+            )
+        finally:
+            results.dispose()
+    yield from checks
+
+
+def _check_results(fig: dict) -> list[dg.AssetCheckResult]:
+    out = []
     for name, (figure, _) in CHECKS.items():
         value, limit = fig.get(figure), ev.THRESHOLDS[figure]
         metadata = {"value": _finite(value), "limit": limit, "figure": figure}
         if figure.startswith("astigmatism") and fig.get("astigmatic_tilts") == 0:
             # the truth has no tilt astigmatic enough (> 500 Å) for its angle to mean anything
             metadata["not_applicable"] = f"no tilt with astigmatism > {ev.ASTIGMATISM_MIN_A:.0f} Å"
-            yield dg.AssetCheckResult(check_name=name, passed=True, metadata=metadata)
+            out.append(dg.AssetCheckResult(check_name=name, passed=True, metadata=metadata))
             continue
         passed = value is not None and math.isfinite(value) and value < limit
-        yield dg.AssetCheckResult(check_name=name, passed=passed, metadata=metadata)
-    yield _fsc_check(fig)
+        out.append(dg.AssetCheckResult(check_name=name, passed=passed, metadata=metadata))
+    out.append(_fsc_check(fig))
     gain = fig.get("denoise", {}).get("psnr_gain_dB")
-    yield dg.AssetCheckResult(
-        check_name="denoise_gain",
-        passed=gain is not None and gain > 0,
-        metadata={"psnr_gain_dB": _finite(gain), "limit_dB": 0.0},
+    out.append(
+        dg.AssetCheckResult(
+            check_name="denoise_gain",
+            passed=gain is not None and gain > 0,
+            metadata={"psnr_gain_dB": _finite(gain), "limit_dB": 0.0},
+        )
     )
+    return out
+
+
+def _check_text(check: dg.AssetCheckResult) -> str:
+    """``name (key value, ...)`` from a check's numbers."""
+    numbers = ", ".join(
+        f"{k} {v.value:.3g}" if isinstance(v.value, float) else f"{k} {v.value}"
+        for k, v in check.metadata.items()
+        if isinstance(getattr(v, "value", None), int | float)
+    )
+    return f"{check.check_name} ({numbers})"
 
 
 def _fsc_check(fig: dict) -> dg.AssetCheckResult:

@@ -417,27 +417,33 @@ def aligned_stack(stack, shifts_px: np.ndarray, axis_deg: float, out: np.ndarray
     return out
 
 
-def imod_xf(shifts_px: np.ndarray, axis_deg) -> list[tuple[float, ...]]:
+def imod_xf(shifts_px: np.ndarray, axis_deg, shape_yx: tuple[int, int]) -> list[tuple[float, ...]]:
     """IMOD ``.xf`` lines (A11 A12 A21 A22 DX DY) taking each raw view to the aligned one (axis along y).
 
-    ``axis_deg``: one angle, or one per view (the axis plus the view's own rotation). In centred (x, y)
-    coordinates: aligned = A·raw + D with A = R(−φ) and D = −R(−φ)·d.
+    ``axis_deg``: one angle, or one per view (the axis plus the view's own rotation). IMOD (newstack's
+    cubinterp) maps a raw pixel X to X' = A·(X − c) + D + c with c = (nx/2, ny/2) in 0-based pixel indices;
+    :func:`transform_view` turns about the pixel (nx//2, ny//2), half a pixel away on an odd axis, so
+    D = −A·d + (A − I)·(c − (nx//2, ny//2)), with A = R(−φ) and d the view's shift.
     """
     angles = np.broadcast_to(np.asarray(axis_deg, float), (len(shifts_px),))
+    ny, nx = shape_yx
+    centre_gap = np.array([nx / 2 - nx // 2, ny / 2 - ny // 2])
     rows = []
     for d, phi in zip(shifts_px, angles, strict=True):
         a = math.radians(-phi)
         m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        dd = -m @ np.asarray(d, float)
+        dd = -m @ np.asarray(d, float) + (m - np.eye(2)) @ centre_gap
         rows.append((m[0, 0], m[0, 1], m[1, 0], m[1, 1], float(dd[0]), float(dd[1])))
     return rows
 
 
-def write_imod_files(path_stem: str, angles_deg, shifts_px: np.ndarray, axis_deg) -> tuple[str, str]:
+def write_imod_files(
+    path_stem: str, angles_deg, shifts_px: np.ndarray, axis_deg, shape_yx: tuple[int, int]
+) -> tuple[str, str]:
     """Write ``<stem>.xf`` and ``<stem>.tlt`` (stack order) for IMOD / AreTomo users."""
     xf, tlt = f"{path_stem}.xf", f"{path_stem}.tlt"
     with open(xf, "w") as f:
-        for r in imod_xf(shifts_px, axis_deg):
+        for r in imod_xf(shifts_px, axis_deg, shape_yx):
             f.write("{:12.7f}{:12.7f}{:12.7f}{:12.7f}{:12.3f}{:12.3f}\n".format(*r))
     with open(tlt, "w") as f:
         for a in angles_deg:

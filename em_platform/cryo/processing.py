@@ -25,6 +25,7 @@ import dask
 import mrcfile
 import numpy as np
 
+from em_platform.cryo import relion_star as star
 from em_platform.cryo import session as sess
 from em_platform.cryo.alignment import AlignmentSettings, align_tilt_series, transform_view, write_imod_files
 from em_platform.cryo.ctf import (
@@ -40,6 +41,7 @@ from em_platform.cryo.gain_reference import GainReference, resolve_gain
 from em_platform.cryo.motion import MotionSettings, correct_movie, fourier_bin
 from em_platform.cryo.optics import CTFParams, Microscope
 from em_platform.cryo.reconstruction import reconstruct
+from em_platform.cryo.thickness import specimen_slab, thickness_for, z_profile
 from em_platform.cryo.thumbnails import drift_plot, encode, to_image
 
 
@@ -166,7 +168,9 @@ def correct_tilt(
     }
 
 
-def motion_correct(ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings, client=None) -> dict:
+def motion_correct(
+    ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings, client=None, scope: Microscope | None = None
+) -> dict:
     """Movies → corrected micrographs (acquisition order); without movies the stack is checked and used.
 
     With a Dask ``client`` every movie is a task on the cluster's workers (each reads its movie and writes
@@ -181,6 +185,7 @@ def motion_correct(ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings,
                 "shape": list(stack.shape),
                 "tilts": [],
             }
+            _write_relion_micrographs(ts, out, stack, None, scope)
             _dump(out / "motion.json", doc)
             return doc
         first = sess.load_movie(ts, ts.tilts[0])
@@ -215,8 +220,24 @@ def motion_correct(ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings,
             "tilts": per_tilt,
             "ran_on": "dask cluster" if client is not None else "in process",
         }
+        with mrcfile.mmap(out / "corrected.mrc", mode="r") as m:
+            _write_relion_micrographs(ts, out, m.data.reshape(n, *shape), per_tilt, scope)
         _dump(out / "motion.json", doc)
         return doc
+
+
+def _write_relion_micrographs(ts: sess.TiltSeries, out: Path, stack, motion: list | None, scope) -> None:
+    """Each micrograph as its own MRC and ``corrected_micrographs.star`` (em_platform.cryo.relion_star)."""
+    folder = out / Path(star.MICROGRAPHS).name
+    folder.mkdir(exist_ok=True)
+    for i, tilt in enumerate(ts.tilts):
+        write_mrc(folder / star.micrograph_file(ts.name, tilt.z_index), np.asarray(stack[i]), ts.pixel_A)
+    rows = star.micrograph_rows(ts.name, ts.tilts, ts.tilt_axis_deg, ts.kind == "tilt_series")
+    star.write_star(
+        out / "corrected_micrographs.star",
+        star.optics_block(ts.pixel_A, scope or Microscope(ts.voltage_kV)),
+        star.corrected_micrographs(rows, motion, ts.pixel_A),
+    )
 
 
 def micrographs(ts: sess.TiltSeries, ws: Workspace, which: str = "corrected"):
@@ -295,6 +316,12 @@ def estimate_ctf_series(ts: sess.TiltSeries, ws: Workspace, scope: Microscope, s
             "series_defocus_A": consensus,
             "tilts": rows,
         }
+        base = star.micrograph_rows(ts.name, ts.tilts, ts.tilt_axis_deg, ts.kind == "tilt_series")
+        star.write_star(
+            out / "micrographs_ctf.star",
+            star.optics_block(ts.pixel_A, scope),
+            star.micrographs_ctf(base, rows),
+        )
         _dump(out / "ctf.json", doc)
     return doc
 
@@ -316,7 +343,11 @@ def align_series(ts: sess.TiltSeries, ws: Workspace, settings: AlignmentSettings
     res = align_tilt_series(data, ts.angles_deg, ts.tilt_axis_deg, settings, pixel_A=ts.pixel_A)
     with ws.staged("alignment") as out:
         write_imod_files(
-            str(out / ts.name), res.angles_deg, res.shifts_px, res.tilt_axis_angle_deg + res.rotations_deg
+            str(out / ts.name),
+            res.angles_deg,
+            res.shifts_px,
+            res.tilt_axis_angle_deg + res.rotations_deg,
+            data.shape[1:],
         )
         doc = {
             "nominal_tilt_axis_deg": ts.tilt_axis_deg,
@@ -355,26 +386,65 @@ def align_series(ts: sess.TiltSeries, ws: Workspace, settings: AlignmentSettings
 @dataclass(frozen=True)
 class TomogramSettings:
     binning: int = 0  # 0 = auto: the phantom's grid when simulated, else views ≤ 512 px wide
-    thickness: int = 0  # binned voxels along z; 0 = auto (phantom's nz, else a quarter of the width)
+    thickness: int = 0  # binned voxels along z; 0 = thickness_nm, else THICKNESS_PRECEDENCE
+    thickness_nm: float = 0.0  # 0 = the session's em_session.yaml, the phantom's, else estimated
     methods: tuple[str, ...] = ("wbp", "sirt")
     sirt_iterations: int = 20
     phase_flip: bool = True
     slab_rows: int = 32
+    search_thickness_nm: float = 600.0  # the slab a thickness estimate searches (thicker than any ice imaged)
 
 
-def grid_for(ts: sess.TiltSeries, shape_yx: tuple[int, int], settings: TomogramSettings) -> tuple[int, int]:
-    """(binning, thickness) of the tomogram: the phantom's grid when truth is there, else the settings."""
-    b, nz = settings.binning, settings.thickness
-    if (not b or not nz) and ts.truth is not None:
+# where the tomogram's thickness comes from, first that applies (README, "Cryo processing")
+THICKNESS_PRECEDENCE = (
+    "run config (thickness, voxels)",
+    "run config (thickness_nm)",
+    "em_session.yaml (thickness_nm)",
+    "the phantom's grid (simulated)",
+    "estimated from the data",
+)
+
+
+def grid_for(
+    ts: sess.TiltSeries, shape_yx: tuple[int, int], settings: TomogramSettings
+) -> tuple[int, int, str]:
+    """(binning, thickness in binned voxels or 0 = estimate it, where the thickness came from)."""
+    b = settings.binning
+    phantom = None
+    if ts.truth is not None:
         from em_platform.simulation.truth import read_ground_truth
 
-        ph = read_ground_truth(ts.truth).phantom
-        if ph is not None:
-            b = b or max(1, int(round(ph.voxel_size_A / ts.pixel_A)))
-            nz = nz or int(ph.shape_zyx[0])
+        phantom = read_ground_truth(ts.truth).phantom
+    if not b and phantom is not None:
+        b = max(1, int(round(phantom.voxel_size_A / ts.pixel_A)))
     b = b or max(1, math.ceil(max(shape_yx) / 512))
-    nz = nz or max(16, (max(shape_yx) // b) // 4)
-    return int(b), int(nz)
+    voxel_nm = ts.pixel_A * b / 10.0
+    candidates = (
+        settings.thickness or None,
+        round(settings.thickness_nm / voxel_nm) if settings.thickness_nm else None,
+        round(ts.thickness_nm / voxel_nm) if ts.thickness_nm else None,
+        int(phantom.shape_zyx[0]) if phantom is not None else None,
+    )
+    for source, nz in zip(THICKNESS_PRECEDENCE, candidates, strict=False):
+        if nz:
+            return int(b), max(2, int(nz)), source
+    return int(b), 0, THICKNESS_PRECEDENCE[-1]
+
+
+def estimate_slab(stack, angles, voxel_A: float, settings: TomogramSettings) -> dict:
+    """Thickness and z-centre of the specimen from a quick WBP of the central rows (em_platform.cryo.thickness)."""
+    n, ny, nx = stack.shape
+    search = min(nx, max(32, round(settings.search_thickness_nm * 10 / voxel_A))) // 2 * 2
+    rows = slice(max(0, ny // 2 - 64), min(ny, ny // 2 + 64))
+    trial = reconstruct(np.asarray(stack[:, rows, :], np.float32), angles, search, slab_rows=64)
+    profile = z_profile(trial)
+    centre, extent = specimen_slab(profile)
+    return {
+        "thickness": thickness_for(extent, search),
+        "z_offset": float(centre - search // 2),
+        "slab_extent_voxels": extent,
+        "search_thickness": search,
+    }
 
 
 def prepared_stack(
@@ -413,8 +483,17 @@ def prepared_stack(
 
 
 def reconstruct_to(
-    path: Path, stack, angles, nz: int, method: str, voxel_A: float, settings: TomogramSettings
+    path: Path,
+    stack,
+    angles,
+    nz: int,
+    method: str,
+    voxel_A: float,
+    settings: TomogramSettings,
+    z_offset: float = 0.0,
 ):
+    """A tomogram as an MRC of (nz, ny, nx) voxels, z along the beam (IMOD's orientation after
+    ``trimvol -rx``), its voxel size in the header."""
     n, ny, nx = stack.shape
     m = new_mrc_mmap(path, (nz, ny, nx), voxel_A)
     try:
@@ -426,6 +505,7 @@ def reconstruct_to(
             slab_rows=settings.slab_rows,
             out=m.data,
             iterations=settings.sirt_iterations,
+            z_offset=z_offset,
         )
         m.update_header_stats()
     finally:
@@ -448,17 +528,21 @@ def tomogram_series(
     views = view_angles(ali)
     angles = np.array([t["angle_deg"] for t in ali["tilts"]])  # the fitted tilt angles (fiducials) or nominal
     data = micrographs(ts, ws)
-    binning, nz = grid_for(ts, data.shape[1:], settings)
+    binning, nz, thickness_source = grid_for(ts, data.shape[1:], settings)
     voxel = ts.pixel_A * binning
     with ws.staged("tomogram") as out:
         stack = prepared_stack(
             data, out / "stack.mrc", ts, shifts, views, ctf_rows, binning, scope, settings.phase_flip
         )
+        slab = {"z_offset": 0.0}
+        if not nz:
+            slab = estimate_slab(stack, angles, voxel, settings)
+            nz = slab["thickness"]
+        z0 = slab["z_offset"]
         files = {}
         for method in settings.methods:
-            files[method] = str(
-                reconstruct_to(out / f"{ts.name}_{method}.mrc", stack, angles, nz, method, voxel, settings)
-            )
+            path = out / f"{ts.name}_{method}.mrc"
+            files[method] = str(reconstruct_to(path, stack, angles, nz, method, voxel, settings, z0))
         even, odd = micrographs(ts, ws, "even"), micrographs(ts, ws, "odd")
         if even is not None:
             halves_from = "frames"
@@ -474,13 +558,14 @@ def tomogram_series(
                     scope,
                     settings.phase_flip,
                 )
-                reconstruct_to(out / f"half_{name}.mrc", hs, angles, nz, "wbp", voxel, settings)
+                reconstruct_to(out / f"half_{name}.mrc", hs, angles, nz, "wbp", voxel, settings, z0)
                 (out / f"stack_{name}.mrc").unlink()
         else:
             halves_from = "tilts"
             order = np.argsort(angles)
             for name, sel in (("even", order[0::2]), ("odd", order[1::2])):
-                reconstruct_to(out / f"half_{name}.mrc", stack[sel], angles[sel], nz, "wbp", voxel, settings)
+                half = stack[sel]
+                reconstruct_to(out / f"half_{name}.mrc", half, angles[sel], nz, "wbp", voxel, settings, z0)
         with open_mrc(out / f"{ts.name}_{settings.methods[0]}.mrc") as m:
             vol = np.asarray(m.data)
         from em_platform.cryo.thumbnails import central_slice, projections
@@ -497,6 +582,10 @@ def tomogram_series(
             "halves_from": halves_from,
             "phase_flipped": settings.phase_flip,
             "tilt_axis_angle_deg": axis,
+            "thickness_nm": nz * voxel / 10.0,
+            "thickness_source": thickness_source,
+            "z_offset_voxels": z0,  # the volume's centre in the alignment's frame: on the specimen
+            "thickness_estimate": slab if "thickness" in slab else None,
         }
         _dump(out / "tomogram.json", doc)
     if zarr_writer is not None:

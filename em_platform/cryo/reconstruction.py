@@ -32,6 +32,7 @@ class Geometry:
     angles_deg: tuple[float, ...]  # one per projection, in stack order (any order)
     nx: int  # projection width (perpendicular to the axis)
     nz: int  # slice thickness of the tomogram
+    z_offset: float = 0.0  # z (voxels) of the tomogram's central slice: centres the volume on the specimen
 
 
 @lru_cache(maxsize=8)
@@ -41,7 +42,7 @@ def projector(geom: Geometry) -> sp.csr_matrix:
     cx, cz = float(nx // 2), float(nz // 2)  # origin at pixel n//2 (0-based), as the contract says
     zz, xx = np.mgrid[0:nz, 0:nx]
     x = (xx - cx).ravel()
-    z = (zz - cz).ravel()
+    z = (zz - cz + geom.z_offset).ravel()
     voxel = np.arange(nz * nx)
     rows, cols, vals = [], [], []
     for t, ang in enumerate(geom.angles_deg):
@@ -152,16 +153,18 @@ def reconstruct(
     out: np.ndarray | None = None,
     iterations: int = 20,
     cutoff: float = 0.8,
+    z_offset: float = 0.0,
 ) -> np.ndarray:
     """Tomogram (nz, ny, nx) of an aligned stack (n_tilts, ny, nx) (numpy, memmap or dask), slab by slab.
 
     ``out`` may be a writable memmap (an MRC opened with ``mrcfile.new_mmap``): slabs are written into it as
-    they finish, so the volume never has to fit in memory twice.
+    they finish, so the volume never has to fit in memory twice. ``z_offset``: the z (voxels, in the
+    alignment's frame) the volume's central slice sits at.
     """
     n, ny, nx = stack.shape
     if len(angles_deg) != n:
         raise ValueError(f"{len(angles_deg)} tilt angles for a stack of {n} projections")
-    geom = Geometry(tuple(float(a) for a in angles_deg), nx, int(thickness))
+    geom = Geometry(tuple(float(a) for a in angles_deg), nx, int(thickness), float(z_offset))
     projector(geom)  # build the operators once, before the threads need them
     backprojector(geom)
     if out is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -62,6 +63,9 @@ class TiltSeries:
     truth: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     gain_found: GainReference | None = None  # what the mdoc and the session layout said about it
+    axis_source: str = "mdoc title"  # where tilt_axis_deg came from (AXIS_PRECEDENCE)
+    thickness_nm: float | None = None  # the session's em_session.yaml, when it sets one
+    settings_file: Path | None = None  # that file, when there is one
 
     @property
     def has_movies(self) -> bool:
@@ -98,6 +102,61 @@ def _quiet_logging():
         yield
     finally:
         root.setLevel(level)
+
+
+SESSION_SETTINGS = "em_session.yaml"
+SESSION_KEYS = {
+    "tilt_axis_deg": "the tilt-axis angle (°), over the mdoc's",
+    "thickness_nm": "tomogram thickness (nm)",
+}
+# where the tilt-axis angle comes from, first that applies (README, "Cryo processing")
+AXIS_PRECEDENCE = ("session settings", "mdoc title", "mdoc RotationAngle", "none: 0° assumed")
+
+
+def session_settings(mdoc_dir: Path, session_dir: Path) -> tuple[dict, Path | None]:
+    """The operator's settings of a session: ``em_session.yaml`` beside the mdoc, else in the session folder
+    (for every series under it). Unknown keys and non-numbers are errors naming the file."""
+    for folder in (mdoc_dir, session_dir):
+        path = folder / SESSION_SETTINGS
+        if not path.is_file():
+            continue
+        import yaml
+
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SessionError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise SessionError(f"{path}: expected a mapping of settings ({', '.join(SESSION_KEYS)})")
+        unknown = sorted(set(doc) - set(SESSION_KEYS))
+        if unknown:
+            raise SessionError(f"{path}: unknown setting(s) {unknown}; known: {', '.join(SESSION_KEYS)}")
+        out = {}
+        for key, value in doc.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise SessionError(f"{path}: {key} must be a number ({SESSION_KEYS[key]}), got {value!r}")
+            out[key] = float(value)
+        if out.get("thickness_nm", 1.0) <= 0:
+            raise SessionError(f"{path}: thickness_nm must be positive, got {out['thickness_nm']}")
+        return out, path
+    return {}, None
+
+
+def _rotation_angle(sections) -> float | None:
+    """SerialEM's per-image ``RotationAngle`` (the tilt axis' angle in the image), median over tilts."""
+    values = [float(s.RotationAngle) for s in sections if getattr(s, "RotationAngle", None) is not None]
+    return float(np.median(values)) if values else None
+
+
+def _rawtlt(mdoc: Path, name: str) -> list[float] | None:
+    """IMOD's raw tilt angles beside the mdoc (``<name>.rawtlt``), one per line in stack order."""
+    path = mdoc.parent / f"{name}.rawtlt"
+    if not path.is_file():
+        return None
+    try:
+        return [float(line) for line in path.read_text().split()]
+    except ValueError as exc:
+        raise SessionError(f"{path}: not a list of tilt angles ({exc})") from exc
 
 
 def _axis_from_titles(titles) -> float | None:
@@ -191,9 +250,19 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
     session_dir = root / rel.parts[0] if len(rel.parts) > 1 else root
     dirs = _search_dirs(mdoc.parent, session_dir)
     name = strip_suffixes(mdoc.name)
+    settings, settings_file = session_settings(mdoc.parent, session_dir)
+    rawtlt = _rawtlt(mdoc, name) if any(s.TiltAngle is None for s in sections) else None
     tilts, accumulated = [], 0.0
     for i, s in enumerate(sections):
         z = int(s.ZValue) if s.ZValue is not None else i
+        if s.TiltAngle is not None:
+            angle = float(s.TiltAngle)
+        elif rawtlt is not None and z < len(rawtlt):
+            angle = rawtlt[z]
+        else:
+            raise SessionError(
+                f"{mdoc}: ZValue {z} has no TiltAngle and there is no {name}.rawtlt beside it to give one"
+            )
         movie_name = PureWindowsPath(str(s.SubFramePath)).name if s.SubFramePath else None
         dose = float(s.ExposureDose or 0.0)
         frame_dose = None
@@ -204,7 +273,7 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
         tilts.append(
             Tilt(
                 z_index=z,
-                angle_deg=float(s.TiltAngle or 0.0),
+                angle_deg=angle,
                 dose_e_per_A2=dose,
                 accumulated_dose_e_per_A2=accumulated,
                 nominal_defocus_A=_defocus_A(s),
@@ -215,8 +284,10 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
             )
         )
         accumulated += dose
-    axis = _axis_from_titles(doc.titles)
-    notes = [] if axis is not None else ["no 'Tilt axis angle' in the mdoc titles: 0° assumed"]
+    candidates = (settings.get("tilt_axis_deg"), _axis_from_titles(doc.titles), _rotation_angle(sections))
+    found = [(src, a) for src, a in zip(AXIS_PRECEDENCE, candidates, strict=False) if a is not None]
+    source, axis = found[0] if found else (AXIS_PRECEDENCE[-1], None)
+    notes = [] if found else ["no tilt-axis angle (em_session.yaml, mdoc title, RotationAngle): 0° assumed"]
     named_gain = getattr(sections[0], "GainReference", None)
     key_path = "/".join((*rel.parent.parts, name))
     return TiltSeries(
@@ -231,6 +302,9 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
         tilts=tuple(tilts),
         truth=_truth_for(mdoc, name),
         notes=tuple(notes),
+        axis_source=source,
+        thickness_nm=settings.get("thickness_nm"),
+        settings_file=settings_file,
         **_gain_fields(dirs, named_gain, any(t.movie_name for t in tilts)),
     )
 
@@ -316,7 +390,7 @@ def discover(root: Path, tag: str) -> tuple[list[TiltSeries], dict[str, str]]:
 def fingerprint(ts: TiltSeries) -> str:
     """Changes whenever the mdoc, the stack or any movie changes (size or modification time)."""
     parts = []
-    for p in [ts.mdoc, ts.stack, ts.gain, *(t.movie for t in ts.tilts)]:
+    for p in [ts.mdoc, ts.stack, ts.gain, ts.settings_file, *(t.movie for t in ts.tilts)]:
         if p is not None and p.exists():
             st = p.stat()
             parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")

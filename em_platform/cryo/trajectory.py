@@ -122,7 +122,10 @@ def _whittaker_gcv(m: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray]
             if gcv < best[1]:
                 best = (candidate, gcv)
         fit = best[0]
-        w = _tukey(m - fit, noise)
+        new_w = _tukey(m - fit, noise)
+        if (new_w > 0).sum() < max(3, (n + 1) // 2):
+            break  # a few frames whose shifts all disagree: no majority to call the rest outliers
+        w = new_w
     return fit, w
 
 

@@ -25,6 +25,14 @@ MAX_REQUESTS_PER_TICK = 200
 PROCESSING = list(K.values())
 
 
+def session_run_config(ts) -> dict:
+    """The session's em_session.yaml settings as the run's config, so the run shows (and a re-run from
+    the UI keeps) what the operator set; a backfill reads the same file through the session."""
+    if not ts.thickness_nm:
+        return {}
+    return {"ops": {K["tomogram"].to_python_identifier(): {"config": {"thickness_nm": ts.thickness_nm}}}}
+
+
 @dg.sensor(
     job=cryo_job,
     minimum_interval_seconds=sensor_interval_seconds(15),
@@ -68,6 +76,7 @@ def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessions
                 run_key=f"{ts.key}@{fp}",
                 asset_selection=PROCESSING + ([EVALUATION] if ts.truth else []),
                 tags={"em/cryo_kind": ts.kind, "em/cryo_fingerprint": fp},
+                run_config=session_run_config(ts),
             )
         )
         cursor[ts.key] = fp

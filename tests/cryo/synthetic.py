@@ -326,3 +326,47 @@ def make_movie_set(
             }
         )
     return truths
+
+
+def thon_micrograph(
+    rng,
+    n: int,
+    pixel_A: float,
+    params: CTFParams,
+    scope: Microscope,
+    dose_e_per_A2: float,
+    b_factor_A2: float = 150.0,
+    tilt_deg: float = 0.0,
+    axis_deg: float = 0.0,
+    strip_px: int = 16,
+) -> np.ndarray:
+    """Counts of a weak-phase specimen (white-noise phase plus thickness variation on a 60 Å scale) through
+    the CTF, an envelope exp(−B k²/4) and the pixel's sinc, at ``dose_e_per_A2`` (Poisson). A tilted view is
+    built strip by strip across the tilt axis, each strip at its own defocus Δf − x'·tan θ."""
+    from em_platform.cryo.optics import aberration_phase, defocus_at_azimuth, frequency_grid
+
+    k, az = frequency_grid((n, n), pixel_A)
+    phase = rng.normal(size=(n, n)) * 0.08 * pixel_A
+    thick = ndimage.gaussian_filter(rng.normal(size=(n, n)), 60.0 / pixel_A)
+    spectrum = np.fft.fft2(phase + thick / thick.std())
+    fy, fx = np.fft.fftfreq(n)[:, None], np.fft.fftfreq(n)[None, :]
+    envelope = np.exp(-b_factor_A2 * k**2 / 4) * np.sinc(fx) * np.sinc(fy)
+
+    def image_at(p: CTFParams) -> np.ndarray:
+        ctf = np.sin(aberration_phase(k, defocus_at_azimuth(p, az), scope))
+        return 1.0 - 2 * np.fft.ifft2(spectrum * ctf * envelope).real
+
+    if tilt_deg == 0:
+        image = image_at(params)
+    else:
+        phi = np.radians(axis_deg)
+        yy, xx = np.mgrid[0:n, 0:n] - n / 2
+        across = xx * np.cos(phi) + yy * np.sin(phi)
+        image = np.zeros((n, n))
+        for start in np.arange(across.min(), across.max() + strip_px, strip_px):
+            sel = (across >= start) & (across < start + strip_px)
+            if sel.any():
+                dz = (start + strip_px / 2) * pixel_A * np.tan(np.radians(tilt_deg))
+                p = CTFParams(params.defocus_u_A - dz, params.defocus_v_A - dz, params.astigmatism_angle_deg)
+                image[sel] = image_at(p)[sel]
+    return rng.poisson(np.clip(image, 0, None) * dose_e_per_A2 * pixel_A**2).astype(np.float32)

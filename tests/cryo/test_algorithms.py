@@ -119,7 +119,7 @@ def test_transform_view_undoes_rotation_and_shift():
 
 
 def test_imod_xf_maps_raw_to_aligned():
-    a11, a12, a21, a22, dx, dy = imod_xf(np.array([[2.0, -1.0]]), 90.0)[0]
+    a11, a12, a21, a22, dx, dy = imod_xf(np.array([[2.0, -1.0]]), 90.0, (64, 64))[0]
     # axis at 90°: rotate by −90°; the shift (2, −1) becomes (−1, −2), undone
     assert np.allclose([a11, a12, a21, a22], [0, 1, -1, 0], atol=1e-9)
     assert np.allclose([dx, dy], [1, 2])

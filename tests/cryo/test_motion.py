@@ -64,6 +64,18 @@ def test_the_trajectory_model_is_physics_where_it_fits_and_no_stronger_than_the_
     assert smooth.model == "smooth" and rms(smooth.shifts - kink) < rms(noisy - kink)
 
 
+def test_a_short_movie_whose_shifts_all_disagree_is_smoothed_not_refused():
+    """Five frames (the demo's movies) where the robust weights would discard all but one or two frames:
+    the smoothing then keeps every frame instead of solving a singular system."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        m = rng.normal(size=(5, 2)) * rng.choice([0.01, 0.1, 1.0, 5.0])
+        m[rng.integers(5)] += rng.normal(size=2) * 20
+        for model in ("physical", "smooth"):
+            fit = fit_trajectory(m, model)
+            assert fit.shifts.shape == (5, 2) and np.isfinite(fit.shifts).all()
+
+
 @pytest.mark.parametrize("doming_px", [0.0, 5.0])
 def test_local_motion_only_where_the_patches_show_it(doming_px):
     frames, gain, truth = movie(
@@ -155,7 +167,8 @@ def test_every_motion_setting_is_in_the_asset_config():
     assert (settings.trajectory, settings.local_motion, settings.hot_pixel_sigma, settings.gain_rotation) == (
         "smooth", "off", 0, 3,
     )  # fmt: skip
-    user_facing = set(MotionConfig.model_fields) - {"patches_x", "patches_y"}
+    # the optics are the micrographs' STAR file's (corrected_micrographs.star), not motion settings
+    user_facing = set(MotionConfig.model_fields) - {"patches_x", "patches_y", "cs_mm", "amplitude_contrast"}
     assert user_facing <= {f for f in MotionSettings.__dataclass_fields__}
     with pytest.raises(ValueError, match="trajectory 'cubic'"):
         MotionConfig(trajectory="cubic").settings()

@@ -116,9 +116,15 @@ def test_session_to_tomogram_results_and_evaluation(tmp_path):
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
     with engine.connect() as conn:
-        status = dict(conn.execute(sa.text("SELECT name, status FROM cryo_tilt_series")).all())
+        rows = conn.execute(sa.text("SELECT name, status, error FROM cryo_tilt_series")).all()
         n_ctf = conn.execute(sa.text("SELECT count(*) FROM cryo_ctf")).scalar()
-    assert status == {"TS_01": "complete", "TS_02": "failed"} and n_ctf == 11
+    status = {name: st for name, st, _ in rows}
+    # the results tables agree with Dagster: a blocking check that failed on the 128² fixture fails both
+    failed_checks = sorted(n for n, c in checks.items() if not c.passed)
+    assert status == {"TS_01": "failed" if failed_checks else "complete", "TS_02": "failed"} and n_ctf == 11
+    assert good.success == (not failed_checks)
+    error = next(e for name, _, e in rows if name == "TS_01")
+    assert all(f"{n} (" in error for n in failed_checks), error
     zarr_root = tmp_path / "data" / "cryo" / keys[1] / "tomogram.ome.zarr"
     assert (zarr_root / "zarr.json").is_file()
 

@@ -98,5 +98,5 @@ def test_demo_spec_is_valid_and_written_once(tmp_path):
 
     path = write_demo_spec(tmp_path)
     spec = load_spec(path)
-    assert spec.name == DEMO_SPEC_NAME and spec.movies.frames == 5 and bead_count(spec) == 3
+    assert spec.name == DEMO_SPEC_NAME and spec.movies.frames == 5 and bead_count(spec) == 13
     assert write_demo_spec(tmp_path) is None  # never overwritten (a user may have edited it)
