@@ -27,8 +27,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 METAFILE = REPO / "tests" / "stitch" / "data" / "temca_metadata_test_example.json.xz"
 RESULTS = REPO / "bench" / "results" / "montage.json"
-SOLVES = ("ours_translation", "ours_rigid", "ours_affine", "ours_affine_lens", "reference_translation",
-          "reference_affine")  # fmt: skip
+SOLVES = ("ours_translation", "ours_rigid", "ours_affine", "ours_polynomial", "ours_affine_lens",
+          "reference_translation", "reference_affine")  # fmt: skip
 EM_STITCH_OWN = {
     "affine": {"mean_px": 1.956, "std_px": 1.051},
     "polynomial": {"mean_px": 1.517, "std_px": 0.847},
@@ -52,6 +52,7 @@ def child(solve: str, metafile: Path) -> dict[str, Any]:
     size = (montage.width, montage.height)
     began, cpu0 = time.perf_counter(), time.process_time()
     extra: dict[str, Any] = {}
+    polynomials = None
     if solve.startswith("reference"):
         transforms = bigfeta_montage_solve(stage, edges, solve.split("_")[1])
     else:
@@ -64,15 +65,27 @@ def child(solve: str, metafile: Path) -> dict[str, Any]:
             ]
         solved = solve_transforms(stage, edges, model, tile_size=size)
         transforms = solved.transforms
+        polynomials = solved.polynomials
         extra.update(
-            rejected_edges=len(solved.rejected), disconnected=len(solved.disconnected), loops=solved.loops
+            rejected_edges=len(solved.rejected),
+            disconnected=len(solved.disconnected),
+            torn_edges=len(solved.torn),
+            loops=solved.loops,
+            residual_per_inlier=solved.inlier_residual_stats,
         )
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu0
     keep = em_stitch_filter(edges)
     vectors = []
+
+    def at(tile, pts):
+        if polynomials is not None:
+            x, y = pts[:, 0], pts[:, 1]
+            return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1) @ polynomials[tile].T
+        a = transforms[tile]
+        return pts @ a[:, :2].T + a[:, 2]
+
     for e, w in zip(edges, keep, strict=True):
-        a, b = transforms[e.tile], transforms[e.neighbour]
-        vectors.append((e.p @ a[:, :2].T + a[:, 2] - e.q @ b[:, :2].T - b[:, 2])[w > 0])
+        vectors.append((at(e.tile, e.p) - at(e.neighbour, e.q))[w > 0])
     stats = {
         k: round(v, 4) if isinstance(v, float) else v for k, v in residual_stats(np.vstack(vectors)).items()
     }

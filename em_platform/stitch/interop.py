@@ -130,6 +130,17 @@ def affine_transform(matrix: np.ndarray) -> dict[str, Any]:
     return {"type": "leaf", "className": AFFINE_CLASS, "dataString": " ".join(repr(float(v)) for v in data)}
 
 
+def polynomial_transform(coefficients: np.ndarray) -> dict[str, str]:
+    """A render ``PolynomialTransform2D`` leaf (order 2) of coefficients (2, 6) in ``1, x, y, x², xy, y²``,
+    as render-python's ``Polynomial2DTransform`` writes it: the x row, then the y row."""
+    c = np.asarray(coefficients, np.float64).reshape(2, 6)
+    return {
+        "type": "leaf",
+        "className": "mpicbg.trakem2.transform.PolynomialTransform2D",
+        "dataString": " ".join(repr(float(v)) for v in c.ravel()),
+    }
+
+
 def tilespecs(
     transforms: Mapping[str, np.ndarray],
     shapes: Mapping[str, tuple[int, int]],
@@ -137,13 +148,17 @@ def tilespecs(
     image_dir: str | os.PathLike | None = None,
     lens: LensModel | None = None,
     z: float = 0.0,
+    polynomials: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """Render tile specs of solved tiles: ``shapes`` are (height, width); images are ``image_dir/<tile>``."""
+    """Render tile specs of solved tiles: ``shapes`` are (height, width); images are ``image_dir/<tile>``;
+    ``polynomials`` (model "polynomial": (2, 6) per tile) replace the affine leaf."""
     out = []
     for tile, matrix in transforms.items():
         height, width = shapes[tile]
         leaves = [lens.render_transform()] if lens is not None and not lens.is_identity() else []
-        leaves.append(affine_transform(matrix))
+        leaves.append(
+            polynomial_transform(polynomials[tile]) if polynomials is not None else affine_transform(matrix)
+        )
         spec: dict[str, Any] = {
             "tileId": str(tile),
             "z": float(z),

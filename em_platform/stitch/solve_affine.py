@@ -54,6 +54,7 @@ Dagster-free; the montage assets and ``em-platform stitch`` call :func:`solve_tr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -68,11 +69,12 @@ from em_platform.stitch.robust import (
     prior_weight,
     stage_frame,
 )
+from em_platform.stitch.separable import BASIS_SIZE, SeparableSolver, raw_coefficients
 from em_platform.stitch.solve import Layout, TileId
 
 __all__ = ["Model", "PointEdge", "TransformLayout", "residual_stats", "solve_transforms"]
 
-Model = Literal["translation", "rigid", "affine"]
+Model = Literal["translation", "rigid", "affine", "polynomial"]
 EdgeKey = tuple[TileId, TileId]
 DEFAULT_MATCH_SIGMA_PX = 0.3  # when the edges carry one pair each and nothing measures the spread
 GAUGE_WEIGHT = 1e-6  # the stage prior of the first pass: fixes the free translation, pulls nothing
@@ -80,9 +82,12 @@ STAGE_CALIBRATION = 0.02  # how far (relative) a stage's frame may be from the o
 MIN_TILE_SPREAD = 1e-4  # a spread of tile deformations no montage is told to be below (0.1 px over 2k px)
 SPREAD_ITERATIONS = 8
 PRELIMINARY_ITERATIONS = 8  # rejection rounds of a pass before the model's own
+REFINING_ITERATIONS = 2  # ... and of a final pass that refines a separable one (polynomial after affine)
 TRACE_PROBES = 16  # Hutchinson probes for the posterior variances of a large montage's tile parameters
 TRACE_PROBE_TILES = 400  # ... up to this many tiles; fewer beyond (the 4,969-tile TEMCA montage: 4)
 MIN_TRACE_PROBES = 4
+TORN_PX = 10.0  # an edge whose consensus pairs the solve leaves this far off (median) is torn ...
+TORN_SIGMAS = 6.0  # ... or this many σ_match, if more
 EXACT_TRACE_TILES = 64  # up to this many tiles the posterior variances are summed exactly
 LINEAR_PARTS = ("scale", "rotation", "anisotropy", "shear")
 FREED = {
@@ -95,7 +100,9 @@ PASSES = {  # each model is solved after the stiffer ones have settled the gross
     "translation": ["translation"],
     "rigid": ["translation", "rigid"],
     "affine": ["translation", "similarity", "affine"],
+    "polynomial": ["translation", "similarity", "affine", "polynomial"],  # the affine pass judges the pairs
 }
+SEPARABLE = ("polynomial",)  # solved per image axis (em_platform.stitch.separable), as translation is
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,7 +154,12 @@ class TransformLayout:
     disconnected: list[TileId]  # tiles no accepted edge ties to the largest connected group
     iterations: int
     components: list[list[TileId]] = field(default_factory=list)  # the smaller groups, largest first
-    residual_stats: dict[str, float] = field(default_factory=dict)  # accepted pairs (em_stitch's figures)
+    residual_stats: dict[str, float] = field(default_factory=dict)  # accepted pairs
+    # every pair its edge's consensus keeps, accepted or not (em_stitch's figures: its RANSAC inliers)
+    inlier_residual_stats: dict[str, float] = field(default_factory=dict)
+    # edges whose consensus pairs the solve leaves beyond max(TORN_PX, TORN_SIGMAS·σ_match): a tear
+    torn: dict[EdgeKey, float] = field(default_factory=dict)
+    polynomials: dict[TileId, np.ndarray] | None = None  # model "polynomial": (2, 6) per tile, raw px
     stage: dict[str, Any] = field(default_factory=dict)  # the stage frame, priors' weights, tile spreads
     loops: dict[str, Any] = field(default_factory=dict)  # what the loops said (loops.LoopVerdicts.summary)
     tile_residuals: dict[TileId, float] = field(init=False)  # worst accepted edge of the tile (px)
@@ -222,8 +234,10 @@ def _points(e: PointEdge) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _edge_medians(values: np.ndarray, edge_of: np.ndarray, n_edges: int) -> np.ndarray:
-    """The median of ``values`` over each edge's pairs (edges without pairs: 0)."""
-    order = np.lexsort((values, edge_of))
+    """The median of ``values`` (≥ 0, finite) over each edge's pairs (edges without pairs: 0)."""
+    # one float sort key (edge, then value) sorts 100k pairs ~4× faster than lexsort on two keys
+    span = float(values.max(initial=0.0)) * 1.01 + 1.0
+    order = np.argsort(edge_of * span + values)
     counts = np.bincount(edge_of, minlength=n_edges)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     sorted_values = values[order]
@@ -444,7 +458,8 @@ def _fit_spreads(
 
 
 def _reject_outliers(
-    solve: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    solve: Callable[[np.ndarray], Any],
+    residuals: Callable[[Any], np.ndarray],
     pairs: _Pairs,
     edge_ok: np.ndarray,
     pair_ok: np.ndarray,
@@ -462,10 +477,10 @@ def _reject_outliers(
     spent = 0
     for _ in range(max_iterations):
         spent += 1
-        linear, t = solve(pairs.w0 * soft * pair_ok * edge_ok[edge_of])
+        solution = solve(pairs.w0 * soft * pair_ok * edge_ok[edge_of])
         if not pairs.m:
             break
-        r = np.hypot(*pairs.residual_vectors(linear, t).T)
+        r = np.hypot(*residuals(solution).T)
         live = pair_ok & edge_ok[edge_of]
         mad = 1.4826 * float(np.median(r[live])) if live.any() else 0.0
         limit = max(outlier_px, mad_factor * mad)
@@ -503,6 +518,8 @@ def solve_transforms(
     mad_factor: float = 6.0,
     max_iterations: int = 40,
     consensus_px: float = CONSENSUS_PX,
+    linear_sigma: float = 0.01,
+    bend_sigma: float = 0.01,
 ) -> TransformLayout:
     """Solve each tile's transform from ``point_edges`` anchored softly at the ``stage`` top-left corners (px).
 
@@ -514,8 +531,8 @@ def solve_transforms(
     measures the montage's own below them (module docstring), False uses them as they are. Edges naming a
     tile not in ``stage`` raise ``KeyError``; malformed points or a repeated edge ``ValueError``.
     """
-    if model not in ("translation", "rigid", "affine"):
-        raise ValueError(f"model must be 'translation', 'rigid' or 'affine', got {model!r}")
+    if model not in PASSES:
+        raise ValueError(f"model must be one of {', '.join(PASSES)}, got {model!r}")
     width, height = (float(v) for v in tile_size)
     if not (width > 0 and height > 0):
         raise ValueError(f"tile_size must be a positive (width, height) in px, got {tile_size!r}")
@@ -545,6 +562,9 @@ def solve_transforms(
     iterations = 0
     degree = np.bincount(pairs.ends.ravel(), minlength=n)
     t = np.zeros((n, 2))  # the tile centres of the last pass (the frame is measured against them)
+    coefficients = None  # a separable model's maps (em_platform.stitch.separable)
+    caps = {"diagonal": linear_sigma, "off_diagonal": linear_sigma, "quadratic": bend_sigma}
+    spreads = dict(caps)  # the separable models' spreads, measured before each of their passes
     passes = (["frame"] if measure else []) + PASSES[model]
     for step, kind in enumerate(passes):
         final = step == len(passes) - 1
@@ -554,17 +574,41 @@ def solve_transforms(
             )
             solver = _make_solver(pairs, frame, weight_stage, edge_ok, fit_stage_frame)
         kind = "translation" if kind == "frame" else kind
+        # a polynomial after an affine pass only refines: the affine's verdicts on pairs and edges stand
+        refining = kind in SEPARABLE and step > 0 and passes[step - 1] == "affine"
         if iterations and kind != "translation":
             edge_ok, pair_ok = _restore_distorted(pairs, edge_ok, pair_ok, degree)
-        if fit_spread and kind != "translation" and m:
-            weights = pairs.w0 * pair_ok * edge_ok[edge_of]
-            tile_spread, link, spent = _fit_spreads(
-                solver, kind, pairs, weights, tile_spread, largest, match_sigma_px, rigid_weight
-            )
-            iterations += spent
-        solve = solver.for_model(kind, link)
+        if kind in SEPARABLE or kind == "translation":
+            separable = _separable_solver(pairs, solver, kind, link["frame"])
+            sigma = match_sigma_px
+            if refining:  # per entry, the affine's measured parts: B00 = R(1 + scale + anisotropy), …
+                spreads["diagonal"] = float(np.hypot(tile_spread["scale"], tile_spread["anisotropy"]))
+                spreads["off_diagonal"] = float(np.hypot(tile_spread["rotation"], tile_spread["shear"]))
+            if fit_spread and kind in SEPARABLE and m and not refining:
+                spreads, spent = _fit_separable_spreads(
+                    separable, pairs, pairs.w0 * pair_ok * edge_ok[edge_of], spreads, caps, sigma, refining
+                )
+                iterations += spent
+
+            def solve(weights, separable=separable, spreads=spreads, sigma=sigma):
+                return separable.solve(weights, spreads, sigma)
+
+            residuals = separable.residual_vectors
+        else:
+            if fit_spread and kind != "translation" and m:
+                weights = pairs.w0 * pair_ok * edge_ok[edge_of]
+                tile_spread, link, spent = _fit_spreads(
+                    solver, kind, pairs, weights, tile_spread, largest, match_sigma_px, rigid_weight
+                )
+                iterations += spent
+            solve = solver.for_model(kind, link)
+
+            def residuals(solution):
+                return pairs.residual_vectors(*solution)
+
         edge_ok, pair_ok, spent = _reject_outliers(
             solve,
+            residuals,
             pairs,
             edge_ok,
             pair_ok,
@@ -572,23 +616,109 @@ def solve_transforms(
             mad_factor,
             # a stiffer pass before the model's own only settles gross outliers (the loops have judged the
             # edges): iterating it to the end re-weighs the stiffer model's misfit, which the next drops
-            max_iterations if final else min(max_iterations, PRELIMINARY_ITERATIONS),
+            min(
+                max_iterations,
+                PRELIMINARY_ITERATIONS if not final else REFINING_ITERATIONS if refining else max_iterations,
+            ),
             verdicts.vouched,
             agree,
         )
         iterations += spent
-        linear, t = solve(pairs.w0 * pair_ok * edge_ok[edge_of])
+        solution = solve(pairs.w0 * pair_ok * edge_ok[edge_of])
+        if kind == "translation":
+            solver.correction = separable.correction
+            linear, t = np.broadcast_to(np.eye(2), (n, 2, 2)).copy(), solution[:, :, 0]
+        elif kind in SEPARABLE:
+            coefficients = solution
+            solver.correction = separable.correction
+            linear = np.stack([coefficients[:, 0, 1:3], coefficients[:, 1, 1:3]], axis=1) / radius
+            t = coefficients[:, :, 0]
+        else:
+            linear, t = solution
         if m and pairs.multi.sum() >= 10 and (pair_ok & edge_ok[edge_of]).sum() >= 10:
             # the next, more flexible model is weighed against the misfit this one leaves
-            r = np.hypot(*pairs.residual_vectors(linear, t).T)[pair_ok & edge_ok[edge_of]]
+            r = np.hypot(*residuals(solution).T)[pair_ok & edge_ok[edge_of]]
             match_sigma_px = min(match_sigma_px, max(0.05, 1.4826 * float(np.median(r)) / np.sqrt(2)))
             link = _prior_links(rigid_weight, tile_spread, match_sigma_px, radius)
-    stage_summary = _stage_summary(frame, solver.correction, weight_stage, match_sigma_px, tile_spread, model)
-    layout = _transform_layout(
-        pairs, linear, t, edge_ok, pair_ok, (width, height), model, iterations, stage_summary
+    freed = (
+        {k: v for k, v in spreads.items() if model == "polynomial" or k != "quadratic"}
+        if model in SEPARABLE
+        else {k: tile_spread[k] for k in FREED[model]}
     )
+    stage_summary = _stage_summary(frame, solver.correction, weight_stage, match_sigma_px, freed)
+    vectors = residuals(solution) if m else np.zeros((0, 2))
+    # an edge the loops refuse is a wrong match, rightly apart; any other left apart is a tear
+    inliers = agree & ~verdicts.refused[edge_of]
+    layout = _transform_layout(
+        pairs,
+        linear,
+        t,
+        vectors,
+        inliers,
+        edge_ok,
+        pair_ok,
+        (width, height),
+        model,
+        iterations,
+        stage_summary,
+    )
+    if coefficients is not None and model == "polynomial":
+        raw = raw_coefficients(coefficients, centre, radius)
+        layout.polynomials = {tid: raw[i] for i, tid in enumerate(pairs.ids)}
     layout.loops = verdicts.summary()
     return layout
+
+
+def _fit_separable_spreads(
+    separable: SeparableSolver,
+    pairs: _Pairs,
+    weights: np.ndarray,
+    spreads: dict[str, float],
+    caps: Mapping[str, float],
+    match_sigma_px: float,
+    refining: bool,
+) -> tuple[dict[str, float], int]:
+    """EM for a separable model's spreads (type-II maximum likelihood), each kept between
+    ``MIN_TILE_SPREAD`` and its cap: (spreads, solves spent). A refining pass (the polynomial after the
+    affine) starts from the affine's and takes fewer steps."""
+    spreads = dict(spreads)
+    seen = np.bincount(np.concatenate([pairs.a, pairs.b])[np.tile(weights, 2) > 0], minlength=pairs.n) > 0
+    count = int(np.count_nonzero(seen))
+    if not count:
+        return spreads, 0
+    probes = (
+        None
+        if count <= EXACT_TRACE_TILES
+        else int(np.clip(np.ceil(TRACE_PROBES * TRACE_PROBE_TILES / count), MIN_TRACE_PROBES, TRACE_PROBES))
+    )
+    spent = 0
+    for _ in range(REFINING_ITERATIONS + 1 if refining else SPREAD_ITERATIONS):
+        spent += 1
+        moments = separable.spread_moments(weights, spreads, match_sigma_px, seen, probes)
+        new = {k: float(np.clip(np.sqrt(v), MIN_TILE_SPREAD, caps[k])) for k, v in moments.items()}
+        settled = all(abs(v / spreads[k] - 1) < 0.05 for k, v in new.items())
+        spreads.update(new)
+        if settled:
+            break
+    return spreads, spent
+
+
+def _separable_solver(pairs: _Pairs, solver: _Solver, kind: str, frame_link: float) -> SeparableSolver:
+    """The per-axis problem of a separable model over the same pairs, stage and frame as ``solver``."""
+    return SeparableSolver(
+        n=pairs.n,
+        size=BASIS_SIZE[kind],
+        u=pairs.p / pairs.radius,
+        v=pairs.q / pairs.radius,
+        a=pairs.a,
+        b=pairs.b,
+        radius=pairs.radius,
+        stage_centres=solver.stage_centres,
+        stage_weight=solver.stage_weight,
+        origin=solver.origin,
+        main=solver.main,
+        frame_weight=frame_link,
+    )
 
 
 def _stage_summary(
@@ -596,8 +726,7 @@ def _stage_summary(
     correction: np.ndarray,
     weight_stage: float,
     match_sigma_px: float,
-    tile_spread: Mapping[str, float],
-    model: Model,
+    spreads: Mapping[str, float],
 ) -> dict[str, Any]:
     """What the solve made of the stage and the priors: the frame with the solved correction, the stage
     prior's weight, σ_match and the spreads of the parts the model frees (:attr:`TransformLayout.stage`)."""
@@ -606,7 +735,7 @@ def _stage_summary(
         **solved_frame.summary(),
         "prior_weight": weight_stage,
         "match_sigma_px": round(float(match_sigma_px), 4),
-        **{f"{k}_spread": round(tile_spread[k], 6) for k in FREED[model]},
+        **{f"{k}_spread": round(v, 6) for k, v in spreads.items()},
     }
 
 
@@ -614,6 +743,8 @@ def _transform_layout(
     pairs: _Pairs,
     linear: np.ndarray,
     t: np.ndarray,
+    vectors: np.ndarray,
+    inliers: np.ndarray,
     edge_ok: np.ndarray,
     pair_ok: np.ndarray,
     tile_size: tuple[float, float],
@@ -621,12 +752,15 @@ def _transform_layout(
     iterations: int,
     stage_summary: dict[str, Any],
 ) -> TransformLayout:
-    """The solved centres ``t`` and linear parts as transforms of the top-left corner, with the residuals,
-    rejections and connected groups against the final verdicts."""
+    """The solved centres ``t`` and linear parts as transforms of the top-left corner, with the residuals
+    (``vectors``, per pair), rejections and connected groups against the final verdicts; ``inliers``: the
+    pairs that agree with their edge's consensus (what a RANSAC filter keeps), kept or not."""
     ids, keys, edge_of, n_edges, counts = pairs.ids, pairs.keys, pairs.edge_of, pairs.n_edges, pairs.counts
     n, m = pairs.n, pairs.m
-    vectors = pairs.residual_vectors(linear, t) if m else np.zeros((0, 2))
     r = np.hypot(*vectors.T) if m else np.zeros(0)
+    inlier_median = _edge_medians(r[inliers], edge_of[inliers], n_edges) if m else np.zeros(n_edges)
+    sigma = float(stage_summary.get("match_sigma_px", DEFAULT_MATCH_SIGMA_PX))
+    torn_limit = max(TORN_PX, TORN_SIGMAS * sigma)
     accepted = pair_ok & edge_ok[edge_of]
     squares = np.bincount(edge_of, np.where(accepted, r**2, 0.0), minlength=n_edges)
     kept = np.bincount(edge_of, accepted, minlength=n_edges)
@@ -652,6 +786,8 @@ def _transform_layout(
         iterations=iterations,
         components=[groups[g] for g in sorted(groups) if g != 0],
         residual_stats=residual_stats(vectors[accepted]) if m else residual_stats(np.zeros((0, 2))),
+        inlier_residual_stats=residual_stats(vectors[inliers]) if m else residual_stats(np.zeros((0, 2))),
+        torn={k: float(inlier_median[j]) for j, k in enumerate(keys) if inlier_median[j] > torn_limit},
         stage=stage_summary,
     )
 
@@ -668,8 +804,6 @@ class _Solver:
     """
 
     def __init__(self, n, m, u, v, a, b, radius, stage_centres, stage_weight, origin, main):
-        from scipy.sparse import coo_matrix
-
         self.n, self.radius, self.origin = n, radius, origin
         self.stage_centres, self.stage_weight = stage_centres, stage_weight
         self.main = np.asarray(main, bool)
@@ -682,14 +816,22 @@ class _Solver:
         )
         self.z = z / self.extent  # RMS length 1 over the main group
         self.correction = np.zeros((2, 2))  # F / L of the last solve: the stage frame is (I + F/L)·G
+        self._pairs = (m, u, v, a, b)
+
+    @functools.cached_property
+    def data(self):
+        """The point rows (built on first use: the separable models never need them)."""
+        from scipy.sparse import coo_matrix
+
+        m, u, v, a, b = self._pairs
         x_cols = np.stack([6 * a, 6 * b, 6 * a + 1, 6 * b + 1, 6 * a + 2, 6 * b + 2], axis=1)
         vals = np.stack([u[:, 0], -v[:, 0], u[:, 1], -v[:, 1], np.ones(m), -np.ones(m)], axis=1)
-        self.data = coo_matrix(
+        return coo_matrix(
             (
                 np.hstack([vals, vals]).ravel(),
                 (np.repeat(np.arange(2 * m), 6), np.hstack([x_cols, x_cols + 3]).ravel()),
             ),
-            shape=(2 * m, 6 * n + self.n_frame),
+            shape=(2 * m, 6 * self.n + self.n_frame),
         ).tocsc()
 
     def _system(self, kind: str, link: Mapping[str, float]):

@@ -11,7 +11,8 @@ What a person (or a pipeline) needs to decide whether a montage can be used, nam
   the residual), and a per-edge residual map on the tile grid (``left``/``top`` edges of each cell);
 * **residuals** per point pair as em_stitch reports them, and the stage's measured frame and error;
 * **seams** measured on the fused pixels (:mod:`em_platform.stitch.seams`);
-* **checks**: ``placed`` (no unplaced content tile), ``connected`` (one group with content), ``seams``
+* **checks**: ``placed`` (no unplaced content tile), ``connected`` (one group with content), ``residual``
+  (no edge whose consensus pairs — em_stitch's RANSAC inliers — the solve leaves torn apart), ``seams``
   (no seam beyond the limit); ``passed`` is all of them.
 
 Dagster-free; ``em-platform stitch`` writes it and sets its exit status from ``checks``.
@@ -88,10 +89,12 @@ def stitch_report(
         for s in measured
         if s.offset_px > seam_limit_px and s.tile not in blank and s.neighbour not in blank
     ]
+    torn = getattr(layout, "torn", {}) or {}
     checks = {
         "placed": not unplaced,
         "connected": len(content_groups) <= 1,
         "seams": not bad_seams,
+        "residual": not torn,  # no edge whose consensus pairs the solve leaves torn apart
     }
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
@@ -133,6 +136,15 @@ def stitch_report(
             "residual_map_px": edge_residual_map(cells, layout.edge_residuals),
         },
         "residuals": {k: _r(v) if isinstance(v, float) else v for k, v in layout.residual_stats.items()},
+        # every pair its edge's consensus keeps (em_stitch's RANSAC inliers), kept by the solve or not
+        "inlier_residuals": {
+            k: _r(v) if isinstance(v, float) else v
+            for k, v in (getattr(layout, "inlier_residual_stats", {}) or {}).items()
+        },
+        "torn_edges": [
+            {"tile": str(a), "neighbour": str(b), "median_residual_px": _r(r, 3)}
+            for (a, b), r in sorted(torn.items(), key=lambda kv: -kv[1])
+        ],
         "stage": {k: _r(v, 6) if isinstance(v, float) else v for k, v in layout.stage.items()},
         "seams": None
         if seam_list is None

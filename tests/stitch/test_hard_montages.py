@@ -263,7 +263,7 @@ def test_a_forced_tear_fails_the_checks_and_names_the_torn_piece(tear):
     )
     assert not accepted & across  # no accepted edge ties the two pieces together …
     assert not s.doc["passed"]  # … and the checks say so
-    assert s.doc["checks"] == {"placed": False, "connected": False, "seams": True}
+    assert s.doc["checks"] == {"placed": False, "connected": False, "seams": True, "residual": True}
     assert s.doc["tiles"]["unplaced"] == torn  # the smaller piece, by name
     [piece] = s.doc["components"]
     assert piece["members"] == torn and piece["content_tiles"] == len(torn)

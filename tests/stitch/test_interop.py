@@ -78,7 +78,7 @@ def stitch_with_matches(tmp_path: Path, montage: HardMontage, *extra: str) -> tu
     genuine = write_render_matches(montage, tmp_path / "matches.json")
     out = tmp_path / "out" / "m.zarr"
     code = main(["stitch", str(folder), "--layout", str(layout), "--out", str(out), "--no-fuse",
-                 "--matches", str(tmp_path / "matches.json"), "--workers", "2", *extra])  # fmt: skip
+                 "--matches", str(tmp_path / "matches.json"), "--workers", "2", "--seams", *extra])  # fmt: skip
     return code, out.parent, genuine
 
 

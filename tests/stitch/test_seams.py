@@ -51,7 +51,10 @@ def test_a_good_montage_has_no_seam(solved):
     # a few hundredths to a tenth of a pixel (phase correlation alone read up to 0.8 px on narrow strips)
     assert max(s.offset_px for s in seams) < 0.25 * SEAM_LIMIT_PX
     doc = report(layout, cells, seams)
-    assert doc["checks"] == {"placed": True, "connected": True, "seams": True} and doc["passed"]
+    assert (
+        doc["checks"] == {"placed": True, "connected": True, "seams": True, "residual": True}
+        and doc["passed"]
+    )
     assert doc["seams"]["measured"] == 17 and doc["seams"]["beyond_limit"] == []
 
 
@@ -77,7 +80,12 @@ def test_a_tile_moved_after_the_solve_shows_its_seams_and_fails_the_check(solved
 
     # the solve's own residuals do not see it (the layout is the good one): only the pixels do
     doc = report(layout, cells, seams)
-    assert not doc["passed"] and doc["checks"] == {"placed": True, "connected": True, "seams": False}
+    assert not doc["passed"] and doc["checks"] == {
+        "placed": True,
+        "connected": True,
+        "seams": False,
+        "residual": True,
+    }
     named = {(e["tile"], e["neighbour"]) for e in doc["seams"]["beyond_limit"]}
     assert named == touched
     assert doc["seams"]["max_px"] > SEAM_LIMIT_PX

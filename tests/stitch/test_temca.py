@@ -130,3 +130,94 @@ def test_a_file_that_is_not_a_metafile_is_refused_naming_the_field(tmp_path, doc
     bad.write_text(json.dumps({"data": []}))
     with pytest.raises(TemcaFileError, match="JSON list of sections"):
         read_temca_metafile(bad)
+
+
+def turned(document: list, column: int, degrees: float) -> list:
+    """The metafile with every tile of one raster column turned by ``degrees`` about its centre: its own
+    points of every match (``q`` in its matcher, ``p`` in its neighbours' that name it) turn with it."""
+    doc = json.loads(json.dumps(document[:2]))
+    size = doc[0]["metadata"]["camera_info"]["width"] / 2
+    a = np.radians(degrees)
+
+    def turn(xs, ys):
+        x, y = np.asarray(xs) - size, np.asarray(ys) - size
+        return list(x * np.cos(a) - y * np.sin(a) + size), list(x * np.sin(a) + y * np.cos(a) + size)
+
+    steps = {2: (-1, 0), 3: (0, -1), 4: (1, 0)}
+    for t in doc[1]["data"]:
+        c, r = t["img_meta"]["raster_pos"]
+        for m in t.get("matcher") or []:
+            if m.get("match_quality", 0) == -1 or "pX" not in m:
+                continue
+            if c == column:
+                m["qX"], m["qY"] = turn(m["qX"], m["qY"])
+            if c + steps.get(int(m["position"]), (0, 0))[0] == column and int(m["position"]) in steps:
+                m["pX"], m["pY"] = turn(m["pX"], m["pY"])
+    return doc
+
+
+def polynomial_residuals(polynomials, edges, keep) -> dict:
+    """Residuals of em_stitch's kept pairs under per-tile 2nd-order maps (1, x, y, x², xy, y²)."""
+
+    def at(c, pts):
+        x, y = pts[:, 0], pts[:, 1]
+        return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1) @ c.T
+
+    out = [
+        (at(polynomials[e.tile], e.p) - at(polynomials[e.neighbour], e.q))[w > 0]
+        for e, w in zip(edges, keep, strict=True)
+    ]
+    return residual_stats(np.vstack(out))
+
+
+def test_the_polynomial_model_fits_the_real_block_below_the_affine(document, tmp_path):
+    """em_stitch's best model on real tiles: each tile's x and y a 2nd-order polynomial of its point."""
+    montage = read_temca_metafile(block_metafile(document, tmp_path))
+    stage = {t.name: (t.x, t.y) for t in montage.tiles}
+    edges = list(montage.edges)
+    keep = em_stitch_filter(edges)
+    size = (montage.width, montage.height)
+    affine = solve_transforms(stage, edges, "affine", tile_size=size)
+    poly = solve_transforms(stage, edges, "polynomial", tile_size=size)
+    assert poly.polynomials is not None and set(poly.polynomials) == set(stage)
+    ours = polynomial_residuals(poly.polynomials, edges, keep)
+    flat = kept_pair_residuals(affine.transforms, edges, keep)
+    reference = kept_pair_residuals(bigfeta_montage_solve(stage, edges, "affine"), edges, keep)
+    print(
+        f"\npolynomial {ours['mean_px']:.3f} px, affine {flat['mean_px']:.3f}, BigFeta affine {reference['mean_px']:.3f}"
+    )
+    assert ours["mean_px"] < 0.9 * flat["mean_px"] and ours["mean_px"] < reference["mean_px"]
+    assert ours["max_px"] <= reference["max_px"]
+    assert poly.rejected == {} and poly.disconnected == [] and poly.torn == {}
+    # the layout's own figure over its consensus pairs (our RANSAC, 10 px as em_stitch's) is the same maps'
+    assert poly.inlier_residual_stats["mean_px"] == pytest.approx(ours["mean_px"], rel=0.05)
+
+
+def test_a_model_that_cannot_fit_the_real_tiles_is_reported_torn_and_the_command_fails(document, tmp_path):
+    """A column of tiles turned by 1° under a translation-only model: its edges are left tens of px apart at
+    their ends (the loops vouch for them: the turn is consistent). The solve reports them torn over their
+    consensus pairs, the residual check fails and the command exits 3; the polynomial model fits the same
+    block and exits 0, its tile specs render's PolynomialTransform2D."""
+    meta = block_metafile(turned(document, column=55, degrees=1.0), tmp_path, range(52, 60), range(1, 7))
+
+    def stitch(model: str) -> tuple[int, dict, Path]:
+        out = tmp_path / model / "block.zarr"
+        run = subprocess.run(
+            [sys.executable, "-m", "em_platform.cli", "stitch", str(tmp_path), "--metafile", str(meta),
+             "--out", str(out), "--model", model, "--no-fuse"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        return run.returncode, json.loads(out.with_name("block.report.json").read_text()), out
+
+    code, report, _ = stitch("translation")
+    assert code == 3 and not report["passed"] and report["checks"]["residual"] is False
+    assert report["torn_edges"] and report["torn_edges"][0]["median_residual_px"] > 10
+    assert report["inlier_residuals"]["max_px"] > 20
+
+    code, report, out = stitch("polynomial")
+    assert code == 0 and report["passed"] and report["torn_edges"] == []
+    assert report["inlier_residuals"]["mean_px"] < 2.0
+    specs = json.loads(out.with_name("block.tilespecs.json").read_text())
+    leaf = specs[0]["transforms"]["specList"][-1]
+    assert leaf["className"] == "mpicbg.trakem2.transform.PolynomialTransform2D"
+    assert len(leaf["dataString"].split()) == 12
