@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium
 	bash scripts/bootstrap.sh $(VENV)
 	touch $@
 
+## em_stitch's real TEMCA test data (not committed: fetched from the package index, SHA-256 checked)
+EM_STITCH := var/em_stitch/COMPLETE
+$(EM_STITCH): scripts/fetch_em_stitch.py | $(VENV)/.installed
+	$(VENV)/bin/python scripts/fetch_em_stitch.py || echo "warning: no em_stitch test data; the tests on the real TEMCA montage are skipped"
+
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
@@ -25,7 +30,7 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform demo
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
-test: $(VENV)/.installed services
+test: $(VENV)/.installed services $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 tests
 
@@ -34,7 +39,7 @@ dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform dev --workspace workspace.yaml --host 127.0.0.1 --port $(DEV_PORT)
 
 ## bench: performance benchmarks; results in bench/results/*.json
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(EM_STITCH)
 	$(PY) -m bench.run
 
 validate: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml

@@ -1,4 +1,4 @@
-"""The real 4,969-tile TEMCA montage of em_stitch's sdist (tests/stitch/data): our solves vs em_stitch's.
+"""The real 4,969-tile TEMCA montage of em_stitch's sdist (fetched into var/em_stitch by scripts/fetch_em_stitch.py): our solves vs em_stitch's.
 
 Both solve the scope's own matcher point pairs (no pixels). Each solve runs in a fresh process (time, peak
 RSS); residuals are measured on the same pairs for every solve: the ones em_stitch's RANSAC filter keeps
@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-METAFILE = REPO / "tests" / "stitch" / "data" / "temca_metadata_test_example.json.xz"
+METAFILE = REPO / "var" / "em_stitch" / "montage_example" / "_metadata_test_example.json"  # make fetches it
 RESULTS = REPO / "bench" / "results" / "montage.json"
 SOLVES = ("ours_translation", "ours_rigid", "ours_affine", "ours_polynomial", "ours_affine_lens",
           "reference_translation", "reference_affine")  # fmt: skip
@@ -108,23 +106,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         print(json.dumps(child(args.child, Path(args.metafile))))
         return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        metafile = Path(tmp) / "_metadata_test_example.json"
-        metafile.write_bytes(lzma.decompress(METAFILE.read_bytes()))
-        runs: dict[str, Any] = {}
-        for solve in args.only:
-            out = subprocess.run(
-                [sys.executable, "-m", "bench.bench_temca", "--child", solve, "--metafile", str(metafile)],
-                cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-            )  # fmt: skip
-            runs[solve] = json.loads(out.stdout.strip().splitlines()[-1])
-            r = runs[solve]
-            print(
-                f"{solve:24s} {r['solve_s']:6.1f} s  {r['peak_rss_mib']:6.0f} MiB  residual per pair "
-                f"{r['residual_per_kept_pair']['mean_px']:.3f} ± {r['residual_per_kept_pair']['std_px']:.3f} px "
-                f"(max {r['residual_per_kept_pair']['max_px']:.1f})",
-                flush=True,
-            )
+    if not METAFILE.is_file():
+        raise SystemExit(f"{METAFILE} is missing: run `.venv/bin/python scripts/fetch_em_stitch.py`")
+    metafile = METAFILE
+    runs: dict[str, Any] = {}
+    for solve in args.only:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.bench_temca", "--child", solve, "--metafile", str(metafile)],
+            cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        runs[solve] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = runs[solve]
+        print(
+            f"{solve:24s} {r['solve_s']:6.1f} s  {r['peak_rss_mib']:6.0f} MiB  residual per pair "
+            f"{r['residual_per_kept_pair']['mean_px']:.3f} ± {r['residual_per_kept_pair']['std_px']:.3f} px "
+            f"(max {r['residual_per_kept_pair']['max_px']:.1f})",
+            flush=True,
+        )
     out_path = Path(args.output)
     result = json.loads(out_path.read_text()) if out_path.exists() else {"benchmark": "montage"}
     previous = result.get("temca", {}).get("solves", {})

@@ -74,7 +74,9 @@ class LensCorrectionConfig(dg.Config):
     """Where the estimate goes and what it is: one polynomial correction per scope (camera setting)."""
 
     scope: str = "default"  # stored under lens_correction/<scope>/ in the storage root
-    order: int = 3  # highest polynomial degree (terms 2..order; 3 covers radial and decentering)
+    # highest polynomial degree (terms 2..order: 3 covers radial and decentering), or "auto": the order of
+    # 2..5 with the lowest held-out residual (em_platform.stitch.lens.estimate_lens)
+    order: str = "auto"
     # make it the scope's latest (what montage_layout applies) when it lowers the residual per point pair
     make_latest: bool = True
 
@@ -289,7 +291,10 @@ def lens_correction(
     montage_id = context.partition_key
     scope = _scope_dir(config.scope)
     tiles, shapes = _processed(hardware, storage, montage_id)
-    fit = estimate_montage_lens(tiles, shapes, order=config.order)
+    order = config.order.strip().lower()
+    if order != "auto" and not (order.isdigit() and 2 <= int(order) <= 8):
+        raise dg.Failure(f"lens_correction: order {config.order!r} is neither 'auto' nor a degree 2-8")
+    fit = estimate_montage_lens(tiles, shapes, order=order if order == "auto" else int(order))
     summary = fit.summary()
     doc = {**fit.model.to_dict(), "fit": summary, "scope": scope, "montage_id": montage_id}
     store = storage.store()

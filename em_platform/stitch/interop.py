@@ -15,6 +15,7 @@ Dagster-free.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -36,9 +37,15 @@ class MatchFileError(ValueError):
 
 
 def _records(path: Path) -> list[Any]:
+    """The point-match records of a render collection file: a JSON list (or JSON lines), a render client's
+    ``{"matches": [...]}``, or em_stitch's template-matches file ``{"collection": [...], "tilespecs", …}``;
+    gzipped as render writes ``.json.gz``."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip, whatever the name says
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
         raise MatchFileError(f"{path}: cannot read the point matches ({exc})") from exc
     try:
         doc = json.loads(text)
@@ -52,6 +59,8 @@ def _records(path: Path) -> list[Any]:
             ) from exc
     if isinstance(doc, Mapping) and "matches" in doc and isinstance(doc["matches"], list):
         doc = doc["matches"]
+    if isinstance(doc, Mapping) and isinstance(doc.get("collection"), list):  # em_stitch's template form
+        doc = doc["collection"]
     if isinstance(doc, Mapping):
         doc = [doc]
     if not isinstance(doc, list):
@@ -102,14 +111,21 @@ def read_point_matches(path: str | os.PathLike, names: Mapping[str, str] | None 
     ]
 
 
-def write_point_matches(path: str | os.PathLike, edges: Iterable[PointEdge], group: str = "0") -> Path:
-    """``edges`` as render point-match JSON (``pGroupId = qGroupId = group``: one section)."""
+def write_point_matches(
+    path: str | os.PathLike,
+    edges: Iterable[PointEdge],
+    group: str = "0",
+    tile_ids: Mapping[str, str] | None = None,
+) -> Path:
+    """``edges`` as render point-match JSON (``pGroupId = qGroupId = group``: one section); ``tile_ids`` maps
+    tile names to the ids the tile specs carry."""
+    ids = tile_ids or {}
     doc = [
         {
             "pGroupId": group,
-            "pId": str(e.tile),
+            "pId": ids.get(e.tile, str(e.tile)),
             "qGroupId": group,
-            "qId": str(e.neighbour),
+            "qId": ids.get(e.neighbour, str(e.neighbour)),
             "matches": {
                 "p": np.asarray(e.p, np.float64).T.tolist(),
                 "q": np.asarray(e.q, np.float64).T.tolist(),
@@ -149,9 +165,12 @@ def tilespecs(
     lens: LensModel | None = None,
     z: float = 0.0,
     polynomials: Mapping[str, np.ndarray] | None = None,
+    tile_ids: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Render tile specs of solved tiles: ``shapes`` are (height, width); images are ``image_dir/<tile>``;
-    ``polynomials`` (model "polynomial": (2, 6) per tile) replace the affine leaf."""
+    ``polynomials`` (model "polynomial": (2, 6) per tile) replace the affine leaf; ``tile_ids`` maps tile
+    names to the ``tileId`` render and the point matches know them by (default: the name)."""
+    ids = tile_ids or {}
     out = []
     for tile, matrix in transforms.items():
         height, width = shapes[tile]
@@ -160,7 +179,7 @@ def tilespecs(
             polynomial_transform(polynomials[tile]) if polynomials is not None else affine_transform(matrix)
         )
         spec: dict[str, Any] = {
-            "tileId": str(tile),
+            "tileId": ids.get(tile, str(tile)),
             "z": float(z),
             "width": int(width),
             "height": int(height),

@@ -185,9 +185,12 @@ class LensFit:
     residual_before_px: float  # mean |residual| per point pair, the same solve without correction
     residual_after_px: float  # … with it
     rejected_pairs: int
+    held_out_px: dict[int, float] = dataclasses.field(default_factory=dict)  # order="auto": per order
 
     def summary(self) -> dict[str, Any]:
         return {
+            "order": self.model.order,
+            "held_out_residual_px_by_order": {str(k): round(v, 4) for k, v in self.held_out_px.items()},
             "pairs": self.pairs,
             "tiles": self.tiles,
             "rejected_pairs": self.rejected_pairs,
@@ -197,15 +200,20 @@ class LensFit:
         }
 
 
+LENS_CONSENSUS_PX = 100.0  # how far a lens may move an edge's pairs off one similarity (em_stitch's lens
+# example: 64 px at the corners; at the montage solve's 10 px, 78 % of its pairs, the outer ones, were lost)
+
+
 def _consensus_pairs(edges: list[Any]) -> list[Any]:
-    """The edges with only the pairs that agree with their edge's consensus (:mod:`em_platform.stitch.loops`):
-    a wrong pair tens of px off would bend the lens before the robust weights see it."""
+    """The edges with only the pairs that agree with their edge's consensus (:mod:`em_platform.stitch.loops`)
+    within ``LENS_CONSENSUS_PX``: a wrong pair hundreds of px off would bend the lens before the robust
+    weights see it; the robust weights judge the rest."""
     from em_platform.stitch.loops import edge_consensus
 
     p = np.concatenate([np.asarray(e.p, np.float64) for e in edges])
     q = np.concatenate([np.asarray(e.q, np.float64) for e in edges])
     edge_of = np.repeat(np.arange(len(edges)), [len(e.p) for e in edges])
-    _, agree = edge_consensus(p, q, edge_of, len(edges))
+    _, agree = edge_consensus(p, q, edge_of, len(edges), LENS_CONSENSUS_PX)
     out = []
     for e, keep in zip(edges, np.split(agree, np.cumsum([len(e.p) for e in edges])[:-1]), strict=True):
         if keep.any():
@@ -213,11 +221,14 @@ def _consensus_pairs(edges: list[Any]) -> list[Any]:
     return out
 
 
+LENS_ORDERS = (2, 3, 4, 5)  # the orders `order="auto"` chooses from
+
+
 def estimate_lens(
     point_edges: Iterable[Any],
     tile_size: tuple[int, int],
     *,
-    order: int = 3,
+    order: int | str = "auto",
     ridge: float = 1e-2,
     outlier_px: float = 2.0,
     iterations: int = 6,
@@ -227,13 +238,12 @@ def estimate_lens(
     ``tile``, ``neighbour``, ``p``, ``q`` in tile pixels), solving a rigid transform per tile alongside
     (``model="translation"``: a translation only).
 
-    ``ridge`` (px² per coefficient px²) keeps what the overlaps cannot see at zero. Needs point pairs on
-    both kinds of edges (left/right and top/bottom) of a few tiles; raises ValueError otherwise.
+    ``order`` ``"auto"`` takes the one of ``LENS_ORDERS`` with the lowest held-out residual: each edge's
+    pairs alternate between a half that fits and a half that scores (a higher order always fits its own
+    pairs better; only pairs it did not see tell whether it bends to noise). ``ridge`` (px² per coefficient
+    px²) keeps what the overlaps cannot see at zero. Needs point pairs on both kinds of edges (left/right
+    and top/bottom) of a few tiles; raises ValueError otherwise.
     """
-    from scipy.sparse import coo_matrix, diags, hstack, vstack
-    from scipy.sparse.csgraph import connected_components
-    from scipy.sparse.linalg import splu
-
     if model not in ("rigid", "translation"):
         raise ValueError(f"model {model!r}: the lens is estimated with rigid or translation tiles")
     edges = [e for e in point_edges if e.tile != e.neighbour and len(e.p)]
@@ -242,80 +252,129 @@ def estimate_lens(
             "a lens correction needs point pairs of at least two tile pairs; match a montage first"
         )
     edges = _consensus_pairs(edges)
-    model0 = LensModel.identity(tile_size, order)
-    ids = sorted({t for e in edges for t in (e.tile, e.neighbour)}, key=repr)
-    index = {t: i for i, t in enumerate(ids)}
-    p = np.concatenate([np.asarray(e.p, np.float64) for e in edges])
-    q = np.concatenate([np.asarray(e.q, np.float64) for e in edges])
-    a = np.concatenate([np.full(len(e.p), index[e.tile]) for e in edges])
-    b = np.concatenate([np.full(len(e.p), index[e.neighbour]) for e in edges])
-    m, n, k = len(p), len(ids), len(monomials(order))
-    basis = model0.basis(p) - model0.basis(q)  # (m, k): D(p) − D(q)
-    rows = np.arange(m)
-    both = (np.r_[rows, rows], np.r_[a, b])
-    # unknowns: [c_x (k), c_y (k), t_x (n), t_y (n), φ (n)]; x rows then y rows. φ = θ·s: a tile's angle
-    # as the px it turns a point at the scale radius s (columns of the size of the translations')
-    rigid = model == "rigid"
-    xi_p, xi_q = (p - model0.centre) / model0.scale, (q - model0.centre) / model0.scale
-    blocks = []
-    for axis in (0, 1):
-        coeff = coo_matrix(basis, shape=(m, k))
-        tiles = coo_matrix((np.r_[np.ones(m), -np.ones(m)], both), shape=(m, n))
-        zeros_k, zeros_n = coo_matrix((m, k)), coo_matrix((m, n))
-        row = [coeff, zeros_k, tiles, zeros_n] if axis == 0 else [zeros_k, coeff, zeros_n, tiles]
-        if rigid:  # θ J (p − c): (−θ·η, θ·ξ) in px, η and ξ scaled by s
-            sign, other = (-1.0, 1) if axis == 0 else (1.0, 0)
-            turn = sign * np.r_[xi_p[:, other], -xi_q[:, other]]
-            row.append(coo_matrix((turn, both), shape=(m, n)))
-        blocks.append(hstack(row))
-    design = vstack(blocks).tocsr()
-    rhs = np.r_[q[:, 0] - p[:, 0], q[:, 1] - p[:, 1]]
-    # a tile whose every pair the robust weights drop stays where it is (not a singular system)
-    gauge = np.full(design.shape[1], 1e-9)
-    gauge[: 2 * k] = ridge
-    # the first tile's translation (and angle) pinned in each group the pairs tie together (blank tiles can
-    # split a montage): a group's own translation and rotation are free
-    _, group = connected_components(coo_matrix((np.ones(m), (a, b)), shape=(n, n)), directed=False)
-    first = np.unique(group, return_index=True)[1]
-    gauge[2 * k + first] = gauge[2 * k + n + first] = 1.0
-    if rigid:
-        gauge[2 * k + 2 * n + first] = 1.0
-
-    def solve(weights: np.ndarray, with_lens: bool) -> np.ndarray:
-        w2 = np.r_[weights, weights]
-        reg = gauge.copy()
-        if not with_lens:
-            reg[: 2 * k] = 1e12
-        normal = (design.T @ diags(w2) @ design + diags(reg)).tocsc()
-        # symmetric positive definite: diagonal pivots keep the fill-reducing order (partial pivoting on
-        # the rigid system's 7,500 unknowns of 50 × 50 tiles fills it 8-fold and takes 6 times as long)
-        lu = splu(normal, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
-        return np.asarray(lu.solve(design.T @ (w2 * rhs)))
-
-    def residuals(x: np.ndarray) -> np.ndarray:
-        r = design @ x - rhs
-        return np.hypot(r[:m], r[m:])
-
-    def robust(with_lens: bool) -> tuple[np.ndarray, np.ndarray]:
-        weights = np.ones(m)
-        x = solve(weights, with_lens)
-        for _ in range(iterations):
-            r = residuals(x)
-            limit = max(outlier_px, 4.0 * 1.4826 * float(np.median(r)))
-            weights = np.where(r < limit, (1 - np.clip(r / limit, 0, 1) ** 2) ** 2, 0.0)
-            x = solve(weights, with_lens)
-        return x, residuals(x)
-
-    _, before = robust(False)
-    x, after = robust(True)
+    held_out: dict[int, float] = {}
+    if order == "auto":
+        fitting = [dataclasses.replace(e, p=np.asarray(e.p)[0::2], q=np.asarray(e.q)[0::2]) for e in edges]
+        scoring = [
+            dataclasses.replace(e, p=np.asarray(e.p)[1::2], q=np.asarray(e.q)[1::2])
+            for e in edges
+            if len(e.p) > 1
+        ]
+        if len(scoring) < 2:
+            raise ValueError("choosing the lens order needs edges of two point pairs or more: give an order")
+        for candidate in LENS_ORDERS:
+            fit = _LensSolve(fitting, tile_size, candidate, ridge, model == "rigid")
+            x, _ = fit.robust(True, outlier_px, iterations)
+            r = fit.residuals_of(scoring, x)
+            held_out[candidate] = float(r[r < max(outlier_px, 4.0 * 1.4826 * float(np.median(r)))].mean())
+        order = min(held_out, key=held_out.get)
+    solve = _LensSolve(edges, tile_size, int(order), ridge, model == "rigid")
+    _, before = solve.robust(False, outlier_px, iterations)
+    x, after = solve.robust(True, outlier_px, iterations)
     limit = max(outlier_px, 4.0 * 1.4826 * float(np.median(after)))
     kept = after < limit
-    model = LensModel(model0.tile_size, order, np.vstack([x[:k], x[k : 2 * k]]))
+    k = solve.k
     return LensFit(
-        model=model,
-        pairs=m,
-        tiles=n,
+        model=LensModel(solve.model0.tile_size, int(order), np.vstack([x[:k], x[k : 2 * k]])),
+        pairs=solve.m,
+        tiles=solve.n,
         residual_before_px=float(before[before < max(outlier_px, 4.0 * 1.4826 * np.median(before))].mean()),
         residual_after_px=float(after[kept].mean()),
         rejected_pairs=int((~kept).sum()),
+        held_out_px=held_out,
     )
+
+
+class _LensSolve:
+    """The lens coefficients and a rigid transform (or a translation) per tile as one sparse least-squares
+    problem over a montage's point pairs."""
+
+    def __init__(self, edges: list[Any], tile_size: tuple[int, int], order: int, ridge: float, rigid: bool):
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        self.model0 = LensModel.identity(tile_size, order)
+        self.ids = sorted({t for e in edges for t in (e.tile, e.neighbour)}, key=repr)
+        self.index = {t: i for i, t in enumerate(self.ids)}
+        self.rigid = rigid
+        self.n, self.k = len(self.ids), len(monomials(order))
+        self.design, self.rhs, self.m = self._design(edges)
+        a = np.concatenate([np.full(len(e.p), self.index[e.tile]) for e in edges])
+        b = np.concatenate([np.full(len(e.p), self.index[e.neighbour]) for e in edges])
+        k, n = self.k, self.n
+        # a tile whose every pair the robust weights drop stays where it is (not a singular system)
+        gauge = np.full(self.design.shape[1], 1e-9)
+        gauge[: 2 * k] = ridge
+        # the first tile's translation (and angle) pinned in each group the pairs tie together (blank
+        # tiles can split a montage): a group's own translation and rotation are free
+        _, group = connected_components(coo_matrix((np.ones(self.m), (a, b)), shape=(n, n)), directed=False)
+        first = np.unique(group, return_index=True)[1]
+        gauge[2 * k + first] = gauge[2 * k + n + first] = 1.0
+        if rigid:
+            gauge[2 * k + 2 * n + first] = 1.0
+        self.gauge = gauge
+
+    def _design(self, edges: list[Any]):
+        """Rows of ``edges``' pairs: x rows then y rows, over [c_x (k), c_y (k), t_x (n), t_y (n), φ (n)]."""
+        from scipy.sparse import coo_matrix, hstack, vstack
+
+        model0, k, n = self.model0, self.k, self.n
+        p = np.concatenate([np.asarray(e.p, np.float64) for e in edges])
+        q = np.concatenate([np.asarray(e.q, np.float64) for e in edges])
+        a = np.concatenate([np.full(len(e.p), self.index[e.tile]) for e in edges])
+        b = np.concatenate([np.full(len(e.p), self.index[e.neighbour]) for e in edges])
+        m = len(p)
+        basis = model0.basis(p) - model0.basis(q)  # (m, k): D(p) − D(q)
+        rows = np.arange(m)
+        both = (np.r_[rows, rows], np.r_[a, b])
+        # φ = θ·s: a tile's angle as the px it turns a point at the scale radius s (columns of the size of
+        # the translations')
+        xi_p, xi_q = (p - model0.centre) / model0.scale, (q - model0.centre) / model0.scale
+        blocks = []
+        for axis in (0, 1):
+            coeff = coo_matrix(basis, shape=(m, k))
+            tiles = coo_matrix((np.r_[np.ones(m), -np.ones(m)], both), shape=(m, n))
+            zeros_k, zeros_n = coo_matrix((m, k)), coo_matrix((m, n))
+            row = [coeff, zeros_k, tiles, zeros_n] if axis == 0 else [zeros_k, coeff, zeros_n, tiles]
+            if self.rigid:  # θ J (p − c): (−θ·η, θ·ξ) in px, η and ξ scaled by s
+                sign, other = (-1.0, 1) if axis == 0 else (1.0, 0)
+                turn = sign * np.r_[xi_p[:, other], -xi_q[:, other]]
+                row.append(coo_matrix((turn, both), shape=(m, n)))
+            blocks.append(hstack(row))
+        return vstack(blocks).tocsr(), np.r_[q[:, 0] - p[:, 0], q[:, 1] - p[:, 1]], m
+
+    def solve(self, weights: np.ndarray, with_lens: bool) -> np.ndarray:
+        from scipy.sparse import diags
+        from scipy.sparse.linalg import splu
+
+        w2 = np.r_[weights, weights]
+        reg = self.gauge.copy()
+        if not with_lens:
+            reg[: 2 * self.k] = 1e12
+        normal = (self.design.T @ diags(w2) @ self.design + diags(reg)).tocsc()
+        # symmetric positive definite: diagonal pivots keep the fill-reducing order (partial pivoting on
+        # the rigid system's 7,500 unknowns of 50 × 50 tiles fills it 8-fold and takes 6 times as long)
+        lu = splu(normal, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        return np.asarray(lu.solve(self.design.T @ (w2 * self.rhs)))
+
+    def residuals(self, x: np.ndarray) -> np.ndarray:
+        r = self.design @ x - self.rhs
+        return np.hypot(r[: self.m], r[self.m :])
+
+    def residuals_of(self, edges: list[Any], x: np.ndarray) -> np.ndarray:
+        """|residual| of other pairs between the same tiles under the solution ``x``."""
+        design, rhs, m = self._design(
+            [e for e in edges if e.tile in self.index and e.neighbour in self.index]
+        )
+        r = design @ x - rhs
+        return np.hypot(r[:m], r[m:])
+
+    def robust(self, with_lens: bool, outlier_px: float, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+        weights = np.ones(self.m)
+        x = self.solve(weights, with_lens)
+        for _ in range(iterations):
+            r = self.residuals(x)
+            limit = max(outlier_px, 4.0 * 1.4826 * float(np.median(r)))
+            weights = np.where(r < limit, (1 - np.clip(r / limit, 0, 1) ** 2) ** 2, 0.0)
+            x = self.solve(weights, with_lens)
+        return x, self.residuals(x)

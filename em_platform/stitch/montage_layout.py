@@ -192,7 +192,7 @@ def solve_montage(
 
 
 def estimate_montage_lens(
-    tiles: Iterable[GridTile], shapes: Mapping[GridPosition, tuple[int, int]], *, order: int = 3
+    tiles: Iterable[GridTile], shapes: Mapping[GridPosition, tuple[int, int]], *, order: int | str = "auto"
 ) -> LensFit:
     """The scope's lens correction from one montage's journal matches (the matched patch centres of the
     processed tiles in ``shapes``, which must all have one size): :func:`~em_platform.stitch.lens.estimate_lens`.

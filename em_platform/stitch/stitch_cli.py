@@ -81,6 +81,19 @@ def add_arguments(stitch: argparse.ArgumentParser) -> None:
         help="estimate the scope's lens correction from this montage's overlaps and write it here",
     )
     stitch.add_argument(
+        "--z",
+        type=float,
+        default=0.0,
+        help="the section's z in the render tile specs and the point matches' groupId (default 0)",
+    )
+    stitch.add_argument(
+        "--lens-order",
+        default="auto",
+        metavar="N|auto",
+        help="with --estimate-lens: the lens polynomial's highest degree, or auto (default): the degree of "
+        "2-5 with the lowest residual on point pairs the fit did not see",
+    )
+    stitch.add_argument(
         "--pixel-size-nm",
         type=float,
         default=None,
@@ -119,6 +132,8 @@ def _check_options(args) -> str | None:
         return f"--max-shift-px must be at least 1, got {args.max_shift_px}"
     if args.stage_error_px is not None and not args.stage_error_px >= 0:
         return f"--stage-error-px must be 0 or more, got {args.stage_error_px}"
+    if args.lens_order != "auto" and not (args.lens_order.isdigit() and 2 <= int(args.lens_order) <= 8):
+        return f"--lens-order must be auto or a degree from 2 to 8, got {args.lens_order!r}"
     if args.model == "polynomial" and not args.no_fuse:
         return "--model polynomial is solved and reported but not fused (fusion draws affine tiles): add --no-fuse"
     return None
@@ -141,6 +156,7 @@ def run(args) -> int:
     problem = _check_options(args)
     if problem:
         return _bad_input(problem)
+    lens_order = args.lens_order if args.lens_order == "auto" else int(args.lens_order)
     try:
         metafile = None
         if args.metafile is not None:
@@ -184,7 +200,7 @@ def run(args) -> int:
     fitted = None
     if args.estimate_lens is not None:
         w, h = tiles.tiles[0].width, tiles.tiles[0].height
-        fitted = estimate_lens(point_edges, (w, h))
+        fitted = estimate_lens(point_edges, (w, h), order=lens_order)
         args.estimate_lens.write_text(
             json.dumps({**fitted.model.to_dict(), "fit": fitted.summary()}, indent=1)
         )
@@ -203,14 +219,24 @@ def run(args) -> int:
     seams = _seams(tiles, layout, report, point_edges, lens) if measure else None
     doc = _report(args, tiles, report, layout, seams, lens, fitted)
     shapes = {t.tile: (t.height, t.width) for t in tiles.tiles}
+    tile_ids = {t.tile: Path(t.tile).stem for t in tiles.tiles}
     _write_json(out.with_name(f"{stem}.report.json"), doc)
     _write_json(
         out.with_name(f"{stem}.tilespecs.json"),
         tilespecs(
-            layout.transforms, shapes, image_dir=tiles.folder, lens=lens, polynomials=layout.polynomials
+            layout.transforms,
+            shapes,
+            image_dir=tiles.folder,
+            lens=lens,
+            z=args.z,
+            polynomials=layout.polynomials,
+            tile_ids=tile_ids,
         ),
     )
-    write_point_matches(out.with_name(f"{stem}.matches.json"), point_edges)
+    # render's ids for the tiles (em_stitch's pId/qId: the file name without its extension), one section z
+    write_point_matches(
+        out.with_name(f"{stem}.matches.json"), point_edges, group=f"{float(args.z)}", tile_ids=tile_ids
+    )
     positions = write_positions(positions_path(out), layout.positions)
     _print_summary(tiles, report, layout, doc, pixel_size, source, fused, out, positions, args)
     if doc["passed"]:

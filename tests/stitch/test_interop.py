@@ -111,7 +111,7 @@ def read_positions(path: Path) -> dict[str, tuple[float, float]]:
 
 def test_render_point_matches_are_solved_and_exported_as_tile_specs(tmp_path, capsys):
     montage = small_montage()
-    code, out, genuine = stitch_with_matches(tmp_path, montage, "--model", "rigid")
+    code, out, genuine = stitch_with_matches(tmp_path, montage, "--model", "rigid", "--z", "7")
     printed = capsys.readouterr()
     assert code == 0, printed.err
     doc = json.loads((out / "m.report.json").read_text())
@@ -126,7 +126,9 @@ def test_render_point_matches_are_solved_and_exported_as_tile_specs(tmp_path, ca
     specs = json.loads((out / "m.tilespecs.json").read_text())
     transforms = {}
     for spec in specs:
-        name = spec["tileId"]
+        assert spec["z"] == 7.0
+        name = Path(spec["mipmapLevels"]["0"]["imageUrl"]).name
+        assert spec["tileId"] == Path(name).stem  # render's id: em_stitch's pId, not the file name
         assert (spec["width"], spec["height"]) == (TILE_PX, TILE_PX)
         assert (
             Path(spec["mipmapLevels"]["0"]["imageUrl"].removeprefix("file://")) == tmp_path / "tiles" / name
@@ -147,7 +149,10 @@ def test_render_point_matches_are_solved_and_exported_as_tile_specs(tmp_path, ca
     assert np.abs(turn - turn.mean()).max() < 0.01
 
     # the matches used are written back in render's format and read the same
-    used = {(e.tile, e.neighbour): e for e in read_point_matches(out / "m.matches.json")}
+    names = {Path(n).stem: n for n in positions}
+    written = json.loads((out / "m.matches.json").read_text())
+    assert {r["pGroupId"] for r in written} == {"7.0"} and {r["pId"] for r in written} <= set(names)
+    used = {(e.tile, e.neighbour): e for e in read_point_matches(out / "m.matches.json", names)}
     assert len(used) == len(genuine)
     for (a, b), (p, q) in genuine.items():
         e = used[(a, b)] if (a, b) in used else used[(b, a)]
@@ -164,7 +169,10 @@ def test_tile_specs_with_a_lens_chain_the_correction_before_the_affine(tmp_path,
     lens_file.write_text(json.dumps(montage.lens.to_dict()))
     code, out, genuine = stitch_with_matches(tmp_path, montage, "--model", "affine", "--lens", str(lens_file))
     assert code == 0, capsys.readouterr().err
-    specs = {s["tileId"]: s for s in json.loads((out / "m.tilespecs.json").read_text())}
+    specs = {  # by file name, as the genuine pairs are keyed
+        Path(s["mipmapLevels"]["0"]["imageUrl"]).name: s
+        for s in json.loads((out / "m.tilespecs.json").read_text())
+    }
     for spec in specs.values():
         first, second = spec["transforms"]["specList"]
         assert first["className"] == POLYNOMIAL_CLASS and second["className"] == AFFINE_CLASS

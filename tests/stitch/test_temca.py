@@ -8,7 +8,6 @@ The whole montage is solved in ``bench/bench_montage.py`` (part ``temca``); here
 from __future__ import annotations
 
 import json
-import lzma
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ import pytest
 from em_platform.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
 from em_platform.stitch.solve_affine import residual_stats, solve_transforms
 from em_platform.stitch.temca import TemcaFileError, read_temca_metafile
+from tests.stitch.em_stitch_data import MONTAGE_METAFILE, em_stitch_data
 
-METAFILE = Path(__file__).parent / "data" / "temca_metadata_test_example.json.xz"
 # rows 1-12 hold the montage's most turned tiles (rows 2-3: 0.26° against their neighbours' 0.46°), where
 # the residual-judged solve tore the most
 BLOCK = {"columns": range(52, 70), "rows": range(1, 13)}
@@ -28,7 +27,8 @@ BLOCK = {"columns": range(52, 70), "rows": range(1, 13)}
 
 @pytest.fixture(scope="module")
 def document() -> list:
-    return json.loads(lzma.decompress(METAFILE.read_bytes()))
+    em_stitch_data()
+    return json.loads(MONTAGE_METAFILE.read_text())
 
 
 def block_metafile(document: list, folder: Path, columns=BLOCK["columns"], rows=BLOCK["rows"]) -> Path:
