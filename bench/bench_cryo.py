@@ -418,13 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sim-folder", help="a simulator root (<data root>/simulation) to score")
     p.add_argument("--iradon-slices", type=int, default=16)
     p.add_argument(
-        "--only-accuracy", action="store_true", help="only the accuracy case (the speed cases kept from the file)"
+        "--only-accuracy",
+        action="store_true",
+        help="only the accuracy case (the speed cases kept from the file)",
     )
     p.add_argument(
         "--only",
-        choices=["references", "accuracy"],
+        choices=["references", "accuracy", "ctf_pixel_sizes"],
         help="references: only motion correction and CTF with their plain references, merged into the file "
-        "(the other keys kept); accuracy: as --only-accuracy",
+        "(the other keys kept); accuracy: as --only-accuracy; ctf_pixel_sizes: only the CTF at 1-8 Å/px",
     )
     p.add_argument("--mc-size", type=int, help="movie frame size (default 4096, --quick 1024)")
     p.add_argument("--mc-frames", type=int, help="movie frames (default 40, --quick 10)")
@@ -478,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         r = results["iradon_reference"].get("wall_s_all_slices")
         if w and r:
             results["wbp_speedup_vs_iradon"] = round(r / w, 2)
-    if only == "references":
+    if only in (None, "ctf_pixel_sizes"):
+        results["ctf_pixel_sizes"] = ctf_pixel_sizes()
+    if only in ("references", "ctf_pixel_sizes"):
         _write(results)
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-cryo-") as tmp:
@@ -490,6 +494,60 @@ def main(argv: list[str] | None = None) -> int:
         results["accuracy"] = _subprocess("accuracy", folder)
     _write(results)
     return 0
+
+
+def ctf_pixel_sizes() -> dict:
+    """Defocus error of estimate_ctf at every pixel size a facility records, the cases of
+    tests/cryo/test_ctf_pixel_sizes.py: single micrographs (1024², 20 e/Å², the whole 0.2–9 µm search) at 1
+    and 2 Å/px, and tilted series (5 views ±60°, 512², 3 e/Å² each, B 400 Å², searched around a target 15 %
+    off, then the consensus) at 4 and 8 Å/px."""
+    import numpy as np
+
+    from em_platform.cryo.ctf import (
+        CTFSearch,
+        TiltedView,
+        defocus_window,
+        estimate_ctf,
+        fit_series_astigmatism,
+    )
+    from em_platform.cryo.optics import CTFParams, Microscope
+    from em_platform.cryo.processing import CONSENSUS_WINDOW, NOMINAL_WINDOW
+    from tests.cryo.synthetic import thon_micrograph
+
+    scope = Microscope(300.0, 2.7, 0.07)
+    single, series = [], []
+    for px in (1.0, 2.0):
+        for df in (8000.0, 25000.0, 50000.0):
+            rng = np.random.default_rng(int(px * 10 + df / 1000))
+            image = thon_micrograph(
+                rng, 1024, px, CTFParams(df + 300, df - 300, 35.0), scope, dose_e_per_A2=20.0
+            )
+            e = estimate_ctf(image, px, scope, CTFSearch(box=512))
+            single.append({"pixel_A": px, "defocus_A": df, "error_pct": round(abs(e.mean_defocus_A - df) / df * 100, 3),
+                           "band_A": [round(v, 1) for v in e.band_A]})  # fmt: skip
+    angles = (-60.0, -30.0, 0.0, 30.0, 60.0)
+    for px, df in ((4.0, 20000.0), (8.0, 20000.0), (8.0, 50000.0)):
+        rng = np.random.default_rng(int(px + df))
+        truth = CTFParams(df + 300, df - 300, 35.0)
+        views = [TiltedView(a, 10.0) for a in angles]
+        images = [thon_micrograph(rng, 512, px, truth, scope, 3.0, b_factor_A2=400.0, tilt_deg=a, axis_deg=10.0)
+                  for a in angles]  # fmt: skip
+        search = CTFSearch(box=256)
+        first = defocus_window(df * 1.15, NOMINAL_WINDOW)
+        est = [estimate_ctf(im, px, scope, search, first, v) for im, v in zip(images, views, strict=True)]
+        window = defocus_window(float(np.median([e.mean_defocus_A for e in est])), *CONSENSUS_WINDOW)
+        est = [estimate_ctf(im, px, scope, search, window, v) for im, v in zip(images, views, strict=True)]
+        est = fit_series_astigmatism(est, scope, search, [window] * len(angles))
+        errors = [abs(e.mean_defocus_A - df) / df * 100 for e in est]
+        series.append({"pixel_A": px, "defocus_A": df, "max_error_pct": round(max(errors), 3),
+                       "band_A": [round(v, 1) for v in est[0].band_A]})  # fmt: skip
+    return {
+        "single_micrographs": single,
+        "tilted_series": series,
+        "max_error_pct_1_2_A": max(c["error_pct"] for c in single),
+        "max_error_pct_tilted_4_8_A": max(c["max_error_pct"] for c in series),
+        "targets_pct": {"single_1_2_A": 1.0, "tilted_4_8_A": 2.0},
+    }
 
 
 def _mc_ctf_and_references(n: int, frames: int, ctf_n: int) -> dict:
