@@ -31,7 +31,7 @@ from em_platform.resources import CatalogResource, DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.stitch.fuse import ZarrTileGroup, fuse_montage
 from em_platform.stitch.layout_qc import SEAM_PX
-from em_platform.stitch.lens import LensModel
+from em_platform.stitch.lens import LensModel, parse_lens_order
 from em_platform.stitch.montage_layout import (
     array_name,
     dumps,
@@ -291,10 +291,11 @@ def lens_correction(
     montage_id = context.partition_key
     scope = _scope_dir(config.scope)
     tiles, shapes = _processed(hardware, storage, montage_id)
-    order = config.order.strip().lower()
-    if order != "auto" and not (order.isdigit() and 2 <= int(order) <= 8):
-        raise dg.Failure(f"lens_correction: order {config.order!r} is neither 'auto' nor a degree 2-8")
-    fit = estimate_montage_lens(tiles, shapes, order=order if order == "auto" else int(order))
+    try:
+        order = parse_lens_order(config.order)
+    except ValueError as exc:
+        raise dg.Failure(f"lens_correction: {exc}") from exc
+    fit = estimate_montage_lens(tiles, shapes, order=order)
     summary = fit.summary()
     doc = {**fit.model.to_dict(), "fit": summary, "scope": scope, "montage_id": montage_id}
     store = storage.store()

@@ -266,23 +266,37 @@ def estimate_lens(
             fit = _LensSolve(fitting, tile_size, candidate, ridge, model == "rigid")
             x, _ = fit.robust(True, outlier_px, iterations)
             r = fit.residuals_of(scoring, x)
-            held_out[candidate] = float(r[r < max(outlier_px, 4.0 * 1.4826 * float(np.median(r)))].mean())
+            held_out[candidate] = float(r[r < _outlier_limit(r, outlier_px)].mean())
         order = min(held_out, key=held_out.get)
     solve = _LensSolve(edges, tile_size, int(order), ridge, model == "rigid")
     _, before = solve.robust(False, outlier_px, iterations)
     x, after = solve.robust(True, outlier_px, iterations)
-    limit = max(outlier_px, 4.0 * 1.4826 * float(np.median(after)))
-    kept = after < limit
+    kept = after < _outlier_limit(after, outlier_px)
     k = solve.k
     return LensFit(
         model=LensModel(solve.model0.tile_size, int(order), np.vstack([x[:k], x[k : 2 * k]])),
         pairs=solve.m,
         tiles=solve.n,
-        residual_before_px=float(before[before < max(outlier_px, 4.0 * 1.4826 * np.median(before))].mean()),
+        residual_before_px=float(before[before < _outlier_limit(before, outlier_px)].mean()),
         residual_after_px=float(after[kept].mean()),
         rejected_pairs=int((~kept).sum()),
         held_out_px=held_out,
     )
+
+
+def _outlier_limit(residuals: np.ndarray, outlier_px: float) -> float:
+    """Beyond this a pair is an outlier: ``outlier_px``, or 4 robust standard deviations if more."""
+    return max(outlier_px, 4.0 * 1.4826 * float(np.median(residuals)))
+
+
+def parse_lens_order(text: str) -> int | str:
+    """A lens order as a user writes it (CLI, run config): ``"auto"`` or a degree 2–8; ValueError names it."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return value
+    if not (value.isdigit() and 2 <= int(value) <= 8):
+        raise ValueError(f"lens order {text!r} is neither auto nor a degree from 2 to 8")
+    return int(value)
 
 
 class _LensSolve:
@@ -374,7 +388,7 @@ class _LensSolve:
         x = self.solve(weights, with_lens)
         for _ in range(iterations):
             r = self.residuals(x)
-            limit = max(outlier_px, 4.0 * 1.4826 * float(np.median(r)))
+            limit = _outlier_limit(r, outlier_px)
             weights = np.where(r < limit, (1 - np.clip(r / limit, 0, 1) ** 2) ** 2, 0.0)
             x = self.solve(weights, with_lens)
         return x, self.residuals(x)

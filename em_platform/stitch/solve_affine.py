@@ -427,6 +427,19 @@ def _restore_distorted(
     return edge_ok | again, pair_ok | again[pairs.edge_of]
 
 
+def _seen_tiles(pairs: _Pairs, weights: np.ndarray) -> np.ndarray:
+    """The tiles some weighted pair touches: the ones whose spread the pairs say anything about."""
+    return np.bincount(np.concatenate([pairs.a, pairs.b])[np.tile(weights, 2) > 0], minlength=pairs.n) > 0
+
+
+def _trace_probes(count: int) -> int | None:
+    """Hutchinson probes for the posterior variances of ``count`` tiles (None: sum them exactly). The
+    estimate's relative error shrinks as 1/√(probes · tiles): a large montage needs few."""
+    if count <= EXACT_TRACE_TILES:
+        return None
+    return int(np.clip(np.ceil(TRACE_PROBES * TRACE_PROBE_TILES / count), MIN_TRACE_PROBES, TRACE_PROBES))
+
+
 def _fit_spreads(
     solver: _Solver,
     kind: str,
@@ -441,7 +454,7 @@ def _fit_spreads(
     ``MIN_TILE_SPREAD`` and ``largest``: (spreads, the priors' weights from them, solves spent)."""
     tile_spread = dict(tile_spread)
     link = _prior_links(rigid_weight, tile_spread, match_sigma_px, pairs.radius)
-    seen = np.bincount(np.concatenate([pairs.a, pairs.b])[np.tile(weights, 2) > 0], minlength=pairs.n) > 0
+    seen = _seen_tiles(pairs, weights)
     spent = 0
     for _ in range(SPREAD_ITERATIONS):
         spent += 1
@@ -586,7 +599,7 @@ def solve_transforms(
                 spreads["off_diagonal"] = float(np.hypot(tile_spread["rotation"], tile_spread["shear"]))
             if fit_spread and kind in SEPARABLE and m and not refining:
                 spreads, spent = _fit_separable_spreads(
-                    separable, pairs, pairs.w0 * pair_ok * edge_ok[edge_of], spreads, caps, sigma, refining
+                    separable, pairs, pairs.w0 * pair_ok * edge_ok[edge_of], spreads, caps, sigma
                 )
                 iterations += spent
 
@@ -676,23 +689,17 @@ def _fit_separable_spreads(
     spreads: dict[str, float],
     caps: Mapping[str, float],
     match_sigma_px: float,
-    refining: bool,
 ) -> tuple[dict[str, float], int]:
     """EM for a separable model's spreads (type-II maximum likelihood), each kept between
-    ``MIN_TILE_SPREAD`` and its cap: (spreads, solves spent). A refining pass (the polynomial after the
-    affine) starts from the affine's and takes fewer steps."""
+    ``MIN_TILE_SPREAD`` and its cap: (spreads, solves spent)."""
     spreads = dict(spreads)
-    seen = np.bincount(np.concatenate([pairs.a, pairs.b])[np.tile(weights, 2) > 0], minlength=pairs.n) > 0
+    seen = _seen_tiles(pairs, weights)
     count = int(np.count_nonzero(seen))
     if not count:
         return spreads, 0
-    probes = (
-        None
-        if count <= EXACT_TRACE_TILES
-        else int(np.clip(np.ceil(TRACE_PROBES * TRACE_PROBE_TILES / count), MIN_TRACE_PROBES, TRACE_PROBES))
-    )
+    probes = _trace_probes(count)
     spent = 0
-    for _ in range(REFINING_ITERATIONS + 1 if refining else SPREAD_ITERATIONS):
+    for _ in range(SPREAD_ITERATIONS):
         spent += 1
         moments = separable.spread_moments(weights, spreads, match_sigma_px, seen, probes)
         new = {k: float(np.clip(np.sqrt(v), MIN_TILE_SPREAD, caps[k])) for k, v in moments.items()}
@@ -945,12 +952,10 @@ class _Solver:
             return {}
         system = self._system(kind, link)
         normal, vector = system.normal(weights)
-        if count <= EXACT_TRACE_TILES:
+        k = _trace_probes(count)
+        if k is None:
             probes, scale = np.eye(count), 1.0
-        else:  # the estimate's relative error shrinks as 1/√(probes · tiles): a large montage needs few
-            k = int(
-                np.clip(np.ceil(TRACE_PROBES * TRACE_PROBE_TILES / count), MIN_TRACE_PROBES, TRACE_PROBES)
-            )
+        else:
             probes = np.random.default_rng(0).choice([-1.0, 1.0], (count, k))
             scale = 1.0 / k
         blocks = []

@@ -124,6 +124,8 @@ def _bad_input(message: object) -> int:
 
 
 def _check_options(args) -> str | None:
+    from em_platform.stitch.lens import parse_lens_order
+
     if args.pixel_size_nm is not None and not args.pixel_size_nm > 0:
         return f"--pixel-size-nm must be positive, got {args.pixel_size_nm}"
     if args.workers is not None and args.workers < 1:
@@ -132,7 +134,9 @@ def _check_options(args) -> str | None:
         return f"--max-shift-px must be at least 1, got {args.max_shift_px}"
     if args.stage_error_px is not None and not args.stage_error_px >= 0:
         return f"--stage-error-px must be 0 or more, got {args.stage_error_px}"
-    if args.lens_order != "auto" and not (args.lens_order.isdigit() and 2 <= int(args.lens_order) <= 8):
+    try:
+        parse_lens_order(args.lens_order)
+    except ValueError:
         return f"--lens-order must be auto or a degree from 2 to 8, got {args.lens_order!r}"
     if args.model == "polynomial" and not args.no_fuse:
         return "--model polynomial is solved and reported but not fused (fusion draws affine tiles): add --no-fuse"
@@ -142,7 +146,7 @@ def _check_options(args) -> str | None:
 def run(args) -> int:
     """Stitch a tile folder: match (or read matches), solve, report, fuse; see the module docstring."""
     from em_platform.stitch.interop import MatchFileError, read_point_matches, tilespecs, write_point_matches
-    from em_platform.stitch.lens import LensModel, estimate_lens
+    from em_platform.stitch.lens import LensModel, estimate_lens, parse_lens_order
     from em_platform.stitch.temca import TemcaFileError
     from em_platform.stitch.tile_folder import (
         TileFolderError,
@@ -156,7 +160,7 @@ def run(args) -> int:
     problem = _check_options(args)
     if problem:
         return _bad_input(problem)
-    lens_order = args.lens_order if args.lens_order == "auto" else int(args.lens_order)
+    lens_order = parse_lens_order(args.lens_order)
     try:
         metafile = None
         if args.metafile is not None:
