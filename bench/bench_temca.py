@@ -25,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 METAFILE = REPO / "var" / "em_stitch" / "montage_example" / "_metadata_test_example.json"  # make fetches it
 RESULTS = REPO / "bench" / "results" / "montage.json"
-SOLVES = ("ours_translation", "ours_rigid", "ours_affine", "ours_polynomial", "ours_affine_lens",
+SOLVES = ("ours_translation", "ours_rigid", "ours_affine", "ours_polynomial", "ours_affine_lens", "ours_auto",
           "reference_translation", "reference_affine")  # fmt: skip
 EM_STITCH_OWN = {
     "affine": {"mean_px": 1.956, "std_px": 1.051},
@@ -70,6 +70,7 @@ def child(solve: str, metafile: Path) -> dict[str, Any]:
             torn_edges=len(solved.torn),
             loops=solved.loops,
             residual_per_inlier=solved.inlier_residual_stats,
+            **({"model_choice": solved.model_choice} if solved.model_choice else {}),
         )
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu0
     keep = em_stitch_filter(edges)

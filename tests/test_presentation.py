@@ -37,8 +37,21 @@ def test_focus_map_is_drawn_inline_with_its_legend():
     value = focus_map_markdown(grid, 20, 20)
     assert is_inline(value) and len(value.md_str) < INLINE_MARKDOWN_LIMIT
     assert value.md_str.startswith("![focus map](data:image/svg+xml,") and "green 0 (sharp)" in value.md_str
+    assert "blue: nothing to focus on" in value.md_str
 
 
 def test_voxel_sizes_lose_their_float_noise():
     assert rounded(1.3600000381469728) == 1.36
     assert voxel_size_metadata({"z": 1.3600000381469728, "x": 0.25}).value == {"z": 1.36, "x": 0.25}
+
+
+def test_the_focus_map_takes_qc_s_blank_and_no_tissue_tiles_from_the_journal():
+    from types import SimpleNamespace
+
+    from em_platform.assets.montage import _nothing_to_focus_on
+
+    def tile(row, column, *faults):
+        return SimpleNamespace(row=row, column=column, qc_faults=[{"fault_type": f} for f in faults] or None)
+
+    tiles = [tile(0, 0), tile(0, 1, "blank"), tile(1, 0, "no_tissue"), tile(1, 1, "out_of_focus")]
+    assert _nothing_to_focus_on(tiles) == [(0, 1), (1, 0)]

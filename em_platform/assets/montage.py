@@ -30,6 +30,7 @@ from em_platform.partitions import montages
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.stitch.fuse import ZarrTileGroup, fuse_montage
+from em_platform.stitch.interop import read_point_matches
 from em_platform.stitch.layout_qc import SEAM_PX
 from em_platform.stitch.lens import LensModel, parse_lens_order
 from em_platform.stitch.montage_layout import (
@@ -39,6 +40,7 @@ from em_platform.stitch.montage_layout import (
     layout_lens,
     layout_seams,
     placed_tiles,
+    scope_point_edges,
     solve_montage,
 )
 from em_platform.stitch.previews import focus_map_png, minimap_png
@@ -46,6 +48,7 @@ from em_platform.stitch.seams import SEAM_LIMIT_PX, seams_beyond
 from em_platform.tem.archive import FUSED, FUSED_INFO, LAYOUT, archive_montage
 from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
 from em_platform.tem.protocol import buffer_status
+from em_platform.tem.qc import BLANK, NO_TISSUE
 
 LAYOUT_KEY, MONTAGE_KEY, UPLOAD_KEY, LENS_KEY = (
     dg.AssetKey(k) for k in ("montage_layout", "montage", "montage_upload", "lens_correction")
@@ -57,8 +60,9 @@ LATEST_LENS = "latest.json"
 class MontageLayoutConfig(dg.Config):
     """Limits of the layout's blocking checks (asap-modules' montage QC: seams are residuals ≥ 4 px)."""
 
-    # translation (default), or a rigid / affine transform per tile from the matched patch centres
-    model: str = "translation"
+    # auto (default): translation, rigid or affine, each step up only when the matched patch centres pay for
+    # its parameters (em_platform.stitch.model_choice); or one of those three
+    model: str = "auto"
     seam_px: float = SEAM_PX
     max_seams: int = 0
     max_disconnected_tiles: int = 0
@@ -68,6 +72,10 @@ class MontageLayoutConfig(dg.Config):
     # for another tile size), "none", or the path/URL of a lens JSON (lens_correction's or --estimate-lens's)
     lens: str = "latest"
     scope: str = "default"  # whose lens_correction "latest" means
+    # the scope's own point matches, solved instead of the journal's (a TEMCA scope's matcher): the path or
+    # URL of a render point-match collection (plain, .json.gz or em_stitch's template form) whose pId/qId
+    # are the journal's tile ids; "" (default) solves the journal's matches
+    matches: str = ""
 
 
 class LensCorrectionConfig(dg.Config):
@@ -162,6 +170,22 @@ def _lens_for(
     return lens, choice
 
 
+def _scope_matches(config: MontageLayoutConfig, storage: StorageResource, tiles) -> list | None:
+    """The scope's own point matches of ``config.matches`` keyed by grid position (None: the journal's)."""
+    source = config.matches.strip()
+    if not source:
+        return None
+    store = storage.store()  # a file on the storage root's S3 needs its endpoint and credentials
+    options = store.storage_options if source.startswith("s3://") else {}
+    try:
+        return scope_point_edges(read_point_matches(source, storage_options=options), tiles)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"matches {source!r}: {exc}; give the path or URL of a render point-match collection whose "
+            "pId/qId are this montage's tile ids, or \"\" for the journal's matches"
+        ) from exc
+
+
 @dg.asset(
     key=LAYOUT_KEY,
     deps=[MATCHES, STATS],
@@ -188,9 +212,10 @@ def montage_layout(
     buffer = storage.buffer()
     tiles, shapes = _processed(hardware, storage, montage_id)
     pixel_size, _ = _pixel_size(hardware, montage_id)
-    if config.model not in ("translation", "rigid", "affine"):
-        raise ValueError(f"model {config.model!r}: choose translation, rigid or affine")
+    if config.model not in ("auto", "translation", "rigid", "affine"):
+        raise ValueError(f"model {config.model!r}: choose auto, translation, rigid or affine")
     lens, lens_source = _lens_for(config, storage, shapes, context.log)
+    scope_edges = _scope_matches(config, storage, tiles)
     started = time.monotonic()
     result = solve_montage(
         montage_id,
@@ -201,6 +226,7 @@ def montage_layout(
         seam_px=config.seam_px,
         stage_rotation_rad=hardware.stage_rotation(montage_id),
         lens=lens,
+        point_edges=scope_edges,
     )
     seconds = time.monotonic() - started
     buffer.write_bytes(buffer.path(montage_id, LAYOUT), dumps(result))
@@ -220,6 +246,7 @@ def montage_layout(
             "prior": result.prior,
             "model": result.model,
             "lens": lens_source,
+            "matches": config.matches.strip() or "journal",
             "lens_max_displacement_px": round(lens.max_displacement(), 3) if lens is not None else 0.0,
             "resampled": not result.is_translation(),  # the fusion resamples (rotation, scale or lens)
             "residual_per_point_pair": dg.MetadataValue.json(
@@ -421,7 +448,7 @@ def montage(
             "lens_corrected": lens is not None,
             "seconds": round(seconds, 2),
             "mpix_per_second": round(mpix / seconds, 1) if seconds else 0.0,
-            "focus_map": focus_map_markdown(focus, rows, cols),
+            "focus_map": focus_map_markdown(focus, rows, cols, _nothing_to_focus_on(journal_tiles)),
             "minimap": png_markdown(minimap_png(final), "minimap"),
         },
         check_results=[seam_check],
@@ -462,12 +489,22 @@ def _fused_seams_check(montage_id, seams, seconds, config: MontageFusionConfig, 
     )
 
 
-def focus_map_markdown(focus: dict, rows: int, cols: int) -> dg.MetadataValue:
-    """The focus map with its legend, small enough for the UI to draw inline (one PNG pixel per tile)."""
+def _nothing_to_focus_on(tiles) -> list[tuple[int, int]]:
+    """Grid positions of tiles QC judged blank or without tissue (their focus score means nothing)."""
+    return [
+        (t.row, t.column)
+        for t in tiles
+        if any(isinstance(f, dict) and f.get("fault_type") in (BLANK, NO_TISSUE) for f in (t.qc_faults or []))
+    ]
+
+
+def focus_map_markdown(focus: dict, rows: int, cols: int, no_tissue=()) -> dg.MetadataValue:
+    """The focus map with its legend, small enough for the UI to draw inline (one PNG pixel per tile);
+    ``no_tissue``: positions QC found nothing to focus on (their own colour, not "blurred")."""
     if rows < 1 or cols < 1:
         return dg.MetadataValue.md("(no tiles)")
     cell = max(4, min(24, 480 // max(rows, cols)))  # CSS pixels per tile: a 20 x 20 montage is 480 px wide
-    png = focus_map_png(focus, rows, cols, cell_px=1)
+    png = focus_map_png(focus, rows, cols, cell_px=1, no_tissue=no_tissue)
     return scaled_png_markdown(png, cols * cell, rows * cell, "focus map", caption=FOCUS_LEGEND)
 
 

@@ -25,7 +25,8 @@ INLINE_MARKDOWN_LIMIT = 1000  # characters: the UI draws shorter Markdown metada
 # The focus-map colours (em_platform.stitch.previews: ColorBrewer RdYlGn) in words.
 FOCUS_LEGEND = (
     "One cell per tile, row 0 at the top. Focus score (lower is sharper): green 0 (sharp) · "
-    "yellow 0.5 · red 1 (blurred) · grey: no tile or no score."
+    "yellow 0.5 · red 1 (blurred) · blue: nothing to focus on (blank: beam off; no tissue) · "
+    "dark grey: no tile or no score."
 )
 
 

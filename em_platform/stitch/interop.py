@@ -36,12 +36,19 @@ class MatchFileError(ValueError):
     """A point-match file that is not render/em_stitch point-match JSON: the message says where."""
 
 
-def _records(path: Path) -> list[Any]:
-    """The point-match records of a render collection file: a JSON list (or JSON lines), a render client's
-    ``{"matches": [...]}``, or em_stitch's template-matches file ``{"collection": [...], "tilespecs", …}``;
-    gzipped as render writes ``.json.gz``."""
+def _records(path: Path | str, storage_options: Mapping[str, Any] | None = None) -> list[Any]:
+    """The point-match records of a render collection file (a local path, or an fsspec URL read with
+    ``storage_options``): a JSON list (or JSON lines), a render client's ``{"matches": [...]}``, or
+    em_stitch's template-matches file ``{"collection": [...], "tilespecs", …}``; gzipped as render writes
+    ``.json.gz``."""
     try:
-        raw = path.read_bytes()
+        if isinstance(path, str) and "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb", **(storage_options or {})) as f:
+                raw = f.read()
+        else:
+            raw = Path(path).read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip, whatever the name says
             raw = gzip.decompress(raw)
         text = raw.decode("utf-8")
@@ -68,16 +75,22 @@ def _records(path: Path) -> list[Any]:
     return doc
 
 
-def read_point_matches(path: str | os.PathLike, names: Mapping[str, str] | None = None) -> list[PointEdge]:
-    """The point matches of ``path`` as solver edges; ``names`` maps render tile ids to the caller's tile
-    names (unmapped ids are kept as they are). Pairs of weight ``w`` = 0 (dropped by em_stitch's filter)
-    are left out; the other pairs of one tile pair are merged into one edge, its weight the mean of their
-    ``w``. Raises :class:`MatchFileError` naming the record and field."""
-    path = Path(path)
+def read_point_matches(
+    path: str | os.PathLike,
+    names: Mapping[str, str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[PointEdge]:
+    """The point matches of ``path`` (a local file, or an fsspec URL such as ``s3://…`` read with
+    ``storage_options``) as solver edges; ``names`` maps render tile ids to the caller's tile names
+    (unmapped ids are kept as they are). Pairs of weight ``w`` = 0 (dropped by em_stitch's filter) are left
+    out; the other pairs of one tile pair are merged into one edge, its weight the mean of their ``w``.
+    Raises :class:`MatchFileError` naming the record and field."""
+    if not (isinstance(path, str) and "://" in path):
+        path = Path(path)
     names = names or {}
     merged: dict[tuple[str, str], list[np.ndarray]] = {}
     weights: dict[tuple[str, str], list[float]] = {}
-    for i, record in enumerate(_records(path)):
+    for i, record in enumerate(_records(path, storage_options)):
         where = f"{path}: match {i}"
         try:
             p_id, q_id, m = str(record["pId"]), str(record["qId"]), record["matches"]

@@ -34,7 +34,11 @@ MIN_SCALE = 0.8  # two tiles of one camera: a consensus scaling them more than t
 
 def _similarity(q: np.ndarray, p: np.ndarray, threshold_px: float) -> tuple[np.ndarray, np.ndarray]:
     """The 2×3 similarity taking ``q`` to ``p`` and its inliers (translation only for a single pair)."""
-    spread = min(np.ptp(p, axis=0).max(), np.ptp(q, axis=0).max()) if len(p) >= 2 else 0.0
+    spread = (
+        min(float((p.max(axis=0) - p.min(axis=0)).max()), float((q.max(axis=0) - q.min(axis=0)).max()))
+        if len(p) >= 2
+        else 0.0
+    )
     if spread > 2 * threshold_px:  # points far enough apart to show a rotation
         import cv2
 
@@ -42,7 +46,8 @@ def _similarity(q: np.ndarray, p: np.ndarray, threshold_px: float) -> tuple[np.n
             q.astype(np.float32), p.astype(np.float32), method=cv2.RANSAC,
             ransacReprojThreshold=threshold_px, maxIters=2000, confidence=0.999,
         )  # fmt: skip
-        scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) if matrix is not None else 0.0
+        # a similarity's determinant is a² + b²: no LAPACK call for a 2 × 2 (9,790 edges)
+        scale = float(np.hypot(matrix[0, 0], matrix[1, 0])) if matrix is not None else 0.0
         if inliers is not None and inliers.sum() >= 2 and MIN_SCALE <= scale <= 1 / MIN_SCALE:
             return matrix.astype(np.float64), inliers.ravel().astype(bool)
     offset = np.median(p - q, axis=0)

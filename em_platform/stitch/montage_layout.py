@@ -54,6 +54,7 @@ __all__ = [
     "layout_seams",
     "match_point_edges",
     "placed_tiles",
+    "scope_point_edges",
     "solve_montage",
 ]
 
@@ -132,11 +133,13 @@ def solve_montage(
     pixel_size_nm: float | None,
     *,
     stage_rotation_rad: float = 0.0,  # stage -> image axes: montage.complete's rotation_angle
-    model: Model = "translation",
+    model: Model = "auto",
     seam_px: float = SEAM_PX,
     lens: LensModel | None = None,
+    point_edges: Iterable[PointEdge] | None = None,
 ) -> MontageLayout:
-    """Solve the positions of the tiles in ``shapes`` (the processed ones) from the journal's matches.
+    """Solve the positions of the tiles in ``shapes`` (the processed ones) from the journal's matches, or
+    from ``point_edges`` where the scope provides its own (keyed by grid position: :func:`scope_point_edges`).
 
     With a ``lens`` correction (not the identity) the matched patch centres are corrected first and solved
     as point pairs for every model; the lens must be for tiles of the montage's size (ValueError)."""
@@ -158,19 +161,24 @@ def solve_montage(
         prior, positions = "nominal", nominal_positions(tiles, shapes)
     tile_scale = 0.0
     transforms: dict[GridPosition, np.ndarray] = {}
-    if model == "translation" and lens is None:
+    if model == "auto" and len(sizes) != 1:  # only a translation places tiles of several sizes
+        model = "translation"
+    if model == "translation" and lens is None and point_edges is None:
         layout = solve_translations(positions, match_edges(tiles, shapes))
     else:
         if len(sizes) != 1:
             raise ValueError(
                 f"montage {montage_id}: a {model} solve needs tiles of one size, found {sorted(sizes)}"
             )
-        edges = match_point_edges(tiles)
+        edges = match_point_edges(tiles) if point_edges is None else [
+            e for e in point_edges if e.tile in positions and e.neighbour in positions
+        ]
         if lens is not None:
             edges = [
                 PointEdge(e.tile, e.neighbour, lens.correct(e.p), lens.correct(e.q), e.weight) for e in edges
             ]
         solved = solve_transforms(positions, edges, model, tile_size=next(iter(sizes)))
+        model = solved.model  # auto: the model the matches chose
         layout = solved.as_layout()
         transforms = {k: np.asarray(m, np.float64) for k, m in solved.transforms.items()}
         tile_scale = max(solved.scale_distortion.values(), default=0.0)
@@ -227,6 +235,25 @@ def match_point_edges(tiles: Iterable[GridTile]) -> list[PointEdge]:
                     float(m.get("quality", 1.0)),
                 )
             )
+    return out
+
+
+def scope_point_edges(edges: Iterable[PointEdge], tiles: Iterable[GridTile]) -> list[PointEdge]:
+    """A scope's own point matches (render ids = the journal's tile ids) keyed by grid position, as
+    :func:`solve_montage` takes them; raises ValueError when none names two of the montage's tiles."""
+    where = {t.tile_id: (t.row, t.column) for t in tiles}
+    edges = list(edges)
+    out = [
+        PointEdge(where[e.tile], where[e.neighbour], e.p, e.q, e.weight)
+        for e in edges
+        if e.tile in where and e.neighbour in where
+    ]
+    if not out:
+        names = sorted({str(e.tile) for e in edges})[:3]
+        raise ValueError(
+            f"none of the {len(edges)} point matches names two tiles of this montage (their ids start "
+            f"{names}; the journal's tile ids are e.g. {sorted(where)[:3]})"
+        )
     return out
 
 

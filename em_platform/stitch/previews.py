@@ -9,7 +9,7 @@ every materialization event.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import imagecodecs
 import numpy as np
@@ -17,11 +17,14 @@ import numpy as np
 from em_platform.imaging.ome_zarr import MultiscaleInfo, open_store
 from em_platform.imaging.thumbnail import middle_plane, to_uint8
 
-__all__ = ["MISSING_TILE_RGB", "focus_map_png", "minimap_png", "png_markdown"]
+__all__ = ["MISSING_TILE_RGB", "NO_TISSUE_RGB", "focus_map_png", "minimap_png", "png_markdown"]
 
 # Focus colours: ColorBrewer RdYlGn end and middle stops, green = sharp (low score), red = blurred.
 _FOCUS_STOPS = np.array([[26, 152, 80], [255, 255, 191], [215, 48, 39]], dtype=np.float64)
 MISSING_TILE_RGB = (64, 64, 64)  # dark grey: no tile, or no focus score, at that grid position
+# blue: a tile with nothing to focus on (QC's blank or no_tissue: beam off, bare resin, off the section),
+# whose focus score would read as "blurred" red (issue 26)
+NO_TISSUE_RGB = (69, 117, 180)
 
 
 def _levels(url: str, storage_options: dict | None) -> tuple[list, tuple[str, ...]]:
@@ -82,13 +85,15 @@ def focus_map_png(
     cols: int,
     cell_px: int = 16,
     score_range: tuple[float, float] = (0.0, 1.0),
+    no_tissue: Iterable[tuple[int, int]] = (),
 ) -> bytes:
     """RGB PNG of a montage's focus scores, one ``cell_px`` square per tile in grid order.
 
     ``grid`` maps (row, column) to the tile's focus score in [0, 1], lower is better (TEM_comms
     ``tile.statistics.focus``), or None; green is sharp, yellow middling, red blurred, over
     ``score_range`` (scores beyond it take the end colours: narrow it to spread the usual 0.4-0.7 of a
-    real montage). Positions without a score are :data:`MISSING_TILE_RGB`.
+    real montage). Positions without a score are :data:`MISSING_TILE_RGB`; ``no_tissue`` positions (QC
+    found nothing to focus on: blank or no tissue) are :data:`NO_TISSUE_RGB` whatever their score.
     """
     for name, v in (("rows", rows), ("cols", cols), ("cell_px", cell_px)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -114,6 +119,10 @@ def focus_map_png(
         t = 2.0 * min(max((s - lo) / (hi - lo), 0.0), 1.0)  # 0..2 along the two colour segments
         k = min(int(t), 1)
         cells[r, c] = np.round(_FOCUS_STOPS[k] + (t - k) * (_FOCUS_STOPS[k + 1] - _FOCUS_STOPS[k]))
+    for r, c in no_tissue:
+        if not (0 <= r < rows and 0 <= c < cols):
+            raise ValueError(f"no-tissue tile (row {r}, column {c}) lies outside the {rows}x{cols} grid")
+        cells[r, c] = NO_TISSUE_RGB
     image = np.repeat(np.repeat(cells, cell_px, axis=0), cell_px, axis=1)
     return imagecodecs.png_encode(image)
 

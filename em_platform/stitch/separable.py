@@ -13,7 +13,8 @@ Priors, each a weight against one point pair:
 * **stage**: the constant term at the tile's stage centre in the measured stage frame, plus, for the
   largest connected group, a free correction of that frame (2 unknowns per axis, held within a stage's
   calibration): the stage places the group but does not shape it (:mod:`em_platform.stitch.solve_affine`);
-* **linear terms** toward the identity, one spread for the diagonal entries (scale, anisotropy) and one for
+* **linear terms** toward each tile's ``target`` (the turn the coupled similarity pass solved; the identity
+  without one), one spread for the diagonal entries (scale, anisotropy) and one for
   the off-diagonal ones (rotation, shear), each measured from the montage (type-II maximum likelihood,
   :meth:`SeparableSolver.spread_moments`) and never above what real tiles may have, so that rows of tiles
   cannot shear together for free and a montage with one pair per edge keeps its tiles square;
@@ -28,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from em_platform.stitch.ldl import FactorCache
 
 __all__ = ["BASIS_SIZE", "SeparableSolver", "basis", "raw_coefficients"]
 
@@ -84,6 +87,7 @@ class SeparableSolver:
     origin: np.ndarray
     main: np.ndarray
     frame_weight: float
+    target: np.ndarray | None = None  # (n, 2, 2): each tile's linear part is pulled toward it (default I)
 
     def __post_init__(self) -> None:
         from scipy.sparse import csr_matrix
@@ -105,6 +109,12 @@ class SeparableSolver:
             (vals.ravel(), (np.repeat(np.arange(m), 2 * k), cols.ravel())), shape=(m, n * k + self.n_frame)
         )
         self.correction = np.zeros((2, 2))
+        if self.target is None:
+            self.target = np.broadcast_to(np.eye(2), (n, 2, 2))
+
+    def _linear_target(self, axis: int, j: int) -> np.ndarray | float:
+        """Where coefficient ``j`` of ``axis`` is pulled (px): the tile's target linear part, else 0."""
+        return self.radius * self.target[:, axis, j - 1] if j in (1, 2) else 0.0
 
     def _priors(self, axis: int, spreads: dict[str, float], match_sigma_px: float):
         """Diagonal prior rows of one axis: (normal matrix, vector) over its unknowns."""
@@ -135,7 +145,7 @@ class SeparableSolver:
             cols.append(tile * k + j)
             vals.append(np.ones(n))
             weights.append(np.full(n, link(spreads[kind])))
-            targets.append(np.full(n, r if j == 1 + axis else 0.0))  # the identity
+            targets.append(np.broadcast_to(self._linear_target(axis, j), (n,)))
             row += n
         if self.n_frame:  # the frame's correction: within a stage's calibration of the measured frame
             rows.append(row + np.arange(2))
@@ -199,7 +209,7 @@ class SeparableSolver:
             factor = self._factors_used[axis]
             for j in range(1, k):
                 kind = spread_class(axis, j)
-                target = r if j == 1 + axis else 0.0
+                target = np.broadcast_to(self._linear_target(axis, j), (n,))[tiles]
                 deviation = coefficients[tiles, axis, j] - target
                 columns = count if probes is None else probes
                 z = np.zeros((n * k + self.n_frame, columns))
@@ -215,24 +225,8 @@ class SeparableSolver:
         return {kind: total / max(c, 1) / r**2 for kind, (total, c) in sums.items()}
 
     def _factor(self, axis: int, normal):
-        """The LDLᵀ factor of one axis' normal matrix (QDLDL, AMD-ordered: symmetric positive definite, no
-        pivoting), refactored numerically when only the values changed since the last solve."""
-        import qdldl
-
-        factors = self.__dict__.setdefault("_factors", {})
-        known = factors.get(axis)
-        normal.sort_indices()
-        if (
-            known is not None
-            and known[1].shape == normal.shape
-            and np.array_equal(known[1].indptr, normal.indptr)
-            and np.array_equal(known[1].indices, normal.indices)
-        ):
-            known[0].update(normal)
-            return known[0]
-        factor = qdldl.Solver(normal)
-        factors[axis] = (factor, normal)
-        return factor
+        """The LDLᵀ factor of one axis' normal matrix, refactored numerically when only the values changed."""
+        return self.__dict__.setdefault("_factors", FactorCache()).factor(axis, normal)
 
     def residual_vectors(self, coefficients: np.ndarray) -> np.ndarray:
         """Per pair: where the tile's map puts its point minus where the neighbour's puts its own."""

@@ -43,11 +43,12 @@ def add_arguments(stitch: argparse.ArgumentParser) -> None:
     stitch.add_argument("--out", type=Path, required=True, metavar="OUT.zarr", help="the fused OME-Zarr")
     stitch.add_argument(
         "--model",
-        choices=("translation", "rigid", "affine", "polynomial"),
-        default="translation",
-        help="transform per tile (default translation; rigid adds a rotation, affine scale and shear, "
-        "polynomial a 2nd-order bend: solved and reported, written as render PolynomialTransform2D tile "
-        "specs, not fused: give --no-fuse)",
+        choices=("auto", "translation", "rigid", "affine", "polynomial"),
+        default="auto",
+        help="transform per tile: auto (default) takes translation, rigid or affine, each step up only when "
+        "the matches pay for its parameters (the report's model_choice says why); rigid adds a rotation, "
+        "affine scale and shear, polynomial a 2nd-order bend (solved and reported, written as render "
+        "PolynomialTransform2D tile specs, not fused: give --no-fuse)",
     )
     stitch.add_argument(
         "--stage-error-px",

@@ -100,6 +100,7 @@ def stitch_report(
         "format": REPORT_FORMAT,
         "source": source,
         "model": layout.model,
+        **({"model_choice": layout.model_choice} if getattr(layout, "model_choice", None) else {}),
         "passed": all(checks.values()),
         "checks": checks,
         "tiles": {

@@ -572,7 +572,7 @@ def _line_points(pair: NeighbourPair, dX: float, dY: float, n: int = 1) -> Point
 def solve_tile_folder(
     folder: TileFolder,
     report: MatchReport,
-    model: Model = "translation",
+    model: Model = "auto",
     *,
     lens: LensModel | None = None,
     stage_sigma_px: float | None = None,
@@ -582,6 +582,8 @@ def solve_tile_folder(
     ``point_edges`` given, e.g. external matches), the layout as stage prior. With ``lens``, points are
     corrected first and the transforms act on undistorted tile pixels."""
     sizes = {(t.width, t.height) for t in folder.tiles}
+    if model == "auto" and len(sizes) != 1:  # only a translation places tiles of several sizes
+        model = "translation"
     if model != "translation" and len(sizes) != 1:
         raise TileFolderError(
             f"{folder.folder}: a {model} solve needs tiles of one size, found {sorted(sizes)}"

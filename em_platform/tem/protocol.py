@@ -10,18 +10,16 @@ we send. How they travel (STOMP, pigeon's client, topic prefixes, credentials) i
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import TEM_comms
 from pydantic import BaseModel, ValidationError
 
 from em_platform.stitch.grid import neighbour_of
 
-__all__ = [
-    "CONSUMED",
-    "TOPICS",
+__all__ = [  # and, read lazily through __getattr__: CONSUMED, TOPICS
     "PUBLISHED",
     "ProtocolError",
     "buffer_status",
@@ -37,13 +35,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOPICS: Mapping[str, type[BaseModel]] = TEM_comms.topics
-"""Every topic the installed ``pigeon-tem-comms`` defines, with its model."""
-
 _CONSUMED_WANTED = ("tile.raw", "montage.start", "montage.status", "montage.complete")
 
-CONSUMED: tuple[str, ...] = tuple(t for t in _CONSUMED_WANTED if t in TOPICS)
-"""What the platform reads from the microscope. ``montage.start`` only when TEM_comms defines it (2.7 does not)."""
+
+@functools.cache
+def _topics() -> Mapping[str, type[BaseModel]]:
+    """TEM_comms' topics, imported on first use: TEM_comms imports pigeon, which reads every installed
+    distribution's metadata (0.8 s the code location's start-up and every run paid before)."""
+    import TEM_comms
+
+    return TEM_comms.topics
+
+
+def __getattr__(name: str) -> Any:
+    # TOPICS: every topic the installed ``pigeon-tem-comms`` defines, with its model. CONSUMED: what the
+    # platform reads from the microscope (``montage.start`` only when TEM_comms defines it; 2.7 does not).
+    if name == "TOPICS":
+        return _topics()
+    if name == "CONSUMED":
+        return tuple(t for t in _CONSUMED_WANTED if t in _topics())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PUBLISHED: tuple[str, ...] = (
     "tile.statistics.min_max_mean",
@@ -73,12 +84,12 @@ class ProtocolError(ValueError):
 def model_for(topic: str) -> type[BaseModel]:
     """The TEM_comms model of ``topic``; ProtocolError for a topic this TEM_comms version does not define."""
     try:
-        return TOPICS[topic]
+        return _topics()[topic]
     except KeyError:
         raise ProtocolError(
             topic,
-            f"unknown TEM_comms topic {topic!r} (pigeon-tem-comms defines {len(TOPICS)} topics, "
-            f"e.g. {', '.join(sorted(TOPICS)[:4])}, ...); check the topic name and the installed version",
+            f"unknown TEM_comms topic {topic!r} (pigeon-tem-comms defines {len(_topics())} topics, "
+            f"e.g. {', '.join(sorted(_topics())[:4])}, ...); check the topic name and the installed version",
         ) from None
 
 

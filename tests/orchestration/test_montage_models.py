@@ -241,3 +241,38 @@ def test_a_layout_written_before_transforms_were_kept_is_still_placed_by_x_and_y
     assert placed_tiles(rotated)[0].transform == ((0.9, -0.1, 1.0), (0.1, 0.9, -2.5))
     with pytest.raises(ValueError, match="not a montage layout"):
         placed_tiles({"tiles": [tile]})
+
+
+def test_the_scopes_own_matches_are_solved_instead_of_the_journals(platform, tmp_path):
+    """``matches``: a render point-match collection from the scope (ids = the journal's tile ids), gzipped
+    as render writes it, replaces the journal's matches; one that names no tile of the montage fails the
+    run naming the file."""
+    import gzip
+
+    from em_platform.stitch.interop import write_point_matches
+
+    m = make_montage(config(rotation_deg=0.6, seed=5))
+    acquire(platform, "scope", m)
+    ids = {t.name: f"scope-r{t.row}c{t.column}" for t in m.tiles}
+    found = m.point_matches(points_per_edge=12, noise_px=0.2, wrong_fraction=0.0, seed=1)
+    kept = found.edges[1:]  # the scope matched every neighbour pair but one (each tile keeps an edge)
+    plain = write_point_matches(tmp_path / "scope.json", kept, tile_ids=ids)
+    zipped = tmp_path / "scope.json.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("montages", ["scope"])
+        run(platform, instance, "scope", [montage_layout], lens="none", matches=str(zipped))
+        meta = metadata(instance, "montage_layout")
+        assert meta["matches"] == str(zipped)
+        assert meta["edges"] == len(kept)  # the journal has one per neighbour pair: these are the scope's
+        assert meta["disconnected_tiles"] == 0 and meta["model"] in ("rigid", "affine")
+
+        stranger = write_point_matches(tmp_path / "other.json", kept, tile_ids={})  # synthetic names
+        failed = dg.materialize(
+            [montage_layout], partition_key="scope", instance=instance,
+            resources=build_resources(platform.settings), raise_on_error=False,
+            run_config={"ops": {"montage_layout": {"config": {"matches": str(stranger)}}}},
+        )  # fmt: skip
+    assert not failed.success
+    message = str(failed.get_step_failure_events()[0].event_specific_data.error)
+    assert "other.json" in message and "none of the" in message and "tile ids" in message

@@ -234,3 +234,24 @@ def test_matches_naming_no_tile_of_the_layout_exit_2(tmp_path, capsys):
     code = main(["stitch", str(folder), "--layout", str(layout), "--out", str(tmp_path / "o.zarr"),
                  "--no-fuse", "--matches", str(tmp_path / "m.json")])  # fmt: skip
     assert code == 2 and "no point match names two tiles" in capsys.readouterr().err
+
+
+def test_a_match_collection_is_read_from_a_url_as_from_a_path(tmp_path):
+    """The montage assets take the scope's collection by URL (s3:// on the storage root): the fsspec branch
+    reads the same edges as the local one, gzipped or not, and names the URL when it cannot."""
+    import gzip
+
+    record = {
+        "pId": "a",
+        "qId": "b",
+        "matches": {"p": [[1.0, 2.0], [3.0, 4.0]], "q": [[5.0, 6.0], [7.0, 8.0]]},
+    }
+    path = tmp_path / "m.json.gz"
+    path.write_bytes(gzip.compress(json.dumps([record]).encode()))
+    (local,) = read_point_matches(path)
+    (remote,) = read_point_matches(path.as_uri())
+    assert (remote.tile, remote.neighbour) == (local.tile, local.neighbour) == ("a", "b")
+    assert np.array_equal(remote.p, local.p) and np.array_equal(remote.q, local.q)
+    missing = (tmp_path / "absent.json").as_uri()
+    with pytest.raises(MatchFileError, match="absent.json: cannot read the point matches"):
+        read_point_matches(missing)

@@ -10,7 +10,13 @@ import pytest
 import zarr
 
 from em_platform.imaging.ome_zarr import write_ome_zarr
-from em_platform.stitch.previews import MISSING_TILE_RGB, focus_map_png, minimap_png, png_markdown
+from em_platform.stitch.previews import (
+    MISSING_TILE_RGB,
+    NO_TISSUE_RGB,
+    focus_map_png,
+    minimap_png,
+    png_markdown,
+)
 
 NM2 = ("nanometer", "nanometer")
 
@@ -77,6 +83,21 @@ def test_focus_map_cells_colours_and_missing_tiles():
     assert middling[0] > sharp[0] and middling[1] > blurred[1]
     reported = [tuple(c) for c in cells.reshape(-1, 3)[[0, 1, 2, 5]]]
     assert MISSING_TILE_RGB not in reported and len(set(reported)) == 4
+
+
+def test_a_tile_with_nothing_to_focus_on_is_not_painted_blurred():
+    """Issue 26: a blank (beam off) or no-tissue tile scores ~1 (nothing sharp in it) and was painted the red
+    the legend calls blurred; it has its own colour, unlike any point of the score's scale."""
+    grid = {(0, 0): 0.98, (0, 1): 0.98, (0, 2): 0.1}
+    cells = imagecodecs.png_decode(focus_map_png(grid, 1, 3, cell_px=1, no_tissue=[(0, 1)]))[0]
+    assert tuple(cells[1]) == NO_TISSUE_RGB and tuple(cells[0]) != NO_TISSUE_RGB
+    scale = imagecodecs.png_decode(focus_map_png({(0, c): c / 99 for c in range(100)}, 1, 100, cell_px=1))[
+        0
+    ].astype(int)
+    assert np.abs(scale - np.array(NO_TISSUE_RGB)).sum(axis=1).min() > 100  # no score looks like it
+    assert NO_TISSUE_RGB != MISSING_TILE_RGB
+    with pytest.raises(ValueError, match=r"no-tissue tile \(row 3, column 0\) lies outside"):
+        focus_map_png(grid, 1, 3, no_tissue=[(3, 0)])
 
 
 def test_focus_map_score_range_spreads_the_colours():

@@ -183,7 +183,7 @@ def test_the_spread_of_the_tiles_deformation_is_measured():
     Tiles turned by ±0.5° (uniform: σ 0.005 rad): the rotation spread reads it back."""
     truth, stage, edges = montage(degrees=0.0, scale=0.0, noise=0.1, seed=1)
     fits = {model: solve(stage, edges, model) for model in ("translation", "rigid", "affine")}
-    for name in ("scale", "rotation", "anisotropy", "shear"):
+    for name in ("scale", "rotation", "diagonal", "off_diagonal"):
         assert fits["affine"].stage[f"{name}_spread"] == pytest.approx(MIN_TILE_SPREAD, rel=0.1)
     assert fits["rigid"].stage["rotation_spread"] == pytest.approx(MIN_TILE_SPREAD, rel=0.1)
     exact = position_rms(fits["translation"], truth)
@@ -207,7 +207,7 @@ def test_the_spreads_of_a_large_montage_are_estimated_as_a_small_one_sums_them(m
     estimated = solve(stage, edges, "affine").stage
     monkeypatch.setattr(solve_affine, "EXACT_TRACE_TILES", 1000)
     exact = solve(stage, edges, "affine").stage
-    for name in ("scale", "rotation", "anisotropy", "shear"):
+    for name in ("scale", "rotation", "diagonal", "off_diagonal"):
         assert estimated[f"{name}_spread"] == pytest.approx(exact[f"{name}_spread"], rel=0.05)
 
 

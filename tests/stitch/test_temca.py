@@ -98,9 +98,9 @@ def test_real_turned_tiles_keep_every_edge_and_fit_close_to_em_stitchs_solve(doc
     assert solved.loops["loops_closing"] == solved.loops["loops"] > 150
     assert solved.rejected == {} and solved.disconnected == []
     assert ours["max_px"] <= reference["max_px"] + 1.0, (ours, reference)
-    # our affine is regularised toward the identity (tile spreads measured, module solve_affine); the
-    # near-free affine of em_stitch fits 11 % lower here, 2 % on the whole montage (bench part temca)
-    assert ours["mean_px"] <= 1.15 * reference["mean_px"], (ours, reference)
+    # our affine's spreads are scaled to what predicts held-out pairs (em_platform.stitch.held_out): it fits
+    # em_stitch's kept pairs 4 % below em_stitch's own near-free solve here, 6 % on the whole montage
+    assert ours["mean_px"] <= 1.01 * reference["mean_px"], (ours, reference)
 
 
 def test_the_command_solves_a_metafile_without_its_images(document, tmp_path):
