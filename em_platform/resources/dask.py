@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 
 import dagster as dg
 from pydantic import PrivateAttr
@@ -45,8 +47,27 @@ class DaskResource(dg.ConfigurableResource):
         return self._client
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._client is not None:
-            self._client.close()
-        if self._cluster is not None:
-            self._cluster.close()
+        with _quiet_heartbeats():
+            if self._client is not None:
+                self._client.close()
+            if self._cluster is not None:
+                self._cluster.close()
         self._client = self._cluster = None
+
+
+class _HeartbeatAtShutdown(logging.Filter):
+    """A worker whose heartbeat meets the scheduler closing under it logs a traceback: our shutdown, not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "during heartbeat" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_heartbeats():
+    logger = logging.getLogger("distributed.worker")
+    quiet = _HeartbeatAtShutdown()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
