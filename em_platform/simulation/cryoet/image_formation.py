@@ -1,9 +1,10 @@
 """One tilt's image intensity: projected potential per slab, amorphous ice, multislice, optics.
 
 Per tilt θ (true angle, with the geometry errors) the specimen points are rotated R_z(φ)·R_y(θ) and
-shifted; the beam runs along +z. Points are sorted into slabs along z (``slab_A`` thick); each slab's
-projected potential V_k (V·Å) is deposited by cloud-in-cell per channel, Fourier transformed and
-multiplied by the channel's form factor (the CIC window divided out). The wave crosses the slabs from
+shifted; the beam runs along +z. Objects (particles, beads) are sorted into slabs along z by their
+centres (``slab_A`` thick, the depth of field at Nyquist); each object's projected potential is made on
+a box of its own, exact at any sub-pixel position and propagated from its own height to its slab's plane
+(:mod:`object_boxes`), and added to the slab's potential V_k (V·Å). The wave crosses the slabs from
 the top: ψ ← P(Δz) * (ψ · exp(iσV_k − σ f_amp V_k)) with the Fresnel propagator P. Amorphous ice is a
 zero-mean Gaussian field with the statistics of water molecules (ρ·path length per pixel, each an
 O + 2H form factor, correlated by the liquid's structure factor S(q)) added to
@@ -22,6 +23,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from em_platform.simulation.cryoet import physics
+from em_platform.simulation.cryoet.object_boxes import ObjectBoxes
 from em_platform.simulation.cryoet.scene import Scene, water_potential_V
 
 
@@ -116,50 +118,12 @@ def rotate_xy(rot: np.ndarray, coords_t: np.ndarray) -> np.ndarray:
     return out
 
 
-def cic_deposit(
-    base: np.ndarray, fx: np.ndarray, fy: np.ndarray, weights: np.ndarray, shape: tuple[int, int]
-) -> np.ndarray:
-    """Cloud-in-cell: each point's weight shared bilinearly over its 4 nearest pixel centres.
-
-    ``base`` is the flat index of the pixel at or below-left of each point, ``fx``/``fy`` the fractions
-    past it; a point off the grid carries weight 0 (and base 0).
-    """
-    my, mx = shape
-    n = my * mx
-    gx = 1 - fx
-    gy = (1 - fy) * weights
-    fy = fy * weights
-    out = np.bincount(base, gx * gy, minlength=n)
-    out += np.bincount(base + 1, fx * gy, minlength=n)
-    out += np.bincount(base + mx, gx * fy, minlength=n)
-    out += np.bincount(base + mx + 1, fx * fy, minlength=n)
-    return out.reshape(my, mx)
-
-
-def grid_positions(
-    xy: np.ndarray, weights: np.ndarray, geometry: TiltGeometry, grid: Grid
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For tilted points (2, n): (flat CIC base index, x fraction, y fraction, weights zeroed off-grid)."""
-    my, mx = grid.shape
+def pixel_positions(xy: np.ndarray, geometry: TiltGeometry, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Padded-grid pixel coordinates (x, y) of tilted points or centres (2, n) in Å."""
     oy, ox = grid.origin
     ix = xy[0] * np.float32(1 / grid.pixel_A) + np.float32(geometry.shift_px[0] + ox)
     iy = xy[1] * np.float32(1 / grid.pixel_A) + np.float32(geometry.shift_px[1] + oy)
-    x0 = np.floor(ix)
-    y0 = np.floor(iy)
-    ix -= x0  # now the fractions
-    iy -= y0
-    if x0.size and x0.min() >= 0 and x0.max() < mx - 1 and y0.min() >= 0 and y0.max() < my - 1:
-        y0 *= mx  # exact in float32: the grid has far fewer than 2**24 pixels
-        y0 += x0
-        return y0.astype(np.int64), ix, iy, weights
-    inside = (x0 >= 0) & (x0 < mx - 1) & (y0 >= 0) & (y0 < my - 1)
-    base = np.where(inside, y0 * mx + x0, 0).astype(np.int64)
-    return base, ix, iy, np.where(inside, weights, np.float32(0))
-
-
-def cic_window(qy: np.ndarray, qx: np.ndarray, pixel_A: float) -> np.ndarray:
-    """The CIC kernel's transfer, sinc²(qx·p)·sinc²(qy·p)."""
-    return (np.sinc(qx * pixel_A) ** 2) * (np.sinc(qy * pixel_A) ** 2)
+    return ix, iy
 
 
 def ice_path_lengths(grid: Grid, geometry: TiltGeometry, thickness_A: float, edges: np.ndarray) -> np.ndarray:
@@ -206,8 +170,8 @@ def zero_loss_fraction(ice: Ice, angle_deg: float) -> float:
 class TiltImager:
     """Everything about a stack's image formation that does not change from tilt to tilt.
 
-    Built once per stack (frequency grids, every channel's form factor over the CIC window, the slab
-    propagator); :meth:`intensity` then images one tilt. Thread-safe: tilts may run in parallel.
+    Built once per stack (frequency grids, every object's box and the channels' form factors on it, the
+    slab propagator); :meth:`intensity` then images one tilt. Thread-safe: tilts may run in parallel.
     """
 
     def __init__(self, scene: Scene, grid: Grid, optics: Optics, ice: Ice, slab_A: float):
@@ -215,23 +179,15 @@ class TiltImager:
         self.coords_t = np.ascontiguousarray(scene.coords.T, dtype=np.float32)  # (3, n): rows per axis
         my, mx = grid.shape
         p = grid.pixel_A
-        qy, qx = physics.rfrequency_grid((my, mx), p)
-        self.rq2 = (qy**2 + qx**2).astype(np.float32)
-        window = cic_window(qy, qx, p)
         solvent = water_potential_V() if ice.model != "none" else 0.0
-        self.transfers = [
-            (
-                ch.transfer(self.rq2.astype(np.float64), solvent_potential_V=solvent, damage_b=0.0) / window
-            ).astype(np.float32)
-            for ch in scene.channels
-        ]
-        self.damaged = [ch.damaged for ch in scene.channels]
-        rq2 = self.rq2.astype(np.float64)
+        self.boxes = ObjectBoxes(scene, p, solvent)
+        qy, qx = physics.rfrequency_grid((my, mx), p)
+        rq2 = (qy**2 + qx**2).astype(np.float64)
         self.f_water = (
             physics.POTENTIAL_CONSTANT
             * physics.water_form_factor(rq2)
             * np.sqrt(physics.water_structure_factor(rq2))
-        ).astype(np.float32)
+        ).astype(np.float32) / np.float32(p * p)
         fy, fx = physics.frequency_grid((my, mx), p)
         self.fqy, self.fqx = fy, fx
         self.q2 = (fy**2 + fx**2).astype(np.float32)
@@ -243,18 +199,17 @@ class TiltImager:
 
     # -- potential ------------------------------------------------------------------------------
 
-    def slab_potentials(
-        self, geometry: TiltGeometry, rng: np.random.Generator
-    ) -> tuple[list[np.ndarray], np.ndarray]:
-        """Projected potential (V·Å, padded grid) of every non-empty slab, and the slabs' centre heights."""
+    def _layout(self, geometry: TiltGeometry):
+        """Tilted points and object centres in padded-grid pixels, the centres' heights, the slab edges and
+        each object's slab."""
         grid, ice, scene = self.grid, self.ice, self.scene
         my, mx = grid.shape
-        p = grid.pixel_A
         rot = tilt_matrix(geometry.angle_deg, geometry.rotation_deg).astype(np.float32)
-        base, fx, fy, weights = grid_positions(rotate_xy(rot, self.coords_t), scene.weights, geometry, grid)
+        ix, iy = pixel_positions(rotate_xy(rot, self.coords_t), geometry, grid)
+        cx, cy = pixel_positions((scene.centres @ rot[:2].T).T, geometry, grid)
         z = scene.centres @ rot[2]
         t = math.radians(geometry.angle_deg)
-        half_diag = 0.5 * math.hypot(my, mx) * p
+        half_diag = 0.5 * math.hypot(my, mx) * grid.pixel_A
         ice_half = (
             (ice.thickness_A / 2 + half_diag * abs(math.sin(t))) / math.cos(t)
             if ice.model == "water"
@@ -263,55 +218,91 @@ class TiltImager:
         z_lo = min(float(z.min()) if z.size else 0.0, -ice_half)
         z_hi = max(float(z.max()) if z.size else 0.0, ice_half)
         edges = slab_edges(z_lo - 1e-3, z_hi + 1e-3, self.slab_A)
-        n_slab = len(edges) - 1
-        slab_of = np.clip(((z - edges[0]) / self.slab_A).astype(np.int64), 0, n_slab - 1)
-        damage = np.exp(-np.float32(geometry.damage_b_A2 / 4) * self.rq2) if geometry.damage_b_A2 else None
-        spectra: dict[int, np.ndarray] = {}
-        for k in np.unique(slab_of):
-            objects = np.flatnonzero(slab_of == k)
-            damaged = undamaged = None
-            for c in range(len(scene.channels)):
-                runs = [slice(scene.ranges[o, c], scene.ranges[o, c + 1]) for o in objects]
-                runs = [r for r in runs if r.stop > r.start]
-                if not runs:
-                    continue
-                dep = cic_deposit(
-                    *(np.concatenate([a[r] for r in runs]) for a in (base, fx, fy, weights)), (my, mx)
-                )
-                term = sfft.rfft2(dep.astype(np.float32))
-                term *= self.transfers[c]
-                if self.damaged[c]:
-                    damaged = term if damaged is None else np.add(damaged, term, out=damaged)
-                else:
-                    undamaged = term if undamaged is None else np.add(undamaged, term, out=undamaged)
-            if damaged is not None and damage is not None:
-                damaged *= damage
-            parts = [x for x in (damaged, undamaged) if x is not None]
-            spectra[int(k)] = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        if ice.model == "water":
-            paths = ice_path_lengths(grid, geometry, ice.thickness_A, edges)
-            density = np.float32(physics.WATER_DENSITY_PER_A3 * p * p)
-            for k in range(n_slab):
-                if not paths[k].any():
-                    continue
-                field = rng.standard_normal((my, mx), dtype=np.float32)
-                field *= np.sqrt(paths[k] * density)
-                term = sfft.rfft2(field, overwrite_x=True)
-                term *= self.f_water
-                spectra[k] = np.add(spectra[k], term, out=spectra[k]) if k in spectra else term
+        slab_of = np.clip(((z - edges[0]) / self.slab_A).astype(np.int64), 0, len(edges) - 2)
+        return ix, iy, cx, cy, z, edges, slab_of
+
+    def _ice(
+        self, geometry: TiltGeometry, rng: np.random.Generator, edges: np.ndarray
+    ) -> dict[int, np.ndarray]:
+        """The amorphous ice's projected potential (V·Å) in every slab it passes through."""
+        grid, ice = self.grid, self.ice
+        if ice.model != "water":
+            return {}
+        my, mx = grid.shape
+        paths = ice_path_lengths(grid, geometry, ice.thickness_A, edges)
+        density = np.float32(physics.WATER_DENSITY_PER_A3 * grid.pixel_A**2)
+        out = {}
+        for k in range(len(edges) - 1):
+            if not paths[k].any():
+                continue
+            field = rng.standard_normal((my, mx), dtype=np.float32)
+            field *= np.sqrt(paths[k] * density)
+            term = sfft.rfft2(field, overwrite_x=True)
+            term *= self.f_water
+            out[k] = sfft.irfft2(term, s=(my, mx), overwrite_x=True)
+        return out
+
+    def slab_potentials(
+        self, geometry: TiltGeometry, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Projected potential (V·Å, padded grid) of every non-empty slab, and the slabs' centre heights:
+        each object projected whole into the slab of its centre (what the projection tests compare)."""
+        ix, iy, cx, cy, _, edges, slab_of = self._layout(geometry)
+        slabs = self._ice(geometry, rng, edges)
+        for o in range(len(self.scene.centres)):
+            k = int(slab_of[o])
+            if k not in slabs:
+                slabs[k] = np.zeros(self.grid.shape, np.float32)
+            self.boxes.add_projection(slabs[k], o, ix, iy, (float(cx[o]), float(cy[o])), geometry.damage_b_A2)
+        keep = sorted(slabs)
+        return [slabs[k] for k in keep], (0.5 * (edges[:-1] + edges[1:]))[keep]
+
+    def transmission(self, potential: np.ndarray) -> np.ndarray:
+        """exp(iσV − σ·f_amp·V) of a real projected potential (V·Å)."""
+        sigma = np.float32(self.optics.sigma)
+        famp = np.float32(physics.amplitude_contrast_ratio(self.optics.amplitude_contrast))
+        phase = sigma * potential
+        amplitude = np.exp(-famp * phase)
+        out = np.empty(potential.shape, np.complex64)
+        out.real = amplitude * np.cos(phase)
+        out.imag = amplitude * np.sin(phase)
+        return out
+
+    def slab_transmissions(
+        self, geometry: TiltGeometry, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Transmission function of every non-empty slab (ice, then each object's, propagated from its own
+        height to the slab's plane), and the slabs' centre heights."""
+        ix, iy, cx, cy, z, edges, slab_of = self._layout(geometry)
         centres = 0.5 * (edges[:-1] + edges[1:])
-        keep = sorted(spectra)
-        scale = np.float32(1 / (p * p))
-        potentials = []
-        for k in keep:
-            spectra[k] *= scale
-            potentials.append(sfft.irfft2(spectra[k], s=(my, mx), overwrite_x=True))
-        return potentials, centres[keep]
+        slabs = {k: self.transmission(v) for k, v in self._ice(geometry, rng, edges).items()}
+        wave = (
+            self.optics.sigma,
+            physics.amplitude_contrast_ratio(self.optics.amplitude_contrast),
+            self.optics.wavelength,
+        )
+        for o in range(len(self.scene.centres)):
+            k = int(slab_of[o])
+            if k not in slabs:
+                slabs[k] = np.ones(self.grid.shape, np.complex64)
+            self.boxes.multiply_transmission(
+                slabs[k],
+                o,
+                ix,
+                iy,
+                (float(cx[o]), float(cy[o])),
+                geometry.damage_b_A2,
+                wave,
+                float(centres[k] - z[o]),
+            )
+        keep = sorted(slabs)
+        return [slabs[k] for k in keep], centres[keep]
 
     # -- wave -----------------------------------------------------------------------------------
 
-    def _objective(self, geometry: TiltGeometry, refer_from: float) -> np.ndarray:
-        """exp(iχ)·E_s·E_t·aperture, with the propagation from the last slab's plane to z = 0 folded in."""
+    def _objective(self, geometry: TiltGeometry, refer_from: float) -> tuple[np.ndarray, np.ndarray]:
+        """(exp(iχ)·E_s·E_t·aperture, E_s·E_t·aperture), with the propagation from the last slab's plane to
+        z = 0 folded in."""
         o = self.optics
         lam = np.float32(o.wavelength)
         q2 = self.q2
@@ -341,37 +332,41 @@ class TiltImager:
         out = np.empty(q2.shape, np.complex64)
         out.real = env * np.cos(chi)
         out.imag = env * np.sin(chi)
-        return out
+        return out, env
 
     def exit_wave_intensity(
-        self, potentials: list[np.ndarray], heights: np.ndarray, geometry: TiltGeometry
+        self, transmissions: list[np.ndarray], heights: np.ndarray, geometry: TiltGeometry
     ) -> np.ndarray:
         """|ψ|² at the detector (padded grid), vacuum = 1, after multislice and the objective lens."""
         my, mx = self.grid.shape
-        if not potentials:
+        if not transmissions:
             return np.ones((my, mx), np.float32)
-        sigma = np.float32(self.optics.sigma)
-        famp = np.float32(physics.amplitude_contrast_ratio(self.optics.amplitude_contrast))
         spectrum = None
-        for k, v in enumerate(potentials):
-            phase = sigma * v
-            amplitude = np.exp(-famp * phase)
-            trans = np.empty(v.shape, np.complex64)
-            trans.real = amplitude * np.cos(phase)
-            trans.imag = amplitude * np.sin(phase)
+        for k, trans in enumerate(transmissions):
             if spectrum is not None:
-                trans *= sfft.ifft2(spectrum, overwrite_x=True)
-            spectrum = sfft.fft2(trans, overwrite_x=True)
-            if k + 1 < len(potentials):
+                trans = trans * sfft.ifft2(spectrum, overwrite_x=True)
+            spectrum = sfft.fft2(trans, overwrite_x=spectrum is not None)
+            if k + 1 < len(transmissions):
                 gap = round((heights[k + 1] - heights[k]) / self.slab_A)
                 for _ in range(gap):
                     spectrum *= self.step
-        spectrum *= self._objective(geometry, float(heights[-1]))
+        transfer, envelope = self._objective(geometry, float(heights[-1]))
+        # Partial coherence is an incoherent sum over defoci and beam directions, each conserving the
+        # electrons; as an envelope on the wave it removes |Ψ(q)|²·(1 − E²) of them (2–5 % in ice at
+        # 1–1.5 Å/px). That intensity lands as a smooth background: given back here, uniformly. What the
+        # aperture stops stays lost.
+        power = spectrum.real**2 + spectrum.imag**2
+        envelope *= envelope
+        np.subtract(self.aperture, envelope, out=envelope)
+        scattered_away = float(np.vdot(power.ravel(), envelope.ravel())) / power.size**2
+        spectrum *= transfer
         image = sfft.ifft2(spectrum, overwrite_x=True)
-        return (image.real**2 + image.imag**2).astype(np.float32)
+        intensity = image.real**2 + image.imag**2
+        intensity += np.float32(scattered_away)
+        return intensity.astype(np.float32, copy=False)
 
     def intensity(self, geometry: TiltGeometry, rng: np.random.Generator) -> np.ndarray:
         """The noiseless intensity of one tilt on the padded grid (vacuum = 1 before zero-loss filtering)."""
-        potentials, heights = self.slab_potentials(geometry, rng)
-        intensity = self.exit_wave_intensity(potentials, heights, geometry)
+        transmissions, heights = self.slab_transmissions(geometry, rng)
+        intensity = self.exit_wave_intensity(transmissions, heights, geometry)
         return intensity * np.float32(zero_loss_fraction(self.ice, geometry.angle_deg))
