@@ -32,6 +32,8 @@ class MontageProcessingConfig(dg.Config):
     late_tile_seconds: float = MontageRunConfig.late_tile_seconds
     status_every_seconds: float = MontageRunConfig.status_every_seconds
     write_tiffs: bool = False
+    # False: tiles a killed or earlier run of this montage judged keep their verdicts (resumed from the journal)
+    rejudge: bool = MontageRunConfig.rejudge
     min_std: float = QCConfig.min_std
     min_specimen_contrast: float = QCConfig.min_specimen_contrast
     saturated_fraction: float = QCConfig.saturated_fraction
@@ -59,6 +61,7 @@ class MontageProcessingConfig(dg.Config):
             late_tile_seconds=self.late_tile_seconds,
             status_every_seconds=self.status_every_seconds,
             write_tiffs=self.write_tiffs,
+            rejudge=self.rejudge,
             limits=self.limits(),
             qc=QCConfig(
                 min_std=self.min_std,

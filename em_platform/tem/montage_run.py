@@ -37,7 +37,7 @@ from typing import Any
 from em_platform.stitch.grid import NEIGHBOURS, array_name, matched_against, neighbour_of, stage_to_image
 from em_platform.tem.journal import MontageRow, TileReport, TileRow
 from em_platform.tem.protocol import tile_messages, tile_metadata
-from em_platform.tem.qc import MontageQC, QCConfig, TileVerdict, tile_faults, usable_for_matching
+from em_platform.tem.qc import Fault, MontageQC, QCConfig, TileVerdict, tile_faults, usable_for_matching
 from em_platform.tem.qc_summary import MontageLimits, MontageSummary
 from em_platform.tem.tile_source import TileSource
 from em_platform.tem.tile_tasks import (
@@ -124,6 +124,9 @@ class MontageRunConfig:
     # QC service "regularly sends" it), so a scope that reconnects learns the current status.
     status_every_seconds: float = 10.0
     write_tiffs: bool = False
+    # A tile whose verdict the journal already holds (a run killed or restarted mid-montage) keeps it: not
+    # processed, matched or sent again. True re-judges every tile (e.g. after changing the QC limits).
+    rejudge: bool = False
     qc: QCConfig = field(default_factory=QCConfig)
     # the montage-level checks (the acquisition asset's); one that fails makes the last qc.status STOP_AT_END
     limits: MontageLimits = field(default_factory=MontageLimits)
@@ -138,6 +141,7 @@ class TileRecord:
     matches: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: no overlap found
     verdict: TileVerdict | None = None
     times: dict[str, float] = field(default_factory=dict)  # Unix seconds of each step: see LATENCY_STEPS
+    resumed: bool = False  # its verdict came from the journal (an earlier run judged and sent it)
 
     @property
     def judged(self) -> bool:
@@ -241,12 +245,9 @@ class MontageRun:
 
         start = self.clock()
         # the group the per-tile arrays (r<row>_c<column>) go into; its zarr.json makes it openable
-        zarr.open_group(
-            self.processed_url,
-            mode="w",
-            storage_options=self.storage_options,
-            attributes={"montage_id": self.montage_id},
-        )
+        # mode "a": the tiles an earlier run of this montage stored stay (their verdicts are resumed)
+        group = zarr.open_group(self.processed_url, mode="a", storage_options=self.storage_options)
+        group.attrs["montage_id"] = self.montage_id
         # imports and OpenCV/zarr set-up on the workers before the first tile is due; held to the end
         # (a released future's task may be cancelled)
         threads = max(1, sum(self.client.nthreads().values()))
@@ -333,10 +334,13 @@ class MontageRun:
             self._start_flatfield()
         if t.tile_id in self.records:
             return  # the journal hands each tile over once; a re-sent tile.raw with a new id is a new tile
-        rec = TileRecord(t, times={"landed": t.acquired_at.timestamp(), "seen": time.time()})
+        resumed = None if self.config.rejudge else self._resumed(t)
+        rec = resumed or TileRecord(t, times={"landed": t.acquired_at.timestamp(), "seen": time.time()})
         self.records[t.tile_id] = rec
         self.order.append(t.tile_id)
         self.by_pos[(t.row, t.column)] = rec
+        if resumed is not None:
+            return
         n = len(self.order)
         rec.future = self.client.submit(
             process_tile_file,
@@ -362,6 +366,40 @@ class MontageRun:
         )
         self.judges[judge] = (t.tile_id, [(job.tile_id, job.position) for job, _, _ in edges])
         judge.add_done_callback(self.completed.put)
+
+    def _resumed(self, t: TileRow) -> TileRecord | None:
+        """The tile as an earlier run of this montage judged it, when the journal holds its verdict (and, for
+        a processed tile, the store its pixels): so a run killed or restarted mid-montage judges and sends
+        each tile once. Its faults rejoin the montage's QC in acquisition order (the journal commits
+        verdicts in that order), so runs of faulty tiles count across the restart."""
+        if t.qc_passed is None or self.order and not self.records[self.order[-1]].resumed:
+            return None  # not judged, or after a tile this run judges anew: from here on, all anew
+        results = t.results or {}
+        rec = TileRecord(t, resumed=True)
+        if t.error is not None:
+            rec.error = t.error
+        elif "stats" in results and self._stored(t):
+            focus = results["focus"]
+            rec.outcome = TileOutcome(results["stats"], focus, tuple(results["shape"]))
+            rec.matches = {p: None for p in results.get("unmatched", [])} | dict(results.get("matches", {}))
+        else:
+            return None  # judged by a version that did not keep what resuming needs, or its pixels are gone
+        faults = [Fault(**f) for f in t.qc_faults or []]
+        rec.verdict = self.qc.add(t.tile_id, t.row, t.column, faults)
+        return rec
+
+    def _stored(self, t: TileRow) -> bool:
+        import zarr
+
+        try:
+            zarr.open_array(
+                f"{self.processed_url}/{array_name(t.row, t.column)}",
+                mode="r",
+                storage_options=self.storage_options,
+            )
+            return True
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.ArrayNotFoundError):
+            return False
 
     def _edges_closed_by(self, rec: TileRecord) -> list[tuple[EdgeJob, Any, Any]]:
         """The overlaps the new tile closes: with its top and left neighbours, and as the top or left
@@ -538,8 +576,9 @@ class MontageRun:
             rec = self.records[self.order[self.next_verdict]]
             if not rec.judged or any(m is IN_FLIGHT for m in rec.matches.values()):
                 break
-            reports.append(self._verdict(rec))
-            judged.append(rec)
+            if not rec.resumed:  # a resumed tile's verdict went out from the run that judged it
+                reports.append(self._verdict(rec))
+                judged.append(rec)
             self.next_verdict += 1
         if reports:
             self.source.report(reports)
@@ -663,4 +702,8 @@ def _results(rec: TileRecord) -> dict[str, Any] | None:
         "focus": float(rec.outcome.focus),
         "histogram": list(s["histogram"]),
         "matches": {p: m for p, m in rec.matches.items() if m and "dX" in m},
+        # what a restarted run needs to take the verdict over without the pixels (see MontageRun._resumed)
+        "stats": {k: (list(v) if k == "histogram" else v) for k, v in s.items()},
+        "shape": list(rec.outcome.shape),
+        "unmatched": [p for p, m in rec.matches.items() if m is None],
     }

@@ -299,3 +299,58 @@ def test_focus_score_orders_simulated_defocus():
     assert all(a < b for a, b in zip(measurable, measurable[1:], strict=False)), shown
     assert all(a <= b for a, b in zip(scores, scores[1:], strict=False)), shown
     assert scores[-1] == 1.0, shown
+
+
+class _Killed(Exception):
+    """The run's process dying right after a journal commit."""
+
+
+class _CountingSource(JournalTileSource):
+    """The journal, counting the tiles reported; ``die_after`` raises once that many are committed."""
+
+    def __init__(self, journal, die_after: int | None = None, **kw):
+        super().__init__(journal, **kw)
+        self.reported: list[str] = []
+        self.die_after = die_after
+
+    def report(self, reports):
+        super().report(reports)
+        self.reported += [r.tile_id for r in reports]
+        if self.die_after is not None and len(self.reported) >= self.die_after:
+            raise _Killed
+
+
+def test_a_run_stopped_mid_montage_is_resumed_and_judges_each_tile_once(tmp_path, client):
+    """A run dies after 5 of 12 verdicts (inside a run of 4 unfocused tiles); the next run over the same
+    journal takes those 5 over and judges only the other 7. Every tile gets one qc.tile, and the verdicts,
+    the persistent-run fault and the last status are those of an uninterrupted run."""
+    faults = ["defocus:4-7"]
+    _, clean, _ = _simulate_and_run(tmp_path / "clean", client, faults)
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+    truth = simulate_montage(
+        ScopeConfig(**GRID, faults=tuple(faults)), tmp_path / "tiles", journal.record, sleep=lambda s: None
+    )
+    options = dict(processed_url=str(tmp_path / "processed.zarr"), config=MontageRunConfig(poll_seconds=0.05))
+    dying = _CountingSource(journal, die_after=5, pixel_size_nm=4.0)
+    with pytest.raises(_Killed):
+        run_montage(truth.montage_id, dying, client, **options)
+    first = list(dying.reported)
+    assert 5 <= len(first) < 12
+    again = _CountingSource(journal, pixel_size_nm=4.0)
+    result = run_montage(truth.montage_id, again, client, **options)
+    tiles = [t.tile_id for t in journal.tiles(truth.montage_id) if not t.is_reference]
+    assert sorted(first + again.reported) == sorted(tiles)  # each tile judged and sent once
+    assert sum(r.resumed for r in result.tiles.values()) == len(first)
+    qc_tiles = [m["tile_id"] for m in journal.messages("qc.tile", truth.montage_id)]
+    assert sorted(qc_tiles) == sorted(tiles)
+    assert _faults(result) == _faults(clean) and result.qc.status == clean.qc.status == "STOP_AT_END"
+    assert len(result.edges()) == len(clean.edges())
+    # a run asked to re-judge processes every tile again
+    rejudge = _CountingSource(journal, pixel_size_nm=4.0)
+    run_montage(
+        truth.montage_id,
+        rejudge,
+        client,
+        **{**options, "config": MontageRunConfig(poll_seconds=0.05, rejudge=True)},
+    )
+    assert sorted(rejudge.reported) == sorted(tiles)
