@@ -156,7 +156,10 @@ def montage_tiles(
     montage_id = context.partition_key
     store = storage.buffer()  # local until montage_upload moves it to the storage root
     final = store.path(montage_id, "processed_tiles.zarr")
-    staging = store.staging_path(final)
+    # the same staging for every run of this montage: a retried run resumes the tiles a killed one judged
+    staging = store.staging_path(final, resumable_as=f"montage-{montage_id}")
+    if not config.rejudge and store.is_local and store.take_back(final, staging):
+        context.log.info("montage %s: processed tiles of an earlier run taken back to resume from", montage_id)
     tiff_dir = store.path(montage_id, "processed") if config.write_tiffs else None
     with quiet_dask():  # applies when the client starts an in-process cluster
         client = dask.get_client()

@@ -62,9 +62,11 @@ class DataStore:
         p = self.path(*parts)
         return p if self.is_local else f"{self.protocol}://{p}"
 
-    def staging_path(self, name: str) -> str:
-        """A fresh staging location for something that will be published as ``name``."""
-        return self.path(STAGING, uuid.uuid4().hex, posixpath.basename(name))
+    def staging_path(self, name: str, *, resumable_as: str | None = None) -> str:
+        """A fresh staging location for something that will be published as ``name``; with
+        ``resumable_as``, the same location for every run that passes that key, so a killed run's partial
+        output is there for the run that retries it."""
+        return self.path(STAGING, resumable_as or uuid.uuid4().hex, posixpath.basename(name))
 
     def to_url(self, path: str) -> str:
         return path if self.is_local else f"{self.protocol}://{path}"
@@ -97,6 +99,20 @@ class DataStore:
         else:
             self._publish_object_store(staging, final)
         self._drop_empty_staging_parent(staging)
+
+    def take_back(self, final: str, staging: str) -> bool:
+        """Move what was published at ``final`` back to ``staging`` (which must not exist) so a retried run
+        resumes from it and publishes it again; False when there is nothing at ``final``. A local buffer
+        only (one rename: a kill leaves it at one place or the other, never half)."""
+        import os
+
+        if not self.is_local:
+            raise ValueError("take_back moves within a local buffer, not an object store")
+        if os.path.exists(staging) or not os.path.exists(final):
+            return False
+        os.makedirs(os.path.dirname(staging), exist_ok=True)
+        os.replace(final, staging)
+        return True
 
     def _publish_local(self, staging: str, final: str) -> None:
         import os

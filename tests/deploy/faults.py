@@ -29,7 +29,7 @@ from em_platform.tem.broker import BrokerPublisher
 from tests.deploy.conftest import acquire, drop_into_inbox
 from tests.deploy.dagster_api import DagsterApi, wait_until
 
-FAULTS = ("daemon", "dask-worker", "run", "listener", "object-store")
+FAULTS = ("daemon", "dask-worker", "run", "run-montage", "listener", "object-store")
 TILE_TASKS = ("process_tile_file-", "judge_tile-")  # the montage run's per-tile Dask tasks
 OBJECT_STORE = "minio"  # the topology's S3 service (compose's name)
 
@@ -233,6 +233,52 @@ def run_process_during_ingest(topology, api: DagsterApi) -> FaultResult:
     return FaultResult("run", "ingest", 1, lost, twice, done - killed_at, back - killed_at, details)
 
 
+def run_process_during_montage(topology, api: DagsterApi) -> FaultResult:
+    """The montage run's process is killed after it sent its third verdict, while the scope is still
+    acquiring: run monitoring fails the run, its retry resumes from the journal (the verdicts already sent
+    are kept, not judged or sent again) and judges the rest."""
+    m_ = topology.machine
+    verdicts: list[str] = []
+    killed: dict = {}
+
+    def kill_the_run(montage_id: str) -> None:
+        started = wait_until(
+            lambda: [r for r in api.partition_runs(montage_id) if r["status"] == "STARTED"],
+            120,
+            f"montage {montage_id}'s run to start",
+        )
+        pid = wait_until(lambda: _step_pid(api, started[0]["runId"]), 120, "the montage run's step process")
+        wait_until(lambda: len(verdicts) >= 3, 120, "three verdicts on the broker")
+        killed.update(at=time.monotonic(), pid=pid, verdicts_before=len(verdicts))
+        os.kill(pid, signal.SIGKILL)
+
+    with BrokerPublisher(
+        m_.stomp_host,
+        m_.stomp_port,
+        topic_prefix=topology.settings["EM_BROKER_TOPIC_PREFIX"],
+        username=m_.stomp_user,
+        password=m_.stomp_password,
+    ) as ear:  # every qc.tile of the scenario, the killed run's and its retry's
+        ear.subscribe("qc.tile", lambda msg: verdicts.append(msg.tile_id))
+        m = acquire(topology, api, "--rate", "1", rows=3, columns=4, during=kill_the_run)
+        wait_until(
+            lambda: len(api.partition_runs(m.montage_id)) >= 2, 600, "a retry of the killed montage run"
+        )
+        back = time.monotonic()
+        done = _wait_done(api, [m.montage_id])
+        wait_until(lambda: len(set(verdicts)) >= m.tiles, 60, "a verdict for every tile on the broker")
+    m.qc_tiles[:] = [{"tile_id": t} for t in verdicts]
+    lost, twice, details = _tiles_outcome(topology, m)
+    details.update(
+        pid=killed["pid"],
+        verdicts_before_the_kill=killed["verdicts_before"],
+        run_statuses=[r["status"] for r in api.partition_runs(m.montage_id)],
+    )
+    return FaultResult(
+        "run-montage", "montage", m.tiles, lost, twice, done - killed["at"], back - killed["at"], details
+    )
+
+
 def listener_during_montage(topology, api: DagsterApi) -> FaultResult:
     """The listener dies after three tiles and is restarted while the scope goes on acquiring: its durable
     subscription keeps what was published meanwhile, and the run judges every tile once."""
@@ -294,6 +340,7 @@ SCENARIOS: dict[str, Callable[..., FaultResult]] = {
     "daemon": daemon_during_ingest,
     "dask-worker": dask_worker_during_montage,
     "run": run_process_during_ingest,
+    "run-montage": run_process_during_montage,
     "listener": listener_during_montage,
     "object-store": object_store_during_ingest,
 }
