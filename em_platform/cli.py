@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     listen_cli.add_arguments(
         sub.add_parser("listen", help="journal the microscope's STOMP messages (tile.raw, montage.*)")
     )
+    sub.add_parser(
+        "live-qc",
+        help="the warm live-QC service: judge live montages' tiles as they land (make dev and deploy-local "
+        "start it)",
+    )
     from em_platform import dead_letters_cli
 
     dead_letters_cli.add_arguments(
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             s = load_settings()
             shares = tuple(str(Path(p).expanduser().resolve()) for p in args.share) or s.scope_shares
             return listen_cli.run(args, lambda: Journal(s.catalog_url, tile_shares=shares))
+        if args.command == "live-qc":
+            from em_platform.tem import live_qc_cli
+
+            return live_qc_cli.run(load_settings())
         if args.command == "dead-letters":
             s = load_settings()
             return dead_letters_cli.run(args, s.catalog_url, s.scope_shares)

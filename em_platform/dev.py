@@ -65,17 +65,78 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
             threading.Thread(target=_shut_down, args=(child, out), daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    live_qc = LiveQC(out)
     try:
         for line in quiet_lines(child.stdout):
             out.write(line)
             out.flush()
         status = child.wait()
+        live_qc.stop()
         if status == -signal.SIGKILL:
             print("em-platform dev: Dagster services killed", file=out, flush=True)
         return status
     finally:
+        live_qc.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class LiveQC:
+    """The warm live-QC service (`em-platform live-qc`) beside Dagster, restarted if it dies, stopped with
+    SIGTERM when `make dev` stops (and by the kernel if this process is killed)."""
+
+    RESTART_SECONDS = 2.0
+
+    def __init__(self, out):
+        self.out = out
+        self.stopping = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._supervise, name="live-qc", daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        cmd = [sys.executable, "-m", "em_platform.tem.live_qc_cli"]
+        while not self.stopping.is_set():
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                errors="replace",
+                preexec_fn=_child_of_this_process,
+            )
+            for line in self.proc.stdout:
+                self.out.write(line)
+                self.out.flush()
+            status = self.proc.wait()
+            if self.stopping.wait(0):
+                return
+            print(
+                f"em-platform dev: live-qc exited ({status}); restarting in {self.RESTART_SECONDS:g} s",
+                file=self.out,
+                flush=True,
+            )
+            self.stopping.wait(self.RESTART_SECONDS)
+
+    def stop(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(SHUTDOWN_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._thread.join(5)
+
+
+def _child_of_this_process() -> None:  # runs in the child before exec
+    import ctypes
+
+    _restore_sigint()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: dies with dev
 
 
 def _shut_down(child: subprocess.Popen, out) -> None:

@@ -15,6 +15,7 @@ from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.storage.upload import abort_cleanup
 from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
+from em_platform.tem.judging import JudgingClaim, processed_tile_paths
 from em_platform.tem.montage_run import MontageRunConfig, quiet_dask, run_montage
 from em_platform.tem.qc import QCConfig
 from em_platform.tem.qc_summary import MontageLimits, MontageSummary
@@ -155,16 +156,24 @@ def montage_tiles(
 ):
     montage_id = context.partition_key
     store = storage.buffer()  # local until montage_upload moves it to the storage root
-    final = store.path(montage_id, "processed_tiles.zarr")
-    # the same staging for every run of this montage: a retried run resumes the tiles a killed one judged
-    staging = store.staging_path(final, resumable_as=f"montage-{montage_id}")
-    if not config.rejudge and store.is_local and store.take_back(final, staging):
-        context.log.info("montage %s: processed tiles of an earlier run taken back to resume from", montage_id)
+    # the same staging for every judge of this montage: the live service, this run, a retry of it
+    final, staging = processed_tile_paths(store, montage_id)
     tiff_dir = store.path(montage_id, "processed") if config.write_tiffs else None
     with quiet_dask():  # applies when the client starts an in-process cluster
         client = dask.get_client()
     source = hardware.tile_source()
+    # one judge at a time: while the live-QC service judges this montage, the run waits, then resumes
+    claim = JudgingClaim(hardware.journal(), montage_id, f"run {context.run_id}")
+    claim.wait(
+        on_waiting=lambda holder: context.log.info(
+            f"montage {montage_id} is judged live by {holder}; this run records it when that ends"
+        )
+    )
     try:
+        if not config.rejudge and store.is_local and store.take_back(final, staging):
+            context.log.info(
+                f"montage {montage_id}: processed tiles of an earlier run taken back to resume from"
+            )
         result = run_montage(
             montage_id,
             source,
@@ -194,6 +203,7 @@ def montage_tiles(
         raise
     finally:
         source.close()  # what is still queued for the broker goes out first
+        claim.release()
     summary = MontageSummary.of(result)
     stored = storage.store().url("acquisition", montage_id, PROCESSED_DIR)  # where montage_upload puts it
     yield from _results(summary, stored, store.to_url(final))

@@ -324,6 +324,17 @@ SERVICES: tuple[Service, ...] = (
         probe=Probe("log", pattern="subscribed to "),
         note="journals the microscope's tile.raw / montage.* messages (durable subscription)",
     ),
+    Service(
+        "live-qc",
+        image=EM_IMAGE,
+        command=("em-platform", "live-qc"),
+        env=platform_env(),
+        depends_on={"postgresql": HEALTHY, "rabbitmq": HEALTHY, "dask-scheduler": HEALTHY},
+        probe=Probe("log", pattern="watching the journal"),
+        volumes=(DATA_VOLUME,),  # the buffer its processed tiles are staged in, shared with the runs
+        restart="on-failure",
+        note="judges live montages' tiles as they land (warm: no run start); the montage runs record it",
+    ),
 )
 
 

@@ -98,6 +98,16 @@ qc_status = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Who is judging a montage's tiles right now (the warm live-QC service or a Dagster run): one at a time, so
+# no tile is judged twice. A holder renews its claim; one that died loses it when ``expires_at`` passes.
+judges = sa.Table(
+    "acq_montage_judges",
+    metadata_obj,
+    sa.Column("montage_id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 FINISHED_STATES = frozenset({"completed", "cancelled", "error"})
 
 
@@ -159,6 +169,7 @@ class TileRow:
     qc_passed: bool | None
     qc_faults: list | None
     error: str | None
+    processed_at: datetime | None = None  # when its verdict was committed
 
     @property
     def is_reference(self) -> bool:
@@ -328,6 +339,38 @@ class Journal:
         with self.engine.begin() as conn:
             _save_results(conn, tile_id, _now(), **results)
 
+    def claim_judging(self, montage_id: str, owner: str, seconds: float) -> bool:
+        """Take (or renew) the right to judge ``montage_id``'s tiles for ``seconds``: True when ``owner``
+        holds it now, False while another holder's claim has not expired."""
+        now = _now()
+        until = datetime.fromtimestamp(now.timestamp() + seconds, UTC)
+        with self.engine.begin() as conn:
+            conn.execute(
+                _insert_new(conn, judges, "montage_id"),
+                [{"montage_id": montage_id, "owner": owner, "expires_at": until}],
+            )
+            taken = conn.execute(
+                judges.update()
+                .where(judges.c.montage_id == montage_id)
+                .where(sa.or_(judges.c.owner == owner, judges.c.expires_at < now))
+                .values(owner=owner, expires_at=until)
+            )
+            return taken.rowcount == 1
+
+    def release_judging(self, montage_id: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                judges.delete().where(judges.c.montage_id == montage_id).where(judges.c.owner == owner)
+            )
+
+    def judging(self, montage_id: str) -> tuple[str, datetime] | None:
+        """(owner, expires_at) of the current claim on ``montage_id``, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(judges.c.owner, judges.c.expires_at).where(judges.c.montage_id == montage_id)
+            ).first()
+        return None if row is None else (row.owner, _aware(row.expires_at))
+
     def record_qc_status(self, montage_id: str | None, status: str, reason: str | None) -> None:
         with self.engine.begin() as conn:
             conn.execute(
@@ -447,6 +490,7 @@ def _tile(r) -> TileRow:
         qc_passed=r.qc_passed,
         qc_faults=r.qc_faults,
         error=r.error,
+        processed_at=_aware(r.processed_at),
     )
 
 

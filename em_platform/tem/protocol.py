@@ -56,6 +56,7 @@ def __getattr__(name: str) -> Any:
         return tuple(t for t in _CONSUMED_WANTED if t in _topics())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 PUBLISHED: tuple[str, ...] = (
     "tile.statistics.min_max_mean",
     "tile.statistics.histogram",

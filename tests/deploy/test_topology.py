@@ -74,12 +74,12 @@ def _compose_to_process(topology) -> callable:
     names = {s.name for s in SERVICES}
     ports = {str(s.port): str(topology.addresses.ports[s.name]) for s in SERVICES if s.port is not None}
 
-    def convert(value: str) -> str:
+    def convert(value: str, command: bool = False) -> str:
         value = interpolate(str(value), topology.settings)
         for svc in SERVICES:
             if svc.port is not None:
                 value = value.replace(f"{svc.name}:{svc.port}", topology.addresses.addr(svc.name))
-        if value in names:
+        if value in names and not command:  # a host name (`em-platform live-qc` is a command)
             return topology.addresses.hosts[value]
         if value in ports:
             return ports[value]
@@ -105,7 +105,7 @@ def test_every_process_runs_its_compose_service_command_and_environment(topology
             argv = proc.cmdline()
             if Path(argv[0]).name.startswith("python"):
                 argv = argv[1:]  # a console script runs under the venv's interpreter
-            expected = [convert(a) for a in spec["command"]]
+            expected = [convert(a, command=True) for a in spec["command"]]
             assert Path(argv[0]).name == expected[0], (svc.name, argv)
             assert argv[1:] == expected[1:] + list(process_only_args(svc.name, "127.0.0.1")), svc.name
             environ = proc.environ()
@@ -186,6 +186,8 @@ def test_scope_on_the_broker_is_journaled_processed_and_answered(
         len({t["tile_id"] for t in m.qc_tiles if t.get("montage_id", m.montage_id) == m.montage_id})
         >= m.tiles
     )
+    # the warm live-QC service judged the tiles as they landed; the run recorded them (issue 26)
+    assert f"montage {m.montage_id} judged ({m.tiles} tiles)" in topology.log_of("live-qc").read_text()
     rec = record(topology, "acquisition", m.montage_id)
     assert rec is not None and rec["status"] == "complete"
     fs_root = f"{topology.settings['EM_S3_BUCKET']}/em/acquisition/{m.montage_id}"

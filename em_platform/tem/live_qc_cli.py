@@ -1,0 +1,53 @@
+"""`em-platform live-qc`: run the warm live-QC service (:mod:`em_platform.tem.live_service`) on this
+deployment's journal, acquisition buffer and Dask cluster until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+
+def run(settings) -> int:
+    from em_platform.resources import build_resources
+    from em_platform.tem.live_service import LiveQCService
+    from em_platform.tem.montage_run import quiet_dask
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s live-qc %(levelname)s %(message)s")
+    resources = build_resources(settings)
+    hardware, dask = resources["hardware"], resources["dask"]
+    buffer = resources["storage"].buffer()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    import distributed  # noqa: F401  its logging set-up first, then quieter: one line per montage is enough
+
+    for noisy in ("distributed", "urllib3", "stomp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with quiet_dask():  # applies when the client starts the in-process cluster (the embedded default)
+        client = dask.get_client()
+    service = LiveQCService(hardware, buffer, client)
+    where = (
+        settings.dask_scheduler_address
+        or f"an in-process cluster of {sum(client.nthreads().values())} threads"
+    )
+    try:
+        service.run(
+            stop,
+            ready=lambda: print(
+                f"live-qc: watching the journal for live montages as {service.owner} (Dask: {where})",
+                flush=True,
+            ),
+        )
+    finally:
+        dask.teardown_after_execution(None)
+        hardware.teardown_after_execution(None)
+    print("live-qc: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from em_platform.settings import load_settings
+
+    sys.exit(run(load_settings()))
