@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT: dict[str, Any] = {"in_flight": True}  # a match submitted and not yet back
 
+# Dask runs the queued task of highest priority first (default 0: ingests, fusion, cryo). On a cluster the
+# runs share (the deployment's), a live tile's tasks go ahead of every batch task that has not started yet;
+# among live tiles, the earlier tile first (the offset leaves room for 500,000 tiles per montage).
+LIVE_PRIORITY = 1_000_000
+
 # Where a tile's latency (tile.raw journaled -> verdict journaled) goes: (stage, from, to) over the
 # TileRecord's times. "landed": the journal received tile.raw; "seen": a poll handed it to the run; the
 # process/judge times are the Dask tasks' own; "collected": the run took the judgement; "verdict": its
@@ -251,7 +256,9 @@ class MontageRun:
         # imports and OpenCV/zarr set-up on the workers before the first tile is due; held to the end
         # (a released future's task may be cancelled)
         threads = max(1, sum(self.client.nthreads().values()))
-        warming = [self.client.submit(warm_up, pure=False, priority=10) for _ in range(threads)]
+        warming = [
+            self.client.submit(warm_up, pure=False, priority=LIVE_PRIORITY + 10) for _ in range(threads)
+        ]
         try:
             self._loop()
             not_received = self._finish()
@@ -352,7 +359,7 @@ class MontageRun:
             array_name=array_name(t.row, t.column),
             tiff_path=self._tiff_path(t),
             pure=False,
-            priority=-2 * n,  # first come, first processed (Dask would otherwise pick any order) ...
+            priority=LIVE_PRIORITY - 2 * n,  # first come, first processed (else Dask picks any order) ...
         )
         edges = self._edges_closed_by(rec)
         judge = self.client.submit(
@@ -362,7 +369,7 @@ class MontageRun:
             [(job, a, b) for job, a, b in edges],
             self.config.qc,
             pure=False,
-            priority=-2 * n + 1,  # ... and judged before the next tile is processed: the verdict is due
+            priority=LIVE_PRIORITY - 2 * n + 1,  # ... and judged before the next tile is processed
         )
         self.judges[judge] = (t.tile_id, [(job.tile_id, job.position) for job, _, _ in edges])
         judge.add_done_callback(self.completed.put)
@@ -490,7 +497,9 @@ class MontageRun:
             self.flatfield_future = self.client.scatter(None)
             self.flatfield_info = {"kind": "none", **info}
             return
-        self.flatfield_future = self.client.submit(build_flatfield, bright, dark, pure=False, priority=10)
+        self.flatfield_future = self.client.submit(
+            build_flatfield, bright, dark, pure=False, priority=LIVE_PRIORITY + 10
+        )
         self.flatfield_info = {
             "kind": "brightfield/darkfield",
             **info,

@@ -354,3 +354,38 @@ def test_a_run_stopped_mid_montage_is_resumed_and_judges_each_tile_once(tmp_path
         **{**options, "config": MontageRunConfig(poll_seconds=0.05, rejudge=True)},
     )
     assert sorted(rejudge.reported) == sorted(tiles)
+
+
+class _PrioritySpy:
+    """The Dask client, recording the priority of every task the run submits."""
+
+    def __init__(self, client):
+        self._client = client
+        self.priorities: list[int] = []
+
+    def submit(self, *args, **kwargs):
+        self.priorities.append(kwargs.get("priority", 0))
+        return self._client.submit(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_live_tile_tasks_go_ahead_of_batch_work_on_a_shared_cluster(tmp_path, client):
+    """Batch work (ingests, fusion, cryo) submits at Dask's default priority 0; on the deployment's shared
+    cluster every task of a live montage must rank above it (they ranked below: -2 per tile), earlier tiles
+    first."""
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+    truth = simulate_montage(ScopeConfig(**GRID), tmp_path / "tiles", journal.record, sleep=lambda s: None)
+    spy = _PrioritySpy(client)
+    run_montage(
+        truth.montage_id,
+        JournalTileSource(journal, pixel_size_nm=4.0),
+        spy,
+        processed_url=str(tmp_path / "processed.zarr"),
+        config=MontageRunConfig(poll_seconds=0.05),
+    )
+    assert len(spy.priorities) >= 2 * 12 and min(spy.priorities) > 0
+    tiles = spy.priorities[-24:]  # process and judge of each tile, in acquisition order
+    pairs = list(zip(tiles[::2], tiles[1::2], strict=True))
+    assert all(min(a) > max(b) for a, b in zip(pairs, pairs[1:]))  # a tile's tasks before the next tile's
