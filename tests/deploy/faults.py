@@ -30,7 +30,6 @@ from tests.deploy.conftest import acquire, drop_into_inbox
 from tests.deploy.dagster_api import DagsterApi, wait_until
 
 FAULTS = ("daemon", "dask-worker", "run", "run-montage", "listener", "object-store")
-TILE_TASKS = ("process_tile_file-", "judge_tile-")  # the montage run's per-tile Dask tasks
 OBJECT_STORE = "minio"  # the topology's S3 service (compose's name)
 
 
@@ -170,35 +169,34 @@ def _worker_groups(client) -> dict[str, int]:
     return {addr: os.getpgid(pid) for addr, pid in client.run(os.getpid).items()}
 
 
-def dask_worker_during_montage(topology, api: DagsterApi) -> FaultResult:
-    """The Dask worker holding tile tasks in flight dies; the scheduler hands them to the survivor."""
+def dask_worker_during_ingest(topology, api: DagsterApi) -> FaultResult:
+    """The Dask worker holding an ingest's conversion tasks dies; the scheduler hands them to the survivor.
+    (Live tiles no longer run on the deployment's workers: the live-QC service judges them on threads of
+    its own, so the workers' work is the batch work.)"""
     from distributed import Client
 
+    name = f"fault_worker_{uuid.uuid4().hex[:6]}.ome.tif"
     killed: dict = {}
     with Client(topology.scheduler, timeout="30s") as client:
         groups = _worker_groups(client)
+        dropped = {name: drop_into_inbox(topology, name, seed=26, shape=(48, 1024, 1024))}
 
         def in_flight():
             for worker, keys in client.processing().items():
-                tiles = {str(k) for k in keys if str(k).startswith(TILE_TASKS)}
-                if tiles:
-                    return worker, tiles
+                if keys:
+                    return worker, keys
             return None
 
-        def kill_a_busy_worker(montage_id: str) -> None:
-            worker, tiles = wait_until(in_flight, 600, "a tile task in flight on a worker", 0.05)
-            replica = topology.pids()["dask-worker"].index(groups[worker])
-            killed.update(worker=worker, in_flight=len(tiles), replica=replica, at=time.monotonic())
-            killed["pid"] = topology.kill("dask-worker", replica)
-            killed["back"] = _bring_back(topology, "dask-worker", replica)
-
-        m = acquire(topology, api, "--rate", "3", rows=3, columns=4, during=kill_a_busy_worker)
-        done = time.monotonic()
-    back = killed["back"]
-    lost, twice, details = _tiles_outcome(topology, m)
-    details.update(pid=killed["pid"], tile_tasks_in_flight=killed["in_flight"])
+        worker, keys = wait_until(in_flight, 600, "the ingest's tasks in flight on a worker", 0.02)
+        replica = topology.pids()["dask-worker"].index(groups[worker])
+        killed.update(at=time.monotonic(), in_flight=len(keys))
+        killed["pid"] = topology.kill("dask-worker", replica)
+        back = _bring_back(topology, "dask-worker", replica)
+    done = _wait_done(api, [name])
+    lost, twice, details = _datasets_outcome(topology, api, dropped)
+    details.update(pid=killed["pid"], tasks_in_flight=killed["in_flight"])
     return FaultResult(
-        "dask-worker", "montage", m.tiles, lost, twice, done - killed["at"], back - killed["at"], details
+        "dask-worker", "ingest", 1, lost, twice, done - killed["at"], back - killed["at"], details
     )
 
 
@@ -338,7 +336,7 @@ def object_store_during_ingest(topology, api: DagsterApi) -> FaultResult:
 
 SCENARIOS: dict[str, Callable[..., FaultResult]] = {
     "daemon": daemon_during_ingest,
-    "dask-worker": dask_worker_during_montage,
+    "dask-worker": dask_worker_during_ingest,
     "run": run_process_during_ingest,
     "run-montage": run_process_during_montage,
     "listener": listener_during_montage,
