@@ -246,6 +246,8 @@ SERVICES: tuple[Service, ...] = (
             "--no-dashboard",
             "--dashboard-address",
             "{bind}:0",
+            "--preload",
+            "em_platform.deploy.batch_niceness",  # batch work at nice 10: live tiles get the cores first
         ),
         env=platform_env(),
         replicas="${DASK_WORKERS:-2}",

@@ -256,3 +256,18 @@ def test_code_server_restart_the_webserver_reconnects(topology, dagster_api):
     )
     nodes = after["locationOrLoadError"]["repositories"][0]["assetNodes"]
     assert len(nodes) == len(before["locationOrLoadError"]["repositories"][0]["assetNodes"]) > 0
+
+
+def test_batch_work_runs_niced_on_the_workers_so_live_tiles_get_the_cores_first(dask_client):
+    """The workers' task threads run at nice 10 (their preload), the live-QC service's at the default 0."""
+    import os
+
+    from em_platform.deploy.batch_niceness import BATCH_NICENESS
+
+    # os.getpriority(PRIO_PROCESS, 0) in a task: on Linux, the niceness of the worker thread running it
+    futures = [
+        dask_client.submit(os.getpriority, os.PRIO_PROCESS, 0, pure=False, workers=[w])
+        for w in dask_client.nthreads()
+    ]
+    assert [f.result() for f in futures] == [BATCH_NICENESS] * len(futures)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # this (test) process is not niced: the check can fail
