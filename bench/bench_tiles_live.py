@@ -229,8 +229,11 @@ def _thread_cpu() -> dict[int, float]:
     return out
 
 
-def _thread_groups(before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
-    """CPU seconds spent between two snapshots, by kind of thread (Dask task threads, its event loop, ...)."""
+def _thread_groups(before: dict[int, float], after: dict[int, float], process_cpu: float) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, by kind of thread (Dask task threads, its event loop, ...).
+    Threads that ended in between are gone from the snapshot (a task that writes a processed tile leaves
+    Dask's pool and its thread ends with it): what the process spent beyond the threads still there is
+    counted to the Dask task threads."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     groups: Counter[str] = Counter()
     for tid, cpu in after.items():
@@ -244,6 +247,7 @@ def _thread_groups(before: dict[int, float], after: dict[int, float]) -> dict[st
             "tem-outbox": "publishing",
         }.get(name, "other threads")
         groups[kind] += cpu - before.get(tid, 0.0)
+    groups["dask tasks (the chain)"] += max(0.0, process_cpu - sum(groups.values()))
     return dict(groups)
 
 
@@ -254,11 +258,13 @@ def _thread_groups(before: dict[int, float], after: dict[int, float]) -> dict[st
 def _unpaced(workdir: Path, tiles: list[dict], refs: list[str], overlap: int, size: int) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
+    from em_platform.tem.heap import keep_freed_memory
     from em_platform.tem.journal import Journal
     from em_platform.tem.montage_run import MontageRunConfig, quiet_dask, run_montage
     from em_platform.tem.qc_summary import MontageSummary
     from em_platform.tem.tile_source import JournalTileSource
 
+    keep_freed_memory()  # as the montage_tiles asset does in its run process
     journal = Journal(f"sqlite:///{workdir / 'unpaced.sqlite'}")
     with (
         quiet_dask(),
@@ -281,7 +287,7 @@ def _unpaced(workdir: Path, tiles: list[dict], refs: list[str], overlap: int, si
                     config=MontageRunConfig(),
                 )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            runs.append((result, wall, cpu, _thread_groups(before, _thread_cpu()), share.figures))
+            runs.append((result, wall, cpu, _thread_groups(before, _thread_cpu(), cpu), share.figures))
     result, wall, cpu, groups, machine = runs[-1]
     n = len(result.tiles)
     per_tile = lambda seconds: round(1000 * seconds / n, 1)  # noqa: E731
@@ -447,6 +453,15 @@ def _paced_with_service(
             time.sleep(0.2)
         if batch_thread is not None:
             batch_thread.join()
+        stages = {}
+        for m in ids:  # the service's own account, written once the montage is over and stored
+            summary = workdir / f"service{k}" / f"latency-{m}.json"
+            while not summary.exists():
+                if time.monotonic() > deadline or service.poll() is not None:
+                    raise RuntimeError(f"the live-QC service did not finish montage {m}")
+                time.sleep(0.2)
+            stages[m] = json.loads(summary.read_text())
+        process = _process_counters(service.pid)
     finally:
         service.terminate()
         service.wait(60)
@@ -462,9 +477,24 @@ def _paced_with_service(
                 "tiles": len(lat),
                 "verdict_rate_tiles_per_s": round(sustained, 3),
                 **_latency_figures(lat),
+                **stages[m],
+                "service_process": process,  # the whole service (both scopes), from its start
             }
         )
     return out, (batch_result if batch is not None else None)
+
+
+def _process_counters(pid: int) -> dict[str, float]:
+    """User and system CPU seconds and page faults of a process so far (Linux /proc; direct reclaim and
+    page zeroing under memory pressure show as system time and minor faults)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return {
+        "user_s": round(int(fields[11]) / tick, 2),
+        "system_s": round(int(fields[12]) / tick, 2),
+        "minor_faults": int(fields[7]),
+        "major_faults": int(fields[9]),
+    }
 
 
 def _batch_work(workdir: Path, tiles: list[dict], size: int, scheduler: str) -> Callable[[], dict[str, Any]]:
@@ -541,8 +571,17 @@ def _read_plane(path: str, i: int) -> np.ndarray:
     return np.array(tifffile.memmap(path)[i])
 
 
+BATCH_POOLS = ("shared", "own", "own_batch_niced")
+
+
 def _with_batch(
-    workdir: Path, tiles: list[dict], refs: list[str], overlap: int, args, runs: int
+    workdir: Path,
+    tiles: list[dict],
+    refs: list[str],
+    overlap: int,
+    args,
+    runs: int,
+    pools: tuple[str, ...] = BATCH_POOLS,
 ) -> dict[str, Any]:
     """The service scopes while batch work runs on the deployment's cluster (1 worker process x 2 threads),
     the live tiles either on that same cluster (priority LIVE_PRIORITY over the batch tasks' 0) or on the
@@ -554,9 +593,9 @@ def _with_batch(
     ) as cluster:
         batch = _batch_work(workdir, tiles, args.size, cluster.scheduler_address)
         alone = batch()
-        out: dict[str, list] = {"shared": [], "own": [], "own_batch_niced": []}
+        out: dict[str, list] = {pool: [] for pool in BATCH_POOLS}
         for k in range(runs):
-            for pool in out:
+            for pool in pools:
                 _renice_workers(cluster, 10 if pool == "own_batch_niced" else 0)
                 os.sync()
                 with _CpuShare() as share:
@@ -568,7 +607,7 @@ def _with_batch(
                         args.size,
                         args.rate,
                         args.scopes,
-                        100 + 3 * k + list(out).index(pool),
+                        100 + 3 * k + BATCH_POOLS.index(pool),
                         scheduler=cluster.scheduler_address if pool == "shared" else None,
                         batch=batch,
                     )
@@ -588,11 +627,13 @@ def _with_batch(
 
 def _renice_workers(cluster, niceness: int) -> None:
     """The batch cluster's worker processes at ``niceness`` (the kernel gives live tiles the cores first)."""
+    import psutil
+
     for worker in cluster.workers.values():
-        pid = worker.process.process.pid
-        os.setpriority(os.PRIO_PROCESS, pid, niceness)
-        for child in __import__("psutil").Process(pid).children(recursive=True):
-            os.setpriority(os.PRIO_PROCESS, child.pid, niceness)
+        process = psutil.Process(worker.process.process.pid)
+        for p in [process, *process.children(recursive=True)]:
+            for thread in p.threads():  # Linux keeps the niceness per thread: every existing thread
+                os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
 
 
 def _serve(journal_url: str, root: str, scheduler: str | None) -> None:
@@ -603,16 +644,29 @@ def _serve(journal_url: str, root: str, scheduler: str | None) -> None:
     from em_platform.resources import DaskResource
     from em_platform.resources.acquisition import SimulatedScope
     from em_platform.storage.store import DataStore
+    from em_platform.tem.heap import keep_freed_memory
     from em_platform.tem.live_service import LiveQCService
     from em_platform.tem.montage_run import quiet_dask
 
+    if not os.environ.get("EM_BENCH_GLIBC_DEFAULT_HEAP"):
+        assert keep_freed_memory()  # as `em-platform live-qc` does
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     dask = DaskResource(scheduler_address=scheduler)
     with quiet_dask():
         client = dask.get_client()
     hardware = SimulatedScope(journal_url=journal_url, pixel_size_nm=PIXEL_SIZE_NM)
-    LiveQCService(hardware, DataStore(f"{root}/buffer"), client).run(
+
+    def judged(result) -> None:  # where each tile's latency went, for the bench's record
+        from em_platform.tem.qc_summary import MontageSummary
+
+        summary = MontageSummary.of(result)
+        cpu_ms = {k: round(1000 * v / max(summary.tiles, 1), 1) for k, v in sorted(summary.cpu.items())}
+        Path(root, f"latency-{result.montage_id}.json").write_text(
+            json.dumps({"latency_ms_by_stage": summary.latency_ms, "cpu_ms_per_tile_by_stage": cpu_ms})
+        )
+
+    LiveQCService(hardware, DataStore(f"{root}/buffer"), client, on_judged=judged).run(
         stop, ready=lambda: print("ready", flush=True)
     )
     dask.teardown_after_execution(None)
@@ -645,7 +699,8 @@ def _run_montage_process(montage_id: str, journal_url: str, root: str, result_fi
                 "dask": DaskResource(),
             },
         )
-        cpu, groups = time.process_time() - c0, _thread_groups(before, _thread_cpu())
+        cpu = time.process_time() - c0
+        groups = _thread_groups(before, _thread_cpu(), cpu)
         meta = instance.get_latest_materialization_event(
             dg.AssetKey("raw_tiles")
         ).asset_materialization.metadata
@@ -795,6 +850,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         help="also run the service scopes on one shared cluster (1 worker process x 2 threads) with an ingest "
         "of a 1 GiB TIFF and a montage fusion running at the same time (--service-runs times)",
     )
+    p.add_argument(
+        "--batch-only",
+        nargs="*",
+        choices=BATCH_POOLS,
+        help="only the --with-batch runs of these pools (all if none named); prints, records nothing",
+    )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scheduler", help=argparse.SUPPRESS)
     p.add_argument("--run-montage", help=argparse.SUPPRESS)
@@ -809,6 +870,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         _run_montage_process(args.run_montage, args.journal, args.root, args.result)
         return None
     overlap = args.size // 10
+    if args.batch_only is not None:
+        with tempfile.TemporaryDirectory(prefix="bench_tiles_live_") as tmp:
+            workdir = Path(tmp)
+            montage, refs = _tiles(args.tiles_dir or workdir, args.tiles, args.columns, args.size, overlap)
+            os.environ["EM_SCOPE_SHARES"] = str(Path(args.tiles_dir or workdir).resolve())
+            os.sync()
+            with _CpuShare() as share:  # the baseline in the same run: the live tiles alone
+                alone, _ = _paced_with_service(
+                    workdir, montage["tiles"], refs, overlap, args.size, args.rate, args.scopes, 99
+                )
+            print(json.dumps({"live_alone": alone, "machine_cpu": share.figures}, indent=1))
+            busy = _with_batch(
+                workdir,
+                montage["tiles"],
+                refs,
+                overlap,
+                args,
+                args.service_runs,
+                args.batch_only or BATCH_POOLS,
+            )
+        print(json.dumps(busy, indent=1))
+        return busy
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_tiles_live_") as tmp:
         workdir = Path(tmp)
@@ -879,7 +962,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             },
         }
     if busy is not None:
-        for pool in ("shared", "own", "own_batch_niced"):
+        for pool in BATCH_POOLS:
             runs = busy[f"runs_{pool}_pool"]
             every = [sc for run in runs for sc in run["scopes"]]
             busy[f"meets_{pool}_pool"] = {

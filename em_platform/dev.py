@@ -6,8 +6,12 @@ daemon logs every sensor tick, so a 5-second montage sensor fills the log with "
 starts `dagster dev` with SIGINT restored, turns its own SIGTERM/SIGINT into the SIGINT `dagster dev` shuts
 down on (waiting SHUTDOWN_GRACE_SECONDS for it, then killing its process group: a daemon busy launching
 a run or finishing a tick can take 20 s on a loaded machine, and a killed run is failed and retried by run
-monitoring on the next start), and drops the daemon's lines for
-sensor ticks that found nothing. Everything else `dagster dev` prints passes through.
+monitoring on the next start), and drops the daemon's lines for sensor ticks that found nothing and the
+runs' DEBUG events (the terminal logs at INFO). Everything else `dagster dev` prints passes through.
+
+Beside Dagster it supervises (restarts when they die, stops when it stops) the platform's warm services:
+the live-QC service (`em-platform live-qc`, threads of its own for live tiles) and one Dask pool that every
+run computes on (ingests, fusion, cryo; :class:`DaskPool`), instead of a cluster started per run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 # Daemon lines for sensor ticks that request nothing (dagster/_daemon/sensor.py).
 QUIET_TICK = re.compile(
@@ -27,9 +32,14 @@ QUIET_TICK = re.compile(
 SHUTDOWN_GRACE_SECONDS = 12.0
 
 
+# A run's DEBUG events (every step's start, output and handled input: 176 of 364 lines for the demo's runs)
+# stay in its event log in the UI; the terminal shows INFO and above.
+DEBUG_LINE = re.compile(r" - DEBUG - ")
+
+
 def quiet_lines(lines: Iterable[str]) -> Iterable[str]:
-    """The lines worth showing: sensor ticks that found nothing are left out."""
-    return (line for line in lines if not QUIET_TICK.search(line))
+    """The lines worth showing: sensor ticks that found nothing and runs' DEBUG events are left out."""
+    return (line for line in lines if not (QUIET_TICK.search(line) or DEBUG_LINE.search(line)))
 
 
 def _restore_sigint() -> None:  # runs in the child before exec
@@ -40,6 +50,7 @@ def _restore_sigint() -> None:  # runs in the child before exec
 def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
     """Run `dagster dev` until it exits or this process gets SIGTERM/SIGINT; its exit status."""
     cmd = [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", host, "-p", str(port)]
+    pool = DaskPool.start(out) if not os.environ.get("DASK_SCHEDULER_ADDRESS") else None
     print(
         f"em-platform dev: Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '?')}); "
         "sensor ticks that find nothing are not logged; Ctrl-C or SIGTERM stops it",
@@ -55,6 +66,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         errors="replace",
         preexec_fn=_restore_sigint,
         start_new_session=True,
+        env={**os.environ, **(pool.env if pool else {})},
     )
     stopping = threading.Event()
 
@@ -65,40 +77,44 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
             threading.Thread(target=_shut_down, args=(child, out), daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    live_qc = LiveQC(out)
+    live_qc = Supervised("live-qc", [sys.executable, "-m", "em_platform.tem.live_qc_cli"], out)
     try:
         for line in quiet_lines(child.stdout):
             out.write(line)
             out.flush()
         status = child.wait()
         live_qc.stop()
+        if pool:
+            pool.stop()
         if status == -signal.SIGKILL:
             print("em-platform dev: Dagster services killed", file=out, flush=True)
         return status
     finally:
         live_qc.stop()
+        if pool:
+            pool.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-class LiveQC:
-    """The warm live-QC service (`em-platform live-qc`) beside Dagster, restarted if it dies, stopped with
-    SIGTERM when `make dev` stops (and by the kernel if this process is killed)."""
+class Supervised:
+    """A service of the platform beside Dagster (``cmd``), restarted if it dies, stopped with SIGTERM when
+    `make dev` stops (and by the kernel if this process is killed). Its lines go to the log, but those
+    ``quiet`` matches (routine INFO chatter)."""
 
     RESTART_SECONDS = 2.0
 
-    def __init__(self, out):
-        self.out = out
+    def __init__(self, name: str, cmd: list[str], out, quiet: re.Pattern | None = None):
+        self.name, self.cmd, self.out, self.quiet = name, cmd, out, quiet
         self.stopping = threading.Event()
         self.proc: subprocess.Popen | None = None
-        self._thread = threading.Thread(target=self._supervise, name="live-qc", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name=name, daemon=True)
         self._thread.start()
 
     def _supervise(self) -> None:
-        cmd = [sys.executable, "-m", "em_platform.tem.live_qc_cli"]
         while not self.stopping.is_set():
             self.proc = subprocess.Popen(
-                cmd,
+                self.cmd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -107,13 +123,14 @@ class LiveQC:
                 preexec_fn=_child_of_this_process,
             )
             for line in self.proc.stdout:
-                self.out.write(line)
-                self.out.flush()
+                if self.quiet is None or not self.quiet.search(line):
+                    self.out.write(line)
+                    self.out.flush()
             status = self.proc.wait()
             if self.stopping.wait(0):
                 return
             print(
-                f"em-platform dev: live-qc exited ({status}); restarting in {self.RESTART_SECONDS:g} s",
+                f"em-platform dev: {self.name} exited ({status}); restarting in {self.RESTART_SECONDS:g} s",
                 file=self.out,
                 flush=True,
             )
@@ -130,6 +147,90 @@ class LiveQC:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self._thread.join(5)
+
+
+DASK_INFO = re.compile(r" - INFO - ")  # Dask's routine lines (workers joining, tasks' plugins); warnings pass
+
+
+@dataclass
+class DaskPool:
+    """One Dask scheduler and its workers on loopback, shared by every run `make dev` launches (Dagster's runs
+    get ``DASK_SCHEDULER_ADDRESS``): warm, sized to the machine (a worker process per core, one thread each,
+    memory shared out among them), and doing its batch work at nice 10 (the ``batch_niceness`` preload), so
+    the live-QC service's own threads get the cores first. Not started when ``DASK_SCHEDULER_ADDRESS``
+    already names a cluster."""
+
+    address: str
+    scheduler: Supervised
+    workers: Supervised
+
+    @classmethod
+    def start(cls, out) -> DaskPool:
+        port = _free_loopback_port()
+        address = f"tcp://127.0.0.1:{port}"
+        python = sys.executable
+        scheduler = Supervised(
+            "dask-scheduler",
+            [
+                python,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+                "--dashboard-address",
+                "127.0.0.1:0",
+            ],
+            out,
+            DASK_INFO,
+        )
+        workers = Supervised(
+            "dask-worker",
+            [
+                python,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nworkers",
+                str(os.cpu_count() or 1),
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--dashboard-address",
+                "127.0.0.1:0",
+                "--preload",
+                "em_platform.deploy.batch_niceness",
+            ],
+            out,
+            DASK_INFO,
+        )
+        print(
+            f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, batch "
+            "work at nice 10)",
+            file=out,
+            flush=True,
+        )
+        return cls(address, scheduler, workers)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"DASK_SCHEDULER_ADDRESS": self.address}
+
+    def stop(self) -> None:
+        self.workers.stop()
+        self.scheduler.stop()
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _child_of_this_process() -> None:  # runs in the child before exec

@@ -1,4 +1,5 @@
-"""`em-platform dev` keeps the daemon's log to what happened: sensor ticks that found nothing are left out."""
+"""`em-platform dev` keeps the daemon's log to what happened, at INFO: sensor ticks that found nothing and runs'
+DEBUG events are left out."""
 
 from em_platform.dev import quiet_lines
 
@@ -10,8 +11,10 @@ def test_quiet_lines_drop_empty_sensor_ticks_only():
         "2026-01-01 - dagster.daemon.SensorDaemon - INFO - No run requests returned for inbox_sensor, skipping\n",
         "2026-01-01 - dagster.daemon.SensorDaemon - INFO - Launching run for inbox_sensor\n",
         "2026-01-01 - dagster-webserver - INFO - Serving dagster-webserver on http://127.0.0.1:3000\n",
+        "2026-01-01 12:00:00 +0000 - dagster - DEBUG - demo_job - 1f2e - ingest - STEP_START - Started\n",
+        "2026-01-01 12:00:01 +0000 - dagster - ERROR - demo_job - 1f2e - ingest - STEP_FAILURE - Failed\n",
     ]
-    assert list(quiet_lines(lines)) == lines[3:]
+    assert list(quiet_lines(lines)) == lines[3:5] + lines[6:]
 
 
 def test_a_dagster_that_ignores_sigint_is_killed_after_the_grace(monkeypatch):
@@ -40,3 +43,46 @@ def test_a_dagster_that_ignores_sigint_is_killed_after_the_grace(monkeypatch):
     dev._shut_down(child, out)
     assert child.wait(10) == -signal.SIGKILL
     assert "killing its processes" in out.getvalue()
+
+
+def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies():
+    """`make dev`'s one Dask pool: every run's client reaches it; a worker process per core, each doing its
+    batch work at nice 10 (the live-QC service's threads first); a worker killed with SIGKILL is restarted by
+    the supervisor; stopping the pool stops every process it started."""
+    import io
+    import os
+    import signal
+    import time
+
+    import psutil
+    from distributed import Client
+
+    from em_platform.dev import DaskPool
+
+    out = io.StringIO()
+    pool = DaskPool.start(out)
+    try:
+        assert pool.address.startswith("tcp://127.0.0.1:")
+        with Client(pool.address, timeout="60s") as client:
+            client.wait_for_workers(os.cpu_count() or 1, timeout=120)
+            assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+            niceness = client.run(lambda: os.getpriority(os.PRIO_PROCESS, 0))
+            assert sorted(niceness.values()) == [10] * (os.cpu_count() or 1)
+            first = pool.workers.proc.pid
+            os.kill(first, signal.SIGKILL)  # the `dask worker` process and so its nannies
+            deadline = time.monotonic() + 120
+            while pool.workers.proc is None or pool.workers.proc.pid == first:
+                assert time.monotonic() < deadline, out.getvalue()[-3000:]
+                time.sleep(0.2)  # poll interval while the supervisor restarts it
+            client.wait_for_workers(os.cpu_count() or 1, timeout=120)
+            assert client.submit(sum, [4, 5]).result(timeout=60) == 9
+        assert "dask-worker exited" in out.getvalue()
+        assert " - INFO - " not in out.getvalue()
+        started = [pool.scheduler.proc.pid, pool.workers.proc.pid]
+        children = psutil.Process(pool.workers.proc.pid).children(recursive=True)
+    finally:
+        pool.stop()
+    gone, alive = psutil.wait_procs(
+        [psutil.Process(p) for p in started if psutil.pid_exists(p)] + children, 30
+    )
+    assert not alive, alive

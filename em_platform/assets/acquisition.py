@@ -15,6 +15,7 @@ from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.storage.upload import abort_cleanup
 from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
+from em_platform.tem.heap import keep_freed_memory
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
 from em_platform.tem.montage_run import MontageRunConfig, quiet_dask, run_montage
 from em_platform.tem.qc import QCConfig
@@ -159,6 +160,7 @@ def montage_tiles(
     # the same staging for every judge of this montage: the live service, this run, a retry of it
     final, staging = processed_tile_paths(store, montage_id)
     tiff_dir = store.path(montage_id, "processed") if config.write_tiffs else None
+    keep_freed_memory()  # this run process judges tile after tile: their arrays from the heap (tem.heap)
     with quiet_dask():  # applies when the client starts an in-process cluster
         client = dask.get_client()
     source = hardware.tile_source()

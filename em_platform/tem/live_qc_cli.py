@@ -12,9 +12,11 @@ import threading
 
 def run(settings) -> int:
     from em_platform.resources import DaskResource, build_resources
+    from em_platform.tem.heap import keep_freed_memory
     from em_platform.tem.live_service import LiveQCService
     from em_platform.tem.montage_run import quiet_dask
 
+    keep_freed_memory()  # tile after tile: the same arrays, from the heap, not faulted in again
     logging.basicConfig(level=logging.INFO, format="%(asctime)s live-qc %(levelname)s %(message)s")
     resources = build_resources(settings)
     hardware = resources["hardware"]

@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
-from em_platform.tem.montage_run import MontageRunConfig, run_montage
+from em_platform.tem.montage_run import MontageRunConfig, MontageRunResult, run_montage
+from em_platform.tem.qc_summary import MontageSummary
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,13 @@ class LiveQCService:
         config: MontageRunConfig | None = None,
         poll_seconds: float = 0.2,
         owner: str | None = None,
+        on_judged: Callable[[MontageRunResult], None] | None = None,
     ):
         self.hardware, self.buffer, self.client = hardware, buffer, client
         self.config = config or MontageRunConfig()
         self.poll_seconds = poll_seconds
         self.owner = owner or f"live-qc@{socket.gethostname()}:{os.getpid()}"
+        self.on_judged = on_judged
         self.judging: dict[str, threading.Thread] = {}  # montage id -> the thread judging it
         self.done: set[str] = set()
         self._last_seq = 0
@@ -122,8 +125,14 @@ class LiveQCService:
                 logger=log,
             )
             log.info(
-                "live-qc: montage %s judged (%d tiles): %s", montage_id, len(result.tiles), result.qc.status
+                "live-qc: montage %s judged (%d tiles): %s%s",
+                montage_id,
+                len(result.tiles),
+                result.qc.status,
+                _latency(result),
             )
+            if self.on_judged is not None:
+                self.on_judged(result)
         except Exception:
             log.exception(
                 "live-qc: montage %s: judging stopped; its run takes over from the journal", montage_id
@@ -131,3 +140,16 @@ class LiveQCService:
         finally:
             source.close()
             claim.release()
+
+
+def _latency(result: MontageRunResult) -> str:
+    """tile.raw -> qc.tile over the tiles this service judged, and the stage that took longest at p95."""
+    spread = MontageSummary.of(result).latency_ms
+    total = spread.pop("total", None)
+    if total is None:
+        return ""
+    stage, worst = max(spread.items(), key=lambda kv: kv[1]["p95"])
+    return (
+        f"; tile.raw -> qc.tile p50 {total['p50'] / 1000:.2f} s, p95 {total['p95'] / 1000:.2f} s, "
+        f"max {total['max'] / 1000:.2f} s (longest stage at p95: {stage}, {worst['p95']:.0f} ms)"
+    )

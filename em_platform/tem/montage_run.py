@@ -5,8 +5,9 @@ finished montage (all its tiles are simply there at once).
 :class:`MontageRun` is a loop over four named steps:
 
 * :meth:`~MontageRun.poll` — the montage's state and its new tiles from the journal;
-* :meth:`~MontageRun.process` — per new tile, two Dask tasks at once: process it, and judge it (match
-  the overlaps it closes with the neighbours already there) as soon as those are processed;
+* :meth:`~MontageRun.process` — per new tile, three Dask tasks at once: process it, judge it (match
+  the overlaps it closes with the neighbours already there) as soon as those are processed, and store
+  the processed tile behind the verdict (the run ends when every tile is stored);
 * :meth:`~MontageRun.collect` — judged tiles back from Dask, as they finish;
 * :meth:`~MontageRun.issue_verdicts` — verdicts strictly in acquisition order (so "N faulty tiles in a
   row" means N consecutive tiles of the scope), the journal written once per batch.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,11 +44,14 @@ from em_platform.tem.tile_source import TileSource
 from em_platform.tem.tile_tasks import (
     EdgeJob,
     Judgement,
+    Stored,
     StoredTile,
     TileOutcome,
     build_flatfield,
     judge_tile,
     process_tile_file,
+    store_processed_tile,
+    stored_completely,
     warm_up,
 )
 
@@ -59,6 +63,17 @@ IN_FLIGHT: dict[str, Any] = {"in_flight": True}  # a match submitted and not yet
 # runs share (the deployment's), a live tile's tasks go ahead of every batch task that has not started yet;
 # among live tiles, the earlier tile first (the offset leaves room for 500,000 tiles per montage).
 LIVE_PRIORITY = 1_000_000
+# Writing a processed tile waits for the live tiles queued (it is not on the verdict's path), never for batch.
+STORE_PRIORITY = LIVE_PRIORITY // 2
+# Processed tiles held in memory waiting to be written (25 MB each at 5000²): beyond this many, new tiles
+# wait in the run's backlog, so re-processing a finished montage of thousands of tiles (all there at once)
+# cannot outrun its writes. A live scope never gets near it: at 3 tiles/s a write keeps up.
+MAX_UNSTORED_TILES = 24
+
+
+class ProcessedTilesNotStored(RuntimeError):
+    """Tiles were judged (their verdicts sent) but their processed pixels could not be written."""
+
 
 # Where a tile's latency (tile.raw journaled -> verdict journaled) goes: (stage, from, to) over the
 # TileRecord's times. "landed": the journal received tile.raw; "seen": a poll handed it to the run; the
@@ -143,6 +158,7 @@ class TileRecord:
     outcome: TileOutcome | None = None  # statistics and focus (no pixels); None until judged, or failed
     error: str | None = None
     future: Any = None  # the processing future, held while later neighbours may need its strips
+    store: Any = None  # the store future, held until the processed tile is written
     matches: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: no overlap found
     verdict: TileVerdict | None = None
     times: dict[str, float] = field(default_factory=dict)  # Unix seconds of each step: see LATENCY_STEPS
@@ -231,6 +247,10 @@ class MontageRun:
         self.flatfield_info: dict[str, Any] = {"kind": "none"}
         self.judges: dict[Any, tuple[str, list[tuple[str, str]]]] = {}  # judge future -> (tile, its edges)
         self.completed: queue.Queue = queue.Queue()  # judge futures, as Dask finishes them
+        self.storing: dict[Any, str] = {}  # store future -> tile id, until taken
+        self.backlog: deque[TileRow] = deque()  # tiles waiting for room among the unstored (in order)
+        self.stored: queue.Queue = queue.Queue()  # store futures, as Dask finishes them
+        self.store_errors: dict[str, str] = {}  # tile id -> why its processed tile was not written
         self.montage: MontageRow | None = None
         self.calibration: StageCalibration | None = None
         self.named: dict[str, tuple[int, int]] | None = None
@@ -262,9 +282,11 @@ class MontageRun:
         try:
             self._loop()
             not_received = self._finish()
+            self._wait_for_stores()
         finally:
             for rec in self.records.values():
                 self._release(rec)
+                rec.store = None  # a store not yet written is cancelled: a re-run writes it (see _resumed)
             del warming
         result = MontageRunResult(
             self.montage_id,
@@ -280,6 +302,14 @@ class MontageRun:
             self.calibration,
         )
         self._decide(result)
+        if self.store_errors:
+            tiles = sorted(self.store_errors)
+            raise ProcessedTilesNotStored(
+                f"montage {self.montage_id}: {len(tiles)} processed tile(s) could not be written to "
+                f"{self.processed_url} ({', '.join(tiles[:5])}: {self.store_errors[tiles[0]]}); their verdicts "
+                "were sent. Fix the storage (space, permissions), then re-run the partition: the verdicts are "
+                "kept and only the missing tiles are processed again"
+            )
         return result
 
     def _loop(self) -> None:
@@ -292,7 +322,11 @@ class MontageRun:
                 self.collect(until=next_poll)
             self._timed("run_loop.verdicts", self.issue_verdicts)
             self._timed("run_loop.status", self.keep_status)
+            self._take_stored()
             if self.judges:
+                continue
+            if self.backlog:  # nothing judging: only writes can make room for the next tiles
+                self._take_stored(timeout=max(0.0, next_poll - self.clock()))
                 continue
             if self.montage.finished:
                 if not self._waiting_for_named_tiles():
@@ -341,26 +375,28 @@ class MontageRun:
             self._start_flatfield()
         if t.tile_id in self.records:
             return  # the journal hands each tile over once; a re-sent tile.raw with a new id is a new tile
+        if self.backlog or len(self.storing) >= MAX_UNSTORED_TILES:
+            self.backlog.append(t)  # in acquisition order, behind the tiles already waiting
+            return
+        self._take_on(t)
+
+    def _drain_backlog(self) -> None:
+        while self.backlog and len(self.storing) < MAX_UNSTORED_TILES:
+            self._take_on(self.backlog.popleft())
+
+    def _take_on(self, t: TileRow) -> None:
+        """The tile becomes the run's: resumed from the journal, or its three tasks submitted."""
         resumed = None if self.config.rejudge else self._resumed(t)
         rec = resumed or TileRecord(t, times={"landed": t.acquired_at.timestamp(), "seen": time.time()})
         self.records[t.tile_id] = rec
         self.order.append(t.tile_id)
         self.by_pos[(t.row, t.column)] = rec
-        if resumed is not None:
-            return
         n = len(self.order)
-        rec.future = self.client.submit(
-            process_tile_file,
-            t.path,
-            self.flatfield_future,
-            overlap=t.overlap or 0,
-            out_url=self.processed_url,
-            storage_options=self.storage_options,
-            array_name=array_name(t.row, t.column),
-            tiff_path=self._tiff_path(t),
-            pure=False,
-            priority=LIVE_PRIORITY - 2 * n,  # first come, first processed (else Dask picks any order) ...
-        )
+        if resumed is not None:
+            if rec.outcome is not None and not self._stored(t):
+                self._submit_processing(rec, n)  # judged and sent, cut off before its pixels were written
+            return
+        self._submit_processing(rec, n)
         edges = self._edges_closed_by(rec)
         judge = self.client.submit(
             judge_tile,
@@ -374,10 +410,33 @@ class MontageRun:
         self.judges[judge] = (t.tile_id, [(job.tile_id, job.position) for job, _, _ in edges])
         judge.add_done_callback(self.completed.put)
 
+    def _submit_processing(self, rec: TileRecord, n: int) -> None:
+        """The tile's processing task and, behind it, the store of its processed pixels."""
+        t = rec.tile
+        rec.future = self.client.submit(
+            process_tile_file,
+            t.path,
+            self.flatfield_future,
+            overlap=t.overlap or 0,
+            pure=False,
+            priority=LIVE_PRIORITY - 2 * n,  # first come, first processed (else Dask picks any order) ...
+        )
+        rec.store = self.client.submit(
+            store_processed_tile,
+            rec.future,
+            url=f"{self.processed_url}/{array_name(t.row, t.column)}",
+            storage_options=self.storage_options,
+            tiff_path=self._tiff_path(t),
+            pure=False,
+            priority=STORE_PRIORITY - n,
+        )
+        self.storing[rec.store] = t.tile_id
+        rec.store.add_done_callback(self.stored.put)
+
     def _resumed(self, t: TileRow) -> TileRecord | None:
-        """The tile as an earlier run of this montage judged it, when the journal holds its verdict (and, for
-        a processed tile, the store its pixels): so a run killed or restarted mid-montage judges and sends
-        each tile once. Its faults rejoin the montage's QC in acquisition order (the journal commits
+        """The tile as an earlier run of this montage judged it, when the journal holds its verdict: so a run
+        killed or restarted mid-montage judges and sends each tile once (a tile whose processed pixels were
+        not written to the end is processed again, not judged again). Its faults rejoin the montage's QC in acquisition order (the journal commits
         verdicts in that order), so runs of faulty tiles count across the restart."""
         if t.qc_passed is None or self.order and not self.records[self.order[-1]].resumed:
             return None  # not judged, or after a tile this run judges anew: from here on, all anew
@@ -385,28 +444,18 @@ class MontageRun:
         rec = TileRecord(t, resumed=True)
         if t.error is not None:
             rec.error = t.error
-        elif "stats" in results and self._stored(t):
+        elif "stats" in results:
             focus = results["focus"]
             rec.outcome = TileOutcome(results["stats"], focus, tuple(results["shape"]))
             rec.matches = {p: None for p in results.get("unmatched", [])} | dict(results.get("matches", {}))
         else:
-            return None  # judged by a version that did not keep what resuming needs, or its pixels are gone
+            return None  # judged by a version that did not keep what resuming needs
         faults = [Fault(**f) for f in t.qc_faults or []]
         rec.verdict = self.qc.add(t.tile_id, t.row, t.column, faults)
         return rec
 
     def _stored(self, t: TileRow) -> bool:
-        import zarr
-
-        try:
-            zarr.open_array(
-                f"{self.processed_url}/{array_name(t.row, t.column)}",
-                mode="r",
-                storage_options=self.storage_options,
-            )
-            return True
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.ArrayNotFoundError):
-            return False
+        return stored_completely(f"{self.processed_url}/{array_name(t.row, t.column)}", self.storage_options)
 
     def _edges_closed_by(self, rec: TileRecord) -> list[tuple[EdgeJob, Any, Any]]:
         """The overlaps the new tile closes: with its top and left neighbours, and as the top or left
@@ -435,12 +484,14 @@ class MontageRun:
         return edges
 
     def _end(self, rec: TileRecord) -> Any:
-        """A tile as one end of a match: its processing future, its stored pixels once that is released,
-        or None when it has nothing to match (failed, or a single-tile fault)."""
+        """A tile as one end of a match: its processing future, its store's once that is released, its
+        stored pixels once both are, or None when it has nothing to match (failed, or a single-tile fault)."""
         if rec.judged and (rec.error is not None or not self._usable(rec)):
             return None
         if rec.future is not None:
             return rec.future
+        if rec.store is not None:
+            return rec.store
         url = f"{self.processed_url}/{array_name(rec.tile.row, rec.tile.column)}"
         return StoredTile(url, self.storage_options, rec.outcome.shape)
 
@@ -576,6 +627,45 @@ class MontageRun:
             rec.future.release()
             rec.future = None
 
+    # -- stores ------------------------------------------------------------------------------------------
+
+    def _take_stored(self, block: bool = False, timeout: float = 0.0) -> None:
+        """Take the stores Dask has finished (waiting up to ``timeout`` for one; with ``block``, for all):
+        their cost, and any failure (reported when the run ends); then the backlog gets the room."""
+        deadline = self.clock() + timeout
+        while self.storing:
+            try:
+                wait = 1.0 if block else max(0.0, deadline - self.clock())
+                fut = self.stored.get(timeout=wait) if wait > 0 else self.stored.get_nowait()
+            except queue.Empty:
+                if block:
+                    continue
+                break
+            deadline = self.clock()  # one taken: the rest only if already there
+            tile_id = self.storing.pop(fut, None)
+            if tile_id is None:
+                continue
+            rec = self.records[tile_id]
+            if fut.status == "error":
+                exc = fut.exception()
+                self.store_errors[tile_id] = f"{type(exc).__name__}: {exc}"
+                self.log.error("tile %s: its processed tile was not written: %s", tile_id, exc)
+            elif fut.status == "finished":
+                stored = fut.result()
+                if isinstance(stored, Stored):
+                    self.cpu.update(stored.cpu)
+                    rec.times.update(stored.times)
+            else:  # cancelled: its worker went away; a re-run re-makes it
+                self.store_errors[tile_id] = f"the store task was {fut.status}"
+            if rec.store is fut:
+                rec.store = None
+            fut.release()
+        self._drain_backlog()
+
+    def _wait_for_stores(self) -> None:
+        """Every processed tile written (or its failure known) before the montage's result is handed on."""
+        self._take_stored(block=True)
+
     # -- verdicts ---------------------------------------------------------------------------------------
 
     def issue_verdicts(self) -> None:
@@ -605,7 +695,9 @@ class MontageRun:
         meta = tile_metadata(
             t.tile_id, t.montage_id, t.row, t.column, t.overlap, (t.stage_x_nm, t.stage_y_nm)
         )
-        processed = (o.tiff_path or f"{self.announce_url}/{array_name(t.row, t.column)}") if o else None
+        processed = (
+            (self._tiff_path(t) or f"{self.announce_url}/{array_name(t.row, t.column)}") if o else None
+        )
         return TileReport(
             t.tile_id,
             tile_messages(

@@ -1,14 +1,18 @@
 """The Dask tasks of live montage processing: build the flatfield, process one tile, judge one tile.
 
-Two tasks per tile, both submitted the moment the tile is in the journal:
+Three tasks per tile, all submitted the moment the tile is in the journal:
 
-* :func:`process_tile_file` reads, corrects, enhances and measures the tile, stores the processed
-  pixels, and keeps on the worker only what later steps need: statistics, focus and the four overlap
-  strips. It never raises for a bad tile: the error is part of its :class:`TileOutcome`, so a corrupt
-  tile cannot fail the tasks of its neighbours that depend on it.
+* :func:`process_tile_file` reads, corrects, enhances and measures the tile and keeps on the worker what
+  later steps need: statistics, focus, the four overlap strips and (until it is stored) the processed
+  tile. It never raises for a bad tile: the error is part of its :class:`TileOutcome`, so a corrupt tile
+  cannot fail the tasks of its neighbours that depend on it.
 * :func:`judge_tile` depends on that task and on the neighbours' (Dask starts it when they are done):
   it matches the overlaps that involve the tile and returns a small :class:`Judgement` (statistics,
-  focus, matches; no pixels) — the only result the montage run waits for.
+  focus, matches; no pixels) — the only result the verdict waits for.
+* :func:`store_processed_tile` writes the processed tile behind the verdict: it leaves Dask's thread
+  slots (``secede``) and writes one tile at a time per worker process at a lower CPU priority, so a store
+  never holds a thread a live tile needs (on the critical path it cost 60 ms of the 160 ms a tile takes,
+  and more while an ingest filled the page cache).
 
 Each task reports the CPU seconds of its own stages (``cpu``), which the benchmark adds up, and when it
 started and ended (``times``, Unix seconds), from which the run tells where a tile's latency went.
@@ -16,6 +20,9 @@ started and ended (``times``, Unix seconds), from which the run tells where a ti
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +33,8 @@ from em_platform.stitch.grid import OPPOSITE, neighbour_of, to_nominal
 from em_platform.tem.qc import QCConfig, usable_for_matching
 
 STORE_CHUNK_PX = 1024  # largest chunk edge of a stored processed tile
+STORE_NICENESS = 5  # a store's thread: behind the live tiles' threads (0), ahead of batch workers (10)
+_ONE_WRITER = threading.Lock()  # one processed tile written at a time per worker process
 MIN_TEMPLATE_PX = 8  # stitch.matching's narrowest template: an overlap thinner than this is not searched
 
 
@@ -37,13 +46,28 @@ class TileOutcome:
     focus: float | None
     shape: tuple[int, int] | None
     strips: dict[str, Any] = field(default_factory=dict)  # "top" ... "right": EdgeStrips (worker side)
-    tiff_path: str | None = None
     error: str | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # thread CPU seconds per stage
     times: dict[str, float] = field(default_factory=dict)  # "process_start", "process_end": Unix seconds
+    pixels: PixelHandOff | None = None  # the processed tile, worker side, until it is stored
 
-    def without_strips(self) -> TileOutcome:
-        return replace(self, strips={})
+    def without_pixels(self) -> TileOutcome:
+        """What leaves the worker: no strips, no processed tile."""
+        return replace(self, strips={}, pixels=None)
+
+
+class PixelHandOff:
+    """The processed tile, held by its outcome until :func:`store_processed_tile` takes it: the outcome
+    stays on the worker while neighbours still match against its strips, the 25 MB tile need not."""
+
+    def __init__(self, image: np.ndarray):
+        self._image: np.ndarray | None = image
+
+    def take(self) -> np.ndarray:
+        image, self._image = self._image, None
+        if image is None:
+            raise RuntimeError("the processed tile was already stored (or its worker restarted)")
+        return image
 
 
 @dataclass(frozen=True)
@@ -131,12 +155,9 @@ def process_tile_file(
     flatfield,
     *,
     overlap: int,
-    out_url: str,
-    storage_options: dict | None,
-    array_name: str,
-    tiff_path: str | None = None,
 ) -> TileOutcome:
-    """Read, correct, enhance and measure one tile; store the processed tile as ``<out_url>/<array_name>``.
+    """Read, correct, enhance and measure one tile; the processed tile stays with the outcome for
+    :func:`store_processed_tile`.
 
     A tile that cannot be read or processed gives an outcome with ``error`` set (never an exception).
     """
@@ -144,7 +165,7 @@ def process_tile_file(
     clock = time.thread_time
     started, began = clock(), time.time()
     try:
-        outcome = _process(path, flatfield, overlap, out_url, storage_options, array_name, tiff_path, cpu)
+        outcome = _process(path, flatfield, overlap, cpu)
     except Exception as exc:
         outcome = TileOutcome(
             None, None, None, error=f"{type(exc).__name__}: {exc}", cpu={"read": clock() - started}
@@ -152,7 +173,7 @@ def process_tile_file(
     return replace(outcome, times={"process_start": began, "process_end": time.time()})
 
 
-def _process(path, flatfield, overlap, out_url, storage_options, array_name, tiff_path, cpu) -> TileOutcome:
+def _process(path, flatfield, overlap, cpu) -> TileOutcome:
     import cv2
 
     from em_platform.tem.tile_processing import clahe, focus_score, raw_statistics, read_tile, tile_statistics
@@ -175,18 +196,66 @@ def _process(path, flatfield, overlap, out_url, storage_options, array_name, tif
     # smooth and does not reach the 50-251 band anyway.
     focus = float(focus_score(raw))
     t = _lap(cpu, "focus", t, clock)
-    store_tile(image, f"{out_url}/{array_name}", storage_options)
-    if tiff_path:
-        _write_tiff(tiff_path, image, storage_options)
-    t = _lap(cpu, "store", t, clock)
     strips = _strips(image, overlap)
     _lap(cpu, "strips", t, clock)
-    return TileOutcome(stats, focus, image.shape, strips, tiff_path, cpu=cpu)
+    return TileOutcome(stats, focus, image.shape, strips, cpu=cpu, pixels=PixelHandOff(image))
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A processed tile written: where (an end for later matches), and what the write cost."""
+
+    tile: StoredTile
+    cpu: dict[str, float]
+    times: dict[str, float]  # "store_start", "store_end": Unix seconds
+
+
+def store_processed_tile(
+    outcome: TileOutcome,
+    *,
+    url: str,
+    storage_options: dict | None,
+    tiff_path: str | None = None,
+) -> Stored | None:
+    """Write the outcome's processed tile as the zarr array at ``url`` (and as ``tiff_path`` if given), off
+    Dask's thread slots, one tile at a time per process, at :data:`STORE_NICENESS`. None for a tile that
+    failed (nothing to store); raises when the write fails (the run reports it and a re-run re-makes it)."""
+    if outcome.error is not None or outcome.pixels is None:
+        return None
+    _leave_thread_pool()
+    with _ONE_WRITER:
+        began = time.time()
+        started = time.thread_time()
+        image = outcome.pixels.take()
+        store_tile(image, url, storage_options)
+        if tiff_path:
+            _write_tiff(tiff_path, image, storage_options)
+        cpu = {"store": time.thread_time() - started}
+        return Stored(
+            StoredTile(url, storage_options, outcome.shape),  # type: ignore[arg-type]
+            cpu,
+            {"store_start": began, "store_end": time.time()},
+        )
+
+
+def _leave_thread_pool() -> None:
+    """Free this task's Dask thread slot (the thread ends with the task) and lower the thread's CPU
+    priority; outside a Dask worker (a synchronous scheduler) nothing changes."""
+    from distributed import secede
+
+    try:
+        secede()
+    except ValueError:  # not on a worker
+        return
+    if sys.platform == "linux":  # Linux keeps the niceness per thread; elsewhere it is the process's
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, STORE_NICENESS))
 
 
 def store_tile(image: np.ndarray, url: str, storage_options: dict | None = None) -> None:
     """Write a processed tile as the zarr array at ``url``: chunks of :func:`store_chunks`, uncompressed
-    (CLAHE output does not compress: LZ4 saved 0.2 % on 5000² tiles for 15-20 ms of CPU).
+    (CLAHE output does not compress: LZ4 saved 0.2 % on 5000² tiles for 15-20 ms of CPU). The attribute
+    ``complete`` is set last: an array without it was cut off mid-write (:func:`stored_completely`).
 
     On a local file system the chunks go straight into their files (:func:`write_region`: zarr's own
     writer cost about 50 ms of CPU per 5000² tile in its I/O threads, the direct writes about 10 ms).
@@ -205,6 +274,18 @@ def store_tile(image: np.ndarray, url: str, storage_options: dict | None = None)
         compressors=None,
     )
     write_region(arr, (0, 0), image)
+    arr.attrs["complete"] = True
+
+
+def stored_completely(url: str, storage_options: dict | None = None) -> bool:
+    """Whether the processed tile at ``url`` was written to the end (:func:`store_tile`)."""
+    import zarr
+
+    try:
+        arr = zarr.open_array(url, mode="r", storage_options=storage_options)
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.ArrayNotFoundError):
+        return False
+    return arr.attrs.get("complete") is True
 
 
 def read_region(
@@ -245,10 +326,11 @@ def _write_tiff(path: str, image: np.ndarray, storage_options: dict | None) -> N
 def judge_tile(
     tile_id: str,
     outcome: TileOutcome,
-    edges: list[tuple[EdgeJob, TileOutcome | StoredTile, TileOutcome | StoredTile]],
+    edges: list[tuple[EdgeJob, Any, Any]],
     qc: QCConfig,
 ) -> Judgement:
-    """Match every overlap in ``edges`` (tile end, neighbour end) and return ``tile_id``'s judgement.
+    """Match every overlap in ``edges`` (tile end, neighbour end: a :class:`TileOutcome` with its strips,
+    a :class:`StoredTile`, or a store's :class:`Stored`) and return ``tile_id``'s judgement.
 
     An edge with a tile that has a single-tile fault (or failed) is skipped: nothing to match, and not
     the other tile's fault. A match that raises counts as no overlap found, with the error noted.
@@ -256,6 +338,7 @@ def judge_tile(
     started, began = time.thread_time(), time.time()
     results = []
     for job, tile, neighbour in edges:
+        tile, neighbour = _as_end(tile), _as_end(neighbour)
         if not (_usable(tile, qc) and _usable(neighbour, qc)):
             results.append((job.tile_id, job.position, {"skipped": True}))
             continue
@@ -265,11 +348,18 @@ def judge_tile(
             results.append((job.tile_id, job.position, {"error": f"{type(exc).__name__}: {exc}"}))
     cpu = {"match": time.thread_time() - started} if edges else {}
     return Judgement(
-        tile_id, outcome.without_strips(), results, cpu, {"judge_start": began, "judge_end": time.time()}
+        tile_id, outcome.without_pixels(), results, cpu, {"judge_start": began, "judge_end": time.time()}
     )
 
 
-def _usable(end: TileOutcome | StoredTile, qc: QCConfig) -> bool:
+def _as_end(end: TileOutcome | StoredTile | Stored | None) -> TileOutcome | StoredTile | None:
+    """A store's result as the stored tile it wrote (None: the tile failed, nothing was stored)."""
+    return end.tile if isinstance(end, Stored) else end
+
+
+def _usable(end: TileOutcome | StoredTile | None, qc: QCConfig) -> bool:
+    if end is None:
+        return False
     # a stored tile was judged usable by the run before it was handed over as one
     return isinstance(end, StoredTile) or (
         end.error is None and usable_for_matching(end.stats, end.focus, qc)

@@ -385,7 +385,153 @@ def test_live_tile_tasks_go_ahead_of_batch_work_on_a_shared_cluster(tmp_path, cl
         processed_url=str(tmp_path / "processed.zarr"),
         config=MontageRunConfig(poll_seconds=0.05),
     )
-    assert len(spy.priorities) >= 2 * 12 and min(spy.priorities) > 0
-    tiles = spy.priorities[-24:]  # process and judge of each tile, in acquisition order
-    pairs = list(zip(tiles[::2], tiles[1::2], strict=True))
-    assert all(min(a) > max(b) for a, b in zip(pairs, pairs[1:], strict=False))  # before the next tile
+    assert len(spy.priorities) >= 3 * 12 and min(spy.priorities) > 0
+    tiles = spy.priorities[-36:]  # process, store and judge of each tile, in acquisition order
+    live = list(zip(tiles[::3], tiles[2::3], strict=True))  # process and judge
+    stores = tiles[1::3]
+    assert all(min(a) > max(b) for a, b in zip(live, live[1:], strict=False))  # before the next tile
+    assert max(stores) < min(min(p) for p in live)  # a write waits for every live tile queued
+    assert all(a > b for a, b in zip(stores, stores[1:], strict=False))
+
+
+def _journal_montage(tmp_path, **grid):
+    journal = Journal(f"sqlite:///{tmp_path / 'journal.sqlite'}")
+    truth = simulate_montage(
+        ScopeConfig(**{**GRID, **grid}), tmp_path / "tiles", journal.record, sleep=lambda s: None
+    )
+    return journal, truth
+
+
+def test_verdicts_do_not_wait_for_the_processed_tiles_to_be_written(tmp_path):
+    """The processed tile is written behind the verdict, outside Dask's thread slots: on a cluster of one
+    thread, with every write held back, every tile is still judged and its qc.tile sent; the run itself
+    ends only once the held writes are done, each tile stored completely."""
+    import threading
+    import time
+
+    from em_platform.tem import tile_tasks
+
+    journal, truth = _journal_montage(tmp_path)
+    tiles = [t.tile_id for t in journal.tiles(truth.montage_id) if not t.is_reference]
+    processed = tmp_path / "processed.zarr"
+    out: dict = {}
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
+        with Client(cluster) as one_thread:
+            tile_tasks._ONE_WRITER.acquire()
+            try:
+                run = threading.Thread(
+                    target=lambda: out.update(
+                        result=run_montage(
+                            truth.montage_id,
+                            JournalTileSource(journal, pixel_size_nm=4.0),
+                            one_thread,
+                            processed_url=str(processed),
+                            config=MontageRunConfig(poll_seconds=0.05),
+                        )
+                    )
+                )
+                run.start()
+                deadline = time.monotonic() + 120
+                while len(journal.messages("qc.tile", truth.montage_id)) < len(tiles):
+                    assert time.monotonic() < deadline, "verdicts waited for the held writes"
+                    assert run.is_alive()
+                    time.sleep(0.05)
+                assert run.is_alive()  # the run waits for its writes
+                assert not any(tile_tasks.stored_completely(str(processed / a)) for a in _arrays(truth))
+            finally:
+                tile_tasks._ONE_WRITER.release()
+            run.join(120)
+    assert not run.is_alive() and out["result"].qc.status == "GOOD"
+    assert all(tile_tasks.stored_completely(str(processed / a)) for a in _arrays(truth))
+
+
+def _arrays(truth) -> list[str]:
+    return [f"r{t.row:03d}_c{t.column:03d}" for t in truth.tiles]
+
+
+def test_a_tile_judged_but_not_stored_is_processed_again_never_judged_again(tmp_path, client, monkeypatch):
+    """A write that fails (a full disk) loses no verdict: the run sends every qc.tile, then fails naming the
+    tile and what to do; the re-run sends nothing and writes the missing tile. A tile cut off mid-write
+    (no ``complete`` mark) is re-made the same way."""
+    import zarr
+
+    from em_platform.tem import tile_tasks
+    from em_platform.tem.montage_run import ProcessedTilesNotStored
+
+    journal, truth = _journal_montage(tmp_path, rows=2, columns=3)
+    tiles = sorted(t.tile_id for t in journal.tiles(truth.montage_id) if not t.is_reference)
+    processed = tmp_path / "processed.zarr"
+    broken = _arrays(truth)[4]
+    real_store = tile_tasks.store_tile
+
+    def full_disk(image, url, storage_options=None):
+        if url.endswith(broken):
+            raise OSError(28, "No space left on device")
+        real_store(image, url, storage_options)
+
+    monkeypatch.setattr(tile_tasks, "store_tile", full_disk)
+    options = dict(processed_url=str(processed), config=MontageRunConfig(poll_seconds=0.05))
+    first = _CountingSource(journal, pixel_size_nm=4.0)
+    with pytest.raises(
+        ProcessedTilesNotStored, match=r"1 processed tile.*No space left.*re-run the partition"
+    ):
+        run_montage(truth.montage_id, first, client, **options)
+    assert sorted(first.reported) == tiles
+    assert not tile_tasks.stored_completely(str(processed / broken))
+    monkeypatch.setattr(tile_tasks, "store_tile", real_store)
+
+    again = _CountingSource(journal, pixel_size_nm=4.0)
+    result = run_montage(truth.montage_id, again, client, **options)
+    assert again.reported == [] and all(r.resumed for r in result.tiles.values())
+    assert all(tile_tasks.stored_completely(str(processed / a)) for a in _arrays(truth))
+    remade = zarr.open_array(str(processed / broken), mode="r")[...]
+
+    cut_off = zarr.open_array(str(processed / broken), mode="r+")
+    del cut_off.attrs["complete"]
+    cut_off[:100] = 0
+    third = _CountingSource(journal, pixel_size_nm=4.0)
+    run_montage(truth.montage_id, third, client, **options)
+    assert third.reported == []
+    np.testing.assert_array_equal(zarr.open_array(str(processed / broken), mode="r")[...], remade)
+    assert len(journal.messages("qc.tile", truth.montage_id)) == len(tiles)
+
+
+def test_processed_tiles_waiting_to_be_written_are_bounded(tmp_path, client, monkeypatch):
+    """Re-processing a finished montage (every tile there at once) cannot outrun its writes: with the writes
+    held back, the run takes on only MAX_UNSTORED_TILES tiles, judges them, and leaves the rest in its backlog
+    (held in memory they would be 25 MB each); released, it judges and stores the whole montage."""
+    import threading
+    import time
+
+    from em_platform.tem import montage_run, tile_tasks
+    from em_platform.tem.montage_run import MontageRun
+
+    monkeypatch.setattr(montage_run, "MAX_UNSTORED_TILES", 3)
+    journal, truth = _journal_montage(tmp_path)
+    tiles = [t.tile_id for t in journal.tiles(truth.montage_id) if not t.is_reference]
+    run = MontageRun(
+        truth.montage_id,
+        JournalTileSource(journal, pixel_size_nm=4.0),
+        client,
+        processed_url=str(tmp_path / "processed.zarr"),
+        config=MontageRunConfig(poll_seconds=0.05),
+    )
+    out: dict = {}
+    tile_tasks._ONE_WRITER.acquire()
+    try:
+        thread = threading.Thread(target=lambda: out.update(result=run.run()))
+        thread.start()
+        deadline = time.monotonic() + 120
+        while len(journal.messages("qc.tile", truth.montage_id)) < 3:
+            assert time.monotonic() < deadline and thread.is_alive(), "the first tiles were not judged"
+            time.sleep(0.05)
+        assert len(run.records) == 3 and len(run.backlog) == len(tiles) - 3
+        assert len(journal.messages("qc.tile", truth.montage_id)) == 3
+    finally:
+        tile_tasks._ONE_WRITER.release()
+    thread.join(120)
+    assert not thread.is_alive() and out["result"].qc.status == "GOOD"
+    assert len(journal.messages("qc.tile", truth.montage_id)) == len(tiles) and not run.backlog
+    assert all(tile_tasks.stored_completely(str(tmp_path / "processed.zarr" / a)) for a in _arrays(truth))
