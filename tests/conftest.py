@@ -94,7 +94,7 @@ def s3_bucket(s3_endpoint):
 
 
 # Modules that share the one `make demo` checkout of tests/support/demo_state.py (and change its state in order).
-DEMO_MODULES = ("tests/browser/", "tests/test_demo.py", "tests/test_readme_commands.py")
+DEMO_MODULES = ("tests/browser/", "tests/test_demo.py", "tests/test_doc_commands.py")
 # Packages whose fixtures are package-scoped (one process topology for all of tests/deploy).
 PACKAGE_UNITS = ("tests/deploy/",)
 # The longest work units, started first so that neither core is left with one at the end.

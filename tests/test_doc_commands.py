@@ -1,11 +1,14 @@
-"""Every shell command the README shows, pasted as written into one terminal in a fresh checkout.
+"""Every shell command block the README and the documentation (docs/*.md) show, each pasted alone into a
+fresh terminal in a fresh checkout.
 
-The fenced ``sh``/``bash``/``shell``/``console`` blocks of README.md are read in order (new sections' commands are
-picked up by themselves); each command line is one test, run by bash in the checkout of
-``tests/support/demo_state.py`` (the same fresh checkout `make demo` ran in), with the environment and working
-folder a previous command left (``export``, ``eval``, ``cd`` carry over as in a terminal). A command that is not
-run is skipped with its reason (``pytest -rs`` lists them). ``make dev`` and ``make deploy-local`` run until they are up,
-then get SIGTERM as `kill %1` sends it and must stop cleanly.
+The fenced ``sh``/``bash``/``shell``/``console`` blocks of README.md and then of docs/ (in the site's order) are
+read as written (new pages' blocks are picked up by themselves); each block is one test, run by bash in the
+checkout of ``tests/support/demo_state.py`` (the same fresh checkout `make demo` ran in). Every block starts
+from a new user's environment in the checkout's folder, as a new terminal would; inside a block the
+environment and working folder one command leaves carry over to the next (``export``, ``eval``, ``cd``), as
+pasting the block does. A command that is not run is skipped with its reason (``pytest -rs`` lists them).
+``make dev`` and ``make deploy-local`` run until they are up, then get SIGTERM as `kill %1` sends it and must stop
+cleanly.
 
 The public-dataset commands (``dagster asset materialize ... --select ingest/empiar``, the FlyEM and IDR backfills)
 also run exactly as the README prints them, against loopback servers that speak each source's protocol
@@ -55,7 +58,7 @@ NOT_RUN = [
 
 
 def readme_commands(text: str) -> list[tuple[str, str]]:
-    """(section heading, command) for every command line in the README's shell blocks, in order.
+    """(section heading, command) for every command line in a page's shell blocks, in order.
 
     Lines ending in a backslash continue; blank lines and lines that are only a comment are not commands;
     a leading ``$ `` prompt (console blocks) is dropped.
@@ -86,7 +89,42 @@ def readme_commands(text: str) -> list[tuple[str, str]]:
     return commands
 
 
-COMMANDS = readme_commands((REPO / "README.md").read_text())
+def command_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """(section heading, its commands) for every shell block of a page, in order."""
+    blocks: list[tuple[str, list[str]]] = []
+    section, lines, inside = "(top)", [], False
+    for line in text.splitlines():
+        if not inside:
+            if line.startswith("#"):
+                section = line.lstrip("#").strip()
+            m = re.match(r"^```(\w*)\s*$", line)
+            if m and m.group(1).lower() in SHELL_FENCES:
+                inside, lines = True, [line]
+            continue
+        lines.append(line)
+        if line.startswith("```"):
+            inside = False
+            commands = [c for _, c in readme_commands("\n".join(lines))]
+            if commands:
+                blocks.append((section, commands))
+    return blocks
+
+
+def doc_pages() -> list[Path]:
+    """README.md, then the documentation's pages in the order of the site's navigation (mkdocs.yml)."""
+    import yaml
+
+    nav = yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]
+    pages = [next(iter(entry.values())) for entry in nav]
+    return [REPO / "README.md", *(REPO / "docs" / page for page in pages)]
+
+
+BLOCKS = [
+    (page.relative_to(REPO).as_posix(), section, commands)
+    for page in doc_pages()
+    for section, commands in command_blocks(page.read_text())
+]
+COMMANDS = [(f"{page}: {section}", c) for page, section, commands in BLOCKS for c in commands]
 
 
 # Commands that reach a public source: run against the loopback mirror (see the module docstring).
@@ -132,19 +170,6 @@ class Terminal:
         )
 
 
-_TERMINAL: Terminal | None = None
-
-
-@pytest.fixture(scope="module")
-def terminal():
-    """The one terminal of this process (a module fixture set up again must not start a new one)."""
-    global _TERMINAL
-    if _TERMINAL is None:
-        state = demo_state()
-        _TERMINAL = Terminal(state.checkout, dict(state.env))
-    return _TERMINAL
-
-
 @pytest.fixture(scope="module")
 def public_mirror(tmp_path_factory):
     """Loopback servers holding the README's public datasets in their real formats and protocols."""
@@ -152,7 +177,7 @@ def public_mirror(tmp_path_factory):
         yield mirror
 
 
-def test_readme_has_commands_and_every_one_is_run_or_skipped_with_a_reason():
+def test_the_docs_have_commands_and_every_one_is_run_or_skipped_with_a_reason():
     assert len(COMMANDS) >= 5
     for _, command in COMMANDS:
         assert not command.startswith("em-platform "), (
@@ -161,22 +186,35 @@ def test_readme_has_commands_and_every_one_is_run_or_skipped_with_a_reason():
 
 
 @pytest.mark.parametrize(
-    "section,command", COMMANDS, ids=[f"{i:02d}-{c[:50]}" for i, (_, c) in enumerate(COMMANDS)]
+    "page,section,commands",
+    BLOCKS,
+    ids=[f"{i:02d}-{page.removeprefix('docs/')}-{c[0][:40]}" for i, (page, _, c) in enumerate(BLOCKS)],
 )
-def test_readme_command(request, terminal, section, command):
-    reason = _reason_not_run(command)
-    if reason:
-        pytest.skip(f"README ({section}) `{command}` not run: {reason}")
-    if PUBLIC_SOURCE.search(command):
+def test_doc_command_block(request, page, section, commands):
+    """One block, pasted alone into a new terminal: every command in it succeeds (or is skipped, saying why)."""
+    state = demo_state()
+    terminal = Terminal(state.checkout, dict(state.env))
+    run = [c for c in commands if not _reason_not_run(c)]
+    if not run:
+        pytest.skip(
+            f"{page} ({section}): " + "; ".join(f"`{c}` not run: {_reason_not_run(c)}" for c in commands)
+        )
+    if any(PUBLIC_SOURCE.search(c) for c in run):
         terminal.export(request.getfixturevalue("public_mirror").env)  # a user pointing at a local mirror
-    if re.match(r"^make (dev|deploy-local)\b", command):
-        _run_until_sigterm(terminal, command)
-        return
-    done = terminal.run(command)
-    assert done.returncode == 0, (
-        f"README ({section}) `{command}` exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    )
-    assert "Traceback (most recent call last)" not in done.stdout + done.stderr, done.stdout + done.stderr
+    for command in commands:
+        reason = _reason_not_run(command)
+        if reason:
+            print(f"{page} ({section}) `{command}` not run: {reason}")
+            continue
+        if re.match(r"^make (dev|deploy-local)\b", command):
+            _run_until_sigterm(terminal, command)
+            continue
+        done = terminal.run(command)
+        assert done.returncode == 0, (
+            f"{page} ({section}) `{command}` exited {done.returncode} (the block pasted alone into a new "
+            f"terminal):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+        assert "Traceback (most recent call last)" not in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 def _run_until_sigterm(terminal: Terminal, command: str) -> None:

@@ -1,0 +1,229 @@
+"""docs/benchmarks.md from bench/results/*.json: the headline figures of every benchmark, each with the file
+and field it comes from, so the page cannot drift from what the benchmarks recorded (a test regenerates it
+and compares).
+
+python -m bench.report            # rewrite docs/benchmarks.md
+python -m bench.report --check    # exit 1 if it is out of date
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+
+# (results file, section, [(what, JSON path with * for "every item", unit)]): a path over several values
+# is shown as their range.
+FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
+    (
+        "live_qc.json",
+        "Live QC: two scopes at 3.07 tiles/s of 5000² uint8 each (`bench_tiles_live`)",
+        [
+            (
+                "warm live-QC service: tile.raw → qc.tile p95",
+                "live_service.runs.*.scopes.*.latency_s_p95",
+                "s",
+            ),
+            ("warm live-QC service: max", "live_service.runs.*.scopes.*.latency_s_max", "s"),
+            (
+                "with a 1 GiB ingest and a fusion beside it (pool at nice 10): p95",
+                "live_service_with_batch.runs_own_batch_niced_pool.*.scopes.*.latency_s_p95",
+                "s",
+            ),
+            (
+                "with the batch work: max",
+                "live_service_with_batch.runs_own_batch_niced_pool.*.scopes.*.latency_s_max",
+                "s",
+            ),
+            (
+                "the batch work meanwhile: ingest of 1 GiB",
+                "live_service_with_batch.runs_own_batch_niced_pool.*.batch.ingest_1gib_s",
+                "s",
+            ),
+            (
+                "the batch work alone: ingest of 1 GiB",
+                "live_service_with_batch.batch_alone.ingest_1gib_s",
+                "s",
+            ),
+            ("a run per montage, no service: p95", "scopes.*.latency_s_p95", "s"),
+            ("re-processing a finished montage", "unpaced.tiles_per_s", "tiles/s"),
+            ("CPU per tile", "unpaced.cpu_ms_per_tile", "ms"),
+        ],
+    ),
+    (
+        "tiles.json",
+        "The per-tile chain (`bench_tiles`)",
+        [
+            ("tiles of 5000² through the chain, 2 cores", "em_platform.tiles_per_s", "tiles/s"),
+            ("against a naive implementation", "speedup_vs_naive", "×"),
+        ],
+    ),
+    (
+        "montage.json",
+        "Stitching (`bench_montage`, `bench_temca`)",
+        [
+            ("10 × 10 synthetic montage: error from the truth", "em_platform.rms_error_px", "px"),
+            ("ASHLAR's time over ours on it", "comparison.ashlar_time_over_ours", "×"),
+            (
+                "real 4,969-tile TEMCA montage, affine: mean residual",
+                "temca.solves.ours_affine.residual_per_kept_pair.mean_px",
+                "px",
+            ),
+            ("em_stitch (BigFeta) affine on it", "temca.em_stitch_itself.affine.mean_px", "px"),
+            (
+                "polynomial: mean residual",
+                "temca.solves.ours_polynomial.residual_per_kept_pair.mean_px",
+                "px",
+            ),
+            ("em_stitch polynomial on it", "temca.em_stitch_itself.polynomial.mean_px", "px"),
+            ("affine solve CPU", "temca.solves.ours_affine.cpu_s", "s"),
+        ],
+    ),
+    (
+        "ome_zarr.json",
+        "OME-Zarr conversion of a 2 GiB volume (`bench_ome_zarr`)",
+        [
+            ("our writer over plain zarr (MB/s)", "ratios.em_platform/plain_zarr", "×"),
+            ("our writer over ome-zarr's write_image", "ratios.em_platform/write_image", "×"),
+        ],
+    ),
+    (
+        "ingest.json",
+        "Public-dataset ingest (`bench_ingest`)",
+        [
+            (
+                "1 GiB over a 100 MB/s link: ingest (OME-Zarr pyramid included) over a plain download",
+                "whole_ingest.sizes.1GiB.link.ingest_vs_plain",
+                "×",
+            ),
+        ],
+    ),
+    (
+        "simulation.json",
+        "Cryo-ET simulation (`bench_simulation`)",
+        [
+            ("41 × 512² tilt series of ~650k atoms", "verdict.stack_wall_s", "s"),
+            (
+                "over the reference (TEM-Simulator-like) implementation",
+                "verdict.speedup_vs_reference_wall",
+                "×",
+            ),
+            ("per-particle defocus residual, max", "verdict.particle_defocus_residual_max_A", "Å"),
+        ],
+    ),
+    (
+        "cryo.json",
+        "Cryo processing (`bench_cryo`)",
+        [
+            ("motion correction + CTF per exposure", "mc_plus_ctf_s_per_exposure", "s"),
+            ("weighted back-projection over scikit-image's iradon", "wbp_speedup_vs_iradon", "×"),
+            ("defocus error, median over the tilts", "accuracy.figures.defocus_error_pct_median", "%"),
+        ],
+    ),
+    (
+        "deploy.json",
+        "The production topology as processes (`bench_deploy`)",
+        [
+            (
+                "inbox drop → catalog record, topology over embedded",
+                "inbox_drop_to_record.topology_over_embedded",
+                "×",
+            ),
+        ],
+    ),
+    (
+        "faults.json",
+        "Faults: SIGKILL of a service mid-ingest or mid-montage (`bench_faults`)",
+        [
+            ("recovery, kill → every item complete", "faults.*.recovery_s", "s"),
+            ("every item exactly once", "all_exactly_once", ""),
+        ],
+    ),
+]
+
+
+def values(data: Any, path: str) -> list[Any]:
+    """The values at ``path`` (dot-separated; ``*`` takes every item of a list or mapping)."""
+    found = [data]
+    for part in path.split("."):
+        step = []
+        for item in found:
+            if part == "*":
+                step.extend(item.values() if isinstance(item, dict) else item)
+            elif isinstance(item, dict) and part in item:
+                step.append(item[part])
+            elif isinstance(item, list) and part.isdigit():
+                step.append(item[int(part)])
+            else:
+                raise KeyError(f"{path}: no {part!r}")
+        found = step
+    if not found:
+        raise KeyError(f"{path}: nothing there")
+    return found
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def shown(vals: list[Any], unit: str) -> str:
+    numbers = [v for v in vals if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(vals) > 1 and len(numbers) == len(vals):
+        lo, hi = min(numbers), max(numbers)
+        text = _number(lo) if lo == hi else f"{_number(lo)}–{_number(hi)}"
+    else:
+        text = ", ".join(_number(v) for v in vals)
+    return f"{text} {unit}".strip()
+
+
+def page() -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured on the project's 2-core, 24 GiB machine with `make bench` (`python -m bench.run`); every",
+        "benchmark compares against a baseline in the same run and writes `bench/results/<name>.json`. This page",
+        "is generated from those files (`python -m bench.report`); a range is over the runs or cases a file",
+        "holds. The pages of each area say what the figures mean and what limits them.",
+        "",
+    ]
+    for name, title, figures in FIGURES:
+        data = json.loads((RESULTS / name).read_text())
+        date = data.get("date") or data.get("meta", {}).get("date") or "undated"
+        lines += [
+            f"## {title}",
+            "",
+            f"`bench/results/{name}`, {date[:10]}",
+            "",
+            "| figure | value | field |",
+            "|---|---|---|",
+        ]
+        for what, path, unit in figures:
+            lines.append(f"| {what} | {shown(values(data, path), unit)} | `{path}` |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    text = page()
+    if "--check" in argv:
+        if PAGE.read_text() != text:
+            print(f"{PAGE.relative_to(ROOT)} is out of date: run python -m bench.report", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(text)
+    print(f"wrote {PAGE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
