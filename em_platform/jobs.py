@@ -30,7 +30,7 @@ montage_job = dg.define_asset_job(
 
 simulation_job = dg.define_asset_job(
     "simulation_job",
-    selection=dg.AssetSelection.groups("simulation"),
+    selection=dg.AssetSelection.groups("simulation") - dg.AssetSelection.assets(["simulation", "evaluation"]),
     description="One simulated cryo-ET tilt series (a partition `<spec>_<NNN>`): particles, sample, tilt series "
     "with its OME-Zarr and catalog record, ground truth.",
     tags={"em/workload": "simulation"},
@@ -38,7 +38,8 @@ simulation_job = dg.define_asset_job(
 
 cryo_job = dg.define_asset_job(
     "cryo_job",
-    selection=dg.AssetSelection.groups("cryo"),
+    # simulation/evaluation (group simulation, as its key) is scored per tilt series, with the processing
+    selection=dg.AssetSelection.groups("cryo") | dg.AssetSelection.assets(["simulation", "evaluation"]),
     description="One tilt series (a partition of cryo_tilt_series): motion correction, CTF, alignment, "
     "tomograms, denoising, thumbnails, results tables and, for simulated ones, the evaluation against truth.",
     tags={"em/workload": "cryo"},

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from em_platform.assets.presentation import partitioned_check
+from em_platform.assets.presentation import check_sentence, partitioned_check
 from em_platform.partitions import montages
 from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
@@ -208,7 +208,7 @@ def montage_tiles(
         claim.release()
     summary = MontageSummary.of(result)
     stored = storage.store().url("acquisition", montage_id, PROCESSED_DIR)  # where montage_upload puts it
-    yield from _results(summary, stored, store.to_url(final))
+    yield from _results(summary, stored)
     for check in summary.checks(config.limits()):
         yield dg.AssetCheckResult(
             check_name=check.name,
@@ -221,6 +221,13 @@ def montage_tiles(
         check_name="acquisition_complete",
         asset_key=RAW,
         passed=state == "completed",
+        description=check_sentence(
+            f"the scope reported the montage {state}",
+            "completed",
+            state == "completed",
+            "the acquisition stopped before its end (montage.status): acquire the rest again, or accept the "
+            "montage as it is knowing its checks say what is missing",
+        ),
         metadata={"state": state},
     )
 
@@ -229,7 +236,7 @@ def _rounded(value: float | None, digits: int) -> float:
     return round(value, digits) if value is not None else -1.0
 
 
-def _results(s: MontageSummary, processed_url: str, buffer_url: str):
+def _results(s: MontageSummary, processed_url: str):
     rows, cols = s.grid
     yield dg.MaterializeResult(
         asset_key=RAW,
@@ -255,7 +262,6 @@ def _results(s: MontageSummary, processed_url: str, buffer_url: str):
         asset_key=PROCESSED,
         metadata={
             "path": dg.MetadataValue.path(processed_url),
-            "buffer_path": dg.MetadataValue.path(buffer_url),
             "processed": s.processed,
             "failed": len(s.failures),
             "failures": dg.MetadataValue.json(s.failures),

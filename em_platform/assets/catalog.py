@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from em_platform.assets.presentation import check_sentence
 from em_platform.catalog.records import utc_now
 from em_platform.catalog.report import consolidate
 from em_platform.resources import CatalogResource, StorageResource
@@ -58,6 +59,12 @@ def metadata_catalog(catalog: CatalogResource, storage: StorageResource):
         check_name=VALID_CHECK,
         passed=not invalid,
         severity=dg.AssetCheckSeverity.ERROR,
+        description=check_sentence(
+            f"{len(invalid)} of {validation['total_records']} catalog record(s) fail the metadata schema",
+            "none",
+            not invalid,
+            "the records listed in `errors` name their source: re-ingest it (or fix the reader that wrote them)",
+        ),
         metadata={
             "invalid_records": len(invalid),
             "errors": dg.MetadataValue.json(
@@ -67,7 +74,4 @@ def metadata_catalog(catalog: CatalogResource, storage: StorageResource):
                 ]
             ),
         },
-        description=f"{len(invalid)} of {validation['total_records']} records fail the schema"
-        if invalid
-        else None,
     )

@@ -14,6 +14,7 @@ import dagster as dg
 import dask.array as da
 import numpy as np
 
+from em_platform.assets.presentation import check_sentence
 from em_platform.cryo import evaluation as ev
 from em_platform.cryo import processing as proc
 from em_platform.cryo.alignment import AlignmentSettings
@@ -565,6 +566,16 @@ CHECKS = {
 }
 
 
+# which step a failed evaluation check points at
+FIXES = {
+    "defocus_error": "CTF estimate (cryo/ctf)",
+    "astigmatism_angle": "CTF estimate's astigmatism (cryo/ctf)",
+    "drift_error": "motion correction (cryo/motion_corrected)",
+    "shift_error": "tilt-series alignment (cryo/tilt_alignment)",
+    "tilt_axis_error": "tilt-axis estimate (cryo/tilt_alignment)",
+}
+
+
 def _check_specs() -> list[dg.AssetCheckSpec]:
     specs = [
         dg.AssetCheckSpec(n, asset=EVALUATION, blocking=True, description=d) for n, (_, d) in CHECKS.items()
@@ -593,15 +604,25 @@ def _finite(v):
     return v if v is not None and math.isfinite(v) else -1.0
 
 
-@dg.asset(
-    key=EVALUATION,
-    deps=[K["results"]],
+# A multi_asset only so that its checks may go unreported: a check that does not apply (no ground truth, no
+# tilt astigmatic enough to have an angle) is then "skipped" in Dagster, never "passed"; why is in the
+# materialization's `checks_not_applicable`. In group `simulation`, as its key, though cryo_job runs it.
+@dg.multi_asset(
+    name="simulation__evaluation",
+    specs=[
+        dg.AssetSpec(
+            EVALUATION,
+            deps=[K["results"]],
+            group_name="simulation",
+            kinds={"json"},
+            description="Every step scored against ground_truth.json and the phantom: defocus, astigmatism "
+            "angle, drift, shifts, tilt axis, tomogram FSC (0.5 / 0.143) aligned vs nominal geometry, "
+            "denoising PSNR gain.",
+        )
+    ],
     partitions_def=cryo_tilt_series,
-    group_name="cryo",
     check_specs=_check_specs(),
-    kinds={"json"},
-    description="Every step scored against ground_truth.json and the phantom: defocus, astigmatism angle, "
-    "drift, shifts, tilt axis, tomogram FSC (0.5 / 0.143) aligned vs nominal geometry, denoising PSNR gain.",
+    can_subset=True,
 )
 def evaluation(
     context: dg.AssetExecutionContext,
@@ -627,18 +648,26 @@ def evaluation(
         # a real session in a backfill of cryo_job (the sensor never asks): nothing to score, and the
         # processing's status in the results tables stays as it is
         reason = f"{ts.key} has no ground_truth.json beside its mdoc: nothing to score against"
-        yield dg.MaterializeResult(metadata={"skipped": reason})
-        for name in [*CHECKS, "fsc_better_than_unaligned", "denoise_gain"]:
-            yield dg.AssetCheckResult(check_name=name, passed=True, metadata={"not_applicable": reason})
-        return
+        every = [*CHECKS, "fsc_better_than_unaligned", "denoise_gain"]
+        yield dg.MaterializeResult(
+            metadata={
+                "skipped": reason,
+                "checks_not_applicable": dg.MetadataValue.json(dict.fromkeys(every, reason)),
+            }
+        )
+        return  # no check result: each check is "skipped"
     flat = {k: v for k, v in fig.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    every = _check_results(fig)
+    checks = [c for c in every if "not_applicable" not in c.metadata]
     yield dg.MaterializeResult(
         metadata={
             **{k: _finite(v) for k, v in flat.items()},
             "figures": dg.MetadataValue.json(_jsonable(fig)),
+            "checks_not_applicable": dg.MetadataValue.json(
+                {c.check_name: c.metadata["not_applicable"].value for c in every if c not in checks}
+            ),
         }
     )
-    checks = _check_results(fig)
     failed = [c for c in checks if not c.passed]
     if failed:
         # the run fails on these blocking checks: the results tables say so too, with the figures
@@ -665,16 +694,42 @@ def _check_results(fig: dict) -> list[dg.AssetCheckResult]:
         if figure.startswith("astigmatism") and fig.get("astigmatic_tilts") == 0:
             # the truth has no tilt astigmatic enough (> 500 Å) for its angle to mean anything
             metadata["not_applicable"] = f"no tilt with astigmatism > {ev.ASTIGMATISM_MIN_A:.0f} Å"
-            out.append(dg.AssetCheckResult(check_name=name, passed=True, metadata=metadata))
+            out.append(
+                dg.AssetCheckResult(
+                    check_name=name,
+                    passed=True,
+                    description=f"Not applicable: {metadata['not_applicable']} in the ground truth.",
+                    metadata=metadata,
+                )
+            )
             continue
         passed = value is not None and math.isfinite(value) and value < limit
-        out.append(dg.AssetCheckResult(check_name=name, passed=passed, metadata=metadata))
+        shown = f"{value:.3g}" if value is not None and math.isfinite(value) else "not measured"
+        description = check_sentence(
+            f"{figure} = {shown}, measured against ground_truth.json",
+            f"< {limit:g}",
+            passed,
+            f"the {FIXES[name]} disagrees with the simulation's truth: look at the per-tilt figures in this "
+            "asset's `figures`, and at the step's own asset, before trusting its output",
+        )
+        out.append(
+            dg.AssetCheckResult(check_name=name, passed=passed, description=description, metadata=metadata)
+        )
     out.append(_fsc_check(fig))
     gain = fig.get("denoise", {}).get("psnr_gain_dB")
     out.append(
         dg.AssetCheckResult(
             check_name="denoise_gain",
             passed=gain is not None and gain > 0,
+            description=check_sentence(
+                f"denoising changed the PSNR against the phantom by {gain:+.2f} dB"
+                if gain is not None
+                else "the PSNR gain of the denoising was not measured",
+                "> 0 dB",
+                gain is not None and gain > 0,
+                "the denoised tomogram is no closer to the truth than the raw one: check cryo/denoised's "
+                "method and settings",
+            ),
             metadata={"psnr_gain_dB": _finite(gain), "limit_dB": 0.0},
         )
     )
@@ -697,20 +752,48 @@ def _fsc_check(fig: dict) -> dg.AssetCheckResult:
     0.5 threshold decides, and when it ties too the check cannot tell them apart (passed, not applicable)."""
     a, u = fig.get("fsc_0.143_aligned_A"), fig.get("fsc_0.143_unaligned_A")
     metadata = {"aligned_A": _finite(a), "unaligned_A": _finite(u)}
+    fix = "alignment did not improve the tomogram: check cryo/tilt_alignment's fiducials and residuals"
     if a is None or u is None or a != u:
+        passed = a is not None and u is not None and a < u
         return dg.AssetCheckResult(
             check_name="fsc_better_than_unaligned",
-            passed=a is not None and u is not None and a < u,
+            passed=passed,
+            description=check_sentence(
+                f"resolution at FSC 0.143: aligned {_angstrom(a)}, nominal geometry {_angstrom(u)}",
+                "aligned finer",
+                passed,
+                fix,
+            ),
             metadata=metadata,
         )
     a5, u5 = fig.get("fsc_0.5_aligned_A"), fig.get("fsc_0.5_unaligned_A")
     metadata.update(aligned_fsc_0_5_A=_finite(a5), unaligned_fsc_0_5_A=_finite(u5))
     if a5 is not None and u5 is not None and a5 != u5:
-        return dg.AssetCheckResult(check_name="fsc_better_than_unaligned", passed=a5 < u5, metadata=metadata)
+        return dg.AssetCheckResult(
+            check_name="fsc_better_than_unaligned",
+            passed=a5 < u5,
+            description=check_sentence(
+                f"both resolve to {a:.1f} Å at FSC 0.143; at FSC 0.5: aligned {_angstrom(a5)}, nominal "
+                f"geometry {_angstrom(u5)}",
+                "aligned finer",
+                a5 < u5,
+                fix,
+            ),
+            metadata=metadata,
+        )
     metadata["not_applicable"] = (
         f"both tomograms resolve to {a:.1f} Å at FSC 0.143 and 0.5 (the grid's limit)"
     )
-    return dg.AssetCheckResult(check_name="fsc_better_than_unaligned", passed=True, metadata=metadata)
+    return dg.AssetCheckResult(
+        check_name="fsc_better_than_unaligned",
+        passed=True,
+        description=f"Not applicable: {metadata['not_applicable']}.",
+        metadata=metadata,
+    )
+
+
+def _angstrom(value) -> str:
+    return f"{value:.1f} Å" if value is not None and math.isfinite(value) else "not measured"
 
 
 def _jsonable(doc):

@@ -24,7 +24,13 @@ from pathlib import Path
 import dagster as dg
 
 from em_platform.assets.acquisition import MATCHES, PROCESSED, STATS
-from em_platform.assets.presentation import FOCUS_LEGEND, partitioned_check, png_markdown, scaled_png_markdown
+from em_platform.assets.presentation import (
+    FOCUS_LEGEND,
+    check_sentence,
+    partitioned_check,
+    png_markdown,
+    scaled_png_markdown,
+)
 from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.partitions import montages
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
@@ -188,7 +194,8 @@ def _scope_matches(config: MontageLayoutConfig, storage: StorageResource, tiles)
 
 @dg.asset(
     key=LAYOUT_KEY,
-    deps=[MATCHES, STATS],
+    # lens 'latest' reads the newest lens_correction of any calibration montage: a lineage edge from them all
+    deps=[MATCHES, STATS, dg.AssetDep(LENS_KEY, partition_mapping=dg.AllPartitionMapping())],
     partitions_def=montages,
     group_name="montage",
     description="Solved tile transforms (global least squares over the neighbour matches, stage prior; "
@@ -255,7 +262,6 @@ def montage_layout(
             "solve_seconds": round(seconds, 3),
             # where it lives once montage_upload has run (the buffer copy is freed then)
             "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, LAYOUT)),
-            "buffer_path": dg.MetadataValue.path(buffer.path(montage_id, LAYOUT)),
             "rejected": dg.MetadataValue.json(
                 [
                     {"tile": list(a), "neighbour": list(b), "residual_px": round(r, 2)}
@@ -271,6 +277,13 @@ def montage_layout(
     yield dg.AssetCheckResult(
         check_name="disconnected_tiles",
         passed=len(lost) <= config.max_disconnected_tiles,
+        description=check_sentence(
+            f"{len(lost)} good tile(s) tied to the montage by no match",
+            f"at most {config.max_disconnected_tiles}",
+            len(lost) <= config.max_disconnected_tiles,
+            "they are placed by the stage alone: check their overlaps (metadata `disconnected`), then re-run "
+            "with a larger `stage_error_px` or the scope's matches",
+        ),
         metadata={
             "disconnected": dg.MetadataValue.json([list(t) for t in lost]),
             "faulty_tiles_placed_by_stage": dg.MetadataValue.json(
@@ -282,15 +295,31 @@ def montage_layout(
     yield dg.AssetCheckResult(
         check_name="seams",
         passed=len(qc.seams) <= config.max_seams,
+        description=check_sentence(
+            f"{len(qc.seams)} tile pair(s) whose solved positions disagree with their match by more than "
+            f"{config.seam_px:g} px (worst {qc.max_residual_px:.2f} px)",
+            f"at most {config.max_seams}",
+            len(qc.seams) <= config.max_seams,
+            "the montage would show a step there: look at the pairs in `seams`, then re-run with "
+            "`model: rigid` or `affine` (rotated or scaled tiles) or a lens correction",
+        ),
         metadata={
             "seams": dg.MetadataValue.json([[list(a), list(b), round(r, 2)] for a, b, r in qc.seams[:20]]),
             "max_residual_px": round(qc.max_residual_px, 3),
             "limit_px": config.seam_px,
         },
     )
+    scale_ok = qc.scale_ok(config.max_scale_distortion)  # beyond the limit by more than 3 standard errors
     yield dg.AssetCheckResult(
         check_name="scale_distortion",
-        passed=qc.scale_ok(config.max_scale_distortion),  # beyond the limit by more than 3 standard errors
+        passed=scale_ok,
+        description=check_sentence(
+            f"the solved tile spacing is {qc.scale[0]:.4f} × {qc.scale[1]:.4f} of the stage's (x × y)",
+            f"within {config.max_scale_distortion:.1%} of 1, allowing 3 standard errors",
+            scale_ok,
+            "the pixel size the scope reports does not match the images: check EM_SCOPE_PIXEL_SIZE_NM and "
+            "the scope's calibration",
+        ),
         metadata={
             "scale_x": qc.scale[0],
             "scale_y": qc.scale[1],
@@ -438,7 +467,6 @@ def montage(
         metadata={
             # where it lives once montage_upload has run (the buffer copy is freed then)
             "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, FUSED)),
-            "buffer_path": dg.MetadataValue.path(final),
             "shape": str(fused.shape),
             "pixel_size_nm": pixel_size,
             "pyramid_levels": len(fused.info.levels),
@@ -470,6 +498,14 @@ def _fused_seams_check(montage_id, seams, seconds, config: MontageFusionConfig, 
     return dg.AssetCheckResult(
         check_name="fused_seams",
         passed=len(beyond) <= config.max_seams,
+        description=check_sentence(
+            f"{len(beyond)} overlap(s) of the fused montage offset by more than {config.seam_limit_px:g} px "
+            f"on the pixels ({len(measured)} measured)",
+            f"at most {config.max_seams}",
+            len(beyond) <= config.max_seams,
+            "the fused image shows a step there (`beyond_limit`): re-run montage_layout with another model "
+            "or the lens correction, then fuse again",
+        ),
         metadata={
             "measured": len(measured),
             "not_measurable": len(seams) - len(measured),

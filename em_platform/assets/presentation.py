@@ -96,3 +96,9 @@ def partitioned_check(
         return dg.AssetCheckSpec(
             name, asset=asset, partitions_def=partitions_def, blocking=blocking, description=description
         )
+
+
+def check_sentence(measured: str, limit: str, passed: bool, what_to_do: str) -> str:
+    """A check's result in words, shown with it in the UI: what was measured against what limit, and, when it
+    failed, what to do."""
+    return f"{measured}; limit {limit}." + ("" if passed else f" {what_to_do[0].upper()}{what_to_do[1:]}.")

@@ -98,7 +98,10 @@ def test_session_to_tomogram_results_and_evaluation(tmp_path):
             cryo_assets, instance=instance, partition_key=keys[1], resources=resources, raise_on_error=False
         )
         checks = {e.check_name: e for e in good.get_asset_check_evaluations()}
-        assert set(checks) == {
+        evaluation_meta = good.asset_materializations_for_node("simulation__evaluation")[0].metadata
+        not_applicable = evaluation_meta["checks_not_applicable"].value  # reported as skipped, not passed
+        assert not set(checks) & set(not_applicable)
+        assert set(checks) | set(not_applicable) == {
             "defocus_error",
             "astigmatism_angle",
             "drift_error",
@@ -111,6 +114,12 @@ def test_session_to_tomogram_results_and_evaluation(tmp_path):
         # (the CTF and alignment limits are exercised in test_algorithms and reported in bench_cryo)
         assert checks["drift_error"].passed
         assert all(c.metadata for c in checks.values())
+        # each result is a sentence in the UI: the figure against its limit, and on failure which step to look at
+        assert checks["drift_error"].description.startswith("drift_rms_error_px = ")
+        assert all(c.description and "limit" in c.description for c in checks.values())
+        assert all(
+            "look at" in c.description or "check " in c.description for c in checks.values() if not c.passed
+        )
         mats = {tuple(e.asset_key.path): e for e in good.get_asset_materialization_events()}
         assert ("cryo", "results") in mats and ("cryo", "tomogram") in mats
 
@@ -241,6 +250,7 @@ def bad_session(tmp_path_factory):
             resources=resources,
             raise_on_error=False,
         )
+        check_status = _latest_check_status(instance, EVALUATION)
     engine = sa.create_engine(f"sqlite:///{tmp / 'catalog.sqlite'}")
     with engine.connect() as conn:
         rows = {
@@ -248,7 +258,22 @@ def bad_session(tmp_path_factory):
             for r in conn.execute(sa.text("SELECT partition_key, kind, status, error FROM cryo_tilt_series"))
         }
     engine.dispose()
-    return {"requests": requests, "added": added, "runs": runs, "rows": rows}
+    return {"requests": requests, "added": added, "runs": runs, "rows": rows, "check_status": check_status}
+
+
+def _latest_check_status(instance, asset_key) -> dict[str, str]:
+    """Each check of the asset as Dagster resolves its latest execution (what the UI shows)."""
+    import asyncio
+
+    from dagster._core.loader import LoadingContextForTest
+
+    from em_platform.assets.cryo import evaluation
+
+    out = {}
+    for key in evaluation.check_keys:
+        [record] = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
+        out[key.name] = asyncio.run(record.resolve_status(LoadingContextForTest(instance))).value
+    return out
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -287,8 +312,12 @@ def test_evaluation_without_ground_truth_is_not_applicable_and_keeps_the_status(
     assert run.success
     (mat,) = run.get_asset_materialization_events()
     assert "no ground_truth.json" in mat.materialization.metadata["skipped"].value
-    checks = run.get_asset_check_evaluations()
-    assert len(checks) == 7 and all(c.passed and "not_applicable" in c.metadata for c in checks)
+    # no check result at all: Dagster shows each of the 7 planned checks as skipped, never as passed
+    assert run.get_asset_check_evaluations() == []
+    assert bad_session["check_status"] == {name: "SKIPPED" for name in bad_session["check_status"]}
+    assert len(bad_session["check_status"]) == 7
+    reasons = mat.materialization.metadata["checks_not_applicable"].value
+    assert len(reasons) == 7 and all("no ground_truth.json" in r for r in reasons.values())
     assert bad_session["rows"][GOOD[1]].status == "complete"  # the processing's outcome is not overwritten
 
 
