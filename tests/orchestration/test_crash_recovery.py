@@ -100,8 +100,9 @@ def test_a_killed_run_frees_its_slot_fails_its_record_and_is_retried(tmp_path, m
     )
     try:
         # while the daemon starts: a stack big enough that its conversion takes seconds (the kill lands
-        # inside it); a texture tiled, since drawing one this size takes long
-        volume = np.tile(em_texture((6, 256, 256), seed=3, dtype=np.uint16), (8, 4, 4))
+        # inside it; 100 MB took under 1 s on a quiet machine, ending before the test could open the instance
+        # and find the step); a texture tiled, since drawing one this size takes long
+        volume = np.tile(em_texture((6, 256, 256), seed=3, dtype=np.uint16), (16, 6, 6))  # 453 MB
         write_ome_tiff(tmp_path / ENTRY, volume, {"z": 40.0, "y": 4.0, "x": 4.0})
         os.replace(tmp_path / ENTRY, inbox / ENTRY)  # arrives whole
         record = wait_for(
