@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import dask.array as da
 import imagecodecs
 import numpy as np
@@ -131,7 +132,14 @@ def _write_zarr(result: StackResult, store: DataStore, staging: str, spec: Spec,
     path = f"{result.folder}/{result.truth.files['tilt_series']}"
     if store.is_local:
         mrc = mrcfile.mmap(path, mode="r")
-        data = da.from_array(mrc.data, chunks=(1, *mrc.data.shape[1:]))
+        # each tilt read by the task that needs it: a memory map in the graph would travel whole to the
+        # cluster's scheduler (a 21 MiB graph for the demo's 21 tilts)
+        data = da.stack(
+            [
+                da.from_delayed(dask.delayed(_tilt)(path, i), mrc.data.shape[1:], mrc.data.dtype)
+                for i in range(mrc.data.shape[0])
+            ]
+        )
     else:
         with (
             store.fs.open(path, "rb") as f,
@@ -155,6 +163,13 @@ def _write_zarr(result: StackResult, store: DataStore, staging: str, spec: Spec,
         if mrc is not None:
             mrc.close()
     return info, mean
+
+
+def _tilt(path: str, index: int) -> np.ndarray:
+    import mrcfile
+
+    with mrcfile.mmap(path, mode="r") as mrc:
+        return np.array(mrc.data[index])
 
 
 def _complete_update(
