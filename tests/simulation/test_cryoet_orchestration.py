@@ -40,13 +40,16 @@ def _age(path: Path, seconds: float = 60) -> None:
 
 
 def _tick(instance, platform, folder: Path, cursor=None):
-    ctx = dg.build_sensor_context(
+    # closed here: the instance the context opens from the ref, left to the garbage collector, would put a
+    # closed instance's storage back into Dagster's context variable whenever it is collected (in a later
+    # test: "Attempted to resolve undefined DagsterInstance weakref")
+    with dg.build_sensor_context(
         instance_ref=instance.get_ref(),
         cursor=cursor,
         definitions=platform.defs,
         resources={"simulation_specs": SimulationSpecsResource(path=str(folder))},
-    )
-    return simulation_sensor.evaluate_tick(ctx)
+    ) as ctx:
+        return simulation_sensor.evaluate_tick(ctx)
 
 
 @pytest.fixture
