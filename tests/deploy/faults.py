@@ -258,7 +258,9 @@ def run_process_during_montage(topology, api: DagsterApi) -> FaultResult:
         password=m_.stomp_password,
     ) as ear:  # every qc.tile of the scenario, the killed run's and its retry's
         ear.subscribe("qc.tile", lambda msg: verdicts.append(msg.tile_id))
-        m = acquire(topology, api, "--rate", "1", rows=3, columns=4, during=kill_the_run)
+        # 0.5 tiles/s: the run must be up and killed mid-montage even when its launch is slow (at 1 tile/s a
+        # loaded machine once started it after all 12 verdicts were out, and nothing was left to resume)
+        m = acquire(topology, api, "--rate", "0.5", rows=3, columns=4, during=kill_the_run)
         wait_until(
             lambda: len(api.partition_runs(m.montage_id)) >= 2, 600, "a retry of the killed montage run"
         )
