@@ -424,7 +424,7 @@ class MontageRun:
         rec.store = self.client.submit(
             store_processed_tile,
             rec.future,
-            url=f"{self.processed_url}/{array_name(t.row, t.column)}",
+            url=self._tile_url(t),
             storage_options=self.storage_options,
             tiff_path=self._tiff_path(t),
             pure=False,
@@ -455,7 +455,11 @@ class MontageRun:
         return rec
 
     def _stored(self, t: TileRow) -> bool:
-        return stored_completely(f"{self.processed_url}/{array_name(t.row, t.column)}", self.storage_options)
+        return stored_completely(self._tile_url(t), self.storage_options)
+
+    def _tile_url(self, t: TileRow) -> str:
+        """Where the tile's processed pixels are stored (a zarr array in the montage's group)."""
+        return f"{self.processed_url}/{array_name(t.row, t.column)}"
 
     def _edges_closed_by(self, rec: TileRecord) -> list[tuple[EdgeJob, Any, Any]]:
         """The overlaps the new tile closes: with its top and left neighbours, and as the top or left
@@ -492,7 +496,7 @@ class MontageRun:
             return rec.future
         if rec.store is not None:
             return rec.store
-        url = f"{self.processed_url}/{array_name(rec.tile.row, rec.tile.column)}"
+        url = self._tile_url(rec.tile)
         return StoredTile(url, self.storage_options, rec.outcome.shape)
 
     def _usable(self, rec: TileRecord) -> bool:
