@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
     dev.add_argument("--workspace", type=Path, default=None, help="default: the checkout's workspace.yaml")
+    viewer = sub.add_parser(
+        "viewer",
+        help="Neuroglancer and the data root's OME-Zarr images over HTTP (the images' 'neuroglancer' links)",
+    )
+    viewer.add_argument("--host", default=None, help="default: EM_VIEWER_URL's host (loopback by default)")
+    viewer.add_argument("--port", type=int, default=None, help="default: EM_VIEWER_URL's port (3030)")
     from em_platform.tem import listen_cli
 
     listen_cli.add_arguments(
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         if args.command == "dev":
             return _dev(args, load_settings())
+        if args.command == "viewer":
+            return _viewer(args, load_settings())
         if args.command == "samples":
             from em_platform.samples import write_samples
 
@@ -157,6 +165,18 @@ def _settings(settings, export: bool) -> int:
         'Before `dagster` commands: eval "$(.venv/bin/em-platform settings --export)"'
     )
     return 0
+
+
+def _viewer(args, settings) -> int:
+    """Serve Neuroglancer and the images where EM_VIEWER_URL says browsers find them."""
+    from urllib.parse import urlsplit
+
+    from em_platform.viewer.server import serve
+
+    where = urlsplit(settings.viewer_url)
+    host = args.host or where.hostname
+    port = args.port if args.port is not None else (where.port or (443 if where.scheme == "https" else 80))
+    return serve(settings.data_root, host, port, settings.storage_options or None)
 
 
 def _scope_sim(args, settings) -> int:

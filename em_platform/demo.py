@@ -126,6 +126,25 @@ def simulate_demo_tilt_series(defs, runs: DemoRuns, settings, out) -> list[str]:
     return failed
 
 
+def process_demo_tilt_series(defs, runs: DemoRuns, settings, out) -> list[str]:
+    """Cryo-ET processing of the simulated stack (motion, CTF, alignment, tomogram, denoising, evaluation
+    against its ground truth), once: the cryo sensor's tick, its settle period waived (the simulator
+    publishes whole stacks)."""
+    from em_platform.resources import CryoSessionsResource
+
+    sessions = {
+        "cryo_sessions": CryoSessionsResource(
+            sessions=settings.cryo_sessions,
+            simulation=str(Path(settings.data_root) / "simulation"),
+            settle_seconds=0,
+        )
+    }
+    ran, failed = tick_and_run(defs, runs, "cryo_sensor", sessions)
+    for key in ran:
+        print(f"cryo-ET processing: {key} reconstructed and evaluated against its ground truth", file=out)
+    return failed
+
+
 def _simulation_seconds(instance: dg.DagsterInstance, stack: str) -> float | None:
     """The simulator's own wall time for a stack (``seconds`` of its latest simulation/tilt_series)."""
     records = instance.fetch_materializations(
@@ -163,6 +182,8 @@ def run_demo(out=sys.stdout) -> int:
         s_failed = (
             simulate_demo_tilt_series(defs, runs, settings, out) if "://" not in settings.data_root else []
         )
+        if "://" not in settings.data_root and not s_failed:
+            s_failed += process_demo_tilt_series(defs, runs, settings, out)
         catalog_stale = bool(ran or failed or m_ran) or not instance.get_latest_materialization_event(
             dg.AssetKey(["catalog", "metadata_catalog"])
         )

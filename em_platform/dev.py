@@ -10,8 +10,9 @@ monitoring on the next start), and drops the daemon's lines for sensor ticks tha
 runs' DEBUG events (the terminal logs at INFO). Everything else `dagster dev` prints passes through.
 
 Beside Dagster it supervises (restarts when they die, stops when it stops) the platform's warm services:
-the live-QC service (`em-platform live-qc`, threads of its own for live tiles) and one Dask pool that every
-run computes on (ingests, fusion, cryo; :class:`DaskPool`), instead of a cluster started per run.
+the live-QC service (`em-platform live-qc`, threads of its own for live tiles), the image viewer
+(`em-platform viewer`: Neuroglancer on EM_VIEWER_URL, which every image's link opens) and one Dask pool that
+every run computes on (ingests, fusion, cryo; :class:`DaskPool`), instead of a cluster started per run.
 """
 
 from __future__ import annotations
@@ -78,19 +79,23 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     live_qc = Supervised("live-qc", [sys.executable, "-m", "em_platform.tem.live_qc_cli"], out)
+    viewer = Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out)
+    services = [live_qc, viewer]
     try:
         for line in quiet_lines(child.stdout):
             out.write(line)
             out.flush()
         status = child.wait()
-        live_qc.stop()
+        for service in services:
+            service.stop()
         if pool:
             pool.stop()
         if status == -signal.SIGKILL:
             print("em-platform dev: Dagster services killed", file=out, flush=True)
         return status
     finally:
-        live_qc.stop()
+        for service in services:
+            service.stop()
         if pool:
             pool.stop()
         for sig, handler in previous.items():
@@ -103,6 +108,7 @@ class Supervised:
     ``quiet`` matches (routine INFO chatter)."""
 
     RESTART_SECONDS = 2.0
+    REFUSED = 2  # the exit status of a service that refuses its settings (a taken port): not restarted
 
     def __init__(self, name: str, cmd: list[str], out, quiet: re.Pattern | None = None):
         self.name, self.cmd, self.out, self.quiet = name, cmd, out, quiet
@@ -128,6 +134,13 @@ class Supervised:
                     self.out.flush()
             status = self.proc.wait()
             if self.stopping.wait(0):
+                return
+            if status == self.REFUSED:
+                print(
+                    f"em-platform dev: {self.name} refused its settings (see above); not restarted",
+                    file=self.out,
+                    flush=True,
+                )
                 return
             print(
                 f"em-platform dev: {self.name} exited ({status}); restarting in {self.RESTART_SECONDS:g} s",

@@ -14,6 +14,9 @@ class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the environment variable."""
 
 
+DEFAULT_VIEWER_URL = "http://127.0.0.1:3030"
+
+
 @dataclass(frozen=True)
 class Settings:
     deployment: str
@@ -43,6 +46,9 @@ class Settings:
     cryo_sessions: str = ""
     # the folders raw tiles may be read from (the scopes' shares): a tile.raw path elsewhere is refused
     scope_shares: tuple[str, ...] = ()
+    # where users' browsers reach `em-platform viewer` (Neuroglancer + the data root's images); every
+    # OME-Zarr's "neuroglancer" link starts with it
+    viewer_url: str = DEFAULT_VIEWER_URL
 
     @property
     def storage_options(self) -> dict:
@@ -151,7 +157,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         simulations=simulations,
         cryo_sessions=cryo_sessions,
         scope_shares=_scope_shares(env, data_root, remote),
+        viewer_url=_viewer_url(env.get("EM_VIEWER_URL", "").strip() or DEFAULT_VIEWER_URL),
     )
+
+
+def _viewer_url(value: str) -> str:
+    """EM_VIEWER_URL: an http(s) URL with a host (what a browser opens), no query or fragment."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(
+            f"EM_VIEWER_URL={value!r} must be the http(s) address browsers reach `em-platform viewer` at, "
+            f"e.g. {DEFAULT_VIEWER_URL}"
+        )
+    return value.rstrip("/")
 
 
 def _scope_shares(env: Mapping[str, str], data_root: str, remote: bool) -> tuple[str, ...]:
@@ -237,6 +257,7 @@ ENV_NAMES = {
     "dagster_home": "DAGSTER_HOME",
     "broker_topic_prefix": "EM_BROKER_TOPIC_PREFIX",
     "broker_username": "EM_BROKER_USERNAME",
+    "viewer_url": "EM_VIEWER_URL",
 }
 
 

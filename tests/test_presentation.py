@@ -55,3 +55,18 @@ def test_the_focus_map_takes_qc_s_blank_and_no_tissue_tiles_from_the_journal():
 
     tiles = [tile(0, 0), tile(0, 1, "blank"), tile(1, 0, "no_tissue"), tile(1, 1, "out_of_focus")]
     assert _nothing_to_focus_on(tiles) == [(0, 1), (1, 0)]
+
+
+def test_figures_are_shown_to_four_significant_digits_whole_numbers_whole():
+    import dagster as dg
+
+    from em_platform.assets.presentation import figure, materialize_result
+
+    assert figure(29472.486632421824) == 29472.0
+    assert figure(0.45017596) == 0.4502 and figure(84.85205530263167) == 84.85
+    assert figure(-0.007303310952981446) == -0.007303 and figure(0.0) == 0.0
+    assert figure(float("nan")) != figure(float("nan"))  # NaN stays NaN
+    result = materialize_result(
+        metadata={"a_px": 1.23456789, "n": 3, "f": dg.MetadataValue.float(10.759133434949838), "s": "x"}
+    )
+    assert result.metadata == {"a_px": 1.235, "n": 3, "f": dg.MetadataValue.float(10.76), "s": "x"}

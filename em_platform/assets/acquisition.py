@@ -9,7 +9,13 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from em_platform.assets.presentation import check_sentence, partitioned_check
+from em_platform.assets.presentation import (
+    check_result,
+    check_sentence,
+    materialize_result,
+    partitioned_check,
+)
+from em_platform.assets.signals import gate_blocking_checks
 from em_platform.partitions import montages
 from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
@@ -148,6 +154,7 @@ CHECK_ASSET = {
     can_subset=False,
     # no op pool: the live step of every scope's montage runs at once (dagster.yaml limits them per run)
 )
+@gate_blocking_checks
 def montage_tiles(
     context: dg.AssetExecutionContext,
     config: MontageProcessingConfig,
@@ -210,14 +217,14 @@ def montage_tiles(
     stored = storage.store().url("acquisition", montage_id, PROCESSED_DIR)  # where montage_upload puts it
     yield from _results(summary, stored)
     for check in summary.checks(config.limits()):
-        yield dg.AssetCheckResult(
+        yield check_result(
             check_name=check.name,
             asset_key=CHECK_ASSET[check.name],
             passed=check.passed,
             metadata=check.metadata,
             description=check.description,
         )
-    yield dg.AssetCheckResult(
+    yield check_result(
         check_name="acquisition_complete",
         asset_key=RAW,
         passed=state == "completed",
@@ -238,7 +245,7 @@ def _rounded(value: float | None, digits: int) -> float:
 
 def _results(s: MontageSummary, processed_url: str):
     rows, cols = s.grid
-    yield dg.MaterializeResult(
+    yield materialize_result(
         asset_key=RAW,
         metadata={
             "tiles": s.tiles,
@@ -257,8 +264,8 @@ def _results(s: MontageSummary, processed_url: str):
             "latency_ms_by_stage": dg.MetadataValue.json(s.latency_ms),
         },
     )
-    yield dg.MaterializeResult(asset_key=FLAT, metadata={"flatfield": dg.MetadataValue.json(s.flatfield)})
-    yield dg.MaterializeResult(
+    yield materialize_result(asset_key=FLAT, metadata={"flatfield": dg.MetadataValue.json(s.flatfield)})
+    yield materialize_result(
         asset_key=PROCESSED,
         metadata={
             "path": dg.MetadataValue.path(processed_url),
@@ -267,7 +274,7 @@ def _results(s: MontageSummary, processed_url: str):
             "failures": dg.MetadataValue.json(s.failures),
         },
     )
-    yield dg.MaterializeResult(
+    yield materialize_result(
         asset_key=STATS,
         metadata={
             "qc_status": s.qc["status"],
@@ -278,7 +285,7 @@ def _results(s: MontageSummary, processed_url: str):
             "mean_intensity": _rounded(s.mean_intensity, 2),
         },
     )
-    yield dg.MaterializeResult(
+    yield materialize_result(
         asset_key=MATCHES,
         metadata={
             "edges": s.edges,

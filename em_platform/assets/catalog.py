@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from em_platform.assets.presentation import check_sentence
+from em_platform.assets.presentation import check_result, check_sentence, materialize_result
+from em_platform.assets.signals import gate_blocking_checks
 from em_platform.catalog.records import utc_now
 from em_platform.catalog.report import consolidate
 from em_platform.resources import CatalogResource, StorageResource
@@ -33,6 +34,7 @@ VALID_CHECK = "all_records_valid"
     ],
     automation_condition=dg.AutomationCondition.eager(),
 )
+@gate_blocking_checks
 def metadata_catalog(catalog: CatalogResource, storage: StorageResource):
     now = utc_now()
     records = catalog.db().records()
@@ -44,7 +46,7 @@ def metadata_catalog(catalog: CatalogResource, storage: StorageResource):
     store.write_json(catalog_path, doc)
     store.write_json(report_path, report)
     validation = report["summary"]
-    yield dg.MaterializeResult(
+    yield materialize_result(
         metadata={
             "records": validation["total_records"],
             "validation_rate_percent": validation["validation_rate"],
@@ -55,7 +57,7 @@ def metadata_catalog(catalog: CatalogResource, storage: StorageResource):
         }
     )
     invalid = [r for r in report["detailed_results"] if not r["valid"]]
-    yield dg.AssetCheckResult(
+    yield check_result(
         check_name=VALID_CHECK,
         passed=not invalid,
         severity=dg.AssetCheckSeverity.ERROR,

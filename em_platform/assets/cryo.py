@@ -14,7 +14,13 @@ import dagster as dg
 import dask.array as da
 import numpy as np
 
-from em_platform.assets.presentation import check_sentence
+from em_platform.assets.presentation import (
+    check_result,
+    check_sentence,
+    materialize_result,
+    neuroglancer_link,
+)
+from em_platform.assets.signals import gate_blocking_checks
 from em_platform.cryo import evaluation as ev
 from em_platform.cryo import processing as proc
 from em_platform.cryo.alignment import AlignmentSettings
@@ -36,6 +42,12 @@ K = {
     for name in ("motion_corrected", "ctf", "tilt_alignment", "tomogram", "denoised", "thumbnails", "results")
 }
 EVALUATION = dg.AssetKey(["simulation", "evaluation"])
+# A simulated stack's cryo partition bears its simulation partition's key (cryo.session.series_key), so the
+# simulator's output is upstream of processing and evaluation partition by partition; a microscope's series
+# has no simulation partition (a dependency with nothing upstream, as for a raw file).
+FROM_SIMULATION = dg.AssetDep(
+    dg.AssetKey(["simulation", "tilt_series"]), partition_mapping=dg.IdentityPartitionMapping()
+)
 BAD_INPUT = (SessionError, FormatError, ValueError, FileNotFoundError)
 
 
@@ -149,6 +161,15 @@ def _run(context, sessions: CryoSessionsResource, catalog: CatalogResource, step
             run_id=context.run.run_id,
         )
         raise dg.Failure(description=message, metadata={"partition": key, "error": str(exc)}) from exc
+    except Exception as exc:  # a fault of ours: the results tables say failed as Dagster will, with why
+        results.mark(
+            key,
+            "failed",
+            series=_series_fields(ts) if ts else {"name": key, "kind": "unknown"},
+            error=f"tilt series {key}: {context.op_execution_context.step_key} failed: {type(exc).__name__}: {exc}",
+            run_id=context.run.run_id,
+        )
+        raise
     finally:
         results.dispose()
 
@@ -160,13 +181,13 @@ def _img(path: Path, alt: str) -> dg.MetadataValue:
 def _spa_skip(ts: TiltSeries, what: str) -> dg.MaterializeResult | None:
     if ts.kind == "tilt_series":
         return None
-    return dg.MaterializeResult(metadata={"skipped": f"{ts.key} is a single-particle movie set: no {what}"})
+    return materialize_result(metadata={"skipped": f"{ts.key} is a single-particle movie set: no {what}"})
 
 
 def _asset(name: str, deps=(), description: str = "", **kw):
     return dg.asset(
         key=K[name],
-        deps=[K[d] for d in deps],
+        deps=[K[d] for d in deps] or [FROM_SIMULATION],
         partitions_def=cryo_tilt_series,
         group_name="cryo",
         description=description,
@@ -221,7 +242,7 @@ def motion_corrected(
             "local_motion_rms_px_max": float(max(t["local_motion_rms_px"] for t in tilts)),
             "drift_plot": _img(proc.Workspace(root, ts.key).step("motioncorr") / "drift.png", "drift"),
         }
-    return dg.MaterializeResult(metadata=meta)
+    return materialize_result(metadata=meta)
 
 
 @_asset(
@@ -250,7 +271,7 @@ def ctf(
     ts, doc = _run(context, cryo_sessions, catalog, step)
     rows = doc["tilts"]
     zero = min(rows, key=lambda r: abs(r["angle_deg"]))
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "defocus_A_median": float(np.median([r["estimated_defocus_A"] for r in rows])),
             "astigmatism_A_median": float(np.median([r["astigmatism_A"] for r in rows])),
@@ -288,7 +309,7 @@ def tilt_alignment(
         catalog,
         lambda ts: proc.align_series(ts, proc.Workspace(root, ts.key), settings),
     )
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "method": doc["method"],
             "tilt_axis_angle_deg": doc["tilt_axis_angle_deg"],
@@ -352,7 +373,7 @@ def tomogram(
 
     _, doc = _run(context, cryo_sessions, catalog, step)
     out = proc.Workspace(root, ts.key).step("tomogram")
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "shape_zyx": str(tuple(doc["shape_zyx"])),
             "voxel_size_A": doc["voxel_size_A"],
@@ -361,6 +382,7 @@ def tomogram(
             "thickness_source": doc["thickness_source"],
             "methods": ", ".join(doc["methods"]),
             "ome_zarr": dg.MetadataValue.path(doc["ome_zarr"]["url"]),
+            **neuroglancer_link(storage, doc["ome_zarr"]["url"], context.log),
             "central_slice": _img(out / "central_slice.png", "central slice"),
             "projection_xz": _img(out / "projection_xz.png", "XZ projection"),
         }
@@ -391,7 +413,7 @@ def denoised(
         catalog,
         lambda ts: proc.denoise_series(ts, proc.Workspace(root, ts.key), config.method),
     )
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "method": doc["method"],
             "cpu_seconds": doc["cpu_seconds"],
@@ -436,7 +458,7 @@ def thumbnails(
     }
     if (ws.step("tomogram") / "projection_xy.png").is_file():
         meta["projection_xy"] = _img(ws.step("tomogram") / "projection_xy.png", "XY projection")
-    return dg.MaterializeResult(metadata=meta)
+    return materialize_result(metadata=meta)
 
 
 def _rows(ts: TiltSeries, ws: proc.Workspace):
@@ -542,7 +564,7 @@ def results(
         return sid, len(movie_rows), len(ctf_rows), len(tomos)
 
     _, (sid, nm, nc, nt) = _run(context, cryo_sessions, catalog, step)
-    return dg.MaterializeResult(metadata={"tilt_series_id": sid, "movies": nm, "ctf": nc, "tomograms": nt})
+    return materialize_result(metadata={"tilt_series_id": sid, "movies": nm, "ctf": nc, "tomograms": nt})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -612,7 +634,7 @@ def _finite(v):
     specs=[
         dg.AssetSpec(
             EVALUATION,
-            deps=[K["results"]],
+            deps=[K["results"], FROM_SIMULATION],
             group_name="simulation",
             kinds={"json"},
             description="Every step scored against ground_truth.json and the phantom: defocus, astigmatism "
@@ -624,6 +646,7 @@ def _finite(v):
     check_specs=_check_specs(),
     can_subset=True,
 )
+@gate_blocking_checks
 def evaluation(
     context: dg.AssetExecutionContext,
     config: TomogramConfig,
@@ -649,7 +672,7 @@ def evaluation(
         # processing's status in the results tables stays as it is
         reason = f"{ts.key} has no ground_truth.json beside its mdoc: nothing to score against"
         every = [*CHECKS, "fsc_better_than_unaligned", "denoise_gain"]
-        yield dg.MaterializeResult(
+        yield materialize_result(
             metadata={
                 "skipped": reason,
                 "checks_not_applicable": dg.MetadataValue.json(dict.fromkeys(every, reason)),
@@ -659,7 +682,7 @@ def evaluation(
     flat = {k: v for k, v in fig.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     every = _check_results(fig)
     checks = [c for c in every if "not_applicable" not in c.metadata]
-    yield dg.MaterializeResult(
+    yield materialize_result(
         metadata={
             **{k: _finite(v) for k, v in flat.items()},
             "figures": dg.MetadataValue.json(_jsonable(fig)),
@@ -695,7 +718,7 @@ def _check_results(fig: dict) -> list[dg.AssetCheckResult]:
             # the truth has no tilt astigmatic enough (> 500 Å) for its angle to mean anything
             metadata["not_applicable"] = f"no tilt with astigmatism > {ev.ASTIGMATISM_MIN_A:.0f} Å"
             out.append(
-                dg.AssetCheckResult(
+                check_result(
                     check_name=name,
                     passed=True,
                     description=f"Not applicable: {metadata['not_applicable']} in the ground truth.",
@@ -713,12 +736,12 @@ def _check_results(fig: dict) -> list[dg.AssetCheckResult]:
             "asset's `figures`, and at the step's own asset, before trusting its output",
         )
         out.append(
-            dg.AssetCheckResult(check_name=name, passed=passed, description=description, metadata=metadata)
+            check_result(check_name=name, passed=passed, description=description, metadata=metadata)
         )
     out.append(_fsc_check(fig))
     gain = fig.get("denoise", {}).get("psnr_gain_dB")
     out.append(
-        dg.AssetCheckResult(
+        check_result(
             check_name="denoise_gain",
             passed=gain is not None and gain > 0,
             description=check_sentence(
@@ -755,7 +778,7 @@ def _fsc_check(fig: dict) -> dg.AssetCheckResult:
     fix = "alignment did not improve the tomogram: check cryo/tilt_alignment's fiducials and residuals"
     if a is None or u is None or a != u:
         passed = a is not None and u is not None and a < u
-        return dg.AssetCheckResult(
+        return check_result(
             check_name="fsc_better_than_unaligned",
             passed=passed,
             description=check_sentence(
@@ -769,7 +792,7 @@ def _fsc_check(fig: dict) -> dg.AssetCheckResult:
     a5, u5 = fig.get("fsc_0.5_aligned_A"), fig.get("fsc_0.5_unaligned_A")
     metadata.update(aligned_fsc_0_5_A=_finite(a5), unaligned_fsc_0_5_A=_finite(u5))
     if a5 is not None and u5 is not None and a5 != u5:
-        return dg.AssetCheckResult(
+        return check_result(
             check_name="fsc_better_than_unaligned",
             passed=a5 < u5,
             description=check_sentence(
@@ -784,7 +807,7 @@ def _fsc_check(fig: dict) -> dg.AssetCheckResult:
     metadata["not_applicable"] = (
         f"both tomograms resolve to {a:.1f} Å at FSC 0.143 and 0.5 (the grid's limit)"
     )
-    return dg.AssetCheckResult(
+    return check_result(
         check_name="fsc_better_than_unaligned",
         passed=True,
         description=f"Not applicable: {metadata['not_applicable']}.",

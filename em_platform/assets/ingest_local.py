@@ -3,7 +3,13 @@
 import dagster as dg
 
 from em_platform.assets.ingest_metadata import ingest_materialization_metadata
-from em_platform.assets.presentation import failed_check, partitioned_check
+from em_platform.assets.presentation import (
+    check_result,
+    failed_check,
+    materialize_result,
+    neuroglancer_link,
+    partitioned_check,
+)
 from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.edge import Refused, check_file_name
 from em_platform.ingest.local import ingest_entry
@@ -61,7 +67,9 @@ def ingest_local(
         yield failed_check(CONVERTED_CHECK, exc, entry=str(inbox.folder / key))
         retry_on_storage_outage(context, exc, storage)  # ... or, for an outage, is retried later
         raise
-    yield dg.MaterializeResult(metadata=ingest_materialization_metadata(result))
-    yield dg.AssetCheckResult(
+    yield materialize_result(metadata=ingest_materialization_metadata(
+            result, lambda url: neuroglancer_link(storage, url, context.log)
+        ))
+    yield check_result(
         check_name=CONVERTED_CHECK, passed=True, metadata={"catalog_id": result.record["id"]}
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -10,8 +11,19 @@ from em_platform.assets.presentation import png_markdown, rounded, voxel_size_me
 from em_platform.ingest.lifecycle import IngestResult
 
 
-def ingest_materialization_metadata(result: IngestResult) -> dict[str, Any]:
-    """What the UI shows for an ingest: where the image is, what it holds, its checksum and thumbnail."""
+def view_url(link: dict[str, dg.MetadataValue]) -> str | None:
+    """The URL inside a :func:`~em_platform.assets.presentation.neuroglancer_link` entry (Markdown or URL)."""
+    value = link.get("neuroglancer")
+    if isinstance(value, dg.UrlMetadataValue):
+        return value.url
+    return value.md_str.rsplit("](", 1)[1].removesuffix(")") if value is not None else None
+
+
+def ingest_materialization_metadata(
+    result: IngestResult, view: Callable[[str], dict[str, dg.MetadataValue]]
+) -> dict[str, Any]:
+    """What the UI shows for an ingest: where the image is, what it holds, its checksum and thumbnail, and
+    ``view(url)``'s Neuroglancer link (a collection: its first image's, and each image's in its table)."""
     rec = result.record
     meta_block = rec["metadata"]
     core, tech = meta_block["core"], meta_block.get("technical", {})
@@ -27,13 +39,18 @@ def ingest_materialization_metadata(result: IngestResult) -> dict[str, Any]:
         meta["source_format"] = tech["source_format"]
     if core.get("kind") == "collection":
         images = meta_block["collection"]["images"]
+        entries = [view(f"{result.volume_url}/{im['path']}") for im in images]
+        links = [view_url(e) for e in entries]
         meta["images"] = len(images)
+        meta |= entries[0] if entries else {}
         meta["collection"] = dg.MetadataValue.md(
-            "| image | shape | axes | dtype | voxel size (nm) |\n|---|---|---|---|---|\n"
+            "| image | shape | axes | dtype | voxel size (nm) | view |\n|---|---|---|---|---|---|\n"
             + "\n".join(
                 f"| {im['name']} | {tuple(im['shape'])} | {''.join(im['axes'])} | {im['data_type']} | "
-                f"{ {a: rounded(v) for a, v in im['voxel_size_nm'].items()} } ({im['voxel_size_source']}) |"
-                for im in images
+                f"{ {a: rounded(v) for a, v in im['voxel_size_nm'].items()} } ({im['voxel_size_source']}) | "
+                + (f"[Neuroglancer]({link})" if link is not None else "")
+                + " |"
+                for im, link in zip(images, links, strict=True)
             )
         )
     else:
@@ -46,6 +63,7 @@ def ingest_materialization_metadata(result: IngestResult) -> dict[str, Any]:
         }
         if "ome_zarr" in meta_block:
             meta["pyramid_levels"] = len(meta_block["ome_zarr"].get("levels", []))
+            meta |= view(result.volume_url)
     if "source_fingerprint" in provenance:
         meta["source_fingerprint"] = provenance["source_fingerprint"]
     if "source_urls" in provenance:

@@ -14,7 +14,13 @@ import dagster as dg
 from pydantic import create_model
 
 from em_platform.assets.ingest_metadata import ingest_materialization_metadata
-from em_platform.assets.presentation import failed_check, partitioned_check
+from em_platform.assets.presentation import (
+    check_result,
+    failed_check,
+    materialize_result,
+    neuroglancer_link,
+    partitioned_check,
+)
 from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.edge import DATASET_ID, Refused
 from em_platform.ingest.public import PublicIngestError, ingest_public_dataset
@@ -122,8 +128,10 @@ def build_public_ingest(
             )  # shown on the partition's page
             retry_on_storage_outage(context, exc, storage)  # an outage is retried later
             raise dg.Failure(description=str(exc)) from exc
-        yield dg.MaterializeResult(metadata=ingest_materialization_metadata(result))
-        yield dg.AssetCheckResult(
+        yield materialize_result(metadata=ingest_materialization_metadata(
+            result, lambda url: neuroglancer_link(storage, url, context.log)
+        ))
+        yield check_result(
             check_name=INGESTED_CHECK, passed=True, metadata={"catalog_id": result.record["id"]}
         )
 

@@ -26,12 +26,16 @@ import dagster as dg
 from em_platform.assets.acquisition import MATCHES, PROCESSED, STATS
 from em_platform.assets.presentation import (
     FOCUS_LEGEND,
+    check_result,
     check_sentence,
+    materialize_result,
+    neuroglancer_link,
     partitioned_check,
     png_markdown,
     scaled_png_markdown,
 )
 from em_platform.assets.retries import retry_on_storage_outage
+from em_platform.assets.signals import gate_blocking_checks
 from em_platform.partitions import montages
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
@@ -209,6 +213,7 @@ def _scope_matches(config: MontageLayoutConfig, storage: StorageResource, tiles)
     ],
     kinds={"json"},
 )
+@gate_blocking_checks
 def montage_layout(
     context: dg.AssetExecutionContext,
     config: MontageLayoutConfig,
@@ -247,7 +252,7 @@ def montage_layout(
         seconds,
         qc.rms_residual_px,
     )
-    yield dg.MaterializeResult(
+    yield materialize_result(
         metadata={
             **qc.summary(),
             "prior": result.prior,
@@ -274,7 +279,7 @@ def montage_layout(
     # judged by its own checks. A good tile that nothing ties to the montage is what this check is about.
     faulty = {(t.row, t.column) for t in tiles if t.qc_passed is False}
     lost = [t for t in qc.disconnected if t not in faulty]
-    yield dg.AssetCheckResult(
+    yield check_result(
         check_name="disconnected_tiles",
         passed=len(lost) <= config.max_disconnected_tiles,
         description=check_sentence(
@@ -292,7 +297,7 @@ def montage_layout(
             "limit": config.max_disconnected_tiles,
         },
     )
-    yield dg.AssetCheckResult(
+    yield check_result(
         check_name="seams",
         passed=len(qc.seams) <= config.max_seams,
         description=check_sentence(
@@ -310,7 +315,7 @@ def montage_layout(
         },
     )
     scale_ok = qc.scale_ok(config.max_scale_distortion)  # beyond the limit by more than 3 standard errors
-    yield dg.AssetCheckResult(
+    yield check_result(
         check_name="scale_distortion",
         passed=scale_ok,
         description=check_sentence(
@@ -378,7 +383,7 @@ def lens_correction(
         fit.residual_after_px,
         summary["max_displacement_px"],
     )
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             **summary,
             "scope": scope,
@@ -409,6 +414,7 @@ def lens_correction(
     kinds={"zarr", "dask"},
     pool="pixels",
 )
+@gate_blocking_checks
 def montage(
     context: dg.AssetExecutionContext,
     config: MontageFusionConfig,
@@ -463,7 +469,7 @@ def montage(
     rows = max((r for r, _ in focus), default=-1) + 1
     cols = max((c for _, c in focus), default=-1) + 1
     mpix = fused.shape[0] * fused.shape[1] / 1e6
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             # where it lives once montage_upload has run (the buffer copy is freed then)
             "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, FUSED)),
@@ -495,7 +501,7 @@ def _fused_seams_check(montage_id, seams, seconds, config: MontageFusionConfig, 
         len(beyond),
         config.seam_limit_px,
     )
-    return dg.AssetCheckResult(
+    return check_result(
         check_name="fused_seams",
         passed=len(beyond) <= config.max_seams,
         description=check_sentence(
@@ -610,10 +616,11 @@ def montage_upload(
         raise
     up = result.upload
     stored = store.url("acquisition", montage_id, FUSED)
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "url": dg.MetadataValue.path(store.url("acquisition", montage_id)),
             "montage": dg.MetadataValue.path(stored),
+            **neuroglancer_link(storage, stored, context.log),
             "processed_tiles": dg.MetadataValue.path(store.url("acquisition", montage_id, PROCESSED_DIR)),
             "minimap": png_markdown(
                 minimap_png(stored, storage_options=store.storage_options or None), "minimap"

@@ -11,6 +11,7 @@ thumbnail) is attached whole behind "[Show Markdown]", with a link to the stored
 from __future__ import annotations
 
 import base64
+import math
 import typing
 import warnings
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ import dagster as dg
 from em_platform.storage.disk_full import disk_full
 
 INLINE_MARKDOWN_LIMIT = 1000  # characters: the UI draws shorter Markdown metadata inline
+VIEW_LABEL = "open at full resolution in Neuroglancer"
 
 # The focus-map colours (em_platform.stitch.previews: ColorBrewer RdYlGn) in words.
 FOCUS_LEGEND = (
@@ -33,6 +35,42 @@ FOCUS_LEGEND = (
 def rounded(value: float, digits: int = 6) -> float:
     """``value`` to ``digits`` significant digits: a float32 header's 1.3600000381469728 nm shows as 1.36."""
     return float(f"{value:.{digits}g}")
+
+
+def figure(value: float) -> float:
+    """A measured figure as a person reads it: four significant digits, whole numbers kept whole
+    (0.45017596 → 0.4502, 84.852055 → 84.85, 29472.486632 → 29472.0). The exact values stay in the
+    catalog, the results database and the JSON figures."""
+    if not math.isfinite(value) or value == 0:
+        return value
+    return round(value, max(0, 3 - math.floor(math.log10(abs(value)))))
+
+
+def tidy(metadata: Mapping[str, typing.Any] | None) -> dict[str, typing.Any]:
+    """``metadata`` with every float (plain or ``FloatMetadataValue``) a :func:`figure`; the label carries
+    the unit (``_px``, ``_deg``, ``_A``, ``_nm``, ``seconds``)."""
+    out: dict[str, typing.Any] = {}
+    for key, value in (metadata or {}).items():
+        if isinstance(value, float):
+            value = figure(value)
+        elif isinstance(value, dg.FloatMetadataValue) and value.value is not None:
+            value = dg.MetadataValue.float(figure(value.value))
+        out[key] = value
+    return out
+
+
+def materialize_result(**kwargs: typing.Any) -> dg.MaterializeResult:
+    """``dg.MaterializeResult`` with its metadata :func:`tidy` (every asset reports through this)."""
+    if kwargs.get("metadata") is not None:
+        kwargs["metadata"] = tidy(kwargs["metadata"])
+    return dg.MaterializeResult(**kwargs)
+
+
+def check_result(**kwargs: typing.Any) -> dg.AssetCheckResult:
+    """``dg.AssetCheckResult`` with its metadata :func:`tidy` (every check reports through this)."""
+    if kwargs.get("metadata") is not None:
+        kwargs["metadata"] = tidy(kwargs["metadata"])
+    return dg.AssetCheckResult(**kwargs)
 
 
 def voxel_size_metadata(voxel_size_nm: Mapping[str, float]) -> dg.MetadataValue:
@@ -62,6 +100,26 @@ def scaled_png_markdown(png: bytes, width: int, height: int, alt: str, caption: 
     return dg.MetadataValue.md(text + (f"\n\n{caption}" if caption else ""))
 
 
+def neuroglancer_link(storage: typing.Any, image_url: str, log: typing.Any) -> dict[str, dg.MetadataValue]:
+    """``{"neuroglancer": <link>}``: the stored OME-Zarr opened at full resolution by `em-platform viewer`,
+    as a short Markdown link the UI draws inline ("open at full resolution"; the raw URL, hundreds of
+    characters of view state, only when the Markdown would be too long to draw inline).
+
+    A link that cannot be made (the image unreadable a moment after it was written, EM_VIEWER_URL unset)
+    is a warning in the run's log, never a failed materialization: the image is there either way."""
+    try:
+        link = storage.viewer_link(image_url)
+    except Exception as exc:  # noqa: BLE001 — a missing link must not fail the asset
+        log.warning(f"no Neuroglancer link for {image_url}: {exc}")
+        return {}
+    text = f"[{VIEW_LABEL}]({link})"
+    return {
+        "neuroglancer": dg.MetadataValue.md(text)
+        if len(text) < INLINE_MARKDOWN_LIMIT
+        else dg.MetadataValue.url(link)
+    }
+
+
 def is_inline(value: typing.Any) -> bool:
     """Whether the UI draws this Markdown metadata value inline (not behind "[Show Markdown]")."""
     return isinstance(value, dg.MarkdownMetadataValue) and len(value.md_str or "") < INLINE_MARKDOWN_LIMIT
@@ -70,7 +128,7 @@ def is_inline(value: typing.Any) -> bool:
 def failed_check(check_name: str, exc: BaseException, **facts: str) -> dg.AssetCheckResult:
     """A failed check carrying why a partition failed, shown on its page (the run fails right after)."""
     message = disk_full(exc) or " ".join(str(exc).split()) or type(exc).__name__
-    return dg.AssetCheckResult(
+    return check_result(
         check_name=check_name,
         passed=False,
         severity=dg.AssetCheckSeverity.ERROR,

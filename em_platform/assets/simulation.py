@@ -9,6 +9,7 @@ import base64
 
 import dagster as dg
 
+from em_platform.assets.presentation import materialize_result, neuroglancer_link
 from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.partitions import simulations
 from em_platform.resources import CatalogResource, DaskResource, SimulationSpecsResource, StorageResource
@@ -50,7 +51,7 @@ def particle_library(
         "| model | kind | points | elements | diameter nm | source |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
     )
-    return dg.MaterializeResult(metadata={"models": dg.MetadataValue.md(table), "n_models": len(library)})
+    return materialize_result(metadata={"models": dg.MetadataValue.md(table), "n_models": len(library)})
 
 
 @dg.asset(
@@ -69,7 +70,7 @@ def sample(
     placed = assemble(spec, library, acquisition.rng_for(spec, stack_no, acquisition.ASSEMBLY))
     volume = placed.size_A[0] * placed.size_A[1] * placed.size_A[2]
     filled = sum(library[p.model].volume_A3 for p in placed.particles)
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "particles": len(placed.particles),
             "beads": len(placed.beads),
@@ -117,10 +118,11 @@ def tilt_series(
         retry_on_storage_outage(context, exc, storage)  # an outage is retried later
         raise
     rec = out.record
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "folder": dg.MetadataValue.path(out.folder_url),
             "volume": dg.MetadataValue.path(out.volume_url),
+            **neuroglancer_link(storage, out.volume_url, context.log),
             "shape": str(tuple(rec["metadata"]["core"]["volume_shape"])),
             "pixel_size_A": spec.pixel_size_A,
             "catalog_id": rec["id"],
@@ -163,7 +165,7 @@ def ground_truth(
         "| z | nominal ° | true ° | in-plane ° | shift px | defocus µm | prior dose e/Å² |\n|---|---|---|---|---|---|---|\n"
         + rows
     )
-    return dg.MaterializeResult(
+    return materialize_result(
         metadata={
             "path": dg.MetadataValue.path(store.to_url(f"{folder}/ground_truth.json")),
             "tilts": dg.MetadataValue.md(table),

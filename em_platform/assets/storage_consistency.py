@@ -11,6 +11,7 @@ it in the UI.
 import dagster as dg
 
 from em_platform.assets.catalog import metadata_catalog
+from em_platform.assets.presentation import check_result
 from em_platform.resources import CatalogResource, StorageResource
 from em_platform.storage.consistency import check_consistency
 
@@ -34,7 +35,7 @@ def storage_consistency(
         a.name: {"missing": list(a.missing), "corrupted": list(a.corrupted), "record_id": a.record_id}
         for a in report.problems
     }
-    return dg.AssetCheckResult(
+    return check_result(
         passed=report.ok,
         severity=dg.AssetCheckSeverity.ERROR,
         description=report.summary(),

@@ -148,21 +148,17 @@ class CryoResults:
             self._series_id(conn, key, {**series, "status": status, "error": error, "run_id": run_id})
 
     def release_run(self, run_id: str, reason: str, *, status: str = "failed") -> list[str]:
-        """Tilt series a run left 'processing' go to ``status`` with ``reason`` (its results rows stay as
-        they were); returns their partition keys."""
+        """Tilt series of a run that failed go to ``status`` with ``reason``: those it left 'processing' and
+        those it had marked 'complete' before a later step failed (Dagster says the partition failed; so do
+        these tables). Their results rows stay as they were; returns their partition keys."""
         t = tilt_series
+        held = sa.and_(t.c.run_id == run_id, t.c.status.in_(("processing", "complete")))
         with self.engine.begin() as conn:
-            keys = (
-                conn.execute(
-                    sa.select(t.c.partition_key).where(t.c.run_id == run_id, t.c.status == "processing")
-                )
-                .scalars()
-                .all()
-            )
+            keys = conn.execute(sa.select(t.c.partition_key).where(held)).scalars().all()
             if keys:
                 conn.execute(
                     t.update()
-                    .where(t.c.run_id == run_id, t.c.status == "processing")
+                    .where(held)
                     .values(status=status, error=reason, updated_at=datetime.now(UTC))
                 )
         return list(keys)

@@ -236,6 +236,21 @@ def strip_suffixes(name: str) -> str:
     return name
 
 
+SIMULATION_TAG = "simulation"  # the simulator's published root (<data root>/simulation/<spec>/<stack>/)
+
+
+def series_key(tag: str, folders: tuple[str, ...], name: str) -> str:
+    """A tilt series' partition key: ``<tag>/<folders>/<name>``, the name said once when its folder bears it
+    (``sessions/grid1/TS_01/TS_01.mdoc`` → ``sessions/grid1/TS_01``). A simulated stack
+    (``<spec>/<stack>/<stack>.mdoc``) is named as its ``simulation/tilt_series`` partition is (``<stack>``),
+    so the two assets are one lineage, partition to partition (no ``/``: never a session's key)."""
+    if tag == SIMULATION_TAG and len(folders) == 2 and folders[1] == name:
+        return name
+    if folders and folders[-1] == name:
+        folders = folders[:-1]
+    return "/".join((tag, *folders, name))
+
+
 def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
     """A tilt series from its mdoc (no pixels read); raises SessionError naming the mdoc."""
     doc = read_mdoc(mdoc)
@@ -289,9 +304,8 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
     source, axis = found[0] if found else (AXIS_PRECEDENCE[-1], None)
     notes = [] if found else ["no tilt-axis angle (em_session.yaml, mdoc title, RotationAngle): 0° assumed"]
     named_gain = getattr(sections[0], "GainReference", None)
-    key_path = "/".join((*rel.parent.parts, name))
     return TiltSeries(
-        key=f"{tag}/{key_path}",
+        key=series_key(tag, rel.parent.parts, name),
         name=name,
         kind="tilt_series",
         mdoc=mdoc,

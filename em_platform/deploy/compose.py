@@ -40,6 +40,8 @@ IMAGES = {
 PUBLISHED = {
     "webserver": "${EM_WEB_BIND:-127.0.0.1}:${EM_WEB_PORT:-3000}",
     "rabbitmq": "${EM_BROKER_BIND:-127.0.0.1}:${EM_BROKER_PORT:-61613}",
+    # the image viewer: read only, images only; browsers open EM_VIEWER_URL (set it when this changes)
+    "viewer": "${EM_VIEWER_BIND:-127.0.0.1}:${EM_VIEWER_PORT:-3030}",
 }
 
 HEADER = """\

@@ -631,6 +631,7 @@ STABLE_PORTS = {  # service: (setting, default) of the ports `up` listens on, th
     "user-code": ("EM_CODE_SERVER_PORT", 4000),
     "dask-scheduler": ("EM_DASK_SCHEDULER_PORT", 8786),
     "minio": ("EM_S3_PORT", 9000),
+    "viewer": ("EM_VIEWER_PORT", 3030),  # the links in the images' metadata name it: keep it stable
 }
 
 

@@ -106,6 +106,8 @@ def platform_env() -> dict[str, str]:
         "EM_BROKER_PASSWORD": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
         "EM_SCOPE_PIXEL_SIZE_NM": "${EM_SCOPE_PIXEL_SIZE_NM:-}",
         "NEUPRINT_TOKEN": "${NEUPRINT_TOKEN:-}",
+        # where users' browsers reach the viewer (its published port): every image's Neuroglancer link
+        "EM_VIEWER_URL": "${EM_VIEWER_URL:-http://127.0.0.1:{port:viewer}}",
         "DASK_SCHEDULER_ADDRESS": "tcp://{addr:dask-scheduler}",
         **_pg_env(),
     }
@@ -336,6 +338,17 @@ SERVICES: tuple[Service, ...] = (
         volumes=(DATA_VOLUME,),  # the buffer its processed tiles are staged in, shared with the runs
         restart="on-failure",
         note="judges live montages' tiles as they land (warm: no run start); the montage runs record it",
+    ),
+    Service(
+        "viewer",
+        image=EM_IMAGE,
+        command=("em-platform", "viewer", "--host", "{bind}", "--port", "{port}"),
+        env=platform_env(),
+        port=3030,
+        publish=True,
+        depends_on={"minio-init": COMPLETED},
+        probe=Probe("http", path="/v/em/"),
+        note="Neuroglancer and the data root's OME-Zarr images, read only (every image's link opens here)",
     ),
 )
 

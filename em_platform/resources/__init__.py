@@ -38,6 +38,7 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
             s3_endpoint_url=s.s3_endpoint_url,
             buffer_root=s.buffer,
             downloads_root=s.downloads,
+            viewer_url=s.viewer_url,
         ),
         "catalog": CatalogResource(url=s.catalog_url),
         "dask": DaskResource(scheduler_address=s.dask_scheduler_address),

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from em_platform.cryo.session import (
+    SIMULATION_TAG,
     SPA_SET,
     SessionError,
     TiltSeries,
@@ -22,6 +23,9 @@ class CryoSessionsResource(dg.ConfigurableResource):
 
     sessions: str
     simulation: str = ""
+    # a series whose files changed this recently is still being written (the demo, whose simulator
+    # publishes whole stacks at once, sets 0)
+    settle_seconds: float = 10.0
 
     def roots(self) -> dict[str, Path]:
         roots = {"sessions": Path(self.sessions)}
@@ -30,7 +34,14 @@ class CryoSessionsResource(dg.ConfigurableResource):
         return roots
 
     def tilt_series(self, key: str) -> TiltSeries:
-        """The tilt series (or movie set) a partition key names; a vanished one raises SessionError."""
+        """The tilt series (or movie set) a partition key names (:func:`series_key`); a vanished one raises
+        SessionError."""
+        if "/" not in key:  # a simulated stack: <simulation root>/<spec>/<key>/<key>.mdoc
+            root = self.roots().get(SIMULATION_TAG)
+            for mdoc in sorted(root.glob(f"*/{key}/*.mdoc")) if root else []:
+                if strip_suffixes(mdoc.name) == key:
+                    return describe_tilt_series(mdoc, root, SIMULATION_TAG)
+            raise SessionError(f"partition {key!r}: no simulated stack {key} (<spec>/{key}/{key}.mdoc) in {root}")
         tag, _, rest = key.partition("/")
         root = self.roots().get(tag)
         if root is None or not rest:
@@ -39,6 +50,10 @@ class CryoSessionsResource(dg.ConfigurableResource):
             )
         folder, _, name = (root / rest).as_posix().rpartition("/")
         folder = Path(folder)
+        if (root / rest).is_dir():  # the series in a folder of its own name (series_key says it once)
+            for mdoc in sorted((root / rest).glob("*.mdoc")):
+                if strip_suffixes(mdoc.name) == name and not is_frame_set(mdoc):
+                    return describe_tilt_series(mdoc, root, tag)
         if name == SPA_SET:
             mdocs = sorted(p for p in folder.glob("*.mdoc") if is_frame_set(p))
             if not mdocs:

@@ -28,6 +28,8 @@ class StorageResource(dg.ConfigurableResource):
     # after this many seconds, doubling each time (5 retries from 15 s ride out about 8 minutes).
     outage_retries: int = 5
     outage_retry_seconds: float = 15.0
+    # where browsers reach `em-platform viewer` (settings: EM_VIEWER_URL); images get links to it
+    viewer_url: str = ""
 
     def store(self) -> DataStore:
         return DataStore(self.root_url, storage_options_for(self.root_url, self.s3_endpoint_url))
@@ -39,3 +41,12 @@ class StorageResource(dg.ConfigurableResource):
     def downloads(self) -> Path:
         """The local download cache of the public-dataset ingests."""
         return Path(self.downloads_root)
+
+    def viewer_link(self, image_url: str) -> str:
+        """The Neuroglancer link that opens the stored OME-Zarr at ``image_url`` (see em_platform.viewer)."""
+        from em_platform.viewer.links import link_for
+
+        if not self.viewer_url:
+            raise ValueError("no viewer address: set EM_VIEWER_URL")
+        store = self.store()
+        return link_for(image_url, self.viewer_url, store.url(), store.storage_options or None)

@@ -20,7 +20,6 @@ from em_platform.partitions import cryo_tilt_series
 from em_platform.resources import CryoSessionsResource
 from em_platform.settings import sensor_interval_seconds
 
-SETTLE_SECONDS = 10.0
 MAX_REQUESTS_PER_TICK = 200
 PROCESSING = list(K.values())
 
@@ -63,7 +62,7 @@ def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessions
         fp = fingerprint(ts)
         if cursor.get(ts.key) == fp:
             continue
-        if now - newest_change(ts) < SETTLE_SECONDS:
+        if now - newest_change(ts) < cryo_sessions.settle_seconds:
             waiting.append(ts.key)
             continue
         if len(requests) >= MAX_REQUESTS_PER_TICK:

@@ -140,3 +140,42 @@ def test_frame_count_from_frame_doses_when_num_sub_frames_is_absent(small_sessio
         sess.SessionError, match=r"TS_000_0\.0\.tif: the mdoc .*TS\.mrc\.mdoc gives no frame count"
     ):
         sess.load_movie(ts, ts.tilts[0])
+
+
+def _mdoc(folder: Path, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / "TS_01.mrc.mdoc", folder / f"{name}.mrc.mdoc")
+
+
+def test_partition_keys_say_a_name_once_and_resolve_back(tmp_path):
+    """A series in a folder of its own name is keyed without the repetition; a simulated stack by its
+    simulation partition's key (one lineage, partition to partition); every key resolves to its series."""
+    from em_platform.resources import CryoSessionsResource
+
+    sessions, simulation = tmp_path / "sessions", tmp_path / "simulation"
+    _mdoc(sessions / "grid1", "TS_01")  # SerialEM: several series per folder
+    _mdoc(sessions / "grid1" / "TS_02", "TS_02")  # a folder per series (Tomo5-like)
+    (sessions / "grid1" / "TS_03").mkdir()  # a folder of frames beside its mdoc, not the series' own folder
+    _mdoc(sessions / "grid1", "TS_03")
+    _mdoc(simulation / "demo" / "demo_000", "demo_000")
+    keys = {t.key: t for t in sess.discover(sessions, "sessions")[0] + sess.discover(simulation, "simulation")[0]}
+    assert set(keys) == {"sessions/grid1/TS_01", "sessions/grid1/TS_02", "sessions/grid1/TS_03", "demo_000"}
+    res = CryoSessionsResource(sessions=str(sessions), simulation=str(simulation))
+    for key, ts in keys.items():
+        assert res.tilt_series(key).mdoc == ts.mdoc, key
+    with pytest.raises(sess.SessionError, match="no simulated stack demo_001"):
+        res.tilt_series("demo_001")
+    assert sess.series_key("simulation", ("demo", "other"), "demo_000") == "simulation/demo/other/demo_000"
+
+
+def test_simulation_is_upstream_of_cryo_partition_by_partition():
+    import dagster as dg
+
+    from em_platform.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    sim = dg.AssetKey(["simulation", "tilt_series"])
+    for key in (dg.AssetKey(["cryo", "motion_corrected"]), dg.AssetKey(["simulation", "evaluation"])):
+        assert sim in graph.get(key).parent_keys, key
+        mapping = graph.get_partition_mapping(key, sim)
+        assert isinstance(mapping, dg.IdentityPartitionMapping), (key, mapping)

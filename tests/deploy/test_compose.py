@@ -206,6 +206,8 @@ def test_process_plan_is_the_compose_services_with_loopback_addresses(tmp_path):
             for other in SERVICES:
                 if other.port is not None:
                     value = value.replace(f"{other.name}:{other.port}", where.addr(other.name))
+                    # a published port as browsers reach it on the host (EM_VIEWER_URL): the process's port
+                    value = value.replace(f"127.0.0.1:{other.port}", f"127.0.0.1:{where.ports[other.name]}")
                     if value == str(other.port):
                         return str(where.ports[other.name])
                 if value == other.name and not command:  # a host name (`em-platform live-qc` is a command)

@@ -79,6 +79,8 @@ def _compose_to_process(topology) -> callable:
         for svc in SERVICES:
             if svc.port is not None:
                 value = value.replace(f"{svc.name}:{svc.port}", topology.addresses.addr(svc.name))
+                # a published port as browsers reach it on the host (EM_VIEWER_URL): the process's port
+                value = value.replace(f"127.0.0.1:{svc.port}", f"127.0.0.1:{topology.addresses.ports[svc.name]}")
         if value in names and not command:  # a host name (`em-platform live-qc` is a command)
             return topology.addresses.hosts[value]
         if value in ports:

@@ -12,6 +12,7 @@ import zarr
 
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.schema import validate_record
+from em_platform.partitions import montages
 from em_platform.resources import SimulatedScope
 from em_platform.sensors.montage import montage_sensor
 from em_platform.simulation.scope import simulate_montage
@@ -111,7 +112,9 @@ def test_failed_montage_is_blocked_by_its_checks(platform, tmp_path):
         assert evaluations["focus"] is False and evaluations["blank_tiles"] is True
         assert not result.success  # a failed blocking check fails the run: nothing downstream runs
         keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-        assert keys == ACQUISITION
+        assert keys == ACQUISITION - {"tile_stats"}  # the asset whose blocking check failed is not green
+        status = instance.get_status_by_partition(dg.AssetKey("tile_stats"), [truth.montage_id], montages)
+        assert status == {truth.montage_id: dg.AssetPartitionStatus.FAILED}
     assert CatalogDB(platform.settings.catalog_url).find("acquisition", truth.montage_id) is None
     assert journal.qc_statuses(truth.montage_id)[-1][0] == "STOP_AT_END"
 
@@ -170,7 +173,7 @@ def test_a_montage_the_scope_cancelled_is_cleaned_up_not_stitched(platform, tmp_
         evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert evaluations["acquisition_complete"] is False
         keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-        assert keys == ACQUISITION  # nothing stitched, fused or uploaded
+        assert keys == ACQUISITION - {"raw_tiles"}  # not the cancelled manifest; nothing stitched, fused, uploaded
     buffer = Path(platform.settings.buffer) / truth.montage_id
     assert not buffer.exists() or not [p for p in buffer.rglob("*") if p.is_file()]
     assert not (platform.data_root / "acquisition" / truth.montage_id).exists()

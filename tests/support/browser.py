@@ -39,11 +39,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("EM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
 
-# Flags that work for Debian's Chromium here (headless, no sandbox as root, no network of its own).
+# Flags that work for Debian's Chromium here (headless, no sandbox as root, no network of its own). No GPU:
+# WebGL 2 (Neuroglancer draws with it) on SwiftShader, Chromium's CPU renderer.
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
-    "--disable-gpu",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
     "--disable-quic",
     "--no-first-run",
     "--disable-background-networking",

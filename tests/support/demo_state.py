@@ -74,6 +74,7 @@ def checkout_env(checkout: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_"))}
     env["PYTHONPATH"] = str(checkout)
     env["DEV_PORT"] = str(free_port())  # `make dev` on a free port (tests never take a fixed one)
+    env["EM_VIEWER_URL"] = f"http://127.0.0.1:{free_port()}"  # the image viewer's, likewise
     return env
 
 
