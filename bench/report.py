@@ -144,6 +144,14 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             ("every item exactly once", "all_exactly_once", ""),
         ],
     ),
+    (
+        "viewer.json",
+        "The image viewer: a montage's chunks to a browser, 6 connections (`bench_viewer`)",
+        [
+            ("every chunk of an 8192² montage's pyramid", "viewer_mib_per_s", "MiB/s"),
+            ("its time over Python's static file server (no checks)", "viewer_time_over_static", "×"),
+        ],
+    ),
 ]
 
 

@@ -4,15 +4,19 @@ then faults: a Dask worker killed mid-run, the daemon restarted mid-run, the cod
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import psutil
 import pytest
+import requests
 import yaml
 import zarr
 
@@ -167,6 +171,27 @@ def test_inbox_drop_is_ingested_on_the_dask_workers_into_s3_and_postgres(
     )
     level0 = zarr.open_group(url, mode="r", storage_options=storage_options(topology))["0"]
     np.testing.assert_array_equal(level0[...], ingested_entry.volume)
+
+    # one click to full resolution: the partition's Neuroglancer link names the topology's viewer, which
+    # serves the image's chunks from S3 byte for byte
+    link = _neuroglancer_link(dagster_api, ["ingest", "local"], name)
+    assert link.startswith(f"{topology.url('viewer')}/v/em/#!"), link
+    source = json.loads(urllib.parse.unquote(link.split("#!", 1)[1]))["layers"][0]["source"]
+    chunk = requests.get(source.removeprefix("zarr3://") + "0/c/0/0/0", timeout=30)
+    assert chunk.status_code == 200
+    stored = fsspec.filesystem("s3", **storage_options(topology)).cat_file(f"{url}/0/c/0/0/0")
+    assert chunk.content == stored
+
+
+LATEST_METADATA = """query($key: [String!]!, $partition: String!) { assetNodeOrError(assetKey: {path: $key}) {
+  ... on AssetNode { assetMaterializations(partitions: [$partition], limit: 1) { metadataEntries {
+  label ... on MarkdownMetadataEntry { mdStr } ... on UrlMetadataEntry { url } } } } } }"""
+
+
+def _neuroglancer_link(dagster_api, key: list[str], partition: str) -> str:
+    node = dagster_api.query(LATEST_METADATA, {"key": key, "partition": partition})["assetNodeOrError"]
+    (entry,) = [e for e in node["assetMaterializations"][0]["metadataEntries"] if e["label"] == "neuroglancer"]
+    return entry.get("url") or entry["mdStr"].rsplit("](", 1)[1].removesuffix(")")
 
 
 def test_scope_on_the_broker_is_journaled_processed_and_answered(

@@ -125,3 +125,16 @@ def test_web_ui_serves_assets_lineage_and_sensor(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_every_multi_part_key_is_in_the_group_its_prefix_names():
+    """The asset catalog's groups and the keys say the same thing (simulation/evaluation in `simulation`)."""
+    from em_platform.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    wrong = {
+        k.to_user_string(): graph.get(k).group_name
+        for k in graph.get_all_asset_keys()
+        if len(k.path) > 1 and graph.get(k).group_name != k.path[0]
+    }
+    assert wrong == {}
