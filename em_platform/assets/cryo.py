@@ -166,7 +166,7 @@ def _run(context, sessions: CryoSessionsResource, catalog: CatalogResource, step
             key,
             "failed",
             series=_series_fields(ts) if ts else {"name": key, "kind": "unknown"},
-            error=f"tilt series {key}: {context.op_execution_context.step_key} failed: {type(exc).__name__}: {exc}",
+            error=f"tilt series {key}: {context.asset_key.to_user_string()} failed: {type(exc).__name__}: {exc}",
             run_id=context.run.run_id,
         )
         raise

@@ -422,3 +422,33 @@ def test_a_malformed_mdoc_is_named_in_the_sensors_skip_reason(tmp_path):
     assert not result.run_requests
     reason = result.skip_reason.skip_message
     assert "1 tilt series skipped" in reason and "TS_09" in reason, reason
+
+
+def test_a_fault_of_ours_in_a_step_fails_the_series_in_the_results_tables_too(tmp_path, monkeypatch):
+    """Not bad input, a bug (here CTF estimation raising): Dagster fails the step, and the results tables
+    say `failed` naming the step and the error, not `processing` until a sensor notices."""
+    from em_platform.cryo import processing
+
+    sessions = tmp_path / "sessions"
+    make_tilt_series(sessions / "g", "TS_09", size=64, angles=(-15, 0, 15), frames=2, seed=9)
+    _settle(sessions)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an index out of range deep in the fit")
+
+    monkeypatch.setattr(processing, "estimate_ctf_series", broken)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("cryo_tilt_series", ["sessions/g/TS_09"])
+        run = dg.materialize(
+            cryo_assets,
+            instance=instance,
+            partition_key="sessions/g/TS_09",
+            resources=_resources(tmp_path, sessions),
+            raise_on_error=False,
+            selection=[K["motion_corrected"], K["ctf"]],
+        )
+    assert not run.success
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    with engine.connect() as conn:
+        ((status, error),) = conn.execute(sa.text("SELECT status, error FROM cryo_tilt_series")).all()
+    assert status == "failed" and "cryo/ctf failed: RuntimeError: an index out of range" in error, error
