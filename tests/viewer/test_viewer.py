@@ -221,3 +221,16 @@ def test_viewer_url_setting_is_checked():
     for bad in ("lab-viewer:8080", "ftp://x", "http://x/#frag"):
         with pytest.raises(ConfigError, match="EM_VIEWER_URL"):
             load_settings({"EM_VIEWER_URL": bad})
+
+
+def test_event_stream_stays_open_quietly_and_ends_with_the_server(data_root):
+    server = ViewerServer(str(data_root)).start()
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/events/em?c=client&gc=")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    assert resp.fp.readline() == b": quiet\n"  # a comment, no state: the link's own view stands
+    server.stop()  # the open stream does not hold the server up
+    assert resp.read() == b"\n"  # ... and is closed
+    conn.close()
