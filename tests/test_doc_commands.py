@@ -27,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -223,8 +224,13 @@ def _run_until_sigterm(terminal: Terminal, command: str) -> None:
     log = Path(terminal.state).with_suffix(".serve.log")
     if re.match(r"^make dev\b", command):
         port = terminal.env["DEV_PORT"]
-        up = lambda: _answers(port)  # noqa: E731
-        down = lambda text: not _answers(port) and re.search(r"Dagster services (shut down|killed)", text)  # noqa: E731
+        viewer = str(urllib.parse.urlsplit(terminal.env["EM_VIEWER_URL"]).port)  # the image viewer beside it
+        up = lambda: _answers(port) and _answers(viewer, "/v/em/")  # noqa: E731
+        down = lambda text: (  # noqa: E731
+            not _answers(port)
+            and not _answers(viewer, "/v/em/")
+            and re.search(r"Dagster services (shut down|killed)", text)
+        )
         quiet = "Checking for new runs for sensor"  # quiet sensors: nothing changed
         # measured: down ~2 s after SIGTERM on a quiet machine, 19 s+ on a loaded one (a daemon mid-launch);
         # em_platform.dev kills what is still up 12 s after its SIGINT
@@ -282,9 +288,9 @@ def test_command_extraction_follows_what_a_terminal_gets():
     assert readme_commands(text) == [("A", "make demo   # comment"), ("A", "foo --a --b"), ("B", "bar")]
 
 
-def _answers(port: str) -> bool:
+def _answers(port: str, path: str = "/server_info") -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5):
             return True
     except OSError:
         return False
