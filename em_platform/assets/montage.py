@@ -473,6 +473,10 @@ def montage(
         metadata={
             # where it lives once montage_upload has run (the buffer copy is freed then)
             "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, FUSED)),
+            # ... and where it opens at full resolution then (made now from the buffer's copy)
+            **neuroglancer_link(
+                storage, storage.store().url("acquisition", montage_id, FUSED), context.log, buffer.to_url(final)
+            ),
             "shape": str(fused.shape),
             "pixel_size_nm": pixel_size,
             "pyramid_levels": len(fused.info.levels),

@@ -100,7 +100,9 @@ def scaled_png_markdown(png: bytes, width: int, height: int, alt: str, caption: 
     return dg.MetadataValue.md(text + (f"\n\n{caption}" if caption else ""))
 
 
-def neuroglancer_link(storage: typing.Any, image_url: str, log: typing.Any) -> dict[str, dg.MetadataValue]:
+def neuroglancer_link(
+    storage: typing.Any, image_url: str, log: typing.Any, read_from: str | None = None
+) -> dict[str, dg.MetadataValue]:
     """``{"neuroglancer": <link>}``: the stored OME-Zarr opened at full resolution by `em-platform viewer`,
     as a short Markdown link the UI draws inline ("open at full resolution"; the raw URL, hundreds of
     characters of view state, only when the Markdown would be too long to draw inline).
@@ -108,7 +110,7 @@ def neuroglancer_link(storage: typing.Any, image_url: str, log: typing.Any) -> d
     A link that cannot be made (the image unreadable a moment after it was written, EM_VIEWER_URL unset)
     is a warning in the run's log, never a failed materialization: the image is there either way."""
     try:
-        link = storage.viewer_link(image_url)
+        link = storage.viewer_link(image_url, read_from)
     except Exception as exc:  # noqa: BLE001 — a missing link must not fail the asset
         log.warning(f"no Neuroglancer link for {image_url}: {exc}")
         return {}

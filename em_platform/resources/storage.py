@@ -42,11 +42,14 @@ class StorageResource(dg.ConfigurableResource):
         """The local download cache of the public-dataset ingests."""
         return Path(self.downloads_root)
 
-    def viewer_link(self, image_url: str) -> str:
-        """The Neuroglancer link that opens the stored OME-Zarr at ``image_url`` (see em_platform.viewer)."""
+    def viewer_link(self, image_url: str, read_from: str | None = None) -> str:
+        """The Neuroglancer link that opens the stored OME-Zarr at ``image_url`` (see em_platform.viewer);
+        ``read_from``: the same image in the local buffer, for a link made before it is uploaded."""
         from em_platform.viewer.links import link_for
 
         if not self.viewer_url:
             raise ValueError("no viewer address: set EM_VIEWER_URL")
         store = self.store()
-        return link_for(image_url, self.viewer_url, store.url(), store.storage_options or None)
+        return link_for(
+            image_url, self.viewer_url, store.url(), store.storage_options or None, read_from=read_from
+        )

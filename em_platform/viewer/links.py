@@ -51,8 +51,9 @@ def image_key(image_url: str, data_root: str) -> str:
     return join_key("", url[len(root) :], field="image")
 
 
-def read_image(image_url: str, data_root: str, storage_options: dict | None = None) -> Image:
-    """The :class:`Image` at ``image_url`` (its multiscales metadata and coarsest level, nothing more)."""
+def read_image(image_url: str, key: str, storage_options: dict | None = None) -> Image:
+    """The :class:`Image` at ``image_url``, served as ``key`` (its multiscales metadata and coarsest level,
+    nothing more)."""
     import zarr
 
     from em_platform.imaging.ome_zarr import open_store
@@ -70,7 +71,7 @@ def read_image(image_url: str, data_root: str, storage_options: dict | None = No
         [1.0] * len(axes),
     )
     return Image(
-        key=image_key(image_url, data_root),
+        key=key,
         axes=axes,
         shape=tuple(group[paths[0]].shape),
         coarsest=np.asarray(group[paths[-1]][...]),
@@ -129,6 +130,19 @@ def _dimensions(image: Image) -> dict[str, list]:
     return out
 
 
-def link_for(image_url: str, viewer_url: str, data_root: str, storage_options: dict | None = None) -> str:
-    """Read ``image_url``'s metadata and coarsest level; the link that opens it."""
-    return neuroglancer_link(viewer_url, read_image(image_url, data_root, storage_options))
+def link_for(
+    image_url: str,
+    viewer_url: str,
+    data_root: str,
+    storage_options: dict | None = None,
+    *,
+    read_from: str | None = None,
+    read_options: dict | None = None,
+) -> str:
+    """The link that opens ``image_url`` (under ``data_root``), made from its metadata and coarsest level, or
+    from those of the same image at ``read_from`` (the acquisition buffer's copy of a montage that is about
+    to be uploaded there)."""
+    key = image_key(image_url, data_root)
+    if read_from is None:
+        return neuroglancer_link(viewer_url, read_image(image_url, key, storage_options))
+    return neuroglancer_link(viewer_url, read_image(read_from, key, read_options))

@@ -74,6 +74,13 @@ def test_clean_montage_end_to_end(platform, tmp_path):
             dg.AssetKey("montage")
         ).asset_materialization.metadata
         assert fused_meta["minimap"].value.startswith("![minimap](data:image/png;base64,")
+        # the fused montage opens at full resolution from its own page too: the same stored image (made from
+        # the buffer's copy before the upload) as montage_upload's link
+        uploaded_meta = instance.get_latest_materialization_event(
+            dg.AssetKey("montage_upload")
+        ).asset_materialization.metadata
+        assert fused_meta["neuroglancer"].value == uploaded_meta["neuroglancer"].value
+        assert f"/data/acquisition/{truth.montage_id}/montage.ome.zarr/" in fused_meta["neuroglancer"].value
     assert journal.qc_statuses(truth.montage_id) == [("GOOD", None)]
 
     # uploaded to the storage root, verified, recorded; the buffer freed
