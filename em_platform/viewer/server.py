@@ -79,7 +79,7 @@ def requested_key(raw: str) -> str:
         raise Refused(
             "viewer path", key, "is a half-written image (.staging); only published images are served"
         )
-    if not any(s.endswith(".zarr") for s in segments[:-1]) and not segments[-1].endswith(".zarr"):
+    if not any(s.endswith(".zarr") for s in segments):
         raise Refused(
             "viewer path", key, "is not inside an OME-Zarr image (*.zarr): the viewer serves images only"
         )
