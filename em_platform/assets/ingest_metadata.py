@@ -10,6 +10,8 @@ import dagster as dg
 from em_platform.assets.presentation import png_markdown, rounded, voxel_size_metadata
 from em_platform.ingest.lifecycle import IngestResult
 
+LINKED_IMAGES = 20
+
 
 def view_url(link: dict[str, dg.MetadataValue]) -> str | None:
     """The URL inside a :func:`~em_platform.assets.presentation.neuroglancer_link` entry (Markdown or URL)."""
@@ -39,8 +41,10 @@ def ingest_materialization_metadata(
         meta["source_format"] = tech["source_format"]
     if core.get("kind") == "collection":
         images = meta_block["collection"]["images"]
-        entries = [view(f"{result.volume_url}/{im['path']}") for im in images]
-        links = [view_url(e) for e in entries]
+        # a link per image, for the first LINKED_IMAGES (each reads its image's coarsest level; an EMPIAR
+        # entry can hold thousands of micrographs)
+        entries = [view(f"{result.volume_url}/{im['path']}") for im in images[:LINKED_IMAGES]]
+        links = [view_url(e) for e in entries] + [None] * (len(images) - len(entries))
         meta["images"] = len(images)
         meta |= entries[0] if entries else {}
         meta["collection"] = dg.MetadataValue.md(

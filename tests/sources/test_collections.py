@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from pathlib import Path
 
 import mrcfile
@@ -138,6 +139,24 @@ def test_micrographs_of_different_sizes_become_one_collection(tmp_path, http_fil
     assert root["attributes"]["ome"]["bioformats2raw.layout"] == 3
     ome = json.loads((Path(result.volume_url) / "OME" / "zarr.json").read_text())
     assert ome["attributes"]["ome"]["series"] == ["0", "1", "2"]
+
+    # every image of the collection opens in Neuroglancer from the asset page: a link per row of its table
+    from em_platform.assets.ingest_metadata import ingest_materialization_metadata
+    from em_platform.assets.presentation import neuroglancer_link
+    from em_platform.resources import StorageResource
+
+    storage = StorageResource(
+        root_url=str(tmp_path / "data"),
+        buffer_root=str(tmp_path / "b"),
+        downloads_root=str(tmp_path / "d"),
+        viewer_url="http://127.0.0.1:3030",
+    )
+    meta = ingest_materialization_metadata(result, lambda url: neuroglancer_link(storage, url, LOG))
+    table = urllib.parse.unquote(meta["collection"].value)
+    key = Path(result.volume_url).relative_to(tmp_path / "data").as_posix()
+    for series in ("0", "1", "2"):
+        assert f"zarr3://http://127.0.0.1:3030/data/{key}/{series}/" in table, table
+    assert f"/data/{key}/0/" in urllib.parse.unquote(meta["neuroglancer"].value)
 
 
 def test_a_movie_entry_keeps_its_frames_as_time(tmp_path, http_files, ftp_files):
