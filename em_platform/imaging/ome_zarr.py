@@ -34,9 +34,6 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from ome_zarr.axes import KNOWN_SPATIAL_UNITS, KNOWN_TEMPORAL_UNITS
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_multiscales_metadata
 from zarr.codecs import BloscCodec
 from zarr.storage import FsspecStore, LocalStore
 
@@ -204,6 +201,10 @@ def _validate(
         if u is None:
             continue
         kind = AXIS_TYPES[a]
+        # ome-zarr imported here, not at the top: it pulls in networkx and pydantic models (0.43 s), in every
+        # process that imports the code location (each run, each CLI call) whether it writes an image or not
+        from ome_zarr.axes import KNOWN_SPATIAL_UNITS, KNOWN_TEMPORAL_UNITS
+
         known = {"space": KNOWN_SPATIAL_UNITS, "time": KNOWN_TEMPORAL_UNITS}.get(kind, [])
         if u not in known:
             hint = {
@@ -638,6 +639,9 @@ def write_ome_zarr(
                 {"type": "translation", "translation": list(level_translation(scale0, lv.scale))}
             )
         datasets.append({"path": path, "coordinateTransformations": transforms})
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
     write_multiscales_metadata(
         root,
         datasets=datasets,
