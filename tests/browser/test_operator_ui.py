@@ -103,6 +103,11 @@ def test_lineage_has_the_montage_to_catalog_edge_and_descriptions_keep_their_tex
         description dependencyKeys { path } } } }"""
     )["assetNodeOrError"]
     assert ["montage_upload"] in [d["path"] for d in node["dependencyKeys"]]
+    cryo = web.graphql(
+        """{ assetNodeOrError(assetKey: {path: ["cryo", "motion_corrected"]}) { ... on AssetNode {
+        dependencyKeys { path } } } }"""
+    )["assetNodeOrError"]
+    assert ["simulation", "tilt_series"] in [d["path"] for d in cryo["dependencyKeys"]]  # simulation -> cryo
     page = _page(browser)
     goto(page, f"{web.url}/assets/catalog/metadata_catalog")
     page.get_by_text("metadata_catalog_<ts>.json").first.wait_for()  # not eaten as an HTML tag
