@@ -285,6 +285,16 @@ def test_code_server_restart_the_webserver_reconnects(topology, dagster_api):
     assert len(nodes) == len(before["locationOrLoadError"]["repositories"][0]["assetNodes"]) > 0
 
 
+def test_a_killed_viewer_is_restarted_and_its_links_open_again(topology):
+    """The viewer keeps nothing: SIGKILLed, it is started again by the supervisor (compose: unless-stopped)
+    and the same URL answers; nothing else notices."""
+    page = f"{topology.url('viewer')}/v/em/"
+    assert requests.get(page, timeout=30).status_code == 200
+    topology.kill("viewer")
+    topology.wait_back("viewer", timeout=120)
+    assert requests.get(page, timeout=30).status_code == 200
+
+
 def test_batch_work_runs_niced_on_the_workers_so_live_tiles_get_the_cores_first(dask_client):
     """The workers' task threads run at nice 10 (their preload), the live-QC service's at the default 0."""
     import os
