@@ -78,18 +78,15 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
             threading.Thread(target=_shut_down, args=(child, out), daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    live_qc = Supervised("live-qc", [sys.executable, "-m", "em_platform.tem.live_qc_cli"], out)
-    viewer = Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out)
-    services = [live_qc, viewer]
+    services = [
+        Supervised("live-qc", [sys.executable, "-m", "em_platform.tem.live_qc_cli"], out),
+        Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out),
+    ]
     try:
         for line in quiet_lines(child.stdout):
             out.write(line)
             out.flush()
         status = child.wait()
-        for service in services:
-            service.stop()
-        if pool:
-            pool.stop()
         if status == -signal.SIGKILL:
             print("em-platform dev: Dagster services killed", file=out, flush=True)
         return status
@@ -179,7 +176,9 @@ class DaskPool:
 
     @classmethod
     def start(cls, out) -> DaskPool:
-        port = _free_loopback_port()
+        from em_platform.deploy.processes import free_port
+
+        port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         python = sys.executable
         scheduler = Supervised(
@@ -236,14 +235,6 @@ class DaskPool:
     def stop(self) -> None:
         self.workers.stop()
         self.scheduler.stop()
-
-
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child_of_this_process() -> None:  # runs in the child before exec

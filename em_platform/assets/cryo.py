@@ -148,27 +148,20 @@ def _run(context, sessions: CryoSessionsResource, catalog: CatalogResource, step
     key = context.partition_key
     results = CryoResults(catalog.url)
     ts = None
+
+    def failed(error: str) -> None:  # the results tables say failed as Dagster will, with why
+        series = _series_fields(ts) if ts else {"name": key, "kind": "unknown"}
+        results.mark(key, "failed", series=series, error=error, run_id=context.run.run_id)
+
     try:
         ts = sessions.tilt_series(key)
         return ts, step(ts)
     except BAD_INPUT as exc:
         message = f"tilt series {key}: {exc}"
-        results.mark(
-            key,
-            "failed",
-            series=_series_fields(ts) if ts else {"name": key, "kind": "unknown"},
-            error=message,
-            run_id=context.run.run_id,
-        )
+        failed(message)
         raise dg.Failure(description=message, metadata={"partition": key, "error": str(exc)}) from exc
-    except Exception as exc:  # a fault of ours: the results tables say failed as Dagster will, with why
-        results.mark(
-            key,
-            "failed",
-            series=_series_fields(ts) if ts else {"name": key, "kind": "unknown"},
-            error=f"tilt series {key}: {context.asset_key.to_user_string()} failed: {type(exc).__name__}: {exc}",
-            run_id=context.run.run_id,
-        )
+    except Exception as exc:  # a fault of ours
+        failed(f"tilt series {key}: {context.asset_key.to_user_string()} failed: {type(exc).__name__}: {exc}")
         raise
     finally:
         results.dispose()

@@ -7,8 +7,8 @@ from em_platform.assets.presentation import (
     check_result,
     failed_check,
     materialize_result,
-    neuroglancer_link,
     partitioned_check,
+    viewer_link,
 )
 from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.edge import Refused, check_file_name
@@ -67,9 +67,7 @@ def ingest_local(
         yield failed_check(CONVERTED_CHECK, exc, entry=str(inbox.folder / key))
         retry_on_storage_outage(context, exc, storage)  # ... or, for an outage, is retried later
         raise
-    yield materialize_result(metadata=ingest_materialization_metadata(
-            result, lambda url: neuroglancer_link(storage, url, context.log)
-        ))
-    yield check_result(
-        check_name=CONVERTED_CHECK, passed=True, metadata={"catalog_id": result.record["id"]}
+    yield materialize_result(
+        metadata=ingest_materialization_metadata(result, lambda url: viewer_link(storage, url, context.log))
     )
+    yield check_result(check_name=CONVERTED_CHECK, passed=True, metadata={"catalog_id": result.record["id"]})

@@ -7,25 +7,17 @@ from typing import Any
 
 import dagster as dg
 
-from em_platform.assets.presentation import png_markdown, rounded, voxel_size_metadata
+from em_platform.assets.presentation import png_markdown, rounded, view_metadata, voxel_size_metadata
 from em_platform.ingest.lifecycle import IngestResult
 
 LINKED_IMAGES = 20
 
 
-def view_url(link: dict[str, dg.MetadataValue]) -> str | None:
-    """The URL inside a :func:`~em_platform.assets.presentation.neuroglancer_link` entry (Markdown or URL)."""
-    value = link.get("neuroglancer")
-    if isinstance(value, dg.UrlMetadataValue):
-        return value.url
-    return value.md_str.rsplit("](", 1)[1].removesuffix(")") if value is not None else None
-
-
 def ingest_materialization_metadata(
-    result: IngestResult, view: Callable[[str], dict[str, dg.MetadataValue]]
+    result: IngestResult, view: Callable[[str], str | None]
 ) -> dict[str, Any]:
     """What the UI shows for an ingest: where the image is, what it holds, its checksum and thumbnail, and
-    ``view(url)``'s Neuroglancer link (a collection: its first image's, and each image's in its table)."""
+    ``view(url)``, the Neuroglancer link (a collection: its first image's, and each image's in its table)."""
     rec = result.record
     meta_block = rec["metadata"]
     core, tech = meta_block["core"], meta_block.get("technical", {})
@@ -43,10 +35,11 @@ def ingest_materialization_metadata(
         images = meta_block["collection"]["images"]
         # a link per image, for the first LINKED_IMAGES (each reads its image's coarsest level; an EMPIAR
         # entry can hold thousands of micrographs)
-        entries = [view(f"{result.volume_url}/{im['path']}") for im in images[:LINKED_IMAGES]]
-        links = [view_url(e) for e in entries] + [None] * (len(images) - len(entries))
+        linked = [view(f"{result.volume_url}/{im['path']}") for im in images[:LINKED_IMAGES]]
+        links = linked + [None] * (len(images) - len(linked))
         meta["images"] = len(images)
-        meta |= entries[0] if entries else {}
+        if links and links[0]:
+            meta["neuroglancer"] = view_metadata(links[0])
         meta["collection"] = dg.MetadataValue.md(
             "| image | shape | axes | dtype | voxel size (nm) | view |\n|---|---|---|---|---|---|\n"
             + "\n".join(
@@ -67,7 +60,9 @@ def ingest_materialization_metadata(
         }
         if "ome_zarr" in meta_block:
             meta["pyramid_levels"] = len(meta_block["ome_zarr"].get("levels", []))
-            meta |= view(result.volume_url)
+            link = view(result.volume_url)
+            if link:
+                meta["neuroglancer"] = view_metadata(link)
     if "source_fingerprint" in provenance:
         meta["source_fingerprint"] = provenance["source_fingerprint"]
     if "source_urls" in provenance:

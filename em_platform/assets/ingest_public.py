@@ -18,8 +18,8 @@ from em_platform.assets.presentation import (
     check_result,
     failed_check,
     materialize_result,
-    neuroglancer_link,
     partitioned_check,
+    viewer_link,
 )
 from em_platform.assets.retries import retry_on_storage_outage
 from em_platform.edge import DATASET_ID, Refused
@@ -128,9 +128,11 @@ def build_public_ingest(
             )  # shown on the partition's page
             retry_on_storage_outage(context, exc, storage)  # an outage is retried later
             raise dg.Failure(description=str(exc)) from exc
-        yield materialize_result(metadata=ingest_materialization_metadata(
-            result, lambda url: neuroglancer_link(storage, url, context.log)
-        ))
+        yield materialize_result(
+            metadata=ingest_materialization_metadata(
+                result, lambda url: viewer_link(storage, url, context.log)
+            )
+        )
         yield check_result(
             check_name=INGESTED_CHECK, passed=True, metadata={"catalog_id": result.record["id"]}
         )

@@ -469,14 +469,13 @@ def montage(
     rows = max((r for r, _ in focus), default=-1) + 1
     cols = max((c for _, c in focus), default=-1) + 1
     mpix = fused.shape[0] * fused.shape[1] / 1e6
+    stored = storage.store().url("acquisition", montage_id, FUSED)  # once montage_upload has run
     return materialize_result(
         metadata={
-            # where it lives once montage_upload has run (the buffer copy is freed then)
-            "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, FUSED)),
+            # where it lives once montage_upload has run (the buffer copy is freed then) ...
+            "path": dg.MetadataValue.path(stored),
             # ... and where it opens at full resolution then (made now from the buffer's copy)
-            **neuroglancer_link(
-                storage, storage.store().url("acquisition", montage_id, FUSED), context.log, buffer.to_url(final)
-            ),
+            **neuroglancer_link(storage, stored, context.log, buffer.to_url(final)),
             "shape": str(fused.shape),
             "pixel_size_nm": pixel_size,
             "pyramid_levels": len(fused.info.levels),

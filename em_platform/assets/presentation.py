@@ -100,26 +100,33 @@ def scaled_png_markdown(png: bytes, width: int, height: int, alt: str, caption: 
     return dg.MetadataValue.md(text + (f"\n\n{caption}" if caption else ""))
 
 
+def viewer_link(
+    storage: typing.Any, image_url: str, log: typing.Any, read_from: str | None = None
+) -> str | None:
+    """The link that opens the stored OME-Zarr at ``image_url`` at full resolution in `em-platform viewer`
+    (``read_from``: the same image in the buffer, before its upload). A link that cannot be made (the image
+    unreadable a moment after it was written, EM_VIEWER_URL unset) is a warning in the run's log and None,
+    never a failed materialization: the image is there either way."""
+    try:
+        return storage.viewer_link(image_url, read_from)
+    except Exception as exc:  # noqa: BLE001 — a missing link must not fail the asset
+        log.warning(f"no Neuroglancer link for {image_url}: {exc}")
+        return None
+
+
+def view_metadata(link: str) -> dg.MetadataValue:
+    """A link as the UI shows it: a short Markdown link, drawn inline ("open at full resolution"); the raw
+    URL, hundreds of characters of view state, only when the Markdown would be too long to draw inline."""
+    text = f"[{VIEW_LABEL}]({link})"
+    return dg.MetadataValue.md(text) if len(text) < INLINE_MARKDOWN_LIMIT else dg.MetadataValue.url(link)
+
+
 def neuroglancer_link(
     storage: typing.Any, image_url: str, log: typing.Any, read_from: str | None = None
 ) -> dict[str, dg.MetadataValue]:
-    """``{"neuroglancer": <link>}``: the stored OME-Zarr opened at full resolution by `em-platform viewer`,
-    as a short Markdown link the UI draws inline ("open at full resolution"; the raw URL, hundreds of
-    characters of view state, only when the Markdown would be too long to draw inline).
-
-    A link that cannot be made (the image unreadable a moment after it was written, EM_VIEWER_URL unset)
-    is a warning in the run's log, never a failed materialization: the image is there either way."""
-    try:
-        link = storage.viewer_link(image_url, read_from)
-    except Exception as exc:  # noqa: BLE001 — a missing link must not fail the asset
-        log.warning(f"no Neuroglancer link for {image_url}: {exc}")
-        return {}
-    text = f"[{VIEW_LABEL}]({link})"
-    return {
-        "neuroglancer": dg.MetadataValue.md(text)
-        if len(text) < INLINE_MARKDOWN_LIMIT
-        else dg.MetadataValue.url(link)
-    }
+    """``{"neuroglancer": <link>}`` for an asset's metadata (nothing when :func:`viewer_link` has none)."""
+    link = viewer_link(storage, image_url, log, read_from)
+    return {"neuroglancer": view_metadata(link)} if link else {}
 
 
 def is_inline(value: typing.Any) -> bool:

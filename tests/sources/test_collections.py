@@ -142,7 +142,7 @@ def test_micrographs_of_different_sizes_become_one_collection(tmp_path, http_fil
 
     # every image of the collection opens in Neuroglancer from the asset page: a link per row of its table
     from em_platform.assets.ingest_metadata import ingest_materialization_metadata
-    from em_platform.assets.presentation import neuroglancer_link
+    from em_platform.assets.presentation import viewer_link
     from em_platform.resources import StorageResource
 
     storage = StorageResource(
@@ -151,7 +151,7 @@ def test_micrographs_of_different_sizes_become_one_collection(tmp_path, http_fil
         downloads_root=str(tmp_path / "d"),
         viewer_url="http://127.0.0.1:3030",
     )
-    meta = ingest_materialization_metadata(result, lambda url: neuroglancer_link(storage, url, LOG))
+    meta = ingest_materialization_metadata(result, lambda url: viewer_link(storage, url, LOG))
     table = urllib.parse.unquote(meta["collection"].value)
     key = Path(result.volume_url).relative_to(tmp_path / "data").as_posix()
     for series in ("0", "1", "2"):
