@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import dagster as dg
-import dask.array as da
 import numpy as np
 
 from em_platform.assets.presentation import (
@@ -34,8 +33,11 @@ from em_platform.cryo.thumbnails import markdown_image, mrc_to_jpeg
 from em_platform.cryo.trajectory import TRAJECTORY_MODELS
 from em_platform.formats.volume import FormatError
 from em_platform.imaging.ome_zarr import write_ome_zarr
+from em_platform.lazy_import import LazyModule
 from em_platform.partitions import cryo_tilt_series
 from em_platform.resources import CatalogResource, CryoSessionsResource, DaskResource, StorageResource
+
+da = LazyModule("dask.array")
 
 K = {
     name: dg.AssetKey(["cryo", name])
@@ -728,9 +730,7 @@ def _check_results(fig: dict) -> list[dg.AssetCheckResult]:
             f"the {FIXES[name]} disagrees with the simulation's truth: look at the per-tilt figures in this "
             "asset's `figures`, and at the step's own asset, before trusting its output",
         )
-        out.append(
-            check_result(check_name=name, passed=passed, description=description, metadata=metadata)
-        )
+        out.append(check_result(check_name=name, passed=passed, description=description, metadata=metadata))
     out.append(_fsc_check(fig))
     gain = fig.get("denoise", {}).get("psnr_gain_dB")
     out.append(

@@ -24,11 +24,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from em_platform.cryo.fiducials import FiducialSettings, fiducial_alignment
 from em_platform.cryo.motion import correlation_peak, fourier_bin, limit_search
 from em_platform.cryo.reconstruction import project, reconstruct
+from em_platform.lazy_import import LazyModule
+
+ndimage = LazyModule("scipy.ndimage")
 
 
 @dataclass(frozen=True)

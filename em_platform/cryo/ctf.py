@@ -18,7 +18,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import ndimage, optimize
 
 from em_platform.cryo.optics import (
     CTFParams,
@@ -27,6 +26,10 @@ from em_platform.cryo.optics import (
     defocus_at_azimuth,
     frequency_grid,
 )
+from em_platform.lazy_import import LazyModule
+
+ndimage = LazyModule("scipy.ndimage")
+optimize = LazyModule("scipy.optimize")
 
 FIT_CC_THRESHOLD = 0.75
 DEFAULT_SCOPE = Microscope()

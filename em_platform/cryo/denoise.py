@@ -19,9 +19,11 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from scipy import ndimage
 
 from em_platform.cryo.fsc import fsc_curve
+from em_platform.lazy_import import LazyModule
+
+ndimage = LazyModule("scipy.ndimage")
 
 # Chosen by bench/bench_cryo.py (bench/results/cryo.json "accuracy" → "denoise"): the largest PSNR gain against
 # the noiseless reconstruction of a 1024² × 41-tilt simulated series: TV 6.0 dB in 1.1 CPU s, non-local means

@@ -26,9 +26,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage, optimize, sparse
 
 from em_platform.cryo.motion import fourier_bin
+from em_platform.lazy_import import LazyModule
+
+ndimage = LazyModule("scipy.ndimage")
+optimize = LazyModule("scipy.optimize")
+sparse = LazyModule("scipy.sparse")
 
 OUTLIER_PX = 3.0  # an observation this far from its bead's projection counts as a mis-track
 
@@ -223,7 +227,12 @@ def _refit(model: _Model, tracks: np.ndarray, used: np.ndarray, angles, centre) 
     """Fit ``model`` in place on the ``used`` beads' tracks (the others keep their positions); residuals."""
     sub = _Model(model.shifts, model.rotations, model.offsets, model.axis, model.beads[used])
     sub, residual = _fit(tracks[:, used], angles, centre, sub)
-    model.shifts, model.rotations, model.offsets, model.axis = sub.shifts, sub.rotations, sub.offsets, sub.axis
+    model.shifts, model.rotations, model.offsets, model.axis = (
+        sub.shifts,
+        sub.rotations,
+        sub.offsets,
+        sub.axis,
+    )
     model.beads[used] = sub.beads
     return residual
 

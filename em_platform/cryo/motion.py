@@ -34,11 +34,13 @@ from dataclasses import dataclass, field, replace
 
 import dask
 import numpy as np
-import scipy.fft as sfft
 
 from em_platform.cryo.dose_weighting import critical_exposure, frame_exposures
 from em_platform.cryo.hot_pixels import HotPixels, find_hot_pixels
 from em_platform.cryo.trajectory import Trajectory, fit_trajectory
+from em_platform.lazy_import import LazyModule
+
+sfft = LazyModule("scipy.fft")
 
 DOSE_MOTIONSTATS_CUTOFF = 4.0  # e/Å²: cryoem-services splits early / late motion here
 

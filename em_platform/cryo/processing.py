@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask
-import mrcfile
 import numpy as np
 
 from em_platform.cryo import relion_star as star
@@ -43,6 +42,9 @@ from em_platform.cryo.optics import CTFParams, Microscope
 from em_platform.cryo.reconstruction import reconstruct
 from em_platform.cryo.thickness import specimen_slab, thickness_for, z_profile
 from em_platform.cryo.thumbnails import drift_plot, encode, to_image
+from em_platform.lazy_import import LazyModule
+
+mrcfile = LazyModule("mrcfile")
 
 
 class Workspace:

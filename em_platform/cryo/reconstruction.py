@@ -24,7 +24,10 @@ from functools import lru_cache
 
 import dask
 import numpy as np
-import scipy.sparse as sp
+
+from em_platform.lazy_import import LazyModule
+
+sp = LazyModule("scipy.sparse")
 
 
 @dataclass(frozen=True)

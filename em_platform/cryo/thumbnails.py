@@ -10,7 +10,11 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from em_platform.lazy_import import LazyModule
+
+Image = LazyModule("PIL.Image")
+ImageDraw = LazyModule("PIL.ImageDraw")
 
 
 def clip_to_uint8(image: np.ndarray, sigmas: float = 3.0) -> np.ndarray:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
-
 from em_platform.formats.volume import FormatError, Volume
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
 
 # EMPIAR experiment types / imageset categories (upper-cased, spaces as '-') that image one block section
 # by section: their 2-D files are sections of one volume.

@@ -11,9 +11,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 from dask.base import tokenize
+
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
 
 
 class MemmapSlicer:

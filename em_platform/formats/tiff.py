@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
-import tifffile
 
 from em_platform.formats.volume import FormatError, Volume, normalise_unit
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
+tifffile = LazyModule("tifffile")
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 

@@ -16,14 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import dask.array as da
 import numpy as np
-import tifffile
 from dask import delayed
-from tifffile.tifffile import imagej_description_metadata, shaped_description_metadata
 
 from em_platform.formats.tiff import _calibration, _physical
 from em_platform.formats.volume import Volume
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
+tifffile = LazyModule("tifffile")
 
 # A slab (one dask chunk) is at most 64 pages, the depth of a near-isotropic stack's z-chunks, so the in-order
 # writer gets whole chunk rows as they were read, without a copy (a 16-deep chunk row is a view of one), and at
@@ -84,9 +85,11 @@ def _page_count(page: tifffile.TiffPage) -> int | None:
     """From the first page's own description only (tifffile's series properties would walk every IFD)."""
     if page.is_imagej:
         # all planes count as sections here; the complete file's full parse checks the axes afterwards
-        return int(imagej_description_metadata(_description(page, "ImageJ=")).get("images", 1))
+        return int(
+            tifffile.tifffile.imagej_description_metadata(_description(page, "ImageJ=")).get("images", 1)
+        )
     if page.is_shaped:
-        shape = tuple(shaped_description_metadata(_description(page, "{")).get("shape", ()))
+        shape = tuple(tifffile.tifffile.shaped_description_metadata(_description(page, "{")).get("shape", ()))
         if len(shape) >= 2 and tuple(shape[-2:]) == tuple(page.shape):
             return math.prod(shape[:-2]) or 1
     return None

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
+
 
 # NGFF (OME-Zarr) space units and their size in nanometres.
 UNIT_TO_NM: dict[str, float] = {

@@ -20,7 +20,10 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-import zarr
+
+from em_platform.lazy_import import LazyModule
+
+zarr = LazyModule("zarr")
 
 
 def write_region(arr: zarr.Array, start: Sequence[int], data: np.ndarray) -> None:

@@ -24,9 +24,11 @@ from xml.etree import ElementTree as ET
 
 import fsspec
 import numpy as np
-import zarr
 
 from em_platform.imaging.ome_zarr import NGFF_VERSION, open_store
+from em_platform.lazy_import import LazyModule
+
+zarr = LazyModule("zarr")
 
 OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
 LAYOUT_VERSION = 3

@@ -31,11 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import dask
-import dask.array as da
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec
-from zarr.storage import FsspecStore, LocalStore
 
 from em_platform.imaging.chunk_io import write_region
 from em_platform.imaging.pyramid import (
@@ -44,6 +40,10 @@ from em_platform.imaging.pyramid import (
     level_translation,
     plan_pyramid,
 )
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
+zarr = LazyModule("zarr")
 
 NGFF_VERSION = "0.5"
 AXIS_ORDER = ("t", "c", "z", "y", "x")
@@ -136,8 +136,10 @@ def open_store(url: str, storage_options: dict | None = None, *, read_only: bool
     protocol = fsspec.utils.get_protocol(url)
     if protocol in ("file", "local"):
         path = url.split("://", 1)[1] if "://" in url else url
-        return LocalStore(path, read_only=read_only)
-    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(
+        url, storage_options=dict(storage_options or {}), read_only=read_only
+    )
 
 
 _ARRAY_CACHE: OrderedDict[tuple[str, str, str], zarr.Array] = OrderedDict()
@@ -236,14 +238,16 @@ def default_chunks(axes: Sequence[str], shape: Sequence[int], scale: Sequence[fl
     return tuple(min(spatial.get(a, 1), max(int(n), 1)) for a, n in zip(axes, shape, strict=True))
 
 
-def blosc_codec(dtype: np.dtype) -> BloscCodec:
+def blosc_codec(dtype: np.dtype) -> zarr.codecs.BloscCodec:
     """The compressor used for every level (see BLOSC_* above for the choice)."""
     dtype = np.dtype(dtype)
     shuffle = "noshuffle" if dtype.itemsize == 1 else "bitshuffle"
-    return BloscCodec(typesize=dtype.itemsize, cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=shuffle)
+    return zarr.codecs.BloscCodec(
+        typesize=dtype.itemsize, cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=shuffle
+    )
 
 
-def _describe(codec: BloscCodec) -> str:
+def _describe(codec: zarr.codecs.BloscCodec) -> str:
     shuffle = getattr(codec.shuffle, "value", codec.shuffle)
     cname = getattr(codec.cname, "value", codec.cname)
     return f"blosc(cname={cname}, clevel={codec.clevel}, shuffle={shuffle})"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import imagecodecs
 import numpy as np
+
+from em_platform.lazy_import import LazyModule
+
+imagecodecs = LazyModule("imagecodecs")
 
 
 def middle_plane(array, axes: tuple[str, ...]) -> np.ndarray:

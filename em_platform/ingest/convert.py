@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import zarr
 
 from em_platform.catalog.records import jsonable, ome_zarr_block
 from em_platform.formats import Volume
 from em_platform.imaging.ome_zarr import MultiscaleInfo, write_ome_zarr
 from em_platform.imaging.thumbnail import thumbnail_png
+from em_platform.lazy_import import LazyModule
 from em_platform.storage.checksums import combined_sha256
+
+zarr = LazyModule("zarr")
 
 ASSUMED_VOXEL_NM = 1.0
 # Weakest first: a voxel size is only as trustworthy as its least trustworthy axis.

@@ -12,12 +12,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from em_platform.simulation.scope import Emit, QCStatus, simulate_montage
 from em_platform.simulation.scope_config import FAULT_KINDS, ScopeConfig
-from em_platform.simulation.verdicts import VerdictWatch
+
+if TYPE_CHECKING:
+    from em_platform.simulation.scope import Emit, QCStatus
+    from em_platform.simulation.verdicts import VerdictWatch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +139,9 @@ def run(
     began = time.monotonic()
     if verdicts is not None:
         emit, qc_status = verdicts.emit(emit), verdicts.qc_status(qc_status)
+    # imported here, not on top: TEM_comms (pigeon) takes 1.4 s to import, which every `em-platform` command paid
+    from em_platform.simulation.scope import simulate_montage
+
     try:
         truth = simulate_montage(config, out_dir, emit, montage_id=montage_id, qc_status=qc_status)
     except FileExistsError as exc:

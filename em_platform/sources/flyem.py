@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
-import zarr
-from zarr.codecs import BloscCodec
-
 from em_platform.formats import Volume
 from em_platform.formats.volume import normalise_unit
+from em_platform.lazy_import import LazyModule
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
 from em_platform.sources.dvid import ZYX, DvidClient, DvidOptions, parse_voxel_size
 from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy
+
+da = LazyModule("dask.array")
+zarr = LazyModule("zarr")
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class FlyemSource(Source):
             shape=shape,
             chunks=chunks,
             dtype="uint8",
-            compressors=[BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")],
+            compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")],
             fill_value=0,
             config={"write_empty_chunks": True},  # every fetched block leaves a chunk file (see _on_disk)
             dimension_names=("z", "y", "x"),

@@ -17,11 +17,13 @@ import posixpath
 import struct
 from typing import Any
 
-import dask.array as da
-import numcodecs
 import numpy as np
 
 from em_platform.formats.volume import UNIT_TO_NM, FormatError, normalise_unit
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
+numcodecs = LazyModule("numcodecs")
 
 ATTRIBUTES = "attributes.json"
 

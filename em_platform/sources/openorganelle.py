@@ -10,6 +10,7 @@ jrc_mus-nacc-2 is 7 GB). The voxel size is the multiscale metadata's, in nm.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,18 +22,19 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
-import zarr
-from zarr.storage import FsspecStore, WrapperStore
 
 from em_platform.formats import FormatError, Volume
+from em_platform.lazy_import import LazyModule
 from em_platform.sources import n5
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
 from em_platform.sources.endpoints import check_retries, check_url
 from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy, SourceError, retrying
+
+da = LazyModule("dask.array")
+zarr = LazyModule("zarr")
 
 CACHE = "level.zarr"
 FORMATS = {".zarr": "zarr", ".n5": "n5"}
@@ -174,26 +176,33 @@ def s3_access_error(exc: BaseException, path: str, endpoints: OpenOrganelleEndpo
     )
 
 
-class _Received(WrapperStore):
-    """Passes reads to the wrapped store, keeping the size and sha256 of each chunk object as received."""
+@functools.cache
+def _received_store() -> type:
+    """The store wrapper class, made on first use: zarr is imported when a dataset is read, not when the code
+    location loads."""
 
-    def __init__(self, store: Any):
-        super().__init__(store)
-        self._lock = threading.Lock()
-        self._seen: dict[str, tuple[int, str] | None] = {}
+    class Received(zarr.storage.WrapperStore):
+        """Passes reads to the wrapped store, keeping the size and sha256 of each chunk object as received."""
 
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        value = await self._store.get(key, prototype, byte_range)
-        if not key.rsplit("/", 1)[-1].startswith("."):  # chunk objects only, not .zarray/.zattrs
-            raw = None if value is None else value.to_bytes()
+        def __init__(self, store: Any):
+            super().__init__(store)
+            self._lock = threading.Lock()
+            self._seen: dict[str, tuple[int, str] | None] = {}
+
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            value = await self._store.get(key, prototype, byte_range)
+            if not key.rsplit("/", 1)[-1].startswith("."):  # chunk objects only, not .zarray/.zattrs
+                raw = None if value is None else value.to_bytes()
+                with self._lock:
+                    self._seen[key] = None if raw is None else (len(raw), hashlib.sha256(raw).hexdigest())
+            return value
+
+        def take(self, key: str) -> tuple[int, str] | None | bool:
+            """(size, sha256) of the object read for ``key``, None if it was missing, False if never read."""
             with self._lock:
-                self._seen[key] = None if raw is None else (len(raw), hashlib.sha256(raw).hexdigest())
-        return value
+                return self._seen.pop(key, False)
 
-    def take(self, key: str) -> tuple[int, str] | None | bool:
-        """(size, sha256) of the object read for ``key``, None if it was missing, False if never read."""
-        with self._lock:
-            return self._seen.pop(key, False)
+    return Received
 
 
 class _Level:
@@ -225,8 +234,8 @@ class _ZarrLevel(_Level):
 
     def __init__(self, path: str, endpoints: OpenOrganelleEndpoints):
         self.path = path
-        store = FsspecStore.from_url(_s3(path), storage_options=endpoints.storage_options(), read_only=True)
-        self._store = _Received(store)
+        store = zarr.storage.FsspecStore.from_url(_s3(path), storage_options=endpoints.storage_options(), read_only=True)
+        self._store = _received_store()(store)
         self._array = zarr.open_array(store=self._store, mode="r", zarr_format=2)
         meta = self._array.metadata
         self.metadata = meta.to_dict()

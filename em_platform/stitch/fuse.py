@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import dask.array as da
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
 from em_platform.imaging.ome_zarr import MultiscaleInfo, open_store, write_ome_zarr
 from em_platform.imaging.pyramid import plan_pyramid
+from em_platform.lazy_import import LazyModule
+
+da = LazyModule("dask.array")
 
 __all__ = [
     "DEFAULT_BLEND_PX",

@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Mapping
 
-import imagecodecs
 import numpy as np
 
 from em_platform.imaging.ome_zarr import MultiscaleInfo, open_store
 from em_platform.imaging.thumbnail import middle_plane, to_uint8
+from em_platform.lazy_import import LazyModule
+
+imagecodecs = LazyModule("imagecodecs")
 
 __all__ = ["MISSING_TILE_RGB", "NO_TISSUE_RGB", "focus_map_png", "minimap_png", "png_markdown"]
 

@@ -27,8 +27,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
+
+from em_platform.lazy_import import LazyModule
+
+cv2 = LazyModule("cv2")
 
 __all__ = ["SEAM_LIMIT_PX", "SeamMeasure", "measure_seams", "measure_source_seams", "seams_beyond"]
 

@@ -48,6 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_TOPIC_PREFIX = "/topic/"
+DEFAULT_SUBSCRIPTION = "em_platform_journal"  # the listener's durable subscription (a broker queue)
 DEFAULT_SERVICE = "em_platform"
 HEARTBEATS = (10000, 10000)  # ms, as pigeon
 

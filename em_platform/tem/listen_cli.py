@@ -18,10 +18,13 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from em_platform.tem.broker import DEFAULT_TOPIC_PREFIX, BrokerSettings, BrokerSpecError
-from em_platform.tem.listener import DEFAULT_SUBSCRIPTION, JournalSink, check_subscription_name, run_listener
-from em_platform.tem.protocol import CONSUMED
+from em_platform.tem import protocol
+from em_platform.tem.broker import DEFAULT_SUBSCRIPTION, DEFAULT_TOPIC_PREFIX, BrokerSettings, BrokerSpecError
+
+if TYPE_CHECKING:
+    from em_platform.tem.listener import JournalSink
 
 __all__ = ["add_arguments", "run"]
 
@@ -72,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) -> int:
     """Run the listener in this (main) thread until SIGINT/SIGTERM; 0 on a clean stop, 2 on a usage error."""
+    # imported here, not on top: TEM_comms (pigeon) takes 1.4 s to import, which every `em-platform` command paid
+    from em_platform.tem.listener import check_subscription_name, run_listener
+
     try:
         broker = BrokerSettings.from_env(broker=args.broker)
         if broker is None:
@@ -139,6 +145,6 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
             dispose()
     print(
         f"em-platform listen: stopped; {stats.journaled} new message(s) journaled, {stats.duplicates} "
-        f"redelivered, {stats.rejected} rejected ({', '.join(CONSUMED)} from {broker.address})"
+        f"redelivered, {stats.rejected} rejected ({', '.join(protocol.CONSUMED)} from {broker.address})"
     )
     return 0

@@ -40,6 +40,7 @@ import stomp.exception
 from em_platform.edge import Refused
 from em_platform.sql import DatabaseUnavailable
 from em_platform.tem.broker import (
+    DEFAULT_SUBSCRIPTION,
     DEFAULT_TOPIC_PREFIX,
     BrokerUnavailable,
     StompEvents,
@@ -60,7 +61,6 @@ __all__ = [
     "subscription_headers",
 ]
 
-DEFAULT_SUBSCRIPTION = "em_platform_journal"
 DEFAULT_PREFETCH = 200
 
 _log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 from em_platform.simulation.cryoet.models import ParticleModel, sphere_volume
 from em_platform.simulation.cryoet.spec import Spec
@@ -85,6 +84,8 @@ def assemble(spec: Spec, library: dict[str, ParticleModel], rng: np.random.Gener
             )
         centres[n], radii[n] = c, r
     placed = {k: centres[n] for n, k in enumerate(order)}
+    from scipy.spatial.transform import Rotation  # here: scipy.spatial costs every code-location import 0.2 s
+
     particles, beads = [], []
     for k, (name, r, _) in enumerate(todo):
         if name == "bead":
@@ -97,6 +98,8 @@ def assemble(spec: Spec, library: dict[str, ParticleModel], rng: np.random.Gener
 
 def rotation_record(matrix: np.ndarray) -> dict[str, list]:
     """The ground truth's three spellings of one rotation (matrix, RELION ZYZ Euler, quaternion)."""
+    from scipy.spatial.transform import Rotation
+
     rot = Rotation.from_matrix(matrix)
     # RELION's Euler_angles2matrix(rot, tilt, psi) = Rz(−psi)·Ry(−tilt)·Rz(−rot) (active factors) is the
     # matrix that carries the reference into the particle's pose: its transpose is intrinsic Z-Y-Z.

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
-import dask.array as da
-import imagecodecs
 import numpy as np
 
 from em_platform.catalog.db import CatalogDB
@@ -20,12 +18,16 @@ from em_platform.catalog.records import ome_zarr_block
 from em_platform.catalog.status import Status
 from em_platform.imaging.ome_zarr import write_ome_zarr
 from em_platform.imaging.thumbnail import to_uint8
+from em_platform.lazy_import import LazyModule
 from em_platform.simulation.cryoet.models import ParticleModel
 from em_platform.simulation.cryoet.spec import Spec
 from em_platform.simulation.cryoet.stack import SIMULATOR_VERSION, StackResult, simulate_stack, stack_folder
 from em_platform.simulation.truth import GroundTruthError, ground_truth_from_dict
 from em_platform.storage import DataStore
 from em_platform.storage.checksums import combined_sha256
+
+da = LazyModule("dask.array")
+imagecodecs = LazyModule("imagecodecs")
 
 SOURCE = "simulation"
 log = logging.getLogger(__name__)

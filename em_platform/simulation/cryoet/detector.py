@@ -14,10 +14,12 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft as sfft
-from scipy import ndimage
 
+from em_platform.lazy_import import LazyModule
 from em_platform.simulation.cryoet import physics
+
+sfft = LazyModule("scipy.fft")
+ndimage = LazyModule("scipy.ndimage")
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft as sfft
 
+from em_platform.lazy_import import LazyModule
 from em_platform.simulation.cryoet import physics
 from em_platform.simulation.cryoet.object_boxes import ObjectBoxes
 from em_platform.simulation.cryoet.scene import Scene, water_potential_V
+
+sfft = LazyModule("scipy.fft")
 
 
 @dataclass(frozen=True)

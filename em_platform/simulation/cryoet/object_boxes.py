@@ -25,9 +25,12 @@ import math
 import threading
 from dataclasses import dataclass
 
-import finufft
 import numpy as np
-import scipy.fft as sfft
+
+from em_platform.lazy_import import LazyModule
+
+finufft = LazyModule("finufft")
+sfft = LazyModule("scipy.fft")
 
 NUFFT_EPS = 1e-4  # single precision; peaks then agree with a direct sum to 0.1 %
 # Pixels around an object's outermost point: the band-limited atom's ringing, its excluded-volume

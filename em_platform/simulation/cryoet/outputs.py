@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import mrcfile
 import numpy as np
-import tifffile
 
+from em_platform.lazy_import import LazyModule
 from em_platform.simulation.truth import GroundTruth, write_ground_truth
 from em_platform.storage import DataStore
+
+mrcfile = LazyModule("mrcfile")
+tifffile = LazyModule("tifffile")
 
 GROUND_TRUTH = "ground_truth.json"
 GAIN_REF = "gain_ref.mrc"

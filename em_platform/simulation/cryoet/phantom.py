@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.fft as sfft
 
+from em_platform.lazy_import import LazyModule
 from em_platform.simulation.cryoet.scene import Scene, water_potential_V
+
+sfft = LazyModule("scipy.fft")
 
 
 def phantom_shape(nx: int, ny: int, binning: int, thickness_A: float, voxel_A: float) -> tuple[int, int, int]:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import functools
 import math
 
-import gemmi
 import numpy as np
+
+from em_platform.lazy_import import LazyModule
+
+gemmi = LazyModule("gemmi")
 
 # CODATA 2018
 PLANCK = 6.62607015e-34  # J s
