@@ -95,23 +95,26 @@ def s3_bucket(s3_endpoint):
 
 # Modules that share the one `make demo` checkout of tests/support/demo_state.py (and change its state in order).
 DEMO_MODULES = ("tests/browser/", "tests/test_demo.py", "tests/test_doc_commands.py")
-# Packages whose fixtures are package-scoped (one process topology for all of tests/deploy).
-PACKAGE_UNITS = ("tests/deploy/",)
+# Modules that share tests/deploy's one process topology (its fixtures are package-scoped); the package's
+# other modules (compose file, runner) need none and go on their own.
+TOPOLOGY_MODULES = ("tests/deploy/test_topology.py", "tests/deploy/test_faults.py", "tests/deploy/test_web_ui.py")
 # The longest work units, started first so that neither core is left with one at the end.
-LONGEST_FIRST = ("demo", "tests/deploy/", "tests/stitch/test_hard_montages.py")
+LONGEST_FIRST = ("demo", "topology", "tests/stitch/test_hard_montages.py")
 
 
 def _work_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     if path.startswith(DEMO_MODULES):
         return "demo"
-    return next((p for p in PACKAGE_UNITS if path.startswith(p)), path)
+    if path.startswith(TOPOLOGY_MODULES):
+        return "topology"
+    return path
 
 
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs on two cores (pytest-xdist). A work unit is a module, so its module-scoped fixtures
-    (a stitched montage) are built once, on one worker; tests/deploy (its one topology) and the modules of the
-    demo checkout are one unit each. Units go out in collection order (see below), not xdist's by size."""
+    (a stitched montage) are built once, on one worker; the modules sharing tests/deploy's topology and those
+    of the demo checkout are one unit each. Units go out in collection order (see below), not xdist's by size."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleScheduling(LoadScopeScheduling):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.browser import goto, new_page, open_browser, screenshot, start_webserver
+from tests.support.browser import VIEWER_VIEWPORT, goto, new_page, open_browser, screenshot, start_webserver
 from tests.support.demo_state import BROKEN, demo_state
 
 pytestmark = pytest.mark.slow
@@ -154,7 +154,7 @@ def _textured_fraction(png: bytes) -> float:
 def _open_in_neuroglancer(web, browser, viewer, asset_path: str, partition: str, name: str):
     """From the partition's page, click its Neuroglancer link; wait until the viewer has fetched chunks of
     the image from `em-platform viewer` and its first panel shows them (polled, no fixed sleep)."""
-    page = _page(browser)
+    page = new_page(browser, viewport=VIEWER_VIEWPORT)
     goto(page, f"{web.url}/assets/{asset_path}?view=partitions&partition={partition}")
     link = page.get_by_role("link", name="open at full resolution in Neuroglancer").first
     link.wait_for()

@@ -179,7 +179,7 @@ def dask_worker_during_ingest(topology, api: DagsterApi) -> FaultResult:
     killed: dict = {}
     with Client(topology.scheduler, timeout="30s") as client:
         groups = _worker_groups(client)
-        dropped = {name: drop_into_inbox(topology, name, seed=26, shape=(48, 1024, 1024))}
+        dropped = {name: drop_into_inbox(topology, name, seed=26, shape=(24, 1024, 1024))}
 
         def in_flight():
             for worker, keys in client.processing().items():
