@@ -77,3 +77,25 @@ def test_stable_ports_come_from_settings_and_a_taken_one_is_named():
         stable_ports({"EM_S3_PORT": "s3"}, check_free=False)
     topology = ProcessTopology("/tmp/unused-state", ports={"webserver": 3999})
     assert topology.addresses.ports["webserver"] == 3999
+
+
+def test_a_service_gets_sigint_back_when_the_runner_runs_as_a_background_job():
+    """`make deploy-local &` (or nohup) leaves SIGINT ignored, children inherit it, and Dagster's code server
+    maps SIGTERM onto SIGINT's handler: it ignored SIGTERM and every stop waited the 20 s grace."""
+    from em_platform.deploy import processes
+
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the shell starts a background job
+    try:
+        as_inherited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        as_a_service = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            preexec_fn=processes._service_child,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert as_inherited.stdout.strip() == "True"  # the premise: ignored SIGINT is inherited
+    assert as_a_service.stdout.strip() == "False"
