@@ -10,7 +10,7 @@ DEV_PORT ?= 3000
 # make test runs the suite on this many processes (pytest-xdist; one module per work unit: tests/conftest.py)
 TEST_WORKERS ?= 2
 
-.PHONY: demo test dev bench lint validate clean services
+.PHONY: demo test test-fast dev bench lint validate clean services
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -33,6 +33,12 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 test: $(VENV)/.installed services $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 tests
+
+## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
+## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
+test-fast: $(VENV)/.installed services $(EM_STITCH)
+	$(VENV)/bin/ruff check em_platform tests bench
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml

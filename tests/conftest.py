@@ -100,6 +100,7 @@ DEMO_MODULES = ("tests/browser/", "tests/test_demo.py", "tests/test_doc_commands
 TOPOLOGY_MODULES = ("tests/deploy/test_topology.py", "tests/deploy/test_faults.py", "tests/deploy/test_web_ui.py")
 # The longest work units, started first so that neither core is left with one at the end.
 LONGEST_FIRST = ("demo", "topology", "tests/stitch/test_hard_montages.py")
+END_TO_END = ("demo", "topology")
 
 
 def _work_unit(nodeid: str) -> str:
@@ -126,10 +127,14 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest units first; the order within each unit is kept (the demo's modules depend on it)."""
+    """The longest units first; the order within each unit is kept (the demo's modules depend on it). The demo
+    and topology units are marked ``end_to_end``."""
 
     def rank(item) -> int:
         unit = _work_unit(item.nodeid)
         return next((i for i, u in enumerate(LONGEST_FIRST) if unit == u), len(LONGEST_FIRST))
 
     items.sort(key=rank)
+    for item in items:  # `make test-fast` leaves these two units out
+        if _work_unit(item.nodeid) in END_TO_END:
+            item.add_marker(pytest.mark.end_to_end)
