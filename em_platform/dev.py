@@ -17,12 +17,14 @@ every run computes on (ingests, fusion, cryo; :class:`DaskPool`), instead of a c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -83,13 +85,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out),
     ]
     try:
-        for line in quiet_lines(child.stdout):
-            out.write(line)
-            out.flush()
-        status = child.wait()
-        if status == -signal.SIGKILL:
-            print("em-platform dev: Dagster services killed", file=out, flush=True)
-        return status
+        return _serve(child, out)
     finally:
         for service in services:
             service.stop()
@@ -242,6 +238,55 @@ def _child_of_this_process() -> None:  # runs in the child before exec
 
     _restore_sigint()
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: dies with dev
+
+
+def _serve(child: subprocess.Popen, out) -> int:
+    """Relay `dagster dev`'s log until it exits, then stop what it left running; its exit status.
+
+    Not until its log ends: a run its code server started outlives it and holds the log pipe, and so held
+    `make dev` after Ctrl-C for as long as the run took (a docs test saw a run retrying a download keep it
+    up 30 s; an ingest could keep it up for hours)."""
+    relay = threading.Thread(target=_relay, args=(child.stdout, out), name="dagster-log", daemon=True)
+    relay.start()
+    status = child.wait()
+    _stop_left_behind(child.pid, out)
+    relay.join(timeout=5)  # the rest of the log, now that nothing holds the pipe
+    if status == -signal.SIGKILL:
+        print("em-platform dev: Dagster services killed", file=out, flush=True)
+    return status
+
+
+def _relay(lines: Iterable[str], out) -> None:
+    for line in quiet_lines(lines):
+        out.write(line)
+        out.flush()
+
+
+def _stop_left_behind(group: int, out) -> None:
+    """SIGTERM to what is left of `dagster dev`'s process group after it exited (runs still executing: Dagster
+    fails an interrupted run and run_retries re-runs it at the next start); SIGKILL after the grace."""
+    if not _group_alive(group):
+        return
+    print(
+        "em-platform dev: stopping the runs Dagster left running (failed now, re-run at the next start)",
+        file=out,
+        flush=True,
+    )
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)  # poll: a process group has no handle to wait on
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _shut_down(child: subprocess.Popen, out) -> None:

@@ -86,3 +86,41 @@ def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies
         [psutil.Process(p) for p in started if psutil.pid_exists(p)] + children, 30
     )
     assert not alive, alive
+
+
+def test_a_run_left_running_by_dagster_does_not_hold_make_dev_after_it_stops(monkeypatch):
+    """A run its code server started outlives `dagster dev` and holds its log pipe: `make dev` must not wait
+    for the run to end (it did: a docs test saw 30 s), it stops it."""
+    import io
+    import subprocess
+    import sys
+    import time
+
+    from em_platform import dev
+
+    monkeypatch.setattr(dev, "SHUTDOWN_GRACE_SECONDS", 5.0)
+    run = (
+        "import sys, time; print('run started', flush=True); print('up', file=sys.stderr, flush=True); "
+        "time.sleep(120)"
+    )
+    dagster = (  # starts a "run" (in its process group, as its code server does), exits when it is up
+        "import subprocess, sys; "
+        f"r = subprocess.Popen([sys.executable, '-c', {run!r}], stderr=subprocess.PIPE, text=True); "
+        "r.stderr.readline(); print(sys.stdin.readline().strip(), flush=True)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", dagster],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    child.stdin.write("Dagster services shut down.\n")
+    child.stdin.close()
+    out = io.StringIO()
+    began = time.monotonic()
+    assert dev._serve(child, out) == 0
+    assert time.monotonic() - began < 10, out.getvalue()  # the grace, not the run's 120 s
+    assert "Dagster services shut down." in out.getvalue() and "run started" in out.getvalue()
+    assert "stopping the runs Dagster left running" in out.getvalue()
+    assert not dev._group_alive(child.pid)
