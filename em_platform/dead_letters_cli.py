@@ -55,9 +55,8 @@ def run(args: argparse.Namespace, catalog_url: str, tile_shares: tuple[str, ...]
     except ValueError as exc:
         print(f"em-platform dead-letters: {exc}", file=sys.stderr)
         return 2
-    from em_platform.catalog.dead_letters import (
-        DeadLetters,  # here: SQLAlchemy is 0.4 s of every `em-platform`
-    )
+    # imported here, not on top: SQLAlchemy is 0.4 s, which every `em-platform` command paid
+    from em_platform.catalog.dead_letters import DeadLetters
 
     letters = DeadLetters(catalog_url)
     try:

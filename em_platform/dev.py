@@ -17,7 +17,6 @@ every run computes on (ingests, fusion, cryo; :class:`DaskPool`), instead of a c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -27,6 +26,8 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from em_platform.deploy.processes import free_port, service_child, signal_group
 
 # Daemon lines for sensor ticks that request nothing (dagster/_daemon/sensor.py).
 QUIET_TICK = re.compile(
@@ -119,7 +120,7 @@ class Supervised:
                 stdin=subprocess.DEVNULL,
                 text=True,
                 errors="replace",
-                preexec_fn=_child_of_this_process,
+                preexec_fn=service_child,
             )
             for line in self.proc.stdout:
                 if self.quiet is None or not self.quiet.search(line):
@@ -172,8 +173,6 @@ class DaskPool:
 
     @classmethod
     def start(cls, out) -> DaskPool:
-        from em_platform.deploy.processes import free_port
-
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         python = sys.executable
@@ -233,13 +232,6 @@ class DaskPool:
         self.scheduler.stop()
 
 
-def _child_of_this_process() -> None:  # runs in the child before exec
-    import ctypes
-
-    _restore_sigint()
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: dies with dev
-
-
 def _serve(child: subprocess.Popen, out) -> int:
     """Relay `dagster dev`'s log until it exits, then stop what it left running; its exit status.
 
@@ -272,13 +264,11 @@ def _stop_left_behind(group: int, out) -> None:
         file=out,
         flush=True,
     )
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGTERM)
+    signal_group(group, signal.SIGTERM)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
     while _group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)  # poll: a process group has no handle to wait on
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
+    signal_group(group, signal.SIGKILL)
 
 
 def _group_alive(group: int) -> bool:
@@ -304,7 +294,4 @@ def _shut_down(child: subprocess.Popen, out) -> None:
         file=out,
         flush=True,
     )
-    try:
-        os.killpg(child.pid, signal.SIGKILL)  # the group this wrapper started, by its id
-    except ProcessLookupError:
-        pass
+    signal_group(child.pid, signal.SIGKILL)  # the group this wrapper started, by its id

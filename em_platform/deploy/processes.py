@@ -126,12 +126,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _service_child() -> None:
-    """Runs in each service's process between fork and exec: it gets SIGTERM when the runner dies, and SIGINT
-    back at its default. A runner started as a background job (`make deploy-local &`, nohup) has SIGINT
-    ignored, and children inherit that; Dagster maps SIGTERM onto SIGINT's handler, so the code server
-    ignored SIGTERM too: every stop waited the whole grace and SIGKILLed it (20 s, measured)."""
+def service_child() -> None:
+    """Runs in a supervised service's process between fork and exec (here and in `make dev`): it gets SIGTERM
+    when its supervisor dies, and SIGINT and SIGTERM back at their defaults. A supervisor started as a
+    background job (`make deploy-local &`, nohup) has SIGINT ignored, and children inherit that; Dagster maps
+    SIGTERM onto SIGINT's handler, so the code server ignored SIGTERM too: every stop waited the whole grace
+    and SIGKILLed it (20 s, measured)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -346,7 +348,7 @@ class ProcessTopology:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_service_child,
+                preexec_fn=service_child,
             )
         running = _Running(launch, proc, log)
         replicas = self._running.setdefault(launch.service, [])
@@ -393,7 +395,7 @@ class ProcessTopology:
         """Send ``sig`` to one service process's group (a crash when SIGKILL); returns its PID."""
         with self._lock:
             r = self._running[service][replica]
-            _signal_group(r.proc.pid, sig)
+            signal_group(r.proc.pid, sig)
             r.proc.wait(timeout=60)
             self._killed[(service, replica)] = r.proc.pid
             return r.proc.pid
@@ -478,7 +480,7 @@ class ProcessTopology:
         procs = [r.proc for name in reversed(list(self._running)) for r in self._running[name]]
         for proc in procs:  # all at once: the code server alone takes ~10 s to wind down
             if proc.poll() is None:
-                _signal_group(proc.pid, signal.SIGTERM)
+                signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S  # one grace for all, not one each
         for proc in procs:
             _stop_group(proc, grace=max(0.0, deadline - time.monotonic()))
@@ -677,13 +679,13 @@ def stop_from_pid_file(state_dir: Path) -> list[int]:
             except OSError:
                 continue
             if str(REPO) in cmdline or sys.prefix in cmdline:
-                _signal_group(pid, signal.SIGTERM)
+                signal_group(pid, signal.SIGTERM)
                 stopped.append(pid)
     deadline = time.monotonic() + STOP_GRACE_S
     while any(_running(pid) for pid in stopped) and time.monotonic() < deadline:
         time.sleep(0.2)  # poll interval while they wind down
     for pid in stopped:  # what ignored SIGTERM (a code server with a run in flight)
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
     return stopped
 
@@ -787,17 +789,18 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
+    """``sig`` to process group ``pid``; a group already gone (or not ours) is not an error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    _signal_group(proc.pid, signal.SIGKILL)  # stragglers of the group (a run the server started)
+    signal_group(proc.pid, signal.SIGKILL)  # stragglers of the group (a run the server started)

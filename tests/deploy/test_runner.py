@@ -93,7 +93,7 @@ def test_a_service_gets_sigint_back_when_the_runner_runs_as_a_background_job():
             capture_output=True,
             text=True,
             check=True,
-            preexec_fn=processes._service_child,
+            preexec_fn=processes.service_child,
         )
     finally:
         signal.signal(signal.SIGINT, previous)
