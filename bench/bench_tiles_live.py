@@ -258,9 +258,10 @@ def _thread_groups(before: dict[int, float], after: dict[int, float], process_cp
 def _unpaced(workdir: Path, tiles: list[dict], refs: list[str], overlap: int, size: int) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
+    from em_platform.quiet_dask import quiet_dask
     from em_platform.tem.heap import keep_freed_memory
     from em_platform.tem.journal import Journal
-    from em_platform.tem.montage_run import MontageRunConfig, quiet_dask, run_montage
+    from em_platform.tem.montage_run import MontageRunConfig, run_montage
     from em_platform.tem.qc_summary import MontageSummary
     from em_platform.tem.tile_source import JournalTileSource
 
@@ -646,15 +647,13 @@ def _serve(journal_url: str, root: str, scheduler: str | None) -> None:
     from em_platform.storage.store import DataStore
     from em_platform.tem.heap import keep_freed_memory
     from em_platform.tem.live_service import LiveQCService
-    from em_platform.tem.montage_run import quiet_dask
 
     if not os.environ.get("EM_BENCH_GLIBC_DEFAULT_HEAP"):
         assert keep_freed_memory()  # as `em-platform live-qc` does
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     dask = DaskResource(scheduler_address=scheduler)
-    with quiet_dask():
-        client = dask.get_client()
+    client = dask.get_client()  # an in-process cluster is started with em_platform.quiet_dask's settings
     hardware = SimulatedScope(journal_url=journal_url, pixel_size_nm=PIXEL_SIZE_NM)
 
     def judged(result) -> None:  # where each tile's latency went, for the bench's record

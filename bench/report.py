@@ -145,6 +145,15 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "dask_idle.json",
+        "An idle Dask pool: scheduler + 2 workers (`bench_dask_idle`)",
+        [
+            ("CPU with Dask's defaults", "defaults_cpu_ms_per_s", "ms/s"),
+            ("CPU with em_platform.quiet_dask's settings", "quiet_cpu_ms_per_s", "ms/s"),
+            ("defaults over quiet", "defaults_over_quiet", "×"),
+        ],
+    ),
+    (
         "viewer.json",
         "The image viewer: a montage's chunks to a browser, 6 connections (`bench_viewer`)",
         [

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from em_platform.deploy.processes import free_port, service_child, signal_group
+from em_platform.quiet_dask import QUIET_DASK_ENV
 
 # Daemon lines for sensor ticks that request nothing (dagster/_daemon/sensor.py).
 QUIET_TICK = re.compile(
@@ -104,8 +105,15 @@ class Supervised:
     RESTART_SECONDS = 2.0
     REFUSED = 2  # the exit status of a service that refuses its settings (a taken port): not restarted
 
-    def __init__(self, name: str, cmd: list[str], out, quiet: re.Pattern | None = None):
-        self.name, self.cmd, self.out, self.quiet = name, cmd, out, quiet
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        out,
+        quiet: re.Pattern | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.name, self.cmd, self.out, self.quiet, self.env = name, cmd, out, quiet, env
         self.stopping = threading.Event()
         self.proc: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._supervise, name=name, daemon=True)
@@ -118,6 +126,7 @@ class Supervised:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=self.env,
                 text=True,
                 errors="replace",
                 preexec_fn=service_child,
@@ -176,6 +185,7 @@ class DaskPool:
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         python = sys.executable
+        quiet_env = {**os.environ, **QUIET_DASK_ENV}  # idle, an eighth of Dask's defaults' CPU
         scheduler = Supervised(
             "dask-scheduler",
             [
@@ -192,6 +202,7 @@ class DaskPool:
             ],
             out,
             DASK_INFO,
+            quiet_env,
         )
         workers = Supervised(
             "dask-worker",
@@ -214,6 +225,7 @@ class DaskPool:
             ],
             out,
             DASK_INFO,
+            quiet_env,
         )
         print(
             f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, batch "

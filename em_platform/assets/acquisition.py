@@ -23,7 +23,7 @@ from em_platform.storage.upload import abort_cleanup
 from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
 from em_platform.tem.heap import keep_freed_memory
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
-from em_platform.tem.montage_run import MontageRunConfig, quiet_dask, run_montage
+from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.qc import QCConfig
 from em_platform.tem.qc_summary import MontageLimits, MontageSummary
 
@@ -168,8 +168,7 @@ def montage_tiles(
     final, staging = processed_tile_paths(store, montage_id)
     tiff_dir = store.path(montage_id, "processed") if config.write_tiffs else None
     keep_freed_memory()  # this run process judges tile after tile: their arrays from the heap (tem.heap)
-    with quiet_dask():  # applies when the client starts an in-process cluster
-        client = dask.get_client()
+    client = dask.get_client()
     source = hardware.tile_source()
     # one judge at a time: while the live-QC service judges this montage, the run waits, then resumes
     claim = JudgingClaim(hardware.journal(), montage_id, f"run {context.run_id}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from em_platform.quiet_dask import QUIET_DASK_ENV
+
 EM_IMAGE = "em-platform"  # the user-code image: code server, launched runs, Dask, listener
 DAGSTER_IMAGE = "dagster"  # webserver + daemon (no user code: they talk to the code server over gRPC)
 LOCATION_NAME = "em_platform"
@@ -230,6 +232,7 @@ SERVICES: tuple[Service, ...] = (
             "--dashboard-address",
             "{bind}:0",
         ),
+        env=QUIET_DASK_ENV,
         port=8786,
         probe=Probe("tcp"),
         note="the pixel work's scheduler (DASK_SCHEDULER_ADDRESS)",
@@ -251,7 +254,7 @@ SERVICES: tuple[Service, ...] = (
             "--preload",
             "em_platform.deploy.batch_niceness",  # batch work at nice 10: live tiles get the cores first
         ),
-        env=platform_env(),
+        env={**platform_env(), **QUIET_DASK_ENV},
         replicas="${DASK_WORKERS:-2}",
         depends_on={"dask-scheduler": HEALTHY},
         volumes=(DATA_VOLUME,),

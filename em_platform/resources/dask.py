@@ -9,9 +9,12 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import PrivateAttr
 
+from em_platform.quiet_dask import quiet_dask
+
 
 class DaskResource(dg.ConfigurableResource):
-    """Created lazily on first use, so runs that do no pixel work start no cluster."""
+    """Created lazily on first use, so runs that do no pixel work start no cluster; an in-process one with
+    :mod:`em_platform.quiet_dask`'s settings."""
 
     scheduler_address: str | None = None
     n_workers: int = 1
@@ -35,15 +38,16 @@ class DaskResource(dg.ConfigurableResource):
             else:
                 # loopback only: Dask runs whatever reaches its ports (dashboard_address=None would still
                 # serve the scheduler's HTTP routes on *:8787, and each worker's on *:random)
-                self._cluster = LocalCluster(
-                    n_workers=self.n_workers,
-                    threads_per_worker=self.threads_per_worker or os.cpu_count() or 1,
-                    processes=self.processes,
-                    dashboard_address="127.0.0.1:0",
-                    worker_dashboard_address="127.0.0.1:0",
-                    **({"host": "127.0.0.1"} if self.processes else {}),
-                )
-                self._client = Client(self._cluster)
+                with quiet_dask():
+                    self._cluster = LocalCluster(
+                        n_workers=self.n_workers,
+                        threads_per_worker=self.threads_per_worker or os.cpu_count() or 1,
+                        processes=self.processes,
+                        dashboard_address="127.0.0.1:0",
+                        worker_dashboard_address="127.0.0.1:0",
+                        **({"host": "127.0.0.1"} if self.processes else {}),
+                    )
+                    self._client = Client(self._cluster)
         return self._client
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -14,7 +14,6 @@ def run(settings) -> int:
     from em_platform.resources import DaskResource, build_resources
     from em_platform.tem.heap import keep_freed_memory
     from em_platform.tem.live_service import LiveQCService
-    from em_platform.tem.montage_run import quiet_dask
 
     keep_freed_memory()  # tile after tile: the same arrays, from the heap, not faulted in again
     logging.basicConfig(level=logging.INFO, format="%(asctime)s live-qc %(levelname)s %(message)s")
@@ -32,8 +31,7 @@ def run(settings) -> int:
 
     for noisy in ("distributed", "urllib3", "stomp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with quiet_dask():  # applies to the in-process cluster
-        client = dask.get_client()
+    client = dask.get_client()
     service = LiveQCService(hardware, buffer, client)
     where = (
         dask.scheduler_address or f"its own in-process cluster of {sum(client.nthreads().values())} threads"

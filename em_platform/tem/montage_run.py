@@ -30,8 +30,7 @@ import logging
 import queue
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,26 +87,6 @@ LATENCY_STEPS = (
     ("collect", "judge_end", "collected"),
     ("verdict", "collected", "verdict"),
 )
-
-# Dask settings for a cluster that lives in the run's own process (the embedded default). Its event loop
-# shares the two cores with the tiles: the per-task profiler, the 20 ms blocked-loop tick and 0.1 s
-# system/memory monitors cost 39 ms of CPU a second idle (6 ms with these) and a share of every task.
-QUIET_DASK_CONFIG = {
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "1s",
-    "distributed.admin.system-monitor.interval": "1s",
-    "distributed.worker.memory.monitor-interval": "1s",
-}
-
-
-@contextmanager
-def quiet_dask() -> Iterator[None]:
-    """:data:`QUIET_DASK_CONFIG` for the clusters started inside (Dask reads these when a worker starts)."""
-    import dask
-    import distributed  # noqa: F401  its defaults first: leaving set() would otherwise drop them all
-
-    with dask.config.set(QUIET_DASK_CONFIG):
-        yield
 
 
 @dataclass(frozen=True)

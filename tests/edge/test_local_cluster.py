@@ -60,3 +60,41 @@ def test_shutdown_hides_only_the_heartbeat_that_meets_the_closing_scheduler(capl
         "Compute Failed",
         "Failed to communicate with scheduler during heartbeat.",
     ]
+
+
+def _quiet_settings(dask_worker) -> tuple[bool, float, float]:
+    """(profiler running, event-loop tick s, memory monitor s) of a worker, as it set itself up."""
+    monitor = dask_worker.periodic_callbacks.get("memory_monitor")
+    return (
+        "profile" in dask_worker.periodic_callbacks,
+        dask_worker._tick_interval,
+        monitor.callback_time / 1000 if monitor is not None else -1.0,
+    )
+
+
+def test_embedded_cluster_starts_with_the_quiet_settings():
+    """The embedded cluster's workers run no profiler and tick once a second (em_platform.quiet_dask), and the
+    settings stay around the cluster's start only: Dask's defaults are back afterwards."""
+    import dask
+
+    dask_resource = DaskResource(n_workers=1, threads_per_worker=1)
+    try:
+        client = dask_resource.get_client()
+        settings = client.run(_quiet_settings)
+        assert set(settings.values()) == {(False, 1.0, 0.5)}, settings
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval) == 1.0
+    finally:
+        dask_resource.teardown_after_execution(None)
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
+def test_quiet_environment_spells_the_quiet_config():
+    """The environment given to `make dev`'s and the deployment's Dask processes is the same configuration."""
+    import dask
+
+    from em_platform.quiet_dask import QUIET_DASK_CONFIG, QUIET_DASK_ENV
+
+    collected = dask.config.collect_env(QUIET_DASK_ENV)
+    for key, value in QUIET_DASK_CONFIG.items():
+        assert dask.config.get(key, config=collected) == value, key
+    assert len(QUIET_DASK_ENV) == len(QUIET_DASK_CONFIG)
