@@ -145,6 +145,14 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "phase_flip.json",
+        "CTF phase flipping of a 2048² view in strips (`bench_phase_flip`)",
+        [
+            ("at 60° (36 strips)", "tilts.60.phase_flip_s", "s"),
+            ("over the whole-plane flip per strip", "tilts.*.speedup", "×"),
+        ],
+    ),
+    (
         "dask_idle.json",
         "An idle Dask pool: scheduler + 2 workers (`bench_dask_idle`)",
         [

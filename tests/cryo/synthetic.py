@@ -370,3 +370,25 @@ def thon_micrograph(
                 p = CTFParams(params.defocus_u_A - dz, params.defocus_v_A - dz, params.astigmatism_angle_deg)
                 image[sel] = image_at(p)[sel]
     return rng.poisson(np.clip(image, 0, None) * dose_e_per_A2 * pixel_A**2).astype(np.float32)
+
+
+def phase_flip_by_definition(view, pixel_A, params, tilt_deg, scope, tolerance_A=200.0):
+    """Each strip from a whole-plane flip with that strip's own CTF (IMOD ctfphaseflip's scheme, literally, in
+    double precision): the reference em_platform.cryo.ctf_correction.phase_flip is tested and timed against."""
+    from em_platform.cryo.ctf_correction import strip_width_px
+
+    view = view.astype(np.float64)
+    ny, nx = view.shape
+    mean = view.mean()
+    ft = np.fft.fft2(view - mean)
+    width = strip_width_px(tilt_deg, pixel_A, nx, tolerance_A)
+    slope = math.tan(math.radians(tilt_deg)) * pixel_A
+    out = np.empty_like(view)
+    for x0 in range(0, nx, width):
+        x1 = min(nx, x0 + width)
+        shift = -((x0 + x1) / 2 - nx // 2) * slope
+        local = CTFParams(
+            params.defocus_u_A + shift, params.defocus_v_A + shift, params.astigmatism_angle_deg
+        )
+        out[:, x0:x1] = np.fft.ifft2(ft * np.sign(ctf_2d((ny, nx), pixel_A, local, scope))).real[:, x0:x1]
+    return out + mean
