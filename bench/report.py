@@ -145,11 +145,13 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
-        "phase_flip.json",
-        "CTF phase flipping of a 2048² view in strips (`bench_phase_flip`)",
+        "ctf_kernels.json",
+        "CTF kernels: phase flipping a 2048² view, the fits' CTF² model (`bench_ctf_kernels`)",
         [
-            ("at 60° (36 strips)", "tilts.60.phase_flip_s", "s"),
-            ("over the whole-plane flip per strip", "tilts.*.speedup", "×"),
+            ("phase flip at 60° (36 strips)", "phase_flip.tilts.60.phase_flip_s", "s"),
+            ("over the whole-plane flip per strip", "phase_flip.tilts.*.speedup", "×"),
+            ("CTF² model on a fit band", "thon_rings.thon_rings_ms", "ms"),
+            ("over the direct formula", "thon_rings.speedup", "×"),
         ],
     ),
     (

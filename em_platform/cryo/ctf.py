@@ -22,6 +22,7 @@ import numpy as np
 from em_platform.cryo.optics import (
     CTFParams,
     Microscope,
+    ThonRings,
     aberration_phase,
     defocus_at_azimuth,
     frequency_grid,
@@ -253,7 +254,7 @@ def _refine_2d(
     s = spec[half]
     s = s - s.mean()
     s /= math.sqrt(float((s * s).sum())) + 1e-30
-    km, azm = k[half], az[half]
+    rings = ThonRings(k[half], az[half], scope)
 
     def params_of(x) -> CTFParams:
         mean, ast, ang = x
@@ -262,8 +263,8 @@ def _refine_2d(
     def cost(x) -> float:
         if abs(x[1]) > search.max_astigmatism_A or not defocus_range_A[0] <= x[0] <= defocus_range_A[1]:
             return 1.0
-        m = np.sin(aberration_phase(km, defocus_at_azimuth(params_of(x), azm), scope)) ** 2
-        m = m - m.mean()
+        m = rings.power(params_of(x))
+        m -= m.mean()
         return -float((s * m).sum()) / (math.sqrt(float((m * m).sum())) + 1e-30)
 
     best = None
@@ -444,13 +445,12 @@ def fit_series_astigmatism(
         sel = _band_mask(k, e.band_A, e.pixel_A) & (np.fft.fftfreq(spec.shape[1])[None, :] >= 0)
         s = spec[sel] - spec[sel].mean()
         s /= math.sqrt(float((s * s).sum())) + 1e-30
-        tilts.append((s, k[sel], az[sel], _clip_window(window, search)))
+        tilts.append((s, ThonRings(k[sel], az[sel], scope), _clip_window(window, search)))
 
     def tilt_cc(i: int, mean: float, ast: float, ang: float) -> float:
-        s, k, az, _ = tilts[i]
-        params = CTFParams(mean + ast / 2, mean - ast / 2, math.degrees(ang))
-        m = np.sin(aberration_phase(k, defocus_at_azimuth(params, az), scope)) ** 2
-        m = m - m.mean()
+        s, rings, _ = tilts[i]
+        m = rings.power(CTFParams(mean + ast / 2, mean - ast / 2, math.degrees(ang)))
+        m -= m.mean()
         return float((s * m).sum()) / (math.sqrt(float((m * m).sum())) + 1e-30)
 
     means = [e.mean_defocus_A for e in estimates]
@@ -489,7 +489,7 @@ def fit_series_astigmatism(
                 best = res
         ast, ang = polar(best.x)
         for i in range(len(tilts)):  # each mean defocus on a fine grid near the last, inside its window
-            lo, hi = tilts[i][3]
+            lo, hi = tilts[i][2]
             grid = np.clip(means[i] + np.arange(-1500.0, 1501.0, 25.0), lo, hi)
             scores = [tilt_cc(i, g, ast, ang) for g in grid]
             means[i] = float(grid[int(np.argmax(scores))])

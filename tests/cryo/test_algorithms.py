@@ -11,7 +11,14 @@ from em_platform.cryo.ctf import CTFSearch, estimate_ctf
 from em_platform.cryo.dose_weighting import critical_exposure, dose_filters, frame_exposures
 from em_platform.cryo.fsc import fsc_curve, resolution_at
 from em_platform.cryo.motion import MotionSettings, correct_movie, dose_weighted_sums, motion_metrics
-from em_platform.cryo.optics import CTFParams, Microscope, ctf_2d, electron_wavelength_A
+from em_platform.cryo.optics import (
+    CTFParams,
+    Microscope,
+    ThonRings,
+    ctf_2d,
+    electron_wavelength_A,
+    frequency_grid,
+)
 from em_platform.cryo.reconstruction import reconstruct
 from tests.cryo.synthetic import blob_volume, blobs, fourier_shift, project_blobs, rotate_shift
 
@@ -21,6 +28,19 @@ SCOPE = Microscope(300.0, 2.7, 0.07)
 def test_wavelength_table():
     assert electron_wavelength_A(300) == pytest.approx(0.019687, abs=2e-6)
     assert electron_wavelength_A(200) == pytest.approx(0.02508, abs=2e-5)
+
+
+def test_thon_rings_are_the_squared_ctf_for_any_defocus_and_astigmatism():
+    """The fits' precomputed CTF² model is ctf_2d squared (the CTF is −sin χ), wherever the angle points."""
+    k, az = frequency_grid((96, 128), 1.7)
+    rings = ThonRings(k, az, SCOPE)
+    for params in (CTFParams(30500, 29500, 30.0), CTFParams(21000, 19000, -60.0), CTFParams(9000, 9000, 0.0)):
+        np.testing.assert_allclose(
+            rings.power(params), ctf_2d((96, 128), 1.7, params, SCOPE) ** 2, atol=1e-10
+        )
+    assert not np.allclose(
+        rings.power(CTFParams(30500, 29500, 30.0)), rings.power(CTFParams(30500, 29500, -30.0))
+    )
 
 
 @pytest.mark.parametrize("truth", [CTFParams(30500, 29500, 30.0), CTFParams(21000, 19000, -60.0)])
