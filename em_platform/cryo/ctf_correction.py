@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import fft
 
 from em_platform.cryo.optics import CTFParams, Microscope, aberration_phase, defocus_at_azimuth
+from em_platform.lazy_import import LazyModule
+
+fft = LazyModule("scipy.fft")
 
 
 def strip_width_px(tilt_deg: float, pixel_A: float, nx: int, tolerance_A: float) -> int:
