@@ -15,16 +15,13 @@ Each is timed ``--rounds`` times alternating; the median counts.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 
+from bench.record import record
 from em_platform.cryo.ctf_correction import phase_flip, strip_width_px
 from em_platform.cryo.optics import (
     CTFParams,
@@ -36,7 +33,6 @@ from em_platform.cryo.optics import (
 )
 from tests.cryo.synthetic import phase_flip_by_definition
 
-OUT = Path(__file__).resolve().parent / "results" / "ctf_kernels.json"
 PIXEL_A = 2.0
 
 
@@ -94,18 +90,17 @@ def main(argv: list[str] | None = None) -> int:
             "by_definition_s": round(statistics.median(reference), 3),
             "speedup": round(statistics.median(reference) / statistics.median(ours), 1),
         }
-    result = {
-        "phase_flip": {
-            "view": f"{args.size}² float32 at {PIXEL_A} Å/px, 37° astigmatism",
-            "tilts": tilts,
+    record(
+        "ctf_kernels",
+        {
+            "phase_flip": {
+                "view": f"{args.size}² float32 at {PIXEL_A} Å/px, 37° astigmatism",
+                "tilts": tilts,
+            },
+            "thon_rings": _thon_rings(scope, args.rounds),
+            "rounds": args.rounds,
         },
-        "thon_rings": _thon_rings(scope, args.rounds),
-        "rounds": args.rounds,
-        "cpus": os.cpu_count(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    )
     return 0
 
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from em_platform.deploy.processes import free_port, service_child, signal_group
@@ -181,11 +181,13 @@ class DaskPool:
     workers: Supervised
 
     @classmethod
-    def start(cls, out) -> DaskPool:
+    def start(cls, out, dask_env: Mapping[str, str] = QUIET_DASK_ENV) -> DaskPool:
+        """``dask_env``: Dask settings for its processes, under any the environment sets itself (by default
+        :data:`QUIET_DASK_ENV`: idle, a seventh of Dask's defaults' CPU; bench_dask_idle compares with none)."""
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         python = sys.executable
-        quiet_env = {**os.environ, **QUIET_DASK_ENV}  # idle, an eighth of Dask's defaults' CPU
+        env = {**dask_env, **os.environ}
         scheduler = Supervised(
             "dask-scheduler",
             [
@@ -202,7 +204,7 @@ class DaskPool:
             ],
             out,
             DASK_INFO,
-            quiet_env,
+            env,
         )
         workers = Supervised(
             "dask-worker",
@@ -225,7 +227,7 @@ class DaskPool:
             ],
             out,
             DASK_INFO,
-            quiet_env,
+            env,
         )
         print(
             f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, batch "

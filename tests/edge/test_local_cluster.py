@@ -98,3 +98,21 @@ def test_quiet_environment_spells_the_quiet_config():
     for key, value in QUIET_DASK_CONFIG.items():
         assert dask.config.get(key, config=collected) == value, key
     assert len(QUIET_DASK_ENV) == len(QUIET_DASK_CONFIG)
+
+
+def test_a_dask_setting_from_the_environment_wins(monkeypatch):
+    """A user who sets a Dask variable gets it: the quiet settings fill in only what the environment leaves."""
+    import dask
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", "250ms")
+    dask.config.refresh()
+    try:
+        dask_resource = DaskResource(n_workers=1, threads_per_worker=1)
+        try:
+            settings = dask_resource.get_client().run(_quiet_settings)
+            assert set(settings.values()) == {(False, 0.25, 0.5)}, settings
+        finally:
+            dask_resource.teardown_after_execution(None)
+    finally:
+        monkeypatch.delenv("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL")
+        dask.config.refresh()
