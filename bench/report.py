@@ -146,12 +146,12 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ),
     (
         "ctf_kernels.json",
-        "CTF kernels: phase flipping a 2048² view, the fits' CTF² model (`bench_ctf_kernels`)",
+        "CTF kernels: phase flipping a 2048² view, the fits' score (`bench_ctf_kernels`)",
         [
             ("phase flip at 60° (36 strips)", "phase_flip.tilts.60.phase_flip_s", "s"),
             ("over the whole-plane flip per strip", "phase_flip.tilts.*.speedup", "×"),
-            ("CTF² model on a fit band", "thon_rings.thon_rings_ms", "ms"),
-            ("over the direct formula", "thon_rings.speedup", "×"),
+            ("the fits' score (CC with CTF²) on a fit band", "thon_rings.thon_rings_ms", "ms"),
+            ("over the literal score", "thon_rings.speedup", "×"),
         ],
     ),
     (

@@ -263,9 +263,7 @@ def _refine_2d(
     def cost(x) -> float:
         if abs(x[1]) > search.max_astigmatism_A or not defocus_range_A[0] <= x[0] <= defocus_range_A[1]:
             return 1.0
-        m = rings.power(params_of(x))
-        m -= m.mean()
-        return -float((s * m).sum()) / (math.sqrt(float((m * m).sum())) + 1e-30)
+        return -rings.correlation(s, params_of(x))
 
     best = None
     for ang0 in (0.0, 45.0, 90.0, 135.0):
@@ -449,9 +447,7 @@ def fit_series_astigmatism(
 
     def tilt_cc(i: int, mean: float, ast: float, ang: float) -> float:
         s, rings, _ = tilts[i]
-        m = rings.power(CTFParams(mean + ast / 2, mean - ast / 2, math.degrees(ang)))
-        m -= m.mean()
-        return float((s * m).sum()) / (math.sqrt(float((m * m).sum())) + 1e-30)
+        return rings.correlation(s, CTFParams(mean + ast / 2, mean - ast / 2, math.degrees(ang)))
 
     means = [e.mean_defocus_A for e in estimates]
     unit = 100.0  # Å: the search works on the astigmatism vector (a·cos 2φ, a·sin 2φ) / unit, no angle wrap

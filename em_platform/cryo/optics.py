@@ -92,27 +92,36 @@ def ctf_2d(shape: tuple[int, int], pixel_A: float, params: CTFParams, scope: Mic
 
 
 class ThonRings:
-    """CTF² (sin²χ) on a fixed set of frequencies, for fits that evaluate it for many defocus and astigmatism
-    values: what does not depend on them (k², the double azimuth's cosine and sine, the Cs and amplitude
-    contrast phase) is computed once. χ = πλk²·(Δf̄ + ½Δ·cos 2(φ − α)) − ½πCsλ³k⁴ + w, with cos 2(φ − α)
-    expanded, so an evaluation takes no cosine per pixel."""
+    """How well a spectrum matches CTF² (sin²χ) on a fixed set of frequencies, for fits that ask it for many
+    defocus and astigmatism values: what does not depend on them (k², the double azimuth's cosine and sine,
+    the Cs and amplitude-contrast phase) is computed once. χ = πλk²·(Δf̄ + ½Δ·cos 2(φ − α)) − ½πCsλ³k⁴ + w
+    with cos 2(φ − α) expanded, and sin²χ = (1 − cos 2χ)/2, so an evaluation takes one cosine per pixel."""
 
     def __init__(self, k: np.ndarray, azimuth: np.ndarray, scope: Microscope):
         lam = scope.wavelength_A
         k2 = np.asarray(k, np.float64) ** 2
-        self._defocus_term = math.pi * lam * k2  # χ per Å of defocus
+        self._defocus_term = 2.0 * math.pi * lam * k2  # 2χ per Å of defocus
         self._cos_term = self._defocus_term * np.cos(2.0 * azimuth)
         self._sin_term = self._defocus_term * np.sin(2.0 * azimuth)
         w = scope.amplitude_contrast
-        self._rest = -0.5 * math.pi * scope.cs_mm * 1e7 * lam**3 * k2 * k2 + math.atan2(
-            w, math.sqrt(1 - w * w)
+        self._rest = 2.0 * (
+            -0.5 * math.pi * scope.cs_mm * 1e7 * lam**3 * k2 * k2 + math.atan2(w, math.sqrt(1 - w * w))
         )
 
-    def power(self, params: CTFParams) -> np.ndarray:
-        """sin²χ for ``params`` at the frequencies given."""
+    def double_phase(self, params: CTFParams) -> np.ndarray:
+        """2χ for ``params`` at the frequencies given (a new array)."""
         ang = 2.0 * math.radians(params.astigmatism_angle_deg)
         half = 0.5 * (params.defocus_u_A - params.defocus_v_A)
-        chi = self._defocus_term * params.mean_defocus_A + self._rest
-        chi += (half * math.cos(ang)) * self._cos_term
-        chi += (half * math.sin(ang)) * self._sin_term
-        return np.square(np.sin(chi, out=chi), out=chi)
+        two_chi = self._defocus_term * params.mean_defocus_A + self._rest
+        two_chi += (half * math.cos(ang)) * self._cos_term
+        two_chi += (half * math.sin(ang)) * self._sin_term
+        return two_chi
+
+    def correlation(self, spectrum: np.ndarray, params: CTFParams) -> float:
+        """The normalised cross-correlation of ``spectrum`` (its values at these frequencies) with sin²χ: with
+        c = cos 2χ, sin²χ − mean = −(c − c̄)/2, so it is −(s·c − c̄·Σs) / |c − c̄|."""
+        c = np.cos(self.double_phase(params))
+        c_mean = float(c.mean())
+        # elementwise products, not `@`: BLAS dot products start threads, and the fits run in threads already
+        spread = math.sqrt(max(float(np.square(c).sum()) - c.size * c_mean * c_mean, 0.0))
+        return -(float((spectrum * c).sum()) - c_mean * float(spectrum.sum())) / (spread + 1e-30)

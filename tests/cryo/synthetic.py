@@ -392,3 +392,14 @@ def phase_flip_by_definition(view, pixel_A, params, tilt_deg, scope, tolerance_A
         )
         out[:, x0:x1] = np.fft.ifft2(ft * np.sign(ctf_2d((ny, nx), pixel_A, local, scope))).real[:, x0:x1]
     return out + mean
+
+
+def ctf_correlation_by_definition(spectrum, k, az, params, scope) -> float:
+    """The CTF fits' score, literally: the normalised cross-correlation of a zero-mean ``spectrum`` (values at
+    frequencies ``k``, azimuths ``az``) with CTF² (sin²χ) minus its mean; the reference ThonRings is tested
+    and timed against."""
+    from em_platform.cryo.optics import aberration_phase, defocus_at_azimuth
+
+    model = np.sin(aberration_phase(k, defocus_at_azimuth(params, az), scope)) ** 2
+    model = model - model.mean()
+    return float((spectrum * model).sum()) / (math.sqrt(float((model * model).sum())) + 1e-30)

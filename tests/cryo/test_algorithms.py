@@ -20,7 +20,14 @@ from em_platform.cryo.optics import (
     frequency_grid,
 )
 from em_platform.cryo.reconstruction import reconstruct
-from tests.cryo.synthetic import blob_volume, blobs, fourier_shift, project_blobs, rotate_shift
+from tests.cryo.synthetic import (
+    blob_volume,
+    blobs,
+    ctf_correlation_by_definition,
+    fourier_shift,
+    project_blobs,
+    rotate_shift,
+)
 
 SCOPE = Microscope(300.0, 2.7, 0.07)
 
@@ -30,16 +37,22 @@ def test_wavelength_table():
     assert electron_wavelength_A(200) == pytest.approx(0.02508, abs=2e-5)
 
 
-def test_thon_rings_are_the_squared_ctf_for_any_defocus_and_astigmatism():
-    """The fits' precomputed CTF² model is ctf_2d squared (the CTF is −sin χ), wherever the angle points."""
-    k, az = frequency_grid((96, 128), 1.7)
-    rings = ThonRings(k, az, SCOPE)
-    for params in (CTFParams(30500, 29500, 30.0), CTFParams(21000, 19000, -60.0), CTFParams(9000, 9000, 0.0)):
-        np.testing.assert_allclose(
-            rings.power(params), ctf_2d((96, 128), 1.7, params, SCOPE) ** 2, atol=1e-10
-        )
-    assert not np.allclose(
-        rings.power(CTFParams(30500, 29500, 30.0)), rings.power(CTFParams(30500, 29500, -30.0))
+def test_thon_rings_score_a_spectrum_as_the_fits_define_it():
+    """The fits' precomputed score is the normalised CC of the spectrum with ctf_2d² (the CTF is −sin χ) minus
+    its mean, whatever the defocus, astigmatism and angle; and it tells a true model from a wrong angle."""
+    n, px = 128, 1.7
+    k, az = frequency_grid((n, n), px)
+    truth = CTFParams(30500, 29000, 30.0)
+    noise = np.random.default_rng(3).normal(size=(n, n))
+    spectrum = (ctf_2d((n, n), px, truth, SCOPE) ** 2 + 0.5 * noise).ravel()
+    spectrum -= spectrum.mean()
+    spectrum /= np.sqrt((spectrum * spectrum).sum())
+    rings = ThonRings(k.ravel(), az.ravel(), SCOPE)
+    for params in (truth, CTFParams(21000, 19000, -60.0), CTFParams(9000, 9000, 0.0)):
+        want = ctf_correlation_by_definition(spectrum, k.ravel(), az.ravel(), params, SCOPE)
+        assert rings.correlation(spectrum, params) == pytest.approx(want, abs=1e-12)
+    assert (
+        rings.correlation(spectrum, truth) > rings.correlation(spectrum, CTFParams(30500, 29000, -30.0)) + 0.1
     )
 
 
