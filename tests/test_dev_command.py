@@ -47,8 +47,8 @@ def test_a_dagster_that_ignores_sigint_is_killed_after_the_grace(monkeypatch):
 
 def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies():
     """`make dev`'s one Dask pool: every run's client reaches it; a worker process per core, each doing its
-    batch work at nice 10 (the live-QC service's threads first) with the quiet settings; a worker killed with SIGKILL is restarted by
-    the supervisor; stopping the pool stops every process it started."""
+    batch work at nice 10 (the live-QC service's threads first) with the quiet settings; a worker killed with
+    SIGKILL is restarted by the supervisor; stopping the pool stops every process it started."""
     import io
     import os
     import signal
@@ -58,7 +58,7 @@ def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies
     from distributed import Client
 
     from em_platform.dev import DaskPool
-    from tests.edge.test_local_cluster import _quiet_settings
+    from tests.support.dask_settings import worker_settings
 
     out = io.StringIO()
     pool = DaskPool.start(out)
@@ -69,7 +69,7 @@ def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies
             assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
             niceness = client.run(lambda: os.getpriority(os.PRIO_PROCESS, 0))
             assert sorted(niceness.values()) == [10] * (os.cpu_count() or 1)
-            quiet = client.run(_quiet_settings)  # em_platform.quiet_dask's, from the environment
+            quiet = client.run(worker_settings)  # em_platform.quiet_dask's, from the environment
             assert set(quiet.values()) == {(False, 1.0, 0.5)}, quiet
             assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval) == 1.0
             first = pool.workers.proc.pid

@@ -17,7 +17,13 @@ import math
 
 import numpy as np
 
-from em_platform.cryo.optics import CTFParams, Microscope, aberration_phase, defocus_at_azimuth
+from em_platform.cryo.optics import (
+    CTFParams,
+    Microscope,
+    aberration_phase,
+    defocus_at_azimuth,
+    frequency_grid,
+)
 from em_platform.lazy_import import LazyModule
 
 fft = LazyModule("scipy.fft")
@@ -26,13 +32,6 @@ fft = LazyModule("scipy.fft")
 def strip_width_px(tilt_deg: float, pixel_A: float, nx: int, tolerance_A: float) -> int:
     slope = abs(math.tan(math.radians(tilt_deg))) * pixel_A  # Å of defocus per pixel across the axis
     return nx if slope == 0 else max(8, min(nx, int(tolerance_A / slope)))
-
-
-def _half_plane_grid(shape: tuple[int, int], pixel_A: float) -> tuple[np.ndarray, np.ndarray]:
-    """|k| (1/Å) and azimuth of the rfft2 half plane of a ``shape`` image (kx ≥ 0)."""
-    ky = np.fft.fftfreq(shape[0], d=pixel_A)[:, None]
-    kx = np.fft.rfftfreq(shape[1], d=pixel_A)[None, :]
-    return np.hypot(kx, ky), np.arctan2(ky, kx)
 
 
 def phase_flip(
@@ -48,7 +47,7 @@ def phase_flip(
     ny, nx = view.shape
     mean = float(view.mean())
     ft = fft.rfft2(view - np.float32(mean))
-    k, az = _half_plane_grid((ny, nx), pixel_A)
+    k, az = frequency_grid((ny, nx), pixel_A, half=True)
     chi = aberration_phase(k, defocus_at_azimuth(params, az), scope)  # the view's own defocus
     per_angstrom = math.pi * scope.wavelength_A * k * k  # dχ/dΔf
     width = strip_width_px(tilt_deg, pixel_A, nx, tolerance_A)

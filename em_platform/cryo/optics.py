@@ -55,10 +55,13 @@ class CTFParams:
         return CTFParams(float(du), float(dv), float(ang))
 
 
-def frequency_grid(shape: tuple[int, int], pixel_A: float) -> tuple[np.ndarray, np.ndarray]:
-    """|k| (1/Å) and the azimuth φ = atan2(ky, kx) of an unshifted 2-D FFT grid."""
+def frequency_grid(
+    shape: tuple[int, int], pixel_A: float, half: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """|k| (1/Å) and the azimuth φ = atan2(ky, kx) of an unshifted 2-D FFT grid; ``half``: of the rfft2 half
+    plane (kx ≥ 0) of a real ``shape`` image."""
     ky = np.fft.fftfreq(shape[0], d=pixel_A)[:, None]
-    kx = np.fft.fftfreq(shape[1], d=pixel_A)[None, :]
+    kx = (np.fft.rfftfreq if half else np.fft.fftfreq)(shape[1], d=pixel_A)[None, :]
     return np.hypot(kx, ky), np.arctan2(ky, kx)
 
 

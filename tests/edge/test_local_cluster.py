@@ -8,6 +8,7 @@ import os
 import psutil
 
 from em_platform.resources.dask import DaskResource
+from tests.support.dask_settings import worker_settings
 
 
 def _listening(pid: int) -> dict[int, set[str]]:
@@ -62,17 +63,7 @@ def test_shutdown_hides_only_the_heartbeat_that_meets_the_closing_scheduler(capl
     ]
 
 
-def _quiet_settings(dask_worker) -> tuple[bool, float, float]:
-    """(profiler running, event-loop tick s, memory monitor s) of a worker, as it set itself up."""
-    monitor = dask_worker.periodic_callbacks.get("memory_monitor")
-    return (
-        "profile" in dask_worker.periodic_callbacks,
-        dask_worker._tick_interval,
-        monitor.callback_time / 1000 if monitor is not None else -1.0,
-    )
-
-
-def test_embedded_cluster_starts_with_the_quiet_settings():
+def test_embedded_cluster_starts_with_theworker_settings():
     """The embedded cluster's workers run no profiler and tick once a second (em_platform.quiet_dask), and the
     settings stay around the cluster's start only: Dask's defaults are back afterwards."""
     import dask
@@ -80,7 +71,7 @@ def test_embedded_cluster_starts_with_the_quiet_settings():
     dask_resource = DaskResource(n_workers=1, threads_per_worker=1)
     try:
         client = dask_resource.get_client()
-        settings = client.run(_quiet_settings)
+        settings = client.run(worker_settings)
         assert set(settings.values()) == {(False, 1.0, 0.5)}, settings
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval) == 1.0
     finally:
@@ -109,7 +100,7 @@ def test_a_dask_setting_from_the_environment_wins(monkeypatch):
     try:
         dask_resource = DaskResource(n_workers=1, threads_per_worker=1)
         try:
-            settings = dask_resource.get_client().run(_quiet_settings)
+            settings = dask_resource.get_client().run(worker_settings)
             assert set(settings.values()) == {(False, 0.25, 0.5)}, settings
         finally:
             dask_resource.teardown_after_execution(None)
