@@ -17,6 +17,7 @@ from em_platform.simulation.cryoet import acquisition
 from em_platform.simulation.cryoet.assembly import assemble, bead_count
 from em_platform.simulation.cryoet.catalog_record import simulate_and_catalog
 from em_platform.simulation.cryoet.models import citation, load_library
+from em_platform.simulation.cryoet.session_copy import copy_session, session_copies_root
 from em_platform.simulation.cryoet.spec import Spec
 from em_platform.simulation.cryoet.specs import find_stack_spec
 from em_platform.simulation.cryoet.stack import stack_folder
@@ -114,6 +115,15 @@ def tilt_series(
             dask_client=dask.get_client,
             logger=context.log,
         )
+        store = storage.store()
+        if not store.is_local:  # cryo processing reads sessions from folders: a local copy for it
+            copy_session(
+                store,
+                stack_folder(store, spec, stack_no),
+                session_copies_root(storage.downloads_root),
+                spec.name,
+                key,
+            )
     except Exception as exc:
         retry_on_storage_outage(context, exc, storage)  # an outage is retried later
         raise

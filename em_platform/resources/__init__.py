@@ -13,6 +13,7 @@ from em_platform.resources.inbox import InboxResource
 from em_platform.resources.simulation import SimulationSpecsResource
 from em_platform.resources.storage import StorageResource
 from em_platform.settings import Settings, load_settings
+from em_platform.simulation.cryoet.session_copy import session_copies_root
 from em_platform.simulation.scope_config import ScopeConfig
 
 __all__ = [
@@ -46,7 +47,10 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
         "simulation_specs": SimulationSpecsResource(path=s.simulations),
         "cryo_sessions": CryoSessionsResource(
             sessions=s.cryo_sessions,
-            simulation="" if "://" in s.data_root else str(Path(s.data_root) / "simulation"),
+            # published stacks on a local data root; their local copies where the data root is S3
+            simulation=str(
+                session_copies_root(s.downloads) if "://" in s.data_root else Path(s.data_root) / "simulation"
+            ),
         ),
         "hardware": BrokerScope(
             journal_url=s.catalog_url,

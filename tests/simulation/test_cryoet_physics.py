@@ -62,6 +62,28 @@ def test_projected_potential_of_atoms_equals_the_gaussian_sum():
     assert v.sum() * 0.25 == pytest.approx(3 * physics.POTENTIAL_CONSTANT * f0, rel=1e-3)
 
 
+def test_the_imager_travels_to_a_dask_worker_and_images_the_same():
+    """A simulation on a Dask cluster (compose's workers) scatters its imager: it must pickle (its per-thread
+    NUFFT plans stay behind) and image the same tilt after the round trip, plans made anew on arrival."""
+    import pickle
+
+    xyz = np.array([[0.0, 0.0, 0.0], [3.3, -1.7, 5.0]], np.float32)
+    model = ParticleModel("c2", "-", ("C",), np.zeros(2, np.int16), xyz, None, 10.0, 1.0, 40.0)
+    sample = Sample((32.0, 32.0, 30.0), [PlacedParticle(0, "c2", np.zeros(3), np.eye(3))], [])
+    imager = TiltImager(
+        build_scene(sample, {"c2": model}, in_ice=False),
+        Grid(64, 64, 8, 0.5),
+        OPTICS,
+        Ice("none", 300.0, math.inf),
+        1e4,
+    )
+    geo = TiltGeometry(20, 0, (0, 0), 1e4, 1e4, 0, 0)
+    before = sum(imager.slab_potentials(geo, np.random.default_rng(0))[0])  # a plan is made and cached
+    travelled = pickle.loads(pickle.dumps(imager))
+    after = sum(travelled.slab_potentials(geo, np.random.default_rng(0))[0])
+    np.testing.assert_array_equal(after, before)
+
+
 def _chain_model(tmp_path) -> ParticleModel:
     """One ferritin chain (asymmetric, unlike the 24-mer)."""
     st = gemmi.read_structure(str(Path(simulation.__file__).parent / "data" / "6z6u.pdb.gz"))

@@ -238,3 +238,66 @@ def test_a_failing_tilt_publishes_nothing_and_a_rerun_completes(tmp_path, monkey
     monkeypatch.setattr(stack_mod, "render_tilt", real)
     result = simulate_stack(spec, 0, store, workers=2)
     assert (Path(result.folder) / "ground_truth.json").is_file()
+
+
+def test_a_stack_on_s3_is_catalogued_from_s3_as_from_a_folder(tmp_path, s3_bucket):
+    """The deployment's data root is S3: the stack's OME-Zarr is made by reading the published MRC back from
+    there, tilt by tilt, as from a local folder (an S3 data root failed once: mrcfile opened the S3 file
+    object as a path; found on the compose containers)."""
+    import zarr
+
+    from em_platform.catalog.db import CatalogDB
+    from em_platform.simulation.cryoet.catalog_record import simulate_and_catalog
+
+    doc = {**BEADS, "name": "s3", "movies": {"frames": 0}, "detector": {"det_pix_x": 64, "det_pix_y": 48}}
+    doc["geometry"] = {**BEADS["geometry"], "ntilts": 3, "theta_start": -15}
+    spec = spec_from_dict(doc)
+    root, opts = s3_bucket
+    tilts = {}
+    for name, store in (("s3", DataStore(f"{root}/em", opts)), ("local", DataStore(str(tmp_path / "local")))):
+        db = CatalogDB(f"sqlite:///{tmp_path}/{name}.sqlite")
+        try:
+            lineage = {"asset_key": "simulation/tilt_series", "run_id": "test"}
+            published = simulate_and_catalog(spec, 0, store=store, catalog=db, lineage=lineage)
+        finally:
+            db.dispose()
+        assert published.record["status"] == "complete"
+        level0 = zarr.open_group(
+            published.volume_url, mode="r", storage_options=store.storage_options or None
+        )
+        tilts[name] = level0["0"][...]
+    assert tilts["s3"].shape == (3, 48, 64)
+    np.testing.assert_array_equal(tilts["s3"], tilts["local"])
+
+
+def test_a_stack_on_s3_gets_a_local_session_copy_cryo_discovers(tmp_path, s3_bucket):
+    """With an S3 data root the simulation run copies each published stack into the download cache, whole
+    and renamed into place, where the cryo sensor discovers it as a session; a complete copy is kept."""
+    from em_platform.cryo.session import discover
+    from em_platform.simulation.cryoet.session_copy import copy_session, session_copies_root
+    from em_platform.simulation.cryoet.stack import stack_folder
+
+    doc = {**BEADS, "name": "copied", "movies": {"frames": 2}, "detector": {"det_pix_x": 64, "det_pix_y": 48}}
+    doc["geometry"] = {**BEADS["geometry"], "ntilts": 3, "theta_start": -15}
+    spec = spec_from_dict(doc)
+    root, opts = s3_bucket
+    store = DataStore(f"{root}/em", opts)
+    simulate_stack(spec, 0, store, workers=1)
+    copies = session_copies_root(tmp_path / "downloads")
+    folder = stack_folder(store, spec, 0)
+    copy = copy_session(store, folder, copies, spec.name, "copied_000")
+    assert copy == copies / "copied" / "copied_000"
+    published = {p.split(folder + "/", 1)[1]: store.fs.info(p)["size"] for p in store.fs.find(folder)}
+    assert {
+        p.relative_to(copy).as_posix(): p.stat().st_size for p in copy.rglob("*") if p.is_file()
+    } == published
+    assert not [p for p in copies.rglob(".*")]  # no partial copy left behind
+    np.testing.assert_array_equal(
+        mrcfile.read(copy / "copied_000.mrc"),
+        np.frombuffer(store.fs.cat(f"{folder}/copied_000.mrc")[1024:], np.float32).reshape(3, 48, 64),
+    )
+    found, errors = discover(copies, "simulation")
+    assert errors == {} and [ts.key for ts in found] == ["copied_000"]
+    mtime = (copy / "copied_000.mrc").stat().st_mtime_ns
+    assert copy_session(store, folder, copies, spec.name, "copied_000") == copy
+    assert (copy / "copied_000.mrc").stat().st_mtime_ns == mtime  # kept, not fetched again

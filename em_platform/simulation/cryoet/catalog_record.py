@@ -128,50 +128,53 @@ def simulate_and_catalog(
 
 
 def _write_zarr(result: StackResult, store: DataStore, staging: str, spec: Spec, client: Any):
-    """The noisy tilt series as OME-Zarr (axes t, y, x: the tilts in acquisition order)."""
-    import mrcfile
-
+    """The noisy tilt series as OME-Zarr (axes t, y, x: the tilts in acquisition order), read from the store
+    the stack was published to (a local folder or S3) one tilt per task: the stack is never whole in memory,
+    and a task carries only where its tilt is, not its pixels (a memory map in the graph would travel whole
+    to a cluster's scheduler)."""
     path = f"{result.folder}/{result.truth.files['tilt_series']}"
-    if store.is_local:
-        mrc = mrcfile.mmap(path, mode="r")
-        # each tilt read by the task that needs it: a memory map in the graph would travel whole to the
-        # cluster's scheduler (a 21 MiB graph for the demo's 21 tilts)
-        data = da.stack(
-            [
-                da.from_delayed(dask.delayed(_tilt)(path, i), mrc.data.shape[1:], mrc.data.dtype)
-                for i in range(mrc.data.shape[0])
-            ]
-        )
-    else:
-        with (
-            store.fs.open(path, "rb") as f,
-            mrcfile.open(f, mode="r") as m,
-        ):  # pragma: no cover - object storage
-            data = da.from_array(np.array(m.data), chunks=(1, *m.data.shape[1:]))
-        mrc = None
-    try:
-        info = write_ome_zarr(
-            data,
-            store.to_url(staging),
-            axes=("t", "y", "x"),
-            scale=(1.0, spec.apix, spec.apix),
-            units=(None, "nanometer", "nanometer"),
-            storage_options=store.storage_options or None if not store.is_local else None,
-            name=result.stack,
-            client=client,
-        )
-        mean = float(data[:, :: max(1, data.shape[1] // 64), :: max(1, data.shape[2] // 64)].mean().compute())
-    finally:
-        if mrc is not None:
-            mrc.close()
+    offset, shape, dtype = _mrc_layout(store, path)
+    tilt_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    data = da.stack(
+        [
+            da.from_delayed(
+                dask.delayed(_tilt)(store.fs, path, offset + i * tilt_bytes, shape[1:], dtype),
+                shape[1:],
+                dtype.newbyteorder("="),
+            )
+            for i in range(shape[0])
+        ]
+    )
+    info = write_ome_zarr(
+        data,
+        store.to_url(staging),
+        axes=("t", "y", "x"),
+        scale=(1.0, spec.apix, spec.apix),
+        units=(None, "nanometer", "nanometer"),
+        storage_options=store.storage_options or None if not store.is_local else None,
+        name=result.stack,
+        client=client,
+    )
+    mean = float(data[:, :: max(1, data.shape[1] // 64), :: max(1, data.shape[2] // 64)].mean().compute())
     return info, mean
 
 
-def _tilt(path: str, index: int) -> np.ndarray:
+def _mrc_layout(store: DataStore, path: str) -> tuple[int, tuple[int, int, int], np.dtype]:
+    """(data offset, (tilts, y, x), dtype) from the header of the simulator's own MRC stack."""
     import mrcfile
+    from mrcfile.mrcinterpreter import MrcInterpreter
 
-    with mrcfile.mmap(path, mode="r") as mrc:
-        return np.array(mrc.data[index])
+    with store.fs.open(path, "rb") as f:
+        header = MrcInterpreter(iostream=f, header_only=True).header
+    shape = (int(header.nz), int(header.ny), int(header.nx))
+    return 1024 + int(header.nsymbt), shape, mrcfile.utils.data_dtype_from_header(header)
+
+
+def _tilt(fs: Any, path: str, offset: int, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    with fs.open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(int(np.prod(shape)) * dtype.itemsize)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _complete_update(

@@ -85,6 +85,17 @@ class ObjectBoxes:
             self.sizes.append(size)
             self.grid(size)
 
+    def __getstate__(self) -> dict:
+        """Pickled for a Dask cluster's workers (the simulation scatters its imager): the plans are per
+        process and thread, so they stay behind and each worker makes its own."""
+        state = dict(self.__dict__)
+        del state["_plans"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plans = threading.local()
+
     def grid(self, size: int) -> BoxGrid:
         if size not in self._grids:
             f = sfft.fftfreq(size, d=self.pixel_A)
