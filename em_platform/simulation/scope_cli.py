@@ -84,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--out", type=Path, default=None, metavar="DIR", help="tiles go to DIR/<montage_id>/")
     g.add_argument(
+        "--share-as",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the folder the platform sees --out as (a share mounted elsewhere there, e.g. /data/scope in the "
+        "containers): tile.raw messages name the tiles under it (default: --out itself)",
+    )
+    g.add_argument(
         "--verdict-timeout",
         type=float,
         default=120.0,
@@ -109,6 +117,20 @@ def config_from_args(args: argparse.Namespace) -> ScopeConfig:
         darkfield_frames=args.darkfield_frames,
         faults=tuple(args.fault),
     )
+
+
+def announced_under(emit: Emit, out: Path, share_as: Path) -> Emit:
+    """``emit`` with each ``tile.raw`` path under ``out`` named under ``share_as`` instead: where the scope
+    writes a share and where the platform mounts it differ."""
+    out = out.resolve()
+
+    def announce(topic: str, payload: dict) -> None:
+        path = payload.get("path") if topic == "tile.raw" else None
+        if path and Path(path).resolve().is_relative_to(out):
+            payload = {**payload, "path": str(share_as / Path(path).resolve().relative_to(out))}
+        emit(topic, payload)
+
+    return announce
 
 
 def run(
@@ -139,6 +161,8 @@ def run(
     began = time.monotonic()
     if verdicts is not None:
         emit, qc_status = verdicts.emit(emit), verdicts.qc_status(qc_status)
+    if getattr(args, "share_as", None) is not None:
+        emit = announced_under(emit, Path(args.out), Path(args.share_as))
     # imported here, not on top: TEM_comms (pigeon) takes 1.4 s to import, which every `em-platform` command paid
     from em_platform.simulation.scope import simulate_montage
 

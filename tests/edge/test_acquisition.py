@@ -148,3 +148,33 @@ def test_run_never_opens_a_tile_off_the_share(tmp_path, client, monkeypatch):
     assert any("/etc/passwd" in b for _, _, b in letters) and any(str(outside) in b for _, _, b in letters)
     trusting.dispose()
     hardware.journal().dispose()
+
+
+def test_scope_sim_names_its_tiles_where_the_platform_mounts_the_share(tmp_path, monkeypatch, capsys):
+    """The scope writes a share the platform mounts elsewhere (compose: the data volume's scope folder on the
+    host, /data/scope in the containers): --share-as names the tiles under the platform's path, and that
+    path, not --out, must be on a scope share."""
+    data, written, mounted = tmp_path / "data", tmp_path / "volume" / "scope", tmp_path / "mnt" / "scope"
+    monkeypatch.setenv("EM_DATA_ROOT", str(data))
+    monkeypatch.delenv("EM_BROKER", raising=False)
+    monkeypatch.setenv("EM_SCOPE_SHARES", str(mounted))
+    tiny = ["--rows", "1", "--columns", "2", "--tile-size", "64", "--jitter", "1"]
+    tiny += ["--brightfield-frames", "0", "--darkfield-frames", "0"]
+    assert main(["scope-sim", *tiny, "--out", str(written), "--montage-id", "m-off"]) == 2
+    assert "not under a scope share" in capsys.readouterr().err
+    assert (
+        main(["scope-sim", *tiny, "--out", str(written), "--share-as", str(tmp_path), "--montage-id", "m-x"])
+        == 2
+    )
+    assert "--share-as" in capsys.readouterr().err
+    args = ["scope-sim", *tiny, "--out", str(written), "--share-as", str(mounted), "--montage-id", "m-1"]
+    assert main(args) == 0
+    journal = Journal(f"sqlite:///{data / 'catalog.sqlite'}")
+    try:
+        paths = [Path(t.path) for t in journal.tiles("m-1")]
+    finally:
+        journal.dispose()
+    assert len(paths) == 2 and all(p.parent == mounted / "m-1" for p in paths)
+    assert all(
+        (written / "m-1" / p.name).is_file() for p in paths
+    )  # the files are where the scope wrote them
