@@ -32,13 +32,13 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose tests
 
 ## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
 ## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
 test-fast: $(VENV)/.installed services $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
@@ -62,7 +62,7 @@ services:
 clean:
 	rm -rf var .pytest_cache
 
-.PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config
+.PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config images compose-up compose-down compose-status test-compose
 
 ## deploy-local: the production topology (docker/compose.yaml's services) as processes on loopback; Ctrl-C stops it
 deploy-local: $(VENV)/.installed services
@@ -79,6 +79,33 @@ deploy-status:
 ## deploy-compose: regenerate docker/compose.yaml from the service table (em_platform/deploy/services.py)
 deploy-compose: $(VENV)/.installed
 	$(PY) -m em_platform.deploy compose
+
+# compose settings of make compose-*: docker/.env (compose-up writes one with new secrets when there is none)
+COMPOSE_ENV ?= docker/.env
+
+## images: the user-code and Dagster images (Docker, or podman from a Debian base made here without a registry)
+images: $(VENV)/.installed container-engine
+	$(PY) -m em_platform.deploy images
+
+## compose-up: docker/compose.yaml up as containers on this host (writes docker/.env with new secrets if absent)
+compose-up: images
+	$(PY) -m em_platform.deploy compose-up --env-file $(COMPOSE_ENV)
+
+## compose-down: remove the stack's containers, its runs' too; the volumes (records, objects) are kept
+compose-down: $(VENV)/.installed
+	$(PY) -m em_platform.deploy compose-down --env-file $(COMPOSE_ENV)
+
+## compose-status: each container of the stack and its runs, health checked now
+compose-status: $(VENV)/.installed
+	$(PY) -m em_platform.deploy compose-status --env-file $(COMPOSE_ENV)
+
+## container-engine: podman, runc and debootstrap from Debian's packages where there is no Docker engine (as root)
+container-engine:
+	@bash scripts/install_podman.sh
+
+## test-compose: the compose stack end to end in containers: build, up, the demo workload, faults, down/up
+test-compose: $(VENV)/.installed services container-engine
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/compose
 
 ## deploy-config: `docker compose config` on docker/compose.yaml (needs docker/.env and Docker's compose tool)
 deploy-config:

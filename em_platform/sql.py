@@ -16,6 +16,38 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached or opened; the message names it and what to do."""
 
 
+# What PostgreSQL and libpq say while a server restarts, fails over or is briefly unreachable: worth waiting
+# for. A wrong password, database or role is not, and fails at once.
+_PASSING = (
+    "server closed the connection unexpectedly",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "the database system is in recovery mode",
+    "terminating connection due to administrator command",
+    "connection refused",
+    "could not connect to server",
+    "could not translate host name",  # a restarting container's name is gone from the network's DNS
+    "ssl connection has been closed unexpectedly",
+    "timeout expired",
+    "no connection to the server",
+)
+
+
+def database_outage(exc: BaseException) -> str | None:
+    """Why ``exc`` is a passing database outage (a restart, an unreachable server), or None when it is not."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = " ".join(str(e).split())
+        invalidated = isinstance(e, sa.exc.DBAPIError) and e.connection_invalidated
+        if invalidated or any(p in text.lower() for p in _PASSING):
+            first = text.split(" [SQL:", 1)[0]
+            return f"the database does not answer ({first[:200]})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the run that is writing

@@ -47,6 +47,11 @@ NOT_RUN = [
     (r"^make test\b", "the whole test suite: this test runs inside it"),
     (r"^make bench\b", "benchmarks run for minutes; the lead runs them (bench/results/*.json)"),
     (
+        r"^make (images|compose-up|compose-status|compose-down|test-compose|container-engine)\b",
+        "the container deployment: make test-compose runs these commands as the deployment page shows them "
+        "(tests/compose/), against a stack of its own (COMPOSE_ENV)",
+    ),
+    (
         r"^make demo\b",
         "ran (twice) in this same fresh checkout by tests/support/demo_state.py; tests/test_demo.py checks "
         "what it printed, and the commands after it here see its state",

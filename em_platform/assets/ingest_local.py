@@ -10,7 +10,7 @@ from em_platform.assets.presentation import (
     partitioned_check,
     viewer_link,
 )
-from em_platform.assets.retries import retry_on_storage_outage
+from em_platform.assets.retries import retry_on_outage
 from em_platform.edge import Refused, check_file_name
 from em_platform.ingest.local import ingest_entry
 from em_platform.partitions import inbox_entries
@@ -65,7 +65,7 @@ def ingest_local(
         Exception
     ) as exc:  # the reason goes where the UI shows it (the partition's check), then the run fails
         yield failed_check(CONVERTED_CHECK, exc, entry=str(inbox.folder / key))
-        retry_on_storage_outage(context, exc, storage)  # ... or, for an outage, is retried later
+        retry_on_outage(context, exc, storage)  # ... or, for an outage, is retried later
         raise
     yield materialize_result(
         metadata=ingest_materialization_metadata(result, lambda url: viewer_link(storage, url, context.log))

@@ -21,7 +21,7 @@ from em_platform.assets.presentation import (
     partitioned_check,
     viewer_link,
 )
-from em_platform.assets.retries import retry_on_storage_outage
+from em_platform.assets.retries import retry_on_outage
 from em_platform.edge import DATASET_ID, Refused
 from em_platform.ingest.public import PublicIngestError, ingest_public_dataset
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
@@ -126,7 +126,7 @@ def build_public_ingest(
             yield failed_check(
                 INGESTED_CHECK, exc, dataset=context.partition_key
             )  # shown on the partition's page
-            retry_on_storage_outage(context, exc, storage)  # an outage is retried later
+            retry_on_outage(context, exc, storage)  # an outage is retried later
             raise dg.Failure(description=str(exc)) from exc
         yield materialize_result(
             metadata=ingest_materialization_metadata(

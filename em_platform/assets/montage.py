@@ -34,7 +34,7 @@ from em_platform.assets.presentation import (
     png_markdown,
     scaled_png_markdown,
 )
-from em_platform.assets.retries import retry_on_storage_outage
+from em_platform.assets.retries import retry_on_outage
 from em_platform.assets.signals import gate_blocking_checks
 from em_platform.partitions import montages
 from em_platform.resources import CatalogResource, DaskResource, StorageResource
@@ -615,7 +615,7 @@ def montage_upload(
             on_progress=progress,
         )
     except Exception as exc:
-        retry_on_storage_outage(context, exc, storage)  # the upload resumes: verified objects are kept
+        retry_on_outage(context, exc, storage)  # the upload resumes: verified objects are kept
         raise
     up = result.upload
     stored = store.url("acquisition", montage_id, FUSED)

@@ -10,7 +10,7 @@ import base64
 import dagster as dg
 
 from em_platform.assets.presentation import materialize_result, neuroglancer_link
-from em_platform.assets.retries import retry_on_storage_outage
+from em_platform.assets.retries import retry_on_outage
 from em_platform.partitions import simulations
 from em_platform.resources import CatalogResource, DaskResource, SimulationSpecsResource, StorageResource
 from em_platform.simulation.cryoet import acquisition
@@ -125,7 +125,7 @@ def tilt_series(
                 key,
             )
     except Exception as exc:
-        retry_on_storage_outage(context, exc, storage)  # an outage is retried later
+        retry_on_outage(context, exc, storage)  # an outage is retried later
         raise
     rec = out.record
     return materialize_result(

@@ -1,6 +1,10 @@
 """``python -m em_platform.deploy``: generate docker/compose.yaml; run the same topology as local processes.
 
-compose [--check]      write docker/compose.yaml from the service table (--check: fail if it is stale)
+compose [--check]      write docker/compose.yaml (and compose.standin.yaml) from the tables (--check: fail if stale)
+images                 build the images (from a Debian base made here where no registry answers)
+compose-up             docker/compose.yaml up as containers (Docker, or podman with its API service)
+compose-down [--volumes]  remove the stack's containers (runs included); volumes kept unless --volumes
+compose-status         each container of the stack and of its runs, with its health checked now
 up [--state DIR]       start every service on loopback (PostgreSQL/RabbitMQ: the machine's), until Ctrl-C
 down [--state DIR]     stop what an `up` in another shell started (by the PIDs it recorded)
 plan [--state DIR]     print each process's command and environment (what `up` would run); changes nothing
@@ -21,8 +25,19 @@ from pathlib import Path
 
 from em_platform.deploy.compose import COMPOSE_FILE, compose_yaml, write_compose
 
+CONTAINER_COMMANDS = ("compose-up", "compose-down", "compose-status")
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "images":
+        from em_platform.deploy.images import main as images
+
+        return images(argv[1:])
+    if argv and argv[0] in CONTAINER_COMMANDS:
+        from em_platform.deploy.stack import main as stack
+
+        return stack(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="python -m em_platform.deploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     compose = sub.add_parser("compose", help="write docker/compose.yaml from the service table")
@@ -44,13 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "compose":
+        from em_platform.deploy.standins import STANDIN_FILE, standin_yaml, write_standins
+
         if args.check:
-            if not COMPOSE_FILE.exists() or COMPOSE_FILE.read_text() != compose_yaml():
-                print(f"{COMPOSE_FILE} is stale: run `python -m em_platform.deploy compose`", file=sys.stderr)
-                return 1
-            print(f"{COMPOSE_FILE} matches the service table")
+            for path, text in ((COMPOSE_FILE, compose_yaml()), (STANDIN_FILE, standin_yaml())):
+                if not path.exists() or path.read_text() != text:
+                    print(f"{path} is stale: run `python -m em_platform.deploy compose`", file=sys.stderr)
+                    return 1
+            print(f"{COMPOSE_FILE} and {STANDIN_FILE.name} match the tables")
             return 0
         print(write_compose())
+        print(write_standins())
         return 0
 
     from em_platform.deploy.processes import (

@@ -20,6 +20,7 @@ from em_platform.deploy.services import (
     DAGSTER_IMAGE,
     EM_IMAGE,
     SERVICES,
+    STACK_NAME,
     Probe,
     Service,
 )
@@ -27,9 +28,9 @@ from em_platform.deploy.templates import Addresses, place
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
-NETWORK = "em-platform"  # docker/dagster.yaml's run launcher puts run containers on this network
-DATA_VOLUME_NAME = "em-platform-data"  # ... and mounts these named volumes into them
-COMPUTE_LOGS_VOLUME_NAME = "em-platform-compute-logs"
+NETWORK = "em-platform"  # the run launcher puts run containers on this network (named after the stack)...
+DATA_VOLUME_NAME = f"{STACK_NAME}-data"  # ... and mounts these named volumes into them
+COMPUTE_LOGS_VOLUME_NAME = f"{STACK_NAME}-compute-logs"
 
 IMAGES = {
     EM_IMAGE: ("${EM_IMAGE:-em-platform:latest}", "docker/Dockerfile"),
@@ -103,12 +104,14 @@ def compose_service(svc: Service, where: Addresses) -> dict[str, Any]:
         out["environment"] = {k: place(v, where, svc.name) for k, v in env.items()}
     if svc.working_dir:
         out["working_dir"] = svc.working_dir
+    if svc.hostname:
+        out["hostname"] = svc.hostname
     if svc.name in PUBLISHED:
         out["ports"] = [f"{PUBLISHED[svc.name]}:{svc.port}"]
     if svc.volumes:
         out["volumes"] = list(svc.volumes)
     if svc.replicas:
-        out["deploy"] = {"replicas": svc.replicas}
+        out["deploy"] = {"mode": "replicated", "replicas": svc.replicas}  # podman-compose reads mode
     if svc.depends_on:
         out["depends_on"] = {name: {"condition": cond} for name, cond in svc.depends_on.items()}
     if svc.probe and svc.probe.kind != "log":
@@ -125,11 +128,11 @@ def render_compose() -> dict[str, Any]:
     for svc in SERVICES:
         for vol in svc.volumes:
             source = vol.split(":", 1)[0]
-            if not source.startswith(("/", ".")):
+            if not source.startswith(("/", ".", "$")):  # a named volume, not a host path
                 volumes[source] = {"name": named[source]} if source in named else {}
     return {  # no top-level `name` (Compose v1 rejects it): COMPOSE_PROJECT_NAME in docker/.env names the project
         "services": {s.name: compose_service(s, where) for s in SERVICES},
-        "networks": {NETWORK: {"name": NETWORK}},
+        "networks": {NETWORK: {"name": STACK_NAME}},
         "volumes": volumes,
     }
 

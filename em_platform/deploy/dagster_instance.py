@@ -9,6 +9,11 @@ itself within ``run_monitoring.cancellation_thread_poll_interval_seconds``. The 
 to launch containers, keeps the container stop for a run that does not react, after
 ``cancel_timeout_seconds`` through run monitoring.
 
+Run containers join the stack they belong to: its network and its data and compute-log volumes are named
+after compose's project (``EM_STACK_NAME``, which compose gives the daemon), so two stacks on one host (a
+facility's and a test's) never share a network or a volume. Each run's container is removed when it ends
+(``auto_remove`` in docker/dagster.yaml); its logs stay in the event log and the compute-log volume.
+
 Dagster reports a daemon healthy until 30 minutes after its last heartbeat; an operator looking at the UI
 after a crash is told all is well. Here the tolerance is one minute beyond the 30 s heartbeat interval.
 
@@ -24,6 +29,8 @@ from dagster_docker import DockerRunLauncher
 
 DOCKER_SOCKET = "/var/run/docker.sock"
 HEARTBEAT_TOLERANCE_SECONDS = 60
+STACK_ENV = "EM_STACK_NAME"  # em_platform.deploy.services.STACK_ENV (this module imports Dagster only)
+DEFAULT_STACK = "em-platform"
 
 
 class FacilityInstance(DagsterInstance):
@@ -55,8 +62,21 @@ class FacilityInstance(DagsterInstance):
         )
 
 
+def stack_mounts(stack: str) -> tuple[list[str], list[str]]:
+    """(networks, volumes) of a run container in stack ``stack`` (docker/compose.yaml's names)."""
+    return [stack], [f"{stack}-data:/data", f"{stack}-compute-logs:/opt/dagster/compute_logs"]
+
+
 class SelfCancellingDockerRunLauncher(DockerRunLauncher):
-    """Launches runs as containers; terminates them by status where there is no Docker socket."""
+    """Launches runs as containers of their stack; terminates them by status where there is no Docker socket."""
+
+    def get_container_context(self, dagster_run):
+        from dagster_docker.container_context import DockerContainerContext
+
+        networks, volumes = stack_mounts(os.environ.get(STACK_ENV) or DEFAULT_STACK)
+        context = super().get_container_context(dagster_run)
+        own = DockerContainerContext(networks=networks, container_kwargs={"volumes": volumes})
+        return own.merge(context) if not context.networks else context
 
     def terminate(self, run_id: str) -> bool:
         if os.path.exists(DOCKER_SOCKET):

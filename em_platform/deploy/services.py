@@ -68,6 +68,7 @@ class Service:
     runs_as: str = "process"
     compose_only_env: Mapping[str, str] = field(default_factory=dict)  # meaningful only with Docker
     entrypoint: tuple[str, ...] = ()  # replaces the image's entrypoint (compose only)
+    hostname: str = ""  # a fixed host name in its container (compose only)
     note: str = ""
 
 
@@ -121,6 +122,10 @@ def _workspace_env() -> dict[str, str]:
 
 
 DATA_VOLUME = "em-data:/data"
+# Compose's project name names the stack's network and its shared volumes (NAME, NAME-data,
+# NAME-compute-logs), so that two stacks on one host do not meet; the daemon passes it to the run launcher.
+STACK_NAME = "${COMPOSE_PROJECT_NAME:-em-platform}"
+STACK_ENV = "EM_STACK_NAME"
 DAGSTER_HOME = "/opt/dagster/dagster_home"
 # ENV lines of docker/Dockerfile and docker/Dockerfile.dagster (a test checks them); the runner sets the same
 IMAGE_ENV = {
@@ -181,6 +186,8 @@ SERVICES: tuple[Service, ...] = (
             "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro",
         ),
         depends_on={"secrets-check": COMPLETED},
+        # RabbitMQ keeps its data under its node name, rabbit@HOSTNAME: a recreated container must keep it
+        hostname="rabbitmq",
         runs_as="equivalent",
         note="the microscope's STOMP broker (RabbitMQ with its STOMP plugin)",
     ),
@@ -303,10 +310,13 @@ SERVICES: tuple[Service, ...] = (
         command=("dagster-daemon", "run", "-w", "workspace.yaml"),
         # the run launcher copies these names from the daemon's environment into each run container
         env={**platform_env(), **_workspace_env()},
+        # the run launcher puts run containers on this stack's network with its data and compute-log volumes
+        compose_only_env={STACK_ENV: STACK_NAME},
         depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
         probe=Probe("daemon", start_period="60s"),
         volumes=(
-            "/var/run/docker.sock:/var/run/docker.sock",
+            # the engine's API: Docker's socket, or podman's (`podman system service`; make compose-up)
+            "${DOCKER_SOCKET:-/var/run/docker.sock}:/var/run/docker.sock",
             "dagster-compute-logs:/opt/dagster/compute_logs",
         ),
         working_dir=DAGSTER_HOME,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -29,13 +30,23 @@ class DagsterApi:
         self.base = base_url.rstrip("/")
 
     def query(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
+        """One GraphQL query. A server error is asked again twice, a second apart: the webserver answers
+        500 once per pooled PostgreSQL connection that a database restart closed (the fault tests make
+        such restarts); an error that persists is raised."""
         req = urllib.request.Request(
             f"{self.base}/graphql",
             data=json.dumps({"query": query, "variables": variables or {}}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body = json.load(resp)
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    body = json.load(resp)
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == 2:
+                    raise
+                time.sleep(1.0)
         if body.get("errors"):
             raise AssertionError(f"GraphQL errors: {body['errors']}")
         return body["data"]

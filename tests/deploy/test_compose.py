@@ -136,9 +136,18 @@ def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_cont
     # the run containers get exactly the platform's environment, which the daemon holds to pass on
     assert set(launcher["config"]["env_vars"]) == set(platform_env())
     assert set(platform_env()) <= set(compose()["services"]["daemon"]["environment"])
-    assert launcher["config"]["network"] in compose()["networks"][launcher["config"]["network"]]["name"]
+    # run containers join their stack: the network and named volumes compose names after its project
+    from em_platform.deploy.dagster_instance import STACK_ENV, stack_mounts
+    from em_platform.deploy.services import STACK_ENV as SERVICES_STACK_ENV
+    from em_platform.deploy.services import STACK_NAME
+
+    assert STACK_ENV == SERVICES_STACK_ENV
+    assert compose()["services"]["daemon"]["environment"][STACK_ENV] == STACK_NAME
+    networks, volumes = stack_mounts(STACK_NAME)
+    assert networks == [compose()["networks"]["em-platform"]["name"]]
     named = {v["name"] for v in compose()["volumes"].values() if v and "name" in v}
-    assert {v.split(":")[0] for v in launcher["config"]["container_kwargs"]["volumes"]} <= named
+    assert {v.rsplit(":", 1)[0] for v in volumes} == named
+    assert launcher["config"]["container_kwargs"]["auto_remove"] is True  # a run's container goes when it ends
     # Dagster's own schema accepts the file (nothing connects: only the config is checked)
     from dagster._core.instance.config import dagster_instance_config
 

@@ -231,3 +231,67 @@ def screenshot(page, name: str, *, full_page: bool = False) -> Path:
 def goto(page, url: str) -> None:
     """Open a UI page and wait until its network is idle (the UI loads its data by GraphQL)."""
     page.goto(url, wait_until="networkidle")
+
+
+def _textured_fraction(png: bytes) -> float:
+    """The share of a panel's 16 x 16 cells whose pixels vary (std > 8 grey levels): an empty panel is one
+    grey with a few lines on it; a drawn EM image varies almost everywhere it covers."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        grey = np.asarray(im.convert("L"), dtype=np.float32)
+    cells = [c for band in np.array_split(grey, 16, axis=0) for c in np.array_split(band, 16, axis=1)]
+    return sum(float(c.std()) > 8 for c in cells) / len(cells)
+
+
+def open_in_neuroglancer(browser, ui_url: str, viewer_url: str, asset_path: str, partition: str, name: str):
+    """From the partition's page, click its Neuroglancer link; wait until the viewer has fetched chunks of
+    the image from `em-platform viewer` and its first panel shows them (polled, no fixed sleep)."""
+    page = new_page(browser, viewport=VIEWER_VIEWPORT)
+    goto(page, f"{ui_url}/assets/{asset_path}?view=partitions&partition={partition}")
+    link = page.get_by_role("link", name="open at full resolution in Neuroglancer").first
+    link.wait_for()
+    link.scroll_into_view_if_needed()
+    screenshot(page, f"asset_page_{name}")  # the link in the partition's metadata table
+    href = link.get_attribute("href")
+    assert href.startswith(f"{viewer_url}/v/em/#!"), href
+    chunks: list[str] = []
+    page.context.on(
+        "response", lambda r: chunks.append(r.url) if "/data/" in r.url and "/c/" in r.url and r.ok else None
+    )
+    with (
+        page.context.expect_page() if link.get_attribute("target") == "_blank" else _same_page(page) as opened
+    ):
+        link.click()
+    viewer_page = opened.value
+    viewer_page.wait_for_load_state()
+    panel = viewer_page.locator(".neuroglancer-rendered-data-panel").first
+    panel.wait_for()
+    viewer_page.mouse.move(0, 0)  # the dimension legend shows only under the pointer
+    textured = 0.0
+    for _ in range(120):
+        textured = _textured_fraction(panel.screenshot())
+        if chunks and textured > 0.3:
+            break
+        viewer_page.wait_for_timeout(500)
+    screenshot(viewer_page, f"neuroglancer_{name}")
+    assert chunks, f"{name}: Neuroglancer fetched no chunk of the image from the viewer"
+    assert textured > 0.3, f"{name}: only {textured:.0%} of the viewer's first panel shows image texture"
+    errors = viewer_page.locator(".neuroglancer-layer-item-error, .neuroglancer-status-error")
+    assert errors.count() == 0, errors.all_inner_texts()
+
+
+class _same_page:
+    """``expect_page``'s shape for a link that opens in the same tab."""
+
+    def __init__(self, page):
+        self.value = page
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
