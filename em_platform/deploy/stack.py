@@ -146,10 +146,9 @@ class Stack:
 
     def uses_standins(self) -> bool:
         """The official server images are not here and their stand-ins are (``make images`` decided)."""
-        have = lambda tag: image_exists(self.tool, tag)  # noqa: E731
-        official = [s.official for s in STANDINS]
-        standins = [s.image for s in STANDINS if s.build]
-        return not all(map(have, official)) and all(map(have, standins))
+        official = all(image_exists(self.tool, s.official) for s in STANDINS)
+        standins = all(image_exists(self.tool, s.image) for s in STANDINS if s.build)
+        return not official and standins
 
     def compose_files(self) -> list[Path]:
         """``COMPOSE_FILE`` of the env file (compose's own setting: files separated by ':', relative to

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import warnings
 
 import pytest
 
@@ -43,8 +44,8 @@ def _finish(result: FaultResult) -> None:
 
 
 def test_a_run_container_killed_mid_ingest_is_retried_and_completes(stack, dagster_api):
-    name = _name("run")
-    dropped = {name: drop_into_inbox(stack, name, seed=23, shape=(32, 512, 512))}
+    name = _name("run")  # big enough to be mid-run when the container goes
+    dropped = {name: drop_into_inbox(stack, name, seed=23, shape=(24, 1024, 1024))}
     run = _running_run(dagster_api, name)
     cid = run["tags"]["docker/container_id"]
     killed_at = time.monotonic()
@@ -88,10 +89,14 @@ def test_a_dask_worker_container_killed_with_tasks_in_flight_comes_back_and_the_
     stack, dagster_api
 ):
     from distributed import Client
+    from distributed.versions import VersionMismatchWarning
 
     name = _name("worker")
     killed: dict = {}
-    with Client(stack.scheduler, timeout="30s") as client:
+    with warnings.catch_warnings():  # the host's Python and packages are not the image's (3.12 / 3.11)
+        warnings.simplefilter("ignore", VersionMismatchWarning)
+        client = Client(stack.scheduler, timeout="30s")
+    with client:
         dropped = {name: drop_into_inbox(stack, name, seed=26, shape=(24, 1024, 1024))}
 
         def in_flight():
