@@ -248,7 +248,7 @@ class Stack:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        (self.state / "podman-api.pid").write_text(str(proc.pid))
+        self.api_pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + 30
         while not self.api_answers():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -257,14 +257,20 @@ class Stack:
                 )
             time.sleep(0.2)
 
+    @property
+    def api_pid_file(self) -> Path:
+        """Beside the socket: the API serves every stack on the host, whichever started it."""
+        return Path(f"{self.socket_path}.em-platform.pid")
+
     def stop_api(self) -> bool:
-        """Stop the API service ``ensure_api`` started (one started by someone else is theirs to stop)."""
-        pid_file = self.state / "podman-api.pid"
+        """Stop the API service a ``make compose-up`` started (one started by someone else is theirs to stop)."""
+        pid_file = self.api_pid_file
         if not pid_file.exists():
             return False
         pid = int(pid_file.read_text())
         with contextlib.suppress(OSError):
-            if b"system\x00service" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"system\x00service" in cmdline and self.socket_path.encode() in cmdline:
                 os.killpg(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 10
                 while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
@@ -419,8 +425,12 @@ class Stack:
 
     def other_stacks_running(self) -> list[str]:
         """Compose projects other than this one with a running container on this host."""
-        done = self.engine_cmd("ps", "--format", "json", "--filter", "label=com.docker.compose.project", check=True)
-        projects = {(c.get("Labels") or {}).get("com.docker.compose.project") for c in _json_rows(done.stdout)}
+        done = self.engine_cmd(
+            "ps", "--format", "json", "--filter", "label=com.docker.compose.project", check=True
+        )
+        projects = {
+            (c.get("Labels") or {}).get("com.docker.compose.project") for c in _json_rows(done.stdout)
+        }
         return sorted(p for p in projects if p and p != self.project)
 
     # -- status --------------------------------------------------------------------------------------
@@ -533,7 +543,10 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
         "--env-file", type=Path, default=DEFAULT_ENV_FILE, help="compose settings (default docker/.env)"
     )
     parser.add_argument(
-        "--state", type=Path, default=REPO / "var" / "compose", help="logs and PIDs (default var/compose)"
+        "--state",
+        type=Path,
+        default=REPO / "var" / "compose",
+        help="where the podman API service logs (default var/compose)",
     )
     if command == "compose-down":
         parser.add_argument(

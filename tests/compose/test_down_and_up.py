@@ -33,7 +33,7 @@ def _objects(stack) -> dict[str, int]:
 
 
 def _api_service(stack) -> int | None:
-    pid_file = stack.stack.state / "podman-api.pid"
+    pid_file = stack.stack.api_pid_file
     if not pid_file.exists():
         return None
     pid = int(pid_file.read_text())
