@@ -5,6 +5,7 @@ UI shows of them in Chromium, and the fused montage opened in the viewer."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -38,13 +39,20 @@ class RunContainers:
     """The run containers the engine lists while work goes on (`podman ps`, label dagster/run_id), polled."""
 
     def __init__(self, stack):
-        self.stack, self.seen, self._stop = stack, {}, threading.Event()
+        self.stack, self.seen, self.mounts, self._stop = stack, {}, {}, threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self):
         while not self._stop.is_set():
             for c in self.stack.stack.run_containers():
-                self.seen.setdefault((c.get("Labels") or {}).get("dagster/run_id"), c.get("Id"))
+                run_id = (c.get("Labels") or {}).get("dagster/run_id")
+                if run_id not in self.seen:
+                    self.seen[run_id] = c.get("Id")
+                    info = self.stack.stack.engine_cmd("inspect", c.get("Id"))  # gone already: nothing seen
+                    if info.returncode == 0:
+                        self.mounts[run_id] = sorted(
+                            m["Destination"] for m in json.loads(info.stdout)[0]["Mounts"]
+                        )
             self._stop.wait(0.5)
 
     def __enter__(self):
@@ -61,6 +69,11 @@ def _assert_ran_in_its_own_container(stack, api, run: dict, watched: RunContaine
     cid = run["tags"].get(CONTAINER_TAG)
     assert cid, f"run {run['runId']} has no {CONTAINER_TAG} tag: not launched by the Docker run launcher"
     assert watched.seen.get(run["runId"], "").startswith(cid[:12]), (run["runId"], watched.seen)
+    # the data and compute-log volumes and nothing else of the host (no engine socket)
+    assert watched.mounts.get(run["runId"]) == [
+        "/data",
+        "/opt/dagster/compute_logs",
+    ], watched.mounts
     events = [e.get("message") or "" for e in api.run_events(run["runId"])]
     assert any(f"Launching run in a new container {cid}" in m for m in events)
     # removed when it ended (auto_remove): the engine no longer knows it
