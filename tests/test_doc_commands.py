@@ -248,6 +248,7 @@ def _run_until_sigterm(terminal: Terminal, command: str) -> None:
         # measured: 2.4 s on a quiet machine; under the 20 s grace after which the runner SIGKILLs (a code
         # server that ignored SIGTERM, as it did when started from a background job, took exactly that)
         bound = 15
+        web = terminal.env.get("EM_WEB_PORT", "3000")
 
     def ignore_sigint() -> None:  # what a non-interactive shell does to a background job
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -269,7 +270,20 @@ def _run_until_sigterm(terminal: Terminal, command: str) -> None:
             assert time.monotonic() < deadline, f"`{command}` not up after 300 s:\n{log.read_text()[-3000:]}"
             time.sleep(1)  # poll interval while it starts
         started = time.monotonic()
-        os.killpg(proc.pid, signal.SIGTERM)  # `kill %1`: the job's process group
+        if "deploy-local" in command:  # as the docs say: `make deploy-down` from another shell
+            stopped = subprocess.run(  # a new shell in the same folder, the user's environment
+                ["bash", "-c", "make deploy-down"],
+                cwd=terminal.cwd.read_text().strip(),
+                env=terminal.env,
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+            )
+            assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+            proc.wait(timeout=bound)  # the runner itself is gone: nothing is left to restart a service
+            assert not _answers(web), "the UI still answers after make deploy-down"
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)  # `kill %1`: the job's process group
         while not down(log.read_text()):
             assert time.monotonic() - started < bound, (
                 f"`{command}` still up {bound} s after SIGTERM:\n{log.read_text()[-3000:]}"

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  catalog           {topology.catalog_url}")
     print(f"  inbox             {topology.platform_env['EM_INBOX']}")
     print(
+        f"  scope share(s)    {topology.platform_env['EM_SCOPE_SHARES']} (EM_SCOPE_SHARES: scope-sim --out, the "
+        "scopes' tile folders)"
+    )
+    print(
         f"  STOMP broker      {topology.platform_env['EM_BROKER']} (topics {topology.settings['EM_BROKER_TOPIC_PREFIX']})"
     )
     print("Ctrl-C stops every service.", flush=True)

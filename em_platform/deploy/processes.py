@@ -608,7 +608,10 @@ class ProcessTopology:
         if not self._started or not self.state.exists():
             return
         pids = self.pids()
-        (self.state / "pids.json").write_text(json.dumps({"runner": [os.getpid()], **pids} if pids else {}))
+        recorded = {"runner": [os.getpid()], **pids} if pids else {}
+        # what identifies each process beyond its PID (which the system reuses): its start time
+        started = {str(pid): process_start(pid) for group in recorded.values() for pid in group}
+        (self.state / "pids.json").write_text(json.dumps({**recorded, STARTED: started} if recorded else {}))
         where = {
             name: {
                 "address": self.addresses.addr(name) if name in self.addresses.ports else None,
@@ -658,27 +661,41 @@ def stable_ports(env: Mapping[str, str] = os.environ, *, check_free: bool = True
     return out
 
 
+STARTED = "started"  # pids.json: PID -> the process's start time (/proc/PID/stat field 22)
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot: with the PID, what names one process (a PID
+    the system gave to another process since has another start time). None when there is no such process."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def stop_from_pid_file(state_dir: Path) -> list[int]:
-    """Stop the processes a runner in another shell recorded (``down``); only PIDs still running our commands."""
+    """Stop the processes a runner in another shell recorded (``down``): each PID only while it is still the
+    process recorded (same start time), whatever command line or interpreter path started it."""
     path = Path(state_dir) / "pids.json"
     if not path.exists():
         return []
     recorded = json.loads(path.read_text())
+    started = recorded.pop(STARTED, {})
+
+    def ours(pid: int) -> bool:
+        return str(pid) in started and process_start(pid) == started[str(pid)]
+
     for pid in recorded.pop("runner", []):  # the runner first: it stops its services itself, and must not
-        with contextlib.suppress(OSError):  # restart them (its group may be the user's shell: the PID only)
-            if sys.prefix in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+        if ours(pid):  # restart them (its group may be the user's shell: the PID only)
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + STOP_GRACE_S + 10
-                while _running(pid) and time.monotonic() < deadline:
-                    time.sleep(0.2)
+            deadline = time.monotonic() + STOP_GRACE_S + 10
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)  # poll interval while it stops its services
     stopped = []
     for pids in recorded.values():
         for pid in pids:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if str(REPO) in cmdline or sys.prefix in cmdline:
+            if ours(pid):  # what the runner did not stop (it was killed, or hung)
                 signal_group(pid, signal.SIGTERM)
                 stopped.append(pid)
     deadline = time.monotonic() + STOP_GRACE_S

@@ -5,6 +5,7 @@ the ports come from settings."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -13,9 +14,12 @@ import sys
 import pytest
 
 from em_platform.deploy.processes import (
+    REPO,
+    STARTED,
     Machine,
     ProcessTopology,
     TopologyError,
+    process_start,
     stable_ports,
     status,
     stop_from_pid_file,
@@ -34,11 +38,16 @@ def test_plan_leaves_a_running_topologys_state_alone(tmp_path):
 
 
 def test_down_stops_the_runner_and_status_tells_live_from_dead(tmp_path):
-    runner = subprocess.Popen([sys.executable, "-c", RUNNER])  # a runner: this venv's Python, stops on SIGTERM
+    # a runner started as the Makefile starts it: `.venv/bin/python -m ...`, a relative interpreter path
+    # (down once looked for the interpreter's absolute prefix in its command line and left it running)
+    python = os.path.relpath(sys.executable, REPO)
+    runner = subprocess.Popen([python, "-c", RUNNER], cwd=REPO)  # stops on SIGTERM
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        (tmp_path / "pids.json").write_text(json.dumps({"runner": [runner.pid], "daemon": [dead.pid]}))
+        started = {str(runner.pid): process_start(runner.pid), str(dead.pid): 1}
+        recorded = {"runner": [runner.pid], "daemon": [dead.pid], STARTED: started}
+        (tmp_path / "pids.json").write_text(json.dumps(recorded))
         (tmp_path / "services.json").write_text(
             json.dumps(
                 {
@@ -47,7 +56,10 @@ def test_down_stops_the_runner_and_status_tells_live_from_dead(tmp_path):
                 }
             )
         )
-        assert [(name, alive) for name, _, _, alive in status(tmp_path)] == [("webserver", True), ("daemon", False)]
+        assert [(name, alive) for name, _, _, alive in status(tmp_path)] == [
+            ("webserver", True),
+            ("daemon", False),
+        ]
         stop_from_pid_file(tmp_path)
         assert runner.wait(timeout=10) in (0, -signal.SIGTERM)  # it got SIGTERM and ended
         assert not (tmp_path / "pids.json").exists() and status(tmp_path) == []
@@ -56,9 +68,28 @@ def test_down_stops_the_runner_and_status_tells_live_from_dead(tmp_path):
             runner.kill()
 
 
+def test_down_leaves_a_process_that_took_a_recorded_pid_alone(tmp_path):
+    """The system reuses PIDs: a recorded PID whose process started at another time is not the runner's."""
+    other = subprocess.Popen([sys.executable, "-c", RUNNER])
+    try:
+        recorded = {"runner": [other.pid], STARTED: {str(other.pid): process_start(other.pid) - 1}}
+        (tmp_path / "pids.json").write_text(json.dumps(recorded))
+        stop_from_pid_file(tmp_path)
+        assert other.poll() is None  # not signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_machine_servers_come_from_settings():
     m = Machine.from_env({"PGHOST": "db.lan", "PGPORT": "5433", "PGUSER": "em", "EM_BROKER": "mq.lan:61614"})
-    assert (m.pg_host, m.pg_port, m.pg_user, m.stomp_host, m.stomp_port) == ("db.lan", 5433, "em", "mq.lan", 61614)
+    assert (m.pg_host, m.pg_port, m.pg_user, m.stomp_host, m.stomp_port) == (
+        "db.lan",
+        5433,
+        "em",
+        "mq.lan",
+        61614,
+    )
     assert Machine.from_env({}) == Machine()
     with pytest.raises(TopologyError, match="EM_BROKER"):
         Machine.from_env({"EM_BROKER": "no-port"})
@@ -87,7 +118,9 @@ def test_a_service_gets_sigint_back_when_the_runner_runs_as_a_background_job():
     code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the shell starts a background job
     try:
-        as_inherited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        as_inherited = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
         as_a_service = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
