@@ -135,7 +135,7 @@ IMAGE_ENV = {
 HEALTHY, STARTED, COMPLETED = "service_healthy", "service_started", "service_completed_successfully"
 
 # The secrets every store and the broker are created with; docker/.env.example holds placeholders for them.
-SECRETS = ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "EM_BROKER_PASSWORD")
+SECRETS = ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "EM_BROKER_PASSWORD", "EM_SCOPE_BROKER_PASSWORD")
 _PLACEHOLDER_CHECK = (
     "for name in " + " ".join(SECRETS) + '; do eval v=\\"\\$$$$name\\"; '
     'case "$$v" in ""|change-me*|changeme*|password|secret|admin) '
@@ -172,6 +172,24 @@ SERVICES: tuple[Service, ...] = (
         note="Dagster's run/event/schedule storage and, in a database of its own, the catalog + journal",
     ),
     Service(
+        "broker-init",
+        image=EM_IMAGE,
+        command=("python", "-m", "em_platform.deploy.broker_users", "/definitions/definitions.json"),
+        env={
+            "EM_BROKER_USERNAME": "${EM_BROKER_USERNAME:-em}",
+            "EM_BROKER_PASSWORD": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
+            "EM_SCOPE_BROKER_USERNAME": "${EM_SCOPE_BROKER_USERNAME:-scope}",
+            "EM_SCOPE_BROKER_PASSWORD": "${EM_SCOPE_BROKER_PASSWORD:?set EM_SCOPE_BROKER_PASSWORD in docker/.env}",
+            "EM_BROKER_TOPIC_PREFIX": "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
+        },
+        volumes=("broker-definitions:/definitions",),
+        depends_on={"secrets-check": COMPLETED},
+        restart="no",
+        runs_as="equivalent",
+        note="the broker's users (RabbitMQ definitions): the platform's, and the microscope's, which may "
+        "publish only its own topics and read only the platform's answers",
+    ),
+    Service(
         "rabbitmq",
         image="rabbitmq:3.13",
         command=(),
@@ -184,8 +202,10 @@ SERVICES: tuple[Service, ...] = (
         volumes=(
             "rabbitmq-data:/var/lib/rabbitmq",
             "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro",
+            "./rabbitmq/20-definitions.conf:/etc/rabbitmq/conf.d/20-definitions.conf:ro",
+            "broker-definitions:/etc/rabbitmq/definitions:ro",
         ),
-        depends_on={"secrets-check": COMPLETED},
+        depends_on={"broker-init": COMPLETED},
         # RabbitMQ keeps its data under its node name, rabbit@HOSTNAME: a recreated container must keep it
         hostname="rabbitmq",
         runs_as="equivalent",

@@ -86,3 +86,57 @@ def test_only_the_daemon_holds_the_engine_socket(stack):
     check = "import docker; print(docker.from_env().version()['ApiVersion'])"
     done = stack.stack.engine_cmd("exec", stack.container("daemon"), "python", "-c", check)
     assert done.returncode == 0 and re.match(r"^\d+\.\d+", done.stdout.strip()), done.stdout + done.stderr
+
+
+def _stomp(stack, user: str, password: str):
+    """A STOMP connection to the published broker port, with the ERROR frames and receipts it gets."""
+    import stomp
+
+    conn, heard = (
+        stomp.Connection([("127.0.0.1", int(stack.settings["EM_BROKER_PORT"]))]),
+        {"error": [], "ok": []},
+    )
+
+    class Frames(stomp.ConnectionListener):
+        def on_error(self, frame):
+            heard["error"].append(frame.headers.get("message"))
+
+        def on_receipt(self, frame):
+            heard["ok"].append(frame.headers["receipt-id"])
+
+    conn.set_listener("frames", Frames())
+    conn.connect(user, password, wait=True)
+    return conn, heard
+
+
+def test_the_microscope_user_may_publish_only_its_topics_and_read_only_the_platforms_answers(stack):
+    """RabbitMQ's own permissions (broker-init's definitions): the scope's user cannot forge a verdict or read
+    another scope's tiles; it can subscribe to the verdicts; nobody logs in as RabbitMQ's default guest."""
+    import stomp
+
+    from tests.deploy.dagster_api import wait_until
+
+    s = stack.settings
+    scope = (s["EM_SCOPE_BROKER_USERNAME"], s["EM_SCOPE_BROKER_PASSWORD"])
+    attempts = {
+        "forge a qc.status verdict": lambda c: c.send("/topic/qc.status", '{"status": "GOOD"}', receipt="r"),
+        "read tile.raw": lambda c: c.subscribe("/topic/tile.raw", id="1", headers={"receipt": "r"}),
+        "read qc.tile": lambda c: c.subscribe("/topic/qc.tile", id="1", headers={"receipt": "r"}),
+    }
+    outcome = {}
+    for what, attempt in attempts.items():
+        conn, heard = _stomp(stack, *scope)
+        try:
+            attempt(conn)
+            wait_until(lambda h=heard: h["error"] or h["ok"], 30, f"the broker's answer to: {what}")
+            outcome[what] = "refused" if heard["error"] == ["access_refused"] else "allowed"
+        finally:
+            if conn.is_connected():
+                conn.disconnect()
+    assert outcome == {
+        "forge a qc.status verdict": "refused",
+        "read tile.raw": "refused",
+        "read qc.tile": "allowed",
+    }
+    with pytest.raises(stomp.exception.ConnectFailedException):
+        _stomp(stack, "guest", "guest")

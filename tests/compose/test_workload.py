@@ -125,8 +125,8 @@ def _scope_sim(stack, montage_id: str, *args: str) -> subprocess.CompletedProces
     env = {
         **os.environ,
         "EM_SCOPE_SHARES": "/data/scope",
-        "EM_BROKER_USERNAME": s["EM_BROKER_USERNAME"],
-        "EM_BROKER_PASSWORD": s["EM_BROKER_PASSWORD"],
+        "EM_BROKER_USERNAME": s["EM_SCOPE_BROKER_USERNAME"],  # the microscope's own broker user
+        "EM_BROKER_PASSWORD": s["EM_SCOPE_BROKER_PASSWORD"],
         "EM_BROKER_TOPIC_PREFIX": s["EM_BROKER_TOPIC_PREFIX"],
     }
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)

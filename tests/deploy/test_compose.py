@@ -147,7 +147,9 @@ def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_cont
     assert networks == [compose()["networks"]["em-platform"]["name"]]
     named = {v["name"] for v in compose()["volumes"].values() if v and "name" in v}
     assert {v.rsplit(":", 1)[0] for v in volumes} == named
-    assert launcher["config"]["container_kwargs"]["auto_remove"] is True  # a run's container goes when it ends
+    assert (
+        launcher["config"]["container_kwargs"]["auto_remove"] is True
+    )  # a run's container goes when it ends
     # Dagster's own schema accepts the file (nothing connects: only the config is checked)
     from dagster._core.instance.config import dagster_instance_config
 
@@ -260,11 +262,17 @@ def test_templates_follow_compose_interpolation():
                 "POSTGRES_PASSWORD": "change-me",
                 "AWS_SECRET_ACCESS_KEY": "change-me-too",
                 "EM_BROKER_PASSWORD": "x",
+                "EM_SCOPE_BROKER_PASSWORD": "Sc-2mQ4",
             },
             True,
         ),
         (
-            {"POSTGRES_PASSWORD": "Pg-7fQ2", "AWS_SECRET_ACCESS_KEY": "", "EM_BROKER_PASSWORD": "Mq-9zL1"},
+            {
+                "POSTGRES_PASSWORD": "Pg-7fQ2",
+                "AWS_SECRET_ACCESS_KEY": "",
+                "EM_BROKER_PASSWORD": "Mq-9zL1",
+                "EM_SCOPE_BROKER_PASSWORD": "Sc-2mQ4",
+            },
             True,
         ),
         (
@@ -272,6 +280,7 @@ def test_templates_follow_compose_interpolation():
                 "POSTGRES_PASSWORD": "Pg-7fQ2",
                 "AWS_SECRET_ACCESS_KEY": "S3-4kP8",
                 "EM_BROKER_PASSWORD": "Mq-9zL1",
+                "EM_SCOPE_BROKER_PASSWORD": "Sc-2mQ4",
             },
             False,
         ),
@@ -281,8 +290,18 @@ def test_placeholder_secrets_are_refused_before_the_stores_start(secrets, refuse
     """Issue 22: compose started with docker/.env.example's `change-me` secrets. The secrets-check service
     runs first (the stores and the broker wait for it to complete successfully) and fails on a placeholder."""
     spec = compose()["services"]
+
+    def waits_for_the_check(name: str) -> bool:  # directly, or through a one-shot that does (broker-init)
+        deps = spec[name].get("depends_on", {})
+        if deps.get("secrets-check", {}).get("condition") == "service_completed_successfully":
+            return True
+        return any(
+            c["condition"] == "service_completed_successfully" and waits_for_the_check(d)
+            for d, c in deps.items()
+        )
+
     for store in ("postgresql", "rabbitmq", "minio"):
-        assert spec[store]["depends_on"]["secrets-check"]["condition"] == "service_completed_successfully"
+        assert waits_for_the_check(store), store
     check = spec["secrets-check"]
     script = check["command"][0].replace("$$", "$")  # compose's escape of a literal $
     done = subprocess.run([*check["entrypoint"], script], env=secrets, capture_output=True, text=True)
