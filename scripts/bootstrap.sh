@@ -37,7 +37,7 @@ fi
 # (a fresh .venv 8-13 s sooner on 2 cores). Compiled here because a process under PYTHONDONTWRITEBYTECODE
 # would compile each module it imports again, every time.
 PYTHONWARNINGS="ignore:Editable installation" \
-  "$venv/bin/python" -m pip install -q --no-compile -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$venv/bin/python" -m pip install -q --no-compile -e ".[test,deploy]" 2>&1 | grep -v "^WARNING: Location" || true
 "$venv/bin/python" -m compileall -qq -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 "$venv/bin/python" -c "import em_platform, zarr, dagster; print('em_platform ready: zarr', zarr.__version__, 'dagster', dagster.__version__)"
 # The browser tests of the web UI drive Debian's Chromium (best effort: they skip with the reason without it).

@@ -5,6 +5,8 @@ images                 build the images (from a Debian base made here where no r
 compose-up             docker/compose.yaml up as containers (Docker, or podman with its API service)
 compose-down [--volumes]  remove the stack's containers (runs included); volumes kept unless --volumes
 compose-status         each container of the stack and of its runs, with its health checked now
+ui-user NAME           add a user who may log in to the UI and the viewer, or change its password
+compose-ca             the root certificate of the proxy's CA, for browsers and clients to trust
 up [--state DIR]       start every service on loopback (PostgreSQL/RabbitMQ: the machine's), until Ctrl-C
 down [--state DIR]     stop what an `up` in another shell started (by the PIDs it recorded)
 plan [--state DIR]     print each process's command and environment (what `up` would run); changes nothing
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from em_platform.deploy.compose import COMPOSE_FILE, compose_yaml, write_compose
 
-CONTAINER_COMMANDS = ("compose-up", "compose-down", "compose-status")
+CONTAINER_COMMANDS = ("compose-up", "compose-down", "compose-status", "ui-user", "compose-ca")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,20 +31,12 @@ COMPOSE_FILE = REPO / "docker" / "compose.yaml"
 NETWORK = "em-platform"  # the run launcher puts run containers on this network (named after the stack)...
 DATA_VOLUME_NAME = f"{STACK_NAME}-data"  # ... and mounts these named volumes into them
 COMPUTE_LOGS_VOLUME_NAME = f"{STACK_NAME}-compute-logs"
+DASK_CERTS_VOLUME_NAME = f"{STACK_NAME}-dask-certs"
 
 IMAGES = {
     EM_IMAGE: ("${EM_IMAGE:-em-platform:latest}", "docker/Dockerfile"),
     DAGSTER_IMAGE: ("${EM_DAGSTER_IMAGE:-em-platform-dagster:latest}", "docker/Dockerfile.dagster"),
 }
-# Published on the host, each on loopback unless the operator names an interface: the UI (no login of its
-# own: put it behind an authenticating proxy before binding it wider) and the broker the microscope PC reaches.
-PUBLISHED = {
-    "webserver": "${EM_WEB_BIND:-127.0.0.1}:${EM_WEB_PORT:-3000}",
-    "rabbitmq": "${EM_BROKER_BIND:-127.0.0.1}:${EM_BROKER_PORT:-61613}",
-    # the image viewer: read only, images only; browsers open EM_VIEWER_URL (set it when this changes)
-    "viewer": "${EM_VIEWER_BIND:-127.0.0.1}:${EM_VIEWER_PORT:-3030}",
-}
-
 HEADER = """\
 # GENERATED from em_platform/deploy/services.py by `python -m em_platform.deploy compose`; do not edit.
 # The production deployment: `cp docker/.env.example docker/.env`, set the secrets, then
@@ -61,6 +53,7 @@ def compose_addresses() -> Addresses:
         hosts={n: n for n in names},
         ports={s.name: s.port for s in SERVICES if s.port is not None},
         data="/data",
+        web="https",
     )
 
 
@@ -106,8 +99,8 @@ def compose_service(svc: Service, where: Addresses) -> dict[str, Any]:
         out["working_dir"] = svc.working_dir
     if svc.hostname:
         out["hostname"] = svc.hostname
-    if svc.name in PUBLISHED:
-        out["ports"] = [f"{PUBLISHED[svc.name]}:{svc.port}"]
+    if svc.ports:
+        out["ports"] = list(svc.ports)
     if svc.volumes:
         out["volumes"] = list(svc.volumes)
     if svc.replicas:
@@ -123,7 +116,11 @@ def compose_service(svc: Service, where: Addresses) -> dict[str, Any]:
 
 def render_compose() -> dict[str, Any]:
     where = compose_addresses()
-    named = {"em-data": DATA_VOLUME_NAME, "dagster-compute-logs": COMPUTE_LOGS_VOLUME_NAME}
+    named = {
+        "em-data": DATA_VOLUME_NAME,
+        "dagster-compute-logs": COMPUTE_LOGS_VOLUME_NAME,
+        "dask-certs": DASK_CERTS_VOLUME_NAME,
+    }
     volumes: dict[str, Any] = {}
     for svc in SERVICES:
         for vol in svc.volumes:

@@ -64,7 +64,14 @@ class FacilityInstance(DagsterInstance):
 
 def stack_mounts(stack: str) -> tuple[list[str], list[str]]:
     """(networks, volumes) of a run container in stack ``stack`` (docker/compose.yaml's names)."""
-    return [stack], [f"{stack}-data:/data", f"{stack}-compute-logs:/opt/dagster/compute_logs"]
+    return (
+        [stack],
+        [
+            f"{stack}-data:/data",
+            f"{stack}-compute-logs:/opt/dagster/compute_logs",
+            f"{stack}-dask-certs:/opt/dask-certs:ro",  # the cluster's TLS certificate (em_platform.deploy.dask_tls)
+        ],
+    )
 
 
 class SelfCancellingDockerRunLauncher(DockerRunLauncher):

@@ -10,6 +10,8 @@ Commands and environment values are templates, filled in per topology:
     where service NAME answers (``NAME:PORT`` on the compose network; ``127.0.0.1:P`` as processes);
 ``{data}``
     the shared data folder (the ``/data`` volume; a folder as processes);
+``{web}``
+    how browsers reach the UI and the viewer: ``https`` through compose's proxy, ``http`` on loopback;
 ``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}``
     an operator's setting: compose interpolates it from ``docker/.env``; the runner from its settings.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from em_platform.deploy.dask_tls import CERTS, TLS_ENV
 from em_platform.quiet_dask import QUIET_DASK_ENV
 
 EM_IMAGE = "em-platform"  # the user-code image: code server, launched runs, Dask, listener
@@ -56,7 +59,8 @@ class Service:
     command: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     port: int | None = None  # container port; the process runner picks a free one instead
-    publish: bool = False  # published on the host (the web UI)
+    # published on the host (compose only), each on loopback unless the operator names an interface
+    ports: tuple[str, ...] = ()
     replicas: str = ""  # "${DASK_WORKERS:-2}": compose deploy.replicas; the runner starts that many
     depends_on: Mapping[str, str] = field(default_factory=dict)  # name -> compose condition
     probe: Probe | None = None
@@ -72,29 +76,45 @@ class Service:
     note: str = ""
 
 
-def _pg_env() -> dict[str, str]:
-    """Dagster's instance storage (docker/dagster.yaml reads these)."""
-    return {
+def _pg_env(password: bool = False) -> dict[str, str]:
+    """Dagster's instance storage (docker/dagster.yaml reads these); its password only with ``password``."""
+    env = {
         "DAGSTER_POSTGRES_HOST": "{host:postgresql}",
         "DAGSTER_POSTGRES_PORT": "{port:postgresql}",
         "DAGSTER_POSTGRES_USER": "${POSTGRES_USER:-dagster}",
-        "DAGSTER_POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
         "DAGSTER_POSTGRES_DB": "${DAGSTER_DB:-dagster}",
     }
+    if password:
+        env["DAGSTER_POSTGRES_PASSWORD"] = "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}"
+    return env
 
 
-def platform_env() -> dict[str, str]:
-    """What em_platform reads (settings.py), for the code server, launched runs, Dask and the listener."""
-    return {
+# The secrets of the platform's settings, by what each unlocks. A service gets only the groups it uses
+# (SERVICES below); the daemon gets them all, since each run's container gets its environment from it.
+SECRET_GROUPS: dict[str, dict[str, str]] = {
+    "catalog": {  # the catalog and acquisition journal; libpq reads the password from PGPASSWORD
+        "PGPASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
+    },
+    "dagster": {  # Dagster's run, event and schedule storage (docker/dagster.yaml reads these)
+        "DAGSTER_POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
+    },
+    "s3": {  # the storage root
+        "AWS_ACCESS_KEY_ID": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
+        "AWS_SECRET_ACCESS_KEY": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
+    },
+    "broker": {"EM_BROKER_PASSWORD": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}"},
+    "neuprint": {"NEUPRINT_TOKEN": "${NEUPRINT_TOKEN:-}"},  # FlyEM ingests' metadata
+}
+
+
+def platform_env(secrets: tuple[str, ...] = tuple(SECRET_GROUPS)) -> dict[str, str]:
+    """What em_platform reads (settings.py), with the secret groups ``secrets`` (default: all of them)."""
+    env = {
         "EM_DEPLOYMENT": "docker",
         "EM_DATA_ROOT": "s3://${EM_S3_BUCKET:-em-data}/em",
         "EM_S3_ENDPOINT_URL": "${EM_S3_ENDPOINT_URL:-http://{addr:minio}}",
-        "AWS_ACCESS_KEY_ID": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
-        "AWS_SECRET_ACCESS_KEY": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
         "AWS_DEFAULT_REGION": "${AWS_DEFAULT_REGION:-us-east-1}",
-        # the catalog and acquisition journal; libpq reads the password from PGPASSWORD (never in the URL)
         "EM_CATALOG_URL": "postgresql+psycopg2://${POSTGRES_USER:-dagster}@{addr:postgresql}/${EM_CATALOG_DB:-em_catalog}",
-        "PGPASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
         "EM_INBOX": "{data}/inbox",
         "EM_BUFFER": "{data}/buffer",
         "EM_DOWNLOADS": "{data}/downloads",
@@ -106,14 +126,20 @@ def platform_env() -> dict[str, str]:
         "EM_BROKER": "{addr:rabbitmq}",
         "EM_BROKER_TOPIC_PREFIX": "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
         "EM_BROKER_USERNAME": "${EM_BROKER_USERNAME:-em}",
-        "EM_BROKER_PASSWORD": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
         "EM_SCOPE_PIXEL_SIZE_NM": "${EM_SCOPE_PIXEL_SIZE_NM:-}",
-        "NEUPRINT_TOKEN": "${NEUPRINT_TOKEN:-}",
-        # where users' browsers reach the viewer (its published port): every image's Neuroglancer link
-        "EM_VIEWER_URL": "${EM_VIEWER_URL:-http://127.0.0.1:{port:viewer}}",
-        "DASK_SCHEDULER_ADDRESS": "tcp://{addr:dask-scheduler}",
+        # where users' browsers reach the viewer (its published port; in compose the proxy's, over TLS):
+        # every image's Neuroglancer link
+        "EM_VIEWER_URL": "${EM_VIEWER_URL:-{web}://127.0.0.1:{port:viewer}}",
+        # no scheme: Dask's default one, tcp on loopback, tls in compose (em_platform.deploy.dask_tls)
+        "DASK_SCHEDULER_ADDRESS": "{addr:dask-scheduler}",
         **_pg_env(),
     }
+    unknown = set(secrets) - set(SECRET_GROUPS)
+    if unknown:
+        raise KeyError(f"no secret group {sorted(unknown)} (groups: {', '.join(SECRET_GROUPS)})")
+    for group in secrets:
+        env.update(SECRET_GROUPS[group])
+    return env
 
 
 def _workspace_env() -> dict[str, str]:
@@ -122,6 +148,7 @@ def _workspace_env() -> dict[str, str]:
 
 
 DATA_VOLUME = "em-data:/data"
+DASK_CERTS_VOLUME = f"dask-certs:{CERTS}:ro"
 # Compose's project name names the stack's network and its shared volumes (NAME, NAME-data,
 # NAME-compute-logs), so that two stacks on one host do not meet; the daemon passes it to the run launcher.
 STACK_NAME = "${COMPOSE_PROJECT_NAME:-em-platform}"
@@ -198,6 +225,9 @@ SERVICES: tuple[Service, ...] = (
             "RABBITMQ_DEFAULT_PASS": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
         },
         port=61613,
+        ports=(
+            "${EM_BROKER_BIND:-127.0.0.1}:${EM_BROKER_PORT:-61613}:61613",
+        ),  # the microscope PC reaches it
         probe=Probe("command", test=("CMD", "rabbitmq-diagnostics", "-q", "check_port_listener", "61613")),
         volumes=(
             "rabbitmq-data:/var/lib/rabbitmq",
@@ -245,6 +275,15 @@ SERVICES: tuple[Service, ...] = (
         note="creates the bucket once",
     ),
     Service(
+        "dask-certs",
+        image=EM_IMAGE,
+        command=("python", "-m", "em_platform.deploy.dask_tls", CERTS),
+        volumes=(f"dask-certs:{CERTS}",),
+        restart="no",
+        runs_as="equivalent",
+        note="Dask's TLS certificates, made at the first start (on loopback, `make deploy-local` needs none)",
+    ),
+    Service(
         "dask-scheduler",
         image=EM_IMAGE,
         # --no-dashboard still serves the HTTP routes (health, metrics) on *:8787 unless told where
@@ -260,8 +299,11 @@ SERVICES: tuple[Service, ...] = (
             "{bind}:0",
         ),
         env=QUIET_DASK_ENV,
+        compose_only_env=TLS_ENV,  # it runs what clients send: TLS with the cluster's certificate only
         port=8786,
         probe=Probe("tcp"),
+        volumes=(DASK_CERTS_VOLUME,),
+        depends_on={"dask-certs": COMPLETED},
         note="the pixel work's scheduler (DASK_SCHEDULER_ADDRESS)",
     ),
     Service(
@@ -270,7 +312,7 @@ SERVICES: tuple[Service, ...] = (
         command=(
             "dask",
             "worker",
-            "tcp://{addr:dask-scheduler}",
+            "{addr:dask-scheduler}",
             "--nthreads",
             "${DASK_WORKER_THREADS:-2}",
             "--memory-limit",
@@ -281,10 +323,11 @@ SERVICES: tuple[Service, ...] = (
             "--preload",
             "em_platform.deploy.batch_niceness",  # batch work at nice 10: live tiles get the cores first
         ),
-        env={**platform_env(), **QUIET_DASK_ENV},
+        env={**platform_env(("s3",)), **QUIET_DASK_ENV},  # its tasks read and write the storage root
+        compose_only_env=TLS_ENV,
         replicas="${DASK_WORKERS:-2}",
         depends_on={"dask-scheduler": HEALTHY},
-        volumes=(DATA_VOLUME,),
+        volumes=(DATA_VOLUME, DASK_CERTS_VOLUME),
         note="scale with DASK_WORKERS; they read the inbox/tiles and write the buffer and S3",
     ),
     Service(
@@ -303,7 +346,7 @@ SERVICES: tuple[Service, ...] = (
             "--location-name",
             LOCATION_NAME,
         ),
-        env=platform_env(),
+        env=platform_env(("catalog", "dagster")),  # sensors read the catalog and journal
         compose_only_env={"DAGSTER_CURRENT_IMAGE": "${EM_IMAGE:-em-platform:latest}"},
         port=4000,
         depends_on={"postgresql": HEALTHY, "minio-init": COMPLETED, "dask-scheduler": HEALTHY},
@@ -315,9 +358,8 @@ SERVICES: tuple[Service, ...] = (
         "webserver",
         image=DAGSTER_IMAGE,
         command=("dagster-webserver", "-h", "{bind}", "-p", "{port}", "-w", "workspace.yaml"),
-        env={**_pg_env(), **_workspace_env()},
+        env={**_pg_env(password=True), **_workspace_env()},
         port=3000,
-        publish=True,
         depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
         probe=Probe("http", path="/server_info"),
         volumes=("dagster-compute-logs:/opt/dagster/compute_logs",),
@@ -331,7 +373,7 @@ SERVICES: tuple[Service, ...] = (
         # the run launcher copies these names from the daemon's environment into each run container
         env={**platform_env(), **_workspace_env()},
         # the run launcher puts run containers on this stack's network with its data and compute-log volumes
-        compose_only_env={STACK_ENV: STACK_NAME},
+        compose_only_env={STACK_ENV: STACK_NAME, **TLS_ENV},  # TLS_ENV: for the runs it launches
         depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
         probe=Probe("daemon", start_period="60s"),
         volumes=(
@@ -356,7 +398,7 @@ SERVICES: tuple[Service, ...] = (
             "--topic-prefix",
             "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
         ),
-        env=platform_env(),
+        env=platform_env(("catalog", "broker")),  # the broker in, the journal out
         depends_on={"postgresql": HEALTHY, "rabbitmq": HEALTHY},
         probe=Probe("log", pattern="subscribed to "),
         note="journals the microscope's tile.raw / montage.* messages (durable subscription)",
@@ -365,7 +407,7 @@ SERVICES: tuple[Service, ...] = (
         "live-qc",
         image=EM_IMAGE,
         command=("em-platform", "live-qc"),
-        env=platform_env(),
+        env=platform_env(("catalog", "broker")),  # the journal in, verdicts out
         depends_on={"postgresql": HEALTHY, "rabbitmq": HEALTHY, "dask-scheduler": HEALTHY},
         probe=Probe("log", pattern="watching the journal"),
         volumes=(DATA_VOLUME,),  # the buffer its processed tiles are staged in, shared with the runs
@@ -376,12 +418,34 @@ SERVICES: tuple[Service, ...] = (
         "viewer",
         image=EM_IMAGE,
         command=("em-platform", "viewer", "--host", "{bind}", "--port", "{port}"),
-        env=platform_env(),
+        # it reads images, nothing else; it answers the names browsers reach it by through the proxy
+        env={**platform_env(("s3",)), "EM_VIEWER_HOSTS": "${EM_PUBLIC_HOST:-127.0.0.1}"},
         port=3030,
-        publish=True,
         depends_on={"minio-init": COMPLETED},
         probe=Probe("http", path="/v/em/"),
         note="Neuroglancer and the data root's OME-Zarr images, read only (every image's link opens here)",
+    ),
+    Service(
+        "proxy",
+        image="caddy:2",
+        command=("caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"),
+        env={"EM_PUBLIC_HOST": "${EM_PUBLIC_HOST:-127.0.0.1}"},  # its certificates' name, and the sites'
+        ports=(
+            "${EM_WEB_BIND:-127.0.0.1}:${EM_WEB_PORT:-3000}:3000",  # the UI, over TLS, after a login
+            "${EM_VIEWER_BIND:-127.0.0.1}:${EM_VIEWER_PORT:-3030}:3030",  # the viewer: EM_VIEWER_URL
+        ),
+        volumes=(
+            "./proxy/Caddyfile:/etc/caddy/Caddyfile:ro",
+            "${EM_UI_USERS:-./proxy/users}:/etc/caddy/users:ro",
+            "proxy-data:/data",  # its CA and certificates
+        ),
+        depends_on={"webserver": HEALTHY, "viewer": HEALTHY},
+        probe=Probe(
+            "command", test=("CMD", "wget", "-q", "-O", "/dev/null", "http://localhost:2019/config/")
+        ),
+        runs_as="equivalent",
+        note="the one door to the UI and the viewer: TLS and a login (Caddy); `make deploy-local` serves "
+        "them on loopback only",
     ),
 )
 

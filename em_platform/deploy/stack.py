@@ -22,6 +22,7 @@ record and object.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import re
@@ -47,7 +48,8 @@ DEFAULT_ENV_FILE = DOCKER / ".env"
 PODMAN_SOCKET = "/run/podman/podman.sock"  # podman's own place for root's API socket
 HEALTH_POLL_S = 2.0
 # the host ports the stack publishes (docker/compose.yaml), by the setting that chooses each
-PUBLISHED_PORTS = {"EM_WEB_PORT": "webserver", "EM_VIEWER_PORT": "viewer", "EM_BROKER_PORT": "rabbitmq"}
+PUBLISHED_PORTS = {"EM_WEB_PORT": "proxy", "EM_VIEWER_PORT": "proxy", "EM_BROKER_PORT": "rabbitmq"}
+ADMIN = "admin"  # the UI user make compose-up makes; its password is EM_UI_ADMIN_PASSWORD in the env file
 ENV_EXAMPLE_DEFAULTS = {"EM_WEB_PORT": "3000", "EM_VIEWER_PORT": "3030", "EM_BROKER_PORT": "61613"}
 
 
@@ -95,7 +97,9 @@ def write_env_file(path: Path, tool: str, overrides: dict[str, str] | None = Non
             settings[key] = str(_free_port_from(port + 10))
             notes.append(f"{key}={settings[key]} ({port} is taken on this host)")
     if "EM_VIEWER_PORT" in settings:
-        settings["EM_VIEWER_URL"] = f"http://127.0.0.1:{settings['EM_VIEWER_PORT']}"
+        settings["EM_VIEWER_URL"] = f"https://127.0.0.1:{settings['EM_VIEWER_PORT']}"
+    settings["EM_UI_ADMIN_PASSWORD"] = secrets.token_urlsafe(18)
+    notes.append(f"the UI's login: {ADMIN} with EM_UI_ADMIN_PASSWORD")
     settings.update(overrides or {})
     lines = []
     for line in ENV_EXAMPLE.read_text().splitlines():
@@ -107,6 +111,49 @@ def write_env_file(path: Path, tool: str, overrides: dict[str, str] | None = Non
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
     return notes
+
+
+def ui_users_file(settings: dict[str, str]) -> Path:
+    """The proxy's users file (EM_UI_USERS, relative to docker/)."""
+    return (DOCKER / (settings.get("EM_UI_USERS") or "./proxy/users")).resolve()
+
+
+def set_ui_user(path: Path, name: str, password: str) -> bool:
+    """Add user ``name`` to the proxy's users file, or change its password; True when it was new. The file
+    holds bcrypt hashes only (what Caddy's basicauth reads)."""
+    import bcrypt
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name):
+        raise StackError(f"UI user name {name!r}: letters, digits and . _ @ - (at most 64)")
+    if len(password) < 12:
+        raise StackError(f"the password of UI user {name!r} must have at least 12 characters")
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(12)).decode()
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.split(maxsplit=1)[:1] != [name]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # rewritten in place, not renamed over: the proxy's container has this very file (its inode) mounted
+    with open(path, "w") as f:
+        f.write("\n".join([*kept, f"{name} {hashed}"]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    path.chmod(0o644)  # the proxy reads it in its container; it holds hashes only
+    return len(kept) == len(lines)
+
+
+def ensure_ui_users(env_file: Path) -> str | None:
+    """The proxy's users file, made with the user admin when there is none (its password the env file's
+    EM_UI_ADMIN_PASSWORD, written there new when absent); returns a note for the operator, or None."""
+    settings = read_env(env_file)
+    path = ui_users_file(settings)
+    if path.exists() and path.read_text().strip():
+        return None
+    password = settings.get("EM_UI_ADMIN_PASSWORD") or ""
+    if not password:
+        password = secrets.token_urlsafe(18)
+        with env_file.open("a") as f:
+            f.write(f"EM_UI_ADMIN_PASSWORD={password}\n")
+    set_ui_user(path, ADMIN, password)
+    return f"wrote {path}: the UI's login is {ADMIN}, its password EM_UI_ADMIN_PASSWORD in {env_file}"
 
 
 def _free_port_from(port: int) -> int:
@@ -333,10 +380,15 @@ class Stack:
 
     def _check_ports(self) -> None:
         """A host port the stack publishes that something else holds is named before anything starts."""
-        for setting, service in PUBLISHED_PORTS.items():
+        own = {  # host ports this stack's containers hold now (compose recreates them as it needs)
+            int(p.get("host_port") or p.get("PublicPort") or 0)
+            for c in self.containers(all_states=False)
+            for p in (c.get("Ports") or [])
+            if isinstance(p, dict)
+        }
+        for setting in PUBLISHED_PORTS:
             port = self.settings.get(setting) or ENV_EXAMPLE_DEFAULTS.get(setting, "")
-            running = any(not _exited(c) for c in self.containers(service))
-            if port.isdigit() and not running and not _port_free(int(port)):
+            if port.isdigit() and int(port) not in own and not _port_free(int(port)):
                 raise StackError(
                     f"{setting}={port}: the port is taken on this host (by another service); "
                     f"set a free one in {self.env_file}"
@@ -449,6 +501,20 @@ class Stack:
             rows.append((name, st["Status"], health))
         return rows
 
+    def reload_proxy(self) -> None:
+        """The proxy reads its users file again (a running proxy; otherwise its next start does)."""
+        for name in self.container_names("proxy"):
+            if self.state_of(name)["Status"] == "running":
+                self.engine_cmd(
+                    "exec", name, "caddy", "reload", "--config", "/etc/caddy/Caddyfile", check=True
+                )
+
+    def proxy_ca(self) -> str:
+        """The root certificate of the proxy's CA (PEM), which browsers and clients are told to trust."""
+        [name] = self.container_names("proxy")
+        done = self.engine_cmd("exec", name, "cat", "/data/caddy/pki/authorities/local/root.crt", check=True)
+        return done.stdout
+
     def data_volume_path(self) -> Path:
         """Where the stack's data volume (the inbox, the scopes' share, the buffer) is on this host."""
         done = self.engine_cmd(
@@ -458,11 +524,12 @@ class Stack:
 
     def banner(self) -> str:
         s = self.settings
-        web = f"http://127.0.0.1:{s.get('EM_WEB_PORT') or 3000}"
+        web = f"https://127.0.0.1:{s.get('EM_WEB_PORT') or 3000}"
         lines = [
             f"em_platform stack `{self.project}` up ({self.tool}; `make compose-status`, `make compose-down`):",
-            f"  Dagster UI        {web}",
-            f"  image viewer      {s.get('EM_VIEWER_URL') or 'http://127.0.0.1:3030'}",
+            f"  Dagster UI        {web} (log in as {ADMIN}: EM_UI_ADMIN_PASSWORD in {self.env_file})",
+            f"  image viewer      {s.get('EM_VIEWER_URL') or 'https://127.0.0.1:3030'}",
+            "  TLS               the proxy's own CA: `python -m em_platform.deploy compose-ca` prints its root",
             f"  STOMP broker      127.0.0.1:{s.get('EM_BROKER_PORT') or 61613} as {s.get('EM_BROKER_USERNAME') or 'em'} "
             f"(topics {s.get('EM_BROKER_TOPIC_PREFIX') or '/topic/'})",
         ]
@@ -489,10 +556,6 @@ def _patience(service: str) -> float:
     if probe is None or probe.kind == "log":
         return 120.0
     return _seconds(probe.start_period) + probe.retries * (_seconds(probe.interval) + _seconds(probe.timeout))
-
-
-def _exited(container: dict) -> bool:
-    return bool(container.get("Exited")) or str(container.get("State", "")).lower() in ("exited", "created")
 
 
 def _set_in_env() -> dict[str, str]:
@@ -552,6 +615,9 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
         parser.add_argument(
             "--volumes", action="store_true", help="also delete the stack's volumes: every record and object"
         )
+    if command == "ui-user":
+        parser.add_argument("name", help="the user's login name")
+        parser.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     args = parser.parse_args(argv)
     try:
         if command == "compose-up" and not args.env_file.exists():
@@ -560,6 +626,8 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
             print(f"wrote {args.env_file}: " + "; ".join(notes))
         stack = Stack(args.env_file, args.state)
         if command == "compose-up":
+            if note := ensure_ui_users(stack.env_file):
+                print(note)
             took = stack.up()
             print(stack.banner())
             print(f"up in {took:.0f} s", flush=True)
@@ -569,6 +637,16 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
                 f"stack `{stack.project}` down: {len(gone)} container(s) removed"
                 + (", volumes deleted" if args.volumes else ", volumes kept")
             )
+        elif command == "ui-user":
+            if args.password_stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            else:
+                password = getpass.getpass(f"password of {args.name} (12 characters at least): ")
+            new = set_ui_user(ui_users_file(stack.settings), args.name, password)
+            stack.reload_proxy()
+            print(f"UI user {args.name} {'added' if new else 'given a new password'}; the proxy has reloaded")
+        elif command == "compose-ca":
+            print(stack.proxy_ca(), end="")
         else:
             rows = stack.status()
             if not rows:

@@ -81,6 +81,13 @@ STANDINS: tuple[StandIn, ...] = (
         {"healthcheck": {"test": Override(["CMD", "node", "-e", _S3_PROBE])}},
     ),
     StandIn(
+        "proxy",
+        "caddy:2",
+        "localhost/em-standin-caddy:2.6",
+        "docker/standin/caddy/Dockerfile",
+        "Caddy 2.6 (Debian): `caddy run --config`, its CA and certificates in /data, wget for the healthcheck",
+    ),
+    StandIn(
         "minio-init",
         "minio/mc:latest",
         "${EM_IMAGE:-em-platform:latest}",

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-_PLACE = re.compile(r"\{(bind|port|data)\}|\{(addr|host|port):([a-z0-9-]+)\}")
+_PLACE = re.compile(r"\{(bind|port|data|web)\}|\{(addr|host|port):([a-z0-9-]+)\}")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -25,6 +25,7 @@ class Addresses:
     hosts: Mapping[str, str]
     ports: Mapping[str, int]
     data: str
+    web: str = "http"  # how browsers reach the UI and the viewer: "https" behind compose's proxy
 
     def addr(self, name: str) -> str:
         return f"{self.hosts[name]}:{self.ports[name]}"
@@ -41,6 +42,8 @@ def place(template: str, where: Addresses, own: str) -> str:
             return str(where.ports[own])
         if own_key == "data":
             return where.data
+        if own_key == "web":
+            return where.web
         if kind == "addr":
             return where.addr(name)
         return where.hosts[name] if kind == "host" else str(where.ports[name])

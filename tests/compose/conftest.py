@@ -60,16 +60,59 @@ class HostView:
     stack: Stack
     settings: dict[str, str]
     data: Path  # the data volume's folder on the host (/data in the containers)
-    webserver: str
+    webserver: str  # through the proxy: TLS and a login
     viewer: str
     catalog_url: str
     platform_env: dict[str, str]
     machine: Machine
     timings: dict[str, float] = field(default_factory=dict)
+    cafile: str = ""  # the proxy's CA root, which the stack's TLS certificates chain to
+
+    @property
+    def login(self) -> tuple[str, str]:
+        """The UI user `make compose-up` made (what an operator logs in with)."""
+        return ("admin", read_env(self.stack.env_file)["EM_UI_ADMIN_PASSWORD"])
+
+    def browser_options(self) -> dict:
+        """Playwright context options for the proxy: its login (the proxy's CA is not the system's)."""
+        user, password = self.login
+        return {"http_credentials": {"username": user, "password": password}, "ignore_https_errors": True}
+
+    def get(self, url: str, auth: tuple[str, str] | None = None, timeout: float = 10):
+        """GET through the proxy, trusting its CA; ``auth`` defaults to the admin login (None: no login)."""
+        import base64
+        import ssl
+        import urllib.request
+
+        headers = {}
+        if auth is not False:
+            user, password = auth or self.login
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        req = urllib.request.Request(url, headers=headers)
+        return urllib.request.urlopen(
+            req, timeout=timeout, context=ssl.create_default_context(cafile=self.cafile)
+        )
 
     @property
     def scheduler(self) -> str:
-        return f"tcp://127.0.0.1:{self.settings['EM_TEST_DASK_PORT']}"
+        return f"tls://127.0.0.1:{self.settings['EM_TEST_DASK_PORT']}"
+
+    def dask_security(self):
+        """The cluster's TLS certificate, from its volume (what the runs mount), as a Dask client's security."""
+        from distributed.security import Security
+
+        from em_platform.deploy.dask_tls import CA, CERT, KEY
+
+        done = self.stack.engine_cmd(
+            "volume", "inspect", "--format", "{{.Mountpoint}}", f"{self.stack.project}-dask-certs", check=True
+        )
+        certs = Path(done.stdout.strip())
+        return Security(
+            require_encryption=True,
+            tls_ca_file=str(certs / CA),
+            tls_client_cert=str(certs / CERT),
+            tls_client_key=str(certs / KEY),
+        )
 
     def make(self, target: str, timeout: float = 1800) -> subprocess.CompletedProcess:
         """`make TARGET` as the docs show it, with this stack's env file (COMPOSE_ENV)."""
@@ -129,7 +172,8 @@ def stack(tmp_path_factory) -> HostView:
         {
             "COMPOSE_PROJECT_NAME": project,
             **ports,
-            "EM_VIEWER_URL": f"http://127.0.0.1:{ports['EM_VIEWER_PORT']}",
+            "EM_VIEWER_URL": f"https://127.0.0.1:{ports['EM_VIEWER_PORT']}",
+            "EM_UI_USERS": str(state / "ui-users"),  # its own logins, not docker/proxy/users
             **TEST_SETTINGS,
         },
     )
@@ -151,7 +195,7 @@ def stack(tmp_path_factory) -> HostView:
             stack=stack,
             settings=settings,
             data=Path("/nonexistent"),
-            webserver=f"http://127.0.0.1:{settings['EM_WEB_PORT']}",
+            webserver=f"https://127.0.0.1:{settings['EM_WEB_PORT']}",
             viewer=settings["EM_VIEWER_URL"],
             catalog_url=(
                 f"postgresql+psycopg2://{settings['POSTGRES_USER']}:{settings['POSTGRES_PASSWORD']}"
@@ -170,6 +214,8 @@ def stack(tmp_path_factory) -> HostView:
         print(up.stdout)
         view.timings.update(images_s=built - began, up_s=time.monotonic() - built)
         view.data = stack.data_volume_path()
+        (state / "proxy-ca.pem").write_text(stack.proxy_ca())
+        view.cafile = str(state / "proxy-ca.pem")
         view.platform_env = {
             "EM_INBOX": str(view.data / "inbox"),
             "EM_DATA_ROOT": f"s3://{settings['EM_S3_BUCKET']}/em",
@@ -187,7 +233,7 @@ def stack(tmp_path_factory) -> HostView:
 
 @pytest.fixture(scope="session")
 def dagster_api(stack) -> DagsterApi:
-    return DagsterApi(stack.webserver)
+    return DagsterApi(stack.webserver, auth=stack.login, cafile=stack.cafile)
 
 
 # The modules share one stack and change it in this order: up, the workload, faults, down and up again.

@@ -5,7 +5,6 @@ of the first on the named volumes."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,7 +54,7 @@ def test_down_leaves_nothing_and_up_again_finds_every_record_run_and_object(stac
     up = stack.make("compose-up")
     assert up.returncode == 0, up.stdout + up.stderr
     print(up.stdout)
-    with urllib.request.urlopen(f"{stack.webserver}/server_info", timeout=10) as resp:
+    with stack.get(f"{stack.webserver}/server_info") as resp:
         assert json.load(resp)["dagster_webserver_version"]
     assert _records(stack) == records
     assert _objects(stack) == objects

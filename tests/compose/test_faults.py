@@ -95,7 +95,7 @@ def test_a_dask_worker_container_killed_with_tasks_in_flight_comes_back_and_the_
     killed: dict = {}
     with warnings.catch_warnings():  # the host's Python and packages are not the image's (3.12 / 3.11)
         warnings.simplefilter("ignore", VersionMismatchWarning)
-        client = Client(stack.scheduler, timeout="30s")
+        client = Client(stack.scheduler, timeout="30s", security=stack.dask_security())
     with client:
         dropped = {name: drop_into_inbox(stack, name, seed=26, shape=(24, 1024, 1024))}
 
@@ -103,7 +103,7 @@ def test_a_dask_worker_container_killed_with_tasks_in_flight_comes_back_and_the_
             return next(((w, k) for w, k in client.processing().items() if k), None)
 
         worker, keys = wait_until(in_flight, 900, "the ingest's tasks in flight on a worker", 0.05)
-        replica = _worker_ips(stack)[worker.removeprefix("tcp://").rsplit(":", 1)[0]]
+        replica = _worker_ips(stack)[worker.split("://", 1)[-1].rsplit(":", 1)[0]]
         killed.update(at=time.monotonic(), in_flight=len(keys), pid=stack.kill("dask-worker", replica))
         stack.wait_back("dask-worker", replica, after_pid=killed["pid"])
         back = time.monotonic()

@@ -1,12 +1,11 @@
 """The images and the stack as `make images` and `make compose-up` leave them: one container per service,
-each healthy, only the UI, the viewer and the broker published, and only on loopback; the Docker API socket
-in the daemon alone."""
+each healthy; only the proxy (the UI and the viewer, over TLS, after a login) and the broker published, and
+only on loopback; the Docker API socket in the daemon alone; the microscope's broker user kept to its topics."""
 
 from __future__ import annotations
 
 import json
 import re
-import urllib.request
 
 import pytest
 
@@ -59,7 +58,7 @@ def test_one_container_per_service_each_running_and_healthy(stack):
 
 
 def test_the_ui_answers_on_loopback_and_only_published_ports_are_reachable(stack):
-    with urllib.request.urlopen(f"{stack.webserver}/server_info", timeout=10) as resp:
+    with stack.get(f"{stack.webserver}/server_info") as resp:
         assert json.load(resp)["dagster_webserver_version"]
     published = {}
     test_only = {"postgresql", "minio", "dask-scheduler"}  # tests/compose/compose.test.yaml, for the tests
@@ -69,7 +68,7 @@ def test_the_ui_answers_on_loopback_and_only_published_ports_are_reachable(stack
             for port, hosts in bindings.items():
                 for host in hosts or []:
                     published.setdefault(svc.name, []).append((host["HostIp"], port))
-    assert set(published) - test_only == {"webserver", "viewer", "rabbitmq"}, published
+    assert set(published) - test_only == {"proxy", "rabbitmq"}, published
     for svc, binds in published.items():
         assert all(ip == "127.0.0.1" for ip, _ in binds), (svc, binds)
 
@@ -140,3 +139,53 @@ def test_the_microscope_user_may_publish_only_its_topics_and_read_only_the_platf
     }
     with pytest.raises(stomp.exception.ConnectFailedException):
         _stomp(stack, "guest", "guest")
+
+
+def test_the_ui_and_the_viewer_answer_only_over_tls_after_a_login(stack):
+    """The proxy is their one door: its certificate chains to its CA for 127.0.0.1 and localhost; no login or a
+    wrong password gets 401 and nothing of the UI; plain HTTP gets no page; a user added with `ui-user` (as the
+    deployment page says) gets in."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    for base, path in ((stack.webserver, "/server_info"), (stack.viewer, "/v/em/")):
+        for auth in (False, ("admin", "not-the-password")):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                stack.get(base + path, auth=auth)
+            assert refused.value.code == 401 and not refused.value.read().strip(), base
+        for host in ("127.0.0.1", "localhost"):
+            with stack.get(base.replace("127.0.0.1", host) + path) as resp:
+                assert resp.status == 200, (base, host)
+        with pytest.raises(urllib.error.HTTPError) as plain:  # plain HTTP to the TLS port: no page
+            urllib.request.urlopen(base.replace("https://", "http://") + path, timeout=10)
+        assert plain.value.code == 400
+    user = ["ui-user", "curator", "--password-stdin", "--env-file", str(stack.stack.env_file)]
+    added = subprocess.run(
+        [sys.executable, "-m", "em_platform.deploy", *user],
+        input="a-curator-password\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert added.returncode == 0, added.stdout + added.stderr
+    with stack.get(f"{stack.webserver}/server_info", auth=("curator", "a-curator-password")) as resp:
+        assert resp.status == 200
+
+
+def test_the_dask_scheduler_speaks_only_tls_with_the_clusters_certificate(stack):
+    """It runs whatever a client sends, on workers holding the S3 keys: a plain-TCP client gets nothing."""
+    import warnings
+
+    from distributed import Client
+    from distributed.versions import VersionMismatchWarning
+
+    with pytest.raises((OSError, TimeoutError)):
+        Client(stack.scheduler.replace("tls://", "tcp://"), timeout="5s")
+    with warnings.catch_warnings():  # the host's Python and packages are not the image's
+        warnings.simplefilter("ignore", VersionMismatchWarning)
+        with Client(stack.scheduler, timeout="30s", security=stack.dask_security()) as client:
+            workers = client.scheduler_info()["workers"]
+    assert len(workers) == int(stack.settings["DASK_WORKERS"])
+    assert all(address.startswith("tls://") for address in workers)

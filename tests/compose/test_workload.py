@@ -69,11 +69,10 @@ def _assert_ran_in_its_own_container(stack, api, run: dict, watched: RunContaine
     cid = run["tags"].get(CONTAINER_TAG)
     assert cid, f"run {run['runId']} has no {CONTAINER_TAG} tag: not launched by the Docker run launcher"
     assert watched.seen.get(run["runId"], "").startswith(cid[:12]), (run["runId"], watched.seen)
-    # the data and compute-log volumes and nothing else of the host (no engine socket)
-    assert watched.mounts.get(run["runId"]) == [
-        "/data",
-        "/opt/dagster/compute_logs",
-    ], watched.mounts
+    # the data and compute-log volumes and the Dask certificate, nothing else of the host (no engine socket)
+    assert watched.mounts.get(run["runId"]) == ["/data", "/opt/dagster/compute_logs", "/opt/dask-certs"], (
+        watched.mounts
+    )
     events = [e.get("message") or "" for e in api.run_events(run["runId"])]
     assert any(f"Launching run in a new container {cid}" in m for m in events)
     # removed when it ended (auto_remove): the engine no longer knows it
@@ -244,7 +243,7 @@ def browser():
 def test_the_ui_shows_each_run_its_container_checks_and_lineage(stack, dagster_api, montage, browser):
     runs = dagster_api.runs()
     assert {r["jobName"] for r in runs} >= {"ingest_local_job", "montage_job", "simulation_job", "cryo_job"}
-    page = new_page(browser)
+    page = new_page(browser, **stack.browser_options())
     goto(page, f"{stack.webserver}/runs")
     for r in runs[:4]:  # each run's row: its id and the container it ran in (its tags)
         page.get_by_text(r["runId"][:8]).first.wait_for()
@@ -261,4 +260,12 @@ def test_the_ui_shows_each_run_its_container_checks_and_lineage(stack, dagster_a
 
 
 def test_the_viewer_opens_the_fused_montage(stack, montage, browser):
-    open_in_neuroglancer(browser, stack.webserver, stack.viewer, "montage_upload", montage, "compose_montage")
+    open_in_neuroglancer(
+        browser,
+        stack.webserver,
+        stack.viewer,
+        "montage_upload",
+        montage,
+        "compose_montage",
+        **stack.browser_options(),
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -26,8 +28,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 
 
 class DagsterApi:
-    def __init__(self, base_url: str):
+    """``auth`` (user, password) and ``cafile``: a UI behind a proxy with TLS and a login (compose's)."""
+
+    def __init__(self, base_url: str, auth: tuple[str, str] | None = None, cafile: str | None = None):
         self.base = base_url.rstrip("/")
+        self.headers = {"Content-Type": "application/json"}
+        if auth:
+            self.headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
 
     def query(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
         """One GraphQL query. A server error is asked again twice, a second apart: the webserver answers
@@ -36,11 +44,11 @@ class DagsterApi:
         req = urllib.request.Request(
             f"{self.base}/graphql",
             data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-            headers={"Content-Type": "application/json"},
+            headers=self.headers,
         )
         for attempt in range(3):
             try:
-                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                with urllib.request.urlopen(req, timeout=timeout, context=self.context) as resp:
                     body = json.load(resp)
                 break
             except urllib.error.HTTPError as exc:

@@ -134,7 +134,9 @@ def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_cont
         "SelfCancellingDockerRunLauncher",
     )
     # the run containers get exactly the platform's environment, which the daemon holds to pass on
-    assert set(launcher["config"]["env_vars"]) == set(platform_env())
+    from em_platform.deploy.dask_tls import TLS_ENV
+
+    assert set(launcher["config"]["env_vars"]) == set(platform_env()) | set(TLS_ENV)
     assert set(platform_env()) <= set(compose()["services"]["daemon"]["environment"])
     # run containers join their stack: the network and named volumes compose names after its project
     from em_platform.deploy.dagster_instance import STACK_ENV, stack_mounts
@@ -146,7 +148,8 @@ def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_cont
     networks, volumes = stack_mounts(STACK_NAME)
     assert networks == [compose()["networks"]["em-platform"]["name"]]
     named = {v["name"] for v in compose()["volumes"].values() if v and "name" in v}
-    assert {v.rsplit(":", 1)[0] for v in volumes} == named
+    mounted = {v[: v.index("}") + 1] + v[v.index("}") + 1 :].split(":")[0] for v in volumes}  # ${...}-name
+    assert mounted == named == {f"{STACK_NAME}-{v}" for v in ("data", "compute-logs", "dask-certs")}
     assert (
         launcher["config"]["container_kwargs"]["auto_remove"] is True
     )  # a run's container goes when it ends
@@ -224,6 +227,9 @@ def test_process_plan_is_the_compose_services_with_loopback_addresses(tmp_path):
                 if value == other.name and not command:  # a host name (`em-platform live-qc` is a command)
                     return where.hosts[other.name]
             value = re.sub(r"^0\.0\.0\.0(?=:|$)", "127.0.0.1", value)
+            value = re.sub(
+                r"^https://127\.0\.0\.1:", "http://127.0.0.1:", value
+            )  # compose's is the proxy's TLS
             return re.sub(r"^/data(?=/|$)", where.data, value)
 
         assert Path(launch.argv[0]).name == spec["command"][0]
@@ -313,3 +319,45 @@ def test_placeholder_secrets_are_refused_before_the_stores_start(secrets, refuse
         and not line.startswith("#")
     )  # fmt: skip
     assert subprocess.run([*check["entrypoint"], script], env=example, capture_output=True).returncode != 0
+
+
+def test_each_container_gets_only_the_secrets_it_uses():
+    """Issue 36: the viewer's container received the S3 secret, both database passwords, the broker password
+    and the neuPrint token though it only reads images. Each service now gets the secret groups it uses; the
+    daemon gets them all, to hand each run's container its environment (docker/dagster.yaml's env_vars)."""
+    from em_platform.deploy.services import SECRET_GROUPS
+
+    secret_names = {name for group in SECRET_GROUPS.values() for name in group}
+    secret_names |= {
+        "MINIO_ROOT_PASSWORD",
+        "RABBITMQ_DEFAULT_PASS",
+        "POSTGRES_PASSWORD",
+        "EM_SCOPE_BROKER_PASSWORD",
+    }
+    held = {
+        name: sorted(secret_names & set(spec.get("environment", {})))
+        for name, spec in compose()["services"].items()
+    }
+    assert held == {
+        "secrets-check": [
+            "AWS_SECRET_ACCESS_KEY",
+            "EM_BROKER_PASSWORD",
+            "EM_SCOPE_BROKER_PASSWORD",
+            "POSTGRES_PASSWORD",
+        ],
+        "postgresql": ["POSTGRES_PASSWORD"],
+        "broker-init": ["EM_BROKER_PASSWORD", "EM_SCOPE_BROKER_PASSWORD"],
+        "rabbitmq": ["RABBITMQ_DEFAULT_PASS"],
+        "minio": ["MINIO_ROOT_PASSWORD"],
+        "minio-init": ["MINIO_ROOT_PASSWORD"],
+        "dask-certs": [],
+        "dask-scheduler": [],
+        "dask-worker": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+        "user-code": ["DAGSTER_POSTGRES_PASSWORD", "PGPASSWORD"],
+        "webserver": ["DAGSTER_POSTGRES_PASSWORD"],
+        "daemon": sorted(secret_names & set(platform_env())),
+        "listener": ["EM_BROKER_PASSWORD", "PGPASSWORD"],
+        "live-qc": ["EM_BROKER_PASSWORD", "PGPASSWORD"],
+        "viewer": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+        "proxy": [],
+    }, held

@@ -211,9 +211,10 @@ def open_browser() -> Iterator:
             browser.close()
 
 
-def new_page(browser, timeout_ms: float = 120_000, viewport: dict | None = None):
-    """A page in a new browser context (fresh storage), with a generous default timeout for a busy machine."""
-    context = browser.new_context(viewport=viewport or VIEWPORT)
+def new_page(browser, timeout_ms: float = 120_000, viewport: dict | None = None, **context_options):
+    """A page in a new browser context (fresh storage), with a generous default timeout for a busy machine;
+    ``context_options`` as Playwright takes them (``http_credentials`` for a site behind a login, ...)."""
+    context = browser.new_context(viewport=viewport or VIEWPORT, **context_options)
     page = context.new_page()
     page.set_default_timeout(timeout_ms)
     return page
@@ -247,10 +248,12 @@ def _textured_fraction(png: bytes) -> float:
     return sum(float(c.std()) > 8 for c in cells) / len(cells)
 
 
-def open_in_neuroglancer(browser, ui_url: str, viewer_url: str, asset_path: str, partition: str, name: str):
+def open_in_neuroglancer(
+    browser, ui_url: str, viewer_url: str, asset_path: str, partition: str, name: str, **context_options
+):
     """From the partition's page, click its Neuroglancer link; wait until the viewer has fetched chunks of
     the image from `em-platform viewer` and its first panel shows them (polled, no fixed sleep)."""
-    page = new_page(browser, viewport=VIEWER_VIEWPORT)
+    page = new_page(browser, viewport=VIEWER_VIEWPORT, **context_options)
     goto(page, f"{ui_url}/assets/{asset_path}?view=partitions&partition={partition}")
     link = page.get_by_role("link", name="open at full resolution in Neuroglancer").first
     link.wait_for()
