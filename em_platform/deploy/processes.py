@@ -211,8 +211,9 @@ class ProcessTopology:
 
     @property
     def platform_env(self) -> dict[str, str]:
-        """What em_platform's own commands (scope-sim, a CLI backfill) need to act in this topology."""
-        return self.env_of(_service("user-code"))
+        """What em_platform's own commands (scope-sim, a CLI backfill) need to act in this topology: every
+        setting and secret the platform reads, as the daemon hands them to each run."""
+        return self.env_of(_service("daemon"))
 
     def plan(self) -> list[Launch]:
         """Every process to run, in start order, with its argv, environment and working folder."""
