@@ -168,7 +168,8 @@ def _settings(settings, export: bool) -> int:
 
 
 def _viewer(args, settings) -> int:
-    """Serve Neuroglancer and the images where EM_VIEWER_URL says browsers find them."""
+    """Serve Neuroglancer and the images where EM_VIEWER_URL says browsers find them, to the host names
+    browsers use for it (loopback, EM_VIEWER_URL's, EM_VIEWER_HOSTS)."""
     from urllib.parse import urlsplit
 
     from em_platform.viewer.server import serve
@@ -176,7 +177,9 @@ def _viewer(args, settings) -> int:
     where = urlsplit(settings.viewer_url)
     host = args.host or where.hostname
     port = args.port if args.port is not None else (where.port or (443 if where.scheme == "https" else 80))
-    return serve(settings.data_root, host, port, settings.storage_options or None)
+    return serve(
+        settings.data_root, host, port, settings.storage_options or None, allowed_hosts=settings.viewer_hosts
+    )
 
 
 def _scope_sim(args, settings) -> int:

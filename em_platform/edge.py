@@ -15,12 +15,16 @@ The rules (README "Trust boundaries" documents them for operators):
 - :func:`inside` joins parts under a root and resolves the result (symlinks followed): it must stay inside
   the resolved root. :func:`join_key` does the same for object-store keys (no ``..``, no absolute part).
 - :func:`under_shares`: a raw tile's path must resolve inside one of the scope's shares (an allow-list).
+- sizes from the microscope (:class:`MontageBounds`): a montage's rows, columns and planned tiles, and the
+  stage positions of its tiles, stay within operator settings (``EM_MONTAGE_MAX_GRID``, ``EM_STAGE_MAX_NM``),
+  since they size what the platform allocates per montage (focus map, missing-tile listing, fused canvas).
 
 Standard library only, so every layer (domain, sensors, CLI) can import it.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import posixpath
 import re
@@ -34,7 +38,10 @@ __all__ = [
     "DATASET_ID",
     "MONTAGE_ID",
     "TILE_ID",
+    "MONTAGE_MAX_GRID",
+    "STAGE_MAX_NM",
     "IdKind",
+    "MontageBounds",
     "Refused",
     "check_file_name",
     "check_relative_key",
@@ -191,6 +198,131 @@ def under_shares(path: Any, shares: Iterable[str | os.PathLike[str]], field: str
     return resolved
 
 
+# -- sizes from the microscope ------------------------------------------------------------------------------
+
+MONTAGE_MAX_GRID = 256
+"""Rows and columns a montage may have, each (``EM_MONTAGE_MAX_GRID``); planned tiles at most its square.
+
+The Allen TEMCA montages are about 70 × 70 tiles: 256 leaves more than 3× that on each side, while the
+per-montage tables a grid sizes (focus map, missing-tile listing) stay at 65,536 cells. Unbounded, one
+``tile.raw`` at row 100000 made the focus map ask for 28 GiB."""
+
+STAGE_MAX_NM = 10_000_000
+"""How far from the stage origin a tile's stage position may lie on either axis, nm (``EM_STAGE_MAX_NM``).
+
+10 mm: a TEM specimen stage travels about ±1 mm around the beam (a 3.05 mm grid), so this leaves room for a
+custom stage, while a stray reading can stretch the fused canvas to at most 20 mm a side (5 M px at 4 nm/px,
+a few times the largest montage: 256 tiles of 8k px) and positions stay inside the journal's 32-bit columns."""
+
+
+def _whole_number(value: Any, field: str) -> int:
+    if isinstance(value, bool):
+        raise Refused(field, value, "must be a whole number, not a boolean")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise Refused(field, value, f"must be a whole number, not {type(value).__name__}") from None
+
+
+@dataclass(frozen=True)
+class MontageBounds:
+    """The largest montage the platform accepts from the microscope: a message past it is refused (and
+    dead-lettered) before anything is allocated from it. See :data:`MONTAGE_MAX_GRID`, :data:`STAGE_MAX_NM`."""
+
+    max_grid: int = MONTAGE_MAX_GRID
+    max_stage_nm: int = STAGE_MAX_NM
+
+    @property
+    def max_tiles(self) -> int:
+        return self.max_grid * self.max_grid
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MontageBounds:
+        """``EM_MONTAGE_MAX_GRID`` and ``EM_STAGE_MAX_NM`` (unset: the defaults); ValueError naming a bad one."""
+        env = os.environ if env is None else env
+        return cls(
+            _setting(env, "EM_MONTAGE_MAX_GRID", MONTAGE_MAX_GRID, "tiles per side of the largest montage"),
+            _setting(env, "EM_STAGE_MAX_NM", STAGE_MAX_NM, "nm from the stage origin"),
+        )
+
+    def index(self, value: Any, field: str, what: str, *, lowest: int = 0) -> int:
+        """A row or column: ``lowest`` (0; -1 for a reference frame, which lies on no raster) up to
+        ``max_grid`` - 1."""
+        n = _whole_number(value, field)
+        if not lowest <= n < self.max_grid:
+            raise Refused(
+                field,
+                value,
+                f"outside {lowest} to {self.max_grid - 1}: a montage has at most {self.max_grid} {what} "
+                "(EM_MONTAGE_MAX_GRID; raise it for a larger montage)",
+            )
+        return n
+
+    def tile_count(self, value: Any, field: str) -> int:
+        n = _whole_number(value, field)
+        if not 0 <= n <= self.max_tiles:
+            raise Refused(
+                field,
+                value,
+                f"outside 0 to {self.max_tiles}: a montage has at most {self.max_grid} × {self.max_grid} "
+                "tiles (EM_MONTAGE_MAX_GRID; raise it for a larger montage)",
+            )
+        return n
+
+    def stage_position(self, value: Any, field: str) -> None:
+        """An (x, y) stage position in nm, each within ±``max_stage_nm``; None (not reported) passes."""
+        if value is None:
+            return
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise Refused(field, value, "must be an (x, y) pair of nanometres")
+        for v in value:
+            if abs(_whole_number(v, field)) > self.max_stage_nm:
+                raise Refused(
+                    field,
+                    value,
+                    f"farther than {self.max_stage_nm} nm from the stage origin (EM_STAGE_MAX_NM; raise it "
+                    "for a stage that travels further)",
+                )
+
+
+def _setting(env: Mapping[str, str], name: str, default: int, what: str) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r} must be a whole number ≥ 1 ({what}; default {default})")
+    return int(raw)
+
+
+_REFERENCE_FLAGS = ("brightfield", "darkfield", "lens_correction")
+
+
+def _check_sizes(topic: str, payload: Mapping[str, Any], bounds: MontageBounds) -> None:
+    """The sizes of one microscope message within ``bounds`` (the fields TEM_comms leaves unbounded)."""
+    if topic == "tile.raw" and payload.get("montage_id"):  # a UI or calibration frame joins no montage
+        # brightfield, darkfield and lens-correction frames come at row = column = -1 (pyTEM's Acquisition)
+        lowest = -1 if any(payload.get(k) for k in _REFERENCE_FLAGS) else 0
+        bounds.index(payload.get("row"), "row", "rows", lowest=lowest)
+        bounds.index(payload.get("column"), "column", "columns", lowest=lowest)
+        bounds.stage_position(payload.get("stage_position"), "stage_position")
+    elif topic == "montage.status" and payload.get("total_tiles") is not None:
+        bounds.tile_count(payload["total_tiles"], "total_tiles")
+    elif topic == "montage.complete":
+        tiles = payload.get("tiles") or {}
+        bounds.tile_count(len(tiles), "tiles")
+        for tile_id, tile in tiles.items():
+            where = f"tiles.{tile_id}"
+            if not isinstance(tile, Mapping):
+                raise Refused(where, tile, "must be a tile's metadata")
+            position = tile.get("raster_position")  # TEM_comms: (x, y) = (column, row)
+            if position is not None:
+                if not isinstance(position, list | tuple) or len(position) != 2:
+                    raise Refused(f"{where}.raster_position", position, "must be a (column, row) pair")
+                bounds.index(position[0], f"{where}.raster_position", "columns")
+                bounds.index(position[1], f"{where}.raster_position", "rows")
+            bounds.stage_position(tile.get("stage_position"), f"{where}.stage_position")
+
+
 # -- the microscope's messages ------------------------------------------------------------------------------
 
 # The fields of consumed TEM_comms messages that name something the platform builds paths, keys or rows from.
@@ -205,9 +337,13 @@ _MAY_BE_EMPTY = {("tile.raw", "montage_id"), ("montage.complete", "acquisition_i
 
 
 def check_tem_message(
-    topic: str, payload: Mapping[str, Any], tile_shares: Iterable[str | os.PathLike[str]] | None = None
+    topic: str,
+    payload: Mapping[str, Any],
+    tile_shares: Iterable[str | os.PathLike[str]] | None = None,
+    bounds: MontageBounds = MontageBounds(),
 ) -> None:
-    """Check the ids (and, with ``tile_shares``, the tile path) of one microscope message; :class:`Refused`.
+    """Check the ids, the sizes (``bounds``) and, with ``tile_shares``, the tile path of one microscope
+    message; :class:`Refused` naming the field, the value and the rule or bound.
 
     A ``tile.raw`` with an empty ``montage_id`` (a UI or calibration frame, not part of a montage) and an
     empty ``acquisition_id`` pass the id check. ``tile_shares`` None skips the path check (a library
@@ -221,5 +357,6 @@ def check_tem_message(
     if topic == "montage.complete":
         for tile_id in (payload.get("tiles") or {}).keys():
             TILE_ID.check(tile_id, "tiles")
+    _check_sizes(topic, payload, bounds)
     if topic == "tile.raw" and tile_shares is not None:
         under_shares(payload.get("path"), tile_shares, "path")

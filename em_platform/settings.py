@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from em_platform.edge import MONTAGE_MAX_GRID, STAGE_MAX_NM, MontageBounds
+
 DEPLOYMENTS = ("local", "docker")
 
 
@@ -49,6 +51,13 @@ class Settings:
     # where users' browsers reach `em-platform viewer` (Neuroglancer + the data root's images); every
     # OME-Zarr's "neuroglancer" link starts with it
     viewer_url: str = DEFAULT_VIEWER_URL
+    # host names `em-platform viewer` answers to besides loopback: EM_VIEWER_URL's host and EM_VIEWER_HOSTS
+    # (e.g. a reverse proxy's public name); a request with any other Host is refused (DNS rebinding)
+    viewer_hosts: tuple[str, ...] = ()
+    # the largest montage accepted from the microscope: rows and columns each, in tiles, and how far from
+    # the stage origin a tile may be (nm); a message past them is refused and dead-lettered (edge.MontageBounds)
+    montage_max_grid: int = MONTAGE_MAX_GRID
+    stage_max_nm: int = STAGE_MAX_NM
 
     @property
     def storage_options(self) -> dict:
@@ -137,6 +146,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(
             "DASK_SCHEDULER_ADDRESS must be set for the 'docker' deployment (e.g. tcp://dask-scheduler:8786)"
         )
+    try:
+        bounds = MontageBounds.from_env(env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Settings(
         deployment=deployment,
         data_root=data_root,
@@ -158,6 +171,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         cryo_sessions=cryo_sessions,
         scope_shares=_scope_shares(env, data_root, remote),
         viewer_url=_viewer_url(env.get("EM_VIEWER_URL", "").strip() or DEFAULT_VIEWER_URL),
+        viewer_hosts=_viewer_hosts(env),
+        montage_max_grid=bounds.max_grid,
+        stage_max_nm=bounds.max_stage_nm,
     )
 
 
@@ -172,6 +188,23 @@ def _viewer_url(value: str) -> str:
             f"e.g. {DEFAULT_VIEWER_URL}"
         )
     return value.rstrip("/")
+
+
+def _viewer_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    """EM_VIEWER_URL's host, then EM_VIEWER_HOSTS: further host names, separated by ','."""
+    from urllib.parse import urlsplit
+
+    from em_platform.viewer.headers import host_name
+
+    names = [urlsplit(env.get("EM_VIEWER_URL", "").strip() or DEFAULT_VIEWER_URL).hostname]
+    for entry in filter(None, (e.strip() for e in env.get("EM_VIEWER_HOSTS", "").split(","))):
+        if host_name(entry) is None:
+            raise ConfigError(
+                f"EM_VIEWER_HOSTS entry {entry!r} must be a host name or address browsers use for the viewer "
+                "(e.g. viewer.facility.example), without scheme or path; separate several with ','"
+            )
+        names.append(host_name(entry))
+    return tuple(dict.fromkeys(names))
 
 
 def _scope_shares(env: Mapping[str, str], data_root: str, remote: bool) -> tuple[str, ...]:
@@ -258,6 +291,9 @@ ENV_NAMES = {
     "broker_topic_prefix": "EM_BROKER_TOPIC_PREFIX",
     "broker_username": "EM_BROKER_USERNAME",
     "viewer_url": "EM_VIEWER_URL",
+    "viewer_hosts": "EM_VIEWER_HOSTS",
+    "montage_max_grid": "EM_MONTAGE_MAX_GRID",
+    "stage_max_nm": "EM_STAGE_MAX_NM",
 }
 
 

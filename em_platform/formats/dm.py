@@ -92,8 +92,10 @@ def read_dm(path: str | Path) -> Volume:
     dtype = np.dtype(_PIXEL_DTYPES[data_type])
     offset = _int_tag(tags, prefix + "ImageData.Data.arrayOffset")
     nbytes = _int_tag(tags, prefix + "ImageData.Data.arraySize")
-    need = math.prod(shape) * dtype.itemsize
-    if offset is None or nbytes != need:
+    need = math.prod(shape) * dtype.itemsize  # exact Python integers: a lying tag cannot wrap it
+    if offset is None or offset < 0:
+        raise FormatError(f"{path} is a damaged DM{version} file: its image data offset is {offset}; {_HINT}")
+    if nbytes != need:
         raise FormatError(
             f"{path} is a damaged DM{version} file: its image data block holds {nbytes} bytes but "
             f"{'x'.join(map(str, shape))} {dtype.name} pixels need {need}; {_HINT}"

@@ -2,10 +2,15 @@
 
 A numpy memmap pickles as a full in-memory copy; these objects pickle as (path, offset, shape, dtype)
 and open the file in whichever process first indexes them.
+
+Shapes come from file headers and sidecars, i.e. from outside: :func:`check_size` refuses one that is not
+positive or whose bytes the file cannot hold, computing with exact Python integers (numpy's fixed-width
+product wraps: 2²¹ × 2²¹ × 2²² voxels is 0 in int64, and a 1 KiB file passed as holding them).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -67,13 +72,17 @@ def memmap_dask(
     order: str = "C",
     slab_bytes: int = 64 << 20,
 ) -> da.Array:
-    """A dask array over a raw block of a file, chunked in whole slices along the first axis up to ``slab_bytes``."""
+    """A dask array over a raw block of a file, chunked in whole slices along the first axis up to ``slab_bytes``.
+
+    ValueError (:func:`check_size`) unless the file holds the whole block: no array is built over bytes
+    that are not there."""
     dtype = np.dtype(dtype)
+    check_size(Path(path), offset, shape, dtype)
     slicer = MemmapSlicer(path, offset, shape, dtype, order)
     if len(shape) <= 2:
         chunks: tuple[int, ...] = shape
     else:
-        slice_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        slice_bytes = math.prod(shape[1:]) * dtype.itemsize
         depth = max(1, min(shape[0], slab_bytes // max(slice_bytes, 1)))
         chunks = (depth, *shape[1:])
     return da.from_array(
@@ -86,9 +95,23 @@ def memmap_dask(
     )
 
 
-def check_size(path: Path, offset: int, shape: tuple[int, ...], dtype: Any) -> None:
-    """Raise ValueError if the file is shorter than header + data: the sign of a truncated transfer."""
-    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+def check_size(
+    path: Path, offset: int, shape: tuple[int, ...], dtype: Any, what: str = "header"
+) -> None:
+    """Raise ValueError unless ``shape`` is positive and the file holds ``offset`` + its bytes.
+
+    The bound on a shape from outside is the file itself: a shorter file is a truncated transfer or a
+    header that lies. ``what`` names where the shape came from (header, sidecar) in the message.
+    """
+    bad = [n for n in shape if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1]
+    if not shape or bad:
+        raise ValueError(f"{what} shape {tuple(shape)} is not a list of positive whole numbers")
+    if isinstance(offset, bool) or not isinstance(offset, int | np.integer) or offset < 0:
+        raise ValueError(f"{what} data offset {offset!r} is not a whole number of bytes ≥ 0")
+    need = int(offset) + math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize  # exact, never wraps
     have = path.stat().st_size
     if have < need:
-        raise ValueError(f"file is truncated: {have} bytes on disk, header promises {need}")
+        raise ValueError(
+            f"file is truncated: {have} bytes on disk, {what} promises {need} "
+            f"({'x'.join(map(str, shape))} {np.dtype(dtype).name} from byte {offset}), or the {what} is wrong"
+        )

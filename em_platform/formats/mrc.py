@@ -39,7 +39,10 @@ def read_mrc(path: str | Path) -> Volume:
             raise ValueError(f"header dimensions nx={nx} ny={ny} nz={nz} are not positive")
         offset = 1024 + ext_bytes
         shape = (ny, nx) if is_image else (nz, ny, nx)
-        check_size(path, offset, shape, dtype)
+        try:
+            check_size(path, offset, shape, dtype)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (nx={nx}, ny={ny}, nz={nz}, mode {mode}, nsymbt={ext_bytes})") from None
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found") from None
     except FormatError:

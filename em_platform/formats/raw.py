@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,21 @@ def read_raw(
     unit: str | None = None,
     byte_order: str = "little",
     offset: int = 0,
+    shape_from: str = "shape",
 ) -> Volume:
-    """Open ``path`` as a C-ordered array of ``shape`` and ``dtype`` starting ``offset`` bytes in."""
+    """Open ``path`` as a C-ordered array of ``shape`` and ``dtype`` starting ``offset`` bytes in.
+
+    ``shape`` and ``offset`` must be whole numbers (positive; ≥ 0) that the file holds, else
+    :class:`FormatError` naming ``shape_from`` (where they were stated, e.g. the sidecar) and the file's size.
+    """
     path = Path(path)
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+        offset = operator.index(offset)
+    except TypeError:
+        raise FormatError(
+            f"{path}: {shape_from} shape {list(shape)} and offset {offset!r} must be whole numbers"
+        ) from None
     axes = tuple(axes) if axes else ("z", "y", "x")[-len(shape) :] if len(shape) <= 3 else None
     if axes is None or len(axes) != len(shape):
         raise FormatError(f"{path}: give axes for a raw array of {len(shape)} dimensions (got {axes})")
@@ -40,7 +52,7 @@ def read_raw(
     if unit and ngff_unit is None:
         raise FormatError(f"{path}: unknown unit {unit!r}; use nm, µm or Å")
     try:
-        check_size(path, offset, shape, dt)
+        check_size(path, offset, shape, dt, shape_from)
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found") from None
     except ValueError as exc:
@@ -82,7 +94,8 @@ def read_raw_with_sidecar(path: str | Path) -> Volume:
             scale=tuple(spec["voxel_size"]) if spec.get("voxel_size") else None,
             unit=spec.get("unit", "nm") if spec.get("voxel_size") else None,
             byte_order=spec.get("byte_order", "little"),
-            offset=int(spec.get("offset", 0)),
+            offset=spec.get("offset", 0),
+            shape_from=f"sidecar {side.name}",
         )
     except FileNotFoundError:
         raise FormatError(

@@ -2,12 +2,17 @@
 
 Physical sizes come from OME-XML when present, else ImageJ metadata, else the TIFF resolution tags
 when they are in centimetres (an inch resolution is a print DPI, not a pixel size, and is ignored).
+
+Sizes in a TIFF are claims: a page's width × height must fit its stored bytes (uncompressed), or at most
+:data:`MAX_COMPRESSION_RATIO` times them (compressed), and OME-XML may not declare more planes than the file
+has pages; both are checked before any pixel is read (exact integers throughout).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import re
 import threading
@@ -25,6 +30,11 @@ da = LazyModule("dask.array")
 tifffile = LazyModule("tifffile")
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+
+MAX_COMPRESSION_RATIO = 2**16
+"""How many times its stored bytes a compressed page may decode to: twice the most any codec EM TIFFs use
+reaches (zstd's run-length blocks, 32,768:1; deflate at most 1,032:1), far above EM images (2-10:1). A page
+claiming gigapixels from a few bytes would otherwise have its whole buffer allocated before decoding."""
 
 # tifffile series axes → NGFF axes. I (image sequence) and Q (unknown) of a plain stack are z.
 _AXIS_MAP = {"T": "t", "C": "c", "S": "c", "Z": "z", "I": "z", "Q": "z", "Y": "y", "X": "x"}
@@ -94,13 +104,13 @@ def _lazy_series(path: Path, series: tifffile.TiffPageSeries, mtime_ns: int) -> 
     """Dask array over one series, one chunk per group of pages, decoded on demand."""
     shape = tuple(series.shape)
     page_shape = tuple(series.keyframe.shape)
-    n_pages = int(np.prod(shape)) // int(np.prod(page_shape))
+    n_pages = math.prod(shape) // math.prod(page_shape)
     if n_pages <= 1:
         block = da.from_delayed(
             _delayed_pages(str(path), mtime_ns, 0, 0, 1, page_shape), (1, *page_shape), series.dtype
         )
         return block.reshape(shape)
-    page_bytes = int(np.prod(page_shape)) * series.dtype.itemsize
+    page_bytes = math.prod(page_shape) * series.dtype.itemsize
     per_chunk = max(1, min(n_pages, (32 << 20) // max(page_bytes, 1)))
     blocks = [
         da.from_delayed(
@@ -205,6 +215,7 @@ def read_tiff(path: str | Path) -> Volume:
     try:
         mtime_ns = path.stat().st_mtime_ns
         with _tifffile_errors() as logged, tifffile.TiffFile(path) as tf:
+            _check_ome_planes(tf)
             series = tf.series[0]
             axes = tuple(_AXIS_MAP.get(a, "?") for a in series.axes)
             if "?" in axes or len(set(axes)) != len(axes):
@@ -253,7 +264,7 @@ def _check_complete(tf: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> N
 
 
 def _check_pages_within(pages, size: int) -> None:
-    for page in pages:
+    for i, page in enumerate(pages):
         if page is None:
             raise ValueError("a page of the series is missing")
         offsets = page.dataoffsets
@@ -262,6 +273,63 @@ def _check_pages_within(pages, size: int) -> None:
             raise ValueError(
                 f"page data ends beyond the end of the file ({size} bytes): the file is truncated"
             )
+        _check_page_bytes(i, page, sum(counts or ()))
+
+
+def _check_page_bytes(index: int, page, stored: int) -> None:
+    """A page's width × height (× samples × bits) within what its stored bytes can decode to."""
+    kf = page.keyframe
+    need = (math.prod(page.shape) * kf.bitspersample + 7) // 8
+    uncompressed = kf.compression == 1
+    bound = stored if uncompressed else stored * MAX_COMPRESSION_RATIO
+    if need > bound:
+        has = (
+            f"its strips store only {stored} bytes"
+            if uncompressed
+            else f"its {stored} compressed bytes decode to at most {bound} (MAX_COMPRESSION_RATIO {MAX_COMPRESSION_RATIO})"
+        )
+        raise ValueError(
+            f"page {index} claims {'x'.join(map(str, page.shape))} pixels ({need} bytes: ImageWidth × "
+            f"ImageLength × SamplesPerPixel × BitsPerSample) but {has}"
+        )
+
+
+_MIN_PAGE_BYTES = 16  # a page needs at least its IFD: entry count, one 12-byte entry, next-IFD offset
+
+
+def _check_ome_planes(tf: tifffile.TiffFile) -> None:
+    """OME-XML's planes (SizeZ × SizeC × SizeT of each image) at most the file's pages: tifffile lists a
+    declared plane it cannot find as a missing page, so SizeZ=10⁹ cost 90 s and 8 GB before any check.
+
+    A multi-file OME-TIFF (TiffData naming companion files, which tifffile reads from the same folder) may
+    declare at most as many planes as its files, here and beside it, have room for pages."""
+    if not tf.is_ome or not tf.ome_metadata:
+        return
+    xml = tf.ome_metadata
+    images = tifffile.xml2dict(xml).get("OME", {}).get("Image", [])
+    planes = 0
+    for image in images if isinstance(images, list) else [images]:
+        pixels = image.get("Pixels", {}) if isinstance(image, dict) else {}
+        try:
+            planes += math.prod(int(pixels.get(f"Size{a}", 1)) for a in "ZCT")
+        except (TypeError, ValueError):
+            raise ValueError(f"OME-XML sizes of image {image.get('ID')!r} are not whole numbers") from None
+    here = Path(tf.filehandle.path)
+    companions = {Path(n).name for n in re.findall(r'FileName="([^"]*)"', xml)} - {here.name, ""}
+    if companions:
+        files = [here, *(f for f in (here.parent / n for n in companions) if f.is_file())]
+        room = sum(f.stat().st_size for f in files) // _MIN_PAGE_BYTES
+        if planes > room:
+            raise ValueError(
+                f"OME-XML declares {planes} planes (SizeZ × SizeC × SizeT) but its {len(files)} file(s) have "
+                f"room for at most {room} pages"
+            )
+        return
+    pages = len(tf.pages)  # walks the IFD chain: bounded by the file, each page needs its own bytes
+    if planes > pages:
+        raise ValueError(
+            f"OME-XML declares {planes} planes (SizeZ × SizeC × SizeT) but the file holds {pages} pages"
+        )
 
 
 def _natural_key(name: str):

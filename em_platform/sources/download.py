@@ -5,6 +5,11 @@ A file streams into ``<dest>.part``; an interrupted transfer continues from the 
 kept in ``<dest>.parts`` so finished parts survive a crash. The sha256 of the bytes as received is
 checked against a published digest when there is one; only then is the file renamed into place and
 entered in the manifest, so a re-run never fetches it again and never trusts a half-written one.
+
+Sizes the server announces are claims (:mod:`em_platform.sources.bounds`): a ``Content-Length`` or FTP
+``SIZE`` must be a whole number within ``max_file_bytes`` and match the source's listing, before any part is
+planned or the file preallocated; a stream stops at the size announced (or the bound), and JSON bodies are
+read up to :data:`~em_platform.sources.bounds.MAX_METADATA_BYTES`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from urllib.parse import unquote, urlparse
 import requests
 
 from em_platform.sources.arrival import Arrival
+from em_platform.sources.bounds import MAX_FILE_BYTES, SizeRefused, checked_size, json_body
 from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import (
@@ -68,6 +74,7 @@ class DownloadOptions:
     # remaining parts then come one at a time. None: always ``parallel``.
     fast_link_bytes_per_s: float | None = 200e6
     timeout_s: tuple[float, float] = (10.0, 60.0)  # connect, read
+    max_file_bytes: int = MAX_FILE_BYTES  # a larger announced (or sent) file is refused (bounds.MAX_FILE_BYTES)
 
 
 class _RangeIgnored(PermanentSourceError):
@@ -134,9 +141,11 @@ def stat_remote(
         if r.status_code >= 400:
             raise http_error(r.status_code, url, r.reason)
         size = r.headers.get("Content-Length")
+        if size is not None:
+            size = checked_size(url, "Content-Length", size, options.max_file_bytes, setting="max_file_bytes")
         return RemoteFile(
             url=url,
-            size_bytes=int(size) if size is not None else None,
+            size_bytes=size,
             etag=r.headers.get("ETag"),
             last_modified=r.headers.get("Last-Modified"),
             accepts_ranges=r.headers.get("Accept-Ranges", "").lower() == "bytes",
@@ -152,20 +161,15 @@ def get_json(
     session: requests.Session | None = None,
     logger: logging.Logger | logging.LoggerAdapter = log,
 ) -> Any:
-    """GET a JSON document (retried on 5xx and network faults; 4xx and bad JSON are permanent, naming the URL)."""
+    """GET a JSON document (retried on 5xx and network faults; 4xx, bad JSON and a body over
+    :data:`~em_platform.sources.bounds.MAX_METADATA_BYTES` are permanent, naming the URL)."""
     s = _session(session)
 
     def get() -> Any:
-        r = s.get(url, timeout=options.timeout_s, headers={"Accept": "application/json"})
-        if r.status_code >= 400:
-            raise http_error(r.status_code, url, r.reason)
-        try:
-            return r.json()
-        except ValueError as exc:
-            raise PermanentSourceError(
-                f"{url} did not answer JSON ({exc}; body starts {r.text[:80]!r}); is the endpoint URL right?",
-                url=url,
-            ) from None
+        with s.get(url, timeout=options.timeout_s, headers={"Accept": "application/json"}, stream=True) as r:
+            if r.status_code >= 400:
+                raise http_error(r.status_code, url, r.reason)
+            return json_body(r, url)
 
     return retrying(get, what=f"GET {url}", policy=options.policy, transient=is_transient, logger=logger)
 
@@ -192,6 +196,8 @@ def _ftp_stat(url: str, options: DownloadOptions) -> RemoteFile:
             size = ftp.size(path)
         except ftplib.error_perm as exc:
             raise _ftp_permanent(exc, url) from None
+        if size is not None:
+            size = checked_size(url, "SIZE", size, options.max_file_bytes, setting="max_file_bytes")
         try:
             modified = ftp.voidcmd(f"MDTM {path}").split()[-1]
         except ftplib.error_perm:
@@ -279,6 +285,8 @@ def download(
                 "or the listing is stale: re-run to re-check",
                 url=url,
             )
+        if size is not None:  # the listing's size is a claim too
+            size = checked_size(url, "size", size, options.max_file_bytes, setting="max_file_bytes")
         if size is not None and remote.accepts_ranges and options.parallel > 1 and size > options.part_bytes:
             counted = progress.done if progress else 0
             try:
@@ -330,8 +338,12 @@ def _http_stream(
     logger: logging.Logger | logging.LoggerAdapter,
     arrival: Arrival | None = None,
 ) -> str:
-    """One stream into ``part``, continuing from its current length; returns the sha256 of the whole file."""
+    """One stream into ``part``, continuing from its current length; returns the sha256 of the whole file.
+
+    A server sending more than it announced (or than ``max_file_bytes`` when it announced nothing) is
+    refused as soon as the excess arrives."""
     h = StreamHash()
+    most = size if size is not None else options.max_file_bytes
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have > size:
         part.unlink()
@@ -364,6 +376,8 @@ def _http_stream(
                 arrival.restart()
             with open(part, mode) as f:
                 for block in r.iter_content(options.chunk_bytes):
+                    if state["have"] + len(block) > most:
+                        raise _sent_too_much(url, size, options)
                     f.write(block)
                     state["hash"].update(block)
                     state["have"] += len(block)
@@ -385,6 +399,32 @@ def _http_stream(
     return state["hash"].hexdigest()
 
 
+def _sent_too_much(url: str, size: int | None, options: DownloadOptions) -> SizeRefused:
+    if size is not None:
+        return SizeRefused(url, "body", f"longer than the {size} bytes announced", "the file's announced size")
+    bound = options.max_file_bytes
+    return SizeRefused(url, "body", f"longer than {bound} bytes", f"max_file_bytes {bound} (no size announced)")
+
+
+class _Ranges:
+    """The byte ranges ``[start, end)`` of a ranged download, computed on demand: nothing is allocated per
+    part before the first is fetched (a list of them for Content-Length 10¹⁷ was a MemoryError)."""
+
+    def __init__(self, size: int, part_bytes: int):
+        self.size, self.starts = size, range(0, size, part_bytes)
+        self.part_bytes = part_bytes
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        start = self.starts[i]
+        return start, min(self.size, start + self.part_bytes)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 def _http_parallel(
     url: str,
     part: Path,
@@ -404,7 +444,7 @@ def _http_parallel(
     (HTTP 200) raises ``_RangeIgnored``, and ``download`` starts again from byte 0 in one stream.
     """
     part_map = part.with_name(part.name.removesuffix(PART_SUFFIX) + PART_MAP_SUFFIX)
-    ranges = [(o, min(size, o + options.part_bytes)) for o in range(0, size, options.part_bytes)]
+    ranges = _Ranges(size, options.part_bytes)
     finished: set[int] = set()
     if part.exists() and part.stat().st_size == size and part_map.exists():
         try:
@@ -625,6 +665,8 @@ def _ftp_download(
                 size = ftp.size(path)
             except ftplib.error_perm as exc:
                 raise _ftp_permanent(exc, url) from None
+            if size is not None:
+                size = checked_size(url, "SIZE", size, options.max_file_bytes, listed=expected_size)
             have = part.stat().st_size if part.exists() else 0
             if size is not None and have > size:
                 part.unlink()
@@ -644,6 +686,8 @@ def _ftp_download(
             with open(part, "ab" if have else "wb") as f:
 
                 def write(block: bytes) -> None:
+                    if state["hashed"] + len(block) > (size if size is not None else options.max_file_bytes):
+                        raise _sent_too_much(url, size, options)
                     f.write(block)
                     state["hash"].update(block)
                     state["hashed"] += len(block)

@@ -7,6 +7,7 @@ which is exactly a C-order (z, y, x) array.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from em_platform.sources.bounds import read_limited
 from em_platform.sources.download import is_transient
 from em_platform.sources.retry import (
     PermanentSourceError,
@@ -151,9 +153,9 @@ class DvidClient:
                 f"{url}: not a valid URL ({exc}); check the DVID server setting"
             ) from exc
         if r.status_code >= 400:
-            reason = r.text[:200].strip() if not stream else ""
+            reason = next(r.iter_content(200), b"")  # the start of the error body, never all of it
             r.close()
-            raise http_error(r.status_code, url, reason)
+            raise http_error(r.status_code, url, reason.decode("utf-8", "replace").strip())
         return r
 
     def info(self) -> dict[str, Any]:
@@ -161,12 +163,13 @@ class DvidClient:
         url = self.info_url
 
         def once() -> dict[str, Any]:
-            r = self._get(url, stream=False)
+            with self._get(url, stream=True) as r:
+                body = read_limited(r, url)
             try:
-                data = r.json()
+                data = json.loads(body)
             except ValueError as exc:
                 raise PermanentSourceError(
-                    f"{url} did not answer JSON ({r.text[:120]!r}); check the DVID server, uuid and instance",
+                    f"{url} did not answer JSON ({body[:120]!r}); check the DVID server, uuid and instance",
                     url=url,
                 ) from exc
             if not isinstance(data, dict):

@@ -35,6 +35,7 @@ from em_platform.formats.image_set import (
     images_sections,
     natural_key,
 )
+from em_platform.sources.bounds import read_limited
 from em_platform.sources.dataset import (
     FetchedCollection,
     FetchedImage,
@@ -181,11 +182,13 @@ class EmpiarSource(Source):
             return list_ftp(folder_url, options=opts, logger=logger)
 
         def index() -> list[str]:
-            r = requests.get(folder_url, timeout=opts.timeout_s, headers={"User-Agent": USER_AGENT})
-            if r.status_code >= 400:
-                raise http_error(r.status_code, folder_url, r.reason)
+            headers = {"User-Agent": USER_AGENT}
+            with requests.get(folder_url, timeout=opts.timeout_s, headers=headers, stream=True) as r:
+                if r.status_code >= 400:
+                    raise http_error(r.status_code, folder_url, r.reason)
+                page = read_limited(r, folder_url, field="index page").decode(r.encoding or "utf-8", "replace")
             parser = _IndexLinks()
-            parser.feed(r.text)
+            parser.feed(page)
             return sorted(set(parser.names))
 
         return retrying(index, what=f"list {folder_url}", policy=opts.policy, logger=logger)

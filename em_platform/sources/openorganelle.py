@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import posixpath
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -27,6 +28,7 @@ import numpy as np
 from em_platform.formats import FormatError, Volume
 from em_platform.lazy_import import LazyModule
 from em_platform.sources import n5
+from em_platform.sources.bounds import MAX_METADATA_BYTES, cat_limited
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
 from em_platform.sources.endpoints import check_retries, check_url
 from em_platform.sources.manifest import DownloadManifest, ManifestEntry
@@ -323,7 +325,7 @@ class OpenOrganelleSource(Source):
 
         def attempt() -> _Level:
             try:
-                self.fs.cat_file(header)  # one GET: says 404 (no array there) apart from 403 (refused)
+                cat_limited(self.fs, header, MAX_METADATA_BYTES, _s3(header), "array metadata")  # one GET: 404 vs 403
             except FileNotFoundError:
                 raise PermanentSourceError(
                     f"{self.url}: no {'Zarr v2' if self.format == 'zarr' else 'N5'} array there "
@@ -365,7 +367,8 @@ class OpenOrganelleSource(Source):
     def _group_attributes(self) -> dict[str, Any]:
         name = n5.ATTRIBUTES if self.format == "n5" else ".zattrs"
         try:
-            return json.loads(self.fs.cat_file(posixpath.join(self.group_path, name)))
+            path = posixpath.join(self.group_path, name)
+            return json.loads(cat_limited(self.fs, path, MAX_METADATA_BYTES, _s3(path), name))
         except FileNotFoundError:
             return {}
         except PermissionError as exc:
@@ -388,7 +391,7 @@ class OpenOrganelleSource(Source):
     def check(self, logger: logging.Logger | logging.LoggerAdapter) -> RemoteVersion:
         level = self._open(logger)
         offset, size = self._crop(level)
-        nbytes = int(np.prod(size)) * level.dtype.itemsize
+        nbytes = math.prod(size) * level.dtype.itemsize  # exact: a lying shape cannot wrap past max_level_bytes
         if nbytes > self.endpoints.max_level_bytes:
             raise PermanentSourceError(
                 f"{self.url}: {nbytes / 2**30:.2f} GiB is more than max_level_bytes "
@@ -447,7 +450,7 @@ class OpenOrganelleSource(Source):
             for n, b, c, o in zip(level.shape, last, level.chunks, origin, strict=True)
         )
         cache = self._cache(workdir / CACHE, box, level, manifest, logger)
-        chunk_bytes = int(np.prod(level.chunks)) * level.dtype.itemsize
+        chunk_bytes = math.prod(level.chunks) * level.dtype.itemsize
         progress = Progress(f"OpenOrganelle {self.key}", len(indices) * chunk_bytes, logger)
         entries: dict[tuple[int, ...], ManifestEntry] = {}
         todo = []

@@ -9,7 +9,8 @@ identified by a digest of its topic and body, so a redelivered message changes n
 number of the first message that mentioned it, which is what the montage sensor's cursor follows.
 
 Every writer goes through :meth:`Journal.record`, so the edge checks (:func:`em_platform.edge.check_tem_message`:
-safe montage and tile ids, and with ``tile_shares`` a tile path on a scope share) guard the listener and the
+safe montage and tile ids, rows, columns, planned tiles and stage positions within the montage bounds, and with
+``tile_shares`` a tile path on a scope share) guard the listener and the
 embedded simulator alike; a refusal raises :class:`~em_platform.edge.Refused` before anything is written, and
 :meth:`Journal.dead_letter` keeps the refused message in the same database.
 """
@@ -28,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from em_platform.catalog.dead_letters import add_letter, create_tables
-from em_platform.edge import check_tem_message
+from em_platform.edge import MontageBounds, check_tem_message
 from em_platform.sql import JSONType, open_database
 
 metadata_obj = sa.MetaData()
@@ -194,11 +195,14 @@ class Journal:
         *,
         create: bool = True,
         tile_shares: Iterable[str | os.PathLike[str]] | None = None,
+        montage_bounds: MontageBounds | None = None,
     ):
         """``tile_shares``: the folders a ``tile.raw`` path must lie in (EM_SCOPE_SHARES); None leaves tile
-        paths unchecked here (a library caller that trusts its scope; every entry point passes them)."""
+        paths unchecked here (a library caller that trusts its scope; every entry point passes them).
+        ``montage_bounds``: the largest montage accepted; None reads EM_MONTAGE_MAX_GRID / EM_STAGE_MAX_NM."""
         self.url = url
         self.tile_shares = None if tile_shares is None else tuple(tile_shares)
+        self.montage_bounds = montage_bounds or MontageBounds.from_env()
         self.engine = open_database(url, metadata_obj, create=create)
         if create:
             create_tables(self.engine)
@@ -211,9 +215,10 @@ class Journal:
     def record(self, topic: str, payload: dict[str, Any], *, received_at: datetime | None = None) -> bool:
         """Store one message and apply it to montages/tiles, atomically. False if it was already recorded.
 
-        Raises :class:`~em_platform.edge.Refused` (nothing written) for an unsafe id or a tile off the shares.
+        Raises :class:`~em_platform.edge.Refused` (nothing written) for an unsafe id, a size past the montage
+        bounds or a tile off the shares.
         """
-        check_tem_message(topic, payload, self.tile_shares)
+        check_tem_message(topic, payload, self.tile_shares, self.montage_bounds)
         with self.engine.begin() as conn:
             return _record(conn, topic, payload, received_at or _now())
 

@@ -11,7 +11,7 @@ Each MESSAGE is deserialised as pigeon does (the JSON body validated by the topi
 written to the journal, and acknowledged (``ack:client-individual``) only after the journal commit. A
 redelivery after a crash between commit and ACK is recognised by the journal (same topic and body) and
 changes nothing. A message that fails validation or the edge checks (:mod:`em_platform.edge`: safe ids,
-a tile path on a scope share) is logged with the topic, the field and the reason, written to the dead
+sizes within the montage bounds, a tile path on a scope share) is logged with the topic, the field and the reason, written to the dead
 letters (the journal's database, raw body and headers kept) and acknowledged only once that row is
 committed: never lost, never retried forever, listed by ``em-platform dead-letters``. A journal that is
 unavailable (database down) leaves the message unacknowledged and is retried with backoff. A lost broker

@@ -1,4 +1,4 @@
-"""`em-platform viewer`: Neuroglancer and the data root's images from one loopback HTTP server.
+"""`em-platform viewer`: Neuroglancer and the data root's images from one HTTP server.
 
 Neuroglancer is the viewer connectomics users already use; its Python package ships the built web client.
 This server hands out that client at ``/v/em/`` and the OME-Zarr images under the data root at
@@ -11,11 +11,21 @@ carries its whole view in the URL (``#!{...}``), which that client honours, so n
 event stream stays open and quiet (a comment now and then), and the client's own state reports
 (``/state``, ``/action``) are acknowledged and dropped. Links therefore survive restarts of this server.
 
-It serves images and nothing else: a ``/data`` key must name something inside a ``*.zarr`` folder (never
-the catalog database, the inbox or a half-written ``.staging`` image), each segment is checked lexically
-(:func:`em_platform.edge.join_key`) and, on a local disk, the resolved path must stay inside the root
-(:func:`em_platform.edge.inside`: no symlink out). Read only (GET/HEAD); same-origin (no CORS header, so a
-web page from elsewhere cannot read the images through a user's browser); loopback unless configured.
+It serves images and nothing else, to the browsers it is meant for, without being worn out:
+
+- a ``/data`` key must be a file of a published OME-Zarr image, judged on the key as asked and again on the
+  path it resolves to (:mod:`em_platform.viewer.images`): never the catalog database, the inbox, the
+  downloads, a ``.staging`` image or a file merely named ``*.zarr``. Refusals (403) name the rule, never a
+  server path; the log line has the rest;
+- it answers only to the host names in its allow-list (loopback, EM_VIEWER_URL's host, EM_VIEWER_HOSTS;
+  421 for any other ``Host``), so a web page elsewhere cannot reach it through DNS rebinding; no CORS
+  header, so such a page cannot read the images through a user's browser either;
+- read only: GET and HEAD, with single ``Range`` requests (206/416); a file is sent from disk by the
+  kernel or from object storage in bounded blocks, and HEAD is answered from its size. The client's
+  state reports are bounded (400 without a length, 413 past :data:`_MAX_REPORT_BYTES`, unread);
+- bounded: :data:`MAX_CONNECTIONS` threads (more connections wait in the kernel's queue),
+  :data:`MAX_EVENT_STREAMS` open tabs (503 beyond), and an idle socket is closed after
+  :data:`IDLE_SECONDS`; loopback unless configured.
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from em_platform.edge import Refused, inside, join_key
-from em_platform.storage.store import STAGING, DataStore
+from em_platform.edge import Refused
+from em_platform.storage.store import DataStore
+from em_platform.viewer.headers import LOOPBACK_HOSTS, Unsatisfiable, byte_range, content_length, host_name
+from em_platform.viewer.images import Body, ImageFiles, open_local, requested_key
 
 DATA_PREFIX = "/data/"
 CLIENT_PREFIX = "/v/em/"  # the Python-integration client finds its "token" here (one, fixed: no state)
@@ -39,6 +51,15 @@ _EVENTS = re.compile(r"/events/em")
 _ACKNOWLEDGED = re.compile(r"/(?:state|action|credentials)/em")
 _MAX_REPORT_BYTES = 1 << 20  # a client state report is a few kB of JSON
 HEARTBEAT_SECONDS = 25.0
+# A browser opens up to 6 connections to a host; 64 threads serve about ten users loading images at once.
+# Each thread holds a socket and at most one block of a file (BLOCK_BYTES), so 64 bound the memory too.
+MAX_CONNECTIONS = 64
+# Every open Neuroglancer tab holds one event stream (and its thread) for as long as it is open; a quarter
+# of the threads, so tabs left open can never take all of them from the images.
+MAX_EVENT_STREAMS = 16
+# A socket with nothing to read or unable to take a write for this long is closed: an idle keep-alive
+# connection or a stalled client gives its thread back. (A browser reconnects without the user noticing.)
+IDLE_SECONDS = 20.0
 # the client's own files: index.html and its hashed bundles (the names Neuroglancer's package allows)
 _CLIENT_FILE = re.compile(r"[a-z0-9][a-zA-Z0-9_\-.]*\.(?:js|map|css|wasm|html)")
 _MIME = {
@@ -67,34 +88,40 @@ def client_folder() -> Path:
     return folder
 
 
-def requested_key(raw: str) -> str:
-    """The data-root key a ``/data/...`` request names, or :class:`Refused`: decoded, checked segment by
-    segment, inside a ``*.zarr`` folder, never under ``.staging``."""
-    key = urllib.parse.unquote(raw)
-    if "\x00" in key:
-        raise Refused("viewer path", key, "contains a NUL byte")
-    key = join_key("", key.rstrip("/"), field="viewer path")  # no '', '.', '..', '\\', control characters
-    segments = key.split("/")
-    if segments[0] == STAGING:
-        raise Refused(
-            "viewer path", key, "is a half-written image (.staging); only published images are served"
-        )
-    if not any(s.endswith(".zarr") for s in segments):
-        raise Refused(
-            "viewer path", key, "is not inside an OME-Zarr image (*.zarr): the viewer serves images only"
-        )
-    return key
-
-
 class ViewerServer(ThreadingHTTPServer):
-    """The HTTP server; :meth:`start` serves in a thread (tests, ``make dev``), :func:`serve` in the foreground."""
+    """The HTTP server; :meth:`start` serves in a thread (tests, ``make dev``), :func:`serve` in the
+    foreground.
+
+    ``allowed_hosts``: host names it answers to besides loopback and the address it listens on (settings:
+    EM_VIEWER_URL's host and EM_VIEWER_HOSTS, e.g. a reverse proxy's public name)."""
 
     daemon_threads = True
+    block_on_close = False  # closing does not wait for idle keep-alive connections to time out
+    request_queue_size = 128  # connections waiting for a free thread: held by the kernel, not by this process
 
-    def __init__(self, data_root: str, host: str = "127.0.0.1", port: int = 0, storage_options=None):
+    def __init__(
+        self,
+        data_root: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        storage_options=None,
+        *,
+        allowed_hosts=(),
+        max_connections: int = MAX_CONNECTIONS,
+        max_event_streams: int = MAX_EVENT_STREAMS,
+        idle_seconds: float = IDLE_SECONDS,
+    ):
         self.client = client_folder()
-        self.store = DataStore(data_root, storage_options)
+        self.images = ImageFiles(DataStore(data_root, storage_options))
+        names = [host_name(h) for h in allowed_hosts]
+        if None in names:
+            raise ValueError(f"allowed_hosts {list(allowed_hosts)!r}: each must be a host name or address")
+        bound = [] if host in _EVERY_ADDRESS else [host_name(host)]  # the address asked for is a name, too
+        self.allowed_hosts = frozenset(filter(None, [*LOOPBACK_HOSTS, *names, *bound]))
+        self.idle_seconds = idle_seconds
         self.stopping = threading.Event()  # ends the open event streams
+        self._threads_free = threading.BoundedSemaphore(max_connections)
+        self.event_streams = threading.BoundedSemaphore(max_event_streams)
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
 
@@ -103,22 +130,31 @@ class ViewerServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def get_request(self):
+        """Accept a connection once a thread is free for it: beyond ``max_connections`` they wait in the
+        listen queue. The thread is given back in :meth:`shutdown_request` (called once per connection)."""
+        while not self._threads_free.acquire(timeout=0.25):
+            if self.stopping.is_set():
+                raise OSError("the viewer is stopping")  # socketserver drops this accept
+        try:
+            return super().get_request()
+        except BaseException:
+            self._threads_free.release()
+            raise
+
+    def shutdown_request(self, request) -> None:
+        try:
+            super().shutdown_request(request)
+        finally:
+            self._threads_free.release()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        super().shutdown()
+
     def server_close(self) -> None:
         self.stopping.set()
         super().server_close()
-
-    def read(self, key: str) -> bytes:
-        """The bytes of ``key`` under the data root; FileNotFoundError when there is no such file."""
-        path = self.store.path(key)
-        if self.store.is_local:
-            resolved = inside(self.store.root, key, field="viewer path")
-            if not resolved.is_file():
-                raise FileNotFoundError(key)
-            return resolved.read_bytes()
-        try:
-            return self.store.fs.cat_file(path)
-        except IsADirectoryError:
-            raise FileNotFoundError(key) from None
 
     def start(self) -> ViewerServer:
         self._thread = threading.Thread(target=self.serve_forever, name="viewer", daemon=True)
@@ -126,7 +162,6 @@ class ViewerServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
-        self.stopping.set()
         self.shutdown()
         self.server_close()
 
@@ -134,6 +169,33 @@ class ViewerServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ViewerServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, then the body: no 40 ms wait for a delayed ACK between them
+    _detail = ""  # what the log line adds to a refusal (paths, symlink targets): never sent to the client
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_seconds  # socket timeout: StreamRequestHandler sets it on the socket
+        super().setup()
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then what every request must be before it is answered: a path (not an
+        absolute URL) and one ``Host`` header (400 otherwise) naming a host this viewer answers to (421)."""
+        if not super().parse_request():
+            return False
+        hosts = self.headers.get_all("Host") or []
+        name = host_name(hosts[0]) if len(hosts) == 1 else None
+        if not self.path.startswith("/") or name is None:
+            self._error(HTTPStatus.BAD_REQUEST, "a request needs a path and one Host header", close=True)
+            return False
+        if name not in self.server.allowed_hosts:
+            self._detail = f"Host {hosts[0]!r} is not in the allow-list"
+            self._error(
+                HTTPStatus.MISDIRECTED_REQUEST, "this viewer does not answer to that host name", close=True
+            )
+            return False
+        return True
+
+    def handle_expect_100(self) -> bool:
+        return True  # no "100 Continue": a body is never invited before the request is judged
 
     def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
         self._answer(body=False)
@@ -144,12 +206,23 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(body=True)
 
     def do_POST(self) -> None:  # noqa: N802
-        """The client's reports of its own state: read (bounded) and acknowledged, nothing kept."""
-        length = int(self.headers.get("Content-Length") or 0)
-        if not _ACKNOWLEDGED.fullmatch(urllib.parse.urlsplit(self.path).path) or length > _MAX_REPORT_BYTES:
-            self.close_connection = True
-            return self._error(HTTPStatus.FORBIDDEN, "this viewer keeps no state; nothing to post here")
-        self.rfile.read(length)
+        """The client's reports of its own state: bounded, read, acknowledged, nothing kept. A body that
+        is refused is never read (the connection closes)."""
+        if not _ACKNOWLEDGED.fullmatch(urllib.parse.urlsplit(self.path).path):
+            return self._error(
+                HTTPStatus.FORBIDDEN, "this viewer keeps no state; nothing to post here", close=True
+            )
+        length = content_length(self.headers.get_all("Content-Length"))
+        if length is None or "Transfer-Encoding" in self.headers:
+            return self._error(HTTPStatus.BAD_REQUEST, "a state report needs one Content-Length", close=True)
+        if length > _MAX_REPORT_BYTES:
+            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "a state report is a few kB", close=True)
+        while length > 0:  # read and dropped in blocks
+            block = self.rfile.read(min(length, 1 << 16))
+            if not block:
+                self.close_connection = True
+                return
+            length -= len(block)
         data = b'{"g": "em"}'
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/json")
@@ -160,12 +233,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _quiet_event_stream(self) -> None:
         """An open server-sent-event stream with nothing to say: the client sees its "Python" connected.
         A comment every HEARTBEAT_SECONDS finds a closed tab (the write fails) and ends the thread."""
-        self.close_connection = True
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
+        if not self.server.event_streams.acquire(blocking=False):
+            return self._error(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "too many open viewer tabs",
+                close=True,
+                headers={"Retry-After": "30"},
+            )
         try:
+            self.close_connection = True
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
             while True:
                 self.wfile.write(b": quiet\n\n")
                 self.wfile.flush()
@@ -173,64 +253,108 @@ class _Handler(BaseHTTPRequestHandler):
                     return
         except (OSError, ValueError):  # the tab was closed
             return
+        finally:
+            self.server.event_streams.release()
 
     def _answer(self, body: bool) -> None:
+        if "Transfer-Encoding" in self.headers or (self.headers.get("Content-Length") or "0").strip() != "0":
+            self.close_connection = True  # a body nobody reads must not be taken for the next request
         path = urllib.parse.urlsplit(self.path).path
         try:
-            if path.startswith(DATA_PREFIX):
-                key = requested_key(path[len(DATA_PREFIX) :])
-                content, mime = self.server.read(key), _mime(key)
-                cache = "no-cache"  # a re-published image replaces its chunks: always revalidate
-            else:
-                if not path.startswith(CLIENT_PREFIX):
-                    raise FileNotFoundError(path)
-                name = path[len(CLIENT_PREFIX) :] or "index.html"
-                if not _CLIENT_FILE.fullmatch(name) or not (self.server.client / name).is_file():
-                    raise FileNotFoundError(name)
-                content, mime = (self.server.client / name).read_bytes(), _mime(name)
-                cache = "no-cache" if name == "index.html" else "max-age=86400"  # hashed bundle names
+            opened, mime, cache = self._open(path)
         except Refused as exc:
+            self._detail = f"{exc}; {exc.__cause__}" if exc.__cause__ else str(exc)
             return self._error(HTTPStatus.FORBIDDEN, str(exc))
         except FileNotFoundError:
             return self._error(HTTPStatus.NOT_FOUND, "not found")  # an absent chunk: Neuroglancer fills it
         except OSError as exc:  # the object store is down, a disk error: say so, the viewer retries
-            return self._error(HTTPStatus.BAD_GATEWAY, f"cannot read the data root: {exc}")
-        self.send_response(HTTPStatus.OK)
+            self._detail = repr(exc)
+            return self._error(HTTPStatus.BAD_GATEWAY, "cannot read the data root now; try again")
+        with opened:
+            self._send(opened, mime, cache, body)
+
+    def _open(self, path: str) -> tuple[Body, str, str]:
+        """The file a GET/HEAD names, its type and its caching rule."""
+        if path.startswith(DATA_PREFIX):
+            key = requested_key(path[len(DATA_PREFIX) :])
+            # a re-published image replaces its chunks: always revalidate
+            return self.server.images.open(key), _mime(key), "no-cache"
+        if not path.startswith(CLIENT_PREFIX):
+            raise FileNotFoundError(path)
+        name = path[len(CLIENT_PREFIX) :] or "index.html"
+        if not _CLIENT_FILE.fullmatch(name):
+            raise FileNotFoundError(name)
+        cache = "no-cache" if name == "index.html" else "max-age=86400"  # hashed bundle names
+        return open_local((self.server.client / name).resolve()), _mime(name), cache
+
+    def _send(self, opened: Body, mime: str, cache: str, body: bool) -> None:
+        """The whole file (200) or the one range asked for (206, or 416 past the end); HEAD: headers only."""
+        ranged = None if "If-Range" in self.headers else self.headers.get("Range")  # no validators: whole
+        try:
+            span = byte_range(ranged, opened.size)
+        except Unsatisfiable:
+            headers = {"Content-Range": f"bytes */{opened.size}"}
+            return self._error(
+                HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "range not satisfiable", headers=headers
+            )
+        first, last = span or (0, opened.size - 1)
+        count = last - first + 1
+        self.send_response(HTTPStatus.PARTIAL_CONTENT if span else HTTPStatus.OK)
+        if span:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{opened.size}")
         self.send_header("Content-Type", mime)
-        self.send_header("Content-Length", str(len(content)))
+        self.send_header("Content-Length", str(count))
+        self.send_header("Accept-Ranges", "bytes")
         self.send_header("Cache-Control", cache)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
-        if body:
-            self.wfile.write(content)
+        if body and count > 0 and opened.send(self.connection, first, count) < count:
+            self.close_connection = True  # the file was cut short (replaced): the client sees it end early
 
-    def _error(self, status: HTTPStatus, text: str) -> None:
+    def _error(self, status: HTTPStatus, text: str, close: bool = False, headers: dict | None = None) -> None:
         data = (text + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")  # http.server then closes the connection
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Refusals and server errors only: an absent chunk (404) is routine for a sparse image."""
+        """Refusals and server errors only (with what the client is not told): an absent chunk (404) is
+        routine for a sparse image."""
         status = int(code) if str(code).isdigit() else 0
-        if status == HTTPStatus.FORBIDDEN or status >= 500:
-            sys.stderr.write(f"viewer: {self.address_string()} {self.requestline!r} {status}\n")
+        if status in _LOGGED or status >= 500:
+            detail, self._detail = (f": {self._detail}" if self._detail else ""), ""
+            sys.stderr.write(f"viewer: {self.address_string()} {self.requestline!r} {status}{detail}\n")
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
         pass  # http.server's own access and error lines; log_request says what matters
+
+
+_EVERY_ADDRESS = ("", "0.0.0.0", "::")  # a wildcard bind is no host name a browser uses
+_LOGGED = (
+    HTTPStatus.BAD_REQUEST,
+    HTTPStatus.FORBIDDEN,
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    HTTPStatus.MISDIRECTED_REQUEST,
+)
 
 
 def _mime(name: str) -> str:
     return _MIME.get(posixpath.splitext(name)[1], "application/octet-stream")
 
 
-def serve(data_root: str, host: str, port: int, storage_options=None, out=sys.stdout) -> int:
+def serve(
+    data_root: str, host: str, port: int, storage_options=None, out=sys.stdout, allowed_hosts=()
+) -> int:
     """Serve until interrupted (``em-platform viewer``)."""
     try:
-        server = ViewerServer(data_root, host, port, storage_options)
+        server = ViewerServer(data_root, host, port, storage_options, allowed_hosts=allowed_hosts)
     except ViewerUnavailable as exc:
         print(f"em-platform viewer: {exc}", file=sys.stderr)
         return 2
@@ -238,7 +362,8 @@ def serve(data_root: str, host: str, port: int, storage_options=None, out=sys.st
         print(f"em-platform viewer: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
     print(
-        f"em-platform viewer: Neuroglancer on {server.url}, images of {data_root} under /data/",
+        f"em-platform viewer: Neuroglancer on {server.url}, images of {data_root} under /data/; "
+        f"answers to {', '.join(sorted(server.allowed_hosts))}",
         file=out,
         flush=True,
     )

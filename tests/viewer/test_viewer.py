@@ -1,5 +1,5 @@
 """`em-platform viewer` and the links assets carry: what the browser is served, what it is refused, and
-the view a link opens. (That Neuroglancer draws the images: tests/browser/test_neuroglancer.py.)"""
+the view a link opens. (That Neuroglancer draws the images: tests/browser/test_operator_ui.py.)"""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_keeps_no_state_and_takes_no_uploads(viewer):
     conn.putrequest("POST", "/state/em")
     conn.putheader("Content-Length", str(2 << 20))  # refused on its header, before any body is read
     conn.endheaders()
-    assert conn.getresponse().status == 403
+    assert conn.getresponse().status == 413
     conn.close()
 
 
@@ -157,7 +157,9 @@ def _state(link: str) -> dict:
 
 
 def test_link_opens_a_montage_flat_and_whole(data_root):
-    link = link_for(str(data_root / "acquisition/m1/montage.ome.zarr"), "http://scope-pc:3030/", str(data_root))
+    link = link_for(
+        str(data_root / "acquisition/m1/montage.ome.zarr"), "http://scope-pc:3030/", str(data_root)
+    )
     state = _state(link)
     (layer,) = state["layers"]
     assert layer["source"] == "zarr3://http://scope-pc:3030/data/acquisition/m1/montage.ome.zarr/"
@@ -167,14 +169,18 @@ def test_link_opens_a_montage_flat_and_whole(data_root):
 
 
 def test_link_opens_a_tomogram_in_four_panels_with_its_own_contrast(data_root):
-    state = _state(link_for(str(data_root / "cryo/ts1/tomogram.ome.zarr"), "http://127.0.0.1:3030", str(data_root)))
+    state = _state(
+        link_for(str(data_root / "cryo/ts1/tomogram.ome.zarr"), "http://127.0.0.1:3030", str(data_root))
+    )
     assert state["layout"] == "4panel" and state["displayDimensions"] == ["x", "y", "z"]
     lo, hi = state["layers"][0]["shaderControls"]["normalized"]["range"]
     assert -2 < lo < 1.5 and 8.5 < hi < 12  # the float32 values' 0.5-99.5 % (mean 5, sd 2), not [0, 1]
 
 
 def test_big_image_is_zoomed_out_to_fit():
-    state = _state(neuroglancer_link("http://h:1", Image("a.zarr", ("y", "x"), (40000, 24000), np.arange(9.0))))
+    state = _state(
+        neuroglancer_link("http://h:1", Image("a.zarr", ("y", "x"), (40000, 24000), np.arange(9.0)))
+    )
     assert state["crossSectionScale"] == pytest.approx(50.0)  # 40,000 px in an 800-px panel
 
 
@@ -206,7 +212,11 @@ def test_cli_serves_on_the_settings_address_and_refuses_a_taken_port(data_root):
         conn.request("GET", "/data/cryo/ts1/tomogram.ome.zarr/zarr.json")
         assert conn.getresponse().status == 200
         second = subprocess.run(
-            [sys.executable, "-m", "em_platform.cli", "viewer"], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "em_platform.cli", "viewer"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr
     finally:
