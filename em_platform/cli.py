@@ -213,7 +213,11 @@ def _scope_sim(args, settings) -> int:
             print("em-platform scope-sim: --verdict-timeout must be > 0 seconds", file=sys.stderr)
             return 2
         heard: list[tuple[str, str | None]] = []  # the qc.status verdicts, newest last
-        stomp = BrokerSettings.from_env(broker=broker)
+        try:
+            stomp = BrokerSettings.from_env(broker=broker)
+        except ValueError as exc:  # BrokerSpecError: the address or EM_BROKER_TLS
+            print(f"em-platform scope-sim: {exc}", file=sys.stderr)
+            return 2
         watch = VerdictWatch(args.verdict_timeout)
         topics = ", ".join(destination(t, stomp.topic_prefix) for t in CONSUMED)
         where = (

@@ -40,6 +40,8 @@ class Settings:
     # the password is read from EM_BROKER_PASSWORD where it is used, never kept here (settings are printed)
     broker_topic_prefix: str = "/topic/"
     broker_username: str | None = None
+    # STOMP over TLS to the broker: None (plain), "system" (the system's CAs) or the broker's CA certificate
+    broker_tls: str | None = None
     # the Dagster instance (run history, schedules, sensors) every entry point shares: $DAGSTER_HOME
     dagster_home: str = ""
     # local folder of cryo-ET simulation specs (YAML/JSON) that the simulation sensor watches
@@ -164,6 +166,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         downloads=downloads,
         broker_topic_prefix=_topic_prefix(env.get("EM_BROKER_TOPIC_PREFIX")),
         broker_username=env.get("EM_BROKER_USERNAME", "").strip() or None,
+        broker_tls=broker_tls(env.get("EM_BROKER_TLS")),
         dagster_home=str(
             Path(env.get("DAGSTER_HOME", "").strip() or default_dagster_home()).expanduser().resolve()
         ),
@@ -259,6 +262,21 @@ def _broker(spec: str | None) -> str | None:
     return spec
 
 
+def broker_tls(value: str | None) -> str | None:
+    """``EM_BROKER_TLS``: empty for plain STOMP, ``system`` for TLS checked against the system's CAs, or the
+    path of the CA certificate (PEM) the broker's certificate must chain to; ConfigError otherwise."""
+    value = (value or "").strip()
+    if not value or value == "system":
+        return value or None
+    if not Path(value).is_file():
+        raise ConfigError(
+            f"EM_BROKER_TLS={value!r} names no file: give the path of the broker's CA certificate (PEM; for "
+            "the compose deployment `python -m em_platform.deploy compose-ca --broker` prints it), `system` "
+            "to trust the system's CAs, or leave it empty for plain STOMP"
+        )
+    return value
+
+
 def sensor_interval_seconds(default: int, env: Mapping[str, str] | None = None) -> int:
     """A sensor's minimum interval: ``EM_SENSOR_INTERVAL_SECONDS`` when set (a deployment's choice, e.g. a
     test topology that should react within seconds), else the sensor's own ``default``."""
@@ -290,6 +308,7 @@ ENV_NAMES = {
     "dagster_home": "DAGSTER_HOME",
     "broker_topic_prefix": "EM_BROKER_TOPIC_PREFIX",
     "broker_username": "EM_BROKER_USERNAME",
+    "broker_tls": "EM_BROKER_TLS",
     "viewer_url": "EM_VIEWER_URL",
     "viewer_hosts": "EM_VIEWER_HOSTS",
     "montage_max_grid": "EM_MONTAGE_MAX_GRID",

@@ -6,7 +6,7 @@ compose-up             docker/compose.yaml up as containers (Docker, or podman w
 compose-down [--volumes]  remove the stack's containers (runs included); volumes kept unless --volumes
 compose-status         each container of the stack and of its runs, with its health checked now
 ui-user NAME           add a user who may log in to the UI and the viewer, or change its password
-compose-ca             the root certificate of the proxy's CA, for browsers and clients to trust
+compose-ca [--broker]  the root certificate of the proxy's CA (browsers), or of the broker's (microscope PCs)
 up [--state DIR]       start every service on loopback (PostgreSQL/RabbitMQ: the machine's), until Ctrl-C
 down [--state DIR]     stop what an `up` in another shell started (by the PIDs it recorded)
 plan [--state DIR]     print each process's command and environment (what `up` would run); changes nothing

@@ -6,8 +6,10 @@ A microscope PC on the facility network then cannot forge a QC verdict, read ano
 declare anything beyond its own subscriptions, whatever its software does. Passwords come from the
 environment and are stored only as RabbitMQ's salted SHA-256 hashes.
 
-``python -m em_platform.deploy.broker_users FILE`` writes the definitions; RabbitMQ loads them at every
-start (``load_definitions``), so a password changed in docker/.env applies after a restart.
+``python -m em_platform.deploy.broker_users FILE --tls DIR`` writes the definitions, and the first time the
+certificate of the broker's published STOMP-over-TLS port (:func:`broker_tls`); RabbitMQ loads the
+definitions at every start (``load_definitions``), so a password changed in docker/.env applies after a
+restart.
 """
 
 from __future__ import annotations
@@ -102,10 +104,31 @@ def definitions(env: dict[str, str]) -> dict:
     }
 
 
+# The official rabbitmq image runs RabbitMQ as uid/gid 999 (as does docker/standin/rabbitmq): its TLS key's owner
+RABBITMQ_UID = 999
+
+
+def broker_tls(folder: Path, env: dict[str, str]) -> bool:
+    """The broker's STOMP TLS certificate (and its private CA) in ``folder``, unless there; True when made.
+
+    For the names the microscope PCs and the platform use: ``rabbitmq`` (the compose network), loopback, and
+    ``EM_PUBLIC_HOST`` (the facility's name or address of this host). The key is RabbitMQ's alone (0600)."""
+    from em_platform.deploy.certificates import make_certificates
+
+    public = [h.strip() for h in env.get("EM_PUBLIC_HOST", "").split(",") if h.strip()]
+    owner = (RABBITMQ_UID, RABBITMQ_UID) if os.geteuid() == 0 else None
+    names = ("rabbitmq", "localhost", "127.0.0.1", *public)
+    return make_certificates(folder, names, common_name="em_platform broker", key_owner=owner)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    tls = None
+    if len(args) == 3 and args[1] == "--tls":
+        tls = Path(args[2])
+        args = args[:1]
     if len(args) != 1:
-        print("usage: python -m em_platform.deploy.broker_users DEFINITIONS.json", file=sys.stderr)
+        print("usage: python -m em_platform.deploy.broker_users DEFINITIONS.json [--tls DIR]", file=sys.stderr)
         return 2
     try:
         doc = definitions(dict(os.environ))
@@ -120,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     partial.replace(path)
     users = ", ".join(f"{u['name']}" for u in doc["users"])
     print(f"broker users {users} written to {path}")
+    if tls is not None:
+        made = broker_tls(tls, dict(os.environ))
+        print(f"broker TLS certificate {'made' if made else 'already'} in {tls}")
     return 0
 
 

@@ -12,13 +12,13 @@ certificates mean a new CA (delete the volume; the next start makes both).
 
 from __future__ import annotations
 
-import datetime
 import sys
 from pathlib import Path
 
+from em_platform.deploy import certificates
+from em_platform.deploy.certificates import CA, CERT, KEY
+
 CERTS = "/opt/dask-certs"  # where the certificates volume is mounted
-CA, CERT, KEY = "ca.pem", "cert.pem", "key.pem"
-VALID_DAYS = 3650
 
 # Dask's configuration as environment variables for every scheduler, worker and client of the deployment
 TLS_ENV = {
@@ -34,59 +34,8 @@ TLS_ENV = {
 
 
 def make_certificates(folder: Path, names: tuple[str, ...] = ("dask-scheduler", "localhost")) -> bool:
-    """A CA and one certificate it signed (for ``names``) in ``folder``, unless they are there; True when made.
-    Written under temporary names and renamed, the key last, so a reader never finds half a set."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    if all((folder / name).is_file() for name in (CA, CERT, KEY)):
-        return False
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    until = now + datetime.timedelta(days=VALID_DAYS)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "em_platform Dask CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "em_platform Dask")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    files = {
-        CA: ca.public_bytes(pem),
-        CERT: cert.public_bytes(pem),
-        KEY: key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    }
-    for name, data in files.items():
-        partial = folder / f".{name}.partial"
-        partial.write_bytes(data)
-        partial.chmod(0o600 if name == KEY else 0o644)
-        partial.replace(folder / name)
-    return True
+    """The cluster's CA and certificate (for ``names``) in ``folder``, unless they are there; True when made."""
+    return certificates.make_certificates(folder, names, common_name="em_platform Dask")
 
 
 def main(argv: list[str] | None = None) -> int:

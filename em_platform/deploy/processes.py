@@ -69,16 +69,23 @@ class Machine:
     stomp_user: str = "guest"
     stomp_password: str = "guest"
     pg_password: str = "unused-with-trust-auth"
+    stomp_tls: str | None = None  # EM_BROKER_TLS: None for plain STOMP
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Machine:
         """The servers named by libpq's PGHOST/PGPORT/PGUSER/PGPASSWORD and EM_BROKER (host:port),
-        EM_BROKER_USERNAME/EM_BROKER_PASSWORD; this machine's defaults where unset."""
+        EM_BROKER_USERNAME/EM_BROKER_PASSWORD/EM_BROKER_TLS; this machine's defaults where unset."""
+        from em_platform.settings import ConfigError, broker_tls
+
         d = cls()
         broker = env.get("EM_BROKER", f"{d.stomp_host}:{d.stomp_port}")
         host, _, port = broker.rpartition(":")
         if not host or not port.isdigit():
             raise TopologyError(f"EM_BROKER={broker!r}: expected host:port of the STOMP broker")
+        try:
+            tls = broker_tls(env.get("EM_BROKER_TLS"))
+        except ConfigError as exc:
+            raise TopologyError(str(exc)) from None
         pg_port = env.get("PGPORT", str(d.pg_port))
         if not pg_port.isdigit():
             raise TopologyError(f"PGPORT={pg_port!r}: expected the PostgreSQL server's port number")
@@ -91,6 +98,7 @@ class Machine:
             stomp_user=env.get("EM_BROKER_USERNAME", d.stomp_user),
             stomp_password=env.get("EM_BROKER_PASSWORD", d.stomp_password),
             pg_password=env.get("PGPASSWORD", d.pg_password),
+            stomp_tls=tls,
         )
 
 
@@ -174,6 +182,7 @@ class ProcessTopology:
             "EM_S3_BUCKET": name.replace("_", "-"),
             "EM_BROKER_USERNAME": m.stomp_user,
             "EM_BROKER_PASSWORD": m.stomp_password,
+            "EM_BROKER_TLS": m.stomp_tls or "",
             "EM_BROKER_TOPIC_PREFIX": f"/topic/{name}.",
             "EM_BROKER_SUBSCRIPTION": f"{name}_journal",
             "DASK_WORKERS": str(workers),
@@ -225,6 +234,10 @@ class ProcessTopology:
             argv = (_executable(argv[0]), *argv[1:])
             argv += process_only_args(svc.name, self.addresses.bind)
             env = self.env_of(svc)
+            if svc.name == "user-code":
+                # as processes, Dagster's default launcher starts each run from the code server, so the code
+                # server holds what the daemon hands each run container in compose: every secret a run uses
+                env = {**self.platform_env, **env}
             cwd = str(self.dagster_home) if svc.working_dir else str(REPO)
             replicas = int(interpolate(svc.replicas, self.settings)) if svc.replicas else 1
             out += [Launch(svc.name, i, argv, env, cwd) for i in range(replicas)]
@@ -553,6 +566,7 @@ class ProcessTopology:
                 topic_prefix=self.settings["EM_BROKER_TOPIC_PREFIX"],
                 username=m.stomp_user,
                 password=m.stomp_password,
+                tls=m.stomp_tls,
             )
         if not self._created:
             return

@@ -126,6 +126,8 @@ def platform_env(secrets: tuple[str, ...] = tuple(SECRET_GROUPS)) -> dict[str, s
         "EM_BROKER": "{addr:rabbitmq}",
         "EM_BROKER_TOPIC_PREFIX": "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
         "EM_BROKER_USERNAME": "${EM_BROKER_USERNAME:-em}",
+        # plain STOMP on the compose network; TLS is the published port's (docker/rabbitmq/30-tls.conf)
+        "EM_BROKER_TLS": "",
         "EM_SCOPE_PIXEL_SIZE_NM": "${EM_SCOPE_PIXEL_SIZE_NM:-}",
         # where users' browsers reach the viewer (its published port; in compose the proxy's, over TLS):
         # every image's Neuroglancer link
@@ -201,20 +203,22 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "broker-init",
         image=EM_IMAGE,
-        command=("python", "-m", "em_platform.deploy.broker_users", "/definitions/definitions.json"),
+        command=("python", "-m", "em_platform.deploy.broker_users", "/definitions/definitions.json", "--tls", "/tls"),
         env={
+            "EM_PUBLIC_HOST": "${EM_PUBLIC_HOST:-127.0.0.1}",  # a name of the TLS certificate the scope checks
             "EM_BROKER_USERNAME": "${EM_BROKER_USERNAME:-em}",
             "EM_BROKER_PASSWORD": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
             "EM_SCOPE_BROKER_USERNAME": "${EM_SCOPE_BROKER_USERNAME:-scope}",
             "EM_SCOPE_BROKER_PASSWORD": "${EM_SCOPE_BROKER_PASSWORD:?set EM_SCOPE_BROKER_PASSWORD in docker/.env}",
             "EM_BROKER_TOPIC_PREFIX": "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
         },
-        volumes=("broker-definitions:/definitions",),
+        volumes=("broker-definitions:/definitions", "broker-tls:/tls"),
         depends_on={"secrets-check": COMPLETED},
         restart="no",
         runs_as="equivalent",
         note="the broker's users (RabbitMQ definitions): the platform's, and the microscope's, which may "
-        "publish only its own topics and read only the platform's answers",
+        "publish only its own topics and read only the platform's answers; and, at the first start, the "
+        "certificate of its published STOMP port (TLS)",
     ),
     Service(
         "rabbitmq",
@@ -224,16 +228,17 @@ SERVICES: tuple[Service, ...] = (
             "RABBITMQ_DEFAULT_USER": "${EM_BROKER_USERNAME:-em}",
             "RABBITMQ_DEFAULT_PASS": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}",
         },
-        port=61613,
-        ports=(
-            "${EM_BROKER_BIND:-127.0.0.1}:${EM_BROKER_PORT:-61613}:61613",
-        ),  # the microscope PC reaches it
-        probe=Probe("command", test=("CMD", "rabbitmq-diagnostics", "-q", "check_port_listener", "61613")),
+        port=61613,  # plain STOMP, on the compose network only: the listener, live QC and the runs
+        # the microscope PC reaches STOMP over TLS only (docker/rabbitmq/30-tls.conf), after a login
+        ports=("${EM_BROKER_BIND:-127.0.0.1}:${EM_BROKER_PORT:-61614}:61614",),
+        probe=Probe("command", test=("CMD", "rabbitmq-diagnostics", "-q", "check_port_listener", "61614")),
         volumes=(
             "rabbitmq-data:/var/lib/rabbitmq",
             "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro",
             "./rabbitmq/20-definitions.conf:/etc/rabbitmq/conf.d/20-definitions.conf:ro",
+            "./rabbitmq/30-tls.conf:/etc/rabbitmq/conf.d/30-tls.conf:ro",
             "broker-definitions:/etc/rabbitmq/definitions:ro",
+            "broker-tls:/etc/rabbitmq/tls:ro",
         ),
         depends_on={"broker-init": COMPLETED},
         # RabbitMQ keeps its data under its node name, rabbit@HOSTNAME: a recreated container must keep it

@@ -50,7 +50,7 @@ HEALTH_POLL_S = 2.0
 # the host ports the stack publishes (docker/compose.yaml), by the setting that chooses each
 PUBLISHED_PORTS = {"EM_WEB_PORT": "proxy", "EM_VIEWER_PORT": "proxy", "EM_BROKER_PORT": "rabbitmq"}
 ADMIN = "admin"  # the UI user make compose-up makes; its password is EM_UI_ADMIN_PASSWORD in the env file
-ENV_EXAMPLE_DEFAULTS = {"EM_WEB_PORT": "3000", "EM_VIEWER_PORT": "3030", "EM_BROKER_PORT": "61613"}
+ENV_EXAMPLE_DEFAULTS = {"EM_WEB_PORT": "3000", "EM_VIEWER_PORT": "3030", "EM_BROKER_PORT": "61614"}
 
 
 class StackError(RuntimeError):
@@ -515,6 +515,11 @@ class Stack:
         done = self.engine_cmd("exec", name, "cat", "/data/caddy/pki/authorities/local/root.crt", check=True)
         return done.stdout
 
+    def broker_ca(self) -> str:
+        """The CA certificate (PEM) of the broker's STOMP TLS port, which the microscope PCs trust."""
+        [name] = self.container_names("rabbitmq")
+        return self.engine_cmd("exec", name, "cat", "/etc/rabbitmq/tls/ca.pem", check=True).stdout
+
     def data_volume_path(self) -> Path:
         """Where the stack's data volume (the inbox, the scopes' share, the buffer) is on this host."""
         done = self.engine_cmd(
@@ -530,8 +535,9 @@ class Stack:
             f"  Dagster UI        {web} (log in as {ADMIN}: EM_UI_ADMIN_PASSWORD in {self.env_file})",
             f"  image viewer      {s.get('EM_VIEWER_URL') or 'https://127.0.0.1:3030'}",
             "  TLS               the proxy's own CA: `python -m em_platform.deploy compose-ca` prints its root",
-            f"  STOMP broker      127.0.0.1:{s.get('EM_BROKER_PORT') or 61613} as {s.get('EM_BROKER_USERNAME') or 'em'} "
-            f"(topics {s.get('EM_BROKER_TOPIC_PREFIX') or '/topic/'})",
+            f"  STOMP broker      127.0.0.1:{s.get('EM_BROKER_PORT') or 61614} over TLS (EM_BROKER_TLS: the CA "
+            "`python -m em_platform.deploy compose-ca --broker` prints), the microscope as "
+            f"{s.get('EM_SCOPE_BROKER_USERNAME') or 'scope'} (topics {s.get('EM_BROKER_TOPIC_PREFIX') or '/topic/'})",
         ]
         with contextlib.suppress(StackError, subprocess.SubprocessError):
             data = self.data_volume_path()
@@ -615,6 +621,10 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
         parser.add_argument(
             "--volumes", action="store_true", help="also delete the stack's volumes: every record and object"
         )
+    if command == "compose-ca":
+        parser.add_argument(
+            "--broker", action="store_true", help="the broker's CA (for the microscope PCs), not the proxy's"
+        )
     if command == "ui-user":
         parser.add_argument("name", help="the user's login name")
         parser.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -646,7 +656,7 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
             stack.reload_proxy()
             print(f"UI user {args.name} {'added' if new else 'given a new password'}; the proxy has reloaded")
         elif command == "compose-ca":
-            print(stack.proxy_ca(), end="")
+            print(stack.broker_ca() if args.broker else stack.proxy_ca(), end="")
         else:
             rows = stack.status()
             if not rows:

@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
+from em_platform.settings import broker_tls
 from em_platform.tem.broker import DEFAULT_TOPIC_PREFIX, BrokerSettings, parse_broker
 from em_platform.tem.journal import Journal, MontageRow, TileRow
 from em_platform.tem.tile_source import JournalTileSource, Outbox
@@ -106,7 +107,8 @@ class BrokerScope(AcquisitionHardware):
     """A real (or simulated) scope behind a STOMP broker: outgoing messages are also published there.
 
     ``topic_prefix``, ``username``, ``password`` and ``vhost`` are the listener's (``EM_BROKER_TOPIC_PREFIX``,
-    ``EM_BROKER_USERNAME``, ``EM_BROKER_PASSWORD``, ``EM_BROKER_VHOST``): empty prefix on ActiveMQ Artemis.
+    ``EM_BROKER_USERNAME``, ``EM_BROKER_PASSWORD``, ``EM_BROKER_VHOST``): empty prefix on ActiveMQ Artemis;
+    ``EM_BROKER_TLS`` as for them.
     """
 
     broker: str  # HOST:PORT of the STOMP broker
@@ -122,7 +124,8 @@ class BrokerScope(AcquisitionHardware):
         # the password from EM_BROKER_PASSWORD at connect time when not given: secrets stay out of run config
         password = self.password or os.environ.get("EM_BROKER_PASSWORD") or None
         vhost = self.vhost or os.environ.get("EM_BROKER_VHOST", "").strip() or "/"
-        return BrokerSettings(host, port, self.topic_prefix, self.username, password, vhost)
+        tls = broker_tls(os.environ.get("EM_BROKER_TLS", ""))  # like the password: the process's setting
+        return BrokerSettings(host, port, self.topic_prefix, self.username, password, vhost, tls)
 
     def _publish(self, messages: list[tuple[str, dict[str, Any]]]) -> None:
         with self._lock:

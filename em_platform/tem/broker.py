@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ import stomp
 import stomp.exception
 from pydantic import BaseModel
 
+from em_platform.settings import broker_tls as parse_tls
 from em_platform.tem.protocol import validate
 
 __all__ = [
@@ -92,6 +94,8 @@ class BrokerSettings:
     ``topic_prefix``: ``/topic/`` on RabbitMQ's STOMP plugin, empty on ActiveMQ Artemis (as the Allen
     system runs it; pigeon's rule adds a ``.`` to any other prefix not ending in ``/`` or ``.``).
     ``vhost``: the CONNECT ``host`` header (RabbitMQ's virtual host; Artemis ignores it).
+    ``tls``: None for plain STOMP, else TLS with the broker's certificate checked (name included) against
+    ``"system"``'s CAs or the CA certificate file it names (:func:`parse_tls`; ``EM_BROKER_TLS``).
     """
 
     host: str
@@ -100,6 +104,7 @@ class BrokerSettings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     vhost: str | None = "/"
+    tls: str | None = None
 
     @property
     def address(self) -> str:
@@ -110,7 +115,8 @@ class BrokerSettings:
         cls, env: Mapping[str, str] | None = None, *, broker: str | None = None
     ) -> BrokerSettings | None:
         """``EM_BROKER`` (HOST:PORT; or ``broker``), ``EM_BROKER_TOPIC_PREFIX``, ``EM_BROKER_USERNAME``,
-        ``EM_BROKER_PASSWORD`` and ``EM_BROKER_VHOST``; None when no broker is set (the embedded scope)."""
+        ``EM_BROKER_PASSWORD``, ``EM_BROKER_VHOST`` and ``EM_BROKER_TLS``; None when no broker is set (the
+        embedded scope)."""
         env = os.environ if env is None else env
         spec = broker or env.get("EM_BROKER", "").strip()
         if not spec:
@@ -124,6 +130,7 @@ class BrokerSettings:
             username=env.get("EM_BROKER_USERNAME", "").strip() or None,
             password=env.get("EM_BROKER_PASSWORD") or None,
             vhost=env.get("EM_BROKER_VHOST", "").strip() or "/",
+            tls=parse_tls(env.get("EM_BROKER_TLS", "")),
         )
 
     def publisher(self, **kwargs: Any) -> BrokerPublisher:
@@ -135,6 +142,7 @@ class BrokerSettings:
             username=self.username,
             password=self.password,
             vhost=self.vhost,
+            tls=self.tls,
             **kwargs,
         )
 
@@ -145,6 +153,7 @@ class BrokerSettings:
             "username": self.username,
             "password": self.password,
             "vhost": self.vhost,
+            "tls": self.tls,
         }
 
 
@@ -222,12 +231,14 @@ def open_stomp(
     username: str | None = None,
     password: str | None = None,
     vhost: str | None = "/",
+    tls: str | None = None,
     timeout: float = 10.0,
 ) -> stomp.Connection12:
     """One STOMP 1.2 connection attempt that cannot hang: connected, or BrokerUnavailable with the reason.
 
     ``vhost`` goes into the CONNECT ``host`` header: RabbitMQ reads that header as the virtual host, and
     stomp.py would otherwise send the broker's host name there (``Virtual host '127.0.0.1' access denied``).
+    ``tls`` (:func:`parse_tls`): STOMP over TLS, the broker's certificate and name verified.
     """
     where = f"{host}:{port}"
     conn = stomp.Connection12(
@@ -238,6 +249,8 @@ def open_stomp(
         vhost=vhost,
         timeout=timeout,
     )
+    if tls:
+        conn.set_ssl(for_hosts=[(host, port)], ca_certs=None if tls == "system" else tls)
     for name, listener in (listeners or {}).items():
         conn.set_listener(name, listener)
     conn.set_listener("em_platform_events", events)
@@ -245,32 +258,44 @@ def open_stomp(
         conn.connect(username=username, passcode=password, wait=False)
     except (stomp.exception.StompException, OSError) as exc:
         raise BrokerUnavailable(
-            f"cannot connect to the STOMP broker at {where}: {_connect_error(host, port, exc)}"
+            f"cannot connect to the STOMP broker at {where}: {_connect_error(host, port, exc, tls)}"
         ) from exc
     sock = conn.transport.socket
-    if sock is not None:
-        sock.settimeout(
-            None
-        )  # the timeout bounds the TCP connect only; an idle subscription must not time out
+    if sock is not None and not tls:
+        # the timeout bounds the TCP connect only; an idle subscription must not time out. (Over TLS stomp.py
+        # polls a non-blocking socket itself: made blocking, its reader would never hand a frame on.)
+        sock.settimeout(None)
     if not events.wait_connected(timeout):
         reason = events.error or (
             "connection closed" if events.closed else f"no CONNECTED frame in {timeout:g} s"
         )
+        if not tls and events.closed:
+            reason += " (a STOMP-over-TLS port closes on a plain client: set EM_BROKER_TLS)"
         drop_connection(conn)
         raise BrokerUnavailable(f"the STOMP broker at {where} refused the connection: {reason}")
     return conn
 
 
-def _connect_error(host: str, port: int, exc: BaseException) -> str:
+def _connect_error(host: str, port: int, exc: BaseException, tls: str | None = None) -> str:
     """Why a connection failed, in words: stomp.py's ConnectFailedException carries no message, so the
-    socket is asked once more for its own error (e.g. ``[Errno 111] Connection refused``)."""
+    socket is asked once more for its own error (e.g. ``[Errno 111] Connection refused``), and with ``tls``
+    the TLS handshake (e.g. ``certificate verify failed``)."""
     if str(exc):
         return str(exc)
     try:
-        socket.create_connection((host, port), timeout=2).close()
+        sock = socket.create_connection((host, port), timeout=2)
     except OSError as err:
         return str(err) or type(err).__name__
-    return "the TCP port answers but the STOMP handshake failed (is it a STOMP port?)"
+    with sock:
+        if not tls:
+            return "the TCP port answers but the STOMP handshake failed (is it a STOMP port? over TLS: EM_BROKER_TLS)"
+        context = ssl.create_default_context(cafile=None if tls == "system" else tls)
+        try:
+            context.wrap_socket(sock, server_hostname=host).close()
+        except (ssl.SSLError, OSError) as err:
+            trust = "the system's CAs" if tls == "system" else tls
+            return f"TLS handshake failed: {err} (EM_BROKER_TLS: the broker's certificate checked against {trust})"
+    return "the TLS handshake succeeds but the STOMP handshake failed (is it a STOMP port?)"
 
 
 def drop_connection(conn: stomp.Connection12) -> None:
@@ -316,6 +341,7 @@ class BrokerPublisher:
         password: str | None = None,
         service: str = DEFAULT_SERVICE,
         vhost: str | None = "/",
+        tls: str | None = None,
         connect_attempts: int = 5,
         backoff: tuple[float, float] = (0.5, 8.0),
         connect_timeout: float = 10.0,
@@ -340,7 +366,7 @@ class BrokerPublisher:
         from em_platform.tem.pigeon_sender import PigeonSender  # pigeon reads every package's metadata: 0.8 s
 
         self._pigeon = PigeonSender(
-            service, host, self.port, topic_prefix=self.topic_prefix, vhost=vhost, logger=self._log
+            service, host, self.port, topic_prefix=self.topic_prefix, vhost=vhost, tls=tls, logger=self._log
         )
         if not lazy:
             self.connect()

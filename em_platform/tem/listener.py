@@ -165,6 +165,7 @@ class _JournalListener:
         username: str | None,
         password: str | None,
         vhost: str | None,
+        tls: str | None,
         prefetch: int,
         connect_timeout: float,
         ready: threading.Event | None,
@@ -181,7 +182,7 @@ class _JournalListener:
             )
         self.log = log
         self.prefix = normalize_prefix(topic_prefix)
-        self.username, self.password, self.vhost = username, password, vhost
+        self.username, self.password, self.vhost, self.tls = username, password, vhost, tls
         self.prefetch = int(prefetch)
         self.connect_timeout = connect_timeout
         self.ready = ready
@@ -201,6 +202,7 @@ class _JournalListener:
             username=self.username,
             password=self.password,
             vhost=self.vhost,
+            tls=self.tls,
             timeout=self.connect_timeout,
         )
         try:
@@ -475,6 +477,7 @@ def run_listener(
     username: str | None = None,
     password: str | None = None,
     vhost: str | None = "/",
+    tls: str | None = None,
     prefetch: int = DEFAULT_PREFETCH,
     connect_timeout: float = 10.0,
     ready: threading.Event | None = None,
@@ -497,6 +500,7 @@ def run_listener(
         username=username,
         password=password,
         vhost=vhost,
+        tls=tls,
         prefetch=prefetch,
         connect_timeout=connect_timeout,
         ready=ready,
@@ -512,6 +516,7 @@ def delete_subscription(
     username: str | None = None,
     password: str | None = None,
     vhost: str | None = "/",
+    tls: str | None = None,
     timeout: float = 10.0,
 ) -> None:
     """Delete the durable subscription's queue and every message still in it (RabbitMQ STOMP).
@@ -521,7 +526,9 @@ def delete_subscription(
     be unsubscribed, so this subscribes first (one message prefetched, never acknowledged).
     """
     events = StompEvents()
-    conn = open_stomp(host, port, events, username=username, password=password, vhost=vhost, timeout=timeout)
+    conn = open_stomp(
+        host, port, events, username=username, password=password, vhost=vhost, tls=tls, timeout=timeout
+    )
     try:
         headers = subscription_headers(subscription_name)
         sub_id = subscription_id(subscription_name, CONSUMED[0])

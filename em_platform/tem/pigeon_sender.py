@@ -17,10 +17,13 @@ class PigeonSender(Pigeon):
     connection attempt that cannot hang, and a virtual host in the CONNECT frame (see :func:`open_stomp`).
     Sending is pigeon's own ``_send``: same body and headers as every pigeon service."""
 
-    def __init__(self, service: str, host: str, port: int, *, topic_prefix: str, vhost: str | None, logger):
+    def __init__(
+        self, service: str, host: str, port: int, *, topic_prefix: str, vhost: str | None, tls: str | None, logger
+    ):
         super().__init__(service, host=host, port=port, logger=logger, topic_prefix=topic_prefix)
         self._host_port = (host, port)
         self._vhost = vhost
+        self._tls = tls
         self._dropping = False
         self.events = StompEvents()
 
@@ -41,6 +44,7 @@ class PigeonSender(Pigeon):
             username=username,
             password=password,
             vhost=self._vhost,
+            tls=self._tls,
             timeout=timeout,
         )
         self._connected = True

@@ -51,6 +51,7 @@ class Machine:
     stomp_port: int
     stomp_user: str
     stomp_password: str
+    stomp_tls: str  # the broker's CA: its published port speaks STOMP over TLS only
 
 
 @dataclass
@@ -207,6 +208,7 @@ def stack(tmp_path_factory) -> HostView:
                 int(settings["EM_BROKER_PORT"]),
                 settings["EM_BROKER_USERNAME"],
                 settings["EM_BROKER_PASSWORD"],
+                str(state / "broker-ca.pem"),  # written once the stack is up
             ),
         )
         up = view.make("compose-up")
@@ -216,6 +218,7 @@ def stack(tmp_path_factory) -> HostView:
         view.data = stack.data_volume_path()
         (state / "proxy-ca.pem").write_text(stack.proxy_ca())
         view.cafile = str(state / "proxy-ca.pem")
+        (state / "broker-ca.pem").write_text(stack.broker_ca())
         view.platform_env = {
             "EM_INBOX": str(view.data / "inbox"),
             "EM_DATA_ROOT": f"s3://{settings['EM_S3_BUCKET']}/em",

@@ -1,6 +1,6 @@
 """The images and the stack as `make images` and `make compose-up` leave them: one container per service,
-each healthy; only the proxy (the UI and the viewer, over TLS, after a login) and the broker published, and
-only on loopback; the Docker API socket in the daemon alone; the microscope's broker user kept to its topics."""
+each healthy; only the proxy (the UI and the viewer, over TLS, after a login) and the broker (STOMP over TLS,
+after a login) published, and only on loopback; the Docker API socket in the daemon alone; the microscope's broker user kept to its topics."""
 
 from __future__ import annotations
 
@@ -88,13 +88,12 @@ def test_only_the_daemon_holds_the_engine_socket(stack):
 
 
 def _stomp(stack, user: str, password: str):
-    """A STOMP connection to the published broker port, with the ERROR frames and receipts it gets."""
+    """A STOMP connection to the published broker port (TLS), with the ERROR frames and receipts it gets."""
     import stomp
 
-    conn, heard = (
-        stomp.Connection([("127.0.0.1", int(stack.settings["EM_BROKER_PORT"]))]),
-        {"error": [], "ok": []},
-    )
+    where = ("127.0.0.1", int(stack.settings["EM_BROKER_PORT"]))
+    conn, heard = stomp.Connection([where]), {"error": [], "ok": []}
+    conn.set_ssl(for_hosts=[where], ca_certs=stack.machine.stomp_tls)
 
     class Frames(stomp.ConnectionListener):
         def on_error(self, frame):
@@ -139,6 +138,25 @@ def test_the_microscope_user_may_publish_only_its_topics_and_read_only_the_platf
     }
     with pytest.raises(stomp.exception.ConnectFailedException):
         _stomp(stack, "guest", "guest")
+
+
+def test_the_published_broker_port_speaks_only_tls_with_a_certificate_the_scope_can_check(stack, tmp_path):
+    """The microscope reaches STOMP over TLS only: the broker's certificate chains to the CA `compose-ca
+    --broker` prints, for 127.0.0.1 and localhost; plain STOMP, or TLS trusting another CA, gets no broker."""
+    from em_platform.deploy.certificates import CA, make_certificates
+    from em_platform.tem.broker import BrokerUnavailable, StompEvents, close_connection, open_stomp
+
+    s, port = stack.settings, int(stack.settings["EM_BROKER_PORT"])
+    scope = {"username": s["EM_SCOPE_BROKER_USERNAME"], "password": s["EM_SCOPE_BROKER_PASSWORD"]}
+    for host in ("127.0.0.1", "localhost"):
+        events = StompEvents()
+        close_connection(open_stomp(host, port, events, tls=stack.machine.stomp_tls, **scope), events)
+    with pytest.raises(BrokerUnavailable) as plain:
+        open_stomp("127.0.0.1", port, StompEvents(), timeout=5, **scope)
+    make_certificates(tmp_path / "other", ("localhost",), common_name="not the broker's")
+    with pytest.raises(BrokerUnavailable, match="certificate verify failed") as stranger:
+        open_stomp("127.0.0.1", port, StompEvents(), tls=str(tmp_path / "other" / CA), timeout=5, **scope)
+    assert "EM_BROKER_TLS" in str(plain.value) and "EM_BROKER_TLS" in str(stranger.value)
 
 
 def test_the_ui_and_the_viewer_answer_only_over_tls_after_a_login(stack):

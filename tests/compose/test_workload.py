@@ -115,7 +115,7 @@ def test_an_inbox_file_ends_complete_in_s3_from_a_run_in_its_own_container(stack
 
 
 def _scope_sim(stack, montage_id: str, *args: str) -> subprocess.CompletedProcess:
-    """`em-platform scope-sim` on the host as the microscope PC: it publishes to the published STOMP port and
+    """`em-platform scope-sim` on the host as the microscope PC: it publishes to the published STOMP port (TLS) and
     writes its tiles into the data volume's scope folder, which the containers mount as /data/scope."""
     s = stack.settings
     argv = [str(Path(sys.executable).parent / "em-platform"), "scope-sim", "--montage-id", montage_id]
@@ -127,6 +127,7 @@ def _scope_sim(stack, montage_id: str, *args: str) -> subprocess.CompletedProces
         "EM_BROKER_USERNAME": s["EM_SCOPE_BROKER_USERNAME"],  # the microscope's own broker user
         "EM_BROKER_PASSWORD": s["EM_SCOPE_BROKER_PASSWORD"],
         "EM_BROKER_TOPIC_PREFIX": s["EM_BROKER_TOPIC_PREFIX"],
+        "EM_BROKER_TLS": stack.machine.stomp_tls,  # the published port speaks TLS only
     }
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
 
@@ -159,6 +160,7 @@ def montage(stack, dagster_api) -> str:
             topic_prefix=stack.settings["EM_BROKER_TOPIC_PREFIX"],
             username=m.stomp_user,
             password=m.stomp_password,
+            tls=m.stomp_tls,
         ) as ear,
     ):
         ear.subscribe("qc.tile", lambda msg: heard.append(msg.tile_id))

@@ -153,6 +153,7 @@ def acquire(topology, dagster_api, *args: str, rows: int = 3, columns: int = 3, 
         topic_prefix=topology.settings["EM_BROKER_TOPIC_PREFIX"],
         username=m.stomp_user,
         password=m.stomp_password,
+        tls=m.stomp_tls,
     ) as ear:
         ear.subscribe("qc.status", lambda msg: heard_status.append((msg.status, msg.reason)))
         ear.subscribe("qc.tile", lambda msg: heard_tiles.append(msg.model_dump(mode="json")))

@@ -256,6 +256,7 @@ def run_process_during_montage(topology, api: DagsterApi) -> FaultResult:
         topic_prefix=topology.settings["EM_BROKER_TOPIC_PREFIX"],
         username=m_.stomp_user,
         password=m_.stomp_password,
+        tls=m_.stomp_tls,
     ) as ear:  # every qc.tile of the scenario, the killed run's and its retry's
         ear.subscribe("qc.tile", lambda msg: verdicts.append(msg.tile_id))
         # 0.5 tiles/s: the run must be up and killed mid-montage even when its launch is slow (at 1 tile/s a
@@ -293,6 +294,7 @@ def listener_during_montage(topology, api: DagsterApi) -> FaultResult:
             topic_prefix=topology.settings["EM_BROKER_TOPIC_PREFIX"],
             username=m_.stomp_user,
             password=m_.stomp_password,
+            tls=m_.stomp_tls,
         ) as ear:
             ear.subscribe("tile.raw", lambda msg: raw.append(msg.tile_id))
             wait_until(lambda: len(raw) >= 3, 120, "three tiles on the broker")

@@ -51,3 +51,29 @@ def test_wrong_settings_are_named():
         definitions({**ENV, "EM_SCOPE_BROKER_USERNAME": "em"})
     with pytest.raises(BrokerUsersError, match="/topic/"):
         routing_prefix("/exchange/em/")
+
+
+def test_broker_init_makes_the_brokers_tls_certificate_once_for_its_names(tmp_path, monkeypatch, capsys):
+    """`broker_users FILE --tls DIR` (compose's broker-init): a certificate for the compose name, loopback and
+    EM_PUBLIC_HOST, signed by a CA of its own, with a key only its owner reads; a restart keeps it."""
+    from cryptography import x509
+
+    from em_platform.deploy.broker_users import main
+    from em_platform.deploy.certificates import CA, CERT, KEY
+
+    for name, value in {**ENV, "EM_PUBLIC_HOST": "em.facility.example, 10.1.2.3"}.items():
+        monkeypatch.setenv(name, value)
+    tls = tmp_path / "tls"
+    assert main([str(tmp_path / "definitions.json"), "--tls", str(tls)]) == 0
+    assert "broker TLS certificate made" in capsys.readouterr().out
+    cert = x509.load_pem_x509_certificate((tls / CERT).read_bytes())
+    ca = x509.load_pem_x509_certificate((tls / CA).read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["rabbitmq", "localhost", "em.facility.example"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.1.2.3"]
+    assert (tls / KEY).stat().st_mode & 0o777 == 0o600
+    before = (tls / CERT).read_bytes()
+    assert main([str(tmp_path / "definitions.json"), "--tls", str(tls)]) == 0
+    assert "broker TLS certificate already" in capsys.readouterr().out and (tls / CERT).read_bytes() == before
+    assert main([str(tmp_path / "definitions.json"), "--tls"]) == 2  # a folder is required after --tls
