@@ -30,13 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from em_platform.deploy.standins import DEBIAN_SUITE, STANDINS
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 # podman's settings for this platform's containers (runc; file limits a host that cannot raise them allows)
 CONTAINERS_CONF = DOCKER / "podman" / "containers.conf"
 OFFICIAL_BASE = "python:3.12-slim"
-DEBIAN_SUITE = "bookworm"
-DEBIAN_BASE = f"localhost/em-platform-debian:{DEBIAN_SUITE}"
 PYTHON_BASE = f"localhost/em-platform-python:{DEBIAN_SUITE}"
 INPUTS_LABEL = "org.em-platform.inputs"
 PULL_TIMEOUT_S = 120
@@ -244,7 +244,6 @@ def build_all(tool: str | None = None, base: str | None = None, standins: bool |
     ``base``: the base image (``EM_BASE_IMAGE``; default the official Python image where the engine gets it,
     else the Debian base made here). ``standins``: build the stand-ins (default: when the base is Debian's).
     Returns what was built, with times and sizes, for the docs and the tests."""
-    from em_platform.deploy.standins import STANDINS
 
     tool = tool or engine()
     base = base or os.environ.get("EM_BASE_IMAGE", "")

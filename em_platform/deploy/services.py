@@ -355,7 +355,8 @@ SERVICES: tuple[Service, ...] = (
         compose_only_env={"DAGSTER_CURRENT_IMAGE": "${EM_IMAGE:-em-platform:latest}"},
         port=4000,
         depends_on={"postgresql": HEALTHY, "minio-init": COMPLETED, "dask-scheduler": HEALTHY},
-        probe=Probe("grpc", start_period="60s"),
+        # a Dagster CLI that imports Dagster first: 3 s here when quiet, over 5 s on a loaded 2-core host
+        probe=Probe("grpc", timeout="30s", start_period="60s"),
         volumes=(DATA_VOLUME,),
         note="the code location over gRPC; its sensors scan the inbox; DockerRunLauncher runs its image",
     ),
@@ -380,7 +381,7 @@ SERVICES: tuple[Service, ...] = (
         # the run launcher puts run containers on this stack's network with its data and compute-log volumes
         compose_only_env={STACK_ENV: STACK_NAME, **TLS_ENV},  # TLS_ENV: for the runs it launches
         depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
-        probe=Probe("daemon", start_period="60s"),
+        probe=Probe("daemon", timeout="30s", start_period="60s"),  # a Dagster CLI too (above)
         volumes=(
             # the engine's API: Docker's socket, or podman's (`podman system service`; make compose-up)
             "${DOCKER_SOCKET:-/var/run/docker.sock}:/var/run/docker.sock",

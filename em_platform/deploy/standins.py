@@ -17,9 +17,11 @@ from typing import Any
 
 import yaml
 
-from em_platform.deploy.images import DEBIAN_BASE, REPO
-
+REPO = Path(__file__).resolve().parents[2]
 STANDIN_FILE = REPO / "docker" / "compose.standin.yaml"
+# the Debian base made here from Debian's packages (em_platform.deploy.images), which the stand-ins build on
+DEBIAN_SUITE = "bookworm"
+DEBIAN_BASE = f"localhost/em-platform-debian:{DEBIAN_SUITE}"
 
 
 class Override(list):
