@@ -30,15 +30,15 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform demo
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
-test: $(VENV)/.installed services $(EM_STITCH)
+test: $(VENV)/.installed services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose --ignore=tests/slurm/test_faults_on_slurm.py tests
 
 ## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
 ## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
-test-fast: $(VENV)/.installed services $(EM_STITCH)
+test-fast: $(VENV)/.installed services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose --ignore=tests/slurm/test_faults_on_slurm.py tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
@@ -62,7 +62,7 @@ services:
 clean:
 	rm -rf var .pytest_cache
 
-.PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config images compose-up compose-down compose-status test-compose
+.PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config images compose-up compose-down compose-status test-compose test-slurm slurm-engine
 
 ## deploy-local: the production topology (docker/compose.yaml's services) as processes on loopback; Ctrl-C stops it
 deploy-local: $(VENV)/.installed services
@@ -106,6 +106,15 @@ container-engine:
 ## test-compose: the compose stack end to end in containers: build, up, the demo workload, faults, down/up
 test-compose: $(VENV)/.installed services container-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/compose
+
+## test-slurm: the platform on a real single-node SLURM started here: results equal to the local cluster's, then
+## its faults (a worker job cancelled, a walltime, slurmctld restarted, a queue that starts nothing)
+test-slurm: $(VENV)/.installed services slurm-engine
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/slurm
+
+## slurm-engine: Debian's slurm-wlm and munge for the tests against a real single-node SLURM (tests/slurm; as root)
+slurm-engine:
+	@bash scripts/install_slurm.sh
 
 ## deploy-config: `docker compose config` on docker/compose.yaml (needs docker/.env and Docker's compose tool)
 deploy-config:

@@ -10,6 +10,7 @@ from pathlib import Path
 from em_platform.edge import MONTAGE_MAX_GRID, STAGE_MAX_NM, MontageBounds
 
 DEPLOYMENTS = ("local", "docker")
+COMPUTE = ("local", "slurm")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,9 @@ class Settings:
     broker_username: str | None = None
     # STOMP over TLS to the broker: None (plain), "system" (the system's CAs) or the broker's CA certificate
     broker_tls: str | None = None
+    # where the Dask workers run: "local" (in the run, or DASK_SCHEDULER_ADDRESS's cluster) or "slurm" (batch
+    # jobs through dask-jobqueue, EM_SLURM_*: em_platform/cluster/slurm.py)
+    compute: str = "local"
     # the Dagster instance (run history, schedules, sensors) every entry point shares: $DAGSTER_HOME
     dagster_home: str = ""
     # local folder of cryo-ET simulation specs (YAML/JSON) that the simulation sensor watches
@@ -148,6 +152,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(
             "DASK_SCHEDULER_ADDRESS must be set for the 'docker' deployment (e.g. tcp://dask-scheduler:8786)"
         )
+    compute = env.get("EM_COMPUTE", "").strip().lower() or "local"
+    if compute not in COMPUTE:
+        raise ConfigError(f"EM_COMPUTE={compute!r} is not one of {', '.join(COMPUTE)}")
+    if compute == "slurm":
+        if dask_addr:
+            raise ConfigError(
+                "EM_COMPUTE=slurm starts its own scheduler for the SLURM worker jobs: unset DASK_SCHEDULER_ADDRESS"
+            )
+        from em_platform.cluster.slurm import SlurmSettingError, SlurmSettings
+
+        try:
+            SlurmSettings.from_env(env)  # a wrong EM_SLURM_* stops the code location from loading, named
+        except SlurmSettingError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         bounds = MontageBounds.from_env(env)
     except ValueError as exc:
@@ -167,6 +185,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         broker_topic_prefix=_topic_prefix(env.get("EM_BROKER_TOPIC_PREFIX")),
         broker_username=env.get("EM_BROKER_USERNAME", "").strip() or None,
         broker_tls=broker_tls(env.get("EM_BROKER_TLS")),
+        compute=compute,
         dagster_home=str(
             Path(env.get("DAGSTER_HOME", "").strip() or default_dagster_home()).expanduser().resolve()
         ),
@@ -309,6 +328,7 @@ ENV_NAMES = {
     "broker_topic_prefix": "EM_BROKER_TOPIC_PREFIX",
     "broker_username": "EM_BROKER_USERNAME",
     "broker_tls": "EM_BROKER_TLS",
+    "compute": "EM_COMPUTE",
     "viewer_url": "EM_VIEWER_URL",
     "viewer_hosts": "EM_VIEWER_HOSTS",
     "montage_max_grid": "EM_MONTAGE_MAX_GRID",

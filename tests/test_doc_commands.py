@@ -52,6 +52,10 @@ NOT_RUN = [
         "(tests/compose/), against a stack of its own (COMPOSE_ENV)",
     ),
     (
+        r"^make (test-slurm|slurm-engine)\b",
+        "a real SLURM's daemons started for minutes: make test-slurm is its own target, which CI runs",
+    ),
+    (
         r"^make demo\b",
         "ran (twice) in this same fresh checkout by tests/support/demo_state.py; tests/test_demo.py checks "
         "what it printed, and the commands after it here see its state",

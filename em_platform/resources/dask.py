@@ -1,4 +1,5 @@
-"""A Dask client for the heavy pixel work: an in-process LocalCluster by default, or an existing cluster."""
+"""A Dask client for the heavy pixel work: an in-process LocalCluster by default, an existing cluster, or worker
+jobs on the facility's SLURM cluster (``EM_COMPUTE=slurm``: :mod:`em_platform.cluster.slurm`)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,29 @@ class DaskResource(dg.ConfigurableResource):
     n_workers: int = 1
     threads_per_worker: int = 0  # 0: one thread per core
     processes: bool = False  # threads: numpy, zarr codecs and blosc release the GIL; no pickling of blocks
+    # "slurm": worker jobs through dask-jobqueue, set by EM_SLURM_* (read when the run first asks for a client)
+    compute: str = "local"
+    data_root: str | None = None  # what SLURM workers must reach (checked when they join)
     _client: object | None = PrivateAttr(default=None)
     _cluster: object | None = PrivateAttr(default=None)
+    _jobs: object | None = PrivateAttr(default=None)
+    _context: object | None = PrivateAttr(default=None)
+
+    @property
+    def is_cluster(self) -> bool:
+        """Workers of their own (a scheduler's or SLURM's), where work spread as tasks gains over one process."""
+        return bool(self.scheduler_address) or self.compute == "slurm"
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._context = context
 
     def get_client(self):
         from distributed import Client, LocalCluster
 
         if self._client is None:
-            if self.scheduler_address:
+            if self.compute == "slurm":
+                self._client = self._slurm_client()
+            elif self.scheduler_address:
                 try:
                     self._client = Client(self.scheduler_address, timeout="30s")
                 except OSError as exc:
@@ -50,13 +66,61 @@ class DaskResource(dg.ConfigurableResource):
                     self._client = Client(self._cluster)
         return self._client
 
+    def _slurm_client(self):
+        from distributed import Client
+
+        from em_platform.cluster.slurm import (
+            JobLog,
+            SlurmSettings,
+            check_data_root,
+            start_cluster,
+            wait_for_first_worker,
+        )
+
+        settings = SlurmSettings.from_env()
+        self._jobs = JobLog()
+        self._cluster = start_cluster(settings, self._jobs)
+        client = Client(self._cluster)
+        self._client = client  # closed with the cluster at teardown, whatever happens next
+        wait_for_first_worker(client, self._cluster, settings, self._jobs)
+        if self.data_root:
+            check_data_root(client, self.data_root)
+        self._log(
+            f"Dask workers as SLURM jobs on partition {settings.queue!r} ({settings.min_jobs}-{settings.max_jobs} "
+            f"jobs of {settings.cores} cores, {settings.memory}, {settings.walltime}); first joined: "
+            + ", ".join(f"job {j.job_id}" for j in self._jobs.jobs if j.joined is not None)
+        )
+        return client
+
+    def _log(self, message: str) -> None:
+        log = getattr(self._context, "log", None)
+        (log.info if log is not None else logging.getLogger(__name__).info)(message)
+
+    def _record_jobs(self, context: dg.InitResourceContext) -> None:
+        """The worker jobs' ids and times in the run's log and tags (the run's page shows its tags)."""
+        summary = self._jobs.summary()
+        if not summary["slurm_jobs"]:
+            return
+        self._log(
+            f"SLURM worker jobs {summary['slurm_jobs']}: {summary['slurm_queue_wait_s']} s queued in all "
+            f"(longest {summary['slurm_max_queue_wait_s']} s), {summary['slurm_compute_s']} s computing"
+        )
+        run_id, instance = getattr(context, "run_id", None), getattr(context, "instance", None)
+        if run_id and instance is not None:
+            instance.add_run_tags(run_id, {f"em/{k}": v for k, v in summary.items()})
+
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         with _quiet_heartbeats():
+            if self._jobs is not None and self._cluster is not None:
+                from em_platform.cluster.slurm import release
+
+                release(self._client, self._cluster, self._jobs)  # the jobs end COMPLETED, then close
+                self._record_jobs(context)
             if self._client is not None:
                 self._client.close()
             if self._cluster is not None:
                 self._cluster.close()
-        self._client = self._cluster = None
+        self._client = self._cluster = self._jobs = None
 
 
 class _HeartbeatAtShutdown(logging.Filter):

@@ -1,0 +1,333 @@
+"""Dask workers as a facility's SLURM jobs, through dask-jobqueue's ``SLURMCluster`` (no sbatch scripts of ours).
+
+The run's process holds the Dask scheduler; each worker is one batch job that connects back to it, so the
+compute nodes must reach ``scheduler_host`` and see the data root (a shared filesystem or S3). Three things
+a plain ``SLURMCluster`` leaves to its user are done here:
+
+* a queue that starts nothing fails the run after ``start_timeout`` seconds naming the partition and SLURM's
+  own reason (``squeue``'s ``%r``: ``PartitionDown``, ``Resources``, ``QOSMaxJobsPerUserLimit`` ...), never hangs;
+* workers retire before their walltime (Dask's ``--lifetime``), so their tasks move to a new job rather than
+  dying with a ``TIMEOUT``; a job that is killed anyway (``scancel``, a node lost) has its tasks recomputed
+  on the jobs adaptive scaling starts in its place;
+* each worker job's id, its time in the queue and its time computing are recorded (:class:`JobLog`), for the
+  run's logs and tags.
+
+Dagster-free; the Dask resource (:mod:`em_platform.resources.dask`) starts it when ``EM_COMPUTE=slurm``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+_QUEUE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class SlurmSettingError(ValueError):
+    """An EM_SLURM_* setting that cannot be used (the message names it); load_settings makes it a ConfigError."""
+
+
+class SlurmQueueStalled(RuntimeError):
+    """No worker job started within the wait: the partition is down, full, or the jobs are held."""
+
+
+class SharedStorageMissing(RuntimeError):
+    """A worker on a compute node cannot reach the data root."""
+
+
+def walltime_seconds(walltime: str) -> int:
+    """SLURM's time formats (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in seconds."""
+    m = _WALLTIME.match(walltime.strip())
+    if not m:
+        raise ValueError(walltime)
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    if b is not None:  # MM:SS
+        return a * 60 + b
+    return a * 60  # MM
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """Where and how the worker jobs run (``EM_SLURM_*``; :meth:`from_env`)."""
+
+    queue: str = "debug"  # the partition (sbatch -p)
+    account: str | None = None  # sbatch -A
+    cores: int = 1  # threads per worker job
+    memory: str = "4GB"  # per worker job; Dask's limit too
+    walltime: str = "01:00:00"
+    directives: tuple[str, ...] = ()  # further #SBATCH options, e.g. "--qos=normal", "--constraint=avx2"
+    prologue: tuple[str, ...] = ()  # shell lines before the worker starts, e.g. "module load python"
+    python: str = field(default_factory=lambda: sys.executable)  # the workers' interpreter, with em_platform
+    min_jobs: int = 1
+    max_jobs: int = 4
+    scheduler_host: str = "127.0.0.1"  # an address of this host the compute nodes reach
+    start_timeout: float = 600.0  # seconds for the first worker job to start
+    log_directory: str | None = None  # the jobs' stdout/stderr (a shared folder)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SlurmSettings:
+        env = os.environ if env is None else env
+        d = cls()
+
+        def get(name: str) -> str:
+            return env.get(name, "").strip()
+
+        def integer(name: str, default: int, low: int) -> int:
+            value = get(name) or str(default)
+            if not value.isdigit() or int(value) < low:
+                raise SlurmSettingError(f"{name}={value!r} must be a whole number ≥ {low}")
+            return int(value)
+
+        queue = get("EM_SLURM_QUEUE") or d.queue
+        if not _QUEUE.match(queue):
+            raise SlurmSettingError(f"EM_SLURM_QUEUE={queue!r} is not a partition name (letters, digits, _ . -)")
+        memory = get("EM_SLURM_MEMORY") or d.memory
+        if not _MEMORY.match(memory):
+            raise SlurmSettingError(f"EM_SLURM_MEMORY={memory!r} must be an amount such as 4GB or 512MiB")
+        walltime = get("EM_SLURM_WALLTIME") or d.walltime
+        try:
+            if walltime_seconds(walltime) < 60:
+                raise ValueError
+        except ValueError:
+            raise SlurmSettingError(
+                f"EM_SLURM_WALLTIME={walltime!r} must be SLURM's time of at least a minute (MM, HH:MM:SS or D-HH:MM)"
+            ) from None
+        min_jobs = integer("EM_SLURM_MIN_JOBS", d.min_jobs, 1)
+        max_jobs = integer("EM_SLURM_MAX_JOBS", d.max_jobs, 1)
+        if max_jobs < min_jobs:
+            raise SlurmSettingError(f"EM_SLURM_MAX_JOBS={max_jobs} is below EM_SLURM_MIN_JOBS={min_jobs}")
+        timeout = get("EM_SLURM_START_TIMEOUT") or str(d.start_timeout)
+        try:
+            start_timeout = float(timeout)
+            if start_timeout <= 0:
+                raise ValueError
+        except ValueError:
+            raise SlurmSettingError(f"EM_SLURM_START_TIMEOUT={timeout!r} must be a number of seconds > 0") from None
+        python = get("EM_SLURM_PYTHON") or d.python
+        if not os.path.isabs(python):
+            raise SlurmSettingError(
+                f"EM_SLURM_PYTHON={python!r} must be the absolute path of the workers' interpreter (with em_platform)"
+            )
+        return cls(
+            queue=queue,
+            account=get("EM_SLURM_ACCOUNT") or None,
+            cores=integer("EM_SLURM_CORES", d.cores, 1),
+            memory=memory,
+            walltime=walltime,
+            directives=tuple(_lines(get("EM_SLURM_DIRECTIVES"))),
+            prologue=tuple(_lines(get("EM_SLURM_PROLOGUE"))),
+            python=python,
+            min_jobs=min_jobs,
+            max_jobs=max_jobs,
+            scheduler_host=get("EM_SLURM_SCHEDULER_HOST") or d.scheduler_host,
+            start_timeout=start_timeout,
+            log_directory=get("EM_SLURM_LOG_DIRECTORY") or None,
+        )
+
+    @property
+    def lifetime_seconds(self) -> int:
+        """How long a worker works before it retires: the walltime less a margin to hand its data on."""
+        wall = walltime_seconds(self.walltime)
+        return max(30, wall - max(30, min(300, wall // 10)))
+
+
+def _lines(value: str) -> list[str]:
+    """A setting of several entries: separated by ``;`` or new lines."""
+    return [part.strip() for part in re.split(r"[;\n]", value) if part.strip()]
+
+
+@dataclass
+class WorkerJob:
+    """One worker job as the run saw it (monotonic seconds)."""
+
+    job_id: str
+    submitted: float
+    joined: float | None = None
+    left: float | None = None
+
+    def queue_wait(self, now: float) -> float:
+        return (self.joined if self.joined is not None else now) - self.submitted
+
+    def computing(self, now: float) -> float:
+        if self.joined is None:
+            return 0.0
+        return (self.left if self.left is not None else now) - self.joined
+
+
+class JobLog:
+    """Every worker job of a cluster: submitted (sbatch returned), joined and left the scheduler."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.jobs: list[WorkerJob] = []
+        self._current: dict[str, WorkerJob] = {}  # by Dask worker name, which a replacement job takes over
+
+    def submitted(self, name: str, job_id: str) -> None:
+        with self._lock:
+            job = WorkerJob(job_id, time.monotonic())
+            self.jobs.append(job)
+            self._current[name] = job
+
+    def joined(self, name: str) -> None:
+        with self._lock:
+            if (job := self._current.get(name)) is not None and job.joined is None:
+                job.joined = time.monotonic()
+
+    def left(self, name: str) -> None:
+        with self._lock:
+            if (job := self._current.get(name)) is not None and job.joined is not None and job.left is None:
+                job.left = time.monotonic()
+
+    def summary(self) -> dict[str, str]:
+        """For the run's tags and log: the job ids, and the seconds spent queued and computing."""
+        now = time.monotonic()
+        with self._lock:
+            jobs = list(self.jobs)
+        return {
+            "slurm_jobs": ",".join(j.job_id for j in jobs),
+            "slurm_queue_wait_s": f"{sum(j.queue_wait(now) for j in jobs):.1f}",
+            "slurm_max_queue_wait_s": f"{max((j.queue_wait(now) for j in jobs), default=0.0):.1f}",
+            "slurm_compute_s": f"{sum(j.computing(now) for j in jobs):.1f}",
+        }
+
+
+def start_cluster(settings: SlurmSettings, log: JobLog, *, name: str = "em-platform"):
+    """A ``SLURMCluster`` scaling between ``min_jobs`` and ``max_jobs`` worker jobs, each recorded in ``log``."""
+    if shutil.which("sbatch") is None:
+        raise SlurmQueueStalled(
+            "EM_COMPUTE=slurm but `sbatch` is not on PATH: run on a host of the SLURM cluster (a login or "
+            "submit node) with SLURM's commands installed"
+        )
+    from dask_jobqueue import SLURMCluster
+    from dask_jobqueue.slurm import SLURMJob
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class RecordedJob(SLURMJob):
+        async def start(self) -> None:
+            await super().start()
+            log.submitted(self.name, str(self.job_id))
+
+    class Membership(SchedulerPlugin):
+        def add_worker(self, scheduler, worker: str) -> None:
+            log.joined(scheduler.workers[worker].name)
+
+        def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+            ws = scheduler.workers.get(worker)
+            if ws is not None:
+                log.left(ws.name)
+
+    lifetime = settings.lifetime_seconds
+    cluster = SLURMCluster(
+        job_cls=RecordedJob,
+        queue=settings.queue,
+        account=settings.account,
+        cores=settings.cores,
+        processes=1,
+        memory=settings.memory,
+        walltime=settings.walltime,
+        job_extra_directives=list(settings.directives),
+        job_script_prologue=list(settings.prologue),
+        python=settings.python,
+        job_name=name,
+        log_directory=settings.log_directory,
+        scheduler_options={"host": settings.scheduler_host, "dashboard_address": None},
+        worker_extra_args=["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(60, lifetime // 10)}s"],
+        death_timeout=120,
+    )
+    cluster.scheduler.add_plugin(Membership(), name="em-platform-slurm-jobs")
+    cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
+    return cluster
+
+
+def wait_for_first_worker(client, cluster, settings: SlurmSettings, log: JobLog) -> None:
+    """Until one worker job has joined; SlurmQueueStalled naming the partition and SLURM's reason after
+    ``start_timeout`` seconds (the jobs are cancelled with the cluster)."""
+    try:
+        client.wait_for_workers(1, timeout=settings.start_timeout)
+    except TimeoutError:
+        ids = [job.job_id for job in log.jobs]
+        raise SlurmQueueStalled(
+            f"no worker job started on SLURM partition {settings.queue!r} in {settings.start_timeout:g} s: "
+            f"{queue_reasons(ids) or 'no job was submitted'}; check `sinfo -p {settings.queue}` and "
+            "`squeue --me`, or raise EM_SLURM_START_TIMEOUT"
+        ) from None
+
+
+def queue_reasons(job_ids: list[str], run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str:
+    """SLURM's word on each job: ``job 12 PENDING (PartitionDown)``, from ``squeue``."""
+    if not job_ids:
+        return ""
+    done = run(
+        ["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=30
+    )
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 2]
+    if not rows:
+        return f"squeue knows none of jobs {', '.join(job_ids)} ({done.stderr.strip() or 'ended'})"
+    return "; ".join(f"job {i} {state} ({reason})" for i, state, reason in rows)
+
+
+def check_data_root(client, data_root: str) -> None:
+    """Every worker reads and lists the data root, or SharedStorageMissing naming the worker and the path."""
+
+    def reach(root: str) -> str | None:
+        import socket
+
+        try:
+            if "://" in root:
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(root)
+                fs.ls(path.split("/", 1)[0])  # the bucket: the root itself may not exist yet
+            elif not os.path.isdir(root) or not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+                return f"{socket.gethostname()}: {root} is not a folder this worker can read and write"
+        except Exception as exc:  # noqa: BLE001 - reported with the host's name
+            return f"{socket.gethostname()}: {root}: {exc}"
+        return None
+
+    problems = [p for p in client.run(reach, data_root).values() if p]
+    if problems:
+        raise SharedStorageMissing(
+            "the SLURM worker jobs cannot reach the data root (EM_DATA_ROOT): "
+            + "; ".join(problems)
+            + ". Mount the shared filesystem at the same path on the compute nodes, or use S3 (docs/slurm.md)"
+        )
+
+
+def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
+    """End the worker jobs as finished work: adaptive scaling stopped, each worker retired (its job script
+    exits 0, so SLURM records the job ``COMPLETED``, not ``CANCELLED``), then the cluster closed, which
+    cancels whatever is left after ``timeout`` seconds."""
+    adaptive = getattr(cluster, "_adaptive", None)
+    if adaptive is not None:
+        adaptive.stop()
+    try:
+        client.retire_workers(close_workers=True)
+        ids = [job.job_id for job in log.jobs]
+        deadline = time.monotonic() + timeout
+        while ids and _still_running(ids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the jobs are cancelled below whatever went wrong
+        pass
+    finally:
+        cluster.close()
+
+
+def _still_running(job_ids: list[str]) -> bool:
+    """Whether any of the jobs still runs (or completes); a pending one is cancelled with the cluster."""
+    done = subprocess.run(
+        ["squeue", "-h", "-o", "%i", "-t", "R,CG", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=30
+    )
+    return bool(done.stdout.split())

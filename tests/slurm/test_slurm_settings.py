@@ -1,0 +1,91 @@
+"""EM_COMPUTE=slurm's settings (no SLURM needed): each wrong value is an error naming the variable, the
+workers retire before their walltime, and SLURM's reasons are read from squeue's output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from em_platform.cluster.slurm import JobLog, SlurmSettings, queue_reasons, walltime_seconds
+from em_platform.settings import ConfigError, load_settings
+
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("30", 1800), ("05:30", 330), ("01:00:00", 3600), ("2-00", 172800), ("1-02:03:04", 93784), ("0:01", 1)],
+)
+def test_slurms_time_formats(text, seconds):
+    assert walltime_seconds(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "name,value,says",
+    [
+        ("EM_SLURM_MEMORY", "lots", "must be an amount such as 4GB"),
+        ("EM_SLURM_WALLTIME", "0:30", "at least a minute"),
+        ("EM_SLURM_WALLTIME", "soon", "at least a minute"),
+        ("EM_SLURM_CORES", "0", "whole number ≥ 1"),
+        ("EM_SLURM_MAX_JOBS", "two", "whole number ≥ 1"),
+        ("EM_SLURM_QUEUE", "gpu; rm -rf /", "is not a partition name"),
+        ("EM_SLURM_START_TIMEOUT", "-1", "seconds > 0"),
+        ("EM_SLURM_PYTHON", "python3", "absolute path"),
+    ],
+)
+def test_a_wrong_setting_stops_the_code_location_naming_it(name, value, says):
+    with pytest.raises(ConfigError, match=rf"^{name}=.*{says}"):
+        load_settings({"EM_COMPUTE": "slurm", name: value})
+
+
+def test_compute_is_local_or_slurm_and_slurm_brings_its_own_scheduler():
+    assert load_settings({}).compute == "local"
+    assert load_settings({"EM_COMPUTE": "SLURM"}).compute == "slurm"
+    with pytest.raises(ConfigError, match="EM_COMPUTE='pbs' is not one of local, slurm"):
+        load_settings({"EM_COMPUTE": "pbs"})
+    with pytest.raises(ConfigError, match="unset DASK_SCHEDULER_ADDRESS"):
+        load_settings({"EM_COMPUTE": "slurm", "DASK_SCHEDULER_ADDRESS": "tcp://127.0.0.1:8786"})
+    with pytest.raises(ConfigError, match="EM_SLURM_MAX_JOBS=1 is below EM_SLURM_MIN_JOBS=2"):
+        load_settings({"EM_COMPUTE": "slurm", "EM_SLURM_MIN_JOBS": "2", "EM_SLURM_MAX_JOBS": "1"})
+
+
+def test_settings_from_the_environment():
+    s = SlurmSettings.from_env(
+        {
+            "EM_SLURM_QUEUE": "cryo",
+            "EM_SLURM_ACCOUNT": "em-facility",
+            "EM_SLURM_CORES": "8",
+            "EM_SLURM_MEMORY": "32GB",
+            "EM_SLURM_WALLTIME": "04:00:00",
+            "EM_SLURM_DIRECTIVES": "--qos=normal; --constraint=avx2",
+            "EM_SLURM_PROLOGUE": "module load python/3.12\nsource /opt/em/venv/bin/activate",
+            "EM_SLURM_MAX_JOBS": "16",
+            "EM_SLURM_SCHEDULER_HOST": "10.1.0.5",
+        }
+    )
+    assert (s.queue, s.account, s.cores, s.memory, s.max_jobs, s.min_jobs) == ("cryo", "em-facility", 8, "32GB", 16, 1)
+    assert s.directives == ("--qos=normal", "--constraint=avx2")
+    assert s.prologue == ("module load python/3.12", "source /opt/em/venv/bin/activate")
+    assert s.python == sys.executable and s.scheduler_host == "10.1.0.5"
+    assert s.lifetime_seconds == 4 * 3600 - 300  # retires 5 min before a 4 h walltime
+    assert SlurmSettings(walltime="1").lifetime_seconds == 30  # and half a minute before one minute
+
+
+def test_queue_reasons_read_squeue():
+    def squeue(argv, **kwargs):
+        assert argv[:4] == ["squeue", "-h", "-o", "%i|%T|%r"] and argv[-1] == "12,13"
+        return subprocess.CompletedProcess(argv, 0, "12|PENDING|PartitionDown\n13|PENDING|Resources\n", "")
+
+    assert queue_reasons(["12", "13"], run=squeue) == "job 12 PENDING (PartitionDown); job 13 PENDING (Resources)"
+    assert queue_reasons([]) == ""
+
+
+def test_a_replacement_job_under_the_same_worker_name_is_counted_apart():
+    log = JobLog()
+    log.submitted("SLURMCluster-0", "1")
+    log.joined("SLURMCluster-0")
+    log.left("SLURMCluster-0")
+    log.submitted("SLURMCluster-0", "2")  # adaptive scaling reuses the lost worker's name
+    log.joined("SLURMCluster-0")
+    summary = log.summary()
+    assert summary["slurm_jobs"] == "1,2" and float(summary["slurm_compute_s"]) >= 0
