@@ -29,16 +29,19 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform demo
 
+# the fault suites that kill services for minutes: their own targets (make test-faults, test-compose, test-slurm)
+FAULT_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm.py
+
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose --ignore=tests/slurm/test_faults_on_slurm.py tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose $(FAULT_SUITES:%=--ignore=%) tests
 
 ## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
 ## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
 test-fast: $(VENV)/.installed services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose --ignore=tests/slurm/test_faults_on_slurm.py tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose $(FAULT_SUITES:%=--ignore=%) tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
@@ -62,7 +65,7 @@ services:
 clean:
 	rm -rf var .pytest_cache
 
-.PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config images compose-up compose-down compose-status test-compose test-slurm slurm-engine
+.PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config images compose-up compose-down compose-status test-compose test-slurm slurm-engine test-faults
 
 ## deploy-local: the production topology (docker/compose.yaml's services) as processes on loopback; Ctrl-C stops it
 deploy-local: $(VENV)/.installed services
@@ -106,6 +109,11 @@ container-engine:
 ## test-compose: the compose stack end to end in containers: build, up, the demo workload, faults, down/up
 test-compose: $(VENV)/.installed services container-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/compose
+
+## test-faults: the process topology's fault suite: the daemon, a Dask worker, a run, the listener and the object
+## store killed mid-ingest or mid-montage, each ending with nothing lost or duplicated
+test-faults: $(VENV)/.installed services $(EM_STITCH)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/deploy/test_faults.py
 
 ## test-slurm: the platform on a real single-node SLURM started here: results equal to the local cluster's, then
 ## its faults (a worker job cancelled, a walltime, slurmctld restarted, a queue that starts nothing)

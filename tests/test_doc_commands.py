@@ -52,8 +52,8 @@ NOT_RUN = [
         "(tests/compose/), against a stack of its own (COMPOSE_ENV)",
     ),
     (
-        r"^make (test-slurm|slurm-engine)\b",
-        "a real SLURM's daemons started for minutes: make test-slurm is its own target, which CI runs",
+        r"^make (test-slurm|slurm-engine|test-faults)\b",
+        "a fault suite or a real SLURM's daemons for minutes: its own target, which CI runs after make test",
     ),
     (
         r"^make demo\b",
@@ -247,7 +247,7 @@ def _run_until_sigterm(terminal: Terminal, command: str) -> None:
         bound = 30
     else:  # make deploy-local: it says when every service answers, and "stopped" once all are gone
         up = lambda: "Ctrl-C stops every service." in log.read_text()  # noqa: E731
-        down = lambda text: text.rstrip().endswith("stopped")  # noqa: E731
+        down = lambda text: re.search(r"^stopped$", text, re.M)  # noqa: E731  (make[1]: lines may follow)
         quiet = "Traceback (most recent call last)"
         # measured: 2.4 s on a quiet machine; under the 20 s grace after which the runner SIGKILLs (a code
         # server that ignored SIGTERM, as it did when started from a background job, took exactly that)

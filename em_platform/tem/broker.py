@@ -12,6 +12,7 @@ acknowledge-after-commit subscription that feeds the acquisition journal) is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -264,7 +265,8 @@ def open_stomp(
     if sock is not None and not tls:
         # the timeout bounds the TCP connect only; an idle subscription must not time out. (Over TLS stomp.py
         # polls a non-blocking socket itself: made blocking, its reader would never hand a frame on.)
-        sock.settimeout(None)
+        with contextlib.suppress(OSError):  # already closed by the broker: wait_connected says so below
+            sock.settimeout(None)
     if not events.wait_connected(timeout):
         reason = events.error or (
             "connection closed" if events.closed else f"no CONNECTED frame in {timeout:g} s"

@@ -259,9 +259,9 @@ def run_process_during_montage(topology, api: DagsterApi) -> FaultResult:
         tls=m_.stomp_tls,
     ) as ear:  # every qc.tile of the scenario, the killed run's and its retry's
         ear.subscribe("qc.tile", lambda msg: verdicts.append(msg.tile_id))
-        # 0.5 tiles/s: the run must be up and killed mid-montage even when its launch is slow (at 1 tile/s a
-        # loaded machine once started it after all 12 verdicts were out, and nothing was left to resume)
-        m = acquire(topology, api, "--rate", "0.5", rows=3, columns=4, during=kill_the_run)
+        # 0.25 tiles/s: the run must be up and killed mid-montage even when its launch is slow (at 1 and then
+        # 0.5 tiles/s a loaded machine started it after all 12 verdicts were out: nothing was left to resume)
+        m = acquire(topology, api, "--rate", "0.25", rows=3, columns=4, during=kill_the_run)
         wait_until(
             lambda: len(api.partition_runs(m.montage_id)) >= 2, 600, "a retry of the killed montage run"
         )

@@ -90,6 +90,7 @@ def _compose_to_process(topology) -> callable:
         if value in ports:
             return ports[value]
         value = re.sub(r"^0\.0\.0\.0(?=:|$)", "127.0.0.1", value)
+        value = re.sub(r"^https://127\.0\.0\.1:", "http://127.0.0.1:", value)  # compose's is the proxy's TLS
         return re.sub(r"^/data(?=/|$)", topology.addresses.data, value)
 
     return convert
