@@ -171,6 +171,19 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             ("its time over Python's static file server (no checks)", "viewer_time_over_static", "×"),
         ],
     ),
+    (
+        "slurm.json",
+        "The Dask work on SLURM jobs against the local cluster: a 3 × 4 montage (`bench_slurm`)",
+        [
+            ("the montage job on the local cluster", "local_cluster_s", "s"),
+            ("the same on SLURM worker jobs (a single-node SLURM)", "slurm_jobs_s", "s"),
+            ("SLURM over local", "slurm_over_local", "×"),
+            ("the first worker joins, as a SLURM job", "slurm_first_worker_s", "s"),
+            ("the first worker joins, locally", "local_first_worker_s", "s"),
+            ("a small task's round trip, on SLURM workers", "slurm_task_round_trip_ms", "ms"),
+            ("a small task's round trip, local", "local_task_round_trip_ms", "ms"),
+        ],
+    ),
 ]
 
 
