@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import struct
-import tracemalloc
-from contextlib import contextmanager
 
 import mrcfile
 import numpy as np
@@ -17,20 +15,9 @@ import tifffile
 
 from em_platform.formats import FormatError, open_volume
 from em_platform.formats.lazy import memmap_dask
+from tests.support.memory import peak_memory
 
 MiB = 2**20
-
-
-@contextmanager
-def peak_memory():
-    """The peak of Python's allocations inside the block, in bytes (``peak["bytes"]`` after it)."""
-    peak = {"bytes": 0}
-    tracemalloc.start()
-    try:
-        yield peak
-    finally:
-        peak["bytes"] = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
 
 
 def _mrc_header(path, nx: int, ny: int, nz: int) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 import struct
-import tracemalloc
-from contextlib import contextmanager
 
 import fsspec
 import numpy as np
@@ -23,20 +21,9 @@ from em_platform.sources.manifest import DownloadManifest
 from em_platform.sources.retry import PermanentSourceError
 from tests.sources.conftest import FAST
 from tests.support.lying_http import Answer, LyingHttpServer, endless, json_array_of
+from tests.support.memory import peak_memory
 
 MiB = 2**20
-
-
-@contextmanager
-def peak_memory():
-    """The peak of Python's allocations inside the block, in bytes (``peak["bytes"]`` after it)."""
-    peak = {"bytes": 0}
-    tracemalloc.start()
-    try:
-        yield peak
-    finally:
-        peak["bytes"] = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
 
 
 @pytest.fixture
