@@ -23,6 +23,25 @@ from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 
+def start_loopback(handler: type[BaseHTTPRequestHandler], owner: object) -> ThreadingHTTPServer:
+    """``handler`` served on 127.0.0.1 at a free port, its ``server_owner`` being ``owner``, in a thread."""
+
+    class Handler(handler):
+        server_owner = owner
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    # a short poll so shutdown() returns at once (the default 0.5 s adds up over the tests)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return httpd
+
+
+def stop_loopback(httpd: ThreadingHTTPServer | None) -> None:
+    if httpd:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @dataclass
 class Logged:
     method: str
@@ -59,21 +78,11 @@ class HttpFileServer:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def __enter__(self) -> HttpFileServer:
-        owner = self
-
-        class Handler(_Handler):
-            server_owner = owner
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        # a short poll so shutdown() returns at once (the default 0.5 s adds up over the tests)
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self._httpd = start_loopback(_Handler, self)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        stop_loopback(self._httpd)
 
     @property
     def url(self) -> str:

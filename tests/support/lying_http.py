@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.support.http_files import start_loopback, stop_loopback
+
 
 @dataclass
 class Answer:
@@ -55,20 +57,11 @@ class LyingHttpServer:
         self.answers[(method, "/" + path.lstrip("/"))] = answer
 
     def __enter__(self) -> LyingHttpServer:
-        owner = self
-
-        class Handler(_Handler):
-            server_owner = owner
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self._httpd = start_loopback(_Handler, self)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        stop_loopback(self._httpd)
 
     def url_for(self, path: str) -> str:
         assert self._httpd is not None, "server not started"
