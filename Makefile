@@ -29,19 +29,20 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform demo
 
-# the fault suites that kill services for minutes: their own targets (make test-faults, test-compose, test-slurm)
-FAULT_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm.py
+# suites of their own targets, not make test's: the faults that kill services for minutes (make test-faults,
+# test-slurm) and the SLURM run's page in a browser (make test-slurm)
+OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm.py tests/slurm/test_run_page_on_slurm.py
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose $(FAULT_SUITES:%=--ignore=%) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
 ## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
 test-fast: $(VENV)/.installed services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose $(FAULT_SUITES:%=--ignore=%) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
@@ -116,7 +117,8 @@ test-faults: $(VENV)/.installed services $(EM_STITCH)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/deploy/test_faults.py
 
 ## test-slurm: the platform on a real single-node SLURM started here: results equal to the local cluster's, then
-## its faults (a worker job cancelled, a walltime, slurmctld restarted, a queue that starts nothing)
+## its faults (a worker job cancelled, a walltime, slurmctld restarted, a queue that starts nothing or stops
+## starting jobs mid-run) and the run's page in a browser showing its SLURM jobs
 test-slurm: $(VENV)/.installed services slurm-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/slurm
 

@@ -814,7 +814,7 @@ def run_scale_disagreement(args, work: Path) -> dict[str, Any]:
     reference (:mod:`em_platform.stitch.bigfeta_reference`) on the same point matches (made from the truth
     by :meth:`HardMontage.point_matches`, no pixels), residual per point pair and block displacement."""
     from em_platform.stitch.bigfeta_reference import EM_STITCH_AFFINE_REGULARIZATION, bigfeta_montage_solve
-    from em_platform.stitch.solve_affine import solve_transforms
+    from em_platform.stitch.model_choice import solve_model
     from em_platform.stitch.synthetic import HardMontageConfig, make_montage
 
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -858,7 +858,7 @@ def run_scale_disagreement(args, work: Path) -> dict[str, Any]:
                 solved: Any = bigfeta_montage_solve(stage, matches.edges, model)
             else:
                 trusting = {"stage_weight": 1.0, "fit_stage_frame": False} if kind == "trusting" else {}
-                solved = solve_transforms(stage, matches.edges, model, tile_size=(size, size), **trusting)
+                solved = solve_model(stage, matches.edges, model, tile_size=(size, size), **trusting)
             seconds = time.perf_counter() - t
             transforms = solved if isinstance(solved, dict) else solved.transforms
             entry: dict[str, Any] = {

@@ -41,7 +41,8 @@ def child(solve: str, metafile: Path) -> dict[str, Any]:
 
     from em_platform.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
     from em_platform.stitch.lens import estimate_lens
-    from em_platform.stitch.solve_affine import PointEdge, residual_stats, solve_transforms
+    from em_platform.stitch.model_choice import solve_model
+    from em_platform.stitch.solve_affine import PointEdge, residual_stats
     from em_platform.stitch.temca import read_temca_metafile
 
     montage = read_temca_metafile(metafile)
@@ -61,7 +62,7 @@ def child(solve: str, metafile: Path) -> dict[str, Any]:
             edges = [
                 PointEdge(e.tile, e.neighbour, fit.model.correct(e.p), fit.model.correct(e.q)) for e in edges
             ]
-        solved = solve_transforms(stage, edges, model, tile_size=size)
+        solved = solve_model(stage, edges, model, tile_size=size)
         transforms = solved.transforms
         polynomials = solved.polynomials
         extra.update(

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             shares = tuple(str(Path(p).expanduser().resolve()) for p in args.share) or s.scope_shares
             return listen_cli.run(args, lambda: Journal(s.catalog_url, tile_shares=shares))
         if args.command == "live-qc":
-            from em_platform.tem import live_qc_cli
+            from em_platform import live_qc_cli
 
             return live_qc_cli.run(load_settings())
         if args.command == "dead-letters":

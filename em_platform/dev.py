@@ -83,7 +83,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     services = [
-        Supervised("live-qc", [sys.executable, "-m", "em_platform.tem.live_qc_cli"], out),
+        Supervised("live-qc", [sys.executable, "-m", "em_platform.live_qc_cli"], out),
         Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out),
     ]
     try:

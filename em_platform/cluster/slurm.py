@@ -2,10 +2,13 @@
 
 The run's process holds the Dask scheduler; each worker is one batch job that connects back to it, so the
 compute nodes must reach ``scheduler_host`` and see the data root (a shared filesystem or S3). Three things
-a plain ``SLURMCluster`` leaves to its user are done here:
+a plain ``SLURMCluster`` leaves to its user are done here (and TLS with per-run certificates):
 
 * a queue that starts nothing fails the run after ``start_timeout`` seconds naming the partition and SLURM's
-  own reason (``squeue``'s ``%r``: ``PartitionDown``, ``Resources``, ``QOSMaxJobsPerUserLimit`` ...), never hangs;
+  own reason (``squeue``'s ``%r``: ``PartitionDown``, ``Resources``, ``QOSMaxJobsPerUserLimit`` ...), never hangs:
+  before the first worker joins (:func:`wait_for_first_worker`) and mid-run, when every worker is gone and no
+  new job starts (Dask's ``no-workers-timeout`` fails the waiting tasks, :mod:`em_platform.cluster.stall`,
+  and SLURM's reason is kept in :attr:`JobLog.stalled`);
 * workers retire before their walltime (Dask's ``--lifetime``), so their tasks move to a new job rather than
   dying with a ``TIMEOUT``; a job that is killed anyway (``scancel``, a node lost) has its tasks recomputed
   on the jobs adaptive scaling starts in its place;
@@ -17,6 +20,7 @@ Dagster-free; the Dask resource (:mod:`em_platform.resources.dask`) starts it wh
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -74,8 +78,9 @@ class SlurmSettings:
     min_jobs: int = 1
     max_jobs: int = 4
     scheduler_host: str = "127.0.0.1"  # an address of this host the compute nodes reach
-    start_timeout: float = 600.0  # seconds for the first worker job to start
-    log_directory: str | None = None  # the jobs' stdout/stderr (a shared folder)
+    start_timeout: float = 600.0  # seconds a run waits for a worker job to start (first, or mid-run)
+    log_directory: str | None = None  # the jobs' stdout/stderr (a shared folder); see job_log_directory
+    tls: bool = False  # the scheduler and workers speak TLS with certificates made for the run
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SlurmSettings:
@@ -135,6 +140,7 @@ class SlurmSettings:
             scheduler_host=get("EM_SLURM_SCHEDULER_HOST") or d.scheduler_host,
             start_timeout=start_timeout,
             log_directory=get("EM_SLURM_LOG_DIRECTORY") or None,
+            tls=_flag("EM_SLURM_TLS", get("EM_SLURM_TLS")),
         )
 
     @property
@@ -142,6 +148,28 @@ class SlurmSettings:
         """How long a worker works before it retires: the walltime less a margin to hand its data on."""
         wall = walltime_seconds(self.walltime)
         return max(30, wall - max(30, min(300, wall // 10)))
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise SlurmSettingError(f"{name}={value!r} must be 1 (on) or 0 (off)")
+
+
+def job_log_directory(settings: SlurmSettings, data_root: str | None) -> str:
+    """Where the jobs write their stdout and stderr (and, with TLS, their certificates): EM_SLURM_LOG_DIRECTORY,
+    else ``slurm-jobs`` in a local data root (shared with the nodes already), else ``~/.em_platform/slurm-jobs``.
+    Never SLURM's default, the folder the run was started in."""
+    if settings.log_directory:
+        folder = settings.log_directory
+    elif data_root and "://" not in data_root:
+        folder = os.path.join(data_root, "slurm-jobs")
+    else:
+        folder = os.path.join(os.path.expanduser("~"), ".em_platform", "slurm-jobs")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
 
 
 def _lines(value: str) -> list[str]:
@@ -174,6 +202,8 @@ class JobLog:
         self._lock = threading.Lock()
         self.jobs: list[WorkerJob] = []
         self._current: dict[str, WorkerJob] = {}  # by Dask worker name, which a replacement job takes over
+        self.stalled: str | None = None  # SLURM's word when the run's tasks waited out the wait with no worker
+        self.releasing = False  # the run's work is done: workers leaving are not replaced
 
     def submitted(self, name: str, job_id: str) -> None:
         with self._lock:
@@ -191,6 +221,15 @@ class JobLog:
             if (job := self._current.get(name)) is not None and job.joined is not None and job.left is None:
                 job.left = time.monotonic()
 
+    def waiting(self) -> list[str]:
+        """The jobs submitted whose worker has not joined (pending, or started and not yet connected)."""
+        with self._lock:
+            return [job.job_id for job in self.jobs if job.joined is None]
+
+    def stall(self, reason: str) -> None:
+        with self._lock:
+            self.stalled = self.stalled or reason
+
     def summary(self) -> dict[str, str]:
         """For the run's tags and log: the job ids, and the seconds spent queued and computing."""
         now = time.monotonic()
@@ -201,19 +240,25 @@ class JobLog:
             "slurm_queue_wait_s": f"{sum(j.queue_wait(now) for j in jobs):.1f}",
             "slurm_max_queue_wait_s": f"{max((j.queue_wait(now) for j in jobs), default=0.0):.1f}",
             "slurm_compute_s": f"{sum(j.computing(now) for j in jobs):.1f}",
+            **({"slurm_stalled": self.stalled} if self.stalled else {}),
         }
 
 
-def start_cluster(settings: SlurmSettings, log: JobLog, *, name: str = "em-platform"):
-    """A ``SLURMCluster`` scaling between ``min_jobs`` and ``max_jobs`` worker jobs, each recorded in ``log``."""
+def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, name: str = "em-platform"):
+    """A ``SLURMCluster`` scaling between ``min_jobs`` and ``max_jobs`` worker jobs, each recorded in ``log``;
+    its tasks fail (:func:`is_stalled`) when no worker has run them for ``start_timeout`` seconds."""
     if shutil.which("sbatch") is None:
         raise SlurmQueueStalled(
             "EM_COMPUTE=slurm but `sbatch` is not on PATH: run on a host of the SLURM cluster (a login or "
             "submit node) with SLURM's commands installed"
         )
+    import dask
+    from dask.utils import parse_timedelta
     from dask_jobqueue import SLURMCluster
     from dask_jobqueue.slurm import SLURMJob
+    from distributed.core import Status
     from distributed.diagnostics.plugin import SchedulerPlugin
+    from distributed.security import Security
 
     class RecordedJob(SLURMJob):
         async def start(self) -> None:
@@ -228,25 +273,50 @@ def start_cluster(settings: SlurmSettings, log: JobLog, *, name: str = "em-platf
             ws = scheduler.workers.get(worker)
             if ws is not None:
                 log.left(ws.name)
+            if not log.releasing:  # a job lost (scancel, a node) or retired at its lifetime: start another
+                forgotten = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+                asyncio.get_running_loop().call_later(forgotten + 1.0, replace_lost_jobs)
+
+        def log_event(self, topic, msg) -> None:
+            if isinstance(msg, dict) and msg.get("action") == "no-workers-timeout-exceeded":
+                ids = log.waiting()
+                log.stall(
+                    f"no worker job ran on SLURM partition {settings.queue!r} for {settings.start_timeout:g} s: "
+                    f"{queue_reasons(ids) or 'no job was pending'}"
+                )
 
     lifetime = settings.lifetime_seconds
-    cluster = SLURMCluster(
-        job_cls=RecordedJob,
-        queue=settings.queue,
-        account=settings.account,
-        cores=settings.cores,
-        processes=1,
-        memory=settings.memory,
-        walltime=settings.walltime,
-        job_extra_directives=list(settings.directives),
-        job_script_prologue=list(settings.prologue),
-        python=settings.python,
-        job_name=name,
-        log_directory=settings.log_directory,
-        scheduler_options={"host": settings.scheduler_host, "dashboard_address": None},
-        worker_extra_args=["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(60, lifetime // 10)}s"],
-        death_timeout=120,
-    )
+    # TLS: a CA and certificates for this run only; the workers' copies go to the (shared) log folder, 0600,
+    # removed when the cluster closes
+    security = Security.temporary() if settings.tls else None
+    with dask.config.set({"distributed.scheduler.no-workers-timeout": f"{settings.start_timeout}s"}):
+        cluster = SLURMCluster(
+            job_cls=RecordedJob,
+            queue=settings.queue,
+            account=settings.account,
+            cores=settings.cores,
+            processes=1,
+            memory=settings.memory,
+            walltime=settings.walltime,
+            job_extra_directives=list(settings.directives),
+            job_script_prologue=list(settings.prologue),
+            python=settings.python,
+            job_name=name,
+            log_directory=log_directory,
+            security=security,
+            shared_temp_directory=log_directory,
+            # the dashboard on loopback only (None still serves its routes on every interface): ssh -L to see it
+            scheduler_options={"host": settings.scheduler_host, "dashboard_address": "127.0.0.1:0"},
+            worker_extra_args=["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(60, lifetime // 10)}s"],
+            death_timeout=120,
+        )
+    def replace_lost_jobs() -> None:
+        """SpecCluster forgets a lost job after Dask's lost-worker-timeout but opens a job in its place only
+        when scaled: adaptive scaling does not when its target is unchanged (the only worker lost). So scale
+        to the jobs planned, which submits one for each forgotten."""
+        if not log.releasing and cluster.status == Status.running:
+            cluster.scale(len(cluster.worker_spec))
+
     cluster.scheduler.add_plugin(Membership(), name="em-platform-slurm-jobs")
     cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
     return cluster
@@ -310,6 +380,7 @@ def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
     """End the worker jobs as finished work: adaptive scaling stopped, each worker retired (its job script
     exits 0, so SLURM records the job ``COMPLETED``, not ``CANCELLED``), then the cluster closed, which
     cancels whatever is left after ``timeout`` seconds."""
+    log.releasing = True
     adaptive = getattr(cluster, "_adaptive", None)
     if adaptive is not None:
         adaptive.stop()
@@ -323,6 +394,10 @@ def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
         pass
     finally:
         cluster.close()
+        for part in ("ca_file", "cert", "key"):  # the TLS files dask-jobqueue wrote for the workers:
+            dumped = getattr(cluster, f"_job_{part}", None)  # temporary files, removed as they close
+            if dumped is not None:
+                dumped.close()
 
 
 def _still_running(job_ids: list[str]) -> bool:

@@ -73,13 +73,14 @@ class DaskResource(dg.ConfigurableResource):
             JobLog,
             SlurmSettings,
             check_data_root,
+            job_log_directory,
             start_cluster,
             wait_for_first_worker,
         )
 
         settings = SlurmSettings.from_env()
         self._jobs = JobLog()
-        self._cluster = start_cluster(settings, self._jobs)
+        self._cluster = start_cluster(settings, self._jobs, job_log_directory(settings, self.data_root))
         client = Client(self._cluster)
         self._client = client  # closed with the cluster at teardown, whatever happens next
         wait_for_first_worker(client, self._cluster, settings, self._jobs)
@@ -87,7 +88,8 @@ class DaskResource(dg.ConfigurableResource):
             check_data_root(client, self.data_root)
         self._log(
             f"Dask workers as SLURM jobs on partition {settings.queue!r} ({settings.min_jobs}-{settings.max_jobs} "
-            f"jobs of {settings.cores} cores, {settings.memory}, {settings.walltime}); first joined: "
+            f"jobs of {settings.cores} cores, {settings.memory}, {settings.walltime}"
+            f"{', TLS' if settings.tls else ''}); scheduler {self._cluster.scheduler_address}; first joined: "
             + ", ".join(f"job {j.job_id}" for j in self._jobs.jobs if j.joined is not None)
         )
         return client
@@ -105,6 +107,12 @@ class DaskResource(dg.ConfigurableResource):
             f"SLURM worker jobs {summary['slurm_jobs']}: {summary['slurm_queue_wait_s']} s queued in all "
             f"(longest {summary['slurm_max_queue_wait_s']} s), {summary['slurm_compute_s']} s computing"
         )
+        if self._jobs.stalled:
+            log = getattr(self._context, "log", None)
+            (log.error if log is not None else logging.getLogger(__name__).error)(
+                f"{self._jobs.stalled}; the run stopped (nothing of it is lost: a re-run resumes). Check "
+                "`sinfo` and `squeue --me`, or raise EM_SLURM_START_TIMEOUT"
+            )
         run_id, instance = getattr(context, "run_id", None), getattr(context, "instance", None)
         if run_id and instance is not None:
             instance.add_run_tags(run_id, {f"em/{k}": v for k, v in summary.items()})

@@ -32,7 +32,7 @@ from em_platform.stitch.grid import (
     nominal_grid_position,
     stage_to_image,
 )
-from em_platform.stitch.solve import Edge
+from em_platform.stitch.layout import Edge
 
 if TYPE_CHECKING:
     from em_platform.simulation.scope import GroundTruth

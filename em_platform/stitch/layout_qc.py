@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from em_platform.stitch.solve import Layout, TileId
+from em_platform.stitch.layout import Layout, TileId
 
 SEAM_PX = 4.0
 

@@ -15,12 +15,14 @@ not fused). Dagster-free.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from em_platform.stitch.solve import TileId
-from em_platform.stitch.solve_affine import PointEdge, TransformLayout, solve_transforms
+from em_platform.stitch.layout import TileId
+from em_platform.stitch.solve_affine import Model, PointEdge, TransformLayout, solve_transforms
 
-__all__ = ["CHAIN", "PARAMETERS", "solve_auto"]
+__all__ = ["CHAIN", "PARAMETERS", "Requested", "solve_auto", "solve_model"]
+
+Requested = Model | Literal["auto"]  # what a user asks for: a model, or the one the matches call for
 
 CHAIN = ("translation", "rigid", "affine")
 PARAMETERS = {"translation": 2, "rigid": 3, "affine": 6}  # per tile
@@ -76,3 +78,19 @@ def solve_auto(
         best, rss = richer, rss_richer
     best.model_choice = {"chosen": best.model, "pairs": pairs, "steps": steps}
     return best
+
+
+def solve_model(
+    stage: Mapping[TileId, tuple[float, float]],
+    point_edges: Iterable[PointEdge],
+    model: Requested = "auto",
+    *,
+    tile_size: tuple[float, float],
+    **options: Any,
+) -> TransformLayout:
+    """The layout for ``model`` (:func:`~em_platform.stitch.solve_affine.solve_transforms`), or, for ``"auto"``,
+    for the model the matches call for (:func:`solve_auto`): what the montage asset and ``em-platform stitch``
+    ask for."""
+    if model == "auto":
+        return solve_auto(stage, point_edges, tile_size=tile_size, **options)
+    return solve_transforms(stage, point_edges, model, tile_size=tile_size, **options)

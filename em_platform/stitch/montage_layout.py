@@ -36,11 +36,13 @@ import numpy as np
 
 from em_platform.stitch.edges import match_edges, nominal_positions, stage_positions
 from em_platform.stitch.grid import GridPosition, GridTile, array_name, neighbour_of
+from em_platform.stitch.layout import Layout
 from em_platform.stitch.layout_qc import SEAM_PX, LayoutQC, layout_qc
 from em_platform.stitch.lens import LensFit, LensModel, estimate_lens
+from em_platform.stitch.model_choice import Requested, solve_model
 from em_platform.stitch.seams import SeamMeasure, measure_source_seams
-from em_platform.stitch.solve import Layout, solve_translations
-from em_platform.stitch.solve_affine import Model, PointEdge, solve_transforms
+from em_platform.stitch.solve import solve_translations
+from em_platform.stitch.solve_affine import Model, PointEdge
 
 # ``transform`` and ``lens`` were added to version 1: readers of x/y read it as before
 LAYOUT_FORMAT = "em_platform/montage-layout/1"
@@ -133,7 +135,7 @@ def solve_montage(
     pixel_size_nm: float | None,
     *,
     stage_rotation_rad: float = 0.0,  # stage -> image axes: montage.complete's rotation_angle
-    model: Model = "auto",
+    model: Requested = "auto",
     seam_px: float = SEAM_PX,
     lens: LensModel | None = None,
     point_edges: Iterable[PointEdge] | None = None,
@@ -177,7 +179,7 @@ def solve_montage(
             edges = [
                 PointEdge(e.tile, e.neighbour, lens.correct(e.p), lens.correct(e.q), e.weight) for e in edges
             ]
-        solved = solve_transforms(positions, edges, model, tile_size=next(iter(sizes)))
+        solved = solve_model(positions, edges, model, tile_size=next(iter(sizes)))
         model = solved.model  # auto: the model the matches chose
         layout = solved.as_layout()
         transforms = {k: np.asarray(m, np.float64) for k, m in solved.transforms.items()}

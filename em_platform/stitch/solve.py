@@ -12,53 +12,14 @@ Dagster-free; the montage assets and ``em-platform stitch`` both call :func:`sol
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-TileId = Hashable
+from em_platform.stitch.layout import Edge, Layout, TileId
+from em_platform.stitch.solve_affine import PointEdge, solve_transforms
 
-__all__ = ["Edge", "Layout", "solve_translations"]
-
-
-@dataclass(frozen=True)
-class Edge:
-    """A measured offset between two tiles: ``position(tile) − position(neighbour) = (dx, dy)`` in px."""
-
-    tile: TileId
-    neighbour: TileId
-    dx: float
-    dy: float
-    weight: float = 1.0  # e.g. the match quality
-
-
-@dataclass
-class Layout:
-    """Solved top-left corners (px, the stage frame) with the evidence for them."""
-
-    positions: dict[TileId, tuple[float, float]]
-    edge_residuals: dict[tuple[TileId, TileId], float]  # accepted edges: |solved − measured| (px)
-    rejected: dict[tuple[TileId, TileId], float]  # rejected edges: residual against the final solve
-    disconnected: list[TileId]  # tiles no accepted match ties to the largest connected group
-    iterations: int
-    components: list[list[TileId]] = field(default_factory=list)  # the smaller groups, largest first
-    residual_stats: dict[str, float] = field(default_factory=dict)
-    stage: dict[str, Any] = field(default_factory=dict)
-    loops: dict[str, Any] = field(default_factory=dict)  # what the match loops said (stitch.loops)
-    tile_residuals: dict[TileId, float] = field(init=False)
-
-    def __post_init__(self) -> None:
-        worst: dict[TileId, float] = {t: 0.0 for t in self.positions}
-        for (a, b), r in self.edge_residuals.items():
-            worst[a] = max(worst[a], r)
-            worst[b] = max(worst[b], r)
-        self.tile_residuals = worst
-
-    def rms_residual(self) -> float:
-        r = np.array(list(self.edge_residuals.values()))
-        return float(np.sqrt(np.mean(r**2))) if r.size else 0.0
+__all__ = ["solve_translations"]
 
 
 def solve_translations(
@@ -78,8 +39,6 @@ def solve_translations(
     the matches around the stage's own frame). Edges naming a tile not in ``stage`` raise ``KeyError``;
     an edge given twice keeps both offsets (two pairs of one edge).
     """
-    from em_platform.stitch.solve_affine import PointEdge, solve_transforms
-
     merged: dict[tuple[TileId, TileId], list[Edge]] = {}
     for e in edges:
         merged.setdefault((e.tile, e.neighbour), []).append(e)

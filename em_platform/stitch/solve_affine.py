@@ -72,6 +72,7 @@ from typing import Any, Literal
 import numpy as np
 
 from em_platform.stitch.held_out import held_out_scale
+from em_platform.stitch.layout import Layout, TileId
 from em_platform.stitch.ldl import FactorCache, solve_columns
 from em_platform.stitch.loops import CONSENSUS_PX, edge_consensus, loop_verdicts
 from em_platform.stitch.robust import (
@@ -82,11 +83,10 @@ from em_platform.stitch.robust import (
     stage_frame,
 )
 from em_platform.stitch.separable import BASIS_SIZE, SeparableSolver, raw_coefficients
-from em_platform.stitch.solve import Layout, TileId
 
 __all__ = ["Model", "PointEdge", "TransformLayout", "residual_stats", "solve_transforms"]
 
-Model = Literal["translation", "rigid", "affine", "polynomial", "auto"]  # auto: model_choice picks
+Model = Literal["translation", "rigid", "affine", "polynomial"]
 EdgeKey = tuple[TileId, TileId]
 DEFAULT_MATCH_SIGMA_PX = 0.3  # when the edges carry one pair each and nothing measures the spread
 GAUGE_WEIGHT = 1e-6  # the stage prior of the first pass: fixes the free translation, pulls nothing
@@ -629,13 +629,8 @@ def solve_transforms(
     measures the montage's own below them (module docstring), False uses them as they are. Edges naming a
     tile not in ``stage`` raise ``KeyError``; malformed points or a repeated edge ``ValueError``.
     """
-    if model == "auto":  # the chain translation → rigid → affine, each step taken when it pays
-        options = {k: v for k, v in locals().items() if k not in ("stage", "point_edges", "model", "tile_size")}
-        from em_platform.stitch.model_choice import solve_auto
-
-        return solve_auto(stage, point_edges, tile_size=tile_size, **options)
     if model not in PASSES:
-        raise ValueError(f"model must be one of auto, {', '.join(PASSES)}, got {model!r}")
+        raise ValueError(f"model must be one of {', '.join(PASSES)} (auto: model_choice.solve_model), got {model!r}")
     width, height = (float(v) for v in tile_size)
     if not (width > 0 and height > 0):
         raise ValueError(f"tile_size must be a positive (width, height) in px, got {tile_size!r}")

@@ -44,10 +44,11 @@ import numpy as np
 from em_platform.stitch.blank import BLANK_SCORE, texture_score
 from em_platform.stitch.coarse import coarse_offset, refine_offset
 from em_platform.stitch.grid import NEIGHBOURS, OPPOSITE, from_nominal, neighbour_of, nominal_step, to_nominal
+from em_platform.stitch.layout import Edge
 from em_platform.stitch.lens import LensModel
 from em_platform.stitch.matching import EdgeStrip, Match, default_max_shift, edge_strip, match_neighbour
-from em_platform.stitch.solve import Edge
-from em_platform.stitch.solve_affine import Model, PointEdge, TransformLayout, solve_transforms
+from em_platform.stitch.model_choice import Requested, solve_model
+from em_platform.stitch.solve_affine import PointEdge, TransformLayout
 
 __all__ = [
     "LAYOUT_COLUMNS",
@@ -572,7 +573,7 @@ def _line_points(pair: NeighbourPair, dX: float, dY: float, n: int = 1) -> Point
 def solve_tile_folder(
     folder: TileFolder,
     report: MatchReport,
-    model: Model = "auto",
+    model: Requested = "auto",
     *,
     lens: LensModel | None = None,
     stage_sigma_px: float | None = None,
@@ -599,7 +600,7 @@ def solve_tile_folder(
             PointEdge(e.tile, e.neighbour, lens.correct(e.p), lens.correct(e.q), e.weight) for e in edges
         ]
     width, height = sizes.pop() if len(sizes) == 1 else (2, 2)
-    return solve_transforms(
+    return solve_model(
         folder.stage(), edges, model, tile_size=(width, height), stage_sigma_px=stage_sigma_px
     )
 

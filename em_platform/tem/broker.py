@@ -12,12 +12,9 @@ acknowledge-after-commit subscription that feeds the acquisition journal) is
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import socket
-import ssl
 import threading
 import time
 import uuid
@@ -25,12 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import stomp
 import stomp.exception
 from pydantic import BaseModel
 
 from em_platform.settings import broker_tls as parse_tls
 from em_platform.tem.protocol import validate
+from em_platform.tem.stomp_connection import BrokerUnavailable
 
 __all__ = [
     "DEFAULT_TOPIC_PREFIX",
@@ -38,12 +35,8 @@ __all__ = [
     "BrokerSettings",
     "BrokerSpecError",
     "BrokerUnavailable",
-    "StompEvents",
-    "close_connection",
     "destination",
-    "drop_connection",
     "normalize_prefix",
-    "open_stomp",
     "parse_broker",
     "topic_of",
 ]
@@ -53,15 +46,10 @@ log = logging.getLogger(__name__)
 DEFAULT_TOPIC_PREFIX = "/topic/"
 DEFAULT_SUBSCRIPTION = "em_platform_journal"  # the listener's durable subscription (a broker queue)
 DEFAULT_SERVICE = "em_platform"
-HEARTBEATS = (10000, 10000)  # ms, as pigeon
 
 
 class BrokerSpecError(ValueError):
     """A ``--broker`` value that is not ``HOST:PORT``."""
-
-
-class BrokerUnavailable(ConnectionError):
-    """The STOMP broker cannot be reached (or stopped answering); the message names host:port."""
 
 
 # -- broker addresses ------------------------------------------------------------------------------------
@@ -173,152 +161,6 @@ def parse_broker(spec: str) -> tuple[str, int]:
 
 
 # -- publishing ------------------------------------------------------------------------------------------
-
-
-class StompEvents(stomp.ConnectionListener):
-    """Connected / error / disconnected / receipts of one stomp connection, as waitable state."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.connected = False
-        self.closed = False
-        self.error: str | None = None
-        self._receipts: set[str] = set()
-
-    def on_connected(self, frame) -> None:
-        with self._cond:
-            self.connected = True
-            self._cond.notify_all()
-
-    def on_error(self, frame) -> None:
-        with self._cond:
-            self.error = f"{frame.headers.get('message', 'ERROR')}: {str(frame.body).strip()}"[:500]
-            self._cond.notify_all()
-
-    def on_disconnected(self) -> None:
-        with self._cond:
-            self.connected = False
-            self.closed = True
-            self._cond.notify_all()
-
-    def on_receipt(self, frame) -> None:
-        with self._cond:
-            self._receipts.add(frame.headers.get("receipt-id", ""))
-            self._cond.notify_all()
-
-    def wait_connected(self, timeout: float) -> bool:
-        with self._cond:
-            self._cond.wait_for(lambda: self.connected or self.closed or self.error, timeout)
-            return self.connected and not self.closed
-
-    def wait_receipt(self, receipt: str, timeout: float) -> bool:
-        with self._cond:
-            self._cond.wait_for(lambda: receipt in self._receipts or self.closed, timeout)
-            found = receipt in self._receipts
-            self._receipts.discard(receipt)
-            return found
-
-    def wait_closed(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.closed, timeout)
-
-
-def open_stomp(
-    host: str,
-    port: int,
-    events: StompEvents,
-    *,
-    listeners: Mapping[str, stomp.ConnectionListener] | None = None,
-    username: str | None = None,
-    password: str | None = None,
-    vhost: str | None = "/",
-    tls: str | None = None,
-    timeout: float = 10.0,
-) -> stomp.Connection12:
-    """One STOMP 1.2 connection attempt that cannot hang: connected, or BrokerUnavailable with the reason.
-
-    ``vhost`` goes into the CONNECT ``host`` header: RabbitMQ reads that header as the virtual host, and
-    stomp.py would otherwise send the broker's host name there (``Virtual host '127.0.0.1' access denied``).
-    ``tls`` (:func:`parse_tls`): STOMP over TLS, the broker's certificate and name verified.
-    """
-    where = f"{host}:{port}"
-    conn = stomp.Connection12(
-        [(host, port)],
-        heartbeats=HEARTBEATS,
-        reconnect_attempts_max=1,  # one try; the callers own the retries and their backoff
-        reconnect_sleep_initial=0.0,
-        vhost=vhost,
-        timeout=timeout,
-    )
-    if tls:
-        conn.set_ssl(for_hosts=[(host, port)], ca_certs=None if tls == "system" else tls)
-    for name, listener in (listeners or {}).items():
-        conn.set_listener(name, listener)
-    conn.set_listener("em_platform_events", events)
-    try:
-        conn.connect(username=username, passcode=password, wait=False)
-    except (stomp.exception.StompException, OSError) as exc:
-        raise BrokerUnavailable(
-            f"cannot connect to the STOMP broker at {where}: {_connect_error(host, port, exc, tls)}"
-        ) from exc
-    sock = conn.transport.socket
-    if sock is not None and not tls:
-        # the timeout bounds the TCP connect only; an idle subscription must not time out. (Over TLS stomp.py
-        # polls a non-blocking socket itself: made blocking, its reader would never hand a frame on.)
-        with contextlib.suppress(OSError):  # already closed by the broker: wait_connected says so below
-            sock.settimeout(None)
-    if not events.wait_connected(timeout):
-        reason = events.error or (
-            "connection closed" if events.closed else f"no CONNECTED frame in {timeout:g} s"
-        )
-        if not tls and events.closed:
-            reason += " (a STOMP-over-TLS port closes on a plain client: set EM_BROKER_TLS)"
-        drop_connection(conn)
-        raise BrokerUnavailable(f"the STOMP broker at {where} refused the connection: {reason}")
-    return conn
-
-
-def _connect_error(host: str, port: int, exc: BaseException, tls: str | None = None) -> str:
-    """Why a connection failed, in words: stomp.py's ConnectFailedException carries no message, so the
-    socket is asked once more for its own error (e.g. ``[Errno 111] Connection refused``), and with ``tls``
-    the TLS handshake (e.g. ``certificate verify failed``)."""
-    if str(exc):
-        return str(exc)
-    try:
-        sock = socket.create_connection((host, port), timeout=2)
-    except OSError as err:
-        return str(err) or type(err).__name__
-    with sock:
-        if not tls:
-            return "the TCP port answers but the STOMP handshake failed (is it a STOMP port? over TLS: EM_BROKER_TLS)"
-        context = ssl.create_default_context(cafile=None if tls == "system" else tls)
-        try:
-            context.wrap_socket(sock, server_hostname=host).close()
-        except (ssl.SSLError, OSError) as err:
-            trust = "the system's CAs" if tls == "system" else tls
-            return f"TLS handshake failed: {err} (EM_BROKER_TLS: the broker's certificate checked against {trust})"
-    return "the TLS handshake succeeds but the STOMP handshake failed (is it a STOMP port?)"
-
-
-def drop_connection(conn: stomp.Connection12) -> None:
-    """Close the socket now (no DISCONNECT handshake); unacknowledged messages go back to the queue."""
-    transport = conn.transport
-    if transport.socket is not None:
-        try:
-            transport.disconnect_socket()
-        except Exception:  # already gone
-            pass
-
-
-def close_connection(conn: stomp.Connection12, events: StompEvents, timeout: float = 2.0) -> None:
-    """DISCONNECT politely (bounded wait), then make sure the socket is closed."""
-    if conn.is_connected():
-        try:
-            conn.disconnect()
-            events.wait_closed(timeout)
-        except Exception:
-            pass
-    drop_connection(conn)
 
 
 class BrokerPublisher:

@@ -42,16 +42,18 @@ from em_platform.sql import DatabaseUnavailable
 from em_platform.tem.broker import (
     DEFAULT_SUBSCRIPTION,
     DEFAULT_TOPIC_PREFIX,
-    BrokerUnavailable,
-    StompEvents,
-    close_connection,
     destination,
-    drop_connection,
     normalize_prefix,
-    open_stomp,
     topic_of,
 )
 from em_platform.tem.protocol import CONSUMED, ProtocolError, decode, message_version
+from em_platform.tem.stomp_connection import (
+    BrokerUnavailable,
+    StompEvents,
+    close_connection,
+    drop_connection,
+    open_stomp,
+)
 
 __all__ = [
     "DEFAULT_SUBSCRIPTION",

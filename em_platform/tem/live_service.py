@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
-from em_platform.tem.montage_run import MontageRunConfig, MontageRunResult, run_montage
+from em_platform.tem.montage_result import MontageRunResult
+from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.qc_summary import MontageSummary
 
 log = logging.getLogger(__name__)

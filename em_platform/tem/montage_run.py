@@ -34,10 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from em_platform.cluster.stall import is_stalled
 from em_platform.stitch.grid import NEIGHBOURS, array_name, matched_against, neighbour_of, stage_to_image
 from em_platform.tem.journal import MontageRow, TileReport, TileRow
+from em_platform.tem.montage_result import MontageRunResult, StageCalibration, TileRecord
 from em_platform.tem.protocol import tile_messages, tile_metadata
-from em_platform.tem.qc import Fault, MontageQC, QCConfig, TileVerdict, tile_faults, usable_for_matching
+from em_platform.tem.qc import Fault, MontageQC, QCConfig, tile_faults, usable_for_matching
 from em_platform.tem.qc_summary import MontageLimits, MontageSummary
 from em_platform.tem.tile_source import TileSource
 from em_platform.tem.tile_tasks import (
@@ -74,38 +76,6 @@ class ProcessedTilesNotStored(RuntimeError):
     """Tiles were judged (their verdicts sent) but their processed pixels could not be written."""
 
 
-# Where a tile's latency (tile.raw journaled -> verdict journaled) goes: (stage, from, to) over the
-# TileRecord's times. "landed": the journal received tile.raw; "seen": a poll handed it to the run; the
-# process/judge times are the Dask tasks' own; "collected": the run took the judgement; "verdict": its
-# qc.tile was committed (it waits for the verdicts of the tiles before it).
-LATENCY_STEPS = (
-    ("poll", "landed", "seen"),
-    ("wait_for_thread", "seen", "process_start"),
-    ("process", "process_start", "process_end"),
-    ("wait_to_match", "process_end", "judge_start"),
-    ("match", "judge_start", "judge_end"),
-    ("collect", "judge_end", "collected"),
-    ("verdict", "collected", "verdict"),
-)
-
-
-@dataclass(frozen=True)
-class StageCalibration:
-    """How the run turns stage positions (nm) into image offsets (px): fixed at the run's first look at the
-    journal, so no verdict depends on when ``montage.complete`` (which carries the montage's own pixel size
-    and rotation) lands among the tiles. A listener restarted mid-montage delivers the rest of the montage in
-    one burst, ``montage.complete`` with it; while the run took the calibration from whichever message was
-    there, the tiles judged after that burst were searched differently (with no pixel size configured: 65 %
-    of a clean 5 x 5 montage's edges unmatched live, 32 % after a restart, 0 % on a re-run)."""
-
-    pixel_size_nm: float | None
-    rotation_rad: float
-    source: str  # "montage.complete" (a finished montage re-processed), "configured", or "none"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"pixel_size_nm": self.pixel_size_nm, "rotation_rad": self.rotation_rad, "source": self.source}
-
-
 class AcquisitionStalled(RuntimeError):
     """No tile arrived for longer than the stall timeout while the montage was still being acquired."""
 
@@ -129,68 +99,6 @@ class MontageRunConfig:
     qc: QCConfig = field(default_factory=QCConfig)
     # the montage-level checks (the acquisition asset's); one that fails makes the last qc.status STOP_AT_END
     limits: MontageLimits = field(default_factory=MontageLimits)
-
-
-@dataclass
-class TileRecord:
-    tile: TileRow
-    outcome: TileOutcome | None = None  # statistics and focus (no pixels); None until judged, or failed
-    error: str | None = None
-    future: Any = None  # the processing future, held while later neighbours may need its strips
-    store: Any = None  # the store future, held until the processed tile is written
-    matches: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: no overlap found
-    verdict: TileVerdict | None = None
-    times: dict[str, float] = field(default_factory=dict)  # Unix seconds of each step: see LATENCY_STEPS
-    resumed: bool = False  # its verdict came from the journal (an earlier run judged and sent it)
-
-    @property
-    def judged(self) -> bool:
-        return self.outcome is not None or self.error is not None
-
-
-@dataclass
-class MontageRunResult:
-    montage_id: str
-    tiles: dict[str, TileRecord]
-    missing: list[tuple[int, int]]  # never acquired (the planned grid has a hole)
-    not_received: dict[str, tuple[int | None, int | None]]  # named by montage.complete, never journaled
-    flatfield: dict[str, Any]
-    qc: MontageQC
-    processed_url: str
-    seconds: float
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage, summed over the tiles
-    polling_since: float | None = None  # wall clock (Unix time) of the run's first look at the journal
-    calibration: StageCalibration | None = None  # None: the run never saw its montage
-
-    def latency_by_stage(self) -> dict[str, list[float]]:
-        """Seconds per stage of :data:`LATENCY_STEPS` (and ``total``) for each judged tile, in acquisition order."""
-        out: dict[str, list[float]] = {name: [] for name, _, _ in LATENCY_STEPS}
-        out["total"] = []
-        for rec in self.tiles.values():
-            t = rec.times
-            if "landed" not in t or "verdict" not in t:
-                continue
-            for name, start, end in LATENCY_STEPS:
-                if start in t and end in t:
-                    out[name].append(t[end] - t[start])
-            out["total"].append(t["verdict"] - t["landed"])
-        return out
-
-    def edges(self) -> list[dict[str, Any] | None]:
-        """Every neighbour match attempted (None: no overlap found); edges skipped for a faulty tile excluded."""
-        return [
-            m
-            for r in self.tiles.values()
-            if r.outcome is not None
-            for m in r.matches.values()
-            if not (m and m.get("skipped"))
-        ]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        places = [(r.tile.row, r.tile.column) for r in self.tiles.values()] + list(self.missing)
-        places += [p for p in self.not_received.values() if None not in p]  # type: ignore[misc]
-        return max((r for r, _ in places), default=-1) + 1, max((c for _, c in places), default=-1) + 1
 
 
 class MontageRun:
@@ -566,6 +474,7 @@ class MontageRun:
         tile_id, edges = self.judges.pop(fut)
         if fut.status == "error":  # the task itself failed (a worker lost, a bug): say so, lose nothing else
             exc = fut.exception()
+            _stop_if_stalled(exc)
             error = f"{type(exc).__name__}: {exc}"
             failed = TileOutcome(None, None, None, error=error)
             judgement = Judgement(tile_id, failed, [(t, p, {"error": error}) for t, p in edges], {})
@@ -628,9 +537,14 @@ class MontageRun:
             tile_id = self.storing.pop(fut, None)
             if tile_id is None:
                 continue
+            if fut.status == "lost":  # written, then its worker went away with the result: Dask runs it again
+                self.storing[fut] = tile_id  # (the same bytes to the same place) and it comes back here
+                fut.add_done_callback(self.stored.put)
+                continue
             rec = self.records[tile_id]
             if fut.status == "error":
                 exc = fut.exception()
+                _stop_if_stalled(exc)
                 self.store_errors[tile_id] = f"{type(exc).__name__}: {exc}"
                 self.log.error("tile %s: its processed tile was not written: %s", tile_id, exc)
             elif fut.status == "finished":
@@ -791,3 +705,10 @@ def _results(rec: TileRecord) -> dict[str, Any] | None:
         "shape": list(rec.outcome.shape),
         "unmatched": [p for p, m in rec.matches.items() if m is None],
     }
+
+
+def _stop_if_stalled(exc: BaseException | None) -> None:
+    """No worker for the cluster's whole wait is no tile's fault: the run stops, judging nothing as failed,
+    and a re-run resumes from the tiles already judged and stored."""
+    if is_stalled(exc):
+        raise RuntimeError(f"the compute cluster ran no worker for this montage's tasks: {exc}") from exc

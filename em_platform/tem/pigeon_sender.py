@@ -7,7 +7,7 @@ from __future__ import annotations
 from pigeon import Pigeon
 from pigeon.client import PigeonListener
 
-from em_platform.tem.broker import StompEvents, close_connection, drop_connection, open_stomp
+from em_platform.tem.stomp_connection import StompEvents, close_connection, drop_connection, open_stomp
 
 __all__ = ["PigeonSender"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from em_platform.tem.qc import BLANK, NO_MATCH, NO_TISSUE, OUT_OF_FOCUS, SATURATED
 
 if TYPE_CHECKING:  # the run folds these checks into its last qc.status: it imports this module
-    from em_platform.tem.montage_run import MontageRunResult
+    from em_platform.tem.montage_result import MontageRunResult
 
 __all__ = ["CheckOutcome", "MontageLimits", "MontageSummary"]
 

@@ -144,7 +144,7 @@ def test_the_published_broker_port_speaks_only_tls_with_a_certificate_the_scope_
     """The microscope reaches STOMP over TLS only: the broker's certificate chains to the CA `compose-ca
     --broker` prints, for 127.0.0.1 and localhost; plain STOMP, or TLS trusting another CA, gets no broker."""
     from em_platform.deploy.certificates import CA, make_certificates
-    from em_platform.tem.broker import BrokerUnavailable, StompEvents, close_connection, open_stomp
+    from em_platform.tem.stomp_connection import BrokerUnavailable, StompEvents, close_connection, open_stomp
 
     s, port = stack.settings, int(stack.settings["EM_BROKER_PORT"])
     scope = {"username": s["EM_SCOPE_BROKER_USERNAME"], "password": s["EM_SCOPE_BROKER_PASSWORD"]}

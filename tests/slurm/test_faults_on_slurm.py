@@ -59,8 +59,12 @@ def reference(tmp_path_factory) -> np.ndarray:
     return _fused(platform)
 
 
-def live_run_with_fault(slurm, tmp_path: Path, monkeypatch, fault: Callable[[], None], **env: str):
-    """The montage acquired live with its run on SLURM worker jobs; ``fault`` once a tile is judged."""
+def live_run_with_fault(
+    slurm, tmp_path: Path, monkeypatch, fault: Callable[[], None], *, fails: bool = False, **env: str
+):
+    """The montage acquired live with its run on SLURM worker jobs; ``fault`` once a tile is judged. Returns
+    the platform and the run's worker jobs, or (``fails``) the platform, the failed run's result and its
+    instance's events, the scope having landed every tile."""
     settings = slurm_env(slurm, tmp_path, **env)
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
@@ -98,10 +102,15 @@ def live_run_with_fault(slurm, tmp_path: Path, monkeypatch, fault: Callable[[], 
     with dg.instance_for_test() as instance:
         result = _run(platform, instance)
         jobs = run_jobs(instance, result.run_id) if result.success else []
+        events = [e for e in instance.all_logs(result.run_id)]
+        tags = dict(instance.get_run_by_id(result.run_id).tags)
     injector.join(60)
     scope.join(60)
     if failed:
         raise failed[0]
+    if fails:
+        assert not result.success
+        return platform, result, events, tags
     assert result.success
     verdicts = [m["tile_id"] for m in journal.messages("qc.tile", MONTAGE)]
     assert len(verdicts) == CFG.rows * CFG.columns == len(set(verdicts)), verdicts  # none lost, none twice
@@ -171,3 +180,66 @@ def test_a_queue_that_starts_nothing_fails_the_run_in_time_with_slurms_reason(sl
     assert f"partition {slurm.partition!r} in 5 s" in text and "PENDING (PartitionDown)" in text, text
     assert waited < 5 + 60, waited  # the wait, then the jobs cancelled: bounded, not a hang
     wait_until(lambda: not slurm.running_jobs(), 30, "the pending worker job to be cancelled")
+
+
+def test_a_worker_killed_at_its_walltime_is_replaced_and_the_montage_completes(
+    slurm, tmp_path, monkeypatch, reference
+):
+    """SLURM itself ends the worker's job at its time limit (TIMEOUT, not our retirement): as a lost worker, its
+    tasks are recomputed on the job adaptive scaling starts in its place."""
+    ended: list[str] = []
+
+    def walltime() -> None:
+        ended.extend(slurm.running_jobs())
+        assert ended, "no worker job was running"
+        for job in ended:
+            slurm.end_walltime_now(job)
+        records = [slurm.wait_for_record(job, timeout=120) for job in ended]  # slurmctld checks every 30 s
+        assert [r["JobState"] for r in records] == ["TIMEOUT"] * len(ended), records
+
+    platform, jobs = live_run_with_fault(slurm, tmp_path, monkeypatch, walltime)
+    np.testing.assert_array_equal(_fused(platform), reference)
+    assert set(ended) < set(jobs), (ended, jobs)
+    assert_completed(slurm, [j for j in jobs if j not in ended])
+
+
+def test_a_queue_that_stops_starting_jobs_mid_run_fails_the_run_in_time_and_a_rerun_resumes(
+    slurm, tmp_path, monkeypatch, reference
+):
+    """Mid-run, the partition goes down and the only worker job is cancelled: the tiles that land wait for a
+    worker the queue never starts. The run fails within the wait (EM_SLURM_START_TIMEOUT) naming SLURM's reason,
+    judges no tile as failed for it, and once the partition is up again a re-run completes the montage with
+    every tile judged once."""
+    wait = 30  # past the 16 s after which the lost job is replaced: the replacement is what pends
+    fault_at: list[float] = []
+
+    def stall() -> None:
+        slurm.set_partition_state(slurm.partition, "DOWN")
+        fault_at.append(time.monotonic())
+        slurm.run("scancel", *slurm.running_jobs())
+
+    try:
+        platform, result, events, tags = live_run_with_fault(
+            slurm, tmp_path, monkeypatch, stall, fails=True, EM_SLURM_START_TIMEOUT=str(wait)
+        )
+        failed_after = time.monotonic() - fault_at[0]
+    finally:
+        slurm.set_partition_state(slurm.partition, "UP")
+    assert failed_after < wait + 60, failed_after  # the wait, the run's teardown: bounded, not a hang
+    errors = [e.user_message for e in events if e.level >= 40]
+    said = [m for m in errors if f"no worker job ran on SLURM partition {slurm.partition!r} for {wait} s" in m]
+    assert said and "PENDING (PartitionDown)" in said[0] and "a re-run resumes" in said[0], errors
+    assert "PartitionDown" in tags["em/slurm_stalled"], tags
+    failure = [e for e in events if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"]
+    assert failure and "ran no worker" in str(failure[0].dagster_event.event_specific_data.error), failure
+    journal = Journal(platform.settings.catalog_url)
+    judged = journal.messages("qc.tile", MONTAGE)
+    unreadable = [m for m in judged if any(f["fault_type"] == "unreadable_tile" for f in m["faults"])]
+    assert not unreadable, unreadable  # no tile judged failed for want of a worker
+
+    with dg.instance_for_test() as instance:
+        again = _run(platform, instance)
+        assert again.success
+    verdicts = [m["tile_id"] for m in journal.messages("qc.tile", MONTAGE)]
+    assert len(verdicts) == CFG.rows * CFG.columns == len(set(verdicts)), verdicts  # none lost, none twice
+    np.testing.assert_array_equal(_fused(platform), reference)

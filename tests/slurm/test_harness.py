@@ -69,6 +69,8 @@ def test_scancel_is_recorded_as_cancelled_and_leaves_no_process(slurm, tmp_path)
 
 
 def test_partition_down_keeps_a_job_pending_with_slurms_reason_until_up(slurm, tmp_path):
+    # a job of an earlier test still ending holds the node: SLURM would say Resources before PartitionDown
+    wait_until(lambda: not slurm.running_jobs(), 60, "the node free of earlier jobs")
     slurm.set_partition_state(slurm.partition, "DOWN")
     try:
         job = slurm.sbatch(f"--chdir={tmp_path}", "--output=out-%j.txt", "--wrap", "echo ran")

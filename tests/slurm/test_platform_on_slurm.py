@@ -1,4 +1,4 @@
-"""The platform's Dask work on SLURM jobs (issue 37): a cryo tilt series and a montage through Dagster with
+"""The platform's Dask work on SLURM jobs (issue 37): a cryo tilt series, a montage and an inbox ingest through Dagster with
 ``EM_COMPUTE=slurm``, against the session's real slurmctld/slurmd, give the same results as the same runs on
 the local cluster; each worker job is in the run's tags, and SLURM's own record shows it COMPLETED."""
 
@@ -15,8 +15,10 @@ import pytest
 import zarr
 
 from em_platform.assets.cryo import ctf, motion_corrected, tilt_alignment, tomogram
+from em_platform.catalog.db import CatalogDB
 from em_platform.cluster.slurm import SharedStorageMissing
 from em_platform.resources import CatalogResource, CryoSessionsResource, DaskResource, StorageResource
+from em_platform.samples import write_samples
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
@@ -169,3 +171,64 @@ def test_workers_that_cannot_see_the_data_root_fail_the_run_at_once_naming_the_p
             SharedStorageMissing, match=rf"{missing} is not a folder this worker can read and write"
         ):
             dg.materialize([needs_workers], instance=instance, resources={"dask": dask})
+
+
+def test_with_tls_the_workers_join_over_tls_and_a_plain_client_is_refused(slurm, tmp_path, monkeypatch):
+    """EM_SLURM_TLS=1: the run's scheduler listens with certificates made for the run, the worker jobs join
+    with theirs (0600 in the shared job folder, gone when the run ends), and a client without them gets
+    nothing from the scheduler's port."""
+    logs = tmp_path / "slurm-logs"
+    for name, value in slurm_env(slurm, tmp_path, EM_SLURM_TLS="1").items():
+        monkeypatch.setenv(name, value)
+    seen: dict = {}
+
+    @dg.asset
+    def total(dask: DaskResource) -> int:
+        from distributed import Client
+
+        client = dask.get_client()
+        seen["scheduler"] = client.scheduler.address
+        seen["workers"] = list(client.scheduler_info()["workers"])
+        seen["keys"] = {p.name: p.stat().st_mode & 0o777 for p in logs.glob(".dask-jobqueue.worker.*")}
+        plain = "tcp://" + client.scheduler.address.split("://", 1)[1]
+        with pytest.raises((OSError, TimeoutError)):
+            Client(plain, timeout="5s")
+        return client.submit(sum, [1, 2, 3]).result()
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([total], instance=instance, resources={"dask": DaskResource(compute="slurm")})
+        assert result.output_for_node("total") == 6
+        jobs = run_jobs(instance, result.run_id)
+    assert seen["scheduler"].startswith("tls://") and seen["workers"], seen
+    assert all(w.startswith("tls://") for w in seen["workers"]), seen
+    assert seen["keys"] and set(seen["keys"].values()) == {0o600}, seen["keys"]  # the worker's key, its cert
+    assert not list(logs.glob(".dask-jobqueue.worker.*")), "the run's certificates outlived it"
+    assert_completed(slurm, jobs)
+
+
+def test_an_inbox_ingest_converted_on_slurm_jobs_equals_the_local_run(slurm, tmp_path, monkeypatch):
+    """The ingest's conversion (the OME-Zarr pyramid written by Dask) on SLURM worker jobs reading the inbox
+    and writing the data root, both shared: the same image as on the local cluster, bit for bit."""
+    entry = "fibsem_crop.ome.tif"
+    images = {}
+    for where in ("local", "slurm"):
+        env = slurm_env(slurm, tmp_path) if where == "slurm" else {}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        platform = make_platform(tmp_path / where, extra_env=env)
+        write_samples(platform.inbox, include_dm=False)
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("inbox_entries", [entry])
+            result = platform.defs.resolve_job_def("ingest_local_job").execute_in_process(
+                instance=instance, partition_key=entry
+            )
+            assert result.success
+            if where == "slurm":
+                jobs = run_jobs(instance, result.run_id)  # the conversion asked for workers: SLURM's
+        record = CatalogDB(platform.settings.catalog_url).find("local", entry)
+        image = zarr.open_group(record["files"]["volume"], mode="r")
+        images[where] = {level: np.asarray(image[level][...]) for level in sorted(image.array_keys())}
+    assert images["slurm"].keys() == images["local"].keys() and images["local"]
+    for level, local in images["local"].items():
+        np.testing.assert_array_equal(images["slurm"][level], local, err_msg=f"level {level}")
+    assert_completed(slurm, jobs)

@@ -89,3 +89,18 @@ def test_a_replacement_job_under_the_same_worker_name_is_counted_apart():
     log.joined("SLURMCluster-0")
     summary = log.summary()
     assert summary["slurm_jobs"] == "1,2" and float(summary["slurm_compute_s"]) >= 0
+
+
+def test_tls_is_a_switch_and_the_jobs_logs_never_land_in_the_working_folder(tmp_path, monkeypatch):
+    from em_platform.cluster.slurm import job_log_directory
+
+    assert SlurmSettings.from_env({"EM_SLURM_TLS": "1"}).tls and not SlurmSettings.from_env({}).tls
+    with pytest.raises(ConfigError, match=r"^EM_SLURM_TLS='maybe' must be 1 \(on\) or 0 \(off\)"):
+        load_settings({"EM_COMPUTE": "slurm", "EM_SLURM_TLS": "maybe"})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    named = SlurmSettings(log_directory=str(tmp_path / "named"))
+    assert job_log_directory(named, str(tmp_path / "data")) == str(tmp_path / "named")
+    assert job_log_directory(SlurmSettings(), str(tmp_path / "data")) == str(tmp_path / "data" / "slurm-jobs")
+    home = tmp_path / "home" / ".em_platform" / "slurm-jobs"
+    assert job_log_directory(SlurmSettings(), "s3://em/data") == str(home) and home.is_dir()
+    assert job_log_directory(SlurmSettings(), None) == str(home)

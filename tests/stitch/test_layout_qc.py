@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from em_platform.stitch.layout import Edge
 from em_platform.stitch.layout_qc import layout_qc
-from em_platform.stitch.solve import Edge, solve_translations
+from em_platform.stitch.solve import solve_translations
 from tests.stitch.test_solve import montage
 
 

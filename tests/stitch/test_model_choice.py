@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from em_platform.stitch.model_choice import solve_auto
-from em_platform.stitch.solve_affine import solve_transforms
+from em_platform.stitch.model_choice import solve_auto, solve_model
 from tests.stitch.test_solve_affine import SIZE, corner_errors, montage
 
 
@@ -17,7 +16,7 @@ def rms(layout, truth) -> float:
 
 def test_tiles_that_do_not_turn_stay_a_translation():
     truth, stage, edges = montage(degrees=0.0, scale=0.0, noise=0.2, seed=4)
-    chosen = solve_transforms(stage, edges, "auto", tile_size=(SIZE, SIZE))
+    chosen = solve_model(stage, edges, "auto", tile_size=(SIZE, SIZE))
     assert chosen.model == "translation"
     steps = chosen.model_choice["steps"]
     assert [s["model"] for s in steps] == ["translation", "rigid"]  # rigid tried, not taken
@@ -28,7 +27,7 @@ def test_tiles_turned_a_twentieth_of_a_degree_are_solved_rigid_and_land_closer()
     truth, stage, edges = montage(degrees=0.05, scale=0.0, noise=0.1, seed=5)
     chosen = solve_auto(stage, edges, tile_size=(SIZE, SIZE))
     assert chosen.model == "rigid", chosen.model_choice
-    translation = solve_transforms(stage, edges, "translation", tile_size=(SIZE, SIZE))
+    translation = solve_model(stage, edges, "translation", tile_size=(SIZE, SIZE))
     assert rms(chosen, truth) < 0.5 * rms(translation, truth)
     assert chosen.model_choice["steps"][-1]["model"] == "affine"  # affine tried: it does not pay
 
@@ -43,4 +42,4 @@ def test_turned_and_scaled_tiles_are_solved_affine():
 def test_options_reach_every_solve_of_the_chain():
     _, stage, edges = montage(degrees=0.5, scale=0.005, seed=7)
     with pytest.raises(ValueError, match="tile_size"):
-        solve_transforms(stage, edges, "auto", tile_size=(0, SIZE))
+        solve_model(stage, edges, "auto", tile_size=(0, SIZE))

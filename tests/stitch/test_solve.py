@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from em_platform.stitch.solve import Edge, solve_translations
+from em_platform.stitch.layout import Edge
+from em_platform.stitch.solve import solve_translations
 
 STEP = 460  # 512 px tiles, 10 % overlap
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from em_platform.stitch.solve import Edge, Layout, solve_translations
+from em_platform.stitch.layout import Edge, Layout
+from em_platform.stitch.solve import solve_translations
 from em_platform.stitch.solve_affine import MIN_TILE_SPREAD, PointEdge, TransformLayout, solve_transforms
 
 SIZE, STEP = 512, 460  # 512 px tiles, 10 % overlap
