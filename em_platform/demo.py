@@ -117,9 +117,10 @@ def simulate_demo_tilt_series(defs, runs: DemoRuns, settings, out) -> list[str]:
     ran, failed = tick_and_run(defs, runs, "simulation_sensor", specs)
     folder = Path(settings.data_root, "simulation", DEMO_SPEC_NAME, f"{DEMO_SPEC_NAME}_000")
     if (folder / "ground_truth.json").exists():
-        seconds = _simulation_seconds(runs.instance, folder.name)
+        seconds = _simulation_seconds(runs.instance, folder.name) if ran else None
         print(
-            f"\ncryo-ET simulation{' (new)' if ran else ''}: {folder} (tilt series, mdoc, movies, ground_truth.json)"
+            f"\ncryo-ET simulation{' (new)' if ran else ': nothing new to simulate, the earlier one is'}: {folder} "
+            "(tilt series, mdoc, movies, ground_truth.json)"
             + (f", simulated in {seconds:.1f} s" if seconds is not None else ""),
             file=out,
         )
