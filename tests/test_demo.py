@@ -49,6 +49,8 @@ def test_second_demo_changes_nothing(state):
     out = state.second.stdout
     assert state.second.returncode == 0, out + state.second.stderr
     assert "0 new sample(s)" in out and "(nothing new)" in out
+    assert "cryo-ET simulation: nothing new to simulate" in out and "simulated in" not in out, out
+    assert "cryo-ET simulation (new)" in state.first.stdout and "simulated in" in state.first.stdout
     assert state.tree_after_second == state.tree_after_first
 
 
