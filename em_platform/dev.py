@@ -74,18 +74,21 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         env={**os.environ, **(pool.env if pool else {})},
     )
     stopping = threading.Event()
-
-    def stop(signum, _frame) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            print(f"em-platform dev: {signal.Signals(signum).name}: stopping Dagster", file=out, flush=True)
-            threading.Thread(target=_shut_down, args=(child, out), daemon=True).start()
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     services = [
         Supervised("live-qc", [sys.executable, "-m", "em_platform.live_qc_cli"], out),
         Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out),
     ]
+    supervised = services + (pool.services if pool else [])
+
+    def stop(signum, _frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            for service in supervised:  # from now on nothing is restarted, whatever exits
+                service.halt()
+            print(f"em-platform dev: {signal.Signals(signum).name}: stopping", file=out, flush=True)
+            threading.Thread(target=_shut_down, args=(child, out), daemon=True).start()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _serve(child, out)
     finally:
@@ -93,6 +96,11 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
             service.stop()
         if pool:
             pool.stop()
+        print(
+            "em-platform dev: stopped (Dagster, live-qc, viewer" + (", the Dask pool)" if pool else ")"),
+            file=out,
+            flush=True,
+        )
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -114,7 +122,8 @@ class Supervised:
         env: dict[str, str] | None = None,
     ):
         self.name, self.cmd, self.out, self.quiet, self.env = name, cmd, out, quiet, env
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # set: never restarted again (the stop has begun)
+        self._stopped = False
         self.proc: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._supervise, name=name, daemon=True)
         self._thread.start()
@@ -130,6 +139,9 @@ class Supervised:
                 text=True,
                 errors="replace",
                 preexec_fn=service_child,
+                # a group of its own: a terminal's Ctrl-C (SIGINT to its foreground group) reaches only `make
+                # dev`, which stops the services in order (Dask's workers before their scheduler)
+                start_new_session=True,
             )
             for line in self.proc.stdout:
                 if self.quiet is None or not self.quiet.search(line):
@@ -152,9 +164,14 @@ class Supervised:
             )
             self.stopping.wait(self.RESTART_SECONDS)
 
+    def halt(self) -> None:
+        """No restart from now on (the process is stopped by :meth:`stop`)."""
+        self.stopping.set()
+
     def stop(self) -> None:
-        if self.stopping.is_set():
+        if self._stopped:
             return
+        self._stopped = True
         self.stopping.set()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -241,6 +258,10 @@ class DaskPool:
     def env(self) -> dict[str, str]:
         return {"DASK_SCHEDULER_ADDRESS": self.address}
 
+    @property
+    def services(self) -> list[Supervised]:
+        return [self.workers, self.scheduler]
+
     def stop(self) -> None:
         self.workers.stop()
         self.scheduler.stop()
@@ -270,19 +291,45 @@ def _relay(lines: Iterable[str], out) -> None:
 
 def _stop_left_behind(group: int, out) -> None:
     """SIGTERM to what is left of `dagster dev`'s process group after it exited (runs still executing: Dagster
-    fails an interrupted run and run_retries re-runs it at the next start); SIGKILL after the grace."""
+    fails an interrupted run and run_retries re-runs it at the next start); SIGKILL after the grace. The runs
+    are named; what else is left (a code server still closing) is stopped without a word."""
     if not _group_alive(group):
         return
-    print(
-        "em-platform dev: stopping the runs Dagster left running (failed now, re-run at the next start)",
-        file=out,
-        flush=True,
-    )
+    runs = run_ids_in_group(group)
+    if runs:
+        print(
+            f"em-platform dev: stopping the run(s) Dagster left running: {', '.join(runs)} (failed now, re-run at "
+            "the next start)",
+            file=out,
+            flush=True,
+        )
     signal_group(group, signal.SIGTERM)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
     while _group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)  # poll: a process group has no handle to wait on
     signal_group(group, signal.SIGKILL)
+
+
+_RUN_ID = re.compile(r'run_id\\*"\s*:\s*\\*"([0-9a-f-]{36})')
+
+
+def run_ids_in_group(group: int) -> list[str]:
+    """The Dagster runs executing in a process group (``dagster api execute_run`` and its kin carry the run's
+    id in their serialized arguments); a run whose id cannot be read is named by its PID."""
+    import psutil
+
+    found: list[str] = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(proc.info["pid"]) != group:
+                continue
+        except (ProcessLookupError, PermissionError):
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "execute_run" in cmdline or "execute_step" in cmdline:
+            m = _RUN_ID.search(cmdline)
+            found.append(m.group(1) if m else f"pid {proc.info['pid']}")
+    return sorted(set(found))
 
 
 def _group_alive(group: int) -> bool:

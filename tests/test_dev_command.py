@@ -103,7 +103,9 @@ def test_a_run_left_running_by_dagster_does_not_hold_make_dev_after_it_stops(mon
     from em_platform import dev
 
     monkeypatch.setattr(dev, "SHUTDOWN_GRACE_SECONDS", 5.0)
-    run = (
+    run_id = "1f2e3d4c-0000-4111-8222-333344445555"
+    run = (  # its command line as `dagster api execute_run` has it: the run's id in its serialized arguments
+        f"# dagster api execute_run {{\"run_id\": \"{run_id}\"}}\n"
         "import sys, time; print('run started', flush=True); print('up', file=sys.stderr, flush=True); "
         "time.sleep(120)"
     )
@@ -126,5 +128,65 @@ def test_a_run_left_running_by_dagster_does_not_hold_make_dev_after_it_stops(mon
     assert dev._serve(child, out) == 0
     assert time.monotonic() - began < 10, out.getvalue()  # the grace, not the run's 120 s
     assert "Dagster services shut down." in out.getvalue() and "run started" in out.getvalue()
-    assert "stopping the runs Dagster left running" in out.getvalue()
+    assert f"stopping the run(s) Dagster left running: {run_id}" in out.getvalue()
     assert not dev._group_alive(child.pid)
+
+
+def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_path):
+    """A terminal's Ctrl-C is SIGINT to its foreground process group: `em-platform dev`'s. Everything stops in
+    order: no service is restarted once the stop has begun, no traceback, no leaked semaphore, no runs line
+    when no run was running, and no process of it is left."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import psutil
+
+    from tests.support.browser import REPO, free_port
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
+    env.update(
+        DAGSTER_HOME=str(home),
+        EM_DATA_ROOT=str(tmp_path / "data"),
+        EM_VIEWER_URL=f"http://127.0.0.1:{free_port()}",
+        PYTHONUNBUFFERED="1",
+    )
+    log = tmp_path / "dev.log"
+    with open(log, "w") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "em_platform.cli", "dev", "--workspace", "workspace.yaml", "--host",
+             "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own group, as a shell gives a foreground job
+        )
+    try:
+        deadline = time.monotonic() + 180
+        ready = ("live-qc: watching", "Serving dagster-webserver", "viewer")
+        while not all(marker in log.read_text() for marker in ready):
+            assert dev.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)  # poll the log the processes write
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30).read()
+        started = psutil.Process(dev.pid).children(recursive=True)
+        assert len(started) >= 5, started  # dagster dev and its services, live-qc, viewer, the Dask pool
+        before = len(log.read_text())
+        os.killpg(dev.pid, signal.SIGINT)  # Ctrl-C
+        assert dev.wait(90) == 0 or dev.returncode in (-signal.SIGINT, 130), log.read_text()[-3000:]
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+    stop_lines = log.read_text()[before:]
+    print(stop_lines)
+    assert "em-platform dev: SIGINT: stopping" in stop_lines and "em-platform dev: stopped" in stop_lines
+    noise = re.compile(r"restarting|Traceback|Error|leaked|semaphore|Exception|stopping the run", re.IGNORECASE)
+    assert not [line for line in stop_lines.splitlines() if noise.search(line)], stop_lines
+    gone, alive = psutil.wait_procs(started, 30)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
