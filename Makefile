@@ -21,9 +21,9 @@ EM_STITCH := var/em_stitch/COMPLETE
 $(EM_STITCH): scripts/fetch_em_stitch.py | $(VENV)/.installed
 	$(VENV)/bin/python scripts/fetch_em_stitch.py || echo "warning: no em_stitch test data; the tests on the real TEMCA montage are skipped"
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: instance/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	cp instance/dagster.yaml $@
 
 ## demo: ingest sample volumes of every format through Dagster on the embedded defaults, print the catalog
 demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml

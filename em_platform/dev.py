@@ -30,11 +30,20 @@ from dataclasses import dataclass
 from em_platform.deploy.processes import free_port, service_child, signal_group
 from em_platform.quiet_dask import QUIET_DASK_ENV
 
-# Daemon lines for sensor ticks that request nothing (dagster/_daemon/sensor.py).
+# Daemon lines for sensor ticks that request nothing (dagster/_daemon/sensor.py), and the event-log consumer's
+# first start on a new Dagster home ("No cursor for event type ..., ignoring older events": nothing is older).
 QUIET_TICK = re.compile(
     r"Checking for new runs for sensor: |No run requests returned for \S+, skipping|Sensor \S+ skipped: "
+    r"|EventLogConsumerDaemon - .*No cursor for event type"
 )
 SHUTDOWN_GRACE_SECONDS = 12.0
+# Dagster 1.13 warns that `dagster dev` is superseded by `dg dev` (the dagster-dg-cli package), which serves a dg
+# project (pyproject's [tool.dg] and its defs layout); this repository is a plain code location that
+# workspace.yaml names, so `dagster dev` is still the command that serves it. The warning, which the user cannot
+# act on, is left out (a FutureWarning; the filter names its message, nothing else is hidden).
+_NOT_DG = ",".join(
+    filter(None, [os.environ.get("PYTHONWARNINGS", ""), "ignore:Function `dev_command` is superseded:FutureWarning"])
+)
 
 
 # A run's DEBUG events (every step's start, output and handled input: 176 of 364 lines for the demo's runs)
@@ -42,9 +51,29 @@ SHUTDOWN_GRACE_SECONDS = 12.0
 DEBUG_LINE = re.compile(r" - DEBUG - ")
 
 
+# The asset daemon logs seven lines a tick (about every 30 s) from "Checking ..." to "Finished ... tick"; a tick
+# that submits no run said nothing worth a line.
+ASSET_DAEMON = re.compile(r"dagster\.daemon\.AssetDaemon - ")
+ASSET_TICK_END = re.compile(r"Finished auto-materialization tick")
+EMPTY_ASSET_TICK = re.compile(r"Submitting 0 runs for evaluation")
+
+
 def quiet_lines(lines: Iterable[str]) -> Iterable[str]:
-    """The lines worth showing: sensor ticks that found nothing and runs' DEBUG events are left out."""
-    return (line for line in lines if not (QUIET_TICK.search(line) or DEBUG_LINE.search(line)))
+    """The lines worth showing: sensor and asset-daemon ticks that started nothing and runs' DEBUG events are
+    left out (an asset-daemon tick's lines are held until its end says whether it started a run)."""
+    tick: list[str] = []
+    for line in lines:
+        if QUIET_TICK.search(line) or DEBUG_LINE.search(line):
+            continue
+        if ASSET_DAEMON.search(line):
+            tick.append(line)
+            if ASSET_TICK_END.search(line):
+                if not any(EMPTY_ASSET_TICK.search(held) for held in tick):
+                    yield from tick
+                tick = []
+            continue
+        yield line
+    yield from tick  # a tick cut short by the stop
 
 
 def _restore_sigint() -> None:  # runs in the child before exec
@@ -71,7 +100,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         errors="replace",
         preexec_fn=_restore_sigint,
         start_new_session=True,
-        env={**os.environ, **(pool.env if pool else {})},
+        env={**os.environ, **(pool.env if pool else {}), "PYTHONWARNINGS": _NOT_DG},
     )
     stopping = threading.Event()
     services = [

@@ -337,13 +337,15 @@ ENV_NAMES = {
 
 
 def ensure_dagster_home(folder: str | Path) -> Path:
-    """Create the Dagster home if needed, with the checkout's dagster.yaml (the embedded default instance)."""
+    """Create the Dagster home if needed, with the checkout's instance/dagster.yaml (the embedded default instance;
+    not at the checkout's top, where Dagster warns that a dagster.yaml outside DAGSTER_HOME is not used)."""
     home = Path(folder)
     home.mkdir(parents=True, exist_ok=True)
     root = project_dir()
     target = home / "dagster.yaml"
-    if root is not None and (root / "dagster.yaml").is_file() and not target.exists():
-        target.write_text((root / "dagster.yaml").read_text())
+    source = root / "instance" / "dagster.yaml" if root is not None else None
+    if source is not None and source.is_file() and not target.exists():
+        target.write_text(source.read_text())
     return home
 
 

@@ -27,6 +27,9 @@ def test_demo_ingests_everything_good_and_reports_the_bad_entry_on_one_line(stat
     failed = [line for line in out.splitlines() if line.startswith(f"  {BROKEN}:")]
     assert len(failed) == 1 and "not a readable TIFF" in failed[0] and "(run " in failed[0]
     assert "Traceback" not in out + state.first.stderr  # tracebacks stay in the run's log
+    for demo in (state.first, state.second):  # nothing a user cannot act on
+        warned = [line for line in (demo.stdout + demo.stderr).splitlines() if "warning" in line.lower()]
+        assert not warned, warned
     assert len(out.splitlines()) < 50
     assert "1.36,1.36,1.36 (zyx)" in out and "4,4 (yx)" in out  # rounded, with the axes they belong to
 

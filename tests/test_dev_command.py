@@ -17,6 +17,21 @@ def test_quiet_lines_drop_empty_sensor_ticks_only():
     assert list(quiet_lines(lines)) == lines[3:5] + lines[6:]
 
 
+def test_quiet_lines_drop_asset_daemon_ticks_that_start_no_run():
+    def tick(evaluation: int, runs: int) -> list[str]:
+        daemon = "2026-01-01 - dagster.daemon.AssetDaemon - INFO - "
+        return [
+            f"{daemon}Checking 1 assets/checks and 0 observable source assets for catalog_automation\n",
+            f"{daemon}Tick produced {runs} runs and 1 asset evaluation for evaluation ID {evaluation}\n",
+            f"{daemon}Submitting {runs} runs for evaluation {evaluation} for catalog_automation in em_platform\n",
+            f"{daemon}Finished auto-materialization tick for catalog_automation in em_platform\n",
+        ]
+
+    webserver = "2026-01-01 - dagster-webserver - INFO - Serving dagster-webserver on http://127.0.0.1:3000\n"
+    lines = tick(3, 0) + [webserver] + tick(4, 1) + tick(5, 0)[:2]
+    assert list(quiet_lines(lines)) == [webserver] + tick(4, 1) + tick(5, 0)[:2]  # the last one cut short
+
+
 def test_a_dagster_that_ignores_sigint_is_killed_after_the_grace(monkeypatch):
     """A daemon busy launching a run can hold `dagster dev` past SIGINT; the wrapper must still stop it."""
     import io
@@ -151,7 +166,7 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
 
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(REPO / "instance" / "dagster.yaml", home / "dagster.yaml")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
     env.update(
@@ -185,6 +200,8 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
             os.killpg(dev.pid, signal.SIGKILL)
     stop_lines = log.read_text()[before:]
     print(stop_lines)
+    warned = [line for line in log.read_text().splitlines() if "warning" in line.lower()]
+    assert not warned, warned  # a fresh Dagster home, a fresh start: nothing a user cannot act on
     assert "em-platform dev: SIGINT: stopping" in stop_lines and "em-platform dev: stopped" in stop_lines
     noise = re.compile(r"restarting|Traceback|Error|leaked|semaphore|Exception|stopping the run", re.IGNORECASE)
     assert not [line for line in stop_lines.splitlines() if noise.search(line)], stop_lines

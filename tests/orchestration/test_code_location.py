@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _env(tmp_path: Path) -> dict:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((REPO / "instance" / "dagster.yaml").read_text())
     return {**os.environ, "DAGSTER_HOME": str(home), "EM_DATA_ROOT": str(tmp_path / "data")}
 
 

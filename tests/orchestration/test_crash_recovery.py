@@ -39,7 +39,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 def _instance_home(home: Path) -> None:
     """The project's dagster.yaml, only its polling made fast enough for a test."""
-    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    config = yaml.safe_load((REPO / "instance" / "dagster.yaml").read_text())
     config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 1
     monitoring = config["run_monitoring"]
     assert monitoring.get("free_slots_after_run_end_seconds"), "dagster.yaml never frees a dead run's slots"

@@ -89,7 +89,7 @@ def free_port() -> int:
 def prepare_dagster_home(folder: Path) -> Path:
     """A Dagster home holding the project's dagster.yaml (the embedded default instance)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(REPO / "dagster.yaml", folder / "dagster.yaml")
+    shutil.copyfile(REPO / "instance" / "dagster.yaml", folder / "dagster.yaml")
     return folder
 
 
