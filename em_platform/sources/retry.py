@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,13 @@ def retrying(
                 raise
             failures += 1
             if failures >= policy.attempts:
+                if no_network(exc):
+                    raise TransientSourceError(
+                        f"no network: {what} could not resolve the source's host name in {failures} tries "
+                        f"({type(exc).__name__}: {exc}). The public sources need the internet; offline, ingest "
+                        "files through the inbox instead (docs/ingests.md)",
+                        url=getattr(exc, "url", None),
+                    ) from exc
                 raise TransientSourceError(
                     f"{what}: still failing after {failures} tries ({type(exc).__name__}: {exc}); "
                     "the source may be down, try again later",
@@ -109,3 +117,33 @@ def retrying(
                 delay,
             )
             sleep(delay)
+
+
+_NO_NAME = (
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "No address associated with hostname",
+    "nodename nor servname provided",
+    "NameResolutionError",
+    "Could not resolve host",
+)
+
+
+def no_network(exc: BaseException) -> bool:
+    """Whether a failure is a host name that did not resolve (offline, or no DNS), anywhere in its chain:
+    urllib's URLError, requests' and aiohttp's connection errors all carry the resolver's error inside."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) or any(text in str(e) for text in _NO_NAME):
+            return True
+        todo += [
+            x
+            for x in (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+            if isinstance(x, BaseException)
+        ]
+    return False

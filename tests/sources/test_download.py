@@ -264,3 +264,22 @@ def test_a_fast_first_part_means_the_rest_come_in_one_stream(
     gets = http_files.requests_for("vol.tif")
     # a fast link: the first part, then the rest in one ranged stream; otherwise one GET per part
     assert len(gets) == (2 if one_stream else 5)
+
+
+def test_offline_the_failure_says_no_network_in_its_first_line():
+    """A host name that does not resolve (here `.invalid`, which never does; offline, every one): after the
+    retries the error's first words are "no network", and it says what to do instead."""
+    import urllib.request
+
+    from em_platform.sources.retry import RetryPolicy, TransientSourceError, no_network, retrying
+
+    def fetch() -> bytes:
+        with urllib.request.urlopen("http://ftp.ebi.ac.uk.invalid/empiar/", timeout=10) as answer:
+            return answer.read()
+
+    with pytest.raises(TransientSourceError) as err:
+        retrying(fetch, what="EMPIAR 11759's listing", policy=RetryPolicy(attempts=2, base_delay_s=0.01))
+    first = str(err.value).splitlines()[0]
+    assert first.startswith("no network: EMPIAR 11759's listing could not resolve"), first
+    assert "docs/ingests.md" in first
+    assert not no_network(ConnectionResetError("Connection reset by peer"))  # a network that is there
