@@ -70,3 +70,17 @@ def test_figures_are_shown_to_four_significant_digits_whole_numbers_whole():
         metadata={"a_px": 1.23456789, "n": 3, "f": dg.MetadataValue.float(10.759133434949838), "s": "x"}
     )
     assert result.metadata == {"a_px": 1.235, "n": 3, "f": dg.MetadataValue.float(10.76), "s": "x"}
+
+
+def test_the_montage_page_sums_up_its_tiles_qc_and_points_to_the_checks():
+    from types import SimpleNamespace
+
+    from em_platform.assets.montage import tile_qc_markdown
+
+    def tile(passed, *faults):
+        return SimpleNamespace(qc_passed=passed, qc_faults=[{"fault_type": f} for f in faults])
+
+    tiles = [tile(True), tile(True), tile(False, "blank"), tile(False, "out_of_focus", "saturated"), tile(None)]
+    text = tile_qc_markdown(tiles).value
+    assert text.startswith("4 tiles judged live: 2 passed, 2 failed (blank: 1, out of focus: 1, saturated: 1). ")
+    assert "[tile_stats](/assets/tile_stats?view=checks)" in text

@@ -19,11 +19,12 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
 
-from em_platform.assets.acquisition import MATCHES, PROCESSED, STATS
+from em_platform.assets.acquisition import CHECK_ASSET, MATCHES, PROCESSED, STATS
 from em_platform.assets.presentation import (
     FOCUS_LEGEND,
     check_result,
@@ -485,6 +486,7 @@ def montage(
             "lens_corrected": lens is not None,
             "seconds": round(seconds, 2),
             "mpix_per_second": round(mpix / seconds, 1) if seconds else 0.0,
+            "tile_qc": tile_qc_markdown(journal_tiles),
             "focus_map": focus_map_markdown(focus, rows, cols, _nothing_to_focus_on(journal_tiles)),
             "minimap": png_markdown(minimap_png(final), "minimap"),
         },
@@ -541,6 +543,25 @@ def _nothing_to_focus_on(tiles) -> list[tuple[int, int]]:
         for t in tiles
         if any(isinstance(f, dict) and f.get("fault_type") in (BLANK, NO_TISSUE) for f in (t.qc_faults or []))
     ]
+
+
+def tile_qc_markdown(tiles) -> dg.MetadataValue:
+    """The live QC of the montage's tiles, on the montage's own page: how many passed, the faults of those that
+    did not, and where the montage-level tile checks (blank tiles, focus, saturation) are: on tile_stats, the
+    asset the live step makes (a check belongs to the step that evaluates it)."""
+    judged = [t for t in tiles if t.qc_passed is not None]
+    failed = [t for t in judged if not t.qc_passed]
+    faults = Counter(
+        f.get("fault_type", "?").replace("_", " ") for t in failed for f in (t.qc_faults or []) if isinstance(f, dict)
+    )
+    said = f"{len(judged)} tiles judged live: {len(judged) - len(failed)} passed, {len(failed)} failed"
+    if faults:
+        said += " (" + ", ".join(f"{kind}: {n}" for kind, n in sorted(faults.items())) + ")"
+    checks = ", ".join(f"`{name}`" for name, key in CHECK_ASSET.items() if key == STATS)
+    return dg.MetadataValue.md(
+        f"{said}. The montage's tile checks ({checks}) are on "
+        f"[tile_stats](/assets/{'/'.join(STATS.path)}?view=checks), with each tile's faults in its QC."
+    )
 
 
 def focus_map_markdown(focus: dict, rows: int, cols: int, no_tissue=()) -> dg.MetadataValue:

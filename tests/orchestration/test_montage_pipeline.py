@@ -74,6 +74,11 @@ def test_clean_montage_end_to_end(platform, tmp_path):
             dg.AssetKey("montage")
         ).asset_materialization.metadata
         assert fused_meta["minimap"].value.startswith("![minimap](data:image/png;base64,")
+        # the tile QC on the montage's own page, with the way to its checks
+        tile_qc = fused_meta["tile_qc"].value
+        assert tile_qc.startswith("12 tiles judged live: 12 passed, 0 failed."), tile_qc
+        assert "`focus`" in tile_qc and "`blank_tiles`" in tile_qc
+        assert "(/assets/tile_stats?view=checks)" in tile_qc, tile_qc
         # the fused montage opens at full resolution from its own page too: the same stored image (made from
         # the buffer's copy before the upload) as montage_upload's link
         uploaded_meta = instance.get_latest_materialization_event(
