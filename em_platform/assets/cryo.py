@@ -18,6 +18,7 @@ from em_platform.assets.presentation import (
     check_sentence,
     materialize_result,
     neuroglancer_link,
+    partitioned_check,
 )
 from em_platform.assets.signals import gate_blocking_checks
 from em_platform.cryo import evaluation as ev
@@ -594,27 +595,17 @@ FIXES = {
 
 
 def _check_specs() -> list[dg.AssetCheckSpec]:
-    specs = [
-        dg.AssetCheckSpec(n, asset=EVALUATION, blocking=True, description=d) for n, (_, d) in CHECKS.items()
+    """Each check per tilt-series partition, so its result shows under the partition it scored."""
+    described = {n: d for n, (_, d) in CHECKS.items()}
+    described["fsc_better_than_unaligned"] = (
+        "FSC(0.143) resolution against the phantom is finer for the aligned tomogram than for the "
+        "nominal-geometry one."
+    )
+    described["denoise_gain"] = "Denoising raises PSNR against the noiseless reconstruction."
+    return [
+        partitioned_check(name, EVALUATION, cryo_tilt_series, description, blocking=True)
+        for name, description in described.items()
     ]
-    specs.append(
-        dg.AssetCheckSpec(
-            "fsc_better_than_unaligned",
-            asset=EVALUATION,
-            blocking=True,
-            description="FSC(0.143) resolution against the phantom is finer for the aligned "
-            "tomogram than for the nominal-geometry one.",
-        )
-    )
-    specs.append(
-        dg.AssetCheckSpec(
-            "denoise_gain",
-            asset=EVALUATION,
-            blocking=True,
-            description="Denoising raises PSNR against the noiseless reconstruction.",
-        )
-    )
-    return specs
 
 
 def _finite(v):

@@ -86,6 +86,8 @@ def test_the_demo_series_passes_every_check_and_the_results_db_agrees(tmp_path, 
         skipped = run.asset_materializations_for_node("simulation__evaluation")[0].metadata
         skipped = skipped["checks_not_applicable"].value  # not applicable: skipped, not passed
         assert run.success and len(checks) + len(skipped) == 7 and not failed, failed
+        # each result under the partition it scored (the UI showed "Partition —" for unpartitioned checks)
+        assert {n: c.partition for n, c in checks.items()} == {n: key for n in checks}
         assert _status(catalog_url) == ("complete", None)
 
         figures = run.asset_materializations_for_node("simulation__evaluation")[0].metadata
