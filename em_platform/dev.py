@@ -119,7 +119,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _serve(child, out)
+        return _serve(child, out, stopping)
     finally:
         for service in services:
             service.stop()
@@ -296,13 +296,13 @@ class DaskPool:
         self.scheduler.stop()
 
 
-def _serve(child: subprocess.Popen, out) -> int:
+def _serve(child: subprocess.Popen, out, stopping: threading.Event | None = None) -> int:
     """Relay `dagster dev`'s log until it exits, then stop what it left running; its exit status.
 
     Not until its log ends: a run its code server started outlives it and holds the log pipe, and so held
     `make dev` after Ctrl-C for as long as the run took (a docs test saw a run retrying a download keep it
     up 30 s; an ingest could keep it up for hours)."""
-    relay = threading.Thread(target=_relay, args=(child.stdout, out), name="dagster-log", daemon=True)
+    relay = threading.Thread(target=_relay, args=(child.stdout, out, stopping), name="dagster-log", daemon=True)
     relay.start()
     status = child.wait()
     _stop_left_behind(child.pid, out)
@@ -312,10 +312,38 @@ def _serve(child: subprocess.Popen, out) -> int:
     return status
 
 
-def _relay(lines: Iterable[str], out) -> None:
-    for line in quiet_lines(lines):
+def _relay(lines: Iterable[str], out, stopping: threading.Event | None = None) -> None:
+    for line in without_shutdown_race(quiet_lines(lines), stopping or threading.Event()):
         out.write(line)
         out.flush()
+
+
+# `dagster dev` stops its code server while the daemon may be in a sensor tick: the tick then fails with a
+# traceback ending in "Location em_platform does not exist in workspace". Only while stopping, that is the
+# stop's own doing, not a fault.
+_LOCATION_GONE = re.compile(r"DagsterCodeLocationNotFoundError: Location \S+ does not exist in workspace")
+_DAEMON_ERROR = re.compile(r"dagster\.daemon\.\w+ - .*ERROR")
+
+
+def without_shutdown_race(lines: Iterable[str], stopping: threading.Event) -> Iterable[str]:
+    """The lines, but for a daemon's error and its traceback about the code location it lost to the stop
+    (see above); an error block is held until its last line says which it is."""
+    held: list[str] = []
+    for line in lines:
+        if len(held) == 1 and not line.startswith("Traceback"):  # an error without a traceback
+            yield held.pop()
+        if held:
+            held.append(line)
+            if not line.startswith(("Traceback", " ", "\t")):  # the exception's own line ends the block
+                if not (stopping.is_set() and _LOCATION_GONE.search(line)):
+                    yield from held
+                held = []
+            continue
+        if _DAEMON_ERROR.search(line):
+            held = [line]
+            continue
+        yield line
+    yield from held
 
 
 def _stop_left_behind(group: int, out) -> None:

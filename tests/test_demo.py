@@ -22,6 +22,7 @@ def test_demo_ingests_everything_good_and_reports_the_bad_entry_on_one_line(stat
     assert "runs this time: 7 ingested, 1 failed" in out
     assert out.count(" complete ") == 9  # 7 samples + the demo montage + the simulated tilt series
     assert "montages this time: 1 processed, 0 failed" in out
+    assert "storage_consistency_job: storage_consistency ... ok" in out  # its check has a result at once
     assert "stitched: 36 matches, 0 rejected" in out  # 5 x 5 grid, the blank tile matches nothing
     assert (state.data_root / "acquisition" / "demo-montage-5x5" / "montage.ome.zarr" / "zarr.json").is_file()
     failed = [line for line in out.splitlines() if line.startswith(f"  {BROKEN}:")]
@@ -53,6 +54,7 @@ def test_second_demo_changes_nothing(state):
     assert state.second.returncode == 0, out + state.second.stderr
     assert "0 new sample(s)" in out and "(nothing new)" in out
     assert "cryo-ET simulation: nothing new to simulate" in out and "simulated in" not in out, out
+    assert "storage_consistency_job" not in out  # nothing new to check
     assert "cryo-ET simulation (new)" in state.first.stdout and "simulated in" in state.first.stdout
     assert state.tree_after_second == state.tree_after_first
 

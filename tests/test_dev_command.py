@@ -207,3 +207,28 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
     assert not [line for line in stop_lines.splitlines() if noise.search(line)], stop_lines
     gone, alive = psutil.wait_procs(started, 30)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+def test_the_code_location_lost_to_the_stop_is_no_error_but_any_other_is():
+    import threading
+
+    from em_platform.dev import without_shutdown_race
+
+    def block(error: str) -> list[str]:
+        return [
+            "2026-01-01 - dagster.daemon.SensorDaemon - \x1b[34mERROR\x1b[0m - Sensor daemon caught an error\n",
+            "Traceback (most recent call last):\n",
+            '  File "dagster/_daemon/sensor.py", line 649, in _process_tick_generator\n',
+            "    yield from _evaluate_sensor(\n",
+            f"{error}\n",
+        ]
+
+    gone = block("dagster._core.errors.DagsterCodeLocationNotFoundError: Location em_platform does not exist in workspace")
+    other = block("sqlalchemy.exc.OperationalError: database is locked")
+    single = ["2026-01-01 - dagster.daemon.SensorDaemon - ERROR - a one-line error\n"]
+    info = ["2026-01-01 - dagster - INFO - Shutting down Dagster services...\n"]
+    stopping = threading.Event()
+    lines = gone + info + other + single + info
+    assert list(without_shutdown_race(lines, stopping)) == lines  # before the stop: every error shows
+    stopping.set()
+    assert list(without_shutdown_race(lines, stopping)) == info + other + single + info

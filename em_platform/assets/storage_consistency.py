@@ -24,7 +24,9 @@ DAILY = "0 4 * * *"  # 04:00 UTC, after the weekly ingest re-checks (Sunday 03:0
     name=CHECK_NAME,
     description="Every 'complete' catalog record's objects exist in the storage root, and match their "
     "recorded checksums (montages: the upload manifest's MD5 of each object; ingests and simulated stacks "
-    "record none of their outputs and are checked for presence only). Fails naming each record and object.",
+    "record none of their outputs and are checked for presence only). Fails naming each record and object. "
+    "Evaluated daily at 04:00 UTC (the schedule storage_consistency_daily, on by default), by `make demo`, "
+    "and whenever Execute is pressed here.",
 )
 def storage_consistency(
     context: dg.AssetCheckExecutionContext, catalog: CatalogResource, storage: StorageResource

@@ -1,10 +1,14 @@
 """What the operator sees in the web UI after `make demo` (with one corrupt inbox file), in a real browser.
 
 One webserver (workspace.yaml, as `make dev` loads it) over the demo's Dagster home and data root for the
-module; each test opens a page in headless Chromium, checks what is drawn, and saves a screenshot.
+module; each test opens a page in headless Chromium, checks what is drawn, and saves a screenshot. Two of them
+are the README's pictures (tests/support/doc_pictures.py: a test fails when one is older than its page).
 """
 
 from __future__ import annotations
+
+import json
+import urllib.parse
 
 import pytest
 
@@ -17,6 +21,7 @@ from tests.support.browser import (
     start_webserver,
 )
 from tests.support.demo_state import BROKEN, demo_state
+from tests.support.doc_pictures import keep_doc_picture
 
 pytestmark = pytest.mark.slow
 MONTAGE = "demo-montage-5x5"
@@ -70,6 +75,12 @@ def test_montage_focus_map_inline_and_minimap_as_images(ui):
     assert _image_drawn(focus)
     page.get_by_text("green 0 (sharp)").first.wait_for()  # the legend beside it
     screenshot(page, "montage_partition", full_page=True)
+    rows = web.graphql(
+        """query($partition: String!) { assetNodeOrError(assetKey: {path: ["montage"]}) { ... on AssetNode {
+        assetMaterializations(partitions: [$partition], limit: 1) { metadataEntries { label } } } } }""",
+        {"partition": MONTAGE},
+    )["assetNodeOrError"]["assetMaterializations"][0]["metadataEntries"]
+    keep_doc_picture("montage-focus-map", screenshot(page, "montage_partition_top"), [r["label"] for r in rows])
     page.get_by_text("[Show Markdown]").first.click()  # the minimap: too large for the UI to draw inline
     minimap = page.locator("img[alt='minimap']").first
     minimap.wait_for()
@@ -156,4 +167,9 @@ def test_ingested_volume_opens_in_neuroglancer(ui, viewer):
 
 def test_tomogram_opens_in_neuroglancer(ui, viewer):
     web, browser, _ = ui
-    open_in_neuroglancer(browser, web.url, viewer.url, "cryo/tomogram", "demo_apoferritin_000", "tomogram")
+    picture, link = open_in_neuroglancer(
+        browser, web.url, viewer.url, "cryo/tomogram", "demo_apoferritin_000", "tomogram"
+    )
+    view = json.loads(urllib.parse.unquote(link.split("#!", 1)[1]))
+    shows = [f"layout {view['layout']}"] + [f"layer {layer['name']}" for layer in view["layers"]]
+    keep_doc_picture("neuroglancer-tomogram", picture, shows)

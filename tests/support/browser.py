@@ -252,7 +252,8 @@ def open_in_neuroglancer(
     browser, ui_url: str, viewer_url: str, asset_path: str, partition: str, name: str, **context_options
 ):
     """From the partition's page, click its Neuroglancer link; wait until the viewer has fetched chunks of
-    the image from `em-platform viewer` and its first panel shows them (polled, no fixed sleep)."""
+    the image from `em-platform viewer` and its first panel shows them (polled, no fixed sleep). Returns the
+    viewer's screenshot and the link."""
     page = new_page(browser, viewport=VIEWER_VIEWPORT, **context_options)
     goto(page, f"{ui_url}/assets/{asset_path}?view=partitions&partition={partition}")
     link = page.get_by_role("link", name="open at full resolution in Neuroglancer").first
@@ -280,11 +281,12 @@ def open_in_neuroglancer(
         if chunks and textured > 0.3:
             break
         viewer_page.wait_for_timeout(500)
-    screenshot(viewer_page, f"neuroglancer_{name}")
+    picture = screenshot(viewer_page, f"neuroglancer_{name}")
     assert chunks, f"{name}: Neuroglancer fetched no chunk of the image from the viewer"
     assert textured > 0.3, f"{name}: only {textured:.0%} of the viewer's first panel shows image texture"
     errors = viewer_page.locator(".neuroglancer-layer-item-error, .neuroglancer-status-error")
     assert errors.count() == 0, errors.all_inner_texts()
+    return picture, href
 
 
 class _same_page:
