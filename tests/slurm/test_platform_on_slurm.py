@@ -45,6 +45,15 @@ def slurm_env(slurm, tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
+def _platform(slurm, tmp_path: Path, where: str, monkeypatch):
+    """The platform under ``tmp_path/where``: on the local cluster, or (``slurm``) on the session's SLURM, its
+    settings also in this process's environment, where the Dask resource reads them."""
+    env = slurm_env(slurm, tmp_path) if where == "slurm" else {}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return make_platform(tmp_path / where, extra_env=env)
+
+
 def run_jobs(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     tags = instance.get_run_by_id(run_id).tags
     assert float(tags["em/slurm_compute_s"]) > 0 and float(tags["em/slurm_queue_wait_s"]) >= 0, tags
@@ -124,10 +133,7 @@ def test_a_montage_fused_on_slurm_jobs_equals_the_local_run(slurm, tmp_path, mon
     montage_id = "m-slurm-equal"
     fused = {}
     for where in ("local", "slurm"):
-        extra = slurm_env(slurm, tmp_path) if where == "slurm" else {}
-        for name, value in extra.items():
-            monkeypatch.setenv(name, value)
-        platform = make_platform(tmp_path / where, extra_env=extra)
+        platform = _platform(slurm, tmp_path, where, monkeypatch)
         journal = Journal(platform.settings.catalog_url)
         simulate_montage(
             cfg, tmp_path / where / "tiles", journal.record, sleep=lambda s: None, montage_id=montage_id
@@ -212,10 +218,7 @@ def test_an_inbox_ingest_converted_on_slurm_jobs_equals_the_local_run(slurm, tmp
     entry = "fibsem_crop.ome.tif"
     images = {}
     for where in ("local", "slurm"):
-        env = slurm_env(slurm, tmp_path) if where == "slurm" else {}
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        platform = make_platform(tmp_path / where, extra_env=env)
+        platform = _platform(slurm, tmp_path, where, monkeypatch)
         write_samples(platform.inbox, include_dm=False)
         with dg.instance_for_test() as instance:
             instance.add_dynamic_partitions("inbox_entries", [entry])
