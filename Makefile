@@ -30,8 +30,9 @@ demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform demo
 
 # suites of their own targets, not make test's: the faults that kill services for minutes (make test-faults,
-# test-slurm) and the SLURM run's page in a browser (make test-slurm)
-OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm.py tests/slurm/test_run_page_on_slurm.py
+# test-slurm), the SLURM run's page in a browser and the single-node SLURM harness's own tests (make test-slurm)
+OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm.py \
+  tests/slurm/test_run_page_on_slurm.py tests/slurm/test_harness.py
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services slurm-engine $(EM_STITCH)

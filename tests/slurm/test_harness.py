@@ -109,7 +109,7 @@ def test_dask_jobqueue_worker_runs_as_a_slurm_job(slurm, tmp_path, monkeypatch):
         processes=1,
         walltime="00:10:00",
         python=sys.executable,
-        scheduler_options={"host": "127.0.0.1"},
+        scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
         worker_extra_args=["--host", "127.0.0.1"],
         local_directory=str(tmp_path / "worker"),
         log_directory=str(tmp_path / "logs"),
