@@ -121,10 +121,8 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
     try:
         return _serve(child, out, stopping)
     finally:
-        for service in services:
+        for service in supervised:  # the pool's workers before its scheduler
             service.stop()
-        if pool:
-            pool.stop()
         print(
             "em-platform dev: stopped (Dagster, live-qc, viewer" + (", the Dask pool)" if pool else ")"),
             file=out,

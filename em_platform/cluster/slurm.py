@@ -310,6 +310,7 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
             worker_extra_args=["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(60, lifetime // 10)}s"],
             death_timeout=120,
         )
+
     def replace_lost_jobs() -> None:
         """SpecCluster forgets a lost job after Dask's lost-worker-timeout but opens a job in its place only
         when scaled: adaptive scaling does not when its target is unchanged (the only worker lost). So scale

@@ -94,9 +94,9 @@ class DaskResource(dg.ConfigurableResource):
         )
         return client
 
-    def _log(self, message: str) -> None:
-        log = getattr(self._context, "log", None)
-        (log.info if log is not None else logging.getLogger(__name__).info)(message)
+    def _log(self, message: str, level: str = "info") -> None:
+        log = getattr(self._context, "log", None) or logging.getLogger(__name__)
+        getattr(log, level)(message)
 
     def _record_jobs(self, context: dg.InitResourceContext) -> None:
         """The worker jobs' ids and times in the run's log and tags (the run's page shows its tags)."""
@@ -108,10 +108,10 @@ class DaskResource(dg.ConfigurableResource):
             f"(longest {summary['slurm_max_queue_wait_s']} s), {summary['slurm_compute_s']} s computing"
         )
         if self._jobs.stalled:
-            log = getattr(self._context, "log", None)
-            (log.error if log is not None else logging.getLogger(__name__).error)(
+            self._log(
                 f"{self._jobs.stalled}; the run stopped (nothing of it is lost: a re-run resumes). Check "
-                "`sinfo` and `squeue --me`, or raise EM_SLURM_START_TIMEOUT"
+                "`sinfo` and `squeue --me`, or raise EM_SLURM_START_TIMEOUT",
+                "error",
             )
         run_id, instance = getattr(context, "run_id", None), getattr(context, "instance", None)
         if run_id and instance is not None:

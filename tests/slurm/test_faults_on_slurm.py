@@ -23,7 +23,7 @@ from em_platform.resources import DaskResource
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
-from tests.slurm.test_platform_on_slurm import assert_completed, run_jobs, slurm_env
+from tests.slurm.test_platform_on_slurm import assert_completed, run_jobs, use_slurm
 from tests.support.platform import make_platform
 from tests.support.slurm import wait_until
 
@@ -65,10 +65,7 @@ def live_run_with_fault(
     """The montage acquired live with its run on SLURM worker jobs; ``fault`` once a tile is judged. Returns
     the platform and the run's worker jobs, or (``fails``) the platform, the failed run's result and its
     instance's events, the scope having landed every tile."""
-    settings = slurm_env(slurm, tmp_path, **env)
-    for name, value in settings.items():
-        monkeypatch.setenv(name, value)
-    platform = make_platform(tmp_path / "slurm", extra_env=settings)
+    platform = make_platform(tmp_path / "slurm", extra_env=use_slurm(slurm, tmp_path, monkeypatch, **env))
     journal = Journal(platform.settings.catalog_url)
     gate, landed, failed = threading.Event(), [0], []
 
@@ -159,8 +156,7 @@ def test_slurmctld_restarted_mid_run_changes_nothing(slurm, tmp_path, monkeypatc
 
 
 def test_a_queue_that_starts_nothing_fails_the_run_in_time_with_slurms_reason(slurm, tmp_path, monkeypatch):
-    for name, value in slurm_env(slurm, tmp_path, EM_SLURM_START_TIMEOUT="5").items():
-        monkeypatch.setenv(name, value)
+    use_slurm(slurm, tmp_path, monkeypatch, EM_SLURM_START_TIMEOUT="5")
 
     @dg.asset
     def needs_workers(dask: DaskResource) -> None:

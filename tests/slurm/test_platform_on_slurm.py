@@ -45,12 +45,17 @@ def slurm_env(slurm, tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def _platform(slurm, tmp_path: Path, where: str, monkeypatch):
-    """The platform under ``tmp_path/where``: on the local cluster, or (``slurm``) on the session's SLURM, its
-    settings also in this process's environment, where the Dask resource reads them."""
-    env = slurm_env(slurm, tmp_path) if where == "slurm" else {}
+def use_slurm(slurm, tmp_path: Path, monkeypatch, **extra: str) -> dict[str, str]:
+    """:func:`slurm_env` set in this process's environment, where the Dask resource reads it; returned too."""
+    env = slurm_env(slurm, tmp_path, **extra)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    return env
+
+
+def _platform(slurm, tmp_path: Path, where: str, monkeypatch):
+    """The platform under ``tmp_path/where``: on the local cluster, or (``slurm``) on the session's SLURM."""
+    env = use_slurm(slurm, tmp_path, monkeypatch) if where == "slurm" else {}
     return make_platform(tmp_path / where, extra_env=env)
 
 
@@ -99,8 +104,7 @@ def test_a_cryo_tilt_series_on_slurm_jobs_equals_the_local_run(slurm, tmp_path, 
     for where in ("local", "slurm"):
         root = tmp_path / where
         if where == "slurm":
-            for name, value in slurm_env(slurm, tmp_path).items():
-                monkeypatch.setenv(name, value)
+            use_slurm(slurm, tmp_path, monkeypatch)
             dask = DaskResource(compute="slurm", data_root=str(root / "data"))
         else:
             dask = DaskResource(n_workers=1, threads_per_worker=1)
@@ -163,8 +167,7 @@ def test_workers_that_cannot_see_the_data_root_fail_the_run_at_once_naming_the_p
 ):
     """The data root is not mounted on the compute nodes (here: a path no worker has): the run fails before any
     work, naming the worker's host and the path."""
-    for name, value in slurm_env(slurm, tmp_path).items():
-        monkeypatch.setenv(name, value)
+    use_slurm(slurm, tmp_path, monkeypatch)
     missing = tmp_path / "only-on-the-login-node"
     dask = DaskResource(compute="slurm", data_root=str(missing))
 
@@ -184,8 +187,7 @@ def test_with_tls_the_workers_join_over_tls_and_a_plain_client_is_refused(slurm,
     with theirs (0600 in the shared job folder, gone when the run ends), and a client without them gets
     nothing from the scheduler's port."""
     logs = tmp_path / "slurm-logs"
-    for name, value in slurm_env(slurm, tmp_path, EM_SLURM_TLS="1").items():
-        monkeypatch.setenv(name, value)
+    use_slurm(slurm, tmp_path, monkeypatch, EM_SLURM_TLS="1")
     seen: dict = {}
 
     @dg.asset

@@ -9,7 +9,7 @@ import dagster as dg
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
-from tests.slurm.test_platform_on_slurm import run_jobs, slurm_env
+from tests.slurm.test_platform_on_slurm import run_jobs, use_slurm
 from tests.support.browser import (
     goto,
     new_page,
@@ -26,9 +26,7 @@ MONTAGE = "m-slurm-ui"
 
 def test_the_run_page_shows_the_slurm_jobs_and_their_times(slurm, tmp_path, monkeypatch):
     require_browser()
-    env = slurm_env(slurm, tmp_path)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    env = use_slurm(slurm, tmp_path, monkeypatch)
     platform = make_platform(tmp_path, extra_env=env)
     journal = Journal(platform.settings.catalog_url)
     cfg = ScopeConfig(rows=2, columns=2, overlap=0.15, jitter_px=6.0, seed=3)
