@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from em_platform.switch import parse_switch
+
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -151,11 +153,12 @@ class SlurmSettings:
 
 
 def _flag(name: str, value: str) -> bool:
-    if value.lower() in ("", "0", "false", "no", "off"):
+    if not value.strip():
         return False
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    raise SlurmSettingError(f"{name}={value!r} must be 1 (on) or 0 (off)")
+    try:
+        return parse_switch(value)
+    except ValueError:
+        raise SlurmSettingError(f"{name}={value!r} must be 1 (on) or 0 (off)") from None
 
 
 def job_log_directory(settings: SlurmSettings, data_root: str | None) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from em_platform.sources import empiar, epfl, flyem, idr, openorganelle
 from em_platform.sources.dataset import Source
+from em_platform.switch import parse_switch
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,7 @@ def endpoint_defaults(kind: SourceKind, env: Mapping[str, str]) -> dict[str, Any
 def _parse(raw: str, hint: Any) -> Any:
     types = set(typing.get_args(hint)) - {type(None)} or {hint}
     if bool in types:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(raw)
+        return parse_switch(raw)
     if int in types:
         return int(raw)
     if float in types:
