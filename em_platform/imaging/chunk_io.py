@@ -9,7 +9,9 @@ object store, sharding, filters, big-endian, a codec other than Blosc) takes zar
 
 The bytes are the ones zarr writes: the chunk padded to the full chunk shape with the fill value, encoded
 by the array's own Blosc settings, and a chunk that is all fill value is not stored (zarr's default
-``write_empty_chunks=False``).
+``write_empty_chunks=False``). With ``around_page_cache`` the chunk files are written with ``O_DIRECT``
+(:mod:`em_platform.imaging.direct_write`): for data streamed out and not read back soon (processed tiles),
+not for a pyramid whose next level is built from the level just written.
 """
 
 from __future__ import annotations
@@ -26,49 +28,99 @@ from em_platform.lazy_import import LazyModule
 zarr = LazyModule("zarr")
 
 
-def write_region(arr: zarr.Array, start: Sequence[int], data: np.ndarray) -> None:
+def write_region(
+    arr: zarr.Array, start: Sequence[int], data: np.ndarray, *, around_page_cache: bool = False
+) -> None:
     """``arr[start : start + data.shape] = data``: directly into the chunk files when the region is a
     union of whole chunks (ending on the grid or at the array's edge) and :func:`_direct_target` allows,
-    else through zarr."""
+    else through zarr. ``around_page_cache``: the chunk files written with ``O_DIRECT`` where the file
+    system allows (module docstring)."""
     target = _direct_target(arr)
-    if target is None or not _whole_chunks(arr, start, data.shape):
+    if target is None or not _whole_chunks(arr.metadata, start, data.shape):
         arr[tuple(slice(s, s + n) for s, n in zip(start, data.shape, strict=True))] = data
         return
     folder, encode = target
-    meta = arr.metadata
+    _write_chunks(folder, arr.metadata, arr.dtype, encode, start, data, around_page_cache)
+
+
+def write_chunk_files(folder: str, metadata, data: np.ndarray, *, around_page_cache: bool = False) -> None:
+    """A whole array ``data`` as the chunk files of a local zarr v3 array with ``metadata`` (its
+    ``zarr.json`` is the caller's to write) in ``folder``; raises ValueError for codecs
+    :func:`write_region` would leave to zarr."""
+    dtype = np.dtype(data.dtype)
+    encode = _encoder(metadata, dtype)
+    if encode is None or tuple(metadata.shape) != data.shape:
+        raise ValueError(f"not a whole uncompressed or Blosc zarr v3 array of shape {data.shape}: use zarr")
+    _write_chunks(folder, metadata, dtype, encode, (0,) * data.ndim, data, around_page_cache)
+
+
+def _write_chunks(folder, meta, dtype, encode, start, data, around_page_cache: bool) -> None:
+    from em_platform.imaging.direct_write import give_back, take_buffer, write_file
+
     chunks = tuple(meta.chunk_grid.chunk_shape)
-    fill = np.asarray(meta.fill_value, dtype=arr.dtype)
-    buffer: np.ndarray | None = None
+    fill = np.asarray(meta.fill_value, dtype=dtype)
+    chunk_bytes = int(np.prod(chunks, dtype=np.int64)) * np.dtype(dtype).itemsize
+    # around the page cache every chunk's bytes are put together in one page-aligned buffer (for an
+    # uncompressed chunk of a larger array that is the copy it needs anyway)
+    aligned = take_buffer(chunk_bytes) if around_page_cache else None
+    scratch: np.ndarray | None = None
     made: set[str] = set()
-    counts = [-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]
-    for index in itertools.product(*(range(n) for n in counts)):
-        block = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))]
-        key = tuple(s // c + i for s, c, i in zip(start, chunks, index, strict=True))
-        path = os.path.join(folder, meta.encode_chunk_key(key))
-        if _all_fill(block, fill):
-            if os.path.exists(path):
-                os.remove(path)
-            continue
-        if block.shape != chunks or not block.flags.c_contiguous:
-            if buffer is None:
-                buffer = np.empty(chunks, arr.dtype)
-            if block.shape != chunks:
-                buffer.fill(fill)
-            buffer[tuple(slice(0, n) for n in block.shape)] = block
-            block = buffer
-        parent = os.path.dirname(path)
-        if parent not in made:
-            os.makedirs(parent, exist_ok=True)
-            made.add(parent)
-        with open(path, "wb") as f:
-            f.write(encode(block))
+    try:
+        counts = [-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]
+        for index in itertools.product(*(range(n) for n in counts)):
+            block = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))]
+            key = tuple(s // c + i for s, c, i in zip(start, chunks, index, strict=True))
+            path = os.path.join(folder, meta.encode_chunk_key(key))
+            if _all_fill(block, fill):
+                if os.path.exists(path):
+                    os.remove(path)
+                continue
+            encoded = None
+            if aligned is not None and encode is _as_bytes:  # the chunk (padded with fill) is the file
+                view = aligned.view(chunks, dtype)
+                if block.shape != chunks:
+                    view.fill(fill)
+                view[tuple(slice(0, n) for n in block.shape)] = block
+                nbytes = chunk_bytes
+            else:
+                if block.shape != chunks or not block.flags.c_contiguous:
+                    if scratch is None:
+                        scratch = np.empty(chunks, dtype)
+                    if block.shape != chunks:
+                        scratch.fill(fill)
+                    scratch[tuple(slice(0, n) for n in block.shape)] = block
+                    block = scratch
+                encoded = encode(block)
+            parent = os.path.dirname(path)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            if aligned is None:
+                with open(path, "wb") as f:
+                    f.write(encoded)
+                continue
+            if encoded is not None:
+                encoded = np.frombuffer(encoded, np.uint8)
+                nbytes = encoded.size
+                if nbytes > aligned.capacity:
+                    give_back(aligned)
+                    aligned = take_buffer(nbytes)
+                aligned.bytes[:nbytes] = encoded
+            write_file(path, aligned, nbytes)
+    finally:
+        if aligned is not None:
+            give_back(aligned)
 
 
-def _whole_chunks(arr: zarr.Array, start: Sequence[int], shape: Sequence[int]) -> bool:
-    chunks = arr.metadata.chunk_grid.chunk_shape
+def _as_bytes(block: np.ndarray) -> memoryview:
+    return block.data
+
+
+def _whole_chunks(meta, start: Sequence[int], shape: Sequence[int]) -> bool:
+    chunks = meta.chunk_grid.chunk_shape
     return all(
         s % c == 0 and ((s + n) % c == 0 or s + n == size)
-        for s, n, c, size in zip(start, shape, chunks, arr.shape, strict=True)
+        for s, n, c, size in zip(start, shape, chunks, meta.shape, strict=True)
     )
 
 
@@ -81,28 +133,35 @@ def _all_fill(block: np.ndarray, fill: np.ndarray) -> bool:
 def _direct_target(arr: zarr.Array):
     """``(chunk folder, encode)`` for a local zarr v3 array with a regular chunk grid whose codecs are
     ``bytes`` (little-endian or one-byte values) optionally followed by Blosc; else None."""
-    from zarr.codecs import BloscCodec, BytesCodec
     from zarr.storage import LocalStore
 
-    meta = arr.metadata
-    if not isinstance(arr.store, LocalStore) or getattr(meta, "zarr_format", None) != 3:
+    if not isinstance(arr.store, LocalStore):
         return None
-    if not hasattr(meta.chunk_grid, "chunk_shape"):
+    encode = _encoder(arr.metadata, arr.dtype)
+    if encode is None:
+        return None
+    return os.path.join(str(arr.store.root), arr.path), encode
+
+
+def _encoder(meta, dtype: np.dtype):
+    """How a chunk of a zarr v3 array with ``meta`` becomes its file's bytes, where this module can do it
+    (a regular grid; ``bytes``, little-endian or one-byte values, optionally followed by Blosc); else None."""
+    from zarr.codecs import BloscCodec, BytesCodec
+
+    if getattr(meta, "zarr_format", None) != 3 or not hasattr(meta.chunk_grid, "chunk_shape"):
         return None
     codecs = tuple(getattr(meta, "codecs", ()))
     if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
         return None
-    if arr.dtype.itemsize > 1 and (sys.byteorder != "little" or codecs[0].endian not in (None, "little")):
+    if dtype.itemsize > 1 and (sys.byteorder != "little" or codecs[0].endian not in (None, "little")):
         return None
-    if np.dtype(arr.dtype).kind not in "biuf":
+    if np.dtype(dtype).kind not in "biuf":
         return None
-    folder = os.path.join(str(arr.store.root), arr.path)
     if len(codecs) == 1:
-        return folder, lambda block: block.data
+        return _as_bytes
     if not isinstance(codecs[1], BloscCodec):
         return None
-    blosc = _numcodecs_blosc(codecs[1], arr.dtype)
-    return folder, blosc.encode
+    return _numcodecs_blosc(codecs[1], dtype).encode
 
 
 def _numcodecs_blosc(codec, dtype: np.dtype):

@@ -30,6 +30,7 @@ def _chunk_files(root) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.parametrize("around_page_cache", [False, True])
 @pytest.mark.parametrize(
     ("dtype", "compressors"),
     [
@@ -40,7 +41,7 @@ def _chunk_files(root) -> dict[str, bytes]:
         ("float32", BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")),
     ],
 )
-def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, dtype, compressors):
+def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, dtype, compressors, around_page_cache):
     shape, chunks = (70, 100, 90), (32, 64, 64)  # edge chunks on every axis
     if compressors == "blosc":
         compressors = blosc_codec(np.dtype(dtype))
@@ -50,7 +51,7 @@ def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, dtype, compressors):
     data = (rng.normal(100, 20, shape)).clip(0, 250).astype(dtype)
     data[:32, :64, :64] = 0  # one chunk all fill value: not stored, as zarr does not store it
     for z in range(0, shape[0], 32):  # slabs of whole chunks, the last one ending at the array's edge
-        write_region(direct, (z, 0, 0), data[z : z + 32])
+        write_region(direct, (z, 0, 0), data[z : z + 32], around_page_cache=around_page_cache)
         plain[z : z + 32] = data[z : z + 32]
     files = _chunk_files(tmp_path / "direct.zarr")
     assert files == _chunk_files(tmp_path / "zarr.zarr")

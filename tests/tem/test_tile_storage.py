@@ -99,3 +99,50 @@ def test_the_kept_clahe_operator_gives_opencvs_result_in_every_thread():
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_a_stored_tile_is_zarrs_own_array_and_a_cut_off_one_is_not_complete(tmp_path, monkeypatch):
+    """The local store writes the chunks around the page cache and zarr's own zarr.json last: a tile
+    stored again replaces the old one, and a write cut off before the end leaves no complete array."""
+    from em_platform.imaging import chunk_io
+    from em_platform.tem import tile_tasks
+
+    rng = np.random.default_rng(4)
+    first, second = (rng.integers(0, 256, (1500, 2100), dtype=np.uint8) for _ in range(2))
+    zarr.open_group(tmp_path / "p.zarr", mode="w")
+    url = str(tmp_path / "p.zarr" / "r0_c0")
+    store_tile(first, url)
+    store_tile(second, url)  # a re-run stores the tile again
+    assert tile_tasks.stored_completely(url)
+    np.testing.assert_array_equal(zarr.open_array(url, mode="r")[...], second)
+    theirs = zarr.create_array(
+        tmp_path / "z.zarr",
+        shape=second.shape,
+        chunks=store_chunks(second.shape),
+        dtype="u1",
+        compressors=None,
+    )
+    theirs.attrs["complete"] = True
+    assert (tmp_path / "p.zarr" / "r0_c0" / "zarr.json").read_bytes() == (
+        tmp_path / "z.zarr" / "zarr.json"
+    ).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "p.zarr" / "r0_c0").iterdir()) == ["c", "zarr.json"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chunk_io, "write_chunk_files", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store_tile(first, url)
+    assert not tile_tasks.stored_completely(url)
+
+
+def test_a_tile_on_an_object_store_goes_through_zarr(tmp_path, monkeypatch):
+    from em_platform.tem import tile_tasks
+
+    monkeypatch.setattr(tile_tasks, "_store_tile_locally", lambda *a: pytest.fail("not a local folder"))
+    image = np.random.default_rng(5).integers(0, 256, (300, 200), dtype=np.uint8)
+    url = f"memory://{tmp_path.name}/p.zarr/r0_c0"
+    store_tile(image, url)
+    assert tile_tasks.stored_completely(url)
+    np.testing.assert_array_equal(read_region(url, None, (0, 300), (0, 200)), image)
