@@ -1,0 +1,85 @@
+"""Batch work behind live work on a shared machine: the CPU priority a batch Dask worker gives itself.
+
+Linux schedules by *autogroup* when ``kernel.sched_autogroup_enabled`` is 1 (the default of most
+distributions, and of this machine): every session (``setsid``) is a group, groups share the CPU equally,
+and a thread's nice value (or ``SCHED_IDLE``) orders it only against threads of its own session
+(sched(7), "The autogroup feature"). `make dev` and deploy-local start each service in a session of its own
+(``start_new_session``), so the batch workers' nice 10 gave the live-QC service nothing while an ingest and
+a fusion ran: measured here with two busy processes on one core, one of them at nice 10, in two sessions
+each took half, in one session 91 % against 9 %; ``SCHED_IDLE`` across sessions, half again. The session's
+group has a nice value of its own (``/proc/self/autogroup``): at 10 the same pair split 90 % / 10 % of what
+they got, at 19 97 % / 3 % (the rest of the core went to other sessions on the machine).
+
+So a batch worker lowers both: its threads' nice (against the live-QC service when everything runs in one
+session, or when autogroup is off) and its session's group (against every other session), the latter only
+when the session is the worker's own: its leader is a Dask worker command (the ``dask worker`` that a
+supervisor started with ``start_new_session``). A worker spawned inside a process that does other things
+(a ``LocalCluster`` in a run, a benchmark) leaves the group alone: that would slow the whole session down.
+Containers (compose) are cgroups, where neither applies: there CPU weights are the compose file's to set.
+
+The batch work is slower only while live tiles want the cores; idle cores are still all the batch's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BATCH_NICENESS = 10  # each batch thread, against the live-QC service's threads in the same session
+BATCH_GROUP_NICENESS = 19  # the batch worker's session, against every other session (the live-QC service's)
+_DASK_WORKER_COMMANDS = ("distributed.cli.dask_worker", "dask-worker", "dask_worker")
+
+
+def lower_priority(
+    niceness: int = BATCH_NICENESS, group_niceness: int = BATCH_GROUP_NICENESS
+) -> dict[str, int | None]:
+    """Lower this thread's CPU priority to ``niceness`` (threads it starts later inherit it: call it before
+    the worker's executor threads exist) and, when the session is this batch worker's own, the session's
+    autogroup to ``group_niceness``. Returns what holds afterwards: ``{"niceness", "group_niceness"}``
+    (None: no autogroup here, or not the worker's to change). Never raises: a worker that cannot lower its
+    priority still works."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: this thread's
+    if current < niceness:
+        try:
+            os.nice(niceness - current)
+        except OSError as exc:
+            log.warning("batch worker: could not lower its threads' priority to nice %d: %s", niceness, exc)
+    return {"niceness": os.getpriority(os.PRIO_PROCESS, 0), "group_niceness": _lower_group(group_niceness)}
+
+
+def autogroup_niceness(pid: int | str = "self") -> int | None:
+    """The nice value of a process's autogroup; None where the kernel has no autogroups."""
+    try:
+        text = Path(f"/proc/{pid}/autogroup").read_text()  # "/autogroup-93 nice 0"
+    except OSError:
+        return None
+    return int(text.split("nice")[-1])
+
+
+def session_is_a_dask_worker(pid: int | None = None) -> bool:
+    """Whether the session of ``pid`` (this process) was started by a Dask worker command, so that
+    everything in it is batch work."""
+    try:
+        leader = os.getsid(pid or 0)
+        argv = Path(f"/proc/{leader}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    words = [Path(a.decode(errors="replace")).name for a in argv if a]
+    if any(w in _DASK_WORKER_COMMANDS for w in words):
+        return True
+    return any(a == "dask" and b == "worker" for a, b in zip(words, words[1:], strict=False))
+
+
+def _lower_group(group_niceness: int) -> int | None:
+    now = autogroup_niceness()
+    if now is None or not session_is_a_dask_worker():
+        return None
+    if now < group_niceness:
+        try:
+            Path("/proc/self/autogroup").write_text(str(group_niceness))
+        except OSError as exc:
+            log.warning("batch worker: could not lower its session's CPU share (autogroup): %s", exc)
+    return autogroup_niceness()

@@ -1,0 +1,109 @@
+"""Batch Dask workers yield the CPU to the live-QC service: their threads at nice 10, and their session's
+autogroup at nice 19 when the session is theirs (Linux shares the CPU between sessions whatever the
+threads' nice values: the deployment starts each service in a session of its own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from em_platform.cluster.batch_priority import (
+    BATCH_GROUP_NICENESS,
+    BATCH_NICENESS,
+    autogroup_niceness,
+    session_is_a_dask_worker,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux scheduling")
+
+
+def _priorities() -> tuple[int, int | None, bool]:
+    """In a task: the niceness of the worker thread running it, its session's autogroup's, and whether the
+    session is a Dask worker's."""
+    from em_platform.cluster.batch_priority import autogroup_niceness, session_is_a_dask_worker
+
+    return os.getpriority(os.PRIO_PROCESS, 0), autogroup_niceness(), session_is_a_dask_worker()
+
+
+@pytest.fixture
+def scheduler():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield cluster.scheduler_address, client
+
+
+def test_a_deployed_batch_worker_lowers_its_threads_and_its_own_session(scheduler):
+    """As `make dev` and deploy-local start it: `dask worker --preload ...` in a session of its own."""
+    address, client = scheduler
+    ours = autogroup_niceness()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--preload",
+            "em_platform.deploy.batch_niceness",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client.wait_for_workers(1, timeout=60)
+        niceness, group, own_session = client.submit(_priorities, pure=False).result(timeout=60)
+        assert niceness == BATCH_NICENESS
+        assert own_session
+        if ours is not None:  # a kernel with autogroups
+            assert group == BATCH_GROUP_NICENESS
+            assert autogroup_niceness() == ours  # the test's own session (the live service's place) untouched
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def test_a_worker_inside_another_session_leaves_that_session_alone():
+    """A LocalCluster's worker processes share the session of the process that started them (a run, a
+    benchmark): lowering that session's group would slow it all down, so only the threads are niced."""
+    from distributed import Client, LocalCluster
+
+    ours = autogroup_niceness()
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            preload=["em_platform.deploy.batch_niceness"],
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        niceness, group, own_session = client.submit(_priorities, pure=False).result(timeout=60)
+    assert niceness == BATCH_NICENESS
+    assert not own_session
+    assert group == ours and autogroup_niceness() == ours
+
+
+def test_a_session_started_by_something_else_is_not_a_workers():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        time.sleep(0.2)
+        assert not session_is_a_dask_worker(child.pid)
+        assert not session_is_a_dask_worker()  # pytest's own session
+    finally:
+        child.kill()
+        child.wait()
