@@ -6,8 +6,8 @@ are, leave tens of pixels at the ends of a translation-only solve's edges; judge
 good edges was torn out, 294 of 9,790 on the 4,969-tile montage em_stitch ships). Two facts need no model:
 
 * **Consensus.** The point pairs of one edge must agree on one similarity transform between the two tiles.
-  Pairs off the largest agreeing set (RANSAC, OpenCV's ``estimateAffinePartial2D``, as em_stitch's filter
-  does) are outliers, even when several of them agree among themselves.
+  Pairs off the largest agreeing set (:mod:`em_platform.stitch.consensus`: every two-point hypothesis, not
+  a RANSAC that stops early) are outliers, even when several of them agree among themselves.
 * **Loop closure.** Around a closed loop of edges (a grid's 2 × 2 squares, found in the match graph) the
   tiles' relative transforms must compose to the identity. A loop that closes vouches for its four edges;
   a loop that does not has at least one wrong edge: the one that no closing loop vouches for, or an edge
@@ -24,53 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from em_platform.stitch.consensus import CONSENSUS_PX, edge_consensus
+
 __all__ = ["CONSENSUS_PX", "LoopVerdicts", "edge_consensus", "loop_verdicts"]
 
-CONSENSUS_PX = 10.0  # a pair this far off its edge's transform is an outlier (em_stitch's RANSAC threshold)
 MIN_CLOSURE_PX = 6.0  # a loop within this always closes: twice the solve's outlier limit
 CLOSURE_MAD_FACTOR = 6.0
-MIN_SCALE = 0.8  # two tiles of one camera: a consensus scaling them more than this apart is degenerate
-
-
-def _similarity(q: np.ndarray, p: np.ndarray, threshold_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """The 2×3 similarity taking ``q`` to ``p`` and its inliers (translation only for a single pair)."""
-    spread = (
-        min(float((p.max(axis=0) - p.min(axis=0)).max()), float((q.max(axis=0) - q.min(axis=0)).max()))
-        if len(p) >= 2
-        else 0.0
-    )
-    if spread > 2 * threshold_px:  # points far enough apart to show a rotation
-        import cv2
-
-        matrix, inliers = cv2.estimateAffinePartial2D(
-            q.astype(np.float32), p.astype(np.float32), method=cv2.RANSAC,
-            ransacReprojThreshold=threshold_px, maxIters=2000, confidence=0.999,
-        )  # fmt: skip
-        # a similarity's determinant is a² + b²: no LAPACK call for a 2 × 2 (9,790 edges)
-        scale = float(np.hypot(matrix[0, 0], matrix[1, 0])) if matrix is not None else 0.0
-        if inliers is not None and inliers.sum() >= 2 and MIN_SCALE <= scale <= 1 / MIN_SCALE:
-            return matrix.astype(np.float64), inliers.ravel().astype(bool)
-    offset = np.median(p - q, axis=0)
-    inliers = np.hypot(*(p - q - offset).T) <= threshold_px
-    return np.array([[1.0, 0.0, offset[0]], [0.0, 1.0, offset[1]]]), inliers
-
-
-def edge_consensus(
-    p: np.ndarray, q: np.ndarray, edge_of: np.ndarray, n_edges: int, threshold_px: float = CONSENSUS_PX
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per edge, the similarity ``S`` with ``p ≈ S(q)`` (tile ← neighbour, 2×3) over its agreeing pairs,
-    and per pair whether it agrees (``p``, ``q``: (m, 2) raw tile px; ``edge_of``: each pair's edge)."""
-    transforms = np.zeros((n_edges, 2, 3))
-    agree = np.zeros(len(p), bool)
-    order = np.argsort(edge_of, kind="stable")
-    bounds = np.searchsorted(edge_of[order], np.arange(n_edges + 1))
-    for e in range(n_edges):
-        rows = order[bounds[e] : bounds[e + 1]]
-        if not len(rows):
-            transforms[e] = np.eye(2, 3)
-            continue
-        transforms[e], agree[rows] = _similarity(q[rows], p[rows], threshold_px)
-    return transforms, agree
 
 
 def _squares(n_tiles: int, ends: np.ndarray) -> list[tuple[int, int, int, int]]:

@@ -173,8 +173,11 @@ class TransformLayout:
     iterations: int
     components: list[list[TileId]] = field(default_factory=list)  # the smaller groups, largest first
     residual_stats: dict[str, float] = field(default_factory=dict)  # accepted pairs
-    # every pair its edge's consensus keeps, accepted or not (em_stitch's figures: its RANSAC inliers)
+    # every pair its edge's consensus keeps, accepted or not (em_stitch's figures: its RANSAC inliers, 10 px)
     inlier_residual_stats: dict[str, float] = field(default_factory=dict)
+    # per edge, which of its pairs (in the order given) are among them: agree with the edge's consensus
+    # (em_platform.stitch.consensus) on an edge its loops do not refuse
+    inlier_pairs: dict[EdgeKey, np.ndarray] = field(default_factory=dict)
     # edges whose consensus pairs the solve leaves beyond max(TORN_PX, TORN_SIGMAS·σ_match): a tear
     torn: dict[EdgeKey, float] = field(default_factory=dict)
     polynomials: dict[TileId, np.ndarray] | None = None  # model "polynomial": (2, 6) per tile, raw px
@@ -917,6 +920,7 @@ def _transform_layout(
         components=[groups[g] for g in sorted(groups) if g != 0],
         residual_stats=residual_stats(vectors[accepted]) if m else residual_stats(np.zeros((0, 2))),
         inlier_residual_stats=residual_stats(vectors[inliers]) if m else residual_stats(np.zeros((0, 2))),
+        inlier_pairs=dict(zip(keys, np.split(inliers, np.cumsum(counts)[:-1]), strict=True)) if m else {},
         torn={k: float(inlier_median[j]) for j, k in enumerate(keys) if inlier_median[j] > torn_limit},
         stage=stage_summary,
     )
