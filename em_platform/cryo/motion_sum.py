@@ -1,0 +1,300 @@
+"""The dose-weighted, drift-corrected sums of a movie (Grant–Grigorieff weights, Fourier-shift alignment).
+
+Whole frames: each frame is normalised (gain, hot pixels) into a reused buffer, transformed once at full
+resolution, multiplied by its shift's phase ramp and its dose filter and accumulated; even and odd frames in
+two threads, one accumulator each (memory is two spectra, not one per frame); one inverse transform per sum
+(all = even + odd, and the two halves for Noise2Noise denoising and half-set FSC). The per-frame products
+run over row blocks that stay in the core's cache (four passes over a 67 MB spectrum from memory cost half
+as much as its transform; in cache they cost a fraction), and the dose filter of each next frame is the
+last one's times a constant factor (no exponential per frame).
+
+With local motion, per tile (the patch grid with overlapping margins, blended by a partition of unity) at
+the tile centre's global + local shift. Dagster-free.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from em_platform.cryo.dose_weighting import critical_exposure, frame_exposures
+from em_platform.cryo.motion_local import grid_edges
+from em_platform.lazy_import import LazyModule
+
+sfft = LazyModule("scipy.fft")
+
+ROW_BLOCK_BYTES = (
+    1 << 20
+)  # spectrum rows per block of the per-frame products (4096²: 26 ms a frame, 32 unblocked)
+
+
+@functools.lru_cache(maxsize=64)
+def tile_terms(shape: tuple[int, int], pixel_A: float, voltage_kV: float):
+    """Per shape: 1/(2·N_e(k)) on its half spectrum (q_i = exp(−N_i·h)) and the 1-D frequencies (cycles/px)
+    of its phase ramps. Computed once per shape, not per frame (nor per movie of the same shape)."""
+    k = np.hypot(np.fft.fftfreq(shape[0], d=pixel_A)[:, None], np.fft.rfftfreq(shape[1], d=pixel_A)[None, :])
+    h = (0.5 / critical_exposure(k, voltage_kV)).astype(np.float32)
+    h.setflags(write=False)
+    return h, np.fft.fftfreq(shape[0]), np.fft.rfftfreq(shape[1])
+
+
+def shift_ramp(ky: np.ndarray, kx: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    return (
+        np.exp(2j * np.pi * ky * dy).astype(np.complex64)[:, None]
+        * np.exp(2j * np.pi * kx * dx).astype(np.complex64)[None, :]
+    )
+
+
+def accumulate(acc: np.ndarray, ft: np.ndarray, ry: np.ndarray, rx: np.ndarray, q: np.ndarray,
+               step: np.ndarray | None) -> None:  # fmt: skip
+    """acc += ft · ry ⊗ rx · q, then q *= step (the next frame's dose filter); ``ft`` is overwritten. Row
+    block by row block, so each block is read from memory once for all four products."""
+    rows = max(1, ROW_BLOCK_BYTES // (ft.shape[1] * ft.itemsize))
+    for r0 in range(0, ft.shape[0], rows):
+        r1 = r0 + rows
+        f = ft[r0:r1]
+        f *= rx[None, :]
+        f *= ry[r0:r1, None]
+        f *= q[r0:r1]
+        acc[r0:r1] += f
+        if step is not None:
+            q[r0:r1] *= step[r0:r1]
+
+
+def rfft2_into(image: np.ndarray, out: np.ndarray, workers: int) -> np.ndarray:
+    """scipy.fft.rfft2 of a float32 image into ``out`` (complex64, reused: a new 4k spectrum is 16 000 page
+    faults, 12 % of the transform) through scipy's own DUCC binding; plain rfft2 where that is not there."""
+    global _r2c
+    if _r2c is None:
+        try:
+            from scipy.fft._duccfft.pyduccfft import r2c  # scipy ≥ 1.17's backend; private, so guarded
+
+            _r2c = r2c
+        except ImportError:
+            _r2c = False
+    if _r2c:
+        try:
+            return _r2c(image, (0, 1), True, 0, out, workers)
+        except (TypeError, ValueError):
+            _r2c = False
+    return sfft.rfft2(image, workers=workers)
+
+
+_r2c = None
+
+
+def _sum_of_squares(e_first: float, dose: float, count: int, h: np.ndarray) -> np.ndarray:
+    """Σ q_i² over ``count`` frames two apart from exposure ``e_first``: a geometric series, closed form."""
+    a = np.float32(2.0 * e_first) * h
+    b = np.float32(4.0 * dose) * h  # the exponent's step between q_i² two frames apart
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(b > 1e-7, np.expm1(-b * count) / np.expm1(-b), np.float32(count))
+    return (np.exp(-a) * ratio).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def dose_terms(
+    shape: tuple[int, int],
+    pixel_A: float,
+    voltage_kV: float,
+    n: int,
+    dose_per_frame: float,
+    pre_exposure: float,
+) -> tuple[np.ndarray, ...]:
+    """The whole-frame sum's filters for a movie's shape, optics and doses: the first even and odd frames'
+    dose filters, the factor from one frame's filter to the one two frames later, and the restoration
+    norms √(count / Σ q_i²) of the all, even and odd sums. Kept for the next movie (the last key only: a
+    session's movies share it), as they cost a third of a second of exponentials per 4k movie."""
+    h, _, _ = tile_terms(shape, pixel_A, voltage_kV)
+    exposures = frame_exposures(n, dose_per_frame, pre_exposure)
+    counts = ((n + 1) // 2, n // 2)
+    first = (exposures[0], exposures[min(1, n - 1)])
+    q0 = [np.exp(np.float32(-e) * h) for e in first]
+    step = np.exp(np.float32(-2.0 * dose_per_frame) * h)
+    sq = [_sum_of_squares(e, dose_per_frame, c, h) for e, c in zip(first, counts, strict=True)]
+    norms = []
+    for total, count in ((sq[0] + sq[1], n), (sq[0], counts[0]), (sq[1], counts[1])):
+        np.maximum(total, np.float32(1e-30), out=total)
+        np.divide(np.float32(max(count, 1)), total, out=total)
+        norms.append(np.sqrt(total, out=total))
+    out = (*q0, step, *norms)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+def global_sums(
+    n: int,
+    frame: Callable[[int, np.ndarray], np.ndarray],
+    shape: tuple[int, int],
+    shifts_px: np.ndarray,
+    pixel_A: float,
+    dose_per_frame: float,
+    pre_exposure: float = 0.0,
+    voltage_kV: float = 300.0,
+    threads: int = 2,
+    buffers: list[np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(all, even, odd) dose-weighted sums of whole frames shifted by ``shifts_px`` (n, 2) (dx, dy).
+    ``frame(i, buffer)`` fills a float32 ``shape`` buffer with normalised frame ``i`` and returns it;
+    ``buffers`` are such buffers to reuse (the estimation's), else each stream allocates its own."""
+    ny, nx = shape
+    _, ky, kx = tile_terms((ny, nx), pixel_A, voltage_kV)
+    q_even, q_odd, step, norm_all, norm_even, norm_odd = dose_terms(
+        (ny, nx), float(pixel_A), float(voltage_kV), n, float(dose_per_frame), float(pre_exposure)
+    )
+    fft_workers = max(1, threads // 2)
+    buffers = list(buffers or [])
+    spectra = [np.empty((ny, nx // 2 + 1), np.complex64) for _ in range(2)]
+
+    def stream(first: int) -> np.ndarray:
+        acc = np.zeros((ny, nx // 2 + 1), np.complex64)
+        buffer = buffers[first] if first < len(buffers) else np.empty((ny, nx), np.float32)
+        q = (q_even if first == 0 else q_odd).copy()
+        for i in range(first, n, 2):
+            ft = rfft2_into(frame(i, buffer), spectra[first], fft_workers)
+            dx, dy = shifts_px[i]
+            ry = np.exp(2j * np.pi * ky * dy).astype(np.complex64)
+            rx = np.exp(2j * np.pi * kx * dx).astype(np.complex64)
+            accumulate(acc, ft, ry, rx, q, step if i + 2 < n else None)
+        return acc
+
+    with ThreadPoolExecutor(min(2, max(1, threads))) as pool:
+        even, odd = pool.map(stream, (0, 1))
+        total = np.add(even, odd, out=spectra[0])  # the streams' buffers, free now
+        jobs = [(total, norm_all, n), (even, norm_even, (n + 1) // 2), (odd, norm_odd, n // 2)]
+
+        def inverse(job) -> np.ndarray:
+            spectrum, norm, count = job
+            if not count:
+                return np.zeros((ny, nx), np.float32)
+            spectrum *= norm
+            return sfft.irfft2(spectrum, s=(ny, nx), workers=fft_workers, overwrite_x=True).astype(
+                np.float32, copy=False
+            )
+
+        out = list(pool.map(inverse, jobs))
+    return out[0], out[1], out[2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# With local motion: tile by tile
+
+
+@dataclass(frozen=True)
+class Tile:
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    wy: np.ndarray
+    wx: np.ndarray
+    centre_xy: tuple[float, float]
+
+
+def _ramp_weights(lo: int, hi: int, a: int, b: int, margin: int, n: int) -> np.ndarray:
+    """1 inside the cell [a, b), linear ramps over ±margin at inner cell edges (a partition of unity)."""
+    x = np.arange(lo, hi) + 0.5
+    left = np.ones_like(x) if a == 0 else np.clip((x - (a - margin)) / (2 * margin), 0, 1)
+    right = np.ones_like(x) if b == n else np.clip(((b + margin) - x) / (2 * margin), 0, 1)
+    return (left * right).astype(np.float32)
+
+
+def tiles(shape: tuple[int, int], grid: tuple[int, int]) -> list[Tile]:
+    ny, nx = shape
+    gx, gy = grid
+    ex, ey = grid_edges(nx, gx), grid_edges(ny, gy)
+    mx = max(1, int(np.diff(ex).min() // 4)) if gx > 1 else 0
+    my = max(1, int(np.diff(ey).min() // 4)) if gy > 1 else 0
+    out = []
+    for j in range(gy):
+        for i in range(gx):
+            y0, y1 = max(0, ey[j] - my), min(ny, ey[j + 1] + my)
+            x0, x1 = max(0, ex[i] - mx), min(nx, ex[i + 1] + mx)
+            wy = _ramp_weights(y0, y1, ey[j], ey[j + 1], my, ny) if gy > 1 else np.ones(y1 - y0, np.float32)
+            wx = _ramp_weights(x0, x1, ex[i], ex[i + 1], mx, nx) if gx > 1 else np.ones(x1 - x0, np.float32)
+            out.append(Tile(y0, y1, x0, x1, wy, wx, ((ex[i] + ex[i + 1]) / 2, (ey[j] + ey[j + 1]) / 2)))
+    return out
+
+
+def _partial_sums(
+    frames: np.ndarray,
+    index: np.ndarray,
+    tile_list: list[Tile],
+    tile_shifts: np.ndarray,
+    exposures: np.ndarray,
+    pixel_A: float,
+    voltage_kV: float,
+) -> list[np.ndarray]:
+    """Per tile: Fourier sums (all, even, odd) of this chunk of (normalised) frames, shifted and filtered."""
+    out = []
+    for t, tile in enumerate(tile_list):
+        h, ky, kx = tile_terms((tile.y1 - tile.y0, tile.x1 - tile.x0), pixel_A, voltage_kV)
+        acc = np.zeros((3, *h.shape), np.complex64)
+        for local_i, i in enumerate(index):
+            ft = sfft.rfft2(frames[local_i, tile.y0 : tile.y1, tile.x0 : tile.x1])
+            dx, dy = tile_shifts[t, i]
+            ft *= shift_ramp(ky, kx, dx, dy)
+            ft *= np.exp(np.float32(-exposures[i]) * h)
+            acc[0] += ft
+            acc[1 + (i % 2)] += ft
+        out.append(acc)
+    return out
+
+
+def tiled_sums(
+    n: int,
+    chunk: Callable[[int, int], np.ndarray],
+    shape: tuple[int, int],
+    shifts_px: np.ndarray,
+    pixel_A: float,
+    dose_per_frame: float,
+    pre_exposure: float = 0.0,
+    voltage_kV: float = 300.0,
+    local: Callable[[np.ndarray], np.ndarray] | None = None,
+    grid: tuple[int, int] = (1, 1),
+    frames_per_task: int = 4,
+    threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(all, even, odd) dose-weighted, drift-corrected sums, tile by tile; ``chunk(start, stop)`` gives
+    normalised float32 frames. ``local(points_xy) -> (n_points, n_frames, 2)`` adds local shifts at the
+    tile centres (``grid`` tiles). Chunks of frames in parallel threads, their partial sums added."""
+    ny, nx = shape
+    tile_list = tiles((ny, nx), grid if local is not None else (1, 1))
+    centres = np.array([t.centre_xy for t in tile_list])
+    tile_shifts = np.repeat(shifts_px[None], len(tile_list), axis=0)
+    if local is not None:
+        tile_shifts = tile_shifts + local(centres)
+    exposures = frame_exposures(n, dose_per_frame, pre_exposure)
+
+    def task(start: int) -> list[np.ndarray]:
+        stop = min(n, start + frames_per_task)
+        return _partial_sums(chunk(start, stop), np.arange(start, stop), tile_list, tile_shifts, exposures,
+                             pixel_A, voltage_kV)  # fmt: skip
+
+    sums = None
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for part in pool.map(task, range(0, n, frames_per_task)):
+            sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
+    images = np.zeros((3, ny, nx), np.float32)
+    subsets = [np.arange(n), np.arange(0, n, 2), np.arange(1, n, 2)]
+    for t, tile in enumerate(tile_list):
+        tile_shape = (tile.y1 - tile.y0, tile.x1 - tile.x0)
+        h, _, _ = tile_terms(tile_shape, pixel_A, voltage_kV)
+        w = tile.wy[:, None] * tile.wx[None, :]
+        sq = np.zeros((3, *h.shape), np.float32)  # Σ q_i² per subset, frame by frame (bounded memory)
+        for i in range(n):
+            q2 = np.exp(np.float32(-2.0 * exposures[i]) * h)
+            sq[0] += q2
+            sq[1 + (i % 2)] += q2
+        for s, subset in enumerate(subsets):
+            if len(subset) == 0:
+                continue
+            norm = np.sqrt(np.float32(len(subset)) / np.maximum(sq[s], np.float32(1e-30)))
+            img = sfft.irfft2(sums[t][s] * norm, s=tile_shape)
+            images[s, tile.y0 : tile.y1, tile.x0 : tile.x1] += img * w
+    return images[0], images[1], images[2]
