@@ -136,7 +136,8 @@ def patch_residuals(
     def measure(box) -> np.ndarray:
         y0, x0, h, w = box[1]
         spectra = band_spectra(aligned[:, y0 : y0 + h, x0 : x0 + w], pixel_A, bfactor_A2, workers=1)
-        return align_spectra(spectra, pixel_A, bfactor_A2, max_iterations=iterations, coarse_band=None,
+        coarse = max(32, max(spectra.band) // 2)  # the first round's whole maps: residuals are small
+        return align_spectra(spectra, pixel_A, bfactor_A2, max_iterations=iterations, coarse_band=coarse,
                              workers=1).shifts  # fmt: skip
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
