@@ -49,20 +49,22 @@ def shift_ramp(ky: np.ndarray, kx: np.ndarray, dx: float, dy: float) -> np.ndarr
     )
 
 
-def accumulate(acc: np.ndarray, ft: np.ndarray, ry: np.ndarray, rx: np.ndarray, q: np.ndarray,
-               step: np.ndarray | None) -> None:  # fmt: skip
-    """acc += ft · ry ⊗ rx · q, then q *= step (the next frame's dose filter); ``ft`` is overwritten. Row
-    block by row block, so each block is read from memory once for all four products."""
+def accumulate(
+    acc: np.ndarray, ft: np.ndarray, ry: np.ndarray, rx: np.ndarray, step: np.ndarray | None
+) -> None:
+    """acc = acc · step + ft · ry ⊗ rx (Horner's scheme for Σ q_i·ramp_i·F_i, frames taken last to first,
+    the dose filters' ratio ``step`` complex so that no product converts a real array); ``ft`` is
+    overwritten. Row block by row block, so each block is read from memory once for all its products."""
     rows = max(1, ROW_BLOCK_BYTES // (ft.shape[1] * ft.itemsize))
     for r0 in range(0, ft.shape[0], rows):
         r1 = r0 + rows
         f = ft[r0:r1]
         f *= rx[None, :]
         f *= ry[r0:r1, None]
-        f *= q[r0:r1]
-        acc[r0:r1] += f
+        a = acc[r0:r1]
         if step is not None:
-            q[r0:r1] *= step[r0:r1]
+            a *= step[r0:r1]
+        a += f
 
 
 def rfft2_into(image: np.ndarray, out: np.ndarray, workers: int) -> np.ndarray:
@@ -105,23 +107,25 @@ def dose_terms(
     dose_per_frame: float,
     pre_exposure: float,
 ) -> tuple[np.ndarray, ...]:
-    """The whole-frame sum's filters for a movie's shape, optics and doses: the first even and odd frames'
-    dose filters, the factor from one frame's filter to the one two frames later, and the restoration
-    norms √(count / Σ q_i²) of the all, even and odd sums. Kept for the next movie (the last key only: a
-    session's movies share it), as they cost a third of a second of exponentials per 4k movie."""
+    """The whole-frame sum's filters for a movie's shape, optics and doses, for :func:`global_sums`: the
+    ratio s = q_{i+2}/q_i of the dose filters of frames two apart (complex64: no product converts a real
+    array), and the factors that turn the even and odd streams' Horner sums into the all sum (q_0·N_all,
+    q_1·N_all) and into the even and odd sums (q_0·N_even, q_1·N_odd), N the restoration norms
+    √(count / Σ q_i²). Kept for the next movie (the last key only: a session's movies share it), as they
+    cost a third of a second of exponentials per 4k movie."""
     h, _, _ = tile_terms(shape, pixel_A, voltage_kV)
     exposures = frame_exposures(n, dose_per_frame, pre_exposure)
     counts = ((n + 1) // 2, n // 2)
     first = (exposures[0], exposures[min(1, n - 1)])
     q0 = [np.exp(np.float32(-e) * h) for e in first]
-    step = np.exp(np.float32(-2.0 * dose_per_frame) * h)
+    step = np.exp(np.float32(-2.0 * dose_per_frame) * h).astype(np.complex64)
     sq = [_sum_of_squares(e, dose_per_frame, c, h) for e, c in zip(first, counts, strict=True)]
     norms = []
     for total, count in ((sq[0] + sq[1], n), (sq[0], counts[0]), (sq[1], counts[1])):
         np.maximum(total, np.float32(1e-30), out=total)
         np.divide(np.float32(max(count, 1)), total, out=total)
         norms.append(np.sqrt(total, out=total))
-    out = (*q0, step, *norms)
+    out = (step, q0[0] * norms[0], q0[1] * norms[0], q0[0] * norms[1], q0[1] * norms[2])
     for a in out:
         a.setflags(write=False)
     return out
@@ -137,47 +141,50 @@ def global_sums(
     pre_exposure: float = 0.0,
     voltage_kV: float = 300.0,
     threads: int = 2,
-    buffers: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(all, even, odd) dose-weighted sums of whole frames shifted by ``shifts_px`` (n, 2) (dx, dy).
-    ``frame(i, buffer)`` fills a float32 ``shape`` buffer with normalised frame ``i`` and returns it;
-    ``buffers`` are such buffers to reuse (the estimation's), else each stream allocates its own."""
+    ``frame(i, buffer)`` fills a float32 ``shape`` buffer with normalised frame ``i`` and returns it.
+
+    Each stream (even frames, odd frames) sums last to first by Horner's scheme: Σ_j q_j·R_j·F_j =
+    q_first·(R_0·F_0 + s·(R_2·F_2 + s·(…))), s = q_{j+2}/q_j: one product per frame for the dose filter
+    instead of two (the filter, and the next filter from it). The inverse transforms run as a complex one
+    down the columns, in place, and real ones along the rows (a quarter less than irfft2's copy)."""
     ny, nx = shape
     _, ky, kx = tile_terms((ny, nx), pixel_A, voltage_kV)
-    q_even, q_odd, step, norm_all, norm_even, norm_odd = dose_terms(
+    step, all_even, all_odd, even_norm, odd_norm = dose_terms(
         (ny, nx), float(pixel_A), float(voltage_kV), n, float(dose_per_frame), float(pre_exposure)
     )
     fft_workers = max(1, threads // 2)
-    buffers = list(buffers or [])
     spectra = [np.empty((ny, nx // 2 + 1), np.complex64) for _ in range(2)]
 
     def stream(first: int) -> np.ndarray:
         acc = np.zeros((ny, nx // 2 + 1), np.complex64)
-        buffer = buffers[first] if first < len(buffers) else np.empty((ny, nx), np.float32)
-        q = (q_even if first == 0 else q_odd).copy()
-        for i in range(first, n, 2):
+        buffer = np.empty((ny, nx), np.float32)
+        for j, i in enumerate(range(first + 2 * ((n - 1 - first) // 2), first - 1, -2)):  # last to first
             ft = rfft2_into(frame(i, buffer), spectra[first], fft_workers)
             dx, dy = shifts_px[i]
             ry = np.exp(2j * np.pi * ky * dy).astype(np.complex64)
             rx = np.exp(2j * np.pi * kx * dx).astype(np.complex64)
-            accumulate(acc, ft, ry, rx, q, step if i + 2 < n else None)
+            accumulate(acc, ft, ry, rx, step if j else None)
         return acc
 
+    def inverse(spectrum: np.ndarray) -> np.ndarray:
+        columns = sfft.ifft(spectrum, axis=0, workers=fft_workers, overwrite_x=True)
+        return sfft.irfft(columns, n=nx, axis=1, workers=fft_workers, overwrite_x=True).astype(
+            np.float32, copy=False
+        )
+
     with ThreadPoolExecutor(min(2, max(1, threads))) as pool:
-        even, odd = pool.map(stream, (0, 1))
-        total = np.add(even, odd, out=spectra[0])  # the streams' buffers, free now
-        jobs = [(total, norm_all, n), (even, norm_even, (n + 1) // 2), (odd, norm_odd, n // 2)]
-
-        def inverse(job) -> np.ndarray:
-            spectrum, norm, count = job
-            if not count:
-                return np.zeros((ny, nx), np.float32)
-            spectrum *= norm
-            return sfft.irfft2(spectrum, s=(ny, nx), workers=fft_workers, overwrite_x=True).astype(
-                np.float32, copy=False
-            )
-
-        out = list(pool.map(inverse, jobs))
+        even, odd = pool.map(stream, (0, 1)) if n > 1 else (stream(0), None)
+        if odd is None:  # one frame: all = even
+            even *= even_norm
+            image = inverse(even)
+            return image, image.copy(), np.zeros((ny, nx), np.float32)
+        total = np.multiply(even, all_even, out=spectra[0])  # the streams' buffers, free now
+        total += np.multiply(odd, all_odd, out=spectra[1])
+        even *= even_norm
+        odd *= odd_norm
+        out = list(pool.map(inverse, (total, even, odd)))
     return out[0], out[1], out[2]
 
 
