@@ -248,6 +248,8 @@ class MovieReader:
         """The read stage: a mapped movie's pages touched, one value per page, in parallel; another read
         into memory when it fits (its own chunks, so no chunk is read twice or joined); else nothing."""
         if isinstance(self.array, np.memmap):
+            if not self.array.flags.c_contiguous:
+                return  # (a reshape would copy it)
             flat = self.array.reshape(self.n, -1)
             stride = max(1, 4096 // self.array.itemsize)
             list(pool.map(lambda i: int(flat[i, ::stride].sum()), range(self.n)))
@@ -498,6 +500,7 @@ def _correct_movie(
         with clock.stage("gain_defects"):
             hot = find_movie_hot_pixels(reader, gain, settings, pool)
             est = estimation_frames(reader, gain, hot, binning, settings, pool)
+            levels = est.mean(axis=(1, 2))  # each frame's mean level (pads its transform: motion_sum)
     with clock.stage("alignment"):
         spectra = band_spectra(est, est_pixel, settings.bfactor_global_A2, workers=threads)
         del est
@@ -528,7 +531,7 @@ def _correct_movie(
                 return hot.normalised(reader.raw(i, i + 1)[0], gain, out=buffer)
 
             micrograph, even, odd = global_sums(
-                n, frame, (ny, nx), shifts, pixel_A, dose_per_frame, pre_exposure, voltage_kV, threads
+                n, frame, (ny, nx), shifts, pixel_A, dose_per_frame, pre_exposure, voltage_kV, threads, levels
             )
         else:
 

@@ -131,6 +131,13 @@ def dose_terms(
     return out
 
 
+def transform_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """The (ny, nx) the whole-frame transforms run at: each side padded to the next length DUCC transforms
+    fast (rows: factors up to 11; columns, the real transform's axis: up to 5). A K3's 4092 rows (2²·3·11·31)
+    become 4096: the forward transform 15 % and the inverse 40 % faster."""
+    return sfft.next_fast_len(shape[0], real=False), sfft.next_fast_len(shape[1], real=True)
+
+
 def global_sums(
     n: int,
     frame: Callable[[int, np.ndarray], np.ndarray],
@@ -141,6 +148,7 @@ def global_sums(
     pre_exposure: float = 0.0,
     voltage_kV: float = 300.0,
     threads: int = 2,
+    fill: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(all, even, odd) dose-weighted sums of whole frames shifted by ``shifts_px`` (n, 2) (dx, dy).
     ``frame(i, buffer)`` fills a float32 ``shape`` buffer with normalised frame ``i`` and returns it.
@@ -148,20 +156,34 @@ def global_sums(
     Each stream (even frames, odd frames) sums last to first by Horner's scheme: Σ_j q_j·R_j·F_j =
     q_first·(R_0·F_0 + s·(R_2·F_2 + s·(…))), s = q_{j+2}/q_j: one product per frame for the dose filter
     instead of two (the filter, and the next filter from it). The inverse transforms run as a complex one
-    down the columns, in place, and real ones along the rows (a quarter less than irfft2's copy)."""
+    down the columns, in place, and real ones along the rows (a quarter less than irfft2's copy).
+
+    Frames of a side slow to transform are padded to :func:`transform_shape` with their mean level
+    (``fill``: one value per frame; else each frame's own mean), and the sums cut back: only the rows
+    and columns a shift carries across the frame's edge see the difference (the level instead of the
+    opposite edge's content)."""
     ny, nx = shape
-    _, ky, kx = tile_terms((ny, nx), pixel_A, voltage_kV)
+    py, px = transform_shape(shape)
+    _, ky, kx = tile_terms((py, px), pixel_A, voltage_kV)
     step, all_even, all_odd, even_norm, odd_norm = dose_terms(
-        (ny, nx), float(pixel_A), float(voltage_kV), n, float(dose_per_frame), float(pre_exposure)
+        (py, px), float(pixel_A), float(voltage_kV), n, float(dose_per_frame), float(pre_exposure)
     )
     fft_workers = max(1, threads // 2)
-    spectra = [np.empty((ny, nx // 2 + 1), np.complex64) for _ in range(2)]
+    spectra = [np.empty((py, px // 2 + 1), np.complex64) for _ in range(2)]
+
+    def padded(i: int, buffer: np.ndarray) -> np.ndarray:
+        image = frame(i, buffer[:ny, :nx])
+        if (py, px) != (ny, nx):
+            level = float(fill[i]) if fill is not None else float(image.mean())
+            buffer[ny:, :] = level
+            buffer[:ny, nx:] = level
+        return buffer
 
     def stream(first: int) -> np.ndarray:
-        acc = np.zeros((ny, nx // 2 + 1), np.complex64)
-        buffer = np.empty((ny, nx), np.float32)
+        acc = np.zeros((py, px // 2 + 1), np.complex64)
+        buffer = np.empty((py, px), np.float32)
         for j, i in enumerate(range(first + 2 * ((n - 1 - first) // 2), first - 1, -2)):  # last to first
-            ft = rfft2_into(frame(i, buffer), spectra[first], fft_workers)
+            ft = rfft2_into(padded(i, buffer), spectra[first], fft_workers)
             dx, dy = shifts_px[i]
             ry = np.exp(2j * np.pi * ky * dy).astype(np.complex64)
             rx = np.exp(2j * np.pi * kx * dx).astype(np.complex64)
@@ -170,9 +192,8 @@ def global_sums(
 
     def inverse(spectrum: np.ndarray) -> np.ndarray:
         columns = sfft.ifft(spectrum, axis=0, workers=fft_workers, overwrite_x=True)
-        return sfft.irfft(columns, n=nx, axis=1, workers=fft_workers, overwrite_x=True).astype(
-            np.float32, copy=False
-        )
+        image = sfft.irfft(columns, n=px, axis=1, workers=fft_workers, overwrite_x=True)
+        return np.ascontiguousarray(image[:ny, :nx], np.float32)
 
     with ThreadPoolExecutor(min(2, max(1, threads))) as pool:
         even, odd = pool.map(stream, (0, 1)) if n > 1 else (stream(0), None)
