@@ -59,6 +59,7 @@ class CTFSearch:
     step_A: float = 100.0
     max_astigmatism_A: float = 5000.0
     erase_gold: bool = True  # dense strong-contrast spots erased first (em_platform.cryo.ctf_outliers)
+    snr_weighting: bool = True  # refit with each ring weighted by its signal (snr_weighted)
 
 
 @dataclass
@@ -217,10 +218,19 @@ def _search_1d(
 
 
 def _refine_2d(
-    spec, k, az, mask, start_df, search: CTFSearch, scope: Microscope, defocus_range_A: tuple[float, float]
+    spec,
+    k,
+    az,
+    mask,
+    start_df,
+    search: CTFSearch,
+    scope: Microscope,
+    defocus_range_A: tuple[float, float],
+    start: CTFParams | None = None,
 ) -> tuple[CTFParams, float]:
     """Nelder–Mead on (mean defocus, astigmatism, angle) maximising the 2-D normalised CC, the mean defocus
-    held inside ``defocus_range_A`` (on a noisy spectrum an unbounded simplex walks to a far ring family)."""
+    held inside ``defocus_range_A`` (on a noisy spectrum an unbounded simplex walks to a far ring family);
+    from four astigmatism angles, or from ``start`` alone."""
     half = mask & (np.fft.fftfreq(spec.shape[1])[None, :] >= 0)  # Friedel symmetry: half the plane suffices
     s = spec[half]
     s = s - s.mean()
@@ -236,9 +246,13 @@ def _refine_2d(
             return 1.0
         return -rings.correlation(s, params_of(x))
 
+    if start is None:
+        starts = [np.array([start_df, 400.0, math.radians(a)]) for a in (0.0, 45.0, 90.0, 135.0)]
+    else:
+        ang = math.radians(start.astigmatism_angle_deg)
+        starts = [np.array([start.mean_defocus_A, max(start.astigmatism_A, 100.0), ang])]
     best = None
-    for ang0 in (0.0, 45.0, 90.0, 135.0):
-        x0 = np.array([start_df, 400.0, math.radians(ang0)])
+    for x0 in starts:
         simplex = np.array([x0, x0 + [300.0, 0, 0], x0 + [0, 600.0, 0], x0 + [0, 0, math.radians(30)]])
         res = optimize.minimize(
             cost,
@@ -249,6 +263,43 @@ def _refine_2d(
         if best is None or res.fun < best.fun:
             best = res
     return params_of(best.x).canonical(), -float(best.fun)
+
+
+SNR_BANDS = 8  # at most; each holds at least one Thon ring, and fewer than 3 rings are not weighted
+
+
+def snr_weighted(
+    spec: np.ndarray, k: np.ndarray, az: np.ndarray, mask: np.ndarray, params: CTFParams, scope: Microscope
+) -> np.ndarray:
+    """``spec`` with each frequency weighted by how much Thon-ring signal its ring holds, ρ/(1 − ρ²), ρ the
+    correlation of the spectrum with the fitted CTF² in each of up to SNR_BANDS bands of equal aberration
+    phase (as many rings each) of the fit band, interpolated between their centres.
+
+    The background-subtracted spectrum has every ring at unit RMS, so a fit counts a ring of noise at high
+    frequency as much as a ring of signal: at 3 e/Å² the rings between 30 and 20 Å correlate 0.2–0.3 with the
+    model, those near 9 Å 0.04. Weighting each by its signal-to-noise ratio (the matched filter) took the
+    bench stack's per-tilt spread from 0.39 to 0.35 % and its worst tilt from 1.09 to 0.83 %. A band that
+    holds less than a ring has no meaningful ρ (it depends on where the ring falls), hence the minimum."""
+    lo, hi = float(k[mask].min()), float(k[mask].max())
+    mean = params.mean_defocus_A
+    fine = np.linspace(lo, hi, 512)
+    chi = aberration_phase(fine, mean, scope)
+    rings = (chi[-1] - chi[0]) / math.pi
+    bands = min(SNR_BANDS, int(rings))
+    if bands < 3 or not np.all(np.diff(chi) > 0):
+        return spec
+    edges = np.interp(np.linspace(chi[0], chi[-1], bands + 1), chi, fine)
+    model = np.sin(aberration_phase(k, defocus_at_azimuth(params, az), scope)) ** 2
+    centres, weights = 0.5 * (edges[:-1] + edges[1:]), []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        sel = mask & (k >= a) & (k <= b)
+        rho = _ncc(spec[sel], model[sel]) if sel.sum() > 8 else 0.0
+        weights.append(max(rho, 0.0) / (1.0 - min(rho, 0.95) ** 2))
+    weights = np.asarray(weights)
+    if weights.max() <= 0:
+        return spec
+    w = np.interp(k, centres, weights / weights.mean())
+    return np.where(mask, spec * w, spec)
 
 
 def _equiphase_profile(spec, k, az, params: CTFParams, scope: Microscope, pixel_A: float):
@@ -354,7 +405,11 @@ def estimate_ctf(
     band = band_at(search, box, pixel_A, min(window[1], df1d * 1.1), scope) if derive_band else widest
     mask = _band_mask(k, band, pixel_A)
     params, cc = _refine_2d(spec, k, az, mask, df1d, search, scope, window)
-    return _estimate(power, spec, pixel_A, scope, band, params, cc)
+    fit_spec = spec
+    if search.snr_weighting:
+        fit_spec = snr_weighted(spec, k, az, mask, params, scope)
+        params, cc = _refine_2d(fit_spec, k, az, mask, df1d, search, scope, window, start=params)
+    return _estimate(power, spec, pixel_A, scope, band, params, cc, fit_spec)
 
 
 def _resampled(
@@ -391,8 +446,11 @@ def _estimate(
     band_A: tuple[float, float],
     params: CTFParams,
     cc: float,
+    fit_spec: np.ndarray | None = None,
 ) -> CTFEstimate:
-    """The estimate of fitted ``params`` over ``band_A``: equiphase profile, fit resolution, ice rings."""
+    """The estimate of fitted ``params`` over ``band_A``: equiphase profile, fit resolution, ice rings (all
+    from ``spec``, every ring at unit RMS); ``fit_spec``, the spectrum the fit used (SNR-weighted), is kept
+    for the series' refit."""
     box = power.shape[0]
     k, az = frequency_grid(spec.shape, pixel_A)
     kk, prof, model = _equiphase_profile(spec, k, az, params, scope, pixel_A)
@@ -423,6 +481,7 @@ def _estimate(
             "model": model,
             "cc_fit": cc_fit,
             "spectrum": spec,
+            "fit_spectrum": spec if fit_spec is None else fit_spec,
             "power": power,
         },
     )
@@ -446,7 +505,7 @@ def fit_series_astigmatism(
         return []
     tilts = []
     for e, window in zip(estimates, windows, strict=True):
-        spec = e.profile["spectrum"]
+        spec = e.profile["fit_spectrum"]
         k, az = frequency_grid(spec.shape, e.pixel_A)
         sel = _band_mask(k, e.band_A, e.pixel_A) & (np.fft.fftfreq(spec.shape[1])[None, :] >= 0)
         s = spec[sel] - spec[sel].mean()
@@ -503,7 +562,16 @@ def fit_series_astigmatism(
         params = CTFParams(means[i] + x[0] / 2, means[i] - x[0] / 2, math.degrees(x[1])).canonical()
         cc = tilt_cc(i, means[i], x[0], x[1])
         out.append(
-            _estimate(e.profile["power"], e.profile["spectrum"], e.pixel_A, scope, e.band_A, params, cc)
+            _estimate(
+                e.profile["power"],
+                e.profile["spectrum"],
+                e.pixel_A,
+                scope,
+                e.band_A,
+                params,
+                cc,
+                e.profile["fit_spectrum"],
+            )
         )
     return out
 
