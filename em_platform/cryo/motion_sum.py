@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from em_platform.cryo.dose_weighting import critical_exposure, frame_exposures
+from em_platform.cryo.motion_alignment import rfft2_into
 from em_platform.cryo.motion_local import grid_edges
 from em_platform.lazy_import import LazyModule
 
@@ -65,28 +66,6 @@ def accumulate(
         if step is not None:
             a *= step[r0:r1]
         a += f
-
-
-def rfft2_into(image: np.ndarray, out: np.ndarray, workers: int) -> np.ndarray:
-    """scipy.fft.rfft2 of a float32 image into ``out`` (complex64, reused: a new 4k spectrum is 16 000 page
-    faults, 12 % of the transform) through scipy's own DUCC binding; plain rfft2 where that is not there."""
-    global _r2c
-    if _r2c is None:
-        try:
-            from scipy.fft._duccfft.pyduccfft import r2c  # scipy ≥ 1.17's backend; private, so guarded
-
-            _r2c = r2c
-        except ImportError:
-            _r2c = False
-    if _r2c:
-        try:
-            return _r2c(image, (0, 1), True, 0, out, workers)
-        except (TypeError, ValueError):
-            _r2c = False
-    return sfft.rfft2(image, workers=workers)
-
-
-_r2c = None
 
 
 def _sum_of_squares(e_first: float, dose: float, count: int, h: np.ndarray) -> np.ndarray:
