@@ -15,10 +15,17 @@ the acquisition journal (SQLite, the embedded default) as TEM_comms messages. Tw
   latency from ``tile.raw`` to ``qc.tile`` in the journal (p50/p95/max, over all tiles and over the
   tiles that landed after the run was up), first-tile latency (run start-up included).
 
+* **live-QC service** (``--service-runs``): the same scopes judged by one warm service, as `make dev` keeps it
+  running (its own threads, a session of its own); with ``--with-batch`` also while an ingest and a fusion
+  run on `make dev`'s Dask pool, started as `make dev` starts it (batch_niceness preload; sessions of their
+  own), and with ``--batch-compare`` the configurations that are not the deployment's, for comparison.
+  Every invocation's per-scope p95/max is kept in ``history``.
+
 The machine is shared: wall-clock figures move with the load (``machine.loadavg`` before and after);
 the CPU seconds per tile are the steadier measure, and the bench says which stage holds a target back.
 
-python -m bench.bench_tiles_live [--tiles 120] [--size 5000] [--rate 3.07] [--scopes 2]
+python -m bench.bench_tiles_live [--tiles 120] [--size 5000] [--rate 3.07] [--scopes 2] [--service-runs 3]
+    [--with-batch [--batch-compare [own] [shared]]] [--tiles-dir DIR]
 """
 
 from __future__ import annotations
@@ -411,6 +418,7 @@ def _paced_with_service(
     """The same scopes, judged by one warm live-QC service (started before the montages, as `make dev` and
     deploy-local keep it running) instead of a run per montage; with ``scheduler``, the service computes on
     that shared cluster, where ``batch`` (if given) runs at the same time."""
+    from em_platform.deploy.processes import service_child
     from em_platform.tem.journal import Journal
 
     url = f"sqlite:///{workdir / f'service-{k}.sqlite'}"
@@ -430,6 +438,8 @@ def _paced_with_service(
         cwd=Path(__file__).resolve().parent.parent,
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # as `make dev` and deploy-local supervise it: its own session (autogroup) ...
+        preexec_fn=service_child,  # ... ended with this process
     )
     try:
         assert service.stdout.readline().strip() == "ready", "the live-QC service did not start"
@@ -573,6 +583,17 @@ def _read_plane(path: str, i: int) -> np.ndarray:
 
 
 BATCH_POOLS = ("shared", "own", "own_batch_niced")
+DEPLOYED_POOL = "own_batch_niced"  # what `make dev` and deploy-local run; the others are comparisons
+POOL_NOTES = {
+    "own_batch_niced": "as deployed: the live-QC service on threads of its own, in a session of its own; the "
+    "batch on make dev's pool (a worker process per core x 1 thread, the batch_niceness preload: threads at "
+    "nice 10, the pool's session at autogroup nice 19)",
+    "own": "comparison, the deployment before issue 38: the same, but the pool's session at autogroup nice 0 "
+    "(its threads' nice 10 then orders them only among themselves: Linux shares the CPU between sessions)",
+    "shared": "comparison, not a supported configuration: the live tiles on the batch pool too "
+    "(EM_LIVE_QC_SCHEDULER; priority LIVE_PRIORITY over the batch tasks' 0, on its niced threads), pool's "
+    "session at autogroup nice 0",
+}
 
 
 def _with_batch(
@@ -582,59 +603,102 @@ def _with_batch(
     overlap: int,
     args,
     runs: int,
-    pools: tuple[str, ...] = BATCH_POOLS,
+    pools: tuple[str, ...] = (DEPLOYED_POOL,),
 ) -> dict[str, Any]:
-    """The service scopes while batch work runs on the deployment's cluster (1 worker process x 2 threads),
-    the live tiles either on that same cluster (priority LIVE_PRIORITY over the batch tasks' 0) or on the
-    service's own cluster (its threads reserved for live tiles); the batch work alone first."""
-    from distributed import LocalCluster
+    """The service scopes while batch work runs on the deployment's Dask pool, started as `make dev` starts
+    it (:class:`em_platform.dev.DaskPool`: scheduler and workers each in a session of their own); the
+    service, too, in a session of its own, as `make dev` supervises it. ``pools``: the deployed
+    configuration and any comparisons (:data:`POOL_NOTES`). The batch work alone first."""
+    from distributed import Client
 
-    with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
-    ) as cluster:
-        batch = _batch_work(workdir, tiles, args.size, cluster.scheduler_address)
-        alone = batch()
-        out: dict[str, list] = {pool: [] for pool in BATCH_POOLS}
-        for k in range(runs):
-            for pool in pools:
-                _renice_workers(cluster, 10 if pool == "own_batch_niced" else 0)
-                os.sync()
-                with _CpuShare() as share:
-                    scopes_k, batch_k = _paced_with_service(
-                        workdir,
-                        tiles,
-                        refs,
-                        overlap,
-                        args.size,
-                        args.rate,
-                        args.scopes,
-                        100 + 3 * k + BATCH_POOLS.index(pool),
-                        scheduler=cluster.scheduler_address if pool == "shared" else None,
-                        batch=batch,
+    from em_platform.cluster.batch_priority import BATCH_GROUP_NICENESS
+    from em_platform.dev import DaskPool
+
+    with open(workdir / "batch_pool.log", "a") as log:
+        pool = DaskPool.start(log)
+        try:
+            with Client(pool.address, timeout="60s") as client:
+                client.wait_for_workers(os.cpu_count() or 1, timeout=120)
+                workers = list(client.run(os.getpid).values())
+            batch = _batch_work(workdir, tiles, args.size, pool.address)
+            alone = batch()
+            out: dict[str, list] = {pool_name: [] for pool_name in pools}
+            for k in range(runs):
+                for name in pools:
+                    group = BATCH_GROUP_NICENESS if name == DEPLOYED_POOL else 0
+                    if not _set_group_niceness(workers, group):
+                        continue  # a comparison this machine does not allow (lowering a nice value)
+                    os.sync()
+                    load = os.getloadavg()
+                    pool_cpu, began = _processes_cpu(workers), time.monotonic()
+                    with _CpuShare() as share:
+                        scopes_k, batch_k = _paced_with_service(
+                            workdir,
+                            tiles,
+                            refs,
+                            overlap,
+                            args.size,
+                            args.rate,
+                            args.scopes,
+                            100 + 3 * k + BATCH_POOLS.index(name),
+                            scheduler=pool.address if name == "shared" else None,
+                            batch=batch,
+                        )
+                    seconds = time.monotonic() - began
+                    service = scopes_k[0]["service_process"]
+                    out[name].append(
+                        {
+                            "scopes": scopes_k,
+                            "batch": batch_k,
+                            "machine_cpu": share.figures,
+                            # cores each side got over the run (the service's since it started, imports too)
+                            "cores_batch_pool": round((_processes_cpu(workers) - pool_cpu) / seconds, 2),
+                            "cores_live_service": round(
+                                (service["user_s"] + service["system_s"]) / seconds, 2
+                            ),
+                            "loadavg_before": _rounded(load),
+                            "loadavg_after": _rounded(os.getloadavg()),
+                            "pool_autogroup_nice": group,
+                        }
                     )
-                out[pool].append({"scopes": scopes_k, "batch": batch_k, "machine_cpu": share.figures})
+        finally:
+            pool.stop()
     return {
         "note": "batch work (an ingest's conversion of a 1 GiB TIFF stack and a 2 x 6 tile montage fusion, "
-        "priority 0, submitted as the scopes start) on a cluster of 1 worker process x 2 threads; the live "
-        "tiles on that cluster too ('shared', priority LIVE_PRIORITY) or on the service's own in-process "
-        "cluster ('own', threads reserved for live tiles), and so with the batch worker at nice 10 "
-        "('own_batch_niced')",
+        "priority 0, submitted as the scopes start) on the deployment's Dask pool; runs_own_batch_niced_pool "
+        "is the deployed configuration, runs_own_pool and runs_shared_pool comparisons (--batch-compare)",
+        "pools": {name: POOL_NOTES[name] for name in pools},
         "batch_alone": alone,
-        "runs_shared_pool": out["shared"],
-        "runs_own_pool": out["own"],
-        "runs_own_batch_niced_pool": out["own_batch_niced"],
+        **{f"runs_{name}_pool": runs_ for name, runs_ in out.items()},
     }
 
 
-def _renice_workers(cluster, niceness: int) -> None:
-    """The batch cluster's worker processes at ``niceness`` (the kernel gives live tiles the cores first)."""
-    import psutil
+def _processes_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
-    for worker in cluster.workers.values():
-        process = psutil.Process(worker.process.process.pid)
-        for p in [process, *process.children(recursive=True)]:
-            for thread in p.threads():  # Linux keeps the niceness per thread: every existing thread
-                os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
+
+def _set_group_niceness(pids: list[int], niceness: int) -> bool:
+    """The autogroup nice of the pool's session (through its worker processes); False if not allowed or
+    not there (raising it needs no privilege, lowering it does)."""
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
+        except OSError:
+            return False
+    return True
+
+
+def _rounded(values) -> list[float]:
+    return [round(v, 2) for v in values]
 
 
 def _serve(journal_url: str, root: str, scheduler: str | None) -> None:
@@ -846,14 +910,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument(
         "--with-batch",
         action="store_true",
-        help="also run the service scopes on one shared cluster (1 worker process x 2 threads) with an ingest "
-        "of a 1 GiB TIFF and a montage fusion running at the same time (--service-runs times)",
+        help="also run the service scopes, as deployed, with an ingest of a 1 GiB TIFF and a montage fusion "
+        "running at the same time on make dev's Dask pool (--service-runs times)",
+    )
+    p.add_argument(
+        "--batch-compare",
+        nargs="*",
+        choices=[b for b in BATCH_POOLS if b != DEPLOYED_POOL],
+        help="with --with-batch or --batch-only, also these configurations that are not the deployment's "
+        "(all if none named): 'own', the pool's session at its default share (the deployment before issue "
+        "38); 'shared', the live tiles on the batch pool",
     )
     p.add_argument(
         "--batch-only",
-        nargs="*",
-        choices=BATCH_POOLS,
-        help="only the --with-batch runs of these pools (all if none named); prints, records nothing",
+        action="store_true",
+        help="only the live service alone once and the --with-batch runs; prints, records nothing",
     )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scheduler", help=argparse.SUPPRESS)
@@ -869,7 +940,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         _run_montage_process(args.run_montage, args.journal, args.root, args.result)
         return None
     overlap = args.size // 10
-    if args.batch_only is not None:
+    pools = (DEPLOYED_POOL,) + tuple(
+        b
+        for b in BATCH_POOLS
+        if args.batch_compare is not None and b in (args.batch_compare or BATCH_POOLS)
+        if b != DEPLOYED_POOL
+    )
+    if args.batch_only:
         with tempfile.TemporaryDirectory(prefix="bench_tiles_live_") as tmp:
             workdir = Path(tmp)
             montage, refs = _tiles(args.tiles_dir or workdir, args.tiles, args.columns, args.size, overlap)
@@ -887,7 +964,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 overlap,
                 args,
                 args.service_runs,
-                args.batch_only or BATCH_POOLS,
+                pools,
             )
         print(json.dumps(busy, indent=1))
         return busy
@@ -905,14 +982,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         served = []
         for k in range(args.service_runs):
             os.sync()
+            load = os.getloadavg()
             with _CpuShare() as share:
                 scopes_k, _ = _paced_with_service(
                     workdir, montage["tiles"], refs, overlap, args.size, args.rate, args.scopes, k
                 )
-            served.append({"scopes": scopes_k, "machine_cpu": share.figures})
+            served.append(
+                {
+                    "scopes": scopes_k,
+                    "machine_cpu": share.figures,
+                    "loadavg_before": _rounded(load),
+                    "loadavg_after": _rounded(os.getloadavg()),
+                }
+            )
         busy = None
         if args.with_batch:
-            busy = _with_batch(workdir, montage["tiles"], refs, overlap, args, max(args.service_runs, 1))
+            busy = _with_batch(
+                workdir, montage["tiles"], refs, overlap, args, max(args.service_runs, 1), pools
+            )
         led = None
         if args.lead_s > 0:
             os.sync()
@@ -961,7 +1048,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             },
         }
     if busy is not None:
-        for pool in BATCH_POOLS:
+        for pool in pools:
             runs = busy[f"runs_{pool}_pool"]
             every = [sc for run in runs for sc in run["scopes"]]
             busy[f"meets_{pool}_pool"] = {
@@ -986,6 +1073,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 "latency_s_max": all(s["latency_s_max"] < TARGETS["latency_s_max"] for s in led),
             },
         }
+    result["history"] = _history(result)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     if TILES_RESULTS.exists():
@@ -1002,6 +1090,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         TILES_RESULTS.write_text(json.dumps(tiles, indent=2))
     _print(result)
     return result
+
+
+HISTORY_KEPT = 30
+
+
+def _history(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every invocation's figures, not only the last one's: the earlier entries of the results file (same
+    tiles and scopes) and this one's per-scope p95/max of every live-service run, alone and with the batch
+    work, with the machine's load (the machine is shared: a run's wall-clock figures move with it)."""
+    earlier: list[dict[str, Any]] = []
+    if RESULTS.exists():
+        try:
+            old = json.loads(RESULTS.read_text())
+            if old.get("config", {}).get("tile_px") == result["config"]["tile_px"]:
+                earlier = old.get("history", [])
+        except (OSError, ValueError):
+            earlier = []
+
+    def runs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "p95_s": [sc["latency_s_p95"] for sc in run["scopes"]],
+                "max_s": [sc["latency_s_max"] for sc in run["scopes"]],
+                "loadavg_before": run.get("loadavg_before"),
+                "cores_others": run.get("machine_cpu", {}).get("cores_others"),
+                **{k: run[k] for k in ("cores_live_service", "cores_batch_pool") if k in run},
+            }
+            for run in entries
+        ]
+
+    u = result["unpaced"]
+    entry: dict[str, Any] = {
+        "date": result["date"],
+        "loadavg_before": _rounded(result["machine"]["loadavg_before"]),
+        "loadavg_after": _rounded(result["machine"]["loadavg_after"]),
+        "unpaced_cpu_ms_per_tile": u["cpu_ms_per_tile"],
+        "unpaced_cpu_ms_per_tile_by_stage": u["cpu_ms_per_tile_by_stage"],
+        "unpaced_cores_others": u["machine_cpu"]["cores_others"],
+        "alone": runs(result.get("live_service", {}).get("runs", [])),
+    }
+    busy = result.get("live_service_with_batch")
+    if busy is not None:
+        entry["with_batch"] = {
+            key[len("runs_") :]: runs(value) for key, value in busy.items() if key.startswith("runs_")
+        }
+    return (earlier + [entry])[-HISTORY_KEPT:]
 
 
 def _print(r: dict[str, Any]) -> None:
@@ -1069,6 +1203,27 @@ def _print(r: dict[str, Any]) -> None:
                 f"max {s['latency_s_max']} s, first {s['latency_s_first_tile']} s"
             )
         print(f"meets with the lead: {w['meets']}")
+    served = r.get("live_service", {}).get("runs", [])
+    busy = r.get("live_service_with_batch") or {}
+    batch_runs = [
+        (k[len("runs_") : -len("_pool")], run) for k, v in busy.items() if k.startswith("runs_") for run in v
+    ]
+    for label, run in [("alone", run) for run in served] + batch_runs:
+        cells = ", ".join(
+            f"p95 {sc['latency_s_p95']:.2f} s max {sc['latency_s_max']:.2f} s" for sc in run["scopes"]
+        )
+        print(
+            f"live-QC service, {label:16} {cells}  (load {run.get('loadavg_before')}, cores others kept busy "
+            f"{run.get('machine_cpu', {}).get('cores_others')}"
+            + (
+                f"; cores: live service {run['cores_live_service']}, batch pool {run['cores_batch_pool']})"
+                if "cores_batch_pool" in run
+                else ")"
+            )
+        )
+    for k, v in busy.items():
+        if k.startswith("meets_"):
+            print(f"with batch work, {k}: {v}")
     print(
         f"machine load average before/after: {r['machine']['loadavg_before']} / {r['machine']['loadavg_after']}"
     )
