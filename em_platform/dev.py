@@ -147,8 +147,10 @@ class Supervised:
         out,
         quiet: re.Pattern | None = None,
         env: dict[str, str] | None = None,
+        quiet_at_stop: re.Pattern | None = None,
     ):
         self.name, self.cmd, self.out, self.quiet, self.env = name, cmd, out, quiet, env
+        self.quiet_at_stop = quiet_at_stop  # lines that are the stop itself, once the stop has begun
         self.stopping = threading.Event()  # set: never restarted again (the stop has begun)
         self._stopped = False
         self.proc: subprocess.Popen | None = None
@@ -171,9 +173,12 @@ class Supervised:
                 start_new_session=True,
             )
             for line in self.proc.stdout:
-                if self.quiet is None or not self.quiet.search(line):
-                    self.out.write(line)
-                    self.out.flush()
+                if self.quiet is not None and self.quiet.search(line):
+                    continue
+                if self.quiet_at_stop is not None and self.stopping.is_set() and self.quiet_at_stop.search(line):
+                    continue
+                self.out.write(line)
+                self.out.flush()
             status = self.proc.wait()
             if self.stopping.wait(0):
                 return
@@ -210,14 +215,19 @@ class Supervised:
 
 
 DASK_INFO = re.compile(r" - INFO - ")  # Dask's routine lines (workers joining, tasks' plugins); warnings pass
+# The worker command gives each worker 8 s to close on SIGTERM, then its nanny kills it and warns. A batch
+# worker's session runs at autogroup nice 19 (cluster/batch_priority.py): on a busy machine it may not get the
+# CPU to close in time. At our stop that kill is the stop finishing (nothing of a run is held by a worker: a
+# run's results are in storage), not something the user can act on.
+NANNY_KILL_AT_STOP = re.compile(r"Worker process still alive after [\d.]+ seconds, killing")
 
 
 @dataclass
 class DaskPool:
     """One Dask scheduler and its workers on loopback, shared by every run `make dev` launches (Dagster's runs
     get ``DASK_SCHEDULER_ADDRESS``): warm, sized to the machine (a worker process per core, one thread each,
-    memory shared out among them), and doing its batch work at nice 10 (the ``batch_niceness`` preload), so
-    the live-QC service's own threads get the cores first. Not started when ``DASK_SCHEDULER_ADDRESS``
+    memory shared out among them), and doing its batch work at nice 10 in a session at autogroup nice 19 (the
+    ``batch_niceness`` preload), so the live-QC service's own threads get the cores first. Not started when ``DASK_SCHEDULER_ADDRESS``
     already names a cluster."""
 
     address: str
@@ -272,6 +282,7 @@ class DaskPool:
             out,
             DASK_INFO,
             env,
+            quiet_at_stop=NANNY_KILL_AT_STOP,
         )
         print(
             f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, batch "

@@ -60,6 +60,33 @@ def test_a_dagster_that_ignores_sigint_is_killed_after_the_grace(monkeypatch):
     assert "killing its processes" in out.getvalue()
 
 
+def test_the_nannys_kill_line_is_dropped_only_once_the_stop_has_begun():
+    """A batch worker starved at autogroup nice 19 may outlive its nanny's 8 s on SIGTERM; at our stop the
+    nanny's kill warning is the stop finishing. The same line before the stop is a real fault and shows."""
+    import io
+    import sys
+    import time
+
+    from em_platform import dev
+
+    line = "distributed.nanny - WARNING - Worker process still alive after 8.0 seconds, killing"
+    script = (
+        "import signal, sys, time\n"
+        f"def stop(*_): print({line!r}, flush=True); print('closed', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"print({line!r}, flush=True)\n"
+        "while True: time.sleep(1)\n"
+    )
+    out = io.StringIO()
+    service = dev.Supervised("worker", [sys.executable, "-c", script], out, quiet_at_stop=dev.NANNY_KILL_AT_STOP)
+    deadline = time.monotonic() + 30
+    while line not in out.getvalue():  # the child has started and installed its SIGTERM handler
+        assert time.monotonic() < deadline, out.getvalue()
+        time.sleep(0.05)
+    service.stop()
+    assert out.getvalue().splitlines() == [line, "closed"]
+
+
 def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies():
     """`make dev`'s one Dask pool: every run's client reaches it; a worker process per core, each doing its
     batch work at nice 10 (the live-QC service's threads first) with the quiet settings; a worker killed with
