@@ -57,6 +57,9 @@ class LiveQCService:
 
     def run(self, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
         """Watch the journal until ``stop`` is set."""
+        warning = priority_warning()
+        if warning:
+            log.warning("live-qc: %s", warning)
         journal = self.hardware.journal()
         if ready is not None:
             ready()
@@ -141,6 +144,21 @@ class LiveQCService:
         finally:
             source.close()
             claim.release()
+
+
+def priority_warning() -> str | None:
+    """Why this process may not get the cores first, or None. Live tiles want normal priority: batch work
+    yields to them (:mod:`em_platform.cluster.batch_priority`), but a service started under ``nice``, or in
+    a session whose autogroup is niced (the batch workers' own, say), waits behind everything else."""
+    from em_platform.cluster.batch_priority import autogroup_niceness
+
+    niceness, group = os.getpriority(os.PRIO_PROCESS, 0), autogroup_niceness()
+    if niceness <= 0 and (group is None or group <= 0):
+        return None
+    return (
+        f"running at nice {niceness}, in a session whose CPU share (autogroup) is at nice {group}: live "
+        "verdicts wait behind other work; start the service at normal priority, in a session of its own"
+    )
 
 
 def _latency(result: MontageRunResult) -> str:

@@ -107,3 +107,22 @@ def test_a_session_started_by_something_else_is_not_a_workers():
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_live_service_says_when_it_does_not_run_at_normal_priority():
+    from em_platform.tem.live_service import priority_warning
+
+    if os.getpriority(os.PRIO_PROCESS, 0) == 0 and (autogroup_niceness() or 0) <= 0:
+        assert priority_warning() is None  # the test process at normal priority
+    niced = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.nice(5); from em_platform.tem.live_service import priority_warning; "
+            "print(priority_warning())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "nice 5" in niced.stdout and "normal priority" in niced.stdout
