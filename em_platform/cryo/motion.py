@@ -534,9 +534,13 @@ def _correct_movie(
                 n, frame, (ny, nx), shifts, pixel_A, dose_per_frame, pre_exposure, voltage_kV, threads, levels
             )
         else:
+            buffers = threading.local()  # one chunk's normalised frames per thread, reused
 
             def chunk(start: int, stop: int) -> np.ndarray:
-                return hot.normalised(reader.raw(start, stop), gain)
+                buffer = getattr(buffers, "frames", None)
+                if buffer is None:
+                    buffer = buffers.frames = np.empty((settings.frames_per_task, ny, nx), np.float32)
+                return hot.normalised(reader.raw(start, stop), gain, out=buffer[: stop - start])
 
             micrograph, even, odd = tiled_sums(n, chunk, (ny, nx), shifts, pixel_A, dose_per_frame, pre_exposure,
                                                voltage_kV, local, grid, settings.frames_per_task, threads)  # fmt: skip
