@@ -10,13 +10,15 @@ interleaved: movie 1 ours then plain, movie 2 plain then ours, and so on. Each r
 process per size (fresh per size: its peak RSS is that size's), warm (imports and first calls taken by a
 small movie beforehand, untimed: a facility's worker is warm), with OpenBLAS at one thread (ours holds it
 there itself; the plain aligner's small matrix products lost 40-60 % more CPU to BLAS's spinning helper
-threads here), the movie's file read into the page cache before every call. Timed in wall and CPU seconds (all threads), the load average recorded before each call.
+threads here), the movie's file read into the page cache before every call. Timed in wall and CPU
+seconds (all threads), the load average recorded before each call.
 
 Reported per size: both methods' times and drift errors against the true trajectory, the ratio plain /
 ours (medians), ours' per-stage seconds (MotionResult.timings: read, gain and defects, alignment, patches,
 sum and dose weighting; plus writes: the three sums written into MRC stacks as processing's correct_tilt
-does), and at 4096² MC + CTF per exposure (em_platform.cryo.ctf.estimate_ctf on our micrograph, its defocus
-against the movie's 15000 Å).
+does), ours once more on the first movie as an LZW-compressed TIFF (``--tiff-sizes``, default 4096²: the
+read stage is then the decompression, as for SerialEM's compressed frames), and at 4096² MC + CTF per
+exposure (em_platform.cryo.ctf.estimate_ctf on our micrograph, its defocus against the movie's 15000 Å).
 
 python -m bench.bench_motion                             # all sizes, 3 movies each (≈ 20 min + movies)
 python -m bench.bench_motion --sizes 2048 --movies 1     # one size, one movie
@@ -99,9 +101,15 @@ def _ours(path: Path, ctf: bool, scratch: Path) -> dict:
     from em_platform.cryo.processing import new_mrc_mmap
     from em_platform.formats.mrc import read_mrc
 
-    gain = np.load(path.with_suffix(".gain.npy"))
-    truth = np.load(path.with_suffix(".truth.npy"))
-    movie = read_mrc(path).data  # what processing's session.load_movie hands over
+    source = _source(path)
+    gain = np.load(source.with_suffix(".gain.npy"))
+    truth = np.load(source.with_suffix(".truth.npy"))
+    if path.suffix == ".tif":
+        from em_platform.formats.tiff import read_tiff
+
+        movie = read_tiff(path).data
+    else:
+        movie = read_mrc(path).data  # what processing's session.load_movie hands over
     w, c = time.perf_counter(), time.process_time()
     r = correct_movie(movie, PIXEL_A, DOSE_PER_FRAME, gain=gain)
     mc_wall, mc_cpu = time.perf_counter() - w, time.process_time() - c
@@ -135,6 +143,26 @@ def _ours(path: Path, ctf: bool, scratch: Path) -> dict:
             "defocus_A": round(e.mean_defocus_A, 1),
             "defocus_error_pct": round(abs(e.mean_defocus_A - DEFOCUS_A) / DEFOCUS_A * 100, 3),
         }
+    return out
+
+
+def _source(path: Path) -> Path:
+    """The MRC a movie file was made from (an LZW TIFF copy is named <movie>.lzw.tif)."""
+    return path.with_name(path.name.removesuffix(".lzw.tif") + ".mrc") if path.suffix == ".tif" else path
+
+
+def lzw_tiff(path: Path) -> Path:
+    """An LZW-compressed TIFF copy of the movie (as SerialEM writes compressed frames), unless there."""
+    import mrcfile
+    import numpy as np
+    import tifffile
+
+    out = path.with_name(path.stem + ".lzw.tif")
+    if not out.is_file():
+        part = out.with_suffix(".part")
+        frames = mrcfile.mmap(path, mode="r").data
+        tifffile.imwrite(part, np.asarray(frames), compression="lzw", photometric="minisblack")
+        part.rename(out)
     return out
 
 
@@ -234,9 +262,10 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def measure_size(name: str, folder: Path, movies: int, frames: int) -> dict:
+def measure_size(name: str, folder: Path, movies: int, frames: int, tiff: bool = False) -> dict:
     shape = SIZES[name]
     paths = [write_movie(folder, shape, frames, seed) for seed in range(movies)]
+    tiff_path = lzw_tiff(paths[0]) if tiff else None
     ctf = name == "4096"
     ours, plain = Worker("ours"), Worker("plain")
     runs: dict[str, list[dict]] = {"ours": [], "plain": []}
@@ -252,6 +281,12 @@ def measure_size(name: str, folder: Path, movies: int, frames: int) -> dict:
                 runs[w.kind].append(out | {"movie": path.name, "load_1min": round(load[0], 2)})
                 print(f"  {name} {path.name} {w.kind}: {out['wall_s']} s wall, {out['cpu_s']} s CPU, "
                       f"error {out['drift_rms_error_px']} px, load {load[0]:.1f}", flush=True)  # fmt: skip
+        if tiff_path is not None:  # ours on the same movie compressed: reading is decompressing
+            _page_cache(tiff_path)
+            load = os.getloadavg()
+            lzw = ours.run(tiff_path, False) | {"movie": tiff_path.name, "load_1min": round(load[0], 2)}
+            print(f"  {name} {tiff_path.name} ours: {lzw['wall_s']} s wall, read {lzw['stages_wall_s']['read']} s",
+                  flush=True)  # fmt: skip
     finally:
         ours.close()
         plain.close()
@@ -267,6 +302,9 @@ def measure_size(name: str, folder: Path, movies: int, frames: int) -> dict:
     result["ratio_plain_over_ours_cpu"] = round(p["cpu_s"] / o["cpu_s"], 2)
     with_writes = _median([r["wall_s"] + r["stages_wall_s"]["writes"] for r in runs["ours"]])
     result["ratio_plain_over_ours_with_writes_wall"] = round(p["wall_s"] / with_writes, 2)
+    if tiff_path is not None:
+        result["ours_on_lzw_tiff"] = lzw | {"note": "the first movie as an LZW-compressed TIFF (SerialEM's "
+                                            "compressed frames): the read stage is the decompression"}  # fmt: skip
     if ctf:
         ctfs = [r["ctf"] for r in runs["ours"]]
         result["ctf"] = {
@@ -310,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--movies", type=int, default=3)
     p.add_argument("--frames", type=int, default=FRAMES)
     p.add_argument("--movie-dir", help="keep the movies here (default: a temporary folder, removed)")
+    p.add_argument("--tiff-sizes", nargs="*", default=["4096"], choices=list(SIZES),
+                   help="sizes whose first movie ours also reads as LZW TIFF")  # fmt: skip
     a = p.parse_args(argv)
     if a.worker:
         return worker(a.worker)
@@ -330,9 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         for size in a.sizes:
             print(f"=== {size} ===", flush=True)
-            results["sizes"][size] = measure_size(size, folder, a.movies, a.frames)
+            results["sizes"][size] = measure_size(size, folder, a.movies, a.frames, size in a.tiff_sizes)
             if not a.movie_dir:  # a temporary folder: at most one size's movies on disk (K3: 5.7 GB)
-                for path in folder.glob(f"movie_{a.frames}x{SIZES[size][0]}x{SIZES[size][1]}_s*"):
+                for path in folder.glob(
+                    f"movie_{a.frames}x{SIZES[size][0]}x{SIZES[size][1]}_s*"
+                ):  # + .lzw.tif
                     path.unlink()
         results["machine"]["load_average_at_end"] = list(os.getloadavg())
         if "4096" in results["sizes"]:
