@@ -81,6 +81,14 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                 "px",
             ),
             ("em_stitch polynomial on it", "temca.em_stitch_itself.polynomial.mean_px", "px"),
+            ("affine: worst pair em_stitch keeps", "temca.worst_pair.affine.ours.em_stitch_kept_pairs.max_px", "px"),
+            ("em_stitch affine: its worst pair", "temca.worst_pair.affine.em_stitch.max_px", "px"),
+            (
+                "polynomial: worst pair em_stitch keeps",
+                "temca.worst_pair.polynomial.ours.em_stitch_kept_pairs.max_px",
+                "px",
+            ),
+            ("em_stitch polynomial: its worst pair", "temca.worst_pair.polynomial.em_stitch.max_px", "px"),
             ("affine solve CPU", "temca.solves.ours_affine.cpu_s", "s"),
         ],
     ),
@@ -123,6 +131,15 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             ("motion correction + CTF per exposure", "mc_plus_ctf_s_per_exposure", "s"),
             ("weighted back-projection over scikit-image's iradon", "wbp_speedup_vs_iradon", "×"),
             ("defocus error, median over the tilts", "accuracy.figures.defocus_error_pct_median", "%"),
+            ("defocus error, worst tilt", "accuracy.figures.defocus_error_pct_max", "%"),
+        ],
+    ),
+    (
+        "motion.json",
+        "Motion correction against a plain aligner, 2048² to K3 (`bench_motion`)",
+        [
+            ("plain aligner's time over ours, every size", "sizes.*.ratio_plain_over_ours_wall", "×"),
+            ("motion correction + CTF per 4096² × 40 exposure", "mc_plus_ctf_s_per_4096_exposure", "s"),
         ],
     ),
     (
