@@ -414,6 +414,7 @@ def _paced_with_service(
     k: int,
     scheduler: str | None = None,
     batch: Callable[[], dict[str, Any]] | None = None,
+    judged: Callable[[int], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The same scopes, judged by one warm live-QC service (started before the montages, as `make dev` and
     deploy-local keep it running) instead of a run per montage; with ``scheduler``, the service computes on
@@ -462,6 +463,8 @@ def _paced_with_service(
             if time.monotonic() > deadline or service.poll() is not None:
                 raise RuntimeError("the live-QC service did not judge every tile")
             time.sleep(0.2)
+        if judged is not None:
+            judged(service.pid)  # every tile judged: the scopes are over (the batch work may go on)
         if batch_thread is not None:
             batch_thread.join()
         stages = {}
@@ -630,7 +633,16 @@ def _with_batch(
                         continue  # a comparison this machine does not allow (lowering a nice value)
                     os.sync()
                     load = os.getloadavg()
-                    pool_cpu, began = _processes_cpu(workers), time.monotonic()
+                    window: dict[str, float] = {}
+
+                    def judged(service_pid: int, window=window) -> None:
+                        window.update(
+                            seconds=time.monotonic() - window["began"],
+                            pool=_processes_cpu(workers) - window["pool"],
+                            service=_processes_cpu([service_pid]),
+                        )
+
+                    window.update(began=time.monotonic(), pool=_processes_cpu(workers))
                     with _CpuShare() as share:
                         scopes_k, batch_k = _paced_with_service(
                             workdir,
@@ -643,19 +655,16 @@ def _with_batch(
                             100 + 3 * k + BATCH_POOLS.index(name),
                             scheduler=pool.address if name == "shared" else None,
                             batch=batch,
+                            judged=judged,
                         )
-                    seconds = time.monotonic() - began
-                    service = scopes_k[0]["service_process"]
                     out[name].append(
                         {
                             "scopes": scopes_k,
                             "batch": batch_k,
                             "machine_cpu": share.figures,
-                            # cores each side got over the run (the service's since it started, imports too)
-                            "cores_batch_pool": round((_processes_cpu(workers) - pool_cpu) / seconds, 2),
-                            "cores_live_service": round(
-                                (service["user_s"] + service["system_s"]) / seconds, 2
-                            ),
+                            # cores each side got while the scopes ran (the service's CPU since it started)
+                            "cores_batch_pool": round(window["pool"] / window["seconds"], 2),
+                            "cores_live_service": round(window["service"] / window["seconds"], 2),
                             "loadavg_before": _rounded(load),
                             "loadavg_after": _rounded(os.getloadavg()),
                             "pool_autogroup_nice": group,
