@@ -23,6 +23,7 @@ exposure (em_platform.cryo.ctf.estimate_ctf on our micrograph, its defocus again
 python -m bench.bench_motion                             # all sizes, 3 movies each (≈ 20 min + movies)
 python -m bench.bench_motion --sizes 2048 --movies 1     # one size, one movie
 python -m bench.bench_motion --movie-dir /tmp/mc         # keep the movies there (≈ 13 GB) for the next run
+python -m bench.bench_motion --sizes 4096 --merge        # measure one size again, keep the others' results
 
 Without --movie-dir the movies are written to a temporary folder (about a minute each; the K3 ones 2-4
 minutes) and each size's removed once measured.
@@ -44,6 +45,7 @@ from pathlib import Path
 SIZES = {"2048": (2048, 2048), "3072": (3072, 3072), "4096": (4096, 4096), "k3": (4092, 5760)}
 FRAMES = 40
 PIXEL_A, DOSE_PER_FRAME, DEFOCUS_A = 1.0, 1.2, 15000.0
+RESULTS = Path(__file__).resolve().parent / "results" / "motion.json"
 TARGETS = {"ratio_vs_plain_at_every_size": 2.0, "mc_plus_ctf_s_per_4096_exposure": 7.0}
 
 
@@ -348,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--movies", type=int, default=3)
     p.add_argument("--frames", type=int, default=FRAMES)
     p.add_argument("--movie-dir", help="keep the movies here (default: a temporary folder, removed)")
+    p.add_argument("--merge", action="store_true", help="keep the other sizes of bench/results/motion.json")
     p.add_argument("--tiff-sizes", nargs="*", default=["4096"], choices=list(SIZES),
                    help="sizes whose first movie ours also reads as LZW TIFF")  # fmt: skip
     a = p.parse_args(argv)
@@ -368,9 +371,13 @@ def main(argv: list[str] | None = None) -> int:
             "targets": TARGETS,
             "sizes": {},
         }
+        if a.merge and RESULTS.is_file():  # the other sizes of the last run kept, each with its own date
+            results["sizes"] = json.loads(RESULTS.read_text()).get("sizes", {})
         for size in a.sizes:
             print(f"=== {size} ===", flush=True)
-            results["sizes"][size] = measure_size(size, folder, a.movies, a.frames, size in a.tiff_sizes)
+            results["sizes"][size] = measure_size(size, folder, a.movies, a.frames, size in a.tiff_sizes) | {
+                "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            }
             if not a.movie_dir:  # a temporary folder: at most one size's movies on disk (K3: 5.7 GB)
                 for path in folder.glob(
                     f"movie_{a.frames}x{SIZES[size][0]}x{SIZES[size][1]}_s*"
