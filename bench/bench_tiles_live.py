@@ -675,7 +675,9 @@ def _with_batch(
     return {
         "note": "batch work (an ingest's conversion of a 1 GiB TIFF stack and a 2 x 6 tile montage fusion, "
         "priority 0, submitted as the scopes start) on the deployment's Dask pool; runs_own_batch_niced_pool "
-        "is the deployed configuration, runs_own_pool and runs_shared_pool comparisons (--batch-compare)",
+        "is the deployed configuration, runs_own_pool and runs_shared_pool comparisons (--batch-compare); "
+        "a run's machine_cpu.cores_others counts the batch pool too (it is not this process's child), "
+        "cores_batch_pool and cores_live_service are over the scopes' window only",
         "pools": {name: POOL_NOTES[name] for name in pools},
         "batch_alone": alone,
         **{f"runs_{name}_pool": runs_ for name, runs_ in out.items()},
