@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,19 @@ def lower_priority(
 
 
 def autogroup_niceness(pid: int | str = "self") -> int | None:
-    """The nice value of a process's autogroup; None where the kernel has no autogroups."""
+    """The nice value of a process's autogroup; None where the kernel has no autogroups (no file, or one
+    that says nothing, as in some container sandboxes)."""
     try:
-        text = Path(f"/proc/{pid}/autogroup").read_text()  # "/autogroup-93 nice 0"
+        text = Path(f"/proc/{pid}/autogroup").read_text()
     except OSError:
         return None
-    return int(text.split("nice")[-1])
+    return parse_autogroup(text)
+
+
+def parse_autogroup(text: str) -> int | None:
+    """The nice value in a ``/proc/<pid>/autogroup`` line ("/autogroup-93 nice 0"); None if it has none."""
+    found = re.search(r"\bnice\s+(-?\d+)", text)
+    return int(found.group(1)) if found else None
 
 
 def session_is_a_dask_worker(pid: int | None = None) -> bool:

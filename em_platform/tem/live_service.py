@@ -155,9 +155,10 @@ def priority_warning() -> str | None:
     niceness, group = os.getpriority(os.PRIO_PROCESS, 0), autogroup_niceness()
     if niceness <= 0 and (group is None or group <= 0):
         return None
+    session = "" if group is None else f", in a session whose CPU share (autogroup) is at nice {group}"
     return (
-        f"running at nice {niceness}, in a session whose CPU share (autogroup) is at nice {group}: live "
-        "verdicts wait behind other work; start the service at normal priority, in a session of its own"
+        f"running at nice {niceness}{session}: live verdicts wait behind other work; start the service at "
+        "normal priority, in a session of its own"
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from em_platform.cluster.batch_priority import (
     BATCH_GROUP_NICENESS,
     BATCH_NICENESS,
     autogroup_niceness,
+    parse_autogroup,
     session_is_a_dask_worker,
 )
 
@@ -101,12 +101,21 @@ def test_a_worker_inside_another_session_leaves_that_session_alone():
 def test_a_session_started_by_something_else_is_not_a_workers():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
     try:
-        time.sleep(0.2)
-        assert not session_is_a_dask_worker(child.pid)
+        assert not session_is_a_dask_worker(child.pid)  # Popen returns after the child's setsid and exec
         assert not session_is_a_dask_worker()  # pytest's own session
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize(
+    ("text", "niceness"),
+    [("/autogroup-93 nice 0\n", 0), ("/autogroup-7 nice 19", 19), ("/autogroup-7 nice -5", -5), ("", None),
+     ("garbage", None), ("/autogroup-7 nice \n", None)],
+)
+def test_an_autogroup_line_is_read_or_reported_absent(text, niceness):
+    """Some sandboxes (CI's) give an empty /proc/self/autogroup: no autogroup, not a crash."""
+    assert parse_autogroup(text) == niceness
 
 
 def test_the_live_service_says_when_it_does_not_run_at_normal_priority():
