@@ -105,6 +105,8 @@ def compose_service(svc: Service, where: Addresses) -> dict[str, Any]:
         out["volumes"] = list(svc.volumes)
     if svc.replicas:
         out["deploy"] = {"mode": "replicated", "replicas": svc.replicas}  # podman-compose reads mode
+    if svc.cpu_shares:
+        out["cpu_shares"] = svc.cpu_shares
     if svc.depends_on:
         out["depends_on"] = {name: {"condition": cond} for name, cond in svc.depends_on.items()}
     if svc.probe and svc.probe.kind != "log":

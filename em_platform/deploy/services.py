@@ -62,6 +62,10 @@ class Service:
     # published on the host (compose only), each on loopback unless the operator names an interface
     ports: tuple[str, ...] = ()
     replicas: str = ""  # "${DASK_WORKERS:-2}": compose deploy.replicas; the runner starts that many
+    # the container's CPU weight against the others (compose cpu_shares; 1024 is everyone's default). A
+    # container is a cgroup, where neither a thread's nice nor a session's autogroup counts: batch work
+    # yields to live tiles there only by a lower weight
+    cpu_shares: str = ""
     depends_on: Mapping[str, str] = field(default_factory=dict)  # name -> compose condition
     probe: Probe | None = None
     volumes: tuple[str, ...] = ()
@@ -331,6 +335,7 @@ SERVICES: tuple[Service, ...] = (
         env={**platform_env(("s3",)), **QUIET_DASK_ENV},  # its tasks read and write the storage root
         compose_only_env=TLS_ENV,
         replicas="${DASK_WORKERS:-2}",
+        cpu_shares="${DASK_WORKER_CPU_SHARES:-128}",  # 1/8 of a live-QC container's weight while both want CPU
         depends_on={"dask-scheduler": HEALTHY},
         volumes=(DATA_VOLUME, DASK_CERTS_VOLUME),
         note="scale with DASK_WORKERS; they read the inbox/tiles and write the buffer and S3",

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 
-from em_platform.deploy.images import DOCKER, OFFICIAL_BASE, PYTHON_BASE, image_exists
+from em_platform.deploy.images import DOCKER, OFFICIAL_BASE, PYTHON_BASE, engine_env, image_exists
 from em_platform.deploy.services import SERVICES
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -207,3 +208,44 @@ def test_the_dask_scheduler_speaks_only_tls_with_the_clusters_certificate(stack)
             workers = client.scheduler_info()["workers"]
     assert len(workers) == int(stack.settings["DASK_WORKERS"])
     assert all(address.startswith("tls://") for address in workers)
+
+
+_BUSY = """
+import os, time
+children = []
+for _ in range(2):  # more runnable threads than the host has cores, in each container
+    pid = os.fork()
+    if pid == 0:
+        end = time.monotonic() + {seconds}
+        while time.monotonic() < end:
+            pass
+        os._exit(0)
+    children.append(pid)
+cpu = 0.0
+for pid in children:
+    _, _, usage = os.wait4(pid, 0)
+    cpu += usage.ru_utime + usage.ru_stime
+print(cpu)
+"""
+
+
+def test_batch_workers_yield_the_cpu_to_the_live_qc_service(stack):
+    """A container is a cgroup: the workers' nice values count only inside it, their CPU weight
+    (DASK_WORKER_CPU_SHARES, 128 against everyone's 1024) between containers. Both sides busy on every core:
+    the live-QC container gets most of the machine."""
+    workers = stack.stack.container_names("dask-worker")
+    assert {_inspect(stack, w)["HostConfig"]["CpuShares"] for w in workers} == {128}
+    assert _inspect(stack, stack.container("live-qc"))["HostConfig"]["CpuShares"] in (0, 1024)  # the default
+    busy = [
+        subprocess.Popen(
+            [stack.stack.tool, "exec", name, "python", "-c", _BUSY.format(seconds=6)],
+            env=engine_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in [stack.container("live-qc"), *workers]
+    ]
+    live, *batch = (float(p.communicate(timeout=120)[0]) for p in busy)
+    # weights 1024 : 2 × 128 give the live side 80 % of what both get; half that margin still tells
+    assert live > 2 * sum(batch), (live, batch)
+    assert sum(batch) > 0.2, batch  # slower, not stopped
