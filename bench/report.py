@@ -31,7 +31,7 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             ),
             ("warm live-QC service: max", "live_service.runs.*.scopes.*.latency_s_max", "s"),
             (
-                "with a 1 GiB ingest and a fusion beside it (pool at nice 10): p95",
+                "with a 1 GiB ingest and a fusion beside it (the pool as deployed): p95",
                 "live_service_with_batch.runs_own_batch_niced_pool.*.scopes.*.latency_s_p95",
                 "s",
             ),

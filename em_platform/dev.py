@@ -286,7 +286,7 @@ class DaskPool:
         )
         print(
             f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, batch "
-            "work at nice 10)",
+            "work at nice 10, each worker's session at autogroup nice 19)",
             file=out,
             flush=True,
         )

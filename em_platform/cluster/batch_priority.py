@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -42,13 +44,21 @@ def lower_priority(
     autogroup to ``group_niceness``. Returns what holds afterwards: ``{"niceness", "group_niceness"}``
     (None: no autogroup here, or not the worker's to change). Never raises: a worker that cannot lower its
     priority still works."""
-    current = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: this thread's
+    return {"niceness": lower_thread_priority(niceness), "group_niceness": _lower_group(group_niceness)}
+
+
+def lower_thread_priority(niceness: int) -> int:
+    """Raise this thread's nice value to at least ``niceness`` (Linux keeps it per thread, and threads
+    started afterwards inherit it; elsewhere it is the process's). Returns the value that holds; never
+    raises (a thread that cannot lower its priority still works)."""
+    who = threading.get_native_id() if sys.platform == "linux" else 0
+    current = os.getpriority(os.PRIO_PROCESS, who)
     if current < niceness:
         try:
-            os.nice(niceness - current)
+            os.setpriority(os.PRIO_PROCESS, who, niceness)
         except OSError as exc:
-            log.warning("batch worker: could not lower its threads' priority to nice %d: %s", niceness, exc)
-    return {"niceness": os.getpriority(os.PRIO_PROCESS, 0), "group_niceness": _lower_group(group_niceness)}
+            log.warning("could not lower a thread's CPU priority to nice %d: %s", niceness, exc)
+    return os.getpriority(os.PRIO_PROCESS, who)
 
 
 def autogroup_niceness(pid: int | str = "self") -> int | None:

@@ -330,7 +330,7 @@ SERVICES: tuple[Service, ...] = (
             "--dashboard-address",
             "{bind}:0",
             "--preload",
-            "em_platform.deploy.batch_niceness",  # batch work at nice 10: live tiles get the cores first
+            "em_platform.deploy.batch_niceness",  # nice 10, its session at autogroup 19: live tiles first
         ),
         env={**platform_env(("s3",)), **QUIET_DASK_ENV},  # its tasks read and write the storage root
         compose_only_env=TLS_ENV,

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from em_platform.cluster.batch_priority import lower_thread_priority
 from em_platform.stitch.grid import OPPOSITE, neighbour_of, to_nominal
 from em_platform.tem.qc import QCConfig, usable_for_matching
 
@@ -248,9 +249,8 @@ def _leave_thread_pool() -> None:
         secede()
     except ValueError:  # not on a worker
         return
-    if sys.platform == "linux":  # Linux keeps the niceness per thread; elsewhere it is the process's
-        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, STORE_NICENESS))
+    if sys.platform == "linux":  # elsewhere the niceness is the whole process's: leave it
+        lower_thread_priority(STORE_NICENESS)
 
 
 def store_tile(image: np.ndarray, url: str, storage_options: dict | None = None) -> None:
