@@ -36,13 +36,15 @@ OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: $(VENV)/.installed services slurm-engine $(EM_STITCH)
-	$(VENV)/bin/ruff check em_platform tests bench
+	$(VENV)/bin/ruff check em_platform tests bench scripts
+	$(VENV)/bin/ruff format --check em_platform tests bench scripts
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=30 --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
 ## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
 test-fast: $(VENV)/.installed services slurm-engine $(EM_STITCH)
-	$(VENV)/bin/ruff check em_platform tests bench
+	$(VENV)/bin/ruff check em_platform tests bench scripts
+	$(VENV)/bin/ruff format --check em_platform tests bench scripts
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
@@ -57,7 +59,8 @@ validate: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check em_platform tests bench
+	$(VENV)/bin/ruff check em_platform tests bench scripts
+	$(VENV)/bin/ruff format --check em_platform tests bench scripts
 
 ## services: enable RabbitMQ's STOMP plugin when RabbitMQ is installed here (best effort, never fatal)
 services:

@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
         image = rng.integers(0, 255, (args.side, args.side), dtype=np.uint8)
         url = root / "acquisition" / "m" / "montage.ome.zarr"
         write_ome_zarr(
-            da.from_array(image, chunks=2048), str(url), axes=("y", "x"), scale=(4.0, 4.0), units=("nanometer",) * 2
+            da.from_array(image, chunks=2048),
+            str(url),
+            axes=("y", "x"),
+            scale=(4.0, 4.0),
+            units=("nanometer",) * 2,
         )
         chunks = sorted(p.relative_to(root).as_posix() for p in url.rglob("c/*/*") if p.is_file())
         viewer = ViewerServer(str(root)).start()

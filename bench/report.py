@@ -81,7 +81,11 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                 "px",
             ),
             ("em_stitch polynomial on it", "temca.em_stitch_itself.polynomial.mean_px", "px"),
-            ("affine: worst pair em_stitch keeps", "temca.worst_pair.affine.ours.em_stitch_kept_pairs.max_px", "px"),
+            (
+                "affine: worst pair em_stitch keeps",
+                "temca.worst_pair.affine.ours.em_stitch_kept_pairs.max_px",
+                "px",
+            ),
             ("em_stitch affine: its worst pair", "temca.worst_pair.affine.em_stitch.max_px", "px"),
             (
                 "polynomial: worst pair em_stitch keeps",

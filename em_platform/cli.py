@@ -199,7 +199,11 @@ def _scope_sim(args, settings) -> int:
     try:  # what the platform would refuse from this scope is refused here, before any tile is written
         args.montage_id = MONTAGE_ID.check(args.montage_id or str(uuid.uuid4()), "--montage-id")
         announced = args.share_as if args.share_as is not None else Path(args.out).resolve()
-        under_shares(str(announced / args.montage_id), settings.scope_shares, "--share-as" if args.share_as else "--out")
+        under_shares(
+            str(announced / args.montage_id),
+            settings.scope_shares,
+            "--share-as" if args.share_as else "--out",
+        )
     except Refused as exc:
         print(f"em-platform scope-sim: {exc}", file=sys.stderr)
         return 2

@@ -191,8 +191,12 @@ def run_demo(out=sys.stdout) -> int:
         if catalog_stale and not runs.run("catalog_job", "catalog/metadata_catalog"):
             failed.append("catalog/metadata_catalog")
         # the storage check has a result from the first demo on, not only after its first 04:00
-        never_checked = not instance.get_runs(filters=dg.RunsFilter(job_name="storage_consistency_job"), limit=1)
-        if (catalog_stale or never_checked) and not runs.run("storage_consistency_job", "storage_consistency"):
+        never_checked = not instance.get_runs(
+            filters=dg.RunsFilter(job_name="storage_consistency_job"), limit=1
+        )
+        if (catalog_stale or never_checked) and not runs.run(
+            "storage_consistency_job", "storage_consistency"
+        ):
             failed.append("storage_consistency")
     finally:
         runs.close()

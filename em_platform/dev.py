@@ -42,7 +42,10 @@ SHUTDOWN_GRACE_SECONDS = 12.0
 # workspace.yaml names, so `dagster dev` is still the command that serves it. The warning, which the user cannot
 # act on, is left out (a FutureWarning; the filter names its message, nothing else is hidden).
 _NOT_DG = ",".join(
-    filter(None, [os.environ.get("PYTHONWARNINGS", ""), "ignore:Function `dev_command` is superseded:FutureWarning"])
+    filter(
+        None,
+        [os.environ.get("PYTHONWARNINGS", ""), "ignore:Function `dev_command` is superseded:FutureWarning"],
+    )
 )
 
 
@@ -175,7 +178,11 @@ class Supervised:
             for line in self.proc.stdout:
                 if self.quiet is not None and self.quiet.search(line):
                     continue
-                if self.quiet_at_stop is not None and self.stopping.is_set() and self.quiet_at_stop.search(line):
+                if (
+                    self.quiet_at_stop is not None
+                    and self.stopping.is_set()
+                    and self.quiet_at_stop.search(line)
+                ):
                     continue
                 self.out.write(line)
                 self.out.flush()
@@ -311,7 +318,9 @@ def _serve(child: subprocess.Popen, out, stopping: threading.Event | None = None
     Not until its log ends: a run its code server started outlives it and holds the log pipe, and so held
     `make dev` after Ctrl-C for as long as the run took (a docs test saw a run retrying a download keep it
     up 30 s; an ingest could keep it up for hours)."""
-    relay = threading.Thread(target=_relay, args=(child.stdout, out, stopping), name="dagster-log", daemon=True)
+    relay = threading.Thread(
+        target=_relay, args=(child.stdout, out, stopping), name="dagster-log", daemon=True
+    )
     relay.start()
     status = child.wait()
     _stop_left_behind(child.pid, out)

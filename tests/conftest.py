@@ -97,7 +97,11 @@ def s3_bucket(s3_endpoint):
 DEMO_MODULES = ("tests/browser/", "tests/test_demo.py", "tests/test_doc_commands.py")
 # Modules that share tests/deploy's one process topology (its fixtures are package-scoped); the package's
 # other modules (compose file, runner) need none and go on their own.
-TOPOLOGY_MODULES = ("tests/deploy/test_topology.py", "tests/deploy/test_faults.py", "tests/deploy/test_web_ui.py")
+TOPOLOGY_MODULES = (
+    "tests/deploy/test_topology.py",
+    "tests/deploy/test_faults.py",
+    "tests/deploy/test_web_ui.py",
+)
 # The longest work units, started first so that neither core is left with one at the end.
 LONGEST_FIRST = ("demo", "topology", "tests/stitch/test_hard_montages.py")
 END_TO_END = ("demo", "topology")

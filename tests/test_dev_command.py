@@ -78,7 +78,9 @@ def test_the_nannys_kill_line_is_dropped_only_once_the_stop_has_begun():
         "while True: time.sleep(1)\n"
     )
     out = io.StringIO()
-    service = dev.Supervised("worker", [sys.executable, "-c", script], out, quiet_at_stop=dev.NANNY_KILL_AT_STOP)
+    service = dev.Supervised(
+        "worker", [sys.executable, "-c", script], out, quiet_at_stop=dev.NANNY_KILL_AT_STOP
+    )
     deadline = time.monotonic() + 30
     while line not in out.getvalue():  # the child has started and installed its SIGTERM handler
         assert time.monotonic() < deadline, out.getvalue()
@@ -147,7 +149,7 @@ def test_a_run_left_running_by_dagster_does_not_hold_make_dev_after_it_stops(mon
     monkeypatch.setattr(dev, "SHUTDOWN_GRACE_SECONDS", 5.0)
     run_id = "1f2e3d4c-0000-4111-8222-333344445555"
     run = (  # its command line as `dagster api execute_run` has it: the run's id in its serialized arguments
-        f"# dagster api execute_run {{\"run_id\": \"{run_id}\"}}\n"
+        f'# dagster api execute_run {{"run_id": "{run_id}"}}\n'
         "import sys, time; print('run started', flush=True); print('up', file=sys.stderr, flush=True); "
         "time.sleep(120)"
     )
@@ -205,9 +207,23 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
     log = tmp_path / "dev.log"
     with open(log, "w") as out:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "em_platform.cli", "dev", "--workspace", "workspace.yaml", "--host",
-             "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "em_platform.cli",
+                "dev",
+                "--workspace",
+                "workspace.yaml",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own group, as a shell gives a foreground job
         )
     try:
@@ -230,7 +246,9 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
     warned = [line for line in log.read_text().splitlines() if "warning" in line.lower()]
     assert not warned, warned  # a fresh Dagster home, a fresh start: nothing a user cannot act on
     assert "em-platform dev: SIGINT: stopping" in stop_lines and "em-platform dev: stopped" in stop_lines
-    noise = re.compile(r"restarting|Traceback|Error|leaked|semaphore|Exception|stopping the run", re.IGNORECASE)
+    noise = re.compile(
+        r"restarting|Traceback|Error|leaked|semaphore|Exception|stopping the run", re.IGNORECASE
+    )
     assert not [line for line in stop_lines.splitlines() if noise.search(line)], stop_lines
     gone, alive = psutil.wait_procs(started, 30)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
@@ -250,7 +268,9 @@ def test_the_code_location_lost_to_the_stop_is_no_error_but_any_other_is():
             f"{error}\n",
         ]
 
-    gone = block("dagster._core.errors.DagsterCodeLocationNotFoundError: Location em_platform does not exist in workspace")
+    gone = block(
+        "dagster._core.errors.DagsterCodeLocationNotFoundError: Location em_platform does not exist in workspace"
+    )
     other = block("sqlalchemy.exc.OperationalError: database is locked")
     single = ["2026-01-01 - dagster.daemon.SensorDaemon - ERROR - a one-line error\n"]
     info = ["2026-01-01 - dagster - INFO - Shutting down Dagster services...\n"]

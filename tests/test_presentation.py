@@ -80,7 +80,15 @@ def test_the_montage_page_sums_up_its_tiles_qc_and_points_to_the_checks():
     def tile(passed, *faults):
         return SimpleNamespace(qc_passed=passed, qc_faults=[{"fault_type": f} for f in faults])
 
-    tiles = [tile(True), tile(True), tile(False, "blank"), tile(False, "out_of_focus", "saturated"), tile(None)]
+    tiles = [
+        tile(True),
+        tile(True),
+        tile(False, "blank"),
+        tile(False, "out_of_focus", "saturated"),
+        tile(None),
+    ]
     text = tile_qc_markdown(tiles).value
-    assert text.startswith("4 tiles judged live: 2 passed, 2 failed (blank: 1, out of focus: 1, saturated: 1). ")
+    assert text.startswith(
+        "4 tiles judged live: 2 passed, 2 failed (blank: 1, out of focus: 1, saturated: 1). "
+    )
     assert "[tile_stats](/assets/tile_stats?view=checks)" in text

@@ -552,7 +552,10 @@ def tile_qc_markdown(tiles) -> dg.MetadataValue:
     judged = [t for t in tiles if t.qc_passed is not None]
     failed = [t for t in judged if not t.qc_passed]
     faults = Counter(
-        f.get("fault_type", "?").replace("_", " ") for t in failed for f in (t.qc_faults or []) if isinstance(f, dict)
+        f.get("fault_type", "?").replace("_", " ")
+        for t in failed
+        for f in (t.qc_faults or [])
+        if isinstance(f, dict)
     )
     said = f"{len(judged)} tiles judged live: {len(judged) - len(failed)} passed, {len(failed)} failed"
     if faults:

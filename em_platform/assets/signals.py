@@ -61,7 +61,8 @@ def gated(context: dg.AssetExecutionContext, reported: list[Any]) -> Iterator[An
         yield item
     if blocked:
         names = "; ".join(
-            f"{key.to_user_string()}: {', '.join(c.check_name for c in checks)}" for key, checks in blocked.items()
+            f"{key.to_user_string()}: {', '.join(c.check_name for c in checks)}"
+            for key, checks in blocked.items()
         )
         first = next(iter(blocked.values()))[0]
         raise dg.Failure(

@@ -100,7 +100,9 @@ class SlurmSettings:
 
         queue = get("EM_SLURM_QUEUE") or d.queue
         if not _QUEUE.match(queue):
-            raise SlurmSettingError(f"EM_SLURM_QUEUE={queue!r} is not a partition name (letters, digits, _ . -)")
+            raise SlurmSettingError(
+                f"EM_SLURM_QUEUE={queue!r} is not a partition name (letters, digits, _ . -)"
+            )
         memory = get("EM_SLURM_MEMORY") or d.memory
         if not _MEMORY.match(memory):
             raise SlurmSettingError(f"EM_SLURM_MEMORY={memory!r} must be an amount such as 4GB or 512MiB")
@@ -122,7 +124,9 @@ class SlurmSettings:
             if start_timeout <= 0:
                 raise ValueError
         except ValueError:
-            raise SlurmSettingError(f"EM_SLURM_START_TIMEOUT={timeout!r} must be a number of seconds > 0") from None
+            raise SlurmSettingError(
+                f"EM_SLURM_START_TIMEOUT={timeout!r} must be a number of seconds > 0"
+            ) from None
         python = get("EM_SLURM_PYTHON") or d.python
         if not os.path.isabs(python):
             raise SlurmSettingError(
@@ -205,7 +209,9 @@ class JobLog:
         self._lock = threading.Lock()
         self.jobs: list[WorkerJob] = []
         self._current: dict[str, WorkerJob] = {}  # by Dask worker name, which a replacement job takes over
-        self.stalled: str | None = None  # SLURM's word when the run's tasks waited out the wait with no worker
+        self.stalled: str | None = (
+            None  # SLURM's word when the run's tasks waited out the wait with no worker
+        )
         self.releasing = False  # the run's work is done: workers leaving are not replaced
 
     def submitted(self, name: str, job_id: str) -> None:
@@ -310,7 +316,12 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
             shared_temp_directory=log_directory,
             # the dashboard on loopback only (None still serves its routes on every interface): ssh -L to see it
             scheduler_options={"host": settings.scheduler_host, "dashboard_address": "127.0.0.1:0"},
-            worker_extra_args=["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{min(60, lifetime // 10)}s"],
+            worker_extra_args=[
+                "--lifetime",
+                f"{lifetime}s",
+                "--lifetime-stagger",
+                f"{min(60, lifetime // 10)}s",
+            ],
             death_timeout=120,
         )
 
@@ -340,12 +351,17 @@ def wait_for_first_worker(client, cluster, settings: SlurmSettings, log: JobLog)
         ) from None
 
 
-def queue_reasons(job_ids: list[str], run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str:
+def queue_reasons(
+    job_ids: list[str], run: Callable[..., subprocess.CompletedProcess] = subprocess.run
+) -> str:
     """SLURM's word on each job: ``job 12 PENDING (PartitionDown)``, from ``squeue``."""
     if not job_ids:
         return ""
     done = run(
-        ["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=30
+        ["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     rows = [line.split("|") for line in done.stdout.splitlines() if line.count("|") == 2]
     if not rows:
@@ -407,6 +423,9 @@ def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
 def _still_running(job_ids: list[str]) -> bool:
     """Whether any of the jobs still runs (or completes); a pending one is cancelled with the cluster."""
     done = subprocess.run(
-        ["squeue", "-h", "-o", "%i", "-t", "R,CG", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=30
+        ["squeue", "-h", "-o", "%i", "-t", "R,CG", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     return bool(done.stdout.split())

@@ -61,7 +61,14 @@ def discover_gain(dirs: list[Path], named: str | None = None) -> GainReference:
                 return GainReference(d / name, "mdoc", named=str(named))
         return GainReference(None, "missing", named=str(named))
     candidates = _unique(
-        [p for d in dirs if d.is_dir() for pattern in GAIN_PATTERNS for p in sorted(d.glob(pattern)) if p.is_file()]
+        [
+            p
+            for d in dirs
+            if d.is_dir()
+            for pattern in GAIN_PATTERNS
+            for p in sorted(d.glob(pattern))
+            if p.is_file()
+        ]
     )
     if len(candidates) == 1:
         return GainReference(candidates[0], "session", tuple(candidates))
@@ -96,7 +103,9 @@ def resolve_gain(found: GainReference, setting: str = "", base: Path | None = No
 def orient_gain(gain: np.ndarray, rotation: int = 0, flip: int = 0) -> np.ndarray:
     """The reference turned to the frames' orientation (module docstring): ``rotation`` 0–3, ``flip`` 0–2."""
     if rotation not in (0, 1, 2, 3) or flip not in (0, 1, 2):
-        raise GainError(f"gain rotation must be 0-3 and flip 0-2 (MotionCor2's -RotGain/-FlipGain), got {rotation}, {flip}")
+        raise GainError(
+            f"gain rotation must be 0-3 and flip 0-2 (MotionCor2's -RotGain/-FlipGain), got {rotation}, {flip}"
+        )
     out = np.rot90(gain, -rotation)  # counter-clockwise with y up = clockwise in numpy's row-0-on-top view
     if flip == 1:
         out = out[::-1, :]

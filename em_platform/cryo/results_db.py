@@ -157,9 +157,7 @@ class CryoResults:
             keys = conn.execute(sa.select(t.c.partition_key).where(held)).scalars().all()
             if keys:
                 conn.execute(
-                    t.update()
-                    .where(held)
-                    .values(status=status, error=reason, updated_at=datetime.now(UTC))
+                    t.update().where(held).values(status=status, error=reason, updated_at=datetime.now(UTC))
                 )
         return list(keys)
 

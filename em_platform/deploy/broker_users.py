@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         tls = Path(args[2])
         args = args[:1]
     if len(args) != 1:
-        print("usage: python -m em_platform.deploy.broker_users DEFINITIONS.json [--tls DIR]", file=sys.stderr)
+        print(
+            "usage: python -m em_platform.deploy.broker_users DEFINITIONS.json [--tls DIR]", file=sys.stderr
+        )
         return 2
     try:
         doc = definitions(dict(os.environ))

@@ -53,7 +53,9 @@ def make_certificates(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
         .not_valid_after(until)
-        .add_extension(x509.SubjectAlternativeName([_alt_name(n) for n in dict.fromkeys(names)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([_alt_name(n) for n in dict.fromkeys(names)]), critical=False
+        )
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,

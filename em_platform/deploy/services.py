@@ -207,7 +207,14 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "broker-init",
         image=EM_IMAGE,
-        command=("python", "-m", "em_platform.deploy.broker_users", "/definitions/definitions.json", "--tls", "/tls"),
+        command=(
+            "python",
+            "-m",
+            "em_platform.deploy.broker_users",
+            "/definitions/definitions.json",
+            "--tls",
+            "/tls",
+        ),
         env={
             "EM_PUBLIC_HOST": "${EM_PUBLIC_HOST:-127.0.0.1}",  # a name of the TLS certificate the scope checks
             "EM_BROKER_USERNAME": "${EM_BROKER_USERNAME:-em}",

@@ -95,9 +95,7 @@ def memmap_dask(
     )
 
 
-def check_size(
-    path: Path, offset: int, shape: tuple[int, ...], dtype: Any, what: str = "header"
-) -> None:
+def check_size(path: Path, offset: int, shape: tuple[int, ...], dtype: Any, what: str = "header") -> None:
     """Raise ValueError unless ``shape`` is positive and the file holds ``offset`` + its bytes.
 
     The bound on a shape from outside is the file itself: a shorter file is a truncated transfer or a

@@ -189,6 +189,7 @@ def _convert_and_publish(
         calibration.voxel_nm,
         calibration.sources,
     )
+
     def convert(volume, client, in_order=False):
         return convert_volume(
             volume,

@@ -42,7 +42,9 @@ def build_resources(settings: Settings | None = None, env: Mapping[str, str] | N
             viewer_url=s.viewer_url,
         ),
         "catalog": CatalogResource(url=s.catalog_url),
-        "dask": DaskResource(scheduler_address=s.dask_scheduler_address, compute=s.compute, data_root=s.data_root),
+        "dask": DaskResource(
+            scheduler_address=s.dask_scheduler_address, compute=s.compute, data_root=s.data_root
+        ),
         "inbox": InboxResource(path=s.inbox, settle_seconds=s.inbox_settle_seconds),
         "simulation_specs": SimulationSpecsResource(path=s.simulations),
         "cryo_sessions": CryoSessionsResource(

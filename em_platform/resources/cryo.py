@@ -41,7 +41,9 @@ class CryoSessionsResource(dg.ConfigurableResource):
             for mdoc in sorted(root.glob(f"*/{key}/*.mdoc")) if root else []:
                 if strip_suffixes(mdoc.name) == key:
                     return describe_tilt_series(mdoc, root, SIMULATION_TAG)
-            raise SessionError(f"partition {key!r}: no simulated stack {key} (<spec>/{key}/{key}.mdoc) in {root}")
+            raise SessionError(
+                f"partition {key!r}: no simulated stack {key} (<spec>/{key}/{key}.mdoc) in {root}"
+            )
         tag, _, rest = key.partition("/")
         root = self.roots().get(tag)
         if root is None or not rest:

@@ -94,7 +94,8 @@ def _parse_json(raw: bytes, url: str) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise PermanentSourceError(
-            f"{url} did not answer JSON ({exc}; body starts {raw[:80]!r}); is the endpoint URL right?", url=url
+            f"{url} did not answer JSON ({exc}; body starts {raw[:80]!r}); is the endpoint URL right?",
+            url=url,
         ) from None
 
 
@@ -107,7 +108,9 @@ def cat_limited(fs: Any, path: str, limit: int, url: str | None = None, field: s
     """An fsspec object's bytes, at most ``limit``: one read of ``limit`` + 1 bytes (a ranged GET on S3)."""
     raw = fs.cat_file(path, start=0, end=limit + 1)
     if len(raw) > limit:
-        raise SizeRefused(url or path, field, f"of more than {limit} bytes", f"at most {limit} bytes are read")
+        raise SizeRefused(
+            url or path, field, f"of more than {limit} bytes", f"at most {limit} bytes are read"
+        )
     return raw
 
 

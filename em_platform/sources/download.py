@@ -74,7 +74,9 @@ class DownloadOptions:
     # remaining parts then come one at a time. None: always ``parallel``.
     fast_link_bytes_per_s: float | None = 200e6
     timeout_s: tuple[float, float] = (10.0, 60.0)  # connect, read
-    max_file_bytes: int = MAX_FILE_BYTES  # a larger announced (or sent) file is refused (bounds.MAX_FILE_BYTES)
+    max_file_bytes: int = (
+        MAX_FILE_BYTES  # a larger announced (or sent) file is refused (bounds.MAX_FILE_BYTES)
+    )
 
 
 class _RangeIgnored(PermanentSourceError):
@@ -401,9 +403,13 @@ def _http_stream(
 
 def _sent_too_much(url: str, size: int | None, options: DownloadOptions) -> SizeRefused:
     if size is not None:
-        return SizeRefused(url, "body", f"longer than the {size} bytes announced", "the file's announced size")
+        return SizeRefused(
+            url, "body", f"longer than the {size} bytes announced", "the file's announced size"
+        )
     bound = options.max_file_bytes
-    return SizeRefused(url, "body", f"longer than {bound} bytes", f"max_file_bytes {bound} (no size announced)")
+    return SizeRefused(
+        url, "body", f"longer than {bound} bytes", f"max_file_bytes {bound} (no size announced)"
+    )
 
 
 class _Ranges:

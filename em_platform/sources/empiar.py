@@ -186,7 +186,9 @@ class EmpiarSource(Source):
             with requests.get(folder_url, timeout=opts.timeout_s, headers=headers, stream=True) as r:
                 if r.status_code >= 400:
                     raise http_error(r.status_code, folder_url, r.reason)
-                page = read_limited(r, folder_url, field="index page").decode(r.encoding or "utf-8", "replace")
+                page = read_limited(r, folder_url, field="index page").decode(
+                    r.encoding or "utf-8", "replace"
+                )
             parser = _IndexLinks()
             parser.feed(page)
             return sorted(set(parser.names))

@@ -48,6 +48,7 @@ def _stored_bound(decoded: int) -> int:
     zlib/gzip +0.03 %, bzip2 +1 %, xz and zstd < 0.1 %, blosc +16 bytes) under 1/64 + 4 KiB."""
     return 4 + 4 * 16 + 4 + decoded + decoded // 64 + 4096
 
+
 DTYPES = {
     "uint8": "u1",
     "uint16": ">u2",
@@ -223,7 +224,9 @@ def read_attributes(fs: Any, path: str) -> dict[str, Any]:
     """A group's or array's ``attributes.json`` ({} when there is none), at most MAX_METADATA_BYTES."""
     try:
         return json.loads(
-            cat_limited(fs, posixpath.join(path.rstrip("/"), ATTRIBUTES), MAX_METADATA_BYTES, field="attributes.json")
+            cat_limited(
+                fs, posixpath.join(path.rstrip("/"), ATTRIBUTES), MAX_METADATA_BYTES, field="attributes.json"
+            )
         )
     except FileNotFoundError:
         return {}
@@ -253,7 +256,9 @@ def decode_at_most(compression: dict[str, Any] | None, payload: bytes, nbytes: i
             raise FormatError(f"{where}: N5 block decodes to more than its {nbytes} bytes ({exc})") from None
         stated = _blosc_nbytes(payload) if kind == "blosc" else _zstd_content_size(payload)
         if stated not in (None, nbytes):
-            raise FormatError(f"{where}: N5 block's {kind} frame holds {stated} bytes, its header states {nbytes}")
+            raise FormatError(
+                f"{where}: N5 block's {kind} frame holds {stated} bytes, its header states {nbytes}"
+            )
         data = out.tobytes()
     if len(data) > nbytes:
         raise FormatError(f"{where}: N5 block decodes to more than the {nbytes} bytes its header states")
@@ -264,6 +269,7 @@ def decode_at_most(compression: dict[str, Any] | None, payload: bytes, nbytes: i
 
 def _inflate(kind: str, compression: dict[str, Any], payload: bytes, nbytes: int) -> bytes:
     """zlib/gzip, bzip2 or xz, at most ``nbytes`` + 1 bytes out (one more tells a longer stream)."""
+
     def decompressor():
         if kind == "gzip":
             return zlib.decompressobj(zlib.MAX_WBITS if compression.get("useZlib") else 16 + zlib.MAX_WBITS)

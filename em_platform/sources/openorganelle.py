@@ -236,7 +236,9 @@ class _ZarrLevel(_Level):
 
     def __init__(self, path: str, endpoints: OpenOrganelleEndpoints):
         self.path = path
-        store = zarr.storage.FsspecStore.from_url(_s3(path), storage_options=endpoints.storage_options(), read_only=True)
+        store = zarr.storage.FsspecStore.from_url(
+            _s3(path), storage_options=endpoints.storage_options(), read_only=True
+        )
         self._store = _received_store()(store)
         self._array = zarr.open_array(store=self._store, mode="r", zarr_format=2)
         meta = self._array.metadata
@@ -325,7 +327,9 @@ class OpenOrganelleSource(Source):
 
         def attempt() -> _Level:
             try:
-                cat_limited(self.fs, header, MAX_METADATA_BYTES, _s3(header), "array metadata")  # one GET: 404 vs 403
+                cat_limited(
+                    self.fs, header, MAX_METADATA_BYTES, _s3(header), "array metadata"
+                )  # one GET: 404 vs 403
             except FileNotFoundError:
                 raise PermanentSourceError(
                     f"{self.url}: no {'Zarr v2' if self.format == 'zarr' else 'N5'} array there "
@@ -391,7 +395,9 @@ class OpenOrganelleSource(Source):
     def check(self, logger: logging.Logger | logging.LoggerAdapter) -> RemoteVersion:
         level = self._open(logger)
         offset, size = self._crop(level)
-        nbytes = math.prod(size) * level.dtype.itemsize  # exact: a lying shape cannot wrap past max_level_bytes
+        nbytes = (
+            math.prod(size) * level.dtype.itemsize
+        )  # exact: a lying shape cannot wrap past max_level_bytes
         if nbytes > self.endpoints.max_level_bytes:
             raise PermanentSourceError(
                 f"{self.url}: {nbytes / 2**30:.2f} GiB is more than max_level_bytes "

@@ -172,9 +172,11 @@ def solve_montage(
             raise ValueError(
                 f"montage {montage_id}: a {model} solve needs tiles of one size, found {sorted(sizes)}"
             )
-        edges = match_point_edges(tiles) if point_edges is None else [
-            e for e in point_edges if e.tile in positions and e.neighbour in positions
-        ]
+        edges = (
+            match_point_edges(tiles)
+            if point_edges is None
+            else [e for e in point_edges if e.tile in positions and e.neighbour in positions]
+        )
         if lens is not None:
             edges = [
                 PointEdge(e.tile, e.neighbour, lens.correct(e.p), lens.correct(e.q), e.weight) for e in edges

@@ -95,7 +95,9 @@ MIN_TILE_SPREAD = 1e-4  # a spread of tile deformations no montage is told to be
 SPREAD_ITERATIONS = 8
 EM_RELAXATION = 1.8  # over-relaxed EM (in log spread): < 2 keeps it monotone where plain EM is
 PRELIMINARY_ITERATIONS = 8  # rejection rounds of a pass before the model's own
-LOOSEST_LINEAR = 0.01  # the held-out scale's cap on a linear entry's spread: 1 % is no TEM tile's scale or shear
+LOOSEST_LINEAR = (
+    0.01  # the held-out scale's cap on a linear entry's spread: 1 % is no TEM tile's scale or shear
+)
 SPREAD_BLOCK_TILES = 900  # a larger montage's spreads are measured on its central block of this many tiles
 SETTLED_PAIRS = 1000  # rejection has settled when at most 1 pair in this many still moves (none in fewer)
 REFINING_ITERATIONS = 2  # ... and of a final pass that refines a separable one (polynomial after affine)
@@ -633,7 +635,9 @@ def solve_transforms(
     tile not in ``stage`` raise ``KeyError``; malformed points or a repeated edge ``ValueError``.
     """
     if model not in PASSES:
-        raise ValueError(f"model must be one of {', '.join(PASSES)} (auto: model_choice.solve_model), got {model!r}")
+        raise ValueError(
+            f"model must be one of {', '.join(PASSES)} (auto: model_choice.solve_model), got {model!r}"
+        )
     width, height = (float(v) for v in tile_size)
     if not (width > 0 and height > 0):
         raise ValueError(f"tile_size must be a positive (width, height) in px, got {tile_size!r}")
@@ -1055,8 +1059,24 @@ class _Solver:
             vals = [np.ones(n), np.ones(n), np.ones(nf)]
             k = 2 * n + nf
         else:  # (a, b, tx, ty) per tile
-            rows = [6 * tile, 6 * tile + 4, 6 * tile + 1, 6 * tile + 3, 6 * tile + 2, 6 * tile + 5, frame_rows]
-            cols = [4 * tile, 4 * tile, 4 * tile + 1, 4 * tile + 1, 4 * tile + 2, 4 * tile + 3, 4 * n + frame_cols]
+            rows = [
+                6 * tile,
+                6 * tile + 4,
+                6 * tile + 1,
+                6 * tile + 3,
+                6 * tile + 2,
+                6 * tile + 5,
+                frame_rows,
+            ]
+            cols = [
+                4 * tile,
+                4 * tile,
+                4 * tile + 1,
+                4 * tile + 1,
+                4 * tile + 2,
+                4 * tile + 3,
+                4 * n + frame_cols,
+            ]
             vals = [np.ones(n), np.ones(n), -np.ones(n), np.ones(n), np.ones(n), np.ones(n), np.ones(nf)]
             k = 4 * n + nf
         reduce = coo_matrix(

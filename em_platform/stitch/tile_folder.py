@@ -600,9 +600,7 @@ def solve_tile_folder(
             PointEdge(e.tile, e.neighbour, lens.correct(e.p), lens.correct(e.q), e.weight) for e in edges
         ]
     width, height = sizes.pop() if len(sizes) == 1 else (2, 2)
-    return solve_model(
-        folder.stage(), edges, model, tile_size=(width, height), stage_sigma_px=stage_sigma_px
-    )
+    return solve_model(folder.stage(), edges, model, tile_size=(width, height), stage_sigma_px=stage_sigma_px)
 
 
 # ----------------------------------------------------------------------------------------------------

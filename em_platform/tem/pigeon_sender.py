@@ -18,7 +18,15 @@ class PigeonSender(Pigeon):
     Sending is pigeon's own ``_send``: same body and headers as every pigeon service."""
 
     def __init__(
-        self, service: str, host: str, port: int, *, topic_prefix: str, vhost: str | None, tls: str | None, logger
+        self,
+        service: str,
+        host: str,
+        port: int,
+        *,
+        topic_prefix: str,
+        vhost: str | None,
+        tls: str | None,
+        logger,
     ):
         super().__init__(service, host=host, port=port, logger=logger, topic_prefix=topic_prefix)
         self._host_port = (host, port)

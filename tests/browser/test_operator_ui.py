@@ -80,7 +80,9 @@ def test_montage_focus_map_inline_and_minimap_as_images(ui):
         assetMaterializations(partitions: [$partition], limit: 1) { metadataEntries { label } } } } }""",
         {"partition": MONTAGE},
     )["assetNodeOrError"]["assetMaterializations"][0]["metadataEntries"]
-    keep_doc_picture("montage-focus-map", screenshot(page, "montage_partition_top"), [r["label"] for r in rows])
+    keep_doc_picture(
+        "montage-focus-map", screenshot(page, "montage_partition_top"), [r["label"] for r in rows]
+    )
     page.get_by_text("[Show Markdown]").first.click()  # the minimap: too large for the UI to draw inline
     minimap = page.locator("img[alt='minimap']").first
     minimap.wait_for()

@@ -188,4 +188,3 @@ def test_patches_need_enough_pixels_each():
     assert patch_grid(settings, (512, 512)) == (1, 1)
     assert patch_grid(settings, (4096, 4096)) == (5, 5)
     assert patch_grid(settings, (2048, 1536)) == (3, 4)  # (x, y) of a (ny, nx) frame
-

@@ -76,10 +76,17 @@ def test_a_failed_run_fails_what_it_had_marked_complete(tmp_path):
     failed, and so do the tables once the failure sensor releases the run; other runs' series stay."""
     db = CryoResults(f"sqlite:///{tmp_path / 'r.sqlite'}")
     try:
-        db.replace("ts/a", series=SERIES, movie_rows=[], ctf_rows=[], alignment=None, tomogram_rows=[], run_id="r1")
+        db.replace(
+            "ts/a", series=SERIES, movie_rows=[], ctf_rows=[], alignment=None, tomogram_rows=[], run_id="r1"
+        )
         db.mark("ts/b", "processing", series={**SERIES, "name": "b"}, run_id="r1")
-        db.replace("ts/c", series=SERIES, movie_rows=[], ctf_rows=[], alignment=None, tomogram_rows=[], run_id="r2")
-        assert sorted(db.release_run("r1", "run r1 failed in simulation__evaluation: boom")) == ["ts/a", "ts/b"]
+        db.replace(
+            "ts/c", series=SERIES, movie_rows=[], ctf_rows=[], alignment=None, tomogram_rows=[], run_id="r2"
+        )
+        assert sorted(db.release_run("r1", "run r1 failed in simulation__evaluation: boom")) == [
+            "ts/a",
+            "ts/b",
+        ]
         with db.engine.connect() as conn:
             rows = dict(conn.execute(sa.text("SELECT partition_key, status FROM cryo_tilt_series")).all())
         assert rows == {"ts/a": "failed", "ts/b": "failed", "ts/c": "complete"}

@@ -158,7 +158,9 @@ def test_partition_keys_say_a_name_once_and_resolve_back(tmp_path):
     (sessions / "grid1" / "TS_03").mkdir()  # a folder of frames beside its mdoc, not the series' own folder
     _mdoc(sessions / "grid1", "TS_03")
     _mdoc(simulation / "demo" / "demo_000", "demo_000")
-    keys = {t.key: t for t in sess.discover(sessions, "sessions")[0] + sess.discover(simulation, "simulation")[0]}
+    keys = {
+        t.key: t for t in sess.discover(sessions, "sessions")[0] + sess.discover(simulation, "simulation")[0]
+    }
     assert set(keys) == {"sessions/grid1/TS_01", "sessions/grid1/TS_02", "sessions/grid1/TS_03", "demo_000"}
     res = CryoSessionsResource(sessions=str(sessions), simulation=str(simulation))
     for key, ts in keys.items():

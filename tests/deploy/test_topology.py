@@ -84,7 +84,9 @@ def _compose_to_process(topology) -> callable:
             if svc.port is not None:
                 value = value.replace(f"{svc.name}:{svc.port}", topology.addresses.addr(svc.name))
                 # a published port as browsers reach it on the host (EM_VIEWER_URL): the process's port
-                value = value.replace(f"127.0.0.1:{svc.port}", f"127.0.0.1:{topology.addresses.ports[svc.name]}")
+                value = value.replace(
+                    f"127.0.0.1:{svc.port}", f"127.0.0.1:{topology.addresses.ports[svc.name]}"
+                )
         if value in names and not command:  # a host name (`em-platform live-qc` is a command)
             return topology.addresses.hosts[value]
         if value in ports:
@@ -191,7 +193,9 @@ LATEST_METADATA = """query($key: [String!]!, $partition: String!) { assetNodeOrE
 
 def _neuroglancer_link(dagster_api, key: list[str], partition: str) -> str:
     node = dagster_api.query(LATEST_METADATA, {"key": key, "partition": partition})["assetNodeOrError"]
-    (entry,) = [e for e in node["assetMaterializations"][0]["metadataEntries"] if e["label"] == "neuroglancer"]
+    (entry,) = [
+        e for e in node["assetMaterializations"][0]["metadataEntries"] if e["label"] == "neuroglancer"
+    ]
     return entry.get("url") or entry["mdStr"].rsplit("](", 1)[1].removesuffix(")")
 
 

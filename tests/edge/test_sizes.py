@@ -78,7 +78,9 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("topic, payload, field, bound", HOSTILE, ids=[h[2] + "-" + h[0] for h in HOSTILE])
-def test_the_journal_refuses_sizes_past_the_montage_bounds_before_writing(tmp_path, topic, payload, field, bound):
+def test_the_journal_refuses_sizes_past_the_montage_bounds_before_writing(
+    tmp_path, topic, payload, field, bound
+):
     journal = Journal(f"sqlite:///{tmp_path / 'j.sqlite'}", montage_bounds=MontageBounds())
     try:
         with pytest.raises(ValueError) as exc:  # edge.Refused
@@ -159,7 +161,9 @@ def test_the_listener_dead_letters_oversized_messages_and_journals_the_rest(
         stats = lt.finish()
         assert (stats.rejected, stats.journaled) == (len(HOSTILE), 1)
         with journal.engine.connect() as conn:
-            letters = conn.execute(sa.text("SELECT source, topic, field, reason FROM dead_letters ORDER BY id")).all()
+            letters = conn.execute(
+                sa.text("SELECT source, topic, field, reason FROM dead_letters ORDER BY id")
+            ).all()
         assert [(s, t, f) for s, t, f, _ in letters] == [("broker", t, f) for t, _, f, _ in HOSTILE]
         for (_, _, _, reason), (_, _, _, bound) in zip(letters, HOSTILE, strict=True):
             assert bound in reason

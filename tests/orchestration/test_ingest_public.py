@@ -230,7 +230,10 @@ def test_endpoint_defaults_come_from_the_environment_and_a_bad_one_is_named(monk
     fields = asset.op.config_schema.config_type.fields
     assert fields["api_url"].default_value == "http://127.0.0.1:9/empiar/api/entry/{entry_id}/"
     assert fields["transport"].default_value == "https" and fields["parallel"].default_value == 2
-    assert fields["archive_ftp"].default_value == "ftp://ftp.ebi.ac.uk/empiar/world_availability/{entry_id}/data/"
+    assert (
+        fields["archive_ftp"].default_value
+        == "ftp://ftp.ebi.ac.uk/empiar/world_availability/{entry_id}/data/"
+    )
 
     monkeypatch.setenv("EM_EMPIAR_PARALLEL", "many")
     with pytest.raises(ConfigError, match="EM_EMPIAR_PARALLEL='many'"):

@@ -185,7 +185,9 @@ def test_a_montage_the_scope_cancelled_is_cleaned_up_not_stitched(platform, tmp_
         evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert evaluations["acquisition_complete"] is False
         keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-        assert keys == ACQUISITION - {"raw_tiles"}  # not the cancelled manifest; nothing stitched, fused, uploaded
+        assert keys == ACQUISITION - {
+            "raw_tiles"
+        }  # not the cancelled manifest; nothing stitched, fused, uploaded
     buffer = Path(platform.settings.buffer) / truth.montage_id
     assert not buffer.exists() or not [p for p in buffer.rglob("*") if p.is_file()]
     assert not (platform.data_root / "acquisition" / truth.montage_id).exists()

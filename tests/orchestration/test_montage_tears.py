@@ -89,7 +89,9 @@ def test_a_block_cut_off_by_a_tear_fails_disconnected_tiles(platform):
     m, _ = torn()
     result, checks = run(platform, "cut", m, unmatched_ok=True)
     assert not result.success
-    assert materialized(result) == set()  # its blocking check failed: not materialized, nothing downstream ran
+    assert (
+        materialized(result) == set()
+    )  # its blocking check failed: not materialized, nothing downstream ran
     disconnected = meta(checks["disconnected_tiles"])
     print(f"\ncut off: disconnected {disconnected['disconnected']}")
     assert checks["disconnected_tiles"].passed is False

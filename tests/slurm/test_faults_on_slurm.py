@@ -223,7 +223,9 @@ def test_a_queue_that_stops_starting_jobs_mid_run_fails_the_run_in_time_and_a_re
         slurm.set_partition_state(slurm.partition, "UP")
     assert failed_after < wait + 60, failed_after  # the wait, the run's teardown: bounded, not a hang
     errors = [e.user_message for e in events if e.level >= 40]
-    said = [m for m in errors if f"no worker job ran on SLURM partition {slurm.partition!r} for {wait} s" in m]
+    said = [
+        m for m in errors if f"no worker job ran on SLURM partition {slurm.partition!r} for {wait} s" in m
+    ]
     assert said and "PENDING (PartitionDown)" in said[0] and "a re-run resumes" in said[0], errors
     assert "PartitionDown" in tags["em/slurm_stalled"], tags
     failure = [e for e in events if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"]

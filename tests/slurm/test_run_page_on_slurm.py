@@ -42,7 +42,10 @@ def test_the_run_page_shows_the_slurm_jobs_and_their_times(slurm, tmp_path, monk
         jobs = run_jobs(instance, result.run_id)
         tags = instance.get_run_by_id(result.run_id).tags
     server_env = {**env, "EM_DATA_ROOT": str(platform.data_root), "EM_INBOX": str(platform.inbox)}
-    with start_webserver(home, env=server_env, module="em_platform.definitions") as web, open_browser() as browser:
+    with (
+        start_webserver(home, env=server_env, module="em_platform.definitions") as web,
+        open_browser() as browser,
+    ):
         page = new_page(browser)
         goto(page, f"{web.url}/runs/{result.run_id}")
         page.get_by_text(f"SLURM worker jobs {','.join(jobs)}:", exact=False).first.wait_for(state="visible")

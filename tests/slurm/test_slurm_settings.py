@@ -63,7 +63,14 @@ def test_settings_from_the_environment():
             "EM_SLURM_SCHEDULER_HOST": "10.1.0.5",
         }
     )
-    assert (s.queue, s.account, s.cores, s.memory, s.max_jobs, s.min_jobs) == ("cryo", "em-facility", 8, "32GB", 16, 1)
+    assert (s.queue, s.account, s.cores, s.memory, s.max_jobs, s.min_jobs) == (
+        "cryo",
+        "em-facility",
+        8,
+        "32GB",
+        16,
+        1,
+    )
     assert s.directives == ("--qos=normal", "--constraint=avx2")
     assert s.prologue == ("module load python/3.12", "source /opt/em/venv/bin/activate")
     assert s.python == sys.executable and s.scheduler_host == "10.1.0.5"
@@ -76,7 +83,10 @@ def test_queue_reasons_read_squeue():
         assert argv[:4] == ["squeue", "-h", "-o", "%i|%T|%r"] and argv[-1] == "12,13"
         return subprocess.CompletedProcess(argv, 0, "12|PENDING|PartitionDown\n13|PENDING|Resources\n", "")
 
-    assert queue_reasons(["12", "13"], run=squeue) == "job 12 PENDING (PartitionDown); job 13 PENDING (Resources)"
+    assert (
+        queue_reasons(["12", "13"], run=squeue)
+        == "job 12 PENDING (PartitionDown); job 13 PENDING (Resources)"
+    )
     assert queue_reasons([]) == ""
 
 

@@ -45,7 +45,13 @@ def test_a_content_length_of_1e17_with_byte_ranges_is_refused_before_any_part(tm
     url = liar.url_for("big.mrc")
     m = _manifest(tmp_path)
     with peak_memory() as peak, pytest.raises(PermanentSourceError) as exc:
-        download(url, m.folder / "big.mrc", manifest=m, options=DownloadOptions(policy=FAST.policy), logger=quiet_log)
+        download(
+            url,
+            m.folder / "big.mrc",
+            manifest=m,
+            options=DownloadOptions(policy=FAST.policy),
+            logger=quiet_log,
+        )
     msg = str(exc.value)
     assert url in msg and "Content-Length" in msg and str(10**17) in msg and str(2**40) in msg
     assert [method for method, _, _ in liar.log] == ["HEAD"]  # no ranged GET was planned or sent
@@ -66,7 +72,9 @@ def test_a_body_longer_than_the_bound_stops_at_the_bound(tmp_path, liar, quiet_l
     liar.answer("GET", "/f.bin", Answer(200, {}, json_array_of(8 * MiB)))
     m = _manifest(tmp_path)
     opts = DownloadOptions(policy=FAST.policy, max_file_bytes=MiB, chunk_bytes=64 * 1024)
-    with pytest.raises(PermanentSourceError, match=r"f\.bin: body longer than 1048576 bytes refused: max_file_bytes"):
+    with pytest.raises(
+        PermanentSourceError, match=r"f\.bin: body longer than 1048576 bytes refused: max_file_bytes"
+    ):
         download(liar.url_for("f.bin"), m.folder / "f.bin", manifest=m, options=opts, logger=quiet_log)
     assert (m.folder / "f.bin.part").stat().st_size <= MiB
     assert not (m.folder / "f.bin").exists() and m.get("f.bin") is None
@@ -77,7 +85,14 @@ def test_a_size_past_max_file_bytes_is_refused_even_when_the_listing_agrees(tmp_
     m = _manifest(tmp_path)
     opts = DownloadOptions(policy=FAST.policy, max_file_bytes=MiB)
     with pytest.raises(PermanentSourceError, match=r"Content-Length 3145728 refused: more than the 1048576"):
-        download(liar.url_for("f.bin"), m.folder / "f.bin", manifest=m, expected_size=3 * MiB, options=opts, logger=quiet_log)
+        download(
+            liar.url_for("f.bin"),
+            m.folder / "f.bin",
+            manifest=m,
+            expected_size=3 * MiB,
+            options=opts,
+            logger=quiet_log,
+        )
     assert [method for method, _, _ in liar.log] == ["HEAD"]
 
 
@@ -89,7 +104,11 @@ def test_a_json_body_announced_past_the_bound_is_refused_unread(liar, quiet_log)
     url = liar.url_for("api/entry")
     with peak_memory() as peak, pytest.raises(PermanentSourceError) as exc:
         get_json(url, options=DownloadOptions(policy=FAST.policy), logger=quiet_log)
-    assert url in str(exc.value) and "Content-Length 83886080" in str(exc.value) and str(64 * MiB) in str(exc.value)
+    assert (
+        url in str(exc.value)
+        and "Content-Length 83886080" in str(exc.value)
+        and str(64 * MiB) in str(exc.value)
+    )
     assert peak["bytes"] < 4 * MiB
 
 
@@ -106,7 +125,10 @@ def test_a_chunked_json_body_is_read_only_up_to_the_bound(liar, quiet_log):
 def test_a_dvid_info_that_never_ends_is_refused(liar):
     liar.answer("GET", "/api/node/abc/grayscale/info", Answer(200, {}, endless(b'{"Base": "' + b"x" * 65526)))
     client = DvidClient(liar.url_for(""), "abc", "grayscale")
-    with peak_memory() as peak, pytest.raises(PermanentSourceError, match=r"/info: body of more than 67108864 bytes"):
+    with (
+        peak_memory() as peak,
+        pytest.raises(PermanentSourceError, match=r"/info: body of more than 67108864 bytes"),
+    ):
         client.info()
     assert peak["bytes"] < 100 * MiB
 
@@ -118,7 +140,12 @@ BLOCK = [64, 64, 64]  # x, y, z: a 256 KiB uint8 block
 
 def _n5_array(root, compression: dict, block_size=BLOCK) -> None:
     (root / "arr").mkdir(parents=True)
-    attrs = {"dimensions": [128, 128, 128], "blockSize": block_size, "dataType": "uint8", "compression": compression}
+    attrs = {
+        "dimensions": [128, 128, 128],
+        "blockSize": block_size,
+        "dataType": "uint8",
+        "compression": compression,
+    }
     (root / "arr" / "attributes.json").write_text(json.dumps(attrs))
 
 
@@ -153,7 +180,9 @@ def test_an_n5_header_claiming_more_elements_than_its_block_is_refused(http_file
     _n5_array(http_files.root, {"type": "gzip"})
     _block(http_files.root, gzip.compress(bytes(64)), dims=[2**16, 2**16, 2**16])
     arr = n5.N5Array(fsspec.filesystem("http"), http_files.url_for("arr"))
-    with pytest.raises(FormatError, match=r"claims 281474976710656 elements .* more than blockSize \[64, 64, 64\]"):
+    with pytest.raises(
+        FormatError, match=r"claims 281474976710656 elements .* more than blockSize \[64, 64, 64\]"
+    ):
         arr.read_block((0, 0, 0))
 
 

@@ -105,5 +105,7 @@ class PublicMirror:
     def _epfl(self) -> None:
         import tifffile
 
-        tifffile.imwrite(self.http.root / "volumedata.tif", em_texture((8, 128, 160), seed=18, dtype=np.uint8))
+        tifffile.imwrite(
+            self.http.root / "volumedata.tif", em_texture((8, 128, 160), seed=18, dtype=np.uint8)
+        )
         self.env["EM_EPFL_FILE_URL"] = self.http.url_for("volumedata.tif")

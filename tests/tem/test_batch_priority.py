@@ -110,8 +110,14 @@ def test_a_session_started_by_something_else_is_not_a_workers():
 
 @pytest.mark.parametrize(
     ("text", "niceness"),
-    [("/autogroup-93 nice 0\n", 0), ("/autogroup-7 nice 19", 19), ("/autogroup-7 nice -5", -5), ("", None),
-     ("garbage", None), ("/autogroup-7 nice \n", None)],
+    [
+        ("/autogroup-93 nice 0\n", 0),
+        ("/autogroup-7 nice 19", 19),
+        ("/autogroup-7 nice -5", -5),
+        ("", None),
+        ("garbage", None),
+        ("/autogroup-7 nice \n", None),
+    ],
 )
 def test_an_autogroup_line_is_read_or_reported_absent(text, niceness):
     """Some sandboxes (CI's) give an empty /proc/self/autogroup: no autogroup, not a crash."""

@@ -102,7 +102,12 @@ def tls_broker(stomp_broker, tmp_path) -> Iterator[tuple[TlsTerminator, Path]]:
 
 def _publisher(stomp_broker, port: int, tls: str | None) -> BrokerPublisher:
     return BrokerPublisher(
-        "127.0.0.1", port, topic_prefix=stomp_broker.topic_prefix, tls=tls, connect_attempts=1, connect_timeout=5
+        "127.0.0.1",
+        port,
+        topic_prefix=stomp_broker.topic_prefix,
+        tls=tls,
+        connect_attempts=1,
+        connect_timeout=5,
     )
 
 
@@ -117,7 +122,9 @@ def test_a_scope_publishes_and_hears_over_tls_checked_against_the_brokers_ca(sto
     assert terminator.handshakes == 1  # the one connection was TLS end to end, not a plain fallback
 
 
-def test_a_listener_over_tls_journals_what_a_plain_scope_sends(stomp_broker, tls_broker, start_listener, journal):
+def test_a_listener_over_tls_journals_what_a_plain_scope_sends(
+    stomp_broker, tls_broker, start_listener, journal
+):
     """The listener (the compose network's platform side) over TLS; the message comes in over plain STOMP."""
     terminator, ca = tls_broker
     listener = start_listener(journal, port=terminator.port, tls=str(ca))
@@ -162,7 +169,9 @@ def test_em_broker_tls_is_plain_system_or_an_existing_ca_file(tmp_path):
     assert broker_tls("") is None and broker_tls(None) is None
     assert broker_tls(" system ") == "system"
     assert broker_tls(str(ca)) == str(ca)
-    with pytest.raises(ConfigError, match=r"EM_BROKER_TLS='/nowhere/ca.pem' names no file.*compose-ca --broker"):
+    with pytest.raises(
+        ConfigError, match=r"EM_BROKER_TLS='/nowhere/ca.pem' names no file.*compose-ca --broker"
+    ):
         broker_tls("/nowhere/ca.pem")
     with pytest.raises(ConfigError, match="EM_BROKER_TLS"):
         load_settings({"EM_BROKER_TLS": str(tmp_path / "missing.pem")})

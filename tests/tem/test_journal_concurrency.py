@@ -48,4 +48,3 @@ def test_a_message_recorded_by_two_writers_at_once_is_kept_once(pg_url):
     assert "error" not in outcome, outcome["error"]
     assert outcome == {"new": False}
     assert [m["status"] for m in first.messages("qc.status")] == ["GOOD"]
-
