@@ -342,6 +342,23 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def history_entry(size: str, measured: dict) -> dict:
+    """One size of one invocation, as ``history`` keeps it: every run's figures, so the file shows the spread
+    over runs and days, not the last (or the best)."""
+    entry = {
+        "size": size,
+        "measured": measured["measured"],
+        "load_1min": measured["load_1min"],
+        "ours_wall_s": measured["ours"]["wall_s"],
+        "plain_wall_s": measured["plain"]["wall_s"],
+        "ratio_plain_over_ours_wall": measured["ratio_plain_over_ours_wall"],
+        "ours_drift_rms_error_px_max": measured["ours"]["drift_rms_error_px_max"],
+    }
+    if "mc_plus_ctf_s_per_exposure" in measured:
+        entry["mc_plus_ctf_s_per_exposure"] = measured["mc_plus_ctf_s_per_exposure"]
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_motion")
     p.add_argument("--worker", choices=["ours", "plain"], help=argparse.SUPPRESS)
@@ -371,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             "targets": TARGETS,
             "sizes": {},
         }
-        if a.merge and RESULTS.is_file():  # the other sizes of the last run kept, each with its own date
-            results["sizes"] = json.loads(RESULTS.read_text()).get("sizes", {})
+        previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        if a.merge:  # the other sizes of the last run kept, each with its own date
+            results["sizes"] = previous.get("sizes", {})
         for size in a.sizes:
             print(f"=== {size} ===", flush=True)
             results["sizes"][size] = measure_size(size, folder, a.movies, a.frames, size in a.tiff_sizes) | {
@@ -388,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             results["mc_plus_ctf_s_per_4096_exposure"] = results["sizes"]["4096"][
                 "mc_plus_ctf_s_per_exposure"
             ]
+        results["history"] = [
+            *previous.get("history", []),
+            *(history_entry(size, results["sizes"][size]) for size in a.sizes),
+        ]
         print(_table(results))
         from bench.record import record
 

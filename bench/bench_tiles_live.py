@@ -1036,6 +1036,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "scopes": paced,
         "paced_machine_cpu": paced_machine,
         "targets": {**TARGETS, "unpaced_tiles_per_s": UNPACED_TARGET},
+        "meets_note": "meets: the unpaced rate and `scopes`, a Dagster run per montage started when the montage "
+        "appears (no live-QC service: a plain `dagster dev`, `make demo`), its latency over the tiles that "
+        "landed after the run was up; the deployment's live path is the warm service: live_service and "
+        "live_service_with_batch, each with its own meets",
         "meets": {
             "unpaced_tiles_per_s": unpaced["tiles_per_s"] >= UNPACED_TARGET,
             "every_scope_kept_up": all(s["verdict_rate_tiles_per_s"] >= 0.98 * args.rate for s in paced),

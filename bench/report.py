@@ -144,6 +144,9 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         [
             ("plain aligner's time over ours, every size", "sizes.*.ratio_plain_over_ours_wall", "×"),
             ("motion correction + CTF per 4096² × 40 exposure", "mc_plus_ctf_s_per_4096_exposure", "s"),
+            ("every run on record (`history`): plain over ours", "history.*.ratio_plain_over_ours_wall", "×"),
+            ("every run on record: MC + CTF at 4096²", "history.*.mc_plus_ctf_s_per_exposure?", "s"),
+            ("every run on record: the 1-min load average", "history.*.load_1min.max", ""),
         ],
     ),
     (
@@ -209,10 +212,12 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
 
 
 def values(data: Any, path: str) -> list[Any]:
-    """The values at ``path`` (dot-separated; ``*`` takes every item of a list or mapping)."""
+    """The values at ``path`` (dot-separated; ``*`` takes every item of a list or mapping; a key ending in
+    ``?`` is taken where it is there: history entries of one size only, say)."""
     found = [data]
     for part in path.split("."):
         step = []
+        optional, part = part.endswith("?"), part.removesuffix("?")
         for item in found:
             if part == "*":
                 step.extend(item.values() if isinstance(item, dict) else item)
@@ -220,7 +225,7 @@ def values(data: Any, path: str) -> list[Any]:
                 step.append(item[part])
             elif isinstance(item, list) and part.isdigit():
                 step.append(item[int(part)])
-            else:
+            elif not optional:
                 raise KeyError(f"{path}: no {part!r}")
         found = step
     if not found:
