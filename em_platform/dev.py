@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from em_platform.deploy.processes import free_port, service_child, signal_group
 from em_platform.quiet_dask import QUIET_DASK_ENV
+from em_platform.stop_signals import on_stop_signal, restore
 
 # Daemon lines for sensor ticks that request nothing (dagster/_daemon/sensor.py), and the event-log consumer's
 # first start on a new Dagster home ("No cursor for event type ..., ignoring older events": nothing is older).
@@ -112,15 +113,14 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
     ]
     supervised = services + (pool.services if pool else [])
 
-    def stop(signum, _frame) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            for service in supervised:  # from now on nothing is restarted, whatever exits
-                service.halt()
-            print(f"em-platform dev: {signal.Signals(signum).name}: stopping", file=out, flush=True)
-            threading.Thread(target=_shut_down, args=(child, out), daemon=True).start()
+    def stop(signum: int) -> None:  # in a thread of its own (em_platform.stop_signals), once
+        stopping.set()
+        for service in supervised:  # from now on nothing is restarted, whatever exits
+            service.halt()
+        print(f"em-platform dev: {signal.Signals(signum).name}: stopping", file=out, flush=True)
+        _shut_down(child, out)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = on_stop_signal(stop)
     try:
         return _serve(child, out, stopping)
     finally:
@@ -131,8 +131,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
             file=out,
             flush=True,
         )
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore(previous)
 
 
 class Supervised:

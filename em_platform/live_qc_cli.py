@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 
 
 def run(settings) -> int:
     from em_platform.resources import DaskResource, build_resources
+    from em_platform.stop_signals import on_stop_signal
     from em_platform.tem.heap import keep_freed_memory
     from em_platform.tem.live_service import LiveQCService
 
@@ -25,8 +25,7 @@ def run(settings) -> int:
     dask = DaskResource(scheduler_address=os.environ.get("EM_LIVE_QC_SCHEDULER", "").strip() or None)
     buffer = resources["storage"].buffer()
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    on_stop_signal(lambda _signum: stop.set())  # not stop.set() in the handler: the main thread waits on it
     import distributed  # noqa: F401  its logging set-up first, then quieter: one line per montage is enough
 
     for noisy in ("distributed", "urllib3", "stomp"):

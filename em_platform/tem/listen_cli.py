@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from em_platform.stop_signals import on_stop_signal, restore
 from em_platform.tem import protocol
 from em_platform.tem.broker import DEFAULT_SUBSCRIPTION, DEFAULT_TOPIC_PREFIX, BrokerSettings, BrokerSpecError
 
@@ -116,16 +117,11 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
         )
     stop = threading.Event()
 
-    def _stop(signum, _frame) -> None:
+    def _stop(signum: int) -> None:  # in a thread of its own (em_platform.stop_signals), once
         log.info("received %s: finishing the current message and disconnecting", signal.Signals(signum).name)
-        # From another thread: the handler runs in the main thread, which may be holding `stop`'s own lock
-        # (inside stop.wait), and Event.set from here would then wait for it forever.
-        threading.Thread(target=stop.set, name="sigterm", daemon=True).start()
+        stop.set()
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _stop)
+    previous = on_stop_signal(_stop) if threading.current_thread() is threading.main_thread() else {}
     try:
         stats = run_listener(
             broker.host,
@@ -138,8 +134,7 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
             **broker.connection(),
         )
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore(previous)
         dispose = getattr(journal, "dispose", None)
         if callable(dispose):
             dispose()
