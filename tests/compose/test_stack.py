@@ -246,6 +246,7 @@ def test_batch_workers_yield_the_cpu_to_the_live_qc_service(stack):
         for name in [stack.container("live-qc"), *workers]
     ]
     live, *batch = (float(p.communicate(timeout=120)[0]) for p in busy)
+    print(f"CPU seconds in 6 s, both sides busy: live-qc {live:.2f}, batch workers {batch}")
     # weights 1024 : 2 × 128 give the live side 80 % of what both get; half that margin still tells
     assert live > 2 * sum(batch), (live, batch)
     assert sum(batch) > 0.2, batch  # slower, not stopped
