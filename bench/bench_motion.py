@@ -397,9 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             }
             if not a.movie_dir:  # a temporary folder: at most one size's movies on disk (K3: 5.7 GB)
-                for path in folder.glob(
-                    f"movie_{a.frames}x{SIZES[size][0]}x{SIZES[size][1]}_s*"
-                ):  # + .lzw.tif
+                ny, nx = SIZES[size]
+                for path in folder.glob(f"movie_{a.frames}x{ny}x{nx}_s*"):  # the .lzw.tif copy too
                     path.unlink()
         results["machine"]["load_average_at_end"] = list(os.getloadavg())
         if "4096" in results["sizes"]:

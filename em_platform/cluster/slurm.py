@@ -209,9 +209,8 @@ class JobLog:
         self._lock = threading.Lock()
         self.jobs: list[WorkerJob] = []
         self._current: dict[str, WorkerJob] = {}  # by Dask worker name, which a replacement job takes over
-        self.stalled: str | None = (
-            None  # SLURM's word when the run's tasks waited out the wait with no worker
-        )
+        # SLURM's word when the run's tasks waited out the wait with no worker
+        self.stalled: str | None = None
         self.releasing = False  # the run's work is done: workers leaving are not replaced
 
     def submitted(self, name: str, job_id: str) -> None:

@@ -74,9 +74,8 @@ class DownloadOptions:
     # remaining parts then come one at a time. None: always ``parallel``.
     fast_link_bytes_per_s: float | None = 200e6
     timeout_s: tuple[float, float] = (10.0, 60.0)  # connect, read
-    max_file_bytes: int = (
-        MAX_FILE_BYTES  # a larger announced (or sent) file is refused (bounds.MAX_FILE_BYTES)
-    )
+    # a larger announced (or sent) file is refused (bounds.MAX_FILE_BYTES)
+    max_file_bytes: int = MAX_FILE_BYTES
 
 
 class _RangeIgnored(PermanentSourceError):

@@ -95,9 +95,8 @@ MIN_TILE_SPREAD = 1e-4  # a spread of tile deformations no montage is told to be
 SPREAD_ITERATIONS = 8
 EM_RELAXATION = 1.8  # over-relaxed EM (in log spread): < 2 keeps it monotone where plain EM is
 PRELIMINARY_ITERATIONS = 8  # rejection rounds of a pass before the model's own
-LOOSEST_LINEAR = (
-    0.01  # the held-out scale's cap on a linear entry's spread: 1 % is no TEM tile's scale or shear
-)
+# the held-out scale's cap on a linear entry's spread: 1 % is no TEM tile's scale or shear
+LOOSEST_LINEAR = 0.01
 SPREAD_BLOCK_TILES = 900  # a larger montage's spreads are measured on its central block of this many tiles
 SETTLED_PAIRS = 1000  # rejection has settled when at most 1 pair in this many still moves (none in fewer)
 REFINING_ITERATIONS = 2  # ... and of a final pass that refines a separable one (polynomial after affine)
