@@ -73,9 +73,8 @@ class MotionConfig(OpticsConfig):
     local_threshold_px: float = 0.1
     min_patch_px: int = 512
     hot_pixel_sigma: float = 12.0  # 0 = no hot-pixel search
-    gain_reference: str = (
-        ""  # overrides the session's rule (mdoc GainReference, then one file in the session)
-    )
+    # overrides the session's rule (mdoc GainReference, then one file in the session)
+    gain_reference: str = ""
     gain_rotation: int = 0  # MotionCor2's -RotGain (× 90° counter-clockwise)
     gain_flip: int = 0  # MotionCor2's -FlipGain (1 upside down, 2 left-right)
 

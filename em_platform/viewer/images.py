@@ -43,9 +43,8 @@ GROUP_MARKERS = ("zarr.json", ".zgroup", ".zattrs")  # zarr v3, then v2
 ZARR_V2_FILES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata"})  # the only hidden names served
 IN_PROGRESS = (PART_SUFFIX, PART_MAP_SUFFIX)  # a download's bytes so far and its map of finished parts
 BLOCK_BYTES = 256 << 10  # bytes read from object storage per request (and held per connection) at a time
-GROUP_SECONDS = (
-    2.0  # an object store's image group, once seen, is believed this long (one HEAD, not one a chunk)
-)
+# an object store's image group, once seen, is believed this long (one HEAD, not one a chunk)
+GROUP_SECONDS = 2.0
 
 
 def requested_key(raw: str) -> str:

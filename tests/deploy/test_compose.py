@@ -54,9 +54,8 @@ def test_compose_file_is_valid_against_the_compose_specification_schema():
     validator.check_schema(schema)
     validator(schema).validate(compose())
     broken = compose()
-    broken["services"]["webserver"]["depends_on"]["user-code"]["condition"] = (
-        "service_ready"  # no such condition
-    )
+    webserver = broken["services"]["webserver"]
+    webserver["depends_on"]["user-code"]["condition"] = "service_ready"  # no such condition
     with pytest.raises(jsonschema.ValidationError, match="service_ready"):
         validator(schema).validate(broken)
 
