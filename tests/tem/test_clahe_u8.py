@@ -1,0 +1,72 @@
+"""The compiled 8-bit CLAHE gives OpenCV's output pixel for pixel, whatever the size, grid and clip limit."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from em_platform.tem import clahe_u8
+from em_platform.tem.tile_processing import clahe
+
+
+def _images(rng: np.random.Generator, h: int, w: int):
+    yield "uniform noise", rng.integers(0, 256, (h, w), dtype=np.uint8)
+    yield "narrow histogram", np.clip(rng.normal(128, 6, (h, w)), 0, 255).astype(np.uint8)
+    yield "flat", np.full((h, w), int(rng.integers(0, 256)), np.uint8)
+    yield (
+        "saturated ramp",
+        np.clip(np.arange(w)[None, :] * 3 - 40 + np.zeros((h, 1)), 0, 255).astype(np.uint8),
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_opencv_on_random_sizes_grids_and_clip_limits(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        # sizes that divide the grid and sizes that do not (OpenCV pads both axes then), tiles of one pixel,
+        # images smaller than the grid, no clip limit (0, negative) and a huge one
+        h, w = (int(v) for v in rng.integers(1, 260, 2))
+        grid = (int(rng.integers(1, 20)), int(rng.integers(1, 20)))
+        clip = float(rng.choice([-1.0, 0.0, 0.3, 1.0, 2.0, 3.7, 40.0]))
+        for kind, image in _images(rng, h, w):
+            expected = cv2.createCLAHE(clip, grid).apply(image)
+            got = clahe(image, clip, grid)
+            assert np.array_equal(got, expected), (
+                kind,
+                image.shape,
+                grid,
+                clip,
+                int((got != expected).sum()),
+            )
+
+
+def test_matches_opencv_on_a_camera_sized_tile_in_place():
+    rng = np.random.default_rng(7)
+    # EM-like: smooth structure, shot noise and vignetting, 5000² like the Allen cameras (pads to 5008)
+    structure = cv2.GaussianBlur(rng.random((5000, 5000), dtype=np.float32), (0, 0), 3)
+    structure = (structure - structure.min()) / np.ptp(structure)
+    yy, xx = np.mgrid[-1:1:5000j, -1:1:5000j].astype(np.float32)
+    tile = 40 + 150 * structure * (1 - 0.3 * (xx**2 + yy**2)) + rng.normal(0, 8, structure.shape)
+    tile = np.clip(tile, 0, 255).astype(np.uint8)
+    expected = cv2.createCLAHE(2.0, (16, 16)).apply(tile)
+    assert clahe(tile, out=tile) is tile
+    np.testing.assert_array_equal(tile, expected)
+
+
+def test_compiles_without_a_disk_cache_where_numba_can_write_none(monkeypatch):
+    njit = clahe_u8.numba.njit
+
+    def no_cache_folder(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(clahe_u8.numba, "njit", no_cache_folder)
+
+    def double(x):
+        return 2 * x
+
+    compiled = clahe_u8._jit(double)
+    assert compiled(21) == 42
+    assert type(compiled._cache).__name__ == "NullCache"  # compiled in memory only
