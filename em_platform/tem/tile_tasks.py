@@ -113,7 +113,8 @@ class Judgement:
 
 
 def warm_up() -> None:
-    """Load what the first tile would otherwise wait for: OpenCV, zarr's codec pipeline, the focus masks."""
+    """Load what the first tile would otherwise wait for: OpenCV, zarr's codec pipeline, the focus masks,
+    the compiled CLAHE (numba's import and cache: 0.5-1 s in a new process, 1.5 s more if never compiled)."""
     import cv2
     import zarr
 
@@ -148,8 +149,15 @@ def _strips(image: np.ndarray, overlap: int) -> dict[str, Any]:
 
 
 def store_chunks(shape: tuple[int, int]) -> tuple[int, int]:
-    """Chunks of at most ``STORE_CHUNK_PX`` that divide the tile evenly (5000 px: 1000), so no chunk is padded."""
+    """Chunks of at most ``STORE_CHUNK_PX`` that divide the tile evenly where they can (5000 px: 1000), so
+    no chunk is padded."""
     return tuple(-(-n // -(-n // STORE_CHUNK_PX)) for n in shape)  # type: ignore[return-value]
+
+
+def store_shard(shape: tuple[int, int]) -> tuple[int, int]:
+    """The one shard that holds the whole tile: whole chunks (zarr's rule), so a tile whose side has no
+    divisor near ``STORE_CHUNK_PX`` (1031 px) has a shard reaching past it."""
+    return tuple(-(-n // c) * c for n, c in zip(shape, store_chunks(shape), strict=True))  # type: ignore[return-value]
 
 
 def process_tile_file(
@@ -254,13 +262,14 @@ def _leave_thread_pool() -> None:
 
 
 def store_tile(image: np.ndarray, url: str, storage_options: dict | None = None) -> None:
-    """Write a processed tile as the zarr array at ``url``: chunks of :func:`store_chunks`, uncompressed.
-    Its ``zarr.json`` says ``complete``; an array without that was cut off mid-write (:func:`stored_completely`).
+    """Write a processed tile as the zarr array at ``url``: one shard (one file or object) of uncompressed
+    chunks of :func:`store_chunks`, so a region (a neighbour's strip) is read without the rest. Its
+    ``zarr.json`` says ``complete``; an array without that was cut off mid-write (:func:`stored_completely`).
 
     Uncompressed because CLAHE output hardly compresses: on 5000² bench tiles Blosc-LZ4 saved 0.0 % for
     5 ms of CPU, Blosc-Zstd level 1 saved 6 % for 40 ms, while the write itself costs about 15 ms.
 
-    On a local file system (:func:`_store_tile_locally`) the chunks go straight into their files, around
+    On a local file system (:func:`_store_tile_locally`) the shard goes straight into its file, around
     the page cache, and the ``zarr.json`` zarr would write is written last; elsewhere zarr writes it all.
     """
     folder = _local_folder(url, storage_options)
@@ -273,6 +282,7 @@ def store_tile(image: np.ndarray, url: str, storage_options: dict | None = None)
         url,
         shape=image.shape,
         chunks=store_chunks(image.shape),
+        shards=store_shard(image.shape),
         dtype=image.dtype,
         overwrite=True,
         storage_options=storage_options,
@@ -292,25 +302,25 @@ def _local_folder(url: str, storage_options: dict | None) -> str | None:
 
 
 def _store_tile_locally(image: np.ndarray, folder: str) -> None:
-    """The array's chunk files written directly and around the page cache (``O_DIRECT``,
-    :func:`em_platform.imaging.chunk_io.write_chunk_files`), then its ``zarr.json``, byte for byte what
+    """The array's shard file written directly and around the page cache (``O_DIRECT``,
+    :func:`em_platform.imaging.chunk_io.write_shard_file`), then its ``zarr.json``, byte for byte what
     zarr writes for it, ``complete`` included, by rename: a reader sees no array until it is all there.
 
-    Why: zarr's own writer cost about 50 ms of CPU per 5000² tile in its I/O threads, the direct writes
-    about 10 ms, and creating the array and setting its attribute through zarr 2-3 ms more. Through the
+    Why: zarr's own writer cost about 50 ms of CPU per 5000² tile in its I/O threads, the direct write
+    6-10 ms, and creating the array and setting its attribute through zarr 2-3 ms more. Through the
     page cache the write cost the writer about twice the CPU (page allocation, copy, reclaim when memory
     is short), and the kernel's writeback of the dirty pages ran at normal priority beside the live tiles;
     the tile is read again only after the montage, long after a real montage's pages would be dropped.
     """
     import shutil
 
-    from em_platform.imaging.chunk_io import write_chunk_files
+    from em_platform.imaging.chunk_io import write_shard_file
 
     document, metadata = _array_document(image.shape, image.dtype.str)
     if os.path.lexists(folder):  # a tile stored before (a re-run): its old array goes first
         shutil.rmtree(folder)
     os.makedirs(folder)
-    write_chunk_files(folder, metadata, image, around_page_cache=True)
+    write_shard_file(folder, metadata, image, around_page_cache=True)
     staging = os.path.join(folder, f".zarr.json.{os.getpid()}.{threading.get_native_id()}")
     with open(staging, "wb") as f:
         f.write(document)
@@ -328,6 +338,7 @@ def _array_document(shape: tuple[int, int], dtype: str) -> tuple[bytes, Any]:
         zarr.storage.MemoryStore(),
         shape=shape,
         chunks=store_chunks(shape),
+        shards=store_shard(shape),
         dtype=np.dtype(dtype),
         compressors=None,
     )

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from em_platform.imaging import direct_write
-from em_platform.imaging.chunk_io import write_chunk_files, write_region
+from em_platform.imaging.chunk_io import write_region, write_shard_file
 from em_platform.imaging.direct_write import ALIGN, give_back, take_buffer, write_file
 
 
@@ -77,13 +77,34 @@ def test_unaligned_chunks_written_around_the_page_cache_read_back(tmp_path, shap
     )
     write_region(ours, (0, 0), data, around_page_cache=True)
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...], data)
-    # the whole-array form, given the metadata (its zarr.json is the caller's)
-    (tmp_path / "b.zarr").mkdir()
-    write_chunk_files(str(tmp_path / "b.zarr"), ours.metadata, data, around_page_cache=True)
-    for chunk in (tmp_path / "a.zarr").rglob("c/**/*"):
-        if chunk.is_file():
-            assert (
-                tmp_path / "b.zarr" / chunk.relative_to(tmp_path / "a.zarr")
-            ).read_bytes() == chunk.read_bytes()
-    with pytest.raises(ValueError, match="use zarr"):
-        write_chunk_files(str(tmp_path / "b.zarr"), ours.metadata, data[:10], around_page_cache=True)
+
+
+@pytest.mark.parametrize("around_page_cache", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "chunks"), [((5000, 3000), (1000, 1000)), ((33, 70), (16, 32)), ((3, 3), (3, 3))]
+)
+def test_a_whole_array_written_as_one_shard_reads_back(tmp_path, shape, chunks, around_page_cache):
+    """Inner chunks that do not reach the edge evenly (33 x 70 in 16 x 32) are padded in the shard."""
+    data = np.random.default_rng(4).integers(0, 65536, shape, dtype=np.uint16)
+    data[: shape[0] // 2] = 0  # all-fill inner chunks are stored too
+    shard = tuple(-(-n // c) * c for n, c in zip(shape, chunks, strict=True))
+    ours = zarr.create_array(
+        str(tmp_path / "a.zarr"), shape=shape, chunks=chunks, shards=shard, dtype="uint16", compressors=None
+    )
+    write_shard_file(str(tmp_path / "a.zarr"), ours.metadata, data, around_page_cache=around_page_cache)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...], data)
+    inner = np.prod(chunks) * 2
+    n_inner = np.prod([s // c for s, c in zip(shard, chunks, strict=True)])
+    assert (tmp_path / "a.zarr" / "c" / "0" / "0").stat().st_size == n_inner * (inner + 16) + 4
+
+
+def test_layouts_one_shard_file_cannot_hold_go_to_zarr(tmp_path):
+    data = np.zeros((64, 64), np.uint8)
+    for name, layout in {
+        "compressed inner chunks": dict(chunks=(32, 32), shards=(64, 64)),  # zarr's default compressor
+        "several shards": dict(chunks=(16, 16), shards=(32, 32), compressors=None),
+        "no shards": dict(chunks=(32, 32), compressors=None),
+    }.items():
+        arr = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=data.shape, dtype="uint8", **layout)
+        with pytest.raises(ValueError, match="use zarr"):
+            write_shard_file(str(tmp_path / f"{name}.zarr"), arr.metadata, data)

@@ -1,5 +1,5 @@
 """Where the live chain's speed comes from must not change what it computes or stores: processed tiles
-written straight into zarr chunk files read back as zarr wrote them, a released tile's strips read back
+written straight into one zarr shard file read back as zarr wrote them, a released tile's strips read back
 from storage match as the held ones did, and the per-thread CLAHE operator gives OpenCV's result."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from em_platform.tem.tile_tasks import (
     match_edge,
     read_region,
     store_chunks,
+    store_shard,
     store_tile,
 )
 from tests.stitch.test_matching import OVERLAP, SIZE, cut_pair
@@ -35,26 +36,45 @@ def test_stored_tile_reads_back_as_zarr_writes_it(tmp_path, shape, dtype):
     image = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
     image[: shape[0] // 3] = 0  # whole chunks of the fill value: zarr itself would leave those out
     zarr.open_group(tmp_path / "p.zarr", mode="w")
-    store_tile(image, str(tmp_path / "p.zarr" / "r0_c0"))
-    ours = zarr.open_array(tmp_path / "p.zarr" / "r0_c0", mode="r")
+    url = tmp_path / "p.zarr" / "r0_c0"
+    store_tile(image, str(url))
+    ours = zarr.open_array(url, mode="r")
     assert ours.shape == shape and ours.dtype == dtype and ours.chunks == store_chunks(shape)
+    assert ours.shards == store_shard(shape)
     np.testing.assert_array_equal(ours[...], image)
-    # the same array through zarr's own writer: same metadata, same bytes in every chunk both wrote
+    # the same array through zarr's own writer: the same metadata; zarr orders the inner chunks in Z order
+    # and leaves all-fill ones out, so the shard's bytes differ, but not what they decode to
     theirs = zarr.create_array(
-        tmp_path / "z.zarr", shape=shape, chunks=store_chunks(shape), dtype=dtype, compressors=None
+        tmp_path / "z.zarr",
+        shape=shape,
+        chunks=store_chunks(shape),
+        shards=store_shard(shape),
+        dtype=dtype,
+        compressors=None,
     )
     theirs[...] = image
     theirs.attrs["complete"] = True  # ours marks a write that reached its end
     assert ours.metadata.to_dict() == theirs.metadata.to_dict()
-    written = [
-        p.relative_to(tmp_path / "z.zarr") for p in (tmp_path / "z.zarr").rglob("c/**/*") if p.is_file()
+    assert sorted(p.relative_to(url).as_posix() for p in url.rglob("*") if p.is_file()) == [
+        "c/0/0",
+        "zarr.json",
     ]
-    assert written
-    for key in written:
-        assert (tmp_path / "p.zarr" / "r0_c0" / key).read_bytes() == (tmp_path / "z.zarr" / key).read_bytes()
-    np.testing.assert_array_equal(
-        read_region(str(tmp_path / "p.zarr" / "r0_c0"), None, (1, 6), (2, 5)), image[1:6, 2:5]
-    )
+    np.testing.assert_array_equal(read_region(str(url), None, (1, 6), (2, 5)), image[1:6, 2:5])
+    for corner in ((0, 0), (shape[0] - 1, shape[1] - 1)):  # single pixels: partial reads through the index
+        rows, cols = ((c, c + 1) for c in corner)
+        assert read_region(str(url), None, rows, cols)[0, 0] == image[corner]
+
+
+def test_a_shard_whose_index_was_damaged_is_refused_on_read(tmp_path):
+    image = np.random.default_rng(3).integers(0, 256, (2000, 2000), dtype=np.uint8)
+    url = tmp_path / "p.zarr" / "r0_c0"
+    store_tile(image, str(url))
+    shard = url / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01  # a bit of the index's last entry: its checksum no longer agrees
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)checksum|crc"):
+        zarr.open_array(url, mode="r")[...]
 
 
 def test_a_released_tile_is_matched_from_its_stored_pixels(tmp_path):
@@ -102,7 +122,7 @@ def test_the_kept_clahe_operator_gives_opencvs_result_in_every_thread():
 
 
 def test_a_stored_tile_is_zarrs_own_array_and_a_cut_off_one_is_not_complete(tmp_path, monkeypatch):
-    """The local store writes the chunks around the page cache and zarr's own zarr.json last: a tile
+    """The local store writes the shard around the page cache and zarr's own zarr.json last: a tile
     stored again replaces the old one, and a write cut off before the end leaves no complete array."""
     from em_platform.imaging import chunk_io
     from em_platform.tem import tile_tasks
@@ -119,6 +139,7 @@ def test_a_stored_tile_is_zarrs_own_array_and_a_cut_off_one_is_not_complete(tmp_
         tmp_path / "z.zarr",
         shape=second.shape,
         chunks=store_chunks(second.shape),
+        shards=store_shard(second.shape),
         dtype="u1",
         compressors=None,
     )
@@ -131,7 +152,7 @@ def test_a_stored_tile_is_zarrs_own_array_and_a_cut_off_one_is_not_complete(tmp_
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(chunk_io, "write_chunk_files", disk_full)
+    monkeypatch.setattr(chunk_io, "write_shard_file", disk_full)
     with pytest.raises(OSError, match="No space"):
         store_tile(first, url)
     assert not tile_tasks.stored_completely(url)
