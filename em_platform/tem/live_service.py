@@ -24,6 +24,7 @@ from em_platform.tem.judging import JudgingClaim, processed_tile_paths
 from em_platform.tem.montage_result import MontageRunResult
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.qc_summary import MontageSummary
+from em_platform.tem.tile_tasks import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class LiveQCService:
         if warning:
             log.warning("live-qc: %s", warning)
         journal = self.hardware.journal()
+        # every worker process warm before the first montage: a montage run warms them too, but there the
+        # first tiles would queue behind it (numba's import alone is 0.4 s)
+        self.client.run(warm_up)
         if ready is not None:
             ready()
         candidates: set[str] = set()  # live montages this service does not judge (yet): another holds them
