@@ -34,6 +34,7 @@ __all__ = [
     "ProcessedTile",
     "TileReadError",
     "clahe",
+    "flatfield_and_clahe",
     "focus_score",
     "process_tile",
     "raw_statistics",
@@ -301,14 +302,18 @@ class Flatfield:
     def shape(self) -> tuple[int, int]:
         return self.gain.shape  # type: ignore[return-value]
 
-    def apply(self, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Correct one raw tile; the result has the raw's dtype (rounded, clipped to its range)."""
+    def check(self, raw: np.ndarray) -> np.ndarray:
+        """``raw`` as a C-contiguous camera tile this correction applies to; raises naming what is wrong."""
         _check_camera_dtype(raw, "raw tile")
         if raw.shape != self.gain.shape:
             raise ValueError(
                 f"raw tile is {raw.shape} but the flatfield references are {self.gain.shape}: wrong camera or binning"
             )
-        raw = np.ascontiguousarray(raw)
+        return np.ascontiguousarray(raw)
+
+    def apply(self, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Correct one raw tile; the result has the raw's dtype (rounded, clipped to its range)."""
+        raw = self.check(raw)
         if out is None:
             out = np.empty_like(raw)
         elif out.shape != raw.shape or out.dtype != raw.dtype or not out.flags.c_contiguous:
@@ -346,9 +351,7 @@ def clahe(
     goes through :mod:`em_platform.tem.clahe_u8` (OpenCV's result, pixel for pixel, in ~60 % of the CPU).
     """
     _check_camera_dtype(image, "image")
-    grid_size = (grid, grid) if isinstance(grid, int) else tuple(grid)
-    if len(grid_size) != 2 or min(grid_size) < 1:
-        raise ValueError(f"the CLAHE grid must be one or two positive tile counts, got {grid}")
+    grid_size = _grid_size(grid)
     image = np.ascontiguousarray(image)
     if out is None:
         out = np.empty_like(image)
@@ -357,11 +360,40 @@ def clahe(
     if image.dtype == np.uint8:
         from em_platform.tem.clahe_u8 import clahe_u8
 
-        return clahe_u8(image, float(clip_limit), (int(grid_size[0]), int(grid_size[1])), out)
+        return clahe_u8(image, float(clip_limit), grid_size, out)
     result = _clahe_operator(float(clip_limit), grid_size).apply(image, dst=out)
     if result is not out:  # OpenCV could not write into out (it never happens for a matching array)
         np.copyto(out, result)
     return out
+
+
+def flatfield_and_clahe(
+    raw: np.ndarray,
+    flatfield: Flatfield | None,
+    clip_limit: float = CLAHE_CLIP_LIMIT,
+    grid: int | tuple[int, int] = CLAHE_GRID,
+) -> np.ndarray:
+    """``clahe(flatfield.apply(raw), clip_limit, grid)`` in a new array (no flatfield: CLAHE of the raw),
+    pixel for pixel; for uint8 the correction is made in CLAHE's first pass over the tile
+    (:mod:`em_platform.tem.clahe_u8`: 6 ms of CPU less per 5000² tile)."""
+    if flatfield is None:
+        return clahe(raw, clip_limit, grid)
+    if raw.dtype != np.uint8:
+        corrected = flatfield.apply(raw)
+        return clahe(corrected, clip_limit, grid, out=corrected)
+    from em_platform.tem.clahe_u8 import clahe_u8
+
+    raw = flatfield.check(raw)
+    grid_size = _grid_size(grid)
+    out = np.empty_like(raw)
+    return clahe_u8(raw, float(clip_limit), grid_size, out, flatfield=(flatfield.gain, flatfield.offset))
+
+
+def _grid_size(grid: int | tuple[int, int]) -> tuple[int, int]:
+    grid_size = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if len(grid_size) != 2 or min(grid_size) < 1:
+        raise ValueError(f"the CLAHE grid must be one or two positive tile counts, got {grid}")
+    return int(grid_size[0]), int(grid_size[1])
 
 
 _CLAHE_OPERATORS = threading.local()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from em_platform.tem import clahe_u8
-from em_platform.tem.tile_processing import clahe
+from em_platform.tem.tile_processing import Flatfield, clahe, flatfield_and_clahe
 
 
 def _images(rng: np.random.Generator, h: int, w: int):
@@ -70,3 +70,29 @@ def test_compiles_without_a_disk_cache_where_numba_can_write_none(monkeypatch):
     compiled = clahe_u8._jit(double)
     assert compiled(21) == 42
     assert type(compiled._cache).__name__ == "NullCache"  # compiled in memory only
+
+
+@pytest.mark.parametrize(("shape", "grid"), [((500, 777), (16, 16)), ((64, 48), (8, 4)), ((9, 7), (16, 16))])
+def test_flatfield_in_clahes_first_pass_is_the_flatfield_then_clahe(shape, grid):
+    rng = np.random.default_rng(sum(shape))
+    bright = rng.integers(120, 250, shape).astype(np.float32)
+    dark = rng.uniform(0, 40, shape).astype(np.float32)
+    bright[0, :3] = dark[0, :3]  # dead pixels: gain 1
+    flatfield = Flatfield.from_references(bright, dark)
+    raw = rng.integers(0, 256, shape, dtype=np.uint8)
+    raw[1, :5] = 255  # saturates after the gain
+    expected = cv2.createCLAHE(2.0, grid).apply(flatfield.apply(raw))
+    got = flatfield_and_clahe(raw, flatfield, 2.0, grid)
+    np.testing.assert_array_equal(got, expected)
+    assert got is not raw and np.array_equal(raw[1, :5], [255] * 5)  # the raw tile is left as it was
+    np.testing.assert_array_equal(
+        flatfield_and_clahe(raw, None, 2.0, grid), cv2.createCLAHE(2.0, grid).apply(raw)
+    )
+    wide = rng.integers(0, 4096, shape, dtype=np.uint16)  # uint16: the flatfield, then OpenCV's CLAHE
+    wide_flatfield = Flatfield.from_references(bright * 16, dark * 16)
+    np.testing.assert_array_equal(
+        flatfield_and_clahe(wide, wide_flatfield, 2.0, grid),
+        cv2.createCLAHE(2.0, grid).apply(wide_flatfield.apply(wide)),
+    )
+    with pytest.raises(ValueError, match="wrong camera"):
+        flatfield_and_clahe(raw[:-1], flatfield, 2.0, grid)
