@@ -113,7 +113,9 @@ def _single_dense_shard(meta, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[
     little = sys.byteorder == "little"
 
     def plain_bytes(codec) -> bool:
-        return isinstance(codec, BytesCodec) and (dtype.itemsize == 1 or codec.endian in (None, "little"))
+        return isinstance(codec, BytesCodec) and (
+            dtype.itemsize == 1 or _setting(codec.endian) in (None, "little")
+        )
 
     if not (little and len(inner_codecs) == 1 and plain_bytes(inner_codecs[0]) and dtype.kind in "biuf"):
         return None
@@ -123,7 +125,7 @@ def _single_dense_shard(meta, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[
         or not isinstance(index_codecs[1], Crc32cCodec)
     ):
         return None
-    if index_codecs[0].endian not in (None, "little") or sharding.index_location != "end":
+    if _setting(index_codecs[0].endian) not in (None, "little") or _setting(sharding.index_location) != "end":
         return None
     inner = tuple(int(c) for c in sharding.chunk_shape)
     shard = tuple(getattr(meta.chunk_grid, "chunk_shape", ()))
@@ -241,7 +243,9 @@ def _encoder(meta, dtype: np.dtype):
     codecs = tuple(getattr(meta, "codecs", ()))
     if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
         return None
-    if dtype.itemsize > 1 and (sys.byteorder != "little" or codecs[0].endian not in (None, "little")):
+    if dtype.itemsize > 1 and (
+        sys.byteorder != "little" or _setting(codecs[0].endian) not in (None, "little")
+    ):
         return None
     if np.dtype(dtype).kind not in "biuf":
         return None
@@ -250,6 +254,12 @@ def _encoder(meta, dtype: np.dtype):
     if not isinstance(codecs[1], BloscCodec):
         return None
     return _numcodecs_blosc(codecs[1], dtype).encode
+
+
+def _setting(value):
+    """A codec setting as its name: zarr 3.1 (the image's, on Python 3.11) keeps ``endian`` and
+    ``index_location`` as enums, zarr 3.4 as strings."""
+    return getattr(value, "value", value)
 
 
 def _numcodecs_blosc(codec, dtype: np.dtype):
