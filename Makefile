@@ -14,6 +14,8 @@ TEST_WORKERS ?= 2
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
+	# the live chain's compiled CLAHE into numba's cache once, not in every test worker and run process at once
+	$(VENV)/bin/python -c "from em_platform.tem.tile_tasks import warm_up; warm_up()"
 	touch $@
 
 ## em_stitch's real TEMCA test data (not committed: fetched from the package index, SHA-256 checked)
