@@ -53,6 +53,11 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             ("a run per montage, no service: p95", "scopes.*.latency_s_p95", "s"),
             ("re-processing a finished montage", "unpaced.tiles_per_s", "tiles/s"),
             ("CPU per tile", "unpaced.cpu_ms_per_tile", "ms"),
+            (
+                "every run on record (`history`, older code too): CPU per tile",
+                "history.*.unpaced_cpu_ms_per_tile",
+                "ms",
+            ),
         ],
     ),
     (
