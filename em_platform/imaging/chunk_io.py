@@ -112,20 +112,19 @@ def _single_dense_shard(meta, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[
     inner_codecs, index_codecs = tuple(sharding.codecs), tuple(sharding.index_codecs)
     little = sys.byteorder == "little"
 
-    def plain_bytes(codec) -> bool:
-        return isinstance(codec, BytesCodec) and (
-            dtype.itemsize == 1 or _setting(codec.endian) in (None, "little")
-        )
+    def plain_bytes(codec, itemsize: int) -> bool:
+        return isinstance(codec, BytesCodec) and (itemsize == 1 or _setting(codec.endian) in (None, "little"))
 
-    if not (little and len(inner_codecs) == 1 and plain_bytes(inner_codecs[0]) and dtype.kind in "biuf"):
+    if not (little and len(inner_codecs) == 1 and plain_bytes(inner_codecs[0], dtype.itemsize)):
         return None
+    if dtype.kind not in "biuf" or _setting(sharding.index_location) != "end":
+        return None
+    index_uint64 = 8
     if (
         len(index_codecs) != 2
-        or not plain_bytes(index_codecs[0])
+        or not plain_bytes(index_codecs[0], index_uint64)
         or not isinstance(index_codecs[1], Crc32cCodec)
     ):
-        return None
-    if _setting(index_codecs[0].endian) not in (None, "little") or _setting(sharding.index_location) != "end":
         return None
     inner = tuple(int(c) for c in sharding.chunk_shape)
     shard = tuple(getattr(meta.chunk_grid, "chunk_shape", ()))
@@ -207,8 +206,8 @@ def _whole_chunks(meta, start: Sequence[int], shape: Sequence[int]) -> bool:
 
 
 def _all_fill(block: np.ndarray, fill: np.ndarray) -> bool:
-    # a chunk with data usually shows it in its first row: that answer costs nothing (the whole of a
-    # strided 1000² chunk costs 0.1 ms, 2.7 ms a 5000² processed tile)
+    # a chunk with data usually shows it in its first row: that answer costs nothing (checking the whole of
+    # a strided 1000² uint8 chunk costs 0.1 ms)
     if block.size and not _is_fill(block[(0,) * (block.ndim - 1)], fill):
         return False
     return _is_fill(block, fill)
