@@ -7,7 +7,7 @@ every pixel through the bilinear blend of its four nearest tiles' tables. Its bl
 82 of the ~190 ms of CPU a 5000² tile costs (issue 38). Here the tables are float32 rows (two rows of
 16 KB per image row, in L1) and the blend does the same float32 operations in the same order, so every
 output pixel is OpenCV's (tested against ``cv2`` on noise, EM-like tiles, odd sizes, grids and clip
-limits); the tile histograms use four interleaved counters per tile. 5000² uint8, one thread: 51 ms
+limits); the tile histograms are counted as :mod:`em_platform.tem.byte_counts` counts. 5000² uint8, one thread: 51 ms
 against OpenCV's 84.
 
 Given a flatfield's gain and offset, the correction is made in the histograms' pass, row by row: the
@@ -20,8 +20,9 @@ folder is writable; :func:`em_platform.tem.tile_tasks.warm_up` pays it before th
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from em_platform.tem.byte_counts import count_row, jit
 
 __all__ = ["clahe_u8"]
 
@@ -58,16 +59,7 @@ def clahe_u8(
     return out
 
 
-def _jit(function):
-    """``numba.njit`` without the GIL, cached on disk where numba finds a writable folder for it (it refuses
-    ``cache=True`` when there is none: then compiled anew in each process)."""
-    try:
-        return numba.njit(cache=True, nogil=True)(function)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True)(function)
-
-
-@_jit
+@jit
 def _reflect101(p, n):
     """OpenCV's ``borderInterpolate`` for ``BORDER_REFLECT_101`` (…, 2, 1 | 0, 1, …, n−1 | n−2, …)."""
     if n == 1:
@@ -77,30 +69,17 @@ def _reflect101(p, n):
     return p
 
 
-@_jit
+@jit
 def _count_row(row, counts, tiles_x, tile_w):
-    """Add an image row to its tile row's counters (four interleaved per tile: neighbouring pixels often
-    share a value, and one counter would make each increment wait for the last), padded columns included."""
+    """Add an image row to its tile row's counters (:func:`~em_platform.tem.byte_counts.count_row`), the
+    padded columns included."""
     w = row.shape[0]
-    c0, c1, c2, c3 = counts[0], counts[1], counts[2], counts[3]
-    for tx in range(tiles_x):
-        base = tx * 256
-        x = tx * tile_w
-        end = min(x + tile_w, w)
-        while x + 4 <= end:
-            c0[base + row[x]] += 1
-            c1[base + row[x + 1]] += 1
-            c2[base + row[x + 2]] += 1
-            c3[base + row[x + 3]] += 1
-            x += 4
-        while x < end:
-            c0[base + row[x]] += 1
-            x += 1
+    count_row(row, counts, tiles_x, tile_w)
     for xe in range(w, tiles_x * tile_w):  # the padded columns
-        c0[(xe // tile_w) * 256 + row[_reflect101(xe, w)]] += 1
+        counts[0, (xe // tile_w) * 256 + row[_reflect101(xe, w)]] += 1
 
 
-@_jit
+@jit
 def _tile_histograms(src, tiles_x, tiles_y, tile_w, tile_h):
     """(tiles_y · tiles_x, 256) counts of each contextual tile of the reflect-101 padded image."""
     h = src.shape[0]
@@ -111,7 +90,7 @@ def _tile_histograms(src, tiles_x, tiles_y, tile_w, tile_h):
     return total.reshape(tiles_y * tiles_x, 256)
 
 
-@_jit
+@jit
 def _corrected_tile_histograms(raw, gain, offset, out, tiles_x, tiles_y, tile_w, tile_h):
     """:func:`_tile_histograms` of the flatfield-corrected image, written into ``out`` on the way: the
     float32 product and sum of OpenCV's ``multiply`` and ``add``, rounded half to even and saturated."""
@@ -129,7 +108,7 @@ def _corrected_tile_histograms(raw, gain, offset, out, tiles_x, tiles_y, tile_w,
     return total.reshape(tiles_y * tiles_x, 256)
 
 
-@_jit
+@jit
 def _lookup_tables(histograms, clip, scale):
     """Each tile's table as OpenCV's ``CLAHE_CalcLut_Body`` makes it, as float32 (exact: values 0…255)."""
     n = histograms.shape[0]
@@ -162,7 +141,7 @@ def _lookup_tables(histograms, clip, scale):
     return tables
 
 
-@_jit
+@jit
 def _interpolate(src, out, tables, tiles_x, tiles_y, tile_w, tile_h):
     """OpenCV's ``CLAHE_Interpolation_Body``: the same float32 products and sums in the same order."""
     h, w = src.shape

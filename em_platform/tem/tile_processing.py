@@ -421,14 +421,11 @@ def _clahe_operator(clip_limit: float, grid_size: tuple[int, int]) -> Any:
 
 
 def _histogram_u8(image: np.ndarray) -> np.ndarray:
-    """Exact 256-bin counts (int64) of a uint8 image. ``cv2.calcHist`` is fast but returns float32
-    counts, exact only below 2**24, so it is run on blocks of fewer pixels than that."""
-    rows = max(1, (2**24 - 1) // max(1, image.shape[1]))
-    hist = np.zeros(HISTOGRAM_BINS, np.int64)
-    for i in range(0, image.shape[0], rows):
-        block = cv2.calcHist([image[i : i + rows]], [0], None, [HISTOGRAM_BINS], [0, 256])
-        hist += np.rint(block.ravel()).astype(np.int64)
-    return hist
+    """Exact 256-bin counts (int64) of a uint8 image: :func:`~em_platform.tem.byte_counts.histogram_u8`
+    (``cv2.calcHist`` counts in float32, exact only below 2**24, and took 77 ms a 5000² tile on some cores)."""
+    from em_platform.tem.byte_counts import histogram_u8
+
+    return histogram_u8(image)
 
 
 def tile_statistics(image: np.ndarray) -> dict[str, Any]:

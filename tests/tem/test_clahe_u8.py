@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 
-from em_platform.tem import clahe_u8
 from em_platform.tem.tile_processing import Flatfield, clahe, flatfield_and_clahe
 
 
@@ -52,24 +51,6 @@ def test_matches_opencv_on_a_camera_sized_tile_in_place():
     expected = cv2.createCLAHE(2.0, (16, 16)).apply(tile)
     assert clahe(tile, out=tile) is tile
     np.testing.assert_array_equal(tile, expected)
-
-
-def test_compiles_without_a_disk_cache_where_numba_can_write_none(monkeypatch):
-    njit = clahe_u8.numba.njit
-
-    def no_cache_folder(*args, cache=False, **kwargs):
-        if cache:
-            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
-        return njit(*args, **kwargs)
-
-    monkeypatch.setattr(clahe_u8.numba, "njit", no_cache_folder)
-
-    def double(x):
-        return 2 * x
-
-    compiled = clahe_u8._jit(double)
-    assert compiled(21) == 42
-    assert type(compiled._cache).__name__ == "NullCache"  # compiled in memory only
 
 
 @pytest.mark.parametrize(("shape", "grid"), [((500, 777), (16, 16)), ((64, 48), (8, 4)), ((9, 7), (16, 16))])
