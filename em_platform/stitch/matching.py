@@ -9,8 +9,9 @@ This module does the same on the CPU with OpenCV:
   overlapping) are cut from the tile's overlap strip, evenly spaced along the shared edge, like the
   piTEAM matcher's 3 or 10 matches per edge.
 * **Search.** Each template is searched for in the neighbour's overlap strip within ``±max_shift_px``
-  of its nominal place with normalised cross-correlation (``cv2.matchTemplate``, ``TM_CCOEFF_NORMED``:
-  insensitive to the brightness and contrast of either tile).
+  of its nominal place with normalised cross-correlation (``cv2.matchTemplate``'s ``TM_CCOEFF_NORMED``,
+  by FFT for large templates, :mod:`em_platform.stitch.ncc`: insensitive to the brightness and contrast of
+  either tile).
 * **Sub-pixel.** A 2-D quadratic least-squares fit to the 3 × 3 correlation values around the peak
   (about 0.01–0.06 px error on synthetic EM-like pairs, depending on the noise).
 * **Validation.** A patch counts when its template has contrast, its peak is inside the search range
@@ -50,6 +51,7 @@ import cv2
 import numpy as np
 
 from em_platform.stitch.grid import OPPOSITE, Position, Side
+from em_platform.stitch.ncc import ncc
 
 __all__ = [
     "EdgeStrip",
@@ -218,8 +220,15 @@ def _subpixel_peak(r: np.ndarray, x: int, y: int) -> tuple[float, float]:
     return parabola(z[1, 0], z[1, 1], z[1, 2]), parabola(z[0, 1], z[1, 1], z[2, 1])
 
 
+_FFT_TEMPLATE_PX = (
+    128 * 128
+)  # from this template area on, one FFT each beats OpenCV's blocks (ncc's docstring)
+
+
 def _ncc(search: np.ndarray, template: np.ndarray) -> np.ndarray:
     """Normalised cross-correlation of ``template`` at every place in ``search`` (flat regions: 0)."""
+    if template.size >= _FFT_TEMPLATE_PX:
+        return ncc(search, template)
     r = cv2.matchTemplate(search, template, cv2.TM_CCOEFF_NORMED)
     return r if np.isfinite(r).all() else np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
 
