@@ -232,7 +232,13 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
         while not all(marker in log.read_text() for marker in ready):
             assert dev.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)  # poll the log the processes write
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30).read()
+        while True:  # dagster prints "Serving dagster-webserver" before uvicorn listens
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=30).read()
+                break
+            except OSError:  # refused until it listens (urllib wraps it in URLError, an OSError)
+                assert dev.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
         started = psutil.Process(dev.pid).children(recursive=True)
         assert len(started) >= 5, started  # dagster dev and its services, live-qc, viewer, the Dask pool
         before = len(log.read_text())
