@@ -174,17 +174,14 @@ class Supervised:
                 # dev`, which stops the services in order (Dask's workers before their scheduler)
                 start_new_session=True,
             )
+            hidden = False
             for line in self.proc.stdout:
-                if self.quiet is not None and self.quiet.search(line):
-                    continue
-                if (
-                    self.quiet_at_stop is not None
-                    and self.stopping.is_set()
-                    and self.quiet_at_stop.search(line)
-                ):
-                    continue
-                self.out.write(line)
-                self.out.flush()
+                if hidden and TRACEBACK_PART.match(line):
+                    continue  # the traceback of a record left out goes with it
+                hidden = self._quiet(line)
+                if not hidden:
+                    self.out.write(line)
+                    self.out.flush()
             status = self.proc.wait()
             if self.stopping.wait(0):
                 return
@@ -201,6 +198,15 @@ class Supervised:
                 flush=True,
             )
             self.stopping.wait(self.RESTART_SECONDS)
+
+    def _quiet(self, line: str) -> bool:
+        if self.quiet is not None and self.quiet.search(line):
+            return True
+        return (
+            self.quiet_at_stop is not None
+            and self.stopping.is_set()
+            and bool(self.quiet_at_stop.search(line))
+        )
 
     def halt(self) -> None:
         """No restart from now on (the process is stopped by :meth:`stop`)."""
@@ -220,6 +226,11 @@ class Supervised:
         self._thread.join(5)
 
 
+# The lines of a traceback after a log record's first line. Dask logs some routine INFO records with one (a
+# worker's connection closed at our stop: distributed.batched's "Batched Comm Closed"): left out with the record.
+TRACEBACK_PART = re.compile(
+    r"\s|$|Traceback \(most recent call last\)|The above exception|During handling of the above|[\w.]+: "
+)
 DASK_INFO = re.compile(r" - INFO - ")  # Dask's routine lines (workers joining, tasks' plugins); warnings pass
 # The worker command gives each worker 8 s to close on SIGTERM, then its nanny kills it and warns. A batch
 # worker's session runs at autogroup nice 19 (cluster/batch_priority.py): on a busy machine it may not get the

@@ -89,6 +89,44 @@ def test_the_nannys_kill_line_is_dropped_only_once_the_stop_has_begun():
     assert out.getvalue().splitlines() == [line, "closed"]
 
 
+def test_a_quiet_records_traceback_is_left_out_with_it_and_a_warnings_shown():
+    """At Ctrl-C the pool's scheduler logs a worker's closed connection as an INFO record with a traceback
+    (distributed.batched's "Batched Comm Closed"): the record is routine, its traceback too. A warning's
+    traceback shows, and so does a plain line after a quiet record."""
+    import io
+    import sys
+    import time
+
+    from em_platform import dev
+
+    info = [
+        "2026-11-27 00:58:59,123 - distributed.batched - INFO - Batched Comm Closed <TCP (closed)>",
+        "Traceback (most recent call last):",
+        '  File "distributed/comm/tcp.py", line 298, in write',
+        "    raise StreamClosedError()",
+        "tornado.iostream.StreamClosedError: Stream is closed",
+        "",
+        "The above exception was the direct cause of the following exception:",
+        "",
+        "distributed.comm.core.CommClosedError: in <TCP (closed) Scheduler connection to worker>: Stream is closed",
+    ]
+    warning = [
+        "2026-11-27 00:59:00,001 - distributed.scheduler - WARNING - Worker failed to heartbeat",
+        "Traceback (most recent call last):",
+        "OSError: [Errno 99] Cannot assign requested address",
+    ]
+    lines = [*info, *warning, *info, "the end"]
+    script = f"import sys\nsys.stdout.write({chr(10).join(lines) + chr(10)!r})\nsys.stdout.flush()\n"
+    out = io.StringIO()
+    service = dev.Supervised("scheduler", [sys.executable, "-c", script], out, dev.DASK_INFO)
+    deadline = time.monotonic() + 30
+    while "the end" not in out.getvalue():
+        assert time.monotonic() < deadline, out.getvalue()
+        time.sleep(0.05)
+    service.stop()
+    assert out.getvalue().splitlines()[: len(warning) + 1] == [*warning, "the end"]
+
+
 def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies():
     """`make dev`'s one Dask pool: every run's client reaches it; a worker process per core, each doing its
     batch work at nice 10 (the live-QC service's threads first) with the quiet settings; a worker killed with
@@ -245,8 +283,10 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
         os.killpg(dev.pid, signal.SIGINT)  # Ctrl-C
         assert dev.wait(90) == 0 or dev.returncode in (-signal.SIGINT, 130), log.read_text()[-3000:]
     finally:
-        if dev.poll() is None:
+        if dev.poll() is None:  # failed before the stop: leave none of it running
+            tree = psutil.Process(dev.pid).children(recursive=True)
             os.killpg(dev.pid, signal.SIGKILL)
+            _kill(tree)  # `dagster dev` and the services have sessions of their own
     stop_lines = log.read_text()[before:]
     print(stop_lines)
     warned = [line for line in log.read_text().splitlines() if "warning" in line.lower()]
@@ -257,7 +297,19 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
     )
     assert not [line for line in stop_lines.splitlines() if noise.search(line)], stop_lines
     gone, alive = psutil.wait_procs(started, 30)
-    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    left = [(p.pid, p.cmdline()) for p in alive]
+    _kill(alive)
+    assert not left, left
+
+
+def _kill(processes) -> None:
+    import psutil
+
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def test_the_code_location_lost_to_the_stop_is_no_error_but_any_other_is():
