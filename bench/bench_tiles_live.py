@@ -203,10 +203,12 @@ def _own_cpu() -> float:
 
 
 class _CpuShare:
-    """Cores this benchmark and everything else on the machine kept busy between start and stop."""
+    """Cores this benchmark and everything else on the machine kept busy between start and stop, and the
+    processes (kernel threads included) that kept them busy."""
 
     def __enter__(self) -> _CpuShare:
         self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy(), _own_cpu()
+        self.processes0 = _process_cpu_table()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -216,7 +218,40 @@ class _CpuShare:
             "cores_busy": round(busy / wall, 2),
             "cores_ours": round(own / wall, 2),
             "cores_others": round(max(0.0, busy - own) / wall, 2),
+            "top_processes": _top_processes(self.processes0, _process_cpu_table(), wall),
         }
+
+
+def _process_cpu_table() -> dict[int, tuple[str, float]]:
+    """Every process's name (its command, the script or module for Python) and CPU seconds so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            head, rest = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)
+            fields = rest.split()
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        name = head.split("(", 1)[1]
+        if name.startswith("python") or name.startswith("em-platform"):  # which Python program
+            words = [a.decode(errors="replace") for a in args[1:4] if a and not a.startswith(b"-")]
+            name = " ".join([name, *words[:2]]) if words else name
+        table[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+def _top_processes(before: dict, after: dict, wall: float, n: int = 8) -> list[dict[str, Any]]:
+    """The processes that used the most CPU between two tables (those that ended meanwhile are missed)."""
+    used = [(cpu - before.get(pid, (name, 0.0))[1], pid, name) for pid, (name, cpu) in after.items()]
+    used.sort(reverse=True)
+    return [
+        {"pid": pid, "name": name[:80], "cores": round(cpu / wall, 2)}
+        for cpu, pid, name in used[:n]
+        if cpu / wall >= 0.01
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1236,6 +1271,9 @@ def _print(r: dict[str, Any]) -> None:
                 else ")"
             )
         )
+        top = run.get("machine_cpu", {}).get("top_processes")
+        if top:
+            print("    busiest processes: " + ", ".join(f"{p['name']} {p['cores']}" for p in top))
     for k, v in busy.items():
         if k.startswith("meets_"):
             print(f"with batch work, {k}: {v}")
