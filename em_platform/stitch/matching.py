@@ -220,9 +220,8 @@ def _subpixel_peak(r: np.ndarray, x: int, y: int) -> tuple[float, float]:
     return parabola(z[1, 0], z[1, 1], z[1, 2]), parabola(z[0, 1], z[1, 1], z[2, 1])
 
 
-_FFT_TEMPLATE_PX = (
-    128 * 128
-)  # from this template area on, one FFT each beats OpenCV's blocks (ncc's docstring)
+# from this template area on, one FFT each beats OpenCV's blocks (em_platform/stitch/ncc.py)
+_FFT_TEMPLATE_PX = 128 * 128
 
 
 def _ncc(search: np.ndarray, template: np.ndarray) -> np.ndarray:

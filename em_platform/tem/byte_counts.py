@@ -32,9 +32,8 @@ def count_row(row, counts, segments, segment_w):
     ``[s·segment_w, (s+1)·segment_w)`` go to segment ``s``'s 256 bins, in four interleaved counters."""
     w = row.shape[0]
     c0, c1, c2, c3 = counts[0], counts[1], counts[2], counts[3]
-    words = row[: w - w % 8].view(
-        np.uint64
-    )  # word k holds pixels 8k … 8k+7 (its low byte first: numba's platforms are all little-endian)
+    # word k holds pixels 8k … 8k+7, its low byte first (numba's platforms are all little-endian)
+    words = row[: w - w % 8].view(np.uint64)
     for s in range(segments):
         base = s * 256
         x = s * segment_w
