@@ -158,13 +158,15 @@ class CatalogDB:
             record = dict(row.record)
             status = Status(record["status"])
             if status in IN_FLIGHT:
+                holder = self._holder(conn, record["id"])
                 record = self._apply(
                     conn,
                     record,
                     Status.FAILED,
                     now,
                     run_id,
-                    error=f"interrupted: the run working on it stopped while the record was {status.value!r}",
+                    error=f"interrupted: {f'run {holder}' if holder else 'the run working on it'} stopped "
+                    f"while the record was {status.value!r}",
                 )
                 status = Status.FAILED
             update = {"metadata": {"core": {"description": description}}, "files": {"source": files}}
@@ -310,6 +312,14 @@ class CatalogDB:
             )
         )
         return record
+
+    @staticmethod
+    def _holder(conn: Connection, dataset_id: str) -> str | None:
+        """The run that made the record's last status change (the one holding it while it is in flight)."""
+        h = status_history
+        return conn.execute(
+            sa.select(h.c.run_id).where(h.c.dataset_id == dataset_id).order_by(h.c.id.desc()).limit(1)
+        ).scalar()
 
     @staticmethod
     def _log(conn, dataset_id, old, new, now, message, run_id) -> None:

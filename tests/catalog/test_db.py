@@ -93,12 +93,19 @@ def test_failure_keeps_error_and_counts_retries(db):
 
 
 def test_interrupted_run_is_recorded_as_failed_before_the_retry(db):
-    rec = db.begin("local", "d.mrc", description="d", files=FILES)
-    db.transition(rec["id"], Status.PROCESSING)  # …and the run dies here
-    again = db.begin("local", "d.mrc", description="d", files=FILES)
+    """The retry may reach the record before the failure sensor does: it names the run that died."""
+    rec = db.begin("local", "d.mrc", description="d", files=FILES, run_id="run-1")
+    db.transition(rec["id"], Status.PROCESSING, run_id="run-1")  # …and the run dies here
+    again = db.begin("local", "d.mrc", description="d", files=FILES, run_id="run-2")
     assert again["status"] == "pending"
-    assert again["error"]["retry_count"] == 1 and "interrupted" in again["error"]["message"]
-    assert [h.to_status for h in db.history(rec["id"])] == ["pending", "processing", "failed", "pending"]
+    assert again["error"] == {
+        "message": "interrupted: run run-1 stopped while the record was 'processing'",
+        "retry_count": 1,
+    }
+    history = db.history(rec["id"])
+    assert [h.to_status for h in history] == ["pending", "processing", "failed", "pending"]
+    assert [h.run_id for h in history] == ["run-1", "run-1", "run-2", "run-2"]
+    assert db.release_run("run-1", "run run-1 failed: SIGKILL") == []  # the sensor, late: the retry holds it
 
 
 def test_complete_record_can_be_reingested(db):
