@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from bench.bench_tiles import machine_facts, percentile, write_montage
+from bench.bench_tiles import machine_facts, opencv_clahe_ms, percentile, write_montage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "live_qc.json"
 TILES_RESULTS = RESULTS.with_name("tiles.json")  # the per-tile chain's results also carry the live latency
@@ -1015,6 +1015,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(busy, indent=1))
         return busy
     load_before = os.getloadavg()
+    clahe_before = (
+        opencv_clahe_ms()
+    )  # the core's speed moves within a session too (110-140 ms on one machine)
     with tempfile.TemporaryDirectory(prefix="bench_tiles_live_") as tmp:
         workdir = Path(tmp)
         montage, refs = _tiles(args.tiles_dir or workdir, args.tiles, args.columns, args.size, overlap)
@@ -1056,7 +1059,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result = {
         "benchmark": "live_qc",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {**machine_facts(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": {
+            **machine_facts(),
+            "opencv_clahe_5000_ms_before": clahe_before,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "config": {
             "tiles": args.tiles,
             "tile_px": [args.size, args.size],
@@ -1175,6 +1183,10 @@ def _history(result: dict[str, Any]) -> list[dict[str, Any]]:
         "date": result["date"],
         "loadavg_before": _rounded(result["machine"]["loadavg_before"]),
         "loadavg_after": _rounded(result["machine"]["loadavg_after"]),
+        "opencv_clahe_5000_ms": [  # the machine's core speed, before and after the run
+            result["machine"].get("opencv_clahe_5000_ms_before"),
+            result["machine"].get("opencv_clahe_5000_ms"),
+        ],
         "unpaced_cpu_ms_per_tile": u["cpu_ms_per_tile"],
         "unpaced_cpu_ms_per_tile_by_stage": u["cpu_ms_per_tile_by_stage"],
         "unpaced_cores_others": u["machine_cpu"]["cores_others"],
