@@ -674,10 +674,16 @@ def _with_batch(
                         window.update(
                             seconds=time.monotonic() - window["began"],
                             pool=_processes_cpu(workers) - window["pool"],
+                            pool_wait=_processes_run_wait(workers) - window["pool_wait"],
                             service=_processes_cpu([service_pid]),
+                            service_wait=_processes_run_wait([service_pid]),
                         )
 
-                    window.update(began=time.monotonic(), pool=_processes_cpu(workers))
+                    window.update(
+                        began=time.monotonic(),
+                        pool=_processes_cpu(workers),
+                        pool_wait=_processes_run_wait(workers),
+                    )
                     with _CpuShare() as share:
                         scopes_k, batch_k = _paced_with_service(
                             workdir,
@@ -700,6 +706,11 @@ def _with_batch(
                             # cores each side got while the scopes ran (the service's CPU since it started)
                             "cores_batch_pool": round(window["pool"] / window["seconds"], 2),
                             "cores_live_service": round(window["service"] / window["seconds"], 2),
+                            # threads runnable but waiting for a CPU, on average over the window
+                            "waiting_threads_batch_pool": round(window["pool_wait"] / window["seconds"], 2),
+                            "waiting_threads_live_service": round(
+                                window["service_wait"] / window["seconds"], 2
+                            ),
                             "loadavg_before": _rounded(load),
                             "loadavg_after": _rounded(os.getloadavg()),
                             "pool_autogroup_nice": group,
@@ -712,7 +723,8 @@ def _with_batch(
         "priority 0, submitted as the scopes start) on the deployment's Dask pool; runs_own_batch_niced_pool "
         "is the deployed configuration, runs_own_pool and runs_shared_pool comparisons (--batch-compare); "
         "a run's machine_cpu.cores_others counts the batch pool too (it is not this process's child), "
-        "cores_batch_pool and cores_live_service are over the scopes' window only",
+        "cores_batch_pool and cores_live_service are over the scopes' window only, as are the waiting_threads "
+        "(the kernel's run delay: threads runnable but not running, on average)",
         "pools": {name: POOL_NOTES[name] for name in pools},
         "batch_alone": alone,
         **{f"runs_{name}_pool": runs_ for name, runs_ in out.items()},
@@ -730,6 +742,23 @@ def _processes_cpu(pids: list[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def _processes_run_wait(pids: list[int]) -> float:
+    """Seconds the processes' threads have spent runnable but waiting for a CPU (the kernel's schedstat
+    run delay, summed over the threads alive now; a thread that ended takes its share with it)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # ended meanwhile, or no schedstat in this kernel
+    return total / 1e9
 
 
 def _set_group_niceness(pids: list[int], niceness: int) -> bool:
@@ -1173,7 +1202,16 @@ def _history(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "max_s": [sc["latency_s_max"] for sc in run["scopes"]],
                 "loadavg_before": run.get("loadavg_before"),
                 "cores_others": run.get("machine_cpu", {}).get("cores_others"),
-                **{k: run[k] for k in ("cores_live_service", "cores_batch_pool") if k in run},
+                **{
+                    k: run[k]
+                    for k in (
+                        "cores_live_service",
+                        "cores_batch_pool",
+                        "waiting_threads_live_service",
+                        "waiting_threads_batch_pool",
+                    )
+                    if k in run
+                },
             }
             for run in entries
         ]
@@ -1278,7 +1316,9 @@ def _print(r: dict[str, Any]) -> None:
             f"live-QC service, {label:16} {cells}  (load {run.get('loadavg_before')}, cores others kept busy "
             f"{run.get('machine_cpu', {}).get('cores_others')}"
             + (
-                f"; cores: live service {run['cores_live_service']}, batch pool {run['cores_batch_pool']})"
+                f"; cores: live service {run['cores_live_service']}, batch pool {run['cores_batch_pool']}; "
+                f"threads waiting for a CPU: live service {run.get('waiting_threads_live_service')}, "
+                f"batch pool {run.get('waiting_threads_batch_pool')})"
                 if "cores_batch_pool" in run
                 else ")"
             )
