@@ -1044,9 +1044,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(busy, indent=1))
         return busy
     load_before = os.getloadavg()
-    clahe_before = (
-        opencv_clahe_ms()
-    )  # the core's speed moves within a session too (110-140 ms on one machine)
+    # the core's speed moves within a session too (80-140 ms on one machine): taken before and after
+    clahe_before = opencv_clahe_ms()
     with tempfile.TemporaryDirectory(prefix="bench_tiles_live_") as tmp:
         workdir = Path(tmp)
         montage, refs = _tiles(args.tiles_dir or workdir, args.tiles, args.columns, args.size, overlap)
