@@ -142,3 +142,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:  # `make test-fast` leaves these two units out
         if _work_unit(item.nodeid) in END_TO_END:
             item.add_marker(pytest.mark.end_to_end)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The `make demo` checkout removed by the process that made it (xdist: one worker)."""
+    from tests.support.demo_state import remove_demo_state
+
+    remove_demo_state()

@@ -108,6 +108,14 @@ def demo_state() -> DemoState:
     return _STATE
 
 
+def remove_demo_state() -> None:
+    """The checkout gone at the session's end (250 MB in the temporary folder, left by every run before)."""
+    global _STATE
+    if _STATE is not None:
+        shutil.rmtree(_STATE.checkout.parent, ignore_errors=True)
+        _STATE = None
+
+
 def _runs(dagster_home: Path) -> list:
     import dagster as dg
     from dagster._core.instance.ref import InstanceRef
