@@ -10,7 +10,7 @@ DEV_PORT ?= 3000
 # make test runs the suite on this many processes (pytest-xdist; one module per work unit: tests/conftest.py).
 # Three on two cores: the end-to-end units wait on daemons, browsers and subprocesses for much of their time,
 # and a third process fills those waits (one machine, 2026-11-27: 11 min 45 s; with two 14 min 16 s, of which
-# a failing test waited 1 min)
+# a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
 TEST_WORKERS ?= 3
 
 # em_platform's modules compiled (only those changed since): where PYTHONDONTWRITEBYTECODE is set (this machine,
