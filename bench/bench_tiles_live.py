@@ -209,17 +209,41 @@ class _CpuShare:
     def __enter__(self) -> _CpuShare:
         self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy(), _own_cpu()
         self.processes0 = _process_cpu_table()
+        self.stalls0 = _pressure_stall_us()
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = max(time.perf_counter() - self.t0, 1e-9)
         busy, own = _machine_busy() - self.busy0, _own_cpu() - self.own0
+        stalls = _pressure_stall_us()
         self.figures = {
             "cores_busy": round(busy / wall, 2),
             "cores_ours": round(own / wall, 2),
             "cores_others": round(max(0.0, busy - own) / wall, 2),
             "top_processes": _top_processes(self.processes0, _process_cpu_table(), wall),
+            # share of the time some (or all) runnable tasks were stalled on the CPU or on I/O: a run that
+            # crawled with the cores idle was stalled on the disk (a rate-limited VM's, say), not on our code
+            "stalled": {
+                k: round((v - self.stalls0[k]) / 1e6 / wall, 3)
+                for k, v in stalls.items()
+                if k in self.stalls0
+            },
         }
+
+
+def _pressure_stall_us() -> dict[str, int]:
+    """The kernel's pressure-stall totals (microseconds) for CPU and I/O, as ``cpu_some``, ``io_full``...;
+    empty where the kernel keeps none (``/proc/pressure``, Linux 4.20+ with PSI on)."""
+    totals = {}
+    for resource in ("cpu", "io"):
+        try:
+            lines = Path(f"/proc/pressure/{resource}").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            kind, *fields = line.split()
+            totals[f"{resource}_{kind}"] = int(dict(f.split("=", 1) for f in fields)["total"])
+    return totals
 
 
 def _process_cpu_table() -> dict[int, tuple[str, float]]:
@@ -1313,7 +1337,8 @@ def _print(r: dict[str, Any]) -> None:
         )
         print(
             f"live-QC service, {label:16} {cells}  (load {run.get('loadavg_before')}, cores others kept busy "
-            f"{run.get('machine_cpu', {}).get('cores_others')}"
+            f"{run.get('machine_cpu', {}).get('cores_others')}, stalled on I/O (some) "
+            f"{run.get('machine_cpu', {}).get('stalled', {}).get('io_some')}"
             + (
                 f"; cores: live service {run['cores_live_service']}, batch pool {run['cores_batch_pool']}; "
                 f"threads waiting for a CPU: live service {run.get('waiting_threads_live_service')}, "
