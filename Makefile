@@ -13,16 +13,10 @@ DEV_PORT ?= 3000
 # a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
 TEST_WORKERS ?= 3
 
-# em_platform's modules compiled (only those changed since): where PYTHONDONTWRITEBYTECODE is set (this machine,
-# CI, the images) Python never writes them, and every process of a run, a test or a Dask worker would compile
-# them again (0.35 s of CPU each; make test starts hundreds)
-PYC = @$(PY) -m compileall -q em_platform
-
-.PHONY: demo test test-fast dev bench lint validate clean services
+.PHONY: demo test test-fast dev bench lint validate clean services compiled
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
-	$(PYC)
 	# the live chain's compiled CLAHE into numba's cache once, not in every test worker and run process at once
 	$(VENV)/bin/python -c "from em_platform.tem.tile_tasks import warm_up; warm_up()"
 	touch $@
@@ -32,13 +26,18 @@ EM_STITCH := var/em_stitch/COMPLETE
 $(EM_STITCH): scripts/fetch_em_stitch.py | $(VENV)/.installed
 	$(VENV)/bin/python scripts/fetch_em_stitch.py || echo "warning: no em_stitch test data; the tests on the real TEMCA montage are skipped"
 
+# em_platform's modules compiled (only those changed since): where PYTHONDONTWRITEBYTECODE is set (this machine,
+# CI, the images) Python never writes them, and every process of a run, a test or a Dask worker would compile
+# them again (0.35 s of CPU each; make test starts hundreds)
+compiled: $(VENV)/.installed
+	@$(PY) -m compileall -q em_platform
+
 $(DAGSTER_HOME)/dagster.yaml: instance/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp instance/dagster.yaml $@
 
 ## demo: ingest sample volumes of every format through Dagster on the embedded defaults, print the catalog
-demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-	$(PYC)
+demo: compiled $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform demo
 
 # suites of their own targets, not make test's: the faults that kill services for minutes (make test-faults,
@@ -47,28 +46,24 @@ OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm
   tests/slurm/test_run_page_on_slurm.py tests/slurm/test_harness.py
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
-test: $(VENV)/.installed services slurm-engine $(EM_STITCH)
+test: compiled services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench scripts
 	$(VENV)/bin/ruff format --check em_platform tests bench scripts
-	$(PYC)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=40 --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
 ## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
-test-fast: $(VENV)/.installed services slurm-engine $(EM_STITCH)
+test-fast: compiled services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench scripts
 	$(VENV)/bin/ruff format --check em_platform tests bench scripts
-	$(PYC)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
-dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-	$(PYC)
+dev: compiled $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform dev --workspace workspace.yaml --host 127.0.0.1 --port $(DEV_PORT)
 
 ## bench: performance benchmarks; results in bench/results/*.json
-bench: $(VENV)/.installed $(EM_STITCH)
-	$(PYC)
+bench: compiled $(EM_STITCH)
 	$(PY) -m bench.run
 
 validate: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
@@ -128,21 +123,18 @@ container-engine:
 	@bash scripts/install_podman.sh
 
 ## test-compose: the compose stack end to end in containers: build, up, the demo workload, faults, down/up
-test-compose: $(VENV)/.installed services container-engine
-	$(PYC)
+test-compose: compiled services container-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/compose
 
 ## test-faults: the process topology's fault suite: the daemon, a Dask worker, a run, the listener and the object
 ## store killed mid-ingest or mid-montage, each ending with nothing lost or duplicated
-test-faults: $(VENV)/.installed services $(EM_STITCH)
-	$(PYC)
+test-faults: compiled services $(EM_STITCH)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/deploy/test_faults.py
 
 ## test-slurm: the platform on a real single-node SLURM started here: results equal to the local cluster's, then
 ## its faults (a worker job cancelled, a walltime, slurmctld restarted, a queue that starts nothing or stops
 ## starting jobs mid-run) and the run's page in a browser showing its SLURM jobs
-test-slurm: $(VENV)/.installed services slurm-engine
-	$(PYC)
+test-slurm: compiled services slurm-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/slurm
 
 ## slurm-engine: Debian's slurm-wlm and munge for the tests against a real single-node SLURM (tests/slurm; as root)
