@@ -19,7 +19,7 @@ Containers (compose) are cgroups, where neither applies: there CPU weights are t
 
 Its threads are also put under ``SCHED_IDLE``. Weights set the shares of threads that are always runnable;
 the live service's threads sleep and wake with every tile, and on kernel 6.18 here its two busy processing
-threads got 1.24-1.34 cores while the nice-19 pool got 0.32-0.37 of two (bench_tiles_live, three runs).
+threads got 1.24-1.34 cores while the nice-19 pool got 0.33-0.37 of two (bench_tiles_live, four runs).
 A waking thread preempts a ``SCHED_IDLE`` one at once, and the scheduler places it on a core that runs
 only ``SCHED_IDLE`` threads as on an idle one (sched(7)). Two runs with it: 1.39 cores against 0.21-0.25
 (on a machine whose own speed moved more than that within the hour: the live latency did not tell).
