@@ -693,22 +693,19 @@ def _with_batch(
                     os.sync()
                     load = os.getloadavg()
                     window: dict[str, float] = {}
+                    delay = _RunDelay(workers)
 
-                    def judged(service_pid: int, window=window) -> None:
+                    def judged(service_pid: int, window=window, delay=delay) -> None:
                         window.update(
                             seconds=time.monotonic() - window["began"],
                             pool=_processes_cpu(workers) - window["pool"],
-                            pool_wait=_processes_run_wait(workers) - window["pool_wait"],
+                            pool_wait=delay.seconds(workers),
                             service=_processes_cpu([service_pid]),
-                            service_wait=_processes_run_wait([service_pid]),
+                            service_wait=delay.seconds([service_pid]),
                         )
 
-                    window.update(
-                        began=time.monotonic(),
-                        pool=_processes_cpu(workers),
-                        pool_wait=_processes_run_wait(workers),
-                    )
-                    with _CpuShare() as share:
+                    window.update(began=time.monotonic(), pool=_processes_cpu(workers))
+                    with _CpuShare() as share, delay:
                         scopes_k, batch_k = _paced_with_service(
                             workdir,
                             tiles,
@@ -768,21 +765,61 @@ def _processes_cpu(pids: list[int]) -> float:
     return total
 
 
-def _processes_run_wait(pids: list[int]) -> float:
-    """Seconds the processes' threads have spent runnable but waiting for a CPU (the kernel's schedstat
-    run delay, summed over the threads alive now; a thread that ended takes its share with it)."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
+class _RunDelay:
+    """Seconds threads spent runnable but waiting for a CPU (the kernel's schedstat run delay) over a window,
+    per process, sampled every ``every`` s on a thread of its own: the live service's Dask worker starts a
+    thread for every tile whose store leaves the pool (``secede``) and that thread ends with the store, so
+    a sum over the threads alive at the end missed most of the service's waits. A thread that ends between
+    two samples loses only its last interval. Watches ``pids`` and this process's children (the service)."""
+
+    def __init__(self, pids: list[int], every: float = 0.2):
+        self.pids, self.every = list(pids), every
+        self.seen: dict[tuple[int, int], list[int]] = {}  # (pid, tid) -> [at the first sample, at the last]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="run-delay", daemon=True)
+
+    def __enter__(self) -> _RunDelay:
+        self._sample(first=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def seconds(self, pids: list[int]) -> float:
+        """Run delay of ``pids``' threads since the window began (a thread born in it: since its birth)."""
+        self._sample()
+        return sum(last - first for (pid, _), (first, last) in self.seen.items() if pid in pids) / 1e9
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self._sample()
+
+    def _sample(self, first: bool = False) -> None:
+        for pid in self.pids + _children(os.getpid()):
             try:
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # ended meanwhile, or no schedstat in this kernel
-    return total / 1e9
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    wait = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue  # ended meanwhile, or no schedstat in this kernel
+                entry = self.seen.setdefault((pid, int(tid)), [wait if first else 0, wait])
+                entry[1] = wait
+
+
+def _children(pid: int) -> list[int]:
+    """The process's children, from each of its threads' ``children`` file."""
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    except OSError:
+        pass
+    return found
 
 
 def _set_group_niceness(pids: list[int], niceness: int) -> bool:
