@@ -397,8 +397,8 @@ def check_data_root(client, data_root: str) -> None:
 
 def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
     """End the worker jobs as finished work: adaptive scaling stopped, each worker retired (its job script
-    exits 0, so SLURM records the job ``COMPLETED``, not ``CANCELLED``), then the cluster closed, which
-    cancels whatever is left after ``timeout`` seconds."""
+    exits 0, so SLURM records the job ``COMPLETED``, not ``CANCELLED``), workers that join meanwhile too,
+    then the cluster closed, which cancels whatever is left after ``timeout`` seconds."""
     log.releasing = True
     adaptive = getattr(cluster, "_adaptive", None)
     if adaptive is not None:
@@ -408,7 +408,10 @@ def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
         ids = [job.job_id for job in log.jobs]
         deadline = time.monotonic() + timeout
         while ids and _still_running(ids) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.5)
+            # a job that was starting joins after the first retire: retire it too, or it waits out the
+            # timeout and is cancelled (seen on a loaded machine: job 5 COMPLETED, job 6 CANCELLED)
+            client.retire_workers(close_workers=True)
     except Exception:  # noqa: BLE001 - the jobs are cancelled below whatever went wrong
         pass
     finally:
