@@ -808,7 +808,7 @@ class _RunDelay:
                 except (OSError, IndexError, ValueError):
                     continue  # ended meanwhile, or no schedstat in this kernel
                 entry = self.seen.setdefault((pid, int(tid)), [wait if first else 0, wait])
-                entry[1] = wait
+                entry[1] = max(entry[1], wait)  # two samplers (the thread, seconds()) may interleave
 
 
 def _children(pid: int) -> list[int]:

@@ -57,9 +57,11 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 def open_database(url: str, metadata: sa.MetaData, *, create: bool = True) -> Engine:
     """An engine for ``url`` with ``metadata``'s tables created; errors say to check EM_CATALOG_URL."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}  # a server's connection can go stale: test it first
-    if url.startswith("sqlite"):  # a file's connection cannot, and the test was a third of a live poll's CPU
-        kwargs = {"connect_args": {"timeout": 60}}
+    # A server's connection can go stale: test it before use. A file's cannot, and for SQLite the test was
+    # about a sixth of the CPU of a live montage run's poll of the journal (0.2 of 1.27 ms).
+    kwargs: dict[str, Any] = (
+        {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    )
     try:
         engine = sa.create_engine(url, **kwargs)
     except Exception as exc:

@@ -21,7 +21,7 @@ Its threads are also put under ``SCHED_IDLE``. Weights set the shares of threads
 the live service's threads sleep and wake with every tile, and on kernel 6.18 here its two busy processing
 threads got 1.24-1.34 cores while the nice-19 pool got 0.33-0.37 of two (bench_tiles_live, four runs).
 A waking thread preempts a ``SCHED_IDLE`` one at once, and the scheduler places it on a core that runs
-only ``SCHED_IDLE`` threads as on an idle one (sched(7)). Two runs with it: 1.39 cores against 0.21-0.25
+only ``SCHED_IDLE`` threads as on an idle one (sched(7)). Three runs with it: 1.37-1.39 cores against 0.21-0.25
 (on a machine whose own speed moved more than that within the hour: the live latency did not tell).
 
 The batch work is slower only while live tiles want the cores; idle cores are still all the batch's.
@@ -47,9 +47,10 @@ def lower_priority(
     niceness: int = BATCH_NICENESS, group_niceness: int = BATCH_GROUP_NICENESS
 ) -> dict[str, int | bool | None]:
     """Lower this thread's CPU priority to ``niceness`` (threads it starts later inherit it: call it before
-    the worker's executor threads exist) and, when the session is this batch worker's own, the session's
-    autogroup to ``group_niceness``. Returns what holds afterwards: ``{"niceness", "group_niceness"}``
-    (None: no autogroup here, or not the worker's to change). Never raises: a worker that cannot lower its
+    the worker's executor threads exist), puts it under ``SCHED_IDLE`` (:func:`idle_policy`) and, when the
+    session is this batch worker's own, lowers the session's autogroup to ``group_niceness``. Returns what
+    holds afterwards: ``{"niceness", "idle_policy", "group_niceness"}`` (``group_niceness`` None: no
+    autogroup here, or not the worker's to change). Never raises: a worker that cannot lower its
     priority still works."""
     return {
         "niceness": lower_thread_priority(niceness),
