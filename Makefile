@@ -41,9 +41,11 @@ demo: compiled $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/em-platform demo
 
 # suites of their own targets, not make test's: the faults that kill services for minutes (make test-faults,
-# test-slurm), the SLURM run's page in a browser and the single-node SLURM harness's own tests (make test-slurm)
+# test-slurm), the SLURM run's page in a browser and the single-node SLURM harness's own tests
+# and how a run ends its jobs (make test-slurm)
 OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm.py \
-  tests/slurm/test_run_page_on_slurm.py tests/slurm/test_harness.py
+  tests/slurm/test_run_page_on_slurm.py tests/slurm/test_harness.py \
+  tests/slurm/test_release_on_slurm.py
 
 ## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
 test: compiled services slurm-engine $(EM_STITCH)

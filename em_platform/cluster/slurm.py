@@ -396,22 +396,25 @@ def check_data_root(client, data_root: str) -> None:
 
 
 def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
-    """End the worker jobs as finished work: adaptive scaling stopped, each worker retired (its job script
-    exits 0, so SLURM records the job ``COMPLETED``, not ``CANCELLED``), workers that join meanwhile too,
-    then the cluster closed, which cancels whatever is left after ``timeout`` seconds."""
+    """End the worker jobs as finished work: adaptive scaling stopped, jobs still queued cancelled (SLURM records
+    them ``CANCELLED`` on no node: they never ran), each worker retired (its job script exits 0, so SLURM records
+    the job ``COMPLETED``), workers that join meanwhile too, then the cluster closed, which cancels whatever is
+    left after ``timeout`` seconds."""
     log.releasing = True
     adaptive = getattr(cluster, "_adaptive", None)
     if adaptive is not None:
         adaptive.stop()
     try:
-        client.retire_workers(close_workers=True)
-        ids = [job.job_id for job in log.jobs]
         deadline = time.monotonic() + timeout
-        while ids and _still_running(ids) and time.monotonic() < deadline:
-            time.sleep(0.5)
-            # a job that was starting joins after the first retire: retire it too, or it waits out the
-            # timeout and is cancelled (seen on a loaded machine: job 5 COMPLETED, job 6 CANCELLED)
+        while True:
+            ids = [job.job_id for job in log.jobs]  # again each time: a submission in flight lands late
+            # a queued job either is cancelled here or has started, and then its worker is retired once it joins
+            # (a job starting while the cluster closed was cancelled mid-start: seen on loaded machines)
+            _cancel_queued(ids)
             client.retire_workers(close_workers=True)
+            if not ids or not _still_running(ids) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
     except Exception:  # noqa: BLE001 - the jobs are cancelled below whatever went wrong
         pass
     finally:
@@ -422,10 +425,16 @@ def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
                 dumped.close()
 
 
+def _cancel_queued(job_ids: list[str]) -> None:
+    """Cancel those of the jobs still pending; slurmctld decides atomically, so a job that starts meanwhile runs."""
+    if job_ids:
+        subprocess.run(["scancel", "--state=PENDING", *job_ids], capture_output=True, text=True, timeout=30)
+
+
 def _still_running(job_ids: list[str]) -> bool:
-    """Whether any of the jobs still runs (or completes); a pending one is cancelled with the cluster."""
+    """Whether any of the jobs is starting (its node configuring), running or completing."""
     done = subprocess.run(
-        ["squeue", "-h", "-o", "%i", "-t", "R,CG", "-j", ",".join(job_ids)],
+        ["squeue", "-h", "-o", "%i", "-t", "CF,R,CG", "-j", ",".join(job_ids)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -1,0 +1,50 @@
+"""How a run ends its worker jobs (:func:`em_platform.cluster.slurm.release`) against the session's real SLURM:
+a job still queued when the work is done is cancelled before it starts, not started to be retired (or, starting
+as the cluster closes, cancelled mid-start), and a running worker's job ends COMPLETED."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from dask.distributed import Client
+
+from em_platform.cluster.slurm import JobLog, SlurmSettings, release, start_cluster
+from tests.support.slurm import wait_until
+
+
+def test_a_job_still_queued_at_release_never_starts_and_the_running_one_completes(
+    slurm, tmp_path, monkeypatch
+):
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in slurm.env.items():
+        monkeypatch.setenv(name, value)
+    # each job takes every core of the node, so the second job queues (Resources) while the first runs
+    settings = SlurmSettings(
+        queue=slurm.partition,
+        cores=slurm.cpus,
+        memory="1GB",
+        walltime="00:10:00",
+        python=sys.executable,
+        min_jobs=1,
+        max_jobs=2,
+        start_timeout=60,
+    )
+    log = JobLog()
+    cluster = start_cluster(settings, log, str(tmp_path / "logs"))
+    with Client(cluster) as client:
+        client.wait_for_workers(1, timeout=60)
+        cluster.adapt(minimum_jobs=2, maximum_jobs=2)
+        wait_until(lambda: len(log.jobs) == 2, 30, "the second job's submission")
+        running, queued = (job.job_id for job in log.jobs)
+        assert slurm.job_state(queued)[0] == "PENDING", slurm.describe()
+        began = time.monotonic()
+        release(client, cluster, log)
+        took = time.monotonic() - began
+    first, second = slurm.wait_for_record(running), slurm.wait_for_record(queued)
+    assert (first["JobState"], first["NodeCnt"]) == ("COMPLETED", "1"), first
+    # cancelled where it waited: no node, no process, nothing to retire
+    assert (second["JobState"], second["NodeCnt"], second["NodeList"]) == ("CANCELLED", "0", "(null)"), second
+    print(f"release: {took:.1f} s; job {running} COMPLETED, queued job {queued} cancelled before it started")
