@@ -36,6 +36,7 @@ from em_platform.switch import parse_switch
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]+$")
+CLOSE_GRACE = 15.0  # seconds a retired worker's job has to exit by itself before it is cancelled
 
 
 class SlurmSettingError(ValueError):
@@ -229,6 +230,11 @@ class JobLog:
             if (job := self._current.get(name)) is not None and job.joined is not None and job.left is None:
                 job.left = time.monotonic()
 
+    def ran(self, job_id: str) -> bool:
+        """Whether the job's worker joined the scheduler (it did work, so it ends as finished work)."""
+        with self._lock:
+            return any(job.job_id == job_id and job.joined is not None for job in self.jobs)
+
     def waiting(self) -> list[str]:
         """The jobs submitted whose worker has not joined (pending, or started and not yet connected)."""
         with self._lock:
@@ -272,6 +278,17 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
         async def start(self) -> None:
             await super().start()
             log.submitted(self.name, str(self.job_id))
+
+        async def close(self) -> None:
+            """Adaptive scaling retires a worker it lets go (``close_workers``) and then closes its job with
+            ``scancel`` at once, which lands before the job script has exited: SLURM recorded ``CANCELLED`` a
+            job that did its work. A job whose worker joined is given :data:`CLOSE_GRACE` seconds to end by
+            itself (``COMPLETED``); one still queued or starting is cancelled now (it did nothing)."""
+            if self.job_id and log.ran(str(self.job_id)):
+                deadline = time.monotonic() + CLOSE_GRACE
+                while await _job_alive(str(self.job_id)) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.25)
+            await super().close()
 
     class Membership(SchedulerPlugin):
         def add_worker(self, scheduler, worker: str) -> None:
@@ -334,6 +351,24 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
     cluster.scheduler.add_plugin(Membership(), name="em-platform-slurm-jobs")
     cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
     return cluster
+
+
+async def _job_alive(job_id: str) -> bool:
+    """Whether SLURM still has the job configuring, running or completing (not blocking the scheduler's loop)."""
+    process = await asyncio.create_subprocess_exec(
+        "squeue",
+        "-h",
+        "-o",
+        "%i",
+        "-t",
+        "CF,R,CG",
+        "-j",
+        job_id,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await process.communicate()
+    return bool(out.split())  # an error (the job long gone from squeue) prints nothing
 
 
 def wait_for_first_worker(client, cluster, settings: SlurmSettings, log: JobLog) -> None:

@@ -129,7 +129,7 @@ def test_a_worker_job_cancelled_mid_run_is_replaced_and_the_montage_completes(
     assert set(cancelled) < set(jobs), (cancelled, jobs)  # a new job took over
     for job in cancelled:
         assert slurm.wait_for_record(job)["JobState"] == "CANCELLED"
-    assert_completed(slurm, [j for j in jobs if j not in cancelled])
+    assert_completed(slurm, [j for j in jobs if j not in cancelled], tmp_path / "slurm-logs")
 
 
 def test_a_worker_at_its_walltime_hands_over_to_a_new_job(slurm, tmp_path, monkeypatch, reference):
@@ -146,13 +146,13 @@ def test_a_worker_at_its_walltime_hands_over_to_a_new_job(slurm, tmp_path, monke
     platform, jobs = live_run_with_fault(slurm, tmp_path, monkeypatch, outlive, EM_SLURM_WALLTIME="1")
     np.testing.assert_array_equal(_fused(platform), reference)
     assert set(first) < set(jobs), (first, jobs)
-    assert_completed(slurm, jobs)
+    assert_completed(slurm, jobs, tmp_path / "slurm-logs")
 
 
 def test_slurmctld_restarted_mid_run_changes_nothing(slurm, tmp_path, monkeypatch, reference):
     platform, jobs = live_run_with_fault(slurm, tmp_path, monkeypatch, slurm.restart_controller)
     np.testing.assert_array_equal(_fused(platform), reference)
-    assert_completed(slurm, jobs)
+    assert_completed(slurm, jobs, tmp_path / "slurm-logs")
 
 
 def test_a_queue_that_starts_nothing_fails_the_run_in_time_with_slurms_reason(slurm, tmp_path, monkeypatch):
@@ -196,7 +196,7 @@ def test_a_worker_killed_at_its_walltime_is_replaced_and_the_montage_completes(
     platform, jobs = live_run_with_fault(slurm, tmp_path, monkeypatch, walltime)
     np.testing.assert_array_equal(_fused(platform), reference)
     assert set(ended) < set(jobs), (ended, jobs)
-    assert_completed(slurm, [j for j in jobs if j not in ended])
+    assert_completed(slurm, [j for j in jobs if j not in ended], tmp_path / "slurm-logs")
 
 
 def test_a_queue_that_stops_starting_jobs_mid_run_fails_the_run_in_time_and_a_rerun_resumes(

@@ -66,17 +66,26 @@ def run_jobs(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     return tags["em/slurm_jobs"].split(",")
 
 
-def assert_completed(slurm, job_ids: list[str]) -> None:
-    """SLURM's own completion record (jobcomp) of each worker job: COMPLETED if it ran; a job adaptive scaling
-    added that was still queued when the work ended is cancelled where it waited (on no node), never started."""
+def assert_completed(slurm, job_ids: list[str], logs: Path) -> None:
+    """SLURM's own completion record (jobcomp) of each worker job: COMPLETED if its worker joined the run (its
+    log in ``logs`` says so); a job adaptive scaling no longer needed before its worker joined (queued, or
+    still starting) is CANCELLED: it did nothing."""
     records = [slurm.wait_for_record(job_id) for job_id in job_ids]
+    joined = {r["JobId"]: "Registered to:" in _job_log(logs, r["JobId"]) for r in records}
     seen = "; ".join(
         f"job {r['JobId']} {r['JobState']} on {r['NodeList']} {r['StartTime']}..{r['EndTime']}"
+        f"{'' if joined[r['JobId']] else ', its worker never joined'}"
         for r in records
     )
-    assert any(r["NodeCnt"] != "0" for r in records), seen
+    assert any(joined.values()), seen
     for r in records:
-        assert r["JobState"] == ("COMPLETED" if r["NodeCnt"] != "0" else "CANCELLED"), seen
+        assert r["JobState"] == ("COMPLETED" if joined[r["JobId"]] else "CANCELLED"), seen
+
+
+def _job_log(logs: Path, job_id: str) -> str:
+    """The worker job's stderr (dask-jobqueue names it after the job), where the worker logs its joining."""
+    path = logs / f"em-platform-{job_id}.err"
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _cryo_resources(root: Path, sessions: Path, dask: DaskResource) -> dict:
@@ -136,7 +145,7 @@ def test_a_cryo_tilt_series_on_slurm_jobs_equals_the_local_run(slurm, tmp_path, 
     assert set(outputs["slurm"]) == set(outputs["local"]) and outputs["local"], sorted(outputs["local"])
     for name, local in outputs["local"].items():
         np.testing.assert_allclose(outputs["slurm"][name], local, rtol=1e-5, atol=1e-6, err_msg=name)
-    assert_completed(slurm, jobs)
+    assert_completed(slurm, jobs, tmp_path / "slurm-logs")
 
 
 def test_a_montage_fused_on_slurm_jobs_equals_the_local_run(slurm, tmp_path, monkeypatch):
@@ -166,7 +175,7 @@ def test_a_montage_fused_on_slurm_jobs_equals_the_local_run(slurm, tmp_path, mon
         fused[where] = np.asarray(image["0"][:])
     assert fused["slurm"].shape == fused["local"].shape and fused["local"].any()
     np.testing.assert_array_equal(fused["slurm"], fused["local"])
-    assert_completed(slurm, jobs)
+    assert_completed(slurm, jobs, tmp_path / "slurm-logs")
 
 
 def test_workers_that_cannot_see_the_data_root_fail_the_run_at_once_naming_the_path(
@@ -218,7 +227,7 @@ def test_with_tls_the_workers_join_over_tls_and_a_plain_client_is_refused(slurm,
     assert all(w.startswith("tls://") for w in seen["workers"]), seen
     assert seen["keys"] and set(seen["keys"].values()) == {0o600}, seen["keys"]  # the worker's key, its cert
     assert not list(logs.glob(".dask-jobqueue.worker.*")), "the run's certificates outlived it"
-    assert_completed(slurm, jobs)
+    assert_completed(slurm, jobs, tmp_path / "slurm-logs")
 
 
 def test_an_inbox_ingest_converted_on_slurm_jobs_equals_the_local_run(slurm, tmp_path, monkeypatch):
@@ -243,4 +252,4 @@ def test_an_inbox_ingest_converted_on_slurm_jobs_equals_the_local_run(slurm, tmp
     assert images["slurm"].keys() == images["local"].keys() and images["local"]
     for level, local in images["local"].items():
         np.testing.assert_array_equal(images["slurm"][level], local, err_msg=f"level {level}")
-    assert_completed(slurm, jobs)
+    assert_completed(slurm, jobs, tmp_path / "slurm-logs")

@@ -1,6 +1,7 @@
-"""How a run ends its worker jobs (:func:`em_platform.cluster.slurm.release`) against the session's real SLURM:
-a job still queued when the work is done is cancelled before it starts, not started to be retired (or, starting
-as the cluster closes, cancelled mid-start), and a running worker's job ends COMPLETED."""
+"""How the worker jobs end, against the session's real SLURM: at a run's end (:func:`em_platform.cluster.slurm.release`)
+a job still queued is cancelled before it starts, not started to be retired (or, starting as the cluster
+closes, cancelled mid-start), and a running worker's job ends COMPLETED; so does the job of a worker adaptive
+scaling lets go mid-run."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from em_platform.cluster.slurm import JobLog, SlurmSettings, release, start_clus
 from tests.support.slurm import wait_until
 
 
-def test_a_job_still_queued_at_release_never_starts_and_the_running_one_completes(
-    slurm, tmp_path, monkeypatch
-):
+def _use(slurm, monkeypatch) -> None:
+    """dask-jobqueue runs sbatch/scancel with this process's environment: the session's cluster in it."""
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         monkeypatch.delenv(name)
     for name, value in slurm.env.items():
         monkeypatch.setenv(name, value)
+
+
+def test_a_job_still_queued_at_release_never_starts_and_the_running_one_completes(
+    slurm, tmp_path, monkeypatch
+):
+    _use(slurm, monkeypatch)
     # each job takes every core of the node, so the second job queues (Resources) while the first runs
     settings = SlurmSettings(
         queue=slurm.partition,
@@ -48,3 +54,30 @@ def test_a_job_still_queued_at_release_never_starts_and_the_running_one_complete
     # cancelled where it waited: no node, no process, nothing to retire
     assert (second["JobState"], second["NodeCnt"], second["NodeList"]) == ("CANCELLED", "0", "(null)"), second
     print(f"release: {took:.1f} s; job {running} COMPLETED, queued job {queued} cancelled before it started")
+
+
+def test_a_worker_adaptive_scaling_lets_go_ends_its_job_completed(slurm, tmp_path, monkeypatch):
+    _use(slurm, monkeypatch)
+    settings = SlurmSettings(
+        queue=slurm.partition,
+        memory="1GB",
+        walltime="00:10:00",
+        python=sys.executable,
+        min_jobs=1,
+        max_jobs=2,
+        start_timeout=60,
+    )
+    log = JobLog()
+    cluster = start_cluster(settings, log, str(tmp_path / "logs"))
+    with Client(cluster) as client:
+        cluster.adapt(minimum_jobs=2, maximum_jobs=2)
+        client.wait_for_workers(2, timeout=90)
+        cluster.adapt(minimum_jobs=1, maximum_jobs=1)  # no work: adaptive scaling lets one worker go
+        let_go = wait_until(
+            lambda: [j.job_id for j in log.jobs if slurm.job_record(j.job_id)], 60, "a job's end"
+        )
+        record = slurm.job_record(let_go[0])
+        release(client, cluster, log)
+    # its worker was retired, then its job closed: the job script's own exit, not scancel
+    assert (record["JobState"], record["NodeCnt"]) == ("COMPLETED", "1"), record
+    assert all(slurm.wait_for_record(j.job_id)["JobState"] == "COMPLETED" for j in log.jobs), log.jobs
