@@ -13,7 +13,7 @@ DEV_PORT ?= 3000
 # a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
 TEST_WORKERS ?= 3
 
-.PHONY: demo test test-fast dev bench lint validate clean services compiled
+.PHONY: demo test test-e2e test-fast dev bench lint validate clean services compiled
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -47,18 +47,24 @@ OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm
   tests/slurm/test_run_page_on_slurm.py tests/slurm/test_harness.py \
   tests/slurm/test_release_on_slurm.py
 
-## test: the whole test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent)
+## test: the test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent); the two
+## end-to-end units are make test-e2e's, which CI runs after it
 test: compiled services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench scripts
 	$(VENV)/bin/ruff format --check em_platform tests bench scripts
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=40 --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=40 -m "not end_to_end" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
-## test-fast: every test but the end-to-end ones (the `make demo` checkout with its browser and docs-command
-## tests, the deployment's process topology): the quick loop while changing code; make test runs them all
+## test-e2e: the end-to-end units, each a chain of its own on one process: a fresh checkout's `make demo` (twice)
+## with the browser tests of the UI and Neuroglancer and every command the README and docs/ show; the
+## deployment's process topology (daemon, webserver, code server, Dask, S3, PostgreSQL, broker, live QC)
+test-e2e: compiled services slurm-engine $(EM_STITCH)
+	$(PY) -m pytest -q -n 2 --durations=20 -m end_to_end --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
+
+## test-fast: make test without its `slow` tests (whole Dagster runs): the quick loop while changing code
 test-fast: compiled services slurm-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench scripts
 	$(VENV)/bin/ruff format --check em_platform tests bench scripts
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end and not slow" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: compiled $(DAGSTER_HOME)/dagster.yaml

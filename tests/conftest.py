@@ -132,14 +132,14 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     """The longest units first; the order within each unit is kept (the demo's modules depend on it). The demo
-    and topology units are marked ``end_to_end``."""
+    and topology units are marked ``end_to_end`` (make test-e2e's)."""
 
     def rank(item) -> int:
         unit = _work_unit(item.nodeid)
         return next((i for i, u in enumerate(LONGEST_FIRST) if unit == u), len(LONGEST_FIRST))
 
     items.sort(key=rank)
-    for item in items:  # `make test-fast` leaves these two units out
+    for item in items:  # make test leaves these two units to make test-e2e
         if _work_unit(item.nodeid) in END_TO_END:
             item.add_marker(pytest.mark.end_to_end)
 
