@@ -2,11 +2,11 @@
 
 Linux schedules by *autogroup* when ``kernel.sched_autogroup_enabled`` is 1 (the default of most
 distributions, and of this machine): every session (``setsid``) is a group, groups share the CPU equally,
-and a thread's nice value (or ``SCHED_IDLE``) orders it only against threads of its own session
+and a thread's nice value orders it only against threads of its own session
 (sched(7), "The autogroup feature"). `make dev` and deploy-local start each service in a session of its own
 (``start_new_session``), so the batch workers' nice 10 gave the live-QC service nothing while an ingest and
 a fusion ran: measured here with two busy processes on one core, one of them at nice 10, in two sessions
-each took half, in one session 91 % against 9 %; ``SCHED_IDLE`` across sessions, half again. The session's
+each took half, in one session 91 % against 9 %. The session's
 group has a nice value of its own (``/proc/self/autogroup``): at 10 the same pair split 90 % / 10 % of what
 they got, at 19 97 % / 3 % (the rest of the core went to other sessions on the machine).
 
@@ -17,12 +17,11 @@ supervisor started with ``start_new_session``). A worker spawned inside a proces
 (a ``LocalCluster`` in a run, a benchmark) leaves the group alone: that would slow the whole session down.
 Containers (compose) are cgroups, where neither applies: there CPU weights are the compose file's to set.
 
-Its threads are also put under ``SCHED_IDLE``. Weights set the shares of threads that are always runnable;
-the live service's threads sleep and wake with every tile, and on kernel 6.18 here its two busy processing
-threads got 1.24-1.34 cores while the nice-19 pool got 0.33-0.37 of two (bench_tiles_live, four runs).
-A waking thread preempts a ``SCHED_IDLE`` one at once, and the scheduler places it on a core that runs
-only ``SCHED_IDLE`` threads as on an idle one (sched(7)). Three runs with it: 1.37-1.39 cores against 0.21-0.25
-(on a machine whose own speed moved more than that within the hour: the live latency did not tell).
+``SCHED_IDLE`` for the threads was tried and taken out (2026-11-27): the pool's share beside the live service
+fell from 0.33-0.37 of two cores to 0.21-0.25, but the live latency did not tell (the machine's own speed moved
+more within the hour), and the policy starves the worker's own event loop, not only its tasks, on a full
+machine: `make dev`'s Ctrl-C under a test suite's load found its workers unable to close in the 12 s grace
+(killed, a heartbeat traceback, leaked semaphores), where heartbeats missed for minutes would lose the worker.
 
 The batch work is slower only while live tiles want the cores; idle cores are still all the batch's.
 """
@@ -45,30 +44,16 @@ _DASK_WORKER_COMMANDS = ("distributed.cli.dask_worker", "dask-worker", "dask_wor
 
 def lower_priority(
     niceness: int = BATCH_NICENESS, group_niceness: int = BATCH_GROUP_NICENESS
-) -> dict[str, int | bool | None]:
+) -> dict[str, int | None]:
     """Lower this thread's CPU priority to ``niceness`` (threads it starts later inherit it: call it before
-    the worker's executor threads exist), puts it under ``SCHED_IDLE`` (:func:`idle_policy`) and, when the
-    session is this batch worker's own, lowers the session's autogroup to ``group_niceness``. Returns what
-    holds afterwards: ``{"niceness", "idle_policy", "group_niceness"}`` (``group_niceness`` None: no
-    autogroup here, or not the worker's to change). Never raises: a worker that cannot lower its
-    priority still works."""
+    the worker's executor threads exist) and, when the session is this batch worker's own, the session's
+    autogroup to ``group_niceness``. Returns what holds afterwards: ``{"niceness", "group_niceness"}``
+    (``group_niceness`` None: no autogroup here, or not the worker's to change). Never raises: a worker
+    that cannot lower its priority still works."""
     return {
         "niceness": lower_thread_priority(niceness),
-        "idle_policy": idle_policy(),
         "group_niceness": _lower_group(group_niceness),
     }
-
-
-def idle_policy() -> bool:
-    """Put this thread (and the threads it starts later) under ``SCHED_IDLE``; whether it holds. Never raises."""
-    if not hasattr(os, "SCHED_IDLE"):
-        return False
-    who = threading.get_native_id()
-    try:
-        os.sched_setscheduler(who, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as exc:
-        log.warning("could not put a batch thread under SCHED_IDLE: %s", exc)
-    return os.sched_getscheduler(who) == os.SCHED_IDLE
 
 
 def lower_thread_priority(niceness: int) -> int:
