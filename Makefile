@@ -8,9 +8,9 @@ export DAGSTER_HOME ?= $(CURDIR)/var/dagster_home
 export EM_DATA_ROOT ?= $(CURDIR)/var/data
 DEV_PORT ?= 3000
 # make test runs the suite on this many processes (pytest-xdist; one module per work unit: tests/conftest.py).
-# Three on two cores: the end-to-end units wait on daemons, browsers and subprocesses for much of their time,
-# and a third process fills those waits (one machine, 2026-11-27: 11 min 45 s; with two 14 min 16 s, of which
-# a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
+# Three on two cores: many tests wait on subprocesses (Dagster runs, SLURM jobs, servers), and a third process
+# fills those waits (2026-11-27, with the end-to-end units still in make test: 11 min 45 s; with two 14 min 16 s,
+# of which a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
 TEST_WORKERS ?= 3
 
 .PHONY: demo test test-e2e test-fast dev bench lint validate clean services compiled

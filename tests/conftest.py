@@ -102,8 +102,18 @@ TOPOLOGY_MODULES = (
     "tests/deploy/test_faults.py",
     "tests/deploy/test_web_ui.py",
 )
-# The longest work units, started first so that neither core is left with one at the end.
-LONGEST_FIRST = ("demo", "topology", "tests/stitch/test_hard_montages.py")
+# The longest work units, started first so that neither core is left with one at the end (make test's from its
+# --durations on 2026-11-27, a minute or more each; the end-to-end units lead make test-e2e).
+LONGEST_FIRST = (
+    "demo",
+    "topology",
+    "tests/stitch/test_hard_montages.py",
+    "tests/cryo/test_demo_series.py",
+    "tests/slurm/test_platform_on_slurm.py",
+    "tests/orchestration/test_crash_recovery.py",
+    "tests/stitch/test_scale_disagreement.py",
+    "tests/test_dev_command.py",
+)
 END_TO_END = ("demo", "topology")
 
 
@@ -132,16 +142,19 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     """The longest units first; the order within each unit is kept (the demo's modules depend on it). The demo
-    and topology units are marked ``end_to_end`` (make test-e2e's)."""
+    and topology units are marked ``end_to_end`` (make test-e2e's), the other longest ones ``slow``."""
 
     def rank(item) -> int:
         unit = _work_unit(item.nodeid)
         return next((i for i, u in enumerate(LONGEST_FIRST) if unit == u), len(LONGEST_FIRST))
 
     items.sort(key=rank)
-    for item in items:  # make test leaves these two units to make test-e2e
-        if _work_unit(item.nodeid) in END_TO_END:
+    for item in items:  # make test leaves the two end-to-end units to make test-e2e
+        unit = _work_unit(item.nodeid)
+        if unit in END_TO_END:
             item.add_marker(pytest.mark.end_to_end)
+        elif unit in LONGEST_FIRST:  # make test-fast leaves out the longest units too
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionfinish(session, exitstatus):
