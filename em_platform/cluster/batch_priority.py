@@ -2,11 +2,11 @@
 
 Linux schedules by *autogroup* when ``kernel.sched_autogroup_enabled`` is 1 (the default of most
 distributions, and of this machine): every session (``setsid``) is a group, groups share the CPU equally,
-and a thread's nice value orders it only against threads of its own session
+and a thread's nice value (or ``SCHED_IDLE``) orders it only against threads of its own session
 (sched(7), "The autogroup feature"). `make dev` and deploy-local start each service in a session of its own
 (``start_new_session``), so the batch workers' nice 10 gave the live-QC service nothing while an ingest and
 a fusion ran: measured here with two busy processes on one core, one of them at nice 10, in two sessions
-each took half, in one session 91 % against 9 %. The session's
+each took half, in one session 91 % against 9 %; ``SCHED_IDLE`` across sessions, half again. The session's
 group has a nice value of its own (``/proc/self/autogroup``): at 10 the same pair split 90 % / 10 % of what
 they got, at 19 97 % / 3 % (the rest of the core went to other sessions on the machine).
 
@@ -48,12 +48,9 @@ def lower_priority(
     """Lower this thread's CPU priority to ``niceness`` (threads it starts later inherit it: call it before
     the worker's executor threads exist) and, when the session is this batch worker's own, the session's
     autogroup to ``group_niceness``. Returns what holds afterwards: ``{"niceness", "group_niceness"}``
-    (``group_niceness`` None: no autogroup here, or not the worker's to change). Never raises: a worker
-    that cannot lower its priority still works."""
-    return {
-        "niceness": lower_thread_priority(niceness),
-        "group_niceness": _lower_group(group_niceness),
-    }
+    (None: no autogroup here, or not the worker's to change). Never raises: a worker that cannot lower its
+    priority still works."""
+    return {"niceness": lower_thread_priority(niceness), "group_niceness": _lower_group(group_niceness)}
 
 
 def lower_thread_priority(niceness: int) -> int:

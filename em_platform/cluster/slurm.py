@@ -353,22 +353,19 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
     return cluster
 
 
+def _alive_query(job_ids: list[str]) -> list[str]:
+    """``squeue`` listing those of the jobs configuring (starting), running or completing; an unknown job
+    (long gone from squeue) lists nothing."""
+    return ["squeue", "-h", "-o", "%i", "-t", "CF,R,CG", "-j", ",".join(job_ids)]
+
+
 async def _job_alive(job_id: str) -> bool:
-    """Whether SLURM still has the job configuring, running or completing (not blocking the scheduler's loop)."""
+    """Whether SLURM still has the job starting, running or completing (not blocking the scheduler's loop)."""
     process = await asyncio.create_subprocess_exec(
-        "squeue",
-        "-h",
-        "-o",
-        "%i",
-        "-t",
-        "CF,R,CG",
-        "-j",
-        job_id,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        *_alive_query([job_id]), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
     )
     out, _ = await process.communicate()
-    return bool(out.split())  # an error (the job long gone from squeue) prints nothing
+    return bool(out.split())
 
 
 def wait_for_first_worker(client, cluster, settings: SlurmSettings, log: JobLog) -> None:
@@ -469,7 +466,7 @@ def _cancel_queued(job_ids: list[str]) -> None:
 def _still_running(job_ids: list[str]) -> bool:
     """Whether any of the jobs is starting (its node configuring), running or completing."""
     done = subprocess.run(
-        ["squeue", "-h", "-o", "%i", "-t", "CF,R,CG", "-j", ",".join(job_ids)],
+        _alive_query(job_ids),
         capture_output=True,
         text=True,
         timeout=30,

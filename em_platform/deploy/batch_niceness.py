@@ -1,9 +1,9 @@
 """Dask worker preload (`dask worker --preload em_platform.deploy.batch_niceness`): the deployment's workers
-do the batch work (ingests, fusion, cryo) behind the live-QC service: their threads at nice 10 and,
-since every service runs in a session of its own and Linux shares the CPU between
-sessions whatever the threads' nice values (autogroup), their session's group at nice 19
-(:mod:`em_platform.cluster.batch_priority`). In containers (compose) neither counts between containers: there
-the workers' CPU weight does (cpu_shares). The batch work is slower only while live tiles need the cores."""
+do the batch work (ingests, fusion, cryo) behind the live-QC service: their threads at nice 10 and, since
+every service runs in a session of its own and Linux shares the CPU between sessions whatever the threads'
+nice values (autogroup), their session's group at nice 19 (:mod:`em_platform.cluster.batch_priority`). In
+containers (compose) neither counts between containers: there the workers' CPU weight does (cpu_shares). The
+batch work is slower only while live tiles need the cores."""
 
 from __future__ import annotations
 

@@ -23,14 +23,11 @@ def _use(slurm, monkeypatch) -> None:
         monkeypatch.setenv(name, value)
 
 
-def test_a_job_still_queued_at_release_never_starts_and_the_running_one_completes(
-    slurm, tmp_path, monkeypatch
-):
-    _use(slurm, monkeypatch)
-    # each job takes every core of the node, so the second job queues (Resources) while the first runs
+def _start(slurm, tmp_path, cores: int = 1):
+    """A platform cluster of one to two worker jobs of ``cores`` each on the session's SLURM, and its job log."""
     settings = SlurmSettings(
         queue=slurm.partition,
-        cores=slurm.cpus,
+        cores=cores,
         memory="1GB",
         walltime="00:10:00",
         python=sys.executable,
@@ -39,7 +36,15 @@ def test_a_job_still_queued_at_release_never_starts_and_the_running_one_complete
         start_timeout=60,
     )
     log = JobLog()
-    cluster = start_cluster(settings, log, str(tmp_path / "logs"))
+    return start_cluster(settings, log, str(tmp_path / "logs")), log
+
+
+def test_a_job_still_queued_at_release_never_starts_and_the_running_one_completes(
+    slurm, tmp_path, monkeypatch
+):
+    _use(slurm, monkeypatch)
+    # each job takes every core of the node, so the second job queues (Resources) while the first runs
+    cluster, log = _start(slurm, tmp_path, cores=slurm.cpus)
     with Client(cluster) as client:
         client.wait_for_workers(1, timeout=60)
         cluster.adapt(minimum_jobs=2, maximum_jobs=2)
@@ -58,17 +63,7 @@ def test_a_job_still_queued_at_release_never_starts_and_the_running_one_complete
 
 def test_a_worker_adaptive_scaling_lets_go_ends_its_job_completed(slurm, tmp_path, monkeypatch):
     _use(slurm, monkeypatch)
-    settings = SlurmSettings(
-        queue=slurm.partition,
-        memory="1GB",
-        walltime="00:10:00",
-        python=sys.executable,
-        min_jobs=1,
-        max_jobs=2,
-        start_timeout=60,
-    )
-    log = JobLog()
-    cluster = start_cluster(settings, log, str(tmp_path / "logs"))
+    cluster, log = _start(slurm, tmp_path)
     with Client(cluster) as client:
         cluster.adapt(minimum_jobs=2, maximum_jobs=2)
         client.wait_for_workers(2, timeout=90)
