@@ -5,6 +5,7 @@ after a login) published, and only on loopback; the Docker API socket in the dae
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -93,9 +94,11 @@ def _stomp(stack, user: str, password: str):
     """A STOMP connection to the published broker port (TLS), with the ERROR frames and receipts it gets."""
     import stomp
 
+    from em_platform.tem.stomp_connection import use_tls
+
     where = ("127.0.0.1", int(stack.settings["EM_BROKER_PORT"]))
     conn, heard = stomp.Connection([where]), {"error": [], "ok": []}
-    conn.set_ssl(for_hosts=[where], ca_certs=stack.machine.stomp_tls)
+    use_tls(conn, stack.machine.stomp_tls, where)  # a refusal closes the connection: its reader must end
 
     class Frames(stomp.ConnectionListener):
         def on_error(self, frame):
@@ -114,6 +117,7 @@ def test_the_microscope_user_may_publish_only_its_topics_and_read_only_the_platf
     another scope's tiles; it can subscribe to the verdicts; nobody logs in as RabbitMQ's default guest."""
     import stomp
 
+    from em_platform.tem.stomp_connection import drop_connection
     from tests.deploy.dagster_api import wait_until
 
     s = stack.settings
@@ -133,6 +137,7 @@ def test_the_microscope_user_may_publish_only_its_topics_and_read_only_the_platf
         finally:
             if conn.is_connected():
                 conn.disconnect()
+            drop_connection(conn)
     assert outcome == {
         "forge a qc.status verdict": "refused",
         "read tile.raw": "refused",
@@ -216,18 +221,28 @@ import os, sys, time
 start, end = {start}, {end}  # one window of wall-clock time, the same in every container
 
 
+def cgroup_file(*names):
+    \"\"\"The first of ``names`` this container's own cgroup has (v2's unified files, then v1's controllers).\"\"\"
+    for name in names:
+        if os.path.exists(name):
+            return name
+    sys.exit(f"no cgroup file of {{names}} in this container: its CPU weight and use cannot be read")
+
+
 def used():
     \"\"\"This container's CPU seconds so far: its cgroup's, the service's own threads included.\"\"\"
-    if os.path.exists("/sys/fs/cgroup/cpu.stat"):  # cgroup v2
-        with open("/sys/fs/cgroup/cpu.stat") as stat:
-            return next(int(line.split()[1]) for line in stat if line.startswith("usage_usec")) / 1e6
-    for v1 in ("/sys/fs/cgroup/cpuacct/cpuacct.usage", "/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage"):
-        if os.path.exists(v1):
-            with open(v1) as usage:
-                return int(usage.read()) / 1e9
-    sys.exit("no cgroup CPU accounting in this container")
+    path = cgroup_file("/sys/fs/cgroup/cpu.stat", "/sys/fs/cgroup/cpuacct/cpuacct.usage",
+                       "/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage")
+    with open(path) as f:
+        if path.endswith("cpu.stat"):
+            return next(int(line.split()[1]) for line in f if line.startswith("usage_usec")) / 1e6
+        return int(f.read()) / 1e9
 
 
+# the weight the kernel holds for this container: v2's cpu.weight (1-10000) or v1's cpu.shares (2-262144)
+with open(cgroup_file("/sys/fs/cgroup/cpu.weight", "/sys/fs/cgroup/cpu/cpu.shares",
+                      "/sys/fs/cgroup/cpu,cpuacct/cpu.shares")) as f:
+    weight = int(f.read())
 if time.time() > start - 0.5:
     sys.exit("started too late: the window had opened")
 for _ in range(2):  # more runnable threads than the host has cores, in each container, over the whole window
@@ -238,20 +253,17 @@ for _ in range(2):  # more runnable threads than the host has cores, in each con
 time.sleep(start - time.time())  # waits for the window's instant, not for another process
 before = used()
 time.sleep(end - time.time())
-print(used() - before)
+print(weight, used() - before)
 """
+WINDOW_S = 6
+WINDOWS = 3  # at most, while other work on the host takes the cores the window needs
 
 
-def test_batch_workers_yield_the_cpu_to_the_live_qc_service(stack):
-    """A container is a cgroup: the workers' nice values count only inside it, their CPU weight
-    (DASK_WORKER_CPU_SHARES, 128 against everyone's 1024) between containers. Both sides busy on every core
-    over one window: the live-QC container gets most of what both get. Each side is measured as its cgroup
-    (whatever the live-QC service itself does counts for its container), over the same seconds."""
-    workers = stack.stack.container_names("dask-worker")
-    assert {_inspect(stack, w)["HostConfig"]["CpuShares"] for w in workers} == {128}
-    assert _inspect(stack, stack.container("live-qc"))["HostConfig"]["CpuShares"] in (0, 1024)  # the default
+def _busy_window(stack, names: list[str]) -> list[tuple[int, float]]:
+    """Every container of ``names`` busy on every core over the same window: (its kernel CPU weight, the CPU
+    seconds its cgroup used in the window) for each."""
     opens = time.time() + 15  # every exec has started by then, even on a loaded machine
-    script = _BUSY.format(start=opens, end=opens + 6)
+    script = _BUSY.format(start=opens, end=opens + WINDOW_S)
     busy = [
         subprocess.Popen(
             [stack.stack.tool, "exec", name, "python", "-c", script],
@@ -260,12 +272,41 @@ def test_batch_workers_yield_the_cpu_to_the_live_qc_service(stack):
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name in [stack.container("live-qc"), *workers]
+        for name in names
     ]
     done = [p.communicate(timeout=120) for p in busy]
     assert all(p.returncode == 0 for p in busy), done
-    live, *batch = (float(out) for out, _ in done)
-    print(f"CPU seconds of each container in one 6 s window: live-qc {live:.2f}, batch workers {batch}")
+    return [(int(out.split()[0]), float(out.split()[1])) for out, _ in done]
+
+
+def test_batch_workers_yield_the_cpu_to_the_live_qc_service(stack):
+    """A container is a cgroup: the workers' nice values count only inside it, their CPU weight
+    (DASK_WORKER_CPU_SHARES, 128 against everyone's 1024) between containers. The kernel holds that weight for
+    each container; and with both sides busy on every core over one window, the live-QC container gets most of
+    what both get. Each side is measured as its cgroup (whatever the live-QC service itself does counts for its
+    container), over the same seconds. A window the host's other work crowds out (the containers together got
+    under half the cores: seen in a loaded CI, 1.7 CPU seconds of 12) says nothing of the split between them,
+    and is measured again."""
+    workers = stack.stack.container_names("dask-worker")
+    assert {_inspect(stack, w)["HostConfig"]["CpuShares"] for w in workers} == {128}
+    assert _inspect(stack, stack.container("live-qc"))["HostConfig"]["CpuShares"] in (0, 1024)  # the default
+    capacity = len(os.sched_getaffinity(0)) * WINDOW_S
+    for window in range(1, WINDOWS + 1):
+        (live_weight, live), *batch_side = _busy_window(stack, [stack.container("live-qc"), *workers])
+        weights, batch = [w for w, _ in batch_side], [s for _, s in batch_side]
+        print(
+            f"window {window}: CPU seconds in {WINDOW_S} s on {capacity // WINDOW_S} cores: live-qc {live:.2f} "
+            f"(weight {live_weight}), batch workers {[round(s, 2) for s in batch]} (weights {weights})"
+        )
+        # v2's cpu.weight 39 against 5, v1's cpu.shares 1024 against 128
+        assert all(live_weight >= 4 * w for w in weights), (live_weight, weights)
+        if live + sum(batch) >= capacity / 2:
+            break
+    else:
+        print(
+            "every window crowded out by the host's other work: the split is not judged, the kernel's weights are"
+        )
+        return
     # weights 1024 : 2 × 128 give the live side 80 % of what both get (4×); half that margin still tells,
     # and equal weights would give it a third (0.5×)
     assert live > 2 * sum(batch), (live, batch)

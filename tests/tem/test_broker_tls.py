@@ -19,8 +19,10 @@ import pytest
 
 from em_platform.deploy.certificates import CA, CERT, KEY, make_certificates
 from em_platform.settings import ConfigError, broker_tls, load_settings
+from em_platform.tem import stomp_connection
 from em_platform.tem.broker import BrokerPublisher, BrokerSettings, BrokerUnavailable
 from em_platform.tem.journal import Journal
+from em_platform.tem.stomp_connection import StompEvents, close_connection, open_stomp
 
 from .conftest import wait_until
 
@@ -64,6 +66,15 @@ class TlsTerminator:
             pass
         finally:
             writer.close()
+
+    def drop_connections(self) -> None:
+        """Close every connection it carries, as a broker restart does; new ones are still taken."""
+
+        async def drop() -> None:
+            for writer in self._writers:
+                writer.close()
+
+        asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
 
     def close(self) -> None:
         async def shut() -> None:
@@ -133,6 +144,28 @@ def test_a_listener_over_tls_journals_what_a_plain_scope_sends(
     wait_until(lambda: journal.messages("montage.status", "m-tls"), what="the montage.status in the journal")
     stats = listener.finish()
     assert stats.received == 1 and terminator.handshakes >= 1
+
+
+def test_a_tls_connection_the_broker_drops_is_seen_closed_even_with_heartbeats_off(
+    stomp_broker, tls_broker, monkeypatch
+):
+    """stomp.py 9.0 reads a TLS socket non-blocking and took the broker's close for "no data yet": its reader
+    thread spun on a socket that is always readable (a whole core) and never said ``disconnected``; only a
+    missed heartbeat ended it. With heartbeats off that was forever: here the close is seen and the reader ends."""
+    monkeypatch.setattr(stomp_connection, "HEARTBEATS", (0, 0))
+    terminator, ca = tls_broker
+    events = StompEvents()
+    conn = open_stomp("127.0.0.1", terminator.port, events, tls=str(ca), username="guest", password="guest")
+    try:
+        assert conn.heartbeats == (0, 0) and events.connected
+        reader = conn.transport.io_thread
+        assert reader.is_alive()
+        terminator.drop_connections()
+        assert events.wait_closed(30), "the broker closed the TLS connection; the client never noticed"
+        reader.join(10)
+        assert not reader.is_alive(), "stomp.py's reader still runs on the closed socket"
+    finally:
+        close_connection(conn, events)
 
 
 def test_a_certificate_from_another_ca_is_refused_naming_em_broker_tls(stomp_broker, tls_broker, tmp_path):
