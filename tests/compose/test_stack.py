@@ -245,7 +245,7 @@ with open(cgroup_file("/sys/fs/cgroup/cpu.weight", "/sys/fs/cgroup/cpu/cpu.share
     weight = int(f.read())
 if time.time() > start - 0.5:
     sys.exit("started too late: the window had opened")
-for _ in range(2):  # more runnable threads than the host has cores, in each container, over the whole window
+for _ in range(len(os.sched_getaffinity(0))):  # a busy process per core in each container: more than the cores
     if os.fork() == 0:
         while time.time() < end + 1:
             pass
