@@ -211,6 +211,8 @@ def test_the_dask_scheduler_speaks_only_tls_with_the_clusters_certificate(stack)
     with warnings.catch_warnings():  # the host's Python and packages are not the image's
         warnings.simplefilter("ignore", VersionMismatchWarning)
         with Client(stack.scheduler, timeout="30s", security=stack.dask_security()) as client:
+            # a worker has no healthcheck: up may return before each has joined (its preload, its TLS)
+            client.wait_for_workers(int(stack.settings["DASK_WORKERS"]), timeout=120)
             workers = client.scheduler_info()["workers"]
     assert len(workers) == int(stack.settings["DASK_WORKERS"])
     assert all(address.startswith("tls://") for address in workers)
