@@ -42,8 +42,8 @@ DEFAULT_STACK = "em-platform"
 
 
 class FacilityInstance(DagsterInstance):
-    """A Dagster instance whose run processes watch for their own cancellation, and whose daemon health
-    follows the heartbeats."""
+    """A Dagster instance whose run processes watch for their own cancellation, whose daemon health follows
+    the heartbeats, and whose PostgreSQL storages keep their connections (:func:`pool_connections`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
