@@ -19,7 +19,9 @@ __all__ = ["count_row", "histogram_u8", "jit"]
 
 def jit(function):
     """``numba.njit`` without the GIL, cached on disk where numba finds a writable folder for it (it refuses
-    ``cache=True`` when there is none: then compiled anew in each process)."""
+    ``cache=True`` when there is none: then compiled anew in each process). Numba checks only the
+    cached function's own file for changes: after editing a kernel that another file's function calls
+    (``count_row``, :mod:`em_platform.tem.clahe_avx2`), delete ``em_platform/tem/__pycache__/*.nb?``."""
     try:
         return numba.njit(cache=True, nogil=True)(function)
     except RuntimeError:  # "cannot cache function ...: no locator available"

@@ -1,14 +1,16 @@
-"""OpenCV's 8-bit CLAHE, pixel for pixel, in about 60 % of its CPU: the largest stage of the live tile chain.
+"""OpenCV's 8-bit CLAHE, pixel for pixel, in under a third of its CPU: the largest stage of the live tile chain.
 
 OpenCV (``cv2.createCLAHE(...).apply``, reference/seed-systems.md §1.2) builds one 256-entry lookup table
 per contextual tile (histogram, clip at ``clip_limit · tile area / 256``, redistribute, cumulate) and maps
 every pixel through the bilinear blend of its four nearest tiles' tables. Its blend loop reads four
 ``uint8`` table entries per pixel and converts each to float: 3.3 ns a pixel on a znver4 core,
-82 of the ~190 ms of CPU a 5000² tile costs (issue 38). Here the tables are float32 rows (two rows of
-16 KB per image row, in L1) and the blend does the same float32 operations in the same order, so every
-output pixel is OpenCV's (tested against ``cv2`` on noise, EM-like tiles, odd sizes, grids and clip
-limits); the tile histograms are counted eight pixels a load (:mod:`em_platform.tem.byte_counts`). 5000²
-uint8, one thread: 51 ms against OpenCV's 84 on a znver4 core, 90 against 170 on a znver1 core.
+82 of the ~190 ms of CPU a 5000² tile costs (issue 38). Here the tables are float32 rows and the blend does
+the same float32 operations in the same order, eight pixels a step where the CPU has AVX2
+(:mod:`em_platform.tem.clahe_avx2`: one gather of the four entries packed in a word), one by one
+elsewhere; so every output pixel is OpenCV's (tested against ``cv2`` on noise, EM-like tiles, odd sizes,
+grids and clip limits, both blends); the tile histograms are counted eight pixels a load
+(:mod:`em_platform.tem.byte_counts`). 5000² uint8, one thread, on a znver3 core: 34 ms against OpenCV's
+116 (the blend one by one: 63).
 
 Given a flatfield's gain and offset, the correction is made in the histograms' pass, row by row: the
 200 MB of float32 gain and offset a 5000² tile reads stream in while the counting runs (21.5 ms for
@@ -23,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from em_platform.tem.byte_counts import count_row, jit
+from em_platform.tem.clahe_avx2 import AVX2, blend8, pack_band
 
 __all__ = ["clahe_u8"]
 
@@ -55,7 +58,7 @@ def clahe_u8(
         histograms = _corrected_tile_histograms(image, *flatfield, out, tiles_x, tiles_y, tile_w, tile_h)
         image = out
     tables = _lookup_tables(histograms, clip, np.float32(_BINS - 1) / np.float32(area))
-    _interpolate(image, out, tables.reshape(tiles_y, tiles_x * _BINS), tiles_x, tiles_y, tile_w, tile_h)
+    _blend_tables(image, out, tables.reshape(tiles_y, tiles_x * _BINS), tiles_x, tiles_y, tile_w, tile_h)
     return out
 
 
@@ -142,13 +145,14 @@ def _lookup_tables(histograms, clip, scale):
 
 
 @jit
-def _interpolate(src, out, tables, tiles_x, tiles_y, tile_w, tile_h):
-    """OpenCV's ``CLAHE_Interpolation_Body``: the same float32 products and sums in the same order."""
-    h, w = src.shape
+def _column_weights(w, tiles_x, tile_w):
+    """Per column: the left and right tile tables' offsets (· 256), their pair's index · 256 (for
+    :func:`~em_platform.tem.clahe_avx2.pack_band`) and the blend weights ``xa``, ``1 − xa``, as OpenCV
+    computes them."""
     inv_w = np.float32(1.0) / np.float32(tile_w)
-    inv_h = np.float32(1.0) / np.float32(tile_h)
     left = np.empty(w, np.int32)
     right = np.empty(w, np.int32)
+    pair = np.empty(w, np.int32)
     xa = np.empty(w, np.float32)
     xa1 = np.empty(w, np.float32)
     for x in range(w):
@@ -158,20 +162,58 @@ def _interpolate(src, out, tables, tiles_x, tiles_y, tile_w, tile_h):
         xa1[x] = np.float32(1.0) - xa[x]
         left[x] = max(tx, 0) * 256
         right[x] = min(tx + 1, tiles_x - 1) * 256
+        pair[x] = (tx + 1) * 256
+    return left, right, pair, xa, xa1
+
+
+@jit
+def _row_weights(y, tiles_y, tile_h):
+    """The row's upper and lower tile rows and its blend weights ``ya``, ``1 − ya``, as OpenCV's."""
+    tyf = np.float32(y) * (np.float32(1.0) / np.float32(tile_h)) - np.float32(0.5)
+    ty = int(np.floor(tyf))
+    ya = tyf - np.float32(ty)
+    return max(ty, 0), min(ty + 1, tiles_y - 1), ya, np.float32(1.0) - ya
+
+
+@jit
+def _blend_pixels(row, dst, above, below, left, right, xa, xa1, ya, ya1, start, end):
+    """Pixels ``start … end − 1`` of a row, four table reads each: OpenCV's float32 products and sums
+    in its order."""
+    for x in range(start, end):
+        v = np.int32(row[x])
+        i1 = left[x] + v
+        i2 = right[x] + v
+        res = (above[i1] * xa1[x] + above[i2] * xa[x]) * ya1 + (below[i1] * xa1[x] + below[i2] * xa[x]) * ya
+        dst[x] = np.uint8(np.int32(np.rint(res)))  # a blend of 0…255: never outside, no saturation
+
+
+@jit
+def _interpolate(src, out, tables, tiles_x, tiles_y, tile_w, tile_h):
+    """OpenCV's ``CLAHE_Interpolation_Body``, every pixel's four table entries read one by one."""
+    h, w = src.shape
+    left, right, _, xa, xa1 = _column_weights(w, tiles_x, tile_w)
     for y in range(h):
-        tyf = np.float32(y) * inv_h - np.float32(0.5)
-        ty = int(np.floor(tyf))
-        ya = tyf - np.float32(ty)
-        ya1 = np.float32(1.0) - ya
-        above = tables[max(ty, 0)]
-        below = tables[min(ty + 1, tiles_y - 1)]
-        row = src[y]
-        dst = out[y]
-        for x in range(w):
-            v = np.int32(row[x])
-            i1 = left[x] + v
-            i2 = right[x] + v
-            res = (above[i1] * xa1[x] + above[i2] * xa[x]) * ya1 + (
-                below[i1] * xa1[x] + below[i2] * xa[x]
-            ) * ya
-            dst[x] = np.uint8(np.int32(np.rint(res)))  # a blend of 0…255: never outside, no saturation
+        upper, lower, ya, ya1 = _row_weights(y, tiles_y, tile_h)
+        _blend_pixels(src[y], out[y], tables[upper], tables[lower], left, right, xa, xa1, ya, ya1, 0, w)
+
+
+@jit
+def _interpolate_avx2(src, out, tables, tiles_x, tiles_y, tile_w, tile_h):
+    """:func:`_interpolate`, eight pixels a step from packed tables (:mod:`~em_platform.tem.clahe_avx2`)."""
+    h, w = src.shape
+    left, right, pair, xa, xa1 = _column_weights(w, tiles_x, tile_w)
+    packed = np.empty((tiles_x + 1) * 256, np.uint32)
+    packed_for = -1
+    whole = w - w % 8
+    for y in range(h):
+        upper, lower, ya, ya1 = _row_weights(y, tiles_y, tile_h)
+        if upper * tiles_y + lower != packed_for:
+            pack_band(tables[upper], tables[lower], packed, tiles_x)
+            packed_for = upper * tiles_y + lower
+        row, dst = src[y], out[y]
+        for x in range(0, whole, 8):
+            blend8(row, pair, xa, xa1, packed, ya, ya1, dst, x)
+        _blend_pixels(row, dst, tables[upper], tables[lower], left, right, xa, xa1, ya, ya1, whole, w)
+
+
+_blend_tables = _interpolate_avx2 if AVX2 else _interpolate

@@ -68,11 +68,14 @@ class TlsTerminator:
             writer.close()
 
     def drop_connections(self) -> None:
-        """Close every connection it carries, as a broker restart does; new ones are still taken."""
+        """End every connection it carries at once, as a broker that goes away does (TCP closed, no TLS
+        ``close_notify``); new ones are still taken. Not asyncio's graceful close: under load it now and
+        then sent nothing at all (seen 1 run in ~20 with both cores busy: the connection stayed open, no
+        byte sent after the drop, so no client could notice)."""
 
         async def drop() -> None:
             for writer in self._writers:
-                writer.close()
+                writer.transport.abort()
 
         asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
 

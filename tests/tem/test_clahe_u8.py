@@ -1,4 +1,5 @@
-"""The compiled 8-bit CLAHE gives OpenCV's output pixel for pixel, whatever the size, grid and clip limit."""
+"""The compiled 8-bit CLAHE gives OpenCV's output pixel for pixel, whatever the size, grid and clip limit,
+with either blend of the tables: eight pixels a step (AVX2) and one by one (every other CPU)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,24 @@ import cv2
 import numpy as np
 import pytest
 
+from em_platform.tem import clahe_u8
+from em_platform.tem.clahe_avx2 import AVX2
 from em_platform.tem.tile_processing import Flatfield, clahe, flatfield_and_clahe
+
+BLENDS = {"one by one": clahe_u8._interpolate, "eight at a time (AVX2)": clahe_u8._interpolate_avx2}
+
+
+@pytest.fixture(params=list(BLENDS))
+def blend(request, monkeypatch):
+    """Each blend of the tables in turn, as the one :func:`clahe_u8.clahe_u8` uses."""
+    if request.param.endswith("(AVX2)") and not AVX2:
+        pytest.skip("numba does not compile for AVX2 here: the tables are read one by one on this CPU")
+    monkeypatch.setattr(clahe_u8, "_blend_tables", BLENDS[request.param])
+    return request.param
+
+
+def test_the_cpu_gets_the_vectorised_blend_where_it_has_avx2():
+    assert clahe_u8._blend_tables is (clahe_u8._interpolate_avx2 if AVX2 else clahe_u8._interpolate)
 
 
 def _images(rng: np.random.Generator, h: int, w: int):
@@ -20,7 +38,7 @@ def _images(rng: np.random.Generator, h: int, w: int):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_opencv_on_random_sizes_grids_and_clip_limits(seed):
+def test_matches_opencv_on_random_sizes_grids_and_clip_limits(seed, blend):
     rng = np.random.default_rng(seed)
     for _ in range(8):
         # sizes that divide the grid and sizes that do not (OpenCV pads both axes then), tiles of one pixel,
@@ -40,7 +58,7 @@ def test_matches_opencv_on_random_sizes_grids_and_clip_limits(seed):
             )
 
 
-def test_matches_opencv_on_a_camera_sized_tile_in_place():
+def test_matches_opencv_on_a_camera_sized_tile_in_place(blend):
     rng = np.random.default_rng(7)
     # EM-like: smooth structure, shot noise and vignetting, 5000² like the Allen cameras (pads to 5008)
     structure = cv2.GaussianBlur(rng.random((5000, 5000), dtype=np.float32), (0, 0), 3)
@@ -54,7 +72,7 @@ def test_matches_opencv_on_a_camera_sized_tile_in_place():
 
 
 @pytest.mark.parametrize(("shape", "grid"), [((500, 777), (16, 16)), ((64, 48), (8, 4)), ((9, 7), (16, 16))])
-def test_flatfield_in_clahes_first_pass_is_the_flatfield_then_clahe(shape, grid):
+def test_flatfield_in_clahes_first_pass_is_the_flatfield_then_clahe(shape, grid, blend):
     rng = np.random.default_rng(sum(shape))
     bright = rng.integers(120, 250, shape).astype(np.float32)
     dark = rng.uniform(0, 40, shape).astype(np.float32)
