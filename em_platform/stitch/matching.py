@@ -398,8 +398,10 @@ def _find_offsets(
     whose peak counts (module docstring: validation)."""
     shift, ph, tw, a, sx0 = g.shift, g.length, g.across, g.column, g.search_column
     found = []
-    template = np.empty((ph, tw), np.float32)  # float32 buffers reused for every patch
-    search = np.empty((ph + 2 * shift, tw + 2 * shift), np.float32)
+    # grey values stay uint8 (OpenCV's fast paths, exact); anything else goes in float32 buffers reused
+    grey = t.dtype == np.uint8 and q.dtype == np.uint8
+    template = np.empty((ph, tw), np.uint8 if grey else np.float32)
+    search = np.empty((ph + 2 * shift, tw + 2 * shift), template.dtype)
     detail: tuple[np.ndarray, int, np.ndarray, int] | None = None  # high-passed strips, made when needed
     for y0 in g.starts:
         np.copyto(template, t[y0 : y0 + ph, a : a + tw], casting="unsafe")

@@ -22,7 +22,8 @@ __all__ = ["ncc"]
 
 def ncc(search: np.ndarray, template: np.ndarray) -> np.ndarray:
     """TM_CCOEFF_NORMED of ``template`` (h × w) at every place in ``search`` (H × W): (H − h + 1) × (W − w
-    + 1) float32. Where a window is flat (no variance) the value is 0, as in OpenCV."""
+    + 1) float32. Where a window is flat (no variance) the value is 0, as in OpenCV. Grey values (uint8)
+    are taken as they are (the transforms are float32 either way); other types as float32."""
     h, w = template.shape
     big_h, big_w = search.shape
     out_h, out_w = big_h - h + 1, big_w - w + 1
@@ -42,10 +43,10 @@ def ncc(search: np.ndarray, template: np.ndarray) -> np.ndarray:
     # back along the columns, then along only the rows that hold valid places
     rows = scipy.fft.ifft(spectrum, axis=0, workers=1)[:out_h]
     num = scipy.fft.irfft(rows, shape[1], axis=1, workers=1)[:, :out_w].astype(np.float64)
-    # window variances from float64 integral images of the search as given, as OpenCV's: exact for grey
-    # values, so a flat window's variance is exactly 0 (its correlation 0), not round-off
-    sums, squares = cv2.integral2(np.asarray(search, np.float32), sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F)
-    window = _window_sums(sums, h, w, out_h, out_w)
+    # window variances from integral images of the search as given, as OpenCV's: exact for grey values,
+    # so a flat window's variance is exactly 0 (its correlation 0), not round-off
+    sums, squares = _integrals(search)
+    window = _window_sums(sums, h, w, out_h, out_w).astype(np.float64)
     variance = _window_sums(squares, h, w, out_h, out_w) - window * window / (h * w)
     denom = np.sqrt(np.maximum(variance, 0.0)) * t_norm
     # OpenCV's rule: |num| < denom divides; just above (round-off) is ±1; far above (a flat window) is 0
@@ -56,6 +57,15 @@ def ncc(search: np.ndarray, template: np.ndarray) -> np.ndarray:
             np.where(np.abs(num) < denom * 1.125, np.sign(num), 0.0),
         )
     return r.astype(np.float32)
+
+
+def _integrals(search: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The search's integral image and that of its squares, exact: uint8 into int32 and float64 (OpenCV's
+    fast path: 0.12 ms for a 448² window against 1.9 through float64), anything else through float32 into
+    float64."""
+    if search.dtype == np.uint8:
+        return cv2.integral2(search, sdepth=cv2.CV_32S, sqdepth=cv2.CV_64F)
+    return cv2.integral2(np.asarray(search, np.float32), sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F)
 
 
 def _window_sums(integral: np.ndarray, h: int, w: int, out_h: int, out_w: int) -> np.ndarray:

@@ -51,6 +51,20 @@ def test_uint8_strips_with_flat_windows_are_zero_there_as_in_opencv():
     np.testing.assert_allclose(got, np.nan_to_num(expected), atol=3e-5)
 
 
+@pytest.mark.parametrize(("search", "template"), [((448, 448), (384, 384)), ((120, 90), (64, 40))])
+def test_grey_values_as_uint8_give_the_float32_values_and_opencvs(search, template):
+    """uint8 goes through OpenCV's integer integral images: exact sums, so the values are those of the same
+    grey values as float32 (flat windows included) and OpenCV's on the uint8 images."""
+    rng = np.random.default_rng(sum(search))
+    s = _em_like(rng, search).clip(0, 255).astype(np.uint8)
+    s[: search[0] // 2, : template[1] // 2 + 5] = 200  # a saturated corner: some flat windows
+    t = np.ascontiguousarray(s[7 : 7 + template[0], 9 : 9 + template[1]])
+    got = ncc(s, t)
+    np.testing.assert_array_equal(got, ncc(s.astype(np.float32), t.astype(np.float32)))
+    np.testing.assert_allclose(got, cv2.matchTemplate(s, t, cv2.TM_CCOEFF_NORMED), atol=3e-5)
+    assert np.unravel_index(got.argmax(), got.shape) == (7, 9)
+
+
 def test_a_template_larger_than_the_search_window_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         ncc(np.zeros((10, 10), np.float32), np.zeros((11, 5), np.float32))
