@@ -27,7 +27,10 @@ __all__ = ["AVX2", "blend8", "pack_band"]
 
 
 def _compiles_for_avx2() -> bool:
-    """Whether numba's target has AVX2: its CPU features (``NUMBA_CPU_FEATURES``) or the host's."""
+    """Whether numba compiles (not ``NUMBA_DISABLE_JIT``: an intrinsic has no Python body) for a target
+    with AVX2: its CPU features (``NUMBA_CPU_FEATURES``) or the host's."""
+    if config.DISABLE_JIT:
+        return False
     features = (
         config.CPU_FEATURES if config.CPU_FEATURES is not None else binding.get_host_cpu_features().flatten()
     )
