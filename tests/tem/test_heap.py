@@ -37,14 +37,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-@pytest.mark.parametrize("where", ["main thread", "threads"])
+@pytest.mark.parametrize("where", ["main", "threads"])
 def test_tile_after_tile_the_arrays_come_from_the_heap(where):
     """In threads too: there glibc's per-thread arenas unmapped their heaps as they emptied, whatever the
     thresholds (30 tiles: ~750 faults with the thresholds alone, ~40 with one arena)."""
 
     def faults(mode: str) -> int:
         done = subprocess.run(
-            [sys.executable, "-c", TILES, mode, where.split()[-1]],
+            [sys.executable, "-c", TILES, mode, where],
             capture_output=True,
             text=True,
             check=True,
