@@ -122,12 +122,14 @@ def aspire_python(given: str | None) -> tuple[str | None, str]:
     for exe in tried:
         if not exe or not Path(exe).exists():
             continue
-        out = subprocess.run(
-            [exe, "-c", "import aspire; print(aspire.__version__)"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        with tempfile.TemporaryDirectory(prefix="bench-ctf-aspire-") as tmp:  # aspire logs into ./logs
+            out = subprocess.run(
+                [exe, "-c", "import aspire; print(aspire.__version__)"],
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=tmp,
+            )
         if out.returncode == 0:
             return exe, f"aspire {out.stdout.strip()} ({exe})"
     return None, (
@@ -149,7 +151,7 @@ def aspire_estimates(exe: str, data, pixel_A: float, window_A: tuple[float, floa
         cmd = [exe, str(Path(__file__).resolve()), "--aspire-worker", tmp, str(pixel_A)]
         cmd += [str(window_A[0] / 10), str(window_A[1] / 10), str(scope.cs_mm), str(scope.amplitude_contrast)]
         cmd += [str(scope.voltage_kV)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp)  # its logs/ go too
         if out.returncode != 0:
             raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "aspire failed")
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -338,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["aspire_shipped"] = _summary([r["aspire_shipped_pct"] for r in rows])
         summary["aspire_windowed"] = _summary([r["aspire_windowed_pct"] for r in rows])
         timings["aspire"]["s_per_tilt"] = round(float(np.mean([r["aspire_s"] for r in rows])), 2)
+    from bench.record import history_stamp
+
+    earlier = json.loads(RESULTS.read_text()).get("history", []) if RESULTS.is_file() else []
     results = {
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
         "stack": {"key": ts.key, "tilts": n, "pixel_A": ts.pixel_A, "shape": list(np.shape(data)[1:])},
@@ -346,6 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         "timings": timings,
         "ours_spread_pct": round(spread, 3),
         "tilts": rows,
+        "history": [
+            *earlier,
+            {
+                **history_stamp(),
+                "ours": summary["ours"],
+                "aspire_windowed": summary.get("aspire_windowed"),
+                "ours_wall_s_per_tilt": timings["ours"]["wall_s_per_tilt"],
+            },
+        ],
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -177,6 +177,26 @@ def worst_pair_summary(solves: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def history_entry(summary: dict[str, Any], runs: dict[str, Any]) -> dict[str, Any]:
+    """One invocation's figures, kept beside the earlier ones so the file shows the spread over runs and days."""
+    from bench.record import history_stamp
+
+    return {
+        **history_stamp(),
+        "solves_run": sorted(runs),
+        "worst_pair": {
+            model: {
+                "em_stitch_max_px": s["em_stitch"]["max_px"],
+                "ours_max_px": max(v["max_px"] for v in s["ours"].values()),
+                "ours_worst_set_mean_px": max(v["mean_px"] for v in s["ours"].values()),
+                "at_or_below_em_stitch": s["at_or_below_em_stitch"],
+            }
+            for model, s in summary.items()
+        },
+        "solve_s": {k: v["solve_s"] for k, v in runs.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=SOLVES, default=list(SOLVES))
@@ -215,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + ", ".join(f"{k} {v['max_px']:.2f} ({v['mean_px']:.3f})" for k, v in s["ours"].items()),
             flush=True,
         )
+    earlier = result.get("temca", {}).get("history", [])
     result["temca"] = {
         "what": "the real 4,969-tile TEMCA montage of em_stitch 0.3.4's sdist (3840² tiles, the scope's matcher "
         "point pairs, 10 per edge); residuals on the pairs em_stitch's RANSAC filter keeps, on our own inliers, "
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "worst_pair": summary,
         "solves": solves,
         "em_stitch_itself": EM_STITCH_OWN,
+        "history": [*earlier, history_entry(summary, runs)],
     }
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     return result

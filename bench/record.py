@@ -10,6 +10,29 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def processor() -> str:
+    """The CPU's model name with its family and model numbers: cloud hosts all call themselves "AMD EPYC"."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break
+    except OSError:
+        return ""
+    return f"{fields.get('model name', '')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def history_stamp() -> dict:
+    """What every history entry starts with: when, on which CPU, under what load."""
+    return {
+        "measured": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": processor(),
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
+
+
 def record(name: str, result: dict) -> dict:
     """Write ``result`` (plus ``cpus`` and ``date``) to bench/results/``name``.json and print it."""
     result = {**result, "cpus": os.cpu_count(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
