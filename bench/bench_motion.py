@@ -345,9 +345,12 @@ def _table(results: dict) -> str:
 def history_entry(size: str, measured: dict) -> dict:
     """One size of one invocation, as ``history`` keeps it: every run's figures, so the file shows the spread
     over runs and days, not the last (or the best)."""
+    from bench.record import processor
+
     entry = {
         "size": size,
         "measured": measured["measured"],
+        "cpu": processor(),
         "load_1min": measured["load_1min"],
         "ours_wall_s": measured["ours"]["wall_s"],
         "plain_wall_s": measured["plain"]["wall_s"],

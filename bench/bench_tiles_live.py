@@ -1277,8 +1277,11 @@ def _history(result: dict[str, Any]) -> list[dict[str, Any]]:
         ]
 
     u = result["unpaced"]
+    from bench.record import processor
+
     entry: dict[str, Any] = {
         "date": result["date"],
+        "cpu": processor(),
         "loadavg_before": _rounded(result["machine"]["loadavg_before"]),
         "loadavg_after": _rounded(result["machine"]["loadavg_after"]),
         "opencv_clahe_5000_ms": [  # the machine's core speed, before and after the run
