@@ -210,6 +210,7 @@ class _CpuShare:
         self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy(), _own_cpu()
         self.processes0 = _process_cpu_table()
         self.stalls0 = _pressure_stall_us()
+        self.vm0, self.memory0 = _reclaim_counters(), _memory_gib()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -228,14 +229,46 @@ class _CpuShare:
                 for k, v in stalls.items()
                 if k in self.stalls0
             },
+            # page reclaim while it ran: pages the allocating threads scanned themselves (direct: a stall
+            # in whoever asked, the live service's tile buffers included) and kswapd's; free and cached
+            # memory when it began (the page cache fills with each run's processed tiles)
+            "reclaim_pages": {k: v - self.vm0.get(k, 0) for k, v in _reclaim_counters().items()},
+            "memory_gib_at_start": self.memory0,
         }
+
+
+_RECLAIM = ("pgscan_direct", "pgscan_kswapd", "pgsteal_direct", "compact_stall", "thp_fault_alloc")
+
+
+def _reclaim_counters() -> dict[str, int]:
+    """The kernel's page-reclaim and compaction counters (/proc/vmstat; allocstall summed over its zones)."""
+    counts = dict.fromkeys((*_RECLAIM, "allocstall"), 0)
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            key, value = line.split()
+            if key in _RECLAIM:
+                counts[key] = int(value)
+            elif key.startswith("allocstall"):
+                counts["allocstall"] += int(value)
+    except (OSError, ValueError):
+        return {}
+    return counts
+
+
+def _memory_gib() -> dict[str, float]:
+    """Free and page-cache memory (GiB) from /proc/meminfo."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    except (OSError, ValueError):
+        return {}
+    return {k: round(int(info[k].split()[0]) / 2**20, 2) for k in ("MemFree", "Cached") if k in info}
 
 
 def _pressure_stall_us() -> dict[str, int]:
     """The kernel's pressure-stall totals (microseconds) for CPU and I/O, as ``cpu_some``, ``io_full``...;
     empty where the kernel keeps none (``/proc/pressure``, Linux 4.20+ with PSI on)."""
     totals = {}
-    for resource in ("cpu", "io"):
+    for resource in ("cpu", "io", "memory"):
         try:
             lines = Path(f"/proc/pressure/{resource}").read_text().splitlines()
         except OSError:
@@ -1262,6 +1295,11 @@ def _history(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "max_s": [sc["latency_s_max"] for sc in run["scopes"]],
                 "loadavg_before": run.get("loadavg_before"),
                 "cores_others": run.get("machine_cpu", {}).get("cores_others"),
+                "memory_stalled_some": run.get("machine_cpu", {}).get("stalled", {}).get("memory_some"),
+                "pgscan_direct": run.get("machine_cpu", {}).get("reclaim_pages", {}).get("pgscan_direct"),
+                "memfree_gib_at_start": run.get("machine_cpu", {})
+                .get("memory_gib_at_start", {})
+                .get("MemFree"),
                 **{
                     k: run[k]
                     for k in (
