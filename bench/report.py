@@ -155,6 +155,21 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "motion_since.json",
+        "MC + CTF per exposure against the code issue 38 was filed on (`bench_motion_since`)",
+        [
+            (
+                "then (the earlier commit's code): MC + CTF per 4096² exposure",
+                "then.mc_plus_ctf_s_median",
+                "s",
+            ),
+            ("now: MC + CTF per 4096² exposure", "now.mc_plus_ctf_s_median", "s"),
+            ("then over now, same run", "ratio_then_over_now", "×"),
+            ("issue 38's 9.6 s at that ratio", "issue_38_9_6_s_scaled", "s"),
+            ("every run on record (`history`): then over now", "history.*.ratio", "×"),
+        ],
+    ),
+    (
         "deploy.json",
         "The production topology as processes (`bench_deploy`)",
         [
