@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                     measured = _case(name, then, ["--motion-worker", *movies], a.rounds, "s per exposure")
                 else:
                     folder = Path(a.tiles_dir) if a.tiles_dir else Path(tmp) / "tiles"
+                    from bench.bench_tiles_live import _tiles
+
+                    _tiles(
+                        folder, TILES, COLUMNS, TILE_PX, TILE_PX // 10
+                    )  # made here, before either tree runs
                     measured = _case(name, then, ["--tiles-worker", str(folder)], a.rounds, "ms CPU per tile")
                 stamp = history_stamp()
                 result["date"] = stamp["measured"]
