@@ -1272,7 +1272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     return result
 
 
-HISTORY_KEPT = 30
+HISTORY_KEPT = 200  # every run of months of sessions: the spread over hosts and days, not the last few
 
 
 def _history(result: dict[str, Any]) -> list[dict[str, Any]]:
