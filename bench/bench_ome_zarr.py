@@ -295,12 +295,9 @@ def machine_facts() -> dict:
     import ome_zarr
     import zarr
 
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
+    from bench.record import model_name
+
+    cpu = model_name()
     return {
         "cores": os.cpu_count(),
         "cpu": cpu,

@@ -10,16 +10,28 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def processor() -> str:
-    """The CPU's model name with its family and model numbers: cloud hosts all call themselves "AMD EPYC"."""
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
             if not line.strip():
                 break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
+        pass
+    return fields
+
+
+def model_name() -> str:
+    return cpu_fields().get("model name", "")
+
+
+def processor() -> str:
+    """The CPU's model name with its family and model numbers: cloud hosts all call themselves "AMD EPYC"."""
+    fields = cpu_fields()
+    if not fields:
         return ""
     return f"{fields.get('model name', '')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
