@@ -146,10 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bench.record import history_stamp
 
-    known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{a.commit}^{{commit}}"], check=False)
+    known = subprocess.run(
+        ["git", "-C", str(REPO), "cat-file", "-e", f"{a.commit}^{{commit}}"],
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
     if known.returncode != 0:
         print(f"bench_since: commit {a.commit} is not in this checkout (a shallow clone?): not measured")
         return 0
+    commit_now = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     result["what"] = "this checkout's code against an earlier commit's (commit_then), taking turns in one run"
     with tempfile.TemporaryDirectory(prefix="bench-since-") as tmp:
@@ -166,12 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                     movies = [str(write_movie(folder, MOVIE_SHAPE, FRAMES, seed)) for seed in range(MOVIES)]
                     measured = _case(name, then, ["--motion-worker", *movies], a.rounds, "s per exposure")
                 else:
-                    folder = Path(a.tiles_dir) if a.tiles_dir else Path(tmp) / "tiles"
                     from bench.bench_tiles_live import _tiles
 
-                    _tiles(
-                        folder, TILES, COLUMNS, TILE_PX, TILE_PX // 10
-                    )  # made here, before either tree runs
+                    folder = Path(a.tiles_dir) if a.tiles_dir else Path(tmp) / "tiles"
+                    _tiles(folder, TILES, COLUMNS, TILE_PX, TILE_PX // 10)  # made before either tree runs
                     measured = _case(name, then, ["--tiles-worker", str(folder)], a.rounds, "ms CPU per tile")
                 stamp = history_stamp()
                 result["date"] = stamp["measured"]
@@ -179,12 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 result[name] = {
                     "date": stamp["measured"],
                     "commit_then": a.commit,
-                    "commit_now": subprocess.run(
-                        ["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                        capture_output=True,
-                        text=True,
-                        check=False,
-                    ).stdout.strip(),  # fmt: skip
+                    "commit_now": commit_now,
                     **stamp,
                     **measured,
                     "history": [
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                             "now": measured["now_median"],
                             "ratio": measured["ratio_then_over_now"],
                         },
-                    ],  # fmt: skip
+                    ],
                 }
                 RESULTS.write_text(json.dumps(result, indent=2) + "\n")
                 shown = {k: v for k, v in result[name].items() if k not in ("history", "runs")}
