@@ -1,8 +1,11 @@
 """Dask workers as a facility's SLURM jobs, through dask-jobqueue's ``SLURMCluster`` (no sbatch scripts of ours).
 
 The run's process holds the Dask scheduler; each worker is one batch job that connects back to it, so the
-compute nodes must reach ``scheduler_host`` and see the data root (a shared filesystem or S3). Three things
-a plain ``SLURMCluster`` leaves to its user are done here (and TLS with per-run certificates):
+compute nodes must reach this host's cluster address (:func:`scheduler_hosts`) and see the data root (a shared
+filesystem or S3). The scheduler runs whatever a connected client sends it, in the run's process with the run's
+secrets, and listens where others reach it: it speaks only TLS, with a CA and certificates made for the run
+(:mod:`em_platform.cluster.run_certificates`), unless ``EM_SLURM_TLS`` turns that off, which the run is told of
+with what it exposes. Three things a plain ``SLURMCluster`` leaves to its user are done here too:
 
 * a queue that starts nothing fails the run after ``start_timeout`` seconds naming the partition and SLURM's
   own reason (``squeue``'s ``%r``: ``PartitionDown``, ``Resources``, ``QOSMaxJobsPerUserLimit`` ...), never hangs:
@@ -21,9 +24,12 @@ Dagster-free; the Dask resource (:mod:`em_platform.resources.dask`) starts it wh
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +43,11 @@ _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 _QUEUE = re.compile(r"^[A-Za-z0-9_.-]+$")
 CLOSE_GRACE = 15.0  # seconds a retired worker's job has to exit by itself before it is cancelled
+LOOPBACK = "127.0.0.1"
+DEFAULT_ROUTE_PEER = "8.8.8.8"  # an address off every cluster network: the route to it is the default route
+SLURMCTLD_PORT = 6817  # SLURM's default; only the route to it matters (nothing is sent)
+_CONTROLLER = re.compile(r"^SlurmctldHost\[0\]\s*=\s*([^\s(]+)(?:\(([^)]+)\))?", re.MULTILINE)
+_log = logging.getLogger(__name__)
 
 
 class SlurmSettingError(ValueError):
@@ -80,10 +91,12 @@ class SlurmSettings:
     python: str = field(default_factory=lambda: sys.executable)  # the workers' interpreter, with em_platform
     min_jobs: int = 1
     max_jobs: int = 4
-    scheduler_host: str = "127.0.0.1"  # an address of this host the compute nodes reach
+    # this host's address the compute nodes reach; None: scheduler_hosts finds it
+    scheduler_host: str | None = None
     start_timeout: float = 600.0  # seconds a run waits for a worker job to start (first, or mid-run)
     log_directory: str | None = None  # the jobs' stdout/stderr (a shared folder); see job_log_directory
-    tls: bool = False  # the scheduler and workers speak TLS with certificates made for the run
+    # the scheduler, the run's client and the workers speak TLS with certificates made for the run
+    tls: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SlurmSettings:
@@ -147,7 +160,7 @@ class SlurmSettings:
             scheduler_host=get("EM_SLURM_SCHEDULER_HOST") or d.scheduler_host,
             start_timeout=start_timeout,
             log_directory=get("EM_SLURM_LOG_DIRECTORY") or None,
-            tls=_flag("EM_SLURM_TLS", get("EM_SLURM_TLS")),
+            tls=_flag("EM_SLURM_TLS", get("EM_SLURM_TLS"), default=d.tls),
         )
 
     @property
@@ -157,9 +170,10 @@ class SlurmSettings:
         return max(30, wall - max(30, min(300, wall // 10)))
 
 
-def _flag(name: str, value: str) -> bool:
+def _flag(name: str, value: str, default: bool = False) -> bool:
+    """An on/off setting; ``default`` when unset, so that only an explicit word turns a safe default off."""
     if not value.strip():
-        return False
+        return default
     try:
         return parse_switch(value)
     except ValueError:
@@ -178,6 +192,60 @@ def job_log_directory(settings: SlurmSettings, data_root: str | None) -> str:
         folder = os.path.join(os.path.expanduser("~"), ".em_platform", "slurm-jobs")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     return folder
+
+
+def scheduler_hosts(settings: SlurmSettings, controller: Callable[[], str | None] | None = None) -> list[str]:
+    """Where the run's scheduler listens: first this host's cluster address, which the worker jobs are given,
+    then loopback, for clients on this host. The cluster address is ``EM_SLURM_SCHEDULER_HOST``, else the one
+    this host reaches slurmctld from (the compute nodes' network), else the one of its default route; loopback
+    alone when that is loopback too (a single-node cluster, or a host with no network)."""
+    host = settings.scheduler_host
+    if not host:
+        peers = [(controller or slurmctld_address)(), DEFAULT_ROUTE_PEER]
+        found = (_source_address(p) for p in peers if p and not _is_loopback(p))
+        host = next((a for a in found if a and not _is_loopback(a)), LOOPBACK)
+    return [host] if _is_loopback(host) else [host, LOOPBACK]
+
+
+def slurmctld_address(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str | None:
+    """The address of SLURM's controller (``SlurmctldHost`` in ``scontrol show config``); None if unknown."""
+    try:
+        done = run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = _CONTROLLER.search(done.stdout or "")
+    if not m:
+        return None
+    if m.group(2):
+        return m.group(2)
+    try:
+        return socket.getaddrinfo(m.group(1), SLURMCTLD_PORT, type=socket.SOCK_DGRAM)[0][4][0]
+    except OSError:
+        return None
+
+
+def _source_address(peer: str) -> str | None:
+    """The address of this host that packets to ``peer`` leave from: a UDP socket's connect picks the route and
+    sends nothing."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in peer else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((peer, SLURMCTLD_PORT))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        try:
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback
+                for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            )
+        except OSError:
+            return False
 
 
 def _lines(value: str) -> list[str]:
@@ -258,9 +326,18 @@ class JobLog:
         }
 
 
-def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, name: str = "em-platform"):
+def start_cluster(
+    settings: SlurmSettings,
+    log: JobLog,
+    log_directory: str,
+    *,
+    name: str = "em-platform",
+    warn: Callable[[str], None] | None = None,
+):
     """A ``SLURMCluster`` scaling between ``min_jobs`` and ``max_jobs`` worker jobs, each recorded in ``log``;
-    its tasks fail (:func:`is_stalled`) when no worker has run them for ``start_timeout`` seconds."""
+    its tasks fail (:func:`is_stalled`) when no worker has run them for ``start_timeout`` seconds. Its scheduler
+    listens on :func:`scheduler_hosts`, with TLS and the run's certificates unless ``settings.tls`` is off;
+    ``warn`` (the run's log; this module's logger by default) is told what is exposed then."""
     if shutil.which("sbatch") is None:
         raise SlurmQueueStalled(
             "EM_COMPUTE=slurm but `sbatch` is not on PATH: run on a host of the SLURM cluster (a login or "
@@ -272,7 +349,8 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
     from dask_jobqueue.slurm import SLURMJob
     from distributed.core import Status
     from distributed.diagnostics.plugin import SchedulerPlugin
-    from distributed.security import Security
+
+    from em_platform.cluster.run_certificates import RunCertificates
 
     class RecordedJob(SLURMJob):
         async def start(self) -> None:
@@ -311,35 +389,52 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
                 )
 
     lifetime = settings.lifetime_seconds
-    # TLS: a CA and certificates for this run only; the workers' copies go to the (shared) log folder, 0600,
-    # removed when the cluster closes
-    security = Security.temporary() if settings.tls else None
-    with dask.config.set({"distributed.scheduler.no-workers-timeout": f"{settings.start_timeout}s"}):
-        cluster = SLURMCluster(
-            job_cls=RecordedJob,
-            queue=settings.queue,
-            account=settings.account,
-            cores=settings.cores,
-            processes=1,
-            memory=settings.memory,
-            walltime=settings.walltime,
-            job_extra_directives=list(settings.directives),
-            job_script_prologue=list(settings.prologue),
-            python=settings.python,
-            job_name=name,
-            log_directory=log_directory,
-            security=security,
-            shared_temp_directory=log_directory,
-            # the dashboard on loopback only (None still serves its routes on every interface): ssh -L to see it
-            scheduler_options={"host": settings.scheduler_host, "dashboard_address": "127.0.0.1:0"},
-            worker_extra_args=[
-                "--lifetime",
-                f"{lifetime}s",
-                "--lifetime-stagger",
-                f"{min(60, lifetime // 10)}s",
-            ],
-            death_timeout=120,
-        )
+    hosts = scheduler_hosts(settings)
+    os.makedirs(log_directory, mode=0o700, exist_ok=True)
+    # the workers' copies in the (shared) log folder, removed when the cluster closes, however it closes
+    certificates = RunCertificates(log_directory) if settings.tls else None
+
+    class RunCluster(SLURMCluster):
+        async def _close(self) -> None:
+            try:
+                await super()._close()
+            finally:
+                if certificates is not None:
+                    certificates.remove()
+
+    try:
+        with dask.config.set({"distributed.scheduler.no-workers-timeout": f"{settings.start_timeout}s"}):
+            cluster = RunCluster(
+                job_cls=RecordedJob,
+                queue=settings.queue,
+                account=settings.account,
+                cores=settings.cores,
+                processes=1,
+                memory=settings.memory,
+                walltime=settings.walltime,
+                job_extra_directives=list(settings.directives),
+                job_script_prologue=list(settings.prologue),
+                python=settings.python,
+                job_name=name,
+                log_directory=log_directory,
+                security=certificates.security if certificates is not None else None,
+                shared_temp_directory=log_directory,
+                # the dashboard on loopback only (None still serves its routes on every interface): ssh -L to see it
+                scheduler_options={"host": hosts, "dashboard_address": f"{LOOPBACK}:0"},
+                worker_extra_args=[
+                    "--lifetime",
+                    f"{lifetime}s",
+                    "--lifetime-stagger",
+                    f"{min(60, lifetime // 10)}s",
+                ],
+                death_timeout=120,
+            )
+    except BaseException:
+        if certificates is not None:
+            certificates.remove()
+        raise
+    if certificates is None:
+        (warn or _log.warning)(plain_tcp_warning(cluster.scheduler))
 
     def replace_lost_jobs() -> None:
         """SpecCluster forgets a lost job after Dask's lost-worker-timeout but opens a job in its place only
@@ -351,6 +446,18 @@ def start_cluster(settings: SlurmSettings, log: JobLog, log_directory: str, *, n
     cluster.scheduler.add_plugin(Membership(), name="em-platform-slurm-jobs")
     cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
     return cluster
+
+
+def plain_tcp_warning(scheduler) -> str:
+    """What a run without TLS exposes, naming the setting that turned TLS off and the scheduler's addresses."""
+    addresses = ", ".join(listener.contact_address for listener in scheduler.listeners)
+    return (
+        f"EM_SLURM_TLS is off: this run's Dask scheduler ({addresses}) and its SLURM worker jobs speak plain TCP "
+        "with no certificate, so anyone who reaches those ports (any user of this host or of the cluster's nodes) "
+        "can run code in this run's process, with its secrets (storage keys, database passwords) and its data, "
+        "and read what the workers exchange. Unset EM_SLURM_TLS (TLS is the default) unless that network is yours "
+        "alone"
+    )
 
 
 def _alive_query(job_ids: list[str]) -> list[str]:
@@ -450,11 +557,7 @@ def release(client, cluster, log: JobLog, timeout: float = 60.0) -> None:
     except Exception:  # noqa: BLE001 - the jobs are cancelled below whatever went wrong
         pass
     finally:
-        cluster.close()
-        for part in ("ca_file", "cert", "key"):  # the TLS files dask-jobqueue wrote for the workers:
-            dumped = getattr(cluster, f"_job_{part}", None)  # temporary files, removed as they close
-            if dumped is not None:
-                dumped.close()
+        cluster.close()  # and with it the workers' copies of the run's certificates
 
 
 def _cancel_queued(job_ids: list[str]) -> None:

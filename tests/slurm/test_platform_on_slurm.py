@@ -5,6 +5,7 @@ queued when the work ended, cancelled before it started)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from pathlib import Path
@@ -198,12 +199,16 @@ def test_workers_that_cannot_see_the_data_root_fail_the_run_at_once_naming_the_p
             dg.materialize([needs_workers], instance=instance, resources={"dask": dask})
 
 
-def test_with_tls_the_workers_join_over_tls_and_a_plain_client_is_refused(slurm, tmp_path, monkeypatch):
-    """EM_SLURM_TLS=1: the run's scheduler listens with certificates made for the run, the worker jobs join
-    with theirs (0600 in the shared job folder, gone when the run ends), and a client without them gets
-    nothing from the scheduler's port."""
+def test_by_default_a_run_speaks_tls_at_this_hosts_cluster_address_and_a_plain_client_is_refused(
+    slurm, tmp_path, monkeypatch
+):
+    """EM_SLURM_TLS unset: the run's scheduler listens at a non-loopback address of this host (the worker jobs'
+    way in) and on loopback, both with certificates made for the run; the run's client and the worker jobs
+    connect with theirs (the workers' 0600 in the shared job folder, gone when the run ends), and a client
+    without them gets nothing from the scheduler's port."""
     logs = tmp_path / "slurm-logs"
-    use_slurm(slurm, tmp_path, monkeypatch, EM_SLURM_TLS="1")
+    env = use_slurm(slurm, tmp_path, monkeypatch)
+    assert "EM_SLURM_TLS" not in env and "EM_SLURM_SCHEDULER_HOST" not in env
     seen: dict = {}
 
     @dg.asset
@@ -212,8 +217,11 @@ def test_with_tls_the_workers_join_over_tls_and_a_plain_client_is_refused(slurm,
 
         client = dask.get_client()
         seen["scheduler"] = client.scheduler.address
+        seen["listeners"] = client.run_on_scheduler(
+            lambda dask_scheduler: [listener.contact_address for listener in dask_scheduler.listeners]
+        )
         seen["workers"] = list(client.scheduler_info()["workers"])
-        seen["keys"] = {p.name: p.stat().st_mode & 0o777 for p in logs.glob(".dask-jobqueue.worker.*")}
+        seen["keys"] = {p.name: p.stat().st_mode & 0o777 for p in logs.glob(".tls-*/*")}
         plain = "tcp://" + client.scheduler.address.split("://", 1)[1]
         with pytest.raises((OSError, TimeoutError)):
             Client(plain, timeout="5s")
@@ -223,10 +231,14 @@ def test_with_tls_the_workers_join_over_tls_and_a_plain_client_is_refused(slurm,
         result = dg.materialize([total], instance=instance, resources={"dask": DaskResource(compute="slurm")})
         assert result.output_for_node("total") == 6
         jobs = run_jobs(instance, result.run_id)
-    assert seen["scheduler"].startswith("tls://") and seen["workers"], seen
-    assert all(w.startswith("tls://") for w in seen["workers"]), seen
-    assert seen["keys"] and set(seen["keys"].values()) == {0o600}, seen["keys"]  # the worker's key, its cert
-    assert not list(logs.glob(".dask-jobqueue.worker.*")), "the run's certificates outlived it"
+    outside, loopback = seen["listeners"]
+    host = outside.split("://", 1)[1].rsplit(":", 1)[0]
+    assert seen["scheduler"] == outside and not ipaddress.ip_address(host).is_loopback, seen
+    assert outside.startswith("tls://") and loopback.startswith("tls://127.0.0.1:"), seen
+    assert all(w.startswith("tls://") for w in seen["workers"]) and seen["workers"], seen
+    assert sorted(seen["keys"]) == ["ca.pem", "worker-cert.pem", "worker-key.pem"], seen["keys"]
+    assert set(seen["keys"].values()) == {0o600}, seen["keys"]
+    assert not list(logs.glob(".tls-*")), "the run's certificates outlived it"
     assert_completed(slurm, jobs, tmp_path / "slurm-logs")
 
 

@@ -1,14 +1,25 @@
-"""EM_COMPUTE=slurm's settings (no SLURM needed): each wrong value is an error naming the variable, the
-workers retire before their walltime, and SLURM's reasons are read from squeue's output."""
+"""EM_COMPUTE=slurm's settings (no SLURM needed): each wrong value is an error naming the variable, TLS is on
+unless a word turns it off, the scheduler listens at this host's cluster address and on loopback, the workers
+retire before their walltime, and SLURM's reasons are read from squeue's output."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from em_platform.cluster.slurm import JobLog, SlurmSettings, queue_reasons, walltime_seconds
+from em_platform.cluster.slurm import (
+    LOOPBACK,
+    JobLog,
+    SlurmSettings,
+    queue_reasons,
+    scheduler_hosts,
+    slurmctld_address,
+    walltime_seconds,
+)
 from em_platform.settings import ConfigError, load_settings
 
 
@@ -101,12 +112,57 @@ def test_a_replacement_job_under_the_same_worker_name_is_counted_apart():
     assert summary["slurm_jobs"] == "1,2" and float(summary["slurm_compute_s"]) >= 0
 
 
-def test_tls_is_a_switch_and_the_jobs_logs_never_land_in_the_working_folder(tmp_path, monkeypatch):
-    from em_platform.cluster.slurm import job_log_directory
-
-    assert SlurmSettings.from_env({"EM_SLURM_TLS": "1"}).tls and not SlurmSettings.from_env({}).tls
+def test_tls_is_on_unless_a_word_turns_it_off():
+    assert SlurmSettings().tls and SlurmSettings.from_env({}).tls
+    assert (
+        SlurmSettings.from_env({"EM_SLURM_TLS": " "}).tls
+        and SlurmSettings.from_env({"EM_SLURM_TLS": "1"}).tls
+    )
+    for off in ("0", "false", "FALSE", "no", "off"):
+        assert not SlurmSettings.from_env({"EM_SLURM_TLS": off}).tls, off
     with pytest.raises(ConfigError, match=r"^EM_SLURM_TLS='maybe' must be 1 \(on\) or 0 \(off\)"):
         load_settings({"EM_COMPUTE": "slurm", "EM_SLURM_TLS": "maybe"})
+
+
+def test_the_scheduler_listens_at_the_cluster_address_and_on_loopback():
+    assert scheduler_hosts(SlurmSettings(scheduler_host="10.1.0.5")) == ["10.1.0.5", LOOPBACK]
+    assert scheduler_hosts(SlurmSettings(scheduler_host="127.0.0.1")) == [LOOPBACK]  # said so: loopback only
+    assert scheduler_hosts(SlurmSettings(scheduler_host="localhost")) == ["localhost"]
+    # unset, slurmctld on this host: the address of this host's default route
+    hosts = scheduler_hosts(SlurmSettings(), controller=lambda: "127.0.0.1")
+    if hosts == [LOOPBACK]:
+        pytest.skip("this host has no address but loopback")
+    cluster, loopback = hosts
+    assert loopback == LOOPBACK and not ipaddress.ip_address(cluster).is_loopback, hosts
+    with socket.socket(socket.AF_INET6 if ":" in cluster else socket.AF_INET) as s:
+        s.bind((cluster, 0))  # an address of this host, or bind fails
+    # slurmctld reached from that address: the same
+    assert scheduler_hosts(SlurmSettings(), controller=lambda: cluster) == hosts
+
+
+def test_slurmctlds_address_is_read_from_scontrol():
+    def scontrol(text: str):
+        def run(argv, **kwargs):
+            assert argv == ["scontrol", "show", "config"]
+            return subprocess.CompletedProcess(argv, 0, text, "")
+
+        return run
+
+    config = "ClusterName = em\nSlurmctldHost[0]        = ctl1(10.2.0.1)\nSlurmctldHost[1]        = ctl2(10.2.0.2)\n"
+    assert slurmctld_address(scontrol(config)) == "10.2.0.1"
+    named = slurmctld_address(scontrol("SlurmctldHost[0]        = localhost\n"))
+    assert named is not None and ipaddress.ip_address(named).is_loopback
+    assert slurmctld_address(scontrol("")) is None
+
+    def missing(argv, **kwargs):
+        raise FileNotFoundError("scontrol")
+
+    assert slurmctld_address(missing) is None
+
+
+def test_the_jobs_logs_never_land_in_the_working_folder(tmp_path, monkeypatch):
+    from em_platform.cluster.slurm import job_log_directory
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     named = SlurmSettings(log_directory=str(tmp_path / "named"))
     assert job_log_directory(named, str(tmp_path / "data")) == str(tmp_path / "named")
