@@ -4,7 +4,9 @@ Listing is the default (waiting letters, oldest first; ``--all`` adds cleared on
 rows with the raw body and headers). ``--replay`` sends a broker letter through the journal again, with the
 current settings (e.g. after adding a share to ``EM_SCOPE_SHARES``): it passes the same edge checks, and a
 letter that still fails stays waiting with the reason printed. ``--clear`` records the operator's decision;
-cleared letters stay listed with ``--all``.
+cleared letters stay listed with ``--all``. A letter whose body was too large to keep whole (see
+:data:`em_platform.catalog.dead_letters.KEPT_BODY_BYTES`) says so, with the whole body's length and SHA-256,
+and cannot be replayed: the sender has to send it again.
 """
 
 from __future__ import annotations
@@ -104,6 +106,13 @@ def _replay(
                 print(
                     f"#{letter.id} ({letter.source} {letter.topic}): nothing to replay; fix it at its source "
                     "(an inbox entry is picked up again when it changes), then --clear it"
+                )
+                continue
+            if letter.body_truncated:
+                refused += 1
+                print(
+                    f"#{letter.id} {letter.topic}: cannot replay, only part of it was kept "
+                    f"({letter.kept().describe()}); have the scope send it again, then --clear it"
                 )
                 continue
             try:

@@ -19,6 +19,13 @@ class ConfigError(ValueError):
 
 DEFAULT_VIEWER_URL = "http://127.0.0.1:3030"
 
+BROKER_MAX_MESSAGE_BYTES = 16 << 20
+"""The largest message body the listener takes from the broker (``EM_BROKER_MAX_MESSAGE_BYTES``): 16 MiB. The
+largest message a scope sends is the ``montage.complete`` of the largest montage ``EM_MONTAGE_MAX_GRID`` allows
+(256 × 256 tiles: about 10 MB in pigeon's JSON with 64-character tile ids); every other consumed message is under
+1 KiB. ``docker/rabbitmq/40-limits.conf`` gives the broker's ``max_message_size`` the same value."""
+_LEAST_MESSAGE_BYTES = 1 << 16  # below it even a small montage's montage.complete would be refused
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -64,6 +71,8 @@ class Settings:
     # the stage origin a tile may be (nm); a message past them is refused and dead-lettered (edge.MontageBounds)
     montage_max_grid: int = MONTAGE_MAX_GRID
     stage_max_nm: int = STAGE_MAX_NM
+    # the largest message body the listener takes from the broker; a larger one is dead-lettered, not parsed
+    broker_max_message_bytes: int = BROKER_MAX_MESSAGE_BYTES
 
     @property
     def storage_options(self) -> dict:
@@ -196,6 +205,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         viewer_hosts=_viewer_hosts(env),
         montage_max_grid=bounds.max_grid,
         stage_max_nm=bounds.max_stage_nm,
+        broker_max_message_bytes=broker_max_message_bytes(env),
     )
 
 
@@ -296,6 +306,21 @@ def broker_tls(value: str | None) -> str | None:
     return value
 
 
+def broker_max_message_bytes(env: Mapping[str, str] | None = None) -> int:
+    """``EM_BROKER_MAX_MESSAGE_BYTES`` (unset: :data:`BROKER_MAX_MESSAGE_BYTES`); ConfigError naming it."""
+    env = os.environ if env is None else env
+    raw = env.get("EM_BROKER_MAX_MESSAGE_BYTES", "").strip()
+    if not raw:
+        return BROKER_MAX_MESSAGE_BYTES
+    if not raw.isdigit() or int(raw) < _LEAST_MESSAGE_BYTES:
+        raise ConfigError(
+            f"EM_BROKER_MAX_MESSAGE_BYTES={raw!r} must be a whole number of bytes ≥ {_LEAST_MESSAGE_BYTES} (the "
+            f"largest message body the listener takes; default {BROKER_MAX_MESSAGE_BYTES}); raise the broker's "
+            "max_message_size with it"
+        )
+    return int(raw)
+
+
 def sensor_interval_seconds(default: int, env: Mapping[str, str] | None = None) -> int:
     """A sensor's minimum interval: ``EM_SENSOR_INTERVAL_SECONDS`` when set (a deployment's choice, e.g. a
     test topology that should react within seconds), else the sensor's own ``default``."""
@@ -333,6 +358,7 @@ ENV_NAMES = {
     "viewer_hosts": "EM_VIEWER_HOSTS",
     "montage_max_grid": "EM_MONTAGE_MAX_GRID",
     "stage_max_nm": "EM_STAGE_MAX_NM",
+    "broker_max_message_bytes": "EM_BROKER_MAX_MESSAGE_BYTES",
 }
 
 

@@ -9,21 +9,32 @@ when frames are raw counts, chosen by the rule of :mod:`em_platform.cryo.gain_re
 (``[FrameSet = 0]``, SerialEM's single-particle output) is one single-particle micrograph set.
 
 Partition keys are ``<root tag>/<path of the mdoc (or set folder) under the root, suffixes dropped>``.
+
+A session folder is an edge (:mod:`em_platform.edge`), under the inbox's rule: every folder walked and every
+file a series names (mdoc, stack, movies, gain reference, ground truth, settings, raw tilt angles) must resolve
+inside its root, symlinks followed (:func:`~em_platform.edge.inside`). A symlink that stays inside is followed: it
+can show nothing the root does not hold. One that points out is refused before anything behind it is read: the
+folder, or the whole series, comes back refused (:func:`scan_sessions`; the sensor dead-letters it) with the
+field and the reason, and a run that asks for such a series fails with the same refusal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import math
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
 from em_platform.cryo.gain_reference import GainReference, discover_gain
+from em_platform.edge import Refused, inside
 from em_platform.formats.volume import FormatError
 
 STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
@@ -113,13 +124,16 @@ SESSION_KEYS = {
 AXIS_PRECEDENCE = ("session settings", "mdoc title", "mdoc RotationAngle", "none: 0° assumed")
 
 
-def session_settings(mdoc_dir: Path, session_dir: Path) -> tuple[dict, Path | None]:
+def session_settings(mdoc_dir: Path, session_dir: Path, root: Path | None = None) -> tuple[dict, Path | None]:
     """The operator's settings of a session: ``em_session.yaml`` beside the mdoc, else in the session folder
-    (for every series under it). Unknown keys and non-numbers are errors naming the file."""
+    (for every series under it). Unknown keys and non-numbers are errors naming the file; with ``root``, a
+    file that resolves outside it is refused before it is read."""
     for folder in (mdoc_dir, session_dir):
         path = folder / SESSION_SETTINGS
         if not path.is_file():
             continue
+        if root is not None:
+            contained(root, path, "session settings")
         import yaml
 
         try:
@@ -148,11 +162,12 @@ def _rotation_angle(sections) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def _rawtlt(mdoc: Path, name: str) -> list[float] | None:
+def _rawtlt(mdoc: Path, name: str, root: Path) -> list[float] | None:
     """IMOD's raw tilt angles beside the mdoc (``<name>.rawtlt``), one per line in stack order."""
     path = mdoc.parent / f"{name}.rawtlt"
     if not path.is_file():
         return None
+    contained(root, path, "raw tilt angles")
     try:
         return [float(line) for line in path.read_text().split()]
     except ValueError as exc:
@@ -251,8 +266,26 @@ def series_key(tag: str, folders: tuple[str, ...], name: str) -> str:
     return "/".join((tag, *folders, name))
 
 
+def contained(root: Path, path: Path, field: str) -> Path:
+    """``path`` (built under ``root``) as it resolves, refused (:class:`~em_platform.edge.Refused` naming
+    ``field``) unless that is inside ``root``: the inbox's rule, :func:`em_platform.edge.inside`."""
+    try:
+        relative = path.relative_to(root)
+    except ValueError:
+        raise Refused(field, str(path), f"not under the session root {root}") from None
+    return inside(root, relative, field=field)
+
+
+def _refuse_outside(root: Path, named: Iterable[tuple[str, Path | None]]) -> None:
+    for what, path in named:
+        if path is not None:
+            contained(root, path, what)
+
+
 def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
-    """A tilt series from its mdoc (no pixels read); raises SessionError naming the mdoc."""
+    """A tilt series from its mdoc (no pixels read); raises SessionError naming the mdoc, and
+    :class:`~em_platform.edge.Refused` for a file of it that resolves outside ``root``."""
+    contained(root, mdoc, "mdoc")
     doc = read_mdoc(mdoc)
     sections = sorted(doc.section_data, key=lambda s: s.ZValue if s.ZValue is not None else 0)
     if not sections:
@@ -265,8 +298,8 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
     session_dir = root / rel.parts[0] if len(rel.parts) > 1 else root
     dirs = _search_dirs(mdoc.parent, session_dir)
     name = strip_suffixes(mdoc.name)
-    settings, settings_file = session_settings(mdoc.parent, session_dir)
-    rawtlt = _rawtlt(mdoc, name) if any(s.TiltAngle is None for s in sections) else None
+    settings, settings_file = session_settings(mdoc.parent, session_dir, root)
+    rawtlt = _rawtlt(mdoc, name, root) if any(s.TiltAngle is None for s in sections) else None
     tilts, accumulated = [], 0.0
     for i, s in enumerate(sections):
         z = int(s.ZValue) if s.ZValue is not None else i
@@ -304,7 +337,7 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
     source, axis = found[0] if found else (AXIS_PRECEDENCE[-1], None)
     notes = [] if found else ["no tilt-axis angle (em_session.yaml, mdoc title, RotationAngle): 0° assumed"]
     named_gain = getattr(sections[0], "GainReference", None)
-    return TiltSeries(
+    series = TiltSeries(
         key=series_key(tag, rel.parent.parts, name),
         name=name,
         kind="tilt_series",
@@ -321,10 +354,21 @@ def describe_tilt_series(mdoc: Path, root: Path, tag: str) -> TiltSeries:
         settings_file=settings_file,
         **_gain_fields(dirs, named_gain, any(t.movie_name for t in tilts)),
     )
+    _refuse_outside(root, _named_files(series))
+    return series
+
+
+def _named_files(ts: TiltSeries) -> list[tuple[str, Path | None]]:
+    """The files a series names besides its mdoc, by the field a refusal names."""
+    named = [("stack", ts.stack), ("gain reference", ts.gain), ("ground truth", ts.truth)]
+    return named + [("movie", t.movie) for t in ts.tilts]
 
 
 def describe_movie_set(folder: Path, mdocs: list[Path], root: Path, tag: str) -> TiltSeries:
-    """A single-particle set: the movies of a folder's frame-set mdocs, in name order, as 0° 'tilts'."""
+    """A single-particle set: the movies of a folder's frame-set mdocs, in name order, as 0° 'tilts'; a file
+    of it that resolves outside ``root`` raises :class:`~em_platform.edge.Refused`."""
+    contained(root, folder, "session folder")
+    _refuse_outside(root, (("mdoc", path) for path in mdocs))
     tilts, pixel, voltage, gain_name = [], None, 300.0, None
     rel = folder.relative_to(root)
     session_dir = root / rel.parts[0] if rel.parts else root
@@ -356,7 +400,7 @@ def describe_movie_set(folder: Path, mdocs: list[Path], root: Path, tag: str) ->
     if not pixel:
         raise SessionError(f"{folder}: the frame-set mdocs give no PixelSpacing")
     key_path = "/".join((*rel.parts, SPA_SET))
-    return TiltSeries(
+    series = TiltSeries(
         key=f"{tag}/{key_path}",
         name=folder.name or tag,
         kind="single_particle",
@@ -368,6 +412,8 @@ def describe_movie_set(folder: Path, mdocs: list[Path], root: Path, tag: str) ->
         tilts=tuple(tilts),
         **_gain_fields(dirs, gain_name, True),
     )
+    _refuse_outside(root, _named_files(series))
+    return series
 
 
 def is_frame_set(path: Path) -> bool:
@@ -376,29 +422,109 @@ def is_frame_set(path: Path) -> bool:
     return "[FrameSet" in head and "[ZValue" not in head
 
 
-def discover(root: Path, tag: str) -> tuple[list[TiltSeries], dict[str, str]]:
-    """Every tilt series and movie set under ``root``; unreadable mdocs come back as {key: error}."""
-    found, errors = [], {}
-    if not root.is_dir():
-        return found, errors
-    frame_sets: dict[Path, list[Path]] = {}
-    for mdoc in sorted(root.rglob("*.mdoc")):
-        if any(part.startswith(".") for part in mdoc.relative_to(root).parts):
-            continue
+@dataclass(frozen=True)
+class RefusedEntry:
+    """A folder or series of a session root refused at the edge: never described further, never processed."""
+
+    key: str  # the series' partition key, or ``<tag>/<folder>`` for a folder
+    path: Path  # the mdoc, the set's folder or the folder refused
+    refused: Refused
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the refusal does (another target, another file): reported once per version."""
+        return hashlib.sha256(f"{self.path}\0{self.refused}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SessionScan:
+    found: list[TiltSeries]
+    errors: dict[str, str]  # key -> why the series could not be described (a bad mdoc, a missing file)
+    refused: dict[str, RefusedEntry]  # key -> what resolves outside the root
+
+
+def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, Refused]]]:
+    """Every ``*.mdoc`` under ``root``, hidden names left out, and the folders refused on the way.
+
+    A symlinked folder is walked while it resolves inside ``root`` (one that leads back to a folder above it is
+    not walked twice) and refused when it points out: nothing behind it is listed."""
+    mdocs: list[Path] = []
+    refused: list[tuple[Path, Refused]] = []
+    pending = [(root, frozenset({root.resolve()}))]
+    while pending:
+        folder, above = pending.pop()
         try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # vanished or unreadable meanwhile: as Path.rglob, nothing under it
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            try:
+                is_dir = entry.is_dir()  # a symlink's target
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                if entry.name.endswith(".mdoc"):
+                    mdocs.append(path)
+                continue
+            if entry.is_symlink():
+                try:
+                    real = contained(root, path, "session folder")
+                except Refused as exc:
+                    refused.append((path, exc))
+                    continue
+                if real in above:
+                    continue
+            else:
+                real = path.resolve()
+            pending.append((path, above | {real}))
+    return sorted(mdocs), refused
+
+
+def scan_sessions(root: Path, tag: str) -> SessionScan:
+    """Every tilt series and movie set under ``root``; unreadable mdocs come back as errors, and what resolves
+    outside ``root`` (a folder, an mdoc, a file a series names) as refused, checked before it is read."""
+    found: list[TiltSeries] = []
+    errors: dict[str, str] = {}
+    refused: dict[str, RefusedEntry] = {}
+    if not root.is_dir():
+        return SessionScan(found, errors, refused)
+    mdocs, folders = _walk(root)
+    for folder, exc in folders:
+        key = f"{tag}/{folder.relative_to(root).as_posix()}"
+        refused[key] = RefusedEntry(key, folder, exc)
+    frame_sets: dict[Path, list[Path]] = {}
+    for mdoc in mdocs:
+        rel = mdoc.relative_to(root)
+        try:
+            contained(root, mdoc, "mdoc")  # before is_frame_set reads its first lines
             if is_frame_set(mdoc):
                 frame_sets.setdefault(mdoc.parent, []).append(mdoc)
             else:
                 found.append(describe_tilt_series(mdoc, root, tag))
+        except Refused as exc:
+            key = series_key(tag, rel.parent.parts, strip_suffixes(mdoc.name))
+            refused[key] = RefusedEntry(key, mdoc, exc)
         except (SessionError, OSError) as exc:
-            rel = mdoc.relative_to(root)
             errors[f"{tag}/{'/'.join((*rel.parent.parts, strip_suffixes(mdoc.name)))}"] = str(exc)
-    for folder, mdocs in sorted(frame_sets.items()):
+    for folder, mdocs_of_set in sorted(frame_sets.items()):
+        key = f"{tag}/{folder.relative_to(root).as_posix()}/{SPA_SET}"
         try:
-            found.append(describe_movie_set(folder, mdocs, root, tag))
+            found.append(describe_movie_set(folder, mdocs_of_set, root, tag))
+        except Refused as exc:
+            refused[key] = RefusedEntry(key, folder, exc)
         except (SessionError, OSError) as exc:
-            errors[f"{tag}/{folder.relative_to(root).as_posix()}/{SPA_SET}"] = str(exc)
-    return found, errors
+            errors[key] = str(exc)
+    return SessionScan(found, errors, refused)
+
+
+def discover(root: Path, tag: str) -> tuple[list[TiltSeries], dict[str, str]]:
+    """Every tilt series and movie set under ``root``; unreadable and refused ones come back as {key: error}
+    (:func:`scan_sessions` keeps the refusals apart)."""
+    scan = scan_sessions(root, tag)
+    return scan.found, {**scan.errors, **{key: str(r.refused) for key, r in scan.refused.items()}}
 
 
 def fingerprint(ts: TiltSeries) -> str:
@@ -409,8 +535,6 @@ def fingerprint(ts: TiltSeries) -> str:
             st = p.stat()
             parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
     parts.append(f"missing:{sum(1 for t in ts.tilts if t.movie_name and t.movie is None)}")
-    import hashlib
-
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

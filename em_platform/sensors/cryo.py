@@ -4,7 +4,9 @@ simulator's published root becomes a partition of ``cryo_tilt_series`` and a run
 The cursor maps partition key → fingerprint (sizes and times of the mdoc, stack and movies), so an unchanged
 series is never requested twice and one that grew (more tilts written by the microscope) is requested again.
 A series whose files changed within the settle period is still being acquired and waits. Series without
-ground truth run without ``simulation/evaluation``.
+ground truth run without ``simulation/evaluation``. A session folder is an edge, under the inbox's rule: a
+folder or a file of a series that resolves outside its root (a symlink pointing out) is never requested: it is
+logged in the tick and dead-lettered once (again only if its refusal changes), as the inbox sensor does.
 """
 
 import json
@@ -13,11 +15,11 @@ import time
 import dagster as dg
 
 from em_platform.assets.cryo import EVALUATION, K
-from em_platform.cryo.session import discover, fingerprint, newest_change
+from em_platform.cryo.session import RefusedEntry, fingerprint, newest_change, scan_sessions
 from em_platform.edge import Refused, check_relative_key
 from em_platform.jobs import cryo_job
 from em_platform.partitions import cryo_tilt_series
-from em_platform.resources import CryoSessionsResource
+from em_platform.resources import CatalogResource, CryoSessionsResource
 from em_platform.settings import sensor_interval_seconds
 
 MAX_REQUESTS_PER_TICK = 200
@@ -39,14 +41,17 @@ def session_run_config(ts) -> dict:
     description="Watches EM_CRYO_SESSIONS and <data root>/simulation; each settled new or grown tilt series "
     "is processed once (and evaluated against its ground truth when it has one).",
 )
-def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessionsResource) -> dg.SensorResult:
+def cryo_sensor(
+    context: dg.SensorEvaluationContext, cryo_sessions: CryoSessionsResource, catalog: CatalogResource
+) -> dg.SensorResult:
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
-    found, errors = [], {}
+    found, errors, refused = [], {}, {}
     for tag, root in cryo_sessions.roots().items():
-        f, e = discover(root, tag)
-        found += f
-        errors |= e
+        scan = scan_sessions(root, tag)
+        found += scan.found
+        errors |= scan.errors
+        refused |= scan.refused
     for ts in list(found):  # the key names output folders and storage keys: refuse an unsafe one (edge)
         try:
             check_relative_key(ts.key, "partition_key")
@@ -56,7 +61,11 @@ def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessions
     for key, error in errors.items():
         context.log.error(f"cryo session entry {key} skipped: {error}")
     known = set(context.instance.get_dynamic_partitions(cryo_tilt_series.name))
-    cursor = {k: v for k, v in seen.items() if k in {ts.key for ts in found}}
+    cursor = {k: v for k, v in seen.items() if k in {ts.key for ts in found} | set(refused)}
+    for key, entry in refused.items():
+        if cursor.get(key) != entry.fingerprint:
+            _dead_letter(context, catalog, entry)
+            cursor[key] = entry.fingerprint
     requests, new_keys, waiting = [], [], []
     for ts in found:
         fp = fingerprint(ts)
@@ -87,9 +96,22 @@ def cryo_sensor(context: dg.SensorEvaluationContext, cryo_sessions: CryoSessions
         if errors:  # a malformed mdoc is not "nothing new": say what was skipped and why
             key, error = next(iter(errors.items()))
             reason = f"{len(errors)} tilt series skipped (first: {key}: {error}); {reason}"
+        if refused:
+            key, entry = next(iter(refused.items()))
+            reason = (
+                f"{len(refused)} refused (first: {key}: {entry.refused}; em-platform dead-letters); {reason}"
+            )
         return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[cryo_tilt_series.build_add_request(new_keys)] if new_keys else [],
         cursor=new_cursor,
     )
+
+
+def _dead_letter(context: dg.SensorEvaluationContext, catalog: CatalogResource, entry: RefusedEntry) -> None:
+    exc = entry.refused
+    letter = catalog.dead_letters().add(
+        source="session", topic=cryo_tilt_series.name, field=exc.field, reason=str(exc), body=str(entry.path)
+    )
+    context.log.error(f"cryo session entry {entry.key!r} not processed, dead-lettered as #{letter}: {exc}")

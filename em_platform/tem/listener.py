@@ -13,7 +13,12 @@ redelivery after a crash between commit and ACK is recognised by the journal (sa
 changes nothing. A message that fails validation or the edge checks (:mod:`em_platform.edge`: safe ids,
 sizes within the montage bounds, a tile path on a scope share) is logged with the topic, the field and the reason, written to the dead
 letters (the journal's database, raw body and headers kept) and acknowledged only once that row is
-committed: never lost, never retried forever, listed by ``em-platform dead-letters``. A journal that is
+committed: never lost, never retried forever, listed by ``em-platform dead-letters``. A message body larger
+than ``max_message_bytes`` (``EM_BROKER_MAX_MESSAGE_BYTES``, 16 MiB) is refused before it is decoded: stomp.py
+holds a whole frame before it hands it on, so the connection reads such a body past as it streams (holding at
+most the bound: :class:`~em_platform.tem.stomp_connection.FrameBound`), and the listener dead-letters its first
+bytes with the whole body's length and SHA-256, then acknowledges it. The broker's own bound (RabbitMQ's
+``max_message_size``, ``docker/rabbitmq/40-limits.conf``) refuses it at the sender first. A journal that is
 unavailable (database down) leaves the message unacknowledged and is retried with backoff. A lost broker
 connection is logged and reconnected with bounded exponential backoff; ``stop`` ends the listener cleanly
 (unacknowledged messages return to the queue).
@@ -37,7 +42,9 @@ import sqlalchemy as sa
 import stomp
 import stomp.exception
 
+from em_platform.catalog.dead_letters import KEPT_BODY_BYTES, LetterBody
 from em_platform.edge import Refused
+from em_platform.settings import broker_max_message_bytes
 from em_platform.sql import DatabaseUnavailable
 from em_platform.tem.broker import (
     DEFAULT_SUBSCRIPTION,
@@ -53,6 +60,7 @@ from em_platform.tem.stomp_connection import (
     close_connection,
     drop_connection,
     open_stomp,
+    oversized_body,
 )
 
 __all__ = [
@@ -85,7 +93,7 @@ class ListenerStats:
     received: int = 0
     journaled: int = 0
     duplicates: int = 0  # redeliveries / repeated bodies: acknowledged, journal unchanged
-    rejected: int = 0  # invalid or refused messages: logged, dead-lettered, then acknowledged
+    rejected: int = 0  # invalid, refused or oversized messages: logged, dead-lettered, then acknowledged
     journal_errors: int = 0  # transient journal failures (retried, message not acknowledged meanwhile)
     connections: int = 0
     connect_failures: int = 0
@@ -171,6 +179,7 @@ class _JournalListener:
         prefetch: int,
         connect_timeout: float,
         ready: threading.Event | None,
+        max_message_bytes: int,
     ):
         self.host, self.port = host, int(port)
         self.address = f"{host}:{self.port}"
@@ -186,6 +195,9 @@ class _JournalListener:
         self.prefix = normalize_prefix(topic_prefix)
         self.username, self.password, self.vhost, self.tls = username, password, vhost, tls
         self.prefetch = int(prefetch)
+        if max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be at least 1 byte, not {max_message_bytes}")
+        self.max_message_bytes = int(max_message_bytes)
         self.connect_timeout = connect_timeout
         self.ready = ready
         self.stats = ListenerStats()
@@ -206,6 +218,7 @@ class _JournalListener:
             vhost=self.vhost,
             tls=self.tls,
             timeout=self.connect_timeout,
+            max_body=(self.max_message_bytes, KEPT_BODY_BYTES),
         )
         try:
             receipts = []
@@ -321,6 +334,24 @@ class _JournalListener:
         msg_id = headers.get("message-id", "?")
         topic = topic_of(dest, self.prefix)
         self.stats.received += 1
+        streamed = oversized_body(conn, frame)
+        if streamed is not None:  # refused unread: its body went past the bound as it streamed
+            body = LetterBody.cut(streamed.head, streamed.length, streamed.sha256)
+            reason = (
+                f"message body of {streamed.length:,} bytes is larger than the listener's limit of "
+                f"{self.max_message_bytes:,} bytes (EM_BROKER_MAX_MESSAGE_BYTES; the broker's max_message_size "
+                "should refuse it at the sender: docker/rabbitmq/40-limits.conf)"
+            )
+            self.log.error(
+                "rejected message %s on %r from %s: %s; %s",
+                msg_id,
+                dest,
+                headers.get("source") or headers.get("service") or "unknown sender",
+                reason,
+                body.describe(),
+            )
+            where = topic if topic in CONSUMED else dest
+            return self.reject(conn, events, frame, where, "(body)", reason, body=body)
         if topic not in CONSUMED:
             reason = f"not one of the consumed topics {', '.join(CONSUMED)} under prefix {self.prefix!r}"
             self.log.error("rejected message %s on %r: %s", msg_id, dest, reason)
@@ -403,9 +434,19 @@ class _JournalListener:
             return _LOST
         return None
 
-    def reject(self, conn: stomp.Connection12, events: _Consumer, frame, topic: str, field: str, reason: str):
+    def reject(
+        self,
+        conn: stomp.Connection12,
+        events: _Consumer,
+        frame,
+        topic: str,
+        field: str,
+        reason: str,
+        body: LetterBody | None = None,
+    ):
         """Dead-letter the message (committed), then acknowledge it: kept, and not delivered again.
 
+        ``body``: what of the body to keep, when the frame does not hold it whole (an oversized message).
         A database outage is waited out with the message unacknowledged (the broker keeps it); only if the
         dead letter itself cannot be written is the message NACKed without requeue, its body in the log.
         """
@@ -415,7 +456,9 @@ class _JournalListener:
         delay, tries = self.backoff[0], 0
         while True:
             try:
-                letter = self.journal.dead_letter("broker", topic, field, reason, frame.body, headers)
+                letter = self.journal.dead_letter(
+                    "broker", topic, field, reason, frame.body if body is None else body, headers
+                )
                 break
             except Exception as exc:
                 if _is_transient(exc):
@@ -440,7 +483,7 @@ class _JournalListener:
                     msg_id,
                     type(exc).__name__,
                     exc,
-                    frame.body,
+                    frame.body if body is None else body.describe(),
                 )
                 self.stats.rejected += 1
                 try:
@@ -483,12 +526,15 @@ def run_listener(
     prefetch: int = DEFAULT_PREFETCH,
     connect_timeout: float = 10.0,
     ready: threading.Event | None = None,
+    max_message_bytes: int | None = None,
 ) -> ListenerStats:
     """Journal every consumed TEM message from the broker at ``host:port`` until ``stop`` is set.
 
     ``backoff`` is (initial, maximum) seconds between reconnection attempts, doubling each time.
-    ``ready`` (optional) is set while subscribed and cleared when the connection is lost. Returns the
-    run's :class:`ListenerStats`. See the module docstring for the delivery guarantees.
+    ``ready`` (optional) is set while subscribed and cleared when the connection is lost.
+    ``max_message_bytes``: the largest message body taken (None: ``EM_BROKER_MAX_MESSAGE_BYTES``, 16 MiB; a
+    malformed value raises ConfigError naming it); larger ones are dead-lettered unread. Returns the run's
+    :class:`ListenerStats`. See the module docstring for the delivery guarantees.
     """
     return _JournalListener(
         host,
@@ -506,6 +552,7 @@ def run_listener(
         prefetch=prefetch,
         connect_timeout=connect_timeout,
         ready=ready,
+        max_message_bytes=broker_max_message_bytes() if max_message_bytes is None else max_message_bytes,
     ).run()
 
 

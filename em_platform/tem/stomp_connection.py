@@ -1,20 +1,27 @@
 """One STOMP 1.2 connection to the broker that cannot hang, and its events as waitable state: what the
 listener, the publisher's pigeon client (:mod:`em_platform.tem.pigeon_sender`) and the tests open and close.
-No Dagster here."""
+A consumer's connection can bound the messages it takes (:class:`FrameBound`). No Dagster here."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import re
 import socket
 import ssl
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import stomp
 import stomp.exception
 import stomp.transport
+import stomp.utils
 
 HEARTBEATS = (10000, 10000)  # ms, as pigeon
+
+_log = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(ConnectionError):
@@ -92,6 +99,216 @@ class _TlsTransport(stomp.transport.Transport):
         return data
 
 
+# -- a bound on the frames a consumer takes ------------------------------------------------------------------
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # where a frame's headers end (stomp.py's PREAMBLE_END_RE)
+_EOLS = re.compile(rb"[\r\n]+")  # heart-beats, and the optional EOLs after a frame
+
+
+class FrameTooLarge(ConnectionError):
+    """A frame from the broker past the bound that cannot be read past (its headers run past it, or it is not a
+    MESSAGE): the connection is closed."""
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A MESSAGE body larger than the bound, as it streamed past: its first bytes, whole length and SHA-256."""
+
+    head: bytes
+    length: int
+    sha256: str
+
+
+@dataclass
+class _Streaming:
+    """The oversized body being read past: hashed and counted, only its first bytes kept."""
+
+    head: bytes  # the frame's command and headers, as they came
+    key: str
+    length: int | None  # content-length; None: the body ends at the frame's NUL
+    keep: int
+    seen: int = 0
+    kept: bytearray = field(default_factory=bytearray)
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+
+    def take(self, chunk: bytes | bytearray) -> None:
+        self.digest.update(chunk)
+        self.seen += len(chunk)
+        room = self.keep - len(self.kept)
+        if room > 0:
+            self.kept += chunk[:room]
+
+
+def _ack_key(headers: Mapping[str, str]) -> str:
+    """What the listener acknowledges a MESSAGE by (its ``ack`` header, else its ``message-id``)."""
+    return headers.get("ack") or headers.get("message-id") or ""
+
+
+class FrameBound:
+    """The largest MESSAGE body a consumer takes (``max_body`` bytes), enforced before stomp.py holds it.
+
+    stomp.py reads every frame whole into memory, and decodes its body to text, before it hands it on: a broker
+    that lets a huge message through would have the listener hold it, more than once. The bytes from the socket
+    pass through :meth:`feed` first; each frame is held here until it is complete, at most its headers and
+    ``max_body`` bytes of body. A MESSAGE whose body is larger (by its ``content-length``, or by what came
+    before its end without one) is read on and hashed as it streams, never held: stomp.py gets its headers with
+    an empty body, and :attr:`oversized` records its first ``keep`` bytes, whole length and SHA-256 under its
+    ack id (:func:`oversized_body`), so the listener can dead-letter it and acknowledge it. Every other frame,
+    and the heart-beats between frames, pass unchanged. Any other frame past the bound, or headers that run past
+    it, raise :class:`FrameTooLarge`: the connection closes (a message comes back to the next connection).
+    """
+
+    def __init__(self, max_body: int, keep: int):
+        if max_body < 1 or keep < 0:
+            raise ValueError(f"max_body must be ≥ 1 and keep ≥ 0 bytes, not {max_body} and {keep}")
+        self.max_body, self.keep = int(max_body), int(keep)
+        self.oversized: dict[str, Oversized] = {}
+        self._buf = bytearray()  # the current frame, not yet passed on
+        self._head = b""  # its command and headers, once complete
+        self._headers: Mapping[str, str] = {}
+        self._body_at: int | None = None  # where its body starts in the buffer, once its headers are complete
+        self._length: int | None = None  # its content-length
+        self._scanned = 0  # how much of its body was searched for the NUL (without a content-length)
+        self._big: _Streaming | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to hand to stomp.py after ``data`` came from the socket (often none yet)."""
+        self._buf += data
+        out = bytearray()
+        while self._buf:
+            if self._big is not None:
+                if not self._read_past():
+                    break
+                out += self._stand_in()
+                continue
+            if self._body_at is None:
+                eols = _EOLS.match(self._buf)
+                if eols:  # between frames: straight on
+                    out += self._buf[: eols.end()]
+                    del self._buf[: eols.end()]
+                    continue
+                if not self._read_head():
+                    break
+                if self._big is not None:
+                    continue
+            end = self._frame_end()
+            if end is None:
+                if self._big is not None:
+                    continue
+                break
+            out += self._buf[:end]
+            del self._buf[:end]
+            self._body_at, self._length, self._scanned = None, None, 0
+        return bytes(out)
+
+    def _too_large(self, what: str) -> FrameTooLarge:
+        return FrameTooLarge(
+            f"{what} from the broker is larger than {self.max_body} bytes; closing the connection"
+        )
+
+    def _read_head(self) -> bool:
+        """Take the current frame's command and headers once they are complete; False while they are not."""
+        end = _HEAD_END.search(self._buf)
+        if end is None:
+            if len(self._buf) > self.max_body:
+                raise self._too_large("a frame's headers")
+            return False
+        self._head = bytes(self._buf[: end.start()])
+        frame = stomp.utils.parse_frame(self._head)
+        self._headers = frame.headers if frame is not None else {}
+        length = self._headers.get("content-length", "").strip()
+        self._length = int(length) if length.isdigit() else None
+        self._body_at = end.end()
+        if self._length is not None and self._length > self.max_body:
+            self._past_the_bound()
+        return True
+
+    def _frame_end(self) -> int | None:
+        """Where the current frame (its NUL included) ends in the buffer; None while it has not all arrived."""
+        assert self._body_at is not None
+        if self._length is not None:
+            end = self._body_at + self._length + 1
+            return end if len(self._buf) >= end else None
+        nul = self._buf.find(b"\0", self._body_at + self._scanned)
+        self._scanned = (nul if nul >= 0 else len(self._buf)) - self._body_at
+        if self._scanned > self.max_body:
+            self._past_the_bound()
+            return None
+        return nul + 1 if nul >= 0 else None
+
+    def _past_the_bound(self) -> None:
+        """The current frame's body is larger than the bound: a MESSAGE's is read past, any other frame's is
+        refused."""
+        command = self._head.splitlines()[0].decode("ascii", "replace") if self._head else ""
+        if command != "MESSAGE":
+            raise self._too_large(f"a {command!r} frame")
+        assert self._body_at is not None
+        self._big = _Streaming(self._head, _ack_key(self._headers), self._length, self.keep)
+        del self._buf[: self._body_at]
+        self._body_at, self._length, self._scanned = None, None, 0
+
+    def _read_past(self) -> bool:
+        """Hash and drop the oversized body as it comes (its NUL included); True once all of it has passed."""
+        big = self._big
+        assert big is not None
+        if big.length is not None:
+            if big.seen < big.length:
+                chunk = self._buf[: big.length - big.seen]
+                big.take(chunk)
+                del self._buf[: len(chunk)]
+            if big.seen < big.length or not self._buf:
+                return False
+            del self._buf[:1]  # the frame's NUL
+            return True
+        nul = self._buf.find(b"\0")
+        upto = nul if nul >= 0 else len(self._buf)
+        big.take(self._buf[:upto])
+        del self._buf[: upto + (nul >= 0)]
+        return nul >= 0
+
+    def _stand_in(self) -> bytes:
+        """The oversized MESSAGE as stomp.py gets it: its headers and an empty body; the rest recorded."""
+        big = self._big
+        assert big is not None
+        self._big = None
+        self.oversized[big.key] = Oversized(bytes(big.kept), big.seen, big.digest.hexdigest())
+        lines = [line for line in big.head.splitlines() if not line.lower().startswith(b"content-length:")]
+        return b"\n".join([*lines, b"content-length:0"]) + b"\n\n\0"
+
+
+class _BoundedReceive:
+    """A transport's ``receive`` through its :class:`FrameBound` (``frame_bound``)."""
+
+    frame_bound: FrameBound
+
+    def receive(self):
+        while True:
+            data = super().receive()  # type: ignore[misc]
+            if not data:  # None (TLS: nothing yet) or b"" (the end of the stream): as they are
+                return data
+            try:
+                passed = self.frame_bound.feed(data)
+            except FrameTooLarge as exc:
+                _log.error("%s", exc)
+                raise
+            if passed:  # never b"" for bytes held here: stomp.py would take it for the end of the stream
+                return passed
+
+
+def bound_messages(conn: stomp.Connection12, max_body: int, keep: int) -> None:
+    """Bound the MESSAGE bodies ``conn`` (not yet connected) takes to ``max_body`` bytes (:class:`FrameBound`)."""
+    transport = conn.transport
+    base = type(transport)
+    transport.__class__ = _BoundedTlsTransport if issubclass(base, _TlsTransport) else _BoundedTransport
+    transport.frame_bound = FrameBound(max_body, keep)
+
+
+def oversized_body(conn: stomp.Connection12, frame) -> Oversized | None:
+    """What the bound read past of this MESSAGE (its body larger than the bound), or None."""
+    bound = getattr(conn.transport, "frame_bound", None)
+    return bound.oversized.pop(_ack_key(frame.headers), None) if bound is not None else None
+
+
 def use_tls(conn: stomp.Connection12, ca_certs: str | None, host_and_port: tuple[str, int]) -> None:
     """STOMP over TLS on ``conn`` (not yet connected), the broker's certificate checked against ``ca_certs``
     (None: the system's CAs), with a reader that sees the broker close the connection (:class:`_TlsTransport`)."""
@@ -110,12 +327,14 @@ def open_stomp(
     vhost: str | None = "/",
     tls: str | None = None,
     timeout: float = 10.0,
+    max_body: tuple[int, int] | None = None,
 ) -> stomp.Connection12:
     """One STOMP 1.2 connection attempt that cannot hang: connected, or BrokerUnavailable with the reason.
 
     ``vhost`` goes into the CONNECT ``host`` header: RabbitMQ reads that header as the virtual host, and
     stomp.py would otherwise send the broker's host name there (``Virtual host '127.0.0.1' access denied``).
     ``tls`` (:func:`em_platform.settings.broker_tls`): STOMP over TLS, the broker's certificate and name verified.
+    ``max_body``: (bound, bytes kept) of the MESSAGE bodies this connection takes (:func:`bound_messages`).
     """
     where = f"{host}:{port}"
     conn = stomp.Connection12(
@@ -128,6 +347,8 @@ def open_stomp(
     )
     if tls:
         use_tls(conn, None if tls == "system" else tls, (host, port))
+    if max_body is not None:
+        bound_messages(conn, *max_body)
     for name, listener in (listeners or {}).items():
         conn.set_listener(name, listener)
     conn.set_listener("em_platform_events", events)
@@ -195,3 +416,11 @@ def close_connection(conn: stomp.Connection12, events: StompEvents, timeout: flo
         except Exception:
             pass
     drop_connection(conn)
+
+
+class _BoundedTransport(_BoundedReceive, stomp.transport.Transport):
+    pass
+
+
+class _BoundedTlsTransport(_BoundedReceive, _TlsTransport):
+    pass

@@ -73,7 +73,7 @@ def test_the_demo_series_passes_every_check_and_the_results_db_agrees(tmp_path, 
     }
     with dg.instance_for_test() as instance:
         with dg.build_sensor_context(
-            instance=instance, resources={"cryo_sessions": resources["cryo_sessions"]}
+            instance=instance, resources={k: resources[k] for k in ("cryo_sessions", "catalog")}
         ) as ctx:
             (request,) = cryo_sensor(ctx).run_requests
         key = request.partition_key

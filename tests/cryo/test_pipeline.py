@@ -73,7 +73,7 @@ def test_session_to_tomogram_results_and_evaluation(tmp_path):
     _settle(sessions)
     resources = _resources(tmp_path, sessions)
     with dg.instance_for_test() as instance:
-        sensor_resources = {"cryo_sessions": resources["cryo_sessions"]}
+        sensor_resources = {k: resources[k] for k in ("cryo_sessions", "catalog")}
         with dg.build_sensor_context(instance=instance, resources=sensor_resources) as ctx:
             result = cryo_sensor(ctx)
         keys = sorted(r.partition_key for r in result.run_requests)
@@ -233,7 +233,7 @@ def bad_session(tmp_path_factory):
     resources = _resources(tmp, sessions)
     runs = {}
     with dg.instance_for_test() as instance:
-        sensor_resources = {"cryo_sessions": resources["cryo_sessions"]}
+        sensor_resources = {k: resources[k] for k in ("cryo_sessions", "catalog")}
         with dg.build_sensor_context(instance=instance, resources=sensor_resources) as ctx:
             result = cryo_sensor(ctx)
         requests = {r.partition_key: r for r in result.run_requests}
@@ -379,7 +379,7 @@ def test_real_epu_micrograph_session_through_motion_and_ctf_assets(tmp_path):
     key = "sessions/grid4/spa/micrographs"
     with dg.instance_for_test() as instance:
         with dg.build_sensor_context(
-            instance=instance, resources={"cryo_sessions": resources["cryo_sessions"]}
+            instance=instance, resources={k: resources[k] for k in ("cryo_sessions", "catalog")}
         ) as ctx:
             result = cryo_sensor(ctx)
         assert [r.partition_key for r in result.run_requests] == [key]
@@ -415,7 +415,11 @@ def test_a_malformed_mdoc_is_named_in_the_sensors_skip_reason(tmp_path):
     folder.mkdir(parents=True)
     (folder / "TS_09.mrc.mdoc").write_text("[ZValue = 0]\nTiltAngle = not-a-number\n[ZValue\n")
     _settle(tmp_path / "sessions")
-    resources = {"cryo_sessions": _resources(tmp_path, tmp_path / "sessions")["cryo_sessions"]}
+    resources = {
+        k: v
+        for k, v in _resources(tmp_path, tmp_path / "sessions").items()
+        if k in ("cryo_sessions", "catalog")
+    }
     with dg.instance_for_test() as instance:
         with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
             result = cryo_sensor(ctx)
