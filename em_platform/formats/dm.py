@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from em_platform.formats.dtypes import checked_dtype
 from em_platform.formats.lazy import memmap_dask
 from em_platform.formats.volume import FormatError, Volume, normalise_unit
 
 DM_SUFFIXES = (".dm3", ".dm4")
 
-# ImageData.DataType -> numpy dtype, for the real-valued pixel types (DM stores pixels little-endian).
+# ImageData.DataType -> numpy dtype, for the real-valued pixel types (DM stores pixels little-endian); each
+# still passes the allow-list (a binary image, 14, is refused there).
 _PIXEL_DTYPES: dict[int, str] = {
     1: "<i2",
     2: "<f4",
@@ -89,7 +91,12 @@ def read_dm(path: str | Path) -> Volume:
             f"{path} holds {kind} pixels (DM data type {data_type}), not a real-valued EM image: "
             "convert it to a real image in Digital Micrograph or remove it from the inbox"
         )
-    dtype = np.dtype(_PIXEL_DTYPES[data_type])
+    dtype = checked_dtype(
+        _PIXEL_DTYPES[data_type],
+        where=str(path),
+        field=f"DM data type {data_type} pixel type",
+        hint="convert it to an integer or real greyscale image in Digital Micrograph (a mask to 8-bit)",
+    )
     offset = _int_tag(tags, prefix + "ImageData.Data.arrayOffset")
     nbytes = _int_tag(tags, prefix + "ImageData.Data.arraySize")
     need = math.prod(shape) * dtype.itemsize  # exact Python integers: a lying tag cannot wrap it

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from dask.base import tokenize
 
+from em_platform.formats.dtypes import checked_dtype
 from em_platform.lazy_import import LazyModule
 
 da = LazyModule("dask.array")
@@ -31,7 +32,7 @@ class MemmapSlicer:
         self.path = str(path)
         self.offset = int(offset)
         self.shape = tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
+        self.dtype = checked_dtype(dtype, where=self.path)
         self.order = order
         self.ndim = len(self.shape)
         self._mm: np.memmap | None = None
@@ -74,9 +75,10 @@ def memmap_dask(
 ) -> da.Array:
     """A dask array over a raw block of a file, chunked in whole slices along the first axis up to ``slab_bytes``.
 
-    ValueError (:func:`check_size`) unless the file holds the whole block: no array is built over bytes
-    that are not there."""
-    dtype = np.dtype(dtype)
+    ValueError (:func:`check_size`) unless the file holds the whole block, and FormatError unless ``dtype`` is
+    allowed (:func:`~em_platform.formats.dtypes.checked_dtype`): no array is built over bytes that are not
+    there, or as what they cannot be."""
+    dtype = checked_dtype(dtype, where=str(path))
     check_size(Path(path), offset, shape, dtype)
     slicer = MemmapSlicer(path, offset, shape, dtype, order)
     if len(shape) <= 2:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mrcfile
 
+from em_platform.formats.dtypes import checked_dtype
 from em_platform.formats.lazy import check_size, memmap_dask
 from em_platform.formats.volume import FormatError, Volume
 
@@ -35,6 +36,12 @@ def read_mrc(path: str | Path) -> Volume:
         problems = [str(w.message) for w in caught if "map ID" in str(w.message) or "mode" in str(w.message)]
         if problems:
             raise ValueError("; ".join(problems))
+        dtype = checked_dtype(
+            dtype,
+            where=str(path),
+            field=f"MRC mode {mode} pixel type",
+            hint="convert it to a real-valued mode (0, 1, 2, 6 or 12), e.g. with mrcfile or IMOD's newstack",
+        )
         if min(nx, ny, nz) < 1:
             raise ValueError(f"header dimensions nx={nx} ny={ny} nz={nz} are not positive")
         offset = 1024 + ext_bytes

@@ -1,4 +1,9 @@
-"""Raw binary volumes: the caller (or a JSON sidecar) states shape, dtype and byte order."""
+"""Raw binary volumes: the caller (or a JSON sidecar) states shape, dtype and byte order.
+
+The dtype is one of :data:`~em_platform.formats.dtypes.ALLOWED_DTYPES`. Its byte order is the one it states
+(``">u2"`` is big-endian), else ``byte_order`` (``"little"`` or ``"big"``, little when not given); a dtype and
+a ``byte_order`` that disagree are refused rather than one silently winning.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from em_platform.formats.dtypes import checked_dtype
 from em_platform.formats.lazy import check_size, memmap_dask
 from em_platform.formats.volume import FormatError, Volume, normalise_unit
 
@@ -24,7 +30,7 @@ def read_raw(
     axes: tuple[str, ...] | None = None,
     scale: tuple[float | None, ...] | None = None,
     unit: str | None = None,
-    byte_order: str = "little",
+    byte_order: str | None = None,
     offset: int = 0,
     shape_from: str = "shape",
 ) -> Volume:
@@ -44,10 +50,11 @@ def read_raw(
     axes = tuple(axes) if axes else ("z", "y", "x")[-len(shape) :] if len(shape) <= 3 else None
     if axes is None or len(axes) != len(shape):
         raise FormatError(f"{path}: give axes for a raw array of {len(shape)} dimensions (got {axes})")
-    try:
-        dt = np.dtype(dtype).newbyteorder("<" if byte_order == "little" else ">")
-    except TypeError as exc:
-        raise FormatError(f"{path}: unknown dtype {dtype!r} for raw data") from exc
+    stated = "" if shape_from == "shape" else f" ({shape_from})"
+    hint = f'state one of them as the {"sidecar" if stated else "raw"} dtype, e.g. "uint16" or ">u2" (big-endian)'
+    dt = checked_dtype(dtype, where=f"{path}{stated}", hint=hint)
+    byte_order = _byte_order(dtype, dt, byte_order, f"{path}{stated}")
+    dt = dt.newbyteorder("<" if byte_order == "little" else ">")
     ngff_unit = normalise_unit(unit) if unit else None
     if unit and ngff_unit is None:
         raise FormatError(f"{path}: unknown unit {unit!r}; use nm, µm or Å")
@@ -77,6 +84,24 @@ def read_raw(
     )
 
 
+def _byte_order(value: Any, dt: np.dtype, byte_order: str | None, where: str) -> str:
+    """The byte order to read, "little" or "big": what the dtype states (a "<"/">" prefix, or a non-native
+    numpy dtype), else ``byte_order``, else little. FormatError for another ``byte_order`` or one that
+    contradicts the dtype."""
+    if byte_order not in (None, "little", "big"):
+        raise FormatError(f'{where}: byte_order {byte_order!r} must be "little" or "big"')
+    if dt.itemsize == 1:
+        return byte_order or "little"  # one byte has no order
+    prefix = value[:1] if isinstance(value, str) else ("" if dt.isnative else dt.byteorder)
+    states = {"<": "little", ">": "big"}.get(prefix)
+    if states and byte_order and states != byte_order:
+        raise FormatError(
+            f"{where}: dtype {value!r} is {states}-endian but byte_order says {byte_order}; "
+            "state the byte order once (in the dtype or as byte_order)"
+        )
+    return states or byte_order or "little"
+
+
 def sidecar_for(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
@@ -93,7 +118,7 @@ def read_raw_with_sidecar(path: str | Path) -> Volume:
             axes=tuple(spec["axes"]) if spec.get("axes") else None,
             scale=tuple(spec["voxel_size"]) if spec.get("voxel_size") else None,
             unit=spec.get("unit", "nm") if spec.get("voxel_size") else None,
-            byte_order=spec.get("byte_order", "little"),
+            byte_order=spec.get("byte_order"),
             offset=spec.get("offset", 0),
             shape_from=f"sidecar {side.name}",
         )

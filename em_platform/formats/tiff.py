@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from em_platform.formats.dtypes import checked_dtype
 from em_platform.formats.volume import FormatError, Volume, normalise_unit
 from em_platform.lazy_import import LazyModule
 
@@ -35,6 +36,9 @@ MAX_COMPRESSION_RATIO = 2**16
 """How many times its stored bytes a compressed page may decode to: twice the most any codec EM TIFFs use
 reaches (zstd's run-length blocks, 32,768:1; deflate at most 1,032:1), far above EM images (2-10:1). A page
 claiming gigapixels from a few bytes would otherwise have its whole buffer allocated before decoding."""
+
+PIXEL_TYPE_FIELD = "pixel type (SampleFormat × BitsPerSample)"
+PIXEL_TYPE_HINT = "save the image as an integer or float greyscale TIFF (a mask as uint8)"
 
 # tifffile series axes → NGFF axes. I (image sequence) and Q (unknown) of a plain stack are z.
 _AXIS_MAP = {"T": "t", "C": "c", "S": "c", "Z": "z", "I": "z", "Q": "z", "Y": "y", "X": "x"}
@@ -217,6 +221,7 @@ def read_tiff(path: str | Path) -> Volume:
         with _tifffile_errors() as logged, tifffile.TiffFile(path) as tf:
             _check_ome_planes(tf)
             series = tf.series[0]
+            checked_dtype(series.dtype, where=str(path), field=PIXEL_TYPE_FIELD, hint=PIXEL_TYPE_HINT)
             axes = tuple(_AXIS_MAP.get(a, "?") for a in series.axes)
             if "?" in axes or len(set(axes)) != len(axes):
                 raise ValueError(f"unsupported TIFF axes {series.axes!r}")
@@ -237,6 +242,8 @@ def read_tiff(path: str | Path) -> Volume:
             data = _lazy_series(path, series, mtime_ns)
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found") from None
+    except FormatError:
+        raise
     except Exception as exc:
         raise FormatError(
             f"{path} is not a readable TIFF ({type(exc).__name__}: {exc}); check the transfer completed or re-export it"

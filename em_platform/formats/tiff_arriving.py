@@ -19,7 +19,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from dask import delayed
 
-from em_platform.formats.tiff import _calibration, _physical
+from em_platform.formats.dtypes import checked_dtype
+from em_platform.formats.tiff import PIXEL_TYPE_FIELD, PIXEL_TYPE_HINT, _calibration, _physical
 from em_platform.formats.volume import Volume
 from em_platform.lazy_import import LazyModule
 
@@ -48,9 +49,17 @@ class ContiguousTiff:
 
 
 def contiguous_layout(fileobj: BinaryIO) -> ContiguousTiff | None:
-    """The stack's layout from its first page, or None when it cannot be read before it is complete."""
+    """The stack's layout from its first page, or None when it cannot be read before it is complete.
+
+    FormatError when the page's pixel type is not allowed (:func:`~em_platform.formats.dtypes.checked_dtype`)."""
     with tifffile.TiffFile(fileobj) as tf:
         page = tf.pages.first
+        stored = checked_dtype(
+            page.dtype,
+            where=str(getattr(fileobj, "name", "the arriving TIFF")),
+            field=PIXEL_TYPE_FIELD,
+            hint=PIXEL_TYPE_HINT,
+        )
         if page.compression != 1 or page.samplesperpixel != 1 or len(page.shape) != 2 or page.is_tiled:
             return None
         offsets, counts = page.dataoffsets, page.databytecounts
@@ -64,7 +73,7 @@ def contiguous_layout(fileobj: BinaryIO) -> ContiguousTiff | None:
         if pages is None:
             return None
         scale, units = _calibration(("z", "y", "x"), _physical(tf))
-        dtype = np.dtype(page.dtype).newbyteorder(tf.byteorder)
+        dtype = stored.newbyteorder(tf.byteorder)
         return ContiguousTiff(
             offset=int(offsets[0]),
             shape=(pages, *page.shape),

@@ -61,6 +61,7 @@ class Volume:
 
     ``scale`` and ``units`` are per axis; spatial axes whose size the file does not record carry
     ``None`` in both, so the caller decides (and records) what to assume rather than the reader guessing.
+    Its pixel type is one of :data:`~em_platform.formats.dtypes.ALLOWED_DTYPES` (else FormatError).
     """
 
     data: da.Array
@@ -72,6 +73,10 @@ class Volume:
     source_metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from em_platform.formats.dtypes import checked_dtype  # dtypes imports FormatError from here
+
+        where = str(self.source_files[0]) if self.source_files else f"the {self.format} volume"
+        checked_dtype(self.data.dtype, where=where, field="pixel type")  # a reader that forgot its check
         n = self.data.ndim
         if not (len(self.axes) == len(self.scale) == len(self.units) == n):
             raise ValueError(
