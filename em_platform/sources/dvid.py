@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import requests
 
+from em_platform.formats.dtypes import checked_dtype
+from em_platform.formats.volume import FormatError
 from em_platform.sources.bounds import read_limited
 from em_platform.sources.download import is_transient
 from em_platform.sources.retry import (
@@ -97,6 +99,35 @@ def parse_voxel_size(info: dict[str, Any]) -> tuple[tuple[float, float, float], 
     if len(unit_list) < 3 or len(set(unit_list[:3])) != 1:
         return None  # no units, or mixed units: do not guess
     return (z, y, x), str(unit_list[0])
+
+
+RAW_DTYPE = np.dtype(np.uint8)
+"""What :meth:`DvidClient.raw` reads: a uint8blk instance's voxels."""
+
+
+def check_value_type(info: dict[str, Any], url: str = "DVID info") -> np.dtype:
+    """The voxel type an instance's info states (``Extended.Values[].DataType``, uint8 when it states none),
+    once it is on the allow-list (:func:`~em_platform.formats.dtypes.checked_dtype`) and is the uint8 a raw
+    GET answers; FormatError naming ``url`` otherwise, before any voxel is fetched as the wrong type."""
+    values = (info.get("Extended") or {}).get("Values") or []
+    stated: list[Any] = []
+    for value in values if isinstance(values, list) else [values]:
+        kind = value.get("DataType") if isinstance(value, dict) else value
+        if kind not in stated:
+            stated.append(kind)
+    if not stated:
+        return RAW_DTYPE
+    if len(stated) != 1:
+        raise FormatError(
+            f"{url}: Extended.Values states several voxel types {stated}; raw reads one (uint8)"
+        )
+    dtype = checked_dtype(stated.pop(), where=url, field="Extended.Values DataType")
+    if dtype != RAW_DTYPE:
+        raise FormatError(
+            f"{url}: the instance holds {dtype.name} voxels, and raw reads uint8blk instances only; check the "
+            "instance name (a grayscale instance, not labels)"
+        )
+    return dtype
 
 
 class DvidClient:

@@ -26,7 +26,7 @@ from em_platform.formats import Volume
 from em_platform.formats.volume import normalise_unit
 from em_platform.lazy_import import LazyModule
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
-from em_platform.sources.dvid import ZYX, DvidClient, DvidOptions, parse_voxel_size
+from em_platform.sources.dvid import ZYX, DvidClient, DvidOptions, check_value_type, parse_voxel_size
 from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy
@@ -230,6 +230,7 @@ class FlyemSource(Source):
     def check(self, logger: logging.Logger | logging.LoggerAdapter) -> RemoteVersion:
         self._client.logger = logger
         info = self._client.info()
+        check_value_type(info, self._client.info_url)
         lo, hi = self._client.bounds(info)
         o, s = tuple(self.crop.offset_zyx), tuple(self.crop.size_zyx)
         end = tuple(a + n - 1 for a, n in zip(o, s, strict=True))

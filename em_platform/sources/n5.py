@@ -6,10 +6,12 @@ big-endian header (mode, ndim, the block's own dims, and for mode 1 an element c
 big-endian payload, x fastest. Dimensions are listed fastest-first (x, y, z); this reader exposes the numpy
 (z, y, x) view. Edge blocks may be stored smaller than ``blockSize``; a block never written reads as 0.
 
-Sizes are the store's claims and are bounded before they are used: ``dimensions`` and ``blockSize`` positive
-whole numbers, one block at most :data:`MAX_BLOCK_BYTES`; a block object is read only up to the largest
-encoding of a ``blockSize`` block, and decompressed only up to the size its header states, itself at most
-``blockSize`` × data type (a decompression bomb is refused, never inflated).
+Sizes and types are the store's claims and are bounded before they are used: ``dataType`` one of
+:data:`DTYPES` (each on the allow-list of :mod:`em_platform.formats.dtypes`), ``dimensions`` and ``blockSize``
+positive whole numbers, one block at most :data:`~em_platform.sources.chunk_codecs.MAX_CHUNK_BYTES`; a block
+object is read only up to the largest encoding of a ``blockSize`` block, and decompressed only up to the size
+its header states, itself at most ``blockSize`` × data type (:mod:`em_platform.sources.chunk_codecs`: a
+decompression bomb is refused, never inflated).
 
 Also here: the voxel size of a level as OpenOrganelle/COSEM publish it (the array's ``transform`` or
 ``pixelResolution``; the group's COSEM ``multiscales`` or Neuroglancer ``scales``).
@@ -17,36 +19,26 @@ Also here: the voxel size of a level as OpenOrganelle/COSEM publish it (the arra
 
 from __future__ import annotations
 
-import bz2
 import json
-import lzma
 import math
 import posixpath
 import struct
-import zlib
 from typing import Any
 
 import numpy as np
 
+from em_platform.formats.dtypes import checked_dtype
 from em_platform.formats.volume import UNIT_TO_NM, FormatError, normalise_unit
 from em_platform.lazy_import import LazyModule
 from em_platform.sources.bounds import MAX_METADATA_BYTES, cat_limited
+from em_platform.sources.chunk_codecs import chunk_nbytes, decode_at_most, positive_sizes, read_chunk_object
 
 da = LazyModule("dask.array")
-numcodecs = LazyModule("numcodecs")
 
 ATTRIBUTES = "attributes.json"
 
-MAX_BLOCK_BYTES = 2**31 - 1
-"""One N5 block, decoded: the N5 Java library holds a block in one Java array, which cannot pass 2³¹ − 1
-elements, so no N5 writer makes a bigger one; a ``blockSize`` claiming more is refused at open."""
-
-
-def _stored_bound(decoded: int) -> int:
-    """The most bytes a block object encoding ``decoded`` bytes can take: the header (mode, ndim, up to
-    16 dims, element count) and the payload with the worst-case growth of the codecs (incompressible data:
-    zlib/gzip +0.03 %, bzip2 +1 %, xz and zstd < 0.1 %, blosc +16 bytes) under 1/64 + 4 KiB."""
-    return 4 + 4 * 16 + 4 + decoded + decoded // 64 + 4096
+BLOCK_HEADER_BYTES = 4 + 4 * 16 + 4
+"""The most an N5 block header takes: mode and ndim, up to 16 dimensions, the element count of mode 1."""
 
 
 DTYPES = {
@@ -63,25 +55,23 @@ DTYPES = {
 }
 
 
-def n5_codec(compression: dict[str, Any] | None, where: str = "N5 array") -> Any:
-    """The numcodecs codec for an N5 ``compression`` entry (None for raw).
+def n5_codec(
+    compression: dict[str, Any] | None, where: str = "N5 array"
+) -> tuple[str | None, dict[str, Any]]:
+    """The codec (an id of :data:`~em_platform.sources.chunk_codecs.CODECS`, None for raw) and its settings
+    for an N5 ``compression`` entry.
 
     The N5 Java library and tensorstore write gzip as a gzip stream (``useZlib``: a zlib one), bzip2 and
-    xz as their stream formats, and blosc/zstd as the frames their C libraries write.
+    xz as their stream formats, and blosc/zstd as the frames their C libraries write. N5's lz4 (lz4-java's
+    block stream) is refused by name.
     """
     kind = (compression or {}).get("type", "raw")
     if kind == "raw":
-        return None
+        return None, {}
     if kind == "gzip":
-        return numcodecs.Zlib() if compression.get("useZlib") else numcodecs.GZip()
-    if kind == "bzip2":
-        return numcodecs.BZ2()
-    if kind == "xz":
-        return numcodecs.LZMA()
-    if kind == "blosc":
-        return numcodecs.Blosc()
-    if kind == "zstd":
-        return numcodecs.Zstd()
+        return ("zlib" if compression.get("useZlib") else "gzip"), {}
+    if kind in ("bzip2", "xz", "blosc", "zstd"):
+        return {"bzip2": "bz2", "xz": "lzma"}.get(kind, kind), {}
     raise FormatError(
         f"{where}: N5 compression {kind!r} is not supported (raw, gzip, bzip2, xz, blosc, zstd are); "
         "convert the array or ask for it to be supported"
@@ -104,22 +94,24 @@ class N5Array:
         if "dimensions" not in attrs or "blockSize" not in attrs or "dataType" not in attrs:
             raise FormatError(f"{header}: an N5 group, not an array (no dimensions/blockSize/dataType)")
         if attrs["dataType"] not in DTYPES:
-            raise FormatError(f"{header}: N5 data type {attrs['dataType']!r} is not supported")
+            raise FormatError(
+                f"{header}: N5 data type {attrs['dataType']!r} is not supported ({', '.join(DTYPES)} are)"
+            )
         if len(attrs["dimensions"]) != len(attrs["blockSize"]):
             raise FormatError(f"{header}: dimensions and blockSize have different lengths")
         self.attributes: dict[str, Any] = attrs
-        self.shape: tuple[int, ...] = _positive(attrs["dimensions"], "dimensions", header)[::-1]
-        self.chunks: tuple[int, ...] = _positive(attrs["blockSize"], "blockSize", header)[::-1]
-        self.stored_dtype = np.dtype(DTYPES[attrs["dataType"]])  # big-endian, as in the blocks
+        self.shape: tuple[int, ...] = positive_sizes(attrs["dimensions"], where=header, field="dimensions")[
+            ::-1
+        ]
+        # big-endian, as in the blocks
+        self.stored_dtype = checked_dtype(DTYPES[attrs["dataType"]], where=header, field="dataType")
         self.dtype = self.stored_dtype.newbyteorder("=")  # what read_block returns
-        self.block_bytes = math.prod(self.chunks) * self.stored_dtype.itemsize  # exact: no wrap
-        if self.block_bytes > MAX_BLOCK_BYTES:
-            raise FormatError(
-                f"{header}: blockSize {attrs['blockSize']} of {attrs['dataType']} is {self.block_bytes} bytes a "
-                f"block, more than the {MAX_BLOCK_BYTES} an N5 block can hold (MAX_BLOCK_BYTES)"
-            )
+        self.block_bytes = chunk_nbytes(
+            attrs["blockSize"], self.stored_dtype.itemsize, where=header, field="blockSize"
+        )
+        self.chunks: tuple[int, ...] = tuple(attrs["blockSize"])[::-1]
         self.compression: dict[str, Any] = attrs.get("compression") or {"type": "raw"}
-        self.codec = n5_codec(self.compression, header)
+        self.codec, self.codec_config = n5_codec(self.compression, header)
 
     def __repr__(self) -> str:
         return f"N5Array({self.path!r}, shape={self.shape}, chunks={self.chunks}, dtype={self.dtype})"
@@ -148,17 +140,9 @@ class N5Array:
     def read_raw(self, idx: tuple[int, ...]) -> bytes | None:
         """The block object's bytes as stored, or None when the block was never written."""
         self.block_region(idx)
-        key = self.block_key(idx)
-        try:
-            raw = self.fs.cat_file(key, start=0, end=_stored_bound(self.block_bytes) + 1)
-        except FileNotFoundError:
-            return None
-        if len(raw) > _stored_bound(self.block_bytes):
-            raise FormatError(
-                f"{key}: N5 block object of more than {_stored_bound(self.block_bytes)} bytes, the largest a "
-                f"blockSize {list(self.chunks[::-1])} block of {self.stored_dtype.name} can be stored in"
-            )
-        return raw
+        return read_chunk_object(
+            self.fs, self.block_key(idx), self.block_bytes, header=BLOCK_HEADER_BYTES, what="N5 block object"
+        )
 
     def decode_block(self, raw: bytes | None, idx: tuple[int, ...]) -> np.ndarray:
         """A block's voxels (native byte order, clipped to the array's edge) from its stored bytes."""
@@ -182,7 +166,15 @@ class N5Array:
                     f"{key}: N5 block header claims {count} elements ({nbytes} bytes), more than blockSize "
                     f"{list(self.chunks[::-1])} × {self.stored_dtype.name} = {self.block_bytes} bytes"
                 )
-            data = decode_at_most(self.compression, raw[start:], nbytes, key)
+            data = decode_at_most(
+                self.codec,
+                raw[start:],
+                nbytes,
+                key,
+                config=self.codec_config,
+                what="N5 block",
+                declared="its header states",
+            )
             flat = np.frombuffer(data, dtype=self.stored_dtype, count=count)
         except FormatError:
             raise
@@ -230,79 +222,6 @@ def read_attributes(fs: Any, path: str) -> dict[str, Any]:
         )
     except FileNotFoundError:
         return {}
-
-
-def _positive(values: Any, field: str, where: str) -> tuple[int, ...]:
-    ok = isinstance(values, list) and all(type(v) is int and v >= 1 for v in values)  # noqa: E721
-    if not ok or not values:
-        raise FormatError(f"{where}: {field} {values!r} must be a list of whole numbers ≥ 1")
-    return tuple(values)
-
-
-def decode_at_most(compression: dict[str, Any] | None, payload: bytes, nbytes: int, where: str) -> bytes:
-    """A block's payload decompressed to exactly ``nbytes`` (what its header states), never inflating more:
-    the stream codecs stop at ``nbytes`` + 1 and blosc/zstd decode into an ``nbytes`` buffer (they refuse
-    before decompressing when their frame states more). FormatError naming ``where`` if it is not ``nbytes``."""
-    kind = (compression or {}).get("type", "raw")
-    if kind == "raw":
-        data = payload
-    elif kind in ("gzip", "bzip2", "xz"):
-        data = _inflate(kind, compression, payload, nbytes)
-    else:
-        out = np.empty(nbytes, np.uint8)
-        try:
-            n5_codec(compression, where).decode(payload, out=out)
-        except ValueError as exc:  # "destination buffer too small; expected at least ..."
-            raise FormatError(f"{where}: N5 block decodes to more than its {nbytes} bytes ({exc})") from None
-        stated = _blosc_nbytes(payload) if kind == "blosc" else _zstd_content_size(payload)
-        if stated not in (None, nbytes):
-            raise FormatError(
-                f"{where}: N5 block's {kind} frame holds {stated} bytes, its header states {nbytes}"
-            )
-        data = out.tobytes()
-    if len(data) > nbytes:
-        raise FormatError(f"{where}: N5 block decodes to more than the {nbytes} bytes its header states")
-    if len(data) < nbytes:
-        raise FormatError(f"{where}: N5 block decodes to {len(data)} bytes, its header states {nbytes}")
-    return data
-
-
-def _inflate(kind: str, compression: dict[str, Any], payload: bytes, nbytes: int) -> bytes:
-    """zlib/gzip, bzip2 or xz, at most ``nbytes`` + 1 bytes out (one more tells a longer stream)."""
-
-    def decompressor():
-        if kind == "gzip":
-            return zlib.decompressobj(zlib.MAX_WBITS if compression.get("useZlib") else 16 + zlib.MAX_WBITS)
-        return bz2.BZ2Decompressor() if kind == "bzip2" else lzma.LZMADecompressor()
-
-    out = bytearray()
-    while payload and len(out) <= nbytes:  # stream after stream: a gzip file may hold several members
-        d = decompressor()
-        out += d.decompress(payload, nbytes + 1 - len(out))
-        payload = d.unused_data if d.eof else b""
-    return bytes(out)
-
-
-def _blosc_nbytes(payload: bytes) -> int:
-    """The decompressed size a blosc frame states (its header's bytes 4-8, little-endian)."""
-    return struct.unpack_from("<I", payload, 4)[0] if len(payload) >= 16 else -1
-
-
-def _zstd_content_size(payload: bytes) -> int | None:
-    """The Frame_Content_Size a zstd frame header states (RFC 8878 3.1.1.1), None when it states none.
-
-    Decoding into an ``nbytes`` buffer refuses a longer frame; this tells a shorter one, which would leave
-    the buffer's tail unwritten. (A frame without it is checked by the decoder: its length must be exact.)"""
-    if len(payload) < 6 or payload[:4] != b"\x28\xb5\x2f\xfd":
-        return None
-    fhd = payload[4]
-    fcs_flag, single_segment, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
-    at = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
-    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
-    if size == 0 or len(payload) < at + size:
-        return None
-    value = int.from_bytes(payload[at : at + size], "little")
-    return value + 256 if size == 2 else value
 
 
 def scale_to_nm(values: dict[str, float], units: list[Any] | None, where: str) -> dict[str, float]:

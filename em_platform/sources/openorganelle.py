@@ -1,7 +1,8 @@
 """OpenOrganelle (Janelia COSEM): one level, or a crop of it, of a Zarr v2 or N5 multiscale on public S3.
 
-Read anonymously through s3fs one stored chunk object at a time (several in flight): zarr-python's
-FsspecStore reads and decodes the Zarr v2 chunks, :mod:`em_platform.sources.n5` the N5 blocks. Each chunk
+Read anonymously through s3fs one stored chunk object at a time (several in flight):
+:mod:`em_platform.sources.zarr_v2` reads and decodes the Zarr v2 chunks, :mod:`em_platform.sources.n5` the
+N5 blocks, each checking the array's dtype and bounding every chunk before it is decompressed. Each chunk
 goes into a local Zarr cache laid out on the source's chunk grid and is entered in the manifest (with the
 sha256 of the object as received) only once written, so an interrupted run resumes with the missing
 chunks only, and memory stays at about (parallel × chunk) whatever the level's size (s0 of
@@ -10,7 +11,6 @@ jrc_mus-nacc-2 is 7 GB). The voxel size is the multiscale metadata's, in nm.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -27,7 +27,7 @@ import numpy as np
 
 from em_platform.formats import FormatError, Volume
 from em_platform.lazy_import import LazyModule
-from em_platform.sources import n5
+from em_platform.sources import n5, zarr_v2
 from em_platform.sources.bounds import MAX_METADATA_BYTES, cat_limited
 from em_platform.sources.dataset import FetchedVolume, RemoteVersion, Source, SourceFile
 from em_platform.sources.endpoints import check_retries, check_url
@@ -178,35 +178,6 @@ def s3_access_error(exc: BaseException, path: str, endpoints: OpenOrganelleEndpo
     )
 
 
-@functools.cache
-def _received_store() -> type:
-    """The store wrapper class, made on first use: zarr is imported when a dataset is read, not when the code
-    location loads."""
-
-    class Received(zarr.storage.WrapperStore):
-        """Passes reads to the wrapped store, keeping the size and sha256 of each chunk object as received."""
-
-        def __init__(self, store: Any):
-            super().__init__(store)
-            self._lock = threading.Lock()
-            self._seen: dict[str, tuple[int, str] | None] = {}
-
-        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            value = await self._store.get(key, prototype, byte_range)
-            if not key.rsplit("/", 1)[-1].startswith("."):  # chunk objects only, not .zarray/.zattrs
-                raw = None if value is None else value.to_bytes()
-                with self._lock:
-                    self._seen[key] = None if raw is None else (len(raw), hashlib.sha256(raw).hexdigest())
-            return value
-
-        def take(self, key: str) -> tuple[int, str] | None | bool:
-            """(size, sha256) of the object read for ``key``, None if it was missing, False if never read."""
-            with self._lock:
-                return self._seen.pop(key, False)
-
-    return Received
-
-
 class _Level:
     """One stored level, either format: geometry in (z, y, x) order and one chunk read at a time."""
 
@@ -234,37 +205,25 @@ class _Level:
 class _ZarrLevel(_Level):
     format = "zarr2"
 
-    def __init__(self, path: str, endpoints: OpenOrganelleEndpoints):
+    def __init__(self, path: str, fs: Any):
         self.path = path
-        store = zarr.storage.FsspecStore.from_url(
-            _s3(path), storage_options=endpoints.storage_options(), read_only=True
-        )
-        self._store = _received_store()(store)
-        self._array = zarr.open_array(store=self._store, mode="r", zarr_format=2)
-        meta = self._array.metadata
-        self.metadata = meta.to_dict()
-        self.attributes = dict(self._array.attrs)
-        self.shape = tuple(self._array.shape)
-        self.chunks = tuple(self._array.chunks)
-        self.dtype = np.dtype(self._array.dtype).newbyteorder("=")
+        self._array = zarr_v2.ZarrV2Array(fs, path)
+        self.attributes = self._array.attributes()
+        self.metadata = {**self._array.metadata, "attributes": self.attributes}  # as zarr-python lists it
+        self.shape = self._array.shape
+        self.chunks = self._array.chunks
+        self.dtype = self._array.native_dtype
 
     def chunk_key(self, idx: tuple[int, ...]) -> str:
-        return posixpath.join(self.path, self._array.metadata.encode_chunk_key(tuple(idx)))
+        return self._array.chunk_key(idx)
 
     def read(self, idx: tuple[int, ...]) -> tuple[tuple[int, str] | None, np.ndarray]:
-        key = self._array.metadata.encode_chunk_key(tuple(idx))
         try:
-            block = self._array[self.region(idx)]
-        except Exception as exc:
-            if self._store.take(key) is False:
-                raise  # nothing arrived: a network or permission fault, for the retry policy to judge
-            raise FormatError(
-                f"{_s3(self.chunk_key(idx))}: chunk cannot be decoded ({type(exc).__name__}: {exc}); the "
-                "object is corrupt or truncated: re-run to fetch it again, and tell the OpenOrganelle "
-                "maintainers if it persists"
-            ) from exc
-        received = self._store.take(key)
-        return (None if received is False else received), np.ascontiguousarray(block, dtype=self.dtype)
+            raw = self._array.read_raw(idx)
+            block = self._array.decode_chunk(raw, idx)
+        except FormatError as exc:
+            raise FormatError(f"{_s3(self.chunk_key(idx))}: {exc}") from exc
+        return (None if raw is None else (len(raw), hashlib.sha256(raw).hexdigest())), block
 
 
 class _N5Level(_Level):
@@ -283,8 +242,8 @@ class _N5Level(_Level):
         return self._array.block_key(idx)
 
     def read(self, idx: tuple[int, ...]) -> tuple[tuple[int, str] | None, np.ndarray]:
-        raw = self._array.read_raw(idx)
         try:
+            raw = self._array.read_raw(idx)
             block = self._array.decode_block(raw, idx)
         except FormatError as exc:
             raise FormatError(f"{_s3(self.chunk_key(idx))}: {exc}") from exc
@@ -341,7 +300,7 @@ class OpenOrganelleSource(Source):
             except PermissionError as exc:
                 raise s3_access_error(exc, header, self.endpoints) from None
             if self.format == "zarr":
-                return _ZarrLevel(self.array_path, self.endpoints)
+                return _ZarrLevel(self.array_path, self.fs)
             return _N5Level(self.array_path, self.fs)
 
         return retrying(

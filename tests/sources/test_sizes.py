@@ -188,7 +188,7 @@ def test_an_n5_header_claiming_more_elements_than_its_block_is_refused(http_file
 
 @pytest.mark.parametrize(
     "block_size, says",
-    [([2**20, 2**20, 2**20], "more than the 2147483647 an N5 block can hold"), ([64, 0, 64], "≥ 1")],
+    [([2**20, 2**20, 2**20], "more than the 2147483647 one chunk may have"), ([64, 0, 64], "≥ 1")],
 )
 def test_n5_attributes_with_impossible_blocks_are_refused_at_open(http_files, block_size, says):
     _n5_array(http_files.root, {"type": "raw"}, block_size=block_size)
