@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     viewer.add_argument("--host", default=None, help="default: EM_VIEWER_URL's host (loopback by default)")
     viewer.add_argument("--port", type=int, default=None, help="default: EM_VIEWER_URL's port (3030)")
+    door = sub.add_parser(
+        "door",
+        help="the TLS proxy's login and request guard (its forward_auth): users, failed-login bound, no "
+        "cross-site control",
+    )
+    door.add_argument("--users", type=Path, required=True, help="the users file (`deploy ui-user` writes it)")
+    door.add_argument("--host", default="127.0.0.1")
+    door.add_argument("--port", type=int, default=3100)
     from em_platform.tem import listen_cli
 
     listen_cli.add_arguments(
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dev(args, load_settings())
         if args.command == "viewer":
             return _viewer(args, load_settings())
+        if args.command == "door":
+            return _door(args, load_settings())
         if args.command == "samples":
             from em_platform.samples import write_samples
 
@@ -180,6 +190,21 @@ def _viewer(args, settings) -> int:
     return serve(
         settings.data_root, host, port, settings.storage_options or None, allowed_hosts=settings.viewer_hosts
     )
+
+
+def _door(args, settings) -> int:
+    """The door for the UI (EM_WEB_HOSTS; JSON bodies only) and the viewer (its host names)."""
+    import os
+
+    from em_platform.web_guard.door import serve
+    from em_platform.web_guard.rules import Policy
+    from em_platform.webserver import web_hosts
+
+    sites = {
+        "ui": Policy.for_hosts(web_hosts(os.environ, None)),
+        "viewer": Policy.for_hosts(settings.viewer_hosts, json_bodies=False),
+    }
+    return serve(args.users, sites, args.host, args.port)
 
 
 def _scope_sim(args, settings) -> int:

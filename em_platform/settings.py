@@ -226,7 +226,7 @@ def _viewer_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
     """EM_VIEWER_URL's host, then EM_VIEWER_HOSTS: further host names, separated by ','."""
     from urllib.parse import urlsplit
 
-    from em_platform.viewer.headers import host_name
+    from em_platform.web_guard.rules import host_name
 
     names = [urlsplit(env.get("EM_VIEWER_URL", "").strip() or DEFAULT_VIEWER_URL).hostname]
     for entry in filter(None, (e.strip() for e in env.get("EM_VIEWER_HOSTS", "").split(","))):

@@ -1,31 +1,18 @@
-"""What the viewer takes from a request's headers: the host it was sent to, the byte range it asks for and
-the length of its body. Each is parsed strictly (a value from the network) and small: standard library only.
+"""What the viewer takes from a request's headers: the byte range it asks for and the length of its body.
+Each is parsed strictly (a value from the network) and small: standard library only. (The host a request was
+sent to is the guard's: :mod:`em_platform.web_guard.rules`.)
 """
 
 from __future__ import annotations
 
 import re
 
-# The names a browser on this machine uses for it; always answered (DNS rebinding needs a name the attacker
-# controls, and no web page elsewhere can make a browser send these).
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-_HOST = re.compile(r"(?P<name>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})", re.IGNORECASE)  # 18 digits: past any file
 _LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 class Unsatisfiable(ValueError):
     """A ``Range`` that starts past the end of the file (HTTP 416)."""
-
-
-def host_name(value: str | None) -> str | None:
-    """The host name of a ``Host`` header or an allow-list entry: lower case, without port, brackets or a
-    trailing dot (``[::1]:3030`` → ``::1``); None when ``value`` is no host name."""
-    match = _HOST.fullmatch(value.strip()) if value else None
-    if match is None:
-        return None
-    return match["name"].lower().strip("[]").rstrip(".") or None
 
 
 def byte_range(value: str | None, size: int) -> tuple[int, int] | None:

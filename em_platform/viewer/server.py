@@ -19,7 +19,9 @@ It serves images and nothing else, to the browsers it is meant for, without bein
   server path; the log line has the rest;
 - it answers only to the host names in its allow-list (loopback, EM_VIEWER_URL's host, EM_VIEWER_HOSTS;
   421 for any other ``Host``), so a web page elsewhere cannot reach it through DNS rebinding; no CORS
-  header, so such a page cannot read the images through a user's browser either;
+  header, so such a page cannot read the images through a user's browser either; nothing posted from
+  another origin, and no page of another origin may frame it (the guard's rules,
+  :mod:`em_platform.web_guard.rules`);
 - read only: GET and HEAD, with single ``Range`` requests (206/416); a file is sent from disk by the
   kernel or from object storage in bounded blocks, and HEAD is answered from its size. The client's
   state reports are bounded (400 without a length, 413 past :data:`_MAX_REPORT_BYTES`, unread);
@@ -42,8 +44,9 @@ from pathlib import Path
 
 from em_platform.edge import Refused
 from em_platform.storage.store import DataStore
-from em_platform.viewer.headers import LOOPBACK_HOSTS, Unsatisfiable, byte_range, content_length, host_name
+from em_platform.viewer.headers import Unsatisfiable, byte_range, content_length
 from em_platform.viewer.images import Body, ImageFiles, open_local, requested_key
+from em_platform.web_guard.rules import SECURITY_HEADERS, Policy, Request
 
 DATA_PREFIX = "/data/"
 CLIENT_PREFIX = "/v/em/"  # the Python-integration client finds its "token" here (one, fixed: no state)
@@ -113,11 +116,11 @@ class ViewerServer(ThreadingHTTPServer):
     ):
         self.client = client_folder()
         self.images = ImageFiles(DataStore(data_root, storage_options))
-        names = [host_name(h) for h in allowed_hosts]
-        if None in names:
-            raise ValueError(f"allowed_hosts {list(allowed_hosts)!r}: each must be a host name or address")
-        bound = [] if host in _EVERY_ADDRESS else [host_name(host)]  # the address asked for is a name, too
-        self.allowed_hosts = frozenset(filter(None, [*LOOPBACK_HOSTS, *names, *bound]))
+        bound = [] if host in _EVERY_ADDRESS else [host]  # the address asked for is a name, too
+        # the guard's rules (the Host allow-list; no state change from another origin); its client posts
+        # state reports as text, which are dropped, so bodies need not be JSON here
+        self.policy = Policy.for_hosts([*allowed_hosts, *bound], json_bodies=False)
+        self.allowed_hosts = self.policy.allowed_hosts
         self.idle_seconds = idle_seconds
         self.stopping = threading.Event()  # ends the open event streams
         self._threads_free = threading.BoundedSemaphore(max_connections)
@@ -178,21 +181,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         """http.server's parsing, then what every request must be before it is answered: a path (not an
-        absolute URL) and one ``Host`` header (400 otherwise) naming a host this viewer answers to (421)."""
+        absolute URL), one ``Host`` header (400 otherwise) naming a host this viewer answers to (421), and
+        nothing posted from another origin (403): the guard's rules."""
         if not super().parse_request():
             return False
-        hosts = self.headers.get_all("Host") or []
-        name = host_name(hosts[0]) if len(hosts) == 1 else None
-        if not self.path.startswith("/") or name is None:
-            self._error(HTTPStatus.BAD_REQUEST, "a request needs a path and one Host header", close=True)
+        if not self.path.startswith("/"):
+            self._error(HTTPStatus.BAD_REQUEST, "a request needs a path", close=True)
             return False
-        if name not in self.server.allowed_hosts:
-            self._detail = f"Host {hosts[0]!r} is not in the allow-list"
-            self._error(
-                HTTPStatus.MISDIRECTED_REQUEST, "this viewer does not answer to that host name", close=True
-            )
+        parts = urllib.parse.urlsplit(self.path)
+        request = Request(self.command, parts.path, parts.query, tuple(self.headers.items()))
+        refusal = self.server.policy.judge(request)
+        if refusal is not None:
+            if refusal.status == HTTPStatus.MISDIRECTED_REQUEST:
+                self._detail = f"Host {self.headers.get('Host')!r} is not in the allow-list"
+            self._error(HTTPStatus(refusal.status), refusal.reason, close=True)
             return False
         return True
+
+    def end_headers(self) -> None:
+        for name, value in SECURITY_HEADERS:  # no framing by another page, no sniffing, on every answer
+            self.send_header(name, value)
+        super().end_headers()
 
     def handle_expect_100(self) -> bool:
         return True  # no "100 Continue": a body is never invited before the request is judged
@@ -306,7 +315,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(count))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Cache-Control", cache)
-        self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         if body and count > 0 and opened.send(self.connection, first, count) < count:
             self.close_connection = True  # the file was cut short (replaced): the client sees it end early
@@ -340,6 +348,7 @@ _EVERY_ADDRESS = ("", "0.0.0.0", "::")  # a wildcard bind is no host name a brow
 _LOGGED = (
     HTTPStatus.BAD_REQUEST,
     HTTPStatus.FORBIDDEN,
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     HTTPStatus.MISDIRECTED_REQUEST,
 )

@@ -139,7 +139,8 @@ def start_webserver(
     """
     port = free_port()
     target = ["-m", module] if module else ["-w", str(workspace or REPO / "workspace.yaml")]
-    cmd = [sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port), *target]
+    # the webserver as every topology serves it: behind the guard (em_platform/webserver.py)
+    cmd = [sys.executable, "-m", "em_platform.webserver", "-h", "127.0.0.1", "-p", str(port), *target]
     if read_only:
         cmd.append("--read-only")
     full_env = {**os.environ, **(env or {}), "DAGSTER_HOME": str(dagster_home)}

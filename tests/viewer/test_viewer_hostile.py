@@ -242,6 +242,21 @@ def test_a_wrong_host_gets_nothing(viewer):
     assert status == 421
 
 
+def test_nothing_is_posted_from_another_origin_and_no_page_may_frame_the_viewer(viewer):
+    """The guard's rules (em_platform/web_guard/rules.py) in the viewer: its client's state reports come from
+    its own origin; every answer, refusals included, forbids framing and content sniffing."""
+    port = viewer.server_address[1]
+    for cross in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}):
+        status, _, _ = _request(viewer, "POST", "/state/em", {"Content-Length": "2", **cross}, b"{}")
+        assert status == 403, cross
+    own = {"Content-Length": "2", "Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+    assert _request(viewer, "POST", "/state/em", own, b"{}")[0] == 200
+    for path in (f"/data/{CHUNK}", "/v/em/", "/data/catalog.sqlite"):
+        status, headers, _ = _request(viewer, "GET", path)
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", path
+        assert headers["content-security-policy"] == "frame-ancestors 'none'", path
+
+
 def test_a_missing_doubled_or_malformed_host_is_a_bad_request(viewer):
     port = viewer.server_address[1]
     chunk = f"/data/{CHUNK}".encode()
