@@ -25,8 +25,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from em_platform.deploy.dask_tls import security, tls_env
 from em_platform.deploy.processes import free_port, service_child, signal_group
 from em_platform.quiet_dask import QUIET_DASK_ENV
 from em_platform.stop_signals import on_stop_signal, restore
@@ -87,7 +89,9 @@ def _restore_sigint() -> None:  # runs in the child before exec
 
 def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
     """Run `dagster dev` until it exits or this process gets SIGTERM/SIGINT; its exit status."""
-    cmd = [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", host, "-p", str(port)]
+    # `dagster dev` whose webserver is behind the guard: a loopback UI is reachable from every page the
+    # operator's browser opens (em_platform/webserver.py)
+    cmd = [sys.executable, "-m", "em_platform.webserver", "dev", "-w", workspace, "-h", host, "-p", str(port)]
     pool = DaskPool.start(out) if not os.environ.get("DASK_SCHEDULER_ADDRESS") else None
     print(
         f"em-platform dev: Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '?')}); "
@@ -244,21 +248,26 @@ class DaskPool:
     """One Dask scheduler and its workers on loopback, shared by every run `make dev` launches (Dagster's runs
     get ``DASK_SCHEDULER_ADDRESS``): warm, sized to the machine (a worker process per core, one thread each,
     memory shared out among them), and doing its batch work at nice 10 in a session at autogroup nice 19 (the
-    ``batch_niceness`` preload), so the live-QC service's own threads get the cores first. Not started when ``DASK_SCHEDULER_ADDRESS``
-    already names a cluster."""
+    ``batch_niceness`` preload), so the live-QC service's own threads get the cores first. It speaks TLS only,
+    with certificates of its own (``$DAGSTER_HOME/dask-certs``): on loopback any local user could otherwise
+    send it code to run as the operator. Not started when ``DASK_SCHEDULER_ADDRESS`` already names a cluster."""
 
     address: str
     scheduler: Supervised
     workers: Supervised
+    tls: dict[str, str] = field(default_factory=dict)  # Dask's TLS settings, for its processes and clients
 
     @classmethod
-    def start(cls, out, dask_env: Mapping[str, str] = QUIET_DASK_ENV) -> DaskPool:
+    def start(cls, out, dask_env: Mapping[str, str] = QUIET_DASK_ENV, certs: Path | None = None) -> DaskPool:
         """``dask_env``: Dask settings for its processes, under any the environment sets itself (by default
-        :data:`QUIET_DASK_ENV`: idle, a seventh of Dask's defaults' CPU; bench_dask_idle compares with none)."""
+        :data:`QUIET_DASK_ENV`: idle, a seventh of Dask's defaults' CPU; bench_dask_idle compares with none);
+        ``certs``: where its TLS certificates are kept (default ``$DAGSTER_HOME/dask-certs``)."""
         port = free_port()
-        address = f"tcp://127.0.0.1:{port}"
+        address = f"tls://127.0.0.1:{port}"
         python = sys.executable
-        env = {**dask_env, **os.environ}
+        home = os.environ.get("DAGSTER_HOME") or os.path.expanduser("~/.em_platform")
+        tls = tls_env(certs or Path(home) / "dask-certs")
+        env = {**dask_env, **os.environ, **tls}
         scheduler = Supervised(
             "dask-scheduler",
             [
@@ -307,11 +316,16 @@ class DaskPool:
             file=out,
             flush=True,
         )
-        return cls(address, scheduler, workers)
+        return cls(address, scheduler, workers, tls)
 
     @property
     def env(self) -> dict[str, str]:
-        return {"DASK_SCHEDULER_ADDRESS": self.address}
+        """What a client of the pool needs: its address and its TLS."""
+        return {"DASK_SCHEDULER_ADDRESS": self.address, **self.tls}
+
+    def security(self):
+        """A Dask client's security for the pool (tests, tools)."""
+        return security(self.tls)
 
     @property
     def services(self) -> list[Supervised]:

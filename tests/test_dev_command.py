@@ -127,8 +127,8 @@ def test_a_quiet_records_traceback_is_left_out_with_it_and_a_warnings_shown():
     assert out.getvalue().splitlines()[: len(warning) + 1] == [*warning, "the end"]
 
 
-def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies():
-    """`make dev`'s one Dask pool: every run's client reaches it; a worker process per core, each doing its
+def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies(tmp_path):
+    """`make dev`'s one Dask pool, TLS only: every run's client reaches it; a worker process per core, each doing its
     batch work at nice 10 (the live-QC service's threads first) with the quiet settings; a worker killed with
     SIGKILL is restarted by the supervisor; stopping the pool stops every process it started."""
     import io
@@ -137,16 +137,19 @@ def test_the_dev_dask_pool_is_shared_warm_niced_and_restarted_when_a_worker_dies
     import time
 
     import psutil
+    import pytest
     from distributed import Client
 
     from em_platform.dev import DaskPool
     from tests.support.dask_settings import worker_settings
 
     out = io.StringIO()
-    pool = DaskPool.start(out)
+    pool = DaskPool.start(out, certs=tmp_path / "dask-certs")
     try:
-        assert pool.address.startswith("tcp://127.0.0.1:")
-        with Client(pool.address, timeout="60s") as client:
+        assert pool.address.startswith("tls://127.0.0.1:")
+        with pytest.raises((OSError, TimeoutError)):  # loopback, but no client without its certificate
+            Client(pool.address.replace("tls://", "tcp://"), timeout="5s")
+        with Client(pool.address, timeout="60s", security=pool.security()) as client:
             client.wait_for_workers(os.cpu_count() or 1, timeout=120)
             assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
             niceness = client.run(lambda: os.getpriority(os.PRIO_PROCESS, 0))
@@ -214,8 +217,9 @@ def test_a_run_left_running_by_dagster_does_not_hold_make_dev_after_it_stops(mon
     assert not dev._group_alive(child.pid)
 
 
-def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_path):
-    """A terminal's Ctrl-C is SIGINT to its foreground process group: `em-platform dev`'s. Everything stops in
+def test_make_dev_serves_its_ui_behind_the_guard_and_ctrl_c_stops_it_leaving_nothing(tmp_path):
+    """`make dev` up: its UI refuses the cross-site requests a web page could make (and answers its own). Then
+    a terminal's Ctrl-C is SIGINT to its foreground process group: `em-platform dev`'s. Everything stops in
     order: no service is restarted once the stop has begun, no traceback, no leaked semaphore, no runs line
     when no run was running, and no process of it is left."""
     import os
@@ -277,6 +281,7 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
             except OSError:  # refused until it listens (urllib wraps it in URLError, an OSError)
                 assert dev.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
+        _its_ui_is_behind_the_guard(f"http://127.0.0.1:{port}")
         started = psutil.Process(dev.pid).children(recursive=True)
         assert len(started) >= 5, started  # dagster dev and its services, live-qc, viewer, the Dask pool
         before = len(log.read_text())
@@ -300,6 +305,37 @@ def test_ctrl_c_stops_make_dev_with_its_stop_lines_only_and_leaves_nothing(tmp_p
     left = [(p.pid, p.cmdline()) for p in alive]
     _kill(alive)
     assert not left, left
+
+
+def _its_ui_is_behind_the_guard(ui: str) -> None:
+    """Issue 50: `make dev`'s UI on 127.0.0.1 ran a mutation sent by any page the operator's browser opened.
+    Crafted as such pages send them, each is refused; the UI's own kind of request is answered."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    mutation = 'mutation { terminateRun(runId: "none") { __typename } }'
+    body = json.dumps({"query": mutation}).encode()
+
+    def status(url: str, data: bytes | None = None, **headers: str) -> int:
+        req = urllib.request.Request(
+            url, data=data, headers={k.replace("_", "-"): v for k, v in headers.items()}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                assert resp.headers["X-Frame-Options"] == "DENY"
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            assert exc.headers["X-Frame-Options"] == "DENY"
+            return exc.code
+
+    graphql = ui + "/graphql"
+    assert status(graphql, body, Content_Type="text/plain; charset=application/json") == 415
+    assert status(graphql + "?" + urllib.parse.urlencode({"query": mutation})) == 405
+    assert status(graphql, body, Content_Type="application/json", Origin="https://evil.example") == 403
+    assert status(graphql, body, Content_Type="application/json", Host="evil.example:3000") == 421
+    assert status(graphql, body, Content_Type="application/json", Origin=ui) == 200
 
 
 def _kill(processes) -> None:

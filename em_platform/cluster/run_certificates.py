@@ -4,9 +4,9 @@ A Dask scheduler runs whatever a connected client sends it, in the run's process
 so each run makes a CA and a certificate of its own (Dask's ``Security.temporary()``), and the scheduler takes
 only connections that present it. The scheduler and the run's client keep their key in memory. The workers, batch
 jobs on other nodes, read theirs from the shared job folder: a folder of the run's own (``0700``) holding the
-CA certificate and the worker's certificate and key, each created ``0600`` by ``os.open`` (the umask can only
-narrow a creation mode), so a key is never readable by another user, not even between its creation and a
-``chmod``. :meth:`RunCertificates.remove` deletes them when the run's cluster closes.
+CA certificate and the worker's certificate and key, each created ``0600``
+(:func:`em_platform.storage.private.write_private`), so a key is never readable by another user, not even
+between its creation and a ``chmod``. :meth:`RunCertificates.remove` deletes them when the run's cluster closes.
 
 Dagster-free, like the rest of :mod:`em_platform.cluster`.
 """
@@ -17,15 +17,7 @@ import os
 import shutil
 import tempfile
 
-# created only if absent, never through a symbolic link someone left in the shared folder
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def write_private(path: str, text: str) -> None:
-    """``text`` into a new file at ``path`` that only its owner may read, from its creation on."""
-    fd = os.open(path, _CREATE, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
+from em_platform.storage.private import write_private
 
 
 class RunCertificates:

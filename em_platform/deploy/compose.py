@@ -19,6 +19,7 @@ import yaml
 from em_platform.deploy.services import (
     DAGSTER_IMAGE,
     EM_IMAGE,
+    NETWORKS,
     SERVICES,
     STACK_NAME,
     Probe,
@@ -28,7 +29,9 @@ from em_platform.deploy.templates import Addresses, place
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
-NETWORK = "em-platform"  # the run launcher puts run containers on this network (named after the stack)...
+NETWORK = (
+    "em-platform"  # the data network: the run launcher puts run containers on it (named after the stack)...
+)
 DATA_VOLUME_NAME = f"{STACK_NAME}-data"  # ... and mounts these named volumes into them
 COMPUTE_LOGS_VOLUME_NAME = f"{STACK_NAME}-compute-logs"
 DASK_CERTS_VOLUME_NAME = f"{STACK_NAME}-dask-certs"
@@ -112,8 +115,13 @@ def compose_service(svc: Service, where: Addresses) -> dict[str, Any]:
     if svc.probe and svc.probe.kind != "log":
         out["healthcheck"] = healthcheck(svc.probe, svc.port)
     out["restart"] = svc.restart
-    out["networks"] = [NETWORK]
+    out["networks"] = [_network_key(n) for n in svc.networks]
     return out
+
+
+def _network_key(name: str) -> str:
+    """The compose key of network ``name`` (services.NETWORKS); "data" keeps its first name, em-platform."""
+    return NETWORK if name == "data" else name
 
 
 def render_compose() -> dict[str, Any]:
@@ -131,7 +139,7 @@ def render_compose() -> dict[str, Any]:
                 volumes[source] = {"name": named[source]} if source in named else {}
     return {  # no top-level `name` (Compose v1 rejects it): COMPOSE_PROJECT_NAME in docker/.env names the project
         "services": {s.name: compose_service(s, where) for s in SERVICES},
-        "networks": {NETWORK: {"name": STACK_NAME}},
+        "networks": {_network_key(n): {"name": STACK_NAME + suffix} for n, suffix in NETWORKS.items()},
         "volumes": volumes,
     }
 

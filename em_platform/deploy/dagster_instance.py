@@ -28,6 +28,7 @@ Imports Dagster only: the Dagster image installs this package without its depend
 
 from __future__ import annotations
 
+import json
 import os
 
 from dagster import DagsterInstance
@@ -109,16 +110,62 @@ def stack_mounts(stack: str) -> tuple[list[str], list[str]]:
     )
 
 
+class RunRefused(Exception):
+    """A run asks for more than the deployment launches; the message names what, and the run fails with it."""
+
+
+def run_refusal(origin, image: str | None) -> str | None:
+    """Why the run of code ``origin`` (its stored repository origin) may not be launched by this deployment,
+    or None. Anyone who can write Dagster's run storage can store an origin; the daemon holds the engine's
+    socket, so what an origin asks of the engine (another image, ``container_kwargs`` such as privileged or
+    a host path, another entry point) would be root on the host. Only the deployment's image with the
+    deployment's own options is launched."""
+    asked = origin.container_context or {}
+    if asked:
+        shown = json.dumps(asked, sort_keys=True, default=str)
+        return (
+            f"the run asks for container settings of its own ({shown[:300]}); this deployment launches runs "
+            "only with its own network, volumes and options (docker/dagster.yaml)"
+        )
+    if image is None:
+        return "this deployment names no run image (DAGSTER_CURRENT_IMAGE for the daemon): no run is launched"
+    if origin.container_image not in (None, image):
+        return f"the run asks for image {origin.container_image!r}; this deployment launches only {image!r}"
+    if origin.entry_point not in (None, ["dagster"], ("dagster",)):
+        return f"the run asks for entry point {list(origin.entry_point)!r}; runs start with `dagster` only"
+    return None
+
+
 class SelfCancellingDockerRunLauncher(DockerRunLauncher):
-    """Launches runs as containers of their stack; terminates them by status where there is no Docker socket."""
+    """Launches runs as containers of their stack, of the deployment's image with the deployment's options
+    only (:func:`run_refusal`); terminates them by status where there is no Docker socket."""
 
     def get_container_context(self, dagster_run):
+        """The launcher's configuration and the stack's network and volumes: never a run's stored context
+        (a run that has one is refused at launch)."""
         from dagster_docker.container_context import DockerContainerContext
 
         networks, volumes = stack_mounts(os.environ.get(STACK_ENV) or DEFAULT_STACK)
-        context = super().get_container_context(dagster_run)
-        own = DockerContainerContext(networks=networks, container_kwargs={"volumes": volumes})
-        return own.merge(context) if not context.networks else context
+        return DockerContainerContext(
+            registry=self.registry,
+            env_vars=self.env_vars,
+            networks=networks,
+            container_kwargs={**self.container_kwargs, "volumes": volumes},
+        )
+
+    def _get_docker_image(self, job_code_origin):
+        refusal = run_refusal(job_code_origin.repository_origin, self.image)
+        if refusal is not None:
+            raise RunRefused(f"run not launched: {refusal}")
+        return self.image
+
+    def _get_container(self, run):
+        """The run's container, only if it is the one launched for this run (its label): a run's tag naming
+        another container (the database's, say) must not let terminate or run monitoring touch it."""
+        container = super()._get_container(run)
+        if container is not None and (container.labels or {}).get("dagster/run_id") != run.run_id:
+            return None
+        return container
 
     def terminate(self, run_id: str) -> bool:
         if os.path.exists(DOCKER_SOCKET):

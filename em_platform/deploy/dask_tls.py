@@ -1,5 +1,5 @@
 """Dask's TLS in the deployment: certificates made at the stack's first start, and the settings that make
-every scheduler, worker and client speak only TLS with them.
+every scheduler, worker and client speak only TLS with them; on one machine (:func:`tls_env`) too.
 
 A Dask scheduler runs whatever pickled function a client sends it, on workers that hold the S3 keys; on the
 compose network it must not answer anyone without the cluster's certificate. ``dask-certs`` (a one-shot
@@ -36,6 +36,27 @@ TLS_ENV = {
 def make_certificates(folder: Path, names: tuple[str, ...] = ("dask-scheduler", "localhost")) -> bool:
     """The cluster's CA and certificate (for ``names``) in ``folder``, unless they are there; True when made."""
     return certificates.make_certificates(folder, names, common_name="em_platform Dask")
+
+
+def tls_env(folder: Path) -> dict[str, str]:
+    """:data:`TLS_ENV` for a cluster on this machine (``make deploy-local``, ``make dev``): its certificates
+    made in ``folder`` (once) for loopback. A scheduler on 127.0.0.1 still runs what any local user sends it,
+    as the user who started it: only a client with the certificate may connect."""
+    folder = Path(folder)
+    make_certificates(folder, ("localhost", "127.0.0.1"))
+    return {key: value.replace(CERTS, str(folder)) for key, value in TLS_ENV.items()}
+
+
+def security(env: dict[str, str]):
+    """A Dask client's :class:`~distributed.security.Security` from the settings of :func:`tls_env`."""
+    from distributed.security import Security
+
+    return Security(
+        require_encryption=True,
+        tls_ca_file=env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"],
+        tls_client_cert=env["DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"],
+        tls_client_key=env["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

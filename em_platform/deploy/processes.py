@@ -21,6 +21,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -35,7 +36,9 @@ from pathlib import Path
 
 import yaml
 
-from em_platform.deploy.services import IMAGE_ENV, SERVICES, Service, start_order
+from em_platform.deploy import dask_tls
+from em_platform.deploy.db_roles import PASSWORD_SETTINGS, Databases, provision
+from em_platform.deploy.services import IMAGE_ENV, S3_USERS, SERVICES, Service, start_order
 from em_platform.deploy.templates import Addresses, interpolate, place
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,6 +190,14 @@ class ProcessTopology:
             "EM_BROKER_SUBSCRIPTION": f"{name}_journal",
             "DASK_WORKERS": str(workers),
             "DASK_WORKER_THREADS": str(worker_threads),
+            # each service's own database role (db_roles), named after the topology: no service is the
+            # machine's superuser (their passwords matter where the server asks for them)
+            "EM_DB_ROLE_PREFIX": name,
+            **{setting: secrets.token_urlsafe(18) for setting in PASSWORD_SETTINGS.values()},
+            # s3rver has one key pair and no policies: every store user is it here (compose's MinIO has users)
+            **{
+                f"EM_S3_{u.upper()}_{part}_KEY": S3RVER_KEY for u in S3_USERS for part in ("ACCESS", "SECRET")
+            },
             **(settings or {}),
         }
         fixed = dict(ports or {})  # stable ports (`up` takes them from settings); free ones otherwise
@@ -210,13 +221,26 @@ class ProcessTopology:
     # -- what runs ------------------------------------------------------------------------------------
 
     def env_of(self, svc: Service) -> dict[str, str]:
-        """The service's compose environment, filled in for this topology (plus its image's ENV)."""
+        """The service's compose environment, filled in for this topology (plus its image's ENV), and the
+        Dask cluster's TLS: every process is a client or a member of it."""
         env = {k: v for k, v in IMAGE_ENV.get(svc.image, {}).items()}
         if "DAGSTER_HOME" in env:
             env["DAGSTER_HOME"] = str(self.dagster_home)
         for key, template in svc.env.items():
             env[key] = interpolate(place(template, self.addresses, svc.name), self.settings)
-        return env
+        return {**env, **self.dask_tls_env}
+
+    @property
+    def dask_tls_env(self) -> dict[str, str]:
+        """Dask's TLS settings with this topology's certificates (``<state>/dask-certs``): the scheduler takes
+        no connection without them, though it listens on loopback (any local user reaches that)."""
+        return {
+            k: v.replace(dask_tls.CERTS, str(self.state / "dask-certs")) for k, v in dask_tls.TLS_ENV.items()
+        }
+
+    def dask_security(self):
+        """A Dask client's security for this topology's cluster."""
+        return dask_tls.security(self.dask_tls_env)
 
     @property
     def platform_env(self) -> dict[str, str]:
@@ -236,15 +260,16 @@ class ProcessTopology:
             env = self.env_of(svc)
             if svc.name == "user-code":
                 # as processes, Dagster's default launcher starts each run from the code server, so the code
-                # server holds what the daemon hands each run container in compose: every secret a run uses
-                env = {**self.platform_env, **env}
+                # server holds what the daemon hands each run container in compose: every secret a run uses,
+                # its database role included (the runs', not the sensors' own)
+                env = {**env, **self.platform_env}
             cwd = str(self.dagster_home) if svc.working_dir else str(REPO)
             replicas = int(interpolate(svc.replicas, self.settings)) if svc.replicas else 1
             out += [Launch(svc.name, i, argv, env, cwd) for i in range(replicas)]
         return out
 
     def url(self, name: str) -> str:
-        scheme = {"dask-scheduler": "tcp", "user-code": "grpc"}.get(name, "http")
+        scheme = {"dask-scheduler": "tls", "user-code": "grpc"}.get(name, "http")
         return f"{scheme}://{self.addresses.addr(name)}"
 
     @property
@@ -291,6 +316,7 @@ class ProcessTopology:
             "compute_logs",
         ):
             (self.state / sub).mkdir(parents=True, exist_ok=True)
+        dask_tls.make_certificates(self.state / "dask-certs", ("localhost", "127.0.0.1"))
         self._write_instance()
         ready: set[str] = set()
         pending = [s for s in start_order()]
@@ -400,7 +426,7 @@ class ProcessTopology:
         from distributed import Client
 
         n = len(self._running.get("dask-worker", []))
-        with Client(self.scheduler, timeout="30s") as client:
+        with Client(self.scheduler, timeout="30s", security=self.dask_security()) as client:
             client.wait_for_workers(n, timeout=timeout)
 
     # -- faults and restarts --------------------------------------------------------------------------
@@ -523,16 +549,30 @@ class ProcessTopology:
         return conn
 
     def _create_databases(self) -> None:
+        """The two databases and each service's role, as db-init makes them in compose (db_roles)."""
         conn = self._admin()
         try:
             with conn.cursor() as cur:
                 for db in (self.settings["DAGSTER_DB"], self.settings["EM_CATALOG_DB"]):
                     cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
                     if cur.fetchone() is None:
-                        cur.execute(f'CREATE DATABASE "{db}"')
                         self._created.append(db)
         finally:
             conn.close()
+        passwords = {role: self.settings[setting] for role, setting in PASSWORD_SETTINGS.items()}
+        provision(self._admin_url(), self.databases, passwords)
+
+    def _admin_url(self) -> str:
+        import sqlalchemy as sa
+
+        m = self.machine
+        return sa.URL.create(
+            "postgresql+psycopg2", m.pg_user, m.pg_password, m.pg_host, m.pg_port, "postgres"
+        ).render_as_string(hide_password=False)
+
+    @property
+    def databases(self) -> Databases:
+        return Databases(self.settings["DAGSTER_DB"], self.settings["EM_CATALOG_DB"], self.name)
 
     def _check_broker(self) -> None:
         m = self.machine
@@ -578,6 +618,8 @@ class ProcessTopology:
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,)
                     )
                     cur.execute(f'DROP DATABASE IF EXISTS "{db}"')
+                for role in self.databases.roles():  # they own nothing once their databases are gone
+                    cur.execute(f'DROP ROLE IF EXISTS "{role}"')
         finally:
             conn.close()
         self._created.clear()

@@ -77,48 +77,92 @@ class Service:
     compose_only_env: Mapping[str, str] = field(default_factory=dict)  # meaningful only with Docker
     entrypoint: tuple[str, ...] = ()  # replaces the image's entrypoint (compose only)
     hostname: str = ""  # a fixed host name in its container (compose only)
+    # the compose networks it joins (NETWORKS): a service reaches only the services that share one with it
+    networks: tuple[str, ...] = ("data",)
     note: str = ""
 
 
-def _pg_env(password: bool = False) -> dict[str, str]:
-    """Dagster's instance storage (docker/dagster.yaml reads these); its password only with ``password``."""
-    env = {
-        "DAGSTER_POSTGRES_HOST": "{host:postgresql}",
-        "DAGSTER_POSTGRES_PORT": "{port:postgresql}",
-        "DAGSTER_POSTGRES_USER": "${POSTGRES_USER:-dagster}",
-        "DAGSTER_POSTGRES_DB": "${DAGSTER_DB:-dagster}",
-    }
-    if password:
-        env["DAGSTER_POSTGRES_PASSWORD"] = "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}"
-    return env
-
-
-# The secrets of the platform's settings, by what each unlocks. A service gets only the groups it uses
-# (SERVICES below); the daemon gets them all, since each run's container gets its environment from it.
-SECRET_GROUPS: dict[str, dict[str, str]] = {
-    "catalog": {  # the catalog and acquisition journal; libpq reads the password from PGPASSWORD
-        "PGPASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
-    },
-    "dagster": {  # Dagster's run, event and schedule storage (docker/dagster.yaml reads these)
-        "DAGSTER_POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
-    },
-    "s3": {  # the storage root
-        "AWS_ACCESS_KEY_ID": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
-        "AWS_SECRET_ACCESS_KEY": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
-    },
-    "broker": {"EM_BROKER_PASSWORD": "${EM_BROKER_PASSWORD:?set EM_BROKER_PASSWORD in docker/.env}"},
-    "neuprint": {"NEUPRINT_TOKEN": "${NEUPRINT_TOKEN:-}"},  # FlyEM ingests' metadata
+# Who may reach whom in compose: each service joins only the networks of the services it talks to
+# (Service.networks), so a listener's or a run's container cannot even open a connection to the code server,
+# the webserver or the door. "data" keeps the stack's name: the run launcher puts run containers on it.
+NETWORKS = {
+    "data": "",  # the stores, the broker, Dask, the listener, live QC, the viewer and every run
+    "control": "-control",  # Dagster: webserver, daemon, code server, and PostgreSQL for their storage
+    "web": "-web",  # the TLS proxy and what it serves: the webserver and the viewer
+    "door": "-door",  # the proxy and its login service alone (the door trusts X-Forwarded-For)
 }
 
 
-def platform_env(secrets: tuple[str, ...] = tuple(SECRET_GROUPS)) -> dict[str, str]:
-    """What em_platform reads (settings.py), with the secret groups ``secrets`` (default: all of them)."""
+def _secret(name: str) -> str:
+    return f"${{{name}:?set {name} in docker/.env}}"
+
+
+# Each service's own PostgreSQL role (em_platform/deploy/db_roles.py): the roles' names, and the password
+# setting of each. The superuser (POSTGRES_USER) is the postgresql and db-init containers' only.
+DB_ROLE_PREFIX = "${EM_DB_ROLE_PREFIX:-em}"
+
+
+def db_role(name: str) -> str:
+    return f"{DB_ROLE_PREFIX}_{name}"
+
+
+def db_password(name: str) -> str:
+    return _secret(f"EM_DB_{name.upper()}_PASSWORD")
+
+
+# The object store's users (MinIO's, made by minio-init): runs and Dask workers read and write, the viewer
+# only reads. The store's root key is MinIO's and minio-init's alone.
+S3_USERS = {"runs": "read and write", "viewer": "read only"}
+
+
+def _s3_user_env(user: str) -> dict[str, str]:
+    """A store user's key pair, under the setting names minio-init makes the user from."""
+    return {
+        f"EM_S3_{user.upper()}_ACCESS_KEY": _secret(f"EM_S3_{user.upper()}_ACCESS_KEY"),
+        f"EM_S3_{user.upper()}_SECRET_KEY": _secret(f"EM_S3_{user.upper()}_SECRET_KEY"),
+    }
+
+
+def s3_keys(user: str) -> dict[str, str]:
+    """What a client of the store reads (botocore): the user's key pair."""
+    keys = _s3_user_env(user)
+    return {
+        "AWS_ACCESS_KEY_ID": keys[f"EM_S3_{user.upper()}_ACCESS_KEY"],
+        "AWS_SECRET_ACCESS_KEY": keys[f"EM_S3_{user.upper()}_SECRET_KEY"],
+    }
+
+
+def _pg_env(password: bool = False) -> dict[str, str]:
+    """Dagster's instance storage (docker/dagster.yaml reads these), as its own role; its password only with
+    ``password``."""
+    env = {
+        "DAGSTER_POSTGRES_HOST": "{host:postgresql}",
+        "DAGSTER_POSTGRES_PORT": "{port:postgresql}",
+        "DAGSTER_POSTGRES_USER": db_role("dagster"),
+        "DAGSTER_POSTGRES_DB": "${DAGSTER_DB:-dagster}",
+    }
+    if password:
+        env["DAGSTER_POSTGRES_PASSWORD"] = db_password("dagster")
+    return env
+
+
+# The secret groups of the platform's settings, by what each unlocks. A service gets only the groups it uses
+# (SERVICES below), each with its own credentials; the daemon gets the runs' (each run container gets its
+# environment from it).
+SECRET_GROUPS = ("catalog", "dagster", "s3", "broker", "neuprint")
+
+
+def platform_env(
+    secrets: tuple[str, ...] = SECRET_GROUPS, *, db: str = "runs", s3: str = "runs"
+) -> dict[str, str]:
+    """What em_platform reads (settings.py), with the secret groups ``secrets`` (default: all of them): the
+    catalog as database role ``db``, the object store as user ``s3``."""
     env = {
         "EM_DEPLOYMENT": "docker",
         "EM_DATA_ROOT": "s3://${EM_S3_BUCKET:-em-data}/em",
         "EM_S3_ENDPOINT_URL": "${EM_S3_ENDPOINT_URL:-http://{addr:minio}}",
         "AWS_DEFAULT_REGION": "${AWS_DEFAULT_REGION:-us-east-1}",
-        "EM_CATALOG_URL": "postgresql+psycopg2://${POSTGRES_USER:-dagster}@{addr:postgresql}/${EM_CATALOG_DB:-em_catalog}",
+        "EM_CATALOG_URL": f"postgresql+psycopg2://{db_role(db)}@{{addr:postgresql}}/${{EM_CATALOG_DB:-em_catalog}}",
         "EM_INBOX": "{data}/inbox",
         "EM_BUFFER": "{data}/buffer",
         "EM_DOWNLOADS": "{data}/downloads",
@@ -143,8 +187,15 @@ def platform_env(secrets: tuple[str, ...] = tuple(SECRET_GROUPS)) -> dict[str, s
     unknown = set(secrets) - set(SECRET_GROUPS)
     if unknown:
         raise KeyError(f"no secret group {sorted(unknown)} (groups: {', '.join(SECRET_GROUPS)})")
+    groups = {
+        "catalog": {"PGPASSWORD": db_password(db)},  # libpq reads the catalog role's password from it
+        "dagster": {"DAGSTER_POSTGRES_PASSWORD": db_password("dagster")},  # docker/dagster.yaml reads it
+        "s3": s3_keys(s3),  # the storage root
+        "broker": {"EM_BROKER_PASSWORD": _secret("EM_BROKER_PASSWORD")},
+        "neuprint": {"NEUPRINT_TOKEN": "${NEUPRINT_TOKEN:-}"},  # FlyEM ingests' metadata
+    }
     for group in secrets:
-        env.update(SECRET_GROUPS[group])
+        env.update(groups[group])
     return env
 
 
@@ -168,7 +219,16 @@ IMAGE_ENV = {
 HEALTHY, STARTED, COMPLETED = "service_healthy", "service_started", "service_completed_successfully"
 
 # The secrets every store and the broker are created with; docker/.env.example holds placeholders for them.
-SECRETS = ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "EM_BROKER_PASSWORD", "EM_SCOPE_BROKER_PASSWORD")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "EM_BROKER_PASSWORD",
+    "EM_SCOPE_BROKER_PASSWORD",
+    *(f"EM_DB_{role.upper()}_PASSWORD" for role in ("dagster", "listener", "live_qc", "code", "runs")),
+    *(f"EM_S3_{user.upper()}_SECRET_KEY" for user in S3_USERS),
+)
+# The object store's access key ids (names, not secrets); make compose-up writes new ones too.
+ACCESS_KEYS = ("AWS_ACCESS_KEY_ID", *(f"EM_S3_{user.upper()}_ACCESS_KEY" for user in S3_USERS))
 _PLACEHOLDER_CHECK = (
     "for name in " + " ".join(SECRETS) + '; do eval v=\\"\\$$$$name\\"; '
     'case "$$v" in ""|change-me*|changeme*|password|secret|admin) '
@@ -192,17 +252,41 @@ SERVICES: tuple[Service, ...] = (
         image="postgres:16",
         command=(),
         env={
-            "POSTGRES_USER": "${POSTGRES_USER:-dagster}",
-            "POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in docker/.env}",
-            "POSTGRES_DB": "${DAGSTER_DB:-dagster}",
-            "EM_CATALOG_DB": "${EM_CATALOG_DB:-em_catalog}",
+            # the superuser: this container's and db-init's only; every service has a role of its own
+            "POSTGRES_USER": "${POSTGRES_USER:-postgres}",
+            "POSTGRES_PASSWORD": _secret("POSTGRES_PASSWORD"),
+            "POSTGRES_DB": "postgres",
         },
         port=5432,
-        probe=Probe("command", test=("CMD-SHELL", "pg_isready -U $${POSTGRES_USER} -d $${POSTGRES_DB}")),
-        volumes=("postgres-data:/var/lib/postgresql/data", "./postgres:/docker-entrypoint-initdb.d:ro"),
+        probe=Probe("command", test=("CMD-SHELL", "pg_isready -U $${POSTGRES_USER} -d postgres")),
+        volumes=("postgres-data:/var/lib/postgresql/data",),
         depends_on={"secrets-check": COMPLETED},
         runs_as="equivalent",
+        networks=("control", "data"),
         note="Dagster's run/event/schedule storage and, in a database of its own, the catalog + journal",
+    ),
+    Service(
+        "db-init",
+        image=EM_IMAGE,
+        command=("python", "-m", "em_platform.deploy.db_roles"),
+        env={
+            "PGHOST": "{host:postgresql}",
+            "PGPORT": "{port:postgresql}",
+            "POSTGRES_USER": "${POSTGRES_USER:-postgres}",
+            "POSTGRES_PASSWORD": _secret("POSTGRES_PASSWORD"),
+            "DAGSTER_DB": "${DAGSTER_DB:-dagster}",
+            "EM_CATALOG_DB": "${EM_CATALOG_DB:-em_catalog}",
+            "EM_DB_ROLE_PREFIX": "${EM_DB_ROLE_PREFIX:-em}",
+            **{
+                f"EM_DB_{role.upper()}_PASSWORD": db_password(role)
+                for role in ("dagster", "listener", "live_qc", "code", "runs")
+            },
+        },
+        depends_on={"postgresql": HEALTHY},
+        restart="no",
+        runs_as="equivalent",
+        note="at every start, as the superuser: each service's database role, the two databases owned by "
+        "roles of their own, the catalog's tables and each role's rights on them (em_platform/deploy/db_roles.py)",
     ),
     Service(
         "broker-init",
@@ -248,6 +332,9 @@ SERVICES: tuple[Service, ...] = (
             "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro",
             "./rabbitmq/20-definitions.conf:/etc/rabbitmq/conf.d/20-definitions.conf:ro",
             "./rabbitmq/30-tls.conf:/etc/rabbitmq/conf.d/30-tls.conf:ro",
+            # the message and frame bounds (the listener's own: EM_BROKER_MAX_MESSAGE_BYTES)
+            "./rabbitmq/40-limits.conf:/etc/rabbitmq/conf.d/40-limits.conf:ro",
+            "./rabbitmq/41-stomp-frames.conf:/etc/rabbitmq/conf.d/41-stomp-frames.conf:ro",
             "broker-definitions:/etc/rabbitmq/definitions:ro",
             "broker-tls:/etc/rabbitmq/tls:ro",
         ),
@@ -262,8 +349,8 @@ SERVICES: tuple[Service, ...] = (
         image="minio/minio:latest",
         command=("server", "/data", "--address", ":9000"),
         env={
-            "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
-            "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
+            "MINIO_ROOT_USER": _secret("AWS_ACCESS_KEY_ID"),
+            "MINIO_ROOT_PASSWORD": _secret("AWS_SECRET_ACCESS_KEY"),
         },
         port=9000,
         probe=Probe("command", test=("CMD", "mc", "ready", "local")),
@@ -275,20 +362,19 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "minio-init",
         image="minio/mc:latest",
-        entrypoint=("sh", "-c"),
-        command=(
-            'mc alias set em "http://{addr:minio}" "$${MINIO_ROOT_USER}" "$${MINIO_ROOT_PASSWORD}" '
-            '&& mc mb --ignore-existing "em/$${EM_S3_BUCKET}"',
-        ),
+        entrypoint=("sh",),
+        command=("/em/minio-init.sh", "http://{addr:minio}"),
         env={
-            "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID in docker/.env}",
-            "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY in docker/.env}",
+            "MINIO_ROOT_USER": _secret("AWS_ACCESS_KEY_ID"),
+            "MINIO_ROOT_PASSWORD": _secret("AWS_SECRET_ACCESS_KEY"),
             "EM_S3_BUCKET": "${EM_S3_BUCKET:-em-data}",
+            **{k: v for user in S3_USERS for k, v in _s3_user_env(user).items()},
         },
+        volumes=("./minio/minio-init.sh:/em/minio-init.sh:ro",),
         depends_on={"minio": HEALTHY},
         restart="no",
         runs_as="equivalent",
-        note="creates the bucket once",
+        note="the bucket, and the store's users: runs (read and write, the bucket only) and viewer (read only)",
     ),
     Service(
         "dask-certs",
@@ -297,7 +383,18 @@ SERVICES: tuple[Service, ...] = (
         volumes=(f"dask-certs:{CERTS}",),
         restart="no",
         runs_as="equivalent",
-        note="Dask's TLS certificates, made at the first start (on loopback, `make deploy-local` needs none)",
+        note="Dask's TLS certificates, made at the first start",
+    ),
+    Service(
+        "proxy-certs",
+        image=EM_IMAGE,
+        command=("python", "-m", "em_platform.deploy.proxy_tls", "/certs"),
+        env={"EM_PUBLIC_HOST": "${EM_PUBLIC_HOST:-127.0.0.1}"},  # the name browsers open the UI at
+        volumes=("proxy-certs:/certs",),
+        restart="no",
+        runs_as="equivalent",
+        note="the proxy's TLS certificate and its CA, constrained to the names it serves, made at the first "
+        "start (`python -m em_platform.deploy compose-ca` prints the CA)",
     ),
     Service(
         "dask-scheduler",
@@ -363,25 +460,39 @@ SERVICES: tuple[Service, ...] = (
             "--location-name",
             LOCATION_NAME,
         ),
-        env=platform_env(("catalog", "dagster")),  # sensors read the catalog and journal
+        env=platform_env(("catalog", "dagster"), db="code"),  # sensors read the catalog and journal
         compose_only_env={"DAGSTER_CURRENT_IMAGE": "${EM_IMAGE:-em-platform:latest}"},
         port=4000,
-        depends_on={"postgresql": HEALTHY, "minio-init": COMPLETED, "dask-scheduler": HEALTHY},
+        depends_on={"db-init": COMPLETED, "minio-init": COMPLETED, "dask-scheduler": HEALTHY},
         # a Dagster CLI that imports Dagster first: 3 s here when quiet, over 5 s on a loaded 2-core host
         probe=Probe("grpc", timeout="30s", start_period="60s"),
         volumes=(DATA_VOLUME,),
+        networks=("control",),  # its gRPC starts runs: only the webserver and the daemon reach it
         note="the code location over gRPC; its sensors scan the inbox; DockerRunLauncher runs its image",
     ),
     Service(
         "webserver",
         image=DAGSTER_IMAGE,
-        command=("dagster-webserver", "-h", "{bind}", "-p", "{port}", "-w", "workspace.yaml"),
-        env={**_pg_env(password=True), **_workspace_env()},
+        # dagster-webserver behind the guard (em_platform/webserver.py): no cross-site control, no framing
+        command=(
+            "python",
+            "-m",
+            "em_platform.webserver",
+            "-h",
+            "{bind}",
+            "-p",
+            "{port}",
+            "-w",
+            "workspace.yaml",
+        ),
+        # the names browsers reach it by through the proxy (any other Host is refused: DNS rebinding)
+        env={**_pg_env(password=True), **_workspace_env(), "EM_WEB_HOSTS": "${EM_PUBLIC_HOST:-127.0.0.1}"},
         port=3000,
-        depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
+        depends_on={"db-init": COMPLETED, "user-code": HEALTHY},
         probe=Probe("http", path="/server_info"),
         volumes=("dagster-compute-logs:/opt/dagster/compute_logs",),
         working_dir=DAGSTER_HOME,
+        networks=("control", "web"),  # the proxy alone reaches it from outside Dagster
         note="the web UI; no Docker socket: its Terminate marks a run CANCELING and the run stops itself",
     ),
     Service(
@@ -391,8 +502,12 @@ SERVICES: tuple[Service, ...] = (
         # the run launcher copies these names from the daemon's environment into each run container
         env={**platform_env(), **_workspace_env()},
         # the run launcher puts run containers on this stack's network with its data and compute-log volumes
-        compose_only_env={STACK_ENV: STACK_NAME, **TLS_ENV},  # TLS_ENV: for the runs it launches
-        depends_on={"postgresql": HEALTHY, "user-code": HEALTHY},
+        compose_only_env={
+            STACK_ENV: STACK_NAME,
+            **TLS_ENV,  # for the runs it launches
+            "DAGSTER_CURRENT_IMAGE": "${EM_IMAGE:-em-platform:latest}",  # the only image it launches runs of
+        },
+        depends_on={"db-init": COMPLETED, "user-code": HEALTHY},
         probe=Probe("daemon", timeout="30s", start_period="60s"),  # a Dagster CLI too (above)
         volumes=(
             # the engine's API: Docker's socket, or podman's (`podman system service`; make compose-up)
@@ -401,6 +516,7 @@ SERVICES: tuple[Service, ...] = (
         ),
         working_dir=DAGSTER_HOME,
         restart="on-failure",
+        networks=("control",),
         note="sensors, schedules, the run queue, backfills, run monitoring; launches runs as containers",
     ),
     Service(
@@ -416,8 +532,8 @@ SERVICES: tuple[Service, ...] = (
             "--topic-prefix",
             "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
         ),
-        env=platform_env(("catalog", "broker")),  # the broker in, the journal out
-        depends_on={"postgresql": HEALTHY, "rabbitmq": HEALTHY},
+        env=platform_env(("catalog", "broker"), db="listener"),  # the broker in, the journal out
+        depends_on={"db-init": COMPLETED, "rabbitmq": HEALTHY},
         probe=Probe("log", pattern="subscribed to "),
         note="journals the microscope's tile.raw / montage.* messages (durable subscription)",
     ),
@@ -425,8 +541,8 @@ SERVICES: tuple[Service, ...] = (
         "live-qc",
         image=EM_IMAGE,
         command=("em-platform", "live-qc"),
-        env=platform_env(("catalog", "broker")),  # the journal in, verdicts out
-        depends_on={"postgresql": HEALTHY, "rabbitmq": HEALTHY, "dask-scheduler": HEALTHY},
+        env=platform_env(("catalog", "broker"), db="live_qc"),  # the journal in, verdicts out
+        depends_on={"db-init": COMPLETED, "rabbitmq": HEALTHY, "dask-scheduler": HEALTHY},
         probe=Probe("log", pattern="watching the journal"),
         volumes=(DATA_VOLUME,),  # the buffer its processed tiles are staged in, shared with the runs
         restart="on-failure",
@@ -437,11 +553,29 @@ SERVICES: tuple[Service, ...] = (
         image=EM_IMAGE,
         command=("em-platform", "viewer", "--host", "{bind}", "--port", "{port}"),
         # it reads images, nothing else; it answers the names browsers reach it by through the proxy
-        env={**platform_env(("s3",)), "EM_VIEWER_HOSTS": "${EM_PUBLIC_HOST:-127.0.0.1}"},
+        env={**platform_env(("s3",), s3="viewer"), "EM_VIEWER_HOSTS": "${EM_PUBLIC_HOST:-127.0.0.1}"},
         port=3030,
         depends_on={"minio-init": COMPLETED},
         probe=Probe("http", path="/v/em/"),
+        networks=("data", "web"),
         note="Neuroglancer and the data root's OME-Zarr images, read only (every image's link opens here)",
+    ),
+    Service(
+        "door",
+        image=EM_IMAGE,
+        command=("em-platform", "door", "--users", "/em/ui-users", "--host", "{bind}", "--port", "{port}"),
+        env={
+            "EM_WEB_HOSTS": "${EM_PUBLIC_HOST:-127.0.0.1}",
+            "EM_VIEWER_HOSTS": "${EM_PUBLIC_HOST:-127.0.0.1}",
+            "EM_VIEWER_URL": "${EM_VIEWER_URL:-https://127.0.0.1:3030}",
+        },
+        port=3100,
+        probe=Probe("tcp"),
+        volumes=("${EM_UI_USERS:-./proxy/users}:/em/ui-users:ro",),  # read again whenever it changes
+        runs_as="equivalent",
+        networks=("door",),
+        note="the proxy's login (bcrypt, failed logins bounded per client) and request guard (no cross-site "
+        "control): em_platform/web_guard/door.py",
     ),
     Service(
         "proxy",
@@ -454,16 +588,22 @@ SERVICES: tuple[Service, ...] = (
         ),
         volumes=(
             "./proxy/Caddyfile:/etc/caddy/Caddyfile:ro",
-            "${EM_UI_USERS:-./proxy/users}:/etc/caddy/users:ro",
-            "proxy-data:/data",  # its CA and certificates
+            "proxy-certs:/certs:ro",  # its certificate, made by proxy-certs
+            "proxy-data:/data",
         ),
-        depends_on={"webserver": HEALTHY, "viewer": HEALTHY},
+        depends_on={
+            "webserver": HEALTHY,
+            "viewer": HEALTHY,
+            "door": HEALTHY,
+            "proxy-certs": COMPLETED,
+        },
         probe=Probe(
             "command", test=("CMD", "wget", "-q", "-O", "/dev/null", "http://localhost:2019/config/")
         ),
         runs_as="equivalent",
-        note="the one door to the UI and the viewer: TLS and a login (Caddy); `make deploy-local` serves "
-        "them on loopback only",
+        networks=("web", "door"),
+        note="the one way in to the UI and the viewer: TLS, the door's login and guard, security headers "
+        "(Caddy); `make deploy-local` serves them on loopback only, behind the same guard",
     ),
 )
 

@@ -39,9 +39,10 @@ from pathlib import Path
 
 from em_platform.deploy.compose import COMPOSE_FILE
 from em_platform.deploy.images import DOCKER, REPO, engine, engine_env, image_exists
-from em_platform.deploy.services import COMPLETED, HEALTHY, SECRETS, SERVICES, Service
+from em_platform.deploy.services import ACCESS_KEYS, COMPLETED, HEALTHY, SECRETS, SERVICES, Service
 from em_platform.deploy.standins import STANDIN_FILE, STANDINS
 from em_platform.deploy.templates import interpolate
+from em_platform.storage.private import write_private
 
 ENV_EXAMPLE = DOCKER / ".env.example"
 DEFAULT_ENV_FILE = DOCKER / ".env"
@@ -84,7 +85,7 @@ def write_env_file(path: Path, tool: str, overrides: dict[str, str] | None = Non
     a free host port where the example's is taken; returns what it changed, for the operator to read."""
     settings = {
         **{name: secrets.token_urlsafe(24) for name in SECRETS},
-        "AWS_ACCESS_KEY_ID": f"em-{secrets.token_hex(4)}",
+        **{name: f"em-{secrets.token_hex(4)}" for name in ACCESS_KEYS},
     }
     notes = [f"{', '.join(sorted(settings))}: new random values"]
     if tool == "podman":
@@ -108,8 +109,7 @@ def write_env_file(path: Path, tool: str, overrides: dict[str, str] | None = Non
             line = f"{m.group(1)}={settings.pop(m.group(1))}"
         lines.append(line)
     lines += [f"{k}={v}" for k, v in settings.items()]  # settings the example leaves to their defaults
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
+    write_private(path, "\n".join(lines) + "\n")  # secrets: never readable by others, not for a moment
     return notes
 
 
@@ -119,8 +119,8 @@ def ui_users_file(settings: dict[str, str]) -> Path:
 
 
 def set_ui_user(path: Path, name: str, password: str) -> bool:
-    """Add user ``name`` to the proxy's users file, or change its password; True when it was new. The file
-    holds bcrypt hashes only (what Caddy's basicauth reads)."""
+    """Add user ``name`` to the door's users file, or change its password; True when it was new. The file
+    holds bcrypt hashes only, readable by its owner only (a hash can still be guessed at offline)."""
     import bcrypt
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name):
@@ -131,12 +131,14 @@ def set_ui_user(path: Path, name: str, password: str) -> bool:
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines if line.split(maxsplit=1)[:1] != [name]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # rewritten in place, not renamed over: the proxy's container has this very file (its inode) mounted
-    with open(path, "w") as f:
+    # rewritten in place, not renamed over: the door's container has this very file (its inode) mounted
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # a file an earlier release left readable by others, too
+        f.truncate()
         f.write("\n".join([*kept, f"{name} {hashed}"]) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    path.chmod(0o644)  # the proxy reads it in its container; it holds hashes only
     return len(kept) == len(lines)
 
 
@@ -501,19 +503,11 @@ class Stack:
             rows.append((name, st["Status"], health))
         return rows
 
-    def reload_proxy(self) -> None:
-        """The proxy reads its users file again (a running proxy; otherwise its next start does)."""
-        for name in self.container_names("proxy"):
-            if self.state_of(name)["Status"] == "running":
-                self.engine_cmd(
-                    "exec", name, "caddy", "reload", "--config", "/etc/caddy/Caddyfile", check=True
-                )
-
     def proxy_ca(self) -> str:
-        """The root certificate of the proxy's CA (PEM), which browsers and clients are told to trust."""
+        """The proxy's CA certificate (PEM), which browsers and clients are told to trust: constrained to the
+        names the proxy serves (em_platform/deploy/proxy_tls.py)."""
         [name] = self.container_names("proxy")
-        done = self.engine_cmd("exec", name, "cat", "/data/caddy/pki/authorities/local/root.crt", check=True)
-        return done.stdout
+        return self.engine_cmd("exec", name, "cat", "/certs/ca.pem", check=True).stdout
 
     def broker_ca(self) -> str:
         """The CA certificate (PEM) of the broker's STOMP TLS port, which the microscope PCs trust."""
@@ -534,7 +528,8 @@ class Stack:
             f"em_platform stack `{self.project}` up ({self.tool}; `make compose-status`, `make compose-down`):",
             f"  Dagster UI        {web} (log in as {ADMIN}: EM_UI_ADMIN_PASSWORD in {self.env_file})",
             f"  image viewer      {s.get('EM_VIEWER_URL') or 'https://127.0.0.1:3030'}",
-            "  TLS               the proxy's own CA: `python -m em_platform.deploy compose-ca` prints its root",
+            "  TLS               the proxy's own CA, for its names only: `python -m em_platform.deploy compose-ca` "
+            "prints it",
             f"  STOMP broker      127.0.0.1:{s.get('EM_BROKER_PORT') or 61614} over TLS (EM_BROKER_TLS: the CA "
             "`python -m em_platform.deploy compose-ca --broker` prints), the microscope as "
             f"{s.get('EM_SCOPE_BROKER_USERNAME') or 'scope'} (topics {s.get('EM_BROKER_TOPIC_PREFIX') or '/topic/'})",
@@ -653,8 +648,9 @@ def main(command: str, argv: Sequence[str] | None = None) -> int:
             else:
                 password = getpass.getpass(f"password of {args.name} (12 characters at least): ")
             new = set_ui_user(ui_users_file(stack.settings), args.name, password)
-            stack.reload_proxy()
-            print(f"UI user {args.name} {'added' if new else 'given a new password'}; the proxy has reloaded")
+            print(
+                f"UI user {args.name} {'added' if new else 'given a new password'}; the door reads it at once"
+            )
         elif command == "compose-ca":
             print(stack.broker_ca() if args.broker else stack.proxy_ca(), end="")
         else:

@@ -43,6 +43,11 @@ class StandIn:
 _S3_PROBE = (
     "require('http').get('http://localhost:9000/', () => process.exit(0)).on('error', () => process.exit(1))"
 )
+# minio-init's users, for the stand-in to know (it has no admin API): key:secret:rw|ro each
+_S3_USERS = " ".join(
+    f"${{EM_S3_{u}_ACCESS_KEY}}:${{EM_S3_{u}_SECRET_KEY}}:{mode}"
+    for u, mode in (("RUNS", "rw"), ("VIEWER", "ro"))
+)
 # `mc mb --ignore-existing em/$EM_S3_BUCKET` through the S3 API, from the user-code image (s3fs).
 _MAKE_BUCKET = (
     "import os, s3fs; "
@@ -79,8 +84,12 @@ STANDINS: tuple[StandIn, ...] = (
         "minio/minio:latest",
         "localhost/em-standin-s3:3.7.1",
         "docker/standin/s3/Dockerfile",
-        "s3rver 3.7.1: `server DIR --address :PORT`, MINIO_ROOT_USER/PASSWORD as the only key pair",
-        {"healthcheck": {"test": Override(["CMD", "node", "-e", _S3_PROBE])}},
+        "s3rver 3.7.1: `server DIR --address :PORT`, MINIO_ROOT_USER/PASSWORD and the store's users "
+        "(EM_S3_USERS: the viewer's key read only); it checks access key ids, not V4 signatures",
+        {
+            "healthcheck": {"test": Override(["CMD", "node", "-e", _S3_PROBE])},
+            "environment": {"EM_S3_USERS": _S3_USERS},
+        },
     ),
     StandIn(
         "proxy",

@@ -80,7 +80,12 @@ class DaskResource(dg.ConfigurableResource):
 
         settings = SlurmSettings.from_env()
         self._jobs = JobLog()
-        self._cluster = start_cluster(settings, self._jobs, job_log_directory(settings, self.data_root))
+        self._cluster = start_cluster(
+            settings,
+            self._jobs,
+            job_log_directory(settings, self.data_root),
+            warn=lambda message: self._log(message, "warning"),  # an opted-out TLS, in the run's log
+        )
         client = Client(self._cluster)
         self._client = client  # closed with the cluster at teardown, whatever happens next
         wait_for_first_worker(client, self._cluster, settings, self._jobs)

@@ -238,7 +238,12 @@ def test_process_plan_is_the_compose_services_with_loopback_addresses(tmp_path):
         )
         for key, value in spec.get("environment", {}).items():
             if key not in svc.compose_only_env:
-                assert launch.env[key] == convert(value), (launch.label, key)
+                expected = convert(value)
+                if launch.service == "user-code" and key in ("EM_CATALOG_URL", "PGPASSWORD"):
+                    # as processes the code server starts the runs: it holds their role, as the daemon does
+                    expected = topo.platform_env[key]
+                    assert "_runs@" in topo.platform_env["EM_CATALOG_URL"]
+                assert launch.env[key] == expected, (launch.label, key)
         assert launch.cwd == (str(topo.dagster_home) if spec.get("working_dir") else str(REPO))
         assert launch.env.get("DAGSTER_HOME") == str(topo.dagster_home)  # the image's ENV, here
 
@@ -259,36 +264,21 @@ def test_templates_follow_compose_interpolation():
     )
 
 
+def _secrets(**changed: str) -> dict[str, str]:
+    """A real-looking value for every secret, with ``changed`` ones replaced."""
+    from em_platform.deploy.services import SECRETS
+
+    return {**{name: f"{name[:2]}-{i}fQ2x{i}" for i, name in enumerate(SECRETS)}, **changed}
+
+
 @pytest.mark.parametrize(
     "secrets,refused",
     [
-        (
-            {
-                "POSTGRES_PASSWORD": "change-me",
-                "AWS_SECRET_ACCESS_KEY": "change-me-too",
-                "EM_BROKER_PASSWORD": "x",
-                "EM_SCOPE_BROKER_PASSWORD": "Sc-2mQ4",
-            },
-            True,
-        ),
-        (
-            {
-                "POSTGRES_PASSWORD": "Pg-7fQ2",
-                "AWS_SECRET_ACCESS_KEY": "",
-                "EM_BROKER_PASSWORD": "Mq-9zL1",
-                "EM_SCOPE_BROKER_PASSWORD": "Sc-2mQ4",
-            },
-            True,
-        ),
-        (
-            {
-                "POSTGRES_PASSWORD": "Pg-7fQ2",
-                "AWS_SECRET_ACCESS_KEY": "S3-4kP8",
-                "EM_BROKER_PASSWORD": "Mq-9zL1",
-                "EM_SCOPE_BROKER_PASSWORD": "Sc-2mQ4",
-            },
-            False,
-        ),
+        (_secrets(POSTGRES_PASSWORD="change-me", EM_BROKER_PASSWORD="x"), True),
+        (_secrets(AWS_SECRET_ACCESS_KEY=""), True),
+        (_secrets(EM_DB_RUNS_PASSWORD="change-me-db-runs"), True),
+        (_secrets(EM_S3_VIEWER_SECRET_KEY=""), True),
+        (_secrets(), False),
     ],
 )
 def test_placeholder_secrets_are_refused_before_the_stores_start(secrets, refused):
@@ -321,42 +311,65 @@ def test_placeholder_secrets_are_refused_before_the_stores_start(secrets, refuse
 
 
 def test_each_container_gets_only_the_secrets_it_uses():
-    """Issue 36: the viewer's container received the S3 secret, both database passwords, the broker password
-    and the neuPrint token though it only reads images. Each service now gets the secret groups it uses; the
-    daemon gets them all, to hand each run's container its environment (docker/dagster.yaml's env_vars)."""
-    from em_platform.deploy.services import SECRET_GROUPS
+    """Issues 36 and 50: the viewer's container received the S3 secret, both database passwords, the broker
+    password and the neuPrint token though it only reads images; then every service's database password was
+    the superuser's. Each container now holds only its own credentials: its database role's, its object-store
+    user's, the broker's where it speaks STOMP; the superuser's and the store's root key stay with the stores
+    and their one-shot set-ups; the daemon holds the runs' (it hands each run's container its environment)."""
+    from em_platform.deploy.services import SECRETS
 
-    secret_names = {name for group in SECRET_GROUPS.values() for name in group}
-    secret_names |= {
-        "MINIO_ROOT_PASSWORD",
-        "RABBITMQ_DEFAULT_PASS",
-        "POSTGRES_PASSWORD",
-        "EM_SCOPE_BROKER_PASSWORD",
-    }
-    held = {
-        name: sorted(secret_names & set(spec.get("environment", {})))
-        for name, spec in compose()["services"].items()
-    }
+    def secrets_of(spec: dict) -> list[str]:
+        named = {m for v in spec.get("environment", {}).values() for m in re.findall(r"\$\{(\w+)", str(v))}
+        return sorted(named & set(SECRETS))
+
+    held = {name: secrets_of(spec) for name, spec in compose()["services"].items()}
+    db_roles = [f"EM_DB_{r}_PASSWORD" for r in ("DAGSTER", "LISTENER", "LIVE_QC", "CODE", "RUNS")]
     assert held == {
-        "secrets-check": [
-            "AWS_SECRET_ACCESS_KEY",
-            "EM_BROKER_PASSWORD",
-            "EM_SCOPE_BROKER_PASSWORD",
-            "POSTGRES_PASSWORD",
-        ],
+        "secrets-check": sorted(SECRETS),
         "postgresql": ["POSTGRES_PASSWORD"],
+        "db-init": sorted(["POSTGRES_PASSWORD", *db_roles]),
         "broker-init": ["EM_BROKER_PASSWORD", "EM_SCOPE_BROKER_PASSWORD"],
-        "rabbitmq": ["RABBITMQ_DEFAULT_PASS"],
-        "minio": ["MINIO_ROOT_PASSWORD"],
-        "minio-init": ["MINIO_ROOT_PASSWORD"],
+        "rabbitmq": ["EM_BROKER_PASSWORD"],
+        "minio": ["AWS_SECRET_ACCESS_KEY"],
+        "minio-init": ["AWS_SECRET_ACCESS_KEY", "EM_S3_RUNS_SECRET_KEY", "EM_S3_VIEWER_SECRET_KEY"],
         "dask-certs": [],
+        "proxy-certs": [],
         "dask-scheduler": [],
-        "dask-worker": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
-        "user-code": ["DAGSTER_POSTGRES_PASSWORD", "PGPASSWORD"],
-        "webserver": ["DAGSTER_POSTGRES_PASSWORD"],
-        "daemon": sorted(secret_names & set(platform_env())),
-        "listener": ["EM_BROKER_PASSWORD", "PGPASSWORD"],
-        "live-qc": ["EM_BROKER_PASSWORD", "PGPASSWORD"],
-        "viewer": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+        "dask-worker": ["EM_S3_RUNS_SECRET_KEY"],
+        "user-code": ["EM_DB_CODE_PASSWORD", "EM_DB_DAGSTER_PASSWORD"],
+        "webserver": ["EM_DB_DAGSTER_PASSWORD"],
+        "daemon": [
+            "EM_BROKER_PASSWORD",
+            "EM_DB_DAGSTER_PASSWORD",
+            "EM_DB_RUNS_PASSWORD",
+            "EM_S3_RUNS_SECRET_KEY",
+        ],
+        "listener": ["EM_BROKER_PASSWORD", "EM_DB_LISTENER_PASSWORD"],
+        "live-qc": ["EM_BROKER_PASSWORD", "EM_DB_LIVE_QC_PASSWORD"],
+        "viewer": ["EM_S3_VIEWER_SECRET_KEY"],
+        "door": [],
         "proxy": [],
     }, held
+
+
+def test_the_code_server_webserver_and_door_answer_only_the_services_that_need_them():
+    """Issue 50: the code server's gRPC (StartRun) and the webserver's GraphQL answered anyone on the one
+    compose network. Networks now follow who talks to whom; the runs join the data network (the stack's name)."""
+    from em_platform.deploy.compose import NETWORK
+
+    spec = compose()
+    members: dict[str, set[str]] = {}
+    for name, svc in spec["services"].items():
+        for net in svc["networks"]:
+            members.setdefault(net, set()).add(name)
+
+    def reaches(name: str) -> set[str]:
+        return {m for net in spec["services"][name]["networks"] for m in members[net]} - {name}
+
+    assert reaches("user-code") == {"webserver", "daemon", "postgresql"}
+    assert reaches("webserver") == {"user-code", "daemon", "postgresql", "proxy", "viewer"}
+    assert reaches("door") == {"proxy"}
+    for outsider in ("listener", "live-qc", "dask-worker", "dask-scheduler", "rabbitmq", "minio"):
+        assert not reaches(outsider) & {"user-code", "webserver", "daemon", "door"}, outsider
+    assert spec["networks"][NETWORK]["name"] == "${COMPOSE_PROJECT_NAME:-em-platform}"  # the runs' network
+    assert not members[NETWORK] & {"user-code", "webserver", "daemon", "door", "proxy"}

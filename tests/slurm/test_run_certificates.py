@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from em_platform.cluster.run_certificates import RunCertificates, write_private
+from em_platform.cluster.run_certificates import RunCertificates
+from em_platform.storage.private import write_private
 
 
 @pytest.fixture
@@ -48,13 +49,13 @@ def test_the_workers_copies_are_private_from_their_creation_and_removed(tmp_path
     certificates.remove()  # again: nothing to do
 
 
-def test_a_key_is_never_written_through_a_link_or_over_a_file(tmp_path):
+def test_a_key_is_never_written_through_a_link(tmp_path):
+    """A link left where a key goes is replaced, not followed: the file it points to is untouched."""
     elsewhere = tmp_path / "elsewhere.pem"
     elsewhere.write_text("")
     (tmp_path / "link.pem").symlink_to(elsewhere)
 
-    with pytest.raises(FileExistsError):
-        write_private(str(tmp_path / "link.pem"), "key")
-    with pytest.raises(FileExistsError):
-        write_private(str(elsewhere), "key")
+    write_private(str(tmp_path / "link.pem"), "key")
     assert elsewhere.read_text() == ""
+    assert not (tmp_path / "link.pem").is_symlink() and (tmp_path / "link.pem").read_text() == "key"
+    assert oct((tmp_path / "link.pem").stat().st_mode & 0o777) == "0o600"
