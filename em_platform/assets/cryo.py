@@ -32,7 +32,7 @@ from em_platform.cryo.results_db import CryoResults
 from em_platform.cryo.session import SessionError, TiltSeries
 from em_platform.cryo.thumbnails import markdown_image, mrc_to_jpeg
 from em_platform.cryo.trajectory import TRAJECTORY_MODELS
-from em_platform.formats.volume import FormatError
+from em_platform.formats.errors import FormatError
 from em_platform.imaging.ome_zarr import write_ome_zarr
 from em_platform.lazy_import import LazyModule
 from em_platform.partitions import cryo_tilt_series

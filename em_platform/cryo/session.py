@@ -35,7 +35,7 @@ import numpy as np
 
 from em_platform.cryo.gain_reference import GainReference, discover_gain
 from em_platform.edge import Refused, inside
-from em_platform.formats.volume import FormatError
+from em_platform.formats.errors import FormatError
 
 STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
 MOVIE_SUFFIXES = (".tif", ".tiff", ".mrc", ".mrcs")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from em_platform.formats.volume import FormatError, Volume, normalise_unit
+from em_platform.formats.errors import FormatError
+from em_platform.formats.volume import Volume, normalise_unit
 
 SUPPORTED_SUFFIXES = (
     ".tif",

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from em_platform.formats.volume import FormatError
+from em_platform.formats.errors import FormatError
 
 ALLOWED_DTYPES = (
     "uint8",

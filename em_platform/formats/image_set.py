@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from em_platform.formats.volume import FormatError, Volume
+from em_platform.formats.errors import FormatError
+from em_platform.formats.volume import Volume
 from em_platform.lazy_import import LazyModule
 
 da = LazyModule("dask.array")

@@ -8,8 +8,9 @@ from pathlib import Path
 import mrcfile
 
 from em_platform.formats.dtypes import checked_dtype
+from em_platform.formats.errors import FormatError
 from em_platform.formats.lazy import check_size, memmap_dask
-from em_platform.formats.volume import FormatError, Volume
+from em_platform.formats.volume import Volume
 
 MRC_SUFFIXES = (".mrc", ".mrcs", ".map", ".rec", ".st", ".ali")
 

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from em_platform.formats.dtypes import checked_dtype
+from em_platform.formats.errors import FormatError
 from em_platform.formats.lazy import check_size, memmap_dask
-from em_platform.formats.volume import FormatError, Volume, normalise_unit
+from em_platform.formats.volume import Volume, normalise_unit
 
 RAW_SUFFIXES = (".raw", ".bin")
 SIDECAR_SUFFIX = ".json"

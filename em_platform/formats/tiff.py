@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from em_platform.formats.dtypes import checked_dtype
-from em_platform.formats.volume import FormatError, Volume, normalise_unit
+from em_platform.formats.errors import FormatError
+from em_platform.formats.volume import Volume, normalise_unit
 from em_platform.lazy_import import LazyModule
 
 da = LazyModule("dask.array")

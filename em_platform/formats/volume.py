@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from em_platform.formats.dtypes import checked_dtype
 from em_platform.lazy_import import LazyModule
 
 da = LazyModule("dask.array")
@@ -44,10 +45,6 @@ _UNIT_ALIASES = {
 }
 
 
-class FormatError(ValueError):
-    """A source file cannot be read as the format it claims to be; the message names the file and what to do."""
-
-
 def normalise_unit(unit: str | None) -> str | None:
     """Map a unit string from a file header ('nm', 'µm', 'Å', ...) to its NGFF name, or None if unknown."""
     if unit is None:
@@ -73,8 +70,6 @@ class Volume:
     source_metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from em_platform.formats.dtypes import checked_dtype  # dtypes imports FormatError from here
-
         where = str(self.source_files[0]) if self.source_files else f"the {self.format} volume"
         checked_dtype(self.data.dtype, where=where, field="pixel type")  # a reader that forgot its check
         n = self.data.ndim

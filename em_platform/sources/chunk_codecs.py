@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from em_platform.formats.volume import FormatError
+from em_platform.formats.errors import FormatError
 from em_platform.lazy_import import LazyModule
 
 numcodecs = LazyModule("numcodecs")

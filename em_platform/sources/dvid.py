@@ -18,7 +18,7 @@ import numpy as np
 import requests
 
 from em_platform.formats.dtypes import checked_dtype
-from em_platform.formats.volume import FormatError
+from em_platform.formats.errors import FormatError
 from em_platform.sources.bounds import read_limited
 from em_platform.sources.download import is_transient
 from em_platform.sources.retry import (

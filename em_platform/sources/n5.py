@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from em_platform.formats.dtypes import checked_dtype
-from em_platform.formats.volume import UNIT_TO_NM, FormatError, normalise_unit
+from em_platform.formats.errors import FormatError
+from em_platform.formats.volume import UNIT_TO_NM, normalise_unit
 from em_platform.lazy_import import LazyModule
 from em_platform.sources.bounds import MAX_METADATA_BYTES, cat_limited
 from em_platform.sources.chunk_codecs import chunk_nbytes, decode_at_most, positive_sizes, read_chunk_object

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from em_platform.formats.dtypes import checked_dtype
-from em_platform.formats.volume import FormatError
+from em_platform.formats.errors import FormatError
 from em_platform.sources.bounds import MAX_METADATA_BYTES, cat_limited
 from em_platform.sources.chunk_codecs import (
     CODECS,

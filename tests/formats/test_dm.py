@@ -23,7 +23,7 @@ from rsciio.digitalmicrograph import file_reader as rsciio_read
 from em_platform.formats import open_volume
 from em_platform.formats.dm import read_dm
 from em_platform.formats.dm_writer import data_offset, write_dm
-from em_platform.formats.volume import FormatError
+from em_platform.formats.errors import FormatError
 
 VERSIONS = [3, 4]
 DTYPES = ["uint8", "uint16", "int16", "int32", "float32"]
