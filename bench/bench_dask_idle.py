@@ -31,7 +31,7 @@ def _pool_cpu_while_idle(dask_env: dict[str, str], seconds: float) -> float:
 
     pool = DaskPool.start(io.StringIO(), dask_env)
     try:
-        with Client(pool.address, timeout="60s") as client:
+        with Client(pool.address, timeout="60s", security=pool.security()) as client:
             client.wait_for_workers(os.cpu_count() or 1, timeout=120)
         time.sleep(5)  # the client's goodbye and the workers' first heartbeats settle
         procs = [psutil.Process(s.proc.pid) for s in (pool.scheduler, pool.workers)]

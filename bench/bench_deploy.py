@@ -129,7 +129,7 @@ def bench_topology_drops(drops: int, work: Path) -> dict[str, Any]:
         api = DagsterApi(topo.webserver)
         inbox = Path(topo.platform_env["EM_INBOX"])
         samples = []
-        with Client(topo.scheduler, timeout="30s") as client:
+        with Client(topo.scheduler, timeout="30s", security=topo.dask_security()) as client:
             client.get_task_stream()
             for i in range(drops):
                 name = f"bench_{i}_{uuid.uuid4().hex[:6]}.ome.tif"
@@ -272,7 +272,7 @@ def bench_montage(work: Path, rows: int, columns: int, tile_size: int) -> dict[s
     try:
         # only the Dask part of the topology is needed here; the runner starts it all, in order
         topo.start()
-        with Client(topo.scheduler, timeout="30s") as client:
+        with Client(topo.scheduler, timeout="30s", security=topo.dask_security()) as client:
             _montage_throughput(client, work, "warm_cluster", 1, 2, tile_size)
             out["dask_cluster"] = _montage_throughput(client, work, "cluster", rows, columns, tile_size)
             out["dask_cluster"]["workers"] = "2 `dask worker` processes x 1 thread (compose: DASK_WORKERS=2)"

@@ -603,7 +603,9 @@ def _process_counters(pid: int) -> dict[str, float]:
     }
 
 
-def _batch_work(workdir: Path, tiles: list[dict], size: int, scheduler: str) -> Callable[[], dict[str, Any]]:
+def _batch_work(
+    workdir: Path, tiles: list[dict], size: int, scheduler: str, security=None
+) -> Callable[[], dict[str, Any]]:
     """What else runs on a busy facility's cluster: an ingest's conversion of a 1 GiB TIFF stack to a
     multiscale OME-Zarr, and the fusion of a 2 x 6 montage of the bench's tiles (0.3 Gpx), both at once on
     the shared cluster at Dask's default priority."""
@@ -626,7 +628,7 @@ def _batch_work(workdir: Path, tiles: list[dict], size: int, scheduler: str) -> 
         from em_platform.stitch.fuse import PlacedTile, TiffTileFolder, fuse_montage
 
         times: dict[str, Any] = {}
-        with Client(scheduler, timeout="30s") as client:
+        with Client(scheduler, timeout="30s", security=security) as client:
 
             def ingest() -> None:
                 t0 = time.perf_counter()
@@ -712,10 +714,10 @@ def _with_batch(
     with open(workdir / "batch_pool.log", "a") as log:
         pool = DaskPool.start(log)
         try:
-            with Client(pool.address, timeout="60s") as client:
+            with Client(pool.address, timeout="60s", security=pool.security()) as client:
                 client.wait_for_workers(os.cpu_count() or 1, timeout=120)
                 workers = list(client.run(os.getpid).values())
-            batch = _batch_work(workdir, tiles, args.size, pool.address)
+            batch = _batch_work(workdir, tiles, args.size, pool.address, pool.security())
             alone = batch()
             out: dict[str, list] = {pool_name: [] for pool_name in pools}
             for k in range(runs):

@@ -139,7 +139,9 @@ def _give_tables_to(conn, owner: str) -> None:
         sa.text(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'S', 'v', 'm') "
-            "AND pg_get_userbyid(c.relowner) <> :owner"
+            "AND pg_get_userbyid(c.relowner) <> :owner "
+            # a serial column's sequence goes with its table
+            "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i'))"
         ),
         {"owner": owner},
     ).all()
@@ -161,6 +163,8 @@ def _dagster_database(url: sa.URL, dbs: Databases) -> None:
 
 
 def _catalog_database(url: sa.URL, dbs: Databases) -> None:
+    from em_platform.catalog import dead_letters
+
     owner = dbs.role("catalog")
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     tables = catalog_tables()
@@ -188,6 +192,9 @@ def _catalog_database(url: sa.URL, dbs: Databases) -> None:
                                 sa.text(f"GRANT USAGE, SELECT ON SEQUENCE public.{_q(seq)} TO {role}")
                             )
             conn.execute(sa.text("RESET ROLE"))
+        # columns added since a table was made (create_all adds none): as the superuser, whom the tables' owner
+        # is not, so that no service role needs to alter a table
+        dead_letters.create_tables(engine)
     finally:
         engine.dispose()
 

@@ -239,8 +239,8 @@ def dagster_api(stack) -> DagsterApi:
     return DagsterApi(stack.webserver, auth=stack.login, cafile=stack.cafile)
 
 
-# The modules share one stack and change it in this order: up, the workload, faults, down and up again.
-ORDER = ("test_stack.py", "test_workload.py", "test_faults.py", "test_down_and_up.py")
+# The modules share one stack and change it in this order: up, the workload, the attacks, faults, down and up.
+ORDER = ("test_stack.py", "test_workload.py", "test_trust.py", "test_faults.py", "test_down_and_up.py")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -85,7 +85,7 @@ def topology(tmp_path_factory):
         print(f"\ntopology up in {time.monotonic() - began:.1f} s")
         from distributed import Client
 
-        with Client(topo.scheduler, timeout="30s") as client:
+        with Client(topo.scheduler, timeout="30s", security=topo.dask_security()) as client:
             client.get_task_stream()  # the scheduler records every task from now on (see dask_client)
         yield topo
     finally:

@@ -177,7 +177,7 @@ def dask_worker_during_ingest(topology, api: DagsterApi) -> FaultResult:
 
     name = f"fault_worker_{uuid.uuid4().hex[:6]}.ome.tif"
     killed: dict = {}
-    with Client(topology.scheduler, timeout="30s") as client:
+    with Client(topology.scheduler, timeout="30s", security=topology.dask_security()) as client:
         groups = _worker_groups(client)
         dropped = {name: drop_into_inbox(topology, name, seed=26, shape=(24, 1024, 1024))}
 
