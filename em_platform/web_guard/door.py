@@ -77,7 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        site = self.path.removeprefix("/check/")
+        # Caddy's rewrite to the check's path keeps the request's own query: the site is the path alone
+        site = urllib.parse.urlsplit(self.path).path.removeprefix("/check/")
         policy = self.server.sites.get(site)
         if policy is None:
             return self._answer(HTTPStatus.NOT_FOUND, f"no site {site!r}")

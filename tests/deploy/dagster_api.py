@@ -89,10 +89,17 @@ class DagsterApi:
     def run_events(self, run_id: str, limit: int = 2000) -> list[dict]:
         data = self.query(
             """query Logs($runId: ID!, $limit: Int) { logsForRun(runId: $runId, limit: $limit) {
-                 __typename ... on EventConnection { events { __typename ... on MessageEvent { message level } } } } }""",
+                 __typename ... on EventConnection { events { __typename ... on MessageEvent { message level }
+                   ... on ExecutionStepFailureEvent { error { message } }
+                   ... on RunFailureEvent { error { message } } } } } }""",
             {"runId": run_id, "limit": limit},
         )["logsForRun"]
         return data.get("events", [])
 
     def failure_messages(self, run_id: str) -> str:
-        return "\n".join(e.get("message", "") for e in self.run_events(run_id) if e.get("level") == "ERROR")
+        """Every ERROR event of the run, with the error it carries (a step's exception and its message)."""
+        return "\n".join(
+            e.get("message", "") + (f"\n  {e['error']['message'].strip()}" if e.get("error") else "")
+            for e in self.run_events(run_id)
+            if e.get("level") == "ERROR"
+        )

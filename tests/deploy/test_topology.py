@@ -156,6 +156,34 @@ def test_no_service_listens_beyond_loopback(topology):
     assert not outside, f"listening beyond loopback: {outside}"
 
 
+def test_a_page_on_the_machine_cannot_drive_the_ui_and_no_local_user_the_dask_cluster(topology):
+    """Issue 50: on loopback, the UI is reachable from every page the operator's browser opens and the
+    scheduler from every local user. The UI refuses the cross-site forms and a foreign origin (it answers its
+    own kind of request); the scheduler refuses a client without the topology's certificate."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from distributed import Client
+
+    body = json.dumps({"query": 'mutation { terminateRun(runId: "none") { __typename } }'}).encode()
+
+    def status(**headers: str) -> int:
+        headers = {k.replace("_", "-"): v for k, v in headers.items()}
+        req = urllib.request.Request(topology.webserver + "/graphql", data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status(Content_Type="text/plain") == 415
+    assert status(Content_Type="application/json", Origin="http://evil.example") == 403
+    assert status(Content_Type="application/json", Origin=topology.webserver) == 200
+    with pytest.raises((OSError, TimeoutError)):
+        Client(topology.scheduler.replace("tls://", "tcp://"), timeout="5s")
+
+
 # -- the happy paths ----------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -51,7 +52,8 @@ def ask(
     if user:
         sent["Authorization"] = "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
     sent.update({k.replace("_", "-"): v for k, v in headers.items()})
-    req = urllib.request.Request(f"{server.url}/check/{site}", headers=sent)
+    query = urllib.parse.urlsplit(uri).query  # Caddy's rewrite to /check/<site> keeps the request's query
+    req = urllib.request.Request(f"{server.url}/check/{site}" + (f"?{query}" if query else ""), headers=sent)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, dict(resp.headers), resp.read()
