@@ -113,7 +113,9 @@ def test_by_default_the_scheduler_speaks_only_tls_at_the_cluster_address_and_on_
             )
             print(f"{address}: plain {plain}; other CA {other_ca}; other certificate {other_cert}")
             assert "Connection reset" in plain or "closed" in plain, plain  # no TLS handshake: dropped
-            assert "UNKNOWN_CA" in other_cert, other_cert  # the scheduler's alert: not the run's CA
+            # the scheduler's alert (not the run's CA); in TLS 1.3 the client's side of the handshake is done
+            # before the server judges its certificate, so the alert may come as the connection's end instead
+            assert "UNKNOWN_CA" in other_cert or "EOF occurred" in other_cert, other_cert
             assert _handshake(address, cluster.security)["address"] == address
 
         with Client(cluster) as client:  # the run's own client, as the Dask resource makes it
