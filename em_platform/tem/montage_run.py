@@ -479,7 +479,7 @@ class MontageRun:
             failed = TileOutcome(None, None, None, error=error)
             judgement = Judgement(tile_id, failed, [(t, p, {"error": error}) for t, p in edges], {})
         else:
-            judgement = fut.result()
+            judgement = _result(fut)
         fut.release()
         rec = self.records[judgement.tile_id]
         o = judgement.outcome
@@ -548,7 +548,7 @@ class MontageRun:
                 self.store_errors[tile_id] = f"{type(exc).__name__}: {exc}"
                 self.log.error("tile %s: its processed tile was not written: %s", tile_id, exc)
             elif fut.status == "finished":
-                stored = fut.result()
+                stored = _result(fut)
                 if isinstance(stored, Stored):
                     self.cpu.update(stored.cpu)
                     rec.times.update(stored.times)
@@ -705,6 +705,16 @@ def _results(rec: TileRecord) -> dict[str, Any] | None:
         "shape": list(rec.outcome.shape),
         "unmatched": [p for p, m in rec.matches.items() if m is None],
     }
+
+
+def _result(fut):
+    """A finished task's result. Finished is not fetched: the worker holding it may be gone by then (a job
+    cancelled), and Dask makes it again, which fails if no worker comes: then the run stops as for a stall."""
+    try:
+        return fut.result()
+    except Exception as exc:
+        _stop_if_stalled(exc)
+        raise
 
 
 def _stop_if_stalled(exc: BaseException | None) -> None:

@@ -540,3 +540,23 @@ def test_processed_tiles_waiting_to_be_written_are_bounded(tmp_path, client, mon
     assert not thread.is_alive() and out["result"].qc.status == "GOOD"
     assert len(journal.messages("qc.tile", truth.montage_id)) == len(tiles) and not run.backlog
     assert all(tile_tasks.stored_completely(str(tmp_path / "processed.zarr" / a)) for a in _arrays(truth))
+
+
+def test_a_finished_task_whose_result_is_lost_with_no_worker_left_stops_the_run_as_a_stall():
+    """A task is finished, then its worker's job is cancelled before the run fetches the result; Dask makes it
+    again and no worker comes (test-slurm's queue that stops starting jobs saw it): the run stops as for a stall,
+    judging no tile as failed, rather than failing on Dask's error."""
+    from types import SimpleNamespace
+
+    from distributed.scheduler import NoWorkerError
+
+    from em_platform.tem.montage_run import _result
+
+    def lost():
+        raise NoWorkerError("build_flatfield-8c963e2c", 30.0)
+
+    with pytest.raises(RuntimeError, match="ran no worker"):
+        _result(SimpleNamespace(result=lost))
+    with pytest.raises(ValueError):  # any other error is the task's own
+        _result(SimpleNamespace(result=lambda: (_ for _ in ()).throw(ValueError("bad tile"))))
+    assert _result(SimpleNamespace(result=lambda: 7)) == 7
