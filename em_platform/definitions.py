@@ -22,6 +22,7 @@ from em_platform.assets.storage_consistency import (
 )
 from em_platform.jobs import catalog_job, cryo_job, ingest_local_job, montage_job, simulation_job
 from em_platform.resources import build_resources
+from em_platform.retention_job import build_retention
 from em_platform.sensors.cryo import cryo_sensor
 from em_platform.sensors.dead_letters import dead_letter_sensor
 from em_platform.sensors.inbox import inbox_sensor
@@ -40,19 +41,22 @@ catalog_automation = dg.AutomationConditionSensorDefinition(
 
 def build_definitions(resources: dict) -> dg.Definitions:
     """Everything, bound to one resource set (tests pass their own)."""
+    assets = [
+        ingest_local,
+        *public_ingest_assets,
+        metadata_catalog,
+        montage_tiles,
+        montage_layout,
+        montage,
+        montage_upload,
+        lens_correction,
+        *simulation_assets,
+        *cryo_assets,
+    ]
+    # what the retention job keeps a run for: a partition of these that still exists, their latest materialization
+    retention_job, retention_schedule = build_retention(assets)
     return dg.Definitions(
-        assets=[
-            ingest_local,
-            *public_ingest_assets,
-            metadata_catalog,
-            montage_tiles,
-            montage_layout,
-            montage,
-            montage_upload,
-            lens_correction,
-            *simulation_assets,
-            *cryo_assets,
-        ],
+        assets=assets,
         asset_checks=[storage_consistency],
         jobs=[
             ingest_local_job,
@@ -62,8 +66,9 @@ def build_definitions(resources: dict) -> dg.Definitions:
             simulation_job,
             cryo_job,
             storage_consistency_job,
+            retention_job,
         ],
-        schedules=[*public_ingest_schedules, storage_consistency_schedule],
+        schedules=[*public_ingest_schedules, storage_consistency_schedule, retention_schedule],
         sensors=[
             inbox_sensor,
             montage_sensor,

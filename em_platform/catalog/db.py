@@ -8,7 +8,7 @@ machine forbids, and the record is validated against the schema before it is sto
 from __future__ import annotations
 
 import traceback as tb
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -108,6 +108,21 @@ class CatalogDB:
             query = query.where(datasets.c.source == source)
         with self.engine.connect() as conn:
             return [dict(r.record) for r in conn.execute(query)]
+
+    def complete_before(self, source: str, before: datetime, source_ids: Iterable[str]) -> list[str]:
+        """Which of ``source_ids`` have a ``source`` record complete since before ``before`` (its last change):
+        what a retention policy may let go of elsewhere, the record itself staying."""
+        wanted, found = list(source_ids), []
+        for i in range(0, len(wanted), 1000):
+            query = sa.select(datasets.c.source_id).where(
+                datasets.c.source == source,
+                datasets.c.source_id.in_(wanted[i : i + 1000]),
+                datasets.c.status == Status.COMPLETE.value,
+                datasets.c.updated_at < before,
+            )
+            with self.engine.connect() as conn:
+                found += [r.source_id for r in conn.execute(query)]
+        return found
 
     def history(self, dataset_id: str) -> list[HistoryEntry]:
         h = status_history

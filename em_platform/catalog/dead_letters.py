@@ -361,3 +361,12 @@ class DeadLetters:
             q = q.where(dead_letters.c.id.in_(ids))
         with self.engine.begin() as conn:
             return int(conn.execute(q).rowcount or 0)
+
+    def forget_decided(self, before: datetime) -> int:
+        """Delete the letters decided (cleared or replayed) before ``before``; a waiting letter is never
+        deleted. The number deleted."""
+        q = dead_letters.delete().where(
+            dead_letters.c.cleared_at.is_not(None), dead_letters.c.cleared_at < before
+        )
+        with self.engine.begin() as conn:
+            return int(conn.execute(q).rowcount or 0)

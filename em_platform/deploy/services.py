@@ -182,6 +182,10 @@ def platform_env(
         "EM_VIEWER_URL": "${EM_VIEWER_URL:-{web}://127.0.0.1:{port:viewer}}",
         # no scheme: Dask's default one, tcp on loopback, tls in compose (em_platform.deploy.dask_tls)
         "DASK_SCHEDULER_ADDRESS": "{addr:dask-scheduler}",
+        # how long what grows is kept (em_platform/retention/policy.py); empty: the defaults
+        "EM_RETAIN_JOURNAL_DAYS": "${EM_RETAIN_JOURNAL_DAYS:-}",
+        "EM_RETAIN_RUNS_DAYS": "${EM_RETAIN_RUNS_DAYS:-}",
+        "EM_RETAIN_DEAD_LETTERS_DAYS": "${EM_RETAIN_DEAD_LETTERS_DAYS:-}",
         **_pg_env(),
     }
     unknown = set(secrets) - set(SECRET_GROUPS)

@@ -109,7 +109,10 @@ judges = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-FINISHED_STATES = frozenset({"completed", "cancelled", "error"})
+# A montage whose journal rows were let go after it was archived (em_platform.retention): its row stays, so a
+# late message for it changes nothing and no sensor takes it for a new montage; a run of it is refused.
+RETIRED = "retired"
+FINISHED_STATES = frozenset({"completed", "cancelled", "error", RETIRED})
 
 
 def message_key(topic: str, payload: dict[str, Any]) -> str:
@@ -135,6 +138,10 @@ class MontageRow:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+    @property
+    def retired(self) -> bool:
+        return self.state == RETIRED
 
 
 @dataclass(frozen=True)
@@ -375,6 +382,54 @@ class Journal:
                 sa.select(judges.c.owner, judges.c.expires_at).where(judges.c.montage_id == montage_id)
             ).first()
         return None if row is None else (row.owner, _aware(row.expires_at))
+
+    # -- retention ----------------------------------------------------------------------------------
+
+    def retire(self, montage_ids: Sequence[str]) -> dict[str, int]:
+        """Let go of archived montages' journal rows (their messages, tiles, QC statuses and claims; the heavy
+        ``montage.complete`` copy): each montage's own row stays, marked :data:`RETIRED`. The journal's newest
+        message always stays, so its high-water mark never goes back (SQLite would reuse the numbers). The
+        number of rows let go, by table. Idempotent: a montage retired twice loses nothing more."""
+        counts = {"messages": 0, "tiles": 0, "qc_status": 0, "montages": 0}
+        for i in range(0, len(montage_ids), 200):
+            ids = list(montage_ids[i : i + 200])
+            with self.engine.begin() as conn:
+                newest = sa.select(sa.func.max(messages.c.seq)).scalar_subquery()
+                counts["messages"] += conn.execute(
+                    messages.delete().where(messages.c.montage_id.in_(ids), messages.c.seq < newest)
+                ).rowcount
+                counts["tiles"] += conn.execute(tiles.delete().where(tiles.c.montage_id.in_(ids))).rowcount
+                counts["qc_status"] += conn.execute(
+                    qc_status.delete().where(qc_status.c.montage_id.in_(ids))
+                ).rowcount
+                conn.execute(judges.delete().where(judges.c.montage_id.in_(ids)))
+                counts["montages"] += conn.execute(
+                    montages.update()
+                    .where(montages.c.montage_id.in_(ids), montages.c.state != RETIRED)
+                    .values(state=RETIRED, complete_message=None, updated_at=_now())
+                ).rowcount
+        return counts
+
+    def unretired(self) -> list[str]:
+        """The montages whose rows the journal still holds (in flight, or archived within the retention window)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(montages.c.montage_id).where(montages.c.state != RETIRED))
+            return [r.montage_id for r in rows]
+
+    def forget_unattached(self, before: datetime) -> dict[str, int]:
+        """Let go of the messages and QC statuses that name no montage (``qc.status`` of a scope, ``buffer.status``)
+        older than ``before``; the newest message stays (see :meth:`retire`)."""
+        with self.engine.begin() as conn:
+            newest = sa.select(sa.func.max(messages.c.seq)).scalar_subquery()
+            gone = conn.execute(
+                messages.delete().where(
+                    messages.c.montage_id.is_(None), messages.c.received_at < before, messages.c.seq < newest
+                )
+            ).rowcount
+            statuses = conn.execute(
+                qc_status.delete().where(qc_status.c.montage_id.is_(None), qc_status.c.at < before)
+            ).rowcount
+        return {"messages": gone, "qc_status": statuses}
 
     def record_qc_status(self, montage_id: str | None, status: str, reason: str | None) -> None:
         with self.engine.begin() as conn:

@@ -239,6 +239,8 @@ class MontageRun:
         self.montage = self.source.montage(self.montage_id)
         if self.montage is None:
             raise KeyError(f"montage {self.montage_id} is not in the acquisition journal")
+        if self.montage.retired:
+            raise MontageRetired(self.montage_id)
         if self.calibration is None:
             self.calibration = self._calibrate(self.montage)
         if self.montage.finished and self.finished_at is None:
@@ -705,6 +707,18 @@ def _results(rec: TileRecord) -> dict[str, Any] | None:
         "shape": list(rec.outcome.shape),
         "unmatched": [p for p, m in rec.matches.items() if m is None],
     }
+
+
+class MontageRetired(RuntimeError):
+    """A run of a montage whose journal rows were let go after it was archived: nothing is judged or uploaded
+    again (its record and tile records stay in the catalog)."""
+
+    def __init__(self, montage_id: str):
+        super().__init__(
+            f"montage {montage_id} was archived and its journal rows let go after EM_RETAIN_JOURNAL_DAYS: it "
+            "cannot be run again from the journal; its record and tile records are in the catalog (source "
+            "'acquisition'), its raw tiles where the record names them"
+        )
 
 
 def _result(fut):

@@ -122,6 +122,7 @@ def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_cont
         "run_retries",
         "run_monitoring",
         "sensors",
+        "retention",
         "telemetry",
         "nux",
     ):

@@ -1,0 +1,74 @@
+"""How long the platform keeps what grows with every montage, run and refusal, from the environment.
+
+A facility's year is some 10⁵ montages, 10⁸ tiles and 10⁵ runs. Kept for ever, the acquisition journal alone
+grows by about 10 kB a tile (every message, with each tile's statistics and matches), and every montage stays
+a partition of Dagster's ``montages``, whose pages slow with the count. What the platform keeps, and for how
+long (each a number of days, or ``forever``):
+
+``EM_RETAIN_JOURNAL_DAYS`` (default 14)
+    an archived montage (its catalog record ``complete``: uploaded, its tile records written) keeps its journal
+    rows (messages, tiles, QC statuses) and its partition of ``montages`` this long after it was archived; then
+    both go, and the catalog answers for it. A montage not archived (in flight, failed) is never let go. Within
+    the window a montage can be run again from its journal; later its raw tiles and tile records remain.
+``EM_RETAIN_RUNS_DAYS`` (default 90)
+    a finished run is kept this long after it ended, and longer while it holds something still shown: a run of
+    a partition that still exists, or the latest materialization of an unpartitioned asset.
+``EM_RETAIN_DEAD_LETTERS_DAYS`` (default 90)
+    a dead letter an operator cleared or replayed is kept this long after; one waiting for a decision, always.
+
+The catalog's records and tile records are what the platform produced: kept. Dagster's sensor and schedule
+ticks are purged by Dagster itself (``retention`` in both ``dagster.yaml`` files).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+FOREVER = math.inf
+SETTINGS = {
+    "journal_days": ("EM_RETAIN_JOURNAL_DAYS", 14.0),
+    "runs_days": ("EM_RETAIN_RUNS_DAYS", 90.0),
+    "dead_letters_days": ("EM_RETAIN_DEAD_LETTERS_DAYS", 90.0),
+}
+
+
+class RetentionError(ValueError):
+    """A retention setting is not a number of days; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    journal_days: float = SETTINGS["journal_days"][1]
+    runs_days: float = SETTINGS["runs_days"][1]
+    dead_letters_days: float = SETTINGS["dead_letters_days"][1]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RetentionPolicy:
+        env = os.environ if env is None else env
+        values = {}
+        for field, (name, default) in SETTINGS.items():
+            raw = env.get(name, "").strip()
+            values[field] = default if not raw else _days(name, raw)
+        return cls(**values)
+
+    def cutoff(self, days: float, now: datetime | None = None) -> datetime | None:
+        """The moment before which something kept ``days`` is let go; None when it is kept for ever."""
+        if days == FOREVER:
+            return None
+        return (now or datetime.now(UTC)) - timedelta(days=days)
+
+
+def _days(name: str, raw: str) -> float:
+    if raw.lower() == "forever":
+        return FOREVER
+    try:
+        days = float(raw)
+    except ValueError:
+        days = -1.0
+    if not math.isfinite(days) or days < 1:
+        raise RetentionError(f"{name}={raw!r}: a number of days (at least 1), or 'forever'")
+    return days

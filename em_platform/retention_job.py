@@ -1,0 +1,145 @@
+"""``retention_job`` and its daily schedule: the retention policy (:mod:`em_platform.retention.policy`) applied.
+
+Each day it lets go of, in order (each step idempotent, so a run killed midway is finished by the next):
+
+1. archived montages past ``EM_RETAIN_JOURNAL_DAYS``: their journal rows (:meth:`Journal.retire`) and their
+   partition of ``montages`` (which the UI's pages list, and which would otherwise grow by every montage of a
+   year); a montage the catalog does not hold ``complete`` is never touched;
+2. the journal's messages and QC statuses that name no montage, past the same window;
+3. dead letters decided past ``EM_RETAIN_DEAD_LETTERS_DAYS``;
+4. finished runs past ``EM_RETAIN_RUNS_DAYS`` that hold nothing still shown: a run of a partition that still
+   exists, and the run of each unpartitioned asset's latest materialization, are kept (:func:`runs_to_let_go`).
+
+What it let go of is in the run's log and its output's metadata.
+"""
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+import dagster as dg
+from dagster._core.storage.dagster_run import FINISHED_STATUSES, RunsFilter
+
+from em_platform.partitions import montages
+from em_platform.resources import CatalogResource
+from em_platform.resources.acquisition import AcquisitionHardware
+from em_platform.retention.policy import RetentionPolicy
+from em_platform.tem.archive import SOURCE as MONTAGE_SOURCE
+
+DAILY = "30 4 * * *"  # 04:30 UTC: after the storage consistency check (04:00), before the working day
+PARTITION_TAG = "dagster/partition"
+
+
+def runs_to_let_go(
+    instance: dg.DagsterInstance, before: datetime, kept_partitions: set[str], kept_runs: set[str]
+) -> Iterator[str]:
+    """Finished runs that ended (last changed) before ``before``, oldest first, but those whose partition is in
+    ``kept_partitions`` and those in ``kept_runs``."""
+    cursor = None
+    while True:
+        records = instance.get_run_records(
+            filters=RunsFilter(statuses=list(FINISHED_STATUSES), updated_before=before),
+            limit=500,
+            cursor=cursor,
+            ascending=True,
+        )
+        if not records:
+            return
+        for r in records:
+            run = r.dagster_run
+            if run.run_id in kept_runs or run.tags.get(PARTITION_TAG) in kept_partitions:
+                continue
+            yield run.run_id
+        cursor = records[-1].dagster_run.run_id
+
+
+def _shown(instance: dg.DagsterInstance, assets: Sequence[dg.AssetsDefinition]) -> tuple[set[str], set[str]]:
+    """(every partition key of ``assets`` that still exists, the runs of the unpartitioned ones' latest
+    materializations)."""
+    partitions, runs = set(), set()
+    for asset in assets:
+        for key in asset.keys:
+            if asset.partitions_def is not None:
+                partitions.update(asset.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+                continue
+            latest = instance.get_latest_materialization_event(key)
+            if latest is not None and latest.run_id:
+                runs.add(latest.run_id)
+    return partitions, runs
+
+
+def build_retention(assets: Sequence[dg.AssetsDefinition]) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]:
+    """The job and its daily schedule, for the code location whose ``assets`` decide what is still shown."""
+
+    @dg.op(
+        description="Let go of what the retention policy (EM_RETAIN_*) no longer keeps: archived montages' "
+        "journal rows and partitions, decided dead letters, finished runs that hold nothing still shown."
+    )
+    def apply_retention(
+        context: dg.OpExecutionContext, hardware: AcquisitionHardware, catalog: CatalogResource
+    ) -> dg.Output[dict]:
+        policy = RetentionPolicy.from_env()
+        done = apply(context, policy, hardware, catalog, assets, datetime.now(UTC))
+        context.log.info(
+            f"retention applied (journal {policy.journal_days:g} days, runs {policy.runs_days:g} days, dead "
+            f"letters {policy.dead_letters_days:g} days): {done}"
+        )
+        return dg.Output(done, metadata={k: dg.MetadataValue.int(v) for k, v in done.items()})
+
+    @dg.job(
+        name="retention_job",
+        description="The retention policy applied (EM_RETAIN_JOURNAL_DAYS, EM_RETAIN_RUNS_DAYS, "
+        "EM_RETAIN_DEAD_LETTERS_DAYS): nothing the platform keeps grows without a bound.",
+        tags={"em/workload": "maintenance"},
+    )
+    def retention_job():
+        apply_retention()
+
+    schedule = dg.ScheduleDefinition(
+        name="retention_daily",
+        job=retention_job,
+        cron_schedule=DAILY,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Daily: what the retention policy no longer keeps is let go (on by default: a year of "
+        "montages would otherwise slow every page).",
+    )
+    return retention_job, schedule
+
+
+def apply(
+    context: dg.OpExecutionContext,
+    policy: RetentionPolicy,
+    hardware: AcquisitionHardware,
+    catalog: CatalogResource,
+    assets: Sequence[dg.AssetsDefinition],
+    now: datetime,
+) -> dict[str, int]:
+    """The four steps of the module's docstring; what each let go of."""
+    instance = context.instance
+    done: dict[str, int] = {}
+    journal_cutoff = policy.cutoff(policy.journal_days, now)
+    if journal_cutoff is not None:
+        journal = hardware.journal()
+        archived = catalog.db().complete_before(MONTAGE_SOURCE, journal_cutoff, journal.unretired())
+        retired = journal.retire(archived)
+        for key in archived:
+            if instance.has_dynamic_partition(montages.name, key):
+                instance.delete_dynamic_partition(montages.name, key)
+        unattached = journal.forget_unattached(journal_cutoff)
+        done |= {
+            "montages_retired": len(archived),
+            "journal_messages": retired["messages"] + unattached["messages"],
+            "journal_tiles": retired["tiles"],
+        }
+    letters_cutoff = policy.cutoff(policy.dead_letters_days, now)
+    if letters_cutoff is not None:
+        done["dead_letters"] = catalog.dead_letters().forget_decided(letters_cutoff)
+    runs_cutoff = policy.cutoff(policy.runs_days, now)
+    if runs_cutoff is not None:
+        partitions, runs = _shown(instance, assets)
+        runs.add(context.run_id)
+        gone = list(runs_to_let_go(instance, runs_cutoff, partitions, runs))
+        for run_id in gone:
+            instance.delete_run(run_id)
+        done["runs"] = len(gone)
+    return done
