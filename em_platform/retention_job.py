@@ -7,21 +7,32 @@ Each day it lets go of, in order (each step idempotent, so a run killed midway i
    year); a montage the catalog does not hold ``complete`` is never touched;
 2. the journal's messages and QC statuses that name no montage, past the same window;
 3. dead letters decided past ``EM_RETAIN_DEAD_LETTERS_DAYS``;
-4. finished runs past ``EM_RETAIN_RUNS_DAYS`` that hold nothing still shown: a run of a partition that still
-   exists, and the run of each unpartitioned asset's latest materialization, are kept (:func:`runs_to_let_go`).
+4. montage folders of the acquisition buffer past ``EM_RETAIN_BUFFER_DAYS`` (:mod:`em_platform.retention.buffer`);
+5. finished tilt series' intermediates past ``EM_RETAIN_CRYO_INTERMEDIATES_DAYS`` (:mod:`em_platform.retention.cryo`);
+6. finished runs past ``EM_RETAIN_RUNS_DAYS`` that hold nothing still shown: a run of a partition that still
+   exists, and the run of each unpartitioned asset's latest materialization, are kept (:func:`runs_to_let_go`);
+7. archived montages' tile records past ``EM_RETAIN_TILE_RECORDS_DAYS`` (default ``forever``: never).
+
+Steps 4 and 5 never touch a montage or tilt series with a run queued, running or ended within their window
+(:func:`partitions_with_runs`); they come before step 6, which may delete such a run.
 
 What it let go of is in the run's log and its output's metadata.
 """
 
+import os
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 import dagster as dg
-from dagster._core.storage.dagster_run import FINISHED_STATUSES, RunsFilter
+from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES, RunsFilter
 
+from em_platform.assets.cryo import work_root
+from em_platform.cryo.results_db import CryoResults
 from em_platform.partitions import montages
-from em_platform.resources import CatalogResource
+from em_platform.resources import CatalogResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
+from em_platform.retention.buffer import apply_buffer_policy
+from em_platform.retention.cryo import apply_cryo_policy
 from em_platform.retention.policy import RetentionPolicy
 from em_platform.tem.archive import SOURCE as MONTAGE_SOURCE
 
@@ -52,6 +63,19 @@ def runs_to_let_go(
         cursor = records[-1].dagster_run.run_id
 
 
+def partitions_with_runs(instance: dg.DagsterInstance, since: datetime) -> set[str]:
+    """Partition keys (of any job) of the runs queued or running, or that last changed after ``since``: what
+    a run may still be writing, or an operator is working on."""
+    keys: set[str] = set()
+    for filters in (RunsFilter(statuses=NOT_FINISHED_STATUSES), RunsFilter(updated_after=since)):
+        cursor = None
+        while records := instance.get_run_records(filters=filters, limit=500, cursor=cursor):
+            keys.update(r.dagster_run.tags.get(PARTITION_TAG) for r in records)
+            cursor = records[-1].dagster_run.run_id
+    keys.discard(None)
+    return keys
+
+
 def _shown(instance: dg.DagsterInstance, assets: Sequence[dg.AssetsDefinition]) -> tuple[set[str], set[str]]:
     """(every partition key of ``assets`` that still exists, the runs of the unpartitioned ones' latest
     materializations)."""
@@ -72,23 +96,24 @@ def build_retention(assets: Sequence[dg.AssetsDefinition]) -> tuple[dg.JobDefini
 
     @dg.op(
         description="Let go of what the retention policy (EM_RETAIN_*) no longer keeps: archived montages' "
-        "journal rows and partitions, decided dead letters, finished runs that hold nothing still shown."
+        "journal rows and partitions, decided dead letters, finished runs that hold nothing still shown, "
+        "left-over montage folders of the buffer, finished tilt series' intermediates (docs/retention.md)."
     )
     def apply_retention(
-        context: dg.OpExecutionContext, hardware: AcquisitionHardware, catalog: CatalogResource
+        context: dg.OpExecutionContext,
+        hardware: AcquisitionHardware,
+        catalog: CatalogResource,
+        storage: StorageResource,
     ) -> dg.Output[dict]:
         policy = RetentionPolicy.from_env()
-        done = apply(context, policy, hardware, catalog, assets, datetime.now(UTC))
-        context.log.info(
-            f"retention applied (journal {policy.journal_days:g} days, runs {policy.runs_days:g} days, dead "
-            f"letters {policy.dead_letters_days:g} days): {done}"
-        )
+        done = apply(context, policy, hardware, catalog, assets, datetime.now(UTC), storage)
+        context.log.info(f"retention applied ({policy}): {done}")
         return dg.Output(done, metadata={k: dg.MetadataValue.int(v) for k, v in done.items()})
 
     @dg.job(
         name="retention_job",
-        description="The retention policy applied (EM_RETAIN_JOURNAL_DAYS, EM_RETAIN_RUNS_DAYS, "
-        "EM_RETAIN_DEAD_LETTERS_DAYS): nothing the platform keeps grows without a bound.",
+        description="The retention policy applied (EM_RETAIN_*: docs/retention.md): nothing the platform "
+        "keeps grows without a bound.",
         tags={"em/workload": "maintenance"},
     )
     def retention_job():
@@ -113,8 +138,9 @@ def apply(
     catalog: CatalogResource,
     assets: Sequence[dg.AssetsDefinition],
     now: datetime,
+    storage: StorageResource,
 ) -> dict[str, int]:
-    """The four steps of the module's docstring; what each let go of."""
+    """The steps of the module's docstring; what each let go of."""
     instance = context.instance
     done: dict[str, int] = {}
     journal_cutoff = policy.cutoff(policy.journal_days, now)
@@ -134,6 +160,7 @@ def apply(
     letters_cutoff = policy.cutoff(policy.dead_letters_days, now)
     if letters_cutoff is not None:
         done["dead_letters"] = catalog.dead_letters().forget_decided(letters_cutoff)
+    done |= _files(context, policy, hardware, catalog, storage, now)
     runs_cutoff = policy.cutoff(policy.runs_days, now)
     if runs_cutoff is not None:
         partitions, runs = _shown(instance, assets)
@@ -142,4 +169,55 @@ def apply(
         for run_id in gone:
             instance.delete_run(run_id)
         done["runs"] = len(gone)
+    tiles_cutoff = policy.cutoff(policy.tile_records_days, now)
+    if tiles_cutoff is not None:
+        archived = catalog.db().complete_ids_before(MONTAGE_SOURCE, tiles_cutoff)
+        done["tile_records"] = catalog.tile_records().forget_montages(archived)
+    return done
+
+
+def _files(
+    context: dg.OpExecutionContext,
+    policy: RetentionPolicy,
+    hardware: AcquisitionHardware,
+    catalog: CatalogResource,
+    storage: StorageResource,
+    now: datetime,
+) -> dict[str, int]:
+    """Steps 4 and 5: the buffer's montage folders and the tilt series' intermediates."""
+    done: dict[str, int] = {}
+    cryo_root = work_root(storage)
+    buffer_cutoff = policy.cutoff(policy.buffer_days, now)
+    if buffer_cutoff is not None:
+        store = storage.store()
+        in_buffer = os.path.realpath(cryo_root.parent) == os.path.realpath(storage.buffer_root)
+        buffer = apply_buffer_policy(
+            storage.buffer_root,
+            journal=hardware.journal(),
+            catalog=catalog.db(),
+            before=buffer_cutoff,
+            busy=partitions_with_runs(context.instance, buffer_cutoff),
+            archive_url=lambda montage_id: store.url(MONTAGE_SOURCE, montage_id),
+            storage_options=store.storage_options or None,
+            reserved={cryo_root.name} if in_buffer else (),  # the cryo work root (object-storage data root)
+            now=now,
+        )
+        for warning in buffer.warnings:
+            context.log.warning(warning)
+        done |= {"buffer_montages": len(buffer.removed), "buffer_bytes": buffer.freed_bytes}
+    cryo_cutoff = policy.cutoff(policy.cryo_intermediates_days, now)
+    if cryo_cutoff is not None:
+        results = CryoResults(catalog.url)
+        try:
+            cryo = apply_cryo_policy(
+                cryo_root,
+                results=results,
+                before=cryo_cutoff,
+                busy=partitions_with_runs(context.instance, cryo_cutoff),
+            )
+        finally:
+            results.dispose()
+        for refused in cryo.refused:
+            context.log.warning(refused)
+        done |= {"cryo_series": len(cryo.series), "cryo_bytes": cryo.freed_bytes}
     return done

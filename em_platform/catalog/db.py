@@ -11,7 +11,7 @@ import traceback as tb
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -122,6 +122,29 @@ class CatalogDB:
             )
             with self.engine.connect() as conn:
                 found += [r.source_id for r in conn.execute(query)]
+        return found
+
+    def complete_ids_before(self, source: str, before: datetime) -> list[str]:
+        """Every ``source`` record complete since before ``before``, by source id."""
+        query = sa.select(datasets.c.source_id).where(
+            datasets.c.source == source,
+            datasets.c.status == Status.COMPLETE.value,
+            datasets.c.updated_at < before,
+        )
+        with self.engine.connect() as conn:
+            return [r.source_id for r in conn.execute(query.order_by(datasets.c.source_id))]
+
+    def statuses(self, source: str, source_ids: Iterable[str]) -> dict[str, tuple[str, datetime]]:
+        """(status, last change, UTC) of the ``source`` records of ``source_ids`` there are."""
+        wanted, found = list(source_ids), {}
+        for i in range(0, len(wanted), 1000):
+            query = sa.select(datasets.c.source_id, datasets.c.status, datasets.c.updated_at).where(
+                datasets.c.source == source, datasets.c.source_id.in_(wanted[i : i + 1000])
+            )
+            with self.engine.connect() as conn:
+                for r in conn.execute(query):
+                    at = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=UTC)
+                    found[r.source_id] = (r.status, at)
         return found
 
     def history(self, dataset_id: str) -> list[HistoryEntry]:

@@ -200,6 +200,16 @@ class CryoResults:
                 conn.execute(tomograms.insert().values(tilt_series_id=sid, alignment_id=aid, **_lower(row)))
         return sid
 
+    def finished_before(self, before: datetime) -> list[str]:
+        """Partition keys of the tilt series complete or failed, last changed before ``before`` (what a retention
+        policy may tidy; one still processing is not finished)."""
+        t = tilt_series
+        q = sa.select(t.c.partition_key).where(
+            t.c.status.in_(("complete", "failed")), t.c.updated_at < before
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(q.order_by(t.c.partition_key)).scalars())
+
     def series(self, key: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = (

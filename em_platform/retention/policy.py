@@ -15,9 +15,19 @@ long (each a number of days, or ``forever``):
     a partition that still exists, or the latest materialization of an unpartitioned asset.
 ``EM_RETAIN_DEAD_LETTERS_DAYS`` (default 90)
     a dead letter an operator cleared or replayed is kept this long after; one waiting for a decision, always.
+``EM_RETAIN_BUFFER_DAYS`` (default 14)
+    a finished montage's folder in the acquisition buffer (``EM_BUFFER``) nothing has written to, and no run of
+    it has touched, this long: an archived montage's goes once its archive verifies against the upload
+    manifest; a montage never archived goes only while its raw tiles are still where the journal names them
+    (a re-run makes it again), else it is kept as the only copy (:mod:`.buffer`).
+``EM_RETAIN_CRYO_INTERMEDIATES_DAYS`` (default 14)
+    a finished tilt series' re-makeable working files (the even/odd frame sums, the aligned stack, what a
+    killed run left) this long after it finished; its products stay (:mod:`.cryo`).
+``EM_RETAIN_TILE_RECORDS_DAYS`` (default ``forever``)
+    an archived montage's tile records (``tem_tiles``); its catalog record and archived objects stay.
 
-The catalog's records and tile records are what the platform produced: kept. Dagster's sensor and schedule
-ticks are purged by Dagster itself (``retention`` in both ``dagster.yaml`` files).
+The catalog's records are what the platform produced: kept. Dagster's sensor and schedule ticks are purged by
+Dagster itself (``retention`` in both ``dagster.yaml`` files). ``docs/retention.md`` has every store in one table.
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ SETTINGS = {
     "journal_days": ("EM_RETAIN_JOURNAL_DAYS", 14.0),
     "runs_days": ("EM_RETAIN_RUNS_DAYS", 90.0),
     "dead_letters_days": ("EM_RETAIN_DEAD_LETTERS_DAYS", 90.0),
+    "buffer_days": ("EM_RETAIN_BUFFER_DAYS", 14.0),
+    "cryo_intermediates_days": ("EM_RETAIN_CRYO_INTERMEDIATES_DAYS", 14.0),
+    "tile_records_days": ("EM_RETAIN_TILE_RECORDS_DAYS", FOREVER),
 }
 
 
@@ -45,6 +58,9 @@ class RetentionPolicy:
     journal_days: float = SETTINGS["journal_days"][1]
     runs_days: float = SETTINGS["runs_days"][1]
     dead_letters_days: float = SETTINGS["dead_letters_days"][1]
+    buffer_days: float = SETTINGS["buffer_days"][1]
+    cryo_intermediates_days: float = SETTINGS["cryo_intermediates_days"][1]
+    tile_records_days: float = SETTINGS["tile_records_days"][1]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RetentionPolicy:

@@ -199,6 +199,16 @@ class TileRecords:
                 conn.execute(tem_tiles.insert(), rows)
         return len(rows)
 
+    def forget_montages(self, montage_ids: Sequence[str]) -> int:
+        """Delete the records of ``montage_ids`` (a retention policy's; their catalog records stay): batches of
+        an indexed ``IN``, never a scan of the table. The number deleted; idempotent."""
+        gone = 0
+        for start in range(0, len(montage_ids), 500):
+            ids = list(montage_ids[start : start + 500])
+            with self.engine.begin() as conn:
+                gone += conn.execute(tem_tiles.delete().where(tem_tiles.c.montage_id.in_(ids))).rowcount or 0
+        return gone
+
     def montage_tiles(self, montage_id: str) -> list[TileRecord]:
         """The montage's records in raster order."""
         c = tem_tiles.c

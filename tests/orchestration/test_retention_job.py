@@ -1,11 +1,15 @@
 """``retention_job`` on a platform that ran a montage weeks ago: the archived montage's journal rows and its
 partition go, the montage still in flight and everything the catalog holds stay, old runs that show nothing
 go while the run of the catalog's latest materialization stays, decided dead letters go, waiting ones stay;
-a second run lets go of nothing more, and the montage let go can no longer be run again over its record."""
+the archived montage's buffer folder (kept by ``free_buffer: false``) goes, the flying one's stays; a tilt
+series' intermediates go, its products stay; a second run lets go of nothing more, and the montage let go can
+no longer be run again over its record. With ``EM_RETAIN_TILE_RECORDS_DAYS`` set, its tile records go too."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -13,6 +17,9 @@ import sqlalchemy as sa
 
 from em_platform.catalog.db import CatalogDB, datasets
 from em_platform.catalog.dead_letters import DeadLetters, dead_letters
+from em_platform.cryo.results_db import CryoResults, tilt_series
+from em_platform.retention.cryo import INTERMEDIATES
+from em_platform.retention_job import PARTITION_TAG, partitions_with_runs
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
@@ -36,8 +43,41 @@ def _montage_run(platform, instance, montage_id: str) -> dg.ExecuteInProcessResu
         instance=instance,
         partition_key=montage_id,
         raise_on_error=False,
-        run_config={"ops": {"montage_tiles": {"config": {"poll_seconds": 0.05}}}},
+        run_config={
+            "ops": {
+                "montage_tiles": {"config": {"poll_seconds": 0.05}},
+                "montage_upload": {"config": {"free_buffer": False}},  # its buffer folder left to retention
+            }
+        },
     )
+
+
+def _backdate_files(folder: Path, days: int) -> None:
+    when = (datetime.now(UTC) - timedelta(days=days)).timestamp()
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (when, when), follow_symlinks=False)
+
+
+def _tilt_series(url: str, work: Path, key: str, days: int) -> dict[str, bytes]:
+    """A tilt series processed ``days`` ago: its results row complete, its folder's files (name -> bytes)."""
+    files = {name: b"x" * 1000 for name in INTERMEDIATES} | {
+        "motioncorr/corrected.mrc": b"c" * 1000,
+        "tomogram/ts_wbp.mrc": b"t" * 500,
+        "tomogram/half_even.mrc": b"h" * 500,
+        "denoised/ts_denoised.mrc": b"d" * 500,
+    }
+    for name, data in files.items():
+        (work / key / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / key / name).write_bytes(data)
+    results = CryoResults(url)
+    series = {"name": "ts", "kind": "tilt_series"}
+    results.replace(key, series=series, movie_rows=[], ctf_rows=[], alignment=None, tomogram_rows=[])
+    with results.engine.begin() as conn:
+        when = datetime.now(UTC) - timedelta(days=days)
+        conn.execute(tilt_series.update().where(tilt_series.c.partition_key == key).values(updated_at=when))
+    results.dispose()
+    _backdate_files(work / key, days)
+    return files
 
 
 def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp_path, monkeypatch):
@@ -59,6 +99,14 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
         record = CatalogDB(url).find("acquisition", old)
         tiles = TileRecords(url).montage_tiles(old)
         assert record["status"] == "complete" and len(tiles) == 4
+        buffer = Path(platform.settings.buffer)
+        kept = sum(p.stat().st_size for p in (buffer / old).rglob("*") if p.is_file())
+        assert kept > 0  # free_buffer: false
+        (buffer / flying).mkdir()
+        (buffer / flying / "layout.json").write_text("{}")  # a montage still being processed: written today
+        _backdate_files(buffer / old, 20)
+        work = platform.data_root / "cryo"  # the cryo work root of a local data root
+        series = _tilt_series(url, work, "sessions/grid1/TS_01", 20)
         # weeks later: the montage archived 20 days ago, the runs ended 100 days ago, a letter decided 100 days ago
         engine = sa.create_engine(url)
         with engine.begin() as conn:
@@ -75,6 +123,14 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
         assert result.success
         done = result.output_for_node("apply_retention")
         assert done["montages_retired"] == 1 and done["journal_tiles"] >= 4 and done["dead_letters"] == 1
+        assert (done["buffer_montages"], done["buffer_bytes"]) == (1, kept)
+        assert (done["cryo_series"], done["cryo_bytes"]) == (1, 1000 * len(INTERMEDIATES))
+        assert not (buffer / old).exists() and (buffer / flying / "layout.json").exists()
+        archive = platform.data_root / "acquisition" / old
+        assert (archive / "upload-manifest.json").is_file()  # the archive it was verified against, whole
+        products = {n: b for n, b in series.items() if n not in INTERMEDIATES}
+        assert {n: (work / "sessions/grid1/TS_01" / n).read_bytes() for n in products} == products  # whole
+        assert not any((work / "sessions/grid1/TS_01" / n).exists() for n in INTERMEDIATES)
 
         assert journal.tiles(old) == [] and journal.messages(montage_id=old) == []
         assert journal.montage(old).retired
@@ -95,7 +151,17 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
             "journal_tiles": 0,
             "dead_letters": 0,
             "runs": 0,
+            "buffer_montages": 0,
+            "buffer_bytes": 0,
+            "cryo_series": 0,
+            "cryo_bytes": 0,
         }
+
+        monkeypatch.setenv("EM_RETAIN_TILE_RECORDS_DAYS", "10")  # archived 20 days ago
+        tiles_run = platform.defs.resolve_job_def("retention_job").execute_in_process(instance=instance)
+        assert tiles_run.output_for_node("apply_retention")["tile_records"] == 4
+        assert TileRecords(url).montage_tiles(old) == [] and CatalogDB(url).find("acquisition", old) == record
+        assert (archive / "upload-manifest.json").is_file()
 
         instance.add_dynamic_partitions("montages", [old])  # an operator tries to run it again
         rerun = _montage_run(platform, instance, old)
@@ -103,3 +169,26 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
         errors = [str(e.step_failure_data.error) for e in rerun.get_step_failure_events()]
         assert any("MontageRetired" in m and "journal rows let go" in m for m in errors), errors
         assert CatalogDB(url).find("acquisition", old) == record  # nothing re-archived over it
+
+
+def test_a_partition_with_a_run_not_finished_or_ended_within_the_window_is_busy():
+    from dagster._core.storage.runs.schema import RunsTable
+
+    statuses = {
+        "created": dg.DagsterRunStatus.NOT_STARTED,
+        "running": dg.DagsterRunStatus.STARTED,
+        "recent": dg.DagsterRunStatus.FAILURE,
+        "old": dg.DagsterRunStatus.SUCCESS,
+    }
+    with dg.instance_for_test() as instance:
+        for key, status in statuses.items():
+            tags = {PARTITION_TAG: key}
+            instance.add_run(dg.DagsterRun(job_name="montage_job", run_id=key, status=status, tags=tags))
+        instance.add_run(dg.DagsterRun(job_name="catalog_job", run_id="unpartitioned"))
+        long_ago = (datetime.now(UTC) - timedelta(days=30)).replace(tzinfo=None)
+        with instance.run_storage.connect() as conn:  # all but "recent" last changed a month ago
+            conn.execute(
+                RunsTable.update().where(RunsTable.c.run_id != "recent").values(update_timestamp=long_ago)
+            )
+        window = datetime.now(UTC) - timedelta(days=14)
+        assert partitions_with_runs(instance, window) == {"created", "running", "recent"}
