@@ -13,7 +13,7 @@ DEV_PORT ?= 3000
 # of which a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
 TEST_WORKERS ?= 3
 
-.PHONY: demo test test-e2e test-fast dev bench lint validate clean services compiled
+.PHONY: demo test test-e2e test-fast dev bench bench-scale lint validate clean services compiled
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -73,6 +73,12 @@ dev: compiled $(DAGSTER_HOME)/dagster.yaml
 ## bench: performance benchmarks; results in bench/results/*.json
 bench: compiled $(EM_STITCH)
 	$(PY) -m bench.run
+
+## bench-scale: the stores filled as MONTAGES montages of a facility leave them (PostgreSQL databases
+## em_scale_*, dropped afterwards), measured at 10^3, 10^4 ... MONTAGES; results in bench/results/scale.json
+MONTAGES ?= 10000
+bench-scale: compiled
+	$(PY) -m bench.bench_scale --montages $(MONTAGES) $(SCALE_ARGS)
 
 validate: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml

@@ -1,0 +1,180 @@
+"""A facility's year (issue 51): the stores filled as N montages leave them, and what a user then waits for.
+
+Brings up the deployment's stores (Dagster's instance and the catalog on the machine's PostgreSQL, the data
+root as the object store), runs one real montage through the platform as the template
+(:mod:`bench.scale.template`), fills the stores to each point (:mod:`bench.scale.fill`: partitions, runs and
+their events through Dagster's storage, the catalog's and journal's rows copied on the server) and measures
+at each (:mod:`bench.scale.measure`): the UI's pages through the real webserver, each sensor's tick, the
+catalog's queries, the bytes each store holds, the webserver's memory. At the largest point the retention
+job runs (timed) and the pages are measured again: what the policy's design change buys.
+
+Each figure is compared with its limit (issue 51: 1 s, and 2x its figure at the smallest point) in
+bench/results/scale.json, which keeps a history of runs.
+
+python -m bench.bench_scale [--montages 10000] [--points 1000,10000] [--repeats 3] [--real-runs 10000]
+    [--tile-rows 10000000] [--journal-montages 100] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.record import RESULTS, history_stamp
+
+NAME = "scale"
+LIMIT_S = 1.0
+GROWTH = 2.0  # at most this times the smallest point's figure
+
+
+def _points(montages: int, asked: str | None) -> list[int]:
+    if asked:
+        return sorted({int(float(p)) for p in asked.split(",") if p.strip()})
+    points, p = [], 1000
+    while p < montages:
+        points.append(p)
+        p *= 10
+    return [*points, montages]
+
+
+def _limits(seconds: dict[str, float], first: dict[str, float] | None) -> dict[str, float]:
+    limits = {}
+    for what in seconds:
+        if what.startswith(("page.", "tick.", "query.")):
+            base = (first or {}).get(what)
+            limits[what] = round(min(LIMIT_S, GROWTH * base), 4) if base else LIMIT_S
+    return limits
+
+
+def measure_point(ctx, n: int, first_seconds: dict | None, repeats: int, label: str = "") -> dict:
+    from bench.scale import measure
+    from tests.support.browser import start_webserver
+
+    seconds, detail = {}, {}
+    with start_webserver(ctx["home"], env=ctx["env"]) as web:
+        seconds_pages, page_bytes, detail = measure.ui_pages(web.url, ctx["instance"], repeats)
+        seconds.update(seconds_pages)
+        memory = {"webserver_with_code_server": measure.memory_mb(psutil.Process(web.process.pid))}
+    seconds.update(measure.sensor_ticks(ctx["defs"], ctx["instance"], repeats))
+    seconds.update(measure.catalog_queries(ctx["stores"].catalog_url, repeats))
+    counts = ctx["stores"].row_counts(ctx["stores"].catalog_db, ["tem_tiles", "acq_tiles", "acq_messages"])
+    store = measure.store_bytes(ctx["stores"])
+    point = {
+        "montages": n,
+        "state": label or "filled",
+        "tile_rows": counts["tem_tiles"],
+        "journal_tile_rows": counts["acq_tiles"],
+        "journal_messages": counts["acq_messages"],
+        "partitions": len(ctx["instance"].get_dynamic_partitions("montages")),
+        "runs": ctx["instance"].get_runs_count(),
+        "seconds": seconds,
+        "limits": _limits(seconds, first_seconds),
+        "bytes": {
+            **store,
+            "page_answers": page_bytes,
+            "per_tile_row.catalog.tem_tiles": round(
+                store.get("catalog.tem_tiles", 0) / max(counts["tem_tiles"], 1)
+            ),
+            "per_montage.dagster": round(sum(v for k, v in store.items() if k.startswith("dagster.")) / n),
+            "per_montage.object_store": ctx["template"].object_bytes,
+        },
+        "memory_mb": memory,
+        "queries": detail,
+    }
+    point["meets"] = all(point["seconds"][k] <= lim for k, lim in point["limits"].items())
+    print(json.dumps({k: v for k, v in point.items() if k not in ("queries", "bytes")}, indent=1), flush=True)
+    return point
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--montages", type=int, default=10_000)
+    ap.add_argument(
+        "--points", help="comma-separated montage counts to measure at (default 10^3, 10^4, ... N)"
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--real-runs", type=int, default=10_000, help="montages with a run; the rest runless")
+    ap.add_argument("--tile-rows", type=float, default=1e7, help="catalog tile records the disk is given")
+    ap.add_argument("--journal-montages", type=int, default=100, help="newest montages with journal rows")
+    ap.add_argument("--keep", action="store_true", help="leave the databases for a look afterwards")
+    args = ap.parse_args(argv)
+    logging.disable(logging.INFO)
+
+    import dagster as dg
+
+    from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, backdate_runs, fill
+    from bench.scale.stores import ScaleStores
+    from bench.scale.template import run_template
+    from tests.support.platform import make_platform
+
+    stores = ScaleStores()
+    stores.create()
+    work = Path(tempfile.mkdtemp(prefix="em-scale-"))
+    started = time.perf_counter()
+    template = run_template(stores, work)
+    platform = make_platform(work, catalog_url=stores.catalog_url)
+    home = Path(os.environ["DAGSTER_HOME"])
+    instance = dg.DagsterInstance.from_config(str(home))
+    plan = FillPlan(
+        real_runs=args.real_runs, tile_rows=int(args.tile_rows), journal_montages=args.journal_montages
+    )
+    dagster_fill, catalog_fill = (
+        DagsterFill(instance, template),
+        CatalogFill(stores.catalog_url, template, plan),
+    )
+    env = {k: v for k, v in os.environ.items() if k.startswith("EM_")}
+    env.update(
+        EM_CATALOG_URL=stores.catalog_url, EM_DATA_ROOT=str(platform.data_root), EM_INBOX=str(platform.inbox)
+    )
+    ctx = {
+        "home": home,
+        "env": env,
+        "instance": instance,
+        "defs": platform.defs,
+        "stores": stores,
+        "template": template,
+    }
+    run = {
+        **history_stamp(),
+        "template": {"tiles": template.tiles, "run_s": template.seconds},
+        "plan": vars(plan) | {},
+        "points": [],
+    }
+    done, first = 0, None
+    try:
+        for n in _points(args.montages, args.points):
+            filled = fill(catalog_fill, dagster_fill, plan, done, n)
+            backdate_runs(instance)
+            done = n
+            point = measure_point(ctx, n, first, args.repeats)
+            point["fill"] = filled
+            first = first or point["seconds"]
+            run["points"].append(point)
+        t = time.perf_counter()
+        result = platform.defs.resolve_job_def("retention_job").execute_in_process(instance=instance)
+        let_go = result.output_for_node("apply_retention") if result.success else {"failed": True}
+        after = measure_point(ctx, done, first, args.repeats, label="after retention")
+        after["retention_job"] = {"seconds": round(time.perf_counter() - t, 1), "let_go": let_go}
+        run["points"].append(after)
+    finally:
+        run["seconds"] = round(time.perf_counter() - started, 1)
+        catalog_fill.dispose()
+        instance.dispose()
+        if not args.keep:
+            stores.drop()
+    path = RESULTS / f"{NAME}.json"
+    history = json.loads(path.read_text()).get("history", []) if path.exists() else []
+    path.write_text(json.dumps({"benchmark": NAME, "history": [*history, run]}, indent=1) + "\n")
+    print(f"scale: {len(run['points'])} points in {run['seconds']} s -> {path}")
+    return 0 if all(p["meets"] for p in run["points"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""What a user waits for on the filled stores: the UI's pages, each sensor's tick, the catalog's queries,
+and what the stores and the servers hold.
+
+Pages: the real webserver (the guarded one every topology serves, with its code server) on the harness's
+instance; each page's GraphQL captured in Chromium and replayed (:mod:`bench.scale.ui_queries`), the figure
+a page's slowest query. Sensor ticks: each sensor evaluated as the daemon evaluates it (``evaluate_tick``
+on the code location's definitions, with the instance), the montage sensor one montage behind the
+journal's high-water mark so that it finds one and asks whether its partition exists. Queries: the
+catalog's and the journal's own methods (TEMdb's QC queries, a record, every record as the catalog asset
+reads them). Each figure the median of ``repeats``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import dagster as dg
+import psutil
+
+from bench.scale.fill import montage_key
+from bench.scale.stores import ScaleStores
+from bench.scale.ui_queries import UI_PAGES, capture, measure_queries
+
+SENSORS = ("montage_sensor", "inbox_sensor", "cryo_sensor", "simulation_sensor")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times), 4)
+
+
+def sensor_ticks(defs: dg.Definitions, instance: dg.DagsterInstance, repeats: int) -> dict[str, float]:
+    out = {}
+    for name in SENSORS:
+        sensor = defs.resolve_sensor_def(name)
+        cursor = None
+        if name == "montage_sensor":
+            cursor = str(defs.resources["hardware"].journal().high_water_mark() - 1)
+
+        def tick(sensor=sensor, cursor=cursor):
+            with (
+                dg.partition_loading_context(dynamic_partitions_store=instance),  # as the code server has it
+                dg.build_sensor_context(
+                    instance=instance, cursor=cursor, definitions=defs, resources=dict(defs.resources)
+                ) as ctx,
+            ):
+                sensor.evaluate_tick(ctx)
+
+        out[f"tick.{name}"] = median_seconds(tick, repeats)
+    return out
+
+
+def catalog_queries(catalog_url: str, repeats: int) -> dict[str, float]:
+    from em_platform.catalog.db import CatalogDB
+    from em_platform.tem.journal import Journal
+    from em_platform.tem.tile_records import TileRecords
+
+    key = montage_key(0)  # the newest montage: it has tile records and journal rows at every point
+    tiles, db, journal = (
+        TileRecords(catalog_url, create=False),
+        CatalogDB(catalog_url, create=False),
+        Journal(catalog_url, create=False),
+    )
+    try:
+        return {
+            "query.montage_tiles": median_seconds(lambda: tiles.montage_tiles(key), repeats),
+            "query.focus_stats": median_seconds(lambda: tiles.focus_stats(montage_id=key), repeats),
+            "query.bad_focus_tiles": median_seconds(
+                lambda: tiles.bad_focus_tiles(0.5, montage_id=key), repeats
+            ),
+            "query.record": median_seconds(lambda: db.find("acquisition", key), repeats),
+            "query.journal_tiles": median_seconds(lambda: journal.tiles(key), repeats),
+            "query.all_records": median_seconds(lambda: db.records(), max(1, repeats // 3)),
+        }
+    finally:
+        for store in (tiles, db, journal):
+            store.dispose()
+
+
+def ui_pages(
+    url: str, instance: dg.DagsterInstance, repeats: int
+) -> tuple[dict[str, float], dict[str, int], dict]:
+    """(each page's slowest query, seconds; its bytes; every query's figures) through the webserver."""
+    key = montage_key(0)
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": key}), limit=1)
+    pages = UI_PAGES("montage", key, runs[0].run_id)
+    timings = measure_queries(url, capture(url, pages), repeats=repeats)
+    seconds, sizes, detail = {}, {}, {}
+    for page, ops in timings.items():
+        slowest = max(ops.values(), key=lambda q: q.median_seconds)
+        seconds[f"page.{page}"] = round(slowest.median_seconds, 4)
+        sizes[f"page.{page}"] = sum(q.response_bytes for q in ops.values())
+        detail[page] = {
+            op: {"s": round(q.median_seconds, 4), "bytes": q.response_bytes} for op, q in ops.items()
+        }
+    return seconds, sizes, detail
+
+
+def memory_mb(process: psutil.Process) -> float:
+    """The process's resident memory with its children's (the webserver's code server)."""
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return round(total / 2**20, 1)
+
+
+def store_bytes(stores: ScaleStores) -> dict[str, int]:
+    out = {}
+    for label, db in (("dagster", stores.dagster_db), ("catalog", stores.catalog_db)):
+        for table, size in stores.table_bytes(db).items():
+            out[f"{label}.{table}"] = size
+    return out
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def per(mapping: Mapping[str, int], n: int) -> dict[str, float]:
+    return {k: round(v / n, 1) for k, v in mapping.items() if n}

@@ -1,0 +1,83 @@
+"""The scale harness's fill (bench/scale): a real montage run as the template, then montages copied from it into
+Dagster's storage and the catalog, with runs and runless events as planned, each montage's rows renamed to it
+and the newest ones' journal rows kept. What it measures is make bench-scale's, not asserted here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, backdate_runs, fill, montage_key
+from bench.scale.stores import ScaleStores
+from bench.scale.template import run_template
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+
+@pytest.fixture
+def stores(pg_url):  # pg_url: skips with a reason when PostgreSQL is absent
+    tag = uuid.uuid4().hex[:8]
+    stores = ScaleStores(dagster_db=f"em_test_scale_d_{tag}", catalog_db=f"em_test_scale_c_{tag}")
+    stores.create()
+    yield stores
+    stores.drop()
+
+
+def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))  # run_template sets its own
+    logging.disable(logging.INFO)
+    try:
+        template = run_template(stores, tmp_path, rows=2, columns=3)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert template.tiles == 6 and template.object_bytes > 0
+    plan = FillPlan(real_runs=3, tiles_per_montage=60, tile_rows=4 * 60, journal_montages=2)
+    instance = dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"])
+    catalog = CatalogFill(stores.catalog_url, template, plan)
+    try:
+        done = fill(catalog, DagsterFill(instance, template), plan, 0, 5, batch=2)
+        backdate_runs(instance)
+        keys = [montage_key(i) for i in range(5)]
+        assert set(keys) <= set(instance.get_dynamic_partitions("montages"))
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name="montage_job"))
+        assert sorted(r.tags["dagster/partition"] for r in runs) == sorted([*keys[:3], template.montage_id])
+        for key in keys:  # every montage materialized, with or without a run
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("montage"), asset_partitions=[key]), limit=1
+            ).records
+            assert records, f"no materialization of montage {key}"
+        assert done["rows"]["datasets"] == 5
+        assert done["rows"]["tem_tiles"] == 4 * 60  # the montages within the tile rows given
+        engine = sa.create_engine(stores.catalog_url)
+        with engine.connect() as conn:
+            per_montage = dict(
+                conn.execute(sa.text("SELECT montage_id, count(*) FROM tem_tiles GROUP BY 1")).all()
+            )
+            journal = dict(
+                conn.execute(sa.text("SELECT montage_id, count(*) FROM acq_tiles GROUP BY 1")).all()
+            )
+            references = conn.execute(  # the scope's reference frames: once a montage, not per tile
+                sa.text(
+                    "SELECT count(*) FROM acq_tiles WHERE montage_id = :m AND (brightfield OR darkfield)"
+                ),
+                {"m": template.montage_id},
+            ).scalar_one()
+            named = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM tem_tiles WHERE montage_id = :k AND image_uri LIKE '%' || :k || '%'"
+                ),
+                {"k": keys[1]},
+            ).scalar_one()
+        engine.dispose()
+        assert per_montage[keys[0]] == 60 and keys[4] not in per_montage
+        assert named == 60  # each copy renamed to its montage
+        assert set(journal) == {template.montage_id, keys[0], keys[1]}  # the newest two keep journal rows
+        assert journal[keys[0]] == 60 + references
+    finally:
+        catalog.dispose()
+        instance.dispose()
