@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-
 ON_ITS_OWN = {"scale"}  # fills databases for tens of minutes: make bench-scale, or named here
 
 
