@@ -67,20 +67,10 @@ class FillPlan:
         return datetime.now(UTC) - timedelta(days=i / self.per_day)
 
 
-def pooled(instance: dg.DagsterInstance) -> None:
-    """Keep one connection open for the fill's writes: Dagster's PostgreSQL storage opens a connection per
-    call (NullPool, so an idle process holds none), which would make the connections the fill's cost."""
-    for storage in (instance.event_log_storage, instance.run_storage):
-        old = storage._engine
-        storage._engine = sa.create_engine(old.url, isolation_level="AUTOCOMMIT", pool_size=1)
-        old.dispose()
-
-
 class DagsterFill:
     """The template's run, copied per montage into Dagster's storage."""
 
     def __init__(self, instance: dg.DagsterInstance, template: Template):
-        pooled(instance)
         self.instance = instance
         self.template = template
         t0 = template.events[0].timestamp

@@ -15,7 +15,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import dagster as dg
 import psutil
@@ -120,10 +119,6 @@ def store_bytes(stores: ScaleStores) -> dict[str, int]:
         for table, size in stores.table_bytes(db).items():
             out[f"{label}.{table}"] = size
     return out
-
-
-def tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def per(mapping: Mapping[str, int], n: int) -> dict[str, float]:

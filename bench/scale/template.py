@@ -17,7 +17,7 @@ import dagster as dg
 import sqlalchemy as sa
 from dagster._core.events.log import EventLogEntry
 
-from bench.scale.stores import ScaleStores
+from bench.scale.stores import ScaleStores, tree_bytes
 
 TEMPLATE_MONTAGE = "scaletmpl-0000000"  # unique in every serialized event, so a copy can be renamed by text
 
@@ -30,10 +30,6 @@ class Template:
     tiles: int  # the montage's tiles (the journal's and the catalog's rows are per tile)
     object_bytes: int  # what the upload put in the data root for it
     seconds: float  # the montage job's run, start to end
-
-
-def _tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def run_template(stores: ScaleStores, work: Path, *, rows: int = 4, columns: int = 5) -> Template:
@@ -84,6 +80,6 @@ def run_template(stores: ScaleStores, work: Path, *, rows: int = 4, columns: int
         run=run,
         events=events,
         tiles=int(tiles),
-        object_bytes=_tree_bytes(Path(platform.settings.data_root)),
+        object_bytes=tree_bytes(Path(platform.settings.data_root)),
         seconds=round(record.end_time - record.start_time, 2),
     )
