@@ -89,8 +89,3 @@ class ScaleStores:
             }
         engine.dispose()
         return counts
-
-
-def tree_bytes(root: Path) -> int:
-    """The bytes of the files under ``root`` (links not followed): what a data root holds."""
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())

@@ -17,7 +17,8 @@ import dagster as dg
 import sqlalchemy as sa
 from dagster._core.events.log import EventLogEntry
 
-from bench.scale.stores import ScaleStores, tree_bytes
+from bench.scale.stores import ScaleStores
+from em_platform.retention.files import tree_bytes
 
 TEMPLATE_MONTAGE = "scaletmpl-0000000"  # unique in every serialized event, so a copy can be renamed by text
 
