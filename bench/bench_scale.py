@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dagster as dg
 
-    from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, backdate_runs, fill
+    from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, fill
     from bench.scale.stores import ScaleStores
     from bench.scale.template import run_template
     from tests.support.platform import make_platform
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         real_runs=args.real_runs, tile_rows=int(args.tile_rows), journal_montages=args.journal_montages
     )
     dagster_fill, catalog_fill = (
-        DagsterFill(instance, template),
+        DagsterFill(instance, stores.dagster_url, template, plan),
         CatalogFill(stores.catalog_url, template, plan),
     )
     env = {k: v for k, v in os.environ.items() if k.startswith("EM_")}
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     done, first = 0, None
     try:
         for n in _points(args.montages, args.points):
-            filled = fill(catalog_fill, dagster_fill, plan, done, n)
-            backdate_runs(instance)
+            filled = fill(catalog_fill, dagster_fill, done, n)
             done = n
             point = measure_point(ctx, n, first, args.repeats)
             point["fill"] = filled

@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, backdate_runs, fill, montage_key
+from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, fill, montage_key
 from bench.scale.stores import ScaleStores
 from bench.scale.template import run_template
 
@@ -39,20 +39,35 @@ def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypat
     plan = FillPlan(real_runs=3, tiles_per_montage=60, tile_rows=4 * 60, journal_montages=2)
     instance = dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"])
     catalog = CatalogFill(stores.catalog_url, template, plan)
+    dagster = DagsterFill(instance, stores.dagster_url, template, plan)
     try:
-        done = fill(catalog, DagsterFill(instance, template), plan, 0, 5, batch=2)
-        backdate_runs(instance)
+        done = fill(catalog, dagster, 0, 5, batch=2)
         keys = [montage_key(i) for i in range(5)]
         assert set(keys) <= set(instance.get_dynamic_partitions("montages"))
         runs = instance.get_runs(filters=dg.RunsFilter(job_name="montage_job"))
         assert sorted(r.tags["dagster/partition"] for r in runs) == sorted([*keys[:3], template.montage_id])
-        for key in keys:  # every montage materialized, with or without a run
+        for key in keys:  # every montage materialized, with a run or (beyond real_runs) without
             records = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey("montage"), asset_partitions=[key]), limit=1
             ).records
             assert records, f"no materialization of montage {key}"
-        assert done["rows"]["datasets"] == 5
-        assert done["rows"]["tem_tiles"] == 4 * 60  # the montages within the tile rows given
+            assert (records[0].run_id == "") == (key in keys[3:])
+        copy = next(r for r in runs if r.tags["dagster/partition"] == keys[1])
+        logs, original = instance.all_logs(copy.run_id), instance.all_logs(template.run.run_id)
+        assert [e.dagster_event_type for e in logs] == [e.dagster_event_type for e in original]
+        assert {
+            e.dagster_event.partition for e in logs if e.is_dagster_event and e.dagster_event.partition
+        } == {keys[1]}
+        ended = instance.get_run_record_by_id(template.run.run_id).end_time
+        assert instance.get_run_record_by_id(copy.run_id).end_time == pytest.approx(
+            ended - 86400 / plan.per_day
+        )
+        checks = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey("montage_layout"), "seams"), limit=100
+        )
+        assert sum(c.run_id == copy.run_id for c in checks) == 1  # its check, once, under its run
+        assert done["rows"]["catalog.datasets"] == 5
+        assert done["rows"]["catalog.tem_tiles"] == 4 * 60  # the montages within the tile rows given
         engine = sa.create_engine(stores.catalog_url)
         with engine.connect() as conn:
             per_montage = dict(
@@ -79,5 +94,6 @@ def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypat
         assert set(journal) == {template.montage_id, keys[0], keys[1]}  # the newest two keep journal rows
         assert journal[keys[0]] == 60 + references
     finally:
+        dagster.dispose()
         catalog.dispose()
         instance.dispose()
