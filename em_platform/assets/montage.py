@@ -649,9 +649,6 @@ def montage_upload(
             "montage": dg.MetadataValue.path(stored),
             **neuroglancer_link(storage, stored, context.log),
             "processed_tiles": dg.MetadataValue.path(store.url("acquisition", montage_id, PROCESSED_DIR)),
-            "minimap": png_markdown(
-                minimap_png(stored, storage_options=store.storage_options or None), "minimap"
-            ),
             "objects": up.objects,
             "sent": len(up.sent),
             "already_there": len(up.skipped),

@@ -74,6 +74,12 @@ def test_clean_montage_end_to_end(platform, tmp_path):
             dg.AssetKey("montage")
         ).asset_materialization.metadata
         assert fused_meta["minimap"].value.startswith("![minimap](data:image/png;base64,")
+        upload_meta = instance.get_latest_materialization_event(
+            dg.AssetKey("montage_upload")
+        ).asset_materialization.metadata
+        # the picture once a montage: each copy is some 250 kB of Dagster's event log, twice (the
+        # materialization and its step output), kept as long as the run
+        assert "minimap" not in upload_meta and "montage" in upload_meta
         # the tile QC on the montage's own page, with the way to its checks
         tile_qc = fused_meta["tile_qc"].value
         assert tile_qc.startswith("12 tiles judged live: 12 passed, 0 failed."), tile_qc
