@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from em_platform.assets.presentation import (
-    check_result,
     check_sentence,
     materialize_result,
-    partitioned_check,
+    montage_check,
+    montage_check_result,
 )
 from em_platform.assets.signals import gate_blocking_checks
 from em_platform.partitions import montages
@@ -83,7 +83,7 @@ class MontageProcessingConfig(dg.Config):
 
 
 def _check(name: str, asset: dg.AssetKey, description: str) -> dg.AssetCheckSpec:
-    return partitioned_check(name, asset, montages, description, blocking=True)
+    return montage_check(name, asset, description, blocking=True)
 
 
 CHECKS = [
@@ -216,14 +216,16 @@ def montage_tiles(
     stored = storage.store().url("acquisition", montage_id, PROCESSED_DIR)  # where montage_upload puts it
     yield from _results(summary, stored)
     for check in summary.checks(config.limits()):
-        yield check_result(
+        yield montage_check_result(
+            montage_id,
             check_name=check.name,
             asset_key=CHECK_ASSET[check.name],
             passed=check.passed,
             metadata=check.metadata,
             description=check.description,
         )
-    yield check_result(
+    yield montage_check_result(
+        montage_id,
         check_name="acquisition_complete",
         asset_key=RAW,
         passed=state == "completed",

@@ -27,11 +27,11 @@ import dagster as dg
 from em_platform.assets.acquisition import CHECK_ASSET, MATCHES, PROCESSED, STATS
 from em_platform.assets.presentation import (
     FOCUS_LEGEND,
-    check_result,
     check_sentence,
     materialize_result,
+    montage_check,
+    montage_check_result,
     neuroglancer_link,
-    partitioned_check,
     png_markdown,
     scaled_png_markdown,
 )
@@ -121,7 +121,7 @@ def _pixel_size(hardware: AcquisitionHardware, montage_id: str) -> tuple[float |
 
 
 def _check(name: str, description: str) -> dg.AssetCheckSpec:
-    return partitioned_check(name, LAYOUT_KEY, montages, description, blocking=True)
+    return montage_check(name, LAYOUT_KEY, description, blocking=True)
 
 
 def _scope_dir(scope: str) -> str:
@@ -280,7 +280,8 @@ def montage_layout(
     # judged by its own checks. A good tile that nothing ties to the montage is what this check is about.
     faulty = {(t.row, t.column) for t in tiles if t.qc_passed is False}
     lost = [t for t in qc.disconnected if t not in faulty]
-    yield check_result(
+    yield montage_check_result(
+        montage_id,
         check_name="disconnected_tiles",
         passed=len(lost) <= config.max_disconnected_tiles,
         description=check_sentence(
@@ -298,7 +299,8 @@ def montage_layout(
             "limit": config.max_disconnected_tiles,
         },
     )
-    yield check_result(
+    yield montage_check_result(
+        montage_id,
         check_name="seams",
         passed=len(qc.seams) <= config.max_seams,
         description=check_sentence(
@@ -316,7 +318,8 @@ def montage_layout(
         },
     )
     scale_ok = qc.scale_ok(config.max_scale_distortion)  # beyond the limit by more than 3 standard errors
-    yield check_result(
+    yield montage_check_result(
+        montage_id,
         check_name="scale_distortion",
         passed=scale_ok,
         description=check_sentence(
@@ -402,10 +405,9 @@ def lens_correction(
     group_name="montage",
     description="The fused montage: multiscale OME-Zarr, feathered in the overlaps, written chunk by chunk.",
     check_specs=[
-        partitioned_check(
+        montage_check(
             "fused_seams",
             MONTAGE_KEY,
-            montages,
             "Every matched overlap agrees on the pixels: both tiles resampled as placed, their offset "
             "measured (phase correlation, then Lucas-Kanade) is within the limit (1 px). A torn block "
             "hanging on one wrong match passes the layout's checks; here its seams are pixels wide.",
@@ -506,7 +508,8 @@ def _fused_seams_check(montage_id, seams, seconds, config: MontageFusionConfig, 
         len(beyond),
         config.seam_limit_px,
     )
-    return check_result(
+    return montage_check_result(
+        montage_id,
         check_name="fused_seams",
         passed=len(beyond) <= config.max_seams,
         description=check_sentence(

@@ -165,6 +165,30 @@ def partitioned_check(
         )
 
 
+def montage_check(
+    name: str, asset: dg.AssetKey | typing.Sequence[str], description: str, blocking: bool = False
+) -> dg.AssetCheckSpec:
+    """A check of a montage's run: not partition-aware in Dagster, unlike :func:`partitioned_check`.
+
+    A facility keeps hundreds to thousands of montage partitions, and the open-source Dagster 1.13 webserver
+    computes a partitioned check's statuses from every execution it ever had, for each check, on every poll
+    of the lineage and asset pages (every 5 s): with the montage's ten checks, seconds a poll at 10³ montages,
+    growing with them (bench/results/scale.json); unpartitioned, a fraction of a second at any count. The
+    price: the UI lists a montage check's results by run, without the partition's name
+    beside them; each result's description and metadata name what was measured, and the montage's own page
+    (``tile_qc``) links to them.
+    """
+    return dg.AssetCheckSpec(name, asset=asset, blocking=blocking, description=description)
+
+
+def montage_check_result(montage_id: str, **kwargs: typing.Any) -> dg.AssetCheckResult:
+    """:func:`check_result` of a :func:`montage_check`: the montage named first in its description, which the
+    UI shows in the check's history where a partitioned check would show the partition."""
+    said = kwargs.get("description")
+    kwargs["description"] = f"montage {montage_id}: {said}" if said else f"montage {montage_id}"
+    return check_result(**kwargs)
+
+
 def check_sentence(measured: str, limit: str, passed: bool, what_to_do: str) -> str:
     """A check's result in words, shown with it in the UI: what was measured against what limit, and, when it
     failed, what to do."""

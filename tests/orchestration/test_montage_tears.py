@@ -98,8 +98,8 @@ def test_a_block_cut_off_by_a_tear_fails_disconnected_tiles(platform):
     assert sorted(map(tuple, disconnected["disconnected"])) == [(TORN_ROW, c) for c in range(4)]
     assert "fused_seams" not in checks  # the fusion never ran
     # the UI shows a sentence with the failed check: what was measured against what, and what to do
-    assert checks["disconnected_tiles"].description == (
-        "4 good tile(s) tied to the montage by no match; limit at most 0. They are placed by the stage alone: "
+    assert checks["disconnected_tiles"].description == (  # the montage first: the UI lists results by run
+        "montage cut: 4 good tile(s) tied to the montage by no match; limit at most 0. They are placed by the stage alone: "
         "check their overlaps (metadata `disconnected`), then re-run with a larger `stage_error_px` or the "
         "scope's matches."
     )
@@ -129,6 +129,7 @@ def test_a_torn_block_hanging_on_one_wrong_match_fails_fused_seams(platform):
     assert seams["measured"] == 14 and seams["median_px"] < 0.3  # the rest of the montage is sound
     sentence = checks["fused_seams"].description
     assert (
-        sentence.startswith("1 overlap(s) of the fused montage offset by more than") and "re-run" in sentence
+        sentence.startswith("montage torn: 1 overlap(s) of the fused montage offset by more than")
+        and "re-run" in sentence
     )
     assert checks["seams"].description.endswith("limit at most 0.")  # passed: no advice
