@@ -32,6 +32,9 @@ from bench.record import RESULTS, history_stamp
 NAME = "scale"
 LIMIT_S = 1.0
 GROWTH = 2.0  # at most this times the smallest point's figure
+BACKFILL_LIMIT_S = 60.0
+BACKFILL_PARTITIONS = 1000
+PLOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "capacity-scale.png"  # docs/capacity.md
 
 
 def _points(montages: int, asked: str | None) -> list[int]:
@@ -47,7 +50,9 @@ def _points(montages: int, asked: str | None) -> list[int]:
 def _limits(seconds: dict[str, float], first: dict[str, float] | None) -> dict[str, float]:
     limits = {}
     for what in seconds:
-        if what.startswith(("page.", "tick.", "query.")):
+        if what.startswith("backfill."):
+            limits[what] = BACKFILL_LIMIT_S
+        elif what.startswith(("page.", "tick.", "query.")):
             base = (first or {}).get(what)
             limits[what] = round(min(LIMIT_S, GROWTH * base), 4) if base else LIMIT_S
     return limits
@@ -55,6 +60,7 @@ def _limits(seconds: dict[str, float], first: dict[str, float] | None) -> dict[s
 
 def measure_point(ctx, n: int, first_seconds: dict | None, repeats: int, label: str = "") -> dict:
     from bench.scale import measure
+    from bench.scale.fill import montage_key
     from tests.support.browser import start_webserver
 
     seconds, detail = {}, {}
@@ -63,6 +69,11 @@ def measure_point(ctx, n: int, first_seconds: dict | None, repeats: int, label: 
         seconds.update(seconds_pages)
         memory = {"webserver_with_code_server": measure.memory_mb(psutil.Process(web.process.pid))}
     seconds.update(measure.sensor_ticks(ctx["defs"], ctx["instance"], repeats))
+    if (
+        label != "after retention"
+    ):  # the oldest montages: the ones a backfill re-runs, and retention let go of
+        oldest = [montage_key(i) for i in range(max(0, n - BACKFILL_PARTITIONS), n)]
+        seconds[f"backfill.{len(oldest)}_partitions"] = measure.backfill(ctx["home"], ctx["env"], oldest)
     seconds.update(measure.catalog_queries(ctx["stores"].catalog_url, repeats))
     counts = ctx["stores"].row_counts(ctx["stores"].catalog_db, ["tem_tiles", "acq_tiles", "acq_messages"])
     store = measure.store_bytes(ctx["stores"])
@@ -171,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / f"{NAME}.json"
     history = json.loads(path.read_text()).get("history", []) if path.exists() else []
     path.write_text(json.dumps({"benchmark": NAME, "history": [*history, run]}, indent=1) + "\n")
-    print(f"scale: {len(run['points'])} points in {run['seconds']} s -> {path}")
+    from bench.scale.plot import plot
+
+    picture = plot(run, PLOT)
+    print(f"scale: {len(run['points'])} points in {run['seconds']} s -> {path}, {picture}")
     return 0 if all(p["meets"] for p in run["points"]) else 1
 
 

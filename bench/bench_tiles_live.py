@@ -495,6 +495,13 @@ def _paced_runs(
     return out
 
 
+def _redacted(url: str) -> str:
+    """A database URL without its password, for the results."""
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
 def _paced_with_service(
     workdir: Path,
     tiles: list[dict],
@@ -507,14 +514,16 @@ def _paced_with_service(
     scheduler: str | None = None,
     batch: Callable[[], dict[str, Any]] | None = None,
     judged: Callable[[int], None] | None = None,
+    journal_url: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The same scopes, judged by one warm live-QC service (started before the montages, as `make dev` and
-    deploy-local keep it running) instead of a run per montage; with ``scheduler``, the service computes on
-    that shared cluster, where ``batch`` (if given) runs at the same time."""
+        deploy-local keep it running) instead of a run per montage; with ``scheduler``, the service computes on
+        that shared cluster, where ``batch`` (if given) runs at the same time. ``journal_url``: the journal's database
+    (a year's, from make bench-scale), else a fresh SQLite file."""
     from em_platform.deploy.processes import service_child
     from em_platform.tem.journal import Journal
 
-    url = f"sqlite:///{workdir / f'service-{k}.sqlite'}"
+    url = journal_url or f"sqlite:///{workdir / f'service-{k}.sqlite'}"
     journal = Journal(url)
     service = subprocess.Popen(
         [
@@ -753,6 +762,7 @@ def _with_batch(
                             scheduler=pool.address if name == "shared" else None,
                             batch=batch,
                             judged=judged,
+                            journal_url=args.journal_url,
                         )
                     out[name].append(
                         {
@@ -1097,6 +1107,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         action="store_true",
         help="only the live service alone once and the --with-batch runs; prints, records nothing",
     )
+    p.add_argument(
+        "--journal-url",
+        help="the live-QC service's journal in this database (make bench-scale's full catalog, say) instead of "
+        "a fresh SQLite file per run",
+    )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scheduler", help=argparse.SUPPRESS)
     p.add_argument("--run-montage", help=argparse.SUPPRESS)
@@ -1125,7 +1140,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             os.sync()
             with _CpuShare() as share:  # the baseline in the same run: the live tiles alone
                 alone, _ = _paced_with_service(
-                    workdir, montage["tiles"], refs, overlap, args.size, args.rate, args.scopes, 99
+                    workdir,
+                    montage["tiles"],
+                    refs,
+                    overlap,
+                    args.size,
+                    args.rate,
+                    args.scopes,
+                    99,
+                    journal_url=args.journal_url,
                 )
             print(json.dumps({"live_alone": alone, "machine_cpu": share.figures}, indent=1))
             busy = _with_batch(
@@ -1158,7 +1181,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             load = os.getloadavg()
             with _CpuShare() as share:
                 scopes_k, _ = _paced_with_service(
-                    workdir, montage["tiles"], refs, overlap, args.size, args.rate, args.scopes, k
+                    workdir,
+                    montage["tiles"],
+                    refs,
+                    overlap,
+                    args.size,
+                    args.rate,
+                    args.scopes,
+                    k,
+                    journal_url=args.journal_url,
                 )
             served.append(
                 {
@@ -1198,6 +1229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "rate_tiles_per_s_per_scope": round(args.rate, 3),
             "pipeline": "journal (SQLite) → montage_tiles (Dagster, one run process per montage, its own Dask "
             "LocalCluster 1 worker × 2 threads) → qc.tile into the journal; unpaced: run_montage in-process",
+            # where the warm service's journal was: a year's database (make bench-scale) or a fresh SQLite file
+            "service_journal": _redacted(args.journal_url) if args.journal_url else "SQLite, fresh per run",
         },
         "unpaced": unpaced,
         "scopes": paced,

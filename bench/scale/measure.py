@@ -12,17 +12,22 @@ reads them). Each figure the median of ``repeats``.
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import dagster as dg
 import psutil
 
 from bench.scale.fill import montage_key
-from bench.scale.stores import ScaleStores
+from bench.scale.stores import REPO, ScaleStores
 from bench.scale.ui_queries import UI_PAGES, capture, measure_queries
 
+PAGE_TIMEOUT_S = 900  # a page that takes longer is a figure to report, not a reason to stop
 SENSORS = ("montage_sensor", "inbox_sensor", "cryo_sensor", "simulation_sensor")
 
 
@@ -53,6 +58,14 @@ def sensor_ticks(defs: dg.Definitions, instance: dg.DagsterInstance, repeats: in
                 sensor.evaluate_tick(ctx)
 
         out[f"tick.{name}"] = median_seconds(tick, repeats)
+    fresh = iter(
+        f"scale-new-{i}" for i in range(repeats)
+    )  # what the daemon applies after a tick found a montage
+    out["tick.add_partition"] = median_seconds(
+        lambda: instance.add_dynamic_partitions("montages", [next(fresh)]), repeats
+    )
+    for key in (f"scale-new-{i}" for i in range(repeats)):
+        instance.delete_dynamic_partition("montages", key)
     return out
 
 
@@ -90,7 +103,9 @@ def ui_pages(
     key = montage_key(0)
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": key}), limit=1)
     pages = UI_PAGES("montage", key, runs[0].run_id)
-    timings = measure_queries(url, capture(url, pages), repeats=repeats)
+    timings = measure_queries(
+        url, capture(url, pages, timeout_s=PAGE_TIMEOUT_S), repeats=repeats, timeout_s=PAGE_TIMEOUT_S
+    )
     seconds, sizes, detail = {}, {}, {}
     for page, ops in timings.items():
         slowest = max(ops.values(), key=lambda q: q.median_seconds)
@@ -123,3 +138,30 @@ def store_bytes(stores: ScaleStores) -> dict[str, int]:
 
 def per(mapping: Mapping[str, int], n: int) -> dict[str, float]:
     return {k: round(v / n, 1) for k, v in mapping.items() if n}
+
+
+def backfill(home: Path, env: Mapping[str, str], keys: list[str]) -> float:
+    """Seconds `dagster job backfill` takes to launch montage_job over ``keys`` from the CLI, as the docs show
+    it; the backfill is then cancelled and its runs deleted, so the next measurements see the store as it was."""
+    from dagster._core.execution.backfill import BulkActionStatus
+    from dagster._core.storage.tags import BACKFILL_ID_TAG
+
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [str(dagster), "job", "backfill", "-w", str(REPO / "workspace.yaml"), "-j", "montage_job"]
+    cmd += ["--partitions", ",".join(keys), "--noprompt"]
+    t = time.perf_counter()
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **env, "DAGSTER_HOME": str(home)}, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - t
+    if done.returncode:
+        raise RuntimeError(f"dagster job backfill failed ({done.returncode}): {done.stderr[-2000:]}")
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        for backfill in instance.get_backfills():
+            instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
+            for run in instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id})):
+                instance.delete_run(run.run_id)
+    finally:
+        instance.dispose()
+    return round(seconds, 2)

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import requests
 
 GRAPHQL_PATH = "/graphql"
-# A page has loaded its data when no GraphQL request is in flight and none has started or finished for this
-# long: the UI sends its queries in waves (the page's, then those of the panels its answers draw, the lineage
-# graph's after its layout), each within a few hundred milliseconds of the last answer, so a second of
-# silence means it has what it shows.
+# A page has loaded its data when every query it sent has been answered and no new one has been sent or
+# answered for this long: the UI sends its queries in waves (the page's, then those of the panels its answers
+# draw, the lineage graph's after its layout), each within a few hundred milliseconds of the last answer, so
+# a second without a new one means it has what it shows. Its polls (the same queries every 5 s) do not count.
 QUIET_SECONDS = 1.0
 _PUMP_SECONDS = 0.05  # how often the quiet window is checked while Playwright delivers the page's events
 
@@ -174,8 +174,10 @@ def _capture_page(
     page.set_default_timeout(timeout_s * 1000)
     bodies: list[dict] = []
     malformed: list[object] = []  # raised from the loop below: an exception in an event handler is lost
-    in_flight: dict[object, str] = {}  # request -> its operation, for a timeout's message
-    last_activity = time.monotonic()
+    in_flight: dict[object, str] = {}  # request -> its body as text
+    sent_once: dict[str, str] = {}  # each distinct body (as text) -> its operation
+    answered: set[str] = set()
+    last_activity = time.monotonic()  # a new distinct query sent, or one answered for the first time
 
     def sent(request) -> None:
         nonlocal last_activity
@@ -188,12 +190,17 @@ def _capture_page(
                 malformed.append(body)
                 return
             bodies.append(body)
-            in_flight[request] = body.get("operationName") or "anonymous"
-            last_activity = time.monotonic()
+            text = json.dumps(body, sort_keys=True)
+            in_flight[request] = text
+            if text not in sent_once:
+                sent_once[text] = body.get("operationName") or "anonymous"
+                last_activity = time.monotonic()
 
     def ended(request) -> None:
         nonlocal last_activity
-        if in_flight.pop(request, None) is not None:
+        text = in_flight.pop(request, None)
+        if text is not None and text not in answered:
+            answered.add(text)
             last_activity = time.monotonic()
 
     page.on("request", sent)
@@ -204,13 +211,15 @@ def _capture_page(
     if response is None or not response.ok:
         status = response.status if response is not None else "no answer"
         raise UIQueryError(f"page {name!r} ({path}): the UI answered {status}")
-    while in_flight or not bodies or time.monotonic() - last_activity < quiet_s:
+    # loaded: every query it sent answered once, and no new one for quiet_s. Its polls (the same queries again)
+    # are not waited for: where a query takes longer than the UI's 5 s poll, one is always in flight
+    while sent_once.keys() - answered or not bodies or time.monotonic() - last_activity < quiet_s:
         if malformed:
             raise UIQueryError(
                 f"page {name!r}: a GraphQL POST whose body is no JSON object: {malformed[0]!r:.200}"
             )
         if time.monotonic() > deadline:
-            waiting = sorted(set(in_flight.values())) or "its first GraphQL query"
+            waiting = sorted({sent_once[t] for t in sent_once.keys() - answered}) or "its first GraphQL query"
             raise UIQueryError(f"page {name!r} ({path}): still waiting for {waiting} after {timeout_s:g} s")
         page.wait_for_timeout(_PUMP_SECONDS * 1000)  # Playwright delivers the page's events while it waits
     unique: list[dict] = []
