@@ -50,8 +50,8 @@ def _points(montages: int, asked: str | None) -> list[int]:
 def _limits(seconds: dict[str, float], first: dict[str, float] | None) -> dict[str, float]:
     limits = {}
     for what in seconds:
-        if what.startswith("backfill."):
-            limits[what] = BACKFILL_LIMIT_S
+        if what.startswith("backfill.em_platform"):  # what the docs give an operator (dagster job backfill:
+            limits[what] = BACKFILL_LIMIT_S  # measured beside it, it queues every run before it returns)
         elif what.startswith(("page.", "tick.", "query.")):
             base = (first or {}).get(what)
             limits[what] = round(min(LIMIT_S, GROWTH * base), 4) if base else LIMIT_S
@@ -73,7 +73,7 @@ def measure_point(ctx, n: int, first_seconds: dict | None, repeats: int, label: 
         label != "after retention"
     ):  # the oldest montages: the ones a backfill re-runs, and retention let go of
         oldest = [montage_key(i) for i in range(max(0, n - BACKFILL_PARTITIONS), n)]
-        seconds[f"backfill.{len(oldest)}_partitions"] = measure.backfill(ctx["home"], ctx["env"], oldest)
+        seconds.update(measure.backfill(ctx["home"], ctx["env"], oldest))
     seconds.update(measure.catalog_queries(ctx["stores"].catalog_url, repeats))
     counts = ctx["stores"].row_counts(ctx["stores"].catalog_db, ["tem_tiles", "acq_tiles", "acq_messages"])
     store = measure.store_bytes(ctx["stores"])

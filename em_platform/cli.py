@@ -65,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             help="list, replay or clear what the platform refused (bad ids, tiles off the scope shares, ...)",
         )
     )
+    backfill = sub.add_parser(
+        "backfill",
+        help="re-run a partitioned job's assets over many partitions: one asset backfill the daemon carries out",
+    )
+    backfill.add_argument("job", help="the job, e.g. montage_job")
+    given = backfill.add_mutually_exclusive_group(required=True)
+    given.add_argument("--partitions", help="comma-separated partition keys")
+    given.add_argument("--partitions-file", type=Path, help="a file of partition keys, one a line")
     from em_platform.simulation import scope_cli
 
     sim = sub.add_parser(
@@ -128,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             return _scope_sim(args, load_settings())
         if args.command == "stitch":
             return stitch_cli.run(args)
+        if args.command == "backfill":
+            return _backfill(args, load_settings())
         if args.command == "settings":
             return _settings(load_settings(), export=args.export)
     except ConfigError as exc:
@@ -148,6 +158,39 @@ def _dev(args, settings) -> int:
         return 2
     os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(settings.dagster_home))  # the one home (settings)
     return run_dev(str(workspace), args.host, args.port)
+
+
+def _backfill(args, settings) -> int:
+    """One asset backfill over the partitions given, on the instance of DAGSTER_HOME (em_platform.backfill)."""
+    import os
+
+    import dagster as dg
+
+    from em_platform.backfill import BackfillRefused, launch_asset_backfill
+    from em_platform.settings import ensure_dagster_home
+
+    if args.partitions_file is not None:
+        try:
+            keys = args.partitions_file.read_text().split()
+        except OSError as exc:
+            print(
+                f"em-platform backfill: cannot read {args.partitions_file}: {exc.strerror}", file=sys.stderr
+            )
+            return 2
+    else:
+        keys = args.partitions.split(",")
+    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(settings.dagster_home))
+    from em_platform.definitions import defs
+
+    with dg.DagsterInstance.get() as instance:
+        try:
+            backfill_id = launch_asset_backfill(instance, defs, args.job, keys)
+        except BackfillRefused as exc:
+            print(f"em-platform backfill: {exc}", file=sys.stderr)
+            return 2
+    print(f"backfill {backfill_id}: {args.job} over {len({k.strip() for k in keys if k.strip()})} partition(s); the daemon launches its runs "
+          "(the UI: Overview, Backfills)")  # fmt: skip
+    return 0
 
 
 def _settings(settings, export: bool) -> int:
