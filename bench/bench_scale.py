@@ -209,7 +209,15 @@ def _save(run: dict, started: float) -> None:
     path = RESULTS / f"{NAME}.json"
     history = json.loads(path.read_text()).get("history", []) if path.exists() else []
     history = [h for h in history if h.get("measured") != run["measured"]]
-    path.write_text(json.dumps({"benchmark": NAME, "history": [*history, run]}, indent=1) + "\n")
+    latest = {  # the newest run's figures by point, dot-free, for docs/benchmarks.md (bench/report.py)
+        f"{p['montages']}_{p['state'].replace(' ', '_')}": {
+            **{k.replace(".", "_"): v for k, v in p["seconds"].items()},
+            "webserver_mb": p["memory_mb"]["webserver_with_code_server"],
+        }
+        for p in run["points"]
+    }
+    doc = {"benchmark": NAME, "date": run["measured"], "latest": latest, "history": [*history, run]}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

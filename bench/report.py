@@ -21,6 +21,35 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 # is shown as their range.
 FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     (
+        "scale.json",
+        "A facility's year: 10³ to 10⁵ montages, and after the retention job (`bench_scale`, `make bench-scale`)",
+        [
+            (f"{what} at {label}", f"latest.{point}.{field}", unit)
+            for what, field, unit in (
+                ("an asset's partitions page (its slowest query)", "page_asset_partitions", "s"),
+                ("one partition's page", "page_asset_partition", "s"),
+                ("the global lineage", "page_global_lineage", "s"),
+                ("the runs list", "page_runs", "s"),
+                ("the webserver with its code server", "webserver_mb", "MB"),
+            )
+            for point, label in (
+                ("1000_filled", "10³"),
+                ("100000_filled", "10⁵"),
+                ("100000_after_retention", "10⁵ after retention"),
+            )
+        ]
+        + [
+            ("the inbox, cryo and simulation sensors' ticks", "latest.*.tick_inbox_sensor", "s"),
+            ("TEMdb's tiles of one montage", "latest.*.query_montage_tiles", "s"),
+            (
+                "`dagster job backfill` of 1,000 partitions",
+                "latest.*.backfill_dagster_job_1000_partitions?",
+                "s",
+            ),
+            ("every catalog record, as the catalog asset reads them", "latest.*.run_all_records", "s"),
+        ],
+    ),
+    (
         "live_qc.json",
         "Live QC: two scopes at 3.07 tiles/s of 5000² uint8 each (`bench_tiles_live`)",
         [

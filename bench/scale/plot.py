@@ -35,7 +35,10 @@ def plot(run: dict, out: Path) -> Path:
         ax.set(xscale="log", yscale="log", title=title, xlabel="montages", ylabel="seconds")
         ax.legend(fontsize=7)
     ax = axes[3]
-    for label, prefix in (("Dagster", "dagster."), ("catalog and journal", "catalog.")):
+    for label, prefix in (
+        ("Dagster", "dagster."),
+        ("catalog and journal (tile records up to --tile-rows)", "catalog."),
+    ):
         xs = [p["montages"] for p in filled]
         ys = [
             sum(v for k, v in p["bytes"].items() if k.startswith(prefix)) / p["montages"] / 2**20
