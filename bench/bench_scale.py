@@ -2,10 +2,11 @@
 
 Brings up the deployment's stores (Dagster's instance and the catalog on the machine's PostgreSQL, the data
 root as the object store), runs one real montage through the platform as the template
-(:mod:`bench.scale.template`), fills the stores to each point (:mod:`bench.scale.fill`: partitions, runs and
-their events through Dagster's storage, the catalog's and journal's rows copied on the server) and measures
-at each (:mod:`bench.scale.measure`): the UI's pages through the real webserver, each sensor's tick, the
-catalog's queries, the bytes each store holds, the webserver's memory. At the largest point the retention
+(:mod:`bench.scale.template`), fills the stores to each point (:mod:`bench.scale.fill`: partitions through
+Dagster's API; the runs, their events and the catalog's and journal's rows copied on the server from the
+template's) and measures at each (:mod:`bench.scale.measure`): the UI's pages through the real webserver,
+each sensor's tick, a 1,000-partition backfill from each CLI, the catalog's queries, the bytes each store
+holds, the webserver's memory. At the largest point the retention
 job runs (timed) and the pages are measured again: what the policy's design change buys.
 
 Each figure is compared with its limit (issue 51: 1 s, and 2x its figure at 10³ montages, this run's or an
