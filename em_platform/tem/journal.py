@@ -302,6 +302,18 @@ class Journal:
         with self.engine.connect() as conn:
             return [_montage(r) for r in conn.execute(q)]
 
+    def live_since(self, recent: datetime) -> int:
+        """A journal position to watch montages from: just before the oldest montage still being acquired or
+        changed at or after ``recent``, else the newest montage's. A watcher that starts from 0 would page
+        through every montage a year holds before it saw the one being acquired now."""
+        c = montages.c
+        live = sa.or_(c.state.not_in(sorted(FINISHED_STATES)), c.updated_at >= recent)
+        with self.engine.connect() as conn:
+            oldest = conn.execute(sa.select(sa.func.min(c.seq)).where(live)).scalar_one()
+            if oldest is not None:
+                return int(oldest) - 1
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(c.seq), 0))).scalar_one())
+
     def montage(self, montage_id: str) -> MontageRow | None:
         with self.engine.connect() as conn:
             r = conn.execute(sa.select(*_montage_cols()).where(montages.c.montage_id == montage_id)).first()

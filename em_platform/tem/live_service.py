@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
 from em_platform.tem.montage_result import MontageRunResult
@@ -28,6 +29,7 @@ from em_platform.tem.tile_tasks import warm_up
 
 log = logging.getLogger(__name__)
 
+PAGE = 1000  # montages read from the journal at a time
 RECENT_SECONDS = 600.0  # a montage over for longer than this is its run's to finish, not the service's
 RETRY_SECONDS = 1.0  # how often a montage another judge holds is tried again
 
@@ -69,11 +71,17 @@ class LiveQCService:
             ready()
         candidates: set[str] = set()  # live montages this service does not judge (yet): another holds them
         next_retry = 0.0
+        recent = datetime.now(UTC) - timedelta(seconds=RECENT_SECONDS)
+        self._last_seq = max(self._last_seq, journal.live_since(recent))
         while not stop.is_set():
-            for m in journal.montages_after(self._last_seq):
-                self._last_seq = max(self._last_seq, m.seq)
-                if self._live(journal, m):
-                    self._try(m.montage_id, candidates)
+            while True:  # every page before the next wait: a backlog costs queries, not polls
+                page = journal.montages_after(self._last_seq, limit=PAGE)
+                for m in page:
+                    self._last_seq = max(self._last_seq, m.seq)
+                    if self._live(journal, m):
+                        self._try(m.montage_id, candidates)
+                if len(page) < PAGE:
+                    break
             for montage_id, thread in list(self.judging.items()):
                 if not thread.is_alive():
                     del self.judging[montage_id]
