@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -211,6 +212,42 @@ def _sequences_of(conn, table: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+# what a server that is still coming up, or a name the container network has not published yet, answers; a
+# refused password or a missing database is not among them and fails at once
+TRANSIENT = (
+    "could not translate host name",
+    "Connection refused",
+    "the database system is starting up",
+    "the database system is not yet accepting connections",
+    "timeout expired",
+)
+
+
+def wait_for_server(
+    url: str, patience_s: float, poll_s: float = 1.0, on_retry: Callable[[str], None] | None = None
+) -> None:
+    """Return once the server of ``url`` takes a connection. A healthy PostgreSQL can still be out of reach for a
+    moment: podman's DNS (aardvark-dns) publishes a container's name to the network as each container joins, and
+    a CI run saw ``db-init`` fail to resolve ``postgresql`` seconds after its healthcheck passed. Transient
+    failures are retried for ``patience_s``; any other (a refused password) raises at once."""
+    deadline = time.monotonic() + patience_s
+    engine = sa.create_engine(url, connect_args={"connect_timeout": max(1, int(poll_s))})
+    try:
+        while True:
+            try:
+                engine.connect().close()
+                return
+            except sa.exc.OperationalError as exc:
+                reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                if not any(t in str(exc) for t in TRANSIENT) or time.monotonic() > deadline:
+                    raise
+                if on_retry:
+                    on_retry(reason)
+                time.sleep(poll_s)
+    finally:
+        engine.dispose()
+
+
 PASSWORD_SETTINGS = {name: f"EM_DB_{name.upper()}_PASSWORD" for name in ("dagster", *SERVICE_ROLES)}
 
 
@@ -234,6 +271,19 @@ def main(env: Mapping[str, str] = os.environ) -> int:
         )
         return 2
     url = f"postgresql+psycopg2://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/postgres"
+    patience = float(env.get("EM_DB_INIT_PATIENCE_S") or 60)
+    said: set[str] = set()
+
+    def retrying(reason: str) -> None:
+        if reason not in said:
+            said.add(reason)
+            print(f"db-init: {host}:{port} not reachable yet ({reason}); retrying for {patience:.0f} s", flush=True)
+
+    try:
+        wait_for_server(url, patience, on_retry=retrying)
+    except sa.exc.OperationalError as exc:
+        print(f"db-init: cannot connect to PostgreSQL at {host}:{port}: {exc.orig or exc}", file=sys.stderr)
+        return 1
     provision(url, dbs, passwords)
     print(
         f"db-init: roles {', '.join(dbs.role(r) for r in (*OWNER_ROLES, *SERVICE_ROLES))}; databases {dbs.dagster}, {dbs.catalog}"
