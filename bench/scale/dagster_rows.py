@@ -129,3 +129,17 @@ class DagsterRows:
             FROM asset_check_executions c JOIN {ranked} ev ON ev.id = c.evaluation_event_storage_id
                  LEFT JOIN {ranked} mat ON mat.id = c.materialization_event_storage_id, {series}
             WHERE c.run_id = :t"""), p).rowcount  # fmt: skip
+
+    def forget_standins(self, before: float) -> int:
+        """What ``instance.delete_run`` does (its ``event_logs`` rows and their ``asset_event_tags``; Dagster keeps
+        the ``asset_check_executions``) for the runs the runless rows stand for, where the retention job would
+        have deleted such a run: ended before ``before`` (a Unix time) and of a partition it retired. Without
+        this the state after retention would hold events no deployment keeps. Returns the events deleted."""
+        with self.engine.begin() as conn:
+            gone = (
+                "SELECT id FROM event_logs WHERE run_id = '' AND timestamp < to_timestamp(:before) "
+                "AT TIME ZONE 'UTC' AND partition NOT IN (SELECT partition FROM dynamic_partitions "
+                "WHERE partitions_def_name = 'montages')"
+            )
+            conn.execute(sa.text(f"DELETE FROM asset_event_tags WHERE event_id IN ({gone})"), {"before": before})
+            return conn.execute(sa.text(f"DELETE FROM event_logs WHERE id IN ({gone})"), {"before": before}).rowcount

@@ -1,6 +1,7 @@
 """The scale harness's fill (bench/scale): a real montage run as the template, then montages copied from it into
 Dagster's storage and the catalog, with runs and runless events as planned, each montage's rows renamed to it
-and the newest ones' journal rows kept. What it measures is make bench-scale's, not asserted here."""
+and the newest ones' journal rows kept; what retention
+would delete with the runs the runless events stand for is deleted with them. What it measures is make bench-scale's, not asserted here."""
 
 from __future__ import annotations
 
@@ -93,6 +94,16 @@ def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypat
         assert named == 60  # each copy renamed to its montage
         assert set(journal) == {template.montage_id, keys[0], keys[1]}  # the newest two keep journal rows
         assert journal[keys[0]] == 60 + references
+        # retention retires montage 4's partition: the events standing in for its run go as delete_run's would,
+        # montage 3's (its partition kept) and every run's stay
+        instance.delete_dynamic_partition("montages", keys[4])
+        events = lambda key: instance.fetch_materializations(  # noqa: E731
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("montage"), asset_partitions=[key]), limit=10
+        ).records
+        assert dagster.rows.forget_standins(before=ended - 86400 / plan.per_day * 5) == 0  # not old enough
+        assert events(keys[4])
+        assert dagster.rows.forget_standins(before=ended) > 0
+        assert not events(keys[4]) and events(keys[3]) and events(keys[0])
     finally:
         dagster.dispose()
         catalog.dispose()
