@@ -11,6 +11,7 @@ Each day it lets go of, in order (each step idempotent, so a run killed midway i
 5. finished tilt series' intermediates past ``EM_RETAIN_CRYO_INTERMEDIATES_DAYS`` (:mod:`em_platform.retention.cryo`);
 6. finished runs past ``EM_RETAIN_RUNS_DAYS`` that hold nothing still shown: a run of a partition that still
    exists, and the run of each unpartitioned asset's latest materialization, are kept (:func:`runs_to_let_go`);
+   each goes with its event log and its asset check executions (:mod:`em_platform.retention.dagster_runs`);
 7. archived montages' tile records past ``EM_RETAIN_TILE_RECORDS_DAYS`` (default ``forever``: never).
 
 Steps 4 and 5 never touch a montage or tilt series with a run queued, running or ended within their window
@@ -33,6 +34,7 @@ from em_platform.resources import CatalogResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.retention.buffer import apply_buffer_policy
 from em_platform.retention.cryo import apply_cryo_policy
+from em_platform.retention.dagster_runs import delete_runs
 from em_platform.retention.policy import RetentionPolicy
 from em_platform.tem.archive import SOURCE as MONTAGE_SOURCE
 
@@ -165,10 +167,7 @@ def apply(
     if runs_cutoff is not None:
         partitions, runs = _shown(instance, assets)
         runs.add(context.run_id)
-        gone = list(runs_to_let_go(instance, runs_cutoff, partitions, runs))
-        for run_id in gone:
-            instance.delete_run(run_id)
-        done["runs"] = len(gone)
+        done["runs"] = delete_runs(instance, list(runs_to_let_go(instance, runs_cutoff, partitions, runs)))
     tiles_cutoff = policy.cutoff(policy.tile_records_days, now)
     if tiles_cutoff is not None:
         archived = catalog.db().complete_ids_before(MONTAGE_SOURCE, tiles_cutoff)

@@ -131,15 +131,20 @@ class DagsterRows:
             WHERE c.run_id = :t"""), p).rowcount  # fmt: skip
 
     def forget_standins(self, before: float) -> int:
-        """What ``instance.delete_run`` does (its ``event_logs`` rows and their ``asset_event_tags``; Dagster keeps
-        the ``asset_check_executions``) for the runs the runless rows stand for, where the retention job would
-        have deleted such a run: ended before ``before`` (a Unix time) and of a partition it retired. Without
-        this the state after retention would hold events no deployment keeps. Returns the events deleted."""
+        """What the retention job deletes of a run (``instance.delete_run``: its ``event_logs`` rows and their
+        ``asset_event_tags``; :mod:`em_platform.retention.dagster_runs`: its ``asset_check_executions``) for the
+        runs the runless rows stand for, where it would have deleted such a run: ended before ``before`` (a Unix
+        time). By the time, not the partition: the montage checks' rows name none, and the caller holds the
+        journal's window (partitions retired) within the runs' window, so every such montage's partition is
+        gone. Without this the state after retention would hold events no deployment keeps. Returns the events
+        deleted."""
+        gone = "SELECT id FROM event_logs WHERE run_id = '' AND timestamp < to_timestamp(:before) AT TIME ZONE 'UTC'"
         with self.engine.begin() as conn:
-            gone = (
-                "SELECT id FROM event_logs WHERE run_id = '' AND timestamp < to_timestamp(:before) "
-                "AT TIME ZONE 'UTC' AND partition NOT IN (SELECT partition FROM dynamic_partitions "
-                "WHERE partitions_def_name = 'montages')"
-            )
-            conn.execute(sa.text(f"DELETE FROM asset_event_tags WHERE event_id IN ({gone})"), {"before": before})
-            return conn.execute(sa.text(f"DELETE FROM event_logs WHERE id IN ({gone})"), {"before": before}).rowcount
+            for table, column in (
+                ("asset_event_tags", "event_id"),
+                ("asset_check_executions", "evaluation_event_storage_id"),
+            ):
+                conn.execute(sa.text(f"DELETE FROM {table} WHERE {column} IN ({gone})"), {"before": before})
+            return conn.execute(
+                sa.text(f"DELETE FROM event_logs WHERE id IN ({gone})"), {"before": before}
+            ).rowcount

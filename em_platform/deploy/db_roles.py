@@ -277,7 +277,10 @@ def main(env: Mapping[str, str] = os.environ) -> int:
     def retrying(reason: str) -> None:
         if reason not in said:
             said.add(reason)
-            print(f"db-init: {host}:{port} not reachable yet ({reason}); retrying for {patience:.0f} s", flush=True)
+            print(
+                f"db-init: {host}:{port} not reachable yet ({reason}); retrying for {patience:.0f} s",
+                flush=True,
+            )
 
     try:
         wait_for_server(url, patience, on_retry=retrying)

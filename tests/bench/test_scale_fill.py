@@ -94,16 +94,21 @@ def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypat
         assert named == 60  # each copy renamed to its montage
         assert set(journal) == {template.montage_id, keys[0], keys[1]}  # the newest two keep journal rows
         assert journal[keys[0]] == 60 + references
-        # retention retires montage 4's partition: the events standing in for its run go as delete_run's would,
-        # montage 3's (its partition kept) and every run's stay
-        instance.delete_dynamic_partition("montages", keys[4])
-        events = lambda key: instance.fetch_materializations(  # noqa: E731
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("montage"), asset_partitions=[key]), limit=10
-        ).records
-        assert dagster.rows.forget_standins(before=ended - 86400 / plan.per_day * 5) == 0  # not old enough
-        assert events(keys[4])
-        assert dagster.rows.forget_standins(before=ended) > 0
+        # retention deletes montage 4's run: the events standing in for it go as the run's would, montage 3's
+        # (ended later) and every run's stay
+        events = lambda key: (
+            instance.fetch_materializations(  # noqa: E731
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("montage"), asset_partitions=[key]), limit=10
+            ).records
+        )
+        day = 86400 / plan.per_day
+        assert dagster.rows.forget_standins(before=ended - 5 * day) == 0  # none ended before
+        assert dagster.rows.forget_standins(before=ended - 3.5 * day) > 0
         assert not events(keys[4]) and events(keys[3]) and events(keys[0])
+        checks = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey("montage_layout"), "seams"), limit=100
+        )
+        assert sum(c.run_id == "" for c in checks) == 1  # montage 3's; montage 4's went with its events
     finally:
         dagster.dispose()
         catalog.dispose()

@@ -21,7 +21,9 @@ def server():
     try:
         sa.create_engine(url).connect().close()
     except sa.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} as {PG_USER} ({exc}); db-init's wait not tested")
+        pytest.skip(
+            f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} as {PG_USER} ({exc}); db-init's wait not tested"
+        )
     return url
 
 
@@ -85,7 +87,9 @@ def test_a_server_that_comes_up_later_is_waited_for(server):
 def test_a_name_not_resolved_is_retried_then_named(server):
     retries: list[str] = []
     with pytest.raises(sa.exc.OperationalError, match="could not translate host name"):
-        wait_for_server(f"postgresql+psycopg2://{PG_USER}@em-postgresql.invalid:5432/postgres", 0.3, 0.05, retries.append)
+        wait_for_server(
+            f"postgresql+psycopg2://{PG_USER}@em-postgresql.invalid:5432/postgres", 0.3, 0.05, retries.append
+        )
     assert retries and all("could not translate host name" in r for r in retries)
 
 

@@ -80,6 +80,14 @@ def _tilt_series(url: str, work: Path, key: str, days: int) -> dict[str, bytes]:
     return files
 
 
+def _check_runs(instance: dg.DagsterInstance) -> set[str]:
+    """The runs of every asset check execution stored."""
+    from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable
+
+    with instance.event_log_storage.index_connection() as conn:
+        return {r[0] for r in conn.execute(sa.select(AssetCheckExecutionsTable.c.run_id)).all()}
+
+
 def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp_path, monkeypatch):
     platform = make_platform(tmp_path)
     url = platform.settings.catalog_url
@@ -115,6 +123,8 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
                 cleared_at=datetime.now(UTC) - timedelta(days=100)))  # fmt: skip
         _backdate_runs(instance, 100)
         runs_before = {r.run_id: r.job_name for r in instance.get_runs()}
+        checks_before = _check_runs(instance)
+        assert set(runs_before) & checks_before  # the montage run evaluated its checks
         catalog_run = instance.get_latest_materialization_event(
             dg.AssetKey(["catalog", "metadata_catalog"])
         ).run_id
@@ -143,6 +153,7 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
         montage_runs = {r for r, job in runs_before.items() if job == "montage_job"}
         assert not montage_runs & left  # its partition gone, ended long ago: nothing shows it
         assert catalog_run in left  # the catalog's latest materialization
+        assert _check_runs(instance) == checks_before & left  # a deleted run's check executions went with it
 
         again = platform.defs.resolve_job_def("retention_job").execute_in_process(instance=instance)
         assert again.output_for_node("apply_retention") == {
