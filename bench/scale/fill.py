@@ -31,6 +31,10 @@ import sqlalchemy as sa
 from bench.scale.dagster_rows import DagsterRows
 from bench.scale.template import Template
 
+# montage i's journal position: the newest montage the highest, as a scope's journal numbers them (the fill
+# adds older montages after newer ones); the journal's sequence then goes on above it
+MONTAGE_SEQ_TOP = 10**9
+
 
 def montage_key(i: int) -> str:
     return f"scale-{i:07d}"
@@ -85,6 +89,7 @@ class CatalogFill:
         params = {
             "m": m, "a": first, "b": last - 1, "per_day": p.per_day, "copies": copies,
             "tile_montages": p.tile_rows // p.tiles_per_montage, "journal": p.journal_montages,
+            "top": MONTAGE_SEQ_TOP,
         }  # fmt: skip
         key = "('scale-' || lpad(g::text, 7, '0'))"
         ended = "(now() - make_interval(secs => g * 86400.0 / :per_day))"
@@ -122,12 +127,18 @@ class CatalogFill:
             rows["acq_montages"] = conn.execute(
                 sa.text(f"""
                 INSERT INTO acq_montages
-                SELECT {key}, nextval('acq_messages_seq_seq'), t.state, t.total_tiles, replace(t.acquisition_id, :m, {key}), t.pixel_size_nm,
+                SELECT {key}, :top - g, t.state, t.total_tiles, replace(t.acquisition_id, :m, {key}), t.pixel_size_nm,
                        t.rotation_angle, t.roi_id, {ended}, {ended}, {ended}, t.error_message,
                        replace(t.complete_message::text, :m, {key})::jsonb
                 FROM acq_montages t, generate_series(:a, :b) g WHERE t.montage_id = :m"""),
                 params,
             ).rowcount
+            conn.execute(  # what the journal numbers next comes after every montage
+                sa.text(
+                    "SELECT setval('acq_messages_seq_seq', GREATEST(:top, (SELECT last_value FROM acq_messages_seq_seq)))"
+                ),
+                params,
+            )
             rows["acq_messages"] = conn.execute(
                 sa.text(f"""
                 INSERT INTO acq_messages (message_key, topic, montage_id, tile_id, payload, received_at)

@@ -70,8 +70,8 @@ def sensor_ticks(defs: dg.Definitions, instance: dg.DagsterInstance, repeats: in
 
 
 def _newest_montage_seq(journal) -> int:
-    """The journal position of the newest montage: one behind it, the montage sensor finds exactly one (the
-    fill numbers montages after the messages, so the journal's high-water mark is no such cursor)."""
+    """The journal position of the newest montage (the fill numbers montages as a scope's journal would, the
+    newest highest): one behind it, the montage sensor finds exactly one, as when a scope starts a montage."""
     import sqlalchemy as sa
 
     from em_platform.tem.journal import montages

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, fill, montage_key
 from bench.scale.stores import ScaleStores
 from bench.scale.template import run_template
+from em_platform.tem.journal import Journal
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -94,13 +95,17 @@ def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypat
         assert named == 60  # each copy renamed to its montage
         assert set(journal) == {template.montage_id, keys[0], keys[1]}  # the newest two keep journal rows
         assert journal[keys[0]] == 60 + references
+        scope = Journal(stores.catalog_url, create=False)
+        order = [m.montage_id for m in scope.montages_after(0) if m.montage_id in keys]
+        scope.engine.dispose()
+        assert order == keys[::-1]  # numbered as a scope's journal would: the newest montage last
+
         # retention deletes montage 4's run: the events standing in for it go as the run's would, montage 3's
         # (ended later) and every run's stay
-        events = lambda key: (
-            instance.fetch_materializations(  # noqa: E731
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey("montage"), asset_partitions=[key]), limit=10
-            ).records
-        )
+        def events(key: str) -> list:
+            filt = dg.AssetRecordsFilter(asset_key=dg.AssetKey("montage"), asset_partitions=[key])
+            return instance.fetch_materializations(filt, limit=10).records
+
         day = 86400 / plan.per_day
         assert dagster.rows.forget_standins(before=ended - 5 * day) == 0  # none ended before
         assert dagster.rows.forget_standins(before=ended - 3.5 * day) > 0
