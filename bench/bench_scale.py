@@ -78,6 +78,10 @@ def measure_point(ctx, n: int, first_seconds: dict | None, repeats: int, label: 
         oldest = [montage_key(i) for i in range(max(0, n - BACKFILL_PARTITIONS), n)]
         seconds.update(measure.backfill(ctx["home"], ctx["env"], oldest))
     seconds.update(measure.catalog_queries(ctx["stores"].catalog_url, repeats))
+    audit_seconds, records_due = measure.storage_check(
+        ctx["stores"].catalog_url, ctx["data_root"], ctx["template"].montage_id, repeats
+    )
+    seconds.update(audit_seconds)
     counts = ctx["stores"].row_counts(ctx["stores"].catalog_db, ["tem_tiles", "acq_tiles", "acq_messages"])
     store = measure.store_bytes(ctx["stores"])
     point = {
@@ -88,6 +92,7 @@ def measure_point(ctx, n: int, first_seconds: dict | None, repeats: int, label: 
         "journal_messages": counts["acq_messages"],
         "partitions": len(ctx["instance"].get_dynamic_partitions("montages")),
         "runs": ctx["instance"].get_runs_count(),
+        "storage_audit_records_due": records_due,
         "seconds": seconds,
         "limits": _limits(seconds, first_seconds),
         "bytes": {
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "defs": platform.defs,
         "stores": stores,
         "template": template,
+        "data_root": platform.data_root,
     }
     run = {
         **history_stamp(),
@@ -177,10 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         let_go = result.output_for_node("apply_retention") if result.success else {"failed": True}
         retention_s = round(time.perf_counter() - t, 1)
         policy = RetentionPolicy.from_env()
-        runs_cutoff = policy.cutoff(policy.runs_days)
-        # forget_standins goes by the time alone: right while partitions retire before their runs do
-        by_time = runs_cutoff is not None and policy.journal_days <= policy.runs_days
-        standins = dagster_fill.rows.forget_standins(runs_cutoff.timestamp()) if by_time else 0
+        journal_cutoff = policy.cutoff(policy.journal_days)  # a montage's runs go when it is retired
+        standins = dagster_fill.rows.forget_standins(journal_cutoff.timestamp()) if journal_cutoff else 0
         after = measure_point(ctx, done, first, args.repeats, label="after retention")
         after["retention_job"] = {"seconds": retention_s, "let_go": let_go, "runless_events_let_go": standins}
         run["points"].append(after)

@@ -2,9 +2,11 @@
 
 Each day it lets go of, in order (each step idempotent, so a run killed midway is finished by the next):
 
-1. archived montages past ``EM_RETAIN_JOURNAL_DAYS``: their journal rows (:meth:`Journal.retire`) and their
-   partition of ``montages`` (which the UI's pages list, and which would otherwise grow by every montage of a
-   year); a montage the catalog does not hold ``complete`` is never touched;
+1. archived montages past ``EM_RETAIN_JOURNAL_DAYS``: their journal rows (:meth:`Journal.retire`), their
+   finished runs (:func:`montage_runs`) and their partition of ``montages`` (which the UI's pages list, and
+   whose runs' materializations Dagster's staleness reads in full on every partition page: both would
+   otherwise grow by every montage of a year); the catalog's record, status history and tile records answer
+   for the montage afterwards; a montage the catalog does not hold ``complete`` is never touched;
 2. the journal's messages and QC statuses that name no montage, past the same window;
 3. dead letters decided past ``EM_RETAIN_DEAD_LETTERS_DAYS``;
 4. montage folders of the acquisition buffer past ``EM_RETAIN_BUFFER_DAYS`` (:mod:`em_platform.retention.buffer`);
@@ -29,6 +31,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_ST
 
 from em_platform.assets.cryo import work_root
 from em_platform.cryo.results_db import CryoResults
+from em_platform.jobs import montage_job
 from em_platform.partitions import montages
 from em_platform.resources import CatalogResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
@@ -63,6 +66,28 @@ def runs_to_let_go(
                 continue
             yield run.run_id
         cursor = records[-1].dagster_run.run_id
+
+
+def montage_runs(
+    instance: dg.DagsterInstance, keys: Sequence[str], assets: Sequence[dg.AssetsDefinition]
+) -> Iterator[str]:
+    """The finished runs of the montages ``keys``: runs of ``montage_job``, or of montage assets alone, tagged
+    with one of the keys."""
+    montage_assets = {k for a in assets if a.partitions_def == montages for k in a.keys}
+    for i in range(0, len(keys), 500):
+        chunk = list(keys[i : i + 500])
+        cursor = None
+        while records := instance.get_run_records(
+            filters=RunsFilter(tags={PARTITION_TAG: chunk}, statuses=list(FINISHED_STATUSES)),
+            limit=500,
+            cursor=cursor,
+        ):
+            for r in records:
+                run = r.dagster_run
+                selection = run.asset_selection or set()
+                if run.job_name == montage_job.name or (selection and selection <= montage_assets):
+                    yield run.run_id
+            cursor = records[-1].dagster_run.run_id
 
 
 def partitions_with_runs(instance: dg.DagsterInstance, since: datetime) -> set[str]:
@@ -149,13 +174,17 @@ def apply(
     if journal_cutoff is not None:
         journal = hardware.journal()
         archived = catalog.db().complete_before(MONTAGE_SOURCE, journal_cutoff, journal.unretired())
-        retired = journal.retire(archived)
+        # runs and partition first, journal last: a job killed between them finds the montage again tomorrow
+        # (the journal's unretired montages are what it looks at)
+        montage_runs_gone = delete_runs(instance, list(montage_runs(instance, archived, assets)))
         for key in archived:
             if instance.has_dynamic_partition(montages.name, key):
                 instance.delete_dynamic_partition(montages.name, key)
+        retired = journal.retire(archived)
         unattached = journal.forget_unattached(journal_cutoff)
         done |= {
             "montages_retired": len(archived),
+            "montage_runs": montage_runs_gone,
             "journal_messages": retired["messages"] + unattached["messages"],
             "journal_tiles": retired["tiles"],
         }

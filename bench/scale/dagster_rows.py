@@ -133,11 +133,10 @@ class DagsterRows:
     def forget_standins(self, before: float) -> int:
         """What the retention job deletes of a run (``instance.delete_run``: its ``event_logs`` rows and their
         ``asset_event_tags``; :mod:`em_platform.retention.dagster_runs`: its ``asset_check_executions``) for the
-        runs the runless rows stand for, where it would have deleted such a run: ended before ``before`` (a Unix
-        time). By the time, not the partition: the montage checks' rows name none, and the caller holds the
-        journal's window (partitions retired) within the runs' window, so every such montage's partition is
-        gone. Without this the state after retention would hold events no deployment keeps. Returns the events
-        deleted."""
+        runs the runless rows stand for, where it would have deleted such a run: a montage's runs go when it
+        is retired, archived before ``before`` (a Unix time), which every montage the fill made is. By the
+        time, not the partition: the montage checks' rows name none. Without this the state after retention
+        would hold events no deployment keeps. Returns the events deleted."""
         gone = "SELECT id FROM event_logs WHERE run_id = '' AND timestamp < to_timestamp(:before) AT TIME ZONE 'UTC'"
         with self.engine.begin() as conn:
             for table, column in (

@@ -80,6 +80,34 @@ def _newest_montage_seq(journal) -> int:
         return int(conn.execute(sa.select(sa.func.max(montages.c.seq))).scalar_one())
 
 
+def storage_check(
+    catalog_url: str, data_root: Path, template_id: str, repeats: int
+) -> tuple[dict[str, float], int]:
+    """storage_consistency's day: (choosing the records due, the part that grows with the catalog, and
+    auditing one montage, the template's objects read back and hashed on the local data root; the records
+    due)."""
+    from em_platform.catalog.db import CatalogDB
+    from em_platform.storage import DataStore
+    from em_platform.storage.audits import StorageAudits, cycle_days
+    from em_platform.storage.consistency import check_consistency
+
+    audits, db = StorageAudits(catalog_url), CatalogDB(catalog_url, create=False)
+    try:
+        record, store = db.find("acquisition", template_id), DataStore(str(data_root))
+        first = check_consistency([record], store)
+        if not first.ok or not first.audits[0].checksummed:  # else it would time the failure's short cut
+            raise RuntimeError(f"the template montage's audit: {first.summary()}")
+        due: list = []
+        out = {"run.storage_audit_due": median_seconds(lambda: due.append(audits.due(cycle_days())), repeats)}
+        out["run.storage_audit_template_montage"] = median_seconds(
+            lambda: check_consistency([record], store), repeats
+        )
+        return out, len(due[-1])
+    finally:
+        audits.dispose()
+        db.dispose()
+
+
 def catalog_queries(catalog_url: str, repeats: int) -> dict[str, float]:
     from em_platform.catalog.db import CatalogDB
     from em_platform.tem.journal import Journal

@@ -36,9 +36,16 @@ def catalog_tables() -> dict[str, sa.Table]:
     dead letters), from the modules that define them."""
     from em_platform.catalog import db, dead_letters
     from em_platform.cryo import results_db
+    from em_platform.storage import audits
     from em_platform.tem import journal, tile_records
 
-    metadatas = (db.metadata_obj, dead_letters.metadata_obj, journal.metadata_obj, tile_records.metadata_obj)
+    metadatas = (
+        db.metadata_obj,
+        dead_letters.metadata_obj,
+        journal.metadata_obj,
+        tile_records.metadata_obj,
+        audits.metadata_obj,
+    )
     return {t.name: t for m in (*metadatas, results_db.metadata_obj) for t in m.sorted_tables}
 
 

@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from bench.scale import measure
 from bench.scale.fill import CatalogFill, DagsterFill, FillPlan, fill, montage_key
 from bench.scale.stores import ScaleStores
 from bench.scale.template import run_template
@@ -99,6 +100,8 @@ def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypat
         order = [m.montage_id for m in scope.montages_after(0) if m.montage_id in keys]
         scope.engine.dispose()
         assert order == keys[::-1]  # numbered as a scope's journal would: the newest montage last
+        seconds, due = measure.storage_check(stores.catalog_url, tmp_path / "data", template.montage_id, 1)
+        assert due == 1 and set(seconds) == {"run.storage_audit_due", "run.storage_audit_template_montage"}
 
         # retention deletes montage 4's run: the events standing in for it go as the run's would, montage 3's
         # (ended later) and every run's stay

@@ -19,7 +19,7 @@ from em_platform.catalog.db import CatalogDB, datasets
 from em_platform.catalog.dead_letters import DeadLetters, dead_letters
 from em_platform.cryo.results_db import CryoResults, tilt_series
 from em_platform.retention.cryo import INTERMEDIATES
-from em_platform.retention_job import PARTITION_TAG, partitions_with_runs
+from em_platform.retention_job import PARTITION_TAG, montage_runs, partitions_with_runs
 from em_platform.simulation.scope import simulate_montage
 from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
@@ -133,6 +133,10 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
         assert result.success
         done = result.output_for_node("apply_retention")
         assert done["montages_retired"] == 1 and done["journal_tiles"] >= 4 and done["dead_letters"] == 1
+        montage_runs = {r for r, job in runs_before.items() if job == "montage_job"}
+        assert (
+            done["montage_runs"] == len(montage_runs) == 1
+        )  # with its partition, not after the runs' window
         assert (done["buffer_montages"], done["buffer_bytes"]) == (1, kept)
         assert (done["cryo_series"], done["cryo_bytes"]) == (1, 1000 * len(INTERMEDIATES))
         assert not (buffer / old).exists() and (buffer / flying / "layout.json").exists()
@@ -150,7 +154,6 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
         assert TileRecords(url).montage_tiles(old) == tiles  # the tile records, whole
         assert [letter.id for letter in letters.letters(include_cleared=True)] == [waiting]
         left = {r.run_id for r in instance.get_runs()}
-        montage_runs = {r for r, job in runs_before.items() if job == "montage_job"}
         assert not montage_runs & left  # its partition gone, ended long ago: nothing shows it
         assert catalog_run in left  # the catalog's latest materialization
         assert _check_runs(instance) == checks_before & left  # a deleted run's check executions went with it
@@ -158,6 +161,7 @@ def test_retention_lets_go_of_what_the_policy_does_not_keep_and_nothing_else(tmp
         again = platform.defs.resolve_job_def("retention_job").execute_in_process(instance=instance)
         assert again.output_for_node("apply_retention") == {
             "montages_retired": 0,
+            "montage_runs": 0,
             "journal_messages": 0,
             "journal_tiles": 0,
             "dead_letters": 0,
@@ -203,3 +207,30 @@ def test_a_partition_with_a_run_not_finished_or_ended_within_the_window_is_busy(
             )
         window = datetime.now(UTC) - timedelta(days=14)
         assert partitions_with_runs(instance, window) == {"created", "running", "recent"}
+
+
+def test_a_retired_montage_s_runs_are_its_finished_montage_runs_only(tmp_path):
+    platform = make_platform(tmp_path)
+    assets = [a for a in platform.defs.assets if isinstance(a, dg.AssetsDefinition)]
+    montage_key = dg.AssetKey("montage")
+    runs = {  # run id: (job, asset selection, partition, status)
+        "montage": ("montage_job", None, "m1", dg.DagsterRunStatus.SUCCESS),
+        "failed": ("montage_job", None, "m1", dg.DagsterRunStatus.FAILURE),
+        "running": ("montage_job", None, "m1", dg.DagsterRunStatus.STARTED),
+        "asset": ("__ASSET_JOB", {montage_key}, "m1", dg.DagsterRunStatus.SUCCESS),
+        "ingest": ("ingest_local_job", None, "m1", dg.DagsterRunStatus.SUCCESS),  # the same key elsewhere
+        "mixed": ("__ASSET_JOB", {montage_key, dg.AssetKey("other")}, "m1", dg.DagsterRunStatus.SUCCESS),
+        "other": ("montage_job", None, "m2", dg.DagsterRunStatus.SUCCESS),
+    }
+    with dg.instance_for_test() as instance:
+        for run_id, (job, selection, key, status) in runs.items():
+            instance.add_run(
+                dg.DagsterRun(
+                    job_name=job,
+                    run_id=run_id,
+                    status=status,
+                    tags={PARTITION_TAG: key},
+                    asset_selection=frozenset(selection) if selection else None,
+                )
+            )
+        assert set(montage_runs(instance, ["m1"], assets)) == {"montage", "failed", "asset"}
