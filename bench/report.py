@@ -39,7 +39,13 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             )
         ]
         + [
+            ("the montage sensor's tick (one new montage)", "latest.*.tick_montage_sensor", "s"),
             ("the inbox, cryo and simulation sensors' ticks", "latest.*.tick_inbox_sensor", "s"),
+            (
+                "`em-platform backfill` of 1,000 partitions",
+                "latest.*.backfill_em_platform_1000_partitions?",
+                "s",
+            ),
             ("TEMdb's tiles of one montage", "latest.*.query_montage_tiles", "s"),
             (
                 "`dagster job backfill` of 1,000 partitions",
@@ -47,6 +53,11 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                 "s",
             ),
             ("every catalog record, as the catalog asset reads them", "latest.*.run_all_records", "s"),
+            (
+                "`storage_consistency` choosing the day's share of records",
+                "latest.*.run_storage_audit_due",
+                "s",
+            ),
         ],
     ),
     (
