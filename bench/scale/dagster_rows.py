@@ -7,7 +7,8 @@ wrote for one run of ``montage_job``: ``runs`` and ``run_tags``, every ``event_l
 ``asset_event_tags``, the ``asset_check_executions``; each renamed (run id, montage id in every text), and
 moved back in time (``g / per_day`` days for montage g). Montages from ``real_runs`` on get the
 materializations and check evaluations alone, as runless events (``run_id`` empty, job ``__RUNLESS__``: what
-``report_runless_asset_event`` writes), without the pictures in their metadata (disk). Partitions are added through ``add_dynamic_partitions``.
+``report_runless_asset_event`` writes), without the pictures in their metadata (disk). Partitions are added
+through ``add_dynamic_partitions``.
 
 The event bodies keep the template's timestamps (the columns, which Dagster's queries use, are moved), and
 a check evaluation's body still names the template's materialization (its row's storage ids are mapped).

@@ -2,11 +2,11 @@
 the storage root, intact where a checksum was recorded; its own job and a daily schedule.
 
 The logic is :mod:`em_platform.storage.consistency`'s; which records an evaluation audits,
-:mod:`em_platform.storage.audits`'s (a share a day, each once a cycle). The schedule is on by default: a store that loses
-data says nothing, so the check must run whether or not anyone remembered to turn it on. Its cost is a
-listing and a HEAD per named object on S3 (checksums come from the listed ETags), but on a local folder
-the montages' objects are read back to be hashed: a large local root can move it to a quiet hour or stop
-it in the UI.
+:mod:`em_platform.storage.audits`'s (a share a day, each once a cycle). The schedule is on by default: a
+store that loses data says nothing, so the check must run whether or not anyone remembered to turn it on.
+Its cost is a listing and a HEAD per named object on S3 (checksums come from the listed ETags), but on a
+local folder the montages' objects are read back to be hashed: a large local root can move it to a quiet
+hour, lengthen the cycle, or stop it in the UI.
 """
 
 import dagster as dg

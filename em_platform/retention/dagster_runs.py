@@ -1,30 +1,30 @@
 """Deleting a finished run with everything Dagster keeps of it.
 
-``DagsterInstance.delete_run`` deletes the run, its event log and its materializations' tags, but not its asset
-check executions (Dagster 1.13's ``SqlEventLogStorage.delete_events_for_run``): a montage run leaves ten rows of
-them, which would grow with every montage of every year (``make bench-scale`` measures their bytes). Dagster has no public call for them, so they are deleted here through the event log storage's
-own table and connection, before the run, so that a job killed between the two leaves nothing for ever: the
-next day's run finds the run again and deletes it.
+``DagsterInstance.delete_run`` deletes the run, its event log and its materializations' tags, but not its
+asset check executions (Dagster 1.13's ``SqlEventLogStorage.delete_events_for_run``): a montage run leaves ten
+rows of them, which would grow with every montage of every year (``make bench-scale`` measures their bytes).
+Dagster has no public call for them, so they are deleted here through the event log storage's own table and
+connection, before the run, so that a job killed between the two leaves nothing for ever: the next day's run
+finds the run again and deletes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Sequence
 
 import dagster as dg
 
 BATCH = 500
 
 
-def delete_runs(instance: dg.DagsterInstance, run_ids: Iterable[str]) -> int:
+def delete_runs(instance: dg.DagsterInstance, run_ids: Sequence[str]) -> int:
     """Delete each run, its check executions first; returns the runs deleted."""
-    done = 0
-    for chunk in _chunks(run_ids, BATCH):
+    for i in range(0, len(run_ids), BATCH):
+        chunk = list(run_ids[i : i + BATCH])
         forget_check_executions(instance, chunk)
         for run_id in chunk:
             instance.delete_run(run_id)
-        done += len(chunk)
-    return done
+    return len(run_ids)
 
 
 def forget_check_executions(instance: dg.DagsterInstance, run_ids: list[str]) -> int:
@@ -40,14 +40,3 @@ def forget_check_executions(instance: dg.DagsterInstance, run_ids: list[str]) ->
         return conn.execute(
             AssetCheckExecutionsTable.delete().where(AssetCheckExecutionsTable.c.run_id.in_(run_ids))
         ).rowcount
-
-
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
