@@ -23,8 +23,11 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import sqlalchemy as sa
+
+T = TypeVar("T")
 
 OWNER_ROLES = ("dagster", "catalog")
 SERVICE_ROLES = ("listener", "live_qc", "code", "runs")
@@ -227,32 +230,29 @@ TRANSIENT = (
     "the database system is starting up",
     "the database system is not yet accepting connections",
     "timeout expired",
+    "server closed the connection unexpectedly",
 )
 
 
-def wait_for_server(
-    url: str, patience_s: float, poll_s: float = 1.0, on_retry: Callable[[str], None] | None = None
-) -> None:
-    """Return once the server of ``url`` takes a connection. A healthy PostgreSQL can still be out of reach for a
-    moment: podman's DNS (aardvark-dns) publishes a container's name to the network as each container joins, and
-    a CI run saw ``db-init`` fail to resolve ``postgresql`` seconds after its healthcheck passed. Transient
-    failures are retried for ``patience_s``; any other (a refused password) raises at once."""
+def patiently(
+    action: Callable[[], T], patience_s: float, poll_s: float = 1.0, on_retry: Callable[[str], None] | None = None
+) -> T:
+    """Run ``action`` (which connects to PostgreSQL), again while the server is out of reach, for ``patience_s``.
+    A healthy PostgreSQL can still be out of reach for a moment: podman's DNS (aardvark-dns) publishes a
+    container's name as each container joins the network, and CI runs saw ``db-init`` fail to resolve
+    ``postgresql`` seconds after its healthcheck passed, once even after a first connection had succeeded. So
+    the whole action is retried, not a first connection. Other failures (a refused password) raise at once."""
     deadline = time.monotonic() + patience_s
-    engine = sa.create_engine(url, connect_args={"connect_timeout": max(1, int(poll_s))})
-    try:
-        while True:
-            try:
-                engine.connect().close()
-                return
-            except sa.exc.OperationalError as exc:
-                reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-                if not any(t in str(exc) for t in TRANSIENT) or time.monotonic() > deadline:
-                    raise
-                if on_retry:
-                    on_retry(reason)
-                time.sleep(poll_s)
-    finally:
-        engine.dispose()
+    while True:
+        try:
+            return action()
+        except sa.exc.OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            if not any(t in str(exc) for t in TRANSIENT) or time.monotonic() > deadline:
+                raise
+            if on_retry:
+                on_retry(reason)
+            time.sleep(poll_s)
 
 
 PASSWORD_SETTINGS = {name: f"EM_DB_{name.upper()}_PASSWORD" for name in ("dagster", *SERVICE_ROLES)}
@@ -277,7 +277,8 @@ def main(env: Mapping[str, str] = os.environ) -> int:
             file=sys.stderr,
         )
         return 2
-    url = f"postgresql+psycopg2://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/postgres"
+    credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    url = f"postgresql+psycopg2://{credentials}@{host}:{port}/postgres?connect_timeout=10"
     patience = float(env.get("EM_DB_INIT_PATIENCE_S") or 60)
     said: set[str] = set()
 
@@ -289,12 +290,11 @@ def main(env: Mapping[str, str] = os.environ) -> int:
                 flush=True,
             )
 
-    try:
-        wait_for_server(url, patience, on_retry=retrying)
+    try:  # provision is idempotent: a connection lost halfway is retried from the start
+        patiently(lambda: provision(url, dbs, passwords), patience, on_retry=retrying)
     except sa.exc.OperationalError as exc:
         print(f"db-init: cannot connect to PostgreSQL at {host}:{port}: {exc.orig or exc}", file=sys.stderr)
         return 1
-    provision(url, dbs, passwords)
     print(
         f"db-init: roles {', '.join(dbs.role(r) for r in (*OWNER_ROLES, *SERVICE_ROLES))}; databases {dbs.dagster}, {dbs.catalog}"
     )

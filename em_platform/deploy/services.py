@@ -286,6 +286,7 @@ SERVICES: tuple[Service, ...] = (
             "DAGSTER_DB": "${DAGSTER_DB:-dagster}",
             "EM_CATALOG_DB": "${EM_CATALOG_DB:-em_catalog}",
             "EM_DB_ROLE_PREFIX": "${EM_DB_ROLE_PREFIX:-em}",
+            "EM_DB_INIT_PATIENCE_S": "${EM_DB_INIT_PATIENCE_S:-60}",
             **{
                 f"EM_DB_{role.upper()}_PASSWORD": db_password(role)
                 for role in ("dagster", "listener", "live_qc", "code", "runs")
