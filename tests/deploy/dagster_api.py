@@ -90,16 +90,22 @@ class DagsterApi:
         data = self.query(
             """query Logs($runId: ID!, $limit: Int) { logsForRun(runId: $runId, limit: $limit) {
                  __typename ... on EventConnection { events { __typename ... on MessageEvent { message level }
-                   ... on ExecutionStepFailureEvent { error { message } }
-                   ... on RunFailureEvent { error { message } } } } } }""",
+                   ... on ExecutionStepFailureEvent { error { message errorChain { error { message } } } }
+                   ... on RunFailureEvent { error { message errorChain { error { message } } } } } } } }""",
             {"runId": run_id, "limit": limit},
         )["logsForRun"]
         return data.get("events", [])
 
     def failure_messages(self, run_id: str) -> str:
-        """Every ERROR event of the run, with the error it carries (a step's exception and its message)."""
+        """Every ERROR event of the run, with the error it carries and the errors that caused it (a step's
+        exception: Dagster wraps it in DagsterExecutionStepExecutionError, whose message names only the op)."""
+
+        def error(e: dict) -> str:
+            chain = [e["error"], *(link["error"] for link in e["error"].get("errorChain") or [])]
+            return "".join(f"\n  {c['message'].strip()}" for c in chain)
+
         return "\n".join(
-            e.get("message", "") + (f"\n  {e['error']['message'].strip()}" if e.get("error") else "")
+            e.get("message", "") + (error(e) if e.get("error") else "")
             for e in self.run_events(run_id)
             if e.get("level") == "ERROR"
         )
