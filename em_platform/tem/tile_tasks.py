@@ -114,18 +114,20 @@ class Judgement:
 
 def warm_up() -> None:
     """Load what the first tile would otherwise wait for: OpenCV, zarr's codec pipeline, the focus masks,
-    the compiled CLAHE (numba's import and cache: 0.5-1 s in a new process, 1.5 s more if never compiled)."""
+    every compiled kernel of the chain (numba's import and cache: 0.5-1 s in a new process, 1.5-2.4 s more
+    for each kernel never compiled): the chain itself, on a small tile, so that no kernel it reaches is
+    left out (the histogram of the statistics was, and a fresh install's first tile took 2.4 s)."""
     import cv2
     import zarr
 
-    from em_platform.tem.tile_processing import Flatfield, flatfield_and_clahe, focus_score, raw_statistics
+    from em_platform.tem.tile_processing import Flatfield
 
     cv2.setNumThreads(1)
-    image = np.zeros((512, 512), np.uint8)
-    flatfield_and_clahe(image, None)
-    flatfield_and_clahe(image, Flatfield.from_references(np.full(image.shape, 200, np.uint8), image))
-    focus_score(image)
-    raw_statistics(image)
+    for dtype in (np.uint8, np.uint16):
+        image = np.zeros((512, 512), dtype)
+        flatfield = Flatfield.from_references(np.full(image.shape, 200, dtype), image)
+        for correction in (None, flatfield):
+            _process_image(image, correction, overlap=51, cpu={})
     zarr.create_array(zarr.storage.MemoryStore(), shape=(8,), dtype="u1")[...] = 0
 
 
@@ -185,21 +187,22 @@ def process_tile_file(
 
 
 def _process(path, flatfield, overlap, cpu) -> TileOutcome:
+    from em_platform.tem.tile_processing import read_tile
+
+    t = time.thread_time()
+    raw = read_tile(path)
+    _lap(cpu, "read", t, time.thread_time)
+    return _process_image(raw, flatfield, overlap, cpu)
+
+
+def _process_image(raw: np.ndarray, flatfield, overlap: int, cpu: dict[str, float]) -> TileOutcome:
     import cv2
 
-    from em_platform.tem.tile_processing import (
-        flatfield_and_clahe,
-        focus_score,
-        raw_statistics,
-        read_tile,
-        tile_statistics,
-    )
+    from em_platform.tem.tile_processing import flatfield_and_clahe, focus_score, raw_statistics, tile_statistics
 
     cv2.setNumThreads(1)  # Dask runs one tile per thread; OpenCV's own pool would oversubscribe the cores
     clock = time.thread_time
     t = clock()
-    raw = read_tile(path)
-    t = _lap(cpu, "read", t, clock)
     image = flatfield_and_clahe(raw, flatfield)  # one pass for both (uint8): their CPU is one stage
     t = _lap(cpu, "flatfield_clahe", t, clock)
     # Blank, saturated and no-tissue are camera facts: judged on the raw counts, before CLAHE re-stretches them.
