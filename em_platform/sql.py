@@ -75,6 +75,7 @@ def open_database(url: str, metadata: sa.MetaData, *, create: bool = True) -> En
     if create:
         try:
             metadata.create_all(engine)
+            add_indexes(engine, metadata)
         except sa.exc.OperationalError as exc:
             shown = engine.url.render_as_string(hide_password=True)
             raise DatabaseUnavailable(
@@ -82,3 +83,25 @@ def open_database(url: str, metadata: sa.MetaData, *, create: bool = True) -> En
                 "and reachable, or point EM_CATALOG_URL at another one"
             ) from exc
     return engine
+
+
+def add_indexes(bind: Engine | sa.Connection, metadata: sa.MetaData) -> None:
+    """Create the indexes ``metadata`` declares that an existing table lacks: ``create_all`` creates a missing
+    table with its indexes, never an index added to a table an earlier release made. Two processes starting
+    at once may both try: the one that loses finds the index there."""
+
+    def present(table: sa.Table) -> set[str]:
+        return {i["name"] for i in sa.inspect(bind).get_indexes(table.name)}
+
+    for table in metadata.sorted_tables:
+        if not table.indexes:
+            continue
+        have = present(table)
+        for index in table.indexes:
+            if index.name in have:
+                continue
+            try:
+                index.create(bind)
+            except sa.exc.DBAPIError:
+                if index.name not in present(table):
+                    raise

@@ -175,6 +175,7 @@ def _dagster_database(url: sa.URL, dbs: Databases) -> None:
 
 def _catalog_database(url: sa.URL, dbs: Databases) -> None:
     from em_platform.catalog import dead_letters
+    from em_platform.sql import add_indexes
 
     owner = dbs.role("catalog")
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
@@ -189,6 +190,7 @@ def _catalog_database(url: sa.URL, dbs: Databases) -> None:
             for table in tables.values():
                 table.to_metadata(metadata)
             metadata.create_all(conn)
+            add_indexes(conn, metadata)  # an index added since a table was made
             for service, rights in catalog_rights().items():
                 role = _q(dbs.role(service))
                 conn.execute(sa.text(f"GRANT CONNECT ON DATABASE {_q(dbs.catalog)} TO {role}"))
@@ -235,7 +237,10 @@ TRANSIENT = (
 
 
 def patiently(
-    action: Callable[[], T], patience_s: float, poll_s: float = 1.0, on_retry: Callable[[str], None] | None = None
+    action: Callable[[], T],
+    patience_s: float,
+    poll_s: float = 1.0,
+    on_retry: Callable[[str], None] | None = None,
 ) -> T:
     """Run ``action`` (which connects to PostgreSQL), again while the server is out of reach, for ``patience_s``.
     A healthy PostgreSQL can still be out of reach for a moment: podman's DNS (aardvark-dns) publishes a

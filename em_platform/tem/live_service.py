@@ -67,12 +67,12 @@ class LiveQCService:
         # every worker process warm before the first montage: a montage run warms them too, but there the
         # first tiles would queue behind it (numba's import alone is 0.4 s)
         self.client.run(warm_up)
-        if ready is not None:
+        recent = datetime.now(UTC) - timedelta(seconds=RECENT_SECONDS)
+        self._last_seq = max(self._last_seq, journal.live_since(recent))
+        if ready is not None:  # watching: a montage started from now on is seen at the next poll
             ready()
         candidates: set[str] = set()  # live montages this service does not judge (yet): another holds them
         next_retry = 0.0
-        recent = datetime.now(UTC) - timedelta(seconds=RECENT_SECONDS)
-        self._last_seq = max(self._last_seq, journal.live_since(recent))
         while not stop.is_set():
             while True:  # every page before the next wait: a backlog costs queries, not polls
                 page = journal.montages_after(self._last_seq, limit=PAGE)

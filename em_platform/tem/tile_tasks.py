@@ -112,11 +112,19 @@ class Judgement:
     times: dict[str, float] = field(default_factory=dict)  # "judge_start", "judge_end": Unix seconds
 
 
+_warmed = False  # this process has run warm_up
+
+
 def warm_up() -> None:
     """Load what the first tile would otherwise wait for: OpenCV, zarr's codec pipeline, the focus masks,
     every compiled kernel of the chain (numba's import and cache: 0.5-1 s in a new process, 1.5-2.4 s more
     for each kernel never compiled): the chain itself, on a small tile, so that no kernel it reaches is
-    left out (the histogram of the statistics was, and a fresh install's first tile took 2.4 s)."""
+    left out (the histogram of the statistics was, and a fresh install's first tile took 2.4 s). Once a
+    process: a montage run asks every worker for it as it starts, and on the live-QC service's warm workers
+    the montage's first tiles would queue behind 0.1 s of it for each thread."""
+    global _warmed
+    if _warmed:
+        return
     import cv2
     import zarr
 
@@ -129,6 +137,7 @@ def warm_up() -> None:
         for correction in (None, flatfield):
             _process_image(image, correction, overlap=51, cpu={})
     zarr.create_array(zarr.storage.MemoryStore(), shape=(8,), dtype="u1")[...] = 0
+    _warmed = True
 
 
 def build_flatfield(bright_paths: list[str], dark_paths: list[str]):
@@ -198,7 +207,12 @@ def _process(path, flatfield, overlap, cpu) -> TileOutcome:
 def _process_image(raw: np.ndarray, flatfield, overlap: int, cpu: dict[str, float]) -> TileOutcome:
     import cv2
 
-    from em_platform.tem.tile_processing import flatfield_and_clahe, focus_score, raw_statistics, tile_statistics
+    from em_platform.tem.tile_processing import (
+        flatfield_and_clahe,
+        focus_score,
+        raw_statistics,
+        tile_statistics,
+    )
 
     cv2.setNumThreads(1)  # Dask runs one tile per thread; OpenCV's own pool would oversubscribe the cores
     clock = time.thread_time
