@@ -44,15 +44,24 @@ def dbs():
         provision(ADMIN, made, PASSWORDS)  # every start: idempotent
         yield made
     finally:
+        admin.dispose()
+        drop_provisioned(ADMIN, made)
+
+
+def drop_provisioned(admin_url: str, dbs: Databases) -> None:
+    """What provision made: the databases (their sessions ended first) and the roles."""
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
         with admin.connect() as conn:
-            for db in (made.dagster, made.catalog):
+            for db in (dbs.dagster, dbs.catalog):
                 conn.execute(
                     sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
                     {"d": db},
                 )
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}"'))
-            for role in made.roles():
+            for role in dbs.roles():
                 conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+    finally:
         admin.dispose()
 
 

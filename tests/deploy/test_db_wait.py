@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from em_platform.deploy.db_roles import SERVICE_ROLES, Databases, patiently, provision
 from em_platform.deploy.processes import free_port
 from tests.conftest import PG_HOST, PG_PORT, PG_USER
+from tests.deploy.test_db_roles import drop_provisioned
 
 
 @pytest.fixture(scope="module")
@@ -154,20 +155,4 @@ def test_a_server_lost_between_the_provisionings_connections_is_waited_for_and_p
             catalog.dispose()
     finally:
         forwarder.close()
-        _drop(server, dbs)
-
-
-def _drop(url: str, dbs: Databases) -> None:
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            for db in (dbs.dagster, dbs.catalog):
-                conn.execute(
-                    sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
-                    {"d": db},
-                )
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}"'))
-            for role in dbs.roles():
-                conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
-    finally:
-        admin.dispose()
+        drop_provisioned(server, dbs)
