@@ -321,9 +321,8 @@ class Journal:
         changed at or after ``recent``, else the newest montage's. A watcher that starts from 0 would page
         through every montage a year holds before it saw the one being acquired now."""
         c = montages.c
-        with (
-            self.engine.connect() as conn
-        ):  # two queries, each on its index (an OR of both would read them all)
+        # two queries, each on its index (an OR of both would read them all)
+        with self.engine.connect() as conn:
             found = [
                 conn.execute(sa.select(sa.func.min(c.seq)).where(UNFINISHED)).scalar_one(),
                 # seq + 0: not the seq index in order, filtering every older montage on the way (SQLite's

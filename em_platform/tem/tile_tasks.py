@@ -125,12 +125,10 @@ def warm_up() -> None:
     global _warmed
     if _warmed:
         return
-    import cv2
     import zarr
 
     from em_platform.tem.tile_processing import Flatfield
 
-    cv2.setNumThreads(1)
     for dtype in (np.uint8, np.uint16):
         image = np.zeros((512, 512), dtype)
         flatfield = Flatfield.from_references(np.full(image.shape, 200, dtype), image)
