@@ -58,6 +58,8 @@ ALLEN_RATE = 2772 / 902
 PIXEL_SIZE_NM = 4.0
 TARGETS = {"tiles_per_s_per_scope": round(ALLEN_RATE, 3), "latency_s_p95": 1.0, "latency_s_max": 1.5}
 UNPACED_TARGET = 6.2  # two scopes' rate
+# issue 51: beside the batch work, the live p95 at most this times its p95 alone, in the same invocation
+BESIDE_BATCH_RATIO = 1.5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -693,7 +695,7 @@ DEPLOYED_POOL = "own_batch_niced"  # what `make dev` and deploy-local run; the o
 POOL_NOTES = {
     "own_batch_niced": "as deployed: the live-QC service on threads of its own, in a session of its own; the "
     "batch on make dev's pool (a worker process per core x 1 thread, the batch_niceness preload: threads at "
-    "nice 10, the pool's session at autogroup nice 19)",
+    "nice 10, task threads at SCHED_IDLE, the pool's session at autogroup nice 19)",
     "own": "comparison, the deployment before issue 38: the same, but the pool's session at autogroup nice 0 "
     "(its threads' nice 10 then orders them only among themselves: Linux shares the CPU between sessions)",
     "shared": "comparison, not a supported configuration: the live tiles on the batch pool too "
@@ -1274,6 +1276,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 "latency_s_max": all(sc["latency_s_max"] < TARGETS["latency_s_max"] for sc in every),
                 "batch_finished": all(set(run["batch"]) == {"ingest_1gib_s", "fusion_s"} for run in runs),
             }
+            if served:  # the worst scope's p95 beside the batch against the worst alone, this invocation
+                alone = max(sc["latency_s_p95"] for run in served for sc in run["scopes"])
+                ratio = round(max(sc["latency_s_p95"] for sc in every) / alone, 2)
+                busy[f"p95_over_alone_{pool}_pool"] = ratio
+                busy[f"meets_{pool}_pool"]["p95_over_alone"] = ratio <= BESIDE_BATCH_RATIO
         result["live_service_with_batch"] = busy
     if led is not None:
         result["with_lead"] = {

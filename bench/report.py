@@ -81,6 +81,11 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                 "s",
             ),
             (
+                "with the batch work: p95 over the p95 alone (worst scopes, one invocation; at most 1.5)",
+                "live_service_with_batch.p95_over_alone_own_batch_niced_pool",
+                "×",
+            ),
+            (
                 "the batch work meanwhile: ingest of 1 GiB",
                 "live_service_with_batch.runs_own_batch_niced_pool.*.batch.ingest_1gib_s",
                 "s",

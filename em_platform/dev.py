@@ -247,10 +247,10 @@ NANNY_KILL_AT_STOP = re.compile(r"Worker process still alive after [\d.]+ second
 class DaskPool:
     """One Dask scheduler and its workers on loopback, shared by every run `make dev` launches (Dagster's runs
     get ``DASK_SCHEDULER_ADDRESS``): warm, sized to the machine (a worker process per core, one thread each,
-    memory shared out among them), and doing its batch work at nice 10 in a session at autogroup nice 19 (the
-    ``batch_niceness`` preload), so the live-QC service's own threads get the cores first. It speaks TLS only,
-    with certificates of its own (``$DAGSTER_HOME/dask-certs``): on loopback any local user could otherwise
-    send it code to run as the operator. Not started when ``DASK_SCHEDULER_ADDRESS`` already names a cluster."""
+    memory shared out among them), and doing its batch work at nice 10 in a session at autogroup nice 19, its
+    task threads at ``SCHED_IDLE`` (the ``batch_niceness`` preload), so the live-QC service's own threads get
+    the cores first. It speaks TLS only, with certificates of its own (``$DAGSTER_HOME/dask-certs``): on
+    loopback any local user could otherwise send it code to run as the operator. Not started when ``DASK_SCHEDULER_ADDRESS`` already names a cluster."""
 
     address: str
     scheduler: Supervised
@@ -312,7 +312,7 @@ class DaskPool:
         )
         print(
             f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, batch "
-            "work at nice 10, each worker's session at autogroup nice 19)",
+            "work at nice 10 on SCHED_IDLE task threads, each worker's session at autogroup nice 19)",
             file=out,
             flush=True,
         )

@@ -17,11 +17,13 @@ supervisor started with ``start_new_session``). A worker spawned inside a proces
 (a ``LocalCluster`` in a run, a benchmark) leaves the group alone: that would slow the whole session down.
 Containers (compose) are cgroups, where neither applies: there CPU weights are the compose file's to set.
 
-``SCHED_IDLE`` for the threads was tried and taken out (2026-11-27): the pool's share beside the live service
-fell from 0.33-0.37 of two cores to 0.21-0.25, but the live latency did not tell (the machine's own speed moved
-more within the hour), and the policy starves the worker's own event loop, not only its tasks, on a full
-machine: `make dev`'s Ctrl-C under a test suite's load found its workers unable to close in the 12 s grace
-(killed, a heartbeat traceback, leaked semaphores), where heartbeats missed for minutes would lose the worker.
+The threads that run the batch tasks go further: ``SCHED_IDLE`` (:func:`idle_thread`). Not for the order
+between sessions (an autogroup's share is its nice value's, whatever its threads' policy) but for *where* a
+live thread wakes: Linux counts a core running only ``SCHED_IDLE`` threads as idle when it places a waking
+thread (``sched_idle_cpu``), so a live thread lands on the core the batch holds and takes it at once, instead
+of queueing behind its own service's other thread while the batch keeps the other core (bench_tiles_live
+--with-batch: fewer live threads runnable but waiting, the pool's share unchanged). Only the task threads: the worker's event loop keeps the normal policy (at nice 10), so its heartbeats and its close are
+not starved on a full machine, which is why ``SCHED_IDLE`` for the whole worker was taken out (2026-11-27).
 
 The batch work is slower only while live tiles want the cores; idle cores are still all the batch's.
 """
@@ -65,6 +67,19 @@ def lower_thread_priority(niceness: int) -> int:
         except OSError as exc:
             log.warning("could not lower a thread's CPU priority to nice %d: %s", niceness, exc)
     return os.getpriority(os.PRIO_PROCESS, who)
+
+
+def idle_thread() -> bool:
+    """Put this thread at ``SCHED_IDLE`` (Linux; a thread may always lower its own policy). Whether it
+    holds; never raises (elsewhere, or refused, the thread keeps its policy and still works)."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    who = threading.get_native_id()
+    try:
+        os.sched_setscheduler(who, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        log.warning("could not put a batch thread at SCHED_IDLE: %s", exc)
+    return os.sched_getscheduler(who) == os.SCHED_IDLE
 
 
 def autogroup_niceness(pid: int | str = "self") -> int | None:

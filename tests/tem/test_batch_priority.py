@@ -1,6 +1,7 @@
-"""Batch Dask workers yield the CPU to the live-QC service: their threads at nice 10, and their session's
+"""Batch Dask workers yield the CPU to the live-QC service: their threads at nice 10, their session's
 autogroup at nice 19 when the session is theirs (Linux shares the CPU between sessions whatever the
-threads' nice values: the deployment starts each service in a session of its own)."""
+threads' nice values: the deployment starts each service in a session of its own), and the threads that run
+tasks at ``SCHED_IDLE``, the event loop not."""
 
 from __future__ import annotations
 
@@ -21,16 +22,23 @@ from em_platform.cluster.batch_priority import (
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux scheduling")
 
 
-def _priorities() -> tuple[int, int | None, bool, bool]:
+def _priorities() -> tuple[int, int | None, bool, int]:
     """In a task: the niceness of the worker thread running it, its session's autogroup's, whether the
-    session is a Dask worker's and whether the thread keeps the normal policy (``SCHED_IDLE`` would starve
-    the worker's event loop, its heartbeats and its close, on a full machine)."""
+    session is a Dask worker's and the thread's scheduling policy."""
     import threading
 
     from em_platform.cluster.batch_priority import autogroup_niceness, session_is_a_dask_worker
 
-    normal = os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
-    return os.getpriority(os.PRIO_PROCESS, 0), autogroup_niceness(), session_is_a_dask_worker(), normal
+    policy = os.sched_getscheduler(threading.get_native_id())
+    return os.getpriority(os.PRIO_PROCESS, 0), autogroup_niceness(), session_is_a_dask_worker(), policy
+
+
+def _event_loop_policy() -> tuple[str, int]:
+    """Run by ``Client.run``: in the worker's event loop thread, whose policy must stay the normal one
+    (``SCHED_IDLE`` would starve its heartbeats and its close on a full machine)."""
+    import threading
+
+    return threading.current_thread().name, os.sched_getscheduler(threading.get_native_id())
 
 
 @pytest.fixture
@@ -48,6 +56,8 @@ def scheduler():
 
 def test_a_deployed_batch_worker_lowers_its_threads_and_its_own_session(scheduler):
     """As `make dev` and deploy-local start it: `dask worker --preload ...` in a session of its own."""
+    import dask.array as da
+
     address, client = scheduler
     ours = autogroup_niceness()
     worker = subprocess.Popen(
@@ -68,9 +78,14 @@ def test_a_deployed_batch_worker_lowers_its_threads_and_its_own_session(schedule
     )
     try:
         client.wait_for_workers(1, timeout=60)
-        niceness, group, own_session, normal = client.submit(_priorities, pure=False).result(timeout=60)
+        niceness, group, own_session, policy = client.submit(_priorities, pure=False).result(timeout=60)
         assert niceness == BATCH_NICENESS
-        assert normal
+        assert policy == os.SCHED_IDLE
+        ((loop_thread, loop_policy),) = client.run(_event_loop_policy).values()
+        assert loop_thread == "MainThread" and loop_policy == os.SCHED_OTHER
+        # a task still has its worker: a P2P rechunk (an ingest's) needs it in every task
+        ramp = da.arange(400, chunks=40).reshape(20, 20).rechunk((20, 2), method="p2p")
+        assert int(ramp.sum().compute()) == 399 * 400 // 2
         assert own_session
         if ours is not None:  # a kernel with autogroups
             assert group == BATCH_GROUP_NICENESS
@@ -82,7 +97,8 @@ def test_a_deployed_batch_worker_lowers_its_threads_and_its_own_session(schedule
 
 def test_a_worker_inside_another_session_leaves_that_session_alone():
     """A LocalCluster's worker processes share the session of the process that started them (a run, a
-    benchmark): lowering that session's group would slow it all down, so only the threads are niced."""
+    benchmark): lowering that session's group would slow it all down, and task threads at SCHED_IDLE would
+    wait behind it, so only the threads are niced."""
     from distributed import Client, LocalCluster
 
     ours = autogroup_niceness()
@@ -97,9 +113,9 @@ def test_a_worker_inside_another_session_leaves_that_session_alone():
         ) as cluster,
         Client(cluster) as client,
     ):
-        niceness, group, own_session, normal = client.submit(_priorities, pure=False).result(timeout=60)
+        niceness, group, own_session, policy = client.submit(_priorities, pure=False).result(timeout=60)
     assert niceness == BATCH_NICENESS
-    assert normal
+    assert policy == os.SCHED_OTHER
     assert not own_session
     assert group == ours and autogroup_niceness() == ours
 
