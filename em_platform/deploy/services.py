@@ -444,7 +444,7 @@ SERVICES: tuple[Service, ...] = (
             "--dashboard-address",
             "{bind}:0",
             "--preload",
-            "em_platform.deploy.batch_niceness",  # nice 10, its session at autogroup 19: live tiles first
+            "em_platform.deploy.batch_niceness",  # nice 10, SCHED_IDLE tasks, autogroup 19: live first
         ),
         env={**platform_env(("s3",)), **QUIET_DASK_ENV},  # its tasks read and write the storage root
         compose_only_env=TLS_ENV,
