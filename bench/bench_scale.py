@@ -70,7 +70,12 @@ def measure_point(ctx, n: int, first_seconds: dict | None, repeats: int, label: 
     with start_webserver(ctx["home"], env=ctx["env"]) as web:
         seconds_pages, page_bytes, detail = measure.ui_pages(web.url, ctx["instance"], repeats)
         seconds.update(seconds_pages)
-        memory = {"webserver_with_code_server": measure.memory_mb(psutil.Process(web.process.pid))}
+        process = psutil.Process(web.process.pid)
+        memory = {
+            "webserver_with_code_server": measure.memory_mb(process),
+            "webserver": measure.memory_mb(process, children=False),
+        }
+        memory["code_server"] = round(memory["webserver_with_code_server"] - memory["webserver"], 1)
     seconds.update(measure.sensor_ticks(ctx["defs"], ctx["instance"], repeats))
     if (
         label != "after retention"

@@ -158,10 +158,11 @@ def ui_pages(
     return seconds, sizes, detail
 
 
-def memory_mb(process: psutil.Process) -> float:
-    """The process's resident memory with its children's (the webserver's code server)."""
+def memory_mb(process: psutil.Process, children: bool = True) -> float:
+    """The process's resident memory, with its children's unless ``children`` is False (the webserver's
+    children are its code server)."""
     total = process.memory_info().rss
-    for child in process.children(recursive=True):
+    for child in process.children(recursive=True) if children else ():
         try:
             total += child.memory_info().rss
         except psutil.NoSuchProcess:
