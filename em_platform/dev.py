@@ -250,7 +250,8 @@ class DaskPool:
     memory shared out among them), and doing its batch work at nice 10 in a session at autogroup nice 19, its
     task threads at ``SCHED_IDLE`` (the ``batch_niceness`` preload), so the live-QC service's own threads get
     the cores first. It speaks TLS only, with certificates of its own (``$DAGSTER_HOME/dask-certs``): on
-    loopback any local user could otherwise send it code to run as the operator. Not started when ``DASK_SCHEDULER_ADDRESS`` already names a cluster."""
+    loopback any local user could otherwise send it code to run as the operator. Not started when
+    ``DASK_SCHEDULER_ADDRESS`` already names a cluster."""
 
     address: str
     scheduler: Supervised
@@ -311,8 +312,8 @@ class DaskPool:
             quiet_at_stop=NANNY_KILL_AT_STOP,
         )
         print(
-            f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, batch "
-            "work at nice 10 on SCHED_IDLE task threads, each worker's session at autogroup nice 19)",
+            f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, "
+            "batch work at nice 10 on SCHED_IDLE task threads, each worker's session at autogroup nice 19)",
             file=out,
             flush=True,
         )

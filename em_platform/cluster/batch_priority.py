@@ -22,8 +22,9 @@ between sessions (an autogroup's share is its nice value's, whatever its threads
 live thread wakes: Linux counts a core running only ``SCHED_IDLE`` threads as idle when it places a waking
 thread (``sched_idle_cpu``), so a live thread lands on the core the batch holds and takes it at once, instead
 of queueing behind its own service's other thread while the batch keeps the other core (bench_tiles_live
---with-batch: fewer live threads runnable but waiting, the pool's share unchanged). Only the task threads: the worker's event loop keeps the normal policy (at nice 10), so its heartbeats and its close are
-not starved on a full machine, which is why ``SCHED_IDLE`` for the whole worker was taken out (2026-11-27).
+--with-batch: fewer live threads runnable but waiting, the pool's share unchanged). Only the task threads: the
+worker's event loop keeps the normal policy (at nice 10), so its heartbeats and its close are not starved on a
+full machine, which is why ``SCHED_IDLE`` for the whole worker was taken out (2026-11-27).
 
 The batch work is slower only while live tiles want the cores; idle cores are still all the batch's.
 """

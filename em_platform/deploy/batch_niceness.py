@@ -45,10 +45,10 @@ def _idle_then(fn, /, *args, **kwargs):
 
 def dask_setup(worker) -> None:
     """Runs in the worker process before its executor threads exist: they inherit the niceness (Linux
-    keeps it per thread). In a session of its own, the task pool becomes :class:`IdleThreadPoolExecutor` before any
-    task is given it; a worker that shares its session (a ``LocalCluster`` in a run) keeps Dask's pool: there
-    an idle task thread holding the GIL would wait behind the session's other work, and the event loop
-    behind it."""
+    keeps it per thread). In a session of its own, the task pool becomes :class:`IdleThreadPoolExecutor`
+    before any task is given it; a worker that shares its session (a ``LocalCluster`` in a run) keeps Dask's
+    pool: there an idle task thread holding the GIL would wait behind the session's other work, and the event
+    loop behind it."""
     done = lower_priority()
     if session_is_a_dask_worker() and isinstance(worker.executors.get("default"), ThreadPoolExecutor):
         worker.executors["default"].shutdown(wait=False)  # no thread started yet: nothing to wait for
