@@ -10,6 +10,7 @@ import threading
 
 
 def run(settings) -> int:
+    from em_platform.metrics.exporter import MetricsConfigError, serve_from
     from em_platform.resources import DaskResource, build_resources
     from em_platform.stop_signals import on_stop_signal
     from em_platform.tem.heap import keep_freed_memory
@@ -17,6 +18,11 @@ def run(settings) -> int:
 
     keep_freed_memory()  # tile after tile: the same arrays, from the heap, not faulted in again
     logging.basicConfig(level=logging.INFO, format="%(asctime)s live-qc %(levelname)s %(message)s")
+    try:
+        metrics = serve_from(os.environ, "EM_LIVE_QC_METRICS")
+    except MetricsConfigError as exc:
+        print(f"em-platform live-qc: {exc}", file=sys.stderr)
+        return 2
     resources = build_resources(settings)
     hardware = resources["hardware"]
     # Live tiles get threads of their own: an in-process cluster, not the deployment's, where a live tile
@@ -39,7 +45,8 @@ def run(settings) -> int:
         service.run(
             stop,
             ready=lambda: print(
-                f"live-qc: watching the journal for live montages as {service.owner} (Dask: {where})",
+                f"live-qc: watching the journal for live montages as {service.owner} (Dask: {where})"
+                + (f"; metrics at {metrics.url}" if metrics else ""),
                 flush=True,
             ),
         )

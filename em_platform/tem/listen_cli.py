@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from em_platform.metrics.exporter import MetricsConfigError, serve_from
 from em_platform.stop_signals import on_stop_signal, restore
 from em_platform.tem import protocol
 from em_platform.tem.broker import DEFAULT_SUBSCRIPTION, DEFAULT_TOPIC_PREFIX, BrokerSettings, BrokerSpecError
@@ -108,6 +110,13 @@ def run(args: argparse.Namespace, journal_factory: Callable[[], JournalSink]) ->
     except Exception as exc:  # DatabaseUnavailable and friends: the message says what to do
         print(f"em-platform listen: cannot open the acquisition journal: {exc}", file=sys.stderr)
         return 2
+    try:
+        metrics = serve_from(os.environ, "EM_LISTENER_METRICS")
+    except MetricsConfigError as exc:
+        print(f"em-platform listen: {exc}", file=sys.stderr)
+        return 2
+    if metrics is not None:
+        log.info("metrics at %s", metrics.url)
 
     shares = getattr(journal, "tile_shares", None)
     if shares is not None:

@@ -44,6 +44,8 @@ import stomp.exception
 
 from em_platform.catalog.dead_letters import KEPT_BODY_BYTES, LetterBody
 from em_platform.edge import Refused
+from em_platform.metrics.catalogue import BROKER_CONNECTED, DEAD_LETTERS, TILES_RECEIVED
+from em_platform.metrics.scopes import scope_of
 from em_platform.settings import broker_max_message_bytes
 from em_platform.sql import DatabaseUnavailable
 from em_platform.tem.broker import (
@@ -201,6 +203,7 @@ class _JournalListener:
         self.connect_timeout = connect_timeout
         self.ready = ready
         self.stats = ListenerStats()
+        self.tile_shares = getattr(journal, "tile_shares", None)  # what names a tile's scope in the metrics
         self.inbox: queue.Queue = queue.Queue()
         self.generation = 0
 
@@ -262,6 +265,7 @@ class _JournalListener:
             self.address,
             self.subscription,
         )
+        BROKER_CONNECTED.labels("listener").set(0)  # the series exists before the first connection
         while not self.stop.is_set():
             try:
                 conn, events = self.connect()
@@ -283,10 +287,12 @@ class _JournalListener:
             )
             if self.ready is not None:
                 self.ready.set()
+            BROKER_CONNECTED.labels("listener").set(1)
             started = time.monotonic()
             try:
                 progressed = self.consume(conn, events)
             finally:
+                BROKER_CONNECTED.labels("listener").set(0)
                 if self.ready is not None:
                     self.ready.clear()
                 close_connection(conn, events)
@@ -351,11 +357,11 @@ class _JournalListener:
                 body.describe(),
             )
             where = topic if topic in CONSUMED else dest
-            return self.reject(conn, events, frame, where, "(body)", reason, body=body)
+            return self.reject(conn, events, frame, where, "(body)", reason, body=body, kind="oversized")
         if topic not in CONSUMED:
             reason = f"not one of the consumed topics {', '.join(CONSUMED)} under prefix {self.prefix!r}"
             self.log.error("rejected message %s on %r: %s", msg_id, dest, reason)
-            return self.reject(conn, events, frame, dest, "destination", reason)
+            return self.reject(conn, events, frame, dest, "destination", reason, kind="destination")
         try:
             payload = decode(topic, frame.body)
         except ProtocolError as exc:
@@ -369,7 +375,8 @@ class _JournalListener:
                 message_version(topic),
                 frame.body,
             )
-            return self.reject(conn, events, frame, topic, ",".join(exc.fields) or "(body)", str(exc))
+            fields = ",".join(exc.fields) or "(body)"
+            return self.reject(conn, events, frame, topic, fields, str(exc), kind="protocol")
 
         delay, bad_tries = self.backoff[0], 0
         while True:
@@ -385,7 +392,7 @@ class _JournalListener:
                     exc,
                     frame.body,
                 )
-                return self.reject(conn, events, frame, topic, exc.field, str(exc))
+                return self.reject(conn, events, frame, topic, exc.field, str(exc), kind="refused")
             except Exception as exc:
                 if _is_transient(exc):
                     self.stats.journal_errors += 1
@@ -413,9 +420,11 @@ class _JournalListener:
                     frame.body,
                 )
                 reason = f"the journal cannot record it ({type(exc).__name__}: {str(exc)[:500]})"
-                return self.reject(conn, events, frame, topic, "(journal)", reason)
+                return self.reject(conn, events, frame, topic, "(journal)", reason, kind="journal")
         if new:
             self.stats.journaled += 1
+            if topic == "tile.raw":
+                TILES_RECEIVED.labels(scope_of(payload.get("path", ""), self.tile_shares)).inc()
             self.log.debug("journaled %s message %s", topic, msg_id)
         else:
             self.stats.duplicates += 1
@@ -443,10 +452,14 @@ class _JournalListener:
         field: str,
         reason: str,
         body: LetterBody | None = None,
+        *,
+        kind: str,
     ):
         """Dead-letter the message (committed), then acknowledge it: kept, and not delivered again.
 
         ``body``: what of the body to keep, when the frame does not hold it whole (an oversized message).
+        ``kind``: the reason as a metric label, one of a few (oversized, destination, protocol, refused,
+        journal).
         A database outage is waited out with the message unacknowledged (the broker keeps it); only if the
         dead letter itself cannot be written is the message NACKed without requeue, its body in the log.
         """
@@ -492,6 +505,7 @@ class _JournalListener:
                     return _LOST
                 return None
         self.stats.rejected += 1
+        DEAD_LETTERS.labels(kind).inc()
         self.log.error(
             "%s message %s dead-lettered as #%d (field %s); see `em-platform dead-letters`",
             topic,

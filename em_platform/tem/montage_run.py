@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from em_platform.cluster.stall import is_stalled
+from em_platform.metrics.live import count_verdicts
 from em_platform.stitch.grid import NEIGHBOURS, array_name, matched_against, neighbour_of, stage_to_image
 from em_platform.tem.journal import MontageRow, TileReport, TileRow
 from em_platform.tem.montage_result import MontageRunResult, StageCalibration, TileRecord
@@ -583,6 +584,7 @@ class MontageRun:
             committed = time.time()
             for rec in judged:
                 rec.times["verdict"] = committed
+            count_verdicts(judged, getattr(self.source, "tile_shares", None))
 
     def _verdict(self, rec: TileRecord) -> TileReport:
         t, o = rec.tile, rec.outcome

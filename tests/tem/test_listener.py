@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from em_platform.tem import listen_cli
 from em_platform.tem.journal import Journal
 from em_platform.tem.listener import delete_subscription, run_listener
+from tests.support.browser import free_port
+from tests.support.metrics import scrape
 
 from .conftest import ListenerThread, closed_port, wait_until
 
@@ -313,8 +315,10 @@ def test_listen_cli_journals_until_sigterm(stomp_broker, tmp_path):
     script = (
         "import sys; from em_platform.tem import listen_cli; from em_platform.tem.journal import Journal\n"
         "import argparse; p = argparse.ArgumentParser(); listen_cli.add_arguments(p)\n"
-        f"sys.exit(listen_cli.run(p.parse_args(sys.argv[1:]), lambda: Journal({f'sqlite:///{db}'!r})))\n"
+        f"journal = lambda: Journal({f'sqlite:///{db}'!r}, tile_shares=['/storage/raw'])\n"
+        "sys.exit(listen_cli.run(p.parse_args(sys.argv[1:]), journal))\n"
     )
+    metrics = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -328,7 +332,7 @@ def test_listen_cli_journals_until_sigterm(stomp_broker, tmp_path):
             stomp_broker.topic_prefix,
         ],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "EM_LISTENER_METRICS": metrics},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -352,6 +356,14 @@ def test_listen_cli_journals_until_sigterm(stomp_broker, tmp_path):
             wait_until(lambda: journal.tiles("m-cli"), what="the tile journaled by em-platform listen")
         finally:
             journal.dispose()
+        # what an operator's Prometheus reads: the tile by its scope share, a dead letter by its reason
+        stomp_broker.send_raw("tile.raw", "this is not JSON")
+        letters = ("em_dead_letters_total", (("reason", "protocol"),))
+        wait_until(lambda: scrape(f"http://{metrics}/metrics").get(letters), what="the dead letter counted")
+        samples = scrape(f"http://{metrics}/metrics")
+        assert samples[("em_tiles_received_total", (("scope", "raw"),))] == 1
+        assert samples[letters] == 1
+        assert samples[("em_broker_connected", (("service", "listener"),))] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, "".join(err_lines)
         reader.join(5)

@@ -24,6 +24,8 @@ from em_platform.tem.journal import Journal
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.tile_source import JournalTileSource
+from tests.support.browser import free_port
+from tests.support.metrics import scrape
 
 MONTAGE = "live-service-m1"
 EM_PLATFORM = Path(sys.executable).parent / "em-platform"
@@ -88,8 +90,10 @@ def test_a_killed_live_service_resumes_and_each_tile_is_judged_once(tmp_path):
     scope.start()
     before = wait_for(lambda: len(_judged(journal)) >= 3 and _judged(journal), 120, "three verdicts")
     first.kill()
+    at_kill = len(_judged(journal))
     assert len(before) < 12, "the service judged the whole montage before the kill: nothing was resumed"
-    second = Service(env)  # waits out the killed service's claim, then resumes
+    metrics = f"127.0.0.1:{free_port()}"
+    second = Service({**env, "EM_LIVE_QC_METRICS": metrics})  # waits out the killed claim, then resumes
     try:
         scope.join(60)
         try:
@@ -102,6 +106,12 @@ def test_a_killed_live_service_resumes_and_each_tile_is_judged_once(tmp_path):
         assert {t: judged[t] for t in before} == before  # judged before the kill: not judged again
         # the montage's run, after the service let go: every verdict taken over, none judged or sent again
         wait_for(lambda: journal.judging(MONTAGE) is None, 60, "the service to release the montage")
+        # what the restarted service judged, as Prometheus reads it: the tiles by scope share, each latency
+        assert any(f"metrics at http://{metrics}/metrics" in line for line in second.lines)
+        samples = scrape(f"http://{metrics}/metrics")
+        assert samples[("em_tiles_judged_total", (("scope", "scope"), ("verdict", "passed")))] == 12 - at_kill
+        assert samples[("em_live_qc_latency_seconds_count", ())] == 12 - at_kill
+        assert 0 < samples[("em_live_qc_latency_seconds_sum", ())] < 60 * (12 - at_kill)
     finally:
         second.proc.send_signal(signal.SIGTERM)
         assert second.proc.wait(60) == 0, "".join(second.lines)
