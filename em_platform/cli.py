@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the warm live-QC service: judge live montages' tiles as they land (make dev and deploy-local "
         "start it)",
     )
+    sub.add_parser(
+        "metrics",
+        help="the facility's Prometheus exporter: montages being acquired, buffer, uploads, runs, SLURM "
+        "(EM_METRICS, default 127.0.0.1:9472)",
+    )
     from em_platform import dead_letters_cli
 
     dead_letters_cli.add_arguments(
@@ -129,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             from em_platform import live_qc_cli
 
             return live_qc_cli.run(load_settings())
+        if args.command == "metrics":
+            from em_platform import metrics_cli
+
+            return metrics_cli.run(load_settings())
         if args.command == "dead-letters":
             s = load_settings()
             return dead_letters_cli.run(args, s.catalog_url, s.scope_shares)

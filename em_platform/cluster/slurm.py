@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from em_platform.switch import parse_switch
 
@@ -505,6 +506,37 @@ def queue_reasons(
     if not rows:
         return f"squeue knows none of jobs {', '.join(job_ids)} ({done.stderr.strip() or 'ended'})"
     return "; ".join(f"job {i} {state} ({reason})" for i, state, reason in rows)
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """This user's SLURM jobs (the platform's worker jobs) as an operator's dashboard counts them."""
+
+    jobs: dict[str, int]  # squeue's state (PENDING, RUNNING, ...) -> jobs
+    oldest_pending_s: float  # how long the longest-waiting pending job has waited; 0 when none waits
+
+
+def queue_summary(
+    now: float, run: Callable[..., subprocess.CompletedProcess] = subprocess.run
+) -> QueueSummary:
+    """``squeue --me``: the jobs by state and the oldest pending one's wait; RuntimeError with squeue's
+    words when it cannot answer (slurmctld down)."""
+    done = run(["squeue", "--me", "-h", "-o", "%T|%V"], capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        raise RuntimeError(f"squeue failed ({done.returncode}): {done.stderr.strip()[:300]}")
+    jobs: dict[str, int] = {}
+    oldest = 0.0
+    for line in done.stdout.splitlines():
+        state, _, submitted = line.partition("|")
+        if not state:
+            continue
+        jobs[state] = jobs.get(state, 0) + 1
+        if state == "PENDING":
+            try:  # squeue prints the submit time in the host's local time
+                oldest = max(oldest, now - datetime.fromisoformat(submitted).timestamp())
+            except ValueError:
+                continue
+    return QueueSummary(jobs, oldest)
 
 
 def check_data_root(client, data_root: str) -> None:

@@ -172,6 +172,16 @@ class TileReport:
 
 
 @dataclass(frozen=True)
+class OpenMontage:
+    """A montage being acquired, as an operator's dashboard counts it (:meth:`Journal.open_montages`)."""
+
+    montage_id: str
+    last_arrival: datetime  # its newest tile's, or when the montage started if it has none yet
+    a_tile_path: str | None  # one of its tiles' files (which scope share it is on), None before its first
+    unjudged: int  # montage tiles without a verdict yet
+
+
+@dataclass(frozen=True)
 class TileRow:
     tile_id: str
     montage_id: str
@@ -332,6 +342,47 @@ class Journal:
             if any(s is not None for s in found):
                 return int(min(s for s in found if s is not None)) - 1
             return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(c.seq), 0))).scalar_one())
+
+    def open_montages(self, changed_since: datetime) -> list[OpenMontage]:
+        """The montages not finished that changed at or after ``changed_since`` (one a scope left open
+        long ago, crashed mid-montage, is not being acquired): each one's newest arrival, a tile path and its
+        tiles still without a verdict. Read by the partial index of unfinished montages, whatever the year
+        holds."""
+        m, t = montages.c, tiles.c
+        montage_tile = sa.and_(t.montage_id == m.montage_id, t.brightfield.is_(False), t.darkfield.is_(False))
+        q = (
+            sa.select(
+                m.montage_id,
+                sa.func.coalesce(
+                    sa.func.max(t.acquired_at), sa.func.min(m.started_at), sa.func.min(m.updated_at)
+                ),
+                sa.func.max(t.path),
+                sa.func.count(t.tile_id) - sa.func.count(t.qc_passed),
+            )
+            .select_from(montages.outerjoin(tiles, montage_tile))
+            .where(UNFINISHED, m.updated_at >= changed_since)
+            .group_by(m.montage_id)
+        )
+        with self.engine.connect() as conn:
+            return [OpenMontage(r[0], _aware(r[1]), r[2], int(r[3])) for r in conn.execute(q)]
+
+    def completed_since(self, since: datetime) -> list[tuple[str, datetime, str | None]]:
+        """(montage id, when the scope completed it, the last ``qc.status`` sent for it) of the montages
+        completed at or after ``since``."""
+        c, q, earlier = montages.c, qc_status.c, qc_status.alias("earlier").c
+        last = (
+            sa.select(sa.func.max(earlier.id))
+            .where(earlier.montage_id == c.montage_id)
+            .correlate(montages)
+            .scalar_subquery()
+        )
+        query = (
+            sa.select(c.montage_id, sa.func.coalesce(c.completed_at, c.updated_at), q.status)
+            .select_from(montages.outerjoin(qc_status, q.id == last))
+            .where(c.state == "completed", c.updated_at >= since)
+        )
+        with self.engine.connect() as conn:
+            return [(r[0], _aware(r[1]), r[2]) for r in conn.execute(query)]
 
     def montage(self, montage_id: str) -> MontageRow | None:
         with self.engine.connect() as conn:
