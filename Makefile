@@ -13,7 +13,7 @@ DEV_PORT ?= 3000
 # of which a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
 TEST_WORKERS ?= 3
 
-.PHONY: demo test test-e2e test-fast dev bench bench-scale lint validate clean services compiled ops-engine
+.PHONY: demo test test-e2e test-fast dev bench bench-scale lint validate clean services compiled ops-engine test-ops
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -52,19 +52,19 @@ OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm
 test: compiled services slurm-engine ops-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench scripts
 	$(VENV)/bin/ruff format --check em_platform tests bench scripts
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=40 -m "not end_to_end" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=40 -m "not end_to_end" --ignore=tests/compose --ignore=tests/ops $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## test-e2e: the end-to-end units, each a chain of its own on one process: a fresh checkout's `make demo` (twice)
 ## with the browser tests of the UI and Neuroglancer and every command the README and docs/ show; the
 ## deployment's process topology (daemon, webserver, code server, Dask, S3, PostgreSQL, broker, live QC)
 test-e2e: compiled services slurm-engine ops-engine $(EM_STITCH)
-	$(PY) -m pytest -q -n 2 --durations=20 -m end_to_end --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
+	$(PY) -m pytest -q -n 2 --durations=20 -m end_to_end --ignore=tests/compose --ignore=tests/ops $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## test-fast: make test without its `slow` tests (whole Dagster runs): the quick loop while changing code
 test-fast: compiled services slurm-engine ops-engine $(EM_STITCH)
 	$(VENV)/bin/ruff check em_platform tests bench scripts
 	$(VENV)/bin/ruff format --check em_platform tests bench scripts
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end and not slow" --ignore=tests/compose $(OWN_TARGET_SUITES:%=--ignore=%) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end and not slow" --ignore=tests/compose --ignore=tests/ops $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
 dev: compiled $(DAGSTER_HOME)/dagster.yaml
@@ -150,6 +150,11 @@ test-faults: compiled services $(EM_STITCH)
 ## starting jobs mid-run) and the run's page in a browser showing its SLURM jobs
 test-slurm: compiled services slurm-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/slurm
+
+## test-ops: the operations suite: a real Prometheus scrapes the services and a real Alertmanager pages a webhook
+## receiver; each fault injected (a service killed, a scope silent mid-montage) must page, then clear when repaired
+test-ops: compiled services ops-engine
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/ops
 
 ## ops-engine: Debian's prometheus (promtool) and prometheus-alertmanager for the alert rules' tests (as root)
 ops-engine:

@@ -53,7 +53,7 @@ NOT_RUN = [
         "(tests/compose/), against a stack of its own (COMPOSE_ENV)",
     ),
     (
-        r"^make (test-slurm|slurm-engine|test-faults)\b",
+        r"^make (test-slurm|slurm-engine|test-faults|test-ops|ops-engine)\b",
         "a fault suite or a real SLURM's daemons for minutes: its own target, which CI runs after make test",
     ),
     (

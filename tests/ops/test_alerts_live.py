@@ -1,0 +1,129 @@
+"""The operations suite (make test-ops): a real Prometheus scrapes the platform's services, evaluates the
+alert rules of docker/prometheus/alerts.yml unchanged, and a real Alertmanager pages a webhook receiver; each
+fault is injected, its alert must reach the pager, and clear when the fault is repaired.
+
+Faults: the live-QC service killed (ServiceDown), and a scope that stops in the middle of a montage
+(ScopeSilent: two minutes of silence, then the rule's minute)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from em_platform.settings import load_settings
+from em_platform.tem.journal import Journal
+from tests.support.browser import free_port
+from tests.support.monitoring import Monitoring, missing
+
+EM_PLATFORM = Path(sys.executable).parent / "em-platform"
+
+
+class Process:
+    """An em-platform service in its own process, up once it printed ``ready``."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready: str):
+        self.proc = subprocess.Popen(
+            [str(EM_PLATFORM), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        up = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if ready in line:
+                    up.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not up.wait(120):
+            self.stop()
+            raise AssertionError(f"em-platform {args[0]} did not start: {''.join(self.lines)[-3000:]}")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_repaired(tmp_path):
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    if not EM_PLATFORM.exists():
+        pytest.skip(f"{EM_PLATFORM} not installed (make .venv/.installed)")
+    share = tmp_path / "scope"
+    share.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
+    env.update(EM_DATA_ROOT=str(tmp_path / "data"), EM_SCOPE_SHARES=str(share), EM_SCOPE_PIXEL_SIZE_NM="4")
+    live_at, exporter_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    live_env = {**env, "EM_LIVE_QC_METRICS": live_at}
+    running: list[Process] = []
+    monitoring = None
+    try:
+        running.append(Process(["live-qc"], live_env, "watching the journal"))
+        running.append(Process(["metrics"], {**env, "EM_METRICS": exporter_at}, "metrics: the facility"))
+        monitoring = Monitoring(tmp_path / "monitoring", {"live-qc": [live_at], "metrics": [exporter_at]})
+        monitoring.wait_until_up({"live-qc", "metrics"})
+        pager = monitoring.pager
+
+        # the scope starts a montage, sends one tile and falls silent
+        journal = Journal(load_settings(env).catalog_url, tile_shares=[str(share)])
+        tile = share / "m-ops" / "t0.tif"
+        tile.parent.mkdir()
+        tifffile.imwrite(tile, np.random.default_rng(0).integers(0, 4000, (256, 256), dtype=np.uint16))
+        journal.record("montage.status", {"montage_id": "m-ops", "state": "started", "total_tiles": 4})
+        journal.record(
+            "tile.raw",
+            {"tile_id": "m-ops-t0", "montage_id": "m-ops", "row": 0, "column": 0, "path": str(tile)},
+        )
+        silent_since = time.time()
+
+        # the live-QC service killed, then started again
+        running[0].kill()
+        killed = time.time()
+        down = pager.wait_for("ServiceDown", "firing", 180, job="live-qc", instance=live_at)
+        assert down["labels"]["severity"] == "page" and down["annotations"]["runbook"].endswith(
+            "#servicedown"
+        )
+        assert _at(down["startsAt"]) >= killed + 55  # `for: 1m`, not the first missed scrape
+        running[0] = Process(["live-qc"], live_env, "watching the journal")
+        pager.wait_for("ServiceDown", "resolved", 120, job="live-qc")
+
+        # the silent scope: paged after its two minutes and the rule's minute, cleared once the montage ends
+        silent = pager.wait_for("ScopeSilent", "firing", 300, scope="scope")
+        assert _at(silent["startsAt"]) >= silent_since + 170
+        journal.record("montage.status", {"montage_id": "m-ops", "state": "completed", "total_tiles": 1})
+        pager.wait_for("ScopeSilent", "resolved", 120, scope="scope")
+        # nothing else paged: the exporter stayed up, no montage waits for its upload yet
+        assert {a["labels"]["alertname"] for a in pager.alerts} == {"ServiceDown", "ScopeSilent"}
+        assert {
+            a["labels"].get("job") for a in pager.alerts if a["labels"]["alertname"] == "ServiceDown"
+        } == {"live-qc"}
+        journal.dispose()
+    finally:
+        if monitoring is not None:
+            monitoring.stop()
+        for p in running:
+            p.stop()
+
+
+def _at(stamp: str) -> float:
+    """Alertmanager's RFC 3339 time (nanoseconds, Z) as Unix seconds."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float(f"0.{frac or 0}")
