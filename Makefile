@@ -98,7 +98,7 @@ clean:
 .PHONY: deploy-local deploy-down deploy-status deploy-compose deploy-config images compose-up compose-down compose-status test-compose test-slurm slurm-engine test-faults
 
 ## deploy-local: the production topology (docker/compose.yaml's services) as processes on loopback; Ctrl-C stops it
-deploy-local: $(VENV)/.installed services
+deploy-local: $(VENV)/.installed services ops-engine
 	$(PY) -m em_platform.deploy up --state var/deploy
 
 ## deploy-down: stop a deploy-local started in another shell (by the PIDs it recorded), its runner included
@@ -142,7 +142,7 @@ test-compose: compiled services container-engine
 
 ## test-faults: the process topology's fault suite: the daemon, a Dask worker, a run, the listener and the object
 ## store killed mid-ingest or mid-montage, each ending with nothing lost or duplicated
-test-faults: compiled services $(EM_STITCH)
+test-faults: compiled services ops-engine $(EM_STITCH)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/deploy/test_faults.py
 
 ## test-slurm: the platform on a real single-node SLURM started here: results equal to the local cluster's, then

@@ -274,6 +274,21 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             ("a small task's round trip, local", "local_task_round_trip_ms", "ms"),
         ],
     ),
+    (
+        "metrics_cost.json",
+        "What the metrics cost the live chain (`bench_metrics`)",
+        [
+            ("the chain's CPU per tile (5000², one thread)", "history.*.chain_cpu_ms_per_tile", "ms"),
+            ("verdicts counted, with their latency", "history.*.metrics_cpu_ms_per_tile.verdicts", "ms"),
+            (
+                "a tile counted as the listener journals it",
+                "history.*.metrics_cpu_ms_per_tile.tile_received",
+                "ms",
+            ),
+            ("a scrape every 15 s, per tile of two scopes", "history.*.metrics_cpu_ms_per_tile.scrape", "ms"),
+            ("all of it over the chain's (at most 0.02)", "history.*.metrics_over_chain", ""),
+        ],
+    ),
 ]
 
 

@@ -40,6 +40,9 @@ QUIET_TICK = re.compile(
     r"|EventLogConsumerDaemon - .*No cursor for event type"
 )
 SHUTDOWN_GRACE_SECONDS = 12.0
+# where the services serve their metrics unless EM_LIVE_QC_METRICS / EM_METRICS say otherwise
+DEV_LIVE_QC_METRICS = "127.0.0.1:9470"
+DEV_FACILITY_METRICS = "127.0.0.1:9472"
 # Dagster 1.13 warns that `dagster dev` is superseded by `dg dev` (the dagster-dg-cli package), which serves a dg
 # project (pyproject's [tool.dg] and its defs layout); this repository is a plain code location that
 # workspace.yaml names, so `dagster dev` is still the command that serves it. The warning, which the user cannot
@@ -111,9 +114,29 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         env={**os.environ, **(pool.env if pool else {}), "PYTHONWARNINGS": _NOT_DG},
     )
     stopping = threading.Event()
+    # the services' metrics on loopback, for a Prometheus of the operator's (docs/operations.md)
+    live_metrics = os.environ.get("EM_LIVE_QC_METRICS", "").strip() or DEV_LIVE_QC_METRICS
+    facility_metrics = os.environ.get("EM_METRICS", "").strip() or DEV_FACILITY_METRICS
+    print(
+        f"em-platform dev: metrics of live-qc at http://{live_metrics}/metrics (EM_LIVE_QC_METRICS), of the "
+        f"facility at http://{facility_metrics}/metrics (EM_METRICS)",
+        file=out,
+        flush=True,
+    )
     services = [
-        Supervised("live-qc", [sys.executable, "-m", "em_platform.live_qc_cli"], out),
+        Supervised(
+            "live-qc",
+            [sys.executable, "-m", "em_platform.live_qc_cli"],
+            out,
+            env={**os.environ, "EM_LIVE_QC_METRICS": live_metrics},
+        ),
         Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out),
+        Supervised(
+            "metrics",
+            [sys.executable, "-m", "em_platform.cli", "metrics"],
+            out,
+            env={**os.environ, "EM_METRICS": facility_metrics},
+        ),
     ]
     supervised = services + (pool.services if pool else [])
 
@@ -131,7 +154,8 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         for service in supervised:  # the pool's workers before its scheduler
             service.stop()
         print(
-            "em-platform dev: stopped (Dagster, live-qc, viewer" + (", the Dask pool)" if pool else ")"),
+            "em-platform dev: stopped (Dagster, live-qc, viewer, metrics"
+            + (", the Dask pool)" if pool else ")"),
             file=out,
             flush=True,
         )

@@ -20,12 +20,15 @@ EM_BROKER_USERNAME/EM_BROKER_PASSWORD. A service that dies is restarted by the r
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from em_platform.deploy.compose import COMPOSE_FILE, compose_yaml, write_compose
+from em_platform.deploy.compose import COMPOSE_FILE, compose_yaml
+from em_platform.deploy.monitoring import COMPOSE_CONFIG as COMPOSE_PROMETHEUS
+from em_platform.deploy.services import SERVICES
 
 CONTAINER_COMMANDS = ("compose-up", "compose-down", "compose-status", "ui-user", "compose-ca")
 
@@ -61,17 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "compose":
-        from em_platform.deploy.standins import STANDIN_FILE, standin_yaml, write_standins
+        from em_platform.deploy.compose import compose_prometheus
+        from em_platform.deploy.standins import STANDIN_FILE, standin_yaml
 
+        generated = (
+            (COMPOSE_FILE, compose_yaml()),
+            (STANDIN_FILE, standin_yaml()),
+            (COMPOSE_PROMETHEUS, compose_prometheus()),
+        )
         if args.check:
-            for path, text in ((COMPOSE_FILE, compose_yaml()), (STANDIN_FILE, standin_yaml())):
+            for path, text in generated:
                 if not path.exists() or path.read_text() != text:
                     print(f"{path} is stale: run `python -m em_platform.deploy compose`", file=sys.stderr)
                     return 1
-            print(f"{COMPOSE_FILE} and {STANDIN_FILE.name} match the tables")
+            print(f"{', '.join(str(p) for p, _ in generated)} match the tables")
             return 0
-        print(write_compose())
-        print(write_standins())
+        for path, text in generated:
+            path.write_text(text)
+            print(path)
         return 0
 
     from em_platform.deploy.processes import (
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             machine=Machine.from_env(),
             ports=stable_ports(check_free=args.command == "up"),
+            # where Alertmanager sends the alerts (a pager's or a chat's webhook)
+            settings={k: os.environ[k] for k in ("EM_ALERT_WEBHOOK",) if os.environ.get(k)},
         )
     except TopologyError as exc:
         print(f"deploy {args.command}: {exc}", file=sys.stderr)
@@ -140,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  STOMP broker      {topology.platform_env['EM_BROKER']} (topics {topology.settings['EM_BROKER_TOPIC_PREFIX']})"
     )
+    metrics = ", ".join(f"{s.name} {topology.url(s.name)}{s.metrics}" for s in SERVICES if s.metrics)
+    print(f"  metrics           {metrics}")
+    prometheus = f"{topology.url('prometheus')}/prometheus"
+    print(f"  Prometheus        {prometheus}/ (the facility's page: {prometheus}/consoles/facility.html)")
+    webhook = topology.settings.get("EM_ALERT_WEBHOOK") or "none: set EM_ALERT_WEBHOOK to page someone"
+    print(f"  Alertmanager      {topology.url('alertmanager')} (alerts to: {webhook})")
     print("Ctrl-C stops every service.", flush=True)
     try:
         # Short sleeps: the kernel may hand SIGTERM to another thread (s3fs's IO loop); Python runs the

@@ -61,7 +61,9 @@ def compose_addresses() -> Addresses:
 
 
 def healthcheck(probe: Probe, port: int | None) -> dict[str, Any]:
-    if probe.kind == "command":
+    if probe.test:  # the image's own way (a server image without Python), whatever the runner checks
+        test = list(probe.test)
+    elif probe.kind == "command":
         test = list(probe.test)
     elif probe.kind == "tcp":
         test = ["CMD", "python", "-c", f"import socket; socket.create_connection(('localhost', {port}), 4)"]
@@ -161,7 +163,8 @@ def compose_yaml() -> str:
     return HEADER + body
 
 
-def write_compose(path: Path = COMPOSE_FILE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(compose_yaml())
-    return path
+def compose_prometheus() -> str:
+    """docker/prometheus/prometheus.yml: every service of the table with metrics, at its compose address."""
+    from em_platform.deploy.monitoring import compose_prometheus_yaml
+
+    return compose_prometheus_yaml(SERVICES, compose_addresses().addr)

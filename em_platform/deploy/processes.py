@@ -38,6 +38,7 @@ import yaml
 
 from em_platform.deploy import dask_tls
 from em_platform.deploy.db_roles import PASSWORD_SETTINGS, Databases, provision
+from em_platform.deploy.monitoring import write_process_config
 from em_platform.deploy.services import IMAGE_ENV, S3_USERS, SERVICES, Service, start_order
 from em_platform.deploy.templates import Addresses, interpolate, place
 
@@ -205,7 +206,14 @@ class ProcessTopology:
         ports.update(postgresql=m.pg_port, rabbitmq=m.stomp_port)
         hosts = {s.name: "127.0.0.1" for s in SERVICES}
         hosts.update(postgresql=m.pg_host, rabbitmq=m.stomp_host)
-        self.addresses = Addresses(bind="127.0.0.1", hosts=hosts, ports=ports, data=str(self.state / "data"))
+        self.addresses = Addresses(
+            bind="127.0.0.1",
+            hosts=hosts,
+            ports=ports,
+            data=str(self.state / "data"),
+            etc=str(self.state / "etc"),
+            var=str(self.state / "var"),
+        )
         self.dagster_home = self.state / "dagster_home"
         self._running: dict[str, list[_Running]] = {}
         self._created: list[str] = []
@@ -318,6 +326,12 @@ class ProcessTopology:
             (self.state / sub).mkdir(parents=True, exist_ok=True)
         dask_tls.make_certificates(self.state / "dask-certs", ("localhost", "127.0.0.1"))
         self._write_instance()
+        write_process_config(
+            self.state / "etc",
+            SERVICES,
+            self.addresses.addr,
+            webhook=self.settings.get("EM_ALERT_WEBHOOK") or None,
+        )
         ready: set[str] = set()
         pending = [s for s in start_order()]
         plan = {(p.service, p.replica): p for p in self.plan()}
@@ -785,10 +799,23 @@ def _service(name: str) -> Service:
     return service(name)
 
 
+# the servers the machine provides under Debian's names (the official images' differ)
+DEBIAN_NAMES = {"alertmanager": "prometheus-alertmanager"}
+DEBIAN_PACKAGES = {"prometheus": "prometheus", "alertmanager": "prometheus-alertmanager"}
+
+
 def _executable(name: str) -> str:
-    """Commands come from this Python environment (as they come from the image's)."""
+    """Commands come from this Python environment (as they come from the image's), else the machine's."""
     local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
+    if local.exists():
+        return str(local)
+    found = shutil.which(name) or shutil.which(DEBIAN_NAMES.get(name, name))
+    if found is None and name in DEBIAN_PACKAGES:
+        raise TopologyError(
+            f"no {name} on this machine: the topology's monitoring runs Debian's "
+            f"{DEBIAN_PACKAGES[name]} (as root: make ops-engine, or apt-get install {DEBIAN_PACKAGES[name]})"
+        )
+    return found or name
 
 
 S3RVER_KEY = "S3RVER"

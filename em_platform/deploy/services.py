@@ -12,6 +12,9 @@ Commands and environment values are templates, filled in per topology:
     the shared data folder (the ``/data`` volume; a folder as processes);
 ``{web}``
     how browsers reach the UI and the viewer: ``https`` through compose's proxy, ``http`` on loopback;
+``{etc}`` / ``{var}``
+    the monitoring's configuration (``docker/prometheus`` mounted at ``/etc/em``; the runner writes its own) and
+    a service's own state (its volume at ``/<service>``; a folder of the runner's state);
 ``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}``
     an operator's setting: compose interpolates it from ``docker/.env``; the runner from its settings.
 """
@@ -33,6 +36,8 @@ LOCATION_NAME = "em_platform"
 class Probe:
     """How to tell that a service is up: compose renders it as a healthcheck, the runner checks it itself.
 
+    ``test``: compose's healthcheck command (``command``; for another kind, the image's own way of checking
+    what the runner checks its way, as in a server image without Python).
     ``kind``: ``tcp`` (the port accepts), ``http`` (GET ``path`` answers 2xx), ``grpc`` (Dagster's code-server
     health check; the runner also waits for the code to load), ``daemon`` (``dagster-daemon liveness-check``;
     the runner reads the same heartbeats), ``command`` (``test``, compose only: the runner checks the machine's
@@ -79,6 +84,8 @@ class Service:
     hostname: str = ""  # a fixed host name in its container (compose only)
     # the compose networks it joins (NETWORKS): a service reaches only the services that share one with it
     networks: tuple[str, ...] = ("data",)
+    # where Prometheus scrapes it at its port ("/metrics"); "" for none (em_platform/deploy/monitoring.py)
+    metrics: str = ""
     note: str = ""
 
 
@@ -90,6 +97,7 @@ NETWORKS = {
     "control": "-control",  # Dagster: webserver, daemon, code server, and PostgreSQL for their storage
     "web": "-web",  # the TLS proxy and what it serves: the webserver and the viewer
     "door": "-door",  # the proxy and its login service alone (the door trusts X-Forwarded-For)
+    "monitoring": "-monitoring",  # the proxy and Prometheus alone: its UI behind the login, at /prometheus/
 }
 
 
@@ -542,21 +550,90 @@ SERVICES: tuple[Service, ...] = (
             "--topic-prefix",
             "${EM_BROKER_TOPIC_PREFIX:-/topic/}",
         ),
-        env=platform_env(("catalog", "broker"), db="listener"),  # the broker in, the journal out
+        # the broker in, the journal out; its counters for Prometheus
+        env={**platform_env(("catalog", "broker"), db="listener"), "EM_LISTENER_METRICS": "{bind}:{port}"},
+        port=9471,
         depends_on={"db-init": COMPLETED, "rabbitmq": HEALTHY},
         probe=Probe("log", pattern="subscribed to "),
+        metrics="/metrics",
         note="journals the microscope's tile.raw / montage.* messages (durable subscription)",
     ),
     Service(
         "live-qc",
         image=EM_IMAGE,
         command=("em-platform", "live-qc"),
-        env=platform_env(("catalog", "broker"), db="live_qc"),  # the journal in, verdicts out
+        # the journal in, verdicts out; its counters and latencies for Prometheus
+        env={**platform_env(("catalog", "broker"), db="live_qc"), "EM_LIVE_QC_METRICS": "{bind}:{port}"},
+        port=9470,
         depends_on={"db-init": COMPLETED, "rabbitmq": HEALTHY, "dask-scheduler": HEALTHY},
         probe=Probe("log", pattern="watching the journal"),
+        metrics="/metrics",
         volumes=(DATA_VOLUME,),  # the buffer its processed tiles are staged in, shared with the runs
         restart="on-failure",
         note="judges live montages' tiles as they land (warm: no run start); the montage runs record it",
+    ),
+    Service(
+        "metrics",
+        image=EM_IMAGE,
+        command=("em-platform", "metrics"),
+        # it reads the journal and the catalog (the sensors' role), Dagster's runs, the buffer's filesystem
+        env={**platform_env(("catalog", "dagster"), db="code"), "EM_METRICS": "{bind}:{port}"},
+        port=9472,
+        depends_on={"db-init": COMPLETED},
+        probe=Probe("http", path="/metrics"),
+        volumes=(DATA_VOLUME,),
+        metrics="/metrics",
+        note="the facility's gauges for Prometheus: montages being acquired by scope, tiles waiting for a verdict, "
+        "uploads waiting, the buffer's disk, the runs that ended (em_platform/metrics_cli.py)",
+    ),
+    Service(
+        "alertmanager",
+        image="prom/alertmanager:v0.27.0",
+        command=(
+            "alertmanager",
+            "--config.file={etc}/alertmanager.yml",
+            "--storage.path={var}",
+            "--web.listen-address={bind}:{port}",
+            "--cluster.listen-address=",  # one Alertmanager: no gossip port
+        ),
+        port=9093,
+        probe=Probe(
+            "http",
+            path="/-/ready",
+            test=("CMD", "wget", "-q", "-O", "/dev/null", "http://localhost:9093/-/ready"),
+        ),
+        volumes=("./prometheus:/etc/em:ro", "alertmanager-data:/alertmanager"),
+        entrypoint=("/usr/bin/env",),  # the command names its binary, as the process runner starts it
+        metrics="/metrics",
+        note="sends Prometheus's alerts to the operators (docker/prometheus/alertmanager.yml: a webhook)",
+    ),
+    Service(
+        "prometheus",
+        image="prom/prometheus:v2.53.0",
+        command=(
+            "prometheus",
+            "--config.file={etc}/prometheus.yml",
+            "--storage.tsdb.path={var}",
+            "--storage.tsdb.retention.time=${EM_METRICS_RETENTION:-30d}",
+            "--web.listen-address={bind}:{port}",
+            # under /prometheus/, as the proxy serves it beside the UI, behind the same login
+            "--web.external-url=/prometheus/",
+            "--web.console.templates={etc}/consoles",
+            "--web.console.libraries={etc}/consoles",
+        ),
+        port=9090,
+        probe=Probe(
+            "http",
+            path="/prometheus/-/ready",
+            test=("CMD", "wget", "-q", "-O", "/dev/null", "http://localhost:9090/prometheus/-/ready"),
+        ),
+        volumes=("./prometheus:/etc/em:ro", "prometheus-data:/prometheus"),
+        entrypoint=("/usr/bin/env",),
+        depends_on={"alertmanager": HEALTHY},
+        networks=("data", "monitoring"),  # it scrapes the data network; the proxy serves its UI
+        metrics="/prometheus/metrics",
+        note="scrapes every service's /metrics, evaluates docker/prometheus/alerts.yml; its console "
+        "/consoles/facility.html is the operators' page",
     ),
     Service(
         "viewer",
@@ -611,7 +688,7 @@ SERVICES: tuple[Service, ...] = (
             "command", test=("CMD", "wget", "-q", "-O", "/dev/null", "http://localhost:2019/config/")
         ),
         runs_as="equivalent",
-        networks=("web", "door"),
+        networks=("web", "door", "monitoring"),
         note="the one way in to the UI and the viewer: TLS, the door's login and guard, security headers "
         "(Caddy); `make deploy-local` serves them on loopback only, behind the same guard",
     ),

@@ -99,6 +99,20 @@ STANDINS: tuple[StandIn, ...] = (
         "Caddy 2.6 (Debian): `caddy run --config`, its CA and certificates in /data, wget for the healthcheck",
     ),
     StandIn(
+        "prometheus",
+        "prom/prometheus:v2.53.0",
+        "localhost/em-standin-prometheus:2.42",
+        "docker/standin/prometheus/Dockerfile",
+        "Prometheus 2.42 (Debian): `prometheus` on PATH, its data in /prometheus, wget for the healthcheck",
+    ),
+    StandIn(
+        "alertmanager",
+        "prom/alertmanager:v0.27.0",
+        "localhost/em-standin-alertmanager:0.25",
+        "docker/standin/alertmanager/Dockerfile",
+        "Alertmanager 0.25 (Debian): `alertmanager` on PATH, its data in /alertmanager, wget for the healthcheck",
+    ),
+    StandIn(
         "minio-init",
         "minio/mc:latest",
         "${EM_IMAGE:-em-platform:latest}",
@@ -143,8 +157,3 @@ def load_standins(text: str) -> dict[str, Any]:
 
     Loader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node))
     return yaml.load(text, Loader=Loader)
-
-
-def write_standins(path: Path = STANDIN_FILE) -> Path:
-    path.write_text(standin_yaml())
-    return path

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-_PLACE = re.compile(r"\{(bind|port|data|web)\}|\{(addr|host|port):([a-z0-9-]+)\}")
+_PLACE = re.compile(r"\{(bind|port|data|web|etc|var)\}|\{(addr|host|port):([a-z0-9-]+)\}")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -26,6 +26,11 @@ class Addresses:
     ports: Mapping[str, int]
     data: str
     web: str = "http"  # how browsers reach the UI and the viewer: "https" behind compose's proxy
+    # the monitoring's configuration files (docker/prometheus as compose mounts it; the runner writes its own)
+    etc: str = "/etc/em"
+    # a service's own state: in compose its volume at /<service> (""; the Prometheus images' own folders);
+    # as processes <var>/<service>
+    var: str = ""
 
     def addr(self, name: str) -> str:
         return f"{self.hosts[name]}:{self.ports[name]}"
@@ -44,6 +49,10 @@ def place(template: str, where: Addresses, own: str) -> str:
             return where.data
         if own_key == "web":
             return where.web
+        if own_key == "etc":
+            return where.etc
+        if own_key == "var":
+            return f"{where.var}/{own}"
         if kind == "addr":
             return where.addr(name)
         return where.hosts[name] if kind == "host" else str(where.ports[name])

@@ -199,6 +199,32 @@ def test_the_ui_and_the_viewer_answer_only_over_tls_after_a_login(stack):
         assert resp.status == 200
 
 
+def test_prometheus_scrapes_every_service_and_answers_through_the_proxy_after_a_login(stack):
+    """Issue 52: Prometheus (inside the stack's network, no port of its own) has every service with metrics
+    up, its rules loaded; its UI and the facility's page are the proxy's, at /prometheus/, behind the login."""
+    import urllib.error
+
+    base = f"{stack.webserver}/prometheus"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        stack.get(f"{base}/api/v1/targets", auth=False)
+    assert refused.value.code == 401
+    jobs = {s.name for s in SERVICES if s.metrics}
+    deadline = time.monotonic() + 180
+    while True:
+        with stack.get(f"{base}/api/v1/targets") as resp:
+            health = {t["labels"]["job"]: t["health"] for t in json.load(resp)["data"]["activeTargets"]}
+        if health == dict.fromkeys(jobs, "up"):
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(2)  # polling Prometheus's scrapes (every 15 s), with a deadline
+    with stack.get(f"{base}/api/v1/rules") as resp:
+        rules = {r["name"] for g in json.load(resp)["data"]["groups"] for r in g["rules"]}
+    assert {"ServiceDown", "ScopeSilent", "LiveQCLate"} <= rules
+    with stack.get(f"{base}/consoles/facility.html") as resp:
+        page = resp.read().decode()
+    assert "The facility now" in page and "live-qc" in page
+
+
 def test_the_dask_scheduler_speaks_only_tls_with_the_clusters_certificate(stack):
     """It runs whatever a client sends, on workers holding the S3 keys: a plain-TCP client gets nothing."""
     import warnings

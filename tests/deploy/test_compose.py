@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from em_platform.deploy.compose import COMPOSE_FILE, compose_addresses, compose_yaml
-from em_platform.deploy.processes import ProcessTopology, process_only_args
+from em_platform.deploy.processes import DEBIAN_NAMES, ProcessTopology, process_only_args
 from em_platform.deploy.services import DAGSTER_IMAGE, EM_IMAGE, IMAGE_ENV, SERVICES, platform_env, service
 from em_platform.deploy.templates import MissingSetting, interpolate, place, variables
+from tests.deploy.compose_values import compose_to_process
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -215,24 +216,9 @@ def test_process_plan_is_the_compose_services_with_loopback_addresses(tmp_path):
     for launch in plan:
         svc, spec = service(launch.service), specs[launch.service]
 
-        def convert(value: str, command: bool = False) -> str:
-            value = interpolate(str(value), topo.settings)
-            for other in SERVICES:
-                if other.port is not None:
-                    value = value.replace(f"{other.name}:{other.port}", where.addr(other.name))
-                    # a published port as browsers reach it on the host (EM_VIEWER_URL): the process's port
-                    value = value.replace(f"127.0.0.1:{other.port}", f"127.0.0.1:{where.ports[other.name]}")
-                    if value == str(other.port):
-                        return str(where.ports[other.name])
-                if value == other.name and not command:  # a host name (`em-platform live-qc` is a command)
-                    return where.hosts[other.name]
-            value = re.sub(r"^0\.0\.0\.0(?=:|$)", "127.0.0.1", value)
-            value = re.sub(
-                r"^https://127\.0\.0\.1:", "http://127.0.0.1:", value
-            )  # compose's is the proxy's TLS
-            return re.sub(r"^/data(?=/|$)", where.data, value)
+        convert = compose_to_process(where, topo.settings)
 
-        assert Path(launch.argv[0]).name == spec["command"][0]
+        assert Path(launch.argv[0]).name == DEBIAN_NAMES.get(spec["command"][0], spec["command"][0])
         extra = list(process_only_args(launch.service, "127.0.0.1"))
         assert list(launch.argv[1:]) == [convert(a, command=True) for a in spec["command"][1:]] + extra, (
             launch.label
@@ -246,7 +232,8 @@ def test_process_plan_is_the_compose_services_with_loopback_addresses(tmp_path):
                     assert "_runs@" in topo.platform_env["EM_CATALOG_URL"]
                 assert launch.env[key] == expected, (launch.label, key)
         assert launch.cwd == (str(topo.dagster_home) if spec.get("working_dir") else str(REPO))
-        assert launch.env.get("DAGSTER_HOME") == str(topo.dagster_home)  # the image's ENV, here
+        if svc.image in IMAGE_ENV:  # the platform's images' ENV, here (not Prometheus's)
+            assert launch.env.get("DAGSTER_HOME") == str(topo.dagster_home)
 
 
 def test_templates_follow_compose_interpolation():
@@ -350,6 +337,9 @@ def test_each_container_gets_only_the_secrets_it_uses():
         "viewer": ["EM_S3_VIEWER_SECRET_KEY"],
         "door": [],
         "proxy": [],
+        "metrics": ["EM_DB_CODE_PASSWORD", "EM_DB_DAGSTER_PASSWORD"],  # the sensors' reads and the runs
+        "alertmanager": [],
+        "prometheus": [],
     }, held
 
 
@@ -370,6 +360,12 @@ def test_the_code_server_webserver_and_door_answer_only_the_services_that_need_t
     assert reaches("user-code") == {"webserver", "daemon", "postgresql"}
     assert reaches("webserver") == {"user-code", "daemon", "postgresql", "proxy", "viewer"}
     assert reaches("door") == {"proxy"}
+    assert not reaches("prometheus") & {
+        "user-code",
+        "webserver",
+        "daemon",
+        "door",
+    }  # it scrapes the data side
     for outsider in ("listener", "live-qc", "dask-worker", "dask-scheduler", "rabbitmq", "minio"):
         assert not reaches(outsider) & {"user-code", "webserver", "daemon", "door"}, outsider
     assert spec["networks"][NETWORK]["name"] == "${COMPOSE_PROJECT_NAME:-em-platform}"  # the runs' network

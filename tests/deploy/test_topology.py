@@ -22,10 +22,10 @@ import zarr
 
 from em_platform.catalog.db import CatalogDB
 from em_platform.deploy.compose import COMPOSE_FILE
-from em_platform.deploy.processes import process_only_args
+from em_platform.deploy.processes import DEBIAN_NAMES, process_only_args
 from em_platform.deploy.services import SERVICES, service
-from em_platform.deploy.templates import interpolate
 from em_platform.tem.journal import Journal
+from tests.deploy.compose_values import compose_to_process
 from tests.deploy.dagster_api import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(1800)]
@@ -74,36 +74,10 @@ def assert_success(dagster_api, runs: list[dict]) -> None:
 # -- the processes are the compose services ---------------------------------------------------------------
 
 
-def _compose_to_process(topology) -> callable:
-    """Map a value of docker/compose.yaml to what it must be in this topology: compose's own interpolation
-    of the operator settings, then service addresses and ports, the bind address and the /data volume."""
-    names = {s.name for s in SERVICES}
-    ports = {str(s.port): str(topology.addresses.ports[s.name]) for s in SERVICES if s.port is not None}
-
-    def convert(value: str, command: bool = False) -> str:
-        value = interpolate(str(value), topology.settings)
-        for svc in SERVICES:
-            if svc.port is not None:
-                value = value.replace(f"{svc.name}:{svc.port}", topology.addresses.addr(svc.name))
-                # a published port as browsers reach it on the host (EM_VIEWER_URL): the process's port
-                value = value.replace(
-                    f"127.0.0.1:{svc.port}", f"127.0.0.1:{topology.addresses.ports[svc.name]}"
-                )
-        if value in names and not command:  # a host name (`em-platform live-qc` is a command)
-            return topology.addresses.hosts[value]
-        if value in ports:
-            return ports[value]
-        value = re.sub(r"^0\.0\.0\.0(?=:|$)", "127.0.0.1", value)
-        value = re.sub(r"^https://127\.0\.0\.1:", "http://127.0.0.1:", value)  # compose's is the proxy's TLS
-        return re.sub(r"^/data(?=/|$)", topology.addresses.data, value)
-
-    return convert
-
-
 def test_every_process_runs_its_compose_service_command_and_environment(topology):
     """Read docker/compose.yaml (not the table) and compare each running process's argv and environment."""
     compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    convert = _compose_to_process(topology)
+    convert = compose_to_process(topology.addresses, topology.settings)
     pids = topology.pids()
     for svc in SERVICES:
         spec = compose[svc.name]
@@ -120,7 +94,7 @@ def test_every_process_runs_its_compose_service_command_and_environment(topology
             argv = [
                 "python" if i == 0 and Path(a).name.startswith("python") else a for i, a in enumerate(argv)
             ]
-            assert Path(argv[0]).name == expected[0], (svc.name, argv)
+            assert Path(argv[0]).name == DEBIAN_NAMES.get(expected[0], expected[0]), (svc.name, argv)
             assert argv[1:] == expected[1:] + list(process_only_args(svc.name, "127.0.0.1")), svc.name
             environ = proc.environ()
             compose_only = set(svc.compose_only_env)
@@ -137,6 +111,26 @@ def test_every_process_runs_its_compose_service_command_and_environment(topology
     assert any(a.endswith("s3rver") for a in store[:2]), store
     assert store[store.index("-d") + 1] == str(topology.object_store_dir)
     assert record(topology, "local", "no-such-entry") is None  # the catalog database exists and answers
+
+
+def test_prometheus_scrapes_every_service_and_serves_the_facility_page(topology):
+    """Issue 52: every service with metrics, Prometheus and Alertmanager scraped and up; the rules loaded;
+    the operators' page served."""
+    prometheus = f"{topology.url('prometheus')}/prometheus"  # where the proxy serves it in compose
+    jobs = {s.name for s in SERVICES if s.metrics}
+    assert {"listener", "live-qc", "metrics", "prometheus", "alertmanager"} <= jobs
+
+    def targets():
+        active = requests.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        return {t["labels"]["job"]: t["health"] for t in active}
+
+    wait_until(lambda: targets() == dict.fromkeys(jobs, "up"), 120, f"every target of {sorted(jobs)} up")
+    groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = {r["name"] for g in groups for r in g["rules"]}
+    assert {"ServiceDown", "ScopeSilent", "LiveQCLate", "em_dask_workers"} <= rules
+    page = requests.get(f"{prometheus}/consoles/facility.html", timeout=10)
+    assert page.status_code == 200 and "The facility now" in page.text and "live-qc" in page.text
+    assert requests.get(f"{topology.url('alertmanager')}/-/ready", timeout=10).status_code == 200
 
 
 def test_no_service_listens_beyond_loopback(topology):

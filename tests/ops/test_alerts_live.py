@@ -21,10 +21,13 @@ import tifffile
 
 from em_platform.settings import load_settings
 from em_platform.tem.journal import Journal
-from tests.support.browser import free_port
+from tests.support.browser import free_port, new_page, open_browser, screenshot
+from tests.support.doc_pictures import keep_doc_picture
 from tests.support.monitoring import Monitoring, missing
 
 EM_PLATFORM = Path(sys.executable).parent / "em-platform"
+TILES = 6
+CONSOLE_SECTIONS = ["Alerts firing", "Scopes", "Live QC", "Storage", "Runs, last hour", "Services"]
 
 
 class Process:
@@ -82,16 +85,16 @@ def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_re
         monitoring.wait_until_up({"live-qc", "metrics"})
         pager = monitoring.pager
 
-        # the scope starts a montage, sends one tile and falls silent
+        # the scope starts a montage, sends a row of tiles and falls silent
         journal = Journal(load_settings(env).catalog_url, tile_shares=[str(share)])
-        tile = share / "m-ops" / "t0.tif"
-        tile.parent.mkdir()
-        tifffile.imwrite(tile, np.random.default_rng(0).integers(0, 4000, (256, 256), dtype=np.uint16))
-        journal.record("montage.status", {"montage_id": "m-ops", "state": "started", "total_tiles": 4})
-        journal.record(
-            "tile.raw",
-            {"tile_id": "m-ops-t0", "montage_id": "m-ops", "row": 0, "column": 0, "path": str(tile)},
-        )
+        (share / "m-ops").mkdir()
+        journal.record("montage.status", {"montage_id": "m-ops", "state": "started", "total_tiles": 12})
+        rng = np.random.default_rng(0)
+        for column in range(TILES):
+            tile = share / "m-ops" / f"t{column}.tif"
+            tifffile.imwrite(tile, rng.integers(0, 4000, (256, 256), dtype=np.uint16))
+            payload = {"tile_id": f"m-ops-t{column}", "montage_id": "m-ops", "row": 0, "column": column}
+            journal.record("tile.raw", payload | {"path": str(tile)})
         silent_since = time.time()
 
         # the live-QC service killed, then started again
@@ -108,7 +111,8 @@ def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_re
         # the silent scope: paged after its two minutes and the rule's minute, cleared once the montage ends
         silent = pager.wait_for("ScopeSilent", "firing", 300, scope="scope")
         assert _at(silent["startsAt"]) >= silent_since + 170
-        journal.record("montage.status", {"montage_id": "m-ops", "state": "completed", "total_tiles": 1})
+        _the_console_shows_it(monitoring.console)
+        journal.record("montage.status", {"montage_id": "m-ops", "state": "completed", "total_tiles": TILES})
         pager.wait_for("ScopeSilent", "resolved", 120, scope="scope")
         # nothing else paged: the exporter stayed up, no montage waits for its upload yet
         assert {a["labels"]["alertname"] for a in pager.alerts} == {"ServiceDown", "ScopeSilent"}
@@ -121,6 +125,25 @@ def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_re
             monitoring.stop()
         for p in running:
             p.stop()
+
+
+def _the_console_shows_it(url: str) -> None:
+    """The operator's page in a browser: the alert firing, the silent scope's open montage and its tiles."""
+    with open_browser() as browser:
+        page = new_page(browser, viewport={"width": 1280, "height": 900})
+        page.goto(url, wait_until="load")
+        text = page.inner_text("body")
+        for section in CONSOLE_SECTIONS:
+            assert section in text, text
+        firing = [
+            [cell.strip() for cell in row.split("\t")] for row in page.locator("tr.firing").all_inner_texts()
+        ]
+        assert [row[:3] for row in firing] == [["ScopeSilent", "page", "scope scope"]], firing
+        scope_row = page.locator("tr", has_text="ago").first.inner_text()  # scope, open, last tile ... ago
+        assert scope_row.split()[:2] == ["scope", "1"], scope_row
+        assert "live-qc" in text and "metrics" in text and "down" not in text
+        picture = screenshot(page, "operations-console", full_page=True)
+    keep_doc_picture("operations-console", picture, CONSOLE_SECTIONS)
 
 
 def _at(stamp: str) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from em_platform.deploy.monitoring import alertmanager_config, prometheus_config
+from em_platform.deploy.monitoring import CONSOLES, alertmanager_config, prometheus_config
 from tests.support.browser import free_port
 
 PROMETHEUS = shutil.which("prometheus")
@@ -81,6 +81,18 @@ class Pager(ThreadingHTTPServer):
             return found()
 
 
+def prometheus_args(config: Path, data: Path, listen: str) -> list[str]:
+    """Debian's ``prometheus`` with ``config``, its data in ``data``, serving its API and the facility's
+    console at ``listen`` (``HOST:PORT``)."""
+    return [
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address={listen}",
+        f"--web.console.templates={CONSOLES}",
+        f"--web.console.libraries={CONSOLES}",
+    ]
+
+
 class Monitoring:
     """Prometheus scraping ``targets`` (job -> addresses) with the platform's alert rules, and Alertmanager
     sending to a :class:`Pager`; both stopped by :meth:`stop`."""
@@ -113,15 +125,19 @@ class Monitoring:
             subprocess.Popen(
                 [
                     PROMETHEUS,
-                    f"--config.file={folder / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={folder / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+                    *prometheus_args(
+                        folder / "prometheus.yml", folder / "tsdb", f"127.0.0.1:{self.prometheus_port}"
+                    ),
                 ],
                 stdout=self.logs[1],
                 stderr=subprocess.STDOUT,
             ),
         ]
         self.folder = folder
+
+    @property
+    def console(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}/consoles/facility.html"
 
     def api(self, path: str) -> dict:
         with urllib.request.urlopen(

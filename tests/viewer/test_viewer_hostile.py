@@ -476,9 +476,9 @@ def test_connections_and_event_streams_are_capped(viewer):
         # the server settles with every thread in use and the other connections left in the kernel's queue; a
         # thread that has answered a 503 and given back its slot may take a moment to exit
         waiting = 16 + 80 - viewer_server.MAX_CONNECTIONS
-        assert _settles(lambda: len(ours()) == viewer_server.MAX_CONNECTIONS and _accept_queue(port) == waiting), (
-            f"{len(ours())} threads, {_accept_queue(port)} connections waiting"
-        )
+        assert _settles(
+            lambda: len(ours()) == viewer_server.MAX_CONNECTIONS and _accept_queue(port) == waiting
+        ), f"{len(ours())} threads, {_accept_queue(port)} connections waiting"
     finally:
         for sock in sockets:
             sock.close()
