@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  STOMP broker      {topology.platform_env['EM_BROKER']} (topics {topology.settings['EM_BROKER_TOPIC_PREFIX']})"
     )
-    metrics = ", ".join(f"{s.name} {topology.url(s.name)}{s.metrics}" for s in SERVICES if s.metrics)
+    metrics = ", ".join(f"{s.name} {topology.url(s.metrics_at)}{s.metrics}" for s in SERVICES if s.metrics)
     print(f"  metrics           {metrics}")
     prometheus = f"{topology.url('prometheus')}/prometheus"
     print(f"  Prometheus        {prometheus}/ (the facility's page: {prometheus}/consoles/facility.html)")

@@ -51,10 +51,12 @@ HEADER = """\
 def compose_addresses() -> Addresses:
     """On the compose network each service answers under its own name at its container port."""
     names = [s.name for s in SERVICES]
+    metrics = {s.metrics_at: s for s in SERVICES if s.metrics_port}  # a second port of the same container
     return Addresses(
         bind="0.0.0.0",
-        hosts={n: n for n in names},
-        ports={s.name: s.port for s in SERVICES if s.port is not None},
+        hosts={n: n for n in names} | {at: s.name for at, s in metrics.items()},
+        ports={s.name: s.port for s in SERVICES if s.port is not None}
+        | {at: s.metrics_port for at, s in metrics.items()},
         data="/data",
         web="https",
     )

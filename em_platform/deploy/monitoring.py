@@ -76,7 +76,7 @@ def topology_targets(services, addr) -> tuple[dict[str, list[str]], dict[str, st
     """(job -> addresses, job -> path) of the table's ``services`` that serve metrics (Prometheus and
     Alertmanager among them), ``addr(name)`` giving where each answers."""
     serving = [svc for svc in services if svc.metrics]
-    return {s.name: [addr(s.name)] for s in serving}, {s.name: s.metrics for s in serving}
+    return {s.name: [addr(s.metrics_at)] for s in serving}, {s.name: s.metrics for s in serving}
 
 
 def compose_prometheus_yaml(services, addr) -> str:

@@ -203,8 +203,9 @@ class ProcessTopology:
         }
         fixed = dict(ports or {})  # stable ports (`up` takes them from settings); free ones otherwise
         ports = {s.name: fixed.get(s.name) or free_port() for s in SERVICES if s.port is not None}
+        ports.update({s.metrics_at: free_port() for s in SERVICES if s.metrics_port})
         ports.update(postgresql=m.pg_port, rabbitmq=m.stomp_port)
-        hosts = {s.name: "127.0.0.1" for s in SERVICES}
+        hosts = {s.name: "127.0.0.1" for s in SERVICES} | {s.metrics_at: "127.0.0.1" for s in SERVICES}
         hosts.update(postgresql=m.pg_host, rabbitmq=m.stomp_host)
         self.addresses = Addresses(
             bind="127.0.0.1",

@@ -84,9 +84,17 @@ class Service:
     hostname: str = ""  # a fixed host name in its container (compose only)
     # the compose networks it joins (NETWORKS): a service reaches only the services that share one with it
     networks: tuple[str, ...] = ("data",)
-    # where Prometheus scrapes it at its port ("/metrics"); "" for none (em_platform/deploy/monitoring.py)
+    # where Prometheus scrapes it ("/metrics"); "" for none (em_platform/deploy/monitoring.py); at
+    # ``metrics_port`` when that is not its own port (Dask's scheduler: its HTTP server's), which topologies
+    # address as the service ``<name>-metrics``
     metrics: str = ""
+    metrics_port: int | None = None
     note: str = ""
+
+    @property
+    def metrics_at(self) -> str:
+        """The name its metrics answer under in a topology's addresses."""
+        return f"{self.name}-metrics" if self.metrics_port else self.name
 
 
 # Who may reach whom in compose: each service joins only the networks of the services it talks to
@@ -427,11 +435,13 @@ SERVICES: tuple[Service, ...] = (
             "{port}",
             "--no-dashboard",
             "--dashboard-address",
-            "{bind}:0",
+            "{bind}:{port:dask-scheduler-metrics}",  # its HTTP routes: health, and /metrics for Prometheus
         ),
         env=QUIET_DASK_ENV,
         compose_only_env=TLS_ENV,  # it runs what clients send: TLS with the cluster's certificate only
         port=8786,
+        metrics="/metrics",  # its workers by state: em_dask_workers (docker/prometheus/alerts.yml)
+        metrics_port=8787,
         probe=Probe("tcp"),
         volumes=(DASK_CERTS_VOLUME,),
         depends_on={"dask-certs": COMPLETED},

@@ -14,6 +14,7 @@ from em_platform.deploy.templates import Addresses, interpolate
 def compose_to_process(where: Addresses, settings: Mapping[str, str]) -> Callable[..., str]:
     names = {s.name for s in SERVICES}
     ports = {str(s.port): str(where.ports[s.name]) for s in SERVICES if s.port is not None}
+    ports |= {str(s.metrics_port): str(where.ports[s.metrics_at]) for s in SERVICES if s.metrics_port}
 
     def convert(value: str, command: bool = False) -> str:
         value = interpolate(str(value), settings)

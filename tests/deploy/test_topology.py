@@ -118,7 +118,7 @@ def test_prometheus_scrapes_every_service_and_serves_the_facility_page(topology)
     the operators' page served."""
     prometheus = f"{topology.url('prometheus')}/prometheus"  # where the proxy serves it in compose
     jobs = {s.name for s in SERVICES if s.metrics}
-    assert {"listener", "live-qc", "metrics", "prometheus", "alertmanager"} <= jobs
+    assert {"listener", "live-qc", "metrics", "prometheus", "alertmanager", "dask-scheduler"} <= jobs
 
     def targets():
         active = requests.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
@@ -128,6 +128,15 @@ def test_prometheus_scrapes_every_service_and_serves_the_facility_page(topology)
     groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = {r["name"] for g in groups for r in g["rules"]}
     assert {"ServiceDown", "ScopeSilent", "LiveQCLate", "em_dask_workers"} <= rules
+    # Dask's scheduler serves its own metrics: its workers, counted by the recording rule NoDaskWorker reads
+    workers = len(topology.pids()["dask-worker"])
+
+    def recorded() -> float | None:
+        query = requests.get(f"{prometheus}/api/v1/query", params={"query": "em_dask_workers"}, timeout=10)
+        result = query.json()["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    wait_until(lambda: recorded() == workers, 60, f"em_dask_workers {workers}")
     page = requests.get(f"{prometheus}/consoles/facility.html", timeout=10)
     assert page.status_code == 200 and "The facility now" in page.text and "live-qc" in page.text
     assert requests.get(f"{topology.url('alertmanager')}/-/ready", timeout=10).status_code == 200
