@@ -152,7 +152,8 @@ test-slurm: compiled services slurm-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests/slurm
 
 ## test-ops: the operations suite: a real Prometheus scrapes the services and a real Alertmanager pages a webhook
-## receiver; each fault injected (a service killed, a scope silent mid-montage) must page, then clear when repaired
+## receiver; each fault injected (live QC killed, the Dask worker killed, a scope silent mid-montage, the buffer
+## filled) must page, then clear when repaired
 test-ops: compiled services ops-engine
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/ops
 

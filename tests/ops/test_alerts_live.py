@@ -2,16 +2,21 @@
 alert rules of docker/prometheus/alerts.yml unchanged, and a real Alertmanager pages a webhook receiver; each
 fault is injected, its alert must reach the pager, and clear when the fault is repaired.
 
-Faults: the live-QC service killed (ServiceDown), and a scope that stops in the middle of a montage
-(ScopeSilent: two minutes of silence, then the rule's minute)."""
+Faults, all at once: the live-QC service killed (ServiceDown), the only Dask worker killed (NoDaskWorker), a
+scope that stops in the middle of a montage (ScopeSilent: two minutes of silence, then the rule's minute) and
+the buffer's disk filled (BufferDiskLow, after its five minutes). The operators' page is checked in a browser
+while the scope is silent."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -26,16 +31,17 @@ from tests.support.doc_pictures import keep_doc_picture
 from tests.support.monitoring import Monitoring, missing
 
 EM_PLATFORM = Path(sys.executable).parent / "em-platform"
+DASK = Path(sys.executable).parent / "dask"
 TILES = 6
 CONSOLE_SECTIONS = ["Alerts firing", "Scopes", "Live QC", "Storage", "Runs, last hour", "Services"]
 
 
 class Process:
-    """An em-platform service in its own process, up once it printed ``ready``."""
+    """A service in its own process (a group of its own), up once it printed ``ready``."""
 
-    def __init__(self, args: list[str], env: dict[str, str], ready: str):
+    def __init__(self, argv: list[str], env: dict[str, str], ready: str):
         self.proc = subprocess.Popen(
-            [str(EM_PLATFORM), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )
         self.lines: list[str] = []
         up = threading.Event()
@@ -49,40 +55,87 @@ class Process:
         threading.Thread(target=read, daemon=True).start()
         if not up.wait(120):
             self.stop()
-            raise AssertionError(f"em-platform {args[0]} did not start: {''.join(self.lines)[-3000:]}")
+            raise AssertionError(f"{argv[:2]} did not start: {''.join(self.lines)[-3000:]}")
 
     def kill(self) -> None:
-        self.proc.kill()
+        """SIGKILL to its group (a Dask worker's nanny and its worker alike)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.kill()
 
 
-def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_repaired(tmp_path):
+@contextmanager
+def small_filesystem(folder: Path, mib: int):
+    """A tmpfs of ``mib`` MiB at ``folder``: a buffer disk an operator can fill (needs root)."""
+    folder.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(
+            f"cannot mount a small filesystem for the buffer ({done.stderr.decode().strip()}): needs root"
+        )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_each_fault_pages_the_operator_and_clears_when_repaired(tmp_path):
+    """All four at once, each repaired once it paged: the live-QC service killed (ServiceDown), the only Dask
+    worker killed (NoDaskWorker), a scope silent in the middle of a montage (ScopeSilent) and the buffer's
+    disk filled (BufferDiskLow), each after its rule's own time."""
     reason = missing()
     if reason:
         pytest.skip(reason)
     if not EM_PLATFORM.exists():
         pytest.skip(f"{EM_PLATFORM} not installed (make .venv/.installed)")
+    with small_filesystem(tmp_path / "buffer", 16) as buffer:
+        _faults(tmp_path, buffer)
+
+
+def _faults(tmp_path: Path, buffer: Path) -> None:
     share = tmp_path / "scope"
     share.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
-    env.update(EM_DATA_ROOT=str(tmp_path / "data"), EM_SCOPE_SHARES=str(share), EM_SCOPE_PIXEL_SIZE_NM="4")
+    env.update(
+        EM_DATA_ROOT=str(tmp_path / "data"),
+        EM_SCOPE_SHARES=str(share),
+        EM_SCOPE_PIXEL_SIZE_NM="4",
+        EM_BUFFER=str(buffer),
+    )
     live_at, exporter_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    live_env = {**env, "EM_LIVE_QC_METRICS": live_at}
-    running: list[Process] = []
+    scheduler, dask_http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    live = ([str(EM_PLATFORM), "live-qc"], {**env, "EM_LIVE_QC_METRICS": live_at}, "watching the journal")
+    worker = (
+        [str(DASK), "worker", f"tcp://{scheduler}", "--nthreads", "1", "--no-dashboard"],
+        env,
+        "Registered to",
+    )
+    running: dict[str, Process] = {}
     monitoring = None
     try:
-        running.append(Process(["live-qc"], live_env, "watching the journal"))
-        running.append(Process(["metrics"], {**env, "EM_METRICS": exporter_at}, "metrics: the facility"))
-        monitoring = Monitoring(tmp_path / "monitoring", {"live-qc": [live_at], "metrics": [exporter_at]})
-        monitoring.wait_until_up({"live-qc", "metrics"})
+        running["live-qc"] = Process(*live)
+        running["metrics"] = Process(
+            [str(EM_PLATFORM), "metrics"], {**env, "EM_METRICS": exporter_at}, "metrics: the facility"
+        )
+        host, port = scheduler.split(":")
+        running["scheduler"] = Process(
+            [str(DASK), "scheduler", "--host", host, "--port", port, "--dashboard-address", dask_http],
+            env,
+            "Scheduler at",
+        )
+        running["worker"] = Process(*worker)
+        targets = {"live-qc": [live_at], "metrics": [exporter_at], "dask-scheduler": [dask_http]}
+        monitoring = Monitoring(tmp_path / "monitoring", targets)
+        monitoring.wait_until_up(set(targets))
         pager = monitoring.pager
 
         # the scope starts a montage, sends a row of tiles and falls silent
@@ -96,17 +149,26 @@ def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_re
             payload = {"tile_id": f"m-ops-t{column}", "montage_id": "m-ops", "row": 0, "column": column}
             journal.record("tile.raw", payload | {"path": str(tile)})
         silent_since = time.time()
-
-        # the live-QC service killed, then started again
-        running[0].kill()
+        # the buffer's disk filled past 90 %; the live-QC service and the only Dask worker killed
+        filler = buffer / "left-over.bin"
+        filler.write_bytes(b"\0" * (buffer_free(buffer) - 512 * 1024))
+        filled = time.time()
+        running["live-qc"].kill()
+        running["worker"].kill()
         killed = time.time()
+
         down = pager.wait_for("ServiceDown", "firing", 180, job="live-qc", instance=live_at)
         assert down["labels"]["severity"] == "page" and down["annotations"]["runbook"].endswith(
             "#servicedown"
         )
         assert _at(down["startsAt"]) >= killed + 55  # `for: 1m`, not the first missed scrape
-        running[0] = Process(["live-qc"], live_env, "watching the journal")
+        running["live-qc"] = Process(*live)
         pager.wait_for("ServiceDown", "resolved", 120, job="live-qc")
+
+        workerless = pager.wait_for("NoDaskWorker", "firing", 240, job="dask-scheduler")
+        assert _at(workerless["startsAt"]) >= killed + 115  # `for: 2m`
+        running["worker"] = Process(*worker)
+        pager.wait_for("NoDaskWorker", "resolved", 120, job="dask-scheduler")
 
         # the silent scope: paged after its two minutes and the rule's minute, cleared once the montage ends
         silent = pager.wait_for("ScopeSilent", "firing", 300, scope="scope")
@@ -114,8 +176,15 @@ def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_re
         _the_console_shows_it(monitoring.console)
         journal.record("montage.status", {"montage_id": "m-ops", "state": "completed", "total_tiles": TILES})
         pager.wait_for("ScopeSilent", "resolved", 120, scope="scope")
-        # nothing else paged: the exporter stayed up, no montage waits for its upload yet
-        assert {a["labels"]["alertname"] for a in pager.alerts} == {"ServiceDown", "ScopeSilent"}
+
+        full = pager.wait_for("BufferDiskLow", "firing", 420)
+        assert _at(full["startsAt"]) >= filled + 290  # `for: 5m`
+        filler.unlink()
+        pager.wait_for("BufferDiskLow", "resolved", 120)
+
+        # nothing else paged: the exporter stayed up, no montage waits for its upload
+        fired = {a["labels"]["alertname"] for a in pager.alerts}
+        assert fired == {"ServiceDown", "NoDaskWorker", "ScopeSilent", "BufferDiskLow"}, fired
         assert {
             a["labels"].get("job") for a in pager.alerts if a["labels"]["alertname"] == "ServiceDown"
         } == {"live-qc"}
@@ -123,8 +192,12 @@ def test_a_killed_service_and_a_silent_scope_page_the_operator_and_clear_when_re
     finally:
         if monitoring is not None:
             monitoring.stop()
-        for p in running:
+        for p in running.values():
             p.stop()
+
+
+def buffer_free(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
 
 
 def _the_console_shows_it(url: str) -> None:
