@@ -251,6 +251,13 @@ class Supervised:
                 self.proc.wait(SHUTDOWN_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.proc is not None:
+            # and its children, in its group: `dask worker`'s worker processes can outlive the command by a
+            # moment, and a worker still there when the scheduler stops next logs a failed heartbeat
+            deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+            while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)  # poll: a process group has no handle to wait on
+            signal_group(self.proc.pid, signal.SIGKILL)
         self._thread.join(5)
 
 
