@@ -20,6 +20,7 @@ def run(settings) -> int:
     from prometheus_client import REGISTRY
 
     from em_platform.catalog.db import CatalogDB
+    from em_platform.cluster.slurm import queue_summary
     from em_platform.metrics.exporter import MetricsConfigError, serve_from
     from em_platform.metrics.facility import FacilityCollector, FacilityReaders
     from em_platform.stop_signals import on_stop_signal
@@ -32,7 +33,7 @@ def run(settings) -> int:
         open_montages=lambda: journal.open_montages(datetime.now(UTC) - OPEN_MONTAGES_WINDOW),
         upload_lag=lambda now: upload_lag(journal, catalog, now),
         buffer=settings.buffer if "://" not in settings.buffer else None,
-        slurm=_slurm() if settings.compute == "slurm" else None,
+        slurm=queue_summary if settings.compute == "slurm" else None,
         shares=tuple(settings.scope_shares),
     )
     REGISTRY.register(FacilityCollector(readers))
@@ -73,9 +74,3 @@ def upload_lag(journal, catalog, now: float) -> float:
         if qc in (None, "GOOD") and records.get(m, (None,))[0] not in settled
     ]
     return max(0.0, now - min(waiting)) if waiting else 0.0
-
-
-def _slurm():
-    from em_platform.cluster.slurm import queue_summary
-
-    return queue_summary

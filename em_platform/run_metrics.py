@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from em_platform.sql import aware
+
 ENDED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 SEEN_RUNS_KEPT = timedelta(days=1)  # a run updated again after it ended (tags) is not counted twice within it
 
@@ -61,10 +63,6 @@ class RunCounts:
             if ended and run.run_id not in self.counted:
                 self.counted[run.run_id] = record.update_timestamp
                 self.counts[(run.job_name, run.status.value)] += 1
-            self.cursor = max(self.cursor, _aware(record.update_timestamp))
+            self.cursor = max(self.cursor, aware(record.update_timestamp))
         oldest = self.cursor - SEEN_RUNS_KEPT
-        self.counted = {r: at for r, at in self.counted.items() if _aware(at) >= oldest}
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        self.counted = {r: at for r, at in self.counted.items() if aware(at) >= oldest}

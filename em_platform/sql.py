@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ _PASSING = (
     "timeout expired",
     "no connection to the server",
 )
+
+
+def aware(ts: datetime | None) -> datetime | None:
+    """A timestamp read from the database as UTC-aware: SQLite hands ``DateTime(timezone=True)`` back naive."""
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
 
 
 def database_outage(exc: BaseException) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from em_platform.sql import JSONType, open_database
+from em_platform.sql import JSONType, aware, open_database
 
 __all__ = ["KEPT_BODY_BYTES", "SOURCES", "DeadLetter", "DeadLetters", "LetterBody", "create_tables"]
 
@@ -187,10 +187,6 @@ class DeadLetter:
         return LetterBody(self.body, self.body_bytes, self.body_sha256, self.body_truncated)
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
-
-
 def _letter(r) -> DeadLetter:
     if r.body_sha256 is None:  # a row of the first release: its body is whole
         whole = LetterBody.of(r.body)
@@ -205,10 +201,10 @@ def _letter(r) -> DeadLetter:
         r.reason,
         r.body,
         r.headers,
-        _aware(r.first_at),
-        _aware(r.last_at),
+        aware(r.first_at),
+        aware(r.last_at),
         r.times,
-        _aware(r.cleared_at),
+        aware(r.cleared_at),
         r.resolution,
         size,
         digest,

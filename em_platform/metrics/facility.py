@@ -29,9 +29,8 @@ class FacilityReaders:
     open_montages: Callable[[], Iterable] | None = None  # objects with last_arrival, a_tile_path, unjudged
     upload_lag: Callable[[float], float] | None = None  # now -> seconds the oldest unuploaded montage waits
     buffer: str | None = None  # a local folder
-    slurm: Callable[[float], object] | None = (
-        None  # now -> an object with jobs (state -> n), oldest_pending_s
-    )
+    # now -> an object with jobs (state -> n) and oldest_pending_s
+    slurm: Callable[[float], object] | None = None
     shares: tuple[str, ...] = ()
 
 

@@ -34,6 +34,7 @@ from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.status import Status
 from em_platform.edge import MONTAGE_ID, Refused
 from em_platform.retention.files import NotFollowed, changed_since, checked, remove
+from em_platform.sql import aware
 from em_platform.storage.store import STAGING
 from em_platform.storage.upload import UploadIncomplete, free_buffer
 from em_platform.tem.archive import SOURCE, UPLOADED
@@ -152,7 +153,7 @@ def _kept_because(
     if record is not None and record[1] >= before:
         return f"its catalog record changed within the window ({record[0]})"
     archived = record is not None and record[0] == Status.COMPLETE
-    if not archived and _aware(montage.updated_at) >= before:
+    if not archived and aware(montage.updated_at) >= before:
         return "its journal row changed within the window"
     if any(changed_since(root / rel, before.timestamp()) for rel in rels):
         return "written within the window"
@@ -203,7 +204,3 @@ def _remove(root: Path, rel: str, report: BufferReport) -> int:
         report.kept[rel] = str(exc)
         report.warnings.append(str(exc))
         return 0
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 
 from em_platform.catalog.dead_letters import add_letter, create_tables
 from em_platform.edge import MontageBounds, check_tem_message
-from em_platform.sql import JSONType, open_database
+from em_platform.sql import JSONType, aware, open_database
 
 metadata_obj = sa.MetaData()
 
@@ -213,10 +213,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts  # SQLite drops tz
-
-
 class Journal:
     """Acquisition messages, montages, tiles and per-tile results in the platform database."""
 
@@ -364,7 +360,7 @@ class Journal:
             .group_by(m.montage_id)
         )
         with self.engine.connect() as conn:
-            return [OpenMontage(r[0], _aware(r[1]), r[2], int(r[3])) for r in conn.execute(q)]
+            return [OpenMontage(r[0], aware(r[1]), r[2], int(r[3])) for r in conn.execute(q)]
 
     def completed_since(self, since: datetime) -> list[tuple[str, datetime, str | None]]:
         """(montage id, when the scope completed it, the last ``qc.status`` sent for it) of the montages
@@ -382,7 +378,7 @@ class Journal:
             .where(c.state == "completed", c.updated_at >= since)
         )
         with self.engine.connect() as conn:
-            return [(r[0], _aware(r[1]), r[2]) for r in conn.execute(query)]
+            return [(r[0], aware(r[1]), r[2]) for r in conn.execute(query)]
 
     def montage(self, montage_id: str) -> MontageRow | None:
         with self.engine.connect() as conn:
@@ -463,7 +459,7 @@ class Journal:
             row = conn.execute(
                 sa.select(judges.c.owner, judges.c.expires_at).where(judges.c.montage_id == montage_id)
             ).first()
-        return None if row is None else (row.owner, _aware(row.expires_at))
+        return None if row is None else (row.owner, aware(row.expires_at))
 
     # -- retention ----------------------------------------------------------------------------------
 
@@ -603,10 +599,10 @@ def _montage(r) -> MontageRow:
         r.state,
         r.total_tiles,
         r.pixel_size_nm,
-        _aware(r.updated_at),
+        aware(r.updated_at),
         r.error_message,
         r.acquisition_id,
-        _aware(r.completed_at),
+        aware(r.completed_at),
         r.rotation_angle,
         bool(r.announced_complete),
     )
@@ -626,13 +622,13 @@ def _tile(r) -> TileRow:
         path=r.path,
         brightfield=bool(r.brightfield),
         darkfield=bool(r.darkfield),
-        acquired_at=_aware(r.acquired_at),
+        acquired_at=aware(r.acquired_at),
         status=r.status,
         results=r.results,
         qc_passed=r.qc_passed,
         qc_faults=r.qc_faults,
         error=r.error,
-        processed_at=_aware(r.processed_at),
+        processed_at=aware(r.processed_at),
     )
 
 

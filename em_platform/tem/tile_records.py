@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from em_platform.sql import JSONType, open_database
+from em_platform.sql import JSONType, aware, open_database
 from em_platform.tem.journal import TileRow
 
 metadata_obj = sa.MetaData()
@@ -138,13 +138,9 @@ def tile_records_from_journal(
     return records
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts  # SQLite drops tz
-
-
 def _record(row: Any) -> TileRecord:
     values = dict(row._mapping)
-    values["uploaded_at"] = _aware(values["uploaded_at"])
+    values["uploaded_at"] = aware(values["uploaded_at"])
     values["matcher"] = list(values["matcher"] or [])
     return TileRecord(**values)
 
