@@ -95,6 +95,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
     # `dagster dev` whose webserver is behind the guard: a loopback UI is reachable from every page the
     # operator's browser opens (em_platform/webserver.py)
     cmd = [sys.executable, "-m", "em_platform.webserver", "dev", "-w", workspace, "-h", host, "-p", str(port)]
+    create_instance_storage()
     pool = DaskPool.start(out) if not os.environ.get("DASK_SCHEDULER_ADDRESS") else None
     print(
         f"em-platform dev: Dagster UI on http://{host}:{port} (DAGSTER_HOME={os.environ.get('DAGSTER_HOME', '?')}); "
@@ -160,6 +161,16 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
             flush=True,
         )
         restore(previous)
+
+
+def create_instance_storage() -> None:
+    """Create the Dagster instance's storage (on a new home: its SQLite files, tables and schema stamps) before
+    the processes that open it start together. Two first opens at once (`dagster dev`'s and the metrics
+    exporter's) can stamp one file's schema twice, and every later open then fails ("more than one head")."""
+    import dagster as dg
+
+    with dg.DagsterInstance.get():
+        pass
 
 
 class Supervised:

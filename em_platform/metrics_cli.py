@@ -27,6 +27,7 @@ def run(settings) -> int:
     from em_platform.tem.journal import Journal
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s metrics %(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Dagster's storage checks its schema at each open
     journal = Journal(settings.catalog_url, tile_shares=settings.scope_shares)
     catalog = CatalogDB(settings.catalog_url)
     readers = FacilityReaders(

@@ -378,3 +378,34 @@ def test_the_code_location_lost_to_the_stop_is_no_error_but_any_other_is():
     assert list(without_shutdown_race(lines, stopping)) == lines  # before the stop: every error shows
     stopping.set()
     assert list(without_shutdown_race(lines, stopping)) == info + other + single + info
+
+
+def test_the_instance_storage_is_created_once_before_its_openers_start_together(tmp_path):
+    """On a new Dagster home, processes that first open the instance at once can each stamp a schema version
+    (two rows in one file's alembic_version, and every later open fails). `make dev` creates the storage
+    first; then three openers at once leave each file one stamp."""
+    import os
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+
+    from tests.support.browser import REPO
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO / "instance" / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    subprocess.run(
+        [sys.executable, "-c", "from em_platform.dev import create_instance_storage as c; c()"],
+        env=env,
+        check=True,
+    )
+    files = sorted(p.relative_to(home).as_posix() for p in home.rglob("*.db"))
+    assert files == ["history/runs.db", "history/runs/index.db", "schedules/schedules.db"]
+    opener = "import dagster as dg\nwith dg.DagsterInstance.get() as i: i.get_run_records(limit=1)"
+    openers = [subprocess.Popen([sys.executable, "-c", opener], env=env) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in openers] == [0, 0, 0]
+    for name in files:
+        with sqlite3.connect(home / name) as db:
+            assert db.execute("select count(*) from alembic_version").fetchone() == (1,), name
