@@ -16,6 +16,13 @@ UPLOAD_WINDOW = timedelta(days=7)  # montages completed this recently are watche
 DEFAULT_ADDRESS = "127.0.0.1:9472"
 
 
+def _ingest_sources() -> tuple[str, ...]:
+    from em_platform.ingest.local import SOURCE as LOCAL
+    from em_platform.sources.registry import SOURCES
+
+    return (*SOURCES, LOCAL)
+
+
 def run(settings) -> int:
     from prometheus_client import REGISTRY
 
@@ -23,6 +30,7 @@ def run(settings) -> int:
     from em_platform.cluster.slurm import queue_summary
     from em_platform.metrics.exporter import MetricsConfigError, serve_from
     from em_platform.metrics.facility import FacilityCollector, FacilityReaders
+    from em_platform.metrics.ingest import IngestBytes
     from em_platform.stop_signals import on_stop_signal
     from em_platform.tem.journal import Journal
 
@@ -38,6 +46,7 @@ def run(settings) -> int:
         shares=tuple(settings.scope_shares),
     )
     REGISTRY.register(FacilityCollector(readers))
+    REGISTRY.register(IngestBytes(catalog.completions_after, _ingest_sources()))
     if os.environ.get("DAGSTER_HOME", "").strip():
         import dagster as dg
 

@@ -157,6 +157,22 @@ class CatalogDB:
             )
             return [HistoryEntry(*r) for r in rows]
 
+    def completions_after(self, history_id: int | None) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+        """The records that became complete after status-history row ``history_id`` ((source, record), in
+        order) and the newest row's id, the cursor of the next call. None reads no completion: where to start."""
+        h = status_history
+        with self.engine.connect() as conn:
+            newest = conn.execute(sa.select(sa.func.max(h.c.id))).scalar() or 0
+            if history_id is None:
+                return newest, []
+            rows = conn.execute(
+                sa.select(datasets.c.source, datasets.c.record)
+                .join(h, h.c.dataset_id == datasets.c.id)
+                .where(h.c.id > history_id, h.c.id <= newest, h.c.to_status == Status.COMPLETE.value)
+                .order_by(h.c.id)
+            )
+            return newest, [(r.source, dict(r.record)) for r in rows]
+
     # -- writes --------------------------------------------------------------------------------
 
     def begin(

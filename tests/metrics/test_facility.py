@@ -3,6 +3,7 @@ a store that does not answer reported as such, the SLURM queue, and the runs cou
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from em_platform.tem.archive import SOURCE
 from em_platform.tem.journal import Journal
 
 SHARES = ("/shares/temca2", "/shares/temca3")
+FILES = [{"path": "a.mrc", "size_bytes": 10, "sha256": "0" * 64}]
 
 
 def _samples(*collectors) -> dict[tuple[str, tuple], float]:
@@ -194,3 +196,77 @@ def test_runs_are_counted_once_as_they_end_by_job_and_status():
             assert s[("em_runs_total", (("job", "good_job"), ("status", "SUCCESS")))] == 1
             assert s[("em_runs_total", (("job", "bad_job"), ("status", "FAILURE")))] == 2
             assert s[("em_runs_total", (("job", "bad_job"), ("status", "SUCCESS")))] == 0
+
+
+def _ingest(
+    catalog: CatalogDB, source: str, source_id: str, size: int, end: Status = Status.COMPLETE
+) -> None:
+    """A dataset ingested as the ingest's lifecycle records it: pending, processing, saving-data, ``end``."""
+    record = catalog.begin(source, source_id, description="a test dataset", files=FILES)
+    catalog.transition(record["id"], Status.PROCESSING)
+    catalog.transition(record["id"], Status.SAVING_DATA)
+    if end is Status.COMPLETE:
+        catalog.transition(record["id"], end, update=_complete(size))
+    else:
+        catalog.transition(record["id"], end, error="the store refused")
+
+
+def _complete(size: int) -> dict:
+    from tests.catalog.test_db import COMPLETE_UPDATE
+
+    update = copy.deepcopy(COMPLETE_UPDATE)
+    update["metadata"]["technical"]["file_size_bytes"] = size
+    return update
+
+
+def test_the_bytes_ingested_count_each_completion_after_the_start_by_source(url):
+    from em_platform.metrics.ingest import IngestBytes
+
+    catalog = CatalogDB(url)
+    try:
+        _ingest(catalog, "empiar", "EMPIAR-10001", 1000)  # before the exporter: not counted
+        counter = IngestBytes(catalog.completions_after, ["empiar", "idr", "epfl"])
+        s = _samples(counter)
+        assert {k[1][0][1]: v for k, v in s.items() if k[0] == "em_ingest_bytes_total"} == {
+            "empiar": 0,
+            "epfl": 0,
+            "idr": 0,
+        }
+        _ingest(catalog, "idr", "idr0001", 300)
+        _ingest(catalog, "idr", "idr0002", 200)
+        _ingest(catalog, "epfl", "hippocampus", 7, end=Status.FAILED)  # no bytes ingested
+        _ingest(catalog, "acquisition", "m-1", 99)  # a montage, not an ingest source: left out
+        again = catalog.find("empiar", "EMPIAR-10001")
+        catalog.begin("empiar", "EMPIAR-10001", description="changed upstream", files=FILES)
+        catalog.transition(again["id"], Status.PROCESSING)
+        catalog.transition(again["id"], Status.SAVING_DATA)
+        catalog.transition(
+            again["id"], Status.COMPLETE, update=_complete(1500)
+        )  # ingested again: its bytes came again
+        s = _samples(counter)
+        assert {k[1][0][1]: v for k, v in s.items() if k[0] == "em_ingest_bytes_total"} == {
+            "empiar": 1500,
+            "epfl": 0,
+            "idr": 500,
+        }
+        assert _samples(counter)[("em_ingest_bytes_total", (("source", "idr"),))] == 500  # counted once
+    finally:
+        catalog.dispose()
+
+
+def test_the_bytes_ingested_hold_while_the_catalog_does_not_answer(tmp_path):
+    from em_platform.metrics.ingest import IngestBytes
+
+    answers = iter(
+        [(0, []), (4, [("idr", {"metadata": {"technical": {"file_size_bytes": 10}}})]), OSError("refused")]
+    )
+
+    def completions(cursor):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    counter = IngestBytes(completions, ["idr"])
+    assert _samples(counter)[("em_ingest_bytes_total", (("source", "idr"),))] == 10
+    assert _samples(counter)[("em_ingest_bytes_total", (("source", "idr"),))] == 10 and counter.cursor == 4
