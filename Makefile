@@ -13,7 +13,7 @@ DEV_PORT ?= 3000
 # of which a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
 TEST_WORKERS ?= 3
 
-.PHONY: demo test test-e2e test-fast dev bench bench-scale lint validate clean services compiled ops-engine test-ops
+.PHONY: demo test test-e2e test-fast dev bench bench-scale bench-cryo-live lint validate clean services compiled ops-engine test-ops
 
 $(VENV)/.installed: pyproject.toml scripts/bootstrap.sh scripts/install_chromium.sh scripts/install_s3rver.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -79,6 +79,11 @@ bench: compiled $(EM_STITCH)
 MONTAGES ?= 10000
 bench-scale: compiled
 	$(PY) -m bench.bench_scale --montages $(MONTAGES) $(SCALE_ARGS)
+
+## bench-cryo-live: a live single-particle session (one 4096² × 40 exposure every 10 s for an hour) processed
+## by cryo-live as it lands; results in bench/results/cryo_live.json, the lag plot in docs/img/cryo-live-lag.png
+bench-cryo-live: compiled
+	$(PY) -m bench.bench_cryo_live $(CRYO_LIVE_ARGS)
 
 validate: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml

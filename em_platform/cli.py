@@ -57,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the warm live-QC service: judge live montages' tiles as they land (make dev and deploy-local "
         "start it)",
     )
+    from em_platform import cryo_live_cli
+
+    cryo_live_cli.add_arguments(
+        sub.add_parser(
+            "cryo-live",
+            help="process each single-particle exposure of the cryo sessions as it lands: motion correction, "
+            "CTF, curation (make dev and deploy-local start it)",
+        )
+    )
     sub.add_parser(
         "metrics",
         help="the facility's Prometheus exporter: montages being acquired, buffer, uploads, runs, SLURM "
@@ -134,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             from em_platform import live_qc_cli
 
             return live_qc_cli.run(load_settings())
+        if args.command == "cryo-live":
+            return cryo_live_cli.run(args, load_settings())
         if args.command == "metrics":
             from em_platform import metrics_cli
 

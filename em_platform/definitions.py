@@ -7,6 +7,7 @@ import dagster as dg
 from em_platform.assets.acquisition import montage_tiles
 from em_platform.assets.catalog import metadata_catalog
 from em_platform.assets.cryo import cryo_assets
+from em_platform.assets.cryo_live import cryo_session_job, session
 from em_platform.assets.ingest_local import ingest_local
 from em_platform.assets.ingest_public import (
     public_ingest_assets,
@@ -24,6 +25,7 @@ from em_platform.jobs import catalog_job, cryo_job, ingest_local_job, montage_jo
 from em_platform.resources import build_resources
 from em_platform.retention_job import build_retention
 from em_platform.sensors.cryo import cryo_sensor
+from em_platform.sensors.cryo_sessions import cryo_session_sensor
 from em_platform.sensors.dead_letters import dead_letter_sensor
 from em_platform.sensors.inbox import inbox_sensor
 from em_platform.sensors.montage import montage_sensor
@@ -52,6 +54,7 @@ def build_definitions(resources: dict) -> dg.Definitions:
         lens_correction,
         *simulation_assets,
         *cryo_assets,
+        session,
     ]
     # what the retention job keeps a run for: a partition of these that still exists, their latest materialization
     retention_job, retention_schedule = build_retention(assets)
@@ -65,6 +68,7 @@ def build_definitions(resources: dict) -> dg.Definitions:
             montage_job,
             simulation_job,
             cryo_job,
+            cryo_session_job,
             storage_consistency_job,
             retention_job,
         ],
@@ -75,6 +79,7 @@ def build_definitions(resources: dict) -> dg.Definitions:
             catalog_automation,
             simulation_sensor,
             cryo_sensor,
+            cryo_session_sensor,
             dead_letter_sensor,
             *recovery_sensors,
         ],

@@ -10,7 +10,8 @@ monitoring on the next start), and drops the daemon's lines for sensor ticks tha
 runs' DEBUG events (the terminal logs at INFO). Everything else `dagster dev` prints passes through.
 
 Beside Dagster it supervises (restarts when they die, stops when it stops) the platform's warm services:
-the live-QC service (`em-platform live-qc`, threads of its own for live tiles), the image viewer
+the live-QC service (`em-platform live-qc`, threads of its own for live tiles), the live cryo service
+(`em-platform cryo-live`, each single-particle exposure as it lands), the image viewer
 (`em-platform viewer`: Neuroglancer on EM_VIEWER_URL, which every image's link opens) and one Dask pool that
 every run computes on (ingests, fusion, cryo; :class:`DaskPool`), instead of a cluster started per run.
 """
@@ -43,6 +44,7 @@ SHUTDOWN_GRACE_SECONDS = 12.0
 # where the services serve their metrics unless EM_LIVE_QC_METRICS / EM_METRICS say otherwise
 DEV_LIVE_QC_METRICS = "127.0.0.1:9470"
 DEV_FACILITY_METRICS = "127.0.0.1:9472"
+DEV_CRYO_LIVE_METRICS = "127.0.0.1:9473"
 # Dagster 1.13 warns that `dagster dev` is superseded by `dg dev` (the dagster-dg-cli package), which serves a dg
 # project (pyproject's [tool.dg] and its defs layout); this repository is a plain code location that
 # workspace.yaml names, so `dagster dev` is still the command that serves it. The warning, which the user cannot
@@ -118,9 +120,11 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
     # the services' metrics on loopback, for a Prometheus of the operator's (docs/operations.md)
     live_metrics = os.environ.get("EM_LIVE_QC_METRICS", "").strip() or DEV_LIVE_QC_METRICS
     facility_metrics = os.environ.get("EM_METRICS", "").strip() or DEV_FACILITY_METRICS
+    cryo_metrics = os.environ.get("EM_CRYO_LIVE_METRICS", "").strip() or DEV_CRYO_LIVE_METRICS
     print(
-        f"em-platform dev: metrics of live-qc at http://{live_metrics}/metrics (EM_LIVE_QC_METRICS), of the "
-        f"facility at http://{facility_metrics}/metrics (EM_METRICS)",
+        f"em-platform dev: metrics of live-qc at http://{live_metrics}/metrics (EM_LIVE_QC_METRICS), of "
+        f"cryo-live at http://{cryo_metrics}/metrics (EM_CRYO_LIVE_METRICS), of the facility at "
+        f"http://{facility_metrics}/metrics (EM_METRICS)",
         file=out,
         flush=True,
     )
@@ -130,6 +134,12 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
             [sys.executable, "-m", "em_platform.live_qc_cli"],
             out,
             env={**os.environ, "EM_LIVE_QC_METRICS": live_metrics},
+        ),
+        Supervised(
+            "cryo-live",
+            [sys.executable, "-m", "em_platform.cli", "cryo-live"],
+            out,
+            env={**os.environ, "EM_CRYO_LIVE_METRICS": cryo_metrics},
         ),
         Supervised("viewer", [sys.executable, "-m", "em_platform.cli", "viewer"], out),
         Supervised(
@@ -155,7 +165,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         for service in supervised:  # the pool's workers before its scheduler
             service.stop()
         print(
-            "em-platform dev: stopped (Dagster, live-qc, viewer, metrics"
+            "em-platform dev: stopped (Dagster, live-qc, cryo-live, viewer, metrics"
             + (", the Dask pool)" if pool else ")"),
             file=out,
             flush=True,

@@ -14,3 +14,8 @@ simulations = dg.DynamicPartitionsDefinition(name="simulations")
 # One key per cryo tilt series (or single-particle movie set), ``<root tag>/<path of its mdoc>``, added by the
 # cryo sensor from EM_CRYO_SESSIONS and the simulator's published root.
 cryo_tilt_series = dg.DynamicPartitionsDefinition(name="cryo_tilt_series")
+
+# One key per live single-particle session (a movie set's folder, ``<root tag>/<folder>/micrographs``), added by
+# the session sensor once `em-platform cryo-live` records its first exposure. Its exposures are rows, not
+# partitions: tens of thousands a session would pass Dagster's limits within a month.
+cryo_sessions = dg.DynamicPartitionsDefinition(name="cryo_sessions")

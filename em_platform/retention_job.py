@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 import dagster as dg
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, NOT_FINISHED_STATUSES, RunsFilter
 
-from em_platform.assets.cryo import work_root
 from em_platform.cryo.results_db import CryoResults
 from em_platform.jobs import montage_job
 from em_platform.partitions import montages
@@ -214,7 +213,7 @@ def _files(
 ) -> dict[str, int]:
     """Steps 4 and 5: the buffer's montage folders and the tilt series' intermediates."""
     done: dict[str, int] = {}
-    cryo_root = work_root(storage)
+    cryo_root = storage.cryo_root()
     buffer_cutoff = policy.cutoff(policy.buffer_days, now)
     if buffer_cutoff is not None:
         store = storage.store()

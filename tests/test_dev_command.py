@@ -245,6 +245,7 @@ def test_make_dev_serves_its_ui_behind_the_guard_and_ctrl_c_stops_it_leaving_not
         EM_DATA_ROOT=str(tmp_path / "data"),
         EM_VIEWER_URL=f"http://127.0.0.1:{free_port()}",
         EM_LIVE_QC_METRICS=f"127.0.0.1:{free_port()}",
+        EM_CRYO_LIVE_METRICS=f"127.0.0.1:{free_port()}",
         EM_METRICS=f"127.0.0.1:{free_port()}",
         PYTHONUNBUFFERED="1",
     )
@@ -272,7 +273,13 @@ def test_make_dev_serves_its_ui_behind_the_guard_and_ctrl_c_stops_it_leaving_not
         )
     try:
         deadline = time.monotonic() + 180
-        ready = ("live-qc: watching", "Serving dagster-webserver", "viewer", "metrics: the facility's gauges")
+        ready = (
+            "live-qc: watching",
+            "cryo-live: processing each",
+            "Serving dagster-webserver",
+            "viewer",
+            "metrics: the facility's gauges",
+        )
         while not all(marker in log.read_text() for marker in ready):
             assert dev.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)  # poll the log the processes write
@@ -284,11 +291,12 @@ def test_make_dev_serves_its_ui_behind_the_guard_and_ctrl_c_stops_it_leaving_not
                 assert dev.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
         _its_ui_is_behind_the_guard(f"http://127.0.0.1:{port}")
-        for metrics in (env["EM_LIVE_QC_METRICS"], env["EM_METRICS"]):  # where it said, for a Prometheus
+        for metrics in (env["EM_LIVE_QC_METRICS"], env["EM_CRYO_LIVE_METRICS"], env["EM_METRICS"]):
             assert f"http://{metrics}/metrics" in log.read_text()
             assert b"process_cpu_seconds_total" in urllib.request.urlopen(f"http://{metrics}/metrics").read()
         started = psutil.Process(dev.pid).children(recursive=True)
-        assert len(started) >= 6, started  # dagster dev and its services, live-qc, viewer, metrics, Dask
+        # dagster dev and its services, live-qc, cryo-live, viewer, metrics, Dask
+        assert len(started) >= 7, started
         before = len(log.read_text())
         os.killpg(dev.pid, signal.SIGINT)  # Ctrl-C
         assert dev.wait(90) == 0 or dev.returncode in (-signal.SIGINT, 130), log.read_text()[-3000:]

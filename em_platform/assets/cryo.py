@@ -126,12 +126,6 @@ class DenoiseConfig(dg.Config):
     method: str = DEFAULT_METHOD
 
 
-def work_root(storage: StorageResource) -> Path:
-    """Processing outputs: ``<data root>/cryo`` (local), else the local buffer's ``cryo`` folder."""
-    store = storage.store()
-    return Path(store.path("cryo")) if store.is_local else Path(storage.buffer().path("cryo"))
-
-
 def _series_fields(ts: TiltSeries) -> dict:
     return {
         "name": ts.name,
@@ -206,7 +200,7 @@ def motion_corrected(
     catalog: CatalogResource,
     dask: DaskResource,
 ) -> dg.MaterializeResult:
-    root = work_root(storage)
+    root = storage.cryo_root()
 
     def step(ts: TiltSeries):
         results = CryoResults(catalog.url)
@@ -254,7 +248,7 @@ def ctf(
     storage: StorageResource,
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
-    root = work_root(storage)
+    root = storage.cryo_root()
 
     def step(ts: TiltSeries):
         scope = Microscope(ts.voltage_kV, config.cs_mm, config.amplitude_contrast)
@@ -293,7 +287,7 @@ def tilt_alignment(
     storage: StorageResource,
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
-    root = work_root(storage)
+    root = storage.cryo_root()
     ts, skip = _run(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tilt series to align"))
     if skip:
         return skip
@@ -355,7 +349,7 @@ def tomogram(
     storage: StorageResource,
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
-    root = work_root(storage)
+    root = storage.cryo_root()
     ts, skip = _run(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tomogram"))
     if skip:
         return skip
@@ -398,7 +392,7 @@ def denoised(
     storage: StorageResource,
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
-    root = work_root(storage)
+    root = storage.cryo_root()
     ts, skip = _run(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tomogram to denoise"))
     if skip:
         return skip
@@ -433,7 +427,7 @@ def thumbnails(
     storage: StorageResource,
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
-    root = work_root(storage)
+    root = storage.cryo_root()
 
     def step(ts: TiltSeries):
         ws = proc.Workspace(root, ts.key)
@@ -539,7 +533,7 @@ def results(
     storage: StorageResource,
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
-    root = work_root(storage)
+    root = storage.cryo_root()
 
     def step(ts: TiltSeries):
         movie_rows, ctf_rows, alignment, tomos = _rows(ts, proc.Workspace(root, ts.key))
@@ -641,7 +635,7 @@ def evaluation(
 ):
     from em_platform.simulation.truth import read_ground_truth
 
-    root = work_root(storage)
+    root = storage.cryo_root()
 
     def step(ts: TiltSeries):
         if ts.truth is None:

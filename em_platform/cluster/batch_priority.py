@@ -113,9 +113,23 @@ def session_is_a_dask_worker(pid: int | None = None) -> bool:
     return any(a == "dask" and b == "worker" for a, b in zip(words, words[1:], strict=False))
 
 
+def lower_own_session(group_niceness: int) -> int | None:
+    """Lower the autogroup of the session this process leads (a service started in a session of its own)
+    to ``group_niceness``; None where there is no autogroup or the session is not this process's."""
+    if os.getsid(0) != os.getpid():
+        return None
+    return _set_group(group_niceness)
+
+
 def _lower_group(group_niceness: int) -> int | None:
+    if not session_is_a_dask_worker():
+        return None
+    return _set_group(group_niceness)
+
+
+def _set_group(group_niceness: int) -> int | None:
     now = autogroup_niceness()
-    if now is None or not session_is_a_dask_worker():
+    if now is None:
         return None
     if now < group_niceness:
         try:

@@ -119,6 +119,7 @@ SESSION_SETTINGS = "em_session.yaml"
 SESSION_KEYS = {
     "tilt_axis_deg": "the tilt-axis angle (°), over the mdoc's",
     "thickness_nm": "tomogram thickness (nm)",
+    "curation": "a live session's thresholds (em_platform.cryo.curation.Thresholds), a mapping",
 }
 # where the tilt-axis angle comes from, first that applies (README, "Cryo processing")
 AXIS_PRECEDENCE = ("session settings", "mdoc title", "mdoc RotationAngle", "none: 0° assumed")
@@ -147,6 +148,14 @@ def session_settings(mdoc_dir: Path, session_dir: Path, root: Path | None = None
             raise SessionError(f"{path}: unknown setting(s) {unknown}; known: {', '.join(SESSION_KEYS)}")
         out = {}
         for key, value in doc.items():
+            if key == "curation":
+                from em_platform.cryo.curation import CurationError, Thresholds
+
+                try:
+                    out[key] = Thresholds.from_settings(value, f"{path}: curation")
+                except CurationError as exc:
+                    raise SessionError(str(exc)) from exc
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise SessionError(f"{path}: {key} must be a number ({SESSION_KEYS[key]}), got {value!r}")
             out[key] = float(value)
@@ -422,6 +431,23 @@ def is_frame_set(path: Path) -> bool:
     return "[FrameSet" in head and "[ZValue" not in head
 
 
+_FRAME_SET_SEEN: dict[tuple[Path, int, int], bool] = {}  # (mdoc, mtime_ns, size) -> is_frame_set
+_FRAME_SET_SEEN_MAX = 1_000_000
+
+
+def is_frame_set_cached(path: Path) -> bool:
+    """:func:`is_frame_set`, read again only when the file changed: a sensor's tick over a session of tens of
+    thousands of frame-set mdocs costs a stat each, not a read."""
+    st = path.stat()
+    key = (path, st.st_mtime_ns, st.st_size)
+    known = _FRAME_SET_SEEN.get(key)
+    if known is None:
+        if len(_FRAME_SET_SEEN) >= _FRAME_SET_SEEN_MAX:
+            _FRAME_SET_SEEN.clear()
+        known = _FRAME_SET_SEEN[key] = is_frame_set(path)
+    return known
+
+
 @dataclass(frozen=True)
 class RefusedEntry:
     """A folder or series of a session root refused at the edge: never described further, never processed."""
@@ -441,6 +467,7 @@ class SessionScan:
     found: list[TiltSeries]
     errors: dict[str, str]  # key -> why the series could not be described (a bad mdoc, a missing file)
     refused: dict[str, RefusedEntry]  # key -> what resolves outside the root
+    movie_set_folders: list[Path] = field(default_factory=list)  # when not described (scan_sessions)
 
 
 def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, Refused]]]:
@@ -483,9 +510,11 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, Refused]]]:
     return sorted(mdocs), refused
 
 
-def scan_sessions(root: Path, tag: str) -> SessionScan:
+def scan_sessions(root: Path, tag: str, movie_sets: bool = True) -> SessionScan:
     """Every tilt series and movie set under ``root``; unreadable mdocs come back as errors, and what resolves
-    outside ``root`` (a folder, an mdoc, a file a series names) as refused, checked before it is read."""
+    outside ``root`` (a folder, an mdoc, a file a series names) as refused, checked before it is read.
+    Without ``movie_sets`` a movie set's folder is only named (``SessionScan.movie_set_folders``), its
+    mdocs not read: the live service processes them (em_platform.cryo.live_sessions)."""
     found: list[TiltSeries] = []
     errors: dict[str, str] = {}
     refused: dict[str, RefusedEntry] = {}
@@ -500,7 +529,7 @@ def scan_sessions(root: Path, tag: str) -> SessionScan:
         rel = mdoc.relative_to(root)
         try:
             contained(root, mdoc, "mdoc")  # before is_frame_set reads its first lines
-            if is_frame_set(mdoc):
+            if is_frame_set_cached(mdoc):
                 frame_sets.setdefault(mdoc.parent, []).append(mdoc)
             else:
                 found.append(describe_tilt_series(mdoc, root, tag))
@@ -509,6 +538,8 @@ def scan_sessions(root: Path, tag: str) -> SessionScan:
             refused[key] = RefusedEntry(key, mdoc, exc)
         except (SessionError, OSError) as exc:
             errors[f"{tag}/{'/'.join((*rel.parent.parts, strip_suffixes(mdoc.name)))}"] = str(exc)
+    if not movie_sets:
+        return SessionScan(found, errors, refused, sorted(frame_sets))
     for folder, mdocs_of_set in sorted(frame_sets.items()):
         key = f"{tag}/{folder.relative_to(root).as_posix()}/{SPA_SET}"
         try:

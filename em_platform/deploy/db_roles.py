@@ -27,10 +27,12 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 
+from em_platform.deploy.services import DB_LOGIN_ROLES
+
 T = TypeVar("T")
 
 OWNER_ROLES = ("dagster", "catalog")
-SERVICE_ROLES = ("listener", "live_qc", "code", "runs")
+SERVICE_ROLES = tuple(r for r in DB_LOGIN_ROLES if r != "dagster")
 _ALL = "SELECT, INSERT, UPDATE, DELETE"
 
 
@@ -38,7 +40,7 @@ def catalog_tables() -> dict[str, sa.Table]:
     """Every table of the catalog's database, by name (the catalog, the journal, tile records, cryo results,
     dead letters), from the modules that define them."""
     from em_platform.catalog import db, dead_letters
-    from em_platform.cryo import results_db
+    from em_platform.cryo import exposures_db, results_db  # noqa: F401 - its tables are results_db's
     from em_platform.storage import audits
     from em_platform.tem import journal, tile_records
 
@@ -55,7 +57,7 @@ def catalog_tables() -> dict[str, sa.Table]:
 def catalog_rights() -> dict[str, dict[str, str]]:
     """Per service role: table name -> the privileges it is granted (every other table: none)."""
     from em_platform.catalog import db, dead_letters
-    from em_platform.cryo import results_db
+    from em_platform.cryo import exposures_db, results_db
     from em_platform.tem import journal, tile_records
 
     journal_tables = [journal.messages, journal.montages, journal.tiles, journal.qc_status, journal.judges]
@@ -70,6 +72,12 @@ def catalog_rights() -> dict[str, dict[str, str]]:
         },
         # live montages' tiles judged: the journal (its judging claims taken and given back)
         "live_qc": {**{t.name: _ALL for t in journal_tables}, letters: "SELECT, INSERT"},
+        # live cryo sessions: their exposures (claimed, processed, judged again), what it refuses
+        "cryo_live": {
+            exposures_db.exposures.name: _ALL,
+            exposures_db.live_sessions.name: _ALL,
+            letters: "SELECT, INSERT",
+        },
         # the sensors: they read the journal and the records, dead-letter what they refuse and mark the records
         # of a failed run failed
         "code": {

@@ -243,13 +243,15 @@ IMAGE_ENV = {
 }
 HEALTHY, STARTED, COMPLETED = "service_healthy", "service_started", "service_completed_successfully"
 
+# The database's login roles: Dagster's, and one per service (em_platform/deploy/db_roles.py grants their rights).
+DB_LOGIN_ROLES = ("dagster", "listener", "live_qc", "cryo_live", "code", "runs")
 # The secrets every store and the broker are created with; docker/.env.example holds placeholders for them.
 SECRETS = (
     "POSTGRES_PASSWORD",
     "AWS_SECRET_ACCESS_KEY",
     "EM_BROKER_PASSWORD",
     "EM_SCOPE_BROKER_PASSWORD",
-    *(f"EM_DB_{role.upper()}_PASSWORD" for role in ("dagster", "listener", "live_qc", "code", "runs")),
+    *(f"EM_DB_{role.upper()}_PASSWORD" for role in DB_LOGIN_ROLES),
     *(f"EM_S3_{user.upper()}_SECRET_KEY" for user in S3_USERS),
 )
 # The object store's access key ids (names, not secrets); make compose-up writes new ones too.
@@ -303,10 +305,7 @@ SERVICES: tuple[Service, ...] = (
             "EM_CATALOG_DB": "${EM_CATALOG_DB:-em_catalog}",
             "EM_DB_ROLE_PREFIX": "${EM_DB_ROLE_PREFIX:-em}",
             "EM_DB_INIT_PATIENCE_S": "${EM_DB_INIT_PATIENCE_S:-60}",
-            **{
-                f"EM_DB_{role.upper()}_PASSWORD": db_password(role)
-                for role in ("dagster", "listener", "live_qc", "code", "runs")
-            },
+            **{f"EM_DB_{role.upper()}_PASSWORD": db_password(role) for role in DB_LOGIN_ROLES},
         },
         depends_on={"postgresql": HEALTHY},
         restart="no",
@@ -581,6 +580,21 @@ SERVICES: tuple[Service, ...] = (
         volumes=(DATA_VOLUME,),  # the buffer its processed tiles are staged in, shared with the runs
         restart="on-failure",
         note="judges live montages' tiles as they land (warm: no run start); the montage runs record it",
+    ),
+    Service(
+        "cryo-live",
+        image=EM_IMAGE,
+        command=("em-platform", "cryo-live"),
+        # the session folders in, the results tables and micrographs out; its counters and lag for Prometheus
+        env={**platform_env(("catalog",), db="cryo_live"), "EM_CRYO_LIVE_METRICS": "{bind}:{port}"},
+        port=9473,
+        depends_on={"db-init": COMPLETED},
+        probe=Probe("log", pattern="processing each single-particle exposure"),
+        metrics="/metrics",
+        volumes=(DATA_VOLUME,),  # the session folders and the micrographs it writes
+        restart="on-failure",
+        note="motion-corrects and CTF-fits each single-particle exposure as it lands, judged against the "
+        "session's thresholds (em_platform/cryo/live_sessions.py)",
     ),
     Service(
         "metrics",

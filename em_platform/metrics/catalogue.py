@@ -31,3 +31,9 @@ DEAD_LETTERS = Counter(
 BROKER_CONNECTED = Gauge(
     "em_broker_connected", "1 while the service holds its broker subscription, else 0", ["service"]
 )
+CRYO_EXPOSURES = Counter(
+    "em_cryo_exposures",
+    "single-particle exposures of the live sessions, by what became of them: landed (the movie complete), "
+    "processed, failed",
+    ["session_state"],
+)

@@ -38,6 +38,11 @@ class StorageResource(dg.ConfigurableResource):
         """The local acquisition buffer, with the same staged, atomic writes as the root."""
         return DataStore(self.buffer_root)
 
+    def cryo_root(self) -> Path:
+        """Cryo processing outputs: ``<data root>/cryo`` (local), else the local buffer's ``cryo`` folder."""
+        store = self.store()
+        return Path(store.path("cryo")) if store.is_local else Path(self.buffer().path("cryo"))
+
     def downloads(self) -> Path:
         """The local download cache of the public-dataset ingests."""
         return Path(self.downloads_root)

@@ -1,5 +1,7 @@
-"""``cryo_sensor``: every settled tilt series (or single-particle movie set) in EM_CRYO_SESSIONS or in the
-simulator's published root becomes a partition of ``cryo_tilt_series`` and a run of ``cryo_job``.
+"""``cryo_sensor``: every settled tilt series in EM_CRYO_SESSIONS or in the simulator's published root becomes a
+partition of ``cryo_tilt_series`` and a run of ``cryo_job``. A single-particle movie set is not requested:
+`em-platform cryo-live` processes each of its exposures as it lands (em_platform.cryo.live_sessions); one
+can still be processed as a whole by adding its key and launching ``cryo_job`` on it.
 
 The cursor maps partition key → fingerprint (sizes and times of the mdoc, stack and movies), so an unchanged
 series is never requested twice and one that grew (more tilts written by the microscope) is requested again.
@@ -46,12 +48,13 @@ def cryo_sensor(
 ) -> dg.SensorResult:
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
-    found, errors, refused = [], {}, {}
+    found, errors, refused, live = [], {}, {}, []
     for tag, root in cryo_sessions.roots().items():
-        scan = scan_sessions(root, tag)
+        scan = scan_sessions(root, tag, movie_sets=False)
         found += scan.found
         errors |= scan.errors
         refused |= scan.refused
+        live += scan.movie_set_folders
     for ts in list(found):  # the key names output folders and storage keys: refuse an unsafe one (edge)
         try:
             check_relative_key(ts.key, "partition_key")
@@ -93,6 +96,8 @@ def cryo_sensor(
         reason = (
             f"{len(waiting)} tilt series still being written" if waiting else "no new or changed tilt series"
         )
+        if live:
+            reason += f"; {len(live)} single-particle set(s) processed exposure by exposure by cryo-live"
         if errors:  # a malformed mdoc is not "nothing new": say what was skipped and why
             key, error = next(iter(errors.items()))
             reason = f"{len(errors)} tilt series skipped (first: {key}: {error}); {reason}"

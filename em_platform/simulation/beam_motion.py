@@ -41,6 +41,7 @@ class MovieSpec:
     defocus_A: float = 15000.0
     contrast: float = 0.06  # RMS of the specimen's intensity modulation
     seed: int = 0
+    camera_seed: int | None = None  # the detector's own (its gain and hot pixels): one camera, many movies
 
 
 def beam_trajectory(spec: MovieSpec) -> np.ndarray:
@@ -95,8 +96,9 @@ def movie_frames(spec: MovieSpec) -> tuple[Iterator[np.ndarray], np.ndarray, np.
     rng = np.random.default_rng([spec.seed, 3])
     shifts = beam_trajectory(spec)
     image = specimen_image(spec)
-    sensitivity = np.clip(rng.normal(1.0, spec.sensitivity_sd, spec.shape), 0.5, 1.5)
-    hot = rng.integers(0, spec.shape[0] * spec.shape[1], spec.hot_pixels)
+    camera = rng if spec.camera_seed is None else np.random.default_rng([spec.camera_seed, 4])
+    sensitivity = np.clip(camera.normal(1.0, spec.sensitivity_sd, spec.shape), 0.5, 1.5)
+    hot = camera.integers(0, spec.shape[0] * spec.shape[1], spec.hot_pixels)
     gain = (1.0 / sensitivity).astype(np.float32)
     spectrum = np.fft.rfft2(image)
     t = np.arange(spec.n_frames, dtype=np.float64)

@@ -238,7 +238,8 @@ def bad_session(tmp_path_factory):
             result = cryo_sensor(ctx)
         requests = {r.partition_key: r for r in result.run_requests}
         added = [k for req in result.dynamic_partitions_requests for k in req.partition_keys]
-        instance.add_dynamic_partitions("cryo_tilt_series", added)
+        # the movie set is cryo-live's, exposure by exposure; processed as a whole here, as a user can
+        instance.add_dynamic_partitions("cryo_tilt_series", [*added, GOOD[1]])
         for key in [k for _, k, _ in BAD.values()] + list(GOOD):
             runs[key] = dg.materialize(
                 cryo_assets,
@@ -265,7 +266,14 @@ def bad_session(tmp_path_factory):
             for r in conn.execute(sa.text("SELECT partition_key, kind, status, error FROM cryo_tilt_series"))
         }
     engine.dispose()
-    return {"requests": requests, "added": added, "runs": runs, "rows": rows, "check_status": check_status}
+    return {
+        "requests": requests,
+        "added": added,
+        "runs": runs,
+        "rows": rows,
+        "check_status": check_status,
+        "skip": result.skip_reason,
+    }
 
 
 def _latest_check_status(instance, asset_key) -> dict[str, str]:
@@ -299,8 +307,8 @@ def test_bad_input_fails_only_its_own_partition(bad_session, case):
 
 
 def test_good_partitions_of_the_same_session_materialize(bad_session):
-    assert set(bad_session["requests"]) == {k for _, k, _ in BAD.values()} | set(GOOD)
-    assert bad_session["requests"][GOOD[1]].tags["em/cryo_kind"] == "single_particle"
+    # the single-particle set is not requested: cryo-live processes its exposures as they land
+    assert set(bad_session["requests"]) == {k for _, k, _ in BAD.values()} | {GOOD[0]}
     for key in GOOD:
         run = bad_session["runs"][key]
         assert run.success
@@ -336,7 +344,8 @@ def test_real_epu_micrograph_session_through_motion_and_ctf_assets(tmp_path):
     """The real Falcon micrograph of ``tests/cryo/data`` (EPU 2.9, 300 kV, 0.667 Å/px, applied defocus
     −2.2 µm) laid out as a single-particle session folder: the exposure beside its SerialEM frame-set mdoc
     (``[FrameSet = 0]``, values from the MRC header: pixel size, voltage, dose, one frame: EPU wrote the
-    frame sum). The sensor makes it a partition; motion correction and CTF run as assets, unchanged.
+    frame sum). The sensor leaves it to cryo-live; added as a partition, motion correction and CTF run as
+    assets, unchanged.
 
     The mdoc carries no Defocus/TargetDefocus, so the CTF search spans the whole 0.2–9 µm: with a target
     defocus it would search only its ± 50 % window, which alone would keep the estimate inside the bound."""
@@ -382,11 +391,8 @@ def test_real_epu_micrograph_session_through_motion_and_ctf_assets(tmp_path):
             instance=instance, resources={k: resources[k] for k in ("cryo_sessions", "catalog")}
         ) as ctx:
             result = cryo_sensor(ctx)
-        assert [r.partition_key for r in result.run_requests] == [key]
-        assert result.run_requests[0].tags["em/cryo_kind"] == "single_particle"
-        instance.add_dynamic_partitions(
-            "cryo_tilt_series", [k for req in result.dynamic_partitions_requests for k in req.partition_keys]
-        )
+        assert result.run_requests == [] and "1 single-particle set(s)" in result.skip_reason.skip_message
+        instance.add_dynamic_partitions("cryo_tilt_series", [key])
         run = dg.materialize(
             cryo_assets,
             selection=[K["motion_corrected"], K["ctf"]],

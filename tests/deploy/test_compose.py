@@ -311,13 +311,16 @@ def test_each_container_gets_only_the_secrets_it_uses():
         return sorted(named & set(SECRETS))
 
     held = {name: secrets_of(spec) for name, spec in compose()["services"].items()}
-    db_roles = [f"EM_DB_{r}_PASSWORD" for r in ("DAGSTER", "LISTENER", "LIVE_QC", "CODE", "RUNS")]
+    db_roles = [
+        f"EM_DB_{r}_PASSWORD" for r in ("DAGSTER", "LISTENER", "LIVE_QC", "CRYO_LIVE", "CODE", "RUNS")
+    ]
     assert held == {
         "secrets-check": sorted(SECRETS),
         "postgresql": ["POSTGRES_PASSWORD"],
         "db-init": sorted(["POSTGRES_PASSWORD", *db_roles]),
         "broker-init": ["EM_BROKER_PASSWORD", "EM_SCOPE_BROKER_PASSWORD"],
         "rabbitmq": ["EM_BROKER_PASSWORD"],
+        "cryo-live": ["EM_DB_CRYO_LIVE_PASSWORD"],
         "minio": ["AWS_SECRET_ACCESS_KEY"],
         "minio-init": ["AWS_SECRET_ACCESS_KEY", "EM_S3_RUNS_SECRET_KEY", "EM_S3_VIEWER_SECRET_KEY"],
         "dask-certs": [],

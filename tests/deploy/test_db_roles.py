@@ -99,7 +99,7 @@ def test_no_role_is_a_superuser_or_may_run_programs_or_read_files(dbs):
     assert sorted(r[0] for r in rows) == sorted(dbs.roles())
     assert all(not any(r[1:6]) and not r[7] for r in rows), rows
     assert {r[0]: r[6] for r in rows}[dbs.role("catalog")] is False  # the tables' owner cannot log in
-    for role in ("listener", "live_qc", "code", "runs"):
+    for role in SERVICE_ROLES:
         url = _url(dbs.role(role), dbs.catalog)
         assert "pg_execute_server_program" in _run(url, "COPY (SELECT 1) TO PROGRAM 'id'")
         assert "pg_read_server_files" in _run(url, "COPY acq_messages FROM '/etc/passwd'")

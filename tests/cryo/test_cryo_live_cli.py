@@ -1,0 +1,95 @@
+"""`em-platform cryo-live` as an operator runs it: killed with SIGKILL while it processes an exposure, the next
+start processes every exposure once (the dead one's claim taken back at once), and its metrics say how many
+landed and were processed and how far processing is behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import starfile
+
+from em_platform.cryo.exposures_db import PROCESSED, PROCESSING, ExposureStore
+from tests.cryo.synthetic import make_movie_set
+from tests.support.browser import free_port
+from tests.support.metrics import scrape
+
+SESSION = "sessions/grid1/micrographs"
+
+
+def _start(env: dict) -> tuple[subprocess.Popen, str]:
+    """The service, once ready, and what it printed until then."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "em_platform.cli", "cryo-live"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "cryo-live: processing each" in line:
+            return proc, "".join(lines)
+    pytest.fail(f"cryo-live exited ({proc.wait()}) before it was ready")
+
+
+def _until(what, deadline_s: float = 120.0):
+    deadline = time.monotonic() + deadline_s
+    while not (found := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)  # polling the database the service writes
+    return found
+
+
+def test_killed_mid_exposure_the_next_start_processes_each_exposure_once(tmp_path):
+    root = tmp_path / "sessions"
+    make_movie_set(root / "grid1", n_movies=4, size=1024, frames=8)
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_"))}
+    env.update(
+        EM_DATA_ROOT=str(tmp_path / "data"),
+        EM_CRYO_SESSIONS=str(root),
+        EM_CATALOG_URL=url,
+        EM_CRYO_LIVE_METRICS=f"127.0.0.1:{port}",
+        PYTHONUNBUFFERED="1",
+    )
+    store = ExposureStore(url)
+    first, _ = _start(env)
+    try:
+        claimed = _until(lambda: [r for r in store.rows(SESSION) if r["status"] == PROCESSING])
+        os.killpg(first.pid, signal.SIGKILL)  # mid-exposure: its claim and maybe a half-written file left
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    restarted = datetime.now(UTC)
+    second, started = _start(env)
+    try:
+        rows = _until(lambda: (r := store.rows(SESSION)) and all(x["status"] == PROCESSED for x in r) and r)
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert samples[("em_cryo_processing_lag_seconds", ())] == 0
+        by_second = sum(r["processed_at"] > restarted for r in rows)
+        assert samples[("em_cryo_exposures_total", (("session_state", "processed"),))] == by_second >= 1
+    finally:
+        second.send_signal(signal.SIGTERM)
+        out, _ = second.communicate(timeout=60)
+    store.dispose()
+    assert second.returncode == 0 and "cryo-live: stopped" in out
+    assert sorted(r["movie"] for r in rows) == [f"FoilHole_{i:04d}_fractions.tif" for i in range(4)]
+    again = {r["movie"]: r for r in rows}[claimed[0]["movie"]]
+    assert again["attempts"] == 2  # the killed one's claim was taken back, not waited out, and done once
+    assert "taking back the exposures of cryo-live@" in started
+    out_dir = tmp_path / "data" / "cryo" / "live" / SESSION
+    ctf = starfile.read(out_dir / "micrographs_ctf.star")["micrographs"]
+    assert sorted(ctf["rlnMicrographName"]) == sorted(r["micrograph"] for r in rows)  # each once
+    published = sorted(p.name for p in (out_dir / "micrographs").iterdir() if not p.name.startswith("."))
+    assert published == sorted(Path(r["micrograph"]).name for r in rows)
