@@ -275,6 +275,18 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "cryo_live.json",
+        "A live single-particle session, one exposure every 10 s (`bench_cryo_live`, `make bench-cryo-live`)",
+        [
+            ("movie complete to results stored, p50", "latest.lag_s.p50", "s"),
+            ("p95", "latest.lag_s.p95", "s"),
+            ("max (at most 60)", "latest.lag_s.max", "s"),
+            ("the service's CPU per exposure", "latest.service_cpu_s_per_exposure", "s"),
+            ("every run on record (`history`): its length", "history.*.duration_s", "s"),
+            ("every run on record: the worst lag", "history.*.lag_s.max", "s"),
+        ],
+    ),
+    (
         "metrics_cost.json",
         "What the metrics cost the live chain (`bench_metrics`)",
         [

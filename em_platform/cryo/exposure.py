@@ -53,9 +53,7 @@ def process_exposure(ts: sess.TiltSeries, out: Path, movie: str, settings: Expos
     :class:`~em_platform.cryo.session.SessionError` naming it."""
     (tilt,) = ts.tilts
     frames = sess.load_movie(ts, tilt)
-    gain = sess.load_gain(
-        ts.gain, tuple(frames.shape[1:]), settings.motion.gain_rotation, settings.motion.gain_flip
-    )
+    gain = _gain(ts.gain, tuple(frames.shape[1:]), settings.motion.gain_rotation, settings.motion.gain_flip)
     dpf = tilt.frame_dose_e_per_A2 or (tilt.dose_e_per_A2 / frames.shape[0] if tilt.dose_e_per_A2 else 0.0)
     scope = Microscope(ts.voltage_kV, settings.scope.cs_mm, settings.scope.amplitude_contrast)
     try:
@@ -83,7 +81,7 @@ def process_exposure(ts: sess.TiltSeries, out: Path, movie: str, settings: Expos
         "spectrum": f"{SPECTRA}/{stem}.png",
     }
     _replace(out / files["micrograph"], lambda p: write_mrc(p, micrograph, ts.pixel_A))
-    _replace(out / files["thumbnail"], lambda p: p.write_bytes(mrc_to_jpeg(micrograph, 512)))
+    _replace(out / files["thumbnail"], lambda p: p.write_bytes(mrc_to_jpeg(image, 512)))  # the cropped one
     spectrum = encode(to_image(diagnostic_image(est, scope).astype(np.float32), 256))
     _replace(out / files["spectrum"], lambda p: p.write_bytes(spectrum))
     m = res.metrics
@@ -115,6 +113,22 @@ def ctf_view(micrograph: np.ndarray, pixel_A: float) -> tuple[np.ndarray, float,
     ny, nx = (micrograph.shape[0] // binning) * binning, (micrograph.shape[1] // binning) * binning
     cropped = fourier_bin(micrograph[:ny, :nx], (ny // binning, nx // binning))
     return cropped, pixel_A * binning, binning
+
+
+_GAINS: dict[tuple, np.ndarray] = {}  # the session's gain reference, read once while its file is unchanged
+
+
+def _gain(path: Path | None, shape: tuple[int, int], rotation: int, flip: int) -> np.ndarray | None:
+    if path is None:
+        return None
+    st = path.stat()
+    key = (path, st.st_size, st.st_mtime_ns, shape, rotation, flip)
+    if key not in _GAINS:
+        _GAINS.clear()  # one session's camera at a time is the usual case: keep one
+        gain = sess.load_gain(path, shape, rotation, flip)
+        gain.setflags(write=False)  # shared by every exposure: nothing may change it
+        _GAINS[key] = gain
+    return _GAINS[key]
 
 
 def _replace(path: Path, write) -> None:
