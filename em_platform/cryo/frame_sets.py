@@ -8,11 +8,10 @@ that resolves outside the root is refused, nothing behind it listed."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from em_platform.cryo.session import SPA_SET, contained, is_frame_set
+from em_platform.cryo.session import SPA_SET, contained, is_frame_set, list_folder
 from em_platform.edge import Refused
 
 log = logging.getLogger(__name__)
@@ -73,35 +72,16 @@ class FrameSetWatch:
         cached = self.folders.get(folder)
         if cached is not None and cached.mtime_ns == mtime:
             return cached
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:  # vanished or unreadable meanwhile: nothing under it
+        listing = list_folder(self.root, folder)
+        if listing is None:
             return None
-        folders, mdocs = [], []
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name.startswith("."):
-                continue
-            path = folder / entry.name
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                if entry.name.endswith(".mdoc"):
-                    mdocs.append(path)
-                continue
-            if entry.is_symlink():
-                try:
-                    contained(self.root, path, "session folder")
-                except Refused as exc:
-                    if path not in self.refused:
-                        log.error("cryo-live: %s refused: %s", path, exc)
-                    self.refused[path] = exc
-                    continue
-            folders.append(path)
-        listing = _Folder(mtime, folders, mdocs)
-        self.folders[folder] = listing
-        return listing
+        for path, exc in listing.refused:
+            if path not in self.refused:
+                log.error("cryo-live: %s refused: %s", path, exc)
+            self.refused[path] = exc
+        found = _Folder(mtime, [path for path, _ in listing.folders], listing.mdocs)
+        self.folders[folder] = found
+        return found
 
     def _is_frame_set(self, mdoc: Path) -> bool:
         """Read once it says so; until then again whenever it changes (an mdoc caught half-written)."""

@@ -470,6 +470,46 @@ class SessionScan:
     movie_set_folders: list[Path] = field(default_factory=list)  # when not described (scan_sessions)
 
 
+@dataclass(frozen=True)
+class FolderListing:
+    """One folder of a session root, hidden names left out: its sub-folders (each with where it resolves),
+    its mdocs, and the symlinked folders refused because they resolve outside the root."""
+
+    folders: list[tuple[Path, Path]]
+    mdocs: list[Path]
+    refused: list[tuple[Path, Refused]]
+
+
+def list_folder(root: Path, folder: Path) -> FolderListing | None:
+    """``folder`` listed under the session rule; None when it cannot be (vanished or unreadable meanwhile:
+    as Path.rglob, nothing under it)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None
+    listing = FolderListing([], [], [])
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = folder / entry.name
+        try:
+            is_dir = entry.is_dir()  # a symlink's target
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            if entry.name.endswith(".mdoc"):
+                listing.mdocs.append(path)
+            continue
+        if entry.is_symlink():
+            try:
+                listing.folders.append((path, contained(root, path, "session folder")))
+            except Refused as exc:
+                listing.refused.append((path, exc))
+        else:
+            listing.folders.append((path, path.resolve()))
+    return listing
+
+
 def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, Refused]]]:
     """Every ``*.mdoc`` under ``root``, hidden names left out, and the folders refused on the way.
 
@@ -480,33 +520,12 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, Refused]]]:
     pending = [(root, frozenset({root.resolve()}))]
     while pending:
         folder, above = pending.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:  # vanished or unreadable meanwhile: as Path.rglob, nothing under it
+        listing = list_folder(root, folder)
+        if listing is None:
             continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            path = folder / entry.name
-            try:
-                is_dir = entry.is_dir()  # a symlink's target
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                if entry.name.endswith(".mdoc"):
-                    mdocs.append(path)
-                continue
-            if entry.is_symlink():
-                try:
-                    real = contained(root, path, "session folder")
-                except Refused as exc:
-                    refused.append((path, exc))
-                    continue
-                if real in above:
-                    continue
-            else:
-                real = path.resolve()
-            pending.append((path, above | {real}))
+        mdocs += listing.mdocs
+        refused += listing.refused
+        pending += [(path, above | {real}) for path, real in listing.folders if real not in above]
     return sorted(mdocs), refused
 
 
