@@ -431,21 +431,31 @@ def is_frame_set(path: Path) -> bool:
     return "[FrameSet" in head and "[ZValue" not in head
 
 
-_FRAME_SET_SEEN: dict[tuple[Path, int, int], bool] = {}  # (mdoc, mtime_ns, size) -> is_frame_set
-_FRAME_SET_SEEN_MAX = 1_000_000
+_FRAME_SETS: set[Path] = set()  # mdocs read as frame sets: SerialEM only appends to an mdoc, so they stay so
+_NOT_FRAME_SETS: set[tuple[Path, int, int]] = set()  # (mdoc, mtime_ns, size) of those read as not
+_SEEN_MAX = 1_000_000
 
 
-def is_frame_set_cached(path: Path) -> bool:
+def is_frame_set_cached(path: Path, root: Path) -> bool:
     """:func:`is_frame_set`, read again only when the file changed: a sensor's tick over a session of tens of
-    thousands of frame-set mdocs costs a stat each, not a read."""
+    thousands of frame-set mdocs costs a set lookup each, not a read. A file read is first checked inside ``root``
+    (:func:`contained`); one not read again is not: nothing of it is read, and what describes a series
+    checks its files itself."""
+    if path in _FRAME_SETS:
+        return True
     st = path.stat()
     key = (path, st.st_mtime_ns, st.st_size)
-    known = _FRAME_SET_SEEN.get(key)
-    if known is None:
-        if len(_FRAME_SET_SEEN) >= _FRAME_SET_SEEN_MAX:
-            _FRAME_SET_SEEN.clear()
-        known = _FRAME_SET_SEEN[key] = is_frame_set(path)
-    return known
+    if key in _NOT_FRAME_SETS:
+        return False
+    contained(root, path, "mdoc")
+    for seen in (_FRAME_SETS, _NOT_FRAME_SETS):
+        if len(seen) >= _SEEN_MAX:
+            seen.clear()
+    if is_frame_set(path):
+        _FRAME_SETS.add(path)
+        return True
+    _NOT_FRAME_SETS.add(key)
+    return False
 
 
 @dataclass(frozen=True)
@@ -491,15 +501,15 @@ def list_folder(root: Path, folder: Path) -> FolderListing | None:
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        path = folder / entry.name
         try:
             is_dir = entry.is_dir()  # a symlink's target
         except OSError:
             is_dir = False
         if not is_dir:
-            if entry.name.endswith(".mdoc"):
-                listing.mdocs.append(path)
+            if entry.name.endswith(".mdoc"):  # a path made only for what is kept: a session has 10⁴ movies
+                listing.mdocs.append(folder / entry.name)
             continue
+        path = folder / entry.name
         if entry.is_symlink():
             try:
                 listing.folders.append((path, contained(root, path, "session folder")))
@@ -545,17 +555,16 @@ def scan_sessions(root: Path, tag: str, movie_sets: bool = True) -> SessionScan:
         refused[key] = RefusedEntry(key, folder, exc)
     frame_sets: dict[Path, list[Path]] = {}
     for mdoc in mdocs:
-        rel = mdoc.relative_to(root)
         try:
-            contained(root, mdoc, "mdoc")  # before is_frame_set reads its first lines
-            if is_frame_set_cached(mdoc):
+            if is_frame_set_cached(mdoc, root):  # checked inside root before it is read
                 frame_sets.setdefault(mdoc.parent, []).append(mdoc)
             else:
                 found.append(describe_tilt_series(mdoc, root, tag))
         except Refused as exc:
-            key = series_key(tag, rel.parent.parts, strip_suffixes(mdoc.name))
+            key = series_key(tag, mdoc.relative_to(root).parent.parts, strip_suffixes(mdoc.name))
             refused[key] = RefusedEntry(key, mdoc, exc)
         except (SessionError, OSError) as exc:
+            rel = mdoc.relative_to(root)
             errors[f"{tag}/{'/'.join((*rel.parent.parts, strip_suffixes(mdoc.name)))}"] = str(exc)
     if not movie_sets:
         return SessionScan(found, errors, refused, sorted(frame_sets))

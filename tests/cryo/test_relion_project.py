@@ -467,3 +467,186 @@ def test_refusals(tmp_path, session):
     with pytest.raises(ValueError, match="inside"):
         write_relion_project(project, [inside], OPTICS)
     assert (project / "mine.mrc").read_bytes() == b"x"
+
+
+# The CCP-EM pipeliner (ccpem-pipeliner, the engine of CCP-EM's Doppio) reads and writes RELION 5 project
+# folders itself: an independent reader of the export, and a user's way to go on with it.
+PIPELINER_NODES = {  # each job's output nodes and their types, as the pipeliner reads them
+    "Import/job001/": [("Import/job001/movies.star", "MicrographMovieGroupMetadata.star.relion")],
+    "MotionCorr/job002/": [
+        ("MotionCorr/job002/corrected_micrographs.star", "MicrographGroupMetadata.star.relion.motioncorr"),
+        ("MotionCorr/job002/logfile.pdf", "LogFile.pdf.relion.motioncorr"),
+    ],
+    "CtfFind/job003/": [
+        ("CtfFind/job003/micrographs_ctf.star", "MicrographGroupMetadata.star.relion.ctf"),
+        ("CtfFind/job003/logfile.pdf", "LogFile.pdf.relion.ctffind"),
+    ],
+}
+
+
+@pytest.fixture
+def pipeliner(tmp_path, monkeypatch):
+    """The pipeliner, with fresh user settings: it writes its settings file under XDG_CONFIG_HOME (on import,
+    the first time) and takes PIPELINER_* / RELION_* variables over it, so neither the developer's home nor
+    a site's variables decide what it accepts."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in list(os.environ):
+        if name.startswith(("PIPELINER_", "RELION_")):
+            monkeypatch.delenv(name)
+    module = pytest.importorskip(
+        "pipeliner",
+        reason="ccpem-pipeliner (the test extra) is not installed: the export is not read by an independent "
+        "implementation of RELION 5's project folder",
+        exc_type=ModuleNotFoundError,  # installed but broken fails the test
+    )
+    from pipeliner import user_settings
+
+    monkeypatch.setattr(user_settings, "_settings", None)  # read again from the fresh settings
+    return module
+
+
+def _errors(results):
+    return [str(r) for r in results if r.type == "error"]
+
+
+def test_the_ccpem_pipeliner_reads_the_export_as_three_succeeded_jobs(
+    tmp_path, session, pipeliner, monkeypatch
+):
+    from pipeliner.api.manage_project import PipelinerProject
+    from pipeliner.data_structure import NODES_DIR
+    from pipeliner.job_factory import read_job
+    from pipeliner.node_factory import create_node
+    from pipeliner.project_graph import ProjectGraph
+
+    project = write_relion_project(tmp_path / "relion", session, OPTICS).parent
+    monkeypatch.chdir(project)  # the pipeliner works on the project in the working directory
+    assert PipelinerProject().pipeline_name == "default"  # it opens the folder as a project RELION made
+
+    with ProjectGraph() as pipeline:  # read-only, as Doppio lists a project
+        # RELION 5's node labels: a pipeline it took for RELION 4's would have its node types converted
+        assert pipeline.validate_pipeline_file()[1] == "ccpem-pipeliner"
+        assert pipeline.job_counter == 4
+        processes = pipeline.process_list
+        assert [(p.name, p.type, p.status) for p in processes] == [
+            ("Import/job001/", "relion.import.movies", "Succeeded"),
+            ("MotionCorr/job002/", "relion.motioncorr.own", "Succeeded"),
+            ("CtfFind/job003/", "relion.ctffind.ctffind4", "Succeeded"),
+        ]
+        assert {p.name: [(n.name, n.type) for n in p.output_nodes] for p in processes} == PIPELINER_NODES
+        assert {p.name: [n.name for n in p.input_nodes] for p in processes} == {
+            "Import/job001/": [],
+            "MotionCorr/job002/": ["Import/job001/movies.star"],
+            "CtfFind/job003/": ["MotionCorr/job002/corrected_micrographs.star"],
+        }
+        for p in processes:
+            assert all(n.output_from_process is p for n in p.output_nodes)
+        assert {p.name: [c.name for c in pipeline.find_immediate_child_processes(p)] for p in processes} == {
+            "Import/job001/": ["MotionCorr/job002/"],
+            "MotionCorr/job002/": ["CtfFind/job003/"],
+            "CtfFind/job003/": [],
+        }
+        for node in pipeline.node_list:
+            assert os.path.isfile(node.name), node.name
+            # where the pipeliner itself touches a finished job's node for RELION's file browser
+            assert os.path.isfile(os.path.join(NODES_DIR, node.toplevel_type, pipeline.get_node_name(node)))
+            # made again with the file read (gemmi's STAR parser): a file it cannot parse gets format XstarX
+            assert create_node(node.name, node.toplevel_type, node.kwds).type == node.type
+
+        for p in processes:
+            # the job as the pipeliner rebuilds it from job.star: its own definition of the job type gives the
+            # same output nodes and inputs, and the inputs are there
+            job = read_job(p.name + "job.star")
+            assert job.PROCESS_NAME == p.type
+            job.output_dir = p.name
+            job.create_output_nodes()
+            assert [(n.name, n.type) for n in job.output_nodes] == PIPELINER_NODES[p.name]
+            job.create_input_nodes()
+            assert [n.name for n in job.input_nodes] == [n.name for n in p.input_nodes]
+            assert _errors(job.validate_joboptions()) == [], p.name
+            assert _errors(job.validate_input_files()) == [], p.name
+            if p.name == "Import/job001/":
+                options = job.joboptions
+                assert [options[k].get_number() for k in ("angpix", "kV", "Cs", "Q0")] == [
+                    1.06,
+                    300,
+                    2.7,
+                    0.1,
+                ]
+                assert [str(r) for r in job.validate_joboptions()] == [
+                    'info: job option "Raw input files:": 3 files found'
+                ]  # the pipeliner globbed Movies/*.tiff through the links
+            elif p.name == "MotionCorr/job002/":
+                assert job.joboptions["dose_per_frame"].get_number() == 1.25
+    assert not os.path.exists(".relion_lock")  # RELION would wait for a lock left behind
+
+
+def test_a_new_autopick_job_in_the_ccpem_pipeliner_takes_ctffind_s_micrographs(
+    tmp_path, session, pipeliner, monkeypatch
+):
+    import subprocess
+
+    from pipeliner.api.manage_project import PipelinerProject
+    from pipeliner.job_factory import new_job_of_type
+    from pipeliner.project_graph import ProjectGraph
+
+    project = write_relion_project(tmp_path / "relion", session, OPTICS).parent
+    monkeypatch.chdir(project)
+
+    def no_program(*args, **kwargs):
+        raise AssertionError(f"an external program was started: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_program)  # validating and scheduling a job runs nothing
+    monkeypatch.setattr(os, "system", no_program)
+
+    job = new_job_of_type("relion.autopick.log")  # Laplacian-of-Gaussian picking: no template, no model
+    job.joboptions["fn_input_autopick"].value = "CtfFind/job003/micrographs_ctf.star"
+    assert _errors(job.validate_joboptions()) == []
+    assert _errors(job.validate_input_files()) == []
+    job.create_input_nodes()  # the node made from the file the user picked, the file read
+    assert [(n.name, n.type) for n in job.input_nodes] == [
+        ("CtfFind/job003/micrographs_ctf.star", "MicrographGroupMetadata.star.relion")
+    ]
+    missing = new_job_of_type("relion.autopick.log")  # the check can fail
+    missing.joboptions["fn_input_autopick"].value = "CtfFind/job003/micrographs.star"
+    assert len(_errors(missing.validate_input_files())) == 1
+
+    # schedule it as a Doppio user would: validated, given the next job number, wired into the pipeline
+    scheduled = PipelinerProject().schedule_job(
+        {
+            "_rlnJobTypeLabel": "relion.autopick.log",
+            "fn_input_autopick": "CtfFind/job003/micrographs_ctf.star",
+            "log_diam_min": 150,
+            "log_diam_max": 180,
+        }
+    )
+    assert scheduled.output_dir == "AutoPick/job004/"
+    assert (project / "AutoPick/job004/job.star").is_file()
+    assert not (project / ".relion_lock").exists()
+    with ProjectGraph() as pipeline:
+        assert pipeline.job_counter == 5
+        assert [(p.name, p.status) for p in pipeline.process_list] == [
+            ("Import/job001/", "Succeeded"),
+            ("MotionCorr/job002/", "Succeeded"),
+            ("CtfFind/job003/", "Succeeded"),
+            ("AutoPick/job004/", "Scheduled"),
+        ]
+        autopick = pipeline.find_process("AutoPick/job004/")
+        assert autopick.type == "relion.autopick.log"
+        # the input is CtfFind's own node, type and all, not a new one
+        assert [(n.name, n.type, n.output_from_process.name) for n in autopick.input_nodes] == [
+            (
+                "CtfFind/job003/micrographs_ctf.star",
+                "MicrographGroupMetadata.star.relion.ctf",
+                "CtfFind/job003/",
+            )
+        ]
+        ctffind = pipeline.find_process("CtfFind/job003/")
+        assert [c.name for c in pipeline.find_immediate_child_processes(ctffind)] == ["AutoPick/job004/"]
+        assert {p.name: [(n.name, n.type) for n in p.output_nodes] for p in pipeline.process_list[:3]} == (
+            PIPELINER_NODES
+        )  # the pipeliner wrote the pipeline back with the export's jobs as they were
+
+    # the project has gone on: a re-export must not replace it
+    with pytest.raises(ValueError, match="AutoPick/job004/"):
+        write_relion_project(project, session, OPTICS)
+    assert (project / "AutoPick/job004/job.star").is_file()

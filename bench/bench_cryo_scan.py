@@ -1,0 +1,112 @@
+"""What finding a live session's exposures costs as the session grows: at 1,000, 10,000 and 50,000
+exposures (a frame-set mdoc and a movie file each, in one folder as SerialEM writes them), the time of
+
+* ``cryo_sensor``'s walk of the session root (``scan_sessions(..., movie_sets=False)``: it leaves the movie
+  sets to cryo-live and reads no frame-set mdoc twice), and
+* cryo-live's watch (``FrameSetWatch.scan``): the first scan, a scan with nothing new (no folder listed
+  again), and a scan after one more exposure landed (the one folder listed again),
+
+each the median of ``--repeats``, against the same at 1,000 in the same run (a ratio). Writes
+bench/results/cryo_scan.json.
+
+python -m bench.bench_cryo_scan
+python -m bench.bench_cryo_scan --sizes 1000 10000 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.record import RESULTS, history_stamp
+
+NAME = "cryo_scan"
+MDOC = "PixelSpacing = 1.0\nVoltage = 300\n\n[FrameSet = 0]\nNumSubFrames = 40\nSubFramePath = X:\\s\\{m}\n"
+
+
+def _grow(folder: Path, start: int, stop: int) -> None:
+    for i in range(start, stop):
+        movie = f"FoilHole_{i:06d}_Data_fractions.tiff"
+        (folder / movie).write_bytes(b"II*\0")
+        (folder / f"{movie}.mdoc").write_text(MDOC.format(m=movie))
+
+
+def _median_s(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times), 4)
+
+
+def measure(sizes: list[int], repeats: int) -> list[dict]:
+    from em_platform.cryo import session as sess
+    from em_platform.cryo.frame_sets import FrameSetWatch
+
+    points = []
+    with tempfile.TemporaryDirectory(prefix="cryo-scan-") as tmp:
+        root = Path(tmp) / "sessions"
+        folder = root / "krios1" / "grid1"
+        folder.mkdir(parents=True)
+        have = 0
+        for n in sizes:
+            _grow(folder, have, n)
+            have = n
+            sess._FRAME_SETS.clear()  # the sensor's first tick over this session
+            t = time.perf_counter()
+            sess.scan_sessions(root, "sessions", movie_sets=False)
+            sensor_first = round(time.perf_counter() - t, 4)
+            sensor = _median_s(lambda: sess.scan_sessions(root, "sessions", movie_sets=False), repeats)
+            watch = FrameSetWatch(root, "sessions")
+            t = time.perf_counter()
+            watch.scan()
+            watch_first = round(time.perf_counter() - t, 4)
+            watch_idle = _median_s(watch.scan, repeats)
+            grown = []
+            for _ in range(repeats):
+                _grow(folder, have, have + 1)
+                have += 1
+                t = time.perf_counter()
+                watch.scan()
+                grown.append(time.perf_counter() - t)
+            point = {
+                "exposures": n,
+                "seconds": {
+                    "sensor_first_tick": sensor_first,
+                    "sensor_tick": sensor,
+                    "watch_first_scan": watch_first,
+                    "watch_scan_nothing_new": watch_idle,
+                    "watch_scan_one_new": round(statistics.median(grown), 4),
+                },
+            }
+            print(json.dumps(point), flush=True)
+            points.append(point)
+    base = points[0]["seconds"]
+    for p in points:
+        p["over_smallest"] = {k: round(v / max(base[k], 1e-6), 1) for k, v in p["seconds"].items()}
+    return points
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    run = {**history_stamp(), "points": measure(sorted(args.sizes), args.repeats)}
+    if not args.no_record:
+        path = RESULTS / f"{NAME}.json"
+        history = json.loads(path.read_text()).get("history", []) if path.exists() else []
+        doc = {"benchmark": NAME, "date": run["measured"], "latest": run, "history": [*history, run]}
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"recorded {path}")
+    return run
+
+
+if __name__ == "__main__":
+    main()
