@@ -1,7 +1,8 @@
 """The RELION 5 project export, read back with the `starfile` package: every STAR file's blocks, columns and
 values, the links (relative, resolving to the session's files), the job folders as RELION 5 lays them out
 (3dem/relion src/pipeline_jobs.cpp, src/pipeliner.cpp), the pipeline's Import → MotionCorr → CtfFind graph,
-the re-export that replaces an earlier one, and the refusals."""
+the re-export that replaces an earlier one, and the refusals; and the project as the CCP-EM pipeliner (an
+independent implementation of RELION 5's project folder) opens it and goes on with it."""
 
 from __future__ import annotations
 
@@ -564,19 +565,19 @@ def test_the_ccpem_pipeliner_reads_the_export_as_three_succeeded_jobs(
             assert [n.name for n in job.input_nodes] == [n.name for n in p.input_nodes]
             assert _errors(job.validate_joboptions()) == [], p.name
             assert _errors(job.validate_input_files()) == [], p.name
-            if p.name == "Import/job001/":
-                options = job.joboptions
-                assert [options[k].get_number() for k in ("angpix", "kV", "Cs", "Q0")] == [
-                    1.06,
-                    300,
-                    2.7,
-                    0.1,
-                ]
-                assert [str(r) for r in job.validate_joboptions()] == [
-                    'info: job option "Raw input files:": 3 files found'
-                ]  # the pipeliner globbed Movies/*.tiff through the links
-            elif p.name == "MotionCorr/job002/":
-                assert job.joboptions["dose_per_frame"].get_number() == 1.25
+        # what it reads of the jobs' options and results
+        import_job, motioncorr, ctffind = (read_job(p.name + "job.star") for p in processes)
+        optics = {k: import_job.joboptions[k].get_number() for k in ("angpix", "kV", "Cs", "Q0")}
+        assert optics == {"angpix": 1.06, "kV": 300, "Cs": 2.7, "Q0": 0.1}
+        found = [(r.type, r.message) for r in import_job.validate_joboptions()]
+        assert found == [("info", "3 files found")]  # it globbed Movies/*.tiff through the links
+        assert motioncorr.joboptions["dose_per_frame"].get_number() == 1.25
+        motioncorr.output_dir, ctffind.output_dir = "MotionCorr/job002/", "CtfFind/job003/"
+        assert motioncorr.gather_metadata()["MicrographCount"] == 3
+        fits = ctffind.gather_metadata()  # from micrographs_ctf.star's columns
+        assert fits["MicrographCount"] == 3
+        assert (fits["DefocusMin"], fits["DefocusMax"]) == pytest.approx((14500, 14700))  # (U + V) / 2
+        assert (fits["FomMin"], fits["FomMax"]) == pytest.approx((0.10, 0.12))
     assert not os.path.exists(".relion_lock")  # RELION would wait for a lock left behind
 
 
