@@ -1,4 +1,4 @@
-"""``cryo/session``: a live single-particle session as a whole, one partition per session
+"""``cryo_live/session``: a live single-particle session as a whole, one partition per session
 (``cryo_sessions``). Its page in the Dagster UI is the session's dashboard: exposures acquired, processed and
 accepted over time, defocus and CTF fit resolution, the reasons for rejection, the lag; each materialization
 also writes the session's report and its accepted exposures as a RELION 5 project. Each exposure was
@@ -15,7 +15,7 @@ from em_platform.cryo.thumbnails import markdown_image
 from em_platform.partitions import cryo_sessions
 from em_platform.resources import CatalogResource, CryoSessionsResource, StorageResource
 
-SESSION = dg.AssetKey(["cryo", "session"])
+SESSION = dg.AssetKey(["cryo_live", "session"])
 PLOTS = {
     "progress": "exposures acquired, processed and accepted",
     "defocus": "defocus against time",

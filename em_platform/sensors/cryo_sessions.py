@@ -1,5 +1,5 @@
 """``cryo_session_sensor``: each live single-particle session that cryo-live has recorded becomes a partition of
-``cryo_sessions``, and is published (``cryo/session``: its dashboard, report and RELION project) when its
+``cryo_sessions``, and is published (``cryo_live/session``: its dashboard, report and RELION project) when its
 first exposure lands, then again at most every :data:`PUBLISH_EVERY_S` while it changes, and once more
 after its last change.
 

@@ -1,5 +1,5 @@
 """A live session in Dagster: the session sensor adds it as a partition of ``cryo_sessions`` once cryo-live has
-recorded an exposure and asks for ``cryo/session`` then, and again only after the session changed and the
+recorded an exposure and asks for ``cryo_live/session`` then, and again only after the session changed and the
 publishing interval passed; the materialization is the session's dashboard, report and RELION project."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_a_live_session_is_added_published_and_published_again_only_once_it_chan
         assert result.run_requests == []  # nothing changed since
         run = dg.materialize([session], instance=instance, partition_key=KEY, resources=resources)
     service.store.dispose()
-    meta = run.asset_materializations_for_node("cryo__session")[0].metadata
+    meta = run.asset_materializations_for_node("cryo_live__session")[0].metadata
     assert (meta["exposures"].value, meta["processed"].value, meta["failed"].value) == (3, 3, 0)
     assert meta["accepted"].value + 0 <= 3 and meta["acceptance_pct"].value == round(
         100 * meta["accepted"].value / 3, 1
