@@ -127,8 +127,9 @@ AXIS_PRECEDENCE = ("session settings", "mdoc title", "mdoc RotationAngle", "none
 
 def session_settings(mdoc_dir: Path, session_dir: Path, root: Path | None = None) -> tuple[dict, Path | None]:
     """The operator's settings of a session: ``em_session.yaml`` beside the mdoc, else in the session folder
-    (for every series under it). Unknown keys and non-numbers are errors naming the file; with ``root``, a
-    file that resolves outside it is refused before it is read."""
+    (for every series under it). Unknown keys and non-numbers are errors naming the file (``curation`` is a
+    mapping of thresholds, em_platform.cryo.curation); with ``root``, a file that resolves outside it is
+    refused before it is read."""
     for folder in (mdoc_dir, session_dir):
         path = folder / SESSION_SETTINGS
         if not path.is_file():
