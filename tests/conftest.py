@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
+import warnings
 
 import pytest
 
@@ -17,6 +19,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_left_as_found(request):
+    """A test that leaves SIGTERM ignored or blocked in its worker makes every process a later test starts
+    ignore it too (both pass through fork and exec): their stops then wait out their timeouts (in a fresh
+    clone's make test, the viewer's and the web guard's teardowns, 30 s each). Put the worker back and name
+    the test that did it in the warnings summary."""
+    yield
+    found = []
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        found.append("ignored")
+    if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        found.append("blocked")
+    if found:
+        warnings.warn(
+            f"{request.node.nodeid} left SIGTERM {' and '.join(found)} in its process: put back", stacklevel=2
+        )
 
 
 @pytest.fixture(autouse=True)
