@@ -287,6 +287,16 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "cryo_scan.json",
+        "Finding a live session's exposures as it grows (`bench_cryo_scan`)",
+        [
+            ("exposures in the session", "latest.points.*.exposures", ""),
+            ("the cryo sensor's tick", "latest.points.*.seconds.sensor_tick", "s"),
+            ("cryo-live's scan after one more exposure", "latest.points.*.seconds.watch_scan_one_new", "s"),
+            ("cryo-live's scan with nothing new", "latest.points.*.seconds.watch_scan_nothing_new", "s"),
+        ],
+    ),
+    (
         "metrics_cost.json",
         "What the metrics cost the live chain (`bench_metrics`)",
         [
