@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.record import RESULTS, history_stamp
+from bench.scale.measure import median_seconds
 
 NAME = "cryo_scan"
 MDOC = "PixelSpacing = 1.0\nVoltage = 300\n\n[FrameSet = 0]\nNumSubFrames = 40\nSubFramePath = X:\\s\\{m}\n"
@@ -33,15 +34,6 @@ def _grow(folder: Path, start: int, stop: int) -> None:
         movie = f"FoilHole_{i:06d}_Data_fractions.tiff"
         (folder / movie).write_bytes(b"II*\0")
         (folder / f"{movie}.mdoc").write_text(MDOC.format(m=movie))
-
-
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return round(statistics.median(times), 4)
 
 
 def measure(sizes: list[int], repeats: int) -> list[dict]:
@@ -61,12 +53,12 @@ def measure(sizes: list[int], repeats: int) -> list[dict]:
             t = time.perf_counter()
             sess.scan_sessions(root, "sessions", movie_sets=False)
             sensor_first = round(time.perf_counter() - t, 4)
-            sensor = _median_s(lambda: sess.scan_sessions(root, "sessions", movie_sets=False), repeats)
+            sensor = median_seconds(lambda: sess.scan_sessions(root, "sessions", movie_sets=False), repeats)
             watch = FrameSetWatch(root, "sessions")
             t = time.perf_counter()
             watch.scan()
             watch_first = round(time.perf_counter() - t, 4)
-            watch_idle = _median_s(watch.scan, repeats)
+            watch_idle = median_seconds(watch.scan, repeats)
             grown = []
             for _ in range(repeats):
                 _grow(folder, have, have + 1)
