@@ -291,9 +291,15 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         "Finding a live session's exposures as it grows (`bench_cryo_scan`)",
         [
             ("exposures in the session", "latest.points.*.exposures", ""),
-            ("the cryo sensor's tick", "latest.points.*.seconds.sensor_tick", "s"),
+            (
+                "the cryo sensor's tick after one more exposure",
+                "latest.points.*.seconds.sensor_tick_one_new",
+                "s",
+            ),
+            ("the sensor's tick with nothing new", "latest.points.*.seconds.sensor_tick_nothing_new", "s"),
+            ("its first tick (every mdoc read once)", "latest.points.*.seconds.sensor_tick_first", "s"),
             ("cryo-live's scan after one more exposure", "latest.points.*.seconds.watch_scan_one_new", "s"),
-            ("cryo-live's scan with nothing new", "latest.points.*.seconds.watch_scan_nothing_new", "s"),
+            ("its first scan", "latest.points.*.seconds.watch_scan_first", "s"),
         ],
     ),
     (

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -59,6 +59,7 @@ class _Session:
     settings_state: tuple | None = None
     stars_written: float = 0.0
     dirty: bool = False
+    pending: set[Path] = field(default_factory=set)  # mdocs of movies not yet recorded
 
 
 class LiveCryo:
@@ -90,10 +91,10 @@ class LiveCryo:
     # -- finding exposures -----------------------------------------------------------------------
 
     def scan(self) -> int:
-        """Record every movie now complete; returns how many."""
-        new = 0
+        """Record every movie now complete; returns how many. The watch hands over each movie's mdoc once;
+        a movie not yet whole stays pending in its session and is looked at again by every scan."""
         for watch in self.watches:
-            for folder, mdocs in watch.scan().items():
+            for folder, mdocs in watch.scan().new.items():
                 key = watch.session_key(folder)
                 try:
                     check_relative_key(key, "session")
@@ -105,20 +106,24 @@ class LiveCryo:
                     s = self.sessions[key] = _Session(
                         key, folder, watch.root, watch.tag, self.store.known(key), Thresholds()
                     )
-                self._read_thresholds(s)
-                complete = []
-                for mdoc in mdocs:
-                    movie = mdoc.name[: -len(MDOC)]
-                    if movie in s.known:
-                        continue
-                    at = self._complete(s, mdoc)
-                    if at is not None:
-                        complete.append((movie, at))
-                if complete:
-                    new += self.store.add(key, complete)
-                    s.known.update(m for m, _ in complete)
-                    for _ in complete:
-                        self.on_exposure("landed")
+                s.pending.update(m for m in mdocs if m.name[: -len(MDOC)] not in s.known)
+        new = 0
+        for s in self.sessions.values():
+            self._read_thresholds(s)
+            complete = []
+            for mdoc in sorted(s.pending):
+                movie = mdoc.name[: -len(MDOC)]
+                at = self._complete(s, mdoc) if movie not in s.known else None
+                if at is not None:
+                    complete.append((movie, at))
+                if at is not None or movie in s.known or not mdoc.exists():  # recorded, failed or removed
+                    s.pending.discard(mdoc)
+                    self.waiting.pop(mdoc, None)
+            if complete:
+                new += self.store.add(s.key, complete)
+                s.known.update(m for m, _ in complete)
+                for _ in complete:
+                    self.on_exposure("landed")
         return new
 
     def _complete(self, s: _Session, mdoc: Path) -> datetime | None:

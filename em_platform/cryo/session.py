@@ -30,12 +30,16 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from em_platform.cryo.gain_reference import GainReference, discover_gain
 from em_platform.edge import Refused, inside
 from em_platform.formats.errors import FormatError
+
+if TYPE_CHECKING:
+    from em_platform.cryo.frame_sets import FrameSetWatch
 
 STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
 MOVIE_SUFFIXES = (".tif", ".tiff", ".mrc", ".mrcs")
@@ -432,31 +436,10 @@ def is_frame_set(path: Path) -> bool:
     return "[FrameSet" in head and "[ZValue" not in head
 
 
-_FRAME_SETS: set[Path] = set()  # mdocs read as frame sets: SerialEM only appends to an mdoc, so they stay so
-_NOT_FRAME_SETS: set[tuple[Path, int, int]] = set()  # (mdoc, mtime_ns, size) of those read as not
-_SEEN_MAX = 1_000_000
-
-
-def is_frame_set_cached(path: Path, root: Path) -> bool:
-    """:func:`is_frame_set`, read again only when the file changed: a sensor's tick over a session of tens of
-    thousands of frame-set mdocs costs a set lookup each, not a read. A file read is first checked inside ``root``
-    (:func:`contained`); one not read again is not: nothing of it is read, and what describes a series
-    checks its files itself."""
-    if path in _FRAME_SETS:
-        return True
-    st = path.stat()
-    key = (path, st.st_mtime_ns, st.st_size)
-    if key in _NOT_FRAME_SETS:
-        return False
+def _is_frame_set_inside(path: Path, root: Path) -> bool:
+    """:func:`is_frame_set`, the file checked inside ``root`` before it is read."""
     contained(root, path, "mdoc")
-    for seen in (_FRAME_SETS, _NOT_FRAME_SETS):
-        if len(seen) >= _SEEN_MAX:
-            seen.clear()
-    if is_frame_set(path):
-        _FRAME_SETS.add(path)
-        return True
-    _NOT_FRAME_SETS.add(key)
-    return False
+    return is_frame_set(path)
 
 
 @dataclass(frozen=True)
@@ -483,19 +466,19 @@ class SessionScan:
 
 @dataclass(frozen=True)
 class FolderListing:
-    """One folder of a session root, hidden names left out: its sub-folders (each with where it resolves),
-    its mdocs, and the symlinked folders refused because they resolve outside the root."""
+    """One folder of a session root, hidden names left out: its sub-folders (each with where it resolves,
+    by name), its mdocs' names, and the symlinked folders refused because they resolve outside the root."""
 
     folders: list[tuple[Path, Path]]
-    mdocs: list[Path]
+    mdocs: list[str]  # names, not paths: a session's folder holds 10⁴-10⁵ of them
     refused: list[tuple[Path, Refused]]
 
 
 def list_folder(root: Path, folder: Path) -> FolderListing | None:
     """``folder`` listed under the session rule; None when it cannot be (vanished or unreadable meanwhile:
-    as Path.rglob, nothing under it)."""
+    as Path.rglob, nothing under it). The mdocs come in the order the file system gives."""
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        entries = list(os.scandir(folder))
     except OSError:
         return None
     listing = FolderListing([], [], [])
@@ -507,8 +490,8 @@ def list_folder(root: Path, folder: Path) -> FolderListing | None:
         except OSError:
             is_dir = False
         if not is_dir:
-            if entry.name.endswith(".mdoc"):  # a path made only for what is kept: a session has 10⁴ movies
-                listing.mdocs.append(folder / entry.name)
+            if entry.name.endswith(".mdoc"):
+                listing.mdocs.append(entry.name)
             continue
         path = folder / entry.name
         if entry.is_symlink():
@@ -518,6 +501,7 @@ def list_folder(root: Path, folder: Path) -> FolderListing | None:
                 listing.refused.append((path, exc))
         else:
             listing.folders.append((path, path.resolve()))
+    listing.folders.sort()
     return listing
 
 
@@ -534,30 +518,38 @@ def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, Refused]]]:
         listing = list_folder(root, folder)
         if listing is None:
             continue
-        mdocs += listing.mdocs
+        mdocs += [folder / name for name in listing.mdocs]
         refused += listing.refused
         pending += [(path, above | {real}) for path, real in listing.folders if real not in above]
     return sorted(mdocs), refused
 
 
-def scan_sessions(root: Path, tag: str, movie_sets: bool = True) -> SessionScan:
+def scan_sessions(root: Path, tag: str, watch: FrameSetWatch | None = None) -> SessionScan:
     """Every tilt series and movie set under ``root``; unreadable mdocs come back as errors, and what resolves
     outside ``root`` (a folder, an mdoc, a file a series names) as refused, checked before it is read.
-    Without ``movie_sets`` a movie set's folder is only named (``SessionScan.movie_set_folders``), its
-    mdocs not read: the live service processes them (em_platform.cryo.live_sessions)."""
+
+    With a ``watch`` of ``root`` (the sensor's, kept between ticks) the root is walked through it: only the
+    folders that changed are listed again and only the mdocs new to it are read, so a tick over a session of
+    tens of thousands of movies costs what landed since the last; a movie set's folder is then only named
+    (``SessionScan.movie_set_folders``): the live service processes its exposures (em_platform.cryo.live_sessions)."""
     found: list[TiltSeries] = []
     errors: dict[str, str] = {}
     refused: dict[str, RefusedEntry] = {}
     if not root.is_dir():
         return SessionScan(found, errors, refused)
-    mdocs, folders = _walk(root)
+    frame_sets: dict[Path, list[Path]] = {}
+    if watch is None:
+        mdocs, folders = _walk(root)
+    else:
+        walked = watch.scan()
+        mdocs, folders = walked.others, walked.refused
+        frame_sets = {folder: [] for folder in walked.set_folders}
     for folder, exc in folders:
         key = f"{tag}/{folder.relative_to(root).as_posix()}"
         refused[key] = RefusedEntry(key, folder, exc)
-    frame_sets: dict[Path, list[Path]] = {}
     for mdoc in mdocs:
         try:
-            if is_frame_set_cached(mdoc, root):  # checked inside root before it is read
+            if watch is None and _is_frame_set_inside(mdoc, root):
                 frame_sets.setdefault(mdoc.parent, []).append(mdoc)
             else:
                 found.append(describe_tilt_series(mdoc, root, tag))
@@ -567,7 +559,7 @@ def scan_sessions(root: Path, tag: str, movie_sets: bool = True) -> SessionScan:
         except (SessionError, OSError) as exc:
             rel = mdoc.relative_to(root)
             errors[f"{tag}/{'/'.join((*rel.parent.parts, strip_suffixes(mdoc.name)))}"] = str(exc)
-    if not movie_sets:
+    if watch is not None:
         return SessionScan(found, errors, refused, sorted(frame_sets))
     for folder, mdocs_of_set in sorted(frame_sets.items()):
         key = f"{tag}/{folder.relative_to(root).as_posix()}/{SPA_SET}"

@@ -13,10 +13,12 @@ logged in the tick and dead-lettered once (again only if its refusal changes), a
 
 import json
 import time
+from pathlib import Path
 
 import dagster as dg
 
 from em_platform.assets.cryo import EVALUATION, K
+from em_platform.cryo.frame_sets import FrameSetWatch
 from em_platform.cryo.session import RefusedEntry, fingerprint, newest_change, scan_sessions
 from em_platform.edge import Refused, check_relative_key
 from em_platform.jobs import cryo_job
@@ -25,6 +27,9 @@ from em_platform.resources import CatalogResource, CryoSessionsResource
 from em_platform.settings import sensor_interval_seconds
 
 MAX_REQUESTS_PER_TICK = 200
+# each session root's mdocs as the last tick left them (the code server evaluates every tick): a tick lists
+# again only the folders that changed and reads only the mdocs that landed since
+_WATCHES: dict[tuple[str, Path], FrameSetWatch] = {}
 PROCESSING = list(K.values())
 
 
@@ -50,7 +55,10 @@ def cryo_sensor(
     now = time.time()
     found, errors, refused, live = [], {}, {}, []
     for tag, root in cryo_sessions.roots().items():
-        scan = scan_sessions(root, tag, movie_sets=False)
+        watch = _WATCHES.get((tag, root))
+        if watch is None:
+            watch = _WATCHES[(tag, root)] = FrameSetWatch(root, tag, aliases=True)
+        scan = scan_sessions(root, tag, watch)
         found += scan.found
         errors |= scan.errors
         refused |= scan.refused
