@@ -176,9 +176,8 @@ def apply(
         # runs and partition first, journal last: a job killed between them finds the montage again tomorrow
         # (the journal's unretired montages are what it looks at)
         montage_runs_gone = delete_runs(instance, list(montage_runs(instance, archived, assets)))
-        for key in archived:
-            if instance.has_dynamic_partition(montages.name, key):
-                instance.delete_dynamic_partition(montages.name, key)
+        for key in set(archived) & set(instance.get_dynamic_partitions(montages.name)):
+            instance.delete_dynamic_partition(montages.name, key)
         retired = journal.retire(archived)
         unattached = journal.forget_unattached(journal_cutoff)
         done |= {
@@ -190,7 +189,7 @@ def apply(
     letters_cutoff = policy.cutoff(policy.dead_letters_days, now)
     if letters_cutoff is not None:
         done["dead_letters"] = catalog.dead_letters().forget_decided(letters_cutoff)
-    done |= _files(context, policy, hardware, catalog, storage, now)
+    done |= _files(context, instance, policy, hardware, catalog, storage, now)
     runs_cutoff = policy.cutoff(policy.runs_days, now)
     if runs_cutoff is not None:
         partitions, runs = _shown(instance, assets)
@@ -205,6 +204,7 @@ def apply(
 
 def _files(
     context: dg.OpExecutionContext,
+    instance: dg.DagsterInstance,
     policy: RetentionPolicy,
     hardware: AcquisitionHardware,
     catalog: CatalogResource,
@@ -223,7 +223,7 @@ def _files(
             journal=hardware.journal(),
             catalog=catalog.db(),
             before=buffer_cutoff,
-            busy=partitions_with_runs(context.instance, buffer_cutoff),
+            busy=partitions_with_runs(instance, buffer_cutoff),
             archive_url=lambda montage_id: store.url(MONTAGE_SOURCE, montage_id),
             storage_options=store.storage_options or None,
             reserved={cryo_root.name} if in_buffer else (),  # the cryo work root (object-storage data root)
@@ -240,7 +240,7 @@ def _files(
                 cryo_root,
                 results=results,
                 before=cryo_cutoff,
-                busy=partitions_with_runs(context.instance, cryo_cutoff),
+                busy=partitions_with_runs(instance, cryo_cutoff),
             )
         finally:
             results.dispose()
