@@ -16,7 +16,9 @@ montages within ``tile_rows`` (the template's rows repeated, renamed, raster pos
 reference frames and montage-level messages once); a journal montage row for each, and the journal's
 messages and tiles for the newest ``journal_montages`` (what the retention window keeps; older ones are what
 ``Journal.retire`` leaves). Writing 10⁸ rows through SQLAlchemy's per-row inserts would take hours; the
-server copies a million rows in seconds.
+server copies a million rows in seconds. The journal's tables get their indexes after the copy
+(:func:`_without_indexes`): their keys are digests, and a million random inserts into an index was most of
+the fill's time.
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ class CatalogFill:
                 FROM acq_montages t, generate_series(:a, :b) g WHERE t.montage_id = :m"""),
                 params,
             ).rowcount
+            journal = first < p.journal_montages
+            rebuild = (
+                [*_without_indexes(conn, "acq_messages"), *_without_indexes(conn, "acq_tiles")]
+                if journal
+                else []
+            )
             conn.execute(  # what the journal numbers next comes after every montage
                 sa.text(
                     "SELECT setval('acq_messages_seq_seq', GREATEST(:top, (SELECT last_value FROM acq_messages_seq_seq)))"
@@ -173,7 +181,38 @@ class CatalogFill:
                 WHERE t.montage_id = :m"""),
                 params,
             ).rowcount
+            for statement in rebuild:
+                conn.execute(sa.text(statement))
         return rows
+
+
+def _without_indexes(conn, table: str) -> list[str]:
+    """Drop ``table``'s indexes and unique constraints but its primary key; returns the statements that make
+    them again. The journal's keys are digests, random in every index: inserted one by one, a million of
+    them touch a random page each (the fill's slowest part by far); made after the copy, each index is
+    built once, sorted, and ends the same."""
+    params = {"t": table}
+    constraints = conn.execute(
+        sa.text(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = CAST(:t AS regclass) AND contype = 'u'"
+        ),
+        params,
+    ).all()
+    indexes = conn.execute(
+        sa.text(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t AND indexname NOT IN "
+            "(SELECT conname FROM pg_constraint WHERE conrelid = CAST(:t AS regclass))"
+        ),
+        params,
+    ).all()
+    for name, _ in constraints:
+        conn.execute(sa.text(f'ALTER TABLE "{table}" DROP CONSTRAINT "{name}"'))
+    for name, _ in indexes:
+        conn.execute(sa.text(f'DROP INDEX "{name}"'))
+    return [f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" {d}' for name, d in constraints] + [
+        d for _, d in indexes
+    ]
 
 
 def fill(catalog: CatalogFill, dagster: DagsterFill, first: int, last: int, batch: int = 1000) -> dict:

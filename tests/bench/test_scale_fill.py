@@ -31,6 +31,17 @@ def stores(pg_url):  # pg_url: skips with a reason when PostgreSQL is absent
     stores.drop()
 
 
+def _indexes(url: str) -> set[tuple[str, str]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")
+        )
+        indexes = {tuple(r) for r in found}
+    engine.dispose()
+    return indexes
+
+
 def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))  # run_template sets its own
     logging.disable(logging.INFO)
@@ -44,7 +55,9 @@ def test_fill_copies_the_template_montage_as_planned(stores, tmp_path, monkeypat
     catalog = CatalogFill(stores.catalog_url, template, plan)
     dagster = DagsterFill(instance, stores.dagster_url, template, plan)
     try:
+        indexes_before = _indexes(stores.catalog_url)
         done = fill(catalog, dagster, 0, 5, batch=2)
+        assert _indexes(stores.catalog_url) == indexes_before  # the journal's, made again after its copy
         keys = [montage_key(i) for i in range(5)]
         assert set(keys) <= set(instance.get_dynamic_partitions("montages"))
         runs = instance.get_runs(filters=dg.RunsFilter(job_name="montage_job"))
