@@ -61,7 +61,7 @@ def run(args, settings) -> int:
     service = LiveCryo(
         roots,
         store,
-        resources["storage"].cryo_root() / "live",
+        resources["storage"].cryo_live_root(),
         on_exposure=lambda state: CRYO_EXPOSURES.labels(state).inc(),
         dead_letter=dead_letter,
     )

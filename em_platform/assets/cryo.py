@@ -211,7 +211,9 @@ def motion_corrected(
         # on the deployment's cluster when it has one (each movie a task on a worker), else here
         client = dask.get_client() if dask.is_cluster else None
         scope = Microscope(ts.voltage_kV, config.cs_mm, config.amplitude_contrast)  # for the STAR optics
-        return proc.motion_correct(ts, proc.Workspace(root, ts.key), config.settings(), client, scope)
+        return proc.motion_correct(
+            ts, proc.Workspace(root, ts.key), config.settings(), client, scope, storage.cryo_live_root()
+        )
 
     ts, doc = _run(context, cryo_sessions, catalog, step)
     tilts = doc["tilts"]

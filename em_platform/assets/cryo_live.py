@@ -43,7 +43,7 @@ def session(
     key = context.partition_key
     store = ExposureStore(catalog.url)
     try:
-        out = storage.cryo_root() / "live" / key
+        out = storage.cryo_live_root() / key
         published = publish_session(store, key, cryo_sessions.roots(), out, datetime.now(UTC))
     finally:
         store.dispose()

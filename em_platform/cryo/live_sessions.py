@@ -5,7 +5,8 @@ and the session's RELION STAR files.
 A movie is complete when SerialEM's frame-set mdoc for it is there and the movie reads whole (its header's
 size and frame count, the mdoc's NumSubFrames): a movie still being written, or truncated, waits; one that
 has not changed for :attr:`LiveCryo.give_up_s` and still does not read whole is failed, naming the file.
-A corrupt movie fails alone; the session goes on. The thresholds (``curation:`` in ``em_session.yaml``) are
+A corrupt movie fails alone; the session goes on. A tilt series' tilts are corrected as they land too, and
+kept for its run (:mod:`em_platform.cryo.live_tilts`), the exposures of single-particle sessions first. The thresholds (``curation:`` in ``em_session.yaml``) are
 read again whenever the file changes, and the whole session is re-judged from its stored figures.
 
 Exposures are claimed in the database (:mod:`em_platform.cryo.exposures_db`) with a lease this service
@@ -25,13 +26,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from em_platform.cryo import relion_star as star
 from em_platform.cryo import session as sess
 from em_platform.cryo.curation import Thresholds
 from em_platform.cryo.exposure import ExposureSettings, process_exposure
 from em_platform.cryo.exposures_db import PROCESSED, Claim, ExposureStore
 from em_platform.cryo.frame_sets import FrameSetWatch
+from em_platform.cryo.live_tilts import LiveTilts, series_gain, tilt_fingerprint
 from em_platform.cryo.optics import Microscope
+from em_platform.cryo.processing import correct_tilt_images
+from em_platform.cryo.results_db import tilt_series
 from em_platform.edge import Refused, check_relative_key, inside
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,19 @@ class _Session:
     pending: set[Path] = field(default_factory=set)  # mdocs of movies not yet recorded
 
 
+@dataclass
+class _Series:
+    """A tilt series being acquired: its tilts corrected (movie name -> fingerprint) and to correct."""
+
+    ts: sess.TiltSeries
+    state: tuple
+    done: dict[str, str]
+    pending: set[int] = field(default_factory=set)
+    waiting: dict[int, str] = field(default_factory=dict)  # not whole yet: why
+    missing: bool = False  # a movie the mdoc names is not there yet: described again at every scan
+    taken: bool = False  # its run has begun, or it has no movies
+
+
 class LiveCryo:
     """The service: :meth:`scan` records complete movies, :meth:`process_next` processes one, :meth:`run`
     does both until stopped."""
@@ -87,6 +106,8 @@ class LiveCryo:
         self.owner = f"cryo-live@{socket.gethostname()}:{os.getpid()}"
         self.sessions: dict[str, _Session] = {}
         self.waiting: dict[Path, _Waiting] = {}
+        self.series: dict[Path, _Series] = {}  # tilt series mdoc -> its tilts
+        self.tilts = LiveTilts(self.out_root)
 
     # -- finding exposures -----------------------------------------------------------------------
 
@@ -94,7 +115,9 @@ class LiveCryo:
         """Record every movie now complete; returns how many. The watch hands over each movie's mdoc once;
         a movie not yet whole stays pending in its session and is looked at again by every scan."""
         for watch in self.watches:
-            for folder, mdocs in watch.scan().new.items():
+            found = watch.scan()
+            self._note_tilt_series(watch, found.others)
+            for folder, mdocs in found.new.items():
                 key = watch.session_key(folder)
                 try:
                     check_relative_key(key, "session")
@@ -201,7 +224,79 @@ class LiveCryo:
                 counts["accepted"], counts["rejected"], counts["changed"],
             )  # fmt: skip
 
+    def _note_tilt_series(self, watch: FrameSetWatch, mdocs: list[Path]) -> None:
+        """Each tilt series whose mdoc changed described again: its tilts with a movie, not corrected yet,
+        become pending. A series its run has begun (the results database has it) is the run's."""
+        for mdoc in mdocs:
+            state = _stat(mdoc)
+            series = self.series.get(mdoc)
+            if series is not None and (series.taken or (series.state == state and not series.missing)):
+                continue
+            try:
+                ts = sess.describe_tilt_series(mdoc, watch.root, watch.tag)
+                check_relative_key(ts.key, "tilt series")
+            except (sess.SessionError, Refused, OSError):
+                continue  # half-written, or refused: the cryo sensor reports it
+            done = series.done if series is not None else {}
+            self.series[mdoc] = series = _Series(ts, state, done)
+            if not ts.has_movies or self._taken(ts.key):  # nothing to correct, or the run's now
+                series.taken = True
+                continue
+            series.missing = any(t.movie is None for t in ts.tilts)  # a movie the mdoc names, not saved yet
+            series.pending = {
+                i for i, t in enumerate(ts.tilts) if t.movie is not None and not self._kept(ts, i, done)
+            }
+
+    def _kept(self, ts: sess.TiltSeries, i: int, done: dict[str, str]) -> bool:
+        """Tilt ``i`` was corrected from its movie as it is now (not written again since)."""
+        kept = done.get(ts.tilts[i].movie.name)
+        try:
+            return kept is not None and kept == tilt_fingerprint(ts, i, series_gain(ts, self.settings.motion),
+                                                                 self.settings.motion)  # fmt: skip
+        except (sess.SessionError, OSError):
+            return False
+
+    def _taken(self, key: str) -> bool:
+        with self.store.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(tilt_series.c.partition_key).where(tilt_series.c.partition_key == key)
+            )
+            return row.first() is not None
+
     # -- processing ------------------------------------------------------------------------------
+
+    def process_tilt(self) -> bool:
+        """Correct one pending tilt of a tilt series still being acquired; False when none is ready (a
+        movie not yet whole stays pending: looked at again after the next scan)."""
+        for series in self.series.values():
+            for i in sorted(series.pending):
+                series.pending.discard(i)
+                ts, tilt = series.ts, series.ts.tilts[i]
+                settings = self.settings.motion
+                try:
+                    sess.load_movie(ts, tilt)  # whole, or not yet
+                    gain = series_gain(ts, settings)
+                    fingerprint = tilt_fingerprint(ts, i, gain, settings)
+                    if self._taken(ts.key):
+                        series.taken = True
+                        return True
+                    figures, images = correct_tilt_images(ts, i, None, gain, settings)
+                except (sess.SessionError, OSError, ValueError) as exc:
+                    series.waiting[i] = str(exc)
+                    continue
+                if self._taken(ts.key):  # its run began meanwhile and corrects it itself
+                    series.taken = True
+                    return True
+                self.tilts.put(ts, i, fingerprint, figures, images)
+                series.done[tilt.movie.name] = fingerprint
+                series.waiting.pop(i, None)
+                log.info("cryo-live: %s tilt %+.1f° (%s) corrected as it landed", ts.key, tilt.angle_deg,
+                         tilt.movie.name)  # fmt: skip
+                return True
+        for series in self.series.values():  # not whole yet: again after the next scan
+            series.pending |= set(series.waiting)
+            series.waiting.clear()
+        return False
 
     def process_next(self) -> bool:
         """Process the longest-waiting exposure of any session; False when none waits."""
@@ -264,7 +359,7 @@ class LiveCryo:
         while not stop.is_set():
             self.scan()
             worked = False
-            while not stop.is_set() and self.process_next():
+            while not stop.is_set() and (self.process_next() or self.process_tilt()):
                 worked = True
                 self.scan()
                 self.write_stars()

@@ -12,6 +12,7 @@ rename, so a reader (or a re-run) never sees half a step. Outputs of ``<work roo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from em_platform.cryo.ctf import (
     fit_series_astigmatism,
 )
 from em_platform.cryo.ctf_correction import phase_flip
-from em_platform.cryo.gain_reference import GainReference, resolve_gain
+from em_platform.cryo.live_tilts import IMAGES, LiveTilts, series_gain, tilt_fingerprint
 from em_platform.cryo.motion import MotionSettings, correct_movie, fourier_bin
 from em_platform.cryo.optics import CTFParams, Microscope
 from em_platform.cryo.reconstruction import reconstruct
@@ -133,18 +134,46 @@ def correct_tilt(
     settings: MotionSettings,
     out: str,
     gain: np.ndarray | None = None,
+    live_root: str | None = None,
 ) -> dict:
     """Motion-correct tilt ``i``'s movie and write its micrograph (and even/odd sums) into section ``i`` of
     ``out``'s MRC stacks; returns its figures. A task of its own: run in the process, or on a Dask worker
-    that sees the same files (it reads the movie and the gain reference itself: nothing big travels)."""
+    that sees the same files (it reads the movie and the gain reference itself: nothing big travels).
+    With ``live_root``, a tilt cryo-live corrected as it landed (:mod:`em_platform.cryo.live_tilts`) is
+    taken when it was corrected from what this would correct now (its figures say ``"live": true``)."""
+    tilt = ts.tilts[i]
+    kept = None
+    if live_root is not None and tilt.movie is not None:
+        with contextlib.suppress(OSError):  # a movie gone: corrected below, which says so
+            kept = LiveTilts(live_root).get(ts, i, tilt_fingerprint(ts, i, gain_path, settings))
+    if kept is not None:
+        figures, images = kept
+        figures = {**figures, "live": True}
+    else:
+        figures, images = correct_tilt_images(ts, i, shape, gain_path, settings, gain)
+    for k in IMAGES:
+        with mrcfile.mmap(Path(out) / f"{k}.mrc", mode="r+") as m:
+            m.data.reshape(-1, *images[k].shape)[i] = images[k]  # a one-section stack's data is 2-D
+    return {"z_index": tilt.z_index, "angle_deg": tilt.angle_deg, "movie": str(tilt.movie), **figures}
+
+
+def correct_tilt_images(
+    ts: sess.TiltSeries,
+    i: int,
+    shape: tuple[int, int] | None,
+    gain_path: Path | None,
+    settings: MotionSettings,
+    gain: np.ndarray | None = None,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Tilt ``i``'s movie motion-corrected: (its figures, its corrected, even and odd sums)."""
     tilt = ts.tilts[i]
     frames = sess.load_movie(ts, tilt)
-    if tuple(frames.shape[1:]) != tuple(shape):
+    if shape is not None and tuple(frames.shape[1:]) != tuple(shape):
         raise sess.SessionError(
             f"movie {tilt.movie}: frame shape {frames.shape[1:]} differs from {tuple(shape)}"
         )
     if gain is None and gain_path is not None:
-        gain = sess.load_gain(gain_path, shape, settings.gain_rotation, settings.gain_flip)
+        gain = sess.load_gain(gain_path, tuple(frames.shape[1:]), settings.gain_rotation, settings.gain_flip)
     dpf = tilt.frame_dose_e_per_A2 or (tilt.dose_e_per_A2 / frames.shape[0] if tilt.dose_e_per_A2 else 0.0)
     res = correct_movie(
         frames,
@@ -155,28 +184,29 @@ def correct_tilt(
         voltage_kV=ts.voltage_kV,
         settings=_worker_memory_settings(settings),
     )
-    for k, img in (("corrected", res.micrograph), ("even", res.even), ("odd", res.odd)):
-        with mrcfile.mmap(Path(out) / f"{k}.mrc", mode="r+") as m:
-            m.data.reshape(-1, *img.shape)[i] = img  # a one-section stack's data is 2-D
-    return {
-        "z_index": tilt.z_index,
-        "angle_deg": tilt.angle_deg,
-        "movie": str(tilt.movie),
+    figures = {
         "dose_per_frame_e_per_A2": dpf,
         "pre_exposure_e_per_A2": tilt.accumulated_dose_e_per_A2,
         "shifts_px": res.shifts_px.tolist(),
         "local_applied": res.local_applied,
         **res.metrics,
     }
+    return figures, {"corrected": res.micrograph, "even": res.even, "odd": res.odd}
 
 
 def motion_correct(
-    ts: sess.TiltSeries, ws: Workspace, settings: MotionSettings, client=None, scope: Microscope | None = None
+    ts: sess.TiltSeries,
+    ws: Workspace,
+    settings: MotionSettings,
+    client=None,
+    scope: Microscope | None = None,
+    live_root: Path | None = None,
 ) -> dict:
     """Movies → corrected micrographs (acquisition order); without movies the stack is checked and used.
 
     With a Dask ``client`` every movie is a task on the cluster's workers (each reads its movie and writes
-    its section: memory per worker is one movie's); without one they run here, one after another."""
+    its section: memory per worker is one movie's); without one they run here, one after another. With
+    ``live_root`` the tilts cryo-live corrected as they landed are taken, then let go of."""
     with ws.staged("motioncorr") as out:
         if not ts.has_movies:
             stack = sess.load_stack(ts)
@@ -192,20 +222,23 @@ def motion_correct(
             return doc
         first = sess.load_movie(ts, ts.tilts[0])
         shape = tuple(first.shape[1:])
-        found = ts.gain_found or GainReference(ts.gain, "session" if ts.gain else "none")
-        base = ts.mdoc.parent if ts.mdoc else (ts.tilts[0].movie.parent if ts.tilts[0].movie else None)
-        gain_path = resolve_gain(found, settings.gain_reference, base)
+        gain_path = series_gain(ts, settings)
         gain = sess.load_gain(
             gain_path, shape, settings.gain_rotation, settings.gain_flip
         )  # checked here, once
         n = len(ts.tilts)
         for k in ("corrected", "even", "odd"):
             new_mrc_mmap(out / f"{k}.mrc", (n, *shape), ts.pixel_A).close()
+        live = str(live_root) if live_root is not None else None
         if client is None:
-            per_tilt = [correct_tilt(ts, i, shape, gain_path, settings, str(out), gain) for i in range(n)]
+            per_tilt = [
+                correct_tilt(ts, i, shape, gain_path, settings, str(out), gain, live) for i in range(n)
+            ]
         else:
             futures = [
-                client.submit(correct_tilt, ts, i, shape, gain_path, settings, str(out), pure=False)
+                client.submit(
+                    correct_tilt, ts, i, shape, gain_path, settings, str(out), None, live, pure=False
+                )
                 for i in range(n)
             ]
             try:
@@ -217,7 +250,9 @@ def motion_correct(
         doc = {
             "source": "movies",
             "gain": str(gain_path) if gain_path else None,
-            "gain_rule": "setting" if settings.gain_reference else found.rule,
+            "gain_rule": "setting"
+            if settings.gain_reference
+            else (ts.gain_found.rule if ts.gain_found else "session" if ts.gain else "none"),
             "shape": [n, *shape],
             "tilts": per_tilt,
             "ran_on": "dask cluster" if client is not None else "in process",
@@ -225,7 +260,9 @@ def motion_correct(
         with mrcfile.mmap(out / "corrected.mrc", mode="r") as m:
             _write_relion_micrographs(ts, out, m.data.reshape(n, *shape), per_tilt, scope)
         _dump(out / "motion.json", doc)
-        return doc
+    if live_root is not None:  # published: what was kept of its tilts, taken or stale, is no longer needed
+        LiveTilts(live_root).forget(ts, list(range(n)))
+    return doc
 
 
 def _write_relion_micrographs(ts: sess.TiltSeries, out: Path, stack, motion: list | None, scope) -> None:

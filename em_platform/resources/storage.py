@@ -43,6 +43,10 @@ class StorageResource(dg.ConfigurableResource):
         store = self.store()
         return Path(store.path("cryo")) if store.is_local else Path(self.buffer().path("cryo"))
 
+    def cryo_live_root(self) -> Path:
+        """cryo-live's outputs (a live session's, a tilt series' tilts corrected as they landed)."""
+        return self.cryo_root() / "live"
+
     def downloads(self) -> Path:
         """The local download cache of the public-dataset ingests."""
         return Path(self.downloads_root)
