@@ -18,6 +18,7 @@ from em_platform.cryo import session as sess
 from em_platform.cryo.ctf import CTFSearch, defocus_window, diagnostic_image, estimate_ctf
 from em_platform.cryo.motion import MotionSettings, correct_movie, fourier_bin
 from em_platform.cryo.optics import Microscope
+from em_platform.cryo.part_files import part_path
 from em_platform.cryo.processing import NOMINAL_WINDOW, write_mrc
 from em_platform.cryo.thumbnails import encode, mrc_to_jpeg, to_image
 
@@ -133,7 +134,7 @@ def _gain(path: Path | None, shape: tuple[int, int], rotation: int, flip: int) -
 
 def _replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part = part_path(path)
     try:
         write(part)
         os.replace(part, path)

@@ -36,6 +36,7 @@ from em_platform.cryo.exposures_db import PROCESSED, Claim, ExposureStore
 from em_platform.cryo.frame_sets import FrameSetWatch
 from em_platform.cryo.live_tilts import LiveTilts, series_gain, tilt_fingerprint
 from em_platform.cryo.optics import Microscope
+from em_platform.cryo.part_files import part_path, pid_alive, remove_left_behind
 from em_platform.cryo.processing import correct_tilt_images
 from em_platform.cryo.results_db import tilt_series
 from em_platform.edge import Refused, check_relative_key, inside
@@ -344,7 +345,7 @@ class LiveCryo:
         """Claims of this host's services whose process is gone (a kill -9, a crash): processed again now,
         not when their lease runs out. Another host's claims run out by their lease."""
         host = f"cryo-live@{socket.gethostname()}:"
-        dead = [o for o in self.store.claim_owners() if o.startswith(host) and not _alive(o[len(host) :])]
+        dead = [o for o in self.store.claim_owners() if o.startswith(host) and not pid_alive(o[len(host) :])]
         if dead:
             log.warning(
                 "cryo-live: taking back the exposures of %s, which stopped without a result", ", ".join(dead)
@@ -355,6 +356,8 @@ class LiveCryo:
         self, stop: threading.Event, ready: Callable[[], None] = lambda: None, poll_s: float = 1.0
     ) -> None:
         self.expire_dead_claims()
+        if removed := remove_left_behind(self.out_root):
+            log.warning("cryo-live: %d half-written file(s) of a stopped service removed", removed)
         ready()
         while not stop.is_set():
             self.scan()
@@ -419,7 +422,7 @@ def write_session_stars(out: Path, rows: list[dict], scope: Microscope) -> None:
         (out / "micrographs_ctf.star", ctf),
         (out / "accepted" / "micrographs_ctf.star", accepted),
     ):
-        part = path.with_name(f".{path.name}.part")
+        part = part_path(path)
         if table:
             star.write_star(part, optics, table)
             os.replace(part, path)
@@ -473,16 +476,6 @@ def _line(store: ExposureStore, claim: Claim) -> str:
         f"{(row['defocus_u_a'] + row['defocus_v_a']) / 2e4:.2f} µm, CTF fit {row['ctf_fit_resolution_a']:.1f} Å: "
         f"{verdict}, {lag:.1f} s after its movie was complete"
     )
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's process of that number: alive
-        return True
-    return True
 
 
 def _stat(path: Path) -> tuple | None:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 from em_platform.cryo import session as sess
 from em_platform.cryo.gain_reference import GainReference, resolve_gain
 from em_platform.cryo.motion import MotionSettings
+from em_platform.cryo.part_files import part_path
 from em_platform.edge import inside
 
 IMAGES = ("corrected", "even", "odd")
@@ -89,7 +89,8 @@ class LiveTilts:
         """Keep tilt ``i``'s result, replacing what was kept; written whole."""
         final = self.folder(ts.key, ts.tilts[i].movie)
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = final.parent / f".{final.name}.part-{uuid.uuid4().hex[:8]}"
+        staging = part_path(final)
+        shutil.rmtree(staging, ignore_errors=True)  # this process's, left by a write that failed
         staging.mkdir()
         try:
             for k in IMAGES:
