@@ -80,9 +80,17 @@ class CatalogFill:
         self.engine = sa.create_engine(url)
         self.t = template
         self.plan = plan
+        self.seconds: dict[str, float] = {}  # each table's copies, in all
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def _timed(self, conn, table: str, statement, params: dict) -> int:
+        """Run one table's copy; its seconds add up in :attr:`seconds`. Returns the rows written."""
+        t = time.perf_counter()
+        n = conn.execute(statement, params).rowcount
+        self.seconds[table] = self.seconds.get(table, 0.0) + time.perf_counter() - t
+        return n
 
     def add(self, first: int, last: int) -> dict[str, int]:
         """Montages ``first`` .. ``last`` - 1; returns the rows written per table."""
@@ -97,23 +105,29 @@ class CatalogFill:
         ended = "(now() - make_interval(secs => g * 86400.0 / :per_day))"
         rows: dict[str, int] = {}
         with self.engine.begin() as conn:
-            rows["datasets"] = conn.execute(
+            rows["datasets"] = self._timed(
+                conn,
+                "datasets",
                 sa.text(f"""
                 INSERT INTO datasets (id, source, source_id, status, retry_count, error, record, created_at, updated_at)
                 SELECT md5(t.id || g)::uuid::text, t.source, {key}, t.status, t.retry_count, t.error,
                        replace(t.record::text, :m, {key})::jsonb, {ended}, {ended}
                 FROM datasets t, generate_series(:a, :b) g WHERE t.source_id = :m"""),
                 params,
-            ).rowcount
-            rows["dataset_status_history"] = conn.execute(
+            )
+            rows["dataset_status_history"] = self._timed(
+                conn,
+                "dataset_status_history",
                 sa.text(f"""
                 INSERT INTO dataset_status_history (dataset_id, from_status, to_status, at, message, run_id)
                 SELECT md5(d.id || g)::uuid::text, h.from_status, h.to_status, {ended}, h.message, h.run_id
                 FROM dataset_status_history h JOIN datasets d ON d.id = h.dataset_id,
                      generate_series(:a, :b) g WHERE d.source_id = :m"""),
                 params,
-            ).rowcount
-            rows["tem_tiles"] = conn.execute(
+            )
+            rows["tem_tiles"] = self._timed(
+                conn,
+                "tem_tiles",
                 sa.text(f"""
                 INSERT INTO tem_tiles
                 SELECT {key} || '-t' || c || '-' || t.raster_index, {key},
@@ -125,8 +139,10 @@ class CatalogFill:
                 FROM tem_tiles t, generate_series(:a, LEAST(:b, :tile_montages - 1)) g,
                      generate_series(0, :copies - 1) c WHERE t.montage_id = :m"""),
                 params,
-            ).rowcount
-            rows["acq_montages"] = conn.execute(
+            )
+            rows["acq_montages"] = self._timed(
+                conn,
+                "acq_montages",
                 sa.text(f"""
                 INSERT INTO acq_montages
                 SELECT {key}, :top - g, t.state, t.total_tiles, replace(t.acquisition_id, :m, {key}), t.pixel_size_nm,
@@ -134,7 +150,7 @@ class CatalogFill:
                        replace(t.complete_message::text, :m, {key})::jsonb
                 FROM acq_montages t, generate_series(:a, :b) g WHERE t.montage_id = :m"""),
                 params,
-            ).rowcount
+            )
             journal = first < p.journal_montages
             rebuild = (
                 [*_without_indexes(conn, "acq_messages"), *_without_indexes(conn, "acq_tiles")]
@@ -147,7 +163,9 @@ class CatalogFill:
                 ),
                 params,
             )
-            rows["acq_messages"] = conn.execute(
+            rows["acq_messages"] = self._timed(
+                conn,
+                "acq_messages",
                 sa.text(f"""
                 INSERT INTO acq_messages (message_key, topic, montage_id, tile_id, payload, received_at)
                 SELECT md5(t.message_key || g || '-' || c), t.topic, {key},
@@ -159,8 +177,10 @@ class CatalogFill:
                          OR t.tile_id NOT IN (SELECT tile_id FROM acq_tiles WHERE montage_id = :m
                                               AND (brightfield OR darkfield)))))"""),
                 params,
-            ).rowcount
-            rows["acq_tiles"] = conn.execute(
+            )
+            rows["acq_tiles"] = self._timed(
+                conn,
+                "acq_tiles",
                 sa.text(f"""
                 INSERT INTO acq_tiles
                 SELECT md5(t.tile_id || g || '-' || c)::uuid::text, {key}, nextval('acq_messages_seq_seq'),
@@ -172,17 +192,19 @@ class CatalogFill:
                      generate_series(0, :copies - 1) c WHERE t.montage_id = :m
                   AND (c = 0 OR NOT (t.brightfield OR t.darkfield))"""),
                 params,
-            ).rowcount
-            rows["acq_qc_status"] = conn.execute(
+            )
+            rows["acq_qc_status"] = self._timed(
+                conn,
+                "acq_qc_status",
                 sa.text(f"""
                 INSERT INTO acq_qc_status (montage_id, status, reason, at)
                 SELECT {key}, t.status, t.reason, {ended}
                 FROM acq_qc_status t, generate_series(:a, LEAST(:b, :journal - 1)) g
                 WHERE t.montage_id = :m"""),
                 params,
-            ).rowcount
+            )
             for statement in rebuild:
-                conn.execute(sa.text(statement))
+                self._timed(conn, "journal_indexes", sa.text(statement), {})
         return rows
 
 
@@ -228,8 +250,10 @@ def fill(catalog: CatalogFill, dagster: DagsterFill, first: int, last: int, batc
     for a in range(first, last, batch):
         for table, n in catalog.add(a, min(last, a + batch)).items():
             rows[f"catalog.{table}"] += n
+    seconds, catalog.seconds = catalog.seconds, {}
     return {
         "dagster_s": round(dagster_s, 1),
         "catalog_s": round(time.perf_counter() - t, 1),
+        "catalog_s_by_table": {k: round(v, 1) for k, v in seconds.items()},
         "rows": dict(rows),
     }
