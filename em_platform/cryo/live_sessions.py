@@ -5,9 +5,10 @@ and the session's RELION STAR files.
 A movie is complete when SerialEM's frame-set mdoc for it is there and the movie reads whole (its header's
 size and frame count, the mdoc's NumSubFrames): a movie still being written, or truncated, waits; one that
 has not changed for :attr:`LiveCryo.give_up_s` and still does not read whole is failed, naming the file.
-A corrupt movie fails alone; the session goes on. A tilt series' tilts are corrected as they land too, and
-kept for its run (:mod:`em_platform.cryo.live_tilts`), the exposures of single-particle sessions first. The thresholds (``curation:`` in ``em_session.yaml``) are
-read again whenever the file changes, and the whole session is re-judged from its stored figures.
+A corrupt movie fails alone; the session goes on. The thresholds (``curation:`` in ``em_session.yaml``) are
+read again whenever the file changes, and the whole session is re-judged from its stored figures. A tilt
+series' tilts are corrected as they land too and kept for its run (:mod:`em_platform.cryo.live_tilts`),
+after the exposures of single-particle sessions.
 
 Exposures are claimed in the database (:mod:`em_platform.cryo.exposures_db`) with a lease this service
 renews while it works, so one killed at any moment leaves a claim that runs out within the lease and is
@@ -250,12 +251,13 @@ class LiveCryo:
 
     def _kept(self, ts: sess.TiltSeries, i: int, done: dict[str, str]) -> bool:
         """Tilt ``i`` was corrected from its movie as it is now (not written again since)."""
-        kept = done.get(ts.tilts[i].movie.name)
         try:
-            return kept is not None and kept == tilt_fingerprint(ts, i, series_gain(ts, self.settings.motion),
-                                                                 self.settings.motion)  # fmt: skip
+            now = tilt_fingerprint(ts, i, series_gain(ts, self.settings.motion), self.settings.motion)
         except (sess.SessionError, OSError):
             return False
+        return done.get(ts.tilts[i].movie.name) == now or self.tilts.holds(
+            ts, i, now
+        )  # kept before a restart
 
     def _taken(self, key: str) -> bool:
         with self.store.engine.connect() as conn:

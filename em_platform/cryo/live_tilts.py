@@ -83,6 +83,14 @@ class LiveTilts:
             return None
         return doc["figures"], images
 
+    def holds(self, ts: sess.TiltSeries, i: int, fingerprint: str) -> bool:
+        """Tilt ``i`` is kept under ``fingerprint`` (its figures read, not its sums)."""
+        try:
+            doc = json.loads((self.folder(ts.key, ts.tilts[i].movie) / DOC).read_text())
+        except (OSError, ValueError):
+            return False
+        return doc.get("fingerprint") == fingerprint
+
     def put(
         self, ts: sess.TiltSeries, i: int, fingerprint: str, figures: dict, images: dict[str, np.ndarray]
     ) -> Path:

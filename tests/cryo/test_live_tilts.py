@@ -50,6 +50,9 @@ def test_tilts_are_corrected_as_they_land_and_the_run_takes_them(tmp_path):
         while service.process_tilt():
             service.scan()
         assert sorted(p.name for p in (out / KEY / "tilts").iterdir()) == [m.name for m in movies]
+        restarted = LiveCryo({"sessions": root}, store, out)
+        restarted.scan()
+        assert not restarted.process_tilt()  # what the stopped service kept is not corrected again
 
         (ts,), errors = sess.discover(root, "sessions")
         assert not errors and ts.key == KEY
