@@ -63,7 +63,9 @@ def test_tilts_are_corrected_as_they_land_and_the_run_takes_them(tmp_path):
         live = {t["movie"]: t.get("live", False) for t in doc["tilts"]}
         assert live == {str(movies[0]): True, str(movies[1]): True, str(movies[2]): False}
         np.testing.assert_allclose(taken, fresh, rtol=1e-5, atol=1e-5 * float(np.abs(fresh).max()))
-        assert [t["total_motion_px"] for t in doc["tilts"]] == [t["total_motion_px"] for t in fresh_doc["tilts"]]
+        assert [t["total_motion_px"] for t in doc["tilts"]] == [
+            t["total_motion_px"] for t in fresh_doc["tilts"]
+        ]
         assert not any((out / KEY / "tilts").iterdir())  # what it took is let go of
     finally:
         store.dispose()
