@@ -442,9 +442,11 @@ def without_shutdown_race(lines: Iterable[str], stopping: threading.Event) -> It
 
 
 def _stop_left_behind(group: int, out) -> None:
-    """SIGTERM to what is left of `dagster dev`'s process group after it exited (runs still executing: Dagster
-    fails an interrupted run and run_retries re-runs it at the next start); SIGKILL after the grace. The runs
-    are named; what else is left (a code server still closing) is stopped without a word."""
+    """SIGTERM to the runs left in `dagster dev`'s process group after it exited (Dagster fails an interrupted
+    run and run_retries re-runs it at the next start), named; SIGKILL after the grace. Without runs, what is
+    left (a code server still closing, slowly on a loaded host) is given the grace to finish by itself, then
+    killed without a word: a SIGTERM would reach it as a KeyboardInterrupt inside its own exit and print a
+    traceback."""
     if not _group_alive(group):
         return
     runs = run_ids_in_group(group)
@@ -455,7 +457,7 @@ def _stop_left_behind(group: int, out) -> None:
             file=out,
             flush=True,
         )
-    signal_group(group, signal.SIGTERM)
+        signal_group(group, signal.SIGTERM)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
     while _group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)  # poll: a process group has no handle to wait on
