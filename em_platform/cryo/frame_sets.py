@@ -51,7 +51,7 @@ class FrameSetWatch:
     aliases: bool = False
     folders: dict[Path, _Folder] = field(default_factory=dict)
     frame_sets: dict[Path, set[str]] = field(default_factory=dict)  # folder -> its frame-set mdocs' names
-    others: dict[Path, tuple | None] = field(default_factory=dict)  # mdoc -> (mtime, size) when read as not
+    others: dict[Path, tuple | None] = field(default_factory=dict)  # mdoc -> file_state when read as not
     # (None: not read, refused or unreadable: looked at again by every scan)
 
     def scan(self) -> WatchScan:
@@ -76,7 +76,7 @@ class FrameSetWatch:
             pending += [(f, above | {real}) for f in reversed(listing.folders)]
             refused += listing.refused
         for mdoc, state in list(self.others.items()):
-            if mdoc.parent in seen and (state is None or _state_or_none(mdoc) != state):
+            if mdoc.parent in seen and (state is None or file_state_or_none(mdoc) != state):
                 del self.others[mdoc]
                 self._read(mdoc, new)
         self.folders = {f: v for f, v in self.folders.items() if f in seen}
@@ -121,7 +121,7 @@ class FrameSetWatch:
 
     def _read(self, mdoc: Path, new: dict[Path, list[Path]]) -> None:
         try:
-            state = _state(mdoc)
+            state = file_state(mdoc)
             if mdoc.is_symlink():  # its folder was walked inside the root: only a link can lead out
                 contained(self.root, mdoc, "mdoc")
             if is_frame_set(mdoc):
@@ -133,13 +133,15 @@ class FrameSetWatch:
         self.others[mdoc] = state
 
 
-def _state(path: Path) -> tuple[int, int]:
+def file_state(path: Path) -> tuple[int, int]:
+    """(size, modification time in ns): what changes when a file is written again."""
     st = path.stat()
-    return st.st_mtime_ns, st.st_size
+    return st.st_size, st.st_mtime_ns
 
 
-def _state_or_none(path: Path) -> tuple[int, int] | None:
+def file_state_or_none(path: Path) -> tuple[int, int] | None:
+    """:func:`file_state`, or None for a file that is not there (or cannot be read)."""
     try:
-        return _state(path)
+        return file_state(path)
     except OSError:
         return None

@@ -34,7 +34,7 @@ from em_platform.cryo import session as sess
 from em_platform.cryo.curation import Thresholds
 from em_platform.cryo.exposure import ExposureSettings, process_exposure
 from em_platform.cryo.exposures_db import PROCESSED, Claim, ExposureStore
-from em_platform.cryo.frame_sets import FrameSetWatch
+from em_platform.cryo.frame_sets import FrameSetWatch, file_state_or_none
 from em_platform.cryo.live_tilts import LiveTilts, series_gain, tilt_fingerprint
 from em_platform.cryo.optics import Microscope
 from em_platform.cryo.part_files import part_path, pid_alive, remove_left_behind
@@ -173,8 +173,8 @@ class LiveCryo:
     def _wait(self, s: _Session, mdoc: Path, error: str, now: float) -> None:
         movie = mdoc.name[: -len(MDOC)]
         state = (
-            _stat(mdoc),
-            *(_stat(d / movie) for d in (s.folder, s.folder / "frames", s.folder / "Frames")),
+            file_state_or_none(mdoc),
+            *(file_state_or_none(d / movie) for d in (s.folder, s.folder / "frames", s.folder / "Frames")),
         )
         seen = self.waiting.get(mdoc)
         if seen is None or seen.state != state:
@@ -203,7 +203,9 @@ class LiveCryo:
 
     def _read_thresholds(self, s: _Session) -> None:
         """The session's thresholds, again when its settings file changed; a change re-judges the session."""
-        state = tuple(_stat(f / sess.SESSION_SETTINGS) for f in (s.folder, _session_dir(s.root, s.folder)))
+        state = tuple(
+            file_state_or_none(f / sess.SESSION_SETTINGS) for f in (s.folder, _session_dir(s.root, s.folder))
+        )
         if state == s.settings_state:
             return
         first = s.settings_state is None
@@ -230,7 +232,7 @@ class LiveCryo:
         """Each tilt series whose mdoc changed described again: its tilts with a movie, not corrected yet,
         become pending. A series its run has begun (the results database has it) is the run's."""
         for mdoc in mdocs:
-            state = _stat(mdoc)
+            state = file_state_or_none(mdoc)
             series = self.series.get(mdoc)
             if series is not None and (series.taken or (series.state == state and not series.missing)):
                 continue
@@ -478,14 +480,6 @@ def _line(store: ExposureStore, claim: Claim) -> str:
         f"{(row['defocus_u_a'] + row['defocus_v_a']) / 2e4:.2f} µm, CTF fit {row['ctf_fit_resolution_a']:.1f} Å: "
         f"{verdict}, {lag:.1f} s after its movie was complete"
     )
-
-
-def _stat(path: Path) -> tuple | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 def _mtime(path: Path) -> float:

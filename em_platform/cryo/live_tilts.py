@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from em_platform.cryo import session as sess
+from em_platform.cryo.frame_sets import file_state
 from em_platform.cryo.gain_reference import GainReference, resolve_gain
 from em_platform.cryo.motion import MotionSettings
 from em_platform.cryo.part_files import part_path
@@ -40,19 +41,14 @@ _NOT_IN_RESULT = ("threads", "cache_mib", "frames_per_task")
 def tilt_fingerprint(ts: sess.TiltSeries, i: int, gain_path: Path | None, settings: MotionSettings) -> str:
     """What tilt ``i``'s correction depends on, as a digest; raises OSError when its movie is not there."""
     tilt = ts.tilts[i]
-    parts = [str(tilt.movie), *_file_state(tilt.movie)]
-    parts += [str(gain_path), *(_file_state(gain_path) if gain_path is not None else ())]
+    if tilt.movie is None:
+        raise OSError(f"tilt {i} of {ts.key}: its movie is not there")
+    parts = [str(tilt.movie), *file_state(tilt.movie)]
+    parts += [str(gain_path), *(file_state(gain_path) if gain_path is not None else ())]
     parts += [tilt.dose_e_per_A2, tilt.accumulated_dose_e_per_A2, tilt.frame_dose_e_per_A2, tilt.n_frames]
     parts += [ts.pixel_A, ts.voltage_kV]
     parts += sorted((k, v) for k, v in asdict(settings).items() if k not in _NOT_IN_RESULT)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
-
-
-def _file_state(path: Path | None) -> tuple[int, int]:
-    if path is None:
-        raise OSError("no movie")
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
 
 
 def series_gain(ts: sess.TiltSeries, settings: MotionSettings) -> Path | None:
@@ -73,11 +69,11 @@ class LiveTilts:
 
     def get(self, ts: sess.TiltSeries, i: int, fingerprint: str) -> tuple[dict, dict[str, np.ndarray]] | None:
         """The kept figures and sums of tilt ``i`` if kept under ``fingerprint``, else None."""
+        doc = self._doc(ts, i, fingerprint)
+        if doc is None:
+            return None
         folder = self.folder(ts.key, ts.tilts[i].movie)
         try:
-            doc = json.loads((folder / DOC).read_text())
-            if doc.get("fingerprint") != fingerprint:
-                return None
             images = {k: np.load(folder / f"{k}.npy", allow_pickle=False) for k in IMAGES}
         except (OSError, ValueError):
             return None
@@ -85,11 +81,15 @@ class LiveTilts:
 
     def holds(self, ts: sess.TiltSeries, i: int, fingerprint: str) -> bool:
         """Tilt ``i`` is kept under ``fingerprint`` (its figures read, not its sums)."""
+        return self._doc(ts, i, fingerprint) is not None
+
+    def _doc(self, ts: sess.TiltSeries, i: int, fingerprint: str) -> dict | None:
+        """Tilt ``i``'s kept ``tilt.json`` if kept under ``fingerprint``."""
         try:
             doc = json.loads((self.folder(ts.key, ts.tilts[i].movie) / DOC).read_text())
         except (OSError, ValueError):
-            return False
-        return doc.get("fingerprint") == fingerprint
+            return None
+        return doc if doc.get("fingerprint") == fingerprint else None
 
     def put(
         self, ts: sess.TiltSeries, i: int, fingerprint: str, figures: dict, images: dict[str, np.ndarray]
