@@ -292,7 +292,12 @@ DASK_INFO = re.compile(r" - INFO - ")  # Dask's routine lines (workers joining, 
 # worker's session runs at autogroup nice 19 (cluster/batch_priority.py): on a busy machine it may not get the
 # CPU to close in time. At our stop that kill is the stop finishing (nothing of a run is held by a worker: a
 # run's results are in storage), not something the user can act on.
-NANNY_KILL_AT_STOP = re.compile(r"Worker process still alive after [\d.]+ seconds, killing")
+# A worker closing at our SIGTERM is dropped by the scheduler, which closes its connection: a heartbeat then in
+# flight fails ("Failed to communicate with scheduler during heartbeat", with the closed stream's traceback).
+WORKER_STOP_NOISE = re.compile(
+    r"Worker process still alive after [\d.]+ seconds, killing"
+    r"|Failed to communicate with scheduler during heartbeat"
+)
 
 
 @dataclass
@@ -361,7 +366,7 @@ class DaskPool:
             out,
             DASK_INFO,
             env,
-            quiet_at_stop=NANNY_KILL_AT_STOP,
+            quiet_at_stop=WORKER_STOP_NOISE,
         )
         print(
             f"em-platform dev: Dask pool for every run at {address} ({os.cpu_count()} worker processes, "
