@@ -26,13 +26,13 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.record import RESULTS, history_stamp
 from em_platform.deploy.processes import free_port
+from tests.support.cryo_live_service import start_cryo_live
 
 NAME = "cryo_live"
 TARGET_LAG_S = 60.0
@@ -51,30 +51,6 @@ def _pool(movie_dir: Path, size: int, frames: int, n: int):
         )
         print(f"movie {i + 1}/{n}: {pool[-1].movie.name} ({time.monotonic() - started:.0f} s)", flush=True)
     return pool
-
-
-def _start_service(work: Path, url: str, port: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
-    env.update(
-        EM_DATA_ROOT=str(work / "data"),
-        EM_CRYO_SESSIONS=str(work / "sessions"),
-        EM_CATALOG_URL=url,
-        EM_CRYO_LIVE_METRICS=f"127.0.0.1:{port}",
-        PYTHONUNBUFFERED="1",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "em_platform.cli", "cryo-live"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # as make dev and deploy-local start it: a session of its own
-    )
-    for line in proc.stdout:
-        print(f"  service: {line.rstrip()}", flush=True)
-        if "cryo-live: processing each" in line:
-            return proc
-    raise RuntimeError(f"cryo-live exited ({proc.wait()}) before it was ready")
 
 
 def _drain(proc: subprocess.Popen, log: Path) -> None:
@@ -107,7 +83,13 @@ def run(args) -> dict:
         session = "sessions/krios1/grid1/micrographs"
         if args.results_url:
             store.delete_session(session)
-        proc = _start_service(work, url, free_port())
+        proc, _ = start_cryo_live(
+            work / "data",
+            work / "sessions",
+            url,
+            free_port(),
+            echo=lambda line: print(f"  service: {line.rstrip()}", flush=True),
+        )
         _drain(proc, work / "service.log")
         service = psutil.Process(proc.pid)
         cpu0 = sum(service.cpu_times()[:2])

@@ -405,20 +405,12 @@ def write_session_stars(out: Path, rows: list[dict], scope: Microscope) -> None:
     optics = star.optics_block(
         rows[0]["pixel_a"], Microscope(scope.voltage_kV, scope.cs_mm, scope.amplitude_contrast)
     )
-    motion = [
-        {
-            "rlnMicrographName": r["micrograph"],
-            "rlnMicrographMovieName": r["movie"],
-            "rlnOpticsGroup": 1,
-            "rlnAccumMotionTotal": r["total_motion_a"],
-            "rlnAccumMotionEarly": r["early_motion_a"],
-            "rlnAccumMotionLate": r["late_motion_a"],
-        }
+    names = [
+        {"rlnMicrographName": r["micrograph"], "rlnMicrographMovieName": r["movie"], "rlnOpticsGroup": 1}
         for r in rows
     ]
-    ctf = [m | _ctf_columns(r) for m, r in zip(motion, rows, strict=True)]
-    if any(r["ice_ring_density"] is None for r in rows):
-        ctf = [{k: v for k, v in c.items() if k != "rlnCtfIceRingDensity"} for c in ctf]
+    motion = star.exposures_motion(names, rows)
+    ctf = star.exposures_ctf(motion, rows)
     accepted = [c for c, r in zip(ctf, rows, strict=True) if r["accepted"]]
     (out / "accepted").mkdir(parents=True, exist_ok=True)
     for path, table in (
@@ -432,18 +424,6 @@ def write_session_stars(out: Path, rows: list[dict], scope: Microscope) -> None:
             os.replace(part, path)
         else:
             path.unlink(missing_ok=True)
-
-
-def _ctf_columns(r: Mapping) -> dict:
-    return {
-        "rlnDefocusU": r["defocus_u_a"],
-        "rlnDefocusV": r["defocus_v_a"],
-        "rlnCtfAstigmatism": r["astigmatism_a"],
-        "rlnDefocusAngle": r["defocus_angle_deg"],
-        "rlnCtfFigureOfMerit": r["ctf_figure_of_merit"],
-        "rlnCtfMaxResolution": r["ctf_fit_resolution_a"],
-        "rlnCtfIceRingDensity": r["ice_ring_density"],
-    }
 
 
 class _Renewal:

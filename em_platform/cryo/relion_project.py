@@ -50,7 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from em_platform.cryo.optics import Microscope
-from em_platform.cryo.relion_star import OPTICS_GROUP, micrographs_ctf, optics_block, write_star
+from em_platform.cryo.relion_star import (
+    OPTICS_GROUP,
+    exposures_ctf,
+    exposures_motion,
+    optics_block,
+    write_star,
+)
 
 VERSION = 50001  # RELION 5's STAR version tag
 
@@ -227,20 +233,9 @@ def _build(root: Path, final: Path, items: Sequence[_Exposure], optics: Optics) 
     movie_group = {k: v for k, v in group.items() if k != "rlnMicrographPixelSize"}  # relion_import's
     _write_movies(root / MOVIES_STAR, movie_group, [it.movie_name for it in items])
     base = [{"rlnMicrographName": it.micrograph_name, "rlnOpticsGroup": 1} for it in items]
-    write_star(
-        root / CORRECTED_STAR,
-        group,
-        [
-            row
-            | {
-                "rlnAccumMotionTotal": float(it.row["total_motion_a"]),
-                "rlnAccumMotionEarly": float(it.row["early_motion_a"]),
-                "rlnAccumMotionLate": float(it.row["late_motion_a"]),
-            }
-            for row, it in zip(base, items, strict=True)
-        ],
-    )
-    write_star(root / CTF_STAR, group, _ctf_rows(base, items))  # RELION's CtfFind carries no motion columns
+    rows = [it.row for it in items]
+    write_star(root / CORRECTED_STAR, group, exposures_motion(base, rows))
+    write_star(root / CTF_STAR, group, exposures_ctf(base, rows))  # RELION's CtfFind: no motion columns
 
     n = len(items)
     notes = (
@@ -294,25 +289,6 @@ def _write_movies(path: Path, optics: Mapping[str, list], movie_names: Sequence[
 
     movies = pd.DataFrame({"rlnMicrographMovieName": list(movie_names), "rlnOpticsGroup": 1})
     starfile.write({"optics": pd.DataFrame(optics), "movies": movies}, path, overwrite=True)
-
-
-def _ctf_rows(base: Sequence[Mapping], items: Sequence[_Exposure]) -> list[dict]:
-    every_ice = all(it.row.get("ice_ring_density") is not None for it in items)  # a column has every row
-    fits = [
-        {
-            "defocus_u_A": float(it.row["defocus_u_a"]),
-            "defocus_v_A": float(it.row["defocus_v_a"]),
-            "astigmatism_angle_deg": float(it.row["defocus_angle_deg"]),
-            "cc": float(it.row["ctf_figure_of_merit"]),
-            "fit_resolution_A": float(it.row["ctf_fit_resolution_a"]),
-            "ice_ring_density": float(it.row["ice_ring_density"]) if every_ice else None,
-        }
-        for it in items
-    ]
-    rows = micrographs_ctf(list(base), fits)
-    for row, it in zip(rows, items, strict=True):
-        row["rlnCtfAstigmatism"] = abs(float(it.row["astigmatism_a"]))  # RELION's: |U - V|
-    return rows
 
 
 def _num(x: float) -> str:

@@ -106,6 +106,40 @@ def micrographs_ctf(base: list[dict], ctf: Sequence[Mapping]) -> list[dict]:
     return out
 
 
+def exposures_motion(base: Sequence[Mapping], exposures: Sequence[Mapping]) -> list[dict]:
+    """``base`` rows with each exposure's motion (Å) as the exposures table holds it: cryo-live's STAR files
+    and the RELION project's."""
+    return [
+        dict(row)
+        | {
+            "rlnAccumMotionTotal": float(e["total_motion_a"]),
+            "rlnAccumMotionEarly": float(e["early_motion_a"]),
+            "rlnAccumMotionLate": float(e["late_motion_a"]),
+        }
+        for row, e in zip(base, exposures, strict=True)
+    ]
+
+
+def exposures_ctf(base: Sequence[Mapping], exposures: Sequence[Mapping]) -> list[dict]:
+    """``base`` rows with each exposure's CTF fit as the exposures table holds it: cryo-live's STAR files and
+    the RELION project's. The ice ring density only when every exposure has one: a column has every row."""
+    every_ice = all(e.get("ice_ring_density") is not None for e in exposures)
+    out = []
+    for row, e in zip(base, exposures, strict=True):
+        row = dict(row) | {
+            "rlnDefocusU": float(e["defocus_u_a"]),
+            "rlnDefocusV": float(e["defocus_v_a"]),
+            "rlnCtfAstigmatism": abs(float(e["astigmatism_a"])),  # RELION's: |U - V|
+            "rlnDefocusAngle": float(e["defocus_angle_deg"]),
+            "rlnCtfFigureOfMerit": float(e["ctf_figure_of_merit"]),
+            "rlnCtfMaxResolution": float(e["ctf_fit_resolution_a"]),
+        }
+        if every_ice:
+            row["rlnCtfIceRingDensity"] = float(e["ice_ring_density"])
+        out.append(row)
+    return out
+
+
 def write_star(path: Path, optics: Mapping[str, list], micrographs: Sequence[Mapping]) -> None:
     """``data_optics`` and ``data_micrographs`` as RELION 4/5 writes them (the ``starfile`` package)."""
     import pandas as pd

@@ -13,7 +13,8 @@ import numpy as np
 from em_platform.cryo.exposures_db import FAILED, PROCESSED, ExposureStore
 from em_platform.cryo.live_sessions import session_folder, session_thresholds
 from em_platform.cryo.relion_project import Optics, write_relion_project
-from em_platform.cryo.session_report import session_plots, write_session_report
+from em_platform.cryo.session_figures import session_plots
+from em_platform.cryo.session_report import write_session_report
 
 REPORT, RELION = "report", "relion"
 

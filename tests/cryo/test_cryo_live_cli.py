@@ -6,39 +6,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 import starfile
 
 from em_platform.cryo.exposures_db import PROCESSED, PROCESSING, ExposureStore
 from tests.cryo.synthetic import make_movie_set
 from tests.support.browser import free_port
+from tests.support.cryo_live_service import start_cryo_live
 from tests.support.metrics import scrape
 
 SESSION = "sessions/grid1/micrographs"
-
-
-def _start(env: dict) -> tuple[subprocess.Popen, str]:
-    """The service, once ready, and what it printed until then."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "em_platform.cli", "cryo-live"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "cryo-live: processing each" in line:
-            return proc, "".join(lines)
-    pytest.fail(f"cryo-live exited ({proc.wait()}) before it was ready")
 
 
 def _until(what, deadline_s: float = 120.0):
@@ -54,16 +34,8 @@ def test_killed_mid_exposure_the_next_start_processes_each_exposure_once(tmp_pat
     make_movie_set(root / "grid1", n_movies=4, size=1024, frames=8)
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_"))}
-    env.update(
-        EM_DATA_ROOT=str(tmp_path / "data"),
-        EM_CRYO_SESSIONS=str(root),
-        EM_CATALOG_URL=url,
-        EM_CRYO_LIVE_METRICS=f"127.0.0.1:{port}",
-        PYTHONUNBUFFERED="1",
-    )
     store = ExposureStore(url)
-    first, _ = _start(env)
+    first, _ = start_cryo_live(tmp_path / "data", root, url, port)
     try:
         claimed = _until(lambda: [r for r in store.rows(SESSION) if r["status"] == PROCESSING])
         os.killpg(first.pid, signal.SIGKILL)  # mid-exposure: its claim and maybe a half-written file left
@@ -72,7 +44,7 @@ def test_killed_mid_exposure_the_next_start_processes_each_exposure_once(tmp_pat
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     restarted = datetime.now(UTC)
-    second, started = _start(env)
+    second, started = start_cryo_live(tmp_path / "data", root, url, port)
     try:
         rows = _until(lambda: (r := store.rows(SESSION)) and all(x["status"] == PROCESSED for x in r) and r)
         samples = scrape(f"http://127.0.0.1:{port}/metrics")

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from em_platform.cryo import session_report as report
-from em_platform.cryo.session_report import FIGURES, session_plots, write_session_report
+from em_platform.cryo import session_report
+from em_platform.cryo.session_columns import NO_RULE
+from em_platform.cryo.session_figures import FIGURES, session_plots
+from em_platform.cryo.session_html import FAILED_SHOWN
+from em_platform.cryo.session_report import write_session_report
 
 FACILITY = timezone(timedelta(hours=1))  # the report's clock; the exposures carry UTC
 START = datetime(2025, 3, 14, 7, 2, 11, tzinfo=UTC)
@@ -480,7 +483,7 @@ def test_pictures_are_embedded_or_said_missing(odd):
         "accepted.tiff",
         "not_judged.tiff",
     ]
-    assert page.rules[report.NO_RULE] == 1 and sum(page.rules.values()) == 4
+    assert page.rules[NO_RULE] == 1 and sum(page.rules.values()) == 4
     assert text.count("data:image/jpeg;base64,") == 1
     assert text.count(">unreadable<") == 1 and text.count(">file missing<") == 1
     assert text.count(">no micrograph<") == 4 and text.count(">no power spectrum<") == 4
@@ -548,7 +551,7 @@ def test_a_failed_write_leaves_the_previous_report(odd, tmp_path, monkeypatch):
         path.write_bytes(b"%PDF half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(report, "_write_pdf", broken_pdf)
+    monkeypatch.setattr(session_report, "write_pdf", broken_pdf)
     with pytest.raises(OSError, match="disk full"):
         write_session_report(folder, "second", [], {}, START)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -592,7 +595,7 @@ def test_fifty_thousand_exposures(tmp_path):
     html_path = write_session_report(tmp_path, "long", rows, THRESHOLDS, now)  # its time: bench, not here
     page = Page(html_path.read_text(encoding="utf-8"))
     assert page.value("acquired") == n and page.value("failed") == failed.sum()
-    assert len(page.failed) == report.FAILED_SHOWN
+    assert len(page.failed) == FAILED_SHOWN
     assert html_path.stat().st_size < 3_000_000 and (tmp_path / "report.pdf").stat().st_size < 3_000_000
 
 
