@@ -21,7 +21,7 @@ Accuracy for both = RMS distance of the solved top-left corners from the truth a
 common translation (no tile-to-tile measurement can observe it). The machine is shared: the load
 average before and after is recorded, and CPU seconds beside wall seconds.
 
-Issue 14's parts (montages from :mod:`em_platform.stitch.synthetic`, stitched in a child process as
+Issue 14's parts (montages from :mod:`tests.stitch.synthetic`, stitched in a child process as
 ``em-platform stitch`` does with its defaults: match_tile_folder → solve_tile_folder → stitch_report),
 each under its own key of the results, with its own date, load average and ``full_size`` flag:
 
@@ -35,9 +35,9 @@ each under its own key of the results, with its own date, load average and ``ful
   matches (``estimate_lens``, as ``--estimate-lens``/``--lens``), and with the true lens (the floor).
 * ``scale_disagreement``: 50×50 tiles of 2048² whose stage is 3 % off in scale and turned 0.5° against the
   images, point matches made from the truth (50 per overlap, 1 px noise per point, 2 % wrong; no pixels,
-  :meth:`~em_platform.stitch.synthetic.HardMontage.point_matches`), on translation-only and on
+  :meth:`~tests.stitch.synthetic.HardMontage.point_matches`), on translation-only and on
   ±0.05°-rotated tiles: our translation and affine solves vs the em_stitch/BigFeta reference
-  (:mod:`em_platform.stitch.bigfeta_reference`) on the same matches: mean residual per genuine point pair
+  (:mod:`tests.stitch.bigfeta_reference`) on the same matches: mean residual per genuine point pair
   and block displacement (tile centres vs the truth, best similarity removed; and between neighbours).
 
 Errors vs truth there are per content tile, over a 3×3 grid of its pixels, with the common rotation and
@@ -386,7 +386,7 @@ def run_ashlar_layout(python: Path, folder: Path, stage: dict[str, tuple[float, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Issue 14's parts: hard conditions vs ASHLAR, a large montage, lens correction (em_platform.stitch.synthetic)
+# Issue 14's parts: hard conditions vs ASHLAR, a large montage, lens correction (tests.stitch.synthetic)
 
 PARTS = ("easy", "hard", "large", "lens", "scale_disagreement")
 HARD_DEFAULTS = {"grid": 10, "tile_px": 1024, "hard_overlap": 0.08}  # the issue's own generator: 1024² at 8 %
@@ -417,7 +417,7 @@ def _cells(n: int, cells: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int],
 def hard_config(
     n: int, tile_px: int, overlap: float, *, rotation: bool = True, lens: bool = False, seed: int = 14
 ):
-    from em_platform.stitch.synthetic import HardMontageConfig
+    from tests.stitch.synthetic import HardMontageConfig
 
     return HardMontageConfig(
         rows=n, columns=n, tile_px=tile_px, overlap=overlap, stage_error=STAGE_ERROR,
@@ -445,7 +445,7 @@ def config_facts(c) -> dict[str, Any]:
 
 def write_hard_montage(workdir: Path, config, workers: int | None):
     """Write the synthetic montage's tiles and layout under ``workdir/tiles``; the montage (truth) back."""
-    from em_platform.stitch.synthetic import make_montage
+    from tests.stitch.synthetic import make_montage
 
     montage = make_montage(config)
     t = time.perf_counter()
@@ -811,11 +811,11 @@ def _residual_summary(r: np.ndarray) -> dict[str, float]:
 
 def run_scale_disagreement(args, work: Path) -> dict[str, Any]:
     """A stage 3 % off in scale and 0.5° turned against the images: our solves vs the em_stitch/BigFeta
-    reference (:mod:`em_platform.stitch.bigfeta_reference`) on the same point matches (made from the truth
+    reference (:mod:`tests.stitch.bigfeta_reference`) on the same point matches (made from the truth
     by :meth:`HardMontage.point_matches`, no pixels), residual per point pair and block displacement."""
-    from em_platform.stitch.bigfeta_reference import EM_STITCH_AFFINE_REGULARIZATION, bigfeta_montage_solve
     from em_platform.stitch.model_choice import solve_model
-    from em_platform.stitch.synthetic import HardMontageConfig, make_montage
+    from tests.stitch.bigfeta_reference import EM_STITCH_AFFINE_REGULARIZATION, bigfeta_montage_solve
+    from tests.stitch.synthetic import HardMontageConfig, make_montage
 
     started, load_before = time.perf_counter(), os.getloadavg()
     n, size = args.sd_grid, args.sd_tile_px
@@ -915,7 +915,7 @@ def run_scale_disagreement(args, work: Path) -> dict[str, Any]:
             "matches": "made from the true transforms (HardMontage.point_matches): specimen points uniform over "
             "each overlap, seen by both tiles, Gaussian noise per point; wrong pairs = the neighbour's point "
             "elsewhere in the overlap; no pixels",
-            "reference": "em_platform.stitch.bigfeta_reference: em_stitch's RANSAC similarity filter (10 px) + "
+            "reference": "tests.stitch.bigfeta_reference: em_stitch's RANSAC similarity filter (10 px) + "
             "BigFeta's montage solve (regularised sparse normal equations, direct solve), regularisation "
             f"{EM_STITCH_AFFINE_REGULARIZATION} as em_stitch's affine_template.json; BigFeta itself cannot be "
             "installed here",

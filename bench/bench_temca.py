@@ -2,7 +2,7 @@
 
 Both solve the scope's own matcher point pairs (no pixels). Each solve runs in a fresh process (time, peak
 RSS); residuals are measured on the same pairs for every solve: the ones em_stitch's RANSAC filter keeps
-(10 px), which its BigFeta solve reports on. The reference is ``em_platform.stitch.bigfeta_reference``
+(10 px), which its BigFeta solve reports on. The reference is ``tests.stitch.bigfeta_reference``
 (em_stitch's filter + BigFeta's montage solve with its ``affine_template.json``), which reproduces the figure
 em_stitch 0.3.4 itself prints for this montage (mean residual 1.956 ± 1.051 px, run here once in a venv of
 its own; its polynomial solve: 1.517 ± 0.847 px, 36 s for both solves, 458 MiB).
@@ -52,11 +52,11 @@ def _rounded(stats: dict[str, Any]) -> dict[str, Any]:
 def child(solve: str, metafile: Path) -> dict[str, Any]:
     import numpy as np
 
-    from em_platform.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
+    from em_platform.stitch.layout import PointEdge, residual_stats
     from em_platform.stitch.lens import estimate_lens
     from em_platform.stitch.model_choice import solve_model
-    from em_platform.stitch.solve_affine import PointEdge, residual_stats
     from em_platform.stitch.temca import read_temca_metafile
+    from tests.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
 
     montage = read_temca_metafile(metafile)
     stage = {t.name: (t.x, t.y) for t in montage.tiles}

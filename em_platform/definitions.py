@@ -16,6 +16,7 @@ from em_platform.assets.ingest_public import (
 )
 from em_platform.assets.montage import lens_correction, montage, montage_layout, montage_upload
 from em_platform.assets.simulation import simulation_assets
+from em_platform.assets.simulation_evaluation import evaluation
 from em_platform.assets.storage_consistency import (
     storage_consistency,
     storage_consistency_job,
@@ -54,6 +55,7 @@ def build_definitions(resources: dict) -> dg.Definitions:
         lens_correction,
         *simulation_assets,
         *cryo_assets,
+        evaluation,
         session,
     ]
     # what the retention job keeps a run for: a partition of these that still exists, their latest materialization

@@ -3,25 +3,19 @@
 Thin: each asset finds its tilt series, calls one step of ``em_platform.cryo.processing`` and reports what
 came out as metadata (pictures inline). A bad input (missing frames, wrong gain, an mdoc that disagrees
 with its stack, a truncated file) fails only this partition, with the file and the fault named, and is
-recorded as failed in the results tables. ``simulation/evaluation`` scores a simulated series against its
-ground truth with one blocking check per figure.
+recorded as failed in the results tables. ``simulation/evaluation``, which scores a simulated series
+against its ground truth, is in :mod:`em_platform.assets.simulation_evaluation`.
 """
 
-import math
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 
 from em_platform.assets.presentation import (
-    check_result,
-    check_sentence,
     materialize_result,
     neuroglancer_link,
-    partitioned_check,
 )
-from em_platform.assets.signals import gate_blocking_checks
-from em_platform.cryo import evaluation as ev
 from em_platform.cryo import processing as proc
 from em_platform.cryo.alignment import AlignmentSettings
 from em_platform.cryo.ctf import CTFSearch
@@ -44,6 +38,7 @@ K = {
     name: dg.AssetKey(["cryo", name])
     for name in ("motion_corrected", "ctf", "tilt_alignment", "tomogram", "denoised", "thumbnails", "results")
 }
+# the key of simulation/evaluation (assets.simulation_evaluation), which cryo_job runs with these
 EVALUATION = dg.AssetKey(["simulation", "evaluation"])
 # A simulated stack's cryo partition bears its simulation partition's key (cryo.session.series_key), so the
 # simulator's output is upstream of processing and evaluation partition by partition; a microscope's series
@@ -126,7 +121,7 @@ class DenoiseConfig(dg.Config):
     method: str = DEFAULT_METHOD
 
 
-def _series_fields(ts: TiltSeries) -> dict:
+def series_fields(ts: TiltSeries) -> dict:
     return {
         "name": ts.name,
         "kind": ts.kind,
@@ -139,14 +134,14 @@ def _series_fields(ts: TiltSeries) -> dict:
     }
 
 
-def _run(context, sessions: CryoSessionsResource, catalog: CatalogResource, step):
+def run_step(context, sessions: CryoSessionsResource, catalog: CatalogResource, step):
     """Find the partition's tilt series and run ``step(ts)``; bad input fails only this partition."""
     key = context.partition_key
     results = CryoResults(catalog.url)
     ts = None
 
     def failed(error: str) -> None:  # the results tables say failed as Dagster will, with why
-        series = _series_fields(ts) if ts else {"name": key, "kind": "unknown"}
+        series = series_fields(ts) if ts else {"name": key, "kind": "unknown"}
         results.mark(key, "failed", series=series, error=error, run_id=context.run.run_id)
 
     try:
@@ -205,7 +200,7 @@ def motion_corrected(
     def step(ts: TiltSeries):
         results = CryoResults(catalog.url)
         try:
-            results.mark(ts.key, "processing", series=_series_fields(ts), run_id=context.run.run_id)
+            results.mark(ts.key, "processing", series=series_fields(ts), run_id=context.run.run_id)
         finally:
             results.dispose()
         # on the deployment's cluster when it has one (each movie a task on a worker), else here
@@ -215,7 +210,7 @@ def motion_corrected(
             ts, proc.Workspace(root, ts.key), config.settings(), client, scope, storage.cryo_live_root()
         )
 
-    ts, doc = _run(context, cryo_sessions, catalog, step)
+    ts, doc = run_step(context, cryo_sessions, catalog, step)
     tilts = doc["tilts"]
     meta = {
         "source": doc["source"],
@@ -259,7 +254,7 @@ def ctf(
         )
         return proc.estimate_ctf_series(ts, proc.Workspace(root, ts.key), scope, search)
 
-    ts, doc = _run(context, cryo_sessions, catalog, step)
+    ts, doc = run_step(context, cryo_sessions, catalog, step)
     rows = doc["tilts"]
     zero = min(rows, key=lambda r: abs(r["angle_deg"]))
     return materialize_result(
@@ -290,11 +285,11 @@ def tilt_alignment(
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
     root = storage.cryo_root()
-    ts, skip = _run(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tilt series to align"))
+    ts, skip = run_step(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tilt series to align"))
     if skip:
         return skip
     settings = AlignmentSettings(max_size=config.max_size, axis_search_deg=config.axis_search_deg)
-    _, doc = _run(
+    _, doc = run_step(
         context,
         cryo_sessions,
         catalog,
@@ -352,7 +347,7 @@ def tomogram(
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
     root = storage.cryo_root()
-    ts, skip = _run(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tomogram"))
+    ts, skip = run_step(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tomogram"))
     if skip:
         return skip
 
@@ -362,7 +357,7 @@ def tomogram(
             ts, proc.Workspace(root, ts.key), scope, config.settings(), _publish_zarr(storage, ts.key)
         )
 
-    _, doc = _run(context, cryo_sessions, catalog, step)
+    _, doc = run_step(context, cryo_sessions, catalog, step)
     out = proc.Workspace(root, ts.key).step("tomogram")
     return materialize_result(
         metadata={
@@ -395,10 +390,10 @@ def denoised(
     catalog: CatalogResource,
 ) -> dg.MaterializeResult:
     root = storage.cryo_root()
-    ts, skip = _run(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tomogram to denoise"))
+    ts, skip = run_step(context, cryo_sessions, catalog, lambda ts: _spa_skip(ts, "tomogram to denoise"))
     if skip:
         return skip
-    _, doc = _run(
+    _, doc = run_step(
         context,
         cryo_sessions,
         catalog,
@@ -439,7 +434,7 @@ def thumbnails(
                 (out / f"{ts.name}_{t.z_index:03d}.jpg").write_bytes(mrc_to_jpeg(np.asarray(data[i]), 512))
         return ws
 
-    ts, ws = _run(context, cryo_sessions, catalog, step)
+    ts, ws = run_step(context, cryo_sessions, catalog, step)
     zero = min(range(len(ts.tilts)), key=lambda i: abs(ts.tilts[i].angle_deg))
     jpg = ws.step("thumbnails") / f"{ts.name}_{ts.tilts[zero].z_index:03d}.jpg"
     meta = {
@@ -543,7 +538,7 @@ def results(
         try:
             sid = db.replace(
                 ts.key,
-                series=_series_fields(ts),
+                series=series_fields(ts),
                 movie_rows=movie_rows,
                 ctf_rows=ctf_rows,
                 alignment=alignment,
@@ -554,258 +549,8 @@ def results(
             db.dispose()
         return sid, len(movie_rows), len(ctf_rows), len(tomos)
 
-    _, (sid, nm, nc, nt) = _run(context, cryo_sessions, catalog, step)
+    _, (sid, nm, nc, nt) = run_step(context, cryo_sessions, catalog, step)
     return materialize_result(metadata={"tilt_series_id": sid, "movies": nm, "ctf": nc, "tomograms": nt})
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation against the simulator's truth
-
-CHECKS = {
-    "defocus_error": (
-        "defocus_error_pct_median",
-        "Median |defocus error| over tilts < 1 % of the true defocus.",
-    ),
-    "astigmatism_angle": (
-        "astigmatism_angle_error_deg_max",
-        "Astigmatism angle within 5° on every tilt whose true astigmatism > 500 Å.",
-    ),
-    "drift_error": ("drift_rms_error_px", "Frame drift RMS error < 0.5 px (means removed)."),
-    "shift_error": (
-        "shift_rms_error_px",
-        "Tilt-series shifts RMS error < 1 px (translation and z-offset gauge removed).",
-    ),
-    "tilt_axis_error": ("tilt_axis_error_deg", "Tilt-axis angle within 0.5° of the truth."),
-}
-
-
-# which step a failed evaluation check points at
-FIXES = {
-    "defocus_error": "CTF estimate (cryo/ctf)",
-    "astigmatism_angle": "CTF estimate's astigmatism (cryo/ctf)",
-    "drift_error": "motion correction (cryo/motion_corrected)",
-    "shift_error": "tilt-series alignment (cryo/tilt_alignment)",
-    "tilt_axis_error": "tilt-axis estimate (cryo/tilt_alignment)",
-}
-
-
-def _check_specs() -> list[dg.AssetCheckSpec]:
-    """Each check per tilt-series partition, so its result shows under the partition it scored."""
-    described = {n: d for n, (_, d) in CHECKS.items()}
-    described["fsc_better_than_unaligned"] = (
-        "FSC(0.143) resolution against the phantom is finer for the aligned tomogram than for the "
-        "nominal-geometry one."
-    )
-    described["denoise_gain"] = "Denoising raises PSNR against the noiseless reconstruction."
-    return [
-        partitioned_check(name, EVALUATION, cryo_tilt_series, description, blocking=True)
-        for name, description in described.items()
-    ]
-
-
-def _finite(v):
-    return v if v is not None and math.isfinite(v) else -1.0
-
-
-# A multi_asset only so that its checks may go unreported: a check that does not apply (no ground truth, no
-# tilt astigmatic enough to have an angle) is then "skipped" in Dagster, never "passed"; why is in the
-# materialization's `checks_not_applicable`. In group `simulation`, as its key, though cryo_job runs it.
-@dg.multi_asset(
-    name="simulation__evaluation",
-    specs=[
-        dg.AssetSpec(
-            EVALUATION,
-            deps=[K["results"], FROM_SIMULATION],
-            group_name="simulation",
-            kinds={"json"},
-            description="Every step scored against ground_truth.json and the phantom: defocus, astigmatism "
-            "angle, drift, shifts, tilt axis, tomogram FSC (0.5 / 0.143) aligned vs nominal geometry, "
-            "denoising PSNR gain.",
-        )
-    ],
-    partitions_def=cryo_tilt_series,
-    check_specs=_check_specs(),
-    can_subset=True,
-)
-@gate_blocking_checks
-def evaluation(
-    context: dg.AssetExecutionContext,
-    config: TomogramConfig,
-    cryo_sessions: CryoSessionsResource,
-    storage: StorageResource,
-    catalog: CatalogResource,
-):
-    from em_platform.simulation.truth import read_ground_truth
-
-    root = storage.cryo_root()
-
-    def step(ts: TiltSeries):
-        if ts.truth is None:
-            return None
-        scope = Microscope(ts.voltage_kV, config.cs_mm, config.amplitude_contrast)
-        return ev.evaluate(
-            ts, proc.Workspace(root, ts.key), read_ground_truth(ts.truth), scope, config.settings()
-        )
-
-    ts, fig = _run(context, cryo_sessions, catalog, step)
-    if fig is None:
-        # a real session in a backfill of cryo_job (the sensor never asks): nothing to score, and the
-        # processing's status in the results tables stays as it is
-        reason = f"{ts.key} has no ground_truth.json beside its mdoc: nothing to score against"
-        every = [*CHECKS, "fsc_better_than_unaligned", "denoise_gain"]
-        yield materialize_result(
-            metadata={
-                "skipped": reason,
-                "checks_not_applicable": dg.MetadataValue.json(dict.fromkeys(every, reason)),
-            }
-        )
-        return  # no check result: each check is "skipped"
-    flat = {k: v for k, v in fig.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    every = _check_results(fig)
-    checks = [c for c in every if "not_applicable" not in c.metadata]
-    yield materialize_result(
-        metadata={
-            **{k: _finite(v) for k, v in flat.items()},
-            "figures": dg.MetadataValue.json(_jsonable(fig)),
-            "checks_not_applicable": dg.MetadataValue.json(
-                {c.check_name: c.metadata["not_applicable"].value for c in every if c not in checks}
-            ),
-        }
-    )
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        # the run fails on these blocking checks: the results tables say so too, with the figures
-        results = CryoResults(catalog.url)
-        try:
-            results.mark(
-                ts.key,
-                "failed",
-                series=_series_fields(ts),
-                error="blocking checks failed against ground_truth.json: "
-                + "; ".join(_check_text(c) for c in failed),
-                run_id=context.run.run_id,
-            )
-        finally:
-            results.dispose()
-    yield from checks
-
-
-def _check_results(fig: dict) -> list[dg.AssetCheckResult]:
-    out = []
-    for name, (figure, _) in CHECKS.items():
-        value, limit = fig.get(figure), ev.THRESHOLDS[figure]
-        metadata = {"value": _finite(value), "limit": limit, "figure": figure}
-        if figure.startswith("astigmatism") and fig.get("astigmatic_tilts") == 0:
-            # the truth has no tilt astigmatic enough (> 500 Å) for its angle to mean anything
-            metadata["not_applicable"] = f"no tilt with astigmatism > {ev.ASTIGMATISM_MIN_A:.0f} Å"
-            out.append(
-                check_result(
-                    check_name=name,
-                    passed=True,
-                    description=f"Not applicable: {metadata['not_applicable']} in the ground truth.",
-                    metadata=metadata,
-                )
-            )
-            continue
-        passed = value is not None and math.isfinite(value) and value < limit
-        shown = f"{value:.3g}" if value is not None and math.isfinite(value) else "not measured"
-        description = check_sentence(
-            f"{figure} = {shown}, measured against ground_truth.json",
-            f"< {limit:g}",
-            passed,
-            f"the {FIXES[name]} disagrees with the simulation's truth: look at the per-tilt figures in this "
-            "asset's `figures`, and at the step's own asset, before trusting its output",
-        )
-        out.append(check_result(check_name=name, passed=passed, description=description, metadata=metadata))
-    out.append(_fsc_check(fig))
-    gain = fig.get("denoise", {}).get("psnr_gain_dB")
-    out.append(
-        check_result(
-            check_name="denoise_gain",
-            passed=gain is not None and gain > 0,
-            description=check_sentence(
-                f"denoising changed the PSNR against the phantom by {gain:+.2f} dB"
-                if gain is not None
-                else "the PSNR gain of the denoising was not measured",
-                "> 0 dB",
-                gain is not None and gain > 0,
-                "the denoised tomogram is no closer to the truth than the raw one: check cryo/denoised's "
-                "method and settings",
-            ),
-            metadata={"psnr_gain_dB": _finite(gain), "limit_dB": 0.0},
-        )
-    )
-    return out
-
-
-def _check_text(check: dg.AssetCheckResult) -> str:
-    """``name (key value, ...)`` from a check's numbers."""
-    numbers = ", ".join(
-        f"{k} {v.value:.3g}" if isinstance(v.value, float) else f"{k} {v.value}"
-        for k, v in check.metadata.items()
-        if isinstance(getattr(v, "value", None), int | float)
-    )
-    return f"{check.check_name} ({numbers})"
-
-
-def _fsc_check(fig: dict) -> dg.AssetCheckResult:
-    """Aligned finer than unaligned at FSC 0.143, else at 0.5. A small stack's two tomograms can both stay
-    above 0.143 up to the grid's Nyquist limit, where the resolution is the same number for both: then the
-    0.5 threshold decides, and when it ties too the check cannot tell them apart (passed, not applicable)."""
-    a, u = fig.get("fsc_0.143_aligned_A"), fig.get("fsc_0.143_unaligned_A")
-    metadata = {"aligned_A": _finite(a), "unaligned_A": _finite(u)}
-    fix = "alignment did not improve the tomogram: check cryo/tilt_alignment's fiducials and residuals"
-    if a is None or u is None or a != u:
-        passed = a is not None and u is not None and a < u
-        return check_result(
-            check_name="fsc_better_than_unaligned",
-            passed=passed,
-            description=check_sentence(
-                f"resolution at FSC 0.143: aligned {_angstrom(a)}, nominal geometry {_angstrom(u)}",
-                "aligned finer",
-                passed,
-                fix,
-            ),
-            metadata=metadata,
-        )
-    a5, u5 = fig.get("fsc_0.5_aligned_A"), fig.get("fsc_0.5_unaligned_A")
-    metadata.update(aligned_fsc_0_5_A=_finite(a5), unaligned_fsc_0_5_A=_finite(u5))
-    if a5 is not None and u5 is not None and a5 != u5:
-        return check_result(
-            check_name="fsc_better_than_unaligned",
-            passed=a5 < u5,
-            description=check_sentence(
-                f"both resolve to {a:.1f} Å at FSC 0.143; at FSC 0.5: aligned {_angstrom(a5)}, nominal "
-                f"geometry {_angstrom(u5)}",
-                "aligned finer",
-                a5 < u5,
-                fix,
-            ),
-            metadata=metadata,
-        )
-    metadata["not_applicable"] = (
-        f"both tomograms resolve to {a:.1f} Å at FSC 0.143 and 0.5 (the grid's limit)"
-    )
-    return check_result(
-        check_name="fsc_better_than_unaligned",
-        passed=True,
-        description=f"Not applicable: {metadata['not_applicable']}.",
-        metadata=metadata,
-    )
-
-
-def _angstrom(value) -> str:
-    return f"{value:.1f} Å" if value is not None and math.isfinite(value) else "not measured"
-
-
-def _jsonable(doc):
-    if isinstance(doc, dict):
-        return {k: _jsonable(v) for k, v in doc.items() if k != "curve"}
-    if isinstance(doc, list):
-        return [_jsonable(v) for v in doc]
-    if isinstance(doc, float) and not math.isfinite(doc):
-        return str(doc)
-    return doc
-
-
-cryo_assets = [motion_corrected, ctf, tilt_alignment, tomogram, denoised, thumbnails, results, evaluation]
+cryo_assets = [motion_corrected, ctf, tilt_alignment, tomogram, denoised, thumbnails, results]

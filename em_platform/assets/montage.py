@@ -56,10 +56,11 @@ from em_platform.stitch.montage_layout import (
 )
 from em_platform.stitch.previews import focus_map_png, minimap_png
 from em_platform.stitch.seams import SEAM_LIMIT_PX, seams_beyond
-from em_platform.tem.archive import FUSED, FUSED_INFO, LAYOUT, archive_montage
-from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
+from em_platform.tem.archive import archive_montage
+from em_platform.tem.buffer_layout import MontageBuffer
 from em_platform.tem.protocol import buffer_status
 from em_platform.tem.qc import BLANK, NO_TISSUE
+from em_platform.tem.stitch_inputs import grid_tiles
 
 LAYOUT_KEY, MONTAGE_KEY, UPLOAD_KEY, LENS_KEY = (
     dg.AssetKey(k) for k in ("montage_layout", "montage", "montage_upload", "lens_correction")
@@ -135,7 +136,7 @@ def _scope_dir(scope: str) -> str:
 def _processed(hardware: AcquisitionHardware, storage: StorageResource, montage_id: str):
     """The montage's processed tiles (journal rows) and their (height, width) in the buffer."""
     buffer = storage.buffer()
-    group = ZarrTileGroup(buffer.to_url(buffer.path(montage_id, PROCESSED_DIR)))
+    group = ZarrTileGroup(buffer.to_url(MontageBuffer(buffer.path(montage_id)).processed_tiles))
     tiles = [t for t in hardware.tiles(montage_id) if not t.is_reference and t.status == "processed"]
     shapes = {(t.row, t.column): tuple(group.tile_info(array_name(t.row, t.column)).shape) for t in tiles}
     return tiles, shapes
@@ -189,7 +190,7 @@ def _scope_matches(config: MontageLayoutConfig, storage: StorageResource, tiles)
     store = storage.store()  # a file on the storage root's S3 needs its endpoint and credentials
     options = store.storage_options if source.startswith("s3://") else {}
     try:
-        return scope_point_edges(read_point_matches(source, storage_options=options), tiles)
+        return scope_point_edges(read_point_matches(source, storage_options=options), grid_tiles(tiles))
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"matches {source!r}: {exc}; give the path or URL of a render point-match collection whose "
@@ -232,7 +233,7 @@ def montage_layout(
     started = time.monotonic()
     result = solve_montage(
         montage_id,
-        tiles,
+        grid_tiles(tiles),
         shapes,
         pixel_size,
         model=config.model,
@@ -242,7 +243,7 @@ def montage_layout(
         point_edges=scope_edges,
     )
     seconds = time.monotonic() - started
-    buffer.write_bytes(buffer.path(montage_id, LAYOUT), dumps(result))
+    buffer.write_bytes(MontageBuffer(buffer.path(montage_id)).layout, dumps(result))
     qc = result.qc
     context.log.info(
         "montage %s: %d tiles solved from %d matches (%d rejected) in %.2f s; RMS residual %.3f px",
@@ -267,7 +268,9 @@ def montage_layout(
             ),
             "solve_seconds": round(seconds, 3),
             # where it lives once montage_upload has run (the buffer copy is freed then)
-            "path": dg.MetadataValue.path(storage.store().url("acquisition", montage_id, LAYOUT)),
+            "path": dg.MetadataValue.path(
+                MontageBuffer(storage.store().url("acquisition", montage_id)).layout
+            ),
             "rejected": dg.MetadataValue.json(
                 [
                     {"tile": list(a), "neighbour": list(b), "residual_px": round(r, 2)}
@@ -360,7 +363,7 @@ def lens_correction(
         order = parse_lens_order(config.order)
     except ValueError as exc:
         raise dg.Failure(f"lens_correction: {exc}") from exc
-    fit = estimate_montage_lens(tiles, shapes, order=order)
+    fit = estimate_montage_lens(grid_tiles(tiles), shapes, order=order)
     summary = fit.summary()
     doc = {**fit.model.to_dict(), "fit": summary, "scope": scope, "montage_id": montage_id}
     store = storage.store()
@@ -427,15 +430,16 @@ def montage(
 ) -> dg.MaterializeResult:
     montage_id = context.partition_key
     buffer = storage.buffer()
-    layout = json.loads(Path(buffer.path(montage_id, LAYOUT)).read_text())
-    tiles = ZarrTileGroup(buffer.to_url(buffer.path(montage_id, PROCESSED_DIR)))
+    folder = MontageBuffer(buffer.path(montage_id))
+    layout = json.loads(Path(folder.layout).read_text())
+    tiles = ZarrTileGroup(buffer.to_url(folder.processed_tiles))
     pixel_size, _ = _pixel_size(hardware, montage_id)
     if not pixel_size:
         raise ValueError(
             f"montage {montage_id}: no pixel size (no montage.complete with one, and none configured); "
             "set EM_SCOPE_PIXEL_SIZE_NM to the scope's calibration"
         )
-    final = buffer.path(montage_id, FUSED)
+    final = folder.fused
     staging = buffer.staging_path(final)
     placed, lens = placed_tiles(layout), layout_lens(layout)
     started = time.monotonic()
@@ -457,7 +461,7 @@ def montage(
         raise
     seconds = time.monotonic() - started
     doc = {**fused.to_dict(), "url": buffer.to_url(final), "seconds": round(seconds, 3)}
-    buffer.write_bytes(buffer.path(montage_id, FUSED_INFO), json.dumps(doc, indent=1).encode())
+    buffer.write_bytes(folder.fused_info, json.dumps(doc, indent=1).encode())
     journal_tiles = [t for t in hardware.tiles(montage_id) if not t.is_reference]
     # tiles QC failed are placed by the stage and judged by their own checks, as in disconnected_tiles
     started = time.monotonic()
@@ -472,7 +476,7 @@ def montage(
     rows = max((r for r, _ in focus), default=-1) + 1
     cols = max((c for _, c in focus), default=-1) + 1
     mpix = fused.shape[0] * fused.shape[1] / 1e6
-    stored = storage.store().url("acquisition", montage_id, FUSED)  # once montage_upload has run
+    stored = MontageBuffer(storage.store().url("acquisition", montage_id)).fused  # after montage_upload
     return materialize_result(
         metadata={
             # where it lives once montage_upload has run (the buffer copy is freed then) ...
@@ -645,13 +649,13 @@ def montage_upload(
         retry_on_outage(context, exc, storage)  # the upload resumes: verified objects are kept
         raise
     up = result.upload
-    stored = store.url("acquisition", montage_id, FUSED)
+    archived = MontageBuffer(store.url("acquisition", montage_id))
     return materialize_result(
         metadata={
-            "url": dg.MetadataValue.path(store.url("acquisition", montage_id)),
-            "montage": dg.MetadataValue.path(stored),
-            **neuroglancer_link(storage, stored, context.log),
-            "processed_tiles": dg.MetadataValue.path(store.url("acquisition", montage_id, PROCESSED_DIR)),
+            "url": dg.MetadataValue.path(archived.folder),
+            "montage": dg.MetadataValue.path(archived.fused),
+            **neuroglancer_link(storage, archived.fused, context.log),
+            "processed_tiles": dg.MetadataValue.path(archived.processed_tiles),
             "objects": up.objects,
             "sent": len(up.sent),
             "already_there": len(up.skipped),

@@ -14,6 +14,9 @@ Figures (and the gauge each one removes, because the truth and the estimate may 
   nominal geometry (no shifts, nominal axis) — alignment must make it better.
 - Denoising: PSNR gain of the denoised tomogram over the plain one, both against the reconstruction of the
   noiseless stack through the same geometry (an affine intensity match first; see ``matched_psnr``).
+
+The figures are judged by one blocking check each (:func:`check_verdicts`): a check that cannot tell (no
+tilt astigmatic enough, two tomograms at the grid's limit) says so instead of passing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -297,3 +301,154 @@ def evaluate(
     with ws.staged("evaluation") as out:
         proc._dump(out / "evaluation.json", figures)
     return figures
+
+
+# ---------------------------------------------------------------------------------------------------
+# The blocking checks: one per figure
+
+# check name -> (figure, what it demands)
+CHECKS = {
+    "defocus_error": (
+        "defocus_error_pct_median",
+        "Median |defocus error| over tilts < 1 % of the true defocus.",
+    ),
+    "astigmatism_angle": (
+        "astigmatism_angle_error_deg_max",
+        "Astigmatism angle within 5° on every tilt whose true astigmatism > 500 Å.",
+    ),
+    "drift_error": ("drift_rms_error_px", "Frame drift RMS error < 0.5 px (means removed)."),
+    "shift_error": (
+        "shift_rms_error_px",
+        "Tilt-series shifts RMS error < 1 px (translation and z-offset gauge removed).",
+    ),
+    "tilt_axis_error": ("tilt_axis_error_deg", "Tilt-axis angle within 0.5° of the truth."),
+}
+
+# which step a failed check points at
+FIXES = {
+    "defocus_error": "CTF estimate (cryo/ctf)",
+    "astigmatism_angle": "CTF estimate's astigmatism (cryo/ctf)",
+    "drift_error": "motion correction (cryo/motion_corrected)",
+    "shift_error": "tilt-series alignment (cryo/tilt_alignment)",
+    "tilt_axis_error": "tilt-axis estimate (cryo/tilt_alignment)",
+}
+
+# every check, with what it demands
+CHECK_DESCRIPTIONS = {
+    **{name: demand for name, (_, demand) in CHECKS.items()},
+    "fsc_better_than_unaligned": "FSC(0.143) resolution against the phantom is finer for the aligned "
+    "tomogram than for the nominal-geometry one.",
+    "denoise_gain": "Denoising raises PSNR against the noiseless reconstruction.",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckVerdict:
+    """One check's outcome, in words a check result shows: ``measured`` against ``limit`` and, failed, the
+    ``fix``; or, when the check cannot tell (``metadata["not_applicable"]`` says why), ``description``."""
+
+    name: str
+    passed: bool
+    metadata: dict[str, Any]
+    measured: str = ""
+    limit: str = ""
+    fix: str = ""
+    description: str | None = None
+
+    @property
+    def applicable(self) -> bool:
+        return "not_applicable" not in self.metadata
+
+
+def finite(value: float | None) -> float:
+    """A figure as a number to report: -1 when it was not measured (None, NaN or infinite)."""
+    return value if value is not None and math.isfinite(value) else -1.0
+
+
+def check_verdicts(fig: dict) -> list[CheckVerdict]:
+    """Every check of one tilt series' figures (:func:`evaluate`), in the order of
+    :data:`CHECK_DESCRIPTIONS`."""
+    out = []
+    for name, (figure, _) in CHECKS.items():
+        value, limit = fig.get(figure), THRESHOLDS[figure]
+        metadata: dict[str, Any] = {"value": finite(value), "limit": limit, "figure": figure}
+        if figure.startswith("astigmatism") and fig.get("astigmatic_tilts") == 0:
+            # the truth has no tilt astigmatic enough (> 500 Å) for its angle to mean anything
+            metadata["not_applicable"] = f"no tilt with astigmatism > {ASTIGMATISM_MIN_A:.0f} Å"
+            out.append(
+                CheckVerdict(
+                    name,
+                    True,
+                    metadata,
+                    description=f"Not applicable: {metadata['not_applicable']} in the ground truth.",
+                )
+            )
+            continue
+        passed = value is not None and math.isfinite(value) and value < limit
+        shown = f"{value:.3g}" if value is not None and math.isfinite(value) else "not measured"
+        out.append(
+            CheckVerdict(
+                name,
+                passed,
+                metadata,
+                measured=f"{figure} = {shown}, measured against ground_truth.json",
+                limit=f"< {limit:g}",
+                fix=f"the {FIXES[name]} disagrees with the simulation's truth: look at the per-tilt figures "
+                "in this asset's `figures`, and at the step's own asset, before trusting its output",
+            )
+        )
+    out.append(fsc_check(fig))
+    gain = fig.get("denoise", {}).get("psnr_gain_dB")
+    out.append(
+        CheckVerdict(
+            "denoise_gain",
+            gain is not None and gain > 0,
+            {"psnr_gain_dB": finite(gain), "limit_dB": 0.0},
+            measured=f"denoising changed the PSNR against the phantom by {gain:+.2f} dB"
+            if gain is not None
+            else "the PSNR gain of the denoising was not measured",
+            limit="> 0 dB",
+            fix="the denoised tomogram is no closer to the truth than the raw one: check cryo/denoised's "
+            "method and settings",
+        )
+    )
+    return out
+
+
+def fsc_check(fig: dict) -> CheckVerdict:
+    """Aligned finer than unaligned at FSC 0.143, else at 0.5. A small stack's two tomograms can both stay
+    above 0.143 up to the grid's Nyquist limit, where the resolution is the same number for both: then the
+    0.5 threshold decides, and when it ties too the check cannot tell them apart (passed, not applicable)."""
+    name = "fsc_better_than_unaligned"
+    a, u = fig.get("fsc_0.143_aligned_A"), fig.get("fsc_0.143_unaligned_A")
+    metadata: dict[str, Any] = {"aligned_A": finite(a), "unaligned_A": finite(u)}
+    fix = "alignment did not improve the tomogram: check cryo/tilt_alignment's fiducials and residuals"
+    if a is None or u is None or a != u:
+        return CheckVerdict(
+            name,
+            a is not None and u is not None and a < u,
+            metadata,
+            measured=f"resolution at FSC 0.143: aligned {_angstrom(a)}, nominal geometry {_angstrom(u)}",
+            limit="aligned finer",
+            fix=fix,
+        )
+    a5, u5 = fig.get("fsc_0.5_aligned_A"), fig.get("fsc_0.5_unaligned_A")
+    metadata.update(aligned_fsc_0_5_A=finite(a5), unaligned_fsc_0_5_A=finite(u5))
+    if a5 is not None and u5 is not None and a5 != u5:
+        return CheckVerdict(
+            name,
+            a5 < u5,
+            metadata,
+            measured=f"both resolve to {a:.1f} Å at FSC 0.143; at FSC 0.5: aligned {_angstrom(a5)}, nominal "
+            f"geometry {_angstrom(u5)}",
+            limit="aligned finer",
+            fix=fix,
+        )
+    metadata["not_applicable"] = (
+        f"both tomograms resolve to {a:.1f} Å at FSC 0.143 and 0.5 (the grid's limit)"
+    )
+    return CheckVerdict(name, True, metadata, description=f"Not applicable: {metadata['not_applicable']}.")
+
+
+def _angstrom(value) -> str:
+    return f"{value:.1f} Å" if value is not None and math.isfinite(value) else "not measured"

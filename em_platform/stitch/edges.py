@@ -1,11 +1,12 @@
-"""From the acquisition journal to the montage solve: neighbour matches as solver edges, stage readings as
-prior positions, and solved positions against a simulator's ground truth.
+"""From acquired tiles to the montage solve: neighbour matches as solver edges, stage readings as prior
+positions, and solved positions against a simulator's ground truth.
 
-Tiles are named by their grid position ``(row, column)``, which is how matches name their neighbours.
-Positions are top-left corners in pixels, x to the right and y down.
+Tiles (:class:`~em_platform.stitch.grid.GridTile`, one per grid position) are named by their grid position
+``(row, column)``, which is how matches name their neighbours. Positions are top-left corners in pixels,
+x to the right and y down.
 
-A tile's journal row holds the matches live processing found against its top and left neighbours
-(``results["matches"]["top"|"left"]``: TEM_comms ``Match`` fields). ``dX, dY`` there are measured from
+A tile holds the matches live processing found against its top and left neighbours
+(``matches["top"|"left"]``: TEM_comms ``Match`` fields). ``dX, dY`` there are measured from
 the *nominal* place (:mod:`em_platform.stitch.matching`): a left neighbour's width minus the overlap to the
 right of it, a top neighbour's height minus the overlap below it. The solver wants the whole offset
 ``position(tile) − position(neighbour)``, so the nominal step is added back here, with the tile's own
@@ -48,30 +49,36 @@ __all__ = [
 ]
 
 
-def _montage_tiles(tiles: Iterable[GridTile]) -> list[GridTile]:
-    """The montage's own tiles (no brightfield/darkfield reference frames), one per grid position: the
-    last to arrive, as live processing keeps a re-taken tile rather than the one it replaces."""
-    latest = {(t.row, t.column): t for t in sorted(tiles, key=lambda t: t.seq) if not t.is_reference}
-    return list(latest.values())
+def _one_per_position(tiles: Iterable[GridTile]) -> list[GridTile]:
+    """The tiles, checked to hold one per grid position (a re-taken tile is the take that counts)."""
+    seen: dict[GridPosition, str] = {}
+    out = list(tiles)
+    for t in out:
+        first = seen.setdefault((t.row, t.column), t.tile_id)
+        if first != t.tile_id:
+            raise ValueError(
+                f"tiles {first} and {t.tile_id} are both at row {t.row}, column {t.column}: pass one tile "
+                "per grid position (the take that counts)"
+            )
+    return out
 
 
 def match_edges(tiles: Iterable[GridTile], shapes: Mapping[GridPosition, Shape]) -> list[Edge]:
-    """Every match recorded in the tiles' results as an :class:`Edge` (``position(tile) −
+    """Every match of the tiles as an :class:`Edge` (``position(tile) −
     position(neighbour)``, px), weighted by its quality (the fraction of strip patches that agreed).
 
     ``shapes`` are the processed tiles' (height, width) by grid position: a neighbour's width (height)
-    sets the nominal step to its right (below it). A tile without results (not processed, failed) has no
+    sets the nominal step to its right (below it). A tile without matches (not processed, failed) has no
     edges; a match that names a neighbour without a shape, or lacks its offsets, is an error.
     """
     edges = []
-    for t in _montage_tiles(tiles):
-        matches = (t.results or {}).get("matches") or {}
-        for position, m in sorted(matches.items()):
+    for t in _one_per_position(tiles):
+        for position, m in sorted(t.matches.items()):
             where = f"tile {t.tile_id} (row {t.row}, column {t.column}), {position} match"
             if position not in NEIGHBOURS:
                 raise ValueError(f"{where}: position must be 'top' or 'left'")
             if not isinstance(m, Mapping) or not {"dX", "dY"} <= m.keys():
-                raise ValueError(f"{where}: no dX/dY in {m!r}; the journal's results are not matches")
+                raise ValueError(f"{where}: no dX/dY in {m!r}; these are not matches")
             expected = neighbour_of(t.row, t.column, position)
             neighbour = (int(m.get("row", expected[0])), int(m.get("column", expected[1])))
             if neighbour != expected:
@@ -80,7 +87,7 @@ def match_edges(tiles: Iterable[GridTile], shapes: Mapping[GridPosition, Shape])
                 raise KeyError(
                     f"{where}: no shape for the neighbour at row {neighbour[0]}, column {neighbour[1]}"
                 )
-            dx, dy = from_nominal(float(m["dX"]), float(m["dY"]), shapes[neighbour], t.overlap or 0, position)
+            dx, dy = from_nominal(float(m["dX"]), float(m["dY"]), shapes[neighbour], t.overlap, position)
             edges.append(Edge((t.row, t.column), neighbour, dx, dy, float(m.get("quality", 1.0))))
     return edges
 
@@ -104,7 +111,7 @@ def stage_positions(
             f"pixel_size_nm must be positive to turn stage positions into pixels, got {pixel_size_nm!r}"
         )
     out = {}
-    for t in _montage_tiles(tiles):
+    for t in _one_per_position(tiles):
         key = (t.row, t.column)
         if key not in shapes:
             continue
@@ -125,10 +132,10 @@ def nominal_positions(
     """The nominal grid as a prior (px): column × (width − overlap), row × (height − overlap) of each tile
     in ``shapes``, for tiles of one size. A montage without stage positions is solved from it."""
     out = {}
-    for t in _montage_tiles(tiles):
+    for t in _one_per_position(tiles):
         key = (t.row, t.column)
         if key in shapes:
-            out[key] = nominal_grid_position(t.row, t.column, shapes[key], t.overlap or 0)
+            out[key] = nominal_grid_position(t.row, t.column, shapes[key], t.overlap)
     return out
 
 

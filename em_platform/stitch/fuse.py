@@ -50,7 +50,7 @@ __all__ = [
     "TiffTileFolder",
     "TileInfo",
     "TileNotFound",
-    "TileSource",
+    "TilePixels",
     "ZarrTileGroup",
     "fuse_montage",
 ]
@@ -61,7 +61,7 @@ PYRAMID_MIN_SIZE = 256  # passed to the writer, and used here to predict its blo
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tiles and tile sources
+# Tiles and where their pixels are read
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,10 @@ class TileInfo(NamedTuple):
 
 
 class TileNotFound(LookupError):
-    """A tile id the tile source does not hold."""
+    """A tile id the tiles' pixels (:class:`TilePixels`) do not hold."""
 
 
-class TileSource(Protocol):
+class TilePixels(Protocol):
     """Where the fusion reads tile pixels; must pickle (Dask sends it to workers) and open lazily."""
 
     def tile_info(self, tile_id: str) -> TileInfo:
@@ -330,7 +330,7 @@ class _Piece(NamedTuple):
     pixels: np.ndarray
 
 
-def _read_piece(plan: _BlockPlan, t: _Placed, source: TileSource) -> _Piece:
+def _read_piece(plan: _BlockPlan, t: _Placed, source: TilePixels) -> _Piece:
     y0, y1 = max(t.y, plan.y0) - plan.y0, min(t.y + t.height, plan.y1) - plan.y0
     x0, x1 = max(t.x, plan.x0) - plan.x0, min(t.x + t.width, plan.x1) - plan.x0
     ty, tx = y0 + plan.y0 - t.y, x0 + plan.x0 - t.x
@@ -368,7 +368,7 @@ def _blend(out: np.ndarray, y0: int, y1: int, x0: int, x1: int, pieces: list[_Pi
     out[y0:y1, x0:x1] = total
 
 
-def _fuse_resampled(plan: _BlockPlan, source: TileSource) -> np.ndarray:
+def _fuse_resampled(plan: _BlockPlan, source: TilePixels) -> np.ndarray:
     """A block where tiles are rotated, scaled or lens-corrected: every tile resampled (bicubic) at the
     tile pixel each output pixel shows, then the feather-weighted mean as for pasted tiles."""
     import cv2
@@ -425,7 +425,7 @@ def _fuse_resampled(plan: _BlockPlan, source: TileSource) -> np.ndarray:
     return out
 
 
-def fuse_block(plan: _BlockPlan, source: TileSource) -> np.ndarray:
+def fuse_block(plan: _BlockPlan, source: TilePixels) -> np.ndarray:
     """One output block: the feather-weighted mean of the tile regions that cover it, 0 elsewhere.
 
     Every tile region is pasted as it is, so a pixel only one tile covers is that tile's pixel by
@@ -496,7 +496,7 @@ def _check_tiles(tiles: Sequence[PlacedTile]) -> None:
                 raise ValueError(f"tile {t.tile_id!r}: {name} must be a positive integer, got {v!r}")
 
 
-def _check_sources(tiles: Sequence[PlacedTile], source: TileSource) -> np.dtype:
+def _check_sources(tiles: Sequence[PlacedTile], source: TilePixels) -> np.dtype:
     """Every tile exists with its placed shape and all share one dtype (checked in parallel: on S3 each
     check is a round trip)."""
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -569,7 +569,7 @@ def _edges(n: int, side: int) -> list[int]:
 
 def fuse_montage(
     tiles: Sequence[PlacedTile],
-    source: TileSource,
+    source: TilePixels,
     url: str,
     *,
     pixel_size_nm: float,

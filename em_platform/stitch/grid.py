@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 __all__ = [
     "NEIGHBOURS",
@@ -48,20 +49,19 @@ OPPOSITE: Mapping[str, Side] = {"top": "bottom", "left": "right", "bottom": "top
 """The neighbour's side that meets a tile's side."""
 
 
-class GridTile(Protocol):
-    """What stitching reads of an acquired tile (the acquisition journal's tile rows satisfy it)."""
+@dataclass(frozen=True)
+class GridTile:
+    """What stitching reads of an acquired tile: one per grid position, with the matches live processing
+    found against its top and left neighbours (``matches["top"|"left"]``: TEM_comms ``Match`` fields).
+    Acquisition turns its journal rows into these (:mod:`em_platform.tem.stitch_inputs`)."""
 
     tile_id: str
-    seq: int
     row: int
     column: int
-    overlap: int | None
-    stage_x_nm: int | None
-    stage_y_nm: int | None
-    results: dict[str, Any] | None
-
-    @property
-    def is_reference(self) -> bool: ...
+    overlap: int = 0  # px: what the tile's ``tile.raw`` said and what it was matched with
+    stage_x_nm: float | None = None  # the field of view's centre (TEM_comms), None when the scope sends none
+    stage_y_nm: float | None = None
+    matches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def neighbour_of(row: int, column: int, position: str) -> GridPosition:

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from em_platform.stitch.layout import PointEdge
 from em_platform.stitch.lens import LensModel
-from em_platform.stitch.solve_affine import PointEdge
 
 __all__ = ["MatchFileError", "read_point_matches", "tilespecs", "write_point_matches"]
 

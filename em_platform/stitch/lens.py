@@ -5,7 +5,7 @@ pixel ``x``; the correction maps back: ``u = x + D(x)``, with ``D`` a polynomial
 normalised coordinates ``ξ = (x − c) / s`` (``c`` the tile centre, ``s`` half the longer side), each
 coefficient in pixels. Constant and linear terms are left out: they are a tile's own translation and
 linear map, which the montage solve owns (em_stitch's mesh lens correction likewise fixes them by its
-regularisation; seed-systems.md §1.4).
+regularisation; docs/seed-systems.md §1.4).
 
 Estimation (:func:`estimate_lens`): every matched point pair ``(p, q)`` of two tiles says ``R_tile (p +
 D(p) − c) + t_tile = R_neighbour (q + D(q) − c) + t_neighbour`` (a rigid transform per tile about its

@@ -1,7 +1,7 @@
 """Neighbour matching: where a tile really sits relative to its top or left neighbour.
 
 The Allen TEM_graph MatcherNode template-matches each new tile against its already-acquired top and
-left neighbours and sends one TEM_comms ``tile.Match`` per neighbour (reference/seed-systems.md §1.2).
+left neighbours and sends one TEM_comms ``tile.Match`` per neighbour (docs/seed-systems.md §1.2).
 This module does the same on the CPU with OpenCV:
 
 * **Patches.** ``n_patches`` (default 5) templates of up to ``patch_px`` × ``patch_px`` (384 px; less

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from em_platform.stitch.layout import TileId
-from em_platform.stitch.solve_affine import Model, PointEdge, TransformLayout, solve_transforms
+from em_platform.stitch.layout import Model, PointEdge, TileId, TransformLayout
+from em_platform.stitch.solve_affine import solve_transforms
 
 __all__ = ["CHAIN", "PARAMETERS", "Requested", "solve_auto", "solve_model"]
 

@@ -1,4 +1,4 @@
-"""A montage's layout from its acquisition journal: the solve, its QC, and the file the fusion reads.
+"""A montage's layout from its acquired tiles: the solve, its QC, and the file the fusion reads.
 
 Live processing leaves each tile's matches (against its top and left neighbours) in the journal and its
 processed pixels in ``processed_tiles.zarr`` (one array per tile, named by grid position). This module
@@ -36,13 +36,12 @@ import numpy as np
 
 from em_platform.stitch.edges import match_edges, nominal_positions, stage_positions
 from em_platform.stitch.grid import GridPosition, GridTile, array_name, neighbour_of
-from em_platform.stitch.layout import Layout
+from em_platform.stitch.layout import Layout, Model, PointEdge
 from em_platform.stitch.layout_qc import SEAM_PX, LayoutQC, layout_qc
 from em_platform.stitch.lens import LensFit, LensModel, estimate_lens
 from em_platform.stitch.model_choice import Requested, solve_model
 from em_platform.stitch.seams import SeamMeasure, measure_source_seams
 from em_platform.stitch.solve import solve_translations
-from em_platform.stitch.solve_affine import Model, PointEdge
 
 # ``transform`` and ``lens`` were added to version 1: readers of x/y read it as before
 LAYOUT_FORMAT = "em_platform/montage-layout/1"
@@ -140,12 +139,12 @@ def solve_montage(
     lens: LensModel | None = None,
     point_edges: Iterable[PointEdge] | None = None,
 ) -> MontageLayout:
-    """Solve the positions of the tiles in ``shapes`` (the processed ones) from the journal's matches, or
+    """Solve the positions of the tiles in ``shapes`` (the processed ones) from their matches, or
     from ``point_edges`` where the scope provides its own (keyed by grid position: :func:`scope_point_edges`).
 
     With a ``lens`` correction (not the identity) the matched patch centres are corrected first and solved
     as point pairs for every model; the lens must be for tiles of the montage's size (ValueError)."""
-    tiles = [t for t in tiles if not t.is_reference and (t.row, t.column) in shapes]
+    tiles = [t for t in tiles if (t.row, t.column) in shapes]
     if not tiles:
         raise ValueError(f"montage {montage_id}: no processed tile to lay out")
     if lens is not None and lens.is_identity():
@@ -206,11 +205,11 @@ def solve_montage(
 def estimate_montage_lens(
     tiles: Iterable[GridTile], shapes: Mapping[GridPosition, tuple[int, int]], *, order: int | str = "auto"
 ) -> LensFit:
-    """The scope's lens correction from one montage's journal matches (the matched patch centres of the
+    """The scope's lens correction from one montage's matches (the matched patch centres of the
     processed tiles in ``shapes``, which must all have one size): :func:`~em_platform.stitch.lens.estimate_lens`.
     Best from a calibration montage with plenty of texture in every overlap; raises ValueError when there
     are too few point pairs."""
-    tiles = [t for t in tiles if not t.is_reference and (t.row, t.column) in shapes]
+    tiles = [t for t in tiles if (t.row, t.column) in shapes]
     sizes = {(w, h) for h, w in shapes.values()}
     if len(sizes) != 1:
         raise ValueError(f"a lens correction needs tiles of one size, found {sorted(sizes)}")
@@ -224,10 +223,10 @@ def _rounded(m: np.ndarray) -> list[list[float]]:
 
 
 def match_point_edges(tiles: Iterable[GridTile]) -> list[PointEdge]:
-    """The matched patch centres of every journal match: tile point (pX, pY) = neighbour point (qX, qY)."""
+    """The matched patch centres of every match of the tiles: tile point (pX, pY) = neighbour point (qX, qY)."""
     out = []
     for t in tiles:
-        for position, m in sorted(((t.results or {}).get("matches") or {}).items()):
+        for position, m in sorted(t.matches.items()):
             if not m or not all(m.get(k) for k in ("pX", "pY", "qX", "qY")):
                 continue
             out.append(

@@ -14,8 +14,9 @@ solver's residuals claim. Pairs whose shared
 region is too small, or whose correlation peak is too weak to trust (blank resin), are reported as such
 rather than as good.
 
-:func:`measure_source_seams` reads the tiles from a fusion tile source (e.g. the live pipeline's
-``processed_tiles.zarr``) in batches of neighbouring pairs, on a Dask client when given one;
+:func:`measure_source_seams` reads the tiles where the fusion does
+(:class:`~em_platform.stitch.fuse.TilePixels`, e.g. the live pipeline's ``processed_tiles.zarr``) in
+batches of neighbouring pairs, on a Dask client when given one;
 :func:`seams_beyond` is the ``montage`` asset's check (the rule of the stitch report's ``seams``).
 
 Dagster-free.
@@ -180,7 +181,7 @@ def measure_source_seams(
     client: Any = None,
     batch: int = 64,
 ) -> list[SeamMeasure]:
-    """:func:`measure_seams` of tiles read from ``source`` (a fusion ``TileSource``: ``read(tile, y0, y1,
+    """:func:`measure_seams` of tiles read from ``source`` (a fusion ``TilePixels``: ``read(tile, y0, y1,
     x0, x1)``, picklable), in batches of ``batch`` pairs in the order given (pass neighbours together:
     each batch reads a tile once), on ``client`` (Dask) when given; results in the order of ``pairs``."""
     pairs = list(pairs)

@@ -4,7 +4,7 @@ A tile's montage x is a polynomial of its own point, and so is its montage y, wi
 ``x' = Σ_j X[j]·φ_j(u)``, ``y' = Σ_j Y[j]·φ_j(u)``, ``u = (point − tile centre)/R`` and the basis
 ``φ = 1, u, v`` (affine) or ``1, u, v, u², uv, v²`` (polynomial, order 2, em_stitch's best model). A point
 pair then gives one equation in the tile's and the neighbour's X only and one in their Y only, with the
-same coefficients: the two axes are two sparse problems over one data matrix, as BigFeta solves a montage (seed-systems.md
+same coefficients: the two axes are two sparse problems over one data matrix, as BigFeta solves a montage (docs/seed-systems.md
 §1.4): 3 or 6 unknowns per tile against the 6 of a coupled affine system, one LDLᵀ factorisation (QDLDL)
 for both axes, refactored numerically as the pair weights change.
 

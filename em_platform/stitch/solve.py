@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from em_platform.stitch.layout import Edge, Layout, TileId
-from em_platform.stitch.solve_affine import PointEdge, solve_transforms
+from em_platform.stitch.layout import Edge, Layout, PointEdge, TileId
+from em_platform.stitch.solve_affine import solve_transforms
 
 __all__ = ["solve_translations"]
 

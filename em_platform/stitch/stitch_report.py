@@ -73,7 +73,7 @@ def stitch_report(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of one stitch. ``cells`` maps each stitched tile to its (row, column); ``layout`` is the
-    solve's :class:`~em_platform.stitch.solve_affine.TransformLayout`; ``unmatched`` are (tile, neighbour,
+    solve's :class:`~em_platform.stitch.layout.TransformLayout`; ``unmatched`` are (tile, neighbour,
     position, reason)."""
     blank = set(blank)
     skipped = list(skipped)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from em_platform.stitch.solve_affine import PointEdge
+from em_platform.stitch.layout import PointEdge
 
 __all__ = ["TemcaMontage", "TemcaTile", "read_temca_metafile"]
 

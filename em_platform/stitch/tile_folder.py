@@ -44,11 +44,10 @@ import numpy as np
 from em_platform.stitch.blank import BLANK_SCORE, texture_score
 from em_platform.stitch.coarse import coarse_offset, refine_offset
 from em_platform.stitch.grid import NEIGHBOURS, OPPOSITE, from_nominal, neighbour_of, nominal_step, to_nominal
-from em_platform.stitch.layout import Edge
+from em_platform.stitch.layout import Edge, PointEdge, TransformLayout
 from em_platform.stitch.lens import LensModel
 from em_platform.stitch.matching import EdgeStrip, Match, default_max_shift, edge_strip, match_neighbour
 from em_platform.stitch.model_choice import Requested, solve_model
-from em_platform.stitch.solve_affine import PointEdge, TransformLayout
 
 __all__ = [
     "LAYOUT_COLUMNS",

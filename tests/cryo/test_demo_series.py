@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import yaml
 
 from em_platform.assets.cryo import cryo_assets
+from em_platform.assets.simulation_evaluation import evaluation
 from em_platform.cryo import evaluation as ev
 from em_platform.resources import CatalogResource, CryoSessionsResource, DaskResource, StorageResource
 from em_platform.sensors.cryo import cryo_sensor
@@ -79,7 +80,11 @@ def test_the_demo_series_passes_every_check_and_the_results_db_agrees(tmp_path, 
         key = request.partition_key
         instance.add_dynamic_partitions("cryo_tilt_series", [key])
         run = dg.materialize(
-            cryo_assets, instance=instance, partition_key=key, resources=resources, raise_on_error=False
+            [*cryo_assets, evaluation],
+            instance=instance,
+            partition_key=key,
+            resources=resources,
+            raise_on_error=False,
         )
         checks = {c.check_name: c for c in run.get_asset_check_evaluations()}
         failed = {n: c.metadata for n, c in checks.items() if not c.passed}
@@ -101,7 +106,7 @@ def test_the_demo_series_passes_every_check_and_the_results_db_agrees(tmp_path, 
         # a blocking check that fails: Dagster fails the run, and the results tables say `failed`, by name
         monkeypatch.setitem(ev.THRESHOLDS, "defocus_error_pct_median", 1e-6)
         again = dg.materialize(
-            cryo_assets,
+            [*cryo_assets, evaluation],
             instance=instance,
             partition_key=key,
             resources=resources,

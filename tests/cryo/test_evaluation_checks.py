@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from em_platform.assets.cryo import _fsc_check
+from em_platform.cryo.evaluation import fsc_check
 
 
 def _fig(a143, u143, a05, u05):
@@ -28,6 +28,6 @@ def _fig(a143, u143, a05, u05):
     ],
 )
 def test_fsc_check(fig, passed, applicable):
-    result = _fsc_check(fig)
+    result = fsc_check(fig)
     assert result.passed is passed
     assert ("not_applicable" in result.metadata) is (not applicable)

@@ -22,6 +22,7 @@ import tifffile
 
 from em_platform.assets.cryo import EVALUATION, K, cryo_assets
 from em_platform.assets.presentation import figure
+from em_platform.assets.simulation_evaluation import evaluation
 from em_platform.resources import CatalogResource, CryoSessionsResource, DaskResource, StorageResource
 from em_platform.sensors.cryo import cryo_sensor
 from tests.cryo.synthetic import make_movie_set, make_tilt_series, write_mrc
@@ -89,14 +90,22 @@ def test_session_to_tomogram_results_and_evaluation(tmp_path):
         assert again.run_requests == [] or again.run_requests is None
 
         bad = dg.materialize(
-            cryo_assets, instance=instance, partition_key=keys[0], resources=resources, raise_on_error=False
+            [*cryo_assets, evaluation],
+            instance=instance,
+            partition_key=keys[0],
+            resources=resources,
+            raise_on_error=False,
         )
         assert not bad.success
         failure = next(e for e in bad.all_events if e.event_type_value == "STEP_FAILURE")
         assert "gain_ref.mrc has shape (80, 96)" in str(failure.event_specific_data.error)
 
         good = dg.materialize(
-            cryo_assets, instance=instance, partition_key=keys[1], resources=resources, raise_on_error=False
+            [*cryo_assets, evaluation],
+            instance=instance,
+            partition_key=keys[1],
+            resources=resources,
+            raise_on_error=False,
         )
         checks = {e.check_name: e for e in good.get_asset_check_evaluations()}
         evaluated = good.asset_materializations_for_node("simulation__evaluation")
@@ -242,7 +251,7 @@ def bad_session(tmp_path_factory):
         instance.add_dynamic_partitions("cryo_tilt_series", [*added, GOOD[1]])
         for key in [k for _, k, _ in BAD.values()] + list(GOOD):
             runs[key] = dg.materialize(
-                cryo_assets,
+                [*cryo_assets, evaluation],
                 selection=PROCESSING,
                 instance=instance,
                 partition_key=key,
@@ -251,7 +260,7 @@ def bad_session(tmp_path_factory):
             )
         # a backfill of cryo_job also asks for the evaluation of a series without ground truth
         runs["evaluation"] = dg.materialize(
-            cryo_assets,
+            [*cryo_assets, evaluation],
             selection=[EVALUATION],
             instance=instance,
             partition_key=GOOD[1],
@@ -281,8 +290,6 @@ def _latest_check_status(instance, asset_key) -> dict[str, str]:
     import asyncio
 
     from dagster._core.loader import LoadingContextForTest
-
-    from em_platform.assets.cryo import evaluation
 
     out = {}
     for key in evaluation.check_keys:
@@ -394,7 +401,7 @@ def test_real_epu_micrograph_session_through_motion_and_ctf_assets(tmp_path):
         assert result.run_requests == [] and "1 single-particle set(s)" in result.skip_reason.skip_message
         instance.add_dynamic_partitions("cryo_tilt_series", [key])
         run = dg.materialize(
-            cryo_assets,
+            [*cryo_assets, evaluation],
             selection=[K["motion_corrected"], K["ctf"]],
             instance=instance,
             partition_key=key,
@@ -450,7 +457,7 @@ def test_a_fault_of_ours_in_a_step_fails_the_series_in_the_results_tables_too(tm
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("cryo_tilt_series", ["sessions/g/TS_09"])
         run = dg.materialize(
-            cryo_assets,
+            [*cryo_assets, evaluation],
             instance=instance,
             partition_key="sessions/g/TS_09",
             resources=_resources(tmp_path, sessions),

@@ -1,6 +1,6 @@
 """Rigid tiles and the scope's lens correction through the montage assets (issue 14, item 2).
 
-Montages of the synthetic generator (:mod:`em_platform.stitch.synthetic`: per-tile rotation or a lens
+Montages of the synthetic generator (:mod:`tests.stitch.synthetic`: per-tile rotation or a lens
 distortion shared by every tile, known truth) are put in the acquisition journal and the buffer as live
 processing leaves them: processed tiles in ``processed_tiles.zarr``, each tile's matches against its top
 and left neighbours measured by the live matcher (:func:`~em_platform.stitch.matching.match_neighbour`).
@@ -28,8 +28,8 @@ from em_platform.stitch.fuse import PlacedTile, ZarrTileGroup, fuse_montage
 from em_platform.stitch.grid import array_name
 from em_platform.stitch.matching import match_neighbour
 from em_platform.stitch.montage_layout import layout_lens, placed_tiles
-from em_platform.stitch.synthetic import ORIGIN, HardMontage, HardMontageConfig, _texture, make_montage
 from em_platform.tem.journal import Journal
+from tests.stitch.synthetic import ORIGIN, HardMontage, HardMontageConfig, _texture, make_montage
 from tests.support.platform import make_platform
 
 TILE_PX = 256

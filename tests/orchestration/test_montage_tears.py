@@ -1,6 +1,6 @@
 """A torn montage through the montage assets: the blocking checks stop it before the upload (issue 14, item 4).
 
-The synthetic generator's ``tear`` (:mod:`em_platform.stitch.synthetic`) moves the section piece imaged by
+The synthetic generator's ``tear`` (:mod:`tests.stitch.synthetic`) moves the section piece imaged by
 grid row 2 and below by 24 px along the rows: each piece is internally consistent (its own overlaps
 match), but across the tear line the live matcher (±10 px search on these 32-px overlaps) finds nothing.
 Tiles are put in the journal and the buffer as live processing leaves them
@@ -25,8 +25,8 @@ import pytest
 from em_platform.assets.montage import lens_correction, montage, montage_layout, montage_upload
 from em_platform.resources import build_resources
 from em_platform.stitch.matching import match_neighbour
-from em_platform.stitch.synthetic import make_montage
 from tests.orchestration.test_montage_models import acquire, config
+from tests.stitch.synthetic import make_montage
 from tests.support.platform import make_platform
 
 TORN_ROW = 2

@@ -1,6 +1,6 @@
 """Stitching hard synthetic montages (issue 14's "Done when"), at 10 × 10 and 50 × 50 tiles.
 
-Montages come from :mod:`em_platform.stitch.synthetic` (tiles cut from the procedural specimen at known
+Montages come from :mod:`tests.stitch.synthetic` (tiles cut from the procedural specimen at known
 true poses, with vignetting, gain and shot noise) and go through the tile-folder path that
 ``em-platform stitch`` runs: layout CSV + TIFFs → :func:`match_tile_folder` (fine search, coarse fallback)
 → :func:`solve_tile_folder` → :func:`stitch_report` (the ``OUT.report.json`` document and its checks).
@@ -32,9 +32,8 @@ import numpy as np
 import pytest
 
 from em_platform.cli import main
-from em_platform.stitch.solve_affine import TransformLayout
+from em_platform.stitch.layout import TransformLayout
 from em_platform.stitch.stitch_report import stitch_report
-from em_platform.stitch.synthetic import HardMontage, HardMontageConfig, make_montage, tile_name
 from em_platform.stitch.tile_folder import (
     MatchReport,
     TileFolder,
@@ -42,6 +41,7 @@ from em_platform.stitch.tile_folder import (
     open_tile_folder,
     solve_tile_folder,
 )
+from tests.stitch.synthetic import HardMontage, HardMontageConfig, make_montage, tile_name
 
 TILE_PX = 256
 OVERLAP = 0.125  # 32 px

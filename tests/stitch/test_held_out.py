@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from em_platform.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
 from em_platform.stitch.held_out import _folds
 from em_platform.stitch.solve_affine import solve_transforms
 from em_platform.stitch.temca import read_temca_metafile
+from tests.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
 from tests.stitch.test_solve_affine import SIZE, montage
 from tests.stitch.test_temca import block_metafile, document, kept_pair_residuals  # noqa: F401 (fixture)
 

@@ -1,8 +1,8 @@
 """``em-platform stitch --matches FILE`` with render/em_stitch point-match JSON, and the tile specs it exports.
 
-The montage comes from :mod:`em_platform.stitch.synthetic` (tiles written, so the command can open the
+The montage comes from :mod:`tests.stitch.synthetic` (tiles written, so the command can open the
 folder and measure seams); its point matches are made from the truth
-(:meth:`~em_platform.stitch.synthetic.HardMontage.point_matches`) and written here by hand in render's
+(:meth:`~tests.stitch.synthetic.HardMontage.point_matches`) and written here by hand in render's
 format, ``{"pGroupId", "pId", "qGroupId", "qId", "matches": {"p": [[x…], [y…]], "q": [[x…], [y…]],
 "w": [w…]}}``, the way em_stitch writes them: tile ids as render's (file stems) or file names, one tile
 pair split over two records, one written from the other tile's side, and pairs em_stitch's filter
@@ -20,7 +20,7 @@ import pytest
 from em_platform.cli import main
 from em_platform.stitch.interop import AFFINE_CLASS, MatchFileError, read_point_matches
 from em_platform.stitch.lens import LensModel
-from em_platform.stitch.synthetic import HardMontage, HardMontageConfig, make_montage
+from tests.stitch.synthetic import HardMontage, HardMontageConfig, make_montage
 
 POLYNOMIAL_CLASS = "mpicbg.trakem2.transform.PolynomialTransform2D"
 ROWS, COLUMNS, TILE_PX = 3, 4, 256

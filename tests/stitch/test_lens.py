@@ -1,7 +1,7 @@
 """The scope's lens correction estimated from one montage's point matches (:mod:`em_platform.stitch.lens`),
 at 10 × 10 and 50 × 50 tiles of 1024² (issue 14, item 2).
 
-The point matches are the synthetic montage's (:meth:`~em_platform.stitch.synthetic.HardMontage.point_matches`:
+The point matches are the synthetic montage's (:meth:`~tests.stitch.synthetic.HardMontage.point_matches`:
 no pixels rendered): specimen points in each overlap seen by both tiles through a known lens (Brown–Conrady
 radial and decentering terms, 8.6 px at the tile corners), tiles turned by up to ±0.5°, Gaussian noise of
 ``NOISE_PX`` per axis on every point. The noise floor of the residual per point pair is then
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from em_platform.stitch.lens import estimate_lens
-from em_platform.stitch.synthetic import HardMontageConfig, make_montage
+from tests.stitch.synthetic import HardMontageConfig, make_montage
 
 TILE = 1024
 NOISE_PX = 0.2

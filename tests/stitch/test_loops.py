@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from em_platform.stitch.layout import PointEdge
 from em_platform.stitch.loops import edge_consensus, loop_verdicts
-from em_platform.stitch.solve_affine import PointEdge, solve_transforms
+from em_platform.stitch.solve_affine import solve_transforms
 
 STEP = 900.0  # tile pitch (px) of a 1000 px tile with 100 px of overlap
 

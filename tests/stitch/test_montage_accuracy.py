@@ -27,9 +27,11 @@ from em_platform.stitch.edges import (
     stage_positions,
     true_positions,
 )
+from em_platform.stitch.grid import GridTile
 from em_platform.stitch.solve import solve_translations
 from em_platform.tem.journal import Journal, TileRow
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
+from em_platform.tem.stitch_inputs import grid_tiles
 from em_platform.tem.tile_source import JournalTileSource
 
 ACCEPTANCE = dict(rows=10, columns=10, tile_size=512, overlap=0.10, jitter_px=20.0, seed=1)
@@ -55,6 +57,7 @@ def _acquire_and_process(tmp_path, client, **config) -> SimpleNamespace:
         config=MontageRunConfig(poll_seconds=0.05),
     )
     rows = journal.tiles(truth.montage_id)
+    tiles = grid_tiles(rows)
     pixel_size_nm = journal.montage(truth.montage_id).pixel_size_nm  # from montage.complete
     journal.dispose()
     shapes = {(r.tile.row, r.tile.column): r.outcome.shape for r in result.tiles.values() if r.outcome}
@@ -62,8 +65,9 @@ def _acquire_and_process(tmp_path, client, **config) -> SimpleNamespace:
         truth=truth,
         result=result,
         rows=rows,
+        tiles=tiles,
         shapes=shapes,
-        stage=stage_positions(rows, shapes, pixel_size_nm),
+        stage=stage_positions(tiles, shapes, pixel_size_nm),
         true=true_positions(truth),
     )
 
@@ -82,7 +86,7 @@ def _interior_edges(rows: int, columns: int) -> int:
 
 
 def test_solved_positions_are_within_0_3_px_rms_of_the_truth(montage):
-    edges = match_edges(montage.rows, montage.shapes)
+    edges = match_edges(montage.tiles, montage.shapes)
     layout = solve_translations(montage.stage, edges)
     solved = compare_with_truth(layout.positions, montage.true)
     stage_only = compare_with_truth(montage.stage, montage.true)
@@ -116,7 +120,7 @@ def _with_match_offset(row: TileRow, position: str, ddx: float, ddy: float) -> T
 def test_seeded_wrong_matches_are_rejected_and_reported(montage):
     """Wrong matches (8–40 px off) planted among the journal's real ones: exactly those are rejected,
     with their residuals, and the rest still place the tiles within 0.3 px."""
-    edges = match_edges(montage.rows, montage.shapes)
+    edges = match_edges(montage.tiles, montage.shapes)
     degree: dict = {}
     for e in edges:
         for t in (e.tile, e.neighbour):
@@ -134,7 +138,7 @@ def test_seeded_wrong_matches_are_rejected_and_reported(montage):
         position = "left" if neighbour == (tile[0], tile[1] - 1) else "top"
         by_position[tile] = _with_match_offset(by_position[tile], position, ddx, ddy)
         seeded[(tile, neighbour)] = np.hypot(ddx, ddy)
-    layout = solve_translations(montage.stage, match_edges(by_position.values(), montage.shapes))
+    layout = solve_translations(montage.stage, match_edges(grid_tiles(by_position.values()), montage.shapes))
     assert set(layout.rejected) == set(seeded)
     for key, residual in layout.rejected.items():
         assert residual == pytest.approx(seeded[key], abs=0.5)  # reported with how far off each was
@@ -147,7 +151,7 @@ def test_a_missing_tile_leaves_a_hole_not_a_crash(tmp_path, client):
         tmp_path, client, **{**ACCEPTANCE, "rows": 3, "columns": 4, "seed": 4, "faults": ("missing:r1c2",)}
     )
     assert m.result.missing == [(1, 2)]
-    edges = match_edges(m.rows, m.shapes)
+    edges = match_edges(m.tiles, m.shapes)
     assert all((1, 2) not in (e.tile, e.neighbour) for e in edges)
     layout = solve_translations(m.stage, edges)
     assert (1, 2) not in layout.positions and len(layout.positions) == 11
@@ -156,7 +160,7 @@ def test_a_missing_tile_leaves_a_hole_not_a_crash(tmp_path, client):
 
 
 # ----------------------------------------------------------------------------------------------------
-# stitch.edges on hand-made journal rows
+# stitch.edges on hand-made journal rows (through tem.stitch_inputs, which picks the montage's tiles)
 
 
 def _row(row: int, column: int, *, matches=None, stage=None, overlap=40, seq=None, **kw) -> TileRow:
@@ -193,7 +197,7 @@ def test_matches_become_offsets_with_the_nominal_step_of_the_neighbours_shape():
         _row(1, 1, status="failed", results=None),
     ]
     shapes = {(0, 0): (300, 500), (0, 1): (300, 500), (1, 0): (300, 500)}
-    edges = {(e.tile, e.neighbour): e for e in match_edges(rows, shapes)}
+    edges = {(e.tile, e.neighbour): e for e in match_edges(grid_tiles(rows), shapes)}
     assert set(edges) == {((0, 1), (0, 0)), ((1, 0), (0, 0))}
     left, top = edges[((0, 1), (0, 0))], edges[((1, 0), (0, 0))]
     assert (left.dx, left.dy, left.weight) == (500 - 40 + 2.5, -1.25, 0.8)
@@ -206,32 +210,40 @@ def test_the_last_arrival_at_a_grid_position_is_the_tile():
         _row(0, 1, seq=50, matches={"left": {"dX": 1.0, "dY": 0.0}}),
         _row(0, 1, seq=20, tile_id="first-take", matches={"left": {"dX": 9.0, "dY": 0.0}}),
     ]
-    (edge,) = match_edges(retaken, {(0, 0): (100, 100), (0, 1): (100, 100)})
+    (edge,) = match_edges(grid_tiles(retaken), {(0, 0): (100, 100), (0, 1): (100, 100)})
     assert edge.dx == 100 - 40 + 1.0
 
 
 def test_bad_matches_are_named():
     shapes = {(0, 0): (100, 100), (0, 1): (100, 100)}
     with pytest.raises(ValueError, match=r"tile t01 \(row 0, column 1\), left match: no dX/dY"):
-        match_edges([_row(0, 1, matches={"left": {"dY": 1.0}})], shapes)
+        match_edges(grid_tiles([_row(0, 1, matches={"left": {"dY": 1.0}})]), shapes)
     with pytest.raises(ValueError, match="names row 3, column 3 as the neighbour"):
-        match_edges([_row(0, 1, matches={"left": {"row": 3, "column": 3, "dX": 0.0, "dY": 0.0}})], shapes)
+        match_edges(
+            grid_tiles([_row(0, 1, matches={"left": {"row": 3, "column": 3, "dX": 0.0, "dY": 0.0}})]), shapes
+        )
     with pytest.raises(ValueError, match="position must be 'top' or 'left'"):
-        match_edges([_row(0, 1, matches={"right": {"dX": 0.0, "dY": 0.0}})], shapes)
+        match_edges(grid_tiles([_row(0, 1, matches={"right": {"dX": 0.0, "dY": 0.0}})]), shapes)
     with pytest.raises(KeyError, match="no shape for the neighbour at row 0, column 0"):
-        match_edges([_row(0, 1, matches={"left": {"dX": 0.0, "dY": 0.0}})], {(0, 1): (100, 100)})
+        match_edges(grid_tiles([_row(0, 1, matches={"left": {"dX": 0.0, "dY": 0.0}})]), {(0, 1): (100, 100)})
+
+
+def test_one_tile_per_grid_position():
+    shapes = {(0, 0): (100, 100)}
+    with pytest.raises(ValueError, match="tiles a and b are both at row 0, column 0"):
+        stage_positions([GridTile("a", 0, 0, 0, 0, 0), GridTile("b", 0, 0, 0, 0, 0)], shapes, 4.0)
 
 
 def test_stage_and_nominal_priors():
     rows = [_row(0, 0, stage=(1000, 800)), _row(0, 1, stage=(2840, 812)), _row(1, 0, stage=(1004, 1920))]
     shapes = {(0, 0): (300, 500), (0, 1): (300, 500)}  # (1, 0) never processed: nothing to place
     # the stage reads the field of view's centre in nm: 4 nm/px, minus half a tile
-    assert stage_positions(rows, shapes, 4.0) == {(0, 0): (0.0, 50.0), (0, 1): (460.0, 53.0)}
-    assert nominal_positions(rows, shapes) == {(0, 0): (0.0, 0.0), (0, 1): (460.0, 0.0)}
+    assert stage_positions(grid_tiles(rows), shapes, 4.0) == {(0, 0): (0.0, 50.0), (0, 1): (460.0, 53.0)}
+    assert nominal_positions(grid_tiles(rows), shapes) == {(0, 0): (0.0, 0.0), (0, 1): (460.0, 0.0)}
     with pytest.raises(ValueError, match="pixel_size_nm must be positive"):
-        stage_positions(rows, shapes, 0.0)
+        stage_positions(grid_tiles(rows), shapes, 0.0)
     with pytest.raises(ValueError, match=r"tile t01 \(row 0, column 1\) has no stage position"):
-        stage_positions([rows[0], _row(0, 1)], shapes, 4.0)
+        stage_positions(grid_tiles([rows[0], _row(0, 1)]), shapes, 4.0)
 
 
 def test_comparison_with_the_truth_ignores_the_common_translation():
@@ -256,7 +268,7 @@ def test_solve_montage_with_each_model_from_the_journal(montage, model):
     from em_platform.stitch.montage_layout import solve_montage
 
     result = solve_montage(
-        montage.truth.montage_id, montage.rows, montage.shapes, montage.truth.pixel_size_nm, model=model
+        montage.truth.montage_id, montage.tiles, montage.shapes, montage.truth.pixel_size_nm, model=model
     )
     solved = compare_with_truth(result.layout.positions, montage.true)
     print(f"\n{model}: RMS {solved.rms_px:.3f} px, max {solved.max_px:.3f}; qc {result.qc.summary()}")

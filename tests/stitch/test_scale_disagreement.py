@@ -1,14 +1,14 @@
 """Issue 14, "Done when" 3: a stage that disagrees with the images in scale and rotation, 50 × 50 tiles.
 
-The montage's truth and stage come from :mod:`em_platform.stitch.synthetic` (the bench's generator): the
+The montage's truth and stage come from :mod:`tests.stitch.synthetic` (the bench's generator): the
 stage reads the nominal grid in a frame 3 % larger and turned 0.5° against the images, on top of its
 ±45 %-of-the-overlap error per tile, so at the montage's far edge it is ~2,000 px from where the images
 put a tile. The point matches are made from the true transforms, as a feature matcher would return
-them (:meth:`~em_platform.stitch.synthetic.HardMontage.point_matches`): 50 per overlap spread over it,
+them (:meth:`~tests.stitch.synthetic.HardMontage.point_matches`): 50 per overlap spread over it,
 1 px of noise per point and axis (a mean residual of ~1.77 px per pair at the truth: real TEM montages'
 1.5–2 px), 2 % of them wrong. No pixel is rendered.
 
-The reference is :mod:`em_platform.stitch.bigfeta_reference`: em_stitch's RANSAC filter and BigFeta's
+The reference is :mod:`tests.stitch.bigfeta_reference`: em_stitch's RANSAC filter and BigFeta's
 regularised sparse least-squares montage solve, in its affine (em_stitch's template) and translation
 forms. Asserted, for our default (translation) and affine models:
 
@@ -30,9 +30,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from em_platform.stitch.bigfeta_reference import bigfeta_montage_solve
 from em_platform.stitch.solve_affine import solve_transforms
-from em_platform.stitch.synthetic import HardMontage, HardMontageConfig, PointMatches, make_montage
+from tests.stitch.bigfeta_reference import bigfeta_montage_solve
+from tests.stitch.synthetic import HardMontage, HardMontageConfig, PointMatches, make_montage
 
 N = 50
 TILE_PX = 2048

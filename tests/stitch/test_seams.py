@@ -2,7 +2,7 @@
 
 A good montage (solved from its point matches) passes; the same montage with one tile moved a few pixels
 after the solve, as a wrong match or a stage-placed tile would leave it, fails, and the report names
-exactly that tile's seams. The pixels are the synthetic montage's (:mod:`em_platform.stitch.synthetic`:
+exactly that tile's seams. The pixels are the synthetic montage's (:mod:`tests.stitch.synthetic`:
 per-tile rotation, vignetting, gain, shot noise), rendered as the fusion places them.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from em_platform.stitch.seams import SEAM_LIMIT_PX, measure_seams, measure_source_seams, seams_beyond
 from em_platform.stitch.solve_affine import solve_transforms
 from em_platform.stitch.stitch_report import stitch_report
-from em_platform.stitch.synthetic import HardMontageConfig, make_montage, tile_name
+from tests.stitch.synthetic import HardMontageConfig, make_montage, tile_name
 
 MOVED = tile_name(1, 2)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from em_platform.stitch.layout import Edge, Layout
+from em_platform.stitch.layout import Edge, Layout, PointEdge, TransformLayout
 from em_platform.stitch.solve import solve_translations
-from em_platform.stitch.solve_affine import MIN_TILE_SPREAD, PointEdge, TransformLayout, solve_transforms
+from em_platform.stitch.solve_affine import solve_transforms
+from em_platform.stitch.tile_priors import MIN_TILE_SPREAD
 
 SIZE, STEP = 512, 460  # 512 px tiles, 10 % overlap
 CENTRE = np.array([SIZE / 2, SIZE / 2])
@@ -114,7 +115,7 @@ def test_affine_recovers_rotated_and_scaled_tiles_where_translation_cannot():
 
     # where every tile's corners land: within a pixel or two of the truth, and far better than translation
     # (a pixel, not a tenth: matches along strips leave each tile row's and column's common shear to
-    # the regularisation, see solve_affine's docstring)
+    # the regularisation, see normal_equations' docstring)
     rms = {model: float(np.sqrt(np.mean(corner_errors(fit, truth) ** 2))) for model, fit in fits.items()}
     assert rms["affine"] < 1.5 and rms["affine"] < 0.6 * rms["translation"]
 
@@ -202,11 +203,11 @@ def test_the_spread_of_the_tiles_deformation_is_measured():
 def test_the_spreads_of_a_large_montage_are_estimated_as_a_small_one_sums_them(monkeypatch):
     """Beyond EXACT_TRACE_TILES the posterior variances are summed by Hutchinson's estimator: the same
     spreads within a few percent."""
-    import em_platform.stitch.solve_affine as solve_affine
+    import em_platform.stitch.normal_equations as normal_equations
 
     _, stage, edges = montage(seed=3)
     estimated = solve(stage, edges, "affine").stage
-    monkeypatch.setattr(solve_affine, "EXACT_TRACE_TILES", 1000)
+    monkeypatch.setattr(normal_equations, "EXACT_TRACE_TILES", 1000)
     exact = solve(stage, edges, "affine").stage
     for name in ("scale", "rotation", "diagonal", "off_diagonal"):
         assert estimated[f"{name}_spread"] == pytest.approx(exact[f"{name}_spread"], rel=0.05)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from em_platform.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
-from em_platform.stitch.solve_affine import PointEdge, residual_stats, solve_transforms
+from em_platform.stitch.layout import PointEdge, residual_stats
+from em_platform.stitch.solve_affine import solve_transforms
 from em_platform.stitch.temca import TemcaFileError, read_temca_metafile
+from tests.stitch.bigfeta_reference import bigfeta_montage_solve, em_stitch_filter
 from tests.stitch.em_stitch_data import MONTAGE_METAFILE, em_stitch_data
 
 # rows 1-12 hold the montage's most turned tiles (rows 2-3: 0.26° against their neighbours' 0.46°), where
@@ -224,7 +225,7 @@ def test_a_model_that_cannot_fit_the_real_tiles_is_reported_torn_and_the_command
 
 
 # em_stitch 0.3.4 on the whole montage, over the pairs its RANSAC filter keeps: (worst pair, mean) px; the
-# reference solves of em_platform.stitch.bigfeta_reference reproduce them (bench/bench_temca.py)
+# reference solves of tests.stitch.bigfeta_reference reproduce them (bench/bench_temca.py)
 EM_STITCH = {"affine": (10.57, 1.956), "polynomial": (7.86, 1.517)}
 
 

@@ -18,6 +18,7 @@ from em_platform.stitch.grid import stage_to_image
 from em_platform.tem.journal import Journal
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.qc_summary import MontageLimits, MontageSummary
+from em_platform.tem.stitch_inputs import grid_tiles
 from em_platform.tem.tile_processing import specimen_contrast
 from em_platform.tem.tile_source import JournalTileSource
 
@@ -71,7 +72,7 @@ def test_rotated_stage_positions_still_centre_the_search_and_the_prior(tmp_path,
     assert len(matches) == 12 and all(m and m["search"] == "stage" for m in matches), matches
     montage = journal.montage(truth.montage_id)
     assert montage.rotation_angle == pytest.approx(0.3)
-    tiles = [t for t in journal.tiles(truth.montage_id) if not t.is_reference]
+    tiles = grid_tiles(journal.tiles(truth.montage_id))
     shapes = {(t.row, t.column): (512, 512) for t in tiles}
     prior = stage_positions(tiles, shapes, montage.pixel_size_nm, montage.rotation_angle)
     unrotated = stage_positions(tiles, shapes, montage.pixel_size_nm)

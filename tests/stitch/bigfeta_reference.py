@@ -22,7 +22,7 @@ per point pair must be no worse than theirs on the same matches, and no tile blo
    tile spec (the identity, the stage's corner) with ``default_lambda`` 1000 times ``poly_factors``
    ``[1e-5, 1, 1e6]`` for the coefficients of order 0, 1 and 2; it returns those (2, 6) coefficients.
 
-Dagster-free; nothing in the pipeline imports it.
+Dagster-free; nothing in the pipeline imports it (it lives with the tests).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from em_platform.stitch.solve_affine import PointEdge
+from em_platform.stitch.layout import PointEdge
 
 __all__ = [
     "EM_STITCH_AFFINE_REGULARIZATION",

@@ -41,8 +41,8 @@ import cv2
 import numpy as np
 
 from em_platform.simulation.specimen import Specimen
+from em_platform.stitch.layout import PointEdge
 from em_platform.stitch.lens import LensModel
-from em_platform.stitch.solve_affine import PointEdge
 
 __all__ = ["HardMontage", "HardMontageConfig", "PointMatches", "SyntheticTile", "make_montage", "tile_name"]
 
