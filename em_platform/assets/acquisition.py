@@ -20,7 +20,7 @@ from em_platform.partitions import montages
 from em_platform.resources import DaskResource, StorageResource
 from em_platform.resources.acquisition import AcquisitionHardware
 from em_platform.storage.upload import abort_cleanup
-from em_platform.tem.archive import PROCESSED as PROCESSED_DIR
+from em_platform.tem.buffer_layout import MontageBuffer
 from em_platform.tem.heap import keep_freed_memory
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
@@ -166,7 +166,7 @@ def montage_tiles(
     store = storage.buffer()  # local until montage_upload moves it to the storage root
     # the same staging for every judge of this montage: the live service, this run, a retry of it
     final, staging = processed_tile_paths(store, montage_id)
-    tiff_dir = store.path(montage_id, "processed") if config.write_tiffs else None
+    tiff_dir = MontageBuffer(store.path(montage_id)).processed_tiffs if config.write_tiffs else None
     keep_freed_memory()  # this run process judges tile after tile: their arrays from the heap (tem.heap)
     client = dask.get_client()
     source = hardware.tile_source()
@@ -213,7 +213,8 @@ def montage_tiles(
         source.close()  # what is still queued for the broker goes out first
         claim.release()
     summary = MontageSummary.of(result)
-    stored = storage.store().url("acquisition", montage_id, PROCESSED_DIR)  # where montage_upload puts it
+    # where montage_upload puts it
+    stored = MontageBuffer(storage.store().url("acquisition", montage_id)).processed_tiles
     yield from _results(summary, stored)
     for check in summary.checks(config.limits()):
         yield montage_check_result(

@@ -29,7 +29,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from em_platform.sql import JSONType, aware, open_database
 
-__all__ = ["KEPT_BODY_BYTES", "SOURCES", "DeadLetter", "DeadLetters", "LetterBody", "create_tables"]
+__all__ = [
+    "KEPT_BODY_BYTES",
+    "SOURCES",
+    "DeadLetter",
+    "DeadLetters",
+    "LetterBody",
+    "add_letter",
+    "create_tables",
+]
 
 SOURCES = ("broker", "inbox", "request", "journal", "session")
 
@@ -221,7 +229,7 @@ def _text(body: str | bytes | Any) -> str:
 
 
 def add_letter(
-    conn: Connection,
+    engine: Engine,
     *,
     source: str,
     topic: str,
@@ -230,10 +238,34 @@ def add_letter(
     body: str | bytes | LetterBody | Any,
     headers: dict[str, Any] | None = None,
 ) -> int:
-    """Record one refusal in the caller's transaction; the row's id (an existing row's if it came before).
+    """Record one refusal, committed when this returns; the row's id (an existing row's if it came before).
 
-    ``body`` is kept up to :data:`KEPT_BODY_BYTES` (:class:`LetterBody`); pass a :class:`LetterBody` for a
-    body that was never read whole."""
+    The one writer of dead letters (:class:`DeadLetters` and the acquisition journal both call it). ``body``
+    is kept up to :data:`KEPT_BODY_BYTES` (:class:`LetterBody`); pass a :class:`LetterBody` for a body that
+    was never read whole."""
+    for attempt in (1, 2):
+        try:
+            with engine.begin() as conn:
+                return _upsert_letter(
+                    conn, source=source, topic=topic, field=field, reason=reason, body=body, headers=headers
+                )
+        except sa.exc.IntegrityError:
+            if attempt == 2:  # two writers inserted the same letter at once: the retry updates it
+                raise
+    raise AssertionError("unreachable")
+
+
+def _upsert_letter(
+    conn: Connection,
+    *,
+    source: str,
+    topic: str,
+    field: str,
+    reason: str,
+    body: str | bytes | LetterBody | Any,
+    headers: dict[str, Any] | None,
+) -> int:
+    """One refusal in ``conn``'s transaction: a new row, or the same letter's row counted once more."""
     if source not in SOURCES:
         raise ValueError(f"dead-letter source {source!r} is not one of {', '.join(SOURCES)}")
     if isinstance(body, LetterBody):  # only its digest stands for the whole
@@ -308,23 +340,10 @@ class DeadLetters:
         body: str | bytes | LetterBody | Any,
         headers: dict[str, Any] | None = None,
     ) -> int:
-        """Record one refusal (committed when this returns)."""
-        for attempt in (1, 2):
-            try:
-                with self.engine.begin() as conn:
-                    return add_letter(
-                        conn,
-                        source=source,
-                        topic=topic,
-                        field=field,
-                        reason=reason,
-                        body=body,
-                        headers=headers,
-                    )
-            except sa.exc.IntegrityError:
-                if attempt == 2:  # two writers inserted the same letter at once: the retry updates it
-                    raise
-        raise AssertionError("unreachable")
+        """Record one refusal (committed when this returns; see :func:`add_letter`)."""
+        return add_letter(
+            self.engine, source=source, topic=topic, field=field, reason=reason, body=body, headers=headers
+        )
 
     def letters(self, *, include_cleared: bool = False, source: str | None = None) -> list[DeadLetter]:
         """Oldest first; only those waiting for a decision unless ``include_cleared``."""

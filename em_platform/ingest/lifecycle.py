@@ -1,9 +1,11 @@
 """The one ingest lifecycle, shared by the local inbox, the public sources and simulated stacks.
 
 A record goes pending → processing → saving-data → complete, or failed with its error and retry count
-(the catalog enforces the transitions). The image is written under a staging name and published in one
-step only after the record reached saving-data, so a failed or killed run never leaves half an image
-where readers look, and a failure removes what was staged. An attempt is one :class:`IngestAttempt`:
+(the catalog enforces the transitions); :class:`RecordLifecycle` moves one attempt's record, and every step
+that keeps a catalog record (these ingests, the TEM montage upload) moves it through that class. The image is
+written under a staging name and published in one step only after the record reached saving-data, so a
+failed or killed run never leaves half an image where readers look, and a failure removes what was staged.
+An ingest attempt is one :class:`IngestAttempt`:
 
     attempt = IngestAttempt(store=..., catalog=..., source="local", source_id=key, name=..., lineage=...)
     attempt.begin(description=..., files=[...])              # pending
@@ -20,7 +22,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.status import Status
@@ -56,7 +58,8 @@ class IngestResult:
 class Written(Protocol):
     """An image or a collection written to the staging URL (see :mod:`em_platform.ingest.convert`)."""
 
-    thumbnail_png: bytes
+    @property
+    def thumbnail_png(self) -> bytes: ...
 
     def core(self) -> dict[str, Any]: ...
 
@@ -68,6 +71,55 @@ class Written(Protocol):
 def safe_name(text: str) -> str:
     """A file-system-safe name for a dataset's outputs and download folder."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "dataset"
+
+
+class RecordLifecycle:
+    """One attempt's catalog record moved pending → processing → saving-data → complete, or failed: the
+    transitions alone, for a step that writes its data itself (:class:`IngestAttempt` stages an image; the
+    montage upload copies the acquisition buffer)."""
+
+    def __init__(self, catalog: CatalogDB, source: str, source_id: str, *, run_id: str | None = None):
+        self.catalog = catalog
+        self.source = source
+        self.source_id = source_id
+        self.run_id = run_id
+        self.record_id: str | None = None
+
+    def begin(self, *, description: str, files: list[dict[str, Any]]) -> dict[str, Any]:
+        """pending: a new record, or the existing one brought back for a new attempt."""
+        record = self.catalog.begin(
+            self.source, self.source_id, description=description, files=files, run_id=self.run_id
+        )
+        self.record_id = record["id"]
+        return record
+
+    def processing(self, update: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._move(Status.PROCESSING, update)
+
+    def saving_data(self, update: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._move(Status.SAVING_DATA, update)
+
+    def complete(self, update: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._move(Status.COMPLETE, update)
+
+    def fail(self, error: BaseException | str) -> None:
+        """failed, with the error (nothing to mark before :meth:`begin`)."""
+        if self.record_id is not None:
+            self.catalog.transition(self.record_id, Status.FAILED, error=error, run_id=self.run_id)
+
+    @contextmanager
+    def failing_on_error(self) -> Iterator[None]:
+        """Any exception inside marks the record failed and propagates."""
+        try:
+            yield
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+
+    def _move(self, status: Status, update: dict[str, Any] | None) -> dict[str, Any]:
+        if self.record_id is None:
+            raise RuntimeError(f"{self.source} {self.source_id}: begin() must come before {status.value}")
+        return self.catalog.transition(self.record_id, status, run_id=self.run_id, update=update)
 
 
 class IngestAttempt:
@@ -90,11 +142,10 @@ class IngestAttempt:
         self.source_id = source_id
         self.lineage = lineage
         self.logger = logger
-        self.run_id = lineage.get("run_id")
+        self.record = RecordLifecycle(catalog, source, source_id, run_id=lineage.get("run_id"))
         self.volume_path = store.path("ingest", source, f"{name}.ome.zarr")
         self.thumbnail_path = store.path("ingest", source, f"{name}.thumbnail.png")
         self.staging = store.staging_path(self.volume_path)
-        self.record_id: str | None = None
         self.outage: str | None = None  # set by fail(): why the failure was a storage outage
 
     @property
@@ -110,7 +161,7 @@ class IngestAttempt:
     def previous(self) -> dict[str, Any] | None:
         return self.catalog.find(self.source, self.source_id)
 
-    def still_published(self, previous: dict[str, Any] | None) -> bool:
+    def still_published(self, previous: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
         """True when the last attempt completed and its image is still where it was published."""
         return bool(
             previous and previous["status"] == Status.COMPLETE and self.store.exists(self.volume_path)
@@ -137,11 +188,7 @@ class IngestAttempt:
 
     def begin(self, *, description: str, files: list[dict[str, Any]]) -> dict[str, Any]:
         """pending: a new record, or the existing one brought back for a new attempt."""
-        record = self.catalog.begin(
-            self.source, self.source_id, description=description, files=files, run_id=self.run_id
-        )
-        self.record_id = record["id"]
-        return record
+        return self.record.begin(description=description, files=files)
 
     def failed_to_start(self, exc: BaseException, description: str) -> None:
         """Record a failure that happened before the attempt could begin (e.g. the source cannot say)."""
@@ -149,7 +196,7 @@ class IngestAttempt:
         self.fail(exc)
 
     def processing(self, update: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.catalog.transition(self._id(), Status.PROCESSING, run_id=self.run_id, update=update)
+        return self.record.processing(update)
 
     def complete(
         self,
@@ -167,7 +214,7 @@ class IngestAttempt:
         saving: dict[str, Any] = {"metadata": {"core": core}}
         if files is not None:
             saving["files"] = {"source": files}
-        record = self.catalog.transition(self._id(), Status.SAVING_DATA, run_id=self.run_id, update=saving)
+        record = self.record.saving_data(saving)
         self.store.write_bytes(self.thumbnail_path, written.thumbnail_png)
         self.store.publish(self.staging, self.volume_path)
         uri = self.store.to_url(self.volume_path)
@@ -176,15 +223,12 @@ class IngestAttempt:
             "provenance": provenance,
             **written.metadata(uri),
         }
-        return self.catalog.transition(
-            self._id(),
-            Status.COMPLETE,
-            run_id=self.run_id,
-            update={
+        return self.record.complete(
+            {
                 "metadata": metadata,
                 "files": {"volume": uri, "thumbnail": self.store.to_url(self.thumbnail_path)},
                 "lineage": {k: v for k, v in self.lineage.items() if v is not None or k == "partition_key"},
-            },
+            }
         )
 
     def fail(self, exc: BaseException) -> None:
@@ -198,13 +242,12 @@ class IngestAttempt:
                 "could not remove the staging %s (%s); it is never published", self.staging, cleanup
             )
         self.outage = storage_outage(exc, self.store) if isinstance(exc, Exception) else None
-        if self.record_id is not None:
-            error: BaseException | str = exc
-            if self.outage:
-                error = f"storage outage, retried: {self.outage} ({type(exc).__name__}: {exc})"
-            elif full := disk_full(exc, {"EM_DATA_ROOT": self.store.url()}):
-                error = full
-            self.catalog.transition(self.record_id, Status.FAILED, error=error, run_id=self.run_id)
+        error: BaseException | str = exc
+        if self.outage:
+            error = f"storage outage, retried: {self.outage} ({type(exc).__name__}: {exc})"
+        elif full := disk_full(exc, {"EM_DATA_ROOT": self.store.url()}):
+            error = full
+        self.record.fail(error)
 
     @contextmanager
     def failing_on_error(self) -> Iterator[None]:
@@ -223,8 +266,3 @@ class IngestAttempt:
             written.thumbnail_png,
             converted=True,
         )
-
-    def _id(self) -> str:
-        if self.record_id is None:
-            raise RuntimeError("IngestAttempt.begin() must come first")
-        return self.record_id

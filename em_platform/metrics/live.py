@@ -10,7 +10,7 @@ from em_platform.metrics.scopes import scope_of
 
 
 def count_verdicts(records: Iterable, shares: Iterable[str] | None) -> None:
-    """``records``: the tiles (:class:`~em_platform.tem.montage_result.TileRecord`) whose verdicts were just
+    """``records``: the tiles (:class:`~em_platform.tem.montage_result.TileProgress`) whose verdicts were just
     committed; ``shares``: the scope shares their paths are named by."""
     for rec in records:
         verdict = "error" if rec.error else ("passed" if rec.verdict.passed else "failed")

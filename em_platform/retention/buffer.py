@@ -37,7 +37,8 @@ from em_platform.retention.files import NotFollowed, changed_since, checked, rem
 from em_platform.sql import aware
 from em_platform.storage.store import STAGING
 from em_platform.storage.upload import UploadIncomplete, free_buffer
-from em_platform.tem.archive import SOURCE, UPLOADED
+from em_platform.tem.archive import SOURCE
+from em_platform.tem.buffer_layout import UPLOADED
 from em_platform.tem.journal import Journal, MontageRow
 
 RESUMABLE = "montage-"  # .staging/montage-<id>: a montage's processed tiles a killed run left to resume from

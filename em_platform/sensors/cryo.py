@@ -8,10 +8,10 @@ series is never requested twice and one that grew (more tilts written by the mic
 A series whose files changed within the settle period is still being acquired and waits. Series without
 ground truth run without ``simulation/evaluation``. A session folder is an edge, under the inbox's rule: a
 folder or a file of a series that resolves outside its root (a symlink pointing out) is never requested: it is
-logged in the tick and dead-lettered once (again only if its refusal changes), as the inbox sensor does.
+logged in the tick and dead-lettered once (again only if its refusal changes), as the inbox sensor does: the
+loop is :mod:`em_platform.sensors.settle`'s.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from em_platform.edge import Refused, check_relative_key
 from em_platform.jobs import cryo_job
 from em_platform.partitions import cryo_tilt_series
 from em_platform.resources import CatalogResource, CryoSessionsResource
+from em_platform.sensors.settle import WatchedEntry, settle_entries
 from em_platform.settings import sensor_interval_seconds
 
 MAX_REQUESTS_PER_TICK = 200
@@ -51,7 +52,6 @@ def session_run_config(ts) -> dict:
 def cryo_sensor(
     context: dg.SensorEvaluationContext, cryo_sessions: CryoSessionsResource, catalog: CatalogResource
 ) -> dg.SensorResult:
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
     found, errors, refused, live = [], {}, {}, []
     for tag, root in cryo_sessions.roots().items():
@@ -71,35 +71,30 @@ def cryo_sensor(
             errors[ts.key] = str(exc)
     for key, error in errors.items():
         context.log.error(f"cryo session entry {key} skipped: {error}")
+    # the refused first, so that every one is dead-lettered even in a tick that reaches the request limit
+    tick = settle_entries(
+        context.cursor,
+        [WatchedEntry(key, e.fingerprint, e, refused=True) for key, e in refused.items()]
+        + [WatchedEntry(ts.key, fingerprint(ts), ts) for ts in found],
+        settled=lambda ts: now - newest_change(ts) >= cryo_sessions.settle_seconds,
+        limit=MAX_REQUESTS_PER_TICK,
+    )
+    for entry in tick.refused:
+        _dead_letter(context, catalog, entry.item)
     known = set(context.instance.get_dynamic_partitions(cryo_tilt_series.name))
-    cursor = {k: v for k, v in seen.items() if k in {ts.key for ts in found} | set(refused)}
-    for key, entry in refused.items():
-        if cursor.get(key) != entry.fingerprint:
-            _dead_letter(context, catalog, entry)
-            cursor[key] = entry.fingerprint
-    requests, new_keys, waiting = [], [], []
-    for ts in found:
-        fp = fingerprint(ts)
-        if cursor.get(ts.key) == fp:
-            continue
-        if now - newest_change(ts) < cryo_sessions.settle_seconds:
-            waiting.append(ts.key)
-            continue
-        if len(requests) >= MAX_REQUESTS_PER_TICK:
-            break
-        if ts.key not in known:
-            new_keys.append(ts.key)
-        requests.append(
-            dg.RunRequest(
-                partition_key=ts.key,
-                run_key=f"{ts.key}@{fp}",
-                asset_selection=PROCESSING + ([EVALUATION] if ts.truth else []),
-                tags={"em/cryo_kind": ts.kind, "em/cryo_fingerprint": fp},
-                run_config=session_run_config(ts),
-            )
+    new_keys = [w.key for w in tick.requested if w.key not in known]
+    requests = [
+        dg.RunRequest(
+            partition_key=w.key,
+            run_key=f"{w.key}@{w.fingerprint}",
+            asset_selection=PROCESSING + ([EVALUATION] if w.item.truth else []),
+            tags={"em/cryo_kind": w.item.kind, "em/cryo_fingerprint": w.fingerprint},
+            run_config=session_run_config(w.item),
         )
-        cursor[ts.key] = fp
-    new_cursor = json.dumps(cursor, sort_keys=True)
+        for w in tick.requested
+    ]
+    waiting = tick.waiting
+    new_cursor = tick.cursor_json()
     if not requests:
         reason = (
             f"{len(waiting)} tilt series still being written" if waiting else "no new or changed tilt series"

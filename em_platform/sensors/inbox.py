@@ -4,10 +4,9 @@ The cursor maps entry name → fingerprint of what was last requested, so an unc
 requested twice and a changed one is requested again (with a new run key). Entries still arriving
 (modified within the settle period, or named like a partial download) wait for a later tick. An entry the
 edge checks refuse (an unsafe name, a symlink out of the inbox) is never requested: it is logged in the
-tick and dead-lettered once (again only if it changes).
+tick and dead-lettered once (again only if it changes); the loop is :mod:`em_platform.sensors.settle`'s.
 """
 
-import json
 import time
 
 import dagster as dg
@@ -16,6 +15,7 @@ from em_platform.ingest.inbox import scan_inbox
 from em_platform.jobs import ingest_local_job
 from em_platform.partitions import inbox_entries
 from em_platform.resources import CatalogResource, InboxResource
+from em_platform.sensors.settle import WatchedEntry, settle_entries
 from em_platform.settings import sensor_interval_seconds
 
 MAX_REQUESTS_PER_TICK = 500  # keeps a tick far below the sensor timeout; the rest come next tick
@@ -30,44 +30,38 @@ MAX_REQUESTS_PER_TICK = 500  # keeps a tick far below the sensor timeout; the re
 def inbox_sensor(
     context: dg.SensorEvaluationContext, inbox: InboxResource, catalog: CatalogResource
 ) -> dg.SensorResult:
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
-    entries = scan_inbox(inbox.folder)
-    present = {e.key for e in entries}
-    cursor = {k: v for k, v in seen.items() if k in present}  # a removed entry may come back later
-    known = set(context.instance.get_dynamic_partitions(inbox_entries.name))
-    requests, new_keys, waiting = [], [], []
-    for entry in entries:
-        if cursor.get(entry.key) == entry.fingerprint:
-            continue
-        if entry.refused is not None:
-            exc = entry.refused
-            letter = catalog.dead_letters().add(
-                source="inbox", topic="ingest/local", field=exc.field, reason=str(exc), body=str(entry.path)
-            )
-            context.log.error(f"inbox entry {entry.key!r} not ingested, dead-lettered as #{letter}: {exc}")
-            cursor[entry.key] = entry.fingerprint
-            continue
-        if not entry.settled(now, inbox.settle_seconds):
-            waiting.append(entry.key)
-            continue
-        if len(requests) >= MAX_REQUESTS_PER_TICK:
-            break
-        if entry.key not in known:
-            new_keys.append(entry.key)
-        requests.append(
-            dg.RunRequest(
-                partition_key=entry.key,
-                run_key=f"{entry.key}@{entry.fingerprint}",
-                tags={"em/inbox_fingerprint": entry.fingerprint},
-            )
+    tick = settle_entries(
+        context.cursor,
+        (
+            WatchedEntry(e.key, e.fingerprint, e, refused=e.refused is not None)
+            for e in scan_inbox(inbox.folder)
+        ),
+        settled=lambda e: e.settled(now, inbox.settle_seconds),
+        limit=MAX_REQUESTS_PER_TICK,
+    )
+    for entry in (w.item for w in tick.refused):
+        exc = entry.refused
+        letter = catalog.dead_letters().add(
+            source="inbox", topic="ingest/local", field=exc.field, reason=str(exc), body=str(entry.path)
         )
-        cursor[entry.key] = entry.fingerprint
+        context.log.error(f"inbox entry {entry.key!r} not ingested, dead-lettered as #{letter}: {exc}")
+    known = set(context.instance.get_dynamic_partitions(inbox_entries.name))
+    new_keys = [e.key for e in tick.requested if e.key not in known]
+    requests = [
+        dg.RunRequest(
+            partition_key=e.key,
+            run_key=f"{e.key}@{e.fingerprint}",
+            tags={"em/inbox_fingerprint": e.fingerprint},
+        )
+        for e in tick.requested
+    ]
+    waiting = tick.waiting
     if waiting:
         context.log.info(
             f"still arriving (modified in the last {inbox.settle_seconds:g} s): {', '.join(waiting[:20])}"
         )
-    new_cursor = json.dumps(cursor, sort_keys=True)
+    new_cursor = tick.cursor_json()
     if not requests:
         reason = (
             f"{len(waiting)} entr{'y' if len(waiting) == 1 else 'ies'} still arriving"

@@ -2,9 +2,11 @@
 
 The buffer + aloha + TEM DB roles of the Allen system in one transaction-like sequence, each step safe to
 repeat: the catalog record goes pending → processing → saving-data → complete (failed, with the error,
-if anything goes wrong); the buffer is uploaded object by object with checksums, resuming what an earlier
-attempt finished (:mod:`em_platform.storage.upload`); the tile records are replaced as a whole; and only
-when the storage root verifies against the upload manifest is the buffer freed (if asked).
+if anything goes wrong), moved by the one ingest lifecycle
+(:class:`~em_platform.ingest.lifecycle.RecordLifecycle`); the buffer is uploaded object by object with
+checksums, resuming what an earlier attempt finished (:mod:`em_platform.storage.upload`); the tile records
+are replaced as a whole; and only when the storage root verifies against the upload manifest is the buffer
+freed (if asked).
 
 Dagster-free: the ``montage_upload`` asset calls :func:`archive_montage`.
 """
@@ -21,23 +23,16 @@ from typing import Any
 
 from em_platform.catalog.db import CatalogDB
 from em_platform.catalog.records import ome_zarr_block
-from em_platform.catalog.status import Status
 from em_platform.imaging.ome_zarr import MultiscaleInfo
+from em_platform.ingest.lifecycle import RecordLifecycle
 from em_platform.stitch.grid import array_name
 from em_platform.storage.checksums import combined_sha256, describe_files
 from em_platform.storage.upload import UploadProgress, UploadReport, free_buffer, upload_buffer
+from em_platform.tem.buffer_layout import UPLOADED, MontageBuffer
 from em_platform.tem.journal import MontageRow, TileRow
 from em_platform.tem.tile_records import TileRecords, tile_records_from_journal
 
 SOURCE = "acquisition"
-PROCESSED, FUSED, LAYOUT, FUSED_INFO, METADATA = (
-    "processed_tiles.zarr",
-    "montage.ome.zarr",
-    "layout.json",
-    "montage.json",
-    "metadata.json",
-)
-UPLOADED = (PROCESSED, FUSED, LAYOUT, FUSED_INFO, METADATA)
 
 log = logging.getLogger(__name__)
 
@@ -89,72 +84,57 @@ def archive_montage(
     "header" (the scope's ``montage.complete``) or "config" (the configured calibration); ``lineage`` is
     the record's (``run_id``, ``asset_key``, ``partition_key``).
     """
-    buffer = Path(buffer_dir)
+    buffer = MontageBuffer(os.fspath(buffer_dir))
     montage_id = montage.montage_id
     _require_buffer(buffer, montage_id)
-    run_id = lineage.get("run_id")
     tiles = [t for t in tiles if not t.is_reference]
     files = _source_files(tiles, buffer)
-    record = catalog.begin(
-        SOURCE,
-        montage_id,
-        description=f"TEM montage {montage_id} ({len(tiles)} tiles)",
-        files=files,
-        run_id=run_id,
-    )
-    rid = record["id"]
-    try:
-        catalog.transition(rid, Status.PROCESSING, run_id=run_id)
-        base = dest_url.rstrip("/")
-        fused = {
-            **json.loads((buffer / FUSED_INFO).read_text()),
-            "url": f"{base}/{FUSED}",
-        }  # where it will live
-        layout = json.loads((buffer / LAYOUT).read_text())
+    lifecycle = RecordLifecycle(catalog, SOURCE, montage_id, run_id=lineage.get("run_id"))
+    lifecycle.begin(description=f"TEM montage {montage_id} ({len(tiles)} tiles)", files=files)
+    with lifecycle.failing_on_error():
+        lifecycle.processing()
+        archived = MontageBuffer(dest_url)  # the buffer folder's layout, where it will live
+        fused = {**json.loads(Path(buffer.fused_info).read_text()), "url": archived.fused}
+        layout = json.loads(Path(buffer.layout).read_text())
         _write_metadata(buffer, montage, pixel_size_nm, qc, layout, fused)
-        catalog.transition(rid, Status.SAVING_DATA, run_id=run_id)
+        lifecycle.saving_data()
         upload = upload_buffer(
-            buffer, dest_url, sources=UPLOADED, storage_options=storage_options, on_progress=on_progress
+            buffer_dir, dest_url, sources=UPLOADED, storage_options=storage_options, on_progress=on_progress
         )
         records = tile_records_from_journal(
-            tiles, _tile_uris(tiles, base), acquisition_id=montage.acquisition_id
+            tiles, _tile_uris(tiles, archived), acquisition_id=montage.acquisition_id
         )
         tile_records.replace_montage(montage_id, records)
-        record = catalog.transition(
-            rid,
-            Status.COMPLETE,
-            run_id=run_id,
-            update=_complete_update(
-                montage, tiles, files, base, fused, layout, qc, pixel_size_nm, pixel_size_source, lineage
-            ),
+        record = lifecycle.complete(
+            _complete_update(
+                montage, tiles, files, archived, fused, layout, qc, pixel_size_nm, pixel_size_source, lineage
+            )
         )
-    except BaseException as exc:
-        catalog.transition(rid, Status.FAILED, error=exc, run_id=run_id)
-        raise
-    freed = free_buffer(buffer, dest_url, storage_options=storage_options) if free else 0
+    freed = free_buffer(buffer_dir, dest_url, storage_options=storage_options) if free else 0
     return ArchiveResult(record, upload, len(records), freed)
 
 
-def _require_buffer(buffer: Path, montage_id: str) -> None:
+def _require_buffer(buffer: MontageBuffer, montage_id: str) -> None:
     """Fail before any record is begun when the montage's own products are not in the buffer yet."""
-    missing = [name for name in (PROCESSED, FUSED, LAYOUT, FUSED_INFO) if not (buffer / name).exists()]
+    missing = [name for name, path in buffer.products().items() if not Path(path).exists()]
     if missing:
         raise FileNotFoundError(
-            f"montage {montage_id}: {', '.join(missing)} not in the buffer {buffer}; materialize "
+            f"montage {montage_id}: {', '.join(missing)} not in the buffer {buffer.folder}; materialize "
             "montage_layout and montage for this partition first"
         )
 
 
-def _source_files(tiles: list[TileRow], buffer: Path) -> list[dict[str, Any]]:
+def _source_files(tiles: list[TileRow], buffer: MontageBuffer) -> list[dict[str, Any]]:
     """The record's source files: the camera's, or the processed tiles when the scope's buffer is gone."""
     files = _raw_files(tiles)
     if not files:  # the scope's buffer already gone: the processed tiles stand for the source
-        files = describe_files(sorted(p for p in (buffer / PROCESSED).rglob("*") if p.is_file()), buffer)
+        processed = sorted(p for p in Path(buffer.processed_tiles).rglob("*") if p.is_file())
+        files = describe_files(processed, Path(buffer.folder))
     return files
 
 
 def _write_metadata(
-    buffer: Path,
+    buffer: MontageBuffer,
     montage: MontageRow,
     pixel_size_nm: float,
     qc: Mapping[str, Any],
@@ -163,7 +143,7 @@ def _write_metadata(
 ) -> None:
     """``metadata.json`` beside the products, so the archived folder describes itself without the catalog."""
     _write_json_atomic(
-        buffer / METADATA,
+        Path(buffer.metadata),
         {
             "montage_id": montage.montage_id,
             "acquisition_id": montage.acquisition_id,
@@ -177,10 +157,12 @@ def _write_metadata(
     )
 
 
-def _tile_uris(tiles: list[TileRow], base: str) -> dict[str, str]:
+def _tile_uris(tiles: list[TileRow], archived: MontageBuffer) -> dict[str, str]:
     """Where each tile's image lives after the upload: its processed array, else the camera's file."""
     return {
-        t.tile_id: f"{base}/{PROCESSED}/{array_name(t.row, t.column)}" if t.status == "processed" else t.path
+        t.tile_id: f"{archived.processed_tiles}/{array_name(t.row, t.column)}"
+        if t.status == "processed"
+        else t.path
         for t in tiles
     }
 
@@ -189,7 +171,7 @@ def _complete_update(
     montage: MontageRow,
     tiles: list[TileRow],
     files: list[dict[str, Any]],
-    base: str,
+    archived: MontageBuffer,
     fused: Mapping[str, Any],
     layout: Mapping[str, Any],
     qc: Mapping[str, Any],
@@ -197,7 +179,7 @@ def _complete_update(
     pixel_size_source: str,
     lineage: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The catalog record's metadata, files and lineage once the montage is archived at ``base``."""
+    """The catalog record's metadata, files and lineage once the montage is archived in ``archived``."""
     info = MultiscaleInfo.from_dict(fused)
     shape = [int(n) for n in fused["shape"]]
     return {
@@ -228,12 +210,12 @@ def _complete_update(
                 "completeness_score": _completeness(tiles, montage),
                 "metrics": {"qc": dict(qc), "layout": layout.get("qc", {})},
             },
-            "ome_zarr": ome_zarr_block(info, f"{base}/{FUSED}"),
+            "ome_zarr": ome_zarr_block(info, archived.fused),
         },
         "files": {
-            "volume": f"{base}/{FUSED}",
-            "metadata": f"{base}/{METADATA}",
-            "additional": {"processed_tiles": f"{base}/{PROCESSED}", "layout": f"{base}/{LAYOUT}"},
+            "volume": archived.fused,
+            "metadata": archived.metadata,
+            "additional": {"processed_tiles": archived.processed_tiles, "layout": archived.layout},
         },
         "lineage": dict(lineage),
     }

@@ -160,7 +160,8 @@ class MontageRow:
 
 @dataclass(frozen=True)
 class TileReport:
-    """One judged tile: its outgoing messages and its results (see :meth:`Journal.save_tile_results`)."""
+    """One judged tile as it is committed: its outgoing messages (``tile.*``, ``qc.tile``) and the status,
+    results and QC that become its :class:`TileRow`'s (see :meth:`Journal.save_tile_results`)."""
 
     tile_id: str
     outgoing: list[tuple[str, dict[str, Any]]]
@@ -183,6 +184,9 @@ class OpenMontage:
 
 @dataclass(frozen=True)
 class TileRow:
+    """A tile as the journal holds it: its ``tile.raw`` (place, stage position, file) and, once judged, the
+    results, QC and error its :class:`TileReport` committed."""
+
     tile_id: str
     montage_id: str
     seq: int
@@ -258,11 +262,11 @@ class Journal:
         body: str | bytes | Any,
         headers: dict[str, Any] | None = None,
     ) -> int:
-        """Keep a refused message (see :mod:`em_platform.catalog.dead_letters`); committed when this returns."""
-        with self.engine.begin() as conn:
-            return add_letter(
-                conn, source=source, topic=topic, field=field, reason=reason, body=body, headers=headers
-            )
+        """Keep a refused message (see :func:`em_platform.catalog.dead_letters.add_letter`); committed when
+        this returns."""
+        return add_letter(
+            self.engine, source=source, topic=topic, field=field, reason=reason, body=body, headers=headers
+        )
 
     def record_tile_reports(self, reports: Sequence[TileReport]) -> None:
         """Judged tiles' outgoing messages and results, all in one commit.

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from em_platform.storage.store import DataStore
+from em_platform.tem.buffer_layout import MontageBuffer
 from em_platform.tem.journal import Journal
 
 CLAIM_SECONDS = 6.0  # a dead holder's claim lapses this long after its last renewal
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def processed_tile_paths(buffer: DataStore, montage_id: str) -> tuple[str, str]:
     """(final, staging) of a montage's processed tiles in the acquisition buffer: the staging is the same
     for every judge of the montage (service, run, retried run), so each resumes what the last one stored."""
-    final = buffer.path(montage_id, "processed_tiles.zarr")
+    final = MontageBuffer(buffer.path(montage_id)).processed_tiles
     return final, buffer.staging_path(final, resumable_as=f"montage-{montage_id}")
 
 

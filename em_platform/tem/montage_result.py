@@ -1,4 +1,4 @@
-"""What a montage's live run found: each tile's record (its verdict, matches and step times), the stage
+"""What a montage's live run found: each tile's progress (its verdict, matches and step times), the stage
 calibration it used, and the run's result, which :mod:`em_platform.tem.qc_summary` sums up for the checks.
 Filled by :mod:`em_platform.tem.montage_run`; no Dagster here."""
 
@@ -11,10 +11,10 @@ from em_platform.tem.journal import TileRow
 from em_platform.tem.qc import MontageQC, TileVerdict
 from em_platform.tem.tile_tasks import TileOutcome
 
-__all__ = ["LATENCY_STEPS", "MontageRunResult", "StageCalibration", "TileRecord"]
+__all__ = ["LATENCY_STEPS", "MontageRunResult", "StageCalibration", "TileProgress"]
 
 # Where a tile's latency (tile.raw journaled -> verdict journaled) goes: (stage, from, to) over the
-# TileRecord's times. "landed": the journal received tile.raw; "seen": a poll handed it to the run; the
+# TileProgress's times. "landed": the journal received tile.raw; "seen": a poll handed it to the run; the
 # process/judge times are the Dask tasks' own; "collected": the run took the judgement; "verdict": its
 # qc.tile was committed (it waits for the verdicts of the tiles before it).
 LATENCY_STEPS = (
@@ -46,7 +46,18 @@ class StageCalibration:
 
 
 @dataclass
-class TileRecord:
+class TileProgress:
+    """One tile on its way through the run, on the run's side: the journal's row, the worker's outcome and
+    matches as they come back, the Dask futures still held for it, its verdict and each step's time.
+
+    The tile's chain of types: :class:`~em_platform.tem.journal.TileRow` (what the journal holds) →
+    :class:`~em_platform.tem.tile_tasks.TileOutcome` (processed, on a worker) →
+    :class:`~em_platform.tem.tile_tasks.Judgement` (outcome + measured matches, back from Dask) → this →
+    :class:`~em_platform.tem.qc.TileVerdict` (its faults) → :class:`~em_platform.tem.journal.TileReport`
+    (messages and results to commit) → after the upload,
+    :class:`~em_platform.tem.tile_records.TileRecord` (TEMdb's tile row).
+    """
+
     tile: TileRow
     outcome: TileOutcome | None = None  # statistics and focus (no pixels); None until judged, or failed
     error: str | None = None
@@ -65,7 +76,7 @@ class TileRecord:
 @dataclass
 class MontageRunResult:
     montage_id: str
-    tiles: dict[str, TileRecord]
+    tiles: dict[str, TileProgress]
     missing: list[tuple[int, int]]  # never acquired (the planned grid has a hole)
     not_received: dict[str, tuple[int | None, int | None]]  # named by montage.complete, never journaled
     flatfield: dict[str, Any]

@@ -38,7 +38,7 @@ from em_platform.cluster.stall import is_stalled
 from em_platform.metrics.live import count_verdicts
 from em_platform.stitch.grid import NEIGHBOURS, array_name, matched_against, neighbour_of, stage_to_image
 from em_platform.tem.journal import MontageRow, TileReport, TileRow
-from em_platform.tem.montage_result import MontageRunResult, StageCalibration, TileRecord
+from em_platform.tem.montage_result import MontageRunResult, StageCalibration, TileProgress
 from em_platform.tem.protocol import tile_messages, tile_metadata
 from em_platform.tem.qc import Fault, MontageQC, QCConfig, tile_faults, usable_for_matching
 from em_platform.tem.qc_summary import MontageLimits, MontageSummary
@@ -125,8 +125,8 @@ class MontageRun:
         self.announce_url = announce_url or processed_url  # where tile.processed says a tile will be
         self.config, self.log, self.clock, self.sleep = config, logger, clock, sleep
         self.qc = MontageQC(config.qc)
-        self.records: dict[str, TileRecord] = {}
-        self.by_pos: dict[tuple[int, int], TileRecord] = {}
+        self.tiles: dict[str, TileProgress] = {}
+        self.by_pos: dict[tuple[int, int], TileProgress] = {}
         self.order: list[str] = []  # tile ids in acquisition order
         self.next_verdict = 0
         self.references: list[TileRow] = []
@@ -172,13 +172,13 @@ class MontageRun:
             not_received = self._finish()
             self._wait_for_stores()
         finally:
-            for rec in self.records.values():
+            for rec in self.tiles.values():
                 self._release(rec)
                 rec.store = None  # a store not yet written is cancelled: a re-run writes it (see _resumed)
             del warming
         result = MontageRunResult(
             self.montage_id,
-            self.records,
+            self.tiles,
             self._missing_positions(not_received),
             not_received,
             self.flatfield_info,
@@ -222,7 +222,7 @@ class MontageRun:
             elif self.clock() - self.last_arrival > self.config.stall_timeout_seconds:
                 raise AcquisitionStalled(
                     f"montage {self.montage_id}: no tile for {self.config.stall_timeout_seconds:g} s while the "
-                    f"scope reports it {self.montage.state!r} ({len(self.records)} tiles so far); check the "
+                    f"scope reports it {self.montage.state!r} ({len(self.tiles)} tiles so far); check the "
                     "microscope and the listener, then re-run this partition to resume"
                 )
             self.sleep(max(0.0, next_poll - self.clock()))
@@ -263,7 +263,7 @@ class MontageRun:
             return
         if not self.order and (self.flatfield_future is None or self.flatfield_refs != len(self.references)):
             self._start_flatfield()
-        if t.tile_id in self.records:
+        if t.tile_id in self.tiles:
             return  # the journal hands each tile over once; a re-sent tile.raw with a new id is a new tile
         if self.backlog or len(self.storing) >= MAX_UNSTORED_TILES:
             self.backlog.append(t)  # in acquisition order, behind the tiles already waiting
@@ -277,8 +277,8 @@ class MontageRun:
     def _take_on(self, t: TileRow) -> None:
         """The tile becomes the run's: resumed from the journal, or its three tasks submitted."""
         resumed = None if self.config.rejudge else self._resumed(t)
-        rec = resumed or TileRecord(t, times={"landed": t.acquired_at.timestamp(), "seen": time.time()})
-        self.records[t.tile_id] = rec
+        rec = resumed or TileProgress(t, times={"landed": t.acquired_at.timestamp(), "seen": time.time()})
+        self.tiles[t.tile_id] = rec
         self.order.append(t.tile_id)
         self.by_pos[(t.row, t.column)] = rec
         n = len(self.order)
@@ -300,7 +300,7 @@ class MontageRun:
         self.judges[judge] = (t.tile_id, [(job.tile_id, job.position) for job, _, _ in edges])
         judge.add_done_callback(self.completed.put)
 
-    def _submit_processing(self, rec: TileRecord, n: int) -> None:
+    def _submit_processing(self, rec: TileProgress, n: int) -> None:
         """The tile's processing task and, behind it, the store of its processed pixels."""
         t = rec.tile
         rec.future = self.client.submit(
@@ -323,15 +323,15 @@ class MontageRun:
         self.storing[rec.store] = t.tile_id
         rec.store.add_done_callback(self.stored.put)
 
-    def _resumed(self, t: TileRow) -> TileRecord | None:
+    def _resumed(self, t: TileRow) -> TileProgress | None:
         """The tile as an earlier run of this montage judged it, when the journal holds its verdict: so a run
         killed or restarted mid-montage judges and sends each tile once (a tile whose processed pixels were
         not written to the end is processed again, not judged again). Its faults rejoin the montage's QC in acquisition order (the journal commits
         verdicts in that order), so runs of faulty tiles count across the restart."""
-        if t.qc_passed is None or self.order and not self.records[self.order[-1]].resumed:
+        if t.qc_passed is None or self.order and not self.tiles[self.order[-1]].resumed:
             return None  # not judged, or after a tile this run judges anew: from here on, all anew
         results = t.results or {}
-        rec = TileRecord(t, resumed=True)
+        rec = TileProgress(t, resumed=True)
         if t.error is not None:
             rec.error = t.error
         elif "stats" in results:
@@ -351,7 +351,7 @@ class MontageRun:
         """Where the tile's processed pixels are stored (a zarr array in the montage's group)."""
         return f"{self.processed_url}/{array_name(t.row, t.column)}"
 
-    def _edges_closed_by(self, rec: TileRecord) -> list[tuple[EdgeJob, Any, Any]]:
+    def _edges_closed_by(self, rec: TileProgress) -> list[tuple[EdgeJob, Any, Any]]:
         """The overlaps the new tile closes: with its top and left neighbours, and as the top or left
         neighbour of tiles that arrived before it (another raster order, a late tile)."""
         t = rec.tile
@@ -377,7 +377,7 @@ class MontageRun:
             edges.append((job, *ends))
         return edges
 
-    def _end(self, rec: TileRecord) -> Any:
+    def _end(self, rec: TileProgress) -> Any:
         """A tile as one end of a match: its processing future, its store's once that is released, its
         stored pixels once both are, or None when it has nothing to match (failed, or a single-tile fault)."""
         if rec.judged and (rec.error is not None or not self._usable(rec)):
@@ -389,7 +389,7 @@ class MontageRun:
         url = self._tile_url(rec.tile)
         return StoredTile(url, self.storage_options, rec.outcome.shape)
 
-    def _usable(self, rec: TileRecord) -> bool:
+    def _usable(self, rec: TileProgress) -> bool:
         return rec.outcome is not None and usable_for_matching(
             rec.outcome.stats, rec.outcome.focus, self.config.qc
         )
@@ -484,7 +484,7 @@ class MontageRun:
         else:
             judgement = _result(fut)
         fut.release()
-        rec = self.records[judgement.tile_id]
+        rec = self.tiles[judgement.tile_id]
         o = judgement.outcome
         self.cpu.update(o.cpu)
         self.cpu.update(judgement.cpu)
@@ -509,7 +509,7 @@ class MontageRun:
                     "matching tile %s to its %s neighbour failed: %s", tile_id, position, m["error"]
                 )
                 m = None
-            owner = self.records[tile_id]
+            owner = self.tiles[tile_id]
             owner.matches[position] = m
             if owner.verdict is not None and m is not None and "dX" in m:
                 self.source.late_matches(tile_id, {position: m})
@@ -517,7 +517,7 @@ class MontageRun:
         if top is not None and top is not rec:
             self._release(top)  # the tile below is matched: its strips are done with (memory: about a row)
 
-    def _release(self, rec: TileRecord) -> None:
+    def _release(self, rec: TileProgress) -> None:
         if rec.future is not None:
             rec.future.release()
             rec.future = None
@@ -544,7 +544,7 @@ class MontageRun:
                 self.storing[fut] = tile_id  # (the same bytes to the same place) and it comes back here
                 fut.add_done_callback(self.stored.put)
                 continue
-            rec = self.records[tile_id]
+            rec = self.tiles[tile_id]
             if fut.status == "error":
                 exc = fut.exception()
                 _stop_if_stalled(exc)
@@ -572,7 +572,7 @@ class MontageRun:
         """Verdicts for the judged tiles, strictly in acquisition order; one journal commit for them all."""
         reports, judged = [], []
         while self.next_verdict < len(self.order):
-            rec = self.records[self.order[self.next_verdict]]
+            rec = self.tiles[self.order[self.next_verdict]]
             if not rec.judged or any(m is IN_FLIGHT for m in rec.matches.values()):
                 break
             if not rec.resumed:  # a resumed tile's verdict went out from the run that judged it
@@ -586,7 +586,7 @@ class MontageRun:
                 rec.times["verdict"] = committed
             count_verdicts(judged, getattr(self.source, "tile_shares", None))
 
-    def _verdict(self, rec: TileRecord) -> TileReport:
+    def _verdict(self, rec: TileProgress) -> TileReport:
         t, o = rec.tile, rec.outcome
         matches = [m for m in rec.matches.values() if m is None or "dX" in m]  # None: no overlap found
         stats, focus = (o.stats, o.focus) if o is not None else (None, None)
@@ -630,12 +630,12 @@ class MontageRun:
             return False  # cancelled or failed: nothing more is coming
         if self.named is None:
             self.named = self.source.named_tiles(self.montage_id)
-        outstanding = self.named is None or any(tid not in self.records for tid in self.named)
+        outstanding = self.named is None or any(tid not in self.tiles for tid in self.named)
         return outstanding and self.clock() - self.finished_at < self.config.late_tile_seconds
 
     def _finish(self) -> dict[str, tuple[int | None, int | None]]:
         waited = self.clock() - (self.finished_at or self.clock())
-        not_received = {tid: rc for tid, rc in (self.named or {}).items() if tid not in self.records}
+        not_received = {tid: rc for tid, rc in (self.named or {}).items() if tid not in self.tiles}
         for tid, (row, column) in sorted(not_received.items(), key=lambda kv: (kv[1][0] or 0, kv[1][1] or 0)):
             self.qc.add_not_received(tid, row, column, waited)
         if not_received:
@@ -660,7 +660,7 @@ class MontageRun:
         self.log.info(
             "montage %s: %d tiles, QC %s%s",
             self.montage_id,
-            len(self.records),
+            len(self.tiles),
             self.qc.status,
             f" ({self.qc.reason})" if self.qc.reason else "",
         )
@@ -692,7 +692,7 @@ def _both_references(references: list[TileRow]) -> bool:
     return any(r.brightfield for r in references) and any(r.darkfield for r in references)
 
 
-def _results(rec: TileRecord) -> dict[str, Any] | None:
+def _results(rec: TileProgress) -> dict[str, Any] | None:
     if rec.outcome is None:
         return None
     s = rec.outcome.stats

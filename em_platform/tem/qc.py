@@ -85,6 +85,8 @@ class Fault:
 
 @dataclass(frozen=True)
 class TileVerdict:
+    """One tile's QC: where it is and the faults it shows (after escalation by runs); none means it passed."""
+
     tile_id: str
     row: int
     column: int

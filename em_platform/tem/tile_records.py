@@ -52,7 +52,8 @@ _MATCH_FIELDS = ("dX", "dY", "dXsd", "dYsd", "distance", "rotation", "position",
 
 @dataclass(frozen=True)
 class TileRecord:
-    """TEMdb's Tile: ``stage_position`` {x, y} and ``raster_position`` {row, col} flattened into columns."""
+    """An uploaded tile's row in ``tem_tiles`` (TEMdb's Tile): where it was imaged, its focus and statistics,
+    its archived image and matches; ``stage_position`` {x, y} and ``raster_position`` {row, col} flattened."""
 
     tile_id: str
     montage_id: str

@@ -15,7 +15,7 @@ from em_platform.catalog.db import CatalogDB, datasets
 from em_platform.retention.buffer import apply_buffer_policy
 from em_platform.retention.files import NotFollowed, checked
 from em_platform.storage.upload import upload_buffer
-from em_platform.tem.archive import UPLOADED
+from em_platform.tem.buffer_layout import UPLOADED
 from em_platform.tem.journal import Journal, montages
 
 NOW = datetime.now(UTC)

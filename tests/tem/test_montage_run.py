@@ -532,7 +532,7 @@ def test_processed_tiles_waiting_to_be_written_are_bounded(tmp_path, client, mon
         while len(journal.messages("qc.tile", truth.montage_id)) < 3:
             assert time.monotonic() < deadline and thread.is_alive(), "the first tiles were not judged"
             time.sleep(0.05)
-        assert len(run.records) == 3 and len(run.backlog) == len(tiles) - 3
+        assert len(run.tiles) == 3 and len(run.backlog) == len(tiles) - 3
         assert len(journal.messages("qc.tile", truth.montage_id)) == 3
     finally:
         tile_tasks._ONE_WRITER.release()
