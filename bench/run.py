@@ -13,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-ON_ITS_OWN = {"scale"}  # fills databases for tens of minutes: make bench-scale, or named here
+ON_ITS_OWN = {
+    "scale",
+    "suite",
+}  # tens of minutes each (make bench-scale; a fresh clone's make test): named here
 
 
 def discover() -> list[str]:

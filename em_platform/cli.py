@@ -170,13 +170,20 @@ def _dev(args, settings) -> int:
     import os
 
     from em_platform.dev import run_dev
-    from em_platform.settings import ensure_dagster_home, project_dir
+    from em_platform.settings import ENV_NAMES, ensure_dagster_home, project_dir
 
     workspace = args.workspace or (project_dir() or Path.cwd()) / "workspace.yaml"
     if not workspace.is_file():
         print(f"em-platform dev: no workspace file {workspace}; give --workspace", file=sys.stderr)
         return 2
     os.environ["DAGSTER_HOME"] = str(ensure_dagster_home(settings.dagster_home))  # the one home (settings)
+    # Dagster's processes run in the Dagster home, the services here: a folder set as a relative path is
+    # handed on as the one it means here, so every process reads the same folder
+    for key, name in ENV_NAMES.items():
+        raw, value = os.environ.get(name, "").strip(), getattr(settings, key, None)
+        relative = raw and "://" not in raw and not Path(raw).expanduser().is_absolute()
+        if relative and isinstance(value, str) and Path(value).is_absolute():
+            os.environ[name] = value
     return run_dev(str(workspace), args.host, args.port)
 
 

@@ -96,6 +96,10 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
     """Run `dagster dev` until it exits or this process gets SIGTERM/SIGINT; its exit status."""
     # `dagster dev` whose webserver is behind the guard: a loopback UI is reachable from every page the
     # operator's browser opens (em_platform/webserver.py)
+    # started in the Dagster home, the workspace named by its path: `dagster dev` warns of a dagster.yaml in its
+    # working directory that is not DAGSTER_HOME's, and the checkout's top holds the embedded default one
+    workspace = os.path.abspath(workspace)
+    home = os.environ.get("DAGSTER_HOME") or None
     cmd = [sys.executable, "-m", "em_platform.webserver", "dev", "-w", workspace, "-h", host, "-p", str(port)]
     create_instance_storage()
     pool = DaskPool.start(out) if not os.environ.get("DASK_SCHEDULER_ADDRESS") else None
@@ -114,6 +118,7 @@ def run_dev(workspace: str, host: str, port: int, out=sys.stdout) -> int:
         errors="replace",
         preexec_fn=_restore_sigint,
         start_new_session=True,
+        cwd=home,
         env={**os.environ, **(pool.env if pool else {}), "PYTHONWARNINGS": _NOT_DG},
     )
     stopping = threading.Event()
