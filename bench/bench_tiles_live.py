@@ -1114,6 +1114,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         help="the live-QC service's journal in this database (make bench-scale's full catalog, say) instead of "
         "a fresh SQLite file per run",
     )
+    p.add_argument(
+        "--beside",
+        help="what else runs on the machine during this invocation (e.g. a cryo-live session): kept with its "
+        "figures and its history entry, so they are not read as the machine's alone",
+    )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scheduler", help=argparse.SUPPRESS)
     p.add_argument("--run-montage", help=argparse.SUPPRESS)
@@ -1295,6 +1300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 "latency_s_max": all(s["latency_s_max"] < TARGETS["latency_s_max"] for s in led),
             },
         }
+    if args.beside:
+        result["beside"] = args.beside
     result["history"] = _history(result)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
@@ -1372,6 +1379,7 @@ def _history(result: dict[str, Any]) -> list[dict[str, Any]]:
         "unpaced_cpu_ms_per_tile_by_stage": u["cpu_ms_per_tile_by_stage"],
         "unpaced_cores_others": u["machine_cpu"]["cores_others"],
         "alone": runs(result.get("live_service", {}).get("runs", [])),
+        **({"beside": result["beside"]} if "beside" in result else {}),
     }
     busy = result.get("live_service_with_batch")
     if busy is not None:
