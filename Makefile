@@ -9,8 +9,7 @@ export EM_DATA_ROOT ?= $(CURDIR)/var/data
 DEV_PORT ?= 3000
 # make test runs the suite on this many processes (pytest-xdist; one module per work unit: tests/conftest.py).
 # Three on two cores: many tests wait on subprocesses (Dagster runs, SLURM jobs, servers), and a third process
-# fills those waits (2026-11-27, with the end-to-end units still in make test: 11 min 45 s; with two 14 min 16 s,
-# of which a failing test waited 1 min; with four 13 min 34 s, the machine overloaded)
+# fills those waits; four overload the machine (bench/bench_suite.py times a choice: TEST_WORKERS=N)
 TEST_WORKERS ?= 3
 
 .PHONY: demo test test-e2e test-fast dev bench bench-scale bench-cryo-live lint validate clean services compiled ops-engine test-ops
@@ -32,9 +31,9 @@ $(EM_STITCH): scripts/fetch_em_stitch.py | $(VENV)/.installed
 compiled: $(VENV)/.installed
 	@$(PY) -m compileall -q em_platform
 
-$(DAGSTER_HOME)/dagster.yaml: instance/dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	cp instance/dagster.yaml $@
+	cp dagster.yaml $@
 
 ## demo: ingest sample volumes of every format through Dagster on the embedded defaults, print the catalog
 demo: compiled $(DAGSTER_HOME)/dagster.yaml
@@ -49,9 +48,7 @@ OWN_TARGET_SUITES = tests/deploy/test_faults.py tests/slurm/test_faults_on_slurm
 
 ## test: the test suite (PostgreSQL / RabbitMQ tests skip with a reason if those servers are absent); the two
 ## end-to-end units are make test-e2e's, which CI runs after it
-test: compiled services slurm-engine ops-engine $(EM_STITCH)
-	$(VENV)/bin/ruff check em_platform tests bench scripts
-	$(VENV)/bin/ruff format --check em_platform tests bench scripts
+test: lint compiled services slurm-engine ops-engine $(EM_STITCH)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=40 -m "not end_to_end" --ignore=tests/compose --ignore=tests/ops $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## test-e2e: the end-to-end units, each a chain of its own on one process: a fresh checkout's `make demo` (twice)
@@ -61,9 +58,7 @@ test-e2e: compiled services slurm-engine ops-engine $(EM_STITCH)
 	$(PY) -m pytest -q -n 2 --durations=20 -m end_to_end --ignore=tests/compose --ignore=tests/ops $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## test-fast: make test without its `slow` tests (whole Dagster runs): the quick loop while changing code
-test-fast: compiled services slurm-engine ops-engine $(EM_STITCH)
-	$(VENV)/bin/ruff check em_platform tests bench scripts
-	$(VENV)/bin/ruff format --check em_platform tests bench scripts
+test-fast: lint compiled services slurm-engine ops-engine $(EM_STITCH)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not end_to_end and not slow" --ignore=tests/compose --ignore=tests/ops $(OWN_TARGET_SUITES:%=--ignore=%) tests
 
 ## dev: Dagster UI + daemon on http://127.0.0.1:3000 (DEV_PORT=3001 make dev for another port); stops on SIGTERM
@@ -88,9 +83,13 @@ bench-cryo-live: compiled
 validate: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
 
+## lint: ruff (lint and format), the layers (lint-imports: [tool.importlinter] in pyproject.toml) and the type
+## checker on the domain packages ([tool.mypy]); make test and test-fast run it first
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check em_platform tests bench scripts
 	$(VENV)/bin/ruff format --check em_platform tests bench scripts
+	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/mypy
 
 ## services: enable RabbitMQ's STOMP plugin when RabbitMQ is installed here (best effort, never fatal)
 services:

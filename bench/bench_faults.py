@@ -32,13 +32,13 @@ INSTANCE_NOTE = (
 
 def _undisturbed(topology, api) -> dict[str, float]:
     from tests.deploy.conftest import acquire, drop_into_inbox
-    from tests.deploy.faults import _started, _wait_done
+    from tests.support.outcomes import wait_partition_started, wait_partitions_done
 
     name = f"baseline_{uuid.uuid4().hex[:6]}.ome.tif"
     drop_into_inbox(topology, name, seed=30, shape=(32, 512, 512))
-    _started(api, name)
+    wait_partition_started(api, name)
     t0 = time.monotonic()
-    ingest = _wait_done(api, [name]) - t0
+    ingest = wait_partitions_done(api, [name]) - t0
     t0 = time.monotonic()
     acquire(topology, api, "--rate", "3", rows=3, columns=4)
     return {"ingest": round(ingest, 2), "montage": round(time.monotonic() - t0, 2)}

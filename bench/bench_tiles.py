@@ -1,6 +1,6 @@
 """Benchmark: the live TEM per-tile chain on 5000² uint8 camera tiles, 2 cores, against a naive baseline.
 
-The chain is what TEM_graph does to every tile (reference/seed-systems.md §1.2), as implemented in
+The chain is what TEM_graph does to every tile (docs/seed-systems.md §1.2), as implemented in
 :mod:`em_platform.tem.tile_processing` and :mod:`em_platform.stitch.matching`:
 
     read the raw TIFF → flatfield → CLAHE (clip 2, 16×16) → min/max/mean/std + 256-bin histogram

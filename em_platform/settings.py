@@ -228,14 +228,16 @@ def _viewer_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
 
     from em_platform.web_guard.rules import host_name
 
-    names = [urlsplit(env.get("EM_VIEWER_URL", "").strip() or DEFAULT_VIEWER_URL).hostname]
+    url_host = urlsplit(env.get("EM_VIEWER_URL", "").strip() or DEFAULT_VIEWER_URL).hostname
+    names = [url_host] if url_host else []
     for entry in filter(None, (e.strip() for e in env.get("EM_VIEWER_HOSTS", "").split(","))):
-        if host_name(entry) is None:
+        name = host_name(entry)
+        if name is None:
             raise ConfigError(
                 f"EM_VIEWER_HOSTS entry {entry!r} must be a host name or address browsers use for the viewer "
                 "(e.g. viewer.facility.example), without scheme or path; separate several with ','"
             )
-        names.append(host_name(entry))
+        names.append(name)
     return tuple(dict.fromkeys(names))
 
 
@@ -363,13 +365,12 @@ ENV_NAMES = {
 
 
 def ensure_dagster_home(folder: str | Path) -> Path:
-    """Create the Dagster home if needed, with the checkout's instance/dagster.yaml (the embedded default instance;
-    not at the checkout's top, where Dagster warns that a dagster.yaml outside DAGSTER_HOME is not used)."""
+    """Create the Dagster home if needed, with the checkout's dagster.yaml (the embedded default instance)."""
     home = Path(folder)
     home.mkdir(parents=True, exist_ok=True)
     root = project_dir()
     target = home / "dagster.yaml"
-    source = root / "instance" / "dagster.yaml" if root is not None else None
+    source = root / "dagster.yaml" if root is not None else None
     if source is not None and source.is_file() and not target.exists():
         target.write_text(source.read_text())
     return home

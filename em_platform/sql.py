@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -34,6 +34,12 @@ _PASSING = (
 )
 
 
+@overload
+def aware(ts: datetime) -> datetime: ...
+@overload
+def aware(ts: None) -> None: ...
+@overload
+def aware(ts: datetime | None) -> datetime | None: ...
 def aware(ts: datetime | None) -> datetime | None:
     """A timestamp read from the database as UTC-aware: SQLite hands ``DateTime(timezone=True)`` back naive."""
     return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
@@ -96,7 +102,7 @@ def add_indexes(bind: Engine | sa.Connection, metadata: sa.MetaData) -> None:
     table with its indexes, never an index added to a table an earlier release made. Two processes starting
     at once may both try: the one that loses finds the index there."""
 
-    def present(table: sa.Table) -> set[str]:
+    def present(table: sa.Table) -> set[str | None]:
         return {i["name"] for i in sa.inspect(bind).get_indexes(table.name)}
 
     for table in metadata.sorted_tables:

@@ -15,13 +15,19 @@ import itertools
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+# what signal.signal installs and returns
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
 def on_stop_signal(
     action: Callable[[int], None], signals: Iterable[signal.Signals] = STOP_SIGNALS
-) -> dict[int, object]:
+) -> dict[int, Handler]:
     """Run ``action(signum)`` in a new thread at the first of ``signals``; every later one is ignored (the
     stop is under way). Install from the main thread; returns the handlers it replaced, for
     :func:`restore`."""
@@ -35,7 +41,7 @@ def on_stop_signal(
     return {sig: signal.signal(sig, handler) for sig in signals}
 
 
-def restore(previous: dict[int, object]) -> None:
+def restore(previous: dict[int, Handler]) -> None:
     """Put back the handlers :func:`on_stop_signal` replaced."""
     for sig, handler in previous.items():
         signal.signal(sig, handler)

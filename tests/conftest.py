@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import uuid
 
 import pytest
 
+from tests.support.ports import free_port
+
 PG_HOST = os.environ.get("EM_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("EM_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("EM_TEST_PG_USER", "postgres")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +82,7 @@ def s3_endpoint():
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    port = _free_port()
+    port = free_port()
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -247,13 +247,15 @@ def test_make_dev_serves_its_ui_behind_the_guard_and_ctrl_c_stops_it_leaving_not
 
     import psutil
 
-    from tests.support.browser import REPO, free_port
+    from tests.support.browser import REPO
+    from tests.support.environment import clean_env
+    from tests.support.ports import free_port
 
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(REPO / "instance" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
+    env = clean_env("EM_", "DAGSTER_", "DASK_")
     env.update(
         DAGSTER_HOME=str(home),
         EM_DATA_ROOT=str(tmp_path / "data"),
@@ -416,7 +418,7 @@ def test_the_instance_storage_is_created_once_before_its_openers_start_together(
 
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(REPO / "instance" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     subprocess.run(
         [sys.executable, "-c", "from em_platform.dev import create_instance_storage as c; c()"],

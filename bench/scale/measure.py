@@ -87,8 +87,8 @@ def storage_check(
     auditing one montage, the template's objects read back and hashed on the local data root; the records
     due)."""
     from em_platform.catalog.db import CatalogDB
+    from em_platform.catalog.storage_audits import StorageAudits, cycle_days
     from em_platform.storage import DataStore
-    from em_platform.storage.audits import StorageAudits, cycle_days
     from em_platform.storage.consistency import check_consistency
 
     audits, db = StorageAudits(catalog_url), CatalogDB(catalog_url, create=False)

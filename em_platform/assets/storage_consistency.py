@@ -2,7 +2,7 @@
 the storage root, intact where a checksum was recorded; its own job and a daily schedule.
 
 The logic is :mod:`em_platform.storage.consistency`'s; which records an evaluation audits,
-:mod:`em_platform.storage.audits`'s (a share a day, each once a cycle). The schedule is on by default: a
+:mod:`em_platform.catalog.storage_audits`'s (a share a day, each once a cycle). The schedule is on by default: a
 store that loses data says nothing, so the check must run whether or not anyone remembered to turn it on.
 Its cost is a listing and a HEAD per named object on S3 (checksums come from the listed ETags), but on a
 local folder the montages' objects are read back to be hashed: a large local root can move it to a quiet
@@ -13,8 +13,8 @@ import dagster as dg
 
 from em_platform.assets.catalog import metadata_catalog
 from em_platform.assets.presentation import check_result
+from em_platform.catalog.storage_audits import CYCLE_SETTING, StorageAudits, cycle_days
 from em_platform.resources import CatalogResource, StorageResource
-from em_platform.storage.audits import CYCLE_SETTING, StorageAudits, cycle_days
 from em_platform.storage.consistency import check_consistency
 
 CHECK_NAME = "storage_consistency"

@@ -35,7 +35,7 @@ def validation_errors(record: Any) -> list[str]:
     errors = sorted(
         _validator().iter_errors(record), key=lambda e: (list(map(str, e.absolute_path)), e.message)
     )
-    out = []
+    out: list[str] = []
     for e in errors:
         # if/then failures repeat a nested error; report the nested ones, which name the field.
         leaves = [e] if not e.context else sorted(e.context, key=lambda c: list(map(str, c.absolute_path)))

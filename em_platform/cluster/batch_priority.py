@@ -24,7 +24,7 @@ thread (``sched_idle_cpu``), so a live thread lands on the core the batch holds 
 of queueing behind its own service's other thread while the batch keeps the other core (bench_tiles_live
 --with-batch: fewer live threads runnable but waiting, the pool's share unchanged). Only the task threads: the
 worker's event loop keeps the normal policy (at nice 10), so its heartbeats and its close are not starved on a
-full machine, which is why ``SCHED_IDLE`` for the whole worker was taken out (2026-11-27).
+full machine (``SCHED_IDLE`` for the whole worker starved them).
 
 The batch work is slower only while live tiles want the cores; idle cores are still all the batch's.
 """

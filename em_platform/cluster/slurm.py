@@ -69,9 +69,11 @@ def walltime_seconds(walltime: str) -> int:
     if not m:
         raise ValueError(walltime)
     days, a, b, c = (int(g) if g else None for g in m.groups())
+    assert a is not None  # the pattern's one required group
     if days is not None:  # D-HH[:MM[:SS]]
         return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
     if c is not None:  # HH:MM:SS
+        assert b is not None  # the optional groups fill in order: c only after b
         return a * 3600 + b * 60 + c
     if b is not None:  # MM:SS
         return a * 60 + b
@@ -220,9 +222,11 @@ def slurmctld_address(run: Callable[..., subprocess.CompletedProcess] = subproce
     if m.group(2):
         return m.group(2)
     try:
-        return socket.getaddrinfo(m.group(1), SLURMCTLD_PORT, type=socket.SOCK_DGRAM)[0][4][0]
+        address = socket.getaddrinfo(m.group(1), SLURMCTLD_PORT, type=socket.SOCK_DGRAM)[0][4][0]
     except OSError:
         return None
+    # an AF_INET/AF_INET6 sockaddr starts with the host; typeshed also allows (int, bytes), which is no address
+    return address if isinstance(address, str) else None
 
 
 def _source_address(peer: str) -> str | None:
@@ -406,7 +410,8 @@ def start_cluster(
     try:
         with dask.config.set({"distributed.scheduler.no-workers-timeout": f"{settings.start_timeout}s"}):
             cluster = RunCluster(
-                job_cls=RecordedJob,
+                # dask_jobqueue annotates job_cls as a Job instance (`job_cls: Job = None`); it takes the class
+                job_cls=RecordedJob,  # type: ignore[arg-type]
                 queue=settings.queue,
                 account=settings.account,
                 cores=settings.cores,
@@ -444,6 +449,7 @@ def start_cluster(
         if not log.releasing and cluster.status == Status.running:
             cluster.scale(len(cluster.worker_spec))
 
+    assert cluster.scheduler is not None  # SpecCluster starts its scheduler in its constructor
     cluster.scheduler.add_plugin(Membership(), name="em-platform-slurm-jobs")
     cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
     return cluster

@@ -40,8 +40,8 @@ def catalog_tables() -> dict[str, sa.Table]:
     """Every table of the catalog's database, by name (the catalog, the journal, tile records, cryo results,
     dead letters), from the modules that define them."""
     from em_platform.catalog import db, dead_letters
+    from em_platform.catalog import storage_audits as audits
     from em_platform.cryo import exposures_db, results_db  # noqa: F401 - its tables are results_db's
-    from em_platform.storage import audits
     from em_platform.tem import journal, tile_records
 
     metadatas = (

@@ -205,7 +205,7 @@ def platform_env(
         "EM_RETAIN_BUFFER_DAYS": "${EM_RETAIN_BUFFER_DAYS:-}",
         "EM_RETAIN_CRYO_INTERMEDIATES_DAYS": "${EM_RETAIN_CRYO_INTERMEDIATES_DAYS:-}",
         "EM_RETAIN_TILE_RECORDS_DAYS": "${EM_RETAIN_TILE_RECORDS_DAYS:-}",
-        # the days in which storage_consistency audits every complete record once (em_platform/storage/audits.py)
+        # the days in which storage_consistency audits every complete record once (em_platform/catalog/storage_audits.py)
         "EM_CONSISTENCY_CYCLE_DAYS": "${EM_CONSISTENCY_CYCLE_DAYS:-}",
         **_pg_env(),
     }

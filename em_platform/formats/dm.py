@@ -223,7 +223,7 @@ def _pick_image(path: Path, tags: dict[str, Any]) -> tuple[int, int]:
     )
     listed = [key for key in tags if re.fullmatch(r"\.Thumbnails\.\d+\.ImageIndex", key)]
     if listed:  # DM lists its thumbnails by 0-based ImageList index
-        thumbnails = {_int_tag(tags, key) + 1 for key in listed if _int_tag(tags, key) is not None}
+        thumbnails = {index + 1 for key in listed if (index := _int_tag(tags, key)) is not None}
     elif len(found) > 1 and _int_tag(tags, f".ImageList.{found[0]}.ImageData.DataType") == 23:
         thumbnails = {found[0]}  # no list: DM writes its RGB thumbnail first (ncempy assumes the same)
     else:

@@ -21,13 +21,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_platform.formats.errors import FormatError
 from em_platform.formats.volume import Volume
 from em_platform.lazy_import import LazyModule
 
-da = LazyModule("dask.array")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+else:
+    da = LazyModule("dask.array")
 
 # EMPIAR experiment types / imageset categories (upper-cased, spaces as '-') that image one block section
 # by section: their 2-D files are sections of one volume.

@@ -14,7 +14,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from dask.base import tokenize
@@ -22,13 +22,23 @@ from dask.base import tokenize
 from em_platform.formats.dtypes import checked_dtype
 from em_platform.lazy_import import LazyModule
 
-da = LazyModule("dask.array")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+else:
+    da = LazyModule("dask.array")
 
 
 class MemmapSlicer:
     """Array-like over a contiguous block of a file: supports ``shape``, ``dtype``, ``ndim`` and slicing."""
 
-    def __init__(self, path: str | Path, offset: int, shape: tuple[int, ...], dtype: Any, order: str = "C"):
+    def __init__(
+        self,
+        path: str | Path,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: Any,
+        order: Literal["C", "F"] = "C",
+    ):
         self.path = str(path)
         self.offset = int(offset)
         self.shape = tuple(int(s) for s in shape)
@@ -70,7 +80,7 @@ def memmap_dask(
     offset: int,
     shape: tuple[int, ...],
     dtype: Any,
-    order: str = "C",
+    order: Literal["C", "F"] = "C",
     slab_bytes: int = 64 << 20,
 ) -> da.Array:
     """A dask array over a raw block of a file, chunked in whole slices along the first axis up to ``slab_bytes``.

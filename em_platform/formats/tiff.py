@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,8 +28,12 @@ from em_platform.formats.errors import FormatError
 from em_platform.formats.volume import Volume, normalise_unit
 from em_platform.lazy_import import LazyModule
 
-da = LazyModule("dask.array")
-tifffile = LazyModule("tifffile")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+    import tifffile
+else:
+    da = LazyModule("dask.array")
+    tifffile = LazyModule("tifffile")
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -134,8 +138,8 @@ def _delayed_pages(*args):
     return delayed(_read_pages, pure=True)(*args)
 
 
-def _ome_physical(tf: tifffile.TiffFile) -> dict[str, tuple[float, str | None]]:
-    ome = tifffile.xml2dict(tf.ome_metadata)
+def _ome_physical(ome_xml: str) -> dict[str, tuple[float, str | None]]:
+    ome = tifffile.xml2dict(ome_xml)
     image = ome.get("OME", {}).get("Image", {})
     if isinstance(image, list):
         image = image[0]
@@ -154,8 +158,8 @@ def _tag_physical(tf: tifffile.TiffFile) -> dict[str, tuple[float, str | None]]:
     out: dict[str, tuple[float, str | None]] = {}
     ij = tf.imagej_metadata or {}
     ij_unit = normalise_unit(str(ij.get("unit", "")).replace("\\u00B5", "µ")) if ij.get("unit") else None
-    res_unit = page.tags.get("ResolutionUnit")
-    res_unit = int(res_unit.value) if res_unit is not None else 2
+    res_unit_tag = page.tags.get("ResolutionUnit")
+    res_unit = int(res_unit_tag.value) if res_unit_tag is not None else 2
     for ax, tag in (("x", "XResolution"), ("y", "YResolution")):
         t = page.tags.get(tag)
         if t is None:
@@ -174,8 +178,8 @@ def _tag_physical(tf: tifffile.TiffFile) -> dict[str, tuple[float, str | None]]:
 
 
 def _physical(tf: tifffile.TiffFile) -> dict[str, tuple[float, str | None]]:
-    if tf.is_ome and tf.ome_metadata:
-        phys = _ome_physical(tf)
+    if tf.is_ome and (ome_xml := tf.ome_metadata):
+        phys = _ome_physical(ome_xml)
         if phys:
             return phys
     return _tag_physical(tf)
@@ -237,7 +241,8 @@ def read_tiff(path: str | Path) -> Volume:
                 "pages": len(series.pages),
                 "is_ome": bool(tf.is_ome),
                 "is_imagej": bool(tf.is_imagej),
-                "compression": str(series.keyframe.compression.name),
+                # tifffile annotates an int; the value is its COMPRESSION enum
+                "compression": str(series.keyframe.compression.name),  # type: ignore[attr-defined]
                 "dataoffset": series.dataoffset,  # None unless the pixels are one contiguous run
             }
             data = _lazy_series(path, series, mtime_ns)

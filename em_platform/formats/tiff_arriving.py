@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from dask import delayed
@@ -24,8 +24,12 @@ from em_platform.formats.tiff import PIXEL_TYPE_FIELD, PIXEL_TYPE_HINT, _calibra
 from em_platform.formats.volume import Volume
 from em_platform.lazy_import import LazyModule
 
-da = LazyModule("dask.array")
-tifffile = LazyModule("tifffile")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+    import tifffile
+else:
+    da = LazyModule("dask.array")
+    tifffile = LazyModule("tifffile")
 
 # A slab (one dask chunk) is at most 64 pages, the depth of a near-isotropic stack's z-chunks, so the in-order
 # writer gets whole chunk rows as they were read, without a copy (a 16-deep chunk row is a view of one), and at
@@ -67,7 +71,7 @@ def contiguous_layout(fileobj: BinaryIO) -> ContiguousTiff | None:
             o + c != nxt for o, c, nxt in zip(offsets[:-1], counts[:-1], offsets[1:], strict=True)
         ):
             return None  # the first page's strips are not one run of bytes
-        if sum(counts) != page.shape[0] * page.shape[1] * page.dtype.itemsize:
+        if sum(counts) != page.shape[0] * page.shape[1] * stored.itemsize:
             return None
         pages = _page_count(page)
         if pages is None:

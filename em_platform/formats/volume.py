@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_platform.formats.dtypes import checked_dtype
 from em_platform.lazy_import import LazyModule
 
-da = LazyModule("dask.array")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+else:
+    da = LazyModule("dask.array")
 
 
 # NGFF (OME-Zarr) space units and their size in nanometres.

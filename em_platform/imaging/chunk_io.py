@@ -22,12 +22,16 @@ import itertools
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from em_platform.lazy_import import LazyModule
 
-zarr = LazyModule("zarr")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import zarr
+else:
+    zarr = LazyModule("zarr")
 
 
 def write_region(
@@ -177,6 +181,7 @@ def _write_chunks(folder, meta, dtype, encode, start, data, around_page_cache: b
                 os.makedirs(parent, exist_ok=True)
                 made.add(parent)
             if aligned is None:
+                assert encoded is not None  # without an aligned buffer every chunk is encoded above
                 with open(path, "wb") as f:
                     f.write(encoded)
                 continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
 
 import fsspec
@@ -28,7 +29,10 @@ import numpy as np
 from em_platform.imaging.ome_zarr import NGFF_VERSION, open_store
 from em_platform.lazy_import import LazyModule
 
-zarr = LazyModule("zarr")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import zarr
+else:
+    zarr = LazyModule("zarr")
 
 OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
 LAYOUT_VERSION = 3

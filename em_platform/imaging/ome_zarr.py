@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, cast
 
 import dask
 import numpy as np
@@ -42,22 +42,23 @@ from em_platform.imaging.pyramid import (
 )
 from em_platform.lazy_import import LazyModule
 
-da = LazyModule("dask.array")
-zarr = LazyModule("zarr")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+    import zarr
+else:
+    da = LazyModule("dask.array")
+    zarr = LazyModule("zarr")
 
 NGFF_VERSION = "0.5"
 AXIS_ORDER = ("t", "c", "z", "y", "x")
 AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 
-# Compression: Blosc with Zstd at clevel 1 and bit-shuffle (measured on this project's 2-core box with
-# EM-like uint16 = smooth structure + shot noise, 2 MiB chunks, one core). Clevel 1 with bit-shuffle
-# encodes at 410-710 MB/s for a ratio of 1.32-1.36; clevel 3 at 310-420 MB/s for +0-3 % ratio; clevel 5
-# at 230-310 MB/s for ~1.37. The noise bits do not compress at any level, so higher levels cost write
-# rate and buy almost nothing. Bit-shuffle groups the clean high bits of all values together and beats
-# byte-shuffle on both ratio (1.32-1.36 vs 1.25-1.33) and speed (byte-shuffle 230-350 MB/s). For 1-byte
-# types there is nothing to regroup (byte-shuffle is a no-op; bit-shuffle cut the ratio from 1.20 to
-# 1.04 and the speed by a third), so no shuffle.
-BLOSC_CNAME = "zstd"
+# Compression: Blosc with Zstd at clevel 1 and bit-shuffle. EM intensities are smooth structure plus shot
+# noise: the noise bits do not compress at any level, so a higher level costs write rate (about half of it
+# at clevel 5) and buys a few percent of ratio. Bit-shuffle groups the clean high bits of all values and beats
+# byte-shuffle on ratio and speed. For 1-byte types there is nothing to regroup (bit-shuffle cut the ratio
+# and the speed), so no shuffle. bench/bench_ome_zarr.py times the writer.
+BLOSC_CNAME: Final = "zstd"
 BLOSC_CLEVEL = 1
 
 # Default chunks hold 2**20 voxels (1 MiB uint8, 2 MiB uint16): big enough that per-chunk costs
@@ -241,7 +242,7 @@ def default_chunks(axes: Sequence[str], shape: Sequence[int], scale: Sequence[fl
 def blosc_codec(dtype: np.dtype) -> zarr.codecs.BloscCodec:
     """The compressor used for every level (see BLOSC_* above for the choice)."""
     dtype = np.dtype(dtype)
-    shuffle = "noshuffle" if dtype.itemsize == 1 else "bitshuffle"
+    shuffle: Literal["noshuffle", "bitshuffle"] = "noshuffle" if dtype.itemsize == 1 else "bitshuffle"
     return zarr.codecs.BloscCodec(
         typesize=dtype.itemsize, cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=shuffle
     )
@@ -284,6 +285,7 @@ def _pyramid_task(
     level is made from it (``pass_on``), else a one-voxel marker. Every region written is a union of
     whole chunks that no other task writes.
     """
+    assert block_info is not None  # map_blocks passes it to a function with this parameter
     loc = block_info[0]["array-location"]
     if write_path is not None:
         write_region(_open_level(url, storage_options, write_id, write_path), [a for a, _ in loc], block)
@@ -439,11 +441,12 @@ class _InOrderPyramid:
             if filled == 0 and n == size:  # a whole group as it came: no copy
                 ready.append((self.group_start[level], piece[at : at + n], None))
             else:
+                buf = self.filling[level]
                 if filled == 0:
                     free = self.free[level]
                     shape = (self.groups[level], *piece.shape[1:])
-                    self.filling[level] = free.pop() if free else np.empty(shape, piece.dtype)
-                buf = self.filling[level]
+                    buf = self.filling[level] = free.pop() if free else np.empty(shape, piece.dtype)
+                assert buf is not None  # a group being collected has its buffer
                 buf[filled : filled + n] = piece[at : at + n]
                 self.filled[level] = filled + n
                 if filled + n < size:
@@ -529,7 +532,7 @@ def _blocks_along_first_axis(data: da.Array) -> Iterable[np.ndarray]:
 def _write_in_order(
     data: da.Array, root: zarr.Group, paths: Sequence[str], plan: list, level_chunks: list
 ) -> None:
-    levels = [root[p] for p in paths]
+    levels = [cast("zarr.Array", root[p]) for p in paths]
     plane_bytes = math.prod(data.shape[1:]) * data.dtype.itemsize
     workers = max(1, os.cpu_count() or 1)
     max_bytes = max(IN_ORDER_BUFFER_BYTES, (workers + 1) * math.lcm(level_chunks[0][0], 2) * plane_bytes)

@@ -80,12 +80,13 @@ def plan_pyramid(
 
 def _accumulator(dtype: np.dtype) -> np.dtype:
     """A dtype that holds the sum of 8 values of ``dtype`` exactly (64-bit integers: see below)."""
+    wider: dict[int, np.dtype]
     if dtype.kind == "u":
-        return {1: np.dtype(np.uint16), 2: np.dtype(np.uint32), 4: np.dtype(np.uint64), 8: dtype}[
-            dtype.itemsize
-        ]
+        wider = {1: np.dtype(np.uint16), 2: np.dtype(np.uint32), 4: np.dtype(np.uint64), 8: dtype}
+        return wider[dtype.itemsize]
     if dtype.kind == "i":
-        return {1: np.dtype(np.int16), 2: np.dtype(np.int32), 4: np.dtype(np.int64), 8: dtype}[dtype.itemsize]
+        wider = {1: np.dtype(np.int16), 2: np.dtype(np.int32), 4: np.dtype(np.int64), 8: dtype}
+        return wider[dtype.itemsize]
     if dtype.kind == "f":
         return np.dtype(np.float64)
     raise ValueError(f"cannot mean-downsample dtype {dtype}: use an integer or floating-point image")

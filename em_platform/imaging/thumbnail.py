@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from em_platform.lazy_import import LazyModule
 
-imagecodecs = LazyModule("imagecodecs")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import imagecodecs
+else:
+    imagecodecs = LazyModule("imagecodecs")
 
 
 def middle_plane(array, axes: tuple[str, ...]) -> np.ndarray:
@@ -34,4 +39,4 @@ def thumbnail_png(array, axes: tuple[str, ...], max_side: int = 256) -> bytes:
     """PNG bytes of the middle plane, strided down so its longer side is at most ``max_side``."""
     plane = middle_plane(array, axes)
     step = max(1, -(-max(plane.shape) // max_side))
-    return imagecodecs.png_encode(to_uint8(plane[::step, ::step]))
+    return bytes(imagecodecs.png_encode(to_uint8(plane[::step, ::step])))

@@ -65,7 +65,7 @@ def resolve_voxel_size(vol: Volume, known: Mapping[str, str] | None = None) -> C
     """
     sizes = vol.voxel_size_nm()
     units = {a: u for a, u in zip(vol.axes, vol.units, strict=True) if a in sizes and u}
-    measured = [sizes[a] for a in ("x", "y", "z") if sizes.get(a)]
+    measured = [s for a in ("x", "y", "z") if (s := sizes.get(a))]
     fallback = measured[0] if measured else ASSUMED_VOXEL_NM
     known = known or {}
     voxel = {a: (s if s else fallback) for a, s in sizes.items()}

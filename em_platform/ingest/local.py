@@ -84,6 +84,7 @@ def ingest_entry(
         with attempt.failing_on_error():
             attempt.processing()  # 3.
             vol, arrangement = _open_entry(entry_path, inbox)
+            written: Converted | ConvertedCollection
             if arrangement is not None and arrangement.kind == "collection":
                 logger.info("%s", arrangement.rule)
                 written = _convert_collection(
@@ -91,6 +92,7 @@ def ingest_entry(
                 )
                 header: dict[str, Any] = {"rule": arrangement.rule}
             else:
+                assert vol is not None  # _open_entry opens the one image of whatever is not a collection
                 written = _convert_image(key, vol, attempt, dask_client, logger)  # 4.
                 header = vol.source_metadata
             record = attempt.complete(  # 5. saving-data → published → 6. complete

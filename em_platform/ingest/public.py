@@ -140,12 +140,13 @@ def _convert_and_publish(
     logger: logging.Logger | logging.LoggerAdapter,
 ):
     if isinstance(fetched, FetchedCollection):
+        images = fetched.images
         written = convert_collection(
             [
                 CollectionMember(
                     im.name, im.source_file, im.volume, resolve_voxel_size(im.volume, im.voxel_size_sources)
                 )
-                for im in fetched.images
+                for im in images
             ],
             attempt.staging_url,
             rule=fetched.rule,
@@ -155,7 +156,7 @@ def _convert_and_publish(
                 "converting %s image %d of %d, %s: %s %s, voxel %s nm (%s)",
                 what,
                 i + 1,
-                len(fetched.images),
+                len(images),
                 m.name,
                 m.volume.data.shape,
                 m.volume.data.dtype,
@@ -201,7 +202,8 @@ def _convert_and_publish(
             in_order=in_order,
         )
 
-    if fetched.finish is None:
+    finish, cancel = fetched.finish, fetched.cancel
+    if finish is None:
         written = convert(vol, dask_client)
     else:
         # The bytes are still arriving: convert the planes in the order they arrive, in this process (its
@@ -210,10 +212,11 @@ def _convert_and_publish(
         try:
             written = convert(vol, None, in_order=True)
         except Exception as exc:
-            fetched.cancel()
-            _raise_download_error_first(fetched, exc)
+            assert cancel is not None  # an arriving download sets both finish and cancel
+            cancel()
+            _raise_download_error_first(finish, exc)
             raise
-        complete = fetched.finish()
+        complete = finish()
         if complete.volume is not vol:  # the file broke the layout its first page promised
             vol = complete.volume
             calibration = resolve_voxel_size(vol, complete.axis_sources())
@@ -230,11 +233,11 @@ def _convert_and_publish(
     return record, written
 
 
-def _raise_download_error_first(fetched: FetchedVolume, conversion_error: Exception) -> None:
+def _raise_download_error_first(finish: Callable[[], FetchedVolume], conversion_error: Exception) -> None:
     """A conversion reading an arriving file fails when its download does (a checksum mismatch deletes the
     file): then the download's error is the one to report. A conversion that failed on its own returns."""
     try:
-        fetched.finish()
+        finish()
     except DownloadCancelled:
         return
     except Exception as exc:

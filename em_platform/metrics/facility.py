@@ -45,18 +45,29 @@ class FacilityCollector:
         now = self.clock()
         up = GaugeMetricFamily("em_store_up", "1 if the store answered this scrape, else 0", labels=["store"])
         r = self.readers
-        for store, reader, part in (
-            ("journal", r.open_montages, lambda: self._montages(r.open_montages())),
-            ("catalog", r.upload_lag, lambda: [_gauge(
-                "em_montage_upload_lag_seconds",
-                "how long the oldest montage completed and not yet uploaded has waited since its last tile",
-                r.upload_lag(now),
-            )]),
-            ("buffer", r.buffer, lambda: self._buffer(r.buffer)),
-            ("slurm", r.slurm, lambda: self._slurm(r.slurm(now))),
-        ):  # fmt: skip
-            if reader is None:
-                continue
+        # Only the readers that are wired, in this order; None leaves a store (and its em_store_up) out.
+        parts: list[tuple[str, Callable[[], list[Metric]]]] = []
+        if (open_montages := r.open_montages) is not None:
+            parts.append(("journal", lambda: self._montages(open_montages())))
+        if (upload_lag := r.upload_lag) is not None:
+            parts.append(
+                (
+                    "catalog",
+                    lambda: [
+                        _gauge(
+                            "em_montage_upload_lag_seconds",
+                            "how long the oldest montage completed and not yet uploaded has waited since its "
+                            "last tile",
+                            upload_lag(now),
+                        )
+                    ],
+                )
+            )
+        if (buffer := r.buffer) is not None:
+            parts.append(("buffer", lambda: self._buffer(buffer)))
+        if (slurm := r.slurm) is not None:
+            parts.append(("slurm", lambda: self._slurm(slurm(now))))
+        for store, part in parts:
             try:
                 metrics = list(part())
             except Exception as exc:  # noqa: BLE001 - a store down is a reading, not a crash

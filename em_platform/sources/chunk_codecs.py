@@ -173,6 +173,7 @@ def _inflate(codec: str, config: dict[str, Any], payload: bytes, nbytes: int, wh
 def _decode_framed(codec: str, payload: bytes, nbytes: int, where: str, what: str, declared: str) -> bytes:
     """blosc, lz4 or zstd: the frame's stated size checked against ``nbytes`` before decompressing, then
     decoded into an ``nbytes`` buffer (the decoders stop at its end)."""
+    stated: int | None  # the decoded size the frame states, if it states one
     if codec == "blosc":
         stated = _blosc_checked(payload, nbytes, where, what)
         decoder = numcodecs.Blosc()

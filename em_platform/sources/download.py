@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import unquote, urlparse
 
 import requests
@@ -42,6 +42,9 @@ from em_platform.sources.retry import (
     retrying,
 )
 from em_platform.storage.checksums import StreamHash
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +144,12 @@ def stat_remote(
         r = s.head(url, allow_redirects=True, timeout=options.timeout_s)
         if r.status_code >= 400:
             raise http_error(r.status_code, url, r.reason)
-        size = r.headers.get("Content-Length")
-        if size is not None:
-            size = checked_size(url, "Content-Length", size, options.max_file_bytes, setting="max_file_bytes")
+        length = r.headers.get("Content-Length")
+        size = None
+        if length is not None:
+            size = checked_size(
+                url, "Content-Length", length, options.max_file_bytes, setting="max_file_bytes"
+            )
         return RemoteFile(
             url=url,
             size_bytes=size,
@@ -274,6 +280,7 @@ def download(
     scheme = _scheme(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PART_SUFFIX)
+    size: int | None  # the announced size while the bytes come; what arrived once they have
     if scheme == "ftp":
         size, digest = _ftp_download(url, part, expected_size, options, progress, logger, arrival)
     else:
@@ -356,7 +363,7 @@ def _http_stream(
         logger.info("resuming %s at byte %d", url, have)
         if progress:
             progress.add(have)
-    state = {"have": have, "hash": h}
+    state: _Stream = {"have": have, "hash": h}
 
     def attempt() -> None:
         have = state["have"]
@@ -398,6 +405,28 @@ def _http_stream(
         state["hash"].close()
         raise
     return state["hash"].hexdigest()
+
+
+class _Stream(TypedDict):
+    """A resumable stream's bytes in ``part`` and their running hash (its retried attempts update both)."""
+
+    have: int
+    hash: StreamHash
+
+
+class _PrefixHash(TypedDict):
+    """The sha256 of a ranged download's complete parts from the start: parts ``[0, next)``."""
+
+    sha: HASH
+    next: int
+    stop: bool  # set when the download fails: no prefix hash opens ``part`` after it
+
+
+class _Hashed(TypedDict):
+    """An FTP download's bytes hashed so far and their running hash."""
+
+    hashed: int
+    hash: StreamHash
 
 
 def _sent_too_much(url: str, size: int | None, options: DownloadOptions) -> SizeRefused:
@@ -469,7 +498,7 @@ def _http_parallel(
             progress.add(sum(e - o for o, e in ranges if o in finished))
     lock = threading.Lock()
     local = threading.local()
-    hashing = {"sha": hashlib.sha256(), "next": 0, "stop": False}  # parts [0, next) are hashed
+    hashing: _PrefixHash = {"sha": hashlib.sha256(), "next": 0, "stop": False}  # parts [0, next) are hashed
     hash_lock = threading.Lock()
 
     def hash_prefix(wait: bool = False) -> None:
@@ -649,7 +678,7 @@ def _ftp_download(
 ) -> tuple[int, str]:
     """RETR into ``part``, continuing with REST from its current length; returns its size and sha256."""
     counted = {"n": 0}
-    state = {"hashed": 0, "hash": StreamHash()}
+    state: _Hashed = {"hashed": 0, "hash": StreamHash()}
 
     def catch_up() -> None:
         """Hash what is on disk but not yet hashed (a partial file from an earlier try or run)."""

@@ -87,7 +87,7 @@ def parse_bounds(info: dict[str, Any], url: str = "DVID info") -> tuple[ZYX, ZYX
 def parse_voxel_size(info: dict[str, Any]) -> tuple[tuple[float, float, float], str] | None:
     """((z, y, x) voxel size, unit) from ``Extended.VoxelSize/VoxelUnits``, or None when absent or unusable."""
     ext = info.get("Extended") or {}
-    size = ext.get("VoxelSize")
+    size: Any = ext.get("VoxelSize")  # JSON of any kind: list() refuses a non-sequence (TypeError: None)
     units = ext.get("VoxelUnits")
     try:
         x, y, z = (float(v) for v in list(size)[:3])

@@ -247,7 +247,7 @@ class EmpiarSource(Source):
             source_urls=(self.archive_url, self.api_url),
             # The entry JSON as EMPIAR publishes it, plus the archive listing this version stands for.
             additional_metadata={self.accession: entry, "archive_files": listing},
-            total_bytes=sum(sizes) if all(s is not None for s in sizes) else None,
+            total_bytes=None if None in sizes else sum(s or 0 for s in sizes),  # None: a size unknown
         )
 
     def fetch(
@@ -315,6 +315,7 @@ class EmpiarSource(Source):
                 modality=modality_of(technique),
                 header=header,
             )
+        assert arrangement.volume is not None  # a "volume" arrangement carries its one image
         vol, axis_sources = self._calibrate(arrangement.volume, imageset, logger, sections=True)
         return FetchedVolume(
             volume=vol,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 from urllib.parse import unquote, urlparse
 
 from em_platform.edge import inside
@@ -143,10 +144,16 @@ class EpflSource(Source):
         arrival = Arrival(dest, dest.with_name(dest.name + PART_SUFFIX), version.total_bytes)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epfl-download")
         transfer = pool.submit(get, arrival)
-        transfer.add_done_callback(lambda f: f.exception() and arrival.fail(f.exception()))
+
+        def fail_arrival(f: Future) -> None:
+            if (error := f.exception()) is not None:
+                arrival.fail(error)
+
+        transfer.add_done_callback(fail_arrival)
         pool.shutdown(wait=False)
         try:
-            layout = contiguous_layout(arrival.reader())
+            # an ArrivingReader is a binary file object (io.RawIOBase), which typing's BinaryIO cannot name
+            layout = contiguous_layout(cast(BinaryIO, arrival.reader()))
         except (
             Exception
         ) as exc:  # the first page unreadable (or the download failed): decide on the whole file

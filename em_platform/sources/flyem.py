@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_platform.formats import Volume
 from em_platform.formats.volume import normalise_unit
@@ -31,8 +31,13 @@ from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy
 
-da = LazyModule("dask.array")
-zarr = LazyModule("zarr")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+    import zarr
+    import zarr.codecs
+else:
+    da = LazyModule("dask.array")
+    zarr = LazyModule("zarr")
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +354,9 @@ class FlyemSource(Source):
     def _on_disk(arr: zarr.Array, cache_path: Path, block: _Block) -> bool:
         """Whether a block's chunk file exists (a block in the manifest whose chunk was pruned is refetched)."""
         index = tuple(s // c for s, c in zip(block.start, arr.chunks, strict=True))
-        return (cache_path / arr.metadata.chunk_key_encoding.encode_chunk_key(index)).is_file()
+        metadata = arr.metadata
+        assert metadata.zarr_format == 3  # _open_cache creates the cache as Zarr v3
+        return (cache_path / metadata.chunk_key_encoding.encode_chunk_key(index)).is_file()
 
     def fetch(
         self,
@@ -364,7 +371,7 @@ class FlyemSource(Source):
         cache_path = workdir / CACHE_NAME
         arr = self._open_cache(cache_path, manifest, logger)
         block = self.endpoints.block_size
-        blocks = crop_blocks(tuple(self.crop.size_zyx), block)
+        blocks = crop_blocks(self.crop.size_zyx, block)
         listed = manifest.entries()
         done = {b.key: listed[b.key] for b in blocks if b.key in listed and self._on_disk(arr, cache_path, b)}
         todo = [b for b in blocks if b.key not in done]

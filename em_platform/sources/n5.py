@@ -23,7 +23,7 @@ import json
 import math
 import posixpath
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,7 +34,10 @@ from em_platform.lazy_import import LazyModule
 from em_platform.sources.bounds import MAX_METADATA_BYTES, cat_limited
 from em_platform.sources.chunk_codecs import chunk_nbytes, decode_at_most, positive_sizes, read_chunk_object
 
-da = LazyModule("dask.array")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+else:
+    da = LazyModule("dask.array")
 
 ATTRIBUTES = "attributes.json"
 
@@ -66,11 +69,12 @@ def n5_codec(
     xz as their stream formats, and blosc/zstd as the frames their C libraries write. N5's lz4 (lz4-java's
     block stream) is refused by name.
     """
-    kind = (compression or {}).get("type", "raw")
+    entry = compression or {}
+    kind = entry.get("type", "raw")
     if kind == "raw":
         return None, {}
     if kind == "gzip":
-        return ("zlib" if compression.get("useZlib") else "gzip"), {}
+        return ("zlib" if entry.get("useZlib") else "gzip"), {}
     if kind in ("bzip2", "xz", "blosc", "zstd"):
         return {"bzip2": "bz2", "xz": "lzma"}.get(kind, kind), {}
     raise FormatError(
@@ -206,6 +210,7 @@ class N5Array:
         )
 
         def block(block_id: tuple[int, ...] | None = None) -> np.ndarray:
+            assert block_id is not None  # map_blocks passes each block's index to a block_id parameter
             return self.read_block(block_id)
 
         return da.map_blocks(
@@ -265,6 +270,7 @@ def level_voxel_size_nm(
     base = group_attrs.get("pixelResolution") or group_attrs.get("resolution")
     if scales and base and level.startswith("s") and level[1:].isdigit() and int(level[1:]) < len(scales):
         factors = scales[int(level[1:])]
+        units: list[Any] | None
         if isinstance(base, dict):
             units, base = [base.get("unit", "nm")] * len(base["dimensions"]), base["dimensions"]
         else:

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,8 +35,13 @@ from em_platform.sources.manifest import DownloadManifest, ManifestEntry
 from em_platform.sources.progress import Progress
 from em_platform.sources.retry import PermanentSourceError, RetryPolicy, SourceError, retrying
 
-da = LazyModule("dask.array")
-zarr = LazyModule("zarr")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    import dask.array as da
+    import zarr
+    import zarr.codecs
+else:
+    da = LazyModule("dask.array")
+    zarr = LazyModule("zarr")
 
 CACHE = "level.zarr"
 FORMATS = {".zarr": "zarr", ".n5": "n5"}
@@ -317,6 +322,7 @@ class OpenOrganelleSource(Source):
             raise ValueError(f"{self.key}: give both crop_offset_zyx and crop_size_zyx, or neither")
         if offset is None:
             return (0,) * len(level.shape), level.shape
+        assert size is not None  # both or neither (checked above)
         if len(offset) != len(level.shape) or any(
             o < 0 or s < 1 or o + s > n for o, s, n in zip(offset, size, level.shape, strict=True)
         ):
@@ -469,11 +475,11 @@ class OpenOrganelleSource(Source):
         with ThreadPoolExecutor(max_workers=self.endpoints.parallel, thread_name_prefix="cosem") as pool:
             futures = [pool.submit(one, idx) for idx in todo]
             finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in futures if f.done() and f.exception() is not None]
-            if failed:
+            errors = [e for f in futures if f.done() and (e := f.exception()) is not None]
+            if errors:
                 for f in futures:
                     f.cancel()
-                raise failed[0].exception()
+                raise errors[0]
         progress.finish()
         ordered = [entries[i] for i in indices]
         crop = tuple(slice(o - g, o - g + s) for o, g, s in zip(offset, origin, size, strict=True))

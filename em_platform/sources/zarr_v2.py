@@ -59,7 +59,9 @@ class ZarrV2Array:
             where=header,
             hint="this array cannot be ingested: choose another one, or tell the source's maintainers",
         )
-        shape, chunks = meta.get("shape"), meta.get("chunks")
+        # JSON of any kind until positive_sizes and chunk_nbytes refuse all but lists of whole numbers ≥ 1
+        shape: Any = meta.get("shape")
+        chunks: Any = meta.get("chunks")
         positive_sizes(shape, where=header, field="shape")
         self.chunk_bytes = chunk_nbytes(chunks, self.dtype.itemsize, where=header, field="chunks")
         if len(chunks) != len(shape):

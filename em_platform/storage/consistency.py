@@ -99,10 +99,14 @@ def _audit(record: Mapping[str, Any], store: DataStore) -> RecordAudit:
     urls = [files[k] for k in NAMED if isinstance(files.get(k), str)]
     urls += [v for v in (files.get("additional") or {}).values() if isinstance(v, str)]
     name = f"{record.get('source')}/{record.get('source_id')}"
-    inside, elsewhere = [], []
+    inside: list[tuple[str, str]] = []
+    elsewhere: list[str] = []
     for url in dict.fromkeys(urls):
         path = _path_in(store, url)
-        (inside if path is not None else elsewhere).append((url, path))
+        if path is None:
+            elsewhere.append(url)
+        else:
+            inside.append((url, path))
     missing = [url for url, path in inside if not _present(store, path, record, url == files.get("volume"))]
     objects, checksummed, corrupted = len(inside), 0, []
     volume = files.get("volume")
@@ -121,7 +125,7 @@ def _audit(record: Mapping[str, Any], store: DataStore) -> RecordAudit:
         checksummed,
         tuple(dict.fromkeys(missing)),
         tuple(corrupted),
-        tuple(url for url, _ in elsewhere),
+        tuple(elsewhere),
     )
 
 

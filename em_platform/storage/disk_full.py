@@ -58,7 +58,7 @@ def disk_full(exc: BaseException, where: Mapping[str, str | os.PathLike] | None 
     local = {k: str(v) for k, v in (where or {}).items() if v and "://" not in str(v)}
     named = [str(p) for p in (full.filename, full.filename2) if p]
     fullest = sorted(local.values(), key=lambda folder: shutil.disk_usage(mount_point(folder)).free)
-    target = (named or fullest or [None])[0]
+    target = next(iter(named or fullest), None)
     if target is None:
         return f"{full.strerror or 'no space left on device'}: free space on the volume the step writes to"
     mount = mount_point(target)

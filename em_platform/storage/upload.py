@@ -500,7 +500,7 @@ def _verify_sent(
 
     bad: dict[str, str] = {}
     for key, stored in pool.map(check, keys):
-        if dest.agrees(checksums[key], stored):
+        if stored is not None and dest.agrees(checksums[key], stored):
             if dest.mode == "etag":
                 etags[key] = stored
         else:

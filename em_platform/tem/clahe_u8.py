@@ -1,6 +1,6 @@
 """OpenCV's 8-bit CLAHE, pixel for pixel, in under a third of its CPU: the largest stage of the live tile chain.
 
-OpenCV (``cv2.createCLAHE(...).apply``, reference/seed-systems.md §1.2) builds one 256-entry lookup table
+OpenCV (``cv2.createCLAHE(...).apply``, docs/seed-systems.md §1.2) builds one 256-entry lookup table
 per contextual tile (histogram, clip at ``clip_limit · tile area / 256``, redistribute, cumulate) and maps
 every pixel through the bilinear blend of its four nearest tiles' tables. Its blend loop reads four
 ``uint8`` table entries per pixel and converts each to float: 3.3 ns a pixel on a znver4 core,

@@ -3,15 +3,14 @@ kernel and faulting it in again, page by page, for the next tile's arrays.
 
 A live-QC process allocates the same arrays for every tile (a 25 MB tile, its strips, the matcher's
 buffers). glibc's default returns large freed blocks to the kernel; each new tile's arrays then fault their
-pages in again. That costs little on a quiet machine, but beside an ingest and a fusion it cost the live-QC
-service 9x the page faults (6.3 million for 240 tiles) and twice the system time, and doubled every tile's
-processing time: p95 tile.raw -> qc.tile 1.0-2.9 s instead of 0.4 s (bench_tiles_live --batch-only).
+pages in again. That costs little on a quiet machine, but beside an ingest and a fusion it multiplied the
+live-QC service's page faults and system time and doubled every tile's processing time
+(``bench_tiles_live --batch-only`` shows it).
 
 One arena, too: glibc gives each new thread an arena of its own, whose 64 MB heaps it unmaps as soon as
 they empty, whatever the trim threshold; a tile's arrays made in a Dask thread then came as fresh pages
-every time, and the kernel zeroed them again (huge pages: 7 % of the unpaced chain's samples in
-``clear_page_erms``; 750-1,060 page faults and 26-31 ms of system time a tile, 250 and 16-17 ms with one
-arena, 147 and 140 against 151 and 156 ms of CPU a tile on a znver3 machine).
+every time, and the kernel zeroed them again (with huge pages, ``clear_page_erms`` stood out in the chain's
+profile). One arena cut a tile's page faults and system time by about two thirds.
 """
 
 from __future__ import annotations

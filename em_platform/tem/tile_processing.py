@@ -1,6 +1,6 @@
 """The per-tile image chain of the live TEM pipeline: flatfield, CLAHE, statistics, focus.
 
-This is the CPU counterpart of the Allen Institute's TEM_graph (reference/seed-systems.md §1.2): a raw
+This is the CPU counterpart of the Allen Institute's TEM_graph (docs/seed-systems.md §1.2): a raw
 camera tile is flatfield-corrected with the brightfield/darkfield references, contrast-enhanced with
 OpenCV CLAHE (clip limit 2, 16×16 tile grid), and measured: min/max/mean/std and a 256-bin histogram
 (TEM_comms ``tile.statistics.min_max_mean`` / ``.histogram``) and a focus score in [0, 1], lower is

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 
 from em_platform.web_guard.login import FailedLogins, Users
 from em_platform.web_guard.rules import Policy, Request
@@ -56,7 +57,7 @@ class DoorServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = cast(tuple[str, int], self.server_address[:2])  # an AF_INET server's
         return f"http://{host}:{port}"
 
 

@@ -3,7 +3,6 @@ Real errors from the machine's PostgreSQL and a closed port, not made-up message
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import pytest
@@ -12,6 +11,7 @@ import sqlalchemy as sa
 from em_platform.catalog.db import CatalogDB
 from em_platform.sql import DatabaseUnavailable, database_outage
 from tests.conftest import PG_HOST, PG_PORT, PG_USER
+from tests.support.ports import free_port
 
 
 def _error(fn) -> BaseException:
@@ -23,9 +23,7 @@ def _error(fn) -> BaseException:
 
 
 def test_a_server_that_does_not_answer_is_an_outage():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    port = free_port()  # nothing listens here
     exc = _error(lambda: CatalogDB(f"postgresql+psycopg2://u@127.0.0.1:{port}/db"))
     assert isinstance(exc, DatabaseUnavailable)
     assert "does not answer" in database_outage(exc) and "refused" in database_outage(exc)

@@ -27,7 +27,7 @@ import pytest
 from em_platform.deploy.images import ImageError, engine, engine_env
 from em_platform.deploy.stack import Stack, read_env, write_env_file
 from tests.deploy.dagster_api import DagsterApi, wait_until
-from tests.support.browser import free_port
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_FILE = Path(__file__).with_name("compose.test.yaml")

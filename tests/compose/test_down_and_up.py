@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from em_platform.catalog.db import CatalogDB
-from tests.deploy.faults import _store
+from tests.support.outcomes import data_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -27,7 +27,7 @@ def _records(stack) -> list[tuple]:
 
 
 def _objects(stack) -> dict[str, int]:
-    store = _store(stack)
+    store = data_store(stack)
     return {p: int(i.get("size") or 0) for p, i in store.fs.find(store.root, detail=True).items()}
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.deploy.conftest import drop_into_inbox
 from tests.deploy.dagster_api import wait_until
-from tests.deploy.faults import FaultResult, _datasets_outcome, _started, _wait_done
+from tests.support.outcomes import FaultResult, datasets_outcome, wait_partition_started, wait_partitions_done
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 RESULTS: list[FaultResult] = []
@@ -31,7 +31,7 @@ def _step_started(api, run_id: str) -> bool:
 
 
 def _running_run(api, key: str) -> dict:
-    _started(api, key)
+    wait_partition_started(api, key)
     [run] = [r for r in api.partition_runs(key) if r["status"] == "STARTED"]
     wait_until(lambda: _step_started(api, run["runId"]), 300, f"run {run['runId']}'s step to start")
     return run
@@ -52,8 +52,8 @@ def test_a_run_container_killed_mid_ingest_is_retried_and_completes(stack, dagst
     stack.stack.engine_cmd("kill", "--signal", "KILL", cid, check=True)
     wait_until(lambda: len(dagster_api.partition_runs(name)) >= 2, 600, f"a retry of {name}'s killed run")
     back = time.monotonic()
-    done = _wait_done(dagster_api, [name], timeout=900)
-    lost, twice, details = _datasets_outcome(stack, dagster_api, dropped)
+    done = wait_partitions_done(dagster_api, [name], timeout=900)
+    lost, twice, details = datasets_outcome(stack, dagster_api, dropped)
     details["run_statuses"] = [r["status"] for r in dagster_api.partition_runs(name)]
     assert details["run_statuses"].count("FAILURE") == 1, details
     _finish(
@@ -64,14 +64,14 @@ def test_a_run_container_killed_mid_ingest_is_retried_and_completes(stack, dagst
 def test_the_daemon_container_killed_comes_back_and_misses_nothing(stack, dagster_api):
     first, second = _name("daemon1"), _name("daemon2")
     dropped = {first: drop_into_inbox(stack, first, seed=21, shape=(16, 256, 256))}
-    _started(dagster_api, first)
+    wait_partition_started(dagster_api, first)
     killed_at = time.monotonic()
     pid = stack.kill("daemon")
     dropped[second] = drop_into_inbox(stack, second, seed=22)  # arrives while no daemon watches the inbox
     stack.wait_back("daemon", after_pid=pid)
     back = time.monotonic()
-    done = _wait_done(dagster_api, list(dropped), timeout=900)
-    lost, twice, details = _datasets_outcome(stack, dagster_api, dropped)
+    done = wait_partitions_done(dagster_api, list(dropped), timeout=900)
+    lost, twice, details = datasets_outcome(stack, dagster_api, dropped)
     _finish(FaultResult("daemon", "ingest", 2, lost, twice, done - killed_at, back - killed_at, details))
 
 
@@ -107,8 +107,8 @@ def test_a_dask_worker_container_killed_with_tasks_in_flight_comes_back_and_the_
         killed.update(at=time.monotonic(), in_flight=len(keys), pid=stack.kill("dask-worker", replica))
         stack.wait_back("dask-worker", replica, after_pid=killed["pid"])
         back = time.monotonic()
-    done = _wait_done(dagster_api, [name], timeout=900)
-    lost, twice, details = _datasets_outcome(stack, dagster_api, dropped)
+    done = wait_partitions_done(dagster_api, [name], timeout=900)
+    lost, twice, details = datasets_outcome(stack, dagster_api, dropped)
     details.update(tasks_in_flight=killed["in_flight"])
     _finish(
         FaultResult(
@@ -125,8 +125,8 @@ def test_postgresql_restarted_under_a_running_ingest(stack, dagster_api):
     stack.stack.engine_cmd("restart", "-t", "30", stack.container("postgresql"), check=True)
     stack.wait_back("postgresql")
     back = time.monotonic()
-    done = _wait_done(dagster_api, [name], timeout=900)
-    lost, twice, details = _datasets_outcome(stack, dagster_api, dropped)
+    done = wait_partitions_done(dagster_api, [name], timeout=900)
+    lost, twice, details = datasets_outcome(stack, dagster_api, dropped)
     details["run_statuses"] = [r["status"] for r in dagster_api.partition_runs(name)]
     _finish(FaultResult("postgresql", "ingest", 1, lost, twice, done - killed_at, back - killed_at, details))
 
@@ -134,7 +134,7 @@ def test_postgresql_restarted_under_a_running_ingest(stack, dagster_api):
 def test_the_s3_server_killed_under_an_ingest_keeps_its_objects_and_the_ingest_completes(stack, dagster_api):
     before = _name("s3before")
     dropped = {before: drop_into_inbox(stack, before, seed=24)}
-    _wait_done(dagster_api, [before], timeout=900)
+    wait_partitions_done(dagster_api, [before], timeout=900)
     name = _name("s3")
     dropped[name] = drop_into_inbox(stack, name, seed=25, shape=(32, 512, 512))
     _running_run(dagster_api, name)
@@ -142,6 +142,6 @@ def test_the_s3_server_killed_under_an_ingest_keeps_its_objects_and_the_ingest_c
     pid = stack.kill("minio")
     stack.wait_back("minio", after_pid=pid)
     back = time.monotonic()
-    done = _wait_done(dagster_api, [name], timeout=900)
-    lost, twice, details = _datasets_outcome(stack, dagster_api, dropped)  # `before`'s objects checked too
+    done = wait_partitions_done(dagster_api, [name], timeout=900)
+    lost, twice, details = datasets_outcome(stack, dagster_api, dropped)  # `before`'s objects checked too
     _finish(FaultResult("s3-server", "ingest", 2, lost, twice, done - killed_at, back - killed_at, details))

@@ -21,7 +21,6 @@ from em_platform.cryo.results_db import CryoResults, tomograms
 from em_platform.tem.broker import BrokerPublisher
 from tests.deploy.conftest import drop_into_inbox
 from tests.deploy.dagster_api import TERMINAL, wait_until
-from tests.deploy.faults import _datasets_outcome, _records, _store
 from tests.support.browser import (
     goto,
     new_page,
@@ -30,6 +29,7 @@ from tests.support.browser import (
     require_browser,
     screenshot,
 )
+from tests.support.outcomes import catalog_records, data_store, datasets_outcome
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 CONTAINER_TAG = "docker/container_id"
@@ -93,9 +93,9 @@ def test_an_inbox_file_ends_complete_in_s3_from_a_run_in_its_own_container(stack
         dropped = {name: drop_into_inbox(stack, name, seed=11)}
         [run] = dagster_api.wait_runs_done({"dagster/partition": name}, 1, timeout=900)
     _assert_ran_in_its_own_container(stack, dagster_api, run, watched)
-    lost, twice, details = _datasets_outcome(stack, dagster_api, dropped)
+    lost, twice, details = datasets_outcome(stack, dagster_api, dropped)
     assert (lost, twice) == (0, 0), details
-    record = _records(stack, "local", [name])[name]
+    record = catalog_records(stack, "local", [name])[name]
     assert record["files"]["volume"].startswith(f"{stack.platform_env['EM_DATA_ROOT']}/")
     # the run's logs reach the UI: its step's own log lines in the event log, its stdout/stderr captured
     # on the compute-log volume the webserver reads
@@ -177,11 +177,11 @@ def montage(stack, dagster_api) -> str:
 def test_a_montage_from_the_host_scope_is_judged_live_stitched_fused_uploaded_and_recorded(
     stack, dagster_api, montage
 ):
-    record = _records(stack, "acquisition", [montage])[montage]
+    record = catalog_records(stack, "acquisition", [montage])[montage]
     assert record and record["status"] == "complete", record
     volume = record["files"]["volume"]
     assert volume.startswith(f"{stack.platform_env['EM_DATA_ROOT']}/") and volume.endswith(".zarr"), volume
-    store = _store(stack)
+    store = data_store(stack)
     assert store.fs.exists(f"{volume.removeprefix('s3://')}/zarr.json")
     meta = _asset_metadata(dagster_api, ["montage_upload"], montage)
     link = re.search(r"\]\((http[^)\s]+)\)", meta["neuroglancer"])  # a Markdown link
@@ -208,7 +208,7 @@ def test_a_simulated_tilt_series_is_processed_into_a_tomogram(stack, dagster_api
         made = results.rows(tomograms, stack_key)
     finally:
         results.dispose()
-    record = _records(stack, "simulation", [stack_key])[stack_key]
+    record = catalog_records(stack, "simulation", [stack_key])[stack_key]
     assert record["status"] == "complete" and record["files"]["volume"].startswith("s3://")
     assert {t["method"] for t in made} >= {"wbp"} and all(files_exist(stack, t) for t in made), made
     assert any(t["zarr_url"] and t["zarr_url"].startswith("s3://") for t in made), made  # for the viewer
@@ -227,7 +227,7 @@ def _job_run_done(api, job: str, partition: str, timeout: float = 1800) -> dict:
 
 def files_exist(stack, row: dict) -> bool:
     """Every file a results row names exists: s3:// ones in the stack's S3, /data ones on its data volume."""
-    store = _store(stack)
+    store = data_store(stack)
     paths = [v for v in row.values() if isinstance(v, str) and v.startswith(("s3://", "/data/"))]
     return bool(paths) and all(
         store.fs.exists(p.removeprefix("s3://")) if p.startswith("s3://") else (stack.data / p[6:]).exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,19 +13,12 @@ import starfile
 
 from em_platform.cryo.exposures_db import PROCESSED, PROCESSING, ExposureStore
 from tests.cryo.synthetic import make_movie_set
-from tests.support.browser import free_port
 from tests.support.cryo_live_service import start_cryo_live
 from tests.support.metrics import scrape
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
 
 SESSION = "sessions/grid1/micrographs"
-
-
-def _until(what, deadline_s: float = 120.0):
-    deadline = time.monotonic() + deadline_s
-    while not (found := what()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)  # polling the database the service writes
-    return found
 
 
 def test_killed_mid_exposure_the_next_start_processes_each_exposure_once(tmp_path):
@@ -37,7 +29,12 @@ def test_killed_mid_exposure_the_next_start_processes_each_exposure_once(tmp_pat
     store = ExposureStore(url)
     first, _ = start_cryo_live(tmp_path / "data", root, url, port)
     try:
-        claimed = _until(lambda: [r for r in store.rows(SESSION) if r["status"] == PROCESSING])
+        claimed = wait_until(
+            lambda: [r for r in store.rows(SESSION) if r["status"] == PROCESSING],
+            120,
+            "an exposure claimed",
+            0.05,
+        )
         os.killpg(first.pid, signal.SIGKILL)  # mid-exposure: its claim and maybe a half-written file left
         first.wait(30)
     finally:
@@ -46,7 +43,12 @@ def test_killed_mid_exposure_the_next_start_processes_each_exposure_once(tmp_pat
     restarted = datetime.now(UTC)
     second, started = start_cryo_live(tmp_path / "data", root, url, port)
     try:
-        rows = _until(lambda: (r := store.rows(SESSION)) and all(x["status"] == PROCESSED for x in r) and r)
+        rows = wait_until(
+            lambda: (r := store.rows(SESSION)) and all(x["status"] == PROCESSED for x in r) and r,
+            120,
+            "every exposure processed",
+            0.05,
+        )
         samples = scrape(f"http://127.0.0.1:{port}/metrics")
         assert samples[("em_cryo_processing_lag_seconds", ())] == 0
         by_second = sum(r["processed_at"] > restarted for r in rows)

@@ -11,20 +11,16 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from tests.support import polling
+
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 REPO = {"repositoryLocationName": "em_platform", "repositoryName": "__repository__"}
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll ``predicate`` until it returns something truthy; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
+    """:func:`tests.support.polling.wait_until` at the API's pace: a predicate here is mostly a GraphQL query to
+    a webserver that shares the machine's cores with the runs it reports on."""
+    return polling.wait_until(predicate, timeout, what, interval)
 
 
 class DagsterApi:

@@ -115,7 +115,7 @@ def test_every_setting_compose_reads_is_documented_in_the_env_example():
 
 
 def test_production_instance_keeps_the_embedded_limits_and_launches_runs_as_containers(monkeypatch, tmp_path):
-    embedded = yaml.safe_load((REPO / "instance" / "dagster.yaml").read_text())
+    embedded = yaml.safe_load((REPO / "dagster.yaml").read_text())
     production = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
     for key in (
         "run_coordinator",

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from em_platform.cli import main
 from em_platform.tem.journal import Journal
-from tests.tem.conftest import wait_until
+from tests.support.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,7 +118,7 @@ def test_listener_dead_letters_traversal_ids_and_tiles_off_the_share(
     try:
         lt = start_listener(journal)
         stomp_broker.pigeon().send("tile.raw", **_tile("m-good", "t-next", str(share / "m-good" / "n.tiff")))
-        wait_until(lambda: len(journal.tiles("m-good")) == 2, what="the next tile")
+        wait_until(lambda: len(journal.tiles("m-good")) == 2, 10, "the next tile")
         assert lt.finish().received == 1
     finally:
         journal.dispose()

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from em_platform.edge import MONTAGE_MAX_GRID, STAGE_MAX_NM, MontageBounds
 from em_platform.settings import ConfigError, load_settings
 from em_platform.tem.journal import Journal
-from tests.tem.conftest import wait_until
+from tests.support.polling import wait_until
 
 
 def _tile(montage_id: str, tile_id: str, row: int = 0, column: int = 0, **extra) -> dict:
@@ -157,7 +157,7 @@ def test_the_listener_dead_letters_oversized_messages_and_journals_the_rest(
         for topic, payload, _, _ in HOSTILE:
             scope.send(topic, **payload)
         scope.send("tile.raw", **_tile("m-ok", "t-ok", row=3, column=4))
-        wait_until(lambda: journal.tiles("m-ok"), what="the good tile after the oversized ones")
+        wait_until(lambda: journal.tiles("m-ok"), 10, "the good tile after the oversized ones")
         stats = lt.finish()
         assert (stats.rejected, stats.journaled) == (len(HOSTILE), 1)
         with journal.engine.connect() as conn:

@@ -10,8 +10,8 @@ import pytest
 from em_platform.metrics.exporter import MetricsAddress, MetricsConfigError, serve_from
 from em_platform.metrics.live import count_verdicts
 from em_platform.metrics.scopes import OTHER, scope_of
-from tests.support.browser import free_port
 from tests.support.metrics import scrape
+from tests.support.ports import free_port
 
 
 def test_a_tile_is_labelled_by_the_share_it_lies_on_and_nothing_else():

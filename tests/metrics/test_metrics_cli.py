@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.browser import free_port
+from tests.support.environment import clean_env
 from tests.support.metrics import scrape
+from tests.support.ports import free_port
 
 EM_PLATFORM = Path(sys.executable).parent / "em-platform"
 
@@ -21,7 +21,7 @@ def test_the_exporter_serves_the_stores_and_the_runs_and_stops_on_sigterm(tmp_pa
         pytest.skip(f"{EM_PLATFORM} not installed (make .venv/.installed)")
     (tmp_path / "home").mkdir()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_"))}
+    env = clean_env("EM_", "DAGSTER_")
     env.update(EM_DATA_ROOT=str(tmp_path / "data"), DAGSTER_HOME=str(tmp_path / "home"), EM_METRICS=str(port))
     proc = subprocess.Popen(
         [str(EM_PLATFORM), "metrics"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -46,7 +46,7 @@ def test_the_exporter_serves_the_stores_and_the_runs_and_stops_on_sigterm(tmp_pa
 def test_a_bad_address_is_refused_naming_the_setting(tmp_path):
     if not EM_PLATFORM.exists():
         pytest.skip(f"{EM_PLATFORM} not installed (make .venv/.installed)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_"))}
+    env = clean_env("EM_", "DAGSTER_")
     env.update(EM_DATA_ROOT=str(tmp_path / "data"), EM_METRICS="scope-pc:9472")
     done = subprocess.run([str(EM_PLATFORM), "metrics"], env=env, capture_output=True, text=True, timeout=60)
     assert (

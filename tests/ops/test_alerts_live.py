@@ -26,9 +26,11 @@ import tifffile
 
 from em_platform.settings import load_settings
 from em_platform.tem.journal import Journal
-from tests.support.browser import free_port, new_page, open_browser, screenshot
+from tests.support.browser import new_page, open_browser, screenshot
 from tests.support.doc_pictures import keep_doc_picture
+from tests.support.environment import clean_env
 from tests.support.monitoring import Monitoring, missing
+from tests.support.ports import free_port
 
 EM_PLATFORM = Path(sys.executable).parent / "em-platform"
 DASK = Path(sys.executable).parent / "dask"
@@ -104,7 +106,7 @@ def test_each_fault_pages_the_operator_and_clears_when_repaired(tmp_path):
 def _faults(tmp_path: Path, buffer: Path) -> None:
     share = tmp_path / "scope"
     share.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
+    env = clean_env("EM_", "DAGSTER_", "DASK_")
     env.update(
         EM_DATA_ROOT=str(tmp_path / "data"),
         EM_SCOPE_SHARES=str(share),

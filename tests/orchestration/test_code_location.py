@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,15 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from tests.support.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp_path: Path) -> dict:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text((REPO / "instance" / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
     return {**os.environ, "DAGSTER_HOME": str(home), "EM_DATA_ROOT": str(tmp_path / "data")}
 
 
@@ -51,12 +52,6 @@ def test_dagster_definitions_validate_cli(tmp_path):
     assert "Validation successful" in proc.stdout + proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _graphql(port: int, query: str) -> dict:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",
@@ -69,7 +64,7 @@ def _graphql(port: int, query: str) -> dict:
 
 @pytest.mark.slow
 def test_web_ui_serves_assets_lineage_and_sensor(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

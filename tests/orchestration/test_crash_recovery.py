@@ -22,25 +22,15 @@ from dagster._core.events import DagsterEventType
 
 from em_platform.catalog.db import CatalogDB
 from em_platform.samples import em_texture, write_ome_tiff
+from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = "slow_stack.ome.tif"
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
-        time.sleep(0.05)
-
-
 def _instance_home(home: Path) -> None:
     """The project's dagster.yaml, only its polling made fast enough for a test."""
-    config = yaml.safe_load((REPO / "instance" / "dagster.yaml").read_text())
+    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
     config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 1
     monitoring = config["run_monitoring"]
     assert monitoring.get("free_slots_after_run_end_seconds"), "dagster.yaml never frees a dead run's slots"
@@ -106,19 +96,19 @@ def test_a_killed_run_frees_its_slot_fails_its_record_and_is_retried(tmp_path, m
         volume = np.tile(em_texture((6, 256, 256), seed=3, dtype=np.uint16), (16, 6, 6))  # 453 MB
         write_ome_tiff(tmp_path / ENTRY, volume, {"z": 40.0, "y": 4.0, "x": 4.0})
         os.replace(tmp_path / ENTRY, inbox / ENTRY)  # arrives whole
-        record = wait_for(
+        record = wait_until(
             lambda: (r := catalog.find("local", ENTRY)) and r["status"] == "processing" and r,
             180,
             "processing",
         )
         first_run = catalog.history(record["id"])[-1].run_id
         with dg.DagsterInstance.from_config(str(home)) as instance:
-            pid = wait_for(lambda: _step_pid(instance, first_run), 30, "the step's process")
+            pid = wait_until(lambda: _step_pid(instance, first_run), 30, "the step's process")
             assert _pixels_held_by(instance, first_run) == 1
             os.kill(pid, signal.SIGKILL)
             killed_at = time.monotonic()
-            wait_for(lambda: _pixels_held_by(instance, first_run) == 0, 60, "the dead run's slot freed")
-            done = wait_for(
+            wait_until(lambda: _pixels_held_by(instance, first_run) == 0, 60, "the dead run's slot freed")
+            done = wait_until(
                 lambda: (r := catalog.get(record["id"]))["status"] == "complete" and r, 180, "the retry"
             )
             recovered = time.monotonic() - killed_at
@@ -132,7 +122,7 @@ def test_a_killed_run_frees_its_slot_fails_its_record_and_is_retried(tmp_path, m
                 assert failed[0].message.startswith(f"interrupted: run {first_run} stopped"), failed
             assert done["error"]["retry_count"] == 1
             assert instance.get_run_by_id(first_run).status == dg.DagsterRunStatus.FAILURE
-            retry = wait_for(
+            retry = wait_until(
                 lambda: next(
                     (
                         r

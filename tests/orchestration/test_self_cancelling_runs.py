@@ -16,6 +16,7 @@ from dagster._serdes import serialize_value
 
 from em_platform.deploy import dagster_instance
 from em_platform.deploy.dagster_instance import FacilityInstance, SelfCancellingDockerRunLauncher
+from tests.support.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,15 +33,6 @@ def long_fusion(context):
 def long_job():
     long_fusion()
 """
-
-
-def _wait(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_run_marked_canceling_stops_itself_without_a_docker_socket(tmp_path, monkeypatch):
@@ -67,8 +59,9 @@ def test_a_run_marked_canceling_stops_itself_without_a_docker_socket(tmp_path, m
             stderr=subprocess.STDOUT,
         )
         try:
-            _wait(
+            wait_until(
                 lambda: instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED,
+                60,
                 "the run to start",
             )
             launcher = SelfCancellingDockerRunLauncher()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ from em_platform.resources import StorageResource
 from em_platform.samples import em_texture, write_ome_tiff
 from em_platform.storage.store import DataStore
 from tests.support.platform import make_platform
+from tests.support.ports import free_port
 
 ENTRY = "cells.ome.tif"
 
@@ -33,9 +33,7 @@ def own_s3(monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     servers = [server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
     servers[0].start()
 

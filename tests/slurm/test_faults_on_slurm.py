@@ -25,7 +25,7 @@ from em_platform.simulation.scope_config import ScopeConfig
 from em_platform.tem.journal import Journal
 from tests.slurm.test_platform_on_slurm import assert_completed, run_jobs, use_slurm
 from tests.support.platform import make_platform
-from tests.support.slurm import wait_until
+from tests.support.polling import wait_until
 
 CFG = ScopeConfig(rows=2, columns=3, overlap=0.15, jitter_px=6.0, seed=11)
 MONTAGE = "m-slurm-fault"

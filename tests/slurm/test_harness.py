@@ -13,7 +13,8 @@ import time
 import psutil
 import pytest
 
-from tests.support.slurm import LocalSlurm, wait_until
+from tests.support.polling import wait_until
+from tests.support.slurm import LocalSlurm
 
 
 def _running(slurm: LocalSlurm, job_id: str, timeout: float = 30) -> None:

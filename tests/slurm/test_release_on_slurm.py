@@ -12,7 +12,7 @@ import time
 from dask.distributed import Client
 
 from em_platform.cluster.slurm import JobLog, SlurmSettings, release, start_cluster
-from tests.support.slurm import wait_until
+from tests.support.polling import wait_until
 
 
 def _use(slurm, monkeypatch) -> None:

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("EM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
@@ -80,16 +81,10 @@ def require_browser() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_dagster_home(folder: Path) -> Path:
     """A Dagster home holding the project's dagster.yaml (the embedded default instance)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(REPO / "instance" / "dagster.yaml", folder / "dagster.yaml")
+    shutil.copyfile(REPO / "dagster.yaml", folder / "dagster.yaml")
     return folder
 
 

@@ -3,11 +3,12 @@ process and session, its settings from the environment only."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from tests.support.environment import clean_env
 
 READY = "cryo-live: processing each"  # the line the service prints once it watches its sessions
 
@@ -22,7 +23,7 @@ def start_cryo_live(
     """The service once it says it is ready, and what it printed until then (each line also to ``echo``).
 
     The caller's platform, Dagster and Dask settings are left out: the service reads only the ones given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
+    env = clean_env("EM_", "DAGSTER_", "DASK_")
     env.update(
         EM_DATA_ROOT=str(data_root),
         EM_CRYO_SESSIONS=str(sessions),

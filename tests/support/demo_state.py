@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.browser import REPO, free_port
+from tests.support.browser import REPO
+from tests.support.environment import clean_env
+from tests.support.ports import free_port
 
 BROKEN = "broken_scan.tif"  # not a TIFF: the demo's one failed entry
 _STATE: DemoState | None = None
@@ -71,7 +73,7 @@ def fresh_checkout(root: Path) -> Path:
 
 def checkout_env(checkout: Path) -> dict[str, str]:
     """A new user's environment in the checkout: none of our EM_* or Dagster settings, the copy's code first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_"))}
+    env = clean_env("EM_", "DAGSTER_")
     env["PYTHONPATH"] = str(checkout)
     env["DEV_PORT"] = str(free_port())  # `make dev` on a free port (tests never take a fixed one)
     env["EM_VIEWER_URL"] = f"http://127.0.0.1:{free_port()}"  # the image viewer's, likewise

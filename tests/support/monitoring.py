@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from em_platform.deploy.monitoring import CONSOLES, alertmanager_config, prometheus_config
-from tests.support.browser import free_port
+from tests.support.ports import free_port
 
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")

@@ -31,6 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from tests.support.polling import wait_until
+from tests.support.ports import free_ports
+
 # Debian puts the daemons in /usr/sbin, which a non-login PATH may lack
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 PARTITION = "debug"
@@ -56,31 +59,6 @@ def is_available() -> tuple[bool, str]:
     if os.geteuid() != 0:
         reasons.append("not root (slurmd starts each job as its user, and only root may do that)")
     return (not reasons, "; ".join(reasons))
-
-
-def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``check`` until it returns something truthy (returned); TimeoutError naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _machine_memory_mb() -> int:
@@ -219,7 +197,7 @@ class LocalSlurm:
         self.runtime = Path(tempfile.mkdtemp(prefix="em-slurm-"))
         self.runtime.chmod(0o755)  # munged: every folder above its socket must be searchable by all
         (self.runtime / "spool").mkdir()
-        self.ctld_port, self.slurmd_port = _free_ports(2)
+        self.ctld_port, self.slurmd_port = free_ports(2)
         self.conf.write_text(self.slurm_conf())
         try:
             self._start_munged()
@@ -298,7 +276,7 @@ class LocalSlurm:
         self, check: Callable[[], T], what: str, daemons: tuple[str, ...], timeout: float = START_TIMEOUT
     ) -> T:
         try:
-            return wait_until(check, timeout, f"waiting for {what}")
+            return wait_until(check, timeout, what)
         except TimeoutError as exc:
             raise self._failure(str(exc), *daemons) from None
 
@@ -332,7 +310,7 @@ class LocalSlurm:
             return seen[-1] if seen[-1] in states else None
 
         try:
-            return wait_until(ready, START_TIMEOUT, f"waiting for {what}")
+            return wait_until(ready, START_TIMEOUT, what)
         except TimeoutError as exc:
             # e.g. "drain" with the reason "Low RealMemory": slurmctld's verdict on what slurmd registered
             reason = self.run("sinfo", "-h", "-N", "-o", "%N %E", check=False, timeout=10).stdout.strip()

@@ -13,11 +13,9 @@ import os
 import re
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 import stomp
@@ -27,25 +25,6 @@ from em_platform.tem.listener import ListenerStats, delete_subscription, run_lis
 
 STOMP_HOST = os.environ.get("EM_TEST_STOMP_HOST", "127.0.0.1")
 STOMP_PORT = int(os.environ.get("EM_TEST_STOMP_PORT", "61613"))
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
-        time.sleep(0.02)
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- log watching -------------------------------------------------------------------------------------

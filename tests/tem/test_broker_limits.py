@@ -24,8 +24,10 @@ import stomp
 from em_platform.settings import BROKER_MAX_MESSAGE_BYTES
 from em_platform.tem.journal import Journal
 from em_platform.tem.stomp_connection import StompEvents, close_connection, open_stomp
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
 
-from .conftest import ListenerThread, wait_until
+from .conftest import ListenerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = ROOT / "docker" / "rabbitmq" / "40-limits.conf"
@@ -38,12 +40,6 @@ def _rabbitmq_server() -> str | None:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return shutil.which("rabbitmq-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -64,7 +60,7 @@ def limited_broker(tmp_path) -> Iterator[Node]:
         )
     conf = tmp_path / "conf.d"
     conf.mkdir()
-    port = _free_port()
+    port = free_port()
     (conf / "10-listeners.conf").write_text(
         f"listeners.tcp = none\nstomp.listeners.tcp.1 = 127.0.0.1:{port}\n"
     )
@@ -78,7 +74,7 @@ def limited_broker(tmp_path) -> Iterator[Node]:
         "RABBITMQ_CONFIG_FILES": str(conf),
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(ROOT / "docker" / "rabbitmq" / "enabled_plugins"),
         "RABBITMQ_NODENAME": f"em-test-{uuid.uuid4().hex[:8]}@localhost",
-        "RABBITMQ_DIST_PORT": str(_free_port()),
+        "RABBITMQ_DIST_PORT": str(free_port()),
         "RABBITMQ_MNESIA_BASE": str(tmp_path / "mnesia"),
         "RABBITMQ_LOG_BASE": str(tmp_path / "log"),
         "RABBITMQ_LOGS": "-",

@@ -23,8 +23,7 @@ from em_platform.tem import stomp_connection
 from em_platform.tem.broker import BrokerPublisher, BrokerSettings, BrokerUnavailable
 from em_platform.tem.journal import Journal
 from em_platform.tem.stomp_connection import StompEvents, close_connection, open_stomp
-
-from .conftest import wait_until
+from tests.support.polling import wait_until
 
 
 class TlsTerminator:
@@ -144,7 +143,11 @@ def test_a_listener_over_tls_journals_what_a_plain_scope_sends(
     listener = start_listener(journal, port=terminator.port, tls=str(ca))
     scope = stomp_broker.pigeon("pytem")
     scope.send("montage.status", montage_id="m-tls", state="started", total_tiles=4)
-    wait_until(lambda: journal.messages("montage.status", "m-tls"), what="the montage.status in the journal")
+    wait_until(
+        lambda: journal.messages("montage.status", "m-tls"),
+        timeout=10,
+        what="the montage.status in the journal",
+    )
     stats = listener.finish()
     assert stats.received == 1 and terminator.handshakes >= 1
 

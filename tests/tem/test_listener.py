@@ -19,10 +19,11 @@ import sqlalchemy as sa
 from em_platform.tem import listen_cli
 from em_platform.tem.journal import Journal
 from em_platform.tem.listener import delete_subscription, run_listener
-from tests.support.browser import free_port
 from tests.support.metrics import scrape
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
 
-from .conftest import ListenerThread, closed_port, wait_until
+from .conftest import ListenerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,7 @@ def test_pigeon_montage_is_journaled_in_order(stomp_broker, start_listener, jour
         rotation_angle=0.61,
         aperture_centroid=(0, 0),
     )
-    wait_until(journaled(journal, 10), what="10 messages journaled")
+    wait_until(journaled(journal, 10), timeout=10, what="10 messages journaled")
     stats = lt.finish()
 
     montage = journal.montage(mid)
@@ -110,7 +111,9 @@ def test_identical_message_twice_changes_nothing(stomp_broker, start_listener, j
     scope.send("tile.raw", **t)
     scope.send("tile.raw", **t)  # the same body again, as a redelivery would be
     scope.send("tile.raw", **tile("m-dup", 0, 1))
-    wait_until(lambda: len(journal.tiles("m-dup")) == 2, what="both tiles")  # the queue is ordered
+    wait_until(
+        lambda: len(journal.tiles("m-dup")) == 2, timeout=10, what="both tiles"
+    )  # the queue is ordered
     stats = lt.finish()
     assert (stats.received, stats.journaled, stats.duplicates) == (3, 2, 1)
     assert count(journal, "acq_messages") == 2 and count(journal, "acq_tiles") == 2
@@ -140,7 +143,7 @@ def test_connection_lost_between_commit_and_ack_is_redelivered_without_duplicate
     scope = stomp_broker.pigeon()
     for c in range(3):
         scope.send("tile.raw", **tile("m-cut", 0, c))
-    wait_until(lambda: len(journal.tiles("m-cut")) == 3, what="three tiles")
+    wait_until(lambda: len(journal.tiles("m-cut")) == 3, timeout=10, what="three tiles")
     logs.wait_for(r"already journaled \(redelivered=true\)")  # the unacknowledged tile came back
     stats = lt.finish()
     assert sink.cut.is_set() and tcp_proxy.accepted == 2 and stats.connections == 2
@@ -158,7 +161,7 @@ def test_messages_sent_while_the_listener_is_down_are_journaled_after_restart(
     scope.send("tile.raw", **tile("m-away", 0, 0))
     scope.send("tile.raw", **tile("m-away", 0, 1))
     lt = start_listener(journal)
-    wait_until(lambda: len(journal.tiles("m-away")) == 2, what="tiles sent while down")
+    wait_until(lambda: len(journal.tiles("m-away")) == 2, timeout=10, what="tiles sent while down")
     stats = lt.finish()
     assert stats.journaled == 3 and stats.duplicates == 0
     assert journal.montage("m-away").total_tiles == 2
@@ -175,7 +178,7 @@ def test_delete_subscription_drops_the_queue_and_its_messages(stomp_broker, star
     )
     lt = start_listener(journal)  # ...until the subscription is deleted: a new, empty queue
     stomp_broker.pigeon().send("tile.raw", **tile("m-new", 0, 0))
-    wait_until(lambda: journal.tiles("m-new"), what="the marker tile")
+    wait_until(lambda: journal.tiles("m-new"), timeout=10, what="the marker tile")
     stats = lt.finish()
     assert stats.received == 1 and journal.tiles("m-gone") == []
 
@@ -190,7 +193,7 @@ def test_malformed_messages_are_logged_and_skipped(stomp_broker, start_listener,
     stomp_broker.send_raw("tile.raw", "this is not JSON")
     stomp_broker.send_raw("montage.status", '{"montage_id": "m-bad", "state": "exploded"}')
     stomp_broker.pigeon().send("tile.raw", **tile("m-ok", 0, 0))
-    wait_until(lambda: journal.tiles("m-ok"), what="the valid tile after the bad ones")
+    wait_until(lambda: journal.tiles("m-ok"), timeout=10, what="the valid tile after the bad ones")
     stats = lt.finish()
     assert (stats.received, stats.rejected, stats.journaled) == (4, 3, 1)
     [missing] = logs.matching(r"rejected tile\.raw .*'row'")
@@ -202,7 +205,7 @@ def test_malformed_messages_are_logged_and_skipped(stomp_broker, start_listener,
     # rejected means gone, not requeued: a fresh listener receives only the new marker
     lt2 = start_listener(journal)
     stomp_broker.pigeon().send("tile.raw", **tile("m-ok", 0, 1))
-    wait_until(lambda: len(journal.tiles("m-ok")) == 2, what="the marker tile")
+    wait_until(lambda: len(journal.tiles("m-ok")) == 2, timeout=10, what="the marker tile")
     assert lt2.finish().received == 1
 
 
@@ -233,7 +236,7 @@ def test_journal_outage_is_retried_and_the_message_is_not_acknowledged_meanwhile
 
     flaky = DownJournal(journal, failures=2)  # the database comes back after two more failures
     lt = start_listener(flaky)
-    wait_until(lambda: journal.tiles("m-db"), what="the tile once the database is back")
+    wait_until(lambda: journal.tiles("m-db"), timeout=10, what="the tile once the database is back")
     stats = lt.finish()
     assert (stats.journal_errors, stats.journaled, stats.duplicates) == (2, 1, 0)
     assert count(journal, "acq_messages") == 1
@@ -248,7 +251,9 @@ def test_a_message_the_journal_cannot_take_is_rejected_not_retried_forever(
     scope.send("tile.raw", **tile("m-conflict", 0, 0))
     scope.send("tile.raw", **tile("m-conflict", 0, 0, path="/elsewhere.tiff"))  # same tile_id, other body
     scope.send("tile.raw", **tile("m-conflict", 0, 1))
-    wait_until(lambda: len(journal.tiles("m-conflict")) == 2, what="the tiles around the conflicting one")
+    wait_until(
+        lambda: len(journal.tiles("m-conflict")) == 2, timeout=10, what="the tiles around the conflicting one"
+    )
     stats = lt.finish()
     assert (stats.journaled, stats.rejected) == (2, 1)
     assert logs.matching(r"rejected tile\.raw .*the journal cannot record it \(IntegrityError")
@@ -259,7 +264,7 @@ def test_a_message_the_journal_cannot_take_is_rejected_not_retried_forever(
 
 def test_unreachable_broker_is_retried_with_bounded_backoff_until_stopped(journal, listener_log):
     logger, logs = listener_log
-    port = closed_port()
+    port = free_port()
     lt = ListenerThread("127.0.0.1", port, journal, backoff=(0.01, 0.04), log=logger).start(wait_ready=False)
     # each retry line names the socket's own error (a closed port: "[Errno 111] Connection refused")
     messages = logs.wait_for(
@@ -280,7 +285,7 @@ def test_stop_ends_a_listener_that_waits_out_a_long_backoff(journal):
     result = {}
 
     def run():
-        result["stats"] = run_listener("127.0.0.1", closed_port(), journal, stop=stop, backoff=(60, 60))
+        result["stats"] = run_listener("127.0.0.1", free_port(), journal, stop=stop, backoff=(60, 60))
         done.set()
 
     threading.Thread(target=run, daemon=True).start()
@@ -353,13 +358,19 @@ def test_listen_cli_journals_until_sigterm(stomp_broker, tmp_path):
         stomp_broker.pigeon().send("tile.raw", **tile("m-cli", 0, 0))
         journal = Journal(f"sqlite:///{db}")
         try:
-            wait_until(lambda: journal.tiles("m-cli"), what="the tile journaled by em-platform listen")
+            wait_until(
+                lambda: journal.tiles("m-cli"), timeout=10, what="the tile journaled by em-platform listen"
+            )
         finally:
             journal.dispose()
         # what an operator's Prometheus reads: the tile by its scope share, a dead letter by its reason
         stomp_broker.send_raw("tile.raw", "this is not JSON")
         letters = ("em_dead_letters_total", (("reason", "protocol"),))
-        wait_until(lambda: scrape(f"http://{metrics}/metrics").get(letters), what="the dead letter counted")
+        wait_until(
+            lambda: scrape(f"http://{metrics}/metrics").get(letters),
+            timeout=10,
+            what="the dead letter counted",
+        )
         samples = scrape(f"http://{metrics}/metrics")
         assert samples[("em_tiles_received_total", (("scope", "raw"),))] == 1
         assert samples[letters] == 1

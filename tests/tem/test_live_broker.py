@@ -21,8 +21,9 @@ from em_platform.tem.broker import BrokerSettings, BrokerUnavailable
 from em_platform.tem.journal import Journal
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.tile_source import JournalTileSource, Outbox
+from tests.support.polling import wait_until
 
-from .conftest import ListenerThread, wait_until
+from .conftest import ListenerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +126,7 @@ def test_a_scopes_message_order_and_a_killed_listener_lose_nothing(tmp_path, sto
         assert proc.stdout.readline().strip() == "ready"
         camera, pytem = b.pigeon("camera"), b.pigeon("pytem")  # two connections: no order across them
         pytem.send("montage.status", **events[0][1])
-        wait_until(lambda: journal.montage(truth.montage_id), what="the montage journaled")
+        wait_until(lambda: journal.montage(truth.montage_id), timeout=10, what="the montage journaled")
         publisher = BrokerSettings(b.host, b.port, topic_prefix=b.topic_prefix).publisher()
         source = JournalTileSource(
             journal, pixel_size_nm=4.0, rotation_rad=0.3, outbox=Outbox(publisher.publish_many)
@@ -158,7 +159,11 @@ def test_a_scopes_message_order_and_a_killed_listener_lose_nothing(tmp_path, sto
                         backoff=(0.05, 0.5),
                     ).start()
                 pytem.send(topic, **payload)
-        wait_until(lambda: journal.montage(truth.montage_id).state == "completed", what="montage completed")
+        wait_until(
+            lambda: journal.montage(truth.montage_id).state == "completed",
+            timeout=10,
+            what="montage completed",
+        )
         camera.send("tile.raw", **held[late])  # after montage.complete, on the other connection
         run.join(60)
         assert not run.is_alive()
@@ -227,7 +232,9 @@ def test_listener_and_verdicts_take_one_prefix_and_login(stomp_broker, tmp_path,
         **settings.connection(),
     ).start()
     b.pigeon().send("montage.status", montage_id="m-env", state="started")
-    wait_until(lambda: journal.montage("m-env"), what="the montage journaled under the configured prefix")
+    wait_until(
+        lambda: journal.montage("m-env"), timeout=10, what="the montage journaled under the configured prefix"
+    )
     listener.finish()
     hardware = build_resources(env=env)["hardware"]
     hardware.send("qc.status", {"status": "GOOD", "reason": None}, montage_id="m-env")
@@ -301,7 +308,7 @@ def _live_montage(tmp_path, stomp_broker, client, events, restart_after: int | N
     scope = b.pigeon("pytem")
     montage_id = events[0][1]["montage_id"]
     scope.send("montage.status", **events[0][1])
-    wait_until(lambda: journal.montage(montage_id), what="the montage journaled")
+    wait_until(lambda: journal.montage(montage_id), timeout=10, what="the montage journaled")
     done: dict = {}
     source = _BusyRun(journal)
     run = threading.Thread(
@@ -338,7 +345,9 @@ def _live_montage(tmp_path, stomp_broker, client, events, restart_after: int | N
             assert journal.montage(montage_id).state == "in_progress"  # nothing of the rest journaled yet
             source.ready.clear()
             listening = listener()
-            wait_until(lambda: journal.montage(montage_id).announced_complete, what="montage.complete")
+            wait_until(
+                lambda: journal.montage(montage_id).announced_complete, timeout=10, what="montage.complete"
+            )
             source.ready.set()
         run.join(60)
         assert not run.is_alive(), "the montage run did not finish"

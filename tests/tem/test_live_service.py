@@ -5,12 +5,10 @@ the montage's run, coming after, takes every verdict over. Each tile is judged o
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,20 +22,13 @@ from em_platform.tem.journal import Journal
 from em_platform.tem.judging import JudgingClaim, processed_tile_paths
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.tile_source import JournalTileSource
-from tests.support.browser import free_port
+from tests.support.environment import clean_env
 from tests.support.metrics import scrape
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
 
 MONTAGE = "live-service-m1"
 EM_PLATFORM = Path(sys.executable).parent / "em-platform"
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 class Service:
@@ -53,7 +44,9 @@ class Service:
         )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        wait_for(lambda: any("watching the journal" in line for line in self.lines), 120, "live-qc to start")
+        wait_until(
+            lambda: any("watching the journal" in line for line in self.lines), 120, "live-qc to start"
+        )
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -76,7 +69,7 @@ def test_a_killed_live_service_resumes_and_each_tile_is_judged_once(tmp_path):
     if not EM_PLATFORM.exists():
         pytest.skip(f"{EM_PLATFORM} not installed (make .venv/.installed)")
     tiles = tmp_path / "scope"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EM_", "DAGSTER_", "DASK_"))}
+    env = clean_env("EM_", "DAGSTER_", "DASK_")
     env.update(EM_DATA_ROOT=str(tmp_path / "data"), EM_SCOPE_SHARES=str(tiles), EM_SCOPE_PIXEL_SIZE_NM="4")
     settings = load_settings(env)
     journal = Journal(settings.catalog_url, tile_shares=[str(tiles)])
@@ -88,7 +81,7 @@ def test_a_killed_live_service_resumes_and_each_tile_is_judged_once(tmp_path):
         kwargs={"montage_id": MONTAGE},
     )
     scope.start()
-    before = wait_for(lambda: len(_judged(journal)) >= 3 and _judged(journal), 120, "three verdicts")
+    before = wait_until(lambda: len(_judged(journal)) >= 3 and _judged(journal), 120, "three verdicts")
     first.kill()
     at_kill = len(_judged(journal))
     assert len(before) < 12, "the service judged the whole montage before the kill: nothing was resumed"
@@ -97,7 +90,7 @@ def test_a_killed_live_service_resumes_and_each_tile_is_judged_once(tmp_path):
     try:
         scope.join(60)
         try:
-            judged = wait_for(
+            judged = wait_until(
                 lambda: len(_judged(journal)) == 12 and _judged(journal), 60, "a verdict for every tile"
             )
         except AssertionError:
@@ -105,7 +98,7 @@ def test_a_killed_live_service_resumes_and_each_tile_is_judged_once(tmp_path):
             raise
         assert {t: judged[t] for t in before} == before  # judged before the kill: not judged again
         # the montage's run, after the service let go: every verdict taken over, none judged or sent again
-        wait_for(lambda: journal.judging(MONTAGE) is None, 60, "the service to release the montage")
+        wait_until(lambda: journal.judging(MONTAGE) is None, 60, "the service to release the montage")
         # what the restarted service judged, as Prometheus reads it: the tiles by scope share, each latency
         assert any(f"metrics at http://{metrics}/metrics" in line for line in second.lines)
         samples = scrape(f"http://{metrics}/metrics")

@@ -14,8 +14,7 @@ import sqlalchemy as sa
 from em_platform.catalog.dead_letters import KEPT_BODY_BYTES
 from em_platform.settings import BROKER_MAX_MESSAGE_BYTES, ConfigError, broker_max_message_bytes
 from em_platform.tem.journal import Journal
-
-from .conftest import wait_until
+from tests.support.polling import wait_until
 
 
 def _tile(montage_id: str, column: int, **extra) -> dict:
@@ -55,7 +54,7 @@ def test_an_oversized_message_is_dead_lettered_with_its_digest_and_the_next_is_j
     size = len(big.encode())
     stomp_broker.send_raw("tile.raw", big)
     stomp_broker.pigeon().send("tile.raw", **_tile("m-ok", 1))
-    wait_until(lambda: journal.tiles("m-ok"), what="the tile after the oversized message")
+    wait_until(lambda: journal.tiles("m-ok"), timeout=10, what="the tile after the oversized message")
     stats = lt.finish()
     assert (stats.received, stats.rejected, stats.journaled) == (2, 1, 1)
     assert journal.montage("m-big") is None  # refused before it was parsed or journaled
@@ -77,7 +76,7 @@ def test_an_oversized_message_is_dead_lettered_with_its_digest_and_the_next_is_j
     # acknowledged once kept: a fresh listener on the same durable queue receives only what comes next
     lt2 = start_listener(journal)
     stomp_broker.pigeon().send("tile.raw", **_tile("m-ok", 2))
-    wait_until(lambda: len(journal.tiles("m-ok")) == 2, what="the marker tile")
+    wait_until(lambda: len(journal.tiles("m-ok")) == 2, timeout=10, what="the marker tile")
     assert lt2.finish().received == 1
     assert [x["times"] for x in _letters(journal)] == [1]
 

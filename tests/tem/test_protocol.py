@@ -19,8 +19,8 @@ from em_platform.tem.broker import (
     topic_of,
 )
 from em_platform.tem.protocol import CONSUMED, PUBLISHED, ProtocolError, decode, message_version, validate
-
-from .conftest import closed_port, wait_until
+from tests.support.polling import wait_until
+from tests.support.ports import free_port
 
 TILE = {
     "tile_id": "69005602-15b0-4407-bf5b-4bddd6629141",
@@ -156,9 +156,7 @@ def test_prefix_rule_is_pigeons():
 
 
 def test_publisher_rejects_an_invalid_payload_before_sending():
-    publisher = BrokerPublisher(
-        "127.0.0.1", closed_port(), lazy=True
-    )  # never connects: validation comes first
+    publisher = BrokerPublisher("127.0.0.1", free_port(), lazy=True)  # never connects: validation comes first
     with pytest.raises(ProtocolError) as info:
         publisher.publish("qc.status", {"status": "STOP_SOMETIME"})
     assert info.value.fields == ("status",) and "qc.status" in str(info.value)
@@ -166,7 +164,7 @@ def test_publisher_rejects_an_invalid_payload_before_sending():
 
 
 def test_publisher_names_the_unreachable_broker():
-    port = closed_port()
+    port = free_port()
     with pytest.raises(BrokerUnavailable) as info:
         BrokerPublisher("127.0.0.1", port, connect_attempts=3, backoff=(0.01, 0.02))
     assert f"127.0.0.1:{port}" in str(info.value) and "3 attempts" in str(info.value)
@@ -216,6 +214,6 @@ def test_publisher_reconnects_after_the_connection_is_cut(stomp_broker, tcp_prox
         pub.publish("qc.status", {"status": "STOP_NOW", "reason": "blank tiles"})
         assert received.get(timeout=10)[0].status == "STOP_NOW"
         assert tcp_proxy.accepted == 2
-        wait_until(lambda: pub.connected, what="publisher connected")
+        wait_until(lambda: pub.connected, timeout=10, what="publisher connected")
     finally:
         pub.close()

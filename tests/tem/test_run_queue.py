@@ -21,7 +21,7 @@ def _acquisition_slots(runs: dict, tags: dict) -> int:
     return min([runs["max_concurrent_runs"], *limits])
 
 
-@pytest.mark.parametrize("config", ["instance/dagster.yaml", "docker/dagster.yaml"])
+@pytest.mark.parametrize("config", ["dagster.yaml", "docker/dagster.yaml"])
 def test_two_montage_runs_fit_the_run_queue(config):
     from em_platform.definitions import defs
 
@@ -34,7 +34,7 @@ def test_two_montage_runs_fit_the_run_queue(config):
 
 
 def test_the_embedded_instance_reads_those_limits(tmp_path, monkeypatch):
-    shutil.copy(REPO / "instance" / "dagster.yaml", tmp_path / "dagster.yaml")
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     runs = dg.DagsterInstance.from_config(str(tmp_path)).get_concurrency_config().run_queue_config
     limits = {

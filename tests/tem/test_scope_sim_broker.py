@@ -11,8 +11,7 @@ from em_platform.tem.broker import BrokerSettings
 from em_platform.tem.journal import Journal
 from em_platform.tem.montage_run import MontageRunConfig, run_montage
 from em_platform.tem.tile_source import JournalTileSource, Outbox
-
-from .conftest import wait_until
+from tests.support.polling import wait_until
 
 SMALL = ["--tile-size", "64", "--overlap", "0.25", "--jitter", "2", "--brightfield-frames", "0"]
 SMALL += ["--darkfield-frames", "0"]

@@ -198,7 +198,7 @@ def test_image_outside_the_data_root_gets_no_link(data_root, tmp_path):
 
 
 def test_cli_serves_on_the_settings_address_and_refuses_a_taken_port(data_root):
-    from tests.support.browser import free_port
+    from tests.support.ports import free_port
 
     port = free_port()
     env = {**os.environ, "EM_DATA_ROOT": str(data_root), "EM_VIEWER_URL": f"http://127.0.0.1:{port}"}

@@ -524,7 +524,7 @@ def _grown(pid: int, before_kib: int) -> int:
 @pytest.fixture
 def viewer_process(root):
     """`em-platform viewer` in its own process (wired from the settings, a proxy's host name allowed)."""
-    from tests.support.browser import free_port
+    from tests.support.ports import free_port
 
     if not Path("/proc/self/status").exists():
         pytest.skip("reads the server's peak memory from /proc")

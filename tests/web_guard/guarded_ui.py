@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.browser import REPO, free_port, stop_process
+from tests.support.browser import REPO, stop_process
+from tests.support.environment import clean_env
+from tests.support.ports import free_port
 
 LOCATION = "tests.web_guard.tiny_defs"
 SELECTOR = (
@@ -48,9 +49,9 @@ class GuardedUI:
 def guarded_ui(tmp_path: Path, timeout: float = 180) -> Iterator[GuardedUI]:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(REPO / "instance" / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "EM_"))}
+    env = clean_env("DAGSTER_", "EM_")
     env.update(DAGSTER_HOME=str(home), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable,

@@ -14,7 +14,8 @@ import urllib.request
 import pytest
 
 from tests.deploy.dagster_api import wait_until
-from tests.support.browser import free_port, new_page, open_browser, screenshot
+from tests.support.browser import new_page, open_browser, screenshot
+from tests.support.ports import free_port
 from tests.web_guard.guarded_ui import START, guarded_ui
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The storage check's ledger (em_platform.storage.audits) on SQLite and PostgreSQL: each evaluation audits a
-share of the complete records so that every one is audited once a cycle, never-audited first, then the
+"""The storage check's ledger (em_platform.catalog.storage_audits) on SQLite and PostgreSQL: each evaluation
+audits a share of the complete records so that every one is audited once a cycle, never-audited first, then the
 longest ago; a record whose last audit failed is audited every time; a record no longer complete leaves it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from em_platform.catalog.db import CatalogDB, datasets
-from em_platform.storage.audits import AuditSettingError, StorageAudits, cycle_days
+from em_platform.catalog.storage_audits import AuditSettingError, StorageAudits, cycle_days
 from em_platform.storage.consistency import RecordAudit
 
 
