@@ -7,7 +7,7 @@ folders that hold frame sets.
 
 An mdoc that was not a frame set is read again whenever it changes (SerialEM caught half-way through one);
 one that was stays one (SerialEM only appends). A folder is walked under the session rule
-(:func:`em_platform.cryo.session.contained`): a symlinked folder that resolves outside the root is refused,
+(:func:`em_platform.cryo.session_folders.contained`): a symlinked folder that resolves outside the root is refused,
 nothing behind it listed, and reported by every scan."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from em_platform.cryo.session import SPA_SET, contained, is_frame_set, list_folder
+from em_platform.cryo.session_folders import SPA_SET, contained, is_frame_set, list_folder
 from em_platform.edge import Refused
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from em_platform.cryo.optics import Microscope
 from em_platform.cryo.part_files import part_path, pid_alive, remove_left_behind
 from em_platform.cryo.processing import correct_tilt_images
 from em_platform.cryo.results_db import tilt_series
+from em_platform.cryo.session_folders import SPA_SET
 from em_platform.edge import Refused, check_relative_key, inside
 
 log = logging.getLogger(__name__)
@@ -378,9 +379,9 @@ class LiveCryo:
 def session_folder(roots: dict[str, Path], key: str) -> tuple[Path, Path]:
     """(the session's root, its movie set's folder) of a session key ``<tag>/<folder>/micrographs``."""
     tag, _, rest = key.partition("/")
-    if tag not in roots or not rest.endswith(sess.SPA_SET):
-        raise sess.SessionError(f"session {key!r}: not <root tag>/<folder>/{sess.SPA_SET} of a known root")
-    rel = rest[: -len(sess.SPA_SET)].rstrip("/") or "."
+    if tag not in roots or not rest.endswith(SPA_SET):
+        raise sess.SessionError(f"session {key!r}: not <root tag>/<folder>/{SPA_SET} of a known root")
+    rel = rest[: -len(SPA_SET)].rstrip("/") or "."
     inside(roots[tag], rel, field="session")  # refused unless it stays inside its root
     return roots[tag], roots[tag] / rel
 

@@ -25,7 +25,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,7 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from em_platform.cryo.gain_reference import GainReference, discover_gain
-from em_platform.edge import Refused, inside
+from em_platform.cryo.session_folders import SPA_SET, contained, is_frame_set, list_folder
+from em_platform.edge import Refused
 from em_platform.formats.errors import FormatError
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
 MOVIE_SUFFIXES = (".tif", ".tiff", ".mrc", ".mrcs")
-SPA_SET = "micrographs"
 
 
 class SessionError(ValueError):
@@ -280,16 +279,6 @@ def series_key(tag: str, folders: tuple[str, ...], name: str) -> str:
     return "/".join((tag, *folders, name))
 
 
-def contained(root: Path, path: Path, field: str) -> Path:
-    """``path`` (built under ``root``) as it resolves, refused (:class:`~em_platform.edge.Refused` naming
-    ``field``) unless that is inside ``root``: the inbox's rule, :func:`em_platform.edge.inside`."""
-    try:
-        relative = path.relative_to(root)
-    except ValueError:
-        raise Refused(field, str(path), f"not under the session root {root}") from None
-    return inside(root, relative, field=field)
-
-
 def _refuse_outside(root: Path, named: Iterable[tuple[str, Path | None]]) -> None:
     for what, path in named:
         if path is not None:
@@ -430,12 +419,6 @@ def describe_movie_set(folder: Path, mdocs: list[Path], root: Path, tag: str) ->
     return series
 
 
-def is_frame_set(path: Path) -> bool:
-    with open(path, errors="replace") as f:
-        head = f.read(4096)
-    return "[FrameSet" in head and "[ZValue" not in head
-
-
 def _is_frame_set_inside(path: Path, root: Path) -> bool:
     """:func:`is_frame_set`, the file checked inside ``root`` before it is read."""
     contained(root, path, "mdoc")
@@ -462,47 +445,6 @@ class SessionScan:
     errors: dict[str, str]  # key -> why the series could not be described (a bad mdoc, a missing file)
     refused: dict[str, RefusedEntry]  # key -> what resolves outside the root
     movie_set_folders: list[Path] = field(default_factory=list)  # when not described (scan_sessions)
-
-
-@dataclass(frozen=True)
-class FolderListing:
-    """One folder of a session root, hidden names left out: its sub-folders (each with where it resolves,
-    by name), its mdocs' names, and the symlinked folders refused because they resolve outside the root."""
-
-    folders: list[tuple[Path, Path]]
-    mdocs: list[str]  # names, not paths: a session's folder holds 10⁴-10⁵ of them
-    refused: list[tuple[Path, Refused]]
-
-
-def list_folder(root: Path, folder: Path) -> FolderListing | None:
-    """``folder`` listed under the session rule; None when it cannot be (vanished or unreadable meanwhile:
-    as Path.rglob, nothing under it). The mdocs come in the order the file system gives."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return None
-    listing = FolderListing([], [], [])
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        try:
-            is_dir = entry.is_dir()  # a symlink's target
-        except OSError:
-            is_dir = False
-        if not is_dir:
-            if entry.name.endswith(".mdoc"):
-                listing.mdocs.append(entry.name)
-            continue
-        path = folder / entry.name
-        if entry.is_symlink():
-            try:
-                listing.folders.append((path, contained(root, path, "session folder")))
-            except Refused as exc:
-                listing.refused.append((path, exc))
-        else:
-            listing.folders.append((path, path.resolve()))
-    listing.folders.sort()
-    return listing
 
 
 def _walk(root: Path) -> tuple[list[Path], list[tuple[Path, Refused]]]:

@@ -8,14 +8,13 @@ import dagster as dg
 
 from em_platform.cryo.session import (
     SIMULATION_TAG,
-    SPA_SET,
     SessionError,
     TiltSeries,
     describe_movie_set,
     describe_tilt_series,
-    is_frame_set,
     strip_suffixes,
 )
+from em_platform.cryo.session_folders import SPA_SET, is_frame_set
 
 
 class CryoSessionsResource(dg.ConfigurableResource):
