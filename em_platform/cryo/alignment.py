@@ -228,7 +228,7 @@ def projection_matching(
                 rotations[i] = rotation
         shifts -= shifts.mean(axis=0)
         rotations -= rotations.mean()
-        if corr.max() < 0.05:
+        if np.max(corr) < 0.05:
             break
     return shifts, rotations, corr, scores
 
@@ -430,7 +430,7 @@ def imod_xf(shifts_px: np.ndarray, axis_deg, shape_yx: tuple[int, int]) -> list[
     angles = np.broadcast_to(np.asarray(axis_deg, float), (len(shifts_px),))
     ny, nx = shape_yx
     centre_gap = np.array([nx / 2 - nx // 2, ny / 2 - ny // 2])
-    rows = []
+    rows: list[tuple[float, ...]] = []
     for d, phi in zip(shifts_px, angles, strict=True):
         a = math.radians(-phi)
         m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])

@@ -262,6 +262,7 @@ def _refine_2d(
         )
         if best is None or res.fun < best.fun:
             best = res
+    assert best is not None  # starts is never empty
     return params_of(best.x).canonical(), -float(best.fun)
 
 
@@ -290,13 +291,14 @@ def snr_weighted(
         return spec
     edges = np.interp(np.linspace(chi[0], chi[-1], bands + 1), chi, fine)
     model = np.sin(aberration_phase(k, defocus_at_azimuth(params, az), scope)) ** 2
-    centres, weights = 0.5 * (edges[:-1] + edges[1:]), []
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    band_weights: list[float] = []
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         sel = mask & (k >= a) & (k <= b)
         rho = _ncc(spec[sel], model[sel]) if sel.sum() > 8 else 0.0
-        weights.append(max(rho, 0.0) / (1.0 - min(rho, 0.95) ** 2))
-    weights = np.asarray(weights)
-    if weights.max() <= 0:
+        band_weights.append(max(rho, 0.0) / (1.0 - min(rho, 0.95) ** 2))
+    weights = np.asarray(band_weights)
+    if np.max(weights) <= 0:
         return spec
     w = np.interp(k, centres, weights / weights.mean())
     return np.where(mask, spec * w, spec)
@@ -381,6 +383,7 @@ def estimate_ctf(
     if tiles is None:
         power = averaged_power_spectrum(image, search.box)
     else:
+        assert tilt is not None  # tiles come from a tilt
         power = tiles.near_axis(tilt.tolerance_A, tilt.min_tiles)
     box = power.shape[0]
     # the 1-D search over the band the pixel allows; the 2-D fit over the band its start's rings allow
@@ -398,7 +401,12 @@ def estimate_ctf(
             f"{pixel_A} Å/px and box {box}: widen it"
         )
     df1d, _ = _search_1d(spec, k, mask, search, scope, window, pixel_A if derive_band else None)
-    if tiles is not None and tilt.resample and np.abs(tiles.offsets_A).max() > tilt.tolerance_A:
+    if (
+        tiles is not None
+        and tilt is not None
+        and tilt.resample
+        and np.abs(tiles.offsets_A).max() > tilt.tolerance_A
+    ):
         power, spec, df1d = _resampled(
             tiles, df1d, k, mask, search, scope, window, pixel_A, widest[0], derive_band
         )
@@ -550,12 +558,13 @@ def fit_series_astigmatism(
             )
             if best is None or res.fun < best.fun:
                 best = res
+        assert best is not None  # the grid of starts is not empty
         ast, ang = polar(best.x)
         for i in range(len(tilts)):  # each mean defocus on a fine grid near the last, inside its window
             lo, hi = tilts[i][2]
-            grid = np.clip(means[i] + np.arange(-1500.0, 1501.0, 25.0), lo, hi)
-            scores = [tilt_cc(i, g, ast, ang) for g in grid]
-            means[i] = float(grid[int(np.argmax(scores))])
+            fine = np.clip(means[i] + np.arange(-1500.0, 1501.0, 25.0), lo, hi)
+            scores = [tilt_cc(i, g, ast, ang) for g in fine]
+            means[i] = float(fine[int(np.argmax(scores))])
     x = (ast, ang)
     out = []
     for i, e in enumerate(estimates):

@@ -127,6 +127,7 @@ def _gain(path: Path | None, shape: tuple[int, int], rotation: int, flip: int) -
     if key not in _GAINS:
         _GAINS.clear()  # one session's camera at a time is the usual case: keep one
         gain = sess.load_gain(path, shape, rotation, flip)
+        assert gain is not None  # path is not None
         gain.setflags(write=False)  # shared by every exposure: nothing may change it
         _GAINS[key] = gain
     return _GAINS[key]

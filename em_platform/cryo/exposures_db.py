@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 
@@ -273,7 +273,8 @@ class ExposureStore:
             ).all()
             changed, accepted = [], 0
             for r in rows:
-                verdict, rule = judge(r._mapping, thresholds)
+                # a row's mapping is keyed by column name, as judge reads it
+                verdict, rule = judge(cast("Mapping[str, Any]", r._mapping), thresholds)
                 accepted += verdict
                 if (verdict, rule) != (r.accepted, r.rejected_by):
                     changed.append({"row_id": r.id, "accepted": verdict, "rejected_by": rule})

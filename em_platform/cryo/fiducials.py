@@ -23,6 +23,7 @@ Dagster-free; :func:`~em_platform.cryo.alignment.align_tilt_series` calls :func:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,7 +178,12 @@ def _fit(
             rows += [row] * len(depends)
             cols += depends
     g0 = 2 * int(seen.sum())
-    gauge_cols = [range(0, 2 * n, 2), range(1, 2 * n, 2), range(2 * n, 3 * n), range(3 * n, 4 * n)]
+    gauge_cols: list[Sequence[int]] = [
+        range(0, 2 * n, 2),
+        range(1, 2 * n, 2),
+        range(2 * n, 3 * n),
+        range(3 * n, 4 * n),
+    ]
     gauge_cols.append([4 * n + 3 + 3 * j for j in range(m)])
     for r_, cset in enumerate(gauge_cols):
         rows += [g0 + r_] * len(cset)

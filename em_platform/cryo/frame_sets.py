@@ -60,7 +60,7 @@ class FrameSetWatch:
         if not self.root.is_dir():
             self.folders, self.frame_sets, self.others = {}, {}, {}
             return WatchScan(new, [], [], refused)
-        pending = [(self.root, frozenset())]
+        pending: list[tuple[Path, frozenset[Path]]] = [(self.root, frozenset())]
         seen: set[Path] = set()
         walked: set[Path] = set()  # resolved
         while pending:

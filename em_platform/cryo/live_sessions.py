@@ -76,7 +76,7 @@ class _Series:
     """A tilt series being acquired: its tilts corrected (movie name -> fingerprint) and to correct."""
 
     ts: sess.TiltSeries
-    state: tuple
+    state: tuple | None  # file_state_or_none of its mdoc
     done: dict[str, str]
     pending: set[int] = field(default_factory=set)
     waiting: dict[int, str] = field(default_factory=dict)  # not whole yet: why
@@ -258,9 +258,9 @@ class LiveCryo:
             now = tilt_fingerprint(ts, i, series_gain(ts, self.settings.motion), self.settings.motion)
         except (sess.SessionError, OSError):
             return False
-        return done.get(ts.tilts[i].movie.name) == now or self.tilts.holds(
-            ts, i, now
-        )  # kept before a restart
+        movie = ts.tilts[i].movie
+        assert movie is not None  # only tilts with a movie are pending
+        return done.get(movie.name) == now or self.tilts.holds(ts, i, now)  # kept before a restart
 
     def _taken(self, key: str) -> bool:
         with self.store.engine.connect() as conn:
@@ -278,6 +278,7 @@ class LiveCryo:
             for i in sorted(series.pending):
                 series.pending.discard(i)
                 ts, tilt = series.ts, series.ts.tilts[i]
+                assert tilt.movie is not None  # pending: tilts with a movie
                 settings = self.settings.motion
                 try:
                     sess.load_movie(ts, tilt)  # whole, or not yet

@@ -64,7 +64,8 @@ class LiveTilts:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def folder(self, key: str, movie: Path) -> Path:
+    def folder(self, key: str, movie: Path | None) -> Path:
+        assert movie is not None, "only a tilt with a movie is kept"  # cryo-live corrects no other
         return inside(self.root, key, "tilts", movie.name, field="tilt series")
 
     def get(self, ts: sess.TiltSeries, i: int, fingerprint: str) -> tuple[dict, dict[str, np.ndarray]] | None:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -345,12 +346,13 @@ def find_movie_hot_pixels(
     if settings.hot_pixel_sigma <= 0:
         return find_hot_pixels(np.zeros((0, 0)), n, 0)
     total = np.zeros((reader.ny, reader.nx), np.float32)
-    if reader.array is not None:
+    array = reader.array
+    if array is not None:
         edges = np.linspace(0, reader.ny, 4 * WORKERS + 1).round().astype(int)
 
         def strip(k: int) -> None:
             rows = slice(edges[k], edges[k + 1])
-            part = reader.array[:n, rows]
+            part = array[:n, rows]
             if part.dtype in (np.uint8, np.uint16) and int(part.max()) * n <= np.iinfo(np.uint16).max:
                 counts = np.zeros(part.shape[1:], np.uint16)  # integer adds: 3× the float32 ones' speed
                 for i in range(n):
@@ -413,7 +415,7 @@ class StageClock:
             self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
     def timings(self, reader: MovieReader) -> dict:
-        out = {
+        out: dict[str, Any] = {
             "wall_s": {k: round(self.wall.get(k, 0.0), 4) for k in STAGES},
             "cpu_s": {k: round(self.cpu.get(k, 0.0), 4) for k in STAGES},
         }

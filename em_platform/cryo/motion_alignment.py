@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -100,8 +101,8 @@ def peak_near_zero(cc: np.ndarray, max_shift: float) -> tuple[float, float]:
     cols = np.arange(-m - 1, m + 2) % nx
     window = cc[np.ix_(rows, cols)]
     inner = window[1:-1, 1:-1]
-    iy, ix = np.unravel_index(int(np.argmax(inner)), inner.shape)
-    iy, ix = iy + 1, ix + 1  # its neighbours are inside the window
+    # the inner part's peak in window indices: its neighbours are inside the window
+    iy, ix = (int(v) + 1 for v in np.unravel_index(int(np.argmax(inner)), inner.shape))
     out = []
     for axis, i in ((0, iy), (1, ix)):
         vals = (window[i - 1 : i + 2, ix] if axis == 0 else window[iy, i - 1 : i + 2]).astype(np.float64)
@@ -169,7 +170,7 @@ def rfft2_into(image: np.ndarray, out: np.ndarray, workers: int) -> np.ndarray:
     return sfft.rfft2(image, workers=workers)
 
 
-_r2c = None
+_r2c: Any = None
 
 
 def band_spectra(

@@ -297,6 +297,7 @@ def tiled_sums(
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for part in pool.map(task, range(0, n, frames_per_task)):
             sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
+    assert sums is not None  # a movie has frames: one task at least
     images = np.zeros((3, ny, nx), np.float32)
     subsets = [np.arange(n), np.arange(0, n, 2), np.arange(1, n, 2)]
     for t, tile in enumerate(tile_list):

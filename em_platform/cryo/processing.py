@@ -18,9 +18,11 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -210,7 +212,7 @@ def motion_correct(
     with ws.staged("motioncorr") as out:
         if not ts.has_movies:
             stack = sess.load_stack(ts)
-            doc = {
+            doc: dict[str, Any] = {
                 "source": "stack",
                 "stack": str(ts.stack),
                 "note": "no movies in the mdoc: the stack's images are the micrographs",
@@ -317,7 +319,7 @@ def estimate_ctf_series(ts: sess.TiltSeries, ws: Workspace, scope: Microscope, s
         TiltedView(t.angle_deg, ts.tilt_axis_deg) if ts.kind == "tilt_series" else None for t in ts.tilts
     ]
 
-    def run(windows: list[tuple[float, float] | None]):
+    def run(windows: Sequence[tuple[float, float] | None]):
         def one(i: int):
             return estimate_ctf(
                 np.asarray(data[i], np.float32), ts.pixel_A, scope, search, windows[i], tilts[i]
@@ -325,15 +327,16 @@ def estimate_ctf_series(ts: sess.TiltSeries, ws: Workspace, scope: Microscope, s
 
         return dask.compute(*[dask.delayed(one)(i) for i in range(n)], scheduler="threads")
 
-    windows = [
+    windows: Sequence[tuple[float, float] | None] = [
         defocus_window(t.nominal_defocus_A, NOMINAL_WINDOW) if t.nominal_defocus_A else None for t in ts.tilts
     ]
     estimates = run(windows)
     consensus = None
     if ts.kind == "tilt_series" and n >= 3:
         consensus = float(np.median([e.mean_defocus_A for e in estimates]))
-        windows = [defocus_window(consensus, *CONSENSUS_WINDOW)] * n
-        estimates = fit_series_astigmatism(list(run(windows)), scope, search, windows)
+        around = [defocus_window(consensus, *CONSENSUS_WINDOW)] * n
+        windows = around  # what the tilts' rows report
+        estimates = fit_series_astigmatism(list(run(around)), scope, search, around)
     with ws.staged("ctf") as out:
         rows = []
         for tilt, est, window in zip(ts.tilts, estimates, windows, strict=True):
@@ -491,7 +494,7 @@ def prepared_stack(
     out_path: Path,
     ts: sess.TiltSeries,
     shifts_px,
-    axis_deg: float,
+    axis_deg: float | np.ndarray,  # one angle, or one per view (view_angles)
     ctf_rows,
     binning: int,
     scope,
@@ -573,7 +576,7 @@ def tomogram_series(
         stack = prepared_stack(
             data, out / "stack.mrc", ts, shifts, views, ctf_rows, binning, scope, settings.phase_flip
         )
-        slab = {"z_offset": 0.0}
+        slab: dict[str, Any] = {"z_offset": 0.0}
         if not nz:
             slab = estimate_slab(stack, angles, voxel, settings)
             nz = slab["thickness"]
@@ -612,7 +615,7 @@ def tomogram_series(
         (out / "central_slice.png").write_bytes(encode(to_image(central_slice(vol), 512)))
         for k, img in projections(vol).items():
             (out / f"projection_{k}.png").write_bytes(encode(to_image(img, 512)))
-        doc = {
+        doc: dict[str, Any] = {
             "binning": binning,
             "voxel_size_A": voxel,
             "shape_zyx": list(vol.shape),

@@ -21,13 +21,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
 
 from em_platform.lazy_import import LazyModule
 
-sp = LazyModule("scipy.sparse")
+if TYPE_CHECKING:  # the module itself for the type checker; at run time it is imported on first use
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")
 
 
 @dataclass(frozen=True)

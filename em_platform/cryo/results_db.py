@@ -115,6 +115,13 @@ tomograms = sa.Table(
 )
 
 
+def _inserted_id(result: sa.CursorResult[Any]) -> Any:
+    """The primary key of the row an INSERT added (each table here has a one-column key)."""
+    key = result.inserted_primary_key
+    assert key is not None  # an INSERT's result has it
+    return key[0]
+
+
 def _lower(row: Mapping[str, Any]) -> dict[str, Any]:
     """Column names are lower case (plain SQL on PostgreSQL needs no quoting); callers may write ``_A``."""
     return {k.lower(): v for k, v in row.items()}
@@ -181,9 +188,7 @@ class CryoResults:
                 conn.execute(table.delete().where(table.c.tilt_series_id == sid))
             movie_ids = {}
             for row in movie_rows:
-                mid = conn.execute(
-                    movies.insert().values(tilt_series_id=sid, **_lower(row))
-                ).inserted_primary_key[0]
+                mid = _inserted_id(conn.execute(movies.insert().values(tilt_series_id=sid, **_lower(row))))
                 movie_ids[row["z_index"]] = mid
             for row in ctf_rows:
                 conn.execute(
@@ -193,9 +198,7 @@ class CryoResults:
                 )
             aid = None
             if alignment is not None:
-                aid = conn.execute(
-                    alignments.insert().values(tilt_series_id=sid, **alignment)
-                ).inserted_primary_key[0]
+                aid = _inserted_id(conn.execute(alignments.insert().values(tilt_series_id=sid, **alignment)))
             for row in tomogram_rows:
                 conn.execute(tomograms.insert().values(tilt_series_id=sid, alignment_id=aid, **_lower(row)))
         return sid

@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -150,7 +150,7 @@ def session_settings(mdoc_dir: Path, session_dir: Path, root: Path | None = None
         unknown = sorted(set(doc) - set(SESSION_KEYS))
         if unknown:
             raise SessionError(f"{path}: unknown setting(s) {unknown}; known: {', '.join(SESSION_KEYS)}")
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in doc.items():
             if key == "curation":
                 from em_platform.cryo.curation import CurationError, Thresholds
@@ -567,6 +567,7 @@ def _read_array(path: Path, what: str):
 def load_stack(ts: TiltSeries):
     """The tilt series' stack as a dask array (n, ny, nx), checked against the mdoc's tilt list."""
     if ts.stack is None:
+        assert ts.mdoc is not None  # a stack belongs to a tilt series, which has an mdoc
         raise SessionError(
             f"{ts.mdoc}: no stack beside the mdoc (expected {strip_suffixes(ts.mdoc.name)}.mrc or .st)"
         )

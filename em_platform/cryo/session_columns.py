@@ -210,7 +210,7 @@ def _duration(seconds: float | None) -> str:
 def rejection_reasons(s: SessionColumns) -> list[tuple[str, int]]:
     """Rejecting rules, most frequent first (then by name, so equal counts keep a stable order)."""
     counts = Counter(
-        str(s.exposures[i].get("rejected_by") or NO_RULE) for i in np.flatnonzero(s.verdict == 0)
+        str(s.exposures[int(i)].get("rejected_by") or NO_RULE) for i in np.flatnonzero(s.verdict == 0)
     )
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 

@@ -10,7 +10,7 @@ import contextlib
 import io
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from em_platform.cryo.session_columns import (
     rejection_reasons,
     shorten,
 )
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
+    from matplotlib.typing import RcKeyType
 
 FIGURES = ("progress", "defocus", "resolution", "motion_histogram", "resolution_histogram", "reasons")
 FIGURE_TITLES = {
@@ -36,7 +39,7 @@ _SIZE = (6.2, 3.3)
 INK, MUTED = "#1f2937", "#6b7280"  # text and its lighter kind, the PDF's too
 _ACQUIRED, _PROCESSED = "#3b6ea5", "#8a6bb8"
 _ACCEPTED, _REJECTED, _UNJUDGED = "#2e7d4f", "#c0392b", "#9aa3ad"
-_STYLE = {
+_STYLE: dict[RcKeyType, Any] = {
     "font.size": 9,
     "axes.labelcolor": INK,
     "axes.edgecolor": "#b8bec6",

@@ -28,7 +28,7 @@ def specimen_slab(profile: np.ndarray) -> tuple[float, float]:
     if peak <= floor:
         return (len(p) - 1) / 2, float(len(p))
     above = np.nonzero(p >= floor + 0.5 * (peak - floor))[0]
-    lo, hi = int(above.min()), int(above.max())
+    lo, hi = int(np.min(above)), int(np.max(above))
     return (lo + hi) / 2, float(hi - lo + 1)
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from em_platform.lazy_import import LazyModule
 
-Image = LazyModule("PIL.Image")
-ImageDraw = LazyModule("PIL.ImageDraw")
+if TYPE_CHECKING:  # the modules themselves for the type checker; at run time each is imported on first use
+    from PIL import Image, ImageDraw
+else:
+    Image = LazyModule("PIL.Image")
+    ImageDraw = LazyModule("PIL.ImageDraw")
 
 
 def clip_to_uint8(image: np.ndarray, sigmas: float = 3.0) -> np.ndarray:

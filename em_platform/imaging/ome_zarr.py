@@ -25,7 +25,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, cast
@@ -105,7 +105,7 @@ class MultiscaleInfo:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MultiscaleInfo:
+    def from_dict(cls, d: Mapping[str, Any]) -> MultiscaleInfo:
         """Back from :meth:`to_dict` (keys it does not know, e.g. a caller's additions, are ignored)."""
         return cls(
             url=d["url"],

@@ -322,6 +322,7 @@ class _Acquisition:
         for t in self.tiles:
             if not t.acquired:
                 continue  # a missing tile: never taken, no file, no message
+            assert t.path is not None  # an acquired tile has its file
             latest = self.qc_status() if self.qc_status is not None else None
             if latest is not None and latest[0] == "STOP_NOW":
                 self.stopped_by = latest

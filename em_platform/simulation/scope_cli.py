@@ -186,6 +186,7 @@ def run(
         )
     )
     if unjudged:
+        assert verdicts is not None  # only a verdict watch leaves tiles unjudged
         nobody = len(unjudged) == len(verdicts.sent)
         print(
             f"scope-sim: {'no tile' if nobody else f'{len(unjudged)} of {len(verdicts.sent)} tiles'} of montage "

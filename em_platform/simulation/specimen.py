@@ -340,10 +340,12 @@ class Specimen:
         rng = np.random.default_rng([self.seed, 0x6A41])
         p, pad = _TEXTURE_PERIOD, 8
         white = rng.standard_normal((p, p), dtype=np.float32)
-        fine = cv2.GaussianBlur(np.pad(white, pad, mode="wrap"), (0, 0), 1.0)[pad:-pad, pad:-pad]
+        fine: np.ndarray = cv2.GaussianBlur(np.pad(white, pad, mode="wrap"), (0, 0), 1.0)[pad:-pad, pad:-pad]
         fine *= np.float32(0.12 / max(float(fine.std()), 1e-6))
-        dots = (rng.random((p, p)) < 0.003).astype(np.float32)
-        dots = cv2.GaussianBlur(np.pad(dots, pad, mode="wrap"), (0, 0), 1.0)[pad:-pad, pad:-pad]
+        granules = (rng.random((p, p)) < 0.003).astype(np.float32)
+        dots: np.ndarray = cv2.GaussianBlur(np.pad(granules, pad, mode="wrap"), (0, 0), 1.0)[
+            pad:-pad, pad:-pad
+        ]
         dots *= np.float32(0.6 / max(float(dots.max()), 1e-6))
         return np.ascontiguousarray(fine + dots)
 

@@ -87,7 +87,9 @@ class VerdictWatch:
                 missing = [t for t in self.sent if t not in self.judged]
                 if not missing:
                     return []
-                left = (self._last_heard or self._first_sent) + self.timeout - self.clock()
+                heard = self._last_heard or self._first_sent
+                assert heard is not None  # a tile was sent: it is missing
+                left = heard + self.timeout - self.clock()
                 if left <= 0:
                     return missing
                 self._cond.wait(left)

@@ -174,7 +174,8 @@ def coarse_offset(
     z = (peak - med) / spread if spread > 0 else 0.0
     if z < min_z or ncc[iy, ix] < min_ncc:
         return None
-    dx_sub, dy_sub = _subpixel(np.where(allowed, ncc, -np.inf), ix, iy)  # NCC: the score tilts with N
+    # NCC: the score tilts with N
+    dx_sub, dy_sub = _subpixel(np.where(allowed, ncc, -np.inf), int(ix), int(iy))
     d_across = float(d_x[ix] + dx_sub * f)
     d_along = float(sy[iy] + dy_sub * f)
     dX, dY = (d_across, d_along) if position == "left" else (d_along, d_across)

@@ -145,7 +145,7 @@ def nominal_positions(
 
 def true_positions(truth: GroundTruth) -> dict[GridPosition, tuple[float, float]]:
     """The acquired tiles' true top-left corners (px, specimen plane) from ``scope-sim``'s ground truth."""
-    return {(t.row, t.column): tuple(t.position_px) for t in truth.tiles if t.acquired}
+    return {(t.row, t.column): (t.position_px[0], t.position_px[1]) for t in truth.tiles if t.acquired}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
@@ -42,6 +42,8 @@ from em_platform.imaging.pyramid import plan_pyramid
 from em_platform.lazy_import import LazyModule
 
 da = LazyModule("dask.array")
+
+Rows2x3 = tuple[tuple[float, float, float], tuple[float, float, float]]  # a 2×3 matrix [A | t], row by row
 
 __all__ = [
     "DEFAULT_BLEND_PX",
@@ -78,7 +80,7 @@ class PlacedTile:
     x: float
     height: int
     width: int
-    transform: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    transform: Rows2x3 | None = None
 
     def matrix(self) -> np.ndarray:
         """The 2×3 ``[A | t]`` that places the tile: its ``transform``, else the translation to ``x``/``y``."""
@@ -266,7 +268,7 @@ class _Placed:
     x: int
     height: int
     width: int
-    inverse: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    inverse: Rows2x3 | None = None
     shape: tuple[int, int] | None = None
     lens: Any = None
 
@@ -546,7 +548,7 @@ def _resampled_boxes(tiles: Sequence[PlacedTile], lens: Any) -> tuple[list[_Plac
                 int(x0),
                 int(y1 - y0),
                 int(x1 - x0),
-                inverse=tuple(map(tuple, inverse.tolist())),
+                inverse=cast("Rows2x3", tuple(map(tuple, inverse.tolist()))),  # 2×3 by construction
                 shape=(int(t.height), int(t.width)),
                 lens=lens,
             )  # fmt: skip
@@ -560,7 +562,8 @@ def _block_sides(shape: tuple[int, int], pixel_size_nm: float, chunk: int) -> tu
     plan = plan_pyramid(shape, ("y", "x"), (pixel_size_nm, pixel_size_nm), PYRAMID_MIN_SIZE)
     if len(plan) == 1:
         return min(chunk, shape[0]), min(chunk, shape[1])
-    return tuple(min(chunk, n) * f for n, f in zip(plan[1].shape, plan[1].factors, strict=True))
+    rows, columns = (min(chunk, n) * f for n, f in zip(plan[1].shape, plan[1].factors, strict=True))
+    return rows, columns
 
 
 def _edges(n: int, side: int) -> list[int]:

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 
-TileId = Hashable
+# A tile's id: the caller's choice, kept through a solve. Tile names (``str``) from a tile folder, the
+# journal and em-platform stitch; grid positions (``tuple[int, int]``) from the montage asset and the tests.
+# The layouts are generic over it, so a ``Layout[tuple[int, int]]`` gives back the keys its stage had.
+TileId = TypeVar("TileId", bound=Hashable)
 EdgeKey = tuple[TileId, TileId]
 Model = Literal["translation", "rigid", "affine", "polynomial"]
 
 
 @dataclass(frozen=True)
-class Edge:
+class Edge(Generic[TileId]):
     """A measured offset between two tiles: ``position(tile) − position(neighbour) = (dx, dy)`` in px."""
 
     tile: TileId
@@ -31,7 +34,7 @@ class Edge:
 
 
 @dataclass
-class Layout:
+class Layout(Generic[TileId]):
     """Solved top-left corners (px, the stage frame) with the evidence for them."""
 
     positions: dict[TileId, tuple[float, float]]
@@ -58,7 +61,7 @@ class Layout:
 
 
 @dataclass(frozen=True, eq=False)
-class PointEdge:
+class PointEdge(Generic[TileId]):
     """Point pairs between two tiles: ``p[k]`` in the tile and ``q[k]`` in the neighbour are one specimen point.
 
     Coordinates are ``(x, y)`` px from each tile's top-left corner (a matcher ``Match``'s ``pX, pY`` and
@@ -94,15 +97,15 @@ def residual_stats(residuals: np.ndarray) -> dict[str, float]:
 
 
 @dataclass
-class TransformLayout:
+class TransformLayout(Generic[TileId]):
     """Solved per-tile transforms to montage px (the stage frame) with the evidence for them."""
 
     transforms: dict[TileId, np.ndarray]  # 2×3 [A | t]: montage (x, y) = A @ tile (x, y) + t
     tile_size: tuple[float, float]  # (width, height) px
     model: Model
-    edge_residuals: dict[EdgeKey, float]  # accepted edges: RMS over their accepted point pairs (px)
-    rejected: dict[EdgeKey, float]  # rejected edges: RMS over all their pairs against the final solve
-    rejected_points: dict[EdgeKey, int]  # accepted edges that lost point pairs: how many they lost
+    edge_residuals: dict[EdgeKey[TileId], float]  # accepted edges: RMS over their accepted point pairs (px)
+    rejected: dict[EdgeKey[TileId], float]  # rejected edges: RMS over all their pairs against the final solve
+    rejected_points: dict[EdgeKey[TileId], int]  # accepted edges that lost point pairs: how many they lost
     disconnected: list[TileId]  # tiles no accepted edge ties to the largest connected group
     iterations: int
     components: list[list[TileId]] = field(default_factory=list)  # the smaller groups, largest first
@@ -111,9 +114,9 @@ class TransformLayout:
     inlier_residual_stats: dict[str, float] = field(default_factory=dict)
     # per edge, which of its pairs (in the order given) are among them: agree with the edge's consensus
     # (em_platform.stitch.consensus) on an edge its loops do not refuse
-    inlier_pairs: dict[EdgeKey, np.ndarray] = field(default_factory=dict)
+    inlier_pairs: dict[EdgeKey[TileId], np.ndarray] = field(default_factory=dict)
     # edges whose consensus pairs the solve leaves beyond max(TORN_PX, TORN_SIGMAS·σ_match): a tear
-    torn: dict[EdgeKey, float] = field(default_factory=dict)
+    torn: dict[EdgeKey[TileId], float] = field(default_factory=dict)
     polynomials: dict[TileId, np.ndarray] | None = None  # model "polynomial": (2, 6) per tile, raw px
     stage: dict[str, Any] = field(default_factory=dict)  # the stage frame, priors' weights, tile spreads
     loops: dict[str, Any] = field(default_factory=dict)  # what the loops said (loops.LoopVerdicts.summary)
@@ -158,7 +161,7 @@ class TransformLayout:
         """Every linear part the identity: fusion can paste tiles instead of resampling them."""
         return all(np.abs(m[:, :2] - np.eye(2)).max() <= tolerance for m in self.transforms.values())
 
-    def as_layout(self) -> Layout:
+    def as_layout(self) -> Layout[TileId]:
         """The translation-only :class:`Layout` (positions = :attr:`translations`); residuals stay the model's."""
         return Layout(
             positions=dict(self.translations),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Generic
 
 import numpy as np
 
@@ -26,7 +27,7 @@ __all__ = ["SEAM_PX", "LayoutQC", "layout_qc"]
 
 
 @dataclass(frozen=True)
-class LayoutQC:
+class LayoutQC(Generic[TileId]):
     tiles: int
     edges: int  # accepted
     rejected: int
@@ -38,7 +39,7 @@ class LayoutQC:
     scale_distortion: float  # max |scale − 1| over both axes
     scale_uncertainty: float = math.inf  # standard error of the scale fit (inf: the montage cannot tell)
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | None]:
         return {
             "tiles": self.tiles,
             "edges": self.edges,
@@ -75,8 +76,8 @@ def _slope(stage: np.ndarray, solved: np.ndarray) -> tuple[float, float | None]:
 
 
 def layout_qc(
-    layout: Layout, stage: Mapping[TileId, tuple[float, float]], *, seam_px: float = SEAM_PX
-) -> LayoutQC:
+    layout: Layout[TileId], stage: Mapping[TileId, tuple[float, float]], *, seam_px: float = SEAM_PX
+) -> LayoutQC[TileId]:
     """QC figures of ``layout`` solved from the stage prior ``stage`` (px, the same frame)."""
     residuals = layout.edge_residuals
     seams = sorted(((a, b, r) for (a, b), r in residuals.items() if r >= seam_px), key=lambda e: -e[2])

@@ -47,6 +47,12 @@ def monomials(order: int, lowest: int = 2) -> list[tuple[int, int]]:
     return [(d - k, k) for d in range(lowest, order + 1) for k in range(d + 1)]
 
 
+def _size(values: Iterable[Any]) -> tuple[int, int]:
+    """A tile's ``(width, height)`` px as ints."""
+    width, height = (int(v) for v in values)
+    return width, height
+
+
 @dataclass(frozen=True, eq=False)
 class LensModel:
     """``u = x + D(x)``: the correction from recorded tile pixels ``x`` to undistorted ones ``u``."""
@@ -64,7 +70,7 @@ class LensModel:
 
     @classmethod
     def identity(cls, tile_size: tuple[int, int], order: int = 3) -> LensModel:
-        return cls(tuple(int(v) for v in tile_size), order, np.zeros((2, len(monomials(order)))))
+        return cls(_size(tile_size), order, np.zeros((2, len(monomials(order)))))
 
     @classmethod
     def radial(cls, tile_size: tuple[int, int], k1: float, p1: float = 0.0, p2: float = 0.0) -> LensModel:
@@ -79,7 +85,7 @@ class LensModel:
         }  # fmt: skip
         for (axis, e), v in add.items():
             c[axis, terms.index(e)] += v * s
-        return cls(tuple(int(v) for v in tile_size), 3, c)
+        return cls(_size(tile_size), 3, c)
 
     @property
     def centre(self) -> np.ndarray:
@@ -142,7 +148,7 @@ class LensModel:
         if doc.get("format") != LENS_FORMAT:
             raise ValueError(f"not a lens correction (format {doc.get('format')!r}, expected {LENS_FORMAT})")
         return cls(
-            tuple(int(v) for v in doc["tile_size"]),
+            _size(doc["tile_size"]),
             int(doc["order"]),
             np.array([doc["coefficients_x"], doc["coefficients_y"]], np.float64),
         )
@@ -267,7 +273,7 @@ def estimate_lens(
             x, _ = fit.robust(True, outlier_px, iterations)
             r = fit.residuals_of(scoring, x)
             held_out[candidate] = float(r[r < _outlier_limit(r, outlier_px)].mean())
-        order = min(held_out, key=held_out.get)
+        order = min(held_out, key=held_out.__getitem__)
     solve = _LensSolve(edges, tile_size, int(order), ridge, model == "rigid")
     _, before = solve.robust(False, outlier_px, iterations)
     x, after = solve.robust(True, outlier_px, iterations)

@@ -24,14 +24,14 @@ __all__ = ["CHAIN", "PARAMETERS", "Requested", "solve_auto", "solve_model"]
 
 Requested = Model | Literal["auto"]  # what a user asks for: a model, or the one the matches call for
 
-CHAIN = ("translation", "rigid", "affine")
+CHAIN: tuple[Model, ...] = ("translation", "rigid", "affine")
 PARAMETERS = {"translation": 2, "rigid": 3, "affine": 6}  # per tile
 # a matched point is not better than this (px per axis; a matcher's bias on real images): residuals below it
 # are no evidence of a turn (6 synthetic tiles matched to 0.014 px otherwise "paid" for a rigid model)
 MIN_NOISE_PX = 0.05
 
 
-def _sum_of_squares(layout: TransformLayout) -> tuple[float, int]:
+def _sum_of_squares(layout: TransformLayout[Any]) -> tuple[float, int]:
     """(Σ d², pairs) over the consensus pairs: E d² = std² + mean² of the distances."""
     stats = layout.inlier_residual_stats
     pairs = int(stats.get("pairs", 0))
@@ -42,11 +42,11 @@ def _sum_of_squares(layout: TransformLayout) -> tuple[float, int]:
 
 def solve_auto(
     stage: Mapping[TileId, tuple[float, float]],
-    point_edges: Iterable[PointEdge],
+    point_edges: Iterable[PointEdge[TileId]],
     *,
     tile_size: tuple[float, float],
     **options: Any,
-) -> TransformLayout:
+) -> TransformLayout[TileId]:
     """Solve up the chain while each step pays (module docstring); the layout of the model chosen, with
     :attr:`TransformLayout.model_choice` saying why."""
     edges = list(point_edges)
@@ -82,12 +82,12 @@ def solve_auto(
 
 def solve_model(
     stage: Mapping[TileId, tuple[float, float]],
-    point_edges: Iterable[PointEdge],
+    point_edges: Iterable[PointEdge[TileId]],
     model: Requested = "auto",
     *,
     tile_size: tuple[float, float],
     **options: Any,
-) -> TransformLayout:
+) -> TransformLayout[TileId]:
     """The layout for ``model`` (:func:`~em_platform.stitch.solve_affine.solve_transforms`), or, for ``"auto"``,
     for the model the matches call for (:func:`solve_auto`): what the montage asset and ``em-platform stitch``
     ask for."""

@@ -30,7 +30,7 @@ import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from em_platform.stitch.lens import LensFit, LensModel, estimate_lens
 from em_platform.stitch.model_choice import Requested, solve_model
 from em_platform.stitch.seams import SeamMeasure, measure_source_seams
 from em_platform.stitch.solve import solve_translations
+
+if TYPE_CHECKING:  # the fusion (dask) for the type checker; at run time placed_tiles imports it on first use
+    from em_platform.stitch.fuse import Rows2x3
 
 # ``transform`` and ``lens`` were added to version 1: readers of x/y read it as before
 LAYOUT_FORMAT = "em_platform/montage-layout/1"
@@ -277,7 +280,8 @@ def placed_tiles(layout_json: Mapping[str, Any]):
     out = []
     for t in layout_json["tiles"]:
         m = t.get("transform")
-        transform = None if m is None else tuple(tuple(float(v) for v in row) for row in m)
+        # layout.json's transform is 2×3 (write side: layout_json)
+        transform = None if m is None else cast("Rows2x3", tuple(tuple(float(v) for v in row) for row in m))
         out.append(PlacedTile(t["array"], t["y"], t["x"], t["height"], t["width"], transform))
     return out
 

@@ -251,6 +251,7 @@ class NormalEquations:
         system = self._system(kind, link)
         normal, vector = system.normal(weights)
         k = trace_probes(count)
+        probes: np.ndarray
         if k is None:
             probes, scale = np.eye(count), 1.0
         else:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Generic
 
 import numpy as np
 
 from em_platform.stitch.layout import EdgeKey, PointEdge, TileId
 
 
-def _points(e: PointEdge) -> tuple[np.ndarray, np.ndarray]:
+def _points(e: PointEdge[TileId]) -> tuple[np.ndarray, np.ndarray]:
     p, q = np.asarray(e.p, np.float64), np.asarray(e.q, np.float64)
     if p.ndim != 2 or p.shape[1:] != (2,) or p.shape != q.shape or len(p) == 0:
         raise ValueError(
@@ -46,12 +47,12 @@ def edge_medians(values: np.ndarray, edge_of: np.ndarray, n_edges: int) -> np.nd
 
 
 @dataclass(frozen=True, eq=False)
-class PointPairs:
+class PointPairs(Generic[TileId]):
     """The montage's point pairs, flattened: pair k lies on edge ``edge_of[k]`` from tile ``a[k]`` to tile
     ``b[k]``, with ``p[k]``, ``q[k]`` about the tile centre (``p_raw``, ``q_raw`` from the top-left corner)."""
 
     ids: list[TileId]
-    keys: list[EdgeKey]
+    keys: list[EdgeKey[TileId]]
     ends: np.ndarray  # (edges, 2) tile indices
     counts: np.ndarray  # pairs per edge
     edge_of: np.ndarray
@@ -93,10 +94,10 @@ class PointPairs:
 
 def flatten_pairs(
     stage: Mapping[TileId, tuple[float, float]],
-    point_edges: Iterable[PointEdge],
+    point_edges: Iterable[PointEdge[TileId]],
     centre: np.ndarray,
     radius: float,
-) -> PointPairs:
+) -> PointPairs[TileId]:
     """Check the edges against ``stage`` and lay their pairs out as flat arrays (self-edges dropped)."""
     ids = list(stage)
     index = {t: i for i, t in enumerate(ids)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,8 @@ def _levels(url: str, storage_options: dict | None) -> tuple[list, tuple[str, ..
 
     try:
         group = zarr.open_group(open_store(url, storage_options, read_only=True), mode="r")
-        multiscale = group.attrs["ome"]["multiscales"][0]
+        ome: Any = group.attrs["ome"]  # JSON: a shape other than OME-Zarr's raises below
+        multiscale = ome["multiscales"][0]
         axes = tuple(a["name"] if isinstance(a, dict) else a for a in multiscale["axes"])
         return [group[d["path"]] for d in multiscale["datasets"]], axes
     except (
@@ -71,7 +73,7 @@ def minimap_png(
     for arr in arrays:
         if max(arr.shape[iy], arr.shape[ix]) >= max_side:
             chosen = arr
-    plane = middle_plane(chosen, axes).astype(np.float32)
+    plane: np.ndarray = middle_plane(chosen, axes).astype(np.float32)
     plane[plane == 0] = np.nan
     h, w = plane.shape
     if max(h, w) > max_side:

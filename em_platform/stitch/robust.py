@@ -205,7 +205,7 @@ def pick_rejections(
     if not len(candidates):
         return candidates
     live = np.flatnonzero(accepted)
-    protected = set(live[bridges(n_tiles, ends[live])].tolist())
+    bridge_edges = set(live[bridges(n_tiles, ends[live])].tolist())
     # rank by the residual the edge would have if left out: r / (1 − h), h its leverage, about
     # 1/degree + 1/degree of its tiles (exact, ½, for a grid's interior edge)
     degree = np.bincount(ends[live].ravel(), minlength=n_tiles).astype(np.float64)
@@ -215,7 +215,7 @@ def pick_rejections(
     picked: list[int] = []
     for e in candidates[np.argsort(-deleted[candidates], kind="stable")]:
         a, b = (int(v) for v in ends[e])
-        if e in protected or a in touched or b in touched:
+        if e in bridge_edges or a in touched or b in touched:
             continue
         picked.append(int(e))
         touched.update((a, b))

@@ -49,6 +49,12 @@ class SeamMeasure:
     response: float
     shared_px: int
 
+    @property
+    def measured_px(self) -> float:
+        """``offset_px`` of a seam known to be measured (callers filter out the unmeasurable ones first)."""
+        assert self.offset_px is not None, f"seam {self.tile!r}–{self.neighbour!r} was not measurable"
+        return self.offset_px
+
 
 def _render(image: np.ndarray, matrix: np.ndarray, lens: Any, box: tuple[int, int, int, int]) -> np.ndarray:
     """``image`` resampled into montage box (x0, y0, x1, y1) by tile→montage ``matrix`` (after ``lens``)."""
@@ -156,7 +162,7 @@ def measure_seams(
 def seams_beyond(seams: Iterable[SeamMeasure], limit_px: float = SEAM_LIMIT_PX) -> list[SeamMeasure]:
     """The measured seams wider than ``limit_px``, widest first (unmeasurable ones are not counted)."""
     bad = [s for s in seams if s.offset_px is not None and s.offset_px > limit_px]
-    return sorted(bad, key=lambda s: -s.offset_px)
+    return sorted(bad, key=lambda s: -s.measured_px)
 
 
 def _measure_batch(pairs, transforms, source, shapes, lens) -> list[SeamMeasure]:

@@ -114,6 +114,7 @@ class SeparableSolver:
 
     def _linear_target(self, axis: int, j: int) -> np.ndarray | float:
         """Where coefficient ``j`` of ``axis`` is pulled (px): the tile's target linear part, else 0."""
+        assert self.target is not None  # __post_init__ sets it
         return self.radius * self.target[:, axis, j - 1] if j in (1, 2) else 0.0
 
     def _priors(self, axis: int, spreads: dict[str, float], match_sigma_px: float):

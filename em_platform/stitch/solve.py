@@ -24,7 +24,7 @@ __all__ = ["solve_translations"]
 
 def solve_translations(
     stage: Mapping[TileId, tuple[float, float]],
-    edges: Iterable[Edge],
+    edges: Iterable[Edge[TileId]],
     *,
     stage_weight: float | None = None,
     stage_sigma_px: float | None = None,
@@ -32,14 +32,14 @@ def solve_translations(
     outlier_px: float = 3.0,
     mad_factor: float = 6.0,
     max_iterations: int = 40,
-) -> Layout:
+) -> Layout[TileId]:
     """Solve tile positions from ``edges`` anchored softly at the ``stage`` positions (px).
 
     ``stage_weight`` fixes the prior's weight against one match (default: measured from the scatter of
     the matches around the stage's own frame). Edges naming a tile not in ``stage`` raise ``KeyError``;
     an edge given twice keeps both offsets (two pairs of one edge).
     """
-    merged: dict[tuple[TileId, TileId], list[Edge]] = {}
+    merged: dict[tuple[TileId, TileId], list[Edge[TileId]]] = {}
     for e in edges:
         merged.setdefault((e.tile, e.neighbour), []).append(e)
     point_edges = [  # an edge given twice keeps both offsets, as two pairs of one edge

@@ -245,7 +245,7 @@ def _reject_outliers(
 
 def solve_transforms(
     stage: Mapping[TileId, tuple[float, float]],
-    point_edges: Iterable[PointEdge],
+    point_edges: Iterable[PointEdge[TileId]],
     model: Model = "affine",
     *,
     tile_size: tuple[float, float],
@@ -262,7 +262,7 @@ def solve_transforms(
     max_iterations: int = 40,
     consensus_px: float = CONSENSUS_PX,
     bend_sigma: float = 0.01,
-) -> TransformLayout:
+) -> TransformLayout[TileId]:
     """Solve each tile's transform from ``point_edges`` anchored softly at the ``stage`` top-left corners (px).
 
     ``tile_size`` is ``(width, height)`` px of every tile: transforms act about the tile centre.
@@ -344,9 +344,13 @@ def solve_transforms(
                         None if similarity is None else similarity[block.tiles],
                     )
                 spreads, spent = fit_separable_spreads(sample_solver, sample, weights, spreads, caps, sigma)
+
+                def solve_sample(w, s, solver=sample_solver, sigma=sigma):
+                    return solver.solve(w, s, sigma)
+
                 # ... scaled to what predicts held-out pairs (em_platform.stitch.held_out)
                 spreads, held_out = held_out_scale(
-                    lambda w, s, solver=sample_solver, sigma=sigma: solver.solve(w, s, sigma),
+                    solve_sample,
                     sample_solver.residual_vectors,
                     sample.edge_of,
                     weights,
@@ -363,14 +367,14 @@ def solve_transforms(
         else:
             if fit_spread and kind != "translation" and m:
                 weights = pairs.w0 * pair_ok * edge_ok[edge_of]
-                sample, sample_solver = pairs, solver
+                sample, sample_system = pairs, solver
                 # a preliminary pass's spreads only shape the separable pass's targets: a block will do;
                 # a final model's (rigid) are its own and are measured on the whole montage
                 if block is not None and not final:
                     sample, weights = block.pairs, weights[block.pair_mask]
-                    sample_solver = block.solver(frame, weight_stage, edge_ok, fit_stage_frame)
+                    sample_system = block.solver(frame, weight_stage, edge_ok, fit_stage_frame)
                 tile_spread, link, spent = fit_spreads(
-                    sample_solver, kind, sample, weights, tile_spread, largest, match_sigma_px, rigid_weight
+                    sample_system, kind, sample, weights, tile_spread, largest, match_sigma_px, rigid_weight
                 )
                 iterations += spent
             solve = solver.for_model(kind, link)
@@ -490,7 +494,7 @@ def _stage_summary(
 
 
 def _transform_layout(
-    pairs: PointPairs,
+    pairs: PointPairs[TileId],
     linear: np.ndarray,
     t: np.ndarray,
     vectors: np.ndarray,
@@ -501,7 +505,7 @@ def _transform_layout(
     model: Model,
     iterations: int,
     stage_summary: dict[str, Any],
-) -> TransformLayout:
+) -> TransformLayout[TileId]:
     """The solved centres ``t`` and linear parts as transforms of the top-left corner, with the residuals
     (``vectors``, per pair), rejections and connected groups against the final verdicts; ``inliers``: the
     pairs that agree with their edge's consensus (what a RANSAC filter keeps), kept or not."""

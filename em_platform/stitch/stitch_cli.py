@@ -20,6 +20,10 @@ import json
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:  # the fusion (dask) for the type checker; at run time the commands import it on first use
+    from em_platform.stitch.fuse import Rows2x3
 
 __all__ = ["add_arguments", "run"]
 
@@ -295,7 +299,12 @@ def _fuse(args, tiles, layout, lens, pixel_size, out):
         m = layout.transforms[t.tile]
         placed.append(
             PlacedTile(
-                t.tile, float(m[1, 2]), float(m[0, 2]), t.height, t.width, tuple(map(tuple, m.tolist()))
+                t.tile,
+                float(m[1, 2]),
+                float(m[0, 2]),
+                t.height,
+                t.width,
+                cast("Rows2x3", tuple(map(tuple, m.tolist()))),  # 2×3: TransformLayout.transforms
             )
         )
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")

@@ -87,7 +87,7 @@ def stitch_report(
     bad_seams = [
         s
         for s in measured
-        if s.offset_px > seam_limit_px and s.tile not in blank and s.neighbour not in blank
+        if s.measured_px > seam_limit_px and s.tile not in blank and s.neighbour not in blank
     ]
     torn = getattr(layout, "torn", {}) or {}
     checks = {
@@ -153,13 +153,13 @@ def stitch_report(
             "limit_px": seam_limit_px,
             "measured": len(measured),
             "not_measurable": len(seam_list) - len(measured),
-            "max_px": _r(max((s.offset_px for s in measured), default=0.0), 3),
+            "max_px": _r(max((s.measured_px for s in measured), default=0.0), 3),
             "median_px": _r(
-                sorted(s.offset_px for s in measured)[len(measured) // 2] if measured else 0.0, 3
+                sorted(s.measured_px for s in measured)[len(measured) // 2] if measured else 0.0, 3
             ),
             "beyond_limit": [
-                {"tile": str(s.tile), "neighbour": str(s.neighbour), "offset_px": _r(s.offset_px, 3)}
-                for s in sorted(bad_seams, key=lambda s: -s.offset_px)
+                {"tile": str(s.tile), "neighbour": str(s.neighbour), "offset_px": _r(s.measured_px, 3)}
+                for s in sorted(bad_seams, key=lambda s: -s.measured_px)
             ],
         },
     }

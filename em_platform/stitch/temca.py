@@ -86,10 +86,10 @@ def read_temca_metafile(path: str | os.PathLike) -> TemcaMontage:
     ``.json.xz`` or ``.json.gz`` is read as it is."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        content = path.read_bytes()
         if path.suffix in (".xz", ".gz"):  # as archived: read it without unpacking it first
-            raw = (lzma.decompress if path.suffix == ".xz" else gzip.decompress)(raw)
-        doc = json.loads(raw.decode("utf-8"))
+            content = (lzma.decompress if path.suffix == ".xz" else gzip.decompress)(content)
+        doc = json.loads(content.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, lzma.LZMAError, EOFError) as exc:
         raise TemcaFileError(f"{path}: cannot read a TEMCA metafile ({exc})") from exc
     if not isinstance(doc, list):

@@ -43,7 +43,15 @@ import numpy as np
 
 from em_platform.stitch.blank import BLANK_SCORE, texture_score
 from em_platform.stitch.coarse import coarse_offset, refine_offset
-from em_platform.stitch.grid import NEIGHBOURS, OPPOSITE, from_nominal, neighbour_of, nominal_step, to_nominal
+from em_platform.stitch.grid import (
+    NEIGHBOURS,
+    OPPOSITE,
+    Side,
+    from_nominal,
+    neighbour_of,
+    nominal_step,
+    to_nominal,
+)
 from em_platform.stitch.layout import Edge, PointEdge, TransformLayout
 from em_platform.stitch.lens import LensModel
 from em_platform.stitch.matching import EdgeStrip, Match, default_max_shift, edge_strip, match_neighbour
@@ -221,7 +229,9 @@ def open_tile_folder(folder: str | os.PathLike, layout_csv: str | os.PathLike) -
     if not folder.is_dir():
         raise TileFolderError(f"{folder}: not a folder of tiles")
     rows = _read_layout(layout_csv, folder)
-    tiles, dtypes, pixel_size, skipped = [], {}, None, []
+    tiles: list[FolderTile] = []
+    dtypes: dict[np.dtype, str] = {}  # each dtype found: the first tile of it
+    pixel_size, skipped = None, []
     for name, row, column, x, y, line in rows:
         if not (folder / name).is_file():
             skipped.append(SkippedTile(name, row, column, line, f"no file {folder / name}"))
@@ -265,7 +275,9 @@ def _read_layout(path: Path, folder: Path) -> list[tuple[str, int, int, float, f
                     f"the header must name {','.join(LAYOUT_COLUMNS)}"
                 )
             index = {c: header.index(c) for c in LAYOUT_COLUMNS}
-            out, names, cells = [], {}, {}
+            out: list[tuple[str, int, int, float, float, int]] = []
+            names: dict[str, int] = {}  # tile → its line
+            cells: dict[tuple[int, int], tuple[str, int]] = {}  # (row, column) → (tile, line)
             for fields in reader:
                 line = reader.line_num
                 if not any(f.strip() for f in fields):
@@ -338,7 +350,7 @@ def _tiff_header(path: Path, layout_csv: Path, line: int) -> tuple[tuple[int, in
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             shape, dtype = series.shape, np.dtype(series.dtype).newbyteorder("=")  # big-endian files too
-            page = tif.pages[0]
+            page = tif.pages.first
             imagej_unit = (tif.imagej_metadata or {}).get("unit")
             tags = page.tags
             res_x = tags.get("XResolution")
@@ -438,7 +450,7 @@ def match_tile_folder(
         else:
             unmatched.append((p, reason))
     # how deep each side of each tile must be cut, over all the pairs that use it
-    sides: dict[str, dict[str, int]] = {t.tile: {} for t in folder.tiles}
+    sides: dict[str, dict[Side, int]] = {t.tile: {} for t in folder.tiles}
     for p in pairs:
         for name, side in ((p.tile.tile, p.position), (p.neighbour.tile, OPPOSITE[p.position])):
             sides[name][side] = max(sides[name].get(side, 0), p.depth)
@@ -470,8 +482,11 @@ def match_tile_folder(
             jobs = []
             for p in by_row.get(r, []):
                 a, b = strips[p.tile.tile], strips[p.neighbour.tile]
-                if isinstance(a, str) or isinstance(b, str):
-                    unmatched.append((p, a if isinstance(a, str) else b))
+                if isinstance(a, str):
+                    unmatched.append((p, a))
+                    continue
+                if isinstance(b, str):
+                    unmatched.append((p, b))
                     continue
                 jobs.append((p, pool.submit(_match_pair, p, a, b)))
             for p, job in jobs:
@@ -486,7 +501,7 @@ def match_tile_folder(
 
 
 def _read_strips(
-    folder: TileFolder, tile: FolderTile, sides: Mapping[str, int]
+    folder: TileFolder, tile: FolderTile, sides: Mapping[Side, int]
 ) -> tuple[str, dict[str, EdgeStrip] | str, float | None]:
     import tifffile
 
@@ -501,7 +516,7 @@ def _read_strips(
             f"{path}: pixels of shape {image.shape}, its header said {(tile.height, tile.width)}",
             None,
         )
-    cut = {side: edge_strip(image, side, d, 0) for side, d in sides.items()}
+    cut: dict[str, EdgeStrip] = {side: edge_strip(image, side, d, 0) for side, d in sides.items()}
     return tile.tile, cut, texture_score(image)
 
 
@@ -571,16 +586,17 @@ def _line_points(pair: NeighbourPair, dX: float, dY: float, n: int = 1) -> Point
 
 def solve_tile_folder(
     folder: TileFolder,
-    report: MatchReport,
+    report: MatchReport | None,
     model: Requested = "auto",
     *,
     lens: LensModel | None = None,
     stage_sigma_px: float | None = None,
-    point_edges: Iterable[PointEdge] | None = None,
-) -> TransformLayout:
+    point_edges: Iterable[PointEdge[str]] | None = None,
+) -> TransformLayout[str]:
     """Each tile's transform (tile px → the layout's frame) from the matched point pairs (or
     ``point_edges`` given, e.g. external matches), the layout as stage prior. With ``lens``, points are
-    corrected first and the transforms act on undistorted tile pixels."""
+    corrected first and the transforms act on undistorted tile pixels. ``report`` may be None when
+    ``point_edges`` are given."""
     sizes = {(t.width, t.height) for t in folder.tiles}
     if model == "auto" and len(sizes) != 1:  # only a translation places tiles of several sizes
         model = "translation"
@@ -588,7 +604,10 @@ def solve_tile_folder(
         raise TileFolderError(
             f"{folder.folder}: a {model} solve needs tiles of one size, found {sorted(sizes)}"
         )
-    edges = list(report.point_edges if point_edges is None else point_edges)
+    if point_edges is None:
+        assert report is not None, "solve_tile_folder needs the match report or point_edges"
+        point_edges = report.point_edges
+    edges = list(point_edges)
     if lens is not None and not lens.is_identity():
         if sizes != {tuple(lens.tile_size)}:
             raise TileFolderError(

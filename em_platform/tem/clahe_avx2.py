@@ -29,11 +29,12 @@ __all__ = ["AVX2", "blend8", "pack_band"]
 def _compiles_for_avx2() -> bool:
     """Whether numba compiles (not ``NUMBA_DISABLE_JIT``: an intrinsic has no Python body) for a target
     with AVX2: its CPU features (``NUMBA_CPU_FEATURES``) or the host's."""
-    if config.DISABLE_JIT:
+    # numba.core.config sets its options from the environment at import: its module has no such names
+    if config.DISABLE_JIT:  # type: ignore[attr-defined]
         return False
-    features = (
-        config.CPU_FEATURES if config.CPU_FEATURES is not None else binding.get_host_cpu_features().flatten()
-    )
+    features = config.CPU_FEATURES  # type: ignore[attr-defined]
+    if features is None:
+        features = binding.get_host_cpu_features().flatten()
     return "+avx2" in features.split(",")
 
 

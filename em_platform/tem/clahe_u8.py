@@ -212,7 +212,8 @@ def _interpolate_avx2(src, out, tables, tiles_x, tiles_y, tile_w, tile_h):
             packed_for = upper * tiles_y + lower
         row, dst = src[y], out[y]
         for x in range(0, whole, 8):
-            blend8(row, pair, xa, xa1, packed, ya, ya1, dst, x)
+            # an intrinsic called from jitted code: numba types the call, its Python __call__ stub does not fit
+            blend8(row, pair, xa, xa1, packed, ya, ya1, dst, x)  # type: ignore[call-arg]
         _blend_pixels(row, dst, tables[upper], tables[lower], left, right, xa, xa1, ya, ya1, whole, w)
 
 

@@ -399,7 +399,7 @@ class Journal:
         with self.engine.connect() as conn:
             return [_tile(r) for r in conn.execute(q)]
 
-    def named_tiles(self, montage_id: str) -> dict[str, tuple[int, int]] | None:
+    def named_tiles(self, montage_id: str) -> dict[str, tuple[int | None, int | None]] | None:
         """The tiles ``montage.complete`` names, tile id -> (row, column); None before it is journaled."""
         with self.engine.connect() as conn:
             r = conn.execute(
@@ -407,7 +407,7 @@ class Journal:
             ).first()
         if r is None or not r.complete_message:
             return None
-        named = {}
+        named: dict[str, tuple[int | None, int | None]] = {}  # (None, None): no raster position given
         for tile_id, t in (r.complete_message.get("tiles") or {}).items():
             column, row = (t.get("raster_position") or (None, None))[:2]  # TEM_comms: (x, y) indices
             named[tile_id] = (row, column)
@@ -725,10 +725,12 @@ def _named_raster_index(conn: Connection, montage_id: str, tile_id: str) -> int 
 def _insert_new(conn: Connection, table: sa.Table, key: str):
     """INSERT that skips rows whose ``key`` is already there (SQLite and PostgreSQL)."""
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing(index_elements=[key])
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(table).on_conflict_do_nothing(index_elements=[key])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=[key])
 
 
 _RESULTS_UPDATE = (

@@ -356,12 +356,13 @@ class _JournalListener:
                 reason,
                 body.describe(),
             )
-            where = topic if topic in CONSUMED else dest
+            where = topic if topic is not None and topic in CONSUMED else dest
             return self.reject(conn, events, frame, where, "(body)", reason, body=body, kind="oversized")
         if topic not in CONSUMED:
             reason = f"not one of the consumed topics {', '.join(CONSUMED)} under prefix {self.prefix!r}"
             self.log.error("rejected message %s on %r: %s", msg_id, dest, reason)
             return self.reject(conn, events, frame, dest, "destination", reason, kind="destination")
+        assert topic is not None  # one of CONSUMED
         try:
             payload = decode(topic, frame.body)
         except ProtocolError as exc:

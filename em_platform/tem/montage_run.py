@@ -36,7 +36,14 @@ from typing import Any
 
 from em_platform.cluster.stall import is_stalled
 from em_platform.metrics.live import count_verdicts
-from em_platform.stitch.grid import NEIGHBOURS, array_name, matched_against, neighbour_of, stage_to_image
+from em_platform.stitch.grid import (
+    NEIGHBOURS,
+    Position,
+    array_name,
+    matched_against,
+    neighbour_of,
+    stage_to_image,
+)
 from em_platform.tem.journal import MontageRow, TileReport, TileRow
 from em_platform.tem.montage_result import MontageRunResult, StageCalibration, TileProgress
 from em_platform.tem.protocol import tile_messages, tile_metadata
@@ -141,12 +148,13 @@ class MontageRun:
         self.store_errors: dict[str, str] = {}  # tile id -> why its processed tile was not written
         self.montage: MontageRow | None = None
         self.calibration: StageCalibration | None = None
-        self.named: dict[str, tuple[int, int]] | None = None
+        self.named: dict[str, tuple[int | None, int | None]] | None = None
         self.last_seq = 0
         self.last_arrival = clock()
         self.finished_at: float | None = None
         self.sent_status: tuple[str, str | None] | None = None
         self.next_status = clock()
+        # CPU seconds per stage: a Counter of floats (typeshed's Counter counts ints: the adds below ignore it)
         self.cpu: Counter[str] = Counter()
         self.polling_since: float | None = None
 
@@ -216,6 +224,7 @@ class MontageRun:
             if self.backlog:  # nothing judging: only writes can make room for the next tiles
                 self._take_stored(timeout=max(0.0, next_poll - self.clock()))
                 continue
+            assert self.montage is not None  # poll() read it, or raised
             if self.montage.finished:
                 if not self._waiting_for_named_tiles():
                     return
@@ -230,7 +239,7 @@ class MontageRun:
     def _timed(self, stage: str, step: Callable[[], None]) -> None:
         started = time.thread_time()
         step()
-        self.cpu[stage] += time.thread_time() - started
+        self.cpu[stage] += time.thread_time() - started  # type: ignore[assignment]
 
     # -- poll and process --------------------------------------------------------------------------------
 
@@ -337,7 +346,8 @@ class MontageRun:
         elif "stats" in results:
             focus = results["focus"]
             rec.outcome = TileOutcome(results["stats"], focus, tuple(results["shape"]))
-            rec.matches = {p: None for p in results.get("unmatched", [])} | dict(results.get("matches", {}))
+            unmatched: dict[str, dict[str, Any] | None] = {p: None for p in results.get("unmatched", [])}
+            rec.matches = unmatched | dict(results.get("matches", {}))
         else:
             return None  # judged by a version that did not keep what resuming needs
         faults = [Fault(**f) for f in t.qc_faults or []]
@@ -355,6 +365,7 @@ class MontageRun:
         """The overlaps the new tile closes: with its top and left neighbours, and as the top or left
         neighbour of tiles that arrived before it (another raster order, a late tile)."""
         t = rec.tile
+        pairs: list[tuple[TileProgress | None, Position, TileProgress | None]]
         pairs = [(rec, p, self.by_pos.get(neighbour_of(t.row, t.column, p))) for p in NEIGHBOURS]
         pairs += [(self.by_pos.get(where), p, rec) for where, p in matched_against(t.row, t.column)]
         edges = []
@@ -387,7 +398,9 @@ class MontageRun:
         if rec.store is not None:
             return rec.store
         url = self._tile_url(rec.tile)
-        return StoredTile(url, self.storage_options, rec.outcome.shape)
+        shape = rec.outcome.shape if rec.outcome is not None else None
+        assert shape is not None  # judged usable: processed
+        return StoredTile(url, self.storage_options, shape)
 
     def _usable(self, rec: TileProgress) -> bool:
         return rec.outcome is not None and usable_for_matching(
@@ -414,15 +427,12 @@ class MontageRun:
     def _stage_offset(self, tile: TileRow, neighbour: TileRow) -> tuple[float, float] | None:
         """Where the stage puts the tile relative to the neighbour, image px (the run's
         :class:`StageCalibration`); None without positions or a pixel size."""
+        assert self.calibration is not None  # poll() sets it before any tile is taken
         pixel_size, rotation = self.calibration.pixel_size_nm, self.calibration.rotation_rad
-        if not pixel_size or None in (
-            tile.stage_x_nm,
-            tile.stage_y_nm,
-            neighbour.stage_x_nm,
-            neighbour.stage_y_nm,
-        ):
+        tx, ty, nx, ny = tile.stage_x_nm, tile.stage_y_nm, neighbour.stage_x_nm, neighbour.stage_y_nm
+        if not pixel_size or tx is None or ty is None or nx is None or ny is None:
             return None
-        dx, dy = tile.stage_x_nm - neighbour.stage_x_nm, tile.stage_y_nm - neighbour.stage_y_nm
+        dx, dy = tx - nx, ty - ny
         return stage_to_image(dx, dy, pixel_size, rotation)
 
     def _tiff_path(self, t: TileRow) -> str | None:
@@ -462,7 +472,7 @@ class MontageRun:
         except queue.Empty:
             return
         finally:
-            self.cpu["run_loop.collect"] += time.thread_time() - started
+            self.cpu["run_loop.collect"] += time.thread_time() - started  # type: ignore[assignment]
         started = time.thread_time()
         while True:
             try:
@@ -471,7 +481,7 @@ class MontageRun:
                 break
         for fut in done:
             self._take(fut)
-        self.cpu["run_loop.collect"] += time.thread_time() - started
+        self.cpu["run_loop.collect"] += time.thread_time() - started  # type: ignore[assignment]
 
     def _take(self, fut) -> None:
         tile_id, edges = self.judges.pop(fut)
@@ -626,6 +636,7 @@ class MontageRun:
 
     def _waiting_for_named_tiles(self) -> bool:
         """True while tiles montage.complete names (or montage.complete itself) may still arrive."""
+        assert self.montage is not None and self.finished_at is not None  # called once it is finished
         if self.montage.state != "completed":
             return False  # cancelled or failed: nothing more is coming
         if self.named is None:
@@ -669,7 +680,9 @@ class MontageRun:
         self, not_received: dict[str, tuple[int | None, int | None]]
     ) -> list[tuple[int, int]]:
         """Grid positions never acquired: from the planned tile count and the grid the tiles span."""
-        taken = set(self.by_pos) | {rc for rc in not_received.values() if None not in rc}
+        taken = set(self.by_pos) | {
+            (r, c) for r, c in not_received.values() if r is not None and c is not None
+        }
         if not taken or self.montage is None:
             return []
         rows = max(r for r, _ in taken) + 1
@@ -695,18 +708,19 @@ def _both_references(references: list[TileRow]) -> bool:
 def _results(rec: TileProgress) -> dict[str, Any] | None:
     if rec.outcome is None:
         return None
-    s = rec.outcome.stats
+    s, focus, shape = rec.outcome.stats, rec.outcome.focus, rec.outcome.shape
+    assert s is not None and focus is not None and shape is not None  # a processed tile's outcome
     return {
         "min": s["min"],
         "max": s["max"],
         "mean": s["mean"],
         "std": s["std"],
-        "focus": float(rec.outcome.focus),
+        "focus": float(focus),
         "histogram": list(s["histogram"]),
         "matches": {p: m for p, m in rec.matches.items() if m and "dX" in m},
         # what a restarted run needs to take the verdict over without the pixels (see MontageRun._resumed)
         "stats": {k: (list(v) if k == "histogram" else v) for k, v in s.items()},
-        "shape": list(rec.outcome.shape),
+        "shape": list(shape),
         "unmatched": [p for p, m in rec.matches.items() if m is None],
     }
 

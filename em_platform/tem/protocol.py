@@ -184,7 +184,7 @@ def tile_metadata(
     row: int,
     column: int,
     overlap: int | None,
-    stage_position: tuple[int, int] | None = None,
+    stage_position: tuple[int | None, int | None] | None = None,
 ) -> dict[str, Any]:
     """The TEM_comms ``TileMetadata`` fields every ``tile.*`` and ``qc.tile`` message carries."""
     meta: dict[str, Any] = {
@@ -194,8 +194,9 @@ def tile_metadata(
         "column": column,
         "overlap": overlap or 0,
     }
-    if stage_position is not None and None not in stage_position:
-        meta["stage_position"] = [int(stage_position[0]), int(stage_position[1])]
+    x, y = stage_position if stage_position is not None else (None, None)
+    if x is not None and y is not None:
+        meta["stage_position"] = [int(x), int(y)]
     return meta
 
 

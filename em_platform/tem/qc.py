@@ -117,14 +117,16 @@ def tile_faults(
         return [Fault(UNREADABLE, "transient", 1.0, 1.0, {"error": error[:300]})]
     assert stats is not None
     faults: list[Fault] = []
-    std = float(stats.get("raw_std", stats.get("std_float", stats.get("std"))))
+    std_value: Any = stats.get("raw_std", stats.get("std_float", stats.get("std")))  # the stats hold one
+    std = float(std_value)
     top = stats.get("saturated_fraction")
     if top is None and stats.get("histogram"):
         hist = stats["histogram"]
         top = float(hist[-1]) / (float(sum(hist)) or 1.0)
     saturated = top is not None and top >= config.saturated_fraction
     if saturated:
-        scope = "critical" if top >= config.critical_saturated_fraction else "transient"
+        assert top is not None  # saturated
+        scope: Scope = "critical" if top >= config.critical_saturated_fraction else "transient"
         faults.append(
             Fault(SATURATED, scope, top, 0.95 if scope == "critical" else 0.8, {"saturated_fraction": top})
         )
@@ -138,6 +140,7 @@ def tile_faults(
     contrast = stats.get("specimen_contrast")
     no_tissue = not (blank or saturated) and contrast is not None and contrast < config.min_specimen_contrast
     if no_tissue:
+        assert contrast is not None  # no_tissue
         faults.append(
             Fault(
                 NO_TISSUE,
@@ -248,6 +251,7 @@ class MontageQC:
         for f in verdict.faults:
             self._by_scope[f.scope].append((verdict, f))
         critical, persistent, transient = (self._by_scope[s] for s in ("critical", "persistent", "transient"))
+        status: RunStatus
         if critical:
             status, reason = "STOP_NOW", f"critical fault: {_where(critical)}"
         elif persistent:

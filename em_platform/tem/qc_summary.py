@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from em_platform.tem.qc import BLANK, NO_MATCH, NO_TISSUE, OUT_OF_FOCUS, SATURATED
 
@@ -66,7 +66,8 @@ class MontageSummary:
     @classmethod
     def of(cls, result: MontageRunResult) -> MontageSummary:
         recs = list(result.tiles.values())
-        ok = [r for r in recs if r.outcome is not None]
+        # processed tiles: their outcomes have stats and a focus score (only a failed tile's lack them)
+        ok = [r.outcome for r in recs if r.outcome is not None]
         qc = result.qc.summary()
         faults = qc["faults"]
         planned = max(len(recs) + len(result.missing) + len(result.not_received), 1)
@@ -92,8 +93,10 @@ class MontageSummary:
             polling_since=result.polling_since,
             calibration=result.calibration.to_dict() if result.calibration else {},
             qc=qc,
-            focus_median=statistics.median(r.outcome.focus for r in ok) if ok else None,
-            mean_intensity=statistics.fmean(r.outcome.stats["mean"] for r in ok) if ok else None,
+            focus_median=statistics.median(cast(float, o.focus) for o in ok) if ok else None,
+            mean_intensity=statistics.fmean(cast("dict[str, Any]", o.stats)["mean"] for o in ok)
+            if ok
+            else None,
             edges=len(edges),
             matched=len(matched),
             median_distance_px=statistics.median(m["distance"] for m in matched) if matched else None,

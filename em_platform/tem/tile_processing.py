@@ -86,6 +86,7 @@ def read_tile(
     suffix = "" if is_file_like else Path(os.fspath(path)).suffix.lower()  # type: ignore[arg-type]
     if not is_file_like and not os.path.isfile(path):  # type: ignore[arg-type]
         raise TileReadError(f"tile file {name} does not exist (or is not a file)")
+    image: np.ndarray | None
     try:
         if is_file_like or suffix in (".tif", ".tiff", ""):
             import tifffile
@@ -300,7 +301,7 @@ class Flatfield:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.gain.shape  # type: ignore[return-value]
+        return self.gain.shape
 
     def check(self, raw: np.ndarray) -> np.ndarray:
         """``raw`` as a C-contiguous camera tile this correction applies to; raises naming what is wrong."""
@@ -470,7 +471,8 @@ def raw_statistics(raw: np.ndarray) -> dict[str, float]:
     raw = np.ascontiguousarray(raw)
     top = np.iinfo(raw.dtype).max
     _, brightest, _, _ = cv2.minMaxLoc(raw)  # cheaper than counting, and usually nothing is clipped
-    saturated = cv2.countNonZero(cv2.compare(raw, top, cv2.CMP_EQ)) if brightest >= top else 0
+    # OpenCV compares against a scalar; its stubs take only an array there
+    saturated = cv2.countNonZero(cv2.compare(raw, top, cv2.CMP_EQ)) if brightest >= top else 0  # type: ignore[call-overload]
     return {
         "raw_std": float(cv2.meanStdDev(raw)[1][0, 0]),
         "saturated_fraction": saturated / raw.size,
@@ -601,7 +603,7 @@ def focus_score(image: np.ndarray, crop: int = FOCUS_CROP, band: tuple[float, fl
     patch *= window
     power = np.fft.rfft2(patch)
     power = (power.real**2 + power.imag**2).astype(np.float64)
-    n_band, n_total, n_noise = w_band.sum(), w_total.sum(), w_noise.sum()
+    n_band, n_total, n_noise = float(w_band.sum()), float(w_total.sum()), float(w_noise.sum())
     floor = float((power * w_noise).sum() / n_noise)  # mean noise power per bin
     band_signal = float((power * w_band).sum()) - n_band * floor
     total_signal = float((power * w_total).sum()) - n_total * floor

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from em_platform.cluster.batch_priority import lower_thread_priority
-from em_platform.stitch.grid import OPPOSITE, neighbour_of, to_nominal
+from em_platform.stitch.grid import OPPOSITE, Position, Side, neighbour_of, to_nominal
 from em_platform.tem.qc import QCConfig, usable_for_matching
 
 STORE_CHUNK_PX = 1024  # largest chunk edge of a stored processed tile
@@ -92,7 +92,7 @@ class EdgeJob:
     tile_id: str
     row: int
     column: int
-    position: str
+    position: Position
     overlap: int
     stage_offset: tuple[float, float] | None
 
@@ -425,10 +425,10 @@ def judge_tile(
     the other tile's fault. A match that raises counts as no overlap found, with the error noted.
     """
     started, began = time.thread_time(), time.time()
-    results = []
+    results: list[tuple[str, str, dict[str, Any] | None]] = []
     for job, tile, neighbour in edges:
         tile, neighbour = _as_end(tile), _as_end(neighbour)
-        if not (_usable(tile, qc) and _usable(neighbour, qc)):
+        if tile is None or neighbour is None or not (_usable(tile, qc) and _usable(neighbour, qc)):
             results.append((job.tile_id, job.position, {"skipped": True}))
             continue
         try:
@@ -455,7 +455,7 @@ def _usable(end: TileOutcome | StoredTile | None, qc: QCConfig) -> bool:
     )
 
 
-def _strip(end: TileOutcome | StoredTile, side: str, overlap: int):
+def _strip(end: TileOutcome | StoredTile, side: Side, overlap: int):
     if isinstance(end, TileOutcome):
         return end.strips[side], end.shape
     from em_platform.stitch.matching import edge_strip

@@ -86,7 +86,8 @@ def assemble(spec: Spec, library: dict[str, ParticleModel], rng: np.random.Gener
     placed = {k: centres[n] for n, k in enumerate(order)}
     from scipy.spatial.transform import Rotation  # here: scipy.spatial costs every code-location import 0.2 s
 
-    particles, beads = [], []
+    particles: list[PlacedParticle] = []
+    beads: list[Bead] = []
     for k, (name, r, _) in enumerate(todo):
         if name == "bead":
             beads.append(Bead(len(beads), placed[k], r))

@@ -83,6 +83,7 @@ def simulate_and_catalog(
     thumb_path = store.path("simulation", spec.name, f"{stack}.thumbnail.png")
     previous = catalog.find(SOURCE, stack)
     if _unchanged(store, folder, spec, previous):
+        assert previous is not None  # _unchanged: the catalog holds it
         logger.info("%s is unchanged (same spec, same simulator); keeping %s", stack, store.to_url(folder))
         with store.fs.open(thumb_path, "rb") as f:
             png = f.read()

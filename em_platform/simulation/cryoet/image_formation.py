@@ -143,7 +143,7 @@ def ice_path_lengths(grid: Grid, geometry: TiltGeometry, thickness_A: float, edg
     half = np.float32(thickness_A / 2 / math.cos(t))
     lo, hi = centre - half, centre + half
     out = np.zeros((len(edges) - 1, my, mx), np.float32)
-    z_min, z_max = float(lo.min()), float(hi.max())
+    z_min, z_max = float(np.min(lo)), float(np.max(hi))
     for k in range(len(edges) - 1):
         if edges[k + 1] <= z_min or edges[k] >= z_max:
             continue
@@ -309,6 +309,7 @@ class TiltImager:
         lam = np.float32(o.wavelength)
         q2 = self.q2
         df_mean = 0.5 * (geometry.defocus_u_A + geometry.defocus_v_A)
+        df: np.ndarray | np.float32
         if geometry.defocus_u_A != geometry.defocus_v_A:
             df = physics.astigmatic_defocus(
                 self.fqy, self.fqx, geometry.defocus_u_A, geometry.defocus_v_A, geometry.astigmatism_angle_deg
@@ -352,6 +353,7 @@ class TiltImager:
                 gap = round((heights[k + 1] - heights[k]) / self.slab_A)
                 for _ in range(gap):
                     spectrum *= self.step
+        assert spectrum is not None  # one transmission at least
         transfer, envelope = self._objective(geometry, float(heights[-1]))
         # Partial coherence is an incoherent sum over defoci and beam directions, each conserving the
         # electrons; as an envelope on the wave it removes |Ψ(q)|²·(1 − E²) of them (2–5 % in ice at

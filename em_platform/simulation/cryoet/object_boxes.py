@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class ObjectBoxes:
         return self._grids[size]
 
     def _plan(self, size: int):
-        plans = self._plans.__dict__
+        plans = cast("dict[int, Any]", self._plans.__dict__)  # this thread's plans, by box size
         if size not in plans:
             plans[size] = finufft.Plan(
                 1, (size, size), eps=NUFFT_EPS, isign=-1, modeord=1, nthreads=1, dtype="complex64"
@@ -166,7 +167,9 @@ class ObjectBoxes:
     def add_projection(self, slab: np.ndarray, o: int, ix, iy, centre_px, damage_b: float) -> None:
         """Add object ``o``'s projected potential to ``slab`` (real, padded grid)."""
         origin = self._origin(o, centre_px, slab.shape)
-        box = None if origin is None else self.potential(o, ix, iy, origin, damage_b)
+        if origin is None:
+            return
+        box = self.potential(o, ix, iy, origin, damage_b)
         if box is not None:
             _paste(slab, box, origin, np.add)
 
@@ -188,7 +191,9 @@ class ObjectBoxes:
         two is the thin-slab approximation the multislice makes anyway.
         """
         origin = self._origin(o, centre_px, slab.shape)
-        v = None if origin is None else self.potential(o, ix, iy, origin, damage_b)
+        if origin is None:
+            return
+        v = self.potential(o, ix, iy, origin, damage_b)
         if v is None:
             return
         sigma, famp, wavelength = wave

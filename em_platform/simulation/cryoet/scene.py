@@ -32,6 +32,7 @@ class Channel:
         """F(q) in V·Å³ at squared frequency q² (Å⁻²); the integral of the point's potential at q = 0."""
         b = damage_b if self.damaged else 0.0
         if self.kind == "atom":
+            assert self.element is not None  # an atom channel names its element
             f = physics.POTENTIAL_CONSTANT * physics.form_factor(self.element, q2, self.b_factor + b)
             if self.hydrogens:
                 f += (

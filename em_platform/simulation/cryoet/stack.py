@@ -251,7 +251,10 @@ def _files(spec: Spec, stack: str, plan: list[PlannedTilt]) -> dict[str, Any]:
     }
     if spec.movies.frames:
         files["gain_ref"] = GAIN_REF
-        files["frames"] = [p.truth.frames.file for p in plan]
+        files["frames"] = []
+        for p in plan:
+            assert p.truth.frames is not None  # the spec has movies: every tilt has its frames
+            files["frames"].append(p.truth.frames.file)
     return files
 
 
@@ -322,7 +325,7 @@ def simulate_stack(
             if images.index == zero:
                 preview = images.noisy
         phantom = _write_phantom(spec, scene, staging)
-        if fmt:
+        if sensitivity is not None:  # fmt: movies are written, with their gain reference
             write_mrc(staging / GAIN_REF, (1.0 / sensitivity).astype(np.float32), spec.pixel_size_A)
         truth = _truth(spec, stack_no, sample, plan, _files(spec, stack, plan), phantom)
         out.close()
@@ -340,6 +343,7 @@ def simulate_stack(
         discard_staging(store, staging)
         raise
     seconds = time.perf_counter() - t0
+    assert preview is not None  # the tilt nearest 0° is one of the plan's
     logger.info("published %s in %.1f s: %s", stack, seconds, store.to_url(final))
     return StackResult(stack, store.to_url(final), truth, preview, seconds, scene.n_points, described)
 
