@@ -268,7 +268,7 @@ def run_dask(
             n_workers=cores if processes else 1,
             threads_per_worker=1 if processes else cores,
             processes=processes,
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",
             memory_limit="8GiB",
         )
     client = Client(cluster)

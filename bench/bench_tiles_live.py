@@ -371,7 +371,10 @@ def _unpaced(workdir: Path, tiles: list[dict], refs: list[str], overlap: int, si
     with (
         quiet_dask(),
         LocalCluster(
-            n_workers=1, threads_per_worker=os.cpu_count() or 1, processes=False, dashboard_address=None
+            n_workers=1,
+            threads_per_worker=os.cpu_count() or 1,
+            processes=False,
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         Client(cluster) as client,
     ):

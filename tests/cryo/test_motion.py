@@ -191,7 +191,11 @@ def test_movies_run_as_tasks_on_a_dask_cluster_and_give_the_same_micrographs(tmp
     here = proc.motion_correct(series, proc.Workspace(tmp_path / "here", series.key), settings)
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB", dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit="1GiB",
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -34,7 +34,7 @@ def test_a_cluster_runs_on_them_and_refuses_a_client_without_them(tmp_path):
         processes=False,
         protocol="tls://",
         security=security,
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",
     ) as cluster:
         address = cluster.scheduler_address
         assert address.startswith("tls://")

@@ -102,7 +102,9 @@ def test_scope_sim_refuses_a_traversal_montage_id_and_an_out_folder_off_the_shar
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
         with Client(cluster) as c:
             yield c
 

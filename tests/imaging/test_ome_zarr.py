@@ -426,7 +426,7 @@ def test_distributed_client_runs_the_tasks(tmp_path):
     url = str(tmp_path / "dist.zarr")
     with (
         distributed.LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
         distributed.get_task_stream(client) as stream,

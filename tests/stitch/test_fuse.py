@@ -250,7 +250,7 @@ def test_distributed_client_gives_the_same_image(tmp_path):
     fuse_montage(placed, source, str(tmp_path / "threads.zarr"), pixel_size_nm=1.0, chunk=64)
     with (
         distributed.LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

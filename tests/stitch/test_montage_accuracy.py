@@ -39,7 +39,9 @@ ACCEPTANCE = dict(rows=10, columns=10, tile_size=512, overlap=0.10, jitter_px=20
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
         with Client(cluster) as c:
             yield c
 

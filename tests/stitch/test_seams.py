@@ -107,7 +107,9 @@ def test_seams_read_from_a_tile_source_in_batches_on_dask_are_the_seams_measured
     layout, pairs, read, shapes, _ = solved
     direct = measure_seams(pairs, layout.transforms, read, shapes)
     source = _Tiles({name: read(name) for name in shapes})
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
         with Client(cluster) as client:
             batched = measure_source_seams(pairs, layout.transforms, source, shapes, client=client, batch=5)
     inline = measure_source_seams(pairs, layout.transforms, source, shapes, batch=5)

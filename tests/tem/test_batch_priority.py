@@ -47,7 +47,7 @@ def scheduler():
 
     with (
         LocalCluster(
-            n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1", dashboard_address=None
+            n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -108,7 +108,7 @@ def test_a_worker_inside_another_session_leaves_that_session_alone():
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",
             preload=["em_platform.deploy.batch_niceness"],
         ) as cluster,
         Client(cluster) as client,

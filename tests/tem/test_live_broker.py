@@ -51,7 +51,9 @@ run_listener(host, int(port), DiesAfterCommit(url), stop=threading.Event(), read
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
         with Client(cluster) as c:
             yield c
 

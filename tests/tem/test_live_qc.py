@@ -25,7 +25,9 @@ from em_platform.tem.tile_source import JournalTileSource
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
         with Client(cluster) as c:
             yield c
 

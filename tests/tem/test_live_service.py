@@ -112,7 +112,9 @@ def test_a_killed_live_service_resumes_and_each_tile_is_judged_once(tmp_path):
     final, staging = processed_tile_paths(buffer, MONTAGE)
     claim = JudgingClaim(journal, MONTAGE, "run test")
     assert claim.take()
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
         with Client(cluster) as client:
             source = JournalTileSource(journal, pixel_size_nm=4.0)
             result = run_montage(

@@ -27,7 +27,9 @@ GRID = dict(rows=3, columns=4, overlap=0.15, jitter_px=8.0)
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
         with Client(cluster) as c:
             yield c
 
