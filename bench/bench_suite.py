@@ -46,6 +46,17 @@ def parse_log(text: str) -> dict:
     return {"pytest": pytest_runs, "ci_targets": targets}
 
 
+def document(history: list[dict]) -> dict:
+    """The results file: every run, and each target's latest (what docs/benchmarks.md shows)."""
+    latest = {h["target"]: h for h in sorted(history, key=lambda h: h["measured"])}
+    return {
+        "benchmark": NAME,
+        "date": max(h["measured"] for h in history),
+        "latest": latest,
+        "history": history,
+    }
+
+
 def run_fresh(target: str, log_path: Path) -> tuple[int, float, str]:
     """``make target`` (or .ci/run) in a new clone of HEAD: its exit status, wall seconds and log."""
     with tempfile.TemporaryDirectory(prefix="em_suite_") as tmp:
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         path = RESULTS / f"{NAME}.json"
         history = json.loads(path.read_text())["history"] if path.exists() else []
-        path.write_text(json.dumps({"benchmark": NAME, "history": [*history, entry]}, indent=1) + "\n")
+        path.write_text(json.dumps(document([*history, entry]), indent=1) + "\n")
     return status
 
 

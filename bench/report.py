@@ -303,6 +303,16 @@ FIGURES: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "suite.json",
+        "The test suites from a fresh clone, set-up included (`python -m bench.bench_suite`)",
+        [
+            ("make test, the latest run (at most 720)", "latest.test.seconds", "s"),
+            ("its host's OpenCV CLAHE on a 5000² tile", "latest.test.opencv_clahe_5000_ms", "ms"),
+            (".ci/run, the latest run (at most 3,600)", "latest.ci.seconds", "s"),
+            ("every run on record (`history`), either", "history.*.seconds", "s"),
+        ],
+    ),
+    (
         "metrics_cost.json",
         "What the metrics cost the live chain (`bench_metrics`)",
         [
