@@ -317,6 +317,7 @@ def _scope_sim(args, settings) -> int:
         except ValueError as exc:  # BrokerSpecError: the address or EM_BROKER_TLS
             print(f"em-platform scope-sim: {exc}", file=sys.stderr)
             return 2
+        assert stomp is not None  # a broker is given: from_env is None only without one
         watch = VerdictWatch(args.verdict_timeout)
         topics = ", ".join(destination(t, stomp.topic_prefix) for t in CONSUMED)
         where = (

@@ -75,7 +75,8 @@ def tick_and_run(defs, runs: DemoRuns, sensor_name: str, resources: dict) -> tup
         tick = sensor.evaluate_tick(ctx)
     for req in tick.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-    ran, failed = [], []
+    ran: list[str] = []
+    failed: list[str] = []
     for req in tick.run_requests or []:
         if _already_ran(instance, sensor_name, req.run_key):
             continue
@@ -152,8 +153,15 @@ def _simulation_seconds(instance: dg.DagsterInstance, stack: str) -> float | Non
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(["simulation", "tilt_series"]), asset_partitions=[stack]),
         limit=1,
     ).records
-    entry = records[0].asset_materialization.metadata.get("seconds") if records else None
-    return float(entry.value) if entry is not None else None
+    if not records:
+        return None
+    materialization = records[0].asset_materialization
+    assert materialization is not None  # fetch_materializations returns materializations
+    entry = materialization.metadata.get("seconds")
+    if entry is None:
+        return None
+    assert isinstance(entry.value, int | float)  # a number (assets/simulation.py writes it)
+    return float(entry.value)
 
 
 def run_demo(out=sys.stdout) -> int:
@@ -227,7 +235,7 @@ def _print_qc(settings, ran: list[str], failed: list[str], reasons: dict[str, tu
             statuses = journal.qc_statuses(m.montage_id)
             status, reason = statuses[-1] if statuses else ("(not processed)", None)
             print(
-                f"  montage {m.montage_id}: {len(tiles)} tiles, {sum(t.qc_passed for t in judged)}/{len(judged)} passed QC, "
+                f"  montage {m.montage_id}: {len(tiles)} tiles, {sum(1 for t in judged if t.qc_passed)}/{len(judged)} passed QC, "
                 f"qc.status {status}" + (f" ({reason})" if reason else ""),
                 file=out,
             )

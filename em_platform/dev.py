@@ -229,6 +229,7 @@ class Supervised:
                 start_new_session=True,
             )
             hidden = False
+            assert self.proc.stdout is not None  # stdout=PIPE
             for line in self.proc.stdout:
                 if hidden and TRACEBACK_PART.match(line):
                     continue  # the traceback of a record left out goes with it

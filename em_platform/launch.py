@@ -104,7 +104,9 @@ class CodeLocationRuns:
 
     def run(self, job_name: str, **kwargs) -> dg.DagsterRun:
         """Launch and execute (synchronously) one run; its final record."""
-        return self.instance.get_run_by_id(self.launch(job_name, **kwargs))
+        run = self.instance.get_run_by_id(self.launch(job_name, **kwargs))
+        assert run is not None  # launch() stored it on this instance
+        return run
 
 
 def failure_reason(instance: dg.DagsterInstance, run_id: str) -> str:
@@ -113,6 +115,7 @@ def failure_reason(instance: dg.DagsterInstance, run_id: str) -> str:
         run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}
     ).records:
         event = record.event_log_entry.dagster_event
+        assert event is not None  # a record of a Dagster event type carries its event
         error = getattr(event.event_specific_data, "error", None)
         if error is not None:
             return one_line(_innermost(error).message)

@@ -59,6 +59,7 @@ def run(settings) -> int:
     except MetricsConfigError as exc:
         print(f"em-platform metrics: {exc}", file=sys.stderr)
         return 2
+    assert address is not None  # EM_METRICS is set (env above): it is served
     stop = threading.Event()
     on_stop_signal(lambda _signum: stop.set())
     print(f"metrics: the facility's gauges at {address.url}", flush=True)

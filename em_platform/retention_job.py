@@ -96,16 +96,18 @@ def partitions_with_runs(instance: dg.DagsterInstance, since: datetime) -> set[s
     for filters in (RunsFilter(statuses=NOT_FINISHED_STATUSES), RunsFilter(updated_after=since)):
         cursor = None
         while records := instance.get_run_records(filters=filters, limit=500, cursor=cursor):
-            keys.update(r.dagster_run.tags.get(PARTITION_TAG) for r in records)
+            keys.update(
+                r.dagster_run.tags[PARTITION_TAG] for r in records if PARTITION_TAG in r.dagster_run.tags
+            )
             cursor = records[-1].dagster_run.run_id
-    keys.discard(None)
     return keys
 
 
 def _shown(instance: dg.DagsterInstance, assets: Sequence[dg.AssetsDefinition]) -> tuple[set[str], set[str]]:
     """(every partition key of ``assets`` that still exists, the runs of the unpartitioned ones' latest
     materializations)."""
-    partitions, runs = set(), set()
+    partitions: set[str] = set()
+    runs: set[str] = set()
     for asset in assets:
         for key in asset.keys:
             if asset.partitions_def is not None:
@@ -176,6 +178,7 @@ def apply(
         # runs and partition first, journal last: a job killed between them finds the montage again tomorrow
         # (the journal's unretired montages are what it looks at)
         montage_runs_gone = delete_runs(instance, list(montage_runs(instance, archived, assets)))
+        assert montages.name is not None  # partitions.py names it
         for key in set(archived) & set(instance.get_dynamic_partitions(montages.name)):
             instance.delete_dynamic_partition(montages.name, key)
         retired = journal.retire(archived)

@@ -193,7 +193,9 @@ def montage_tiles(
             config=config.run_config(),
             logger=context.log,
         )
-        state = hardware.montage(montage_id).state
+        row = hardware.montage(montage_id)
+        assert row is not None  # the journal's montage this run just processed
+        state = row.state
         if state == "completed":
             store.publish(staging, final)
         else:  # an aborted montage (cancelled, error): the buffer's job is to delete everything it holds

@@ -169,9 +169,10 @@ def _spa_skip(ts: TiltSeries, what: str) -> dg.MaterializeResult | None:
 
 
 def _asset(name: str, deps=(), description: str = "", **kw):
+    upstream: list[dg.AssetKey | dg.AssetDep] = [K[d] for d in deps]
     return dg.asset(
         key=K[name],
-        deps=[K[d] for d in deps] or [FROM_SIMULATION],
+        deps=upstream or [FROM_SIMULATION],
         partitions_def=cryo_tilt_series,
         group_name="cryo",
         description=description,

@@ -59,6 +59,12 @@ def _endpoints(kind: SourceKind, config: dg.Config):
     return endpoints
 
 
+def _run_options(config: dg.Config) -> tuple[bool, bool]:
+    """``keep_downloads`` and ``force``: the run options every source's config class has (:func:`_config_class`)."""
+    options = config.model_dump()
+    return bool(options["keep_downloads"]), bool(options["force"])
+
+
 def build_public_ingest(
     kind: SourceKind,
 ) -> tuple[dg.AssetsDefinition, typing.Any, dg.ScheduleDefinition]:
@@ -85,12 +91,15 @@ def build_public_ingest(
     )
     def _ingest(
         context: dg.AssetExecutionContext,
-        config: config_cls,
+        # one run-config class per source, built here from its endpoints' defaults: Dagster reads the annotation
+        # at run time, which mypy cannot follow (a variable as a type)
+        config: config_cls,  # type: ignore[valid-type]
         storage: StorageResource,
         catalog: CatalogResource,
         dask: DaskResource,
     ):
         endpoints = _endpoints(kind, config)
+        keep_downloads, force = _run_options(config)
         try:
             DATASET_ID.check(context.partition_key, "partition_key")  # it names the download folder
         except Refused as exc:
@@ -118,8 +127,8 @@ def build_public_ingest(
                     "partition_key": context.partition_key,
                 },
                 dask_client=dask.get_client,
-                keep_downloads=config.keep_downloads,
-                force=config.force,
+                keep_downloads=keep_downloads,
+                force=force,
                 logger=context.log,
             )
         except PublicIngestError as exc:

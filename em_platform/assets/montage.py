@@ -19,6 +19,7 @@ import json
 import math
 import re
 import time
+import typing
 from collections import Counter
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from em_platform.stitch.fuse import ZarrTileGroup, fuse_montage
 from em_platform.stitch.interop import read_point_matches
 from em_platform.stitch.layout_qc import SEAM_PX
 from em_platform.stitch.lens import LensModel, parse_lens_order
+from em_platform.stitch.model_choice import Requested
 from em_platform.stitch.montage_layout import (
     array_name,
     dumps,
@@ -236,7 +238,7 @@ def montage_layout(
         grid_tiles(tiles),
         shapes,
         pixel_size,
-        model=config.model,
+        model=typing.cast(Requested, config.model),  # one of them: checked above
         seam_px=config.seam_px,
         stage_rotation_rad=hardware.stage_rotation(montage_id),
         lens=lens,
@@ -531,7 +533,7 @@ def _fused_seams_check(montage_id, seams, seconds, config: MontageFusionConfig, 
             "median_px": round(measured[len(measured) // 2], 3) if measured else 0.0,
             "beyond_limit": dg.MetadataValue.json(
                 [
-                    {"tile": s.tile, "neighbour": s.neighbour, "offset_px": round(s.offset_px, 2)}
+                    {"tile": s.tile, "neighbour": s.neighbour, "offset_px": round(s.measured_px, 2)}
                     for s in beyond[:20]
                 ]
             ),

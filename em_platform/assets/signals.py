@@ -48,7 +48,7 @@ def gated(context: dg.AssetExecutionContext, reported: list[Any]) -> Iterator[An
     for item in items:
         if isinstance(item, dg.AssetCheckResult) and not item.passed:
             key = item.asset_key or single
-            if (key, item.check_name) in blocking:
+            if key is not None and (key, item.check_name) in blocking:
                 blocked.setdefault(key, []).append(item)
     withheld: dict[str, Any] = {}
     for item in items:
@@ -60,8 +60,8 @@ def gated(context: dg.AssetExecutionContext, reported: list[Any]) -> Iterator[An
                 continue
         yield item
     if blocked:
-        names = "; ".join(
-            f"{key.to_user_string()}: {', '.join(c.check_name for c in checks)}"
+        names = "; ".join(  # each check named by a blocking spec (above): its name is a str
+            f"{key.to_user_string()}: {', '.join(str(c.check_name) for c in checks)}"
             for key, checks in blocked.items()
         )
         first = next(iter(blocked.values()))[0]

@@ -78,11 +78,11 @@ def evaluation(
         # a real session in a backfill of cryo_job (the sensor never asks): nothing to score, and the
         # processing's status in the results tables stays as it is
         reason = f"{ts.key} has no ground_truth.json beside its mdoc: nothing to score against"
-        every = list(ev.CHECK_DESCRIPTIONS)
+        check_names = list(ev.CHECK_DESCRIPTIONS)
         yield materialize_result(
             metadata={
                 "skipped": reason,
-                "checks_not_applicable": dg.MetadataValue.json(dict.fromkeys(every, reason)),
+                "checks_not_applicable": dg.MetadataValue.json(dict.fromkeys(check_names, reason)),
             }
         )
         return  # no check result: each check is "skipped"
@@ -93,8 +93,8 @@ def evaluation(
         metadata={
             **{k: ev.finite(v) for k, v in flat.items()},
             "figures": dg.MetadataValue.json(_jsonable(fig)),
-            "checks_not_applicable": dg.MetadataValue.json(
-                {c.check_name: c.metadata["not_applicable"].value for c in every if c not in checks}
+            "checks_not_applicable": dg.MetadataValue.json(  # each check named by its verdict (a str)
+                {str(c.check_name): c.metadata["not_applicable"].value for c in every if c not in checks}
             ),
         }
     )

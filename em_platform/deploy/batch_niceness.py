@@ -32,7 +32,9 @@ class IdleThreadPoolExecutor(ThreadPoolExecutor):
     ``ThreadPoolExecutor``: Dask's worker gives a task its worker context (``get_worker``, P2P rechunks) only
     on an executor whose type's name does."""
 
-    def submit(self, fn, /, *args, **kwargs):
+    # Dask's ThreadPoolExecutor.submit (fn positional-or-keyword) already differs from the standard
+    # Executor.submit (fn positional-only) that the stubs give its base: no signature matches both.
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
         return super().submit(_idle_then, fn, *args, **kwargs)
 
 

@@ -119,7 +119,8 @@ def name_constraints(names: tuple[str, ...]):
     themselves); with no address among them, no address at all."""
     from cryptography import x509
 
-    dns, ips = [], []
+    dns: list[x509.GeneralName] = []
+    ips: list[x509.GeneralName] = []
     for name in dict.fromkeys(names):
         try:
             ip = ipaddress.ip_address(name)

@@ -56,7 +56,7 @@ def compose_addresses() -> Addresses:
         bind="0.0.0.0",
         hosts={n: n for n in names} | {at: s.name for at, s in metrics.items()},
         ports={s.name: s.port for s in SERVICES if s.port is not None}
-        | {at: s.metrics_port for at, s in metrics.items()},
+        | {s.metrics_at: s.metrics_port for s in SERVICES if s.metrics_port},
         data="/data",
         web="https",
     )

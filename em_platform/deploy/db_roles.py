@@ -195,8 +195,8 @@ def _catalog_database(url: sa.URL, dbs: Databases) -> None:
             _give_tables_to(conn, owner)
             conn.execute(sa.text(f"SET ROLE {_q(owner)}"))  # the tables it creates are the owner's
             metadata = sa.MetaData()
-            for table in tables.values():
-                table.to_metadata(metadata)
+            for model in tables.values():
+                model.to_metadata(metadata)
             metadata.create_all(conn)
             add_indexes(conn, metadata)  # an index added since a table was made
             for service, rights in catalog_rights().items():

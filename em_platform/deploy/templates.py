@@ -63,7 +63,7 @@ def place(template: str, where: Addresses, own: str) -> str:
 def interpolate(text: str, settings: Mapping[str, str]) -> str:
     """Compose's variable interpolation (``${V}``, ``${V:-d}``, ``${V-d}``, ``${V:?m}``, ``${V?m}``, ``$$``)."""
 
-    def sub(m: re.Match) -> str:
+    def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
         name, op, arg = m.groups()
@@ -71,10 +71,9 @@ def interpolate(text: str, settings: Mapping[str, str]) -> str:
         if op is None:
             return value or ""
         empty_counts = op.startswith(":")
-        missing = value is None or (empty_counts and value == "")
-        if op.endswith("-"):
-            return arg if missing else value
-        if missing:
+        if value is None or (empty_counts and value == ""):  # missing: the default, or the error
+            if op.endswith("-"):
+                return arg
             raise MissingSetting(f"{name}: {arg or 'must be set'}")
         return value
 

@@ -37,9 +37,10 @@ class CryoSessionsResource(dg.ConfigurableResource):
         SessionError."""
         if "/" not in key:  # a simulated stack: <simulation root>/<spec>/<key>/<key>.mdoc
             root = self.roots().get(SIMULATION_TAG)
-            for mdoc in sorted(root.glob(f"*/{key}/*.mdoc")) if root else []:
-                if strip_suffixes(mdoc.name) == key:
-                    return describe_tilt_series(mdoc, root, SIMULATION_TAG)
+            if root:
+                for mdoc in sorted(root.glob(f"*/{key}/*.mdoc")):
+                    if strip_suffixes(mdoc.name) == key:
+                        return describe_tilt_series(mdoc, root, SIMULATION_TAG)
             raise SessionError(
                 f"partition {key!r}: no simulated stack {key} (<spec>/{key}/{key}.mdoc) in {root}"
             )
@@ -49,8 +50,8 @@ class CryoSessionsResource(dg.ConfigurableResource):
             raise SessionError(
                 f"partition {key!r}: unknown session root {tag!r} (known: {', '.join(self.roots())})"
             )
-        folder, _, name = (root / rest).as_posix().rpartition("/")
-        folder = Path(folder)
+        parent, _, name = (root / rest).as_posix().rpartition("/")
+        folder = Path(parent)
         if (root / rest).is_dir():  # the series in a folder of its own name (series_key says it once)
             for mdoc in sorted((root / rest).glob("*.mdoc")):
                 if strip_suffixes(mdoc.name) == name and not is_frame_set(mdoc):

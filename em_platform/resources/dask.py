@@ -6,11 +6,18 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import PrivateAttr
 
 from em_platform.quiet_dask import quiet_dask
+
+if TYPE_CHECKING:  # imported where used: a run that does no pixel work imports neither
+    from distributed import Client
+    from distributed.deploy import Cluster
+
+    from em_platform.cluster.slurm import JobLog
 
 
 class DaskResource(dg.ConfigurableResource):
@@ -24,9 +31,9 @@ class DaskResource(dg.ConfigurableResource):
     # "slurm": worker jobs through dask-jobqueue, set by EM_SLURM_* (read when the run first asks for a client)
     compute: str = "local"
     data_root: str | None = None  # what SLURM workers must reach (checked when they join)
-    _client: object | None = PrivateAttr(default=None)
-    _cluster: object | None = PrivateAttr(default=None)
-    _jobs: object | None = PrivateAttr(default=None)
+    _client: Client | None = PrivateAttr(default=None)
+    _cluster: Cluster | None = PrivateAttr(default=None)  # a LocalCluster, or SLURM's
+    _jobs: JobLog | None = PrivateAttr(default=None)
     _context: object | None = PrivateAttr(default=None)
 
     @property
@@ -103,18 +110,18 @@ class DaskResource(dg.ConfigurableResource):
         log = getattr(self._context, "log", None) or logging.getLogger(__name__)
         getattr(log, level)(message)
 
-    def _record_jobs(self, context: dg.InitResourceContext) -> None:
+    def _record_jobs(self, jobs: JobLog, context: dg.InitResourceContext | None) -> None:
         """The worker jobs' ids and times in the run's log and tags (the run's page shows its tags)."""
-        summary = self._jobs.summary()
+        summary = jobs.summary()
         if not summary["slurm_jobs"]:
             return
         self._log(
             f"SLURM worker jobs {summary['slurm_jobs']}: {summary['slurm_queue_wait_s']} s queued in all "
             f"(longest {summary['slurm_max_queue_wait_s']} s), {summary['slurm_compute_s']} s computing"
         )
-        if self._jobs.stalled:
+        if jobs.stalled:
             self._log(
-                f"{self._jobs.stalled}; the run stopped (nothing of it is lost: a re-run resumes). Check "
+                f"{jobs.stalled}; the run stopped (nothing of it is lost: a re-run resumes). Check "
                 "`sinfo` and `squeue --me`, or raise EM_SLURM_START_TIMEOUT",
                 "error",
             )
@@ -122,13 +129,14 @@ class DaskResource(dg.ConfigurableResource):
         if run_id and instance is not None:
             instance.add_run_tags(run_id, {f"em/{k}": v for k, v in summary.items()})
 
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+    def teardown_after_execution(self, context: dg.InitResourceContext | None) -> None:
+        # None: outside a run (em-platform live-qc, tests): nothing to tag
         with _quiet_heartbeats():
             if self._jobs is not None and self._cluster is not None:
                 from em_platform.cluster.slurm import release
 
                 release(self._client, self._cluster, self._jobs)  # the jobs end COMPLETED, then close
-                self._record_jobs(context)
+                self._record_jobs(self._jobs, context)
             if self._client is not None:
                 self._client.close()
             if self._cluster is not None:

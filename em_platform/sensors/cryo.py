@@ -19,7 +19,7 @@ import dagster as dg
 
 from em_platform.assets.cryo import EVALUATION, K
 from em_platform.cryo.frame_sets import FrameSetWatch
-from em_platform.cryo.session import RefusedEntry, fingerprint, newest_change, scan_sessions
+from em_platform.cryo.session import RefusedEntry, TiltSeries, fingerprint, newest_change, scan_sessions
 from em_platform.edge import Refused, check_relative_key
 from em_platform.jobs import cryo_job
 from em_platform.partitions import cryo_tilt_series
@@ -53,7 +53,10 @@ def cryo_sensor(
     context: dg.SensorEvaluationContext, cryo_sessions: CryoSessionsResource, catalog: CatalogResource
 ) -> dg.SensorResult:
     now = time.time()
-    found, errors, refused, live = [], {}, {}, []
+    found: list[TiltSeries] = []
+    errors: dict[str, str] = {}
+    refused: dict[str, RefusedEntry] = {}
+    live: list[Path] = []
     for tag, root in cryo_sessions.roots().items():
         watch = _WATCHES.get((tag, root))
         if watch is None:
@@ -71,28 +74,36 @@ def cryo_sensor(
             errors[ts.key] = str(exc)
     for key, error in errors.items():
         context.log.error(f"cryo session entry {key} skipped: {error}")
+
+    def settled(item: TiltSeries | RefusedEntry) -> bool:
+        assert isinstance(item, TiltSeries)  # asked only of entries not refused: the tilt series
+        return now - newest_change(item) >= cryo_sessions.settle_seconds
+
     # the refused first, so that every one is dead-lettered even in a tick that reaches the request limit
-    tick = settle_entries(
-        context.cursor,
-        [WatchedEntry(key, e.fingerprint, e, refused=True) for key, e in refused.items()]
-        + [WatchedEntry(ts.key, fingerprint(ts), ts) for ts in found],
-        settled=lambda ts: now - newest_change(ts) >= cryo_sessions.settle_seconds,
-        limit=MAX_REQUESTS_PER_TICK,
-    )
+    watched: list[WatchedEntry[TiltSeries | RefusedEntry]] = [
+        WatchedEntry(key, e.fingerprint, e, refused=True) for key, e in refused.items()
+    ]
+    watched += [WatchedEntry(ts.key, fingerprint(ts), ts) for ts in found]
+    tick = settle_entries(context.cursor, watched, settled=settled, limit=MAX_REQUESTS_PER_TICK)
     for entry in tick.refused:
+        assert isinstance(entry.item, RefusedEntry)  # the entries watched with refused=True
         _dead_letter(context, catalog, entry.item)
+    assert cryo_tilt_series.name is not None  # partitions.py names it
     known = set(context.instance.get_dynamic_partitions(cryo_tilt_series.name))
     new_keys = [w.key for w in tick.requested if w.key not in known]
-    requests = [
-        dg.RunRequest(
-            partition_key=w.key,
-            run_key=f"{w.key}@{w.fingerprint}",
-            asset_selection=PROCESSING + ([EVALUATION] if w.item.truth else []),
-            tags={"em/cryo_kind": w.item.kind, "em/cryo_fingerprint": w.fingerprint},
-            run_config=session_run_config(w.item),
+    requests = []
+    for w in tick.requested:
+        series = w.item
+        assert isinstance(series, TiltSeries)  # a requested entry is not refused: a tilt series
+        requests.append(
+            dg.RunRequest(
+                partition_key=w.key,
+                run_key=f"{w.key}@{w.fingerprint}",
+                asset_selection=PROCESSING + ([EVALUATION] if series.truth else []),
+                tags={"em/cryo_kind": series.kind, "em/cryo_fingerprint": w.fingerprint},
+                run_config=session_run_config(series),
+            )
         )
-        for w in tick.requested
-    ]
     waiting = tick.waiting
     new_cursor = tick.cursor_json()
     if not requests:
@@ -105,9 +116,9 @@ def cryo_sensor(
             key, error = next(iter(errors.items()))
             reason = f"{len(errors)} tilt series skipped (first: {key}: {error}); {reason}"
         if refused:
-            key, entry = next(iter(refused.items()))
+            key, first = next(iter(refused.items()))
             reason = (
-                f"{len(refused)} refused (first: {key}: {entry.refused}; em-platform dead-letters); {reason}"
+                f"{len(refused)} refused (first: {key}: {first.refused}; em-platform dead-letters); {reason}"
             )
         return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)
     return dg.SensorResult(
@@ -119,6 +130,7 @@ def cryo_sensor(
 
 def _dead_letter(context: dg.SensorEvaluationContext, catalog: CatalogResource, entry: RefusedEntry) -> None:
     exc = entry.refused
+    assert cryo_tilt_series.name is not None  # partitions.py names it
     letter = catalog.dead_letters().add(
         source="session", topic=cryo_tilt_series.name, field=exc.field, reason=str(exc), body=str(entry.path)
     )

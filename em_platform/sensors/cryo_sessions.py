@@ -43,15 +43,17 @@ def cryo_session_sensor(context: dg.SensorEvaluationContext, catalog: CatalogRes
     finally:
         store.dispose()
     now = clock()
+    assert cryo_sessions.name is not None  # partitions.py names it
     known = set(context.instance.get_dynamic_partitions(cryo_sessions.name))
     new_keys = sorted(k for k in pending if k not in known)
     requests = []
-    for session, at in sorted(pending.items()):
+    for session, changed in sorted(pending.items()):
         if now - published.get(session, 0.0) < PUBLISH_EVERY_S:
             continue
-        requests.append(dg.RunRequest(partition_key=session, run_key=f"{session}@{at}"))
+        requests.append(dg.RunRequest(partition_key=session, run_key=f"{session}@{changed}"))
         published[session] = now
     for request in requests:
+        assert request.partition_key is not None  # each is a session's (above)
         pending.pop(request.partition_key)
     published = {k: t for k, t in published.items() if now - t < FORGET_AFTER_S or k in pending}
     cursor = json.dumps(

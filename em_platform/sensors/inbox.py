@@ -42,10 +42,12 @@ def inbox_sensor(
     )
     for entry in (w.item for w in tick.refused):
         exc = entry.refused
+        assert exc is not None  # the tick's refused entries are those scanned with refused set (above)
         letter = catalog.dead_letters().add(
             source="inbox", topic="ingest/local", field=exc.field, reason=str(exc), body=str(entry.path)
         )
         context.log.error(f"inbox entry {entry.key!r} not ingested, dead-lettered as #{letter}: {exc}")
+    assert inbox_entries.name is not None  # partitions.py names it
     known = set(context.instance.get_dynamic_partitions(inbox_entries.name))
     new_keys = [e.key for e in tick.requested if e.key not in known]
     requests = [

@@ -44,6 +44,7 @@ def montage_sensor(context: dg.SensorEvaluationContext, hardware: AcquisitionHar
             skip_reason=dg.SkipReason(f"only refused montage ids after journal position {after}"),
             cursor=str(new[-1].seq),
         )
+    assert montages.name is not None  # partitions.py names it
     unknown = [k for k in keys if not context.instance.has_dynamic_partition(montages.name, k)]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=k, run_key=k) for k in keys],

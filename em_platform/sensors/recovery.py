@@ -38,8 +38,8 @@ def failure_reason(context: dg.RunStatusSensorContext) -> str:
         message = record.event_log_entry.message or ""
         if any(word in message.lower() for word in _CRASH_WORDS):
             return f"run {run.run_id} failed: {message.strip()}"
-    message = context.dagster_event.message if context.dagster_event else None
-    return f"run {run.run_id} {run.status.value.lower()}: {message or 'no reason given'}"
+    said = context.dagster_event.message if context.dagster_event else None
+    return f"run {run.run_id} {run.status.value.lower()}: {said or 'no reason given'}"
 
 
 def _release(context: dg.RunStatusSensorContext, catalog: CatalogResource, status: Status) -> None:

@@ -37,8 +37,11 @@ def simulation_sensor(
     now = time.time()
     entries = scan_specs(simulation_specs.folder)
     cursor = {k: v for k, v in seen.items() if k in {e.path.name for e in entries}}
+    assert simulations.name is not None  # partitions.py names it
     known = set(context.instance.get_dynamic_partitions(simulations.name))
-    requests, new_keys, bad = [], [], []
+    requests: list[dg.RunRequest] = []
+    new_keys: list[str] = []
+    bad: list[str | None] = []  # why each bad spec is bad
     for e in entries:
         if cursor.get(e.path.name) == e.fingerprint or now - e.mtime < SETTLE_SECONDS:
             continue

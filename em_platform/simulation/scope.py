@@ -53,7 +53,7 @@ from TEM_comms import tile as tile_msgs
 from em_platform.simulation.camera import Camera, beam_center_px, blur_sigma_px
 from em_platform.simulation.scope_config import ScopeConfig
 
-Emit = Callable[[str, dict[str, Any]], None]
+Emit = Callable[[str, dict[str, Any]], object]  # sends one message; what it returns is not used
 QCStatus = Callable[[], "tuple[str, str | None] | None"]
 
 GROUND_TRUTH_FILE = "ground_truth.json"

@@ -130,18 +130,21 @@ class ImageFiles:
         """The file ``key`` (from :func:`requested_key`): :class:`Refused` when it is no file of a published
         image, FileNotFoundError when the image has no such file (an absent chunk, a folder)."""
         root = image_root(key)
-        return self._open_local(key, root) if self.root is not None else self._open_object(key, root)
+        local_root = self.root
+        if local_root is not None:
+            return self._open_local(local_root, key, root)
+        return self._open_object(key, root)
 
     # -- a local folder: the resolved path is checked again ------------------------------------------------
 
-    def _open_local(self, key: str, root: str) -> Body:
-        path = self._resolved(key)
-        real = path.relative_to(self.root).as_posix()
+    def _open_local(self, local_root: Path, key: str, root: str) -> Body:
+        path = self._resolved(local_root, key)
+        real = path.relative_to(local_root).as_posix()
         try:
             real_root = image_root(real)
         except Refused as exc:
             raise Refused(FIELD, key, "leads (through a symlink) out of every published image") from exc
-        if not (_is_group(self.root / root) and _is_group(self.root / real_root)):
+        if not (_is_group(local_root / root) and _is_group(local_root / real_root)):
             raise Refused(
                 FIELD, key, "its *.zarr is no OME-Zarr group (a folder with zarr.json, .zgroup or .zattrs)"
             )
@@ -159,9 +162,9 @@ class ImageFiles:
             raise Refused(FIELD, key, "changed while it was opened") from None
         return body
 
-    def _resolved(self, key: str) -> Path:
+    def _resolved(self, local_root: Path, key: str) -> Path:
         try:
-            return inside(self.root, key, field=FIELD)
+            return inside(local_root, key, field=FIELD)
         except Refused as exc:
             raise Refused(FIELD, key, "resolves outside the data root") from exc
         except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,8 @@ def read_image(image_url: str, key: str, storage_options: dict | None = None) ->
     from em_platform.imaging.ome_zarr import open_store
 
     group = zarr.open_group(open_store(image_url, storage_options, read_only=True), mode="r")
-    multiscale = group.attrs["ome"]["multiscales"][0]
+    ome: Any = group.attrs["ome"]  # JSON: a shape other than OME-Zarr's raises below
+    multiscale = ome["multiscales"][0]
     axes = tuple(a["name"] for a in multiscale["axes"])
     paths = [d["path"] for d in multiscale["datasets"]]
     scale = next(
@@ -70,11 +72,14 @@ def read_image(image_url: str, key: str, storage_options: dict | None = None) ->
         ),
         [1.0] * len(axes),
     )
+    finest, coarsest = group[paths[0]], group[paths[-1]]
+    # a multiscale's datasets are arrays (OME-Zarr), never groups
+    assert isinstance(finest, zarr.Array) and isinstance(coarsest, zarr.Array)
     return Image(
         key=key,
         axes=axes,
-        shape=tuple(group[paths[0]].shape),
-        coarsest=np.asarray(group[paths[-1]][...]),
+        shape=tuple(finest.shape),
+        coarsest=np.asarray(coarsest[...]),
         scale=tuple(float(v) for v in scale),
         units=tuple(a.get("unit") for a in multiscale["axes"]),
     )

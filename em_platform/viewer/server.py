@@ -41,6 +41,7 @@ import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 
 from em_platform.edge import Refused
 from em_platform.storage.store import DataStore
@@ -130,7 +131,7 @@ class ViewerServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = cast(tuple[str, int], self.server_address[:2])  # an AF_INET server's
         return f"http://{host}:{port}"
 
     def get_request(self):
@@ -176,7 +177,9 @@ class _Handler(BaseHTTPRequestHandler):
     _detail = ""  # what the log line adds to a refusal (paths, symlink targets): never sent to the client
 
     def setup(self) -> None:
-        self.timeout = self.server.idle_seconds  # socket timeout: StreamRequestHandler sets it on the socket
+        # socket timeout: StreamRequestHandler sets it on the socket. The stubs declare ``timeout`` a
+        # ClassVar, but setup() reads self.timeout, so a per-connection value set here is what it uses.
+        self.timeout = self.server.idle_seconds  # type: ignore[misc]
         super().setup()
 
     def parse_request(self) -> bool:
