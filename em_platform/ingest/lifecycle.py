@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
@@ -107,14 +107,9 @@ class RecordLifecycle:
         if self.record_id is not None:
             self.catalog.transition(self.record_id, Status.FAILED, error=error, run_id=self.run_id)
 
-    @contextmanager
-    def failing_on_error(self) -> Iterator[None]:
+    def failing_on_error(self) -> AbstractContextManager[None]:
         """Any exception inside marks the record failed and propagates."""
-        try:
-            yield
-        except BaseException as exc:
-            self.fail(exc)
-            raise
+        return _failing_on_error(self.fail)
 
     def _move(self, status: Status, update: dict[str, Any] | None) -> dict[str, Any]:
         if self.record_id is None:
@@ -249,14 +244,9 @@ class IngestAttempt:
             error = full
         self.record.fail(error)
 
-    @contextmanager
-    def failing_on_error(self) -> Iterator[None]:
+    def failing_on_error(self) -> AbstractContextManager[None]:
         """Any exception inside marks the record failed (staging removed) and propagates."""
-        try:
-            yield
-        except BaseException as exc:
-            self.fail(exc)
-            raise
+        return _failing_on_error(self.fail)
 
     def result(self, record: dict[str, Any], written: Written) -> IngestResult:
         return IngestResult(
@@ -266,3 +256,13 @@ class IngestAttempt:
             written.thumbnail_png,
             converted=True,
         )
+
+
+@contextmanager
+def _failing_on_error(fail: Callable[[BaseException], None]) -> Iterator[None]:
+    """``fail(exc)`` for any exception inside, which then propagates."""
+    try:
+        yield
+    except BaseException as exc:
+        fail(exc)
+        raise
