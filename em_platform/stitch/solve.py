@@ -64,14 +64,4 @@ def solve_translations(
         mad_factor=mad_factor,
         max_iterations=max_iterations,
     )
-    return Layout(
-        positions=dict(solved.translations),
-        edge_residuals=dict(solved.edge_residuals),
-        rejected=dict(solved.rejected),
-        disconnected=list(solved.disconnected),
-        iterations=solved.iterations,
-        components=solved.components,
-        residual_stats=solved.residual_stats,
-        stage=solved.stage,
-        loops=solved.loops,
-    )
+    return solved.as_layout()
